@@ -1,0 +1,49 @@
+"""Writing audit events in the same transaction as the change they record.
+
+The table is append-only: a trigger refuses UPDATE, DELETE and TRUNCATE for
+every role, and another assigns a gapless per-tenant ``seq`` under a row lock,
+ready for the hash chain that links entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from psycopg.types.json import Jsonb
+
+from bastion.db.pool import Conn
+
+_MAX_FIELD = 500
+
+
+async def record(
+    tx: Conn,
+    *,
+    actor: str,
+    action: str,
+    target: str = "",
+    details: Mapping[str, Any] | None = None,
+    request_id: str | None = None,
+) -> None:
+    """Append one event to the current tenant's audit trail inside ``tx``.
+
+    ``tx`` must be a connection inside :meth:`Database.tenant_tx`: the event
+    belongs to that transaction's tenant and commits or rolls back with the
+    change it records. ``details`` must hold identifiers, never secret values.
+    The request id defaults to the one bound to the current request's logs.
+    """
+    if request_id is None:
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+    await tx.execute(
+        "INSERT INTO bastion.audit_events (actor, action, target, details, request_id) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        (
+            actor[:_MAX_FIELD],
+            action[:_MAX_FIELD],
+            target[:_MAX_FIELD],
+            Jsonb(dict(details or {})),
+            request_id,
+        ),
+    )

@@ -1,0 +1,127 @@
+"""Running Bastion's processes: one in the foreground (``bastion serve``) or the
+whole stack on one machine (``bastion up``)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from rich.console import Console
+from rich.table import Table
+
+from bastion.db.service import embedded_server
+from bastion.logs import configure_logging
+from bastion.runtime import app_database
+from bastion.serve import serve
+from bastion.settings import Settings
+
+PROCESSES = ("api", "gateway", "worker")
+
+
+def _port(settings: Settings, process: str) -> int:
+    return {
+        "api": settings.api_port,
+        "gateway": settings.gateway_port,
+        "worker": settings.worker_port,
+    }[process]
+
+
+def build_app(process: str, settings: Settings) -> FastAPI:
+    """Return the ASGI app of ``process``, with the database pool in its lifespan."""
+    from bastion.api.app import create_app
+
+    db = app_database(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await db.open()
+        try:
+            yield
+        finally:
+            await db.close()
+
+    titles = {"api": "Bastion API", "gateway": "Bastion gateway", "worker": "Bastion worker"}
+    return create_app(title=titles[process], readiness=db.ping, lifespan=lifespan)
+
+
+def run_process(process: str, settings: Settings, *, port: int | None = None) -> None:
+    """Serve ``process`` in the foreground until interrupted."""
+    configure_logging(settings.log_level, json=settings.log_json)
+    serve(
+        build_app(process, settings),
+        settings.api_host,
+        port or _port(settings, process),
+        settings.log_level,
+    )
+
+
+@contextlib.contextmanager
+def stack(settings: Settings, *, wait: float = 30.0) -> Iterator[dict[str, str]]:
+    """Start the database (if embedded) and the three processes; stop them on exit.
+
+    Yields the base URL of each process once all answer ``/readyz``. The
+    embedded server is stopped at the end only if this call started it.
+    """
+    server = None if settings.database_url else embedded_server(settings)
+    was_running = server is not None and server.status() is not None
+    app_database(settings, migrate=True)  # starts the embedded server, migrates
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for process in PROCESSES:
+            children[process] = subprocess.Popen(
+                [sys.executable, "-m", "bastion", "serve", process],
+                stdin=subprocess.DEVNULL,
+            )
+        urls = {p: f"http://{settings.api_host}:{_port(settings, p)}" for p in PROCESSES}
+        _wait_ready(urls, children, wait)
+        yield urls
+    finally:
+        for child in children.values():
+            child.send_signal(signal.SIGTERM)
+        for child in children.values():
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if server is not None and not was_running:
+            server.stop()
+
+
+def _wait_ready(
+    urls: dict[str, str], children: dict[str, subprocess.Popen[bytes]], wait: float
+) -> None:
+    deadline = time.monotonic() + wait
+    pending = dict(urls)
+    with httpx.Client(timeout=1.0) as client:
+        while pending:
+            for process, url in list(pending.items()):
+                if children[process].poll() is not None:
+                    raise RuntimeError(f"the {process} process exited while starting")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{url}/readyz").status_code == 200:
+                        del pending[process]
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {wait:.0f} s: {', '.join(pending)}")
+            time.sleep(0.05)
+
+
+def run_stack(settings: Settings, console: Console) -> None:
+    """``bastion up``: start everything, print where it listens, wait for Ctrl-C."""
+    with stack(settings) as urls:
+        table = Table(title="Bastion is up")
+        table.add_column("process")
+        table.add_column("url")
+        for process, url in urls.items():
+            table.add_row(process, url)
+        console.print(table)
+        console.print("Ctrl-C stops everything.")
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.sigwait(stop_signals)

@@ -1,0 +1,27 @@
+"""Wiring shared by the CLI commands: the key ring and the app database."""
+
+from __future__ import annotations
+
+from bastion.db.pool import Database
+from bastion.db.provision import app_credentials, provision
+from bastion.db.service import resolve_target
+from bastion.secrets.store import LocalKeystore
+from bastion.settings import Settings
+
+
+def open_keystore(settings: Settings) -> LocalKeystore:
+    """Return the local key ring configured by ``settings``."""
+    return LocalKeystore(settings.resolved_keystore_file, settings.resolved_master_key_file)
+
+
+def app_database(settings: Settings, *, migrate: bool = False, max_size: int = 10) -> Database:
+    """Return the app role's (unopened) pool.
+
+    With ``migrate`` the embedded server is started if needed and the database
+    provisioned and migrated first; without it the database must be ready.
+    Raises :class:`bastion.db.provision.DatabaseError` with a one-line reason.
+    """
+    keystore = open_keystore(settings)
+    target = resolve_target(settings, start=migrate)
+    credentials = provision(target, keystore) if migrate else app_credentials(target, keystore)
+    return Database(credentials.conninfo, credentials.context_key, max_size=max_size)

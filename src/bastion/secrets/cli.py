@@ -1,0 +1,104 @@
+"""``bastion secrets``: manage the local key ring.
+
+Values are read from standard input, never from argv (visible in ``ps`` and
+shell history), and only ``get --reveal`` ever writes one out.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bastion.secrets.errors import SecretsError
+from bastion.secrets.store import LocalKeystore
+from bastion.settings import Settings
+
+secrets_app = typer.Typer(
+    help="Named, versioned secrets in the local key ring.", no_args_is_help=True
+)
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _keystore() -> LocalKeystore:
+    settings = Settings()
+    return LocalKeystore(settings.resolved_keystore_file, settings.resolved_master_key_file)
+
+
+def _read_value() -> bytes:
+    if sys.stdin.isatty():
+        return getpass.getpass("value: ").encode()
+    value = sys.stdin.buffer.read()
+    return value[:-1] if value.endswith(b"\n") else value
+
+
+class _fail_cleanly:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, _tb: object) -> bool:
+        if isinstance(exc, SecretsError):
+            _err.print(f"error: {exc}", highlight=False, markup=False)
+            raise typer.Exit(1)
+        return False
+
+
+@secrets_app.command("set")
+def set_secret(name: str) -> None:
+    """Store a new version of NAME; the value is read from stdin."""
+    with _fail_cleanly():
+        value = _read_value()
+        if not value:
+            raise typer.BadParameter("empty value on stdin")
+        version = _keystore().set(name, value)
+    _out.print(f"{name}: stored version {version}", highlight=False)
+
+
+@secrets_app.command("get")
+def get_secret(
+    name: str,
+    version: Annotated[int | None, typer.Option(help="a specific version")] = None,
+    reveal: Annotated[bool, typer.Option(help="write the raw value to stdout")] = False,
+) -> None:
+    """Show NAME's versions (metadata only), or its value with --reveal."""
+    with _fail_cleanly():
+        keystore = _keystore()
+        if reveal:
+            sys.stdout.buffer.write(keystore.get(name, version))
+            sys.stdout.buffer.flush()
+            return
+        infos = keystore.versions(name)
+    table = Table(title=name)
+    for column in ("version", "state", "created", "fingerprint (sha256)"):
+        table.add_column(column)
+    for info in infos:
+        if version is None or info.version == version:
+            table.add_row(str(info.version), info.state, info.created_at, info.fingerprint)
+    _out.print(table)
+
+
+@secrets_app.command("list")
+def list_secrets() -> None:
+    """List the names in the key ring."""
+    with _fail_cleanly():
+        keystore = _keystore()
+        for name in keystore.list():
+            _out.print(f"{name}  (v{keystore.current_version(name)})", highlight=False)
+
+
+@secrets_app.command("rotate")
+def rotate_secret(
+    name: str,
+    from_stdin: Annotated[bool, typer.Option(help="read the new value from stdin")] = False,
+) -> None:
+    """Add a new version of NAME (random 32 bytes unless --from-stdin)."""
+    with _fail_cleanly():
+        version = _keystore().rotate(name, _read_value() if from_stdin else None)
+    _out.print(
+        f"{name}: rotated to version {version}; older versions stay readable", highlight=False
+    )

@@ -1,0 +1,286 @@
+"""The local keystore: named, versioned secrets in one encrypted file.
+
+File format: ``b"BKS1"`` || 12-byte nonce || AES-256-GCM(JSON document), with the
+magic header as associated data (NIST SP 800-38D). The 32-byte master key sits
+in its own 0600 file, outside the database and the repository; a wrong key or
+any altered byte makes the whole file unreadable: the keystore fails closed.
+
+Writers take an exclusive ``flock`` on a sibling ``.lock`` file and re-read the
+file inside it, then replace it atomically, so concurrent processes never lose
+an update.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from bastion.secrets.errors import (
+    InsecurePermissions,
+    InvalidSecretRef,
+    KeystoreLocked,
+    MasterKeyMissing,
+    SecretNotFound,
+)
+
+MAGIC = b"BKS1"
+_NONCE = 12
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
+
+Document = dict[str, list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class SecretVersionInfo:
+    """Metadata of one version of a secret; never its value."""
+
+    version: int
+    created_at: str
+    state: str
+    fingerprint: str
+
+
+class LocalKeystore:
+    """Named, versioned secrets in an AES-256-GCM file under a local master key."""
+
+    def __init__(self, keystore_file: Path, master_key_file: Path) -> None:
+        self.path = keystore_file
+        self.master_key_file = master_key_file
+        self._lock_path = keystore_file.with_name(keystore_file.name + ".lock")
+
+    # -- reading ----------------------------------------------------------------
+
+    def get(self, name: str, version: int | None = None) -> bytes:
+        """Return the value of ``name`` (its current version unless ``version``).
+
+        Raises :class:`SecretNotFound`, or :class:`KeystoreLocked` /
+        :class:`MasterKeyMissing` / :class:`InsecurePermissions` if the file
+        cannot be opened.
+        """
+        entry = self._version(self._load(), name, version)
+        return base64.b64decode(entry["value"])
+
+    def current_version(self, name: str) -> int:
+        """Return the current (newest active) version number of ``name``."""
+        return int(self._version(self._load(), name, None)["version"])
+
+    def versions(self, name: str) -> list[SecretVersionInfo]:
+        """Return metadata of every version of ``name``, oldest first."""
+        doc = self._load()
+        if name not in doc:
+            raise SecretNotFound(name)
+        return [
+            SecretVersionInfo(
+                version=int(v["version"]),
+                created_at=str(v["created_at"]),
+                state=str(v["state"]),
+                fingerprint=hashlib.sha256(base64.b64decode(v["value"])).hexdigest()[:16],
+            )
+            for v in doc[name]
+        ]
+
+    def list(self) -> list[str]:
+        """Return the names of all secrets, sorted."""
+        return sorted(self._load())
+
+    # -- writing ----------------------------------------------------------------
+
+    def set(self, name: str, value: bytes) -> int:
+        """Add ``value`` as the new current version of ``name``; return its version."""
+        _check_name(name)
+        with self._writing() as doc:
+            return _append(doc, name, value)
+
+    def rotate(self, name: str, value: bytes | None = None) -> int:
+        """Add a new version (random 32 bytes unless ``value``); return it.
+
+        Older versions stay readable so holders of the old one keep working
+        during the overlap window, until they are retired.
+        """
+        return self.set(name, secrets.token_bytes(32) if value is None else value)
+
+    def retire(self, name: str, version: int) -> None:
+        """Mark ``version`` retired: still readable by number, never current."""
+        with self._writing() as doc:
+            entry = self._version(doc, name, version)
+            entry["state"] = "retired"
+
+    def ensure(self, name: str, generate: Callable[[], bytes]) -> bytes:
+        """Return the current value of ``name``, creating it with ``generate()``.
+
+        Concurrent callers agree on one value: creation happens under the lock.
+        """
+        _check_name(name)
+        with contextlib.suppress(SecretNotFound):
+            return self.get(name)
+        with self._writing() as doc:
+            if name not in doc or not any(v["state"] == "active" for v in doc[name]):
+                _append(doc, name, generate())
+            return base64.b64decode(self._version(doc, name, None)["value"])
+
+    def delete(self, name: str) -> None:
+        """Remove ``name`` and all its versions."""
+        with self._writing() as doc:
+            if doc.pop(name, None) is None:
+                raise SecretNotFound(name)
+
+    # -- file handling -----------------------------------------------------------
+
+    @staticmethod
+    def _version(doc: Document, name: str, version: int | None) -> dict[str, Any]:
+        entries = doc.get(name)
+        if not entries:
+            raise SecretNotFound(name)
+        if version is None:
+            active = [v for v in entries if v["state"] == "active"]
+            if not active:
+                raise SecretNotFound(f"{name} has no active version")
+            return active[-1]
+        for entry in entries:
+            if int(entry["version"]) == version:
+                return entry
+        raise SecretNotFound(f"{name} version {version}")
+
+    def _master_key(self, *, create: bool) -> bytes:
+        if not self.master_key_file.exists():
+            if self.path.exists():
+                raise MasterKeyMissing(
+                    f"keystore {self.path} exists but its master key "
+                    f"{self.master_key_file} is missing; refusing to continue"
+                )
+            if not create:
+                raise SecretNotFound("the keystore is empty")
+            self.master_key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _write_atomic(self.master_key_file, secrets.token_bytes(32))
+        _require_private(self.master_key_file)
+        key = self.master_key_file.read_bytes()
+        if len(key) != 32:
+            raise KeystoreLocked(
+                f"master key file {self.master_key_file} does not hold a 32-byte key"
+            )
+        return key
+
+    def _load(self) -> Document:
+        if not self.path.exists():
+            if self.master_key_file.exists():
+                _require_private(self.master_key_file)
+            return {}
+        _require_private(self.path)
+        key = self._master_key(create=False)
+        blob = self.path.read_bytes()
+        if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _NONCE + 16:
+            raise KeystoreLocked(f"keystore {self.path} is not a Bastion keystore; failing closed")
+        nonce, ciphertext = blob[len(MAGIC) : len(MAGIC) + _NONCE], blob[len(MAGIC) + _NONCE :]
+        try:
+            plaintext = AESGCM(key).decrypt(nonce, ciphertext, MAGIC)
+        except InvalidTag:
+            raise KeystoreLocked(
+                f"keystore {self.path} cannot be decrypted with the master key "
+                f"{self.master_key_file} (wrong key or altered file); failing closed"
+            ) from None
+        doc: Document = json.loads(plaintext)
+        return doc
+
+    def _save(self, doc: Document) -> None:
+        key = self._master_key(create=True)
+        nonce = secrets.token_bytes(_NONCE)
+        plaintext = json.dumps(doc, sort_keys=True).encode()
+        _write_atomic(self.path, MAGIC + nonce + AESGCM(key).encrypt(nonce, plaintext, MAGIC))
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Document]:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            doc = self._load()  # re-read under the lock: another writer may have won
+            yield doc
+            self._save(doc)
+        finally:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A reference such as ``local://jwt/signing`` or ``local://db/key#3``."""
+
+    scheme: str
+    name: str
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> SecretRef:
+        """Parse ``scheme://name[#version]``; raise :class:`InvalidSecretRef`."""
+        match = re.fullmatch(r"([a-z][a-z0-9]*)://([^#]+)(?:#([0-9]+))?", ref)
+        if match is None:
+            raise InvalidSecretRef("a secret reference looks like local://name[#version]")
+        scheme, name, version = match.groups()
+        _check_name(name)
+        return cls(scheme, name, int(version) if version else None)
+
+
+def resolve_ref(keystore: LocalKeystore, ref: str | SecretRef) -> bytes:
+    """Return the value a reference points to.
+
+    Raises :class:`InvalidSecretRef` for a scheme whose backend is not configured.
+    """
+    parsed = SecretRef.parse(ref) if isinstance(ref, str) else ref
+    if parsed.scheme != "local":
+        raise InvalidSecretRef(
+            f"secret backend {parsed.scheme}:// is not configured (only local:// is available)"
+        )
+    return keystore.get(parsed.name, parsed.version)
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise InvalidSecretRef(f"invalid secret name {name!r}")
+
+
+def _append(doc: Document, name: str, value: bytes) -> int:
+    entries = doc.setdefault(name, [])
+    version = max((int(v["version"]) for v in entries), default=0) + 1
+    entries.append(
+        {
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "state": "active",
+            "value": base64.b64encode(value).decode(),
+        }
+    )
+    return version
+
+
+def _require_private(path: Path) -> None:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InsecurePermissions(
+            f"{path} is accessible to group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)

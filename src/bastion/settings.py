@@ -1,0 +1,67 @@
+"""Process configuration (pydantic-settings).
+
+Settings hold *references* to secrets (``local://name``), never their values:
+values live in the key ring (:mod:`bastion.secrets`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """Where Bastion keeps its state when ``BASTION_HOME`` is not set.
+
+    As root the embedded database runs as a dedicated system user, which must be
+    able to traverse every parent directory; ``/root`` is not traversable, so
+    root defaults to ``/var/lib/bastion``.
+    """
+    if os.geteuid() == 0:
+        return Path("/var/lib/bastion")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return Path(xdg) / "bastion" if xdg else Path.home() / ".local" / "share" / "bastion"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BASTION_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    # The master key of the local keystore lives outside the database and the repo.
+    master_key_file: Path | None = None
+    keystore_file: Path | None = None
+
+    # An external PostgreSQL >= 15 with pgvector; unset means the embedded server.
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "BASTION_DATABASE_URL")
+    )
+    database_name: str = "bastion"
+    # Embedded server: TCP on 127.0.0.1 only when a port is given; otherwise socket only.
+    pg_port: int | None = None
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8700
+    gateway_port: int = 8701
+    worker_port: int = 8702
+
+    log_level: str = "info"
+    log_json: bool = True
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.home / "postgres"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def resolved_master_key_file(self) -> Path:
+        return self.master_key_file or self.keys_dir / "master.key"
+
+    @property
+    def resolved_keystore_file(self) -> Path:
+        return self.keystore_file or self.keys_dir / "keystore.bin"

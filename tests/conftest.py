@@ -1,0 +1,152 @@
+"""Test harness: one embedded PostgreSQL per test session, a fresh database per
+test module (cloned from a migrated template database), and helpers that make
+tenants and users.
+
+Nothing here is mocked: the server is the real embedded PostgreSQL 18 with
+pgvector, reached as the real ``bastion_app`` role over its Unix socket.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from bastion.db.launcher import EmbeddedPostgres, ServerInfo
+from bastion.db.pool import Database
+from bastion.db.provision import APP_ROLE, OWNER_ROLE, Target, provision, role_password
+from bastion.secrets import LocalKeystore
+
+# Durability is not under test in most modules; these make a test server fast.
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+TEMPLATE_DB = "bastion_template"
+
+
+def short_tempdir(prefix: str) -> Path:
+    """A private directory directly under /tmp.
+
+    Unix socket paths are limited to 107 bytes, and as root the database's
+    service user must be able to traverse every parent (pytest's own tmp dirs
+    live under a 0700 directory).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o711)  # searchable, not listable
+    return path
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> EmbeddedPostgres:
+    """An initialised, stopped data directory reused across test sessions."""
+    template = EmbeddedPostgres(Path(f"/tmp/bastion-pgtemplate-{os.geteuid()}"))
+    template.initdb()
+    return template
+
+
+@pytest.fixture(scope="session")
+def pg_server(pg_template: EmbeddedPostgres) -> Iterator[tuple[EmbeddedPostgres, ServerInfo]]:
+    base = short_tempdir("bastion-test-")
+    server = EmbeddedPostgres(base / "pg", settings=FAST_SETTINGS)
+    server.initdb(template=pg_template)
+    info = server.start()
+    try:
+        yield server, info
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def keystore() -> Iterator[LocalKeystore]:
+    base = short_tempdir("bastion-keys-")
+    try:
+        yield LocalKeystore(base / "keystore.bin", base / "master.key")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_database(
+    pg_server: tuple[EmbeddedPostgres, ServerInfo], keystore: LocalKeystore
+) -> Target:
+    """The migrated database every test module's database is cloned from."""
+    _server, info = pg_server
+    target = Target(
+        admin_conninfo=info.conninfo(),
+        dbname=TEMPLATE_DB,
+        create_database=True,
+        description="test server",
+    )
+    provision(target, keystore)
+    return target
+
+
+@dataclass(frozen=True)
+class DbHandles:
+    """A migrated database of its own, and how to reach it as each role."""
+
+    dbname: str
+    superuser: str
+    owner: str
+    app: str
+    context_key: bytes
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def database(
+    request: pytest.FixtureRequest,
+    pg_server: tuple[EmbeddedPostgres, ServerInfo],
+    template_database: Target,
+    keystore: LocalKeystore,
+) -> Iterator[DbHandles]:
+    _server, info = pg_server
+    module = re.sub(r"[^a-z0-9]", "_", request.module.__name__.lower())[-40:]
+    dbname = f"t_{module}_{next(_counter)}"
+    with psycopg.connect(info.conninfo(), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
+                sql.Identifier(dbname), sql.Identifier(TEMPLATE_DB), sql.Identifier(OWNER_ROLE)
+            )
+        )
+        admin.execute(
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                sql.Identifier(dbname), sql.Identifier(APP_ROLE)
+            )
+        )
+    target = Target(
+        admin_conninfo=info.conninfo(), dbname=dbname, create_database=True, description="test"
+    )
+    from bastion.db.provision import context_key
+
+    yield DbHandles(
+        dbname=dbname,
+        superuser=target.admin_conninfo_on_db(),
+        owner=target.conninfo(user=OWNER_ROLE, password=role_password(keystore, OWNER_ROLE)),
+        app=target.conninfo(user=APP_ROLE, password=role_password(keystore, APP_ROLE)),
+        context_key=context_key(keystore),
+    )
+    with psycopg.connect(info.conninfo(), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+@pytest.fixture
+async def db(database: DbHandles) -> AsyncIterator[Database]:
+    """The app role's pool on this module's database."""
+    async with Database(database.app, database.context_key, max_size=4) as pool:
+        yield pool
