@@ -6,11 +6,11 @@ from uuid import uuid4
 
 import psycopg
 import pytest
-from tests.conftest import DbHandles
 
 from bastion import audit
 from bastion.db.pool import Database
 from bastion.tenants.service import Tenant, TenantService
+from tests.conftest import DbHandles
 
 pytestmark = pytest.mark.anyio
 

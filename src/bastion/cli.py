@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import sys
+from collections.abc import Iterator
 from typing import Annotated, NoReturn
 
 import typer
@@ -170,16 +171,11 @@ def demo() -> None:
         raise typer.Exit(1)
 
 
-class _errors:
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
     """Turn known failures into one line on stderr and exit status 1."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: object
-    ) -> bool:
-        if isinstance(exc, DatabaseError | LauncherError | SecretsError):
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            sys.exit(1)
-        return False
+    try:
+        yield
+    except (DatabaseError, LauncherError, SecretsError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None

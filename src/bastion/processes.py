@@ -4,12 +4,14 @@ whole stack on one machine (``bastion up``)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -31,6 +33,27 @@ def _port(settings: Settings, process: str) -> int:
         "gateway": settings.gateway_port,
         "worker": settings.worker_port,
     }[process]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Return environment variables that give a child process these settings."""
+    env = {
+        "BASTION_HOME": str(settings.home),
+        "BASTION_DATABASE_NAME": settings.database_name,
+        "BASTION_API_HOST": settings.api_host,
+        "BASTION_API_PORT": str(settings.api_port),
+        "BASTION_GATEWAY_PORT": str(settings.gateway_port),
+        "BASTION_WORKER_PORT": str(settings.worker_port),
+        "BASTION_LOG_LEVEL": settings.log_level,
+    }
+    for name, value in (
+        ("BASTION_MASTER_KEY_FILE", settings.master_key_file),
+        ("BASTION_KEYSTORE_FILE", settings.keystore_file),
+        ("BASTION_PG_PORT", settings.pg_port),
+    ):
+        if value is not None:
+            env[name] = str(value)
+    return env
 
 
 def build_app(process: str, settings: Settings) -> FastAPI:
@@ -63,22 +86,33 @@ def run_process(process: str, settings: Settings, *, port: int | None = None) ->
 
 
 @contextlib.contextmanager
-def stack(settings: Settings, *, wait: float = 30.0) -> Iterator[dict[str, str]]:
+def stack(
+    settings: Settings, *, wait: float = 30.0, log_dir: Path | None = None
+) -> Iterator[dict[str, str]]:
     """Start the database (if embedded) and the three processes; stop them on exit.
 
-    Yields the base URL of each process once all answer ``/readyz``. The
+    Yields the base URL of each process once all answer ``/readyz``. Their logs
+    go to ``log_dir/<process>.log`` when given, else to this terminal. The
     embedded server is stopped at the end only if this call started it.
     """
     server = None if settings.database_url else embedded_server(settings)
     was_running = server is not None and server.status() is not None
     app_database(settings, migrate=True)  # starts the embedded server, migrates
     children: dict[str, subprocess.Popen[bytes]] = {}
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         for process in PROCESSES:
+            log = None if log_dir is None else open(log_dir / f"{process}.log", "ab")  # noqa: SIM115
             children[process] = subprocess.Popen(
                 [sys.executable, "-m", "bastion", "serve", process],
                 stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **settings_env(settings)},
             )
+            if log is not None:
+                log.close()  # the child holds its own descriptor
         urls = {p: f"http://{settings.api_host}:{_port(settings, p)}" for p in PROCESSES}
         _wait_ready(urls, children, wait)
         yield urls

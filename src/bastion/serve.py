@@ -19,6 +19,4 @@ def serve(app: ASGIApp, host: str, port: int, log_level: str = "info") -> None:
         access_log=False,  # the request middleware logs each request with its id
         server_header=False,
         proxy_headers=False,
-        # Cap request headers; uvicorn's h11 default is larger than a sane token.
-        h11_max_incomplete_event_size=32 * 1024,
     )

@@ -10,7 +10,7 @@ import structlog
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from bastion.api.middleware import RequestIdMiddleware, RequestSizeLimitMiddleware
 from bastion.api.problems import NotReady, install_problem_handlers
 
 Readiness = Callable[[], Awaitable[None]]
@@ -56,6 +56,6 @@ def create_app(
     for router in routers:
         app.include_router(router)
     # Outermost first: the request id exists before the size check answers.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(RequestSizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,7 +17,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 MEDIA_TYPE = "application/problem+json"
 BASE = "https://bastion.dev/problems/"
 
-_log = structlog.get_logger("bastion.api")
 
 _BY_STATUS = {
     400: ("bad-request", "Bad request"),
@@ -133,20 +131,11 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    _log.error("unhandled_exception", path=request.url.path, exc_info=exc)
-    return problem_response(
-        request,
-        type_=BASE + "internal-error",
-        title="Internal error",
-        status=500,
-        detail="an unexpected error occurred; quote the request id when reporting it",
-    )
-
-
 def install_problem_handlers(app: FastAPI) -> None:
-    """Make every error of ``app`` a problem+json answer."""
+    """Make every error of ``app`` a problem+json answer.
+
+    Unexpected exceptions are answered by :class:`RequestIdMiddleware`.
+    """
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(RequestValidationError, _on_validation)
-    app.add_exception_handler(Exception, _on_unexpected)

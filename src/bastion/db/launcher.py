@@ -321,6 +321,7 @@ class EmbeddedPostgres:
         for key, value in options.items():
             argv += ["-c", f"{key}={value}"]
         uid, gid = self._service_ids()
+        user, group, extra_groups = self._as_service()
         deadline = time.monotonic() + timeout
         while True:
             log = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -337,7 +338,9 @@ class EmbeddedPostgres:
                     start_new_session=True,
                     env=_server_env(),
                     cwd=self.data_dir,
-                    **self._user_kwargs(),
+                    user=user,
+                    group=group,
+                    extra_groups=extra_groups,
                 )
             finally:
                 os.close(log)
@@ -406,13 +409,15 @@ class EmbeddedPostgres:
         # on start, so the file is left for it to judge.
         return None
 
-    def _user_kwargs(self) -> dict[str, object]:
+    def _as_service(self) -> tuple[int | None, int | None, list[int] | None]:
+        """Return subprocess (user, group, extra_groups) to run as the service user."""
         if not self._as_root:
-            return {}
+            return None, None, None
         uid, gid = self._service_ids()
-        return {"user": uid, "group": gid, "extra_groups": []}
+        return uid, gid, []
 
     def _run_as_service(self, argv: list[str]) -> None:
+        user, group, extra_groups = self._as_service()
         result = subprocess.run(
             argv,
             capture_output=True,
@@ -420,7 +425,9 @@ class EmbeddedPostgres:
             env=_server_env(),
             cwd=self.base_dir if not self._as_root else "/",
             check=False,
-            **self._user_kwargs(),  # type: ignore[arg-type]
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
         )
         if result.returncode != 0:
             raise LauncherError(

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -107,7 +108,7 @@ async def run_demo(settings: Settings, console: Console) -> bool:
     )
     _fresh_database(target.admin_conninfo, DEMO_DATABASE)
     try:
-        with stack(settings) as urls:
+        with stack(settings, log_dir=settings.home / "log" / "demo") as urls:
             _check_processes(report, urls)
             db = app_database(settings, max_size=4)
             async with db:
@@ -206,7 +207,7 @@ async def _check_isolation(report: Report, db: Database, tenants: list[DemoTenan
 
         async def by_id(
             tenant: DemoTenant = mine, who: UUID = owner, target: UUID = other.tickets[0]
-        ) -> list[object]:
+        ) -> list[dict[str, Any]]:
             async with db.tenant_tx(tenant.id, who, "owner") as tx:
                 cur = await tx.execute("SELECT * FROM bastion.documents WHERE id = %s", (target,))
                 return await cur.fetchall()
@@ -296,6 +297,6 @@ def _print(console: Console, report: Report) -> None:
     for section, what, passed, detail in report.rows:
         table.add_row(section, what, "[green]PASS[/]" if passed else "[red]FAIL[/]", detail)
     console.print(table)
-    passed = sum(1 for row in report.rows if row[2])
+    passed_count = sum(1 for row in report.rows if row[2])
     colour = "green" if report.ok else "red"
-    console.print(f"[bold {colour}]{passed}/{len(report.rows)} checks passed[/]")
+    console.print(f"[bold {colour}]{passed_count}/{len(report.rows)} checks passed[/]")

@@ -6,8 +6,10 @@ shell history), and only ``get --reveal`` ever writes one out.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import sys
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -37,15 +39,14 @@ def _read_value() -> bytes:
     return value[:-1] if value.endswith(b"\n") else value
 
 
-class _fail_cleanly:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: BaseException | None, _tb: object) -> bool:
-        if isinstance(exc, SecretsError):
-            _err.print(f"error: {exc}", highlight=False, markup=False)
-            raise typer.Exit(1)
-        return False
+@contextlib.contextmanager
+def _fail_cleanly() -> Iterator[None]:
+    """Known failures become one line on stderr and exit status 1, no traceback."""
+    try:
+        yield
+    except SecretsError as exc:
+        _err.print(f"error: {exc}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
 
 
 @secrets_app.command("set")

@@ -36,45 +36,45 @@ CREATE TABLE bastion_private.context_key (
     outer_pad bytea NOT NULL CHECK (length(outer_pad) = 64)
 );
 
--- Returns the verified tenant context: NULLs when none is set; raises when the
--- settings do not carry a valid signature. Evaluated once per query through
--- the (SELECT ...) wrappers of the accessors below.
-CREATE FUNCTION bastion_private.verified_context(
-    OUT tenant_id uuid, OUT user_id uuid, OUT role text)
+-- Returns the setting ``name`` once the tenant context is verified: NULL when
+-- no tenant is set (matches no row); raises when the settings do not carry the
+-- application's signature. The policies call it through the accessors below,
+-- each wrapped as (SELECT ...) so it runs once per query, not once per row.
+CREATE FUNCTION bastion.verified_setting(name text) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t   text := coalesce(current_setting('app.tenant_id', true), '');
-    u   text := coalesce(current_setting('app.user_id', true), '');
-    r   text := coalesce(current_setting('app.role', true), '');
-    sig text := coalesce(current_setting('app.context_sig', true), '');
-    k   bastion_private.context_key;
+    t         text := coalesce(current_setting('app.tenant_id', true), '');
+    inner_pad bytea;
+    outer_pad bytea;
 BEGIN
-    IF t = '' THEN
-        RETURN;  -- no tenant: all NULL, matches no row
+    IF name NOT IN ('app.tenant_id', 'app.user_id', 'app.role') THEN
+        RAISE EXCEPTION 'not a tenant context setting' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT * INTO k FROM bastion_private.context_key WHERE id = 1;
-    IF k IS NULL OR sig <> encode(
-        sha256(k.outer_pad || sha256(k.inner_pad || convert_to(t || '|' || u || '|' || r, 'UTF8'))),
-        'hex')
+    IF t = '' THEN
+        RETURN NULL;
+    END IF;
+    SELECT k.inner_pad, k.outer_pad INTO inner_pad, outer_pad
+    FROM bastion_private.context_key k WHERE k.id = 1;
+    IF inner_pad IS NULL OR encode(sha256(outer_pad || sha256(inner_pad || convert_to(
+            t || '|' || coalesce(current_setting('app.user_id', true), '')
+              || '|' || coalesce(current_setting('app.role', true), ''), 'UTF8'))), 'hex')
+        IS DISTINCT FROM current_setting('app.context_sig', true)
     THEN
         RAISE EXCEPTION 'tenant context is not signed by the application'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    tenant_id := t::uuid;
-    user_id := nullif(u, '')::uuid;
-    role := r;
+    RETURN nullif(current_setting(name, true), '');
 END $$;
 
-CREATE FUNCTION bastion.app_tenant_id() RETURNS uuid
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT tenant_id FROM bastion_private.verified_context() $$;
-CREATE FUNCTION bastion.app_user_id() RETURNS uuid
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT user_id FROM bastion_private.verified_context() $$;
-CREATE FUNCTION bastion.app_role() RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT role FROM bastion_private.verified_context() $$;
+-- plpgsql rather than SQL: a non-inlinable SQL function is planned anew in
+-- every query, which cost more than the HMAC itself.
+CREATE FUNCTION bastion.app_tenant_id() RETURNS uuid LANGUAGE plpgsql STABLE
+AS $$ BEGIN RETURN bastion.verified_setting('app.tenant_id')::uuid; END $$;
+CREATE FUNCTION bastion.app_user_id() RETURNS uuid LANGUAGE plpgsql STABLE
+AS $$ BEGIN RETURN bastion.verified_setting('app.user_id')::uuid; END $$;
+CREATE FUNCTION bastion.app_role() RETURNS text LANGUAGE plpgsql STABLE
+AS $$ BEGIN RETURN bastion.verified_setting('app.role'); END $$;
 
 CREATE TABLE bastion.tenants (
     id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -227,8 +227,8 @@ CREATE POLICY audit_head ON bastion.audit_heads FOR ALL
 -- The app role gets exactly what it needs and nothing on bastion_private.
 GRANT USAGE ON SCHEMA bastion TO bastion_app;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA bastion, bastion_private FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION bastion.app_tenant_id(), bastion.app_user_id(), bastion.app_role()
-    TO bastion_app;
+GRANT EXECUTE ON FUNCTION bastion.app_tenant_id(), bastion.app_user_id(), bastion.app_role(),
+    bastion.verified_setting(text) TO bastion_app;
 GRANT SELECT, INSERT, UPDATE ON bastion.tenants, bastion.users TO bastion_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON bastion.memberships, bastion.documents TO bastion_app;
 GRANT SELECT, INSERT ON bastion.audit_events TO bastion_app;
@@ -237,7 +237,6 @@ GRANT SELECT, INSERT ON bastion.audit_events TO bastion_app;
 DOWNGRADE = """
 DROP SCHEMA bastion CASCADE;
 DROP TABLE bastion_private.context_key;
-DROP FUNCTION bastion_private.verified_context();
 DROP FUNCTION bastion_private.audit_assign_seq();
 DROP FUNCTION bastion_private.audit_append_only();
 """

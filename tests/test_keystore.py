@@ -1,0 +1,333 @@
+"""The local keystore: real files, real AES-GCM, real processes; nothing mocked."""
+
+from __future__ import annotations
+
+import base64
+import multiprocessing
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bastion.secrets import (
+    InsecurePermissions,
+    InvalidSecretRef,
+    KeystoreLocked,
+    LocalKeystore,
+    MasterKeyMissing,
+    SecretNotFound,
+    SecretRef,
+    resolve_ref,
+)
+from bastion.secrets.store import MAGIC
+from bastion.settings import Settings
+
+VALUE = b"s3cr3t-value-that-must-never-leak"
+
+
+def _keystore() -> LocalKeystore:
+    settings = Settings()
+    return LocalKeystore(settings.resolved_keystore_file, settings.resolved_master_key_file)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BASTION_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def ks(home: Path) -> LocalKeystore:
+    store = _keystore()
+    assert store.path == home / "keys" / "keystore.bin"
+    assert store.master_key_file == home / "keys" / "master.key"
+    return store
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# -- files at rest ----------------------------------------------------------------
+
+
+def test_files_are_private_and_hold_no_plaintext(ks: LocalKeystore) -> None:
+    ks.set("api/key", VALUE)
+    assert _mode(ks.path) == 0o600
+    assert _mode(ks.master_key_file) == 0o600
+    assert len(ks.master_key_file.read_bytes()) == 32
+    blob = ks.path.read_bytes()
+    assert blob.startswith(MAGIC)
+    assert VALUE not in blob
+    assert base64.b64encode(VALUE) not in blob
+    assert b"api/key" not in blob  # names are encrypted too
+    assert ks.get("api/key") == VALUE
+
+
+def test_files_unreadable_by_other_users() -> None:
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        store = LocalKeystore(base / "keys" / "keystore.bin", base / "keys" / "master.key")
+        store.set("api/key", VALUE)
+        store.path.parent.chmod(0o755)  # only the file mode stands in the way
+        assert _mode(store.path) == 0o600
+        assert _mode(store.master_key_file) == 0o600
+        if os.geteuid() != 0:
+            for path in (store.path, store.master_key_file):
+                assert path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO) == 0
+            return
+        control = base / "keys" / "control.txt"
+        control.write_bytes(b"readable")
+        control.chmod(0o644)
+        ok = subprocess.run(["cat", str(control)], user="nobody", capture_output=True)
+        assert ok.returncode == 0 and ok.stdout == b"readable"  # the setup is meaningful
+        for path in (store.path, store.master_key_file):
+            result = subprocess.run(["cat", str(path)], user="nobody", capture_output=True)
+            assert result.returncode != 0
+            assert result.stdout == b""
+            assert b"Permission denied" in result.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- failing closed ---------------------------------------------------------------
+
+
+def test_wrong_master_key_is_locked(ks: LocalKeystore) -> None:
+    ks.set("api/key", VALUE)
+    right = ks.master_key_file.read_bytes()
+    wrong = secrets.token_bytes(32)
+    assert wrong != right
+    ks.master_key_file.write_bytes(wrong)
+    ks.master_key_file.chmod(0o600)
+    with pytest.raises(KeystoreLocked) as info:
+        ks.get("api/key")
+    message = str(info.value)
+    assert str(ks.path) in message
+    for key in (right, wrong):
+        assert key.hex() not in message
+        assert key.hex().upper() not in message
+        assert base64.b64encode(key).decode() not in message
+        assert repr(key) not in message
+    assert VALUE.decode() not in message
+    with pytest.raises(KeystoreLocked):
+        ks.set("other", b"x")  # writers fail closed too, never overwrite
+
+
+@pytest.mark.parametrize("where", ["header", "nonce", "ciphertext", "tag"])
+def test_flipped_byte_is_locked(ks: LocalKeystore, where: str) -> None:
+    ks.set("api/key", VALUE)
+    blob = bytearray(ks.path.read_bytes())
+    offset = {"header": 0, "nonce": len(MAGIC) + 3, "ciphertext": len(MAGIC) + 12 + 2}.get(
+        where, len(blob) - 1
+    )
+    blob[offset] ^= 0x01
+    ks.path.write_bytes(bytes(blob))
+    assert _mode(ks.path) == 0o600
+    with pytest.raises(KeystoreLocked) as info:
+        ks.get("api/key")
+    assert str(ks.path) in str(info.value)
+    with pytest.raises(KeystoreLocked):
+        ks.list()
+
+
+def test_truncated_keystore_is_locked(ks: LocalKeystore) -> None:
+    ks.set("api/key", VALUE)
+    ks.path.write_bytes(ks.path.read_bytes()[:20])
+    with pytest.raises(KeystoreLocked):
+        ks.get("api/key")
+
+
+def test_missing_master_key(ks: LocalKeystore) -> None:
+    ks.set("api/key", VALUE)
+    ks.master_key_file.unlink()
+    with pytest.raises(MasterKeyMissing) as info:
+        ks.get("api/key")
+    assert str(ks.path) in str(info.value)
+    with pytest.raises(MasterKeyMissing):
+        ks.set("other", b"x")
+    assert not ks.master_key_file.exists()  # no new key silently generated
+
+
+@pytest.mark.parametrize("which", ["keystore", "master"])
+def test_group_readable_file_is_refused(ks: LocalKeystore, which: str) -> None:
+    ks.set("api/key", VALUE)
+    path = ks.path if which == "keystore" else ks.master_key_file
+    path.chmod(0o644)
+    with pytest.raises(InsecurePermissions) as info:
+        ks.get("api/key")
+    assert str(path) in str(info.value)
+    path.chmod(0o600)
+    assert ks.get("api/key") == VALUE
+
+
+# -- versions ---------------------------------------------------------------------
+
+
+def test_set_get_versions(ks: LocalKeystore) -> None:
+    with pytest.raises(SecretNotFound):
+        ks.get("db/password")
+    assert ks.set("db/password", b"one") == 1
+    assert ks.set("db/password", b"two") == 2
+    assert ks.get("db/password") == b"two"
+    assert ks.get("db/password", 1) == b"one"
+    assert ks.current_version("db/password") == 2
+    infos = ks.versions("db/password")
+    assert [i.version for i in infos] == [1, 2]
+    assert [i.state for i in infos] == ["active", "active"]
+    assert infos[0].fingerprint != infos[1].fingerprint
+    assert all(len(i.fingerprint) == 16 for i in infos)
+    assert all(i.created_at for i in infos)
+    for info in infos:
+        text = repr(info)
+        assert "one" not in text and "two" not in text
+        assert base64.b64encode(b"one").decode() not in text
+    with pytest.raises(SecretNotFound):
+        ks.get("db/password", 7)
+    assert ks.list() == ["db/password"]
+
+
+def test_rotate_and_retire(ks: LocalKeystore) -> None:
+    ks.set("jwt/signing", b"first")
+    assert ks.rotate("jwt/signing") == 2
+    rotated = ks.get("jwt/signing")
+    assert rotated != b"first" and len(rotated) == 32
+    assert ks.get("jwt/signing", 1) == b"first"
+    assert ks.rotate("jwt/signing", b"third") == 3
+    ks.retire("jwt/signing", 3)
+    assert ks.current_version("jwt/signing") == 2
+    assert ks.get("jwt/signing") == rotated
+    assert ks.get("jwt/signing", 3) == b"third"
+    assert [i.state for i in ks.versions("jwt/signing")] == ["active", "active", "retired"]
+    ks.retire("jwt/signing", 1)
+    ks.retire("jwt/signing", 2)
+    with pytest.raises(SecretNotFound):
+        ks.get("jwt/signing")
+    assert ks.get("jwt/signing", 1) == b"first"
+
+
+def test_ensure_is_stable(ks: LocalKeystore) -> None:
+    first = ks.ensure("app/token", lambda: secrets.token_bytes(32))
+    second = ks.ensure("app/token", lambda: secrets.token_bytes(32))
+    assert first == second
+    assert len(first) == 32
+    assert ks.current_version("app/token") == 1
+    assert ks.ensure("app/token", lambda: b"never used") == first
+
+
+def test_delete(ks: LocalKeystore) -> None:
+    ks.set("a", b"1")
+    ks.set("b", b"2")
+    ks.delete("a")
+    assert ks.list() == ["b"]
+    with pytest.raises(SecretNotFound):
+        ks.get("a")
+    with pytest.raises(SecretNotFound):
+        ks.delete("a")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../b", "A", "", "/abs", "a b", "x" * 129])
+def test_invalid_names(ks: LocalKeystore, name: str) -> None:
+    with pytest.raises(InvalidSecretRef):
+        ks.set(name, b"v")
+    with pytest.raises(InvalidSecretRef):
+        ks.ensure(name, lambda: b"v")
+    assert not ks.path.exists()
+
+
+# -- concurrency ------------------------------------------------------------------
+
+
+def _set_one(path: str, master: str, index: int, barrier: object) -> None:
+    barrier.wait()  # type: ignore[attr-defined]
+    LocalKeystore(Path(path), Path(master)).set(f"proc/{index}", f"value-{index}".encode())
+
+
+def _ensure_one(path: str, master: str, barrier: object, queue: object) -> None:
+    barrier.wait()  # type: ignore[attr-defined]
+    value = LocalKeystore(Path(path), Path(master)).ensure(
+        "shared/key", lambda: secrets.token_bytes(32)
+    )
+    queue.put(value)  # type: ignore[attr-defined]
+
+
+def test_concurrent_writers_lose_nothing(ks: LocalKeystore) -> None:
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(8)
+    procs = [
+        ctx.Process(target=_set_one, args=(str(ks.path), str(ks.master_key_file), i, barrier))
+        for i in range(8)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert ks.list() == sorted(f"proc/{i}" for i in range(8))
+    for i in range(8):
+        assert ks.get(f"proc/{i}") == f"value-{i}".encode()
+
+
+def test_concurrent_ensure_agrees(ks: LocalKeystore) -> None:
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    queue = ctx.Queue()
+    args = (str(ks.path), str(ks.master_key_file), barrier, queue)
+    procs = [ctx.Process(target=_ensure_one, args=args) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    values = [queue.get(timeout=30) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert len(set(values)) == 1
+    assert values[0] == ks.get("shared/key")
+    assert ks.current_version("shared/key") == 1
+
+
+# -- references -------------------------------------------------------------------
+
+
+def test_secret_ref_parse() -> None:
+    assert SecretRef.parse("local://a/b") == SecretRef("local", "a/b", None)
+    assert SecretRef.parse("local://a#3") == SecretRef("local", "a", 3)
+    assert SecretRef.parse("vault://x") == SecretRef("vault", "x", None)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "",
+        "a/b",
+        "local:/a",
+        "local://",
+        "local://a#",
+        "local://a#x",
+        "local://../x",
+        "LOCAL://a",
+        "local://A",
+        "local://a#-1",
+    ],
+)
+def test_secret_ref_invalid(ref: str) -> None:
+    with pytest.raises(InvalidSecretRef):
+        SecretRef.parse(ref)
+
+
+def test_resolve_ref(ks: LocalKeystore) -> None:
+    ks.set("db/key", b"v1")
+    ks.set("db/key", b"v2")
+    assert resolve_ref(ks, "local://db/key") == b"v2"
+    assert resolve_ref(ks, "local://db/key#1") == b"v1"
+    assert resolve_ref(ks, SecretRef("local", "db/key", 1)) == b"v1"
+    with pytest.raises(InvalidSecretRef) as info:
+        resolve_ref(ks, "vault://x")
+    assert "vault" in str(info.value)
+    with pytest.raises(SecretNotFound):
+        resolve_ref(ks, "local://db/other")

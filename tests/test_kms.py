@@ -1,0 +1,104 @@
+"""LocalKMS: envelope encryption on the real keystore; nothing mocked."""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from pathlib import Path
+
+import pytest
+
+from bastion.secrets import KMSError, LocalKeystore, LocalKMS
+
+CONTEXT = b"tenant=42;purpose=chunks"
+
+
+@pytest.fixture
+def keystore(tmp_path: Path) -> LocalKeystore:  # shadows the session-wide conftest fixture
+    return LocalKeystore(tmp_path / "keys" / "keystore.bin", tmp_path / "keys" / "master.key")
+
+
+@pytest.fixture
+def kms(keystore: LocalKeystore) -> LocalKMS:
+    return LocalKMS(keystore)
+
+
+def _kek_version(blob: bytes) -> int:
+    return int(struct.unpack(">I", blob[1:5])[0])
+
+
+def test_wrap_unwrap_round_trip(kms: LocalKMS, keystore: LocalKeystore) -> None:
+    data_key = secrets.token_bytes(32)
+    blob = kms.wrap(data_key, CONTEXT)
+    assert data_key not in blob
+    assert blob[0] == 1
+    assert _kek_version(blob) == 1
+    assert len(blob) == 5 + 12 + 32 + 16
+    assert kms.unwrap(blob, CONTEXT) == data_key
+    kek = keystore.get("kms/kek")
+    assert len(kek) == 32
+    assert kek not in blob
+    assert kms.wrap(data_key, CONTEXT) != blob  # fresh nonce every time
+
+
+def test_wrong_context_fails(kms: LocalKMS) -> None:
+    blob = kms.wrap(secrets.token_bytes(32), CONTEXT)
+    with pytest.raises(KMSError):
+        kms.unwrap(blob, b"tenant=43;purpose=chunks")
+    with pytest.raises(KMSError):
+        kms.unwrap(blob, b"")
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4, 5, 16, 17, 30, -1])
+def test_altered_blob_fails(kms: LocalKMS, offset: int) -> None:
+    data_key = secrets.token_bytes(32)
+    blob = bytearray(kms.wrap(data_key, CONTEXT))
+    blob[offset] ^= 0x01
+    with pytest.raises(KMSError) as info:
+        kms.unwrap(bytes(blob), CONTEXT)
+    assert data_key.hex() not in str(info.value)
+
+
+@pytest.mark.parametrize("length", [0, 5, 32])
+def test_truncated_blob_fails(kms: LocalKMS, length: int) -> None:
+    blob = kms.wrap(secrets.token_bytes(32), CONTEXT)
+    with pytest.raises(KMSError):
+        kms.unwrap(blob[:length], CONTEXT)
+
+
+def test_rotation_keeps_old_blobs(kms: LocalKMS, keystore: LocalKeystore) -> None:
+    old_key = secrets.token_bytes(32)
+    old_blob = kms.wrap(old_key, CONTEXT)
+    assert _kek_version(old_blob) == 1
+    assert keystore.rotate("kms/kek") == 2
+    new_key = secrets.token_bytes(32)
+    new_blob = kms.wrap(new_key, CONTEXT)
+    assert _kek_version(new_blob) == 2
+    assert kms.unwrap(old_blob, CONTEXT) == old_key
+    assert kms.unwrap(new_blob, CONTEXT) == new_key
+    # A blob claiming the other KEK version does not verify.
+    forged = new_blob[:1] + struct.pack(">I", 1) + new_blob[5:]
+    with pytest.raises(KMSError):
+        kms.unwrap(forged, CONTEXT)
+    keystore.retire("kms/kek", 1)
+    assert kms.unwrap(old_blob, CONTEXT) == old_key  # retired, still readable by number
+    assert _kek_version(kms.wrap(new_key, CONTEXT)) == 2
+
+
+def test_generate_data_key(kms: LocalKMS) -> None:
+    data_key, blob = kms.generate_data_key(CONTEXT)
+    assert len(data_key) == 32
+    assert data_key not in blob
+    assert kms.unwrap(blob, CONTEXT) == data_key
+    other, _ = kms.generate_data_key(CONTEXT)
+    assert other != data_key
+    with pytest.raises(KMSError):
+        kms.unwrap(blob, b"other")
+
+
+def test_kms_on_a_fresh_keystore_shares_the_kek(keystore: LocalKeystore) -> None:
+    blob = LocalKMS(keystore).wrap(b"k" * 32, CONTEXT)
+    again = LocalKeystore(keystore.path, keystore.master_key_file)
+    assert LocalKMS(again).unwrap(blob, CONTEXT) == b"k" * 32
+    with pytest.raises(KMSError):
+        LocalKMS(again, kek_name="kms/other").unwrap(blob, CONTEXT)
