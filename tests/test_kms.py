@@ -102,3 +102,15 @@ def test_kms_on_a_fresh_keystore_shares_the_kek(keystore: LocalKeystore) -> None
     assert LocalKMS(again).unwrap(blob, CONTEXT) == b"k" * 32
     with pytest.raises(KMSError):
         LocalKMS(again, kek_name="kms/other").unwrap(blob, CONTEXT)
+
+
+def test_wrap_labels_the_blob_with_the_key_that_wrapped_it(tmp_path: Path) -> None:
+    """Version and key come from one read, so each blob names its own KEK."""
+    store = LocalKeystore(tmp_path / "keystore.bin", tmp_path / "master.key")
+    kms = LocalKMS(store)
+    blobs = []
+    for _ in range(3):
+        blobs.append(kms.wrap(b"k" * 32, b"ctx"))
+        store.rotate("kms/kek")
+    assert [int.from_bytes(b[1:5], "big") for b in blobs] == [1, 2, 3]
+    assert all(kms.unwrap(b, b"ctx") == b"k" * 32 for b in blobs)

@@ -117,3 +117,22 @@ def test_real_subprocess(tmp_path: Path) -> None:
     assert b"api/key" in shown.stdout
     assert VALUE.encode() not in shown.stdout + shown.stderr
     assert _store(tmp_path).get("api/key") == VALUE.encode()
+
+
+def test_list_survives_a_fully_retired_secret(home: Path) -> None:
+    store = _store(home)
+    store.set("old/key", b"v1")
+    store.retire("old/key", 1)
+    store.set("live/key", b"v")
+    listing = CliRunner().invoke(secrets_app, ["list"])
+    assert listing.exit_code == 0
+    assert "old/key  (no active version)" in listing.stdout
+    assert "live/key  (v1)" in listing.stdout
+
+
+def test_get_of_a_missing_version_is_an_error(home: Path) -> None:
+    _store(home).set("api/key", VALUE.encode())
+    result = CliRunner().invoke(secrets_app, ["get", "api/key", "--version", "9"])
+    assert result.exit_code == 1
+    assert "version 9" in result.stderr
+    assert VALUE not in _output(result)

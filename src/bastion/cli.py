@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Annotated, NoReturn
 
@@ -34,7 +35,8 @@ err = Console(stderr=True)
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    # Plain print: one line, never re-wrapped to the terminal's width.
+    print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(1)
 
 
@@ -114,7 +116,9 @@ def db_url() -> None:
     err.print("password: bastion secrets get db/bastion-app-password --reveal", highlight=False)
 
 
-@db_app.command("psql", context_settings={"allow_extra_args": True})
+@db_app.command(
+    "psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
 def db_psql(ctx: typer.Context) -> None:
     """Open psql on the embedded server as its superuser (extra args go to psql)."""
     from bastion.db.service import embedded_server
@@ -177,5 +181,4 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except (DatabaseError, LauncherError, SecretsError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))

@@ -149,7 +149,10 @@ def _connect(conninfo: str, description: str) -> psycopg.Connection[tuple[object
     try:
         return psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "connection failed"
+        # libpq's first line says what failed ("... port 5432 failed: Connection
+        # refused"); the rest is generic advice.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[0].removeprefix("connection failed: ") if lines else "connection failed"
         raise DatabaseError(
             f"cannot connect to PostgreSQL ({description}): {_scrub(reason, conninfo)}. "
             f"Check that the server is running and the URL is right, or unset DATABASE_URL "

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bastion.secrets.errors import SecretsError
+from bastion.secrets.errors import SecretNotFound, SecretsError
 from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
 
@@ -24,7 +24,6 @@ secrets_app = typer.Typer(
     help="Named, versioned secrets in the local key ring.", no_args_is_help=True
 )
 _out = Console()
-_err = Console(stderr=True)
 
 
 def _keystore() -> LocalKeystore:
@@ -45,7 +44,7 @@ def _fail_cleanly() -> Iterator[None]:
     try:
         yield
     except SecretsError as exc:
-        _err.print(f"error: {exc}", highlight=False, markup=False)
+        print(f"error: {exc}", file=sys.stderr)  # one line, never re-wrapped
         raise typer.Exit(1) from None
 
 
@@ -74,6 +73,8 @@ def get_secret(
             sys.stdout.buffer.flush()
             return
         infos = keystore.versions(name)
+        if version is not None and all(info.version != version for info in infos):
+            raise SecretNotFound(f"{name} version {version}")
     table = Table(title=name)
     for column in ("version", "state", "created", "fingerprint (sha256)"):
         table.add_column(column)
@@ -85,11 +86,15 @@ def get_secret(
 
 @secrets_app.command("list")
 def list_secrets() -> None:
-    """List the names in the key ring."""
+    """List the names in the key ring with their current versions."""
     with _fail_cleanly():
         keystore = _keystore()
         for name in keystore.list():
-            _out.print(f"{name}  (v{keystore.current_version(name)})", highlight=False)
+            try:
+                current = f"v{keystore.current_version(name)}"
+            except SecretNotFound:
+                current = "no active version"
+            _out.print(f"{name}  ({current})", highlight=False)
 
 
 @secrets_app.command("rotate")

@@ -43,8 +43,10 @@ class LocalKMS:
         self.kek_name = kek_name
 
     def wrap(self, data_key: bytes, context: bytes) -> bytes:
-        kek = self.keystore.ensure(self.kek_name, lambda: secrets.token_bytes(32))
-        version = self.keystore.current_version(self.kek_name)
+        self.keystore.ensure(self.kek_name, lambda: secrets.token_bytes(32))
+        # Version and key read together: a rotation in between must not label
+        # a blob with a version whose key did not wrap it.
+        version, kek = self.keystore.current(self.kek_name)
         nonce = secrets.token_bytes(12)
         header = _HEADER.pack(_FORMAT, version)
         return header + nonce + AESGCM(kek).encrypt(nonce, data_key, header + context)

@@ -77,7 +77,12 @@ class LocalKeystore:
 
     def current_version(self, name: str) -> int:
         """Return the current (newest active) version number of ``name``."""
-        return int(self._version(self._load(), name, None)["version"])
+        return self.current(name)[0]
+
+    def current(self, name: str) -> tuple[int, bytes]:
+        """Return ``(version, value)`` of the current version, read together."""
+        entry = self._version(self._load(), name, None)
+        return int(entry["version"]), base64.b64decode(entry["value"])
 
     def versions(self, name: str) -> list[SecretVersionInfo]:
         """Return metadata of every version of ``name``, oldest first."""
@@ -276,11 +281,18 @@ def _require_private(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (0600) so readers see the old or the new file whole."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself must survive a crash
+    finally:
+        os.close(directory)
