@@ -11,27 +11,47 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
+START_TIMEOUT = 10.0
+
 
 @contextlib.contextmanager
 def running_server(app: ASGIApp) -> Iterator[str]:
-    """Serve ``app`` on a free loopback port; yield its base URL; shut it down."""
-    sock = socket.socket()
+    """Serve ``app`` on a free loopback port; yield its base URL; shut it down.
+
+    Uses the production stack (uvloop, httptools, no server header). The
+    socket is bound here, so the port is known before the server starts and
+    cannot be taken by another test in between. Raises :class:`RuntimeError`
+    if the server does not start within ``START_TIMEOUT`` seconds.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, lifespan="on", loop="uvloop", http="httptools"
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True
+    )
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server did not start")
-        time.sleep(0.01)
     try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.005)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=5)
+        if thread.is_alive():  # a request still hanging: stop waiting for it
+            server.force_exit = True
+            thread.join(timeout=5)
         sock.close()

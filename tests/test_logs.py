@@ -1,59 +1,284 @@
-"""Structured logs are JSON lines that never carry secrets."""
+"""JSON log lines: well-formed, carrying the request id, with secrets masked."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
+import httpx
+import pytest
 import structlog
+from fastapi import APIRouter
 
-from bastion.logs import MASK, configure_logging, get_logger
+from bastion.api.app import create_app
+from bastion.logs import MASK, configure_logging, get_logger, is_secret_key, scrub_text
+from tests.http_server import running_server
+
+LEAKY = "postgresql://bastion:hunter2@db.internal:5432/prod"
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
 
-def _lines(stream: io.StringIO) -> list[dict[str, object]]:
-    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+class Captured:
+    """The log lines written to a buffer, parsed."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def records(self) -> list[dict[str, Any]]:
+        """Return every line as a JSON object (fails on a line that is not one)."""
+        return [json.loads(line) for line in self.text.splitlines()]
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Return the first record matching ``predicate``, waiting up to 2 s for
+        the server thread to write it (the access line follows the response)."""
+        deadline = time.monotonic() + 2
+        while True:
+            found = [r for r in self.records() if predicate(r)]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching log line in:\n{self.text}")
+            time.sleep(0.01)
 
 
-def test_secret_values_are_masked_at_any_depth() -> None:
-    stream = io.StringIO()
-    configure_logging("info", stream=stream)
-    get_logger("t").info(
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    saved_structlog = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved_structlog)
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+
+
+@pytest.fixture
+def logs(restore_logging: None) -> Captured:
+    captured = Captured()
+    configure_logging("debug", json=True, stream=captured.stream)
+    return captured
+
+
+def test_each_line_is_one_json_object_with_standard_fields(logs: Captured) -> None:
+    get_logger("bastion.test").info("hello\nworld", answer=42)
+    logging.getLogger("uvicorn.error").warning("port %d busy", 8700)
+    lines = logs.text.splitlines()
+    assert len(lines) == 2  # the newline in the event did not split the line
+    ours, uvicorns = logs.records()
+    assert ours["event"] == "hello\nworld"
+    assert ours["level"] == "info"
+    assert ours["logger"] == "bastion.test"
+    assert ours["answer"] == 42
+    assert ISO_UTC.fullmatch(ours["timestamp"])
+    assert uvicorns["event"] == "port 8700 busy"
+    assert uvicorns["level"] == "warning"
+    assert uvicorns["logger"] == "uvicorn.error"
+    assert ISO_UTC.fullmatch(uvicorns["timestamp"])
+
+
+def test_level_filters(restore_logging: None) -> None:
+    captured = Captured()
+    configure_logging("warning", stream=captured.stream)
+    get_logger("bastion.test").info("dropped")
+    get_logger("bastion.test").warning("kept")
+    assert [r["event"] for r in captured.records()] == ["kept"]
+
+
+def test_unknown_level_is_refused(restore_logging: None) -> None:
+    with pytest.raises(ValueError, match="unknown log level"):
+        configure_logging("chatty")
+
+
+def test_default_stream_is_the_current_stderr(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging()
+    get_logger("bastion.test").info("to_stderr", password="hunter2")
+    err = capsys.readouterr().err
+    assert json.loads(err)["event"] == "to_stderr"
+    assert "hunter2" not in err
+
+
+def test_secret_keys_are_masked_at_any_depth(logs: Captured) -> None:
+    get_logger("bastion.test").info(
         "login",
+        user="alice",
         password="hunter2",
-        nested={"deep": {"api_key": "sk_live_abc123", "fine": "visible"}},
-        headers=[{"authorization": "Bearer eyJhbGciOi"}],
-        dsn_in_text="connecting to postgresql://app:s3cretpw@db:5432/x",
-        conninfo="host=/tmp port=5432 user=app password=s3cretpw2",
+        prompt_tokens=42,
+        nested={
+            "level1": {
+                "level2": [
+                    {"api_key": "sk_live_SECRETVALUE", "region": "eu"},
+                    ("authorization", "Bearer tok_BEARERVALUE"),
+                ],
+                "ClientSecret": "cs_VALUE",
+            }
+        },
+        headers={"Cookie": "sid=COOKIEVALUE", "Accept": "application/json"},
+        signing_key=b"\x00" * 32,
     )
-    text = stream.getvalue()
-    for secret in ("hunter2", "sk_live_abc123", "eyJhbGciOi", "s3cretpw", "s3cretpw2"):
-        assert secret not in text
-    (line,) = _lines(stream)
-    assert line["password"] == MASK
-    assert line["nested"] == {"deep": {"api_key": MASK, "fine": "visible"}}
-    assert "postgresql://app:***@db:5432/x" in str(line["dsn_in_text"])
-    assert line["level"] == "info" and line["event"] == "login" and "timestamp" in line
+    for secret in ("hunter2", "SECRETVALUE", "BEARERVALUE", "cs_VALUE", "COOKIEVALUE"):
+        assert secret not in logs.text
+    (record,) = logs.records()
+    assert record["password"] == MASK
+    assert record["user"] == "alice"
+    assert record["prompt_tokens"] == 42
+    level2 = record["nested"]["level1"]["level2"]
+    assert level2[0] == {"api_key": MASK, "region": "eu"}
+    assert level2[1] == ["authorization", MASK]
+    assert record["nested"]["level1"]["ClientSecret"] == MASK
+    assert record["headers"] == {"Cookie": MASK, "Accept": "application/json"}
+    assert record["signing_key"] == MASK
 
 
-def test_exception_text_is_scrubbed() -> None:
-    stream = io.StringIO()
-    configure_logging("info", stream=stream)
+def test_dsn_password_is_masked_and_the_rest_kept(logs: Captured) -> None:
+    log = get_logger("bastion.test")
+    log.info("connecting", dsn=LEAKY)
+    log.info("connecting to %s", LEAKY)
+    log.info("conninfo", conninfo="host=db user=bastion password=hunter2 dbname=prod")
+    logging.getLogger("psycopg").error("cannot reach %s", LEAKY)
+    assert "hunter2" not in logs.text
+    dsn, positional, conninfo, stdlib = logs.records()
+    assert dsn["dsn"] == "postgresql://bastion:***@db.internal:5432/prod"
+    assert positional["event"] == "connecting to postgresql://bastion:***@db.internal:5432/prod"
+    assert conninfo["conninfo"] == "host=db user=bastion password=*** dbname=prod"
+    assert stdlib["event"] == "cannot reach postgresql://bastion:***@db.internal:5432/prod"
+
+
+def test_tracebacks_are_logged_and_scrubbed(logs: Captured) -> None:
     try:
-        raise RuntimeError("could not reach postgresql://u:topsecret@db/app")
+        raise RuntimeError(f"cannot connect to {LEAKY}")
     except RuntimeError:
-        get_logger("t").exception("failed")
-        logging.getLogger("uvicorn.error").exception("from stdlib")
-    text = stream.getvalue()
-    assert "topsecret" not in text
-    assert len(_lines(stream)) == 2
-    assert all("RuntimeError" in str(line.get("exception")) for line in _lines(stream))
+        get_logger("bastion.test").exception("failed")
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    assert "hunter2" not in logs.text
+    for record in logs.records():
+        assert "Traceback" in record["exception"]
+        assert "postgresql://bastion:***@db.internal" in record["exception"]
 
 
-def test_request_id_is_carried_by_every_line() -> None:
-    stream = io.StringIO()
-    configure_logging("info", stream=stream)
-    with structlog.contextvars.bound_contextvars(request_id="req-123456789"):
-        get_logger("t").info("one")
-        logging.getLogger("uvicorn.error").info("two")
-    assert [line["request_id"] for line in _lines(stream)] == ["req-123456789"] * 2
+@dataclass
+class Credentials:
+    user: str
+    password: str
+
+
+def test_objects_are_logged_by_scrubbed_repr(logs: Captured) -> None:
+    cycle: dict[str, Any] = {"name": "loop"}
+    cycle["self"] = cycle
+    get_logger("bastion.test").info("objects", creds=Credentials("alice", "hunter2"), cycle=cycle)
+    assert "hunter2" not in logs.text
+    (record,) = logs.records()
+    assert record["creds"] == "Credentials(user='alice', password=***)"
+    assert record["cycle"]["name"] == "loop"  # a cycle ends at the depth limit
+
+
+def test_console_rendering_is_redacted_too(restore_logging: None) -> None:
+    captured = Captured()
+    configure_logging("info", json=False, stream=captured.stream)
+    get_logger("bastion.test").info("console", token="tok_VALUE", dsn=LEAKY)
+    assert "console" in captured.text
+    assert "tok_VALUE" not in captured.text
+    assert "hunter2" not in captured.text
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("password", True),
+        ("db_password", True),
+        ("apiKey", True),
+        ("X-Api-Key", True),
+        ("access_token", True),
+        ("Authorization", True),
+        ("set-cookie", True),
+        ("private_key", True),
+        ("key_material", True),
+        ("clientsecret", True),
+        ("user", False),
+        ("prompt_tokens", False),
+        ("key_id", False),
+        ("secret_ref", False),
+        ("master_key_file", False),
+        ("KeyError", False),
+        ("database_url", False),  # its value is scrubbed as text instead
+    ],
+)
+def test_secret_key_names(key: str, secret: bool) -> None:
+    assert is_secret_key(key) is secret
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://u:p@ss@db/app", "postgresql://u:***@db/app"),
+        ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("http://host:8080/cb?to=a@b.example", "http://host:8080/cb?to=a@b.example"),
+        ("https://x.example/cb?api_key=abc&state=1", "https://x.example/cb?api_key=***&state=1"),
+        ("Authorization: Bearer abc.def.ghi", "Authorization: ***"),
+        ("Cookie: sid=abc; theme=dark", "Cookie: ***"),
+        ('{"password": "x", "user": "u"}', '{"password": ***, "user": "u"}'),
+        ("-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----", "***"),
+        ("max_tokens=512 took 12:30", "max_tokens=512 took 12:30"),
+    ],
+)
+def test_scrub_text(text: str, expected: str) -> None:
+    assert scrub_text(text) == expected
+
+
+def test_request_lines_carry_the_request_id(logs: Captured) -> None:
+    router = APIRouter()
+
+    @router.get("/work")
+    async def work() -> dict[str, str]:
+        get_logger("bastion.test").info("inside_route", token="tok_ROUTEVALUE")
+        return {"done": "yes"}
+
+    @router.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError(LEAKY)
+
+    app = create_app(extra_routers=[router])
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=5) as client:
+        ok = client.get("/work", headers={"x-request-id": "req-logs-0001"})
+        failed = client.get("/boom")
+        access = logs.wait_for(lambda r: r["event"] == "request" and r.get("path") == "/work")
+        logs.wait_for(lambda r: r["event"] == "request" and r.get("path") == "/boom")
+    assert ok.headers["x-request-id"] == "req-logs-0001"
+
+    records = logs.records()  # every line parses as JSON
+    inside = next(r for r in records if r["event"] == "inside_route")
+    assert inside["request_id"] == "req-logs-0001"
+    assert inside["token"] == MASK
+    assert access["request_id"] == "req-logs-0001"
+    assert access["method"] == "GET"
+    assert access["status"] == 200
+    assert access["level"] == "info"
+    assert isinstance(access["duration_ms"], float | int) and access["duration_ms"] >= 0
+
+    # The failure is logged once, with its request id and a scrubbed traceback;
+    # uvicorn does not log it again.
+    failure_id = failed.headers["x-request-id"]
+    (error,) = [r for r in records if r["event"] == "unhandled_exception"]
+    assert error["request_id"] == failure_id
+    assert error["level"] == "error"
+    assert "RuntimeError" in error["exception"]
+    assert not [r for r in records if r["event"] == "Exception in ASGI application"]
+    assert "hunter2" not in logs.text
+    assert "tok_ROUTEVALUE" not in logs.text
+
+    # uvicorn's own lines came through the same JSON formatter.
+    assert any(r["logger"].startswith("uvicorn") for r in records)
+    # The request id is unbound once the request is over.
+    get_logger("bastion.test").info("after")
+    assert "request_id" not in logs.records()[-1]

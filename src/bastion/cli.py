@@ -116,9 +116,7 @@ def db_url() -> None:
     err.print("password: bastion secrets get db/bastion-app-password --reveal", highlight=False)
 
 
-@db_app.command(
-    "psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
+@db_app.command("psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def db_psql(ctx: typer.Context) -> None:
     """Open psql on the embedded server as its superuser (extra args go to psql)."""
     from bastion.db.service import embedded_server

@@ -59,6 +59,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 def build_app(process: str, settings: Settings) -> FastAPI:
     """Return the ASGI app of ``process``, with the database pool in its lifespan."""
     from bastion.api.app import create_app
+    from bastion.gateway.app import create_gateway_app
+    from bastion.worker.health import create_worker_health_app
 
     db = app_database(settings)
 
@@ -70,8 +72,11 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         finally:
             await db.close()
 
-    titles = {"api": "Bastion API", "gateway": "Bastion gateway", "worker": "Bastion worker"}
-    return create_app(title=titles[process], readiness=db.ping, lifespan=lifespan)
+    if process == "gateway":
+        return create_gateway_app(readiness=db.ping, lifespan=lifespan)
+    if process == "worker":
+        return create_worker_health_app(db.ping, lifespan=lifespan)
+    return create_app(title="Bastion API", readiness=db.ping, lifespan=lifespan)
 
 
 def run_process(process: str, settings: Settings, *, port: int | None = None) -> None:

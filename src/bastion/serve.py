@@ -7,16 +7,26 @@ from starlette.types import ASGIApp
 
 
 def serve(app: ASGIApp, host: str, port: int, log_level: str = "info") -> None:
-    """Serve ``app`` on ``host:port`` until SIGINT/SIGTERM."""
+    """Serve ``app`` on ``host:port`` until SIGINT/SIGTERM; return after shutdown.
+
+    Logging must already be configured (:func:`bastion.logs.configure_logging`):
+    uvicorn's records go through it. Exits the process (status 3) if the server
+    cannot start, e.g. when the port is taken.
+    """
     uvicorn.run(
         app,
         host=host,
         port=port,
         loop="uvloop",
         http="httptools",
-        log_config=None,  # logging is configured by bastion.logs
+        # A failing startup (database unreachable, ...) must stop the process;
+        # "auto" would carry on without the lifespan.
+        lifespan="on",
+        log_config=None,  # keep the configuration of bastion.logs
         log_level=log_level,
-        access_log=False,  # the request middleware logs each request with its id
-        server_header=False,
+        access_log=False,  # the request-id middleware logs each request with its id
+        server_header=False,  # do not advertise the server software
+        date_header=True,
+        # Not behind a trusted proxy by default: X-Forwarded-* are not believed.
         proxy_headers=False,
     )

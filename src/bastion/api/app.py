@@ -6,35 +6,51 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
-import structlog
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api.middleware import RequestIdMiddleware, RequestSizeLimitMiddleware
+from bastion.api.middleware import (
+    DEFAULT_MAX_BODY_BYTES,
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+)
 from bastion.api.problems import NotReady, install_problem_handlers
+from bastion.logs import get_logger
 
 Readiness = Callable[[], Awaitable[None]]
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
-_log = structlog.get_logger("bastion.api")
+# Seconds /readyz waits for the readiness check before answering 503.
 READINESS_TIMEOUT = 2.0
+
+_log = get_logger("bastion.api")
 
 
 def create_app(
     *,
-    title: str = "Bastion API",
     readiness: Readiness | None = None,
+    title: str = "Bastion API",
+    extra_routers: Sequence[APIRouter] = (),
     lifespan: Lifespan | None = None,
-    routers: Sequence[APIRouter] = (),
-    max_body_bytes: int = 1 << 20,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """Return an app with health/readiness, problem+json errors and request ids.
 
-    ``readiness`` is awaited by ``GET /readyz``; if it raises or takes longer
-    than 2 s the answer is 503 (fail closed).
+    ``GET /healthz`` answers ``{"status": "ok"}`` while the process runs.
+    ``GET /readyz`` awaits ``readiness`` (if given) and answers 503 problem+json
+    (type ``.../not-ready``) when it raises or takes longer than
+    ``READINESS_TIMEOUT`` seconds: fail closed. ``extra_routers`` are included
+    as they are; ``lifespan`` is handed to FastAPI; request bodies over
+    ``max_body_bytes`` are refused with 413. No docs UI is served;
+    ``/openapi.json`` is.
     """
     app = FastAPI(
-        title=title, version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan
+        title=title,
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
     )
     install_problem_handlers(app)
 
@@ -48,14 +64,16 @@ def create_app(
             try:
                 await asyncio.wait_for(readiness(), READINESS_TIMEOUT)
             except Exception as exc:
-                # The reason goes to the log only: it may name hosts or DSNs.
+                # The reason goes to the (redacted) log only: it may name hosts
+                # or carry a DSN.
                 _log.warning("not_ready", error=type(exc).__name__, reason=str(exc))
                 raise NotReady("a dependency is unavailable") from None
         return {"status": "ready"}
 
-    for router in routers:
+    for router in extra_routers:
         app.include_router(router)
-    # Outermost first: the request id exists before the size check answers.
-    app.add_middleware(RequestSizeLimitMiddleware, max_bytes=max_body_bytes)
+    # add_middleware puts each new one outside the previous: the request id
+    # exists before the size check answers, and is echoed on its 413.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -1,25 +1,63 @@
-"""Pure ASGI middleware on the hot path: request ids, access log, body-size cap."""
+"""Pure ASGI middleware for the hot path: request ids, access log, size caps.
+
+Pure ASGI rather than ``BaseHTTPMiddleware``: no extra task per request, no
+buffering, and context variables bound here are visible to the endpoint.
+"""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
-from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion.api.problems import BASE, MEDIA_TYPE
+from bastion.api.problems import (
+    HeadersTooLarge,
+    PayloadTooLarge,
+    internal_error,
+    send_problem,
+)
+from bastion.logs import get_logger
 
-_DRAIN_BYTES = 256 * 1024
+REQUEST_ID_HEADER = b"x-request-id"
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+# How much of an oversized body is read and discarded before answering 413:
+# closing with unread data makes the client's TCP stack reset the connection,
+# often before it has read our answer. Beyond this, the reset is accepted.
+DRAIN_LIMIT_BYTES = 256 * 1024
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-_log = structlog.get_logger("bastion.access")
+_access_log = get_logger("bastion.access")
+_error_log = get_logger("bastion.api")
+
+
+def valid_request_id(value: str) -> bool:
+    """Return whether a client-supplied request id may be trusted and echoed.
+
+    Only 8-64 characters of ``[A-Za-z0-9._-]``: nothing that could forge log
+    lines, inject headers or markup.
+    """
+    # fullmatch: ``$`` alone would accept a trailing newline.
+    return _REQUEST_ID.fullmatch(value) is not None
 
 
 class RequestIdMiddleware:
-    """Accept a well-formed ``X-Request-ID`` or mint one; bind it to logs and echo it."""
+    """Give each request an id, bind it to the logs, echo it, log the request.
+
+    A well-formed incoming ``X-Request-ID`` is kept, anything else replaced by
+    a fresh uuid4 hex. The id is stored in ``scope["state"]["request_id"]``,
+    bound as the ``request_id`` structlog context variable while the request
+    runs and added to the response headers. One ``request`` line is logged per
+    request (method, path, status, duration_ms).
+
+    Also the last line of defence: an exception escaping the application is
+    logged here, with the request id, and answered with a generic 500
+    problem; it is not re-raised, so the server neither logs it again nor
+    drops the keep-alive connection.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -28,43 +66,34 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        text = incoming.decode("latin-1")
-        request_id = text if _REQUEST_ID.fullmatch(text) else uuid.uuid4().hex
+        incoming = _header(scope, REQUEST_ID_HEADER)
+        text = incoming.decode("latin-1") if incoming is not None else ""
+        request_id = text if valid_request_id(text) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (REQUEST_ID_HEADER, request_id.encode("ascii"))
         started = time.perf_counter()
-        status = 500
-        status_sent = False
+        status: int | None = None
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, status_sent
+            nonlocal status
             if message["type"] == "http.response.start":
-                status_sent = True
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                headers = [
+                    (k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER
+                ]
+                message = {**message, "headers": [*headers, id_header]}
             await send(message)
 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception:
-                # Answered here rather than re-raised to the server, which would
-                # drop the keep-alive connection under the client's feet.
-                _log.exception("unhandled_exception", path=scope["path"])
-                if status_sent:
-                    raise
-                status = 500
-                await _problem(
-                    scope,
-                    send_with_id,
-                    500,
-                    "internal-error",
-                    "Internal error",
-                    "an unexpected error occurred; quote the request id when reporting it",
-                )
+                _error_log.exception("unhandled_exception", method=scope["method"])
+                if status is None:
+                    await send_problem(scope, send_with_id, internal_error())
+                # Else the response is cut short: the server closes the connection.
             finally:
-                _log.info(
+                _access_log.info(
                     "request",
                     method=scope["method"],
                     path=scope["path"],
@@ -73,13 +102,28 @@ class RequestIdMiddleware:
                 )
 
 
-class RequestSizeLimitMiddleware:
-    """Answer 431 when the headers exceed ``max_header_bytes`` and 413 when the
-    body exceeds ``max_bytes`` (declared or streamed), as problem+json."""
+class _BodyTooLarge(Exception):
+    """Raised from ``receive`` once the body has passed the cap."""
+
+
+class BodySizeLimitMiddleware:
+    """Answer 413 problem+json to bodies over ``max_bytes``.
+
+    Checked twice: a declared ``Content-Length`` over the cap is refused before
+    the application runs; a streamed (chunked) body is counted as it is
+    received, and once over the cap the application's ``receive`` raises and
+    whatever it answers is replaced by the 413. Also answers 431 when the
+    request headers exceed ``max_header_bytes``.
+    """
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int = 1 << 20, max_header_bytes: int = 16 * 1024
+        self,
+        app: ASGIApp,
+        max_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
+        if max_bytes < 0 or max_header_bytes < 0:
+            raise ValueError("size limits must not be negative")
         self.app = app
         self.max_bytes = max_bytes
         self.max_header_bytes = max_header_bytes
@@ -90,95 +134,74 @@ class RequestSizeLimitMiddleware:
             return
         header_bytes = sum(len(k) + len(v) + 4 for k, v in scope["headers"])
         if header_bytes > self.max_header_bytes:
-            await _problem(
-                scope,
-                send,
-                431,
-                "headers-too-large",
-                "Request headers too large",
-                f"request headers are limited to {self.max_header_bytes} bytes",
+            problem = HeadersTooLarge(
+                f"request headers are limited to {self.max_header_bytes} bytes"
             )
+            await _drain_unless_waiting(scope, receive)
+            await send_problem(scope, send, problem, close=True)
             return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _drain(receive, _DRAIN_BYTES)
-            await self._reject(scope, send)
+            await _drain_unless_waiting(scope, receive)
+            await send_problem(scope, send, self._too_large(), close=True)
             return
-        received = 0
-        too_large = answered = False
 
-        async def limited_receive() -> Message:
-            nonlocal received, too_large
+        received = 0
+        exceeded = response_started = False
+
+        async def capped_receive() -> Message:
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    too_large = True
+                    exceeded = True
                     if message.get("more_body", False):
-                        await _drain(receive, _DRAIN_BYTES)
-                    raise _TooLarge
+                        await _drain(receive)
+                    raise _BodyTooLarge
             return message
 
-        async def send_unless_too_large(message: Message) -> None:
-            # Frameworks may turn the receive error into their own 400; the
-            # client is owed the 413, so the app's answer is replaced.
-            nonlocal answered
-            if not too_large:
-                await send(message)
-            elif message["type"] == "http.response.start" and not answered:
-                answered = True
-                await self._reject(scope, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            # Frameworks turn a failing receive into their own answer (FastAPI:
+            # 400 "error parsing the body"); the client is owed the 413 instead.
+            if exceeded:
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_unless_too_large)
-        except _TooLarge:
-            if not answered:
-                await self._reject(scope, send)
+            await self.app(scope, capped_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not response_started:
+            await send_problem(scope, send, self._too_large(), close=True)
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
-        await _problem(
-            scope,
-            send,
-            413,
-            "payload-too-large",
-            "Payload too large",
-            f"request bodies are limited to {self.max_bytes} bytes",
-        )
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request bodies are limited to {self.max_bytes} bytes")
 
 
-async def _problem(
-    scope: Scope, send: Send, status: int, slug: str, title: str, detail: str
-) -> None:
-    body: dict[str, Any] = {
-        "type": BASE + slug,
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "instance": scope["path"],
-        "request_id": scope.get("state", {}).get("request_id"),
-    }
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", MEDIA_TYPE.encode()),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """Return the first value of header ``name`` (lower-case) in ``scope``."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
 
 
-class _TooLarge(Exception):
-    pass
+async def _drain_unless_waiting(scope: Scope, receive: Receive) -> None:
+    """Drain the body, unless the client waits for ``100 Continue`` before sending it."""
+    # The server sends "100 Continue" on the first receive(): reading would
+    # invite the very body being refused.
+    expect = _header(scope, b"expect")
+    if expect is None or expect.lower() != b"100-continue":
+        await _drain(receive)
 
 
-async def _drain(receive: Receive, limit: int) -> None:
-    """Read and discard up to ``limit`` body bytes, so that a client still
-    sending a modest body reads our answer instead of a connection reset."""
+async def _drain(receive: Receive, limit: int = DRAIN_LIMIT_BYTES) -> None:
+    """Read and discard up to ``limit`` more body bytes (see DRAIN_LIMIT_BYTES)."""
     seen = 0
     while seen <= limit:
         message = await receive()

@@ -175,9 +175,7 @@ def problem_response(request: Request, problem: Problem) -> JSONResponse:
     )
 
 
-async def send_problem(
-    scope: Scope, send: Send, problem: Problem, *, close: bool = False
-) -> None:
+async def send_problem(scope: Scope, send: Send, problem: Problem, *, close: bool = False) -> None:
     """Send ``problem`` as a complete response on a raw ASGI ``send``.
 
     For middleware that answers before (or instead of) the application.
@@ -207,7 +205,7 @@ def _http_problem(exc: StarletteHTTPException) -> Problem:
     slug, title = _BY_STATUS.get(exc.status_code, ("", phrase))
     type_ = problem_type(slug) if slug else "about:blank"
     # Starlette's default details ("Not Found") repeat the title; ours are kept.
-    detail = exc.detail if isinstance(exc.detail, str) else None
+    detail: str | None = exc.detail if isinstance(exc.detail, str) else None
     if detail and detail.casefold() in (title.casefold(), phrase.casefold()):
         detail = None
     return Problem(detail, type_=type_, title=title, status=exc.status_code, headers=exc.headers)

@@ -1,0 +1,1 @@
+"""The gateway process: Bastion's public edge."""

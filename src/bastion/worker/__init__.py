@@ -1,0 +1,1 @@
+"""The worker process: background jobs, with health served on its own port."""
