@@ -38,6 +38,8 @@ def _keystore() -> LocalKeystore:
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("BASTION_HOME", str(tmp_path))
+    for name in ("BASTION_KEYSTORE_FILE", "BASTION_MASTER_KEY_FILE"):
+        monkeypatch.delenv(name, raising=False)  # the key files must land under tmp_path
     return tmp_path
 
 
@@ -66,7 +68,43 @@ def test_files_are_private_and_hold_no_plaintext(ks: LocalKeystore) -> None:
     assert VALUE not in blob
     assert base64.b64encode(VALUE) not in blob
     assert b"api/key" not in blob  # names are encrypted too
+    assert b"active" not in blob and b"{" not in blob[: len(MAGIC) + 12]
     assert ks.get("api/key") == VALUE
+    assert _mode(ks.path.parent) == 0o700  # the directory we created is private too
+
+
+def test_rewrites_hold_no_plaintext_and_stay_private(ks: LocalKeystore) -> None:
+    ks.set("api/key", VALUE)
+    ks.rotate("api/key")
+    ks.set("db/password", b"second-secret-value")
+    blob = ks.path.read_bytes()
+    for secret in (VALUE, b"second-secret-value", ks.get("api/key")):
+        assert secret not in blob
+        assert base64.b64encode(secret) not in blob
+    assert _mode(ks.path) == 0o600
+    leftovers = [p.name for p in ks.path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []  # atomic writes leave no temporary files behind
+
+
+def test_existing_master_key_is_used_never_replaced(home: Path) -> None:
+    keys = home / "keys"
+    keys.mkdir(mode=0o700)
+    master = keys / "master.key"
+    chosen = secrets.token_bytes(32)
+    master.write_bytes(chosen)
+    master.chmod(0o600)
+    store = LocalKeystore(keys / "keystore.bin", master)
+    store.set("api/key", VALUE)
+    assert master.read_bytes() == chosen
+    assert LocalKeystore(keys / "keystore.bin", master).get("api/key") == VALUE
+
+
+def test_reading_an_empty_keystore_creates_nothing(ks: LocalKeystore) -> None:
+    assert ks.list() == []
+    with pytest.raises(SecretNotFound):
+        ks.get("api/key")
+    assert not ks.path.exists()
+    assert not ks.master_key_file.exists()
 
 
 def test_files_unreadable_by_other_users() -> None:
@@ -110,31 +148,53 @@ def test_wrong_master_key_is_locked(ks: LocalKeystore) -> None:
         ks.get("api/key")
     message = str(info.value)
     assert str(ks.path) in message
+    assert "failing closed" in message
     for key in (right, wrong):
         assert key.hex() not in message
         assert key.hex().upper() not in message
         assert base64.b64encode(key).decode() not in message
         assert repr(key) not in message
     assert VALUE.decode() not in message
+    before = ks.path.read_bytes()
     with pytest.raises(KeystoreLocked):
         ks.set("other", b"x")  # writers fail closed too, never overwrite
+    assert ks.path.read_bytes() == before
+    ks.master_key_file.write_bytes(right)
+    assert ks.get("api/key") == VALUE  # the right key still opens it: nothing was lost
 
 
-@pytest.mark.parametrize("where", ["header", "nonce", "ciphertext", "tag"])
-def test_flipped_byte_is_locked(ks: LocalKeystore, where: str) -> None:
+def test_short_master_key_is_locked(ks: LocalKeystore) -> None:
     ks.set("api/key", VALUE)
-    blob = bytearray(ks.path.read_bytes())
-    offset = {"header": 0, "nonce": len(MAGIC) + 3, "ciphertext": len(MAGIC) + 12 + 2}.get(
-        where, len(blob) - 1
-    )
-    blob[offset] ^= 0x01
-    ks.path.write_bytes(bytes(blob))
-    assert _mode(ks.path) == 0o600
+    ks.master_key_file.write_bytes(b"\x01" * 16)
     with pytest.raises(KeystoreLocked) as info:
         ks.get("api/key")
-    assert str(ks.path) in str(info.value)
+    assert str(ks.master_key_file) in str(info.value)
+    assert "failing closed" in str(info.value)
+
+
+def test_any_flipped_byte_is_locked(ks: LocalKeystore) -> None:
+    """Every single byte (header, nonce, ciphertext, tag) is covered, one at a time."""
+    ks.set("api/key", VALUE)
+    original = ks.path.read_bytes()
+    assert len(original) > len(MAGIC) + 12 + 16
+    for offset in range(len(original)):
+        for mask in (0x01, 0x80):
+            blob = bytearray(original)
+            blob[offset] ^= mask
+            ks.path.write_bytes(bytes(blob))
+            with pytest.raises(KeystoreLocked) as info:
+                ks.list()
+            assert str(ks.path) in str(info.value), offset
+            assert "failing closed" in str(info.value)
+    ks.path.write_bytes(original)
+    assert ks.get("api/key") == VALUE  # the control: the unaltered file opens
+
+
+def test_appended_byte_is_locked(ks: LocalKeystore) -> None:
+    ks.set("api/key", VALUE)
+    ks.path.write_bytes(ks.path.read_bytes() + b"\0")
     with pytest.raises(KeystoreLocked):
-        ks.list()
+        ks.get("api/key")
 
 
 def test_truncated_keystore_is_locked(ks: LocalKeystore) -> None:
@@ -156,15 +216,30 @@ def test_missing_master_key(ks: LocalKeystore) -> None:
 
 
 @pytest.mark.parametrize("which", ["keystore", "master"])
-def test_group_readable_file_is_refused(ks: LocalKeystore, which: str) -> None:
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602, 0o610, 0o601, 0o666])
+def test_group_or_other_access_is_refused(ks: LocalKeystore, which: str, mode: int) -> None:
     ks.set("api/key", VALUE)
     path = ks.path if which == "keystore" else ks.master_key_file
-    path.chmod(0o644)
-    with pytest.raises(InsecurePermissions) as info:
-        ks.get("api/key")
-    assert str(path) in str(info.value)
+    path.chmod(mode)
+    for action in (lambda: ks.get("api/key"), lambda: ks.set("api/key", b"new")):
+        with pytest.raises(InsecurePermissions) as info:
+            action()
+        assert str(path) in str(info.value)
     path.chmod(0o600)
-    assert ks.get("api/key") == VALUE
+    assert ks.get("api/key") == VALUE  # nothing was written while refused
+    assert ks.current_version("api/key") == 1
+
+
+def test_permissive_master_key_is_refused_before_any_keystore(home: Path) -> None:
+    keys = home / "keys"
+    keys.mkdir()
+    master = keys / "master.key"
+    master.write_bytes(secrets.token_bytes(32))
+    master.chmod(0o644)
+    store = LocalKeystore(keys / "keystore.bin", master)
+    with pytest.raises(InsecurePermissions):
+        store.set("api/key", VALUE)
+    assert not store.path.exists()
 
 
 # -- versions ---------------------------------------------------------------------

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +17,22 @@ from bastion.secrets import LocalKeystore
 from bastion.secrets.cli import secrets_app
 
 VALUE = "hunter2-very-secret-value"
+# The sub-app on its own, exactly as a user could run it (no dependency on the main CLI).
+RUN_APP = "from bastion.secrets.cli import secrets_app; secrets_app()"
+_OVERRIDES = ("BASTION_KEYSTORE_FILE", "BASTION_MASTER_KEY_FILE")
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("BASTION_HOME", str(tmp_path))
+    for name in _OVERRIDES:  # an outer environment must not redirect the key files
+        monkeypatch.delenv(name, raising=False)
     return tmp_path
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _OVERRIDES}
+    return {**env, "BASTION_HOME": str(home)}
 
 
 def _store(home: Path) -> LocalKeystore:
@@ -105,18 +118,108 @@ def test_locked_keystore_is_a_clean_error(home: Path) -> None:
 
 
 def test_real_subprocess(tmp_path: Path) -> None:
-    env = {**os.environ, "BASTION_HOME": str(tmp_path)}
-    base = [sys.executable, "-m", "bastion", "secrets"]
+    env = _env(tmp_path)
+    base = [sys.executable, "-c", RUN_APP]
     stored = subprocess.run(
-        [*base, "set", "api/key"], input=VALUE.encode(), env=env, capture_output=True, timeout=60
+        [*base, "set", "api/key"],
+        input=VALUE.encode() + b"\n",
+        env=env,
+        capture_output=True,
+        timeout=60,
     )
     assert stored.returncode == 0, stored.stderr
+    assert b"stored version 1" in stored.stdout
     assert VALUE.encode() not in stored.stdout + stored.stderr
+    assert _store(tmp_path).get("api/key") == VALUE.encode()  # the newline was stripped
     shown = subprocess.run([*base, "get", "api/key"], env=env, capture_output=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert b"api/key" in shown.stdout
     assert VALUE.encode() not in shown.stdout + shown.stderr
-    assert _store(tmp_path).get("api/key") == VALUE.encode()
+    revealed = subprocess.run(
+        [*base, "get", "api/key", "--reveal"], env=env, capture_output=True, timeout=60
+    )
+    assert revealed.returncode == 0, revealed.stderr
+    assert revealed.stdout == VALUE.encode()
+
+
+def _read_until(fd: int, needle: bytes | None, seen: bytearray, deadline: float) -> None:
+    """Append output of the pty ``fd`` to ``seen`` until ``needle`` (None: EOF)."""
+    while (needle is None or needle not in seen) and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen.extend(chunk)
+
+
+def test_set_on_a_terminal_prompts_without_echo(tmp_path: Path) -> None:
+    """On a real terminal the value comes from a hidden prompt and is not echoed."""
+    env = _env(tmp_path)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal
+        try:
+            os.execve(sys.executable, [sys.executable, "-c", RUN_APP, "set", "tty/key"], env)
+        finally:
+            os._exit(127)
+    seen = bytearray()
+    try:
+        deadline = time.monotonic() + 30
+        _read_until(fd, b"value: ", seen, deadline)
+        assert b"value: " in seen, bytes(seen)
+        # getpass turns echo off before it prints the prompt, so this is never shown.
+        os.write(fd, VALUE.encode() + b"\n")
+        _read_until(fd, b"stored version 1", seen, deadline)
+        _read_until(fd, None, seen, deadline)  # everything the child wrote, to EOF
+    finally:
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, bytes(seen)
+    assert b"stored version 1" in seen
+    assert VALUE.encode() not in seen
+    assert _store(tmp_path).get("tty/key") == VALUE.encode()
+
+
+def test_value_is_never_taken_from_argv(home: Path) -> None:
+    result = CliRunner().invoke(secrets_app, ["set", "api/key", VALUE], input="from-stdin")
+    assert result.exit_code != 0
+    assert not (home / "keys" / "keystore.bin").exists()
+    stored = CliRunner().invoke(secrets_app, ["set", "api/key"], input="from-stdin")
+    assert stored.exit_code == 0
+    assert _store(home).get("api/key") == b"from-stdin"
+
+
+@pytest.mark.parametrize("args", [["set", "api/key"], ["rotate", "api/key", "--from-stdin"]])
+def test_empty_stdin_is_a_one_line_error(home: Path, args: list[str]) -> None:
+    result = CliRunner().invoke(secrets_app, args, input="\n")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: empty value on stdin"
+    assert not (home / "keys" / "keystore.bin").exists()
+
+
+def test_os_errors_are_one_line(home: Path) -> None:
+    (home / "keys").write_text("a file where the key directory should be")
+    result = CliRunner().invoke(secrets_app, ["set", "api/key"], input=VALUE)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert str(home / "keys") in lines[0]
+    assert VALUE not in _output(result)
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_invalid_settings_do_not_echo_their_input(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BASTION_PG_PORT", "not-a-port-hunter2")
+    result = CliRunner().invoke(secrets_app, ["list"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: invalid settings: pg_port"
+    assert "hunter2" not in _output(result)
 
 
 def test_list_survives_a_fully_retired_secret(home: Path) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -21,41 +22,67 @@ from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
 
 secrets_app = typer.Typer(
-    help="Named, versioned secrets in the local key ring.", no_args_is_help=True
+    help="Named, versioned secrets in the local key ring.",
+    no_args_is_help=True,
+    # A traceback could show local variables, and those may hold a value.
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
 )
 _out = Console()
 
 
 def _keystore() -> LocalKeystore:
+    """Return the keystore configured by ``Settings()`` (``BASTION_*`` variables)."""
     settings = Settings()
     return LocalKeystore(settings.resolved_keystore_file, settings.resolved_master_key_file)
 
 
 def _read_value() -> bytes:
+    """Return the value from stdin: hidden prompt on a terminal, else all of stdin.
+
+    One trailing newline (from ``echo`` or a heredoc) is stripped. Raises
+    :class:`SecretsError` for an empty value.
+    """
     if sys.stdin.isatty():
-        return getpass.getpass("value: ").encode()
-    value = sys.stdin.buffer.read()
-    return value[:-1] if value.endswith(b"\n") else value
+        value = getpass.getpass("value: ").encode()
+    else:
+        value = sys.stdin.buffer.read()
+        value = value[:-1] if value.endswith(b"\n") else value
+    if not value:
+        raise SecretsError("empty value on stdin")
+    return value
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print one line on stderr; return the exit to raise (status 1)."""
+    print(f"error: {message}", file=sys.stderr)  # plain print: never re-wrapped
+    return typer.Exit(1)
 
 
 @contextlib.contextmanager
 def _fail_cleanly() -> Iterator[None]:
-    """Known failures become one line on stderr and exit status 1, no traceback."""
+    """Known failures become one line on stderr and exit status 1, no traceback.
+
+    Messages come from our own errors, OS errors (a path and a reason) or the
+    names of invalid settings: none of them can carry a secret value.
+    """
     try:
         yield
     except SecretsError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # one line, never re-wrapped
-        raise typer.Exit(1) from None
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"{exc.strerror or exc}: {exc.filename}") from None
+    except ValidationError as exc:
+        # Not str(exc): pydantic quotes the offending input (e.g. a DATABASE_URL).
+        fields = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
+        raise _fail(f"invalid settings: {fields}") from None
 
 
 @secrets_app.command("set")
 def set_secret(name: str) -> None:
     """Store a new version of NAME; the value is read from stdin."""
     with _fail_cleanly():
-        value = _read_value()
-        if not value:
-            raise typer.BadParameter("empty value on stdin")
-        version = _keystore().set(name, value)
+        version = _keystore().set(name, _read_value())
     _out.print(f"{name}: stored version {version}", highlight=False)
 
 

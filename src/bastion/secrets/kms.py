@@ -1,9 +1,20 @@
 """Key management: wrapping data keys under a key-encryption key (envelope encryption).
 
-A data key encrypts data (chunks, webhook payloads); the KMS only ever wraps
-and unwraps data keys, so the key-encryption key (KEK) never leaves it. The
-local implementation keeps versioned KEKs in the keystore and wraps with
-AES-256-GCM (NIST SP 800-38D), the caller's context bound as associated data.
+Envelope encryption: data is encrypted under a per-object *data key*, and only
+the data key is encrypted ("wrapped") under a *key-encryption key* (KEK) held
+by the KMS. The KEK never leaves the KMS, wrapped data keys can be stored next
+to the data, and rotating the KEK touches no data: old blobs name the KEK
+version that wrapped them, so they keep unwrapping during the overlap window.
+
+The local implementation keeps versioned KEKs in the keystore and wraps with
+AES-256-GCM (NIST SP 800-38D, "Recommendation for Block Cipher Modes of
+Operation: Galois/Counter Mode (GCM) and GMAC"), with a fresh random 96-bit
+nonce per wrap (SP 800-38D section 8.2.2).
+
+Blob: 1-byte format version || 4-byte big-endian KEK version || 12-byte nonce
+|| ciphertext+tag. The associated data is the caller's context, prefixed by
+the 5-byte header so the format and KEK version are authenticated as well: a
+blob presented under another context, or with any byte altered, is refused.
 OpenBao/Vault and AWS KMS backends implement the same :class:`KMS` protocol.
 """
 
@@ -43,6 +54,11 @@ class LocalKMS:
         self.kek_name = kek_name
 
     def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        """Return ``data_key`` wrapped under the current KEK (created on first use).
+
+        ``context`` (e.g. ``b"tenant=42;purpose=chunks"``) must be given again
+        to unwrap. Keystore errors (:class:`KeystoreLocked`, ...) propagate.
+        """
         self.keystore.ensure(self.kek_name, lambda: secrets.token_bytes(32))
         # Version and key read together: a rotation in between must not label
         # a blob with a version whose key did not wrap it.
@@ -52,6 +68,11 @@ class LocalKMS:
         return header + nonce + AESGCM(kek).encrypt(nonce, data_key, header + context)
 
     def unwrap(self, blob: bytes, context: bytes) -> bytes:
+        """Return the data key in ``blob``, using the KEK version the blob names.
+
+        Raises :class:`KMSError` if the blob is truncated, of an unknown format,
+        names an unknown KEK version, was altered, or ``context`` differs.
+        """
         if len(blob) < _HEADER.size + 12 + 16:
             raise KMSError("wrapped key is truncated")
         fmt, version = _HEADER.unpack_from(blob)
@@ -65,6 +86,9 @@ class LocalKMS:
             raise KMSError("wrapped key does not verify (altered, or another context)") from None
 
     def generate_data_key(self, context: bytes) -> tuple[bytes, bytes]:
-        """Return a fresh 32-byte data key and its wrapped form."""
+        """Return ``(data_key, blob)``: a fresh random 32-byte key and its wrapped form.
+
+        Keep the blob, use the key, then forget it; :meth:`unwrap` recovers it.
+        """
         data_key = secrets.token_bytes(32)
         return data_key, self.wrap(data_key, context)

@@ -56,7 +56,12 @@ class SecretVersionInfo:
 
 
 class LocalKeystore:
-    """Named, versioned secrets in an AES-256-GCM file under a local master key."""
+    """Named, versioned secrets in an AES-256-GCM file under a local master key.
+
+    Every method may raise :class:`KeystoreLocked` (wrong key, altered file),
+    :class:`MasterKeyMissing` or :class:`InsecurePermissions`: the keystore
+    fails closed and never falls back to an empty or new one.
+    """
 
     def __init__(self, keystore_file: Path, master_key_file: Path) -> None:
         self.path = keystore_file
@@ -76,16 +81,25 @@ class LocalKeystore:
         return base64.b64decode(entry["value"])
 
     def current_version(self, name: str) -> int:
-        """Return the current (newest active) version number of ``name``."""
+        """Return the current (newest active) version number of ``name``.
+
+        Raises :class:`SecretNotFound` if there is none.
+        """
         return self.current(name)[0]
 
     def current(self, name: str) -> tuple[int, bytes]:
-        """Return ``(version, value)`` of the current version, read together."""
+        """Return ``(version, value)`` of the current version, read together.
+
+        Raises :class:`SecretNotFound` if there is none.
+        """
         entry = self._version(self._load(), name, None)
         return int(entry["version"]), base64.b64decode(entry["value"])
 
     def versions(self, name: str) -> list[SecretVersionInfo]:
-        """Return metadata of every version of ``name``, oldest first."""
+        """Return metadata (no values) of every version of ``name``, oldest first.
+
+        Raises :class:`SecretNotFound` for an unknown name.
+        """
         doc = self._load()
         if name not in doc:
             raise SecretNotFound(name)
@@ -106,7 +120,10 @@ class LocalKeystore:
     # -- writing ----------------------------------------------------------------
 
     def set(self, name: str, value: bytes) -> int:
-        """Add ``value`` as the new current version of ``name``; return its version."""
+        """Add ``value`` as the new current version of ``name``; return its version.
+
+        Raises :class:`InvalidSecretRef` for a malformed name.
+        """
         _check_name(name)
         with self._writing() as doc:
             return _append(doc, name, value)
@@ -120,7 +137,10 @@ class LocalKeystore:
         return self.set(name, secrets.token_bytes(32) if value is None else value)
 
     def retire(self, name: str, version: int) -> None:
-        """Mark ``version`` retired: still readable by number, never current."""
+        """Mark ``version`` retired: still readable by number, never current.
+
+        Raises :class:`SecretNotFound` for an unknown name or version.
+        """
         with self._writing() as doc:
             entry = self._version(doc, name, version)
             entry["state"] = "retired"
@@ -129,6 +149,7 @@ class LocalKeystore:
         """Return the current value of ``name``, creating it with ``generate()``.
 
         Concurrent callers agree on one value: creation happens under the lock.
+        Raises :class:`InvalidSecretRef` for a malformed name.
         """
         _check_name(name)
         with contextlib.suppress(SecretNotFound):
@@ -139,7 +160,7 @@ class LocalKeystore:
             return base64.b64decode(self._version(doc, name, None)["value"])
 
     def delete(self, name: str) -> None:
-        """Remove ``name`` and all its versions."""
+        """Remove ``name`` and all its versions; raise :class:`SecretNotFound` if absent."""
         with self._writing() as doc:
             if doc.pop(name, None) is None:
                 raise SecretNotFound(name)
@@ -148,6 +169,7 @@ class LocalKeystore:
 
     @staticmethod
     def _version(doc: Document, name: str, version: int | None) -> dict[str, Any]:
+        """Return the entry of ``version`` (newest active if None) or raise SecretNotFound."""
         entries = doc.get(name)
         if not entries:
             raise SecretNotFound(name)
@@ -162,6 +184,12 @@ class LocalKeystore:
         raise SecretNotFound(f"{name} version {version}")
 
     def _master_key(self, *, create: bool) -> bytes:
+        """Return the 32-byte master key, creating it only for a brand-new keystore.
+
+        Raises :class:`MasterKeyMissing` if the keystore exists without its key,
+        :class:`InsecurePermissions` if the key file is group/other accessible,
+        :class:`KeystoreLocked` if it does not hold 32 bytes.
+        """
         if not self.master_key_file.exists():
             if self.path.exists():
                 raise MasterKeyMissing(
@@ -170,17 +198,23 @@ class LocalKeystore:
                 )
             if not create:
                 raise SecretNotFound("the keystore is empty")
-            self.master_key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_atomic(self.master_key_file, secrets.token_bytes(32))
+            _private_dir(self.master_key_file.parent)
+            # Exclusive: an existing master key is never replaced, whatever races.
+            _write_atomic(self.master_key_file, secrets.token_bytes(32), exclusive=True)
         _require_private(self.master_key_file)
         key = self.master_key_file.read_bytes()
         if len(key) != 32:
             raise KeystoreLocked(
-                f"master key file {self.master_key_file} does not hold a 32-byte key"
+                f"master key file {self.master_key_file} does not hold a 32-byte key; "
+                "failing closed"
             )
         return key
 
     def _load(self) -> Document:
+        """Return the decrypted document (``{}`` if there is no keystore yet).
+
+        Raises :class:`KeystoreLocked` on a wrong key or any altered byte.
+        """
         if not self.path.exists():
             if self.master_key_file.exists():
                 _require_private(self.master_key_file)
@@ -209,7 +243,8 @@ class LocalKeystore:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Document]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Yield the current document under the exclusive lock; save it on success."""
+        _private_dir(self.path.parent)
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -253,11 +288,13 @@ def resolve_ref(keystore: LocalKeystore, ref: str | SecretRef) -> bytes:
 
 
 def _check_name(name: str) -> None:
+    """Raise :class:`InvalidSecretRef` unless ``name`` is a valid secret name."""
     if not _NAME.fullmatch(name) or ".." in name:
         raise InvalidSecretRef(f"invalid secret name {name!r}")
 
 
 def _append(doc: Document, name: str, value: bytes) -> int:
+    """Append ``value`` as a new active version of ``name``; return its number."""
     entries = doc.setdefault(name, [])
     version = max((int(v["version"]) for v in entries), default=0) + 1
     entries.append(
@@ -272,6 +309,7 @@ def _append(doc: Document, name: str, value: bytes) -> int:
 
 
 def _require_private(path: Path) -> None:
+    """Raise :class:`InsecurePermissions` if group or others have any access to ``path``."""
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise InsecurePermissions(
@@ -280,15 +318,29 @@ def _require_private(path: Path) -> None:
         )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (0600) so readers see the old or the new file whole."""
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) if missing; a directory we create is 0700."""
+    if path.is_dir():
+        return  # an existing directory is the operator's choice; file modes still hold
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)  # explicitly: mkdir's mode is filtered by the umask
+
+
+def _write_atomic(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``path`` (0600) so readers see the old or the new file whole.
+
+    With ``exclusive`` the file must not exist yet (``FileExistsError`` otherwise).
+    """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails rather than replace
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)

@@ -1,0 +1,1 @@
+"""Identity: the built-in OIDC provider, tokens, DPoP, passwords and MFA."""
