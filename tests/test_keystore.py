@@ -24,7 +24,7 @@ from bastion.secrets import (
     SecretRef,
     resolve_ref,
 )
-from bastion.secrets.store import MAGIC
+from bastion.secrets.store import MAGIC, _write_atomic
 from bastion.settings import Settings
 
 VALUE = b"s3cr3t-value-that-must-never-leak"
@@ -68,7 +68,7 @@ def test_files_are_private_and_hold_no_plaintext(ks: LocalKeystore) -> None:
     assert VALUE not in blob
     assert base64.b64encode(VALUE) not in blob
     assert b"api/key" not in blob  # names are encrypted too
-    assert b"active" not in blob and b"{" not in blob[: len(MAGIC) + 12]
+    assert b"active" not in blob and b"created_at" not in blob  # the JSON is encrypted
     assert ks.get("api/key") == VALUE
     assert _mode(ks.path.parent) == 0o700  # the directory we created is private too
 
@@ -97,6 +97,16 @@ def test_existing_master_key_is_used_never_replaced(home: Path) -> None:
     store.set("api/key", VALUE)
     assert master.read_bytes() == chosen
     assert LocalKeystore(keys / "keystore.bin", master).get("api/key") == VALUE
+
+
+def test_master_key_creation_never_overwrites(tmp_path: Path) -> None:
+    """The master key is created with link(2), which fails on an existing file."""
+    master = tmp_path / "master.key"
+    master.write_bytes(b"k" * 32)
+    with pytest.raises(FileExistsError):
+        _write_atomic(master, b"x" * 32, exclusive=True)
+    assert master.read_bytes() == b"k" * 32
+    assert [p.name for p in tmp_path.iterdir()] == ["master.key"]  # temp file removed
 
 
 def test_reading_an_empty_keystore_creates_nothing(ks: LocalKeystore) -> None:

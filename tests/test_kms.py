@@ -114,3 +114,23 @@ def test_wrap_labels_the_blob_with_the_key_that_wrapped_it(tmp_path: Path) -> No
         store.rotate("kms/kek")
     assert [int.from_bytes(b[1:5], "big") for b in blobs] == [1, 2, 3]
     assert all(kms.unwrap(b, b"ctx") == b"k" * 32 for b in blobs)
+
+
+def test_unknown_kek_version_fails(kms: LocalKMS) -> None:
+    blob = kms.wrap(secrets.token_bytes(32), CONTEXT)
+    for version in (0, 2, 2**32 - 1):
+        forged = blob[:1] + struct.pack(">I", version) + blob[5:]
+        with pytest.raises(KMSError):
+            kms.unwrap(forged, CONTEXT)
+
+
+def test_blob_from_another_keystore_fails(kms: LocalKMS, tmp_path: Path) -> None:
+    blob = kms.wrap(secrets.token_bytes(32), CONTEXT)
+    elsewhere = LocalKeystore(
+        tmp_path / "other" / "keystore.bin", tmp_path / "other" / "master.key"
+    )
+    with pytest.raises(KMSError):
+        LocalKMS(elsewhere).unwrap(blob, CONTEXT)  # no KEK at all there
+    LocalKMS(elsewhere).wrap(b"x" * 32, CONTEXT)  # now a KEK v1 of its own
+    with pytest.raises(KMSError):
+        LocalKMS(elsewhere).unwrap(blob, CONTEXT)

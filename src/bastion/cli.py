@@ -180,3 +180,151 @@ def _errors() -> Iterator[None]:
         yield
     except (DatabaseError, LauncherError, SecretsError) as exc:
         _fail(str(exc))
+
+
+tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
+user_app = typer.Typer(help="Users and their roles in tenants.", no_args_is_help=True)
+keys_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(user_app, name="user")
+app.add_typer(keys_app, name="keys")
+
+
+@tenant_app.command("create")
+def tenant_create(slug: str, name: Annotated[str, typer.Option(help="display name")] = "") -> None:
+    """Create a tenant."""
+    from bastion.tenants.errors import TenantExists
+
+    async def run() -> str:
+        from bastion.runtime import app_database
+        from bastion.tenants.service import TenantService
+
+        async with app_database(_settings()) as db:
+            tenant = await TenantService(db).create_tenant(slug, name or slug)
+        return str(tenant.id)
+
+    with _errors():
+        try:
+            tenant_id = asyncio.run(run())
+        except TenantExists:
+            _fail(f"a tenant named {slug!r} already exists")
+    out.print(f"tenant {slug} created: {tenant_id}", highlight=False)
+
+
+@user_app.command("add")
+def user_add(
+    tenant: Annotated[str, typer.Option(help="tenant slug")],
+    email: Annotated[str, typer.Option()],
+    role: Annotated[str, typer.Option(help="owner, billing-admin, auditor, contributor, viewer")],
+    password_stdin: Annotated[bool, typer.Option(help="read a password from stdin")] = False,
+) -> None:
+    """Add a user to a tenant with a role (and set their password)."""
+    from bastion.identity.errors import PasswordReused, WeakPassword
+    from bastion.tenants.errors import UnknownRole
+
+    password = _read_secret("password: ") if password_stdin else None
+
+    async def run() -> str:
+        from bastion.identity.passwords import PasswordService
+        from bastion.runtime import app_database
+        from bastion.tenants.service import TenantService
+
+        async with app_database(_settings()) as db:
+            tenants = TenantService(db)
+            tenant_id = await tenants.tenant_id(tenant)
+            if tenant_id is None:
+                _fail(f"no tenant named {tenant!r}")
+            user_id = await tenants.add_member(tenant_id, email, role)
+            if password is not None:
+                async with db.tenant_tx(tenant_id, None, "system") as tx:
+                    await PasswordService().set_password(
+                        tx, user_id, password, user_inputs=[email, tenant]
+                    )
+        return str(user_id)
+
+    with _errors():
+        try:
+            user_id = asyncio.run(run())
+        except UnknownRole:
+            _fail(f"unknown role {role!r}")
+        except (WeakPassword, PasswordReused) as exc:
+            _fail(f"password refused: {exc}")
+    out.print(f"{email} is {role} of {tenant} (user {user_id})", highlight=False)
+
+
+@keys_app.command("rotate")
+def keys_rotate(kind: Annotated[str, typer.Argument(help="jwt")]) -> None:
+    """Rotate a signing key: the new key is published before it is used."""
+    from bastion.identity.keys import SigningKeys
+    from bastion.runtime import open_keystore
+
+    if kind != "jwt":
+        _fail(f"unknown key kind {kind!r}: choose jwt")
+    with _errors():
+        kid = SigningKeys(open_keystore(_settings())).rotate()
+    out.print(
+        f"new JWT signing key {kid}: published now, used for signing after the "
+        f"publication delay; old keys verify until their last token expires",
+        highlight=False,
+    )
+
+
+@app.command("login")
+def login_command(
+    tenant: Annotated[str, typer.Option(help="tenant slug")],
+    email: Annotated[str, typer.Option()],
+    totp: Annotated[str | None, typer.Option(help="TOTP code, if the account has MFA")] = None,
+) -> None:
+    """Sign in with the PKCE flow; print a DPoP-bound token pair as JSON.
+
+    The password is read from stdin. The DPoP private key is written to a 0600
+    file whose path is printed with the tokens: a token is useless without it.
+    """
+    import json
+
+    import httpx
+
+    from bastion.identity.client import LoginFailed, login
+
+    settings = _settings()
+    password = _read_secret("password: ")
+
+    async def run() -> dict[str, object]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            tokens = await login(
+                http,
+                settings.resolved_issuer,
+                tenant=tenant,
+                email=email,
+                password=password,
+                totp=totp,
+            )
+        key_dir = settings.home / "dpop-keys"
+        key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_file = key_dir / f"{tokens.key.thumbprint}.jwk"
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(tokens.key.to_json())
+        return {
+            "access_token": tokens.access_token,
+            "refresh_token": tokens.refresh_token,
+            "token_type": "DPoP",
+            "expires_in": tokens.expires_in,
+            "dpop_key_file": str(key_file),
+        }
+
+    try:
+        result = asyncio.run(run())
+    except LoginFailed as exc:
+        _fail(f"login refused: {exc}")
+    except httpx.TransportError:
+        _fail(f"cannot reach the api at {settings.resolved_issuer} (bastion up)")
+    print(json.dumps(result, indent=2))
+
+
+def _read_secret(prompt: str) -> str:
+    import getpass
+
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\n")

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from bastion.db.service import embedded_server
 from bastion.logs import configure_logging
-from bastion.runtime import app_database
+from bastion.runtime import app_database, open_keystore
 from bastion.serve import serve
 from bastion.settings import Settings
 
@@ -60,14 +60,18 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     """Return the ASGI app of ``process``, with the database pool in its lifespan."""
     from bastion.api.app import create_app
     from bastion.gateway.app import create_gateway_app
+    from bastion.identity.wiring import build_identity
     from bastion.worker.health import create_worker_health_app
 
     db = app_database(settings)
+    identity = build_identity(settings, db, open_keystore(settings)) if process == "api" else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await db.open()
         try:
+            if identity is not None:
+                await identity.start()
             yield
         finally:
             await db.close()
@@ -76,7 +80,13 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         return create_gateway_app(readiness=db.ping, lifespan=lifespan)
     if process == "worker":
         return create_worker_health_app(db.ping, lifespan=lifespan)
-    return create_app(title="Bastion API", readiness=db.ping, lifespan=lifespan)
+    assert identity is not None
+    return create_app(
+        title="Bastion API",
+        readiness=db.ping,
+        lifespan=lifespan,
+        extra_routers=identity.routers,
+    )
 
 
 def run_process(process: str, settings: Settings, *, port: int | None = None) -> None:

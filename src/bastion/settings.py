@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,6 +49,23 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     log_json: bool = True
+
+    # Identity. The issuer is the api's public base URL (tokens' iss, DPoP htu).
+    issuer: str | None = None
+    access_token_minutes: int = Field(default=15, ge=1)
+    refresh_token_days: int = Field(default=30, ge=1, le=365)
+
+    @field_validator("access_token_minutes")
+    @classmethod
+    def _short_lived_tokens(cls, minutes: int) -> int:
+        # CHECKLIST I5: access tokens live at most 60 minutes; refuse to start otherwise.
+        if minutes > 60:
+            raise ValueError("access tokens may live at most 60 minutes")
+        return minutes
+
+    @property
+    def resolved_issuer(self) -> str:
+        return (self.issuer or f"http://{self.api_host}:{self.api_port}").rstrip("/")
 
     @property
     def postgres_dir(self) -> Path:

@@ -47,6 +47,14 @@ class TenantService:
             raise TenantExists(slug) from None
         return Tenant(tenant_id, slug, name)
 
+    async def tenant_id(self, slug: str) -> UUID | None:
+        """Return the id of the tenant named ``slug``, or None."""
+        async with self.db.pool.connection() as conn:
+            row = await (
+                await conn.execute("SELECT bastion.tenant_id_by_slug(%s) AS id", (slug,))
+            ).fetchone()
+        return None if row is None else row["id"]
+
     async def add_member(
         self,
         tenant_id: UUID,

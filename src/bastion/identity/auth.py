@@ -1,0 +1,141 @@
+"""Authenticating API requests: a DPoP-bound access token and a fresh proof.
+
+Every request must carry ``Authorization: DPoP <token>`` and one ``DPoP``
+proof header (RFC 9449 section 7.1). The token is verified (signature, alg
+allow-list, iss, aud, exp/nbf/iat), then the proof (htm, htu, iat window,
+jti replay, ath) and its key must be the one the token is bound to
+(``cnf.jkt``). Bearer use is refused. The tenant of the request is the
+token's ``tenant_id`` claim, never a value from the path or the body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+from fastapi import Request
+
+from bastion.api.problems import Problem, problem_type
+from bastion.identity.dpop import DpopVerifier
+from bastion.identity.errors import InvalidDpopProof, InvalidToken
+from bastion.identity.mfa import mfa_required
+from bastion.identity.tokens import AccessClaims, TokenVerifier
+
+DPOP_ALGS = "ES256 EdDSA"
+_MAX_AUTHORIZATION = 8192
+
+
+class Unauthorized(Problem):
+    type = problem_type("unauthorized")
+    title = "Authentication required"
+    status = 401
+
+
+class StepUpRequired(Problem):
+    """RFC 9470: the token's authentication is not strong enough (no MFA)."""
+
+    type = problem_type("mfa-required")
+    title = "Multi-factor authentication required"
+    status = 403
+
+
+class TenantMismatch(Problem):
+    """A path names another tenant than the token's: answered as not found, so
+    another tenant's identifiers cannot even be confirmed."""
+
+    type = problem_type("not-found")
+    title = "Not found"
+    status = 404
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, from a verified token: the request's only source of tenant."""
+
+    user_id: UUID
+    tenant_id: UUID
+    roles: tuple[str, ...]
+    amr: tuple[str, ...]
+    claims: AccessClaims
+
+    @property
+    def has_mfa(self) -> bool:
+        return "mfa" in self.amr
+
+    @property
+    def db_role(self) -> str:
+        """The role the database context runs as: the strongest one held."""
+        for role in ("owner", "billing-admin", "auditor", "contributor", "viewer"):
+            if role in self.roles:
+                return role
+        return "viewer"
+
+
+def _unauthorized(detail: str, error: str = "invalid_token") -> Unauthorized:
+    problem = Unauthorized(detail)
+    problem.headers = {"WWW-Authenticate": f'DPoP error="{error}", algs="{DPOP_ALGS}"'}
+    return problem
+
+
+class Authenticator:
+    """FastAPI dependency: ``principal = Depends(authenticator)``."""
+
+    def __init__(self, tokens: TokenVerifier, dpop: DpopVerifier, issuer: str) -> None:
+        self.tokens = tokens
+        self.dpop = dpop
+        self.issuer = issuer.rstrip("/")
+
+    async def __call__(self, request: Request) -> Principal:
+        authorization = request.headers.get("authorization", "")
+        if len(authorization) > _MAX_AUTHORIZATION:
+            raise _unauthorized("authorization header too large", "invalid_request")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            # RFC 9449 7.2: tokens here are sender-constrained; bearer use is refused.
+            raise _unauthorized("DPoP-bound tokens cannot be used as bearer tokens")
+        if scheme.lower() != "dpop" or not token:
+            raise _unauthorized("a DPoP-bound access token is required", "invalid_request")
+        proofs = request.headers.getlist("dpop")
+        if len(proofs) != 1:
+            raise _unauthorized("exactly one DPoP proof is required", "invalid_dpop_proof")
+        try:
+            claims = self.tokens.verify(token)
+        except InvalidToken as exc:
+            raise _unauthorized(f"invalid token: {exc.reason}") from None
+        if not claims.jkt:
+            raise _unauthorized("the token is not bound to a key")
+        try:
+            # htu from the configured issuer, not the Host header a client controls.
+            self.dpop.verify(
+                proofs[0],
+                method=request.method,
+                url=self.issuer + request.url.path,
+                access_token=token,
+                expected_jkt=claims.jkt,
+            )
+        except InvalidDpopProof as exc:
+            problem = _unauthorized(f"invalid DPoP proof: {exc.reason}", exc.error)
+            if exc.nonce:
+                problem.headers["DPoP-Nonce"] = exc.nonce
+            raise problem from None
+        return Principal(claims.sub, claims.tenant_id, claims.roles, claims.amr, claims)
+
+
+def require_tenant(principal: Principal, tenant_id: UUID) -> None:
+    """Refuse (404) a path naming another tenant than the token's."""
+    if principal.tenant_id != tenant_id:
+        raise TenantMismatch()
+
+
+def require_mfa_for_admin(principal: Principal) -> None:
+    """CHECKLIST I4: admin-grade roles need ``mfa`` in ``amr``; else a step-up hint."""
+    if mfa_required(principal.roles) and not principal.has_mfa:
+        problem = StepUpRequired(
+            "this endpoint needs a login with a second factor; sign in again with TOTP",
+            acr_values="mfa",
+        )
+        problem.headers = {
+            "WWW-Authenticate": 'DPoP error="insufficient_user_authentication", '
+            'error_description="multi-factor authentication required", acr_values="mfa"'
+        }
+        raise problem

@@ -1,0 +1,501 @@
+"""The built-in OAuth 2.0 / OpenID Connect provider: authorization code flow
+with mandatory PKCE S256, DPoP-bound tokens and rotating refresh tokens.
+
+Implements RFC 6749 (authorization code grant and refresh; no implicit or
+password grant), RFC 7636 (PKCE, S256 only), RFC 9449 (DPoP binding), RFC 7009
+(revocation) and the parts of OpenID Connect Core 1.0 a code-flow client needs.
+
+Opaque codes and refresh tokens carry their tenant in clear before a random
+part (``<tenant hex>.<secret>``): the service looks them up inside that
+tenant's RLS context, by their SHA-256 only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from bastion import audit
+from bastion.db.pool import Conn, Database
+from bastion.identity.errors import Throttled
+from bastion.identity.mfa import MfaService, mfa_required
+from bastion.identity.passwords import PasswordService
+from bastion.identity.throttle import LoginThrottle
+from bastion.identity.tokens import TokenIssuer
+
+CODE_LIFETIME = timedelta(seconds=60)
+# The context of deployment-wide work (clients, throttle counters): no tenant's rows.
+PLATFORM = UUID(int=0)
+# The public client `bastion login` uses (RFC 8252 loopback redirect).
+CLI_CLIENT_ID = "bastion-cli"
+CLI_REDIRECT_URI = "http://127.0.0.1/callback"
+_PKCE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")  # RFC 7636 section 4.1
+_S256_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # base64url(sha256) without padding
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+MAX_SCOPE = 512
+SUPPORTED_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
+
+
+class OAuthError(Exception):
+    """An RFC 6749 error: ``error`` is the registered code (section 4.1.2.1 / 5.2)."""
+
+    def __init__(self, error: str, description: str, *, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+class ClientError(OAuthError):
+    """The client or redirect URI is invalid: the user agent must NOT be redirected
+    to it (RFC 6749 section 4.1.2.1); the provider shows the error itself."""
+
+
+@dataclass(frozen=True)
+class AuthorizationRequest:
+    """A validated ``/authorize`` request (RFC 6749 4.1.1 + RFC 7636 4.3)."""
+
+    client_id: str
+    redirect_uri: str
+    state: str | None
+    scope: str
+    nonce: str | None
+    code_challenge: str
+    tenant: str
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    """Who passed the password step, and whether a TOTP code is needed next."""
+
+    user_id: UUID
+    tenant_id: UUID
+    roles: tuple[str, ...]
+    needs_totp: bool
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """RFC 6749 5.1 successful response (with ``token_type`` DPoP, RFC 9449 5)."""
+
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    scope: str
+    id_token: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "access_token": self.access_token,
+            "token_type": "DPoP",
+            "expires_in": self.expires_in,
+            "refresh_token": self.refresh_token,
+            "scope": self.scope,
+        }
+        if self.id_token:
+            body["id_token"] = self.id_token
+        return body
+
+
+def _hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _new_opaque(tenant_id: UUID) -> str:
+    return f"{tenant_id.hex}.{secrets.token_urlsafe(32)}"
+
+
+def _tenant_of(token: str) -> UUID | None:
+    head, sep, rest = token.partition(".")
+    if not sep or len(head) != 32 or len(rest) < 40 or len(token) > 200:
+        return None
+    try:
+        return UUID(hex=head)
+    except ValueError:
+        return None
+
+
+def s256(verifier: str) -> str:
+    """Return the PKCE S256 challenge of ``verifier`` (RFC 7636 section 4.2)."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+class IdentityService:
+    """The provider's logic; routes stay thin. Dependencies are passed in."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        tokens: TokenIssuer,
+        passwords: PasswordService,
+        mfa: MfaService,
+        throttle: LoginThrottle,
+        refresh_lifetime: timedelta = timedelta(days=30),
+    ) -> None:
+        self.db = db
+        self.tokens = tokens
+        self.passwords = passwords
+        self.mfa = mfa
+        self.throttle = throttle
+        self.refresh_lifetime = refresh_lifetime
+
+    # -- clients -------------------------------------------------------------
+
+    async def register_client(
+        self, client_id: str, name: str, redirect_uris: Sequence[str]
+    ) -> None:
+        """Register (or update) a public client with exact redirect URIs.
+
+        Clients belong to the deployment, not to a tenant: the write runs as
+        the system role in the platform context (no tenant's rows are visible).
+        """
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            await tx.execute(
+                "INSERT INTO bastion.oauth_clients (client_id, name, redirect_uris) "
+                "VALUES (%s, %s, %s) ON CONFLICT (client_id) DO UPDATE "
+                "SET name = EXCLUDED.name, redirect_uris = EXCLUDED.redirect_uris",
+                (client_id, name, list(redirect_uris)),
+            )
+
+    # -- /authorize ------------------------------------------------------------
+
+    async def validate_authorization(self, params: dict[str, str]) -> AuthorizationRequest:
+        """Validate an authorization request.
+
+        Raises :class:`ClientError` (show, don't redirect) for an unknown client
+        or a redirect URI that is not registered exactly, and
+        :class:`OAuthError` (redirect with ``error``) for everything else.
+        """
+        client_id = params.get("client_id", "")
+        redirect_uri = params.get("redirect_uri", "")
+        if not client_id or len(client_id) > 64 or len(redirect_uri) > 2000:
+            raise ClientError("invalid_request", "client_id and redirect_uri are required")
+        async with self.db.pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT redirect_uris FROM bastion.oauth_clients WHERE client_id = %s",
+                    (client_id,),
+                )
+            ).fetchone()
+        if row is None:
+            raise ClientError("invalid_client", "unknown client_id")
+        # Exact string match (RFC 9700 section 4.1.3): no prefixes, no wildcards.
+        if redirect_uri not in row["redirect_uris"]:
+            raise ClientError("invalid_request", "redirect_uri is not registered for this client")
+        if params.get("response_type") != "code":
+            raise OAuthError("unsupported_response_type", "only response_type=code is supported")
+        challenge = params.get("code_challenge")
+        method = params.get("code_challenge_method")
+        if not challenge:
+            raise OAuthError("invalid_request", "PKCE code_challenge is required")
+        if method != "S256":
+            raise OAuthError("invalid_request", "code_challenge_method must be S256")
+        if not _S256_CHALLENGE.fullmatch(challenge):
+            raise OAuthError("invalid_request", "code_challenge is not a base64url SHA-256")
+        scope = params.get("scope", "openid")
+        if len(scope) > MAX_SCOPE or not set(scope.split()) <= SUPPORTED_SCOPES:
+            raise OAuthError("invalid_scope", "unsupported scope")
+        tenant = params.get("tenant", "")
+        if tenant and not _SLUG.fullmatch(tenant):
+            raise OAuthError("invalid_request", "malformed tenant")
+        state, nonce = params.get("state"), params.get("nonce")
+        if (state and len(state) > 500) or (nonce and len(nonce) > 500):
+            raise OAuthError("invalid_request", "state or nonce too long")
+        return AuthorizationRequest(client_id, redirect_uri, state, scope, nonce, challenge, tenant)
+
+    async def login(self, tenant_slug: str, email: str, password: str, ip: str) -> LoginResult:
+        """Check a password for ``email`` in ``tenant_slug``.
+
+        Returns the :class:`LoginResult`. Raises :class:`Throttled` when the
+        account or address is locked out, and :class:`OAuthError`
+        (``access_denied``) for any bad combination, never saying which part
+        was wrong.
+        """
+        denied = OAuthError("access_denied", "invalid tenant, e-mail or password", status=401)
+        if not _SLUG.fullmatch(tenant_slug) or len(email) > 320 or len(password) > 1024:
+            raise denied
+        async with self.db.pool.connection() as conn:
+            row = await (
+                await conn.execute("SELECT bastion.tenant_id_by_slug(%s) AS id", (tenant_slug,))
+            ).fetchone()
+        tenant_id: UUID | None = row["id"] if row else None
+        # Unknown tenants throttle (and cost) the same as known ones.
+        context = tenant_id or PLATFORM
+        async with self.db.tenant_tx(context, None, "system") as tx:
+            await self.throttle.attempt(tx, email, ip)
+        user_id: UUID | None = None
+        roles: tuple[str, ...] = ()
+        if tenant_id is not None:
+            async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+                user_id, roles = await self._member(tx, email)
+        async with self.db.tenant_tx(context, None, "system") as tx:
+            ok = await self.passwords.verify(tx, user_id or PLATFORM, password)
+            if not (ok and user_id is not None and roles and tenant_id is not None):
+                raise denied
+            await self.throttle.succeeded(tx, email)
+            needs_totp = await self.mfa.has_factor(tx, user_id)
+        return LoginResult(user_id, tenant_id, roles, needs_totp)
+
+    async def second_factor(self, login: LoginResult, code: str) -> bool:
+        """Check a TOTP or recovery code for ``login``; True if it passed."""
+        async with self.db.tenant_tx(login.tenant_id, None, "system") as tx:
+            if await self.mfa.verify(tx, login.user_id, code):
+                return True
+            return await self.mfa.use_recovery_code(tx, login.user_id, code)
+
+    async def issue_code(
+        self, request: AuthorizationRequest, login: LoginResult, amr: Sequence[str]
+    ) -> str:
+        """Create a single-use authorization code for ``login``; return it."""
+        code = _new_opaque(login.tenant_id)
+        now = datetime.now(UTC)
+        async with self.db.tenant_tx(login.tenant_id, None, "system") as tx:
+            await tx.execute(
+                "INSERT INTO bastion.auth_codes (code_hash, tenant_id, user_id, client_id, "
+                "redirect_uri, code_challenge, scope, nonce, amr, auth_time, expires_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    _hash(code),
+                    login.tenant_id,
+                    login.user_id,
+                    request.client_id,
+                    request.redirect_uri,
+                    request.code_challenge,
+                    request.scope,
+                    request.nonce,
+                    list(amr),
+                    now,
+                    now + CODE_LIFETIME,
+                ),
+            )
+        return code
+
+    # -- /token ----------------------------------------------------------------
+
+    async def exchange_code(
+        self, *, code: str, client_id: str, redirect_uri: str, code_verifier: str, jkt: str
+    ) -> TokenResponse:
+        """Redeem an authorization code (RFC 6749 4.1.3, RFC 7636 4.6).
+
+        Raises :class:`OAuthError` ``invalid_grant`` for an unknown, expired,
+        reused or foreign code, a wrong redirect URI or a wrong verifier.
+        """
+        invalid = OAuthError("invalid_grant", "the authorization code is invalid")
+        if not _PKCE.fullmatch(code_verifier or ""):
+            raise OAuthError("invalid_request", "code_verifier must be 43-128 unreserved chars")
+        tenant_id = _tenant_of(code)
+        if tenant_id is None:
+            raise invalid
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            # Marked used in the same statement that reads it: a code races once.
+            row = await (
+                await tx.execute(
+                    "UPDATE bastion.auth_codes SET used_at = now() "
+                    "WHERE code_hash = %s AND used_at IS NULL AND expires_at > now() "
+                    "RETURNING user_id, client_id, redirect_uri, code_challenge, scope, nonce, "
+                    "amr, auth_time",
+                    (_hash(code),),
+                )
+            ).fetchone()
+            if row is None:
+                raise invalid
+            verifier_ok = hmac.compare_digest(s256(code_verifier), row["code_challenge"])
+            if (
+                row["client_id"] != client_id
+                or row["redirect_uri"] != redirect_uri
+                or not verifier_ok
+            ):
+                raise invalid
+            roles = await self._roles(tx, row["user_id"])
+            if not roles:
+                raise invalid
+            return await self._issue(
+                tx,
+                tenant_id=tenant_id,
+                user_id=row["user_id"],
+                roles=roles,
+                client_id=client_id,
+                jkt=jkt,
+                scope=row["scope"],
+                amr=row["amr"],
+                auth_time=row["auth_time"],
+                family_id=None,
+                nonce=row["nonce"],
+            )
+
+    async def refresh(self, *, refresh_token: str, client_id: str, jkt: str) -> TokenResponse:
+        """Rotate a refresh token (RFC 6749 6; RFC 9700 4.14.2 reuse detection).
+
+        A token used a second time revokes its whole family and is audited.
+        Raises :class:`OAuthError` ``invalid_grant``.
+        """
+        invalid = OAuthError("invalid_grant", "the refresh token is invalid")
+        tenant_id = _tenant_of(refresh_token)
+        if tenant_id is None:
+            raise invalid
+        reused = False
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            row = await (
+                await tx.execute(
+                    "SELECT id, family_id, user_id, client_id, jkt, scope, amr, auth_time, "
+                    "used_at, revoked_at, expires_at FROM bastion.refresh_tokens "
+                    "WHERE token_hash = %s FOR UPDATE",
+                    (_hash(refresh_token),),
+                )
+            ).fetchone()
+            if row is None or row["revoked_at"] is not None:
+                raise invalid
+            if row["used_at"] is not None:
+                await self._revoke_family(tx, row["family_id"], reason="refresh_token.reuse")
+                reused = True
+            elif (
+                row["client_id"] != client_id
+                or row["expires_at"] <= datetime.now(UTC)
+                or (row["jkt"] is not None and not hmac.compare_digest(row["jkt"], jkt))
+            ):
+                raise invalid
+            else:
+                await tx.execute(
+                    "UPDATE bastion.refresh_tokens SET used_at = now() WHERE id = %s",
+                    (row["id"],),
+                )
+                roles = await self._roles(tx, row["user_id"])
+                if not roles:
+                    raise invalid
+                return await self._issue(
+                    tx,
+                    tenant_id=tenant_id,
+                    user_id=row["user_id"],
+                    roles=roles,
+                    client_id=client_id,
+                    jkt=jkt,
+                    scope=row["scope"],
+                    amr=row["amr"],
+                    auth_time=row["auth_time"],
+                    family_id=row["family_id"],
+                    nonce=None,
+                )
+        assert reused  # the family revocation above has committed
+        raise invalid
+
+    async def revoke(self, token: str, client_id: str) -> None:
+        """Revoke a refresh token and its family (RFC 7009 2.1). Unknown tokens
+        are ignored, as the RFC requires (the answer is 200 either way)."""
+        tenant_id = _tenant_of(token)
+        if tenant_id is None:
+            return
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            row = await (
+                await tx.execute(
+                    "SELECT family_id, client_id FROM bastion.refresh_tokens WHERE token_hash = %s",
+                    (_hash(token),),
+                )
+            ).fetchone()
+            if row is not None and row["client_id"] == client_id:
+                await self._revoke_family(tx, row["family_id"], reason="refresh_token.revoke")
+
+    # -- helpers -----------------------------------------------------------------
+
+    async def _member(self, tx: Conn, email: str) -> tuple[UUID | None, tuple[str, ...]]:
+        row = await (
+            await tx.execute("SELECT id FROM bastion.users WHERE email = %s", (email,))
+        ).fetchone()
+        if row is None:
+            return None, ()
+        return row["id"], await self._roles(tx, row["id"])
+
+    @staticmethod
+    async def _roles(tx: Conn, user_id: UUID) -> tuple[str, ...]:
+        rows = await (
+            await tx.execute(
+                "SELECT role FROM bastion.memberships WHERE user_id = %s ORDER BY role",
+                (user_id,),
+            )
+        ).fetchall()
+        return tuple(r["role"] for r in rows)
+
+    async def _issue(
+        self,
+        tx: Conn,
+        *,
+        tenant_id: UUID,
+        user_id: UUID,
+        roles: tuple[str, ...],
+        client_id: str,
+        jkt: str,
+        scope: str,
+        amr: Sequence[str],
+        auth_time: datetime,
+        family_id: UUID | None,
+        nonce: str | None,
+    ) -> TokenResponse:
+        refresh = _new_opaque(tenant_id)
+        await tx.execute(
+            "INSERT INTO bastion.refresh_tokens (family_id, token_hash, tenant_id, user_id, "
+            "client_id, jkt, scope, amr, auth_time, expires_at) "
+            "VALUES (coalesce(%s, gen_random_uuid()), %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                family_id,
+                _hash(refresh),
+                tenant_id,
+                user_id,
+                client_id,
+                jkt,
+                scope,
+                list(amr),
+                auth_time,
+                datetime.now(UTC) + self.refresh_lifetime,
+            ),
+        )
+        access, claims = self.tokens.issue_access(
+            user_id=user_id, tenant_id=tenant_id, roles=roles, amr=tuple(amr), jkt=jkt, scope=scope
+        )
+        id_token = None
+        if "openid" in scope.split():
+            id_token = self.tokens.issue_id_token(
+                user_id=user_id,
+                tenant_id=tenant_id,
+                client_id=client_id,
+                nonce=nonce,
+                auth_time=int(auth_time.timestamp()),
+                amr=tuple(amr),
+            )
+        return TokenResponse(access, refresh, claims.exp - claims.iat, scope, id_token)
+
+    @staticmethod
+    async def _revoke_family(tx: Conn, family_id: UUID, *, reason: str) -> None:
+        await tx.execute(
+            "UPDATE bastion.refresh_tokens SET revoked_at = now() "
+            "WHERE family_id = %s AND revoked_at IS NULL",
+            (family_id,),
+        )
+        await audit.record(tx, actor="identity", action=reason, target=f"family:{family_id}")
+
+
+def amr_for(login: LoginResult, *, totp_passed: bool) -> list[str]:
+    """Authentication methods (RFC 8176) of a completed login."""
+    return ["pwd", "otp", "mfa"] if totp_passed else ["pwd"]
+
+
+__all__ = [
+    "AuthorizationRequest",
+    "ClientError",
+    "IdentityService",
+    "LoginResult",
+    "OAuthError",
+    "Throttled",
+    "TokenResponse",
+    "amr_for",
+    "mfa_required",
+    "s256",
+]

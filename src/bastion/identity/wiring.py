@@ -1,0 +1,73 @@
+"""Assembling the identity services of the api process from settings."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from fastapi import APIRouter
+
+from bastion.db.pool import Database
+from bastion.identity import oidc
+from bastion.identity.auth import Authenticator
+from bastion.identity.dpop import DpopVerifier, MemoryReplayCache
+from bastion.identity.keys import SigningKeys
+from bastion.identity.mfa import MfaService
+from bastion.identity.passwords import PasswordService
+from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, IdentityService
+from bastion.identity.throttle import LoginThrottle
+from bastion.identity.tokens import TokenIssuer, TokenVerifier
+from bastion.secrets.store import LocalKeystore
+from bastion.settings import Settings
+from bastion.tenants import routes as tenant_routes
+
+
+@dataclass(frozen=True)
+class Identity:
+    service: IdentityService
+    keys: SigningKeys
+    authenticator: Authenticator
+    routers: tuple[APIRouter, ...]
+
+    async def start(self) -> None:
+        """Idempotent start-up work: the CLI's public client exists."""
+        await self.service.register_client(CLI_CLIENT_ID, "Bastion CLI", [CLI_REDIRECT_URI])
+
+
+def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) -> Identity:
+    """Return the provider, the request authenticator and their routes."""
+    issuer = settings.resolved_issuer
+    lifetime = timedelta(minutes=settings.access_token_minutes)
+    keys = SigningKeys(keystore, token_lifetime=lifetime)
+    keys.current()  # the first signing key exists before the first request
+    tokens = TokenIssuer(keys, issuer=issuer, audience=issuer, lifetime=lifetime)
+    # One replay cache per process: the api runs as one process per machine.
+    dpop = DpopVerifier(
+        MemoryReplayCache(),
+        nonce_secret=keystore.ensure("identity/dpop-nonce-key", lambda: secrets.token_bytes(32)),
+    )
+    authenticator = Authenticator(TokenVerifier(keys, issuer=issuer, audience=issuer), dpop, issuer)
+    service = IdentityService(
+        db,
+        tokens=tokens,
+        passwords=PasswordService(),
+        mfa=MfaService(keystore),
+        throttle=LoginThrottle(),
+        refresh_lifetime=timedelta(days=settings.refresh_token_days),
+    )
+    tickets = oidc.LoginTickets(
+        keystore.ensure("identity/login-ticket-key", lambda: secrets.token_bytes(32))
+    )
+    routers = (
+        oidc.build_router(
+            service,
+            keys=keys,
+            dpop=dpop,
+            authenticator=authenticator,
+            tickets=tickets,
+            issuer=issuer,
+        ),
+        tenant_routes.build_router(db, authenticator),
+    )
+    return Identity(service, keys, authenticator, routers)
