@@ -538,3 +538,33 @@ def test_sha256_pkce_helper_matches_rfc7636_appendix_b() -> None:
     assert s256(verifier) == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
     assert hashlib.sha256(verifier.encode()).digest()  # ascii only
     assert re.fullmatch(r"[A-Za-z0-9_-]{43}", s256(verifier))
+
+
+async def test_totp_guessing_is_throttled(
+    stack: Stack, http: httpx.AsyncClient, db: Database
+) -> None:
+    service = TenantService(db)
+    user_id = await service.add_member(stack.tenants["acme"], "guessed@acme.test", "contributor")
+    async with db.tenant_tx(stack.tenants["acme"], None, "system") as tx:
+        await PasswordService().set_password(tx, user_id, PASSWORD)
+        secret, _uri = await stack.identity.service.mfa.enroll(tx, user_id, "guessed@acme.test")
+        await stack.identity.service.mfa.confirm(tx, user_id, pyotp.TOTP(secret).now())
+    answer = await http.post(
+        f"{stack.url}/authorize",
+        data={**_authorize_params(), "email": "guessed@acme.test", "password": PASSWORD},
+    )
+    ticket = re.search(r'name=ticket value="([^"]+)"', answer.text)
+    assert ticket is not None
+    statuses = []
+    for guess in range(8):
+        wrong = await http.post(
+            f"{stack.url}/authorize/mfa", data={"ticket": ticket.group(1), "code": f"{guess:06d}"}
+        )
+        statuses.append(wrong.status_code)
+    assert statuses[:5] == [401] * 5
+    assert set(statuses[5:]) == {429}
+    right = await http.post(
+        f"{stack.url}/authorize/mfa",
+        data={"ticket": ticket.group(1), "code": pyotp.TOTP(secret).now()},
+    )
+    assert right.status_code == 429  # locked: even the right code waits out the lockout

@@ -50,6 +50,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         ("BASTION_MASTER_KEY_FILE", settings.master_key_file),
         ("BASTION_KEYSTORE_FILE", settings.keystore_file),
         ("BASTION_PG_PORT", settings.pg_port),
+        ("BASTION_ISSUER", settings.issuer),
     ):
         if value is not None:
             env[name] = str(value)

@@ -9,15 +9,22 @@ part of the scenario here.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import secrets
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import httpx
 import psycopg
+import pyotp
 from psycopg import sql
 from rich.console import Console
 from rich.table import Table
@@ -25,8 +32,13 @@ from rich.table import Table
 from bastion.db.pool import Database
 from bastion.db.provision import DatabaseError
 from bastion.db.service import embedded_server, resolve_target
-from bastion.processes import stack
-from bastion.runtime import app_database
+from bastion.identity.client import LoginFailed, TokenSet, login, refresh
+from bastion.identity.dpop import DpopKey
+from bastion.identity.mfa import MfaService
+from bastion.identity.passwords import PasswordService
+from bastion.processes import settings_env, stack
+from bastion.runtime import app_database, open_keystore
+from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import MEMBER_ROLES, TenantService
 
@@ -123,6 +135,14 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                 )
                 await _check_isolation(report, db, tenants)
                 await _check_audit(report, db, tenants)
+                await _check_identity(
+                    report,
+                    db,
+                    tenants,
+                    urls["api"],
+                    open_keystore(settings),
+                    settings_env(settings),
+                )
     finally:
         if not was_running:
             server.stop()
@@ -300,3 +320,133 @@ def _print(console: Console, report: Report) -> None:
     passed_count = sum(1 for row in report.rows if row[2])
     colour = "green" if report.ok else "red"
     console.print(f"[bold {colour}]{passed_count}/{len(report.rows)} checks passed[/]")
+
+
+async def _cli_login(env: dict[str, str], tenant: str, email: str, password: str) -> TokenSet:
+    """Sign in as a script would: ``bastion login``, password on stdin."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bastion",
+        "login",
+        "--tenant",
+        tenant,
+        "--email",
+        email,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    out, err = await proc.communicate(password.encode() + b"\n")
+    if proc.returncode != 0:
+        raise LoginFailed(err.decode().strip())
+    body = json.loads(out)
+    key = DpopKey.from_json(Path(body["dpop_key_file"]).read_text())
+    return TokenSet(body["access_token"], body["refresh_token"], body["expires_in"], key)
+
+
+async def _check_identity(
+    report: Report,
+    db: Database,
+    tenants: list[DemoTenant],
+    api: str,
+    keystore: LocalKeystore,
+    settings_env: dict[str, str],
+) -> None:
+    """Users sign in with PKCE and get DPoP-bound tokens; stolen tokens fail."""
+    acme, globex = tenants
+    # A fresh password per run: the demo keeps no credential in its code.
+    password = secrets.token_urlsafe(18)
+    mfa = MfaService(keystore)
+    async with db.tenant_tx(acme.id, None, "system") as tx:
+        for user_id in acme.users.values():
+            await PasswordService().set_password(tx, user_id, password)
+    tokens = await _cli_login(settings_env, acme.slug, "contributor@acme.example", password)
+    async with httpx.AsyncClient(timeout=10) as http:
+        me = await http.get(f"{api}/userinfo", headers=tokens.headers("GET", f"{api}/userinfo"))
+        report.check(
+            "identity",
+            "contributor signs in with `bastion login` (PKCE S256, DPoP)",
+            me.status_code == 200 and me.json()["tenant_id"] == str(acme.id),
+            f"token_type DPoP, cnf.jkt {tokens.key.thumbprint[:12]}…, roles {me.json()['roles']}",
+        )
+        thief = DpopKey.generate()
+        stolen = await http.get(
+            f"{api}/userinfo",
+            headers={
+                "Authorization": f"DPoP {tokens.access_token}",
+                "DPoP": thief.proof("GET", f"{api}/userinfo", access_token=tokens.access_token),
+            },
+        )
+        report.check(
+            "identity",
+            "stolen token replayed with the thief's own key",
+            stolen.status_code == 401,
+            f"{stolen.status_code} {stolen.json()['type']}",
+        )
+        bearer = await http.get(
+            f"{api}/userinfo", headers={"Authorization": f"Bearer {tokens.access_token}"}
+        )
+        report.check(
+            "identity",
+            "stolen token replayed as a bearer token",
+            bearer.status_code == 401,
+            f"{bearer.status_code}",
+        )
+        other = f"{api}/tenants/{globex.id}/members"
+        cross = await http.get(other, headers=tokens.headers("GET", other))
+        report.check(
+            "identity",
+            f"{acme.slug} token on a {globex.slug} path",
+            cross.status_code == 404,
+            f"{cross.status_code}, nothing of {globex.slug}",
+        )
+        rotated = await refresh(http, api, tokens)
+        try:
+            await refresh(http, api, tokens)
+            reuse_refused = False
+        except LoginFailed:
+            reuse_refused = True
+        try:
+            await refresh(http, api, rotated)
+            family_alive = True
+        except LoginFailed:
+            family_alive = False
+        report.check(
+            "identity",
+            "refresh token reused: the whole family is revoked",
+            reuse_refused and not family_alive,
+            "audited as refresh_token.reuse",
+        )
+
+        owner = await login(
+            http, api, tenant=acme.slug, email="owner@acme.example", password=password
+        )
+        audit_url = f"{api}/tenants/{acme.id}/audit"
+        weak = await http.get(audit_url, headers=owner.headers("GET", audit_url))
+        report.check(
+            "identity",
+            "owner without MFA reads the audit trail",
+            weak.status_code == 403,
+            f"{weak.status_code}: step-up to MFA asked",
+        )
+        async with db.tenant_tx(acme.id, None, "system") as tx:
+            secret, _uri = await mfa.enroll(tx, acme.users["owner"], "owner@acme.example")
+            await mfa.confirm(tx, acme.users["owner"], pyotp.TOTP(secret).now())
+        next_code = pyotp.TOTP(secret).at(int(time.time()) + 30)
+        strong = await login(
+            http,
+            api,
+            tenant=acme.slug,
+            email="owner@acme.example",
+            password=password,
+            totp=next_code,
+        )
+        allowed = await http.get(audit_url, headers=strong.headers("GET", audit_url))
+        report.check(
+            "identity",
+            "owner with TOTP reads the audit trail",
+            allowed.status_code == 200,
+            f"amr pwd+otp+mfa, {len(allowed.json().get('events', []))} events",
+        )

@@ -274,7 +274,14 @@ def build_router(
         if opened is None:
             return _page("Sign-in error", "<p class=error>Sign-in expired; start again.</p>", 400)
         login, auth = opened
-        if not await service.second_factor(login, form.get("code", "").strip()):
+        client_ip = request.client.host if request.client else "unknown"
+        try:
+            passed = await service.second_factor(login, form.get("code", "").strip(), client_ip)
+        except Throttled as exc:
+            page = _totp_form(form["ticket"], "Too many attempts. Try again later.", 429)
+            page.headers["Retry-After"] = str(exc.retry_after)
+            return page
+        if not passed:
             return _totp_form(form["ticket"], "That code is not valid.", 401)
         return await _finish(auth, login, totp_passed=True)
 

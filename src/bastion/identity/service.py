@@ -246,12 +246,22 @@ class IdentityService:
             needs_totp = await self.mfa.has_factor(tx, user_id)
         return LoginResult(user_id, tenant_id, roles, needs_totp)
 
-    async def second_factor(self, login: LoginResult, code: str) -> bool:
-        """Check a TOTP or recovery code for ``login``; True if it passed."""
+    async def second_factor(self, login: LoginResult, code: str, ip: str) -> bool:
+        """Check a TOTP or recovery code for ``login``; True if it passed.
+
+        Guesses are throttled like passwords (a 6-digit code is short). Raises
+        :class:`Throttled` when the user or address is locked out.
+        """
+        account = f"mfa:{login.user_id}"
         async with self.db.tenant_tx(login.tenant_id, None, "system") as tx:
-            if await self.mfa.verify(tx, login.user_id, code):
-                return True
-            return await self.mfa.use_recovery_code(tx, login.user_id, code)
+            await self.throttle.attempt(tx, account, ip)
+        async with self.db.tenant_tx(login.tenant_id, None, "system") as tx:
+            passed = await self.mfa.verify(tx, login.user_id, code) or (
+                await self.mfa.use_recovery_code(tx, login.user_id, code)
+            )
+            if passed:
+                await self.throttle.succeeded(tx, account)
+        return passed
 
     async def issue_code(
         self, request: AuthorizationRequest, login: LoginResult, amr: Sequence[str]
