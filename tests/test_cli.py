@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -113,8 +115,146 @@ def test_unknown_process_is_refused(home: Path) -> None:
     assert "unknown process 'mailer'" in result.stderr
 
 
+def test_tenant_user_keys_and_login_commands(home: Path) -> None:
+    assert _run(home, "db", "start").returncode == 0
+    created = _run(home, "tenant", "create", "cli-desk", "--name", "CLI desk")
+    assert created.returncode == 0, created.stderr
+    again = _run(home, "tenant", "create", "cli-desk")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    weak = _run_stdin(
+        home,
+        "password123\n",
+        "user",
+        "add",
+        "--tenant",
+        "cli-desk",
+        "--email",
+        "weak@cli.test",
+        "--role",
+        "viewer",
+        "--password-stdin",
+    )
+    assert weak.returncode == 1 and "password refused" in weak.stderr
+    assert "password123" not in weak.stdout + weak.stderr
+    password = "plum orchard ledger 9 quietly"
+    added = _run_stdin(
+        home,
+        password + "\n",
+        "user",
+        "add",
+        "--tenant",
+        "cli-desk",
+        "--email",
+        "ann@cli.test",
+        "--role",
+        "contributor",
+        "--password-stdin",
+    )
+    assert added.returncode == 0, added.stderr
+    assert password not in added.stdout + added.stderr
+    bad_role = _run(
+        home, "user", "add", "--tenant", "cli-desk", "--email", "x@cli.test", "--role", "emperor"
+    )
+    assert bad_role.returncode == 1 and "unknown role" in bad_role.stderr
+    rotated = _run(home, "keys", "rotate", "jwt")
+    assert rotated.returncode == 0 and "new JWT signing key" in rotated.stdout
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(BASTION_HOME=str(home), BASTION_API_PORT=str(port))
+    api = subprocess.Popen(
+        [sys.executable, "-m", "bastion", "serve", "api"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        login = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bastion",
+                "login",
+                "--tenant",
+                "cli-desk",
+                "--email",
+                "ann@cli.test",
+            ],
+            input=password + "\n",
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert login.returncode == 0, login.stderr
+        body = json.loads(login.stdout)
+        assert body["token_type"] == "DPoP" and body["access_token"].count(".") == 2
+        key_file = Path(body["dpop_key_file"])
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert '"d"' in key_file.read_text()  # the private key, kept out of stdout
+        assert '"d"' not in login.stdout
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bastion",
+                "login",
+                "--tenant",
+                "cli-desk",
+                "--email",
+                "ann@cli.test",
+            ],
+            input="wrong password entirely\n",
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 1 and "login refused" in refused.stderr
+    finally:
+        api.terminate()
+        api.wait(15)
+
+
+def _run_stdin(home: Path, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["BASTION_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "bastion", *args],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_db_stop(home: Path) -> None:
     assert _run(home, "db", "start").returncode == 0
     stopped = _run(home, "db", "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert _run(home, "db", "status").returncode == 3
+
+
+def test_token_lifetime_over_an_hour_refuses_to_start(home: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(BASTION_HOME=str(home), BASTION_ACCESS_TOKEN_MINUTES="61")
+    result = subprocess.run(
+        [sys.executable, "-m", "bastion", "serve", "api"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "access tokens may live at most 60 minutes" in result.stderr
+    assert "Traceback" not in result.stderr

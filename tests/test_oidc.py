@@ -568,3 +568,26 @@ async def test_totp_guessing_is_throttled(
         data={"ticket": ticket.group(1), "code": pyotp.TOTP(secret).now()},
     )
     assert right.status_code == 429  # locked: even the right code waits out the lockout
+
+
+async def test_key_rotation_fails_no_request_and_publishes_before_use(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    from bastion.identity.keys import SigningKeys
+
+    before = await _login(stack, http)
+    old_kid = _b64json(before.access_token.split(".")[0])["kid"]
+    new_kid = SigningKeys(stack.keystore).rotate()
+    assert new_kid != old_kid
+    url = f"{stack.url}/userinfo"
+    statuses = []
+    deadline = time.monotonic() + 1.5  # across the verifier's key-list reload
+    while time.monotonic() < deadline:
+        statuses.append((await http.get(url, headers=before.headers("GET", url))).status_code)
+    assert statuses and set(statuses) == {200}
+    jwks = (await http.get(f"{stack.url}/.well-known/jwks.json")).json()
+    assert {old_kid, new_kid} <= {key["kid"] for key in jwks["keys"]}
+    after = await _login(stack, http)
+    # Published now, used for signing only once relying parties could have fetched it.
+    assert _b64json(after.access_token.split(".")[0])["kid"] == old_kid
+    assert (await http.get(url, headers=after.headers("GET", url))).status_code == 200

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from bastion.db.launcher import LauncherError
@@ -41,7 +42,16 @@ def _fail(message: str) -> NoReturn:
 
 
 def _settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        # Field names and reasons only: pydantic's own text repeats the input,
+        # which may be a URL with a password in it.
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        _fail(f"invalid settings: {reasons}")
 
 
 def _embedded_only(settings: Settings) -> None:

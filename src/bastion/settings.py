@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from uuid import UUID
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +25,18 @@ def default_home() -> Path:
         return Path("/var/lib/bastion")
     xdg = os.environ.get("XDG_DATA_HOME")
     return Path(xdg) / "bastion" if xdg else Path.home() / ".local" / "share" / "bastion"
+
+
+class ExternalIssuer(BaseModel):
+    """An external OIDC issuer whose access tokens Bastion accepts (CHECKLIST I2)."""
+
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    tenant_claim: str = "tenant_id"
+    tenant_map: dict[str, UUID] = Field(default_factory=dict)
+    roles_claim: str = "roles"
+    role_map: dict[str, str] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):
@@ -54,6 +67,8 @@ class Settings(BaseSettings):
     issuer: str | None = None
     access_token_minutes: int = Field(default=15, ge=1)
     refresh_token_days: int = Field(default=30, ge=1, le=365)
+    # JSON list in BASTION_EXTERNAL_ISSUERS, e.g. [{"issuer": "https://kc/realms/x", ...}]
+    external_issuers: list[ExternalIssuer] = Field(default_factory=list)
 
     @field_validator("access_token_minutes")
     @classmethod

@@ -19,7 +19,7 @@ from bastion.api.problems import Problem, problem_type
 from bastion.identity.dpop import DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, InvalidToken
 from bastion.identity.mfa import mfa_required
-from bastion.identity.tokens import AccessClaims, TokenVerifier
+from bastion.identity.tokens import AccessClaims, AccessTokenVerifier
 
 DPOP_ALGS = "ES256 EdDSA"
 _MAX_AUTHORIZATION = 8192
@@ -29,6 +29,12 @@ class Unauthorized(Problem):
     type = problem_type("unauthorized")
     title = "Authentication required"
     status = 401
+
+
+class NoRole(Problem):
+    type = problem_type("forbidden")
+    title = "Forbidden"
+    status = 403
 
 
 class StepUpRequired(Problem):
@@ -80,7 +86,7 @@ def _unauthorized(detail: str, error: str = "invalid_token") -> Unauthorized:
 class Authenticator:
     """FastAPI dependency: ``principal = Depends(authenticator)``."""
 
-    def __init__(self, tokens: TokenVerifier, dpop: DpopVerifier, issuer: str) -> None:
+    def __init__(self, tokens: AccessTokenVerifier, dpop: DpopVerifier, issuer: str) -> None:
         self.tokens = tokens
         self.dpop = dpop
         self.issuer = issuer.rstrip("/")
@@ -90,18 +96,29 @@ class Authenticator:
         if len(authorization) > _MAX_AUTHORIZATION:
             raise _unauthorized("authorization header too large", "invalid_request")
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer":
-            # RFC 9449 7.2: tokens here are sender-constrained; bearer use is refused.
-            raise _unauthorized("DPoP-bound tokens cannot be used as bearer tokens")
-        if scheme.lower() != "dpop" or not token:
+        scheme = scheme.lower()
+        if scheme not in ("dpop", "bearer") or not token:
             raise _unauthorized("a DPoP-bound access token is required", "invalid_request")
-        proofs = request.headers.getlist("dpop")
-        if len(proofs) != 1:
-            raise _unauthorized("exactly one DPoP proof is required", "invalid_dpop_proof")
         try:
             claims = self.tokens.verify(token)
         except InvalidToken as exc:
             raise _unauthorized(f"invalid token: {exc.reason}") from None
+        if scheme == "bearer":
+            # RFC 9449 7.2: a sender-constrained token is never a bearer token.
+            # Our own tokens always are; an external issuer's unbound token may
+            # be presented as bearer ("DPoP honoured when present").
+            if claims.jkt or claims.iss == self.issuer:
+                raise _unauthorized("DPoP-bound tokens cannot be used as bearer tokens")
+        else:
+            self._check_proof(request, token, claims)
+        if not claims.roles:
+            raise NoRole("the token carries no role in this tenant")
+        return Principal(claims.sub, claims.tenant_id, claims.roles, claims.amr, claims)
+
+    def _check_proof(self, request: Request, token: str, claims: AccessClaims) -> None:
+        proofs = request.headers.getlist("dpop")
+        if len(proofs) != 1:
+            raise _unauthorized("exactly one DPoP proof is required", "invalid_dpop_proof")
         if not claims.jkt:
             raise _unauthorized("the token is not bound to a key")
         try:
@@ -118,7 +135,6 @@ class Authenticator:
             if exc.nonce:
                 problem.headers["DPoP-Nonce"] = exc.nonce
             raise problem from None
-        return Principal(claims.sub, claims.tenant_id, claims.roles, claims.amr, claims)
 
 
 def require_tenant(principal: Principal, tenant_id: UUID) -> None:

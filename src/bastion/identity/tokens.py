@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from joserfc import jws, jwt
@@ -58,6 +58,14 @@ class AccessClaims:
     exp: int
     jkt: str | None  # RFC 9449 section 6.1: cnf.jkt, the bound DPoP key's thumbprint
     scope: str
+
+
+class AccessTokenVerifier(Protocol):
+    """Anything that turns an access token into verified claims (ours, external)."""
+
+    def verify(self, token: str) -> AccessClaims:
+        """Return the token's claims; raise :class:`InvalidToken` if it does not verify."""
+        ...
 
 
 class TokenIssuer:

@@ -6,21 +6,26 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
+import anyio.to_thread
 from fastapi import APIRouter
 
 from bastion.db.pool import Database
 from bastion.identity import oidc
 from bastion.identity.auth import Authenticator
 from bastion.identity.dpop import DpopVerifier, MemoryReplayCache
+from bastion.identity.issuers import CombinedVerifier, ExternalIssuers, IssuerConfig
 from bastion.identity.keys import SigningKeys
 from bastion.identity.mfa import MfaService
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, IdentityService
 from bastion.identity.throttle import LoginThrottle
-from bastion.identity.tokens import TokenIssuer, TokenVerifier
+from bastion.identity.tokens import AccessTokenVerifier, TokenIssuer, TokenVerifier
+from bastion.logs import get_logger
 from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants import routes as tenant_routes
+
+_log = get_logger("bastion.identity")
 
 
 @dataclass(frozen=True)
@@ -29,10 +34,17 @@ class Identity:
     keys: SigningKeys
     authenticator: Authenticator
     routers: tuple[APIRouter, ...]
+    external: ExternalIssuers
 
     async def start(self) -> None:
-        """Idempotent start-up work: the CLI's public client exists."""
+        """Idempotent start-up work: the CLI's public client exists, and external
+        issuers' keys are fetched now rather than on a first request."""
         await self.service.register_client(CLI_CLIENT_ID, "Bastion CLI", [CLI_REDIRECT_URI])
+        if self.external.issuers:
+            try:
+                await anyio.to_thread.run_sync(self.external.refresh)
+            except Exception as exc:  # an IdP being down must not stop the api
+                _log.warning("external_issuer_unavailable", error=type(exc).__name__)
 
 
 def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) -> Identity:
@@ -47,7 +59,14 @@ def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) ->
         MemoryReplayCache(),
         nonce_secret=keystore.ensure("identity/dpop-nonce-key", lambda: secrets.token_bytes(32)),
     )
-    authenticator = Authenticator(TokenVerifier(keys, issuer=issuer, audience=issuer), dpop, issuer)
+    local = TokenVerifier(keys, issuer=issuer, audience=issuer)
+    external = ExternalIssuers(
+        [IssuerConfig(**config.model_dump()) for config in settings.external_issuers]
+    )
+    verifier: AccessTokenVerifier = (
+        CombinedVerifier(local, external) if settings.external_issuers else local
+    )
+    authenticator = Authenticator(verifier, dpop, issuer)
     service = IdentityService(
         db,
         tokens=tokens,
@@ -70,4 +89,4 @@ def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) ->
         ),
         tenant_routes.build_router(db, authenticator),
     )
-    return Identity(service, keys, authenticator, routers)
+    return Identity(service, keys, authenticator, routers, external)
