@@ -591,3 +591,92 @@ async def test_key_rotation_fails_no_request_and_publishes_before_use(
     # Published now, used for signing only once relying parties could have fetched it.
     assert _b64json(after.access_token.split(".")[0])["kid"] == old_kid
     assert (await http.get(url, headers=after.headers("GET", url))).status_code == 200
+
+
+# -- account self-service -----------------------------------------------------------------
+
+
+async def _as(
+    stack: Stack,
+    http: httpx.AsyncClient,
+    tokens: TokenSet,
+    method: str,
+    path: str,
+    **kwargs: object,
+) -> httpx.Response:
+    url = f"{stack.url}{path}"
+    return await http.request(method, url, headers=tokens.headers(method, url), **kwargs)  # type: ignore[arg-type]
+
+
+async def _member_with_password(db: Database, stack: Stack, email: str, role: str) -> UUID:
+    user_id = await TenantService(db).add_member(stack.tenants["acme"], email, role)
+    async with db.tenant_tx(stack.tenants["acme"], None, "system") as tx:
+        await PasswordService().set_password(tx, user_id, PASSWORD)
+    return user_id
+
+
+async def test_totp_enrolment_over_http_and_last_factor_rule(
+    stack: Stack, http: httpx.AsyncClient, db: Database
+) -> None:
+    await _member_with_password(db, stack, "auditor2@acme.test", "auditor")
+    tokens = await login(
+        http, stack.url, tenant=_slugs["acme"], email="auditor2@acme.test", password=PASSWORD
+    )
+    enrolled = await _as(stack, http, tokens, "POST", "/me/mfa/totp")
+    assert enrolled.status_code == 200 and enrolled.headers["cache-control"] == "no-store"
+    secret = enrolled.json()["secret"]
+    wrong = await _as(stack, http, tokens, "POST", "/me/mfa/totp/confirm", json={"code": "000000"})
+    assert wrong.status_code == 403
+    confirmed = await _as(
+        stack, http, tokens, "POST", "/me/mfa/totp/confirm", json={"code": pyotp.TOTP(secret).now()}
+    )
+    assert confirmed.status_code == 200 and len(confirmed.json()["recovery_codes"]) == 10
+    removed = await _as(stack, http, tokens, "DELETE", "/me/mfa/totp")
+    assert removed.status_code == 409
+    assert removed.json()["type"].endswith("/last-factor-required")
+    with pytest.raises(LoginFailed, match="TOTP"):  # the factor is still there
+        await login(
+            http, stack.url, tenant=_slugs["acme"], email="auditor2@acme.test", password=PASSWORD
+        )
+
+
+async def test_password_change_refuses_weak_and_reused(
+    stack: Stack, http: httpx.AsyncClient, db: Database
+) -> None:
+    await _member_with_password(db, stack, "changer@acme.test", "contributor")
+    tokens = await login(
+        http, stack.url, tenant=_slugs["acme"], email="changer@acme.test", password=PASSWORD
+    )
+    for new, status in (("password1", 422), (PASSWORD, 422)):
+        answer = await _as(
+            stack,
+            http,
+            tokens,
+            "POST",
+            "/me/password",
+            json={"current_password": PASSWORD, "new_password": new},
+        )
+        assert answer.status_code == status
+        assert new not in answer.text
+    wrong = await _as(
+        stack,
+        http,
+        tokens,
+        "POST",
+        "/me/password",
+        json={"current_password": "not it at all", "new_password": "x"},
+    )
+    assert wrong.status_code == 403
+    better = "violet anchor meadow 73 drifting"
+    changed = await _as(
+        stack,
+        http,
+        tokens,
+        "POST",
+        "/me/password",
+        json={"current_password": PASSWORD, "new_password": better},
+    )
+    assert changed.status_code == 204
+    assert await login(
+        http, stack.url, tenant=_slugs["acme"], email="changer@acme.test", password=better
+    )

@@ -11,6 +11,7 @@ from fastapi import APIRouter
 
 from bastion.db.pool import Database
 from bastion.identity import oidc
+from bastion.identity import routes as account_routes
 from bastion.identity.auth import Authenticator
 from bastion.identity.dpop import DpopVerifier, MemoryReplayCache
 from bastion.identity.issuers import CombinedVerifier, ExternalIssuers, IssuerConfig
@@ -67,12 +68,13 @@ def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) ->
         CombinedVerifier(local, external) if settings.external_issuers else local
     )
     authenticator = Authenticator(verifier, dpop, issuer)
+    passwords, mfa, throttle = PasswordService(), MfaService(keystore), LoginThrottle()
     service = IdentityService(
         db,
         tokens=tokens,
-        passwords=PasswordService(),
-        mfa=MfaService(keystore),
-        throttle=LoginThrottle(),
+        passwords=passwords,
+        mfa=mfa,
+        throttle=throttle,
         refresh_lifetime=timedelta(days=settings.refresh_token_days),
     )
     tickets = oidc.LoginTickets(
@@ -87,6 +89,7 @@ def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) ->
             tickets=tickets,
             issuer=issuer,
         ),
+        account_routes.build_router(db, authenticator, mfa, passwords, throttle),
         tenant_routes.build_router(db, authenticator),
     )
     return Identity(service, keys, authenticator, routers, external)
