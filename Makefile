@@ -29,8 +29,11 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } || echo "install wrk for bench/auth_get.py"
 	$(BIN)/python bench/db_start.py
 	$(BIN)/python bench/rls_select.py
+	$(BIN)/python bench/token_verify.py
+	$(BIN)/python bench/auth_get.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
