@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import ipaddress
 import json
-import math
 import re
 import threading
 import time
@@ -54,7 +53,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
 from bastion.identity.errors import InvalidToken
-from bastion.identity.tokens import AccessClaims, TokenVerifier
+from bastion.identity.tokens import AccessClaims, TokenVerifier, numeric_date
 
 # The roles Bastion knows (strongest first, as in Principal.db_role).
 BASTION_ROLES = ("owner", "billing-admin", "auditor", "contributor", "viewer")
@@ -258,20 +257,6 @@ def _claim(payload: Mapping[str, Any], name: str) -> Any:
             return None
         node = node[step]
     return node
-
-
-def _numeric_date(payload: Mapping[str, Any], name: str, *, required: bool) -> int | None:
-    value = payload.get(name)
-    if value is None:
-        if required:
-            raise InvalidToken(f"missing {name}")
-        return None
-    # bool is an int subclass; NaN/inf are not dates.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidToken(f"malformed {name}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidToken(f"malformed {name}")
-    return int(value)
 
 
 def _string_list(value: Any) -> tuple[str, ...] | None:
@@ -526,9 +511,9 @@ class ExternalIssuers:
         # RFC 7519 section 4.1.3: a string or an array of strings.
         if not (aud == config.audience or (isinstance(aud, list) and config.audience in aud)):
             raise InvalidToken("wrong audience")
-        exp = _numeric_date(p, "exp", required=True)
-        iat = _numeric_date(p, "iat", required=True)
-        nbf = _numeric_date(p, "nbf", required=False)
+        exp = numeric_date(p, "exp", required=True)
+        iat = numeric_date(p, "iat", required=True)
+        nbf = numeric_date(p, "nbf", required=False)
         assert exp is not None and iat is not None
         leeway = config.leeway_seconds
         if now >= exp + leeway:

@@ -326,19 +326,12 @@ class IdentityService:
                 or not verifier_ok
             ):
                 raise invalid
-            roles = await self._roles(tx, row["user_id"])
-            if not roles:
-                raise invalid
             return await self._issue(
                 tx,
-                tenant_id=tenant_id,
-                user_id=row["user_id"],
-                roles=roles,
+                tenant_id,
+                row,
                 client_id=client_id,
                 jkt=jkt,
-                scope=row["scope"],
-                amr=row["amr"],
-                auth_time=row["auth_time"],
                 family_id=None,
                 nonce=row["nonce"],
             )
@@ -379,19 +372,12 @@ class IdentityService:
                     "UPDATE bastion.refresh_tokens SET used_at = now() WHERE id = %s",
                     (row["id"],),
                 )
-                roles = await self._roles(tx, row["user_id"])
-                if not roles:
-                    raise invalid
                 return await self._issue(
                     tx,
-                    tenant_id=tenant_id,
-                    user_id=row["user_id"],
-                    roles=roles,
+                    tenant_id,
+                    row,
                     client_id=client_id,
                     jkt=jkt,
-                    scope=row["scope"],
-                    amr=row["amr"],
-                    auth_time=row["auth_time"],
                     family_id=row["family_id"],
                     nonce=None,
                 )
@@ -437,18 +423,29 @@ class IdentityService:
     async def _issue(
         self,
         tx: Conn,
-        *,
         tenant_id: UUID,
-        user_id: UUID,
-        roles: tuple[str, ...],
+        grant: dict[str, Any],
+        *,
         client_id: str,
         jkt: str,
-        scope: str,
-        amr: Sequence[str],
-        auth_time: datetime,
         family_id: UUID | None,
         nonce: str | None,
     ) -> TokenResponse:
+        """Issue tokens for ``grant`` (a code's or refresh token's row: user_id,
+        scope, amr, auth_time) with the user's roles as they are now.
+
+        Raises :class:`OAuthError` ``invalid_grant`` when the user no longer
+        belongs to the tenant.
+        """
+        user_id, scope, amr, auth_time = (
+            grant["user_id"],
+            grant["scope"],
+            grant["amr"],
+            grant["auth_time"],
+        )
+        roles = await self._roles(tx, user_id)
+        if not roles:
+            raise OAuthError("invalid_grant", "the user no longer belongs to this tenant")
         refresh = _new_opaque(tenant_id)
         await tx.execute(
             "INSERT INTO bastion.refresh_tokens (family_id, token_hash, tenant_id, user_id, "

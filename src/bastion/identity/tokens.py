@@ -281,9 +281,9 @@ class TokenVerifier:
         # RFC 7519 section 4.1.3: a string or an array of strings.
         if not (aud == self.audience or (isinstance(aud, list) and self.audience in aud)):
             raise InvalidToken("wrong audience")
-        exp = _numeric_date(p, "exp", required=True)
-        iat = _numeric_date(p, "iat", required=True)
-        nbf = _numeric_date(p, "nbf", required=False)
+        exp = numeric_date(p, "exp", required=True)
+        iat = numeric_date(p, "iat", required=True)
+        nbf = numeric_date(p, "nbf", required=False)
         assert exp is not None and iat is not None
         if exp - iat > MAX_LIFETIME.total_seconds():
             raise InvalidToken("lifetime exceeds the maximum")
@@ -329,7 +329,7 @@ class TokenVerifier:
             raise InvalidToken("token issued in the future")
 
 
-def _numeric_date(p: Mapping[str, Any], name: str, *, required: bool) -> int | None:
+def numeric_date(p: Mapping[str, Any], name: str, *, required: bool) -> int | None:
     """Return claim ``name`` as an int NumericDate; raise InvalidToken if malformed."""
     value = p.get(name)
     if value is None:
