@@ -53,7 +53,12 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
 from bastion.identity.errors import InvalidToken
-from bastion.identity.tokens import AccessClaims, TokenVerifier, numeric_date
+from bastion.identity.tokens import (
+    AccessClaims,
+    TokenVerifier,
+    numeric_date,
+    verified_payload,
+)
 
 # The roles Bastion knows (strongest first, as in Principal.db_role).
 BASTION_ROLES = ("owner", "billing-admin", "auditor", "contributor", "viewer")
@@ -363,19 +368,7 @@ class ExternalIssuers:
             raise InvalidToken("not a compact JWS") from None
         now = self._clock()
         key = self._key(state, kid, alg, now)
-        try:
-            valid = jws.validate_compact(obj, key, registry=state.registry)
-        except (JoseError, ValueError, TypeError):
-            valid = False
-        if not valid:
-            raise InvalidToken("bad signature")
-        try:
-            payload = json.loads(obj.payload)
-        except ValueError:
-            raise InvalidToken("payload is not JSON") from None
-        if not isinstance(payload, dict):
-            raise InvalidToken("payload is not a JSON object")
-        return self._claims(config, payload, token, now)
+        return self._claims(config, verified_payload(obj, key, state.registry), token, now)
 
     def close(self) -> None:
         """Close the HTTP client if this object created it."""

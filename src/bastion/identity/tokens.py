@@ -258,18 +258,7 @@ class TokenVerifier:
         key = self._keys.public_key(kid) if len(kid) <= _MAX_KID_LENGTH else None
         if key is None:
             raise InvalidToken("unknown kid")
-        try:
-            valid = jws.validate_compact(obj, key, registry=self._registry)
-        except (JoseError, ValueError, TypeError):
-            valid = False
-        if not valid:
-            raise InvalidToken("bad signature")
-        try:
-            payload = json.loads(obj.payload)
-        except ValueError:
-            raise InvalidToken("payload is not JSON") from None
-        if not isinstance(payload, dict):
-            raise InvalidToken("payload is not a JSON object")
+        payload = verified_payload(obj, key, self._registry)
         claims, nbf = self._check_claims(payload, now)
         return claims, kid, nbf
 
@@ -327,6 +316,26 @@ class TokenVerifier:
             raise InvalidToken("token not yet valid")
         if iat > now + self._leeway:
             raise InvalidToken("token issued in the future")
+
+
+def verified_payload(obj: Any, key: Any, registry: Any) -> dict[str, Any]:
+    """Check a compact JWS's signature (RFC 7515 5.2); return its JSON object payload.
+
+    Raises InvalidToken for a bad signature or a payload that is not a JSON object.
+    """
+    try:
+        valid = jws.validate_compact(obj, key, registry=registry)
+    except (JoseError, ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise InvalidToken("bad signature")
+    try:
+        payload = json.loads(obj.payload)
+    except ValueError:
+        raise InvalidToken("payload is not JSON") from None
+    if not isinstance(payload, dict):
+        raise InvalidToken("payload is not a JSON object")
+    return payload
 
 
 def numeric_date(p: Mapping[str, Any], name: str, *, required: bool) -> int | None:
