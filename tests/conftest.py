@@ -23,6 +23,7 @@ from psycopg import sql
 
 from bastion.db.launcher import EmbeddedPostgres, ServerInfo
 from bastion.db.pool import Database
+from bastion.logs import configure_logging
 from bastion.db.provision import APP_ROLE, OWNER_ROLE, Target, provision, role_password
 from bastion.secrets import LocalKeystore
 
@@ -41,6 +42,12 @@ def short_tempdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o711)  # searchable, not listable
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redacting_logs() -> None:
+    """Tests log like the processes do: JSON, redacted, warnings and up."""
+    configure_logging("warning")
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ PASSWORD = "correct horse battery staple 42"
 @dataclass
 class Stack:
     url: str
-    db: Database
+    superuser: str  # conninfo that sees every row, to check what was written
     identity: Identity
     tenants: dict[str, UUID]
     users: dict[str, UUID]
@@ -99,7 +99,7 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
             raise RuntimeError("server did not start")
         threading.Event().wait(0.01)
     try:
-        yield Stack(url, db, identity, tenants, users, keystore)
+        yield Stack(url, database.superuser, identity, tenants, users, keystore)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -191,23 +191,10 @@ async def _redeem(
 
 
 async def _refresh_tokens(stack: Stack) -> int:
-    with psycopg.connect(_admin(stack)) as conn:
+    with psycopg.connect(stack.superuser) as conn:
         row = conn.execute("SELECT count(*) FROM bastion.refresh_tokens").fetchone()
     assert row is not None
     return int(row[0])
-
-
-_admin_conninfo: list[str] = []
-
-
-def _admin(stack: Stack) -> str:
-    return _admin_conninfo[0]
-
-
-@pytest.fixture(autouse=True)
-def _remember_admin(database: DbHandles) -> None:
-    if not _admin_conninfo:
-        _admin_conninfo.append(database.superuser)
 
 
 # -- the happy path ------------------------------------------------------------------
@@ -276,7 +263,7 @@ async def test_bad_authorization_requests_are_refused(
 
 
 async def _codes(stack: Stack) -> int:
-    with psycopg.connect(_admin(stack)) as conn:
+    with psycopg.connect(stack.superuser) as conn:
         row = conn.execute("SELECT count(*) FROM bastion.auth_codes").fetchone()
     assert row is not None
     return int(row[0])

@@ -62,6 +62,11 @@ def _embedded_only(settings: Settings) -> None:
 @app.callback()
 def _main() -> None:
     """Errors become one clear line on stderr, never a traceback."""
+    from bastion.logs import configure_logging
+
+    # Redacting JSON logs from the first line on: structlog's unconfigured
+    # default would print tracebacks with local variables, secrets included.
+    configure_logging("warning")
 
 
 @db_app.command("start")
