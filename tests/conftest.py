@@ -23,8 +23,8 @@ from psycopg import sql
 
 from bastion.db.launcher import EmbeddedPostgres, ServerInfo
 from bastion.db.pool import Database
-from bastion.logs import configure_logging
 from bastion.db.provision import APP_ROLE, OWNER_ROLE, Target, provision, role_password
+from bastion.logs import configure_logging
 from bastion.secrets import LocalKeystore
 
 # Durability is not under test in most modules; these make a test server fast.
