@@ -15,6 +15,7 @@ import structlog
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel
 
+from bastion.access.declare import PUBLIC_ROUTE
 from bastion.api import app as app_module
 from bastion.api.app import create_app
 from bastion.api.middleware import valid_request_id
@@ -41,22 +42,22 @@ class Ticket(BaseModel):
 router = APIRouter()
 
 
-@router.post("/tickets")
+@router.post("/tickets", **PUBLIC_ROUTE)
 async def create_ticket(ticket: Ticket) -> dict[str, str]:
     return {"title": ticket.title}
 
 
-@router.get("/boom")
+@router.get("/boom", **PUBLIC_ROUTE)
 async def boom() -> None:
     raise RuntimeError(LEAKY)
 
 
-@router.get("/conflict")
+@router.get("/conflict", **PUBLIC_ROUTE)
 async def conflict() -> None:
     raise Conflict("ticket 7 already exists", ticket_id=7)
 
 
-@router.get("/teapot")
+@router.get("/teapot", **PUBLIC_ROUTE)
 async def teapot() -> None:
     raise HTTPException(status_code=418, detail="short and stout")
 
@@ -297,3 +298,16 @@ def test_gateway_and_worker_health_apps() -> None:
                 _problem(ready, 503, "not-ready")
             else:
                 assert ready.status_code == 200
+
+
+def test_an_app_with_an_undeclared_route_refuses_to_start() -> None:
+    from bastion.access.declare import UndeclaredRoute
+
+    naked = APIRouter(prefix="/naked")
+
+    @naked.get("/secret")
+    async def secret() -> dict[str, str]:
+        return {"leaked": "yes"}
+
+    with pytest.raises(UndeclaredRoute, match="GET /naked/secret"):
+        create_app(extra_routers=[naked])

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Response
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
+from bastion.access.declare import PUBLIC_ROUTE
 from bastion.identity.errors import InvalidToken
 from bastion.identity.issuers import CombinedVerifier, ExternalIssuers, IssuerConfig
 from bastion.identity.keys import SigningKeys
@@ -564,7 +565,7 @@ def test_external_tokens_through_the_authenticator(idp: FakeIdP, http: httpx.Cli
     authenticator = Authenticator(verifier, DpopVerifier(MemoryReplayCache()), ours)
     router = APIRouter()
 
-    @router.get("/whoami")
+    @router.get("/whoami", **PUBLIC_ROUTE)
     async def whoami(principal: Principal = Depends(authenticator)) -> dict[str, Any]:
         return {"tenant": str(principal.tenant_id), "roles": list(principal.roles)}
 

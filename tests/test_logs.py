@@ -16,6 +16,7 @@ import pytest
 import structlog
 from fastapi import APIRouter
 
+from bastion.access.declare import PUBLIC_ROUTE
 from bastion.api.app import create_app
 from bastion.logs import MASK, configure_logging, get_logger, is_secret_key, scrub_text
 from tests.http_server import running_server
@@ -243,12 +244,12 @@ def test_scrub_text(text: str, expected: str) -> None:
 def test_request_lines_carry_the_request_id(logs: Captured) -> None:
     router = APIRouter()
 
-    @router.get("/work")
+    @router.get("/work", **PUBLIC_ROUTE)
     async def work() -> dict[str, str]:
         get_logger("bastion.test").info("inside_route", token="tok_ROUTEVALUE")
         return {"done": "yes"}
 
-    @router.get("/boom")
+    @router.get("/boom", **PUBLIC_ROUTE)
     async def boom() -> None:
         raise RuntimeError(LEAKY)
 

@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
+from bastion.access.declare import PUBLIC_ROUTE, require_declared
 from bastion.api.middleware import (
     DEFAULT_MAX_BODY_BYTES,
     BodySizeLimitMiddleware,
@@ -54,11 +55,11 @@ def create_app(
     )
     install_problem_handlers(app)
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.get("/healthz", include_in_schema=False, **PUBLIC_ROUTE)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", include_in_schema=False)
+    @app.get("/readyz", include_in_schema=False, **PUBLIC_ROUTE)
     async def readyz() -> dict[str, str]:
         if readiness is not None:
             try:
@@ -72,6 +73,8 @@ def create_app(
 
     for router in extra_routers:
         app.include_router(router)
+    # Deny by default: an app with a route that declares no action does not start.
+    require_declared(app)
     # add_middleware puts each new one outside the previous: the request id
     # exists before the size check answers, and is echoed on its 413.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)

@@ -18,6 +18,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from bastion.access.declare import PUBLIC_ROUTE, action
 from bastion.identity.auth import Authenticator, Principal
 from bastion.identity.dpop import DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, Throttled
@@ -204,7 +205,7 @@ def build_router(
     router = APIRouter()
     token_url = f"{issuer}/token"
 
-    @router.get("/.well-known/openid-configuration", include_in_schema=False)
+    @router.get("/.well-known/openid-configuration", include_in_schema=False, **PUBLIC_ROUTE)
     async def discovery() -> dict[str, Any]:
         return {
             "issuer": issuer,
@@ -225,11 +226,11 @@ def build_router(
             "authorization_response_iss_parameter_supported": True,
         }
 
-    @router.get("/.well-known/jwks.json", include_in_schema=False)
+    @router.get("/.well-known/jwks.json", include_in_schema=False, **PUBLIC_ROUTE)
     async def jwks() -> JSONResponse:
         return JSONResponse(keys.jwks(), headers={"Cache-Control": "public, max-age=120"})
 
-    @router.get("/authorize", include_in_schema=False)
+    @router.get("/authorize", include_in_schema=False, **PUBLIC_ROUTE)
     async def authorize(request: Request) -> Response:
         try:
             params = _query(request)
@@ -240,7 +241,7 @@ def build_router(
             return _redirect_error(None, params, exc, issuer)
         return _login_form(auth)
 
-    @router.post("/authorize", include_in_schema=False)
+    @router.post("/authorize", include_in_schema=False, **PUBLIC_ROUTE)
     async def authorize_login(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -264,7 +265,7 @@ def build_router(
             return _totp_form(tickets.seal(login, auth))
         return await _finish(auth, login, totp_passed=False)
 
-    @router.post("/authorize/mfa", include_in_schema=False)
+    @router.post("/authorize/mfa", include_in_schema=False, **PUBLIC_ROUTE)
     async def authorize_mfa(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -296,7 +297,7 @@ def build_router(
             f"{auth.redirect_uri}?{urlencode(query)}", status_code=303, headers=_NO_STORE
         )
 
-    @router.post("/token", include_in_schema=False)
+    @router.post("/token", include_in_schema=False, **PUBLIC_ROUTE)
     async def token(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -330,7 +331,7 @@ def build_router(
             return _oauth_json_error(exc)
         return JSONResponse(response.as_json(), headers=_NO_STORE)
 
-    @router.post("/revoke", include_in_schema=False)
+    @router.post("/revoke", include_in_schema=False, **PUBLIC_ROUTE)
     async def revoke(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -339,7 +340,7 @@ def build_router(
         await service.revoke(form.get("token", ""), form.get("client_id", ""))
         return Response(status_code=200, headers=_NO_STORE)
 
-    @router.post("/logout", include_in_schema=False)
+    @router.post("/logout", include_in_schema=False, **PUBLIC_ROUTE)
     async def logout(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -348,7 +349,7 @@ def build_router(
         await service.revoke(form.get("refresh_token", ""), form.get("client_id", ""))
         return _page("Signed out", "<p>You are signed out.</p>")
 
-    @router.get("/userinfo", include_in_schema=False)
+    @router.get("/userinfo", include_in_schema=False, **action("account:read"))
     async def userinfo(principal: Principal = Depends(authenticator)) -> dict[str, Any]:
         async with service.db.tenant_tx(
             principal.tenant_id, principal.user_id, principal.db_role

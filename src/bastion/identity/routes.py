@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bastion import audit
+from bastion.access.declare import action
 from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Database
 from bastion.identity.auth import Authenticator, Principal
@@ -76,7 +77,7 @@ def build_router(
 ) -> APIRouter:
     router = APIRouter(prefix="/me")
 
-    @router.post("/mfa/totp")
+    @router.post("/mfa/totp", **action("account:mfa"))
     async def enroll(principal: Principal = Depends(authenticator)) -> JSONResponse:
         """Start TOTP enrolment; answers the secret once (for the authenticator app)."""
         async with db.tenant_tx(principal.tenant_id, principal.user_id, principal.db_role) as tx:
@@ -86,7 +87,7 @@ def build_router(
                 raise TotpConflict("remove the current factor first") from None
         return JSONResponse({"secret": secret, "otpauth_uri": uri}, headers=_NO_STORE)
 
-    @router.post("/mfa/totp/confirm")
+    @router.post("/mfa/totp/confirm", **action("account:mfa"))
     async def confirm(body: Code, principal: Principal = Depends(authenticator)) -> JSONResponse:
         """Confirm enrolment with a first code; answers the recovery codes once."""
         async with db.tenant_tx(principal.tenant_id, principal.user_id, principal.db_role) as tx:
@@ -102,7 +103,7 @@ def build_router(
             )
         return JSONResponse({"recovery_codes": codes}, headers=_NO_STORE)
 
-    @router.delete("/mfa/totp", status_code=204)
+    @router.delete("/mfa/totp", status_code=204, **action("account:mfa"))
     async def remove(principal: Principal = Depends(authenticator)) -> None:
         """Remove the TOTP factor; refused for holders of admin-grade roles."""
         async with db.tenant_tx(principal.tenant_id, principal.user_id, principal.db_role) as tx:
@@ -119,7 +120,7 @@ def build_router(
                 target=f"user:{principal.user_id}",
             )
 
-    @router.post("/password", status_code=204)
+    @router.post("/password", status_code=204, **action("account:password"))
     async def change_password(
         body: PasswordChange, principal: Principal = Depends(authenticator)
     ) -> None:

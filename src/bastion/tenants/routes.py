@@ -8,6 +8,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends
 
+from bastion.access.declare import action
 from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Database
 from bastion.identity.auth import (
@@ -27,7 +28,7 @@ class Forbidden(Problem):
 def build_router(db: Database, authenticator: Authenticator) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant_id}")
 
-    @router.get("/members")
+    @router.get("/members", **action("member:list"))
     async def members(
         tenant_id: UUID, principal: Principal = Depends(authenticator)
     ) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def build_router(db: Database, authenticator: Authenticator) -> APIRouter:
             ]
         }
 
-    @router.get("/audit")
+    @router.get("/audit", **action("audit:read"))
     async def audit_events(
         tenant_id: UUID, principal: Principal = Depends(authenticator)
     ) -> dict[str, Any]:

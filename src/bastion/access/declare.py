@@ -1,0 +1,60 @@
+"""Every route declares the Cedar action it needs (deny by default).
+
+A route declares its action with ``**action("member:list")`` in its decorator
+(or ``**PUBLIC_ROUTE`` for the few that need no caller: health, discovery,
+the OAuth endpoints themselves). :func:`require_declared` runs when an app is
+built and refuses to start one with an undeclared route, so a new endpoint
+cannot ship unguarded by forgetting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
+
+ACTION_KEY = "x-bastion-action"
+PUBLIC = "public"
+
+
+def action(name: str) -> dict[str, Any]:
+    """Route keyword arguments declaring that the route needs Cedar action ``name``."""
+    return {"openapi_extra": {ACTION_KEY: name}}
+
+
+PUBLIC_ROUTE: dict[str, Any] = action(PUBLIC)
+
+
+def declared_action(route: APIRoute) -> str | None:
+    """Return the action ``route`` declares, or None."""
+    extra = route.openapi_extra or {}
+    value = extra.get(ACTION_KEY)
+    return value if isinstance(value, str) else None
+
+
+class UndeclaredRoute(RuntimeError):
+    """An app has a route that declares no action; it must not start."""
+
+
+def api_routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
+    """Yield every API route, descending into included routers."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        included = getattr(route, "original_router", None)  # FastAPI's include_router
+        if included is not None:
+            yield from api_routes(included.routes)
+
+
+def require_declared(app: FastAPI) -> None:
+    """Raise :class:`UndeclaredRoute` naming every route without an action."""
+    missing = [
+        f"{','.join(sorted(route.methods or ()))} {route.path}"
+        for route in api_routes(app.routes)
+        if declared_action(route) is None
+    ]
+    if missing:
+        raise UndeclaredRoute("routes without a declared action: " + "; ".join(missing))
