@@ -24,6 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/bastion policy check
 
 test: lint
 	$(BIN)/pytest -q
@@ -33,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/db_start.py
 	$(BIN)/python bench/rls_select.py
 	$(BIN)/python bench/token_verify.py
+	$(BIN)/python bench/authz.py
 	$(BIN)/python bench/auth_get.py
 
 clean:

@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from bastion.access.cli import policy_app
 from bastion.db.launcher import LauncherError
 from bastion.db.provision import APP_ROLE, DatabaseError
 from bastion.secrets.cli import secrets_app
@@ -30,6 +31,7 @@ db_app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(policy_app, name="policy")
 
 out = Console()
 err = Console(stderr=True)

@@ -29,10 +29,23 @@ PUBLIC_ROUTE: dict[str, Any] = action(PUBLIC)
 
 
 def declared_action(route: APIRoute) -> str | None:
-    """Return the action ``route`` declares, or None."""
+    """Return the action ``route`` declares, or None.
+
+    A route declares it either in its decorator (``**action(...)``) or by
+    depending on a guard, whose ``bastion_action`` names the action it checks.
+    """
     extra = route.openapi_extra or {}
     value = extra.get(ACTION_KEY)
-    return value if isinstance(value, str) else None
+    if isinstance(value, str):
+        return value
+    pending = list(route.dependant.dependencies)
+    while pending:
+        dependency = pending.pop()
+        found = getattr(dependency.call, "bastion_action", None)
+        if isinstance(found, str):
+            return found
+        pending.extend(dependency.dependencies)
+    return None
 
 
 class UndeclaredRoute(RuntimeError):

@@ -18,7 +18,6 @@ from fastapi import Request
 from bastion.api.problems import Problem, problem_type
 from bastion.identity.dpop import DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, InvalidToken
-from bastion.identity.mfa import mfa_required
 from bastion.identity.tokens import AccessClaims, AccessTokenVerifier
 
 DPOP_ALGS = "ES256 EdDSA"
@@ -135,23 +134,3 @@ class Authenticator:
             if exc.nonce:
                 problem.headers["DPoP-Nonce"] = exc.nonce
             raise problem from None
-
-
-def require_tenant(principal: Principal, tenant_id: UUID) -> None:
-    """Refuse (404) a path naming another tenant than the token's."""
-    if principal.tenant_id != tenant_id:
-        raise TenantMismatch()
-
-
-def require_mfa_for_admin(principal: Principal) -> None:
-    """CHECKLIST I4: admin-grade roles need ``mfa`` in ``amr``; else a step-up hint."""
-    if mfa_required(principal.roles) and not principal.has_mfa:
-        problem = StepUpRequired(
-            "this endpoint needs a login with a second factor; sign in again with TOTP",
-            acr_values="mfa",
-        )
-        problem.headers = {
-            "WWW-Authenticate": 'DPoP error="insufficient_user_authentication", '
-            'error_description="multi-factor authentication required", acr_values="mfa"'
-        }
-        raise problem

@@ -18,8 +18,9 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from bastion.access.declare import PUBLIC_ROUTE, action
-from bastion.identity.auth import Authenticator, Principal
+from bastion.access.declare import PUBLIC_ROUTE
+from bastion.access.guard import Guard
+from bastion.identity.auth import Principal
 from bastion.identity.dpop import DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, Throttled
 from bastion.identity.keys import SigningKeys
@@ -197,7 +198,7 @@ def build_router(
     *,
     keys: SigningKeys,
     dpop: DpopVerifier,
-    authenticator: Authenticator,
+    guard: Guard,
     tickets: LoginTickets,
     issuer: str,
 ) -> APIRouter:
@@ -349,8 +350,10 @@ def build_router(
         await service.revoke(form.get("refresh_token", ""), form.get("client_id", ""))
         return _page("Signed out", "<p>You are signed out.</p>")
 
-    @router.get("/userinfo", include_in_schema=False, **action("account:read"))
-    async def userinfo(principal: Principal = Depends(authenticator)) -> dict[str, Any]:
+    @router.get("/userinfo", include_in_schema=False)
+    async def userinfo(
+        principal: Principal = Depends(guard("account:read", "Account")),
+    ) -> dict[str, Any]:
         async with service.db.tenant_tx(
             principal.tenant_id, principal.user_id, principal.db_role
         ) as tx:

@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from bastion import audit
-from bastion.access.declare import action
+from bastion.access.guard import Guard
 from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Database
-from bastion.identity.auth import Authenticator, Principal
+from bastion.identity.auth import Principal
 from bastion.identity.errors import (
     LastFactorRequired,
     MfaError,
@@ -70,15 +70,17 @@ class PasswordChange(BaseModel):
 
 def build_router(
     db: Database,
-    authenticator: Authenticator,
+    guard: Guard,
     mfa: MfaService,
     passwords: PasswordService,
     throttle: LoginThrottle,
 ) -> APIRouter:
     router = APIRouter(prefix="/me")
+    may_manage_mfa = guard("account:mfa", "Account")
+    may_change_password = guard("account:password", "Account")
 
-    @router.post("/mfa/totp", **action("account:mfa"))
-    async def enroll(principal: Principal = Depends(authenticator)) -> JSONResponse:
+    @router.post("/mfa/totp")
+    async def enroll(principal: Principal = Depends(may_manage_mfa)) -> JSONResponse:
         """Start TOTP enrolment; answers the secret once (for the authenticator app)."""
         async with db.tenant_tx(principal.tenant_id, principal.user_id, principal.db_role) as tx:
             try:
@@ -87,8 +89,8 @@ def build_router(
                 raise TotpConflict("remove the current factor first") from None
         return JSONResponse({"secret": secret, "otpauth_uri": uri}, headers=_NO_STORE)
 
-    @router.post("/mfa/totp/confirm", **action("account:mfa"))
-    async def confirm(body: Code, principal: Principal = Depends(authenticator)) -> JSONResponse:
+    @router.post("/mfa/totp/confirm")
+    async def confirm(body: Code, principal: Principal = Depends(may_manage_mfa)) -> JSONResponse:
         """Confirm enrolment with a first code; answers the recovery codes once."""
         async with db.tenant_tx(principal.tenant_id, principal.user_id, principal.db_role) as tx:
             try:
@@ -103,8 +105,8 @@ def build_router(
             )
         return JSONResponse({"recovery_codes": codes}, headers=_NO_STORE)
 
-    @router.delete("/mfa/totp", status_code=204, **action("account:mfa"))
-    async def remove(principal: Principal = Depends(authenticator)) -> None:
+    @router.delete("/mfa/totp", status_code=204)
+    async def remove(principal: Principal = Depends(may_manage_mfa)) -> None:
         """Remove the TOTP factor; refused for holders of admin-grade roles."""
         async with db.tenant_tx(principal.tenant_id, principal.user_id, principal.db_role) as tx:
             try:
@@ -120,9 +122,9 @@ def build_router(
                 target=f"user:{principal.user_id}",
             )
 
-    @router.post("/password", status_code=204, **action("account:password"))
+    @router.post("/password", status_code=204)
     async def change_password(
-        body: PasswordChange, principal: Principal = Depends(authenticator)
+        body: PasswordChange, principal: Principal = Depends(may_change_password)
     ) -> None:
         """Change the caller's password (the current one is required).
 

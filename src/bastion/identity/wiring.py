@@ -9,6 +9,8 @@ from datetime import timedelta
 import anyio.to_thread
 from fastapi import APIRouter
 
+from bastion.access.authorize import Authorizer
+from bastion.access.guard import Guard
 from bastion.db.pool import Database
 from bastion.identity import oidc
 from bastion.identity import routes as account_routes
@@ -48,7 +50,12 @@ class Identity:
                 _log.warning("external_issuer_unavailable", error=type(exc).__name__)
 
 
-def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) -> Identity:
+def build_identity(
+    settings: Settings,
+    db: Database,
+    keystore: LocalKeystore,
+    authorizer: Authorizer | None = None,
+) -> Identity:
     """Return the provider, the request authenticator and their routes."""
     issuer = settings.resolved_issuer
     lifetime = timedelta(minutes=settings.access_token_minutes)
@@ -68,6 +75,7 @@ def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) ->
         CombinedVerifier(local, external) if settings.external_issuers else local
     )
     authenticator = Authenticator(verifier, dpop, issuer)
+    guard = Guard(authenticator, authorizer or Authorizer())
     passwords, mfa, throttle = PasswordService(), MfaService(keystore), LoginThrottle()
     service = IdentityService(
         db,
@@ -85,11 +93,11 @@ def build_identity(settings: Settings, db: Database, keystore: LocalKeystore) ->
             service,
             keys=keys,
             dpop=dpop,
-            authenticator=authenticator,
+            guard=guard,
             tickets=tickets,
             issuer=issuer,
         ),
-        account_routes.build_router(db, authenticator, mfa, passwords, throttle),
-        tenant_routes.build_router(db, authenticator),
+        account_routes.build_router(db, guard, mfa, passwords, throttle),
+        tenant_routes.build_router(db, guard),
     )
     return Identity(service, keys, authenticator, routers, external)
