@@ -29,6 +29,7 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
+from bastion.access.authorize import Authorizer, Resource, Subject
 from bastion.db.pool import Database
 from bastion.db.provision import DatabaseError
 from bastion.db.service import embedded_server, resolve_target
@@ -134,6 +135,7 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                     ),
                 )
                 await _check_isolation(report, db, tenants)
+                _check_policies(report, tenants)
                 await _check_audit(report, db, tenants)
                 await _check_identity(
                     report,
@@ -449,4 +451,31 @@ async def _check_identity(
             "owner with TOTP reads the audit trail",
             allowed.status_code == 200,
             f"amr pwd+otp+mfa, {len(allowed.json().get('events', []))} events",
+        )
+
+
+def _check_policies(report: Report, tenants: list[DemoTenant]) -> None:
+    """Cedar decisions for the scenario's people, from the policies in the repo."""
+    acme, globex = tenants
+    authorizer = Authorizer()
+
+    def decide(role: str, action: str, tenant: DemoTenant, *, mfa: bool = False) -> bool:
+        subject = Subject(acme.users[role], acme.id, frozenset({role}), mfa)
+        resource_type = {"document": "Document", "plan": "Plan"}[action.split(":")[0]]
+        return authorizer.authorize(subject, action, Resource(resource_type, "x", tenant.id))
+
+    for role, action, tenant, mfa, expect in (
+        ("viewer", "document:write", acme, False, False),
+        ("contributor", "document:write", acme, False, True),
+        ("owner", "document:read", globex, True, False),
+        ("billing-admin", "plan:change", acme, False, False),
+        ("billing-admin", "plan:change", acme, True, True),
+    ):
+        decision = decide(role, action, tenant, mfa=mfa)
+        where = "own tenant" if tenant is acme else f"{globex.slug}"
+        report.check(
+            "policy",
+            f"{role}{' with MFA' if mfa else ''}: {action} ({where})",
+            decision == expect,
+            f"Cedar says {'Allow' if decision else 'Deny'}",
         )
