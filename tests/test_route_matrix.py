@@ -37,6 +37,7 @@ DENIED_TYPES = ("/forbidden", "/mfa-required", "/not-found")
 
 # A body each route accepts, so that an allowed call gets past validation.
 BODIES: dict[str, Any] = {
+    "members": {"email": "nobody@matrix.test", "role": "viewer"},
     "/me/mfa/totp/confirm": {"code": "000000"},
     "/me/password": {"current_password": PASSWORD, "new_password": "short"},
 }
@@ -93,19 +94,25 @@ def api(database: DbHandles, keystore: LocalKeystore) -> Iterator[Api]:
         thread.join(10)
 
 
-def _guarded_routes(app: FastAPI) -> list[tuple[str, str, str]]:
-    """(method, path template, action) of every non-public route."""
+def _guarded_routes(app: FastAPI) -> list[tuple[str, str, str, str]]:
+    """(method, path template, action, resource type) of every non-public route."""
     routes = []
     for route in api_routes(app.routes):
         found = declared_action(route)
         assert found is not None, f"{route.path} declares no action"
-        if found != PUBLIC:
-            routes.extend((method, route.path, found) for method in sorted(route.methods or ()))
+        if found == PUBLIC:
+            continue
+        guards = [d.call for d in route.dependant.dependencies if hasattr(d.call, "bastion_action")]
+        assert len(guards) == 1, f"{route.path} should have exactly one guard"
+        resource_type = guards[0].resource_type  # type: ignore[union-attr]
+        routes.extend(
+            (method, route.path, found, resource_type) for method in sorted(route.methods or ())
+        )
     return routes
 
 
 def test_every_route_is_walked(api: Api) -> None:
-    walked = {(m, p) for m, p, _ in _guarded_routes(api.app)}
+    walked = {(m, p) for m, p, _, _ in _guarded_routes(api.app)}
     assert ("GET", "/tenants/{tenant_id}/members") in walked
     assert ("GET", "/userinfo") in walked
     assert len(walked) >= 7
@@ -116,15 +123,20 @@ async def test_route_matrix(api: Api) -> None:
     failures = []
     seen = {True: 0, False: 0}
     async with httpx.AsyncClient(timeout=10) as http:
-        for method, template, action in _guarded_routes(api.app):
+        for method, template, action, resource_type in _guarded_routes(api.app):
             sides = ("own", "other") if "{tenant_id}" in template else ("own",)
             for role in ROLES:
                 for mfa in (False, True):
                     for side in sides:
-                        path = template.replace("{tenant_id}", str(api.tenants[side]))
+                        path = (
+                            template.replace("{tenant_id}", str(api.tenants[side]))
+                            .replace("{request_id}", str(uuid4()))
+                            .replace("{user_id}", str(uuid4()))
+                            .replace("{role}", "viewer")
+                        )
                         outcome = await _call(api, http, method, path, role, mfa)
                         expected = side == "own" and _allowed(
-                            authorizer, api, role, mfa, action, template
+                            authorizer, api, role, mfa, action, resource_type
                         )
                         seen[outcome] += 1
                         if outcome != expected:
@@ -137,13 +149,9 @@ async def test_route_matrix(api: Api) -> None:
 
 
 def _allowed(
-    authorizer: Authorizer, api: Api, role: str, mfa: bool, action: str, template: str
+    authorizer: Authorizer, api: Api, role: str, mfa: bool, action: str, resource_type: str
 ) -> bool:
     user, tenant = api.users[role], api.tenants["own"]
-    resource_type = {
-        "member:list": "Member",
-        "audit:read": "AuditLog",
-    }.get(action, "Account")
     owner = user if resource_type == "Account" else None
     subject = Subject(user, tenant, frozenset({role}), mfa)
     return authorizer.authorize(
@@ -167,7 +175,7 @@ async def _call(
     answer = await http.request(
         method,
         url,
-        json=BODIES.get(path),
+        json=BODIES.get(path.rsplit("/", 1)[-1] if path.endswith("/members") else path),
         headers={
             "Authorization": f"DPoP {token}",
             "DPoP": key.proof(method, url, access_token=token),
@@ -178,3 +186,146 @@ async def _call(
         DENIED_TYPES
     )
     return not denied
+
+
+# -- two-person approval of admin roles, and revocation ---------------------------------
+
+
+class Caller:
+    """A member of the own tenant with a minted token (MFA or not)."""
+
+    def __init__(
+        self, api: Api, user_id: UUID, roles: tuple[str, ...], *, mfa: bool, tenant: str = "own"
+    ) -> None:
+        self.api, self.key = api, DpopKey.generate()
+        self.token, _ = api.identity.service.tokens.issue_access(
+            user_id=user_id,
+            tenant_id=api.tenants[tenant],
+            roles=roles,
+            amr=("pwd", "otp", "mfa") if mfa else ("pwd",),
+            jkt=self.key.thumbprint,
+        )
+
+    async def __call__(
+        self, http: httpx.AsyncClient, method: str, path: str, body: Any = None
+    ) -> httpx.Response:
+        url = f"{self.api.url}{path}"
+        return await http.request(
+            method,
+            url,
+            json=body,
+            headers={
+                "Authorization": f"DPoP {self.token}",
+                "DPoP": self.key.proof(method, url, access_token=self.token),
+            },
+        )
+
+
+async def _member(db: Database, api: Api, role: str, tenant: str = "own") -> tuple[UUID, str]:
+    email = f"{role}-{uuid4().hex[:6]}@matrix.test"
+    return await TenantService(db).add_member(api.tenants[tenant], email, role), email
+
+
+async def _roles_of(db: Database, api: Api, user_id: UUID) -> set[str]:
+    return set(await db.member_roles(api.tenants["own"], user_id))
+
+
+async def test_admin_role_needs_a_second_owner(api: Api, db: Database) -> None:
+    first_id, _ = await _member(db, api, "owner")
+    second_id, _ = await _member(db, api, "owner")
+    target_id, target_email = await _member(db, api, "contributor")
+    first = Caller(api, first_id, ("owner",), mfa=True)
+    second = Caller(api, second_id, ("owner",), mfa=True)
+    base = f"/tenants/{api.tenants['own']}"
+    async with httpx.AsyncClient(timeout=10) as http:
+        asked = await first(
+            http, "POST", f"{base}/members", {"email": target_email, "role": "billing-admin"}
+        )
+        assert asked.status_code == 202 and asked.json()["status"] == "pending"
+        assert await _roles_of(db, api, target_id) == {"contributor"}  # not yet
+        request = asked.json()["request_id"]
+
+        own = await first(http, "POST", f"{base}/role-requests/{request}/approve")
+        assert own.status_code == 403 and own.json()["reason"] == "self-approval"
+        assert await _roles_of(db, api, target_id) == {"contributor"}
+
+        approved = await second(http, "POST", f"{base}/role-requests/{request}/approve")
+        assert approved.status_code == 200
+        assert await _roles_of(db, api, target_id) == {"contributor", "billing-admin"}
+
+        again = await second(http, "POST", f"{base}/role-requests/{request}/approve")
+        assert again.status_code == 409 and again.json()["reason"] == "decided"
+
+        # Viewer and contributor need no second owner.
+        plain_id, plain_email = await _member(db, api, "viewer")
+        direct = await first(
+            http, "POST", f"{base}/members", {"email": plain_email, "role": "contributor"}
+        )
+        assert direct.status_code == 200
+        assert await _roles_of(db, api, plain_id) == {"viewer", "contributor"}
+
+
+async def test_refused_approvals_write_nothing(api: Api, db: Database, database: DbHandles) -> None:
+    import psycopg
+
+    requester_id, _ = await _member(db, api, "owner")
+    target_id, target_email = await _member(db, api, "viewer")
+    requester = Caller(api, requester_id, ("owner",), mfa=True)
+    base = f"/tenants/{api.tenants['own']}"
+    async with httpx.AsyncClient(timeout=10) as http:
+        asked = await requester(
+            http, "POST", f"{base}/members", {"email": target_email, "role": "auditor"}
+        )
+        request = asked.json()["request_id"]
+        # A lower role (billing-admin, with MFA) may not approve.
+        billing_id, _ = await _member(db, api, "billing-admin")
+        lower = Caller(api, billing_id, ("billing-admin",), mfa=True)
+        refused = await lower(http, "POST", f"{base}/role-requests/{request}/approve")
+        assert refused.status_code == 403 and refused.json()["type"].endswith("/forbidden")
+        # An owner without MFA is asked to step up.
+        weak_id, _ = await _member(db, api, "owner")
+        weak = Caller(api, weak_id, ("owner",), mfa=False)
+        step_up = await weak(http, "POST", f"{base}/role-requests/{request}/approve")
+        assert step_up.status_code == 403 and step_up.json()["type"].endswith("/mfa-required")
+        # An owner of another tenant: on their own path RLS hides the request, on
+        # ours the tenant does not match; both are 404.
+        stranger_id, _ = await _member(db, api, "owner", tenant="other")
+        stranger = Caller(api, stranger_id, ("owner",), mfa=True, tenant="other")
+        theirs = await stranger(
+            http, "POST", f"/tenants/{api.tenants['other']}/role-requests/{request}/approve"
+        )
+        assert theirs.status_code == 404
+        ours = await stranger(http, "POST", f"{base}/role-requests/{request}/approve")
+        assert ours.status_code == 404
+        # Expired requests cannot be approved.
+        with psycopg.connect(database.superuser, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE bastion.role_requests SET expires_at = now() - interval '1 s' "
+                "WHERE id = %s",
+                (request,),
+            )
+        second_id, _ = await _member(db, api, "owner")
+        second = Caller(api, second_id, ("owner",), mfa=True)
+        expired = await second(http, "POST", f"{base}/role-requests/{request}/approve")
+        assert expired.status_code == 409 and expired.json()["reason"] == "expired"
+    assert await _roles_of(db, api, target_id) == {"viewer"}
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute(
+            "SELECT status, decided_by FROM bastion.role_requests WHERE id = %s", (request,)
+        ).fetchone()
+    assert row == ("pending", None)
+
+
+async def test_revoked_role_stops_on_the_next_request(api: Api, db: Database) -> None:
+    owner_id, _ = await _member(db, api, "owner")
+    holder_id, _ = await _member(db, api, "viewer")
+    owner = Caller(api, owner_id, ("owner",), mfa=True)
+    holder = Caller(api, holder_id, ("viewer",), mfa=False)  # token says viewer, 15 min
+    members = f"/tenants/{api.tenants['own']}/members"
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await holder(http, "GET", members)).status_code == 200
+        revoked = await owner(http, "DELETE", f"{members}/{holder_id}/roles/viewer")
+        assert revoked.status_code == 204
+        after = await holder(http, "GET", members)
+        assert after.status_code == 403
+        assert after.json()["type"].endswith("/forbidden")

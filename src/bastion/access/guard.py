@@ -10,11 +10,13 @@ of MFA is 403 with an RFC 9470 step-up hint.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from fastapi import Request
 
 from bastion.access.authorize import Authorizer, Resource, Subject
 from bastion.api.problems import Problem, problem_type
+from bastion.db.pool import Database
 from bastion.identity.auth import Authenticator, Principal, StepUpRequired, TenantMismatch
 
 GuardDependency = Callable[[Request], Awaitable[Principal]]
@@ -41,9 +43,10 @@ def _step_up() -> StepUpRequired:
 class Guard:
     """Makes per-route dependencies that authenticate and authorize."""
 
-    def __init__(self, authenticator: Authenticator, authorizer: Authorizer) -> None:
+    def __init__(self, authenticator: Authenticator, authorizer: Authorizer, db: Database) -> None:
         self.authenticator = authenticator
         self.authorizer = authorizer
+        self.db = db
 
     def __call__(self, action: str, resource_type: str) -> GuardDependency:
         """Return the dependency that lets a caller do ``action`` on ``resource_type``."""
@@ -65,9 +68,16 @@ class _Guarded:
         named = request.path_params.get("tenant_id")
         if named is not None and str(named) != str(tenant_id):
             raise TenantMismatch()
-        subject = Subject(
-            principal.user_id, tenant_id, frozenset(principal.roles), principal.has_mfa
-        )
+        roles = frozenset(principal.roles)
+        if principal.claims.iss == guard.authenticator.issuer:
+            # Our own tokens' roles are checked against the memberships as they
+            # are now: a revoked role stops on the very next request, not when
+            # the token expires. (External issuers' roles are their IdP's word.)
+            roles &= await guard.db.member_roles(tenant_id, principal.user_id)
+            if not roles:
+                raise Forbidden("you no longer hold a role in this tenant")
+            principal = replace(principal, roles=tuple(sorted(roles)))
+        subject = Subject(principal.user_id, tenant_id, roles, principal.has_mfa)
         resource = Resource(
             self.resource_type,
             str(request.path_params.get("resource_id", tenant_id)),

@@ -72,6 +72,45 @@ class Database:
         async with self.pool.connection(timeout=2) as conn:
             await conn.execute("SELECT 1")
 
+    def _begin(self, tenant_id: UUID, user_id: UUID | None, role: str) -> str:
+        """Return ``BEGIN`` plus the signed tenant context, as one simple query."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        if not isinstance(tenant_id, UUID) or not (user_id is None or isinstance(user_id, UUID)):
+            raise TypeError("tenant_id and user_id must be UUIDs")
+        signature = sign_context(self._context_key, tenant_id, user_id, role)
+        # SET LOCAL is cheaper than SELECT set_config(...) (no plan, no result
+        # row). Every value is a UUID, a role from ROLES or hex (checked above),
+        # so none can carry a quote; formatting here saves psycopg's per-call
+        # composition.
+        return (
+            f"BEGIN; SET LOCAL app.tenant_id = '{tenant_id}'; "
+            f"SET LOCAL app.user_id = '{user_id or ''}'; SET LOCAL app.role = '{role}'; "
+            f"SET LOCAL app.context_sig = '{signature}'"
+        )
+
+    async def member_roles(self, tenant_id: UUID, user_id: UUID) -> frozenset[str]:
+        """Return the roles ``user_id`` holds in ``tenant_id`` right now.
+
+        Runs on every guarded request (so a revoked role stops at once), hence
+        one round trip: BEGIN, the signed context, the select and COMMIT go
+        as a single simple query, RLS applying as in :meth:`tenant_tx`.
+        """
+        query = (
+            self._begin(tenant_id, user_id, "viewer")
+            + f"; SELECT role FROM bastion.memberships WHERE user_id = '{user_id}'; COMMIT"
+        )
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor()
+            await cursor.execute(query.encode(), prepare=False)
+            roles: set[str] = set()
+            while True:
+                if cursor.description is not None:
+                    roles.update(row["role"] for row in await cursor.fetchall())
+                if not cursor.nextset():
+                    break
+            return frozenset(roles)
+
     @asynccontextmanager
     async def tenant_tx(
         self, tenant_id: UUID, user_id: UUID | None, role: str
@@ -81,20 +120,7 @@ class Database:
         Yields the connection; commits on normal exit and rolls back on an
         exception. Raises ValueError for an unknown role.
         """
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}")
-        if not isinstance(tenant_id, UUID) or not (user_id is None or isinstance(user_id, UUID)):
-            raise TypeError("tenant_id and user_id must be UUIDs")
-        signature = sign_context(self._context_key, tenant_id, user_id, role)
-        # BEGIN and the settings in one simple-protocol round trip; SET LOCAL is
-        # cheaper than SELECT set_config(...) (no plan, no result row). Every
-        # value is a UUID, a role from ROLES or hex (checked above), so none can
-        # carry a quote; formatting here saves psycopg's per-call composition.
-        begin = (
-            f"BEGIN; SET LOCAL app.tenant_id = '{tenant_id}'; "
-            f"SET LOCAL app.user_id = '{user_id or ''}'; SET LOCAL app.role = '{role}'; "
-            f"SET LOCAL app.context_sig = '{signature}'"
-        )
+        begin = self._begin(tenant_id, user_id, role)
         async with self.pool.connection() as conn:
             await conn.execute(begin.encode(), prepare=False)
             try:

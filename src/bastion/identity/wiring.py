@@ -75,7 +75,7 @@ def build_identity(
         CombinedVerifier(local, external) if settings.external_issuers else local
     )
     authenticator = Authenticator(verifier, dpop, issuer)
-    guard = Guard(authenticator, authorizer or Authorizer())
+    guard = Guard(authenticator, authorizer or Authorizer(), db)
     passwords, mfa, throttle = PasswordService(), MfaService(keystore), LoginThrottle()
     service = IdentityService(
         db,

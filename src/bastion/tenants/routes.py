@@ -8,14 +8,83 @@ from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
+from bastion.access.approvals import ApprovalError, ApprovalService
 from bastion.access.guard import Guard
+from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Database
 from bastion.identity.auth import Principal
 
 
+class RoleChangeRefused(Problem):
+    type = problem_type("role-change-refused")
+    title = "Role change refused"
+    status = 409
+
+
+class RoleGrant(BaseModel):
+    email: str = Field(min_length=3, max_length=320)
+    role: str = Field(min_length=1, max_length=32)
+
+
+_STATUS = {"not-found": 404, "unknown-user": 404, "unknown-role": 422, "self-approval": 403}
+
+
+def _refused(exc: ApprovalError) -> RoleChangeRefused:
+    # One stable type; the reason says which rule refused (self-approval, expired…).
+    return RoleChangeRefused(str(exc), status=_STATUS.get(exc.reason, 409), reason=exc.reason)
+
+
 def build_router(db: Database, guard: Guard) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant_id}")
+    approvals = ApprovalService(db)
+
+    @router.post("/members")
+    async def grant_role(
+        body: RoleGrant, principal: Principal = Depends(guard("member:grant", "Member"))
+    ) -> JSONResponse:
+        """Grant a role; admin-grade roles wait for a second owner's approval (202)."""
+        try:
+            grant = await approvals.grant(
+                principal.tenant_id, principal.user_id, body.email, body.role
+            )
+        except ApprovalError as exc:
+            raise _refused(exc) from None
+        if grant.request_id is None:
+            return JSONResponse(
+                {"status": "granted", "user_id": str(grant.user_id), "role": grant.role}
+            )
+        return JSONResponse(
+            {"status": "pending", "request_id": str(grant.request_id), "role": grant.role},
+            status_code=202,
+        )
+
+    @router.post("/role-requests/{request_id}/approve")
+    async def approve_role(
+        request_id: UUID, principal: Principal = Depends(guard("member:approve", "Approval"))
+    ) -> dict[str, str]:
+        """Approve a pending admin-role request: a second owner, not the requester."""
+        try:
+            grant = await approvals.approve(principal.tenant_id, principal.user_id, request_id)
+        except ApprovalError as exc:
+            raise _refused(exc) from None
+        return {"status": "granted", "user_id": str(grant.user_id), "role": grant.role}
+
+    @router.delete("/members/{user_id}/roles/{role}", status_code=204)
+    async def revoke_role(
+        user_id: UUID, role: str, principal: Principal = Depends(guard("member:revoke", "Member"))
+    ) -> None:
+        """Remove a role; it stops working on the holder's very next request."""
+        try:
+            removed = await approvals.revoke(principal.tenant_id, principal.user_id, user_id, role)
+        except ApprovalError as exc:
+            raise _refused(exc) from None
+        if not removed:
+            raise RoleChangeRefused(
+                "that member does not hold that role", status=404, reason="not-found"
+            )
 
     @router.get("/members")
     async def members(

@@ -1,0 +1,161 @@
+"""Role changes with two-person approval (CHECKLIST R4).
+
+Granting viewer or contributor takes effect at once. Granting an admin-grade
+role (owner, billing-admin, auditor) creates a pending request that a
+*different* owner of the same tenant must approve before it expires. Every
+step writes an audit event in the transaction that makes the change.
+Revocation deletes the membership; the guards re-read memberships on every
+request, so a revoked role stops working on the very next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+from bastion import audit
+from bastion.db.pool import Database
+from bastion.identity.mfa import ADMIN_ROLES
+from bastion.tenants.service import MEMBER_ROLES
+
+REQUEST_LIFETIME = timedelta(hours=24)
+
+
+class ApprovalError(Exception):
+    """A role change is refused; ``reason`` is a stable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The outcome of a grant: applied now, or waiting for a second owner."""
+
+    user_id: UUID
+    role: str
+    request_id: UUID | None  # set when pending approval
+
+
+class ApprovalService:
+    """Grants, approvals and revocations, each inside the acting owner's context."""
+
+    def __init__(self, db: Database, *, lifetime: timedelta = REQUEST_LIFETIME) -> None:
+        self.db = db
+        self.lifetime = lifetime
+
+    async def grant(self, tenant_id: UUID, actor: UUID, email: str, role: str) -> Grant:
+        """Grant ``role`` to the member ``email``; admin-grade roles wait for approval.
+
+        Raises :class:`ApprovalError` (``unknown-role``, ``unknown-user``).
+        """
+        if role not in MEMBER_ROLES:
+            raise ApprovalError("unknown-role", f"unknown role {role!r}")
+        async with self.db.tenant_tx(tenant_id, actor, "owner") as tx:
+            row = await (
+                # RLS shows an owner only this tenant's members.
+                await tx.execute("SELECT id FROM bastion.users WHERE email = %s", (email,))
+            ).fetchone()
+            if row is None:
+                # Only existing members of this tenant can be granted more.
+                raise ApprovalError("unknown-user", "no member of this tenant has that e-mail")
+            user_id = row["id"]
+            if role not in ADMIN_ROLES:
+                await tx.execute(
+                    "INSERT INTO bastion.memberships (tenant_id, user_id, role, granted_by) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (tenant_id, user_id, role, actor),
+                )
+                await audit.record(
+                    tx,
+                    actor=f"user:{actor}",
+                    action="role.grant",
+                    target=f"user:{user_id}",
+                    details={"role": role},
+                )
+                return Grant(user_id, role, None)
+            request = await (
+                await tx.execute(
+                    "INSERT INTO bastion.role_requests (user_id, role, requested_by, expires_at) "
+                    "VALUES (%s, %s, %s, %s) RETURNING id",
+                    (user_id, role, actor, datetime.now(UTC) + self.lifetime),
+                )
+            ).fetchone()
+            assert request is not None
+            await audit.record(
+                tx,
+                actor=f"user:{actor}",
+                action="role.request",
+                target=f"user:{user_id}",
+                details={"role": role, "request": str(request["id"])},
+            )
+            return Grant(user_id, role, request["id"])
+
+    async def approve(self, tenant_id: UUID, approver: UUID, request_id: UUID) -> Grant:
+        """Approve a pending request as a second owner; return the applied grant.
+
+        Raises :class:`ApprovalError`: ``not-found`` (no such request in this
+        tenant), ``self-approval``, ``expired``, ``decided``.
+        """
+        async with self.db.tenant_tx(tenant_id, approver, "owner") as tx:
+            row = await (
+                await tx.execute(
+                    "SELECT user_id, role, requested_by, status, expires_at "
+                    "FROM bastion.role_requests WHERE id = %s FOR UPDATE",
+                    (request_id,),
+                )
+            ).fetchone()
+            if row is None:
+                raise ApprovalError("not-found", "no such role request")
+            if row["requested_by"] == approver:
+                raise ApprovalError("self-approval", "a second owner must approve this request")
+            if row["status"] != "pending":
+                raise ApprovalError("decided", f"the request is already {row['status']}")
+            if row["expires_at"] <= datetime.now(UTC):
+                raise ApprovalError("expired", "the request has expired; ask again")
+            await tx.execute(
+                "UPDATE bastion.role_requests SET status = 'approved', decided_by = %s, "
+                "decided_at = now() WHERE id = %s",
+                (approver, request_id),
+            )
+            await tx.execute(
+                "INSERT INTO bastion.memberships (tenant_id, user_id, role, granted_by) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (tenant_id, row["user_id"], row["role"], approver),
+            )
+            await audit.record(
+                tx,
+                actor=f"user:{approver}",
+                action="role.approve",
+                target=f"user:{row['user_id']}",
+                details={"role": row["role"], "request": str(request_id)},
+            )
+            return Grant(row["user_id"], row["role"], request_id)
+
+    async def revoke(self, tenant_id: UUID, actor: UUID, user_id: UUID, role: str) -> bool:
+        """Remove ``role`` from ``user_id``; True if they had it. Refuses
+        (``last-owner``) to remove the tenant's last owner."""
+        async with self.db.tenant_tx(tenant_id, actor, "owner") as tx:
+            if role == "owner":
+                owners = await (
+                    await tx.execute(
+                        "SELECT count(*) AS n FROM bastion.memberships WHERE role = 'owner'"
+                    )
+                ).fetchone()
+                if owners is not None and owners["n"] <= 1:
+                    raise ApprovalError("last-owner", "a tenant keeps at least one owner")
+            deleted = await tx.execute(
+                "DELETE FROM bastion.memberships WHERE user_id = %s AND role = %s",
+                (user_id, role),
+            )
+            if deleted.rowcount:
+                await audit.record(
+                    tx,
+                    actor=f"user:{actor}",
+                    action="role.revoke",
+                    target=f"user:{user_id}",
+                    details={"role": role},
+                )
+            return bool(deleted.rowcount)
