@@ -453,6 +453,70 @@ async def _check_identity(
             f"amr pwd+otp+mfa, {len(allowed.json().get('events', []))} events",
         )
 
+        # Two-person rule: the owner asks to make the viewer a billing-admin;
+        # it waits until a second owner (also signed in with TOTP) approves.
+        second_id = await TenantService(db).add_member(
+            acme.id, "second.owner@acme.example", "owner", actor="demo"
+        )
+        async with db.tenant_tx(acme.id, None, "system") as tx:
+            await PasswordService().set_password(tx, second_id, password)
+            second_secret, _uri = await mfa.enroll(tx, second_id, "second.owner@acme.example")
+            await mfa.confirm(tx, second_id, pyotp.TOTP(second_secret).now())
+        second = await login(
+            http,
+            api,
+            tenant=acme.slug,
+            email="second.owner@acme.example",
+            password=password,
+            totp=pyotp.TOTP(second_secret).at(int(time.time()) + 30),
+        )
+        members = f"{api}/tenants/{acme.id}/members"
+        asked = await http.post(
+            members,
+            headers=strong.headers("POST", members),
+            json={"email": "viewer@acme.example", "role": "billing-admin"},
+        )
+        report.check(
+            "approval",
+            "owner grants billing-admin to the viewer",
+            asked.status_code == 202,
+            "pending: a second owner must approve",
+        )
+        approve = f"{api}/tenants/{acme.id}/role-requests/{asked.json().get('request_id')}/approve"
+        own = await http.post(approve, headers=strong.headers("POST", approve))
+        report.check(
+            "approval",
+            "the same owner approves their own request",
+            own.status_code == 403,
+            f"{own.status_code} {own.json().get('reason')}",
+        )
+        viewer_tokens = await login(
+            http, api, tenant=acme.slug, email="viewer@acme.example", password=password
+        )
+        early = await http.post(approve, headers=viewer_tokens.headers("POST", approve))
+        report.check(
+            "approval",
+            "the viewer approves it",
+            early.status_code == 403,
+            f"{early.status_code}: Cedar denies member:approve",
+        )
+        done = await http.post(approve, headers=second.headers("POST", approve))
+        report.check(
+            "approval",
+            "a second owner with MFA approves",
+            done.status_code == 200,
+            f"viewer is now {sorted(await db.member_roles(acme.id, acme.users['viewer']))}",
+        )
+        revoke = f"{members}/{acme.users['viewer']}/roles/billing-admin"
+        gone = await http.delete(revoke, headers=second.headers("DELETE", revoke))
+        after = await http.get(members, headers=viewer_tokens.headers("GET", members))
+        report.check(
+            "approval",
+            "role revoked: the holder's next request",
+            gone.status_code == 204 and after.status_code == 200,
+            "billing-admin gone at once; viewer rights remain",
+        )
+
 
 def _check_policies(report: Report, tenants: list[DemoTenant]) -> None:
     """Cedar decisions for the scenario's people, from the policies in the repo."""
