@@ -245,6 +245,29 @@ def test_db_stop(home: Path) -> None:
     assert _run(home, "db", "status").returncode == 3
 
 
+def test_broken_policy_refuses_to_start_with_file_and_line(home: Path, tmp_path: Path) -> None:
+    from bastion.access.authorize import DEFAULT_POLICY_DIR
+
+    broken = tmp_path / "policies"
+    shutil.copytree(DEFAULT_POLICY_DIR, broken)
+    (broken / "roles.cedar").write_text(
+        (broken / "roles.cedar").read_text() + "\npermit (principal, action, resource\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(BASTION_HOME=str(home), BASTION_POLICY_DIR=str(broken))
+    assert _run(home, "db", "start").returncode == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "bastion", "serve", "api"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "roles.cedar:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_token_lifetime_over_an_hour_refuses_to_start(home: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env.update(BASTION_HOME=str(home), BASTION_ACCESS_TOKEN_MINUTES="61")

@@ -199,6 +199,38 @@ async def test_rollback_on_error_leaves_nothing(db: Database, pair: Pair) -> Non
     assert rows == []
 
 
+@pytest.mark.parametrize("role", ["auditor", "billing-admin"])
+async def test_auditors_and_billing_admins_never_write_documents(
+    db: Database, pair: Pair, role: str
+) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        async with db.tenant_tx(pair.a, pair.alice, role) as tx:
+            await tx.execute("INSERT INTO bastion.documents (title) VALUES ('by an auditor')")
+    async with db.tenant_tx(pair.a, pair.alice, role) as tx:
+        changed = await tx.execute("UPDATE bastion.documents SET body = 'x' WHERE true")
+        deleted = await tx.execute("DELETE FROM bastion.documents WHERE true")
+    assert changed.rowcount == 0 and deleted.rowcount == 0
+
+
+@pytest.mark.parametrize("role", ["viewer", "contributor", "auditor", "billing-admin"])
+async def test_only_owners_change_memberships_and_role_requests(
+    db: Database, pair: Pair, role: str
+) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        async with db.tenant_tx(pair.a, pair.alice, role) as tx:
+            await tx.execute(
+                "INSERT INTO bastion.memberships (user_id, role) VALUES (%s, 'owner')",
+                (pair.alice,),
+            )
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        async with db.tenant_tx(pair.a, pair.alice, role) as tx:
+            await tx.execute(
+                "INSERT INTO bastion.role_requests (user_id, role, requested_by, expires_at) "
+                "VALUES (%s, 'owner', %s, now() + interval '1 hour')",
+                (pair.alice, pair.alice),
+            )
+
+
 async def test_viewer_cannot_write_documents(db: Database, pair: Pair) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
         async with db.tenant_tx(pair.a, pair.alice, "viewer") as tx:

@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from bastion.access.authorize import PolicyError
 from bastion.access.cli import policy_app
 from bastion.db.launcher import LauncherError
 from bastion.db.provision import APP_ROLE, DatabaseError
@@ -195,7 +196,7 @@ def _errors() -> Iterator[None]:
     """Turn known failures into one line on stderr and exit status 1."""
     try:
         yield
-    except (DatabaseError, LauncherError, SecretsError) as exc:
+    except (DatabaseError, LauncherError, SecretsError, PolicyError) as exc:
         _fail(str(exc))
 
 

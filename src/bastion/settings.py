@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     issuer: str | None = None
     access_token_minutes: int = Field(default=15, ge=1)
     refresh_token_days: int = Field(default=30, ge=1, le=365)
+    # Cedar policies: the repo's by default; a deployment may point at its own.
+    policy_dir: Path | None = None
     # JSON list in BASTION_EXTERNAL_ISSUERS, e.g. [{"issuer": "https://kc/realms/x", ...}]
     external_issuers: list[ExternalIssuer] = Field(default_factory=list)
 

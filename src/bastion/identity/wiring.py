@@ -75,7 +75,11 @@ def build_identity(
         CombinedVerifier(local, external) if settings.external_issuers else local
     )
     authenticator = Authenticator(verifier, dpop, issuer)
-    guard = Guard(authenticator, authorizer or Authorizer(), db)
+    if authorizer is None:
+        authorizer = (
+            Authorizer(settings.policy_dir) if settings.policy_dir is not None else Authorizer()
+        )
+    guard = Guard(authenticator, authorizer, db)
     passwords, mfa, throttle = PasswordService(), MfaService(keystore), LoginThrottle()
     service = IdentityService(
         db,
