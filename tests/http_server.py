@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -14,9 +14,16 @@ from starlette.types import ASGIApp
 START_TIMEOUT = 10.0
 
 
+def running_server(app: ASGIApp) -> contextlib.AbstractContextManager[str]:
+    """Serve ``app`` on a free loopback port; yield its base URL; shut it down."""
+    return serving(lambda _url: app)
+
+
 @contextlib.contextmanager
-def running_server(app: ASGIApp) -> Iterator[str]:
-    """Serve ``app`` on a free loopback port; yield its base URL; shut it down.
+def serving(build: Callable[[str], ASGIApp]) -> Iterator[str]:
+    """Serve the app ``build(base_url)`` returns; yield the URL; shut it down.
+
+    The app learns its own URL before it starts (an issuer must know it).
 
     Uses the production stack (uvloop, httptools, no server header). The
     socket is bound here, so the port is known before the server starts and
@@ -27,8 +34,9 @@ def running_server(app: ASGIApp) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
     config = uvicorn.Config(
-        app,
+        build(url),
         loop="uvloop",
         http="httptools",
         lifespan="on",
@@ -47,7 +55,7 @@ def running_server(app: ASGIApp) -> Iterator[str]:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("test server did not start")
             time.sleep(0.005)
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=5)

@@ -8,11 +8,8 @@ import base64
 import hashlib
 import re
 import secrets
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 from uuid import UUID, uuid4
@@ -21,18 +18,17 @@ import httpx
 import psycopg
 import pyotp
 import pytest
-import uvicorn
 
-from bastion.api.app import create_app
 from bastion.db.pool import Database
 from bastion.identity.client import LoginFailed, TokenSet, login, refresh
 from bastion.identity.dpop import DpopKey
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, s256
-from bastion.identity.wiring import Identity, build_identity
+from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
+from tests.api_stack import api_server
 from tests.conftest import DbHandles
 
 pytestmark = pytest.mark.anyio
@@ -49,27 +45,13 @@ class Stack:
     keystore: LocalKeystore
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
     """The api app (identity routes) on uvicorn, in its own thread and loop."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    settings = Settings(issuer=url)
-    db = Database(database.app, database.context_key, max_size=8)
-    identity = build_identity(settings, db, keystore)
     tenants: dict[str, UUID] = {}
     users: dict[str, UUID] = {}
 
-    @asynccontextmanager
-    async def lifespan(_app: object) -> AsyncIterator[None]:
-        await db.open()
-        await identity.start()
+    async def seed(db: Database, identity: Identity) -> None:
         await identity.service.register_client("other-app", "Other", ["http://127.0.0.1/other"])
         service = TenantService(db)
         for slug in ("acme", "globex"):
@@ -83,26 +65,9 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
             async with db.tenant_tx(tenants[slug], None, "system") as tx:
                 await PasswordService().set_password(tx, user_id, PASSWORD)
             users[key] = user_id
-        yield
-        await db.close()
 
-    app = create_app(readiness=db.ping, lifespan=lifespan, extra_routers=identity.routers)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_config=None, lifespan="on", loop="asyncio"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("server did not start")
-        threading.Event().wait(0.01)
-    try:
+    with api_server(database, keystore, seed) as (url, _app, identity):
         yield Stack(url, database.superuser, identity, tenants, users, keystore)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

@@ -6,29 +6,24 @@ as it exists; one that declares no action cannot even be built."""
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from bastion.access.authorize import ROLES, Authorizer, Resource, Subject
 from bastion.access.declare import PUBLIC, api_routes, declared_action
-from bastion.api.app import create_app
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
 from bastion.identity.passwords import PasswordService
-from bastion.identity.wiring import Identity, build_identity
+from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
-from bastion.settings import Settings
 from bastion.tenants.service import TenantService
+from tests.api_stack import api_server
 from tests.conftest import DbHandles
 
 pytestmark = pytest.mark.anyio
@@ -54,19 +49,10 @@ class Api:
 
 @pytest.fixture(scope="module")
 def api(database: DbHandles, keystore: LocalKeystore) -> Iterator[Api]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    db = Database(database.app, database.context_key, max_size=6)
-    identity = build_identity(Settings(issuer=url), db, keystore)
     tenants: dict[str, UUID] = {}
     users: dict[str, UUID] = {}
 
-    @asynccontextmanager
-    async def lifespan(_app: object) -> AsyncIterator[None]:
-        await db.open()
-        await identity.start()
+    async def seed(db: Database, _identity: Identity) -> None:
         service = TenantService(db)
         for name in ("own", "other"):
             tenants[name] = (await service.create_tenant(f"m-{uuid4().hex[:8]}", name)).id
@@ -74,24 +60,9 @@ def api(database: DbHandles, keystore: LocalKeystore) -> Iterator[Api]:
             users[role] = await service.add_member(tenants["own"], f"{role}@matrix.test", role)
             async with db.tenant_tx(tenants["own"], None, "system") as tx:
                 await PasswordService().set_password(tx, users[role], PASSWORD)
-        yield
-        await db.close()
 
-    app = create_app(readiness=db.ping, lifespan=lifespan, extra_routers=identity.routers)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("server did not start")
-        threading.Event().wait(0.01)
-    try:
+    with api_server(database, keystore, seed) as (url, app, identity):
         yield Api(url, app, identity, tenants, users)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _guarded_routes(app: FastAPI) -> list[tuple[str, str, str, str]]:

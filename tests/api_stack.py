@@ -1,0 +1,51 @@
+"""The api process's app (identity, access, tenant routes) served for a test
+module: real uvicorn on 127.0.0.1, its own event loop and pool, seeded in its
+lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from bastion.api.app import create_app
+from bastion.db.pool import Database
+from bastion.identity.wiring import Identity, build_identity
+from bastion.secrets import LocalKeystore
+from bastion.settings import Settings
+from tests.conftest import DbHandles
+from tests.http_server import serving
+
+Seed = Callable[[Database, Identity], Awaitable[None]]
+
+
+@contextlib.contextmanager
+def api_server(
+    database: DbHandles, keystore: LocalKeystore, seed: Seed
+) -> Iterator[tuple[str, FastAPI, Identity]]:
+    """Yield (base URL, app, identity) of a running api on ``database``."""
+    built: list[tuple[FastAPI, Identity]] = []
+
+    def build(url: str) -> FastAPI:
+        db = Database(database.app, database.context_key, max_size=8)
+        identity = build_identity(Settings(issuer=url), db, keystore)
+
+        @asynccontextmanager
+        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+            await db.open()
+            try:
+                await identity.start()
+                await seed(db, identity)
+                yield
+            finally:
+                await db.close()
+
+        app = create_app(readiness=db.ping, lifespan=lifespan, extra_routers=identity.routers)
+        built.append((app, identity))
+        return app
+
+    with serving(build) as url:
+        app, identity = built[0]
+        yield url, app, identity
