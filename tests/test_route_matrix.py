@@ -6,6 +6,7 @@ as it exists; one that declares no action cannot even be built."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +142,7 @@ async def _call(
         roles=(role,),
         amr=("pwd", "otp", "mfa") if mfa else ("pwd",),
         jkt=key.thumbprint,
+        auth_time=int(time.time()),
     )
     url = f"{api.url}{path}"
     answer = await http.request(
@@ -166,7 +168,14 @@ class Caller:
     """A member of the own tenant with a minted token (MFA or not)."""
 
     def __init__(
-        self, api: Api, user_id: UUID, roles: tuple[str, ...], *, mfa: bool, tenant: str = "own"
+        self,
+        api: Api,
+        user_id: UUID,
+        roles: tuple[str, ...],
+        *,
+        mfa: bool,
+        tenant: str = "own",
+        age: int = 0,  # seconds since the sign-in
     ) -> None:
         self.api, self.key = api, DpopKey.generate()
         self.token, _ = api.identity.service.tokens.issue_access(
@@ -175,6 +184,7 @@ class Caller:
             roles=roles,
             amr=("pwd", "otp", "mfa") if mfa else ("pwd",),
             jkt=self.key.thumbprint,
+            auth_time=int(time.time()) - age,
         )
 
     async def __call__(
@@ -300,3 +310,19 @@ async def test_revoked_role_stops_on_the_next_request(api: Api, db: Database) ->
         after = await holder(http, "GET", members)
         assert after.status_code == 403
         assert after.json()["type"].endswith("/forbidden")
+
+
+async def test_role_changes_need_a_fresh_sign_in(api: Api, db: Database) -> None:
+    owner_id, _ = await _member(db, api, "owner")
+    _target_id, target_email = await _member(db, api, "viewer")
+    stale = Caller(api, owner_id, ("owner",), mfa=True, age=3600)  # signed in an hour ago
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await stale(
+            http,
+            "POST",
+            f"/tenants/{api.tenants['own']}/members",
+            {"email": target_email, "role": "auditor"},
+        )
+    assert answer.status_code == 403
+    assert answer.json()["type"].endswith("/mfa-required")
+    assert "max_age" in answer.headers["www-authenticate"]

@@ -544,6 +544,7 @@ class ExternalIssuers:
             exp=exp,
             jkt=jkt,
             scope=_scope(p),
+            auth_time=numeric_date(p, "auth_time", required=False),
         )
 
 

@@ -465,7 +465,13 @@ class IdentityService:
             ),
         )
         access, claims = self.tokens.issue_access(
-            user_id=user_id, tenant_id=tenant_id, roles=roles, amr=tuple(amr), jkt=jkt, scope=scope
+            user_id=user_id,
+            tenant_id=tenant_id,
+            roles=roles,
+            amr=tuple(amr),
+            jkt=jkt,
+            scope=scope,
+            auth_time=int(auth_time.timestamp()),
         )
         id_token = None
         if "openid" in scope.split():

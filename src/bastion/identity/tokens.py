@@ -58,6 +58,7 @@ class AccessClaims:
     exp: int
     jkt: str | None  # RFC 9449 section 6.1: cnf.jkt, the bound DPoP key's thumbprint
     scope: str
+    auth_time: int | None = None  # when the user last authenticated (OIDC Core 2)
 
 
 class AccessTokenVerifier(Protocol):
@@ -103,8 +104,12 @@ class TokenIssuer:
         amr: Iterable[str],
         jkt: str | None,
         scope: str = "",
+        auth_time: int | None = None,
     ) -> tuple[str, AccessClaims]:
         """Return ``(token, claims)`` of a new access token.
+
+        ``auth_time`` (seconds) is when the user signed in; a refreshed token
+        keeps it, so endpoints can ask for a recent sign-in (MFA freshness).
 
         With ``jkt`` the token is DPoP-bound: ``cnf.jkt`` (RFC 9449 section 6.1)
         names the only key whose proofs may accompany it.
@@ -122,6 +127,7 @@ class TokenIssuer:
             exp=now + self._lifetime_s,
             jkt=jkt,
             scope=scope,
+            auth_time=auth_time,
         )
         payload: dict[str, Any] = {
             "iss": claims.iss,
@@ -138,6 +144,8 @@ class TokenIssuer:
         }
         if jkt is not None:
             payload["cnf"] = {"jkt": jkt}
+        if auth_time is not None:
+            payload["auth_time"] = auth_time
         kid, key = self._keys.current()
         header = {"alg": ALGORITHM, "typ": ACCESS_TOKEN_TYPE, "kid": kid}
         token = jwt.encode(header, payload, key, algorithms=[ALGORITHM])
@@ -293,6 +301,7 @@ class TokenVerifier:
             if not isinstance(cnf, dict) or not isinstance(cnf.get("jkt"), str):
                 raise InvalidToken("malformed cnf")
             jkt = cnf["jkt"]
+        auth_time = numeric_date(p, "auth_time", required=False)
         claims = AccessClaims(
             iss=self.issuer,
             aud=self.audience,
@@ -305,6 +314,7 @@ class TokenVerifier:
             exp=exp,
             jkt=jkt,
             scope=scope,
+            auth_time=auth_time,
         )
         return claims, nbf
 

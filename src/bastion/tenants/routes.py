@@ -4,6 +4,7 @@ guard authenticates the caller and asks Cedar for its action."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from uuid import UUID
 
@@ -37,6 +38,31 @@ def _refused(exc: ApprovalError) -> RoleChangeRefused:
     return RoleChangeRefused(str(exc), status=_STATUS.get(exc.reason, 409), reason=exc.reason)
 
 
+# Changing who holds admin roles needs a recent sign-in, not just an MFA token
+# kept alive by refreshes for hours (RFC 9470 max_age).
+MFA_FRESHNESS = 600
+
+
+class FreshSignInRequired(Problem):
+    type = problem_type("mfa-required")
+    title = "A recent sign-in with a second factor is required"
+    status = 403
+
+
+def _require_fresh(principal: Principal) -> None:
+    signed_in = principal.claims.auth_time
+    if signed_in is None or time.time() - signed_in > MFA_FRESHNESS:
+        problem = FreshSignInRequired(
+            f"sign in again with TOTP (within {MFA_FRESHNESS // 60} minutes) to change roles",
+            max_age=MFA_FRESHNESS,
+        )
+        problem.headers = {
+            "WWW-Authenticate": 'DPoP error="insufficient_user_authentication", '
+            f'error_description="a fresh sign-in is required", max_age={MFA_FRESHNESS}'
+        }
+        raise problem
+
+
 def build_router(db: Database, guard: Guard) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant_id}")
     approvals = ApprovalService(db)
@@ -46,6 +72,7 @@ def build_router(db: Database, guard: Guard) -> APIRouter:
         body: RoleGrant, principal: Principal = Depends(guard("member:grant", "Member"))
     ) -> JSONResponse:
         """Grant a role; admin-grade roles wait for a second owner's approval (202)."""
+        _require_fresh(principal)
         try:
             grant = await approvals.grant(
                 principal.tenant_id, principal.user_id, body.email, body.role
@@ -66,6 +93,7 @@ def build_router(db: Database, guard: Guard) -> APIRouter:
         request_id: UUID, principal: Principal = Depends(guard("member:approve", "Approval"))
     ) -> dict[str, str]:
         """Approve a pending admin-role request: a second owner, not the requester."""
+        _require_fresh(principal)
         try:
             grant = await approvals.approve(principal.tenant_id, principal.user_id, request_id)
         except ApprovalError as exc:
