@@ -33,9 +33,9 @@ _log = get_logger("bastion.identity")
 
 @dataclass(frozen=True)
 class Identity:
+    """The api's identity side: the provider's service and every guarded route."""
+
     service: IdentityService
-    keys: SigningKeys
-    authenticator: Authenticator
     routers: tuple[APIRouter, ...]
     external: ExternalIssuers
 
@@ -56,7 +56,8 @@ def build_identity(
     keystore: LocalKeystore,
     authorizer: Authorizer | None = None,
 ) -> Identity:
-    """Return the provider, the request authenticator and their routes."""
+    """Return the provider's service and the routes of the api (OIDC, account,
+    tenants), all guarded by the request authenticator and the Cedar policies."""
     issuer = settings.resolved_issuer
     lifetime = timedelta(minutes=settings.access_token_minutes)
     keys = SigningKeys(keystore, token_lifetime=lifetime)
@@ -104,4 +105,4 @@ def build_identity(
         account_routes.build_router(db, guard, mfa, passwords, throttle),
         tenant_routes.build_router(db, guard),
     )
-    return Identity(service, keys, authenticator, routers, external)
+    return Identity(service, routers, external)
