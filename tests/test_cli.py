@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,20 +26,23 @@ from tests.conftest import short_tempdir
 def home() -> Iterator[Path]:
     path = short_tempdir("bastion-cli-")
     yield path
-    subprocess.run(
-        [sys.executable, "-m", "bastion", "db", "stop"],
-        env={**os.environ, "BASTION_HOME": str(path)},
-        check=False,
-    )
+    _run(path, "db", "stop")
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment on ``home``, with the embedded database."""
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env["BASTION_HOME"] = str(home)
+    return {**env, "BASTION_HOME": str(home), **extra}
+
+
+def _run(
+    home: Path, *args: str, stdin: str | None = None, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bastion", *args],
-        env=env,
+        input=stdin,
+        env=_env(home, **extra_env),
         capture_output=True,
         text=True,
         timeout=120,
@@ -72,36 +76,44 @@ def test_db_lifecycle_and_no_secret_in_output(home: Path) -> None:
     assert superuser not in outputs
 
 
-def test_serve_api_answers_and_logs_no_secrets(home: Path) -> None:
-    assert _run(home, "db", "start").returncode == 0
+@contextlib.contextmanager
+def _api(home: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``bastion serve api`` on a free port, ready; yields its URL and process
+    (stdout and stderr piped together); stops it on exit."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "BASTION_HOME": str(home)}
-    env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bastion", "serve", "api", "--port", str(port)],
-        env=env,
+        [sys.executable, "-m", "bastion", "serve", "api"],
+        env=_env(home, BASTION_API_PORT=str(port)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        ready = None
-        while time.monotonic() < deadline:
+        while True:
             try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                break
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
             except httpx.TransportError:
-                time.sleep(0.1)
-        assert ready is not None and ready.status_code == 200
-        missing = httpx.get(f"http://127.0.0.1:{port}/missing", timeout=2)
+                pass
+            assert time.monotonic() < deadline, "the api did not become ready"
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+
+def test_serve_api_answers_and_logs_no_secrets(home: Path) -> None:
+    assert _run(home, "db", "start").returncode == 0
+    with _api(home) as (url, proc):
+        missing = httpx.get(f"{url}/missing", timeout=2)
         assert missing.status_code == 404
         assert missing.headers["content-type"] == "application/problem+json"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        logs, _ = proc.communicate(timeout=15)
+    logs, _ = proc.communicate(timeout=15)
     assert '"path": "/missing"' in logs and '"status": 404' in logs
     for value in _secrets(home):
         assert value.hex() not in logs
@@ -121,9 +133,8 @@ def test_tenant_user_keys_and_login_commands(home: Path) -> None:
     assert created.returncode == 0, created.stderr
     again = _run(home, "tenant", "create", "cli-desk")
     assert again.returncode == 1 and "already exists" in again.stderr
-    weak = _run_stdin(
+    weak = _run(
         home,
-        "password123\n",
         "user",
         "add",
         "--tenant",
@@ -133,13 +144,13 @@ def test_tenant_user_keys_and_login_commands(home: Path) -> None:
         "--role",
         "viewer",
         "--password-stdin",
+        stdin="password123\n",
     )
     assert weak.returncode == 1 and "password refused" in weak.stderr
     assert "password123" not in weak.stdout + weak.stderr
     password = "plum orchard ledger 9 quietly"
-    added = _run_stdin(
+    added = _run(
         home,
-        password + "\n",
         "user",
         "add",
         "--tenant",
@@ -149,6 +160,7 @@ def test_tenant_user_keys_and_login_commands(home: Path) -> None:
         "--role",
         "contributor",
         "--password-stdin",
+        stdin=password + "\n",
     )
     assert added.returncode == 0, added.stderr
     assert password not in added.stdout + added.stderr
@@ -159,41 +171,16 @@ def test_tenant_user_keys_and_login_commands(home: Path) -> None:
     rotated = _run(home, "keys", "rotate", "jwt")
     assert rotated.returncode == 0 and "new JWT signing key" in rotated.stdout
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(BASTION_HOME=str(home), BASTION_API_PORT=str(port))
-    api = subprocess.Popen(
-        [sys.executable, "-m", "bastion", "serve", "api"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        login = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bastion",
-                "login",
-                "--tenant",
-                "cli-desk",
-                "--email",
-                "ann@cli.test",
-            ],
-            input=password + "\n",
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+    with _api(home) as (url, proc):
+        login = _run(
+            home,
+            "login",
+            "--tenant",
+            "cli-desk",
+            "--email",
+            "ann@cli.test",
+            stdin=password + "\n",
+            BASTION_API_PORT=url.rsplit(":", 1)[1],
         )
         assert login.returncode == 0, login.stderr
         body = json.loads(login.stdout)
@@ -202,40 +189,18 @@ def test_tenant_user_keys_and_login_commands(home: Path) -> None:
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert '"d"' in key_file.read_text()  # the private key, kept out of stdout
         assert '"d"' not in login.stdout
-        refused = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bastion",
-                "login",
-                "--tenant",
-                "cli-desk",
-                "--email",
-                "ann@cli.test",
-            ],
-            input="wrong password entirely\n",
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        refused = _run(
+            home,
+            "login",
+            "--tenant",
+            "cli-desk",
+            "--email",
+            "ann@cli.test",
+            stdin="wrong password entirely\n",
+            BASTION_API_PORT=url.rsplit(":", 1)[1],
         )
         assert refused.returncode == 1 and "login refused" in refused.stderr
-    finally:
-        api.terminate()
-        api.wait(15)
-
-
-def _run_stdin(home: Path, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env["BASTION_HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-m", "bastion", *args],
-        input=stdin,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc.communicate(timeout=15)
 
 
 def test_db_stop(home: Path) -> None:
@@ -253,31 +218,15 @@ def test_broken_policy_refuses_to_start_with_file_and_line(home: Path, tmp_path:
     (broken / "roles.cedar").write_text(
         (broken / "roles.cedar").read_text() + "\npermit (principal, action, resource\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(BASTION_HOME=str(home), BASTION_POLICY_DIR=str(broken))
     assert _run(home, "db", "start").returncode == 0
-    result = subprocess.run(
-        [sys.executable, "-m", "bastion", "serve", "api"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _run(home, "serve", "api", BASTION_POLICY_DIR=str(broken))
     assert result.returncode == 1
     assert "roles.cedar:" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_token_lifetime_over_an_hour_refuses_to_start(home: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(BASTION_HOME=str(home), BASTION_ACCESS_TOKEN_MINUTES="61")
-    result = subprocess.run(
-        [sys.executable, "-m", "bastion", "serve", "api"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _run(home, "serve", "api", BASTION_ACCESS_TOKEN_MINUTES="61")
     assert result.returncode == 1
     assert "access tokens may live at most 60 minutes" in result.stderr
     assert "Traceback" not in result.stderr
