@@ -23,7 +23,14 @@ from psycopg import sql
 
 from bastion.db.launcher import EmbeddedPostgres, ServerInfo
 from bastion.db.pool import Database
-from bastion.db.provision import APP_ROLE, OWNER_ROLE, Target, provision, role_password
+from bastion.db.provision import (
+    APP_ROLE,
+    OWNER_ROLE,
+    QUEUE_ROLE,
+    Target,
+    provision,
+    role_password,
+)
 from bastion.logs import configure_logging
 from bastion.secrets import LocalKeystore
 
@@ -110,6 +117,7 @@ class DbHandles:
     owner: str
     app: str
     context_key: bytes
+    queue: str
 
 
 _counter = itertools.count()
@@ -132,8 +140,8 @@ def database(
             )
         )
         admin.execute(
-            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-                sql.Identifier(dbname), sql.Identifier(APP_ROLE)
+            sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(
+                sql.Identifier(dbname), sql.Identifier(APP_ROLE), sql.Identifier(QUEUE_ROLE)
             )
         )
     target = Target(
@@ -147,6 +155,7 @@ def database(
         owner=target.conninfo(user=OWNER_ROLE, password=role_password(keystore, OWNER_ROLE)),
         app=target.conninfo(user=APP_ROLE, password=role_password(keystore, APP_ROLE)),
         context_key=context_key(keystore),
+        queue=target.conninfo(user=QUEUE_ROLE, password=role_password(keystore, QUEUE_ROLE)),
     )
     with psycopg.connect(info.conninfo(), autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(dbname)))

@@ -42,8 +42,8 @@ async def pair(db: Database) -> Pair:
         async with db.tenant_tx(tenant, user, "owner") as tx:
             row = await (
                 await tx.execute(
-                    "INSERT INTO bastion.documents (title, body, created_by) "
-                    "VALUES (%s, 'secret body', %s) RETURNING id",
+                    "INSERT INTO bastion.documents (title, created_by) "
+                    "VALUES (%s, %s) RETURNING id",
                     (title, user),
                 )
             ).fetchone()
@@ -54,7 +54,7 @@ async def pair(db: Database) -> Pair:
 
 async def _b_rows(db: Database, pair: Pair) -> list[dict[str, object]]:
     async with db.tenant_tx(pair.b, pair.bob, "owner") as tx:
-        cur = await tx.execute("SELECT id, title, body FROM bastion.documents ORDER BY id")
+        cur = await tx.execute("SELECT id, title FROM bastion.documents ORDER BY id")
         return await cur.fetchall()
 
 
@@ -104,16 +104,16 @@ async def test_moving_own_row_to_other_tenant_is_refused(db: Database, pair: Pai
 async def test_update_and_delete_where_true_touch_only_own_rows(db: Database, pair: Pair) -> None:
     before = await _b_rows(db, pair)
     async with db.tenant_tx(pair.a, pair.alice, "owner") as tx:
-        updated = await tx.execute("UPDATE bastion.documents SET body = 'overwritten' WHERE true")
+        updated = await tx.execute("UPDATE bastion.documents SET title = 'overwritten' WHERE true")
         assert updated.rowcount >= 1
         targeted = await tx.execute(
-            "UPDATE bastion.documents SET body = 'overwritten' WHERE id = %s", (pair.b_doc,)
+            "UPDATE bastion.documents SET title = 'overwritten' WHERE id = %s", (pair.b_doc,)
         )
         assert targeted.rowcount == 0
         deleted = await tx.execute("DELETE FROM bastion.documents WHERE id = %s", (pair.b_doc,))
         assert deleted.rowcount == 0
     assert await _b_rows(db, pair) == before
-    assert all(row["body"] == "secret body" for row in before)
+    assert all(row["title"] == "B ticket" for row in before)
 
 
 async def test_set_config_to_other_tenant_is_refused(db: Database, pair: Pair) -> None:
@@ -127,8 +127,8 @@ async def test_set_config_to_other_tenant_is_refused(db: Database, pair: Pair) -
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         async with db.tenant_tx(pair.a, pair.alice, "owner") as tx:
             await tx.execute("SELECT set_config('app.tenant_id', %s, false)", (str(pair.b),))
-            await tx.execute("UPDATE bastion.documents SET body = 'x' WHERE true")
-    assert all(row["body"] == "secret body" for row in await _b_rows(db, pair))
+            await tx.execute("UPDATE bastion.documents SET title = 'x' WHERE true")
+    assert all(row["title"] == "B ticket" for row in await _b_rows(db, pair))
 
 
 async def test_forging_role_is_refused(db: Database, pair: Pair) -> None:
@@ -207,7 +207,7 @@ async def test_auditors_and_billing_admins_never_write_documents(
         async with db.tenant_tx(pair.a, pair.alice, role) as tx:
             await tx.execute("INSERT INTO bastion.documents (title) VALUES ('by an auditor')")
     async with db.tenant_tx(pair.a, pair.alice, role) as tx:
-        changed = await tx.execute("UPDATE bastion.documents SET body = 'x' WHERE true")
+        changed = await tx.execute("UPDATE bastion.documents SET title = 'x' WHERE true")
         deleted = await tx.execute("DELETE FROM bastion.documents WHERE true")
     assert changed.rowcount == 0 and deleted.rowcount == 0
 
@@ -236,7 +236,7 @@ async def test_viewer_cannot_write_documents(db: Database, pair: Pair) -> None:
         async with db.tenant_tx(pair.a, pair.alice, "viewer") as tx:
             await tx.execute("INSERT INTO bastion.documents (title) VALUES ('by a viewer')")
     async with db.tenant_tx(pair.a, pair.alice, "viewer") as tx:
-        changed = await tx.execute("UPDATE bastion.documents SET body = 'v' WHERE true")
+        changed = await tx.execute("UPDATE bastion.documents SET title = 'v' WHERE true")
         assert changed.rowcount == 0
         seen = await (await tx.execute("SELECT count(*) AS n FROM bastion.documents")).fetchone()
         assert seen is not None and seen["n"] >= 1  # viewers do read

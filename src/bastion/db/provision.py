@@ -4,6 +4,8 @@
   with an external ``DATABASE_URL`` the URL's own role plays that part.
 * ``bastion_app`` is what the processes connect as: not an owner, NOSUPERUSER,
   NOBYPASSRLS, and only the grants the migrations give it.
+* ``bastion_queue`` is the worker's connection to the job queue (the
+  ``procrastinate`` schema) and has no grant on tenant tables.
 
 Role passwords and the tenant-context HMAC key live in the key ring
 (``local://db/...``); nothing here is read from config as a value.
@@ -30,6 +32,7 @@ from bastion.secrets.store import LocalKeystore
 
 OWNER_ROLE = "bastion_owner"
 APP_ROLE = "bastion_app"
+QUEUE_ROLE = "bastion_queue"
 MIN_SERVER_VERSION = 150000
 _PROVISION_LOCK = 0x62617374  # "bast": serialises concurrent provisioning
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -76,6 +79,7 @@ class AppCredentials:
 
     conninfo: str
     context_key: bytes
+    queue_conninfo: str
 
 
 def role_password(keystore: LocalKeystore, role: str) -> str:
@@ -95,6 +99,9 @@ def app_credentials(target: Target, keystore: LocalKeystore) -> AppCredentials:
     return AppCredentials(
         conninfo=target.conninfo(user=APP_ROLE, password=role_password(keystore, APP_ROLE)),
         context_key=context_key(keystore),
+        queue_conninfo=target.conninfo(
+            user=QUEUE_ROLE, password=role_password(keystore, QUEUE_ROLE)
+        ),
     )
 
 
@@ -184,8 +191,8 @@ def _ensure_roles_and_database(
     admin: psycopg.Connection[tuple[object, ...]], target: Target, keystore: LocalKeystore
 ) -> str:
     """Create/refresh the roles (and the database when allowed); return the owner conninfo."""
-    app_password = role_password(keystore, APP_ROLE)
-    _ensure_role(admin, APP_ROLE, app_password)
+    _ensure_role(admin, APP_ROLE, role_password(keystore, APP_ROLE))
+    _ensure_role(admin, QUEUE_ROLE, role_password(keystore, QUEUE_ROLE))
     # Sessions as the app role are short and bounded: a stuck query or an open
     # transaction cannot hold locks (or a pooled connection) forever.
     admin.execute(
@@ -208,8 +215,13 @@ def _ensure_roles_and_database(
             )
         )
     admin.execute(
-        sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC; GRANT CONNECT ON DATABASE {} TO {}").format(
-            sql.Identifier(target.dbname), sql.Identifier(target.dbname), sql.Identifier(APP_ROLE)
+        sql.SQL(
+            "REVOKE ALL ON DATABASE {} FROM PUBLIC; GRANT CONNECT ON DATABASE {} TO {}, {}"
+        ).format(
+            sql.Identifier(target.dbname),
+            sql.Identifier(target.dbname),
+            sql.Identifier(APP_ROLE),
+            sql.Identifier(QUEUE_ROLE),
         )
     )
     return target.conninfo(user=OWNER_ROLE, password=owner_password)
