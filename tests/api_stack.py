@@ -13,6 +13,9 @@ from fastapi import FastAPI
 from bastion.api.app import create_app
 from bastion.db.pool import Database
 from bastion.identity.wiring import Identity, build_identity
+from bastion.knowledge import routes as knowledge_routes
+from bastion.knowledge.keys import TenantKeys
+from bastion.knowledge.service import KnowledgeService
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from tests.conftest import DbHandles
@@ -42,7 +45,15 @@ def api_server(
             finally:
                 await db.close()
 
-        app = create_app(readiness=db.ping, lifespan=lifespan, extra_routers=identity.routers)
+        knowledge = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+        app = create_app(
+            readiness=db.ping,
+            lifespan=lifespan,
+            extra_routers=(
+                *identity.routers,
+                knowledge_routes.build_router(knowledge, identity.guard),
+            ),
+        )
         built.append((app, identity))
         return app
 

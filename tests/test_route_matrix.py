@@ -105,6 +105,8 @@ async def test_route_matrix(api: Api) -> None:
                             .replace("{request_id}", str(uuid4()))
                             .replace("{user_id}", str(uuid4()))
                             .replace("{role}", "viewer")
+                            .replace("{namespace}", "nowhere")
+                            .replace("{document_id}", str(uuid4()))
                         )
                         outcome = await _call(api, http, method, path, role, mfa)
                         expected = side == "own" and _allowed(

@@ -17,6 +17,7 @@ from bastion.access.authorize import PolicyError
 from bastion.access.cli import policy_app
 from bastion.db.launcher import LauncherError
 from bastion.db.provision import APP_ROLE, DatabaseError
+from bastion.knowledge.cli import ingest_command, search_command
 from bastion.secrets.cli import secrets_app
 from bastion.secrets.errors import SecretsError
 from bastion.settings import Settings
@@ -33,6 +34,8 @@ db_app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(policy_app, name="policy")
+app.command("ingest")(ingest_command)
+app.command("search")(search_command)
 
 out = Console()
 err = Console(stderr=True)

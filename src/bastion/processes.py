@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -18,9 +18,11 @@ from fastapi import FastAPI
 from rich.console import Console
 from rich.table import Table
 
+from bastion.db.pool import Database
 from bastion.db.service import embedded_server
+from bastion.knowledge.service import KnowledgeService
 from bastion.logs import configure_logging
-from bastion.runtime import app_database, open_keystore
+from bastion.runtime import app_database, knowledge_service, open_keystore, queue_conninfo
 from bastion.serve import serve
 from bastion.settings import Settings
 
@@ -45,6 +47,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "BASTION_GATEWAY_PORT": str(settings.gateway_port),
         "BASTION_WORKER_PORT": str(settings.worker_port),
         "BASTION_LOG_LEVEL": settings.log_level,
+        "BASTION_EMBEDDER": settings.embedder,
+        "BASTION_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
     }
     for name, value in (
         ("BASTION_MASTER_KEY_FILE", settings.master_key_file),
@@ -62,32 +66,64 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     from bastion.api.app import create_app
     from bastion.gateway.app import create_gateway_app
     from bastion.identity.wiring import build_identity
+    from bastion.knowledge import routes as knowledge_routes
     from bastion.worker.health import create_worker_health_app
 
     db = app_database(settings)
-    identity = build_identity(settings, db, open_keystore(settings)) if process == "api" else None
+    keystore = open_keystore(settings)
+    if process == "gateway":
+        return create_gateway_app(readiness=db.ping, lifespan=_pool_lifespan(db))
+    knowledge = knowledge_service(settings, db, keystore)
+    if process == "worker":
+        return create_worker_health_app(db.ping, lifespan=_worker_lifespan(settings, db, knowledge))
+    identity = build_identity(settings, db, keystore)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await db.open()
-        try:
-            if identity is not None:
-                await identity.start()
+        async with _pool_lifespan(db)(_app):
+            await identity.start()
             yield
-        finally:
-            await db.close()
 
-    if process == "gateway":
-        return create_gateway_app(readiness=db.ping, lifespan=lifespan)
-    if process == "worker":
-        return create_worker_health_app(db.ping, lifespan=lifespan)
-    assert identity is not None
     return create_app(
         title="Bastion API",
         readiness=db.ping,
         lifespan=lifespan,
-        extra_routers=identity.routers,
+        extra_routers=(*identity.routers, knowledge_routes.build_router(knowledge, identity.guard)),
+        max_body_bytes=settings.max_upload_bytes,
     )
+
+
+def _pool_lifespan(db: Database) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await db.open()
+        try:
+            yield
+        finally:
+            await db.close()
+
+    return lifespan
+
+
+def _worker_lifespan(
+    settings: Settings, db: Database, knowledge: KnowledgeService
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The worker's pool, and the queue's worker running its jobs."""
+    from bastion.access.authorize import Authorizer
+    from bastion.knowledge import tasks as knowledge_tasks
+    from bastion.worker.jobs import JobRegistry
+    from bastion.worker.queue import queue_app, running_worker
+
+    queue = queue_app(queue_conninfo(settings))
+    authorizer = Authorizer(settings.policy_dir) if settings.policy_dir else Authorizer()
+    knowledge_tasks.register(queue, JobRegistry(authorizer), db, knowledge)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        async with _pool_lifespan(db)(_app), running_worker(queue):
+            yield
+
+    return lifespan
 
 
 def run_process(process: str, settings: Settings, *, port: int | None = None) -> None:
@@ -125,7 +161,9 @@ def stack(
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, **settings_env(settings)},
+                # One BLAS thread: the embedder shares the cores with PostgreSQL
+                # and the api, and spinning BLAS threads collapse under that.
+                env={"OPENBLAS_NUM_THREADS": "1", **os.environ, **settings_env(settings)},
             )
             if log is not None:
                 log.close()  # the child holds its own descriptor

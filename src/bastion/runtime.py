@@ -5,6 +5,8 @@ from __future__ import annotations
 from bastion.db.pool import Database
 from bastion.db.provision import app_credentials, provision
 from bastion.db.service import resolve_target
+from bastion.knowledge.keys import TenantKeys
+from bastion.knowledge.service import KnowledgeService
 from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
 
@@ -25,3 +27,21 @@ def app_database(settings: Settings, *, migrate: bool = False, max_size: int = 1
     target = resolve_target(settings, start=migrate)
     credentials = provision(target, keystore) if migrate else app_credentials(target, keystore)
     return Database(credentials.conninfo, credentials.context_key, max_size=max_size)
+
+
+def queue_conninfo(settings: Settings) -> str:
+    """Return the job queue role's conninfo (the database must be provisioned)."""
+    keystore = open_keystore(settings)
+    return app_credentials(resolve_target(settings, start=False), keystore).queue_conninfo
+
+
+def knowledge_service(
+    settings: Settings, db: Database, keystore: LocalKeystore
+) -> KnowledgeService:
+    """Return the knowledge base on ``db`` with the tenants' keys from ``keystore``."""
+    return KnowledgeService(
+        db,
+        TenantKeys(keystore),
+        default_embedder=settings.embedder,
+        max_upload_bytes=settings.max_upload_bytes,
+    )

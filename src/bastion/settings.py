@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 from uuid import UUID
 
 from pydantic import AliasChoices, BaseModel, Field, field_validator
@@ -71,6 +72,11 @@ class Settings(BaseSettings):
     policy_dir: Path | None = None
     # JSON list in BASTION_EXTERNAL_ISSUERS, e.g. [{"issuer": "https://kc/realms/x", ...}]
     external_issuers: list[ExternalIssuer] = Field(default_factory=list)
+
+    # Knowledge base: the embedder of new namespaces ("minilm", or "hashing"
+    # for tests) and the largest document upload (also the api's body cap).
+    embedder: Literal["minilm", "hashing"] = "minilm"
+    max_upload_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
 
     @field_validator("access_token_minutes")
     @classmethod

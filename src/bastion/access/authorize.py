@@ -49,6 +49,7 @@ ACTIONS: tuple[str, ...] = (
     "document:read",
     "document:write",
     "document:delete",
+    "namespace:manage",
     "question:ask",
     "tool:run",
     "model:invoke",

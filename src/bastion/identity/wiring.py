@@ -38,6 +38,7 @@ class Identity:
     service: IdentityService
     routers: tuple[APIRouter, ...]
     external: ExternalIssuers
+    guard: Guard  # for other domains' routes
 
     async def start(self) -> None:
         """Idempotent start-up work: the CLI's public client exists, and external
@@ -105,4 +106,4 @@ def build_identity(
         account_routes.build_router(db, guard, mfa, passwords, throttle),
         tenant_routes.build_router(db, guard),
     )
-    return Identity(service, routers, external)
+    return Identity(service, routers, external, guard)

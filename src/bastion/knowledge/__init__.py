@@ -1,0 +1,1 @@
+"""Knowledge base: tenant-isolated ingestion and retrieval (CHECKLIST R3)."""

@@ -1,0 +1,45 @@
+"""Errors of the knowledge base, answered as problem+json (RFC 9457) by the api."""
+
+from __future__ import annotations
+
+from bastion.api.problems import Problem, problem_type
+
+
+class NamespaceNotFound(Problem):
+    # Also what another tenant's namespace looks like: its existence is not confirmed.
+    type = problem_type("namespace-not-found")
+    title = "No such namespace"
+    status = 404
+
+
+class NamespaceExists(Problem):
+    type = problem_type("namespace-exists")
+    title = "A namespace with that name exists"
+    status = 409
+
+
+class DocumentNotFound(Problem):
+    type = problem_type("document-not-found")
+    title = "No such document"
+    status = 404
+
+
+class UploadRefused(Problem):
+    """The body cannot become a document; ``reason`` is a stable slug
+    (empty, binary, encoding, unsupported-type, too-large, ...)."""
+
+    type = problem_type("upload-refused")
+    title = "The upload cannot be indexed"
+    status = 422
+
+
+class IdempotencyKeyReused(Problem):
+    type = problem_type("idempotency-key-reused")
+    title = "The idempotency key was used for a different upload"
+    status = 409
+
+
+class EmbeddingMismatch(Problem):
+    type = problem_type("embedding-mismatch")
+    title = "The embedding does not fit this namespace"
+    status = 422

@@ -1,0 +1,683 @@
+"""The knowledge base: namespaces, documents, ingestion and retrieval (CHECKLIST R3).
+
+Isolation holds in three places at once: the query names the tenant and the
+namespace, row-level security filters on the signed tenant context, and the
+chunks of a namespace live in its own partition with its own HNSW graph.
+Chunk text and document bodies are stored only encrypted under the tenant's
+data key (:mod:`bastion.knowledge.keys`) and decrypted after the row-level
+checks, for a caller whose transaction could read them.
+
+Ingestion is exactly-once by construction: the chunks of a document are
+written in the one transaction that flips it from ``pending`` to ``indexed``,
+under the document's row lock, so a second run of the same job (a retry after
+a killed worker, a duplicate delivery) finds it indexed and does nothing.
+Embeddings computed before a crash are kept in ``embedding_cache`` so the
+retry does not pay for them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from bastion.audit import log as audit
+from bastion.db.pool import Conn, Database
+from bastion.knowledge.chunks import chunk_text
+from bastion.knowledge.embedders import Embedder, get_embedder
+from bastion.knowledge.errors import (
+    DocumentNotFound,
+    EmbeddingMismatch,
+    IdempotencyKeyReused,
+    NamespaceExists,
+    NamespaceNotFound,
+    UploadRefused,
+)
+from bastion.knowledge.extract import SUPPORTED_TYPES, ExtractionError, extract_text
+from bastion.knowledge.keys import DecryptionFailed, KeyUnavailable, TenantKeys, open_sealed, seal
+from bastion.knowledge.redact import BasicRedactor, Redactor
+from bastion.logs import get_logger
+
+_log = get_logger("bastion.knowledge")
+
+MAX_K = 100
+EMBED_BATCH = 64
+INSERT_BATCH = 500
+# HNSW candidate list; with iterative scans pgvector widens it until k rows
+# pass the filters (pgvector >= 0.8, "iterative index scans").
+EF_SEARCH = 100
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts, in which tenant, with which database role."""
+
+    tenant_id: UUID
+    user_id: UUID | None
+    role: str
+
+    @property
+    def name(self) -> str:
+        return f"user:{self.user_id}" if self.user_id else self.role
+
+
+@dataclass(frozen=True)
+class Namespace:
+    id: UUID
+    name: str
+    embedder: str
+    model_id: str
+    dim: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    id: UUID
+    namespace_id: UUID
+    title: str
+    content_type: str
+    byte_size: int
+    status: str
+    failure_reason: str | None
+    chunk_count: int | None
+    redactions: dict[str, int] | None
+    created_at: datetime
+    indexed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Upload:
+    document: DocumentInfo
+    created: bool  # False: the idempotency key named an earlier identical upload
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    chunk_id: UUID
+    document_id: UUID
+    title: str
+    ordinal: int
+    score: float
+    text: str
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    status: str  # indexed, failed, skipped
+    chunks: int = 0
+    embedded: int = 0  # chunks embedded in this run (not taken from the cache)
+    reason: str | None = None
+
+
+Progress = Callable[[str, int], None]
+"""Called with ("chunks", total) once, then ("embedded", n) after each batch."""
+
+
+def _media_type(content_type: str) -> tuple[str, str | None]:
+    """Split ``text/plain; charset=latin-1`` into the media type and the charset."""
+    media, _, params = content_type.partition(";")
+    charset = None
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"') or None
+    return media.strip().lower(), charset
+
+
+def vector_literal(vector: np.ndarray[Any, Any]) -> str:
+    """pgvector's text form ``[x,y,...]`` of a 1-d float vector."""
+    return "[" + ",".join(f"{x:.7g}" for x in vector.tolist()) + "]"
+
+
+def _parse_vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
+    return np.asarray(json.loads(text), dtype=np.float32)
+
+
+def _chunk_hash(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+_DOCUMENT_COLUMNS = (
+    "id, namespace_id, title, content_type, byte_size, status, failure_reason, "
+    "chunk_count, redactions, created_at, indexed_at"
+)
+
+
+def _document(row: dict[str, Any]) -> DocumentInfo:
+    return DocumentInfo(**{k: row[k] for k in DocumentInfo.__dataclass_fields__})
+
+
+class KnowledgeService:
+    """Namespaces, documents, ingestion and search over the app role's pool."""
+
+    def __init__(
+        self,
+        db: Database,
+        keys: TenantKeys,
+        *,
+        default_embedder: str = "minilm",
+        embedders: Callable[[str], Embedder] = get_embedder,
+        redactor: Redactor | None = None,
+        max_upload_bytes: int = 1 << 20,
+        chunk_tokens: int = 200,
+        chunk_overlap: int = 40,
+    ) -> None:
+        self.db = db
+        self.keys = keys
+        self.default_embedder = default_embedder
+        self.embedders = embedders
+        self.redactor = redactor or BasicRedactor()
+        self.max_upload_bytes = max_upload_bytes
+        self.chunk_tokens = chunk_tokens
+        self.chunk_overlap = chunk_overlap
+
+    def _tx(self, actor: Actor) -> Any:
+        return self.db.tenant_tx(actor.tenant_id, actor.user_id, actor.role)
+
+    # -- namespaces ---------------------------------------------------------
+
+    async def create_namespace(
+        self, actor: Actor, name: str, embedder: str | None = None
+    ) -> Namespace:
+        """Create a namespace (and its partition and HNSW index) for ``embedder``.
+
+        Raises :class:`NamespaceExists`, or :class:`UploadRefused`-style
+        ValueError for an unknown embedder.
+        """
+        model = self.embedders(embedder or self.default_embedder)
+        try:
+            async with self._tx(actor) as tx:
+                cur = await tx.execute(
+                    "SELECT bastion.create_namespace(%s, %s, %s, %s) AS id",
+                    (name, model.name, model.model_id, model.dim),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                await audit.record(
+                    tx,
+                    actor=actor.name,
+                    action="namespace.create",
+                    target=str(row["id"]),
+                    details={"name": name, "embedder": model.name, "dim": model.dim},
+                )
+                return await self._namespace(tx, str(row["id"]))
+        except psycopg.errors.UniqueViolation:
+            raise NamespaceExists(f"namespace {name!r} exists in this tenant") from None
+
+    async def ensure_namespace(
+        self, actor: Actor, name: str, embedder: str | None = None
+    ) -> Namespace:
+        """Return the namespace called ``name``, creating it if missing."""
+        try:
+            return await self.namespace(actor, name)
+        except NamespaceNotFound:
+            try:
+                return await self.create_namespace(actor, name, embedder)
+            except NamespaceExists:  # created concurrently
+                return await self.namespace(actor, name)
+
+    async def namespaces(self, actor: Actor) -> list[Namespace]:
+        async with self._tx(actor) as tx:
+            cur = await tx.execute(
+                "SELECT id, name, embedder, model_id, dim, created_at FROM bastion.namespaces "
+                "WHERE tenant_id = %s ORDER BY name",
+                (actor.tenant_id,),
+            )
+            return [Namespace(**row) for row in await cur.fetchall()]
+
+    async def namespace(self, actor: Actor, ref: str) -> Namespace:
+        async with self._tx(actor) as tx:
+            return await self._namespace(tx, ref)
+
+    async def _namespace(self, tx: Conn, ref: str) -> Namespace:
+        """The namespace named (or with the id) ``ref`` visible in this transaction."""
+        try:
+            by_id: UUID | None = UUID(ref)
+        except ValueError:
+            by_id = None
+        cur = await tx.execute(
+            "SELECT id, name, embedder, model_id, dim, created_at FROM bastion.namespaces "
+            "WHERE tenant_id = bastion.app_tenant_id() AND (name = %s OR id = %s)",
+            (ref, by_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NamespaceNotFound(f"no namespace {ref!r} in this tenant")
+        return Namespace(**row)
+
+    # -- documents ----------------------------------------------------------
+
+    async def upload(
+        self,
+        actor: Actor,
+        namespace: str,
+        *,
+        title: str,
+        body: bytes,
+        content_type: str,
+        idempotency_key: str | None = None,
+        enqueue: bool = True,
+    ) -> Upload:
+        """Store ``body`` encrypted and enqueue its ingestion, in one transaction.
+
+        ``enqueue=False`` is for a caller that ingests the document itself
+        (``bastion ingest``), so the worker does not embed it a second time.
+
+        Text bodies are checked now (so a client learns at once that its file
+        is empty, binary or mis-encoded); PDFs are parsed by the worker, whose
+        failures are stored on the document. Raises :class:`UploadRefused`,
+        :class:`NamespaceNotFound` or :class:`IdempotencyKeyReused`.
+        """
+        media, charset = _media_type(content_type)
+        if len(body) > self.max_upload_bytes:
+            raise UploadRefused(
+                f"uploads are limited to {self.max_upload_bytes} bytes",
+                status=413,
+                reason="too-large",
+            )
+        if media not in SUPPORTED_TYPES:
+            raise UploadRefused(
+                f"supported types are {', '.join(sorted(SUPPORTED_TYPES))}",
+                status=415,
+                reason="unsupported-type",
+            )
+        if media != "application/pdf":
+            try:
+                extract_text(body, media, charset=charset)
+            except ExtractionError as exc:
+                raise UploadRefused(str(exc), reason=exc.reason) from None
+        digest = hashlib.sha256(body).digest()
+        async with self._tx(actor) as tx:
+            ns = await self._namespace(tx, namespace)
+            document_id = uuid4()
+            version, key = await self.keys.current(tx, actor.tenant_id)
+            ciphertext = seal(key, "document", actor.tenant_id, document_id, body)
+            cur = await tx.execute(
+                "INSERT INTO bastion.documents (id, namespace_id, title, content_type, "
+                "byte_size, sha256, body_ciphertext, key_version, idempotency_key, created_by) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id",
+                (
+                    document_id,
+                    ns.id,
+                    title,
+                    content_type,
+                    len(body),
+                    digest,
+                    ciphertext,
+                    version,
+                    idempotency_key,
+                    actor.user_id,
+                ),
+            )
+            if await cur.fetchone() is None:
+                # The key was used before (or by a concurrent request, which
+                # ON CONFLICT waited for): the same upload again is the same
+                # document; another body under that key is a client bug.
+                cur = await tx.execute(
+                    f"SELECT {_DOCUMENT_COLUMNS}, sha256 FROM bastion.documents "
+                    "WHERE idempotency_key = %s",
+                    (idempotency_key,),
+                )
+                earlier = await cur.fetchone()
+                assert earlier is not None
+                if earlier["sha256"] != digest or earlier["namespace_id"] != ns.id:
+                    raise IdempotencyKeyReused(
+                        "that Idempotency-Key was used for a different upload"
+                    )
+                return Upload(_document(earlier), created=False)
+            if enqueue:
+                await tx.execute("SELECT bastion.enqueue_ingest(%s)", (document_id,))
+            await audit.record(
+                tx,
+                actor=actor.name,
+                action="document.upload",
+                target=str(document_id),
+                details={"namespace": str(ns.id), "bytes": len(body), "type": media},
+            )
+            return Upload(await self._document(tx, document_id), created=True)
+
+    async def documents(self, actor: Actor, namespace: str) -> list[DocumentInfo]:
+        async with self._tx(actor) as tx:
+            ns = await self._namespace(tx, namespace)
+            cur = await tx.execute(
+                f"SELECT {_DOCUMENT_COLUMNS} FROM bastion.documents "
+                "WHERE tenant_id = %s AND namespace_id = %s ORDER BY created_at, id",
+                (actor.tenant_id, ns.id),
+            )
+            return [_document(row) for row in await cur.fetchall()]
+
+    async def document(self, actor: Actor, document_id: UUID) -> DocumentInfo:
+        async with self._tx(actor) as tx:
+            return await self._document(tx, document_id)
+
+    async def _document(self, tx: Conn, document_id: UUID) -> DocumentInfo:
+        cur = await tx.execute(
+            f"SELECT {_DOCUMENT_COLUMNS} FROM bastion.documents "
+            "WHERE tenant_id = bastion.app_tenant_id() AND id = %s AND namespace_id IS NOT NULL",
+            (document_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise DocumentNotFound(f"no document {document_id} in this tenant")
+        return _document(row)
+
+    async def content(self, actor: Actor, document_id: UUID) -> tuple[bytes, str]:
+        """Return the original body and its content type."""
+        async with self._tx(actor) as tx:
+            info = await self._document(tx, document_id)
+            cur = await tx.execute(
+                "SELECT body_ciphertext, key_version FROM bastion.documents WHERE id = %s",
+                (document_id,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            key = await self.keys.get(tx, actor.tenant_id, row["key_version"])
+            body = open_sealed(
+                key, "document", actor.tenant_id, document_id, row["body_ciphertext"]
+            )
+            return body, info.content_type
+
+    async def delete(self, actor: Actor, document_id: UUID) -> None:
+        """Delete a document with its chunks and cached embeddings (one transaction)."""
+        async with self._tx(actor) as tx:
+            cur = await tx.execute(
+                "DELETE FROM bastion.documents WHERE tenant_id = %s AND id = %s "
+                "AND namespace_id IS NOT NULL RETURNING id",
+                (actor.tenant_id, document_id),
+            )
+            if await cur.fetchone() is None:
+                raise DocumentNotFound(f"no document {document_id} in this tenant")
+            await audit.record(
+                tx, actor=actor.name, action="document.delete", target=str(document_id)
+            )
+
+    # -- ingestion ----------------------------------------------------------
+
+    async def ingest(
+        self, tenant_id: UUID, document_id: UUID, *, progress: Progress | None = None
+    ) -> IngestOutcome:
+        """Index a pending document: extract → redact → chunk → embed → store.
+
+        Idempotent: a document that is not pending (indexed, failed, deleted)
+        is skipped. A document that cannot be indexed is marked failed with a
+        reason; infrastructure errors propagate so the queue retries.
+        """
+        system = Actor(tenant_id, None, "system")
+        async with self._tx(system) as tx:
+            cur = await tx.execute(
+                "SELECT d.status, d.content_type, d.body_ciphertext, d.key_version, "
+                "n.embedder, n.model_id, n.dim FROM bastion.documents d "
+                "JOIN bastion.namespaces n ON n.id = d.namespace_id WHERE d.id = %s",
+                (document_id,),
+            )
+            doc = await cur.fetchone()
+            if doc is None or doc["status"] != "pending":
+                return IngestOutcome("skipped")
+            key = await self.keys.get(tx, tenant_id, doc["key_version"])
+            body = open_sealed(key, "document", tenant_id, document_id, doc["body_ciphertext"])
+        media, charset = _media_type(doc["content_type"])
+        try:
+            embedder = self.embedders(doc["embedder"])
+        except ValueError:
+            return await self._fail(system, document_id, "embedder-unavailable")
+        if embedder.model_id != doc["model_id"] or embedder.dim != doc["dim"]:
+            return await self._fail(system, document_id, "embedder-mismatch")
+        try:
+            # Parsing a PDF is CPU work: off the event loop.
+            text = await asyncio.to_thread(extract_text, body, media, charset=charset)
+        except ExtractionError as exc:
+            return await self._fail(system, document_id, exc.reason)
+        redaction = self.redactor.redact(text)
+        chunks = chunk_text(
+            redaction.text,
+            embedder.token_offsets,
+            max_tokens=self.chunk_tokens,
+            overlap=self.chunk_overlap,
+        )
+        if not chunks:
+            return await self._fail(system, document_id, "empty")
+        if progress:
+            progress("chunks", len(chunks))
+        vectors, embedded = await self._embed(system, document_id, embedder, chunks, progress)
+        async with self._tx(system) as tx:
+            cur = await tx.execute(
+                "SELECT status, namespace_id FROM bastion.documents WHERE id = %s FOR UPDATE",
+                (document_id,),
+            )
+            row = await cur.fetchone()
+            if row is None or row["status"] != "pending":
+                return IngestOutcome("skipped")  # done (or deleted) meanwhile
+            version, key = await self.keys.current(tx, tenant_id)
+            for start in range(0, len(chunks), INSERT_BATCH):
+                batch = chunks[start : start + INSERT_BATCH]
+                ids = [uuid4() for _ in batch]
+                await tx.execute(
+                    "INSERT INTO bastion.chunks (tenant_id, namespace_id, id, document_id, "
+                    "ordinal, token_count, embedding, ciphertext, key_version) "
+                    "SELECT %s, %s, u.id, %s, u.ordinal, u.tokens, u.embedding::vector, "
+                    "u.ciphertext, %s FROM unnest(%s::uuid[], %s::int[], %s::int[], "
+                    "%s::text[], %s::bytea[]) AS u(id, ordinal, tokens, embedding, ciphertext)",
+                    (
+                        tenant_id,
+                        row["namespace_id"],
+                        document_id,
+                        version,
+                        ids,
+                        [c.ordinal for c in batch],
+                        [c.tokens for c in batch],
+                        [vectors[c.ordinal] for c in batch],
+                        [
+                            seal(key, "chunk", tenant_id, chunk_id, c.text.encode())
+                            for chunk_id, c in zip(ids, batch, strict=True)
+                        ],
+                    ),
+                )
+            await tx.execute(
+                "DELETE FROM bastion.embedding_cache WHERE document_id = %s", (document_id,)
+            )
+            await tx.execute(
+                "UPDATE bastion.documents SET status = 'indexed', chunk_count = %s, "
+                "redactions = %s, indexed_at = now(), failure_reason = NULL WHERE id = %s",
+                (len(chunks), json.dumps(redaction.counts), document_id),
+            )
+            await audit.record(
+                tx,
+                actor="worker",
+                action="document.indexed",
+                target=str(document_id),
+                details={"chunks": len(chunks), "redactions": redaction.counts},
+            )
+        return IngestOutcome("indexed", chunks=len(chunks), embedded=embedded)
+
+    async def _embed(
+        self,
+        system: Actor,
+        document_id: UUID,
+        embedder: Embedder,
+        chunks: Sequence[Any],
+        progress: Progress | None,
+    ) -> tuple[list[str], int]:
+        """Return each chunk's vector literal, embedding only what the cache lacks.
+
+        Each batch is committed to the cache at once: a worker killed halfway
+        leaves the finished batches for the retry.
+        """
+        hashes = [_chunk_hash(c.text) for c in chunks]
+        async with self._tx(system) as tx:
+            cur = await tx.execute(
+                "SELECT chunk_hash, embedding::text AS embedding FROM bastion.embedding_cache "
+                "WHERE document_id = %s",
+                (document_id,),
+            )
+            cached = {bytes(r["chunk_hash"]): r["embedding"] for r in await cur.fetchall()}
+        todo = [i for i, h in enumerate(hashes) if h not in cached]
+        if progress and len(todo) < len(chunks):
+            progress("embedded", len(chunks) - len(todo))
+        for start in range(0, len(todo), EMBED_BATCH):
+            batch = todo[start : start + EMBED_BATCH]
+            matrix = await asyncio.to_thread(embedder.embed, [chunks[i].text for i in batch])
+            literals = [vector_literal(v) for v in matrix]
+            async with self._tx(system) as tx:
+                await tx.execute(
+                    "INSERT INTO bastion.embedding_cache (tenant_id, document_id, chunk_hash, "
+                    "embedding) SELECT %s, %s, u.h, u.e::vector "
+                    "FROM unnest(%s::bytea[], %s::text[]) AS u(h, e) ON CONFLICT DO NOTHING",
+                    (system.tenant_id, document_id, [hashes[i] for i in batch], literals),
+                )
+            cached.update((hashes[i], lit) for i, lit in zip(batch, literals, strict=True))
+            if progress:
+                progress("embedded", len(batch))
+        return [cached[h] for h in hashes], len(todo)
+
+    async def _fail(self, system: Actor, document_id: UUID, reason: str) -> IngestOutcome:
+        async with self._tx(system) as tx:
+            await tx.execute(
+                "UPDATE bastion.documents SET status = 'failed', failure_reason = %s "
+                "WHERE id = %s AND status = 'pending'",
+                (reason, document_id),
+            )
+            await tx.execute(
+                "DELETE FROM bastion.embedding_cache WHERE document_id = %s", (document_id,)
+            )
+            await audit.record(
+                tx,
+                actor="worker",
+                action="document.failed",
+                target=str(document_id),
+                details={"reason": reason},
+            )
+        _log.info("ingest_failed", document_id=str(document_id), reason=reason)
+        return IngestOutcome("failed", reason=reason)
+
+    async def fail(self, tenant_id: UUID, document_id: UUID, reason: str) -> IngestOutcome:
+        """Mark a pending document failed with ``reason`` (e.g. the uploader lost the right)."""
+        return await self._fail(Actor(tenant_id, None, "system"), document_id, reason)
+
+    # -- retrieval ----------------------------------------------------------
+
+    async def search(
+        self,
+        actor: Actor,
+        namespace: str,
+        *,
+        query: str | None = None,
+        embedding: Sequence[float] | None = None,
+        k: int = 5,
+        document_ids: Sequence[UUID] | None = None,
+        title: str | None = None,
+    ) -> list[SearchHit]:
+        """The ``k`` chunks of the caller's namespace nearest to the query.
+
+        Give the query as text (embedded with the namespace's model) or as an
+        ``embedding`` of the namespace's dimension. Optional filters narrow to
+        some documents or an exact title; iterative scans keep ``k`` results
+        coming when filters reject most neighbours.
+        """
+        if (query is None) == (embedding is None):
+            raise ValueError("give exactly one of query and embedding")
+        k = max(1, min(k, MAX_K))
+        async with self._tx(actor) as tx:
+            ns = await self._namespace(tx, namespace)
+            if embedding is not None:
+                vector = np.asarray(embedding, dtype=np.float32)
+                if vector.shape != (ns.dim,) or not np.all(np.isfinite(vector)):
+                    raise EmbeddingMismatch(
+                        f"this namespace's embeddings have {ns.dim} finite dimensions"
+                    )
+            else:
+                embedder = self.embedders(ns.embedder)
+                if embedder.model_id != ns.model_id:
+                    raise EmbeddingMismatch("the namespace's model is not available here")
+                vector = (await asyncio.to_thread(embedder.embed, [query or ""]))[0]
+            filters = [sql.SQL("c.tenant_id = %(tenant)s AND c.namespace_id = %(ns)s")]
+            if document_ids is not None:
+                filters.append(sql.SQL("c.document_id = ANY(%(docs)s)"))
+            if title is not None:
+                filters.append(
+                    sql.SQL(
+                        "c.document_id IN (SELECT id FROM bastion.documents "
+                        "WHERE namespace_id = %(ns)s AND title = %(title)s)"
+                    )
+                )
+            # The cast names the dimension the partition's expression index was
+            # built with; custom plans let the planner prune to that partition.
+            distance = sql.SQL("c.embedding::vector({dim}) <=> %(q)s::vector({dim})").format(
+                dim=sql.Literal(ns.dim)
+            )
+            await tx.execute(
+                f"SET LOCAL hnsw.ef_search = {max(EF_SEARCH, k)}; "
+                "SET LOCAL hnsw.iterative_scan = relaxed_order; "
+                "SET LOCAL plan_cache_mode = force_custom_plan"
+            )
+            cur = await tx.execute(
+                # The nearest neighbours first, on their own (one index scan of
+                # one partition), then their titles.
+                sql.SQL(
+                    "WITH nearest AS MATERIALIZED (SELECT c.id, c.document_id, c.ordinal, "
+                    "c.ciphertext, c.key_version, {distance} AS distance FROM bastion.chunks c "
+                    "WHERE {filters} ORDER BY {distance} LIMIT %(k)s) "
+                    "SELECT nearest.*, d.title FROM nearest "
+                    "JOIN bastion.documents d ON d.id = nearest.document_id"
+                ).format(distance=distance, filters=sql.SQL(" AND ").join(filters)),
+                {
+                    "tenant": actor.tenant_id,
+                    "ns": ns.id,
+                    "q": vector_literal(vector),
+                    "docs": list(document_ids or []),
+                    "title": title,
+                    "k": k,
+                },
+            )
+            rows = await cur.fetchall()
+            hits = []
+            for row in rows:
+                try:
+                    key = await self.keys.get(tx, actor.tenant_id, row["key_version"])
+                    text = open_sealed(key, "chunk", actor.tenant_id, row["id"], row["ciphertext"])
+                except (KeyUnavailable, DecryptionFailed):
+                    # A row this tenant's key cannot open was not written for
+                    # it: never returned, and worth an alarm.
+                    _log.warning("chunk_undecryptable", chunk_id=str(row["id"]))
+                    continue
+                hits.append(
+                    SearchHit(
+                        chunk_id=row["id"],
+                        document_id=row["document_id"],
+                        title=row["title"],
+                        ordinal=row["ordinal"],
+                        score=1.0 - float(row["distance"]),
+                        text=text.decode(),
+                    )
+                )
+        # relaxed_order may return neighbours slightly out of order.
+        return sorted(hits, key=lambda hit: -hit.score)
+
+    # -- deletion of a tenant ----------------------------------------------
+
+    async def shred_tenant(self, tenant_id: UUID, *, actor: str = "operator") -> int:
+        """Delete the tenant's documents and destroy its keys (crypto-shredding).
+
+        Returns the number of documents deleted. Any copy of the tenant's
+        ciphertext (a backup, a replica) can no longer be decrypted.
+        """
+        async with self._tx(Actor(tenant_id, None, "system")) as tx:
+            cur = await tx.execute(
+                "DELETE FROM bastion.documents WHERE tenant_id = %s RETURNING id", (tenant_id,)
+            )
+            deleted = len(await cur.fetchall())
+            await self.keys.shred(tx, tenant_id)
+            await audit.record(
+                tx, actor=actor, action="tenant.shred", details={"documents": deleted}
+            )
+        return deleted

@@ -1,0 +1,320 @@
+"""Cross-tenant retrieval over real HTTP: whatever tenant A sends, it never gets
+tenant B's chunks — B's namespace id, B's tenant id in the path, the body or
+the query, SQL in filter values, B's document ids, or an embedding equal to
+B's chunk. Each attack is its own test, and each checks that A's own search
+still works (so an empty answer is a refusal, not a broken search)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID, uuid4
+
+import httpx
+import psycopg
+import pytest
+
+from bastion.db.pool import Database
+from bastion.identity.dpop import DpopKey
+from bastion.identity.wiring import Identity
+from bastion.knowledge.keys import TenantKeys
+from bastion.knowledge.service import Actor, KnowledgeService
+from bastion.secrets import LocalKeystore
+from bastion.tenants.service import TenantService
+from tests.api_stack import api_server
+from tests.conftest import DbHandles
+
+pytestmark = pytest.mark.anyio
+
+SHARED = (
+    "Refund for a double charge: the customer was billed twice for the Pro plan in "
+    "November and asks for the duplicate payment back. Contact: {email}."
+)
+
+
+@dataclass
+class Side:
+    tenant: UUID
+    users: dict[str, UUID]
+    namespace: UUID
+    document: UUID
+
+
+@dataclass
+class Stack:
+    url: str
+    identity: Identity
+    a: Side
+    b: Side
+
+
+@pytest.fixture(scope="module")
+def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
+    sides: dict[str, Side] = {}
+
+    async def seed(db: Database, _identity: Identity) -> None:
+        tenants = TenantService(db)
+        kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+        for name in ("a", "b"):
+            tenant = (await tenants.create_tenant(f"kb-{name}-{uuid4().hex[:6]}", name)).id
+            users = {
+                role: await tenants.add_member(tenant, f"{role}-{name}@kb.test", role)
+                for role in ("owner", "contributor", "viewer")
+            }
+            ns = await kb.create_namespace(Actor(tenant, users["owner"], "owner"), "support")
+            writer = Actor(tenant, users["contributor"], "contributor")
+            up = await kb.upload(
+                writer,
+                "support",
+                title=f"refund-{name}",
+                body=SHARED.format(email=f"{name}@customer.test").encode(),
+                content_type="text/plain",
+            )
+            assert (await kb.ingest(tenant, up.document.id)).status == "indexed"
+            sides[name] = Side(tenant, users, ns.id, up.document.id)
+
+    with api_server(database, keystore, seed) as (url, _app, identity):
+        yield Stack(url, identity, sides["a"], sides["b"])
+
+
+def _headers(stack: Stack, side: Side, role: str, method: str, url: str) -> dict[str, str]:
+    key = DpopKey.generate()
+    token, _ = stack.identity.service.tokens.issue_access(
+        user_id=side.users[role],
+        tenant_id=side.tenant,
+        roles=(role,),
+        amr=("pwd",),
+        jkt=key.thumbprint,
+        auth_time=int(time.time()),
+    )
+    return {"Authorization": f"DPoP {token}", "DPoP": key.proof(method, url, access_token=token)}
+
+
+def _call(
+    stack: Stack,
+    method: str,
+    path: str,
+    *,
+    side: Side | None = None,
+    role: str = "viewer",
+    **kwargs: Any,
+) -> httpx.Response:
+    url = f"{stack.url}{path}"
+    headers = {**_headers(stack, side or stack.a, role, method, url), **kwargs.pop("headers", {})}
+    return httpx.request(method, url, headers=headers, timeout=10, **kwargs)
+
+
+def _search(stack: Stack, body: dict[str, Any], *, namespace: str = "support", tenant: Any = None):
+    path = f"/tenants/{tenant or stack.a.tenant}/knowledge/namespaces/{namespace}/search"
+    return _call(stack, "POST", path, json=body)
+
+
+def _documents(response: httpx.Response) -> set[str]:
+    return {hit["document_id"] for hit in response.json().get("hits", [])}
+
+
+def _assert_own_search_works(stack: Stack) -> None:
+    answer = _search(stack, {"query": "refund double charge", "k": 5})
+    assert answer.status_code == 200
+    assert _documents(answer) == {str(stack.a.document)}
+    assert "a@customer.test" not in answer.text and "[EMAIL]" in answer.text
+
+
+def test_plain_search_returns_only_own_redacted_chunks(stack: Stack) -> None:
+    _assert_own_search_works(stack)
+
+
+def test_namespace_id_of_b_is_not_found(stack: Stack) -> None:
+    answer = _search(stack, {"query": "refund"}, namespace=str(stack.b.namespace))
+    assert answer.status_code == 404
+    assert answer.json()["type"].endswith("/namespace-not-found")
+    assert str(stack.b.document) not in answer.text
+    _assert_own_search_works(stack)
+
+
+def test_tenant_id_of_b_in_the_path_is_not_found(stack: Stack) -> None:
+    answer = _search(stack, {"query": "refund"}, tenant=stack.b.tenant)
+    assert answer.status_code == 404 and str(stack.b.document) not in answer.text
+    _assert_own_search_works(stack)
+
+
+def test_tenant_id_in_the_body_is_refused(stack: Stack) -> None:
+    answer = _search(stack, {"query": "refund", "tenant_id": str(stack.b.tenant)})
+    assert answer.status_code == 422
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert str(stack.b.tenant) not in answer.text
+    _assert_own_search_works(stack)
+
+
+def test_tenant_id_in_the_query_string_changes_nothing(stack: Stack) -> None:
+    path = f"/tenants/{stack.a.tenant}/knowledge/namespaces/support/search"
+    answer = _call(
+        stack, "POST", path, params={"tenant_id": str(stack.b.tenant)}, json={"query": "refund"}
+    )
+    assert answer.status_code == 200
+    assert _documents(answer) == {str(stack.a.document)}
+
+
+@pytest.mark.parametrize(
+    "title",
+    ["refund-b", "x' OR '1'='1", "refund-a' UNION SELECT * FROM bastion.chunks --", "%"],
+)
+def test_sql_in_a_filter_value_is_just_a_value(stack: Stack, title: str) -> None:
+    answer = _search(stack, {"query": "refund", "title": title, "k": 10})
+    assert answer.status_code == 200
+    assert _documents(answer) == set()
+    _assert_own_search_works(stack)
+
+
+def test_sql_in_a_document_id_filter_is_refused(stack: Stack) -> None:
+    answer = _search(stack, {"query": "refund", "document_ids": ["1) OR (1=1"]})
+    assert answer.status_code == 422
+    _assert_own_search_works(stack)
+
+
+def test_document_ids_of_b_in_the_filter_find_nothing(stack: Stack) -> None:
+    answer = _search(stack, {"query": "refund", "document_ids": [str(stack.b.document)]})
+    assert answer.status_code == 200 and _documents(answer) == set()
+
+
+def test_an_embedding_equal_to_b_s_chunk_returns_only_a_s(
+    stack: Stack, database: DbHandles
+) -> None:
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute(
+            "SELECT embedding::text FROM bastion.chunks WHERE document_id = %s LIMIT 1",
+            (stack.b.document,),
+        ).fetchone()
+    assert row is not None
+    embedding = [float(x) for x in row[0].strip("[]").split(",")]
+    answer = _search(stack, {"embedding": embedding, "k": 10})
+    assert answer.status_code == 200
+    assert _documents(answer) == {str(stack.a.document)}
+    assert "b@customer.test" not in answer.text
+
+
+def test_b_s_document_cannot_be_read_or_deleted_by_a(stack: Stack, database: DbHandles) -> None:
+    base = f"/tenants/{stack.a.tenant}/knowledge/documents/{stack.b.document}"
+    for method, path, role in (
+        ("GET", base, "viewer"),
+        ("GET", f"{base}/content", "viewer"),
+        ("DELETE", base, "contributor"),
+    ):
+        answer = _call(stack, method, path, role=role)
+        assert answer.status_code == 404, (method, path, answer.text)
+        assert "customer.test" not in answer.text
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM bastion.chunks WHERE document_id = %s", (stack.b.document,)
+        ).fetchone()
+    assert row is not None and row[0] > 0
+
+
+def test_upload_into_b_s_namespace_is_refused_and_writes_nothing(
+    stack: Stack, database: DbHandles
+) -> None:
+    path = f"/tenants/{stack.a.tenant}/knowledge/namespaces/{stack.b.namespace}/documents"
+    before = _count_documents(database)
+    answer = _call(
+        stack, "POST", path, role="contributor", params={"title": "x"}, content=b"planted text"
+    )
+    assert answer.status_code == 404
+    assert _count_documents(database) == before
+
+
+def _count_documents(database: DbHandles) -> int:
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute("SELECT count(*) FROM bastion.documents").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_viewer_cannot_upload(stack: Stack, database: DbHandles) -> None:
+    path = f"/tenants/{stack.a.tenant}/knowledge/namespaces/support/documents"
+    before = _count_documents(database)
+    answer = _call(stack, "POST", path, role="viewer", params={"title": "x"}, content=b"text")
+    assert answer.status_code == 403
+    assert _count_documents(database) == before
+
+
+def test_upload_then_list_get_and_idempotent_retry(stack: Stack, database: DbHandles) -> None:
+    path = f"/tenants/{stack.a.tenant}/knowledge/namespaces/support/documents"
+    key = {"Idempotency-Key": f"retry-{uuid4()}", "Content-Type": "text/markdown"}
+    first = _call(
+        stack,
+        "POST",
+        path,
+        role="contributor",
+        params={"title": "md"},
+        content=b"# Hi",
+        headers=key,
+    )
+    again = _call(
+        stack,
+        "POST",
+        path,
+        role="contributor",
+        params={"title": "md"},
+        content=b"# Hi",
+        headers=key,
+    )
+    assert first.status_code == 202 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"] and first.json()["status"] == "pending"
+    changed = _call(
+        stack,
+        "POST",
+        path,
+        role="contributor",
+        params={"title": "md"},
+        content=b"# Other",
+        headers=key,
+    )
+    assert changed.status_code == 409
+    listed = _call(stack, "GET", path)
+    assert first.json()["id"] in {d["id"] for d in listed.json()["documents"]}
+    content = _call(
+        stack, "GET", f"/tenants/{stack.a.tenant}/knowledge/documents/{first.json()['id']}/content"
+    )
+    assert content.content == b"# Hi"
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "reason"),
+    [
+        (b"", "text/plain", 422, "empty"),
+        (b"\x00\x01\x00junk" * 40, "text/plain", 422, "binary"),
+        (b"\xff\xfe\xfa", "text/plain; charset=utf-8", 422, "encoding"),
+        (b"MZ\x90\x00", "application/octet-stream", 415, "unsupported-type"),
+    ],
+    ids=["empty", "binary", "encoding", "type"],
+)
+def test_bad_uploads_get_problem_json(
+    stack: Stack, database: DbHandles, content: bytes, content_type: str, status: int, reason: str
+) -> None:
+    path = f"/tenants/{stack.a.tenant}/knowledge/namespaces/support/documents"
+    before = _count_documents(database)
+    answer = _call(
+        stack,
+        "POST",
+        path,
+        role="contributor",
+        params={"title": "bad"},
+        content=content,
+        headers={"Content-Type": content_type},
+    )
+    assert answer.status_code == status
+    problem = answer.json()
+    assert problem["type"].endswith("/upload-refused") and problem["reason"] == reason
+    assert _count_documents(database) == before
+
+
+def test_oversized_upload_is_413(stack: Stack, database: DbHandles) -> None:
+    path = f"/tenants/{stack.a.tenant}/knowledge/namespaces/support/documents"
+    before = _count_documents(database)
+    answer = _call(
+        stack, "POST", path, role="contributor", params={"title": "big"}, content=b"a" * (2 << 20)
+    )
+    assert answer.status_code == 413
+    assert _count_documents(database) == before
