@@ -1,0 +1,146 @@
+"""Benchmark: knowledge-base ingestion throughput, end to end, per embedder.
+
+Run: .venv/bin/python bench/ingest.py [--documents N] [--embedders minilm,hashing]
+
+Each document goes through the whole pipeline the worker runs: decrypt the
+upload, extract, redact, chunk (200 word-pieces, 40 overlap), embed, cache the
+embeddings, encrypt each chunk, insert into the namespace's partition (HNSW
+index maintained) and commit. Documents are synthetic support tickets of
+about 15 chunks each. Reports chunks/s (median of the runs) per embedder.
+Targets (issue 5): MiniLM >= 150 chunks/s, hashing >= 3,000 chunks/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bastion.db.launcher import EmbeddedPostgres
+from bastion.db.pool import Database
+from bastion.db.provision import Target, provision
+from bastion.knowledge.keys import TenantKeys
+from bastion.knowledge.service import Actor, KnowledgeService
+from bastion.secrets.store import LocalKeystore
+from bastion.tenants.service import TenantService
+
+WORDS = (
+    "customer",
+    "invoice",
+    "refund",
+    "charged",
+    "twice",
+    "export",
+    "webhook",
+    "retry",
+    "password",
+    "reset",
+    "login",
+    "account",
+    "plan",
+    "upgrade",
+    "downgrade",
+    "api",
+    "rate",
+    "limit",
+    "error",
+    "timeout",
+    "dashboard",
+    "report",
+    "data",
+    "delete",
+    "request",
+    "support",
+    "agent",
+    "ticket",
+    "escalated",
+    "resolved",
+    "payment",
+    "card",
+    "bank",
+    "transfer",
+)
+
+
+def ticket(rng: random.Random, n: int) -> str:
+    """About 2,400 words (~15 chunks of 200 word-pieces) of support-ticket prose."""
+    sentences = []
+    for i in range(220):
+        words = rng.choices(WORDS, k=rng.randint(8, 14))
+        sentences.append(f"Ticket {n}.{i}: " + " ".join(words).capitalize() + ".")
+    sentences.append(f"Contact: user{n}@example.com, +44 20 7946 {n % 10000:04d}.")
+    return " ".join(sentences)
+
+
+async def run(documents: int, embedders: list[str], runs: int) -> None:
+    parent = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/tmp"))
+    parent.chmod(0o711)
+    server = EmbeddedPostgres(parent / "pg")
+    rng = random.Random(5)
+    bodies = [ticket(rng, n).encode() for n in range(documents)]
+    try:
+        info = server.start()
+        keystore = LocalKeystore(parent / "keys" / "keystore.bin", parent / "keys" / "master.key")
+        creds = provision(Target(info.conninfo(), "bench", True, "bench"), keystore)
+        async with Database(creds.conninfo, creds.context_key, max_size=4) as db:
+            tenants = TenantService(db)
+            results: dict[str, list[float]] = {}
+            for name in embedders:
+                kb = KnowledgeService(db, TenantKeys(keystore), default_embedder=name)
+                kb.embedders(name).embed(["warm up"])  # load the model outside the timing
+                for run_no in range(runs):
+                    tenant = await tenants.create_tenant(f"b-{uuid.uuid4().hex[:8]}", "bench")
+                    owner = Actor(tenant.id, None, "system")
+                    await kb.create_namespace(owner, "bench", name)
+                    ids = [
+                        (
+                            await kb.upload(
+                                owner,
+                                "bench",
+                                title=f"t{i}",
+                                body=b,
+                                content_type="text/plain",
+                                enqueue=False,
+                            )
+                        ).document.id
+                        for i, b in enumerate(bodies)
+                    ]
+                    started = time.perf_counter()
+                    chunks = 0
+                    for doc in ids:
+                        outcome = await kb.ingest(tenant.id, doc)
+                        assert outcome.status == "indexed", outcome
+                        chunks += outcome.chunks
+                    elapsed = time.perf_counter() - started
+                    results.setdefault(name, []).append(chunks / elapsed)
+                    print(
+                        f"{name:8} run {run_no + 1}: {len(ids)} documents, {chunks} chunks "
+                        f"in {elapsed:.2f} s = {chunks / elapsed:,.0f} chunks/s",
+                        flush=True,
+                    )
+        print()
+        print(f"{'embedder':10} {'median chunks/s':>16}")
+        for name, rates in results.items():
+            print(f"{name:10} {statistics.median(rates):>16,.0f}")
+    finally:
+        server.stop()
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=40)
+    parser.add_argument("--embedders", default="minilm,hashing")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(run(args.documents, args.embedders.split(","), args.runs))
+
+
+if __name__ == "__main__":
+    main()
