@@ -39,6 +39,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/token_verify.py
 	$(BIN)/python bench/authz.py
 	$(BIN)/python bench/auth_get.py
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/vector_search.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

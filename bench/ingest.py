@@ -6,7 +6,9 @@ Each document goes through the whole pipeline the worker runs: decrypt the
 upload, extract, redact, chunk (200 word-pieces, 40 overlap), embed, cache the
 embeddings, encrypt each chunk, insert into the namespace's partition (HNSW
 index maintained) and commit. Documents are synthetic support tickets of
-about 15 chunks each. Reports chunks/s (median of the runs) per embedder.
+about 25 chunks each. Reports chunks/s (median of the runs) per embedder, and
+the latency of a text search in the last run's namespace (query embedding,
+signed tenant context, RLS, k = 10, decryption of the hits).
 Targets (issue 5): MiniLM >= 150 chunks/s, hashing >= 3,000 chunks/s.
 """
 
@@ -78,6 +80,21 @@ def ticket(rng: random.Random, n: int) -> str:
     return " ".join(sentences)
 
 
+async def _search_latency(
+    kb: KnowledgeService, who: Actor, rng: random.Random, queries: int = 100
+) -> tuple[float, float]:
+    """p50/p99 ms of a text search (embed the query, RLS, k=10, decrypt the hits)."""
+    timings = []
+    for _ in range(queries):
+        query = " ".join(rng.choices(WORDS, k=6))
+        started = time.perf_counter()
+        hits = await kb.search(who, "bench", query=query, k=10)
+        timings.append((time.perf_counter() - started) * 1000)
+        assert len(hits) == 10
+    timings.sort()
+    return statistics.median(timings), timings[int(len(timings) * 0.99) - 1]
+
+
 async def run(documents: int, embedders: list[str], runs: int) -> None:
     parent = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/tmp"))
     parent.chmod(0o711)
@@ -91,6 +108,7 @@ async def run(documents: int, embedders: list[str], runs: int) -> None:
         async with Database(creds.conninfo, creds.context_key, max_size=4) as db:
             tenants = TenantService(db)
             results: dict[str, list[float]] = {}
+            searches: dict[str, tuple[float, float]] = {}
             for name in embedders:
                 kb = KnowledgeService(db, TenantKeys(keystore), default_embedder=name)
                 kb.embedders(name).embed(["warm up"])  # load the model outside the timing
@@ -119,15 +137,18 @@ async def run(documents: int, embedders: list[str], runs: int) -> None:
                         chunks += outcome.chunks
                     elapsed = time.perf_counter() - started
                     results.setdefault(name, []).append(chunks / elapsed)
+                    if run_no == runs - 1:
+                        searches[name] = await _search_latency(kb, owner, rng)
                     print(
                         f"{name:8} run {run_no + 1}: {len(ids)} documents, {chunks} chunks "
                         f"in {elapsed:.2f} s = {chunks / elapsed:,.0f} chunks/s",
                         flush=True,
                     )
         print()
-        print(f"{'embedder':10} {'median chunks/s':>16}")
+        print(f"{'embedder':10} {'median chunks/s':>16} {'search p50 ms':>14} {'p99 ms':>8}")
         for name, rates in results.items():
-            print(f"{name:10} {statistics.median(rates):>16,.0f}")
+            p50, p99 = searches[name]
+            print(f"{name:10} {statistics.median(rates):>16,.0f} {p50:>14.2f} {p99:>8.2f}")
     finally:
         server.stop()
         shutil.rmtree(parent, ignore_errors=True)

@@ -230,3 +230,28 @@ def test_token_lifetime_over_an_hour_refuses_to_start(home: Path) -> None:
     assert result.returncode == 1
     assert "access tokens may live at most 60 minutes" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ingest_search_and_shred_commands(home: Path, tmp_path: Path) -> None:
+    tickets = Path(__file__).parent.parent / "src" / "bastion" / "demo" / "tickets" / "acme"
+    assert _run(home, "db", "start").returncode == 0
+    assert _run(home, "tenant", "create", "kb-desk").returncode == 0
+    hashing = {"BASTION_EMBEDDER": "hashing"}
+    first = _run(home, "ingest", str(tickets), "--tenant", "kb-desk", **hashing)
+    assert first.returncode == 0, first.stderr
+    assert "10 indexed, 0 already indexed, 0 failed" in first.stdout
+    again = _run(home, "ingest", str(tickets), "--tenant", "kb-desk", **hashing)
+    assert "0 indexed, 10 already indexed" in again.stdout
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(b"\x00\x01\x02" * 100)
+    refused = _run(home, "ingest", str(junk), "--tenant", "kb-desk", **hashing)
+    assert refused.returncode == 1 and "(binary)" in refused.stdout
+    found = _run(home, "search", "refund double charge", "--tenant", "kb-desk", **hashing)
+    assert found.returncode == 0 and "Refund" in found.stdout
+    assert "@" not in found.stdout  # e-mail addresses were redacted before indexing
+    unconfirmed = _run(home, "tenant", "shred", "kb-desk")
+    assert unconfirmed.returncode == 1 and "--yes" in unconfirmed.stderr
+    shred = _run(home, "tenant", "shred", "kb-desk", "--yes")
+    assert shred.returncode == 0 and "10 documents deleted" in shred.stdout
+    empty = _run(home, "search", "refund double charge", "--tenant", "kb-desk", **hashing)
+    assert empty.returncode == 0 and "Refund" not in empty.stdout

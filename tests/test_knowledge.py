@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from bastion.db.pool import Database
+from bastion.knowledge.embedders import HashingEmbedder
 from bastion.knowledge.errors import (
     DocumentNotFound,
     EmbeddingMismatch,
@@ -432,6 +433,32 @@ async def test_bad_pdfs_fail_the_job_with_a_reason_and_index_nothing(
     assert left == 0
 
 
+async def test_mixing_embedders_is_refused(
+    pair: tuple[Tenant, Tenant], kb: KnowledgeService, db: Database, keystore: LocalKeystore
+) -> None:
+    a, _ = pair
+    up = await kb.upload(
+        a.contributor, "support", title="t", body=TICKET.encode(), content_type="text/plain"
+    )
+    # The namespace was made for the hashing embedder; a service that would
+    # embed it with another model (another dimension) fails the document instead.
+    other = KnowledgeService(
+        db, TenantKeys(keystore), embedders=lambda _name: HashingEmbedder(dim=256)
+    )
+    outcome = await other.ingest(a.id, up.document.id)
+    assert outcome.status == "failed" and outcome.reason == "embedder-mismatch"
+    # And the partition itself refuses a vector of another dimension.
+    ns = await kb.namespace(a.viewer, "support")
+    async with db.tenant_tx(a.id, None, "system") as tx:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await tx.execute(
+                "INSERT INTO bastion.chunks (tenant_id, namespace_id, document_id, ordinal, "
+                "token_count, embedding, ciphertext, key_version) "
+                "VALUES (%s, %s, %s, 0, 1, %s::vector, 'x', 1)",
+                (a.id, ns.id, up.document.id, vector_literal(np.ones(256, dtype=np.float32))),
+            )
+
+
 async def test_search_refuses_an_embedding_of_the_wrong_shape(
     pair: tuple[Tenant, Tenant], kb: KnowledgeService
 ) -> None:
@@ -506,9 +533,20 @@ async def test_recall_at_10_of_hnsw_against_exact_search(
         rows = centres[rng.integers(0, 8, n)] + 0.6 * rng.normal(size=(n, 384))
         return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
-    mine, theirs = clustered(1500), clustered(1500)
+    mine, theirs = clustered(3000), clustered(1500)
     ids = await _plant(db, kb, a, mine)
     await _plant(db, kb, b, theirs)
+    ns = await kb.namespace(a.viewer, "support")
+    async with db.tenant_tx(a.id, None, "viewer") as tx:
+        plan = await (
+            await tx.execute(
+                "EXPLAIN SELECT id FROM bastion.chunks WHERE tenant_id = %s AND namespace_id = %s "
+                "ORDER BY embedding::vector(384) <=> %s::vector(384) LIMIT 10",
+                (a.id, ns.id, vector_literal(mine[0])),
+            )
+        ).fetchall()
+    # The recall measured below is the HNSW index's, not an exact scan's.
+    assert any("Index Scan" in row["QUERY PLAN"] for row in plan), plan
     recalls = []
     for _ in range(40):
         query = mine[rng.integers(0, len(mine))] + 0.1 * rng.normal(size=384)

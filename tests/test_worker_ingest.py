@@ -110,6 +110,13 @@ async def test_killed_worker_leaves_every_document_indexed_exactly_once(
             content_type="text/plain",
         )
         documents.append(up.document.id)
+    broken = await kb.upload(
+        Actor(tenant, writer, "contributor"),
+        "support",
+        title="broken.pdf",
+        body=b"%PDF-1.7 not really a PDF",
+        content_type="application/pdf",
+    )
 
     home = short_tempdir("bastion-worker-")
     with _worker(database, keystore, home) as first:
@@ -134,7 +141,10 @@ async def test_killed_worker_leaves_every_document_indexed_exactly_once(
 
     with _worker(database, keystore, home):
         _wait(
-            lambda: _status(database, documents).get("indexed", 0) == DOCUMENTS,
+            lambda: (
+                _status(database, [*documents, broken.document.id])
+                == {"indexed": DOCUMENTS, "failed": 1}
+            ),
             120,
             "every document after the restart",
         )
@@ -160,6 +170,8 @@ async def test_killed_worker_leaves_every_document_indexed_exactly_once(
         assert expected and chunks == expected == ordinals
     assert sorted(count for _, count in indexed_events) == [1] * DOCUMENTS
     assert cache == (0,)
+    # A document that cannot be read fails with its reason; the worker went on.
+    assert _status(database, [broken.document.id]) == {"failed": 1}
     with psycopg.connect(database.queue) as conn:
         row = conn.execute(
             "SELECT count(*) FROM procrastinate.procrastinate_jobs "

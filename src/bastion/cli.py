@@ -232,6 +232,32 @@ def tenant_create(slug: str, name: Annotated[str, typer.Option(help="display nam
     out.print(f"tenant {slug} created: {tenant_id}", highlight=False)
 
 
+@tenant_app.command("shred")
+def tenant_shred(
+    slug: str,
+    yes: Annotated[bool, typer.Option("--yes", help="confirm: this cannot be undone")] = False,
+) -> None:
+    """Delete a tenant's documents and destroy its data keys (crypto-shredding)."""
+    if not yes:
+        _fail("this destroys the tenant's documents and keys for good; add --yes")
+
+    async def run() -> int:
+        from bastion.runtime import app_database, knowledge_service, open_keystore
+        from bastion.tenants.service import TenantService
+
+        settings = _settings()
+        async with app_database(settings) as db:
+            tenant_id = await TenantService(db).tenant_id(slug)
+            if tenant_id is None:
+                _fail(f"no tenant named {slug!r}")
+            kb = knowledge_service(settings, db, open_keystore(settings))
+            return await kb.shred_tenant(tenant_id)
+
+    with _errors():
+        deleted = asyncio.run(run())
+    out.print(f"{slug}: {deleted} documents deleted, data keys destroyed", highlight=False)
+
+
 @user_app.command("add")
 def user_add(
     tenant: Annotated[str, typer.Option(help="tenant slug")],

@@ -115,7 +115,8 @@ def ingest_command(
     report = asyncio.run(run())
     console.print(
         f"{report.indexed} indexed, {report.skipped} already indexed, "
-        f"{len(report.failed)} failed; {report.chunks} chunks",
+        f"{len(report.failed)} failed; {report.chunks} chunks "
+        f"({report.embedded} embedded by this run)",
         highlight=False,
     )
     for path, reason in report.failed.items():

@@ -18,6 +18,7 @@ retry does not pay for them again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -134,9 +135,15 @@ def _media_type(content_type: str) -> tuple[str, str | None]:
     return media.strip().lower(), charset
 
 
+@functools.cache
+def _vector_format(dim: int) -> str:
+    return "[" + ",".join(["%.7g"] * dim) + "]"
+
+
 def vector_literal(vector: np.ndarray[Any, Any]) -> str:
-    """pgvector's text form ``[x,y,...]`` of a 1-d float vector."""
-    return "[" + ",".join(f"{x:.7g}" for x in vector.tolist()) + "]"
+    """pgvector's text form ``[x,y,...]`` of a 1-d float vector (float32 precision)."""
+    values = vector.tolist()
+    return _vector_format(len(values)) % tuple(values)
 
 
 def _parse_vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
@@ -528,13 +535,16 @@ class KnowledgeService:
             batch = todo[start : start + EMBED_BATCH]
             matrix = await asyncio.to_thread(embedder.embed, [chunks[i].text for i in batch])
             literals = [vector_literal(v) for v in matrix]
-            async with self._tx(system) as tx:
-                await tx.execute(
-                    "INSERT INTO bastion.embedding_cache (tenant_id, document_id, chunk_hash, "
-                    "embedding) SELECT %s, %s, u.h, u.e::vector "
-                    "FROM unnest(%s::bytea[], %s::text[]) AS u(h, e) ON CONFLICT DO NOTHING",
-                    (system.tenant_id, document_id, [hashes[i] for i in batch], literals),
-                )
+            # The last batch goes straight into the final transaction: caching
+            # it would save nothing (and a one-batch document needs no cache).
+            if start + EMBED_BATCH < len(todo):
+                async with self._tx(system) as tx:
+                    await tx.execute(
+                        "INSERT INTO bastion.embedding_cache (tenant_id, document_id, "
+                        "chunk_hash, embedding) SELECT %s, %s, u.h, u.e::vector "
+                        "FROM unnest(%s::bytea[], %s::text[]) AS u(h, e) ON CONFLICT DO NOTHING",
+                        (system.tenant_id, document_id, [hashes[i] for i in batch], literals),
+                    )
             cached.update((hashes[i], lit) for i, lit in zip(batch, literals, strict=True))
             if progress:
                 progress("embedded", len(batch))
