@@ -1,0 +1,1 @@
+"""Billing: plans, budgets, metering, webhooks, receipts (CHECKLIST P1-P4)."""

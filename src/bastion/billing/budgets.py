@@ -1,0 +1,195 @@
+"""Call and token budgets per tenant and period: reserve, settle, release (CHECKLIST P3).
+
+The gateway reserves before it calls a provider and settles from the
+provider's own ``usage`` afterwards (or releases on failure). A reservation
+is one conditional UPDATE of the tenant's budget row — ``used + reserved +
+wanted <= limit`` — so concurrent reservations queue on the row lock and each
+re-checks the condition against the committed state: 200 concurrent calls
+against a budget of 50 give exactly 50 reservations (LiteLLM's known failure
+is to let all of them through). Over budget is :class:`OverBudget`: HTTP 402
+with ``Retry-After`` = seconds until the period resets.
+
+Tokens are reserved as an estimate (the request's ``max_tokens``, say); a
+call that used more settles what it used, so a token budget is overshot by at
+most what one call used beyond its estimate. Amounts are integers.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from bastion.api.problems import Problem, problem_type
+from bastion.db.pool import Conn, Database
+
+# A reservation its caller never settled (the process died) is released
+# after this long by :meth:`BudgetService.release_expired`.
+HOLD_SECONDS = 300
+
+
+class OverBudget(Problem):
+    type = problem_type("budget-exceeded")
+    title = "Budget exceeded"
+    status = 402
+
+
+class NoBudget(Problem):
+    type = problem_type("no-budget")
+    title = "No budget for this period"
+    status = 402
+
+
+@dataclass(frozen=True)
+class Reservation:
+    id: UUID
+    tenant_id: UUID
+    period_start: datetime
+    tokens: int
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    period_start: datetime
+    period_end: datetime
+    call_limit: int
+    token_limit: int
+    calls_used: int
+    tokens_used: int
+    calls_reserved: int
+    tokens_reserved: int
+
+
+class BudgetService:
+    """Budgets of every tenant, in the ``bastion.budgets`` table."""
+
+    def __init__(self, db: Database, *, hold_seconds: int = HOLD_SECONDS) -> None:
+        self.db = db
+        self.hold_seconds = hold_seconds
+
+    def _system(self, tenant_id: UUID) -> AbstractAsyncContextManager[Conn]:
+        return self.db.tenant_tx(tenant_id, None, "system")
+
+    async def set_budget(
+        self,
+        tenant_id: UUID,
+        *,
+        period_start: datetime,
+        period_end: datetime,
+        call_limit: int,
+        token_limit: int,
+    ) -> None:
+        """Create the period's budget, or change its limits (usage is kept)."""
+        async with self._system(tenant_id) as tx:
+            await tx.execute(
+                "INSERT INTO bastion.budgets (tenant_id, period_start, period_end, call_limit, "
+                "token_limit) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (tenant_id, period_start) DO UPDATE SET "
+                "period_end = EXCLUDED.period_end, call_limit = EXCLUDED.call_limit, "
+                "token_limit = EXCLUDED.token_limit, updated_at = now()",
+                (tenant_id, period_start, period_end, call_limit, token_limit),
+            )
+
+    async def reserve(self, tenant_id: UUID, tokens: int) -> Reservation:
+        """Hold one call and ``tokens`` of the current period's budget.
+
+        Raises :class:`OverBudget` (with ``Retry-After``) when either would go
+        over its limit, :class:`NoBudget` when the tenant has no budget for now.
+        """
+        if tokens < 0:
+            raise ValueError("tokens must not be negative")
+        async with self._system(tenant_id) as tx:
+            cur = await tx.execute(
+                "WITH held AS (UPDATE bastion.budgets SET calls_reserved = calls_reserved + 1, "
+                "tokens_reserved = tokens_reserved + %(tokens)s, updated_at = now() "
+                "WHERE tenant_id = %(tenant)s AND period_start <= now() AND now() < period_end "
+                "AND calls_used + calls_reserved + 1 <= call_limit "
+                "AND tokens_used + tokens_reserved + %(tokens)s <= token_limit "
+                "RETURNING period_start) "
+                "INSERT INTO bastion.budget_reservations (tenant_id, period_start, tokens, "
+                "expires_at) SELECT %(tenant)s, period_start, %(tokens)s, "
+                "now() + make_interval(secs => %(hold)s) FROM held RETURNING id, period_start",
+                {"tenant": tenant_id, "tokens": tokens, "hold": self.hold_seconds},
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return Reservation(row["id"], tenant_id, row["period_start"], tokens)
+            cur = await tx.execute(
+                "SELECT extract(epoch FROM period_end - now()) AS left FROM bastion.budgets "
+                "WHERE tenant_id = %s AND period_start <= now() AND now() < period_end",
+                (tenant_id,),
+            )
+            current = await cur.fetchone()
+        if current is None:
+            raise NoBudget("this tenant has no budget for the current period")
+        retry_after = max(1, math.ceil(float(current["left"])))
+        problem = OverBudget(
+            "the tenant's budget for this period is spent", retry_after=retry_after
+        )
+        problem.headers = {"Retry-After": str(retry_after)}
+        raise problem
+
+    async def settle(self, reservation: Reservation, tokens_used: int) -> bool:
+        """Turn the reservation into usage: one call, ``tokens_used`` tokens.
+
+        Idempotent: returns False (and changes nothing) if it was already
+        settled or released.
+        """
+        if tokens_used < 0:
+            raise ValueError("tokens_used must not be negative")
+        return await self._close(reservation, "settled", tokens_used)
+
+    async def release(self, reservation: Reservation) -> bool:
+        """Give the reservation back unused (the call failed). Idempotent."""
+        return await self._close(reservation, "released", None)
+
+    async def _close(self, reservation: Reservation, status: str, used: int | None) -> bool:
+        async with self._system(reservation.tenant_id) as tx:
+            cur = await tx.execute(
+                "WITH closed AS (UPDATE bastion.budget_reservations SET status = %(status)s, "
+                "tokens_used = %(used)s WHERE id = %(id)s AND status = 'held' "
+                "RETURNING tenant_id, period_start, tokens) "
+                "UPDATE bastion.budgets b SET calls_reserved = b.calls_reserved - 1, "
+                "tokens_reserved = b.tokens_reserved - closed.tokens, "
+                "calls_used = b.calls_used + %(calls)s, "
+                "tokens_used = b.tokens_used + %(tokens)s, updated_at = now() FROM closed "
+                "WHERE b.tenant_id = closed.tenant_id AND b.period_start = closed.period_start "
+                "RETURNING 1",
+                {
+                    "status": status,
+                    "used": used,
+                    "id": reservation.id,
+                    "calls": 0 if used is None else 1,
+                    "tokens": used or 0,
+                },
+            )
+            return await cur.fetchone() is not None
+
+    async def release_expired(self, tenant_id: UUID) -> int:
+        """Release the tenant's reservations held past their expiry (a dead caller's)."""
+        async with self._system(tenant_id) as tx:
+            cur = await tx.execute(
+                "SELECT id, period_start, tokens FROM bastion.budget_reservations "
+                "WHERE tenant_id = %s AND status = 'held' AND expires_at < now()",
+                (tenant_id,),
+            )
+            stale = await cur.fetchall()
+        released = 0
+        for row in stale:
+            reservation = Reservation(row["id"], tenant_id, row["period_start"], row["tokens"])
+            released += await self.release(reservation)
+        return released
+
+    async def state(self, tenant_id: UUID) -> BudgetState | None:
+        """The current period's budget of the tenant, or None."""
+        async with self._system(tenant_id) as tx:
+            cur = await tx.execute(
+                "SELECT period_start, period_end, call_limit, token_limit, calls_used, "
+                "tokens_used, calls_reserved, tokens_reserved FROM bastion.budgets "
+                "WHERE tenant_id = %s AND period_start <= now() AND now() < period_end",
+                (tenant_id,),
+            )
+            row = await cur.fetchone()
+        return None if row is None else BudgetState(**row)
