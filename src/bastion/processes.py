@@ -72,7 +72,23 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     db = app_database(settings)
     keystore = open_keystore(settings)
     if process == "gateway":
-        return create_gateway_app(readiness=db.ping, lifespan=_pool_lifespan(db))
+        from bastion.billing.budgets import BudgetService
+        from bastion.gateway import routes as gateway_routes
+        from bastion.gateway.app import build_providers
+        from bastion.gateway.service import GatewayService
+        from bastion.identity.wiring import build_guard
+
+        providers = build_providers(settings.gateway_models, keystore, embedder=settings.embedder)
+        gateway = GatewayService(db, BudgetService(db), providers)
+        return create_gateway_app(
+            readiness=db.ping,
+            lifespan=_pool_lifespan(db),
+            routers=(
+                gateway_routes.build_router(
+                    gateway, build_guard(settings, db, keystore, public_url=settings.gateway_url)
+                ),
+            ),
+        )
     knowledge = knowledge_service(settings, db, keystore)
     if process == "worker":
         return create_worker_health_app(db.ping, lifespan=_worker_lifespan(settings, db, knowledge))

@@ -40,6 +40,18 @@ class ExternalIssuer(BaseModel):
     role_map: dict[str, str] = Field(default_factory=dict)
 
 
+class ModelRoute(BaseModel):
+    """A model the gateway serves and the provider behind it."""
+
+    name: str = Field(min_length=1, max_length=200)
+    provider: Literal["local", "openai_compatible"]
+    base_url: str | None = None
+    # A key-ring reference (local://…), never the key itself.
+    api_key_ref: str | None = None
+    upstream_model: str | None = None
+    timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BASTION_", extra="ignore")
 
@@ -73,6 +85,14 @@ class Settings(BaseSettings):
     # JSON list in BASTION_EXTERNAL_ISSUERS, e.g. [{"issuer": "https://kc/realms/x", ...}]
     external_issuers: list[ExternalIssuer] = Field(default_factory=list)
 
+    # Gateway: the models it serves. JSON list in BASTION_GATEWAY_MODELS, e.g.
+    # [{"name": "gpt-4o-mini", "provider": "openai_compatible",
+    #   "base_url": "https://api.openai.com/v1", "api_key_ref": "local://providers/openai"}]
+    gateway_public_url: str | None = None
+    gateway_models: list[ModelRoute] = Field(
+        default_factory=lambda: [ModelRoute(name="bastion-local", provider="local")]
+    )
+
     # Knowledge base: the embedder of new namespaces ("minilm", or "hashing"
     # for tests) and the largest document upload (also the api's body cap).
     embedder: Literal["minilm", "hashing"] = "minilm"
@@ -89,6 +109,13 @@ class Settings(BaseSettings):
     @property
     def resolved_issuer(self) -> str:
         return (self.issuer or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+    @property
+    def gateway_url(self) -> str:
+        """The gateway's public base URL (what DPoP proofs sent to it name)."""
+        return (self.gateway_public_url or f"http://{self.api_host}:{self.gateway_port}").rstrip(
+            "/"
+        )
 
     @property
     def postgres_dir(self) -> Path:

@@ -81,8 +81,18 @@ class BudgetService:
         call_limit: int,
         token_limit: int,
     ) -> None:
-        """Create the period's budget, or change its limits (usage is kept)."""
+        """Create the period's budget, or change its limits (usage is kept).
+
+        Periods of a tenant never overlap: an earlier period still running at
+        ``period_start`` ends there.
+        """
         async with self._system(tenant_id) as tx:
+            await tx.execute(
+                "UPDATE bastion.budgets SET period_end = %(start)s, updated_at = now() "
+                "WHERE tenant_id = %(tenant)s AND period_start < %(start)s "
+                "AND period_end > %(start)s",
+                {"tenant": tenant_id, "start": period_start},
+            )
             await tx.execute(
                 "INSERT INTO bastion.budgets (tenant_id, period_start, period_end, call_limit, "
                 "token_limit) VALUES (%s, %s, %s, %s, %s) "

@@ -85,10 +85,20 @@ def _unauthorized(detail: str, error: str = "invalid_token") -> Unauthorized:
 class Authenticator:
     """FastAPI dependency: ``principal = Depends(authenticator)``."""
 
-    def __init__(self, tokens: AccessTokenVerifier, dpop: DpopVerifier, issuer: str) -> None:
+    def __init__(
+        self,
+        tokens: AccessTokenVerifier,
+        dpop: DpopVerifier,
+        issuer: str,
+        *,
+        public_url: str | None = None,
+    ) -> None:
         self.tokens = tokens
         self.dpop = dpop
         self.issuer = issuer.rstrip("/")
+        # This process's own public base URL (the gateway's differs from the
+        # issuer's): what DPoP proofs' htu must name.
+        self.public_url = (public_url or issuer).rstrip("/")
 
     async def __call__(self, request: Request) -> Principal:
         authorization = request.headers.get("authorization", "")
@@ -121,11 +131,11 @@ class Authenticator:
         if not claims.jkt:
             raise _unauthorized("the token is not bound to a key")
         try:
-            # htu from the configured issuer, not the Host header a client controls.
+            # htu from the configured public URL, not the Host header a client controls.
             self.dpop.verify(
                 proofs[0],
                 method=request.method,
-                url=self.issuer + request.url.path,
+                url=self.public_url + request.url.path,
                 access_token=token,
                 expected_jkt=claims.jkt,
             )

@@ -51,20 +51,17 @@ class Identity:
                 _log.warning("external_issuer_unavailable", error=type(exc).__name__)
 
 
-def build_identity(
-    settings: Settings,
-    db: Database,
-    keystore: LocalKeystore,
-    authorizer: Authorizer | None = None,
-) -> Identity:
-    """Return the provider's service and the routes of the api (OIDC, account,
-    tenants), all guarded by the request authenticator and the Cedar policies."""
+def _authorizer(settings: Settings) -> Authorizer:
+    return Authorizer(settings.policy_dir) if settings.policy_dir is not None else Authorizer()
+
+
+def _verifiers(
+    settings: Settings, keystore: LocalKeystore, public_url: str | None = None
+) -> tuple[SigningKeys, DpopVerifier, Authenticator, ExternalIssuers]:
+    """The signing keys and what verifies a request's access token and DPoP proof."""
     issuer = settings.resolved_issuer
-    lifetime = timedelta(minutes=settings.access_token_minutes)
-    keys = SigningKeys(keystore, token_lifetime=lifetime)
-    keys.current()  # the first signing key exists before the first request
-    tokens = TokenIssuer(keys, issuer=issuer, audience=issuer, lifetime=lifetime)
-    # One replay cache per process: the api runs as one process per machine.
+    keys = SigningKeys(keystore, token_lifetime=timedelta(minutes=settings.access_token_minutes))
+    # One replay cache per process (api and gateway each keep their own).
     dpop = DpopVerifier(
         MemoryReplayCache(),
         nonce_secret=keystore.ensure("identity/dpop-nonce-key", lambda: secrets.token_bytes(32)),
@@ -76,11 +73,39 @@ def build_identity(
     verifier: AccessTokenVerifier = (
         CombinedVerifier(local, external) if settings.external_issuers else local
     )
-    authenticator = Authenticator(verifier, dpop, issuer)
+    authenticator = Authenticator(verifier, dpop, issuer, public_url=public_url)
+    return keys, dpop, authenticator, external
+
+
+def build_guard(
+    settings: Settings,
+    db: Database,
+    keystore: LocalKeystore,
+    *,
+    public_url: str,
+    authorizer: Authorizer | None = None,
+) -> Guard:
+    """The request guard (token + DPoP, then Cedar) for a process other than the api,
+    served at ``public_url``."""
+    _keys, _dpop, authenticator, _external = _verifiers(settings, keystore, public_url)
+    return Guard(authenticator, authorizer or _authorizer(settings), db)
+
+
+def build_identity(
+    settings: Settings,
+    db: Database,
+    keystore: LocalKeystore,
+    authorizer: Authorizer | None = None,
+) -> Identity:
+    """Return the provider's service and the routes of the api (OIDC, account,
+    tenants), all guarded by the request authenticator and the Cedar policies."""
+    issuer = settings.resolved_issuer
+    lifetime = timedelta(minutes=settings.access_token_minutes)
+    keys, dpop, authenticator, external = _verifiers(settings, keystore)
+    keys.current()  # the first signing key exists before the first request
+    tokens = TokenIssuer(keys, issuer=issuer, audience=issuer, lifetime=lifetime)
     if authorizer is None:
-        authorizer = (
-            Authorizer(settings.policy_dir) if settings.policy_dir is not None else Authorizer()
-        )
+        authorizer = _authorizer(settings)
     guard = Guard(authenticator, authorizer, db)
     passwords, mfa, throttle = PasswordService(), MfaService(keystore), LoginThrottle()
     service = IdentityService(

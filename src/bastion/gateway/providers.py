@@ -1,0 +1,253 @@
+"""Model providers behind the gateway: any OpenAI-compatible endpoint, and ``local``.
+
+Usage is always the provider's own count (OpenAI's ``usage`` object), never
+the client's. Nothing a provider says — its URL, key, error body — reaches
+the client: failures become :class:`ProviderError` with a short kind.
+
+``local`` needs no network: it answers from the context in the prompt
+(the retrieved chunks the api put in the system message), quoting the
+sentences that best match the question with their document ids, and says
+that it is an extractive answer. It exists so the demo and tests work
+offline; it is not a language model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from bastion.knowledge.embedders import get_embedder
+
+
+class ProviderError(Exception):
+    """The provider failed; ``kind`` is unavailable, timeout or bad-response."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+Message = dict[str, str]
+
+
+class Provider(Protocol):
+    async def complete(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> Completion: ...
+
+    def stream(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[str | Usage]:
+        """Yield text deltas, then the :class:`Usage` last."""
+        ...
+
+    async def embed(self, model: str, inputs: Sequence[str]) -> tuple[list[list[float]], Usage]: ...
+
+
+def _usage(body: Any) -> Usage:
+    try:
+        usage = body["usage"]
+        prompt, completion = int(usage["prompt_tokens"]), int(usage.get("completion_tokens", 0))
+    except (KeyError, TypeError, ValueError):
+        raise ProviderError("bad-response") from None
+    if prompt < 0 or completion < 0:
+        raise ProviderError("bad-response")
+    return Usage(prompt, completion)
+
+
+class OpenAICompatible:
+    """A provider speaking OpenAI's chat-completions protocol at ``base_url``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        upstream_model: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.upstream_model = upstream_model
+        self.client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> Any:
+        try:
+            response = await self.client.post(path, json=payload)
+        except httpx.TimeoutException:
+            raise ProviderError("timeout") from None
+        except httpx.HTTPError:
+            raise ProviderError("unavailable") from None
+        if response.status_code != 200:
+            raise ProviderError("unavailable")
+        try:
+            return response.json()
+        except ValueError:
+            raise ProviderError("bad-response") from None
+
+    async def complete(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> Completion:
+        body = await self._post(
+            "/chat/completions",
+            {
+                "model": self.upstream_model or model,
+                "messages": list(messages),
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+            },
+        )
+        try:
+            choice = body["choices"][0]
+            text = choice["message"]["content"] or ""
+            finish = str(choice.get("finish_reason") or "stop")
+        except (KeyError, IndexError, TypeError):
+            raise ProviderError("bad-response") from None
+        if not isinstance(text, str):
+            raise ProviderError("bad-response")
+        return Completion(text, finish, _usage(body))
+
+    async def stream(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[str | Usage]:
+        payload = {
+            "model": self.upstream_model or model,
+            "messages": list(messages),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        usage: Usage | None = None
+        try:
+            async with self.client.stream("POST", "/chat/completions", json=payload) as response:
+                if response.status_code != 200:
+                    raise ProviderError("unavailable")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise ProviderError("bad-response") from None
+                    if chunk.get("usage"):
+                        usage = _usage(chunk)
+                    for choice in chunk.get("choices") or []:
+                        delta = (choice.get("delta") or {}).get("content")
+                        if isinstance(delta, str) and delta:
+                            yield delta
+        except httpx.TimeoutException:
+            raise ProviderError("timeout") from None
+        except httpx.HTTPError:
+            raise ProviderError("unavailable") from None
+        if usage is None:
+            raise ProviderError("bad-response")  # no usage: nothing to settle from
+        yield usage
+
+    async def embed(self, model: str, inputs: Sequence[str]) -> tuple[list[list[float]], Usage]:
+        body = await self._post(
+            "/embeddings", {"model": self.upstream_model or model, "input": list(inputs)}
+        )
+        try:
+            rows = sorted(body["data"], key=lambda row: row["index"])
+            vectors = [[float(x) for x in row["embedding"]] for row in rows]
+        except (KeyError, TypeError, ValueError):
+            raise ProviderError("bad-response") from None
+        if len(vectors) != len(inputs):
+            raise ProviderError("bad-response")
+        return vectors, _usage(body)
+
+
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
+_WORD = re.compile(r"\w+")
+_DOC = re.compile(r"\[doc:([0-9a-f-]{8,36})\]")
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+class LocalProvider:
+    """Extractive answers from the prompt's own context; embeddings on the local model."""
+
+    def __init__(self, embedder: str = "minilm", *, quotes: int = 2) -> None:
+        self.embedder = embedder
+        self.quotes = quotes
+
+    def _answer(self, messages: Sequence[Message]) -> str:
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        context = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        # Short words (the, was, for…) match everything; they do not count.
+        wanted = {w for w in _words(question) if len(w) > 3}
+        scored = []
+        document = None
+        for line in context.splitlines():
+            found = _DOC.search(line)
+            if found:
+                document = found.group(1)
+            for sentence in _SENTENCE.findall(_DOC.sub("", line)):
+                words = _words(sentence)
+                overlap = len(wanted.intersection(words))
+                if overlap and len(words) >= 3:
+                    scored.append((overlap / (len(set(words)) ** 0.5), sentence.strip(), document))
+        if not scored:
+            return "(local extractive answer) The provided context does not answer this."
+        ranked = sorted(scored, key=lambda item: -item[0])
+        best = [item for item in ranked[: self.quotes] if item[0] >= ranked[0][0] / 2]
+        quotes = " ".join(
+            f"“{text}”" + (f" [doc:{doc}]" if doc else "") for _score, text, doc in best
+        )
+        return f"(local extractive answer, quoting the context) {quotes}"
+
+    async def complete(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> Completion:
+        text = " ".join(self._answer(messages).split()[:max_tokens])
+        prompt = sum(len(_words(m["content"])) for m in messages)
+        return Completion(text, "stop", Usage(prompt, len(text.split())))
+
+    async def stream(
+        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[str | Usage]:
+        completion = await self.complete(
+            model, messages, max_tokens=max_tokens, temperature=temperature
+        )
+        words = completion.text.split(" ")
+        for i, word in enumerate(words):
+            yield word if i == 0 else " " + word
+        yield completion.usage
+
+    async def embed(self, model: str, inputs: Sequence[str]) -> tuple[list[list[float]], Usage]:
+        matrix = get_embedder(self.embedder).embed(list(inputs))
+        tokens = sum(len(_words(text)) for text in inputs)
+        return matrix.tolist(), Usage(tokens, 0)

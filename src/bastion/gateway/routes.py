@@ -1,0 +1,197 @@
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/chat/completions`` (plain and
+SSE streaming) and ``/v1/embeddings``, answering in OpenAI's wire format so the
+official ``openai`` client works unchanged. Errors are problem+json."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from bastion.access.guard import Guard
+from bastion.gateway.providers import ProviderError, Usage
+from bastion.gateway.service import Caller, GatewayService
+from bastion.identity.auth import Principal
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    # Unknown OpenAI parameters are ignored, as OpenAI-compatible servers do.
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=500)
+    max_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    input: str | list[str] = Field(min_length=1)
+    # The openai client asks for base64 (little-endian float32) by default.
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+def _caller(principal: Principal) -> Caller:
+    return Caller(principal.tenant_id, principal.user_id)
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+def build_router(service: GatewayService, guard: Guard) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    invoke = guard("model:invoke", "Model")
+
+    @router.get("/models")
+    async def models(_principal: Principal = Depends(invoke)) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "bastion"}
+                for name in sorted(service.models)
+            ],
+        }
+
+    @router.post("/chat/completions", response_model=None)
+    async def chat(
+        body: ChatRequest, principal: Principal = Depends(invoke)
+    ) -> dict[str, Any] | StreamingResponse:
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if not body.stream:
+            completion = await service.chat(
+                _caller(principal),
+                body.model,
+                messages,
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+            )
+            return {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": completion.text},
+                        "finish_reason": completion.finish_reason,
+                    }
+                ],
+                "usage": _usage(completion.usage),
+            }
+        first, rest = await service.chat_stream(
+            _caller(principal),
+            body.model,
+            messages,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+        )
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+            return {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        async def items() -> AsyncIterator[str | Usage]:
+            yield first
+            async for item in rest:
+                yield item
+
+        async def events() -> AsyncIterator[bytes]:
+            usage = None
+            finish = "stop"
+            try:
+                yield _sse(chunk({"role": "assistant", "content": ""}, None))
+                try:
+                    async for item in items():
+                        if isinstance(item, Usage):
+                            usage = item
+                        else:
+                            yield _sse(chunk({"content": item}, None))
+                except ProviderError:
+                    finish = "error"  # the provider broke off mid-answer
+                yield _sse(chunk({}, finish))
+                if include_usage and usage is not None:
+                    yield _sse(
+                        {
+                            "id": completion_id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": body.model,
+                            "choices": [],
+                            "usage": _usage(usage),
+                        }
+                    )
+                yield _sse("[DONE]")
+            finally:
+                # Settles the call, also when the client hung up mid-answer.
+                with anyio.CancelScope(shield=True):
+                    await rest.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @router.post("/embeddings")
+    async def embeddings(
+        body: EmbeddingRequest, principal: Principal = Depends(invoke)
+    ) -> dict[str, Any]:
+        inputs = [body.input] if isinstance(body.input, str) else body.input
+        vectors, usage = await service.embed(_caller(principal), body.model, inputs)
+
+        def encode(vector: list[float]) -> list[float] | str:
+            if body.encoding_format == "float":
+                return vector
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": encode(vector)}
+                for i, vector in enumerate(vectors)
+            ],
+            "model": body.model,
+            "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.total_tokens},
+        }
+
+    return router

@@ -1,0 +1,329 @@
+"""The gateway over real HTTP with the official ``openai`` client: models, chat
+(plain and streaming) and embeddings; budgets that hold under 200 concurrent
+calls; usage settled from the provider; provider failures that leak nothing
+and leave nothing reserved. The upstream is a real HTTP server (the double)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID, uuid4
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+
+from bastion.billing.budgets import BudgetService
+from bastion.db.pool import Database
+from bastion.gateway import routes as gateway_routes
+from bastion.gateway.app import build_providers, create_gateway_app
+from bastion.gateway.service import GatewayService
+from bastion.identity.dpop import DpopKey
+from bastion.identity.keys import SigningKeys
+from bastion.identity.tokens import TokenIssuer
+from bastion.identity.wiring import build_guard
+from bastion.secrets import LocalKeystore
+from bastion.settings import ModelRoute, Settings
+from bastion.tenants.service import TenantService
+from tests.conftest import DbHandles
+from tests.http_server import running_server, serving
+from tests.provider_double import ANSWER, API_KEY, SECRET_ERROR, USAGE, DoubleState, provider_double
+
+pytestmark = pytest.mark.anyio
+ISSUER = "https://api.bastion.test"
+
+
+@dataclass
+class Gateway:
+    url: str
+    upstream: str
+    double: DoubleState
+    tokens: TokenIssuer
+    tenant: UUID
+    users: dict[str, UUID]
+
+
+@pytest.fixture(scope="module")
+def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
+    keystore.set("providers/double", API_KEY.encode())
+    double = DoubleState()
+    seeded: dict[str, object] = {}
+    with running_server(provider_double(double)) as upstream:
+        settings = Settings(
+            issuer=ISSUER,
+            gateway_models=[
+                ModelRoute(name="bastion-local", provider="local"),
+                ModelRoute(
+                    name="upstream",
+                    provider="openai_compatible",
+                    base_url=f"{upstream}/v1",
+                    api_key_ref="local://providers/double",
+                    timeout_seconds=1.5,
+                ),
+            ],
+        )
+
+        def build(url: str) -> FastAPI:
+            db = Database(database.app, database.context_key, max_size=12)
+            providers = build_providers(settings.gateway_models, keystore, embedder="hashing")
+            service = GatewayService(db, BudgetService(db), providers)
+
+            @asynccontextmanager
+            async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+                await db.open()
+                try:
+                    tenants = TenantService(db)
+                    tenant = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "gw")).id
+                    seeded["tenant"] = tenant
+                    seeded["users"] = {
+                        role: await tenants.add_member(tenant, f"{role}@gw.test", role)
+                        for role in ("contributor", "viewer")
+                    }
+                    yield
+                finally:
+                    await db.close()
+
+            router = gateway_routes.build_router(
+                service, build_guard(settings, db, keystore, public_url=url)
+            )
+            return create_gateway_app(readiness=db.ping, lifespan=lifespan, routers=(router,))
+
+        with serving(build) as url:
+            keys = SigningKeys(keystore)
+            tokens = TokenIssuer(
+                keys, issuer=ISSUER, audience=ISSUER, lifetime=timedelta(minutes=15)
+            )
+            yield Gateway(
+                url,
+                upstream,
+                double,
+                tokens,
+                seeded["tenant"],  # type: ignore[arg-type]
+                seeded["users"],  # type: ignore[arg-type]
+            )
+
+
+def _client(gw: Gateway, role: str = "contributor") -> openai.AsyncOpenAI:
+    """The official client, unchanged, with an httpx hook adding the DPoP proof."""
+    key = DpopKey.generate()
+    token, _ = gw.tokens.issue_access(
+        user_id=gw.users[role],
+        tenant_id=gw.tenant,
+        roles=(role,),
+        amr=("pwd",),
+        jkt=key.thumbprint,
+        auth_time=int(time.time()),
+    )
+
+    async def sign(request: httpx.Request) -> None:
+        request.headers["Authorization"] = f"DPoP {token}"
+        request.headers["DPoP"] = key.proof(request.method, str(request.url), access_token=token)
+
+    http = httpx.AsyncClient(event_hooks={"request": [sign]}, timeout=30)
+    return openai.AsyncOpenAI(
+        base_url=f"{gw.url}/v1", api_key="dpop-bound", http_client=http, max_retries=0
+    )
+
+
+@pytest.fixture
+async def budgets(database: DbHandles) -> AsyncIterator[BudgetService]:
+    async with Database(database.app, database.context_key, max_size=2) as db:
+        yield BudgetService(db)
+
+
+async def _budget(budgets: BudgetService, gw: Gateway, calls: int, tokens: int = 10**9) -> None:
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    # A fresh period per test: earlier tests' usage does not count.
+    await budgets.set_budget(
+        gw.tenant,
+        period_start=start,
+        period_end=start + timedelta(hours=1),
+        call_limit=calls,
+        token_limit=tokens,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _upstream_ok(gateway: Gateway) -> Iterator[None]:
+    gateway.double.mode = "ok"
+    yield
+    gateway.double.mode = "ok"
+
+
+async def test_openai_client_models_chat_stream_and_embeddings(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=100)
+    client = _client(gateway)
+    models = await client.models.list()
+    assert {m.id for m in models.data} == {"bastion-local", "upstream"}
+
+    answer = await client.chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": "When was the refund issued?"}]
+    )
+    assert answer.choices[0].message.content == ANSWER
+    assert answer.usage is not None and answer.usage.total_tokens == USAGE["total_tokens"]
+
+    stream = await client.chat.completions.create(
+        model="upstream",
+        messages=[{"role": "user", "content": "When?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            usage = chunk.usage
+    assert text.strip() == ANSWER and usage is not None and usage.total_tokens == 18
+
+    vectors = await client.embeddings.create(model="upstream", input=["abc", "hello"])
+    assert [round(v.embedding[0]) for v in vectors.data] == [3, 5]
+    local = await client.embeddings.create(model="bastion-local", input="refund")
+    assert len(local.data[0].embedding) == 384
+
+    context = (
+        "Context:\n[doc:3f1c9a20] The refund for the double charge was sent on 5 March. "
+        "The router firmware was updated."
+    )
+    extractive = await client.chat.completions.create(
+        model="bastion-local",
+        messages=[
+            {"role": "system", "content": context},
+            {"role": "user", "content": "When was the refund for the double charge sent?"},
+        ],
+    )
+    content = extractive.choices[0].message.content or ""
+    assert "extractive" in content and "5 March" in content and "doc:3f1c9a20" in content
+    assert "firmware" not in content
+
+
+async def test_200_concurrent_calls_against_a_budget_of_50(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=50)
+    before = gateway.double.calls
+    clients = [_client(gateway) for _ in range(8)]
+
+    async def call(i: int) -> int | tuple[int, str | None]:
+        try:
+            await clients[i % 8].chat.completions.create(
+                model="upstream", messages=[{"role": "user", "content": f"question {i}"}]
+            )
+            return 200
+        except openai.APIStatusError as refused:
+            return refused.status_code, refused.response.headers.get("retry-after")
+
+    outcomes = await asyncio.gather(*(call(i) for i in range(200)))
+    assert outcomes.count(200) == 50
+    refusals = [o for o in outcomes if o != 200]
+    assert len(refusals) == 150
+    assert all(isinstance(o, tuple) and o[0] == 402 and o[1] and int(o[1]) > 0 for o in refusals)
+    assert gateway.double.calls - before == 50  # no upstream call over budget
+    state = await budgets.state(gateway.tenant)
+    assert state is not None and (state.calls_used, state.calls_reserved) == (50, 0)
+
+
+async def test_usage_is_the_provider_s_not_the_client_s(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    client = _client(gateway)
+    await client.chat.completions.create(
+        model="upstream",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"usage": {"total_tokens": 0}},  # a client's claim is ignored
+    )
+    state = await budgets.state(gateway.tenant)
+    assert state is not None and state.tokens_used == USAGE["total_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("fail", "unavailable"),
+        ("junk", "bad-response"),
+        ("no-usage", "bad-response"),
+        ("hang", "timeout"),
+    ],
+)
+async def test_provider_failure_is_503_leaks_nothing_and_holds_nothing(
+    gateway: Gateway, budgets: BudgetService, mode: str, reason: str
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    gateway.double.mode = mode
+    with pytest.raises(openai.APIStatusError) as failed:
+        await _client(gateway).chat.completions.create(
+            model="upstream", messages=[{"role": "user", "content": "hi"}]
+        )
+    response = failed.value.response
+    assert response.status_code == 503 and response.headers["retry-after"]
+    problem = response.json()
+    assert problem["type"].endswith("/provider-unavailable") and problem["reason"] == reason
+    for secret in (SECRET_ERROR, API_KEY, gateway.upstream, "hunter2"):
+        assert secret not in response.text
+    state = await budgets.state(gateway.tenant)
+    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+
+
+async def test_a_stream_client_that_disconnects_leaves_nothing_reserved(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    client = _client(gateway)
+    stream = await client.chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    async for _chunk in stream:
+        break  # the first chunk, then hang up
+    await stream.close()
+    deadline = time.monotonic() + 10
+    while True:
+        state = await budgets.state(gateway.tenant)
+        assert state is not None
+        if state.calls_reserved == 0:
+            break
+        assert time.monotonic() < deadline, "the reservation was never settled"
+        await asyncio.sleep(0.05)
+    assert state.calls_used == 1 and state.tokens_used > 0
+
+
+async def test_refusals_make_no_upstream_call(gateway: Gateway, budgets: BudgetService) -> None:
+    await _budget(budgets, gateway, calls=10)
+    before = gateway.double.calls
+    client = _client(gateway)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        await client.chat.completions.create(
+            model="gpt-unknown", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert unknown.value.response.json()["type"].endswith("/model-not-found")
+    with pytest.raises(openai.UnprocessableEntityError):
+        await client.chat.completions.create(
+            model="upstream",
+            messages=[{"role": "wizard", "content": "hi"}],  # type: ignore[list-item, misc]
+        )
+    with pytest.raises(openai.PermissionDeniedError):
+        await _client(gateway, "viewer").chat.completions.create(
+            model="upstream", messages=[{"role": "user", "content": "hi"}]
+        )
+    async with httpx.AsyncClient() as http:
+        unsigned = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            headers={"Authorization": "Bearer sk-anything"},
+            json={"model": "upstream", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        junk = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            content=b"\xff\xfe not json",
+            headers={"Content-Type": "application/json"},
+        )
+    assert unsigned.status_code == 401 and junk.status_code in (400, 401)
+    assert gateway.double.calls == before
+    state = await budgets.state(gateway.tenant)
+    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
