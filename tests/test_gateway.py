@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from bastion.billing.budgets import BudgetService
 from bastion.db.pool import Database
 from bastion.gateway import routes as gateway_routes
-from bastion.gateway.app import build_providers, create_gateway_app
+from bastion.gateway.app import build_routers, create_gateway_app
+from bastion.gateway.routing import CircuitBreaker
 from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
@@ -46,14 +47,21 @@ class Gateway:
     tokens: TokenIssuer
     tenant: UUID
     users: dict[str, UUID]
+    service: GatewayService
+    canary: DoubleState
+    other_tenant: UUID
+    other_user: UUID
 
 
 @pytest.fixture(scope="module")
 def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
     keystore.set("providers/double", API_KEY.encode())
-    double = DoubleState()
+    double, canary = DoubleState(), DoubleState()
     seeded: dict[str, object] = {}
-    with running_server(provider_double(double)) as upstream:
+    with (
+        running_server(provider_double(double)) as upstream,
+        running_server(provider_double(canary)) as canary_url,
+    ):
         settings = Settings(
             issuer=ISSUER,
             gateway_models=[
@@ -65,13 +73,30 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                     api_key_ref="local://providers/double",
                     timeout_seconds=1.5,
                 ),
+                # Half the traffic to the canary, so that a test sees enough of it.
+                ModelRoute(
+                    name="canaried",
+                    provider="openai_compatible",
+                    base_url=f"{upstream}/v1",
+                    api_key_ref="local://providers/double",
+                    weight=50,
+                ),
+                ModelRoute(
+                    name="canaried",
+                    provider="openai_compatible",
+                    base_url=f"{canary_url}/v1",
+                    api_key_ref="local://providers/double",
+                    weight=50,
+                    canary=True,
+                ),
             ],
         )
 
         def build(url: str) -> FastAPI:
             db = Database(database.app, database.context_key, max_size=12)
-            providers = build_providers(settings.gateway_models, keystore, embedder="hashing")
-            service = GatewayService(db, BudgetService(db), providers)
+            routers = build_routers(settings.gateway_models, keystore, embedder="hashing")
+            service = GatewayService(db, BudgetService(db), routers)
+            seeded["service"] = service
 
             @asynccontextmanager
             async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +109,11 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                         role: await tenants.add_member(tenant, f"{role}@gw.test", role)
                         for role in ("contributor", "viewer")
                     }
+                    other = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "other")).id
+                    seeded["other_tenant"] = other
+                    seeded["other_user"] = await tenants.add_member(
+                        other, "contributor@other.test", "contributor"
+                    )
                     yield
                 finally:
                     await db.close()
@@ -105,15 +135,19 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                 tokens,
                 seeded["tenant"],  # type: ignore[arg-type]
                 seeded["users"],  # type: ignore[arg-type]
+                seeded["service"],  # type: ignore[arg-type]
+                canary,
+                seeded["other_tenant"],  # type: ignore[arg-type]
+                seeded["other_user"],  # type: ignore[arg-type]
             )
 
 
-def _client(gw: Gateway, role: str = "contributor") -> openai.AsyncOpenAI:
+def _client(gw: Gateway, role: str = "contributor", *, other: bool = False) -> openai.AsyncOpenAI:
     """The official client, unchanged, with an httpx hook adding the DPoP proof."""
     key = DpopKey.generate()
     token, _ = gw.tokens.issue_access(
-        user_id=gw.users[role],
-        tenant_id=gw.tenant,
+        user_id=gw.other_user if other else gw.users[role],
+        tenant_id=gw.other_tenant if other else gw.tenant,
         roles=(role,),
         amr=("pwd",),
         jkt=key.thumbprint,
@@ -150,9 +184,16 @@ async def _budget(budgets: BudgetService, gw: Gateway, calls: int, tokens: int =
 
 @pytest.fixture(autouse=True)
 def _upstream_ok(gateway: Gateway) -> Iterator[None]:
-    gateway.double.mode = "ok"
+    """Each test starts with healthy providers, closed breakers, no rollback."""
+    for state in (gateway.double, gateway.canary):
+        state.mode = "ok"
+    for router in gateway.service.models.values():
+        router.rolled_back.clear()
+        for target in router.targets:
+            target.breaker = CircuitBreaker()
+            target.window.clear()
     yield
-    gateway.double.mode = "ok"
+    gateway.double.mode = gateway.canary.mode = "ok"
 
 
 async def test_openai_client_models_chat_stream_and_embeddings(
@@ -161,7 +202,7 @@ async def test_openai_client_models_chat_stream_and_embeddings(
     await _budget(budgets, gateway, calls=100)
     client = _client(gateway)
     models = await client.models.list()
-    assert {m.id for m in models.data} == {"bastion-local", "upstream"}
+    assert {m.id for m in models.data} == {"bastion-local", "upstream", "canaried"}
 
     answer = await client.chat.completions.create(
         model="upstream", messages=[{"role": "user", "content": "When was the refund issued?"}]
@@ -260,7 +301,7 @@ async def test_provider_failure_is_503_leaks_nothing_and_holds_nothing(
     gateway.double.mode = mode
     with pytest.raises(openai.APIStatusError) as failed:
         await _client(gateway).chat.completions.create(
-            model="upstream", messages=[{"role": "user", "content": "hi"}]
+            model="upstream", messages=[{"role": "user", "content": f"never asked {uuid4()}"}]
         )
     response = failed.value.response
     assert response.status_code == 503 and response.headers["retry-after"]
@@ -327,3 +368,81 @@ async def test_refusals_make_no_upstream_call(gateway: Gateway, budgets: BudgetS
     assert gateway.double.calls == before
     state = await budgets.state(gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+
+
+async def _ask(client: openai.AsyncOpenAI, model: str, prompt: str) -> httpx.Response:
+    raw = await client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": prompt}]
+    )
+    return raw.http_response
+
+
+async def test_a_failing_canary_is_rolled_back_and_clients_never_see_it(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=1000)
+    gateway.canary.mode = "fail"
+    client = _client(gateway)
+    router = gateway.service.models["canaried"]
+    for i in range(120):
+        answer = await _ask(client, "canaried", f"conversation {i}")
+        assert answer.status_code == 200  # a failed canary call falls back to stable
+        if router.rolled_back:
+            break
+    assert router.rolled_back == {"canaried#3"}
+    seen = gateway.canary.calls
+    for i in range(30):
+        await _ask(client, "canaried", f"after rollback {i}")
+    assert gateway.canary.calls == seen  # no traffic to the canary any more
+
+
+async def test_outage_serves_this_tenant_s_cached_answers_marked_else_503(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=100)
+    for tenant_other in (False, True):
+        start = datetime.now(UTC) - timedelta(minutes=1)
+        await budgets.set_budget(
+            gateway.other_tenant if tenant_other else gateway.tenant,
+            period_start=start,
+            period_end=start + timedelta(hours=1),
+            call_limit=100,
+            token_limit=10**9,
+        )
+    mine, theirs = _client(gateway), _client(gateway, other=True)
+    prompt = f"What is the refund policy? {uuid4()}"
+    fresh = await _ask(mine, "upstream", prompt)
+    assert fresh.status_code == 200 and "bastion-cache" not in fresh.headers
+    gateway.double.mode = "fail"
+    stale = await _ask(mine, "upstream", prompt)
+    assert stale.headers["bastion-cache"] == "stale-fallback"
+    assert stale.json()["choices"][0]["message"]["content"] == ANSWER
+    with pytest.raises(openai.APIStatusError) as other_tenant:
+        await _ask(theirs, "upstream", prompt)  # the same prompt, another tenant
+    assert other_tenant.value.status_code == 503
+    assert other_tenant.value.response.headers["retry-after"]
+    with pytest.raises(openai.APIStatusError) as uncached:
+        await _ask(mine, "upstream", f"never asked {uuid4()}")
+    assert uncached.value.status_code == 503
+    gateway.service.models["upstream"].targets[0].breaker = CircuitBreaker()
+    gateway.double.mode = "ok"
+    recovered = await _ask(mine, "upstream", prompt)
+    assert recovered.status_code == 200 and "bastion-cache" not in recovered.headers
+
+
+async def test_the_breaker_opens_and_stops_calling_a_failing_provider(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=100)
+    gateway.double.mode = "fail"
+    client = _client(gateway)
+    for i in range(5):
+        with pytest.raises(openai.APIStatusError):
+            await _ask(client, "upstream", f"breaker {i} {uuid4()}")
+    breaker = gateway.service.models["upstream"].targets[0].breaker
+    assert breaker.state == "open"
+    calls = gateway.double.calls
+    with pytest.raises(openai.APIStatusError) as refused:
+        await _ask(client, "upstream", f"while open {uuid4()}")
+    assert refused.value.status_code == 503
+    assert gateway.double.calls == calls  # the open breaker spared the provider

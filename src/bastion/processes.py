@@ -74,12 +74,12 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     if process == "gateway":
         from bastion.billing.budgets import BudgetService
         from bastion.gateway import routes as gateway_routes
-        from bastion.gateway.app import build_providers
+        from bastion.gateway.app import build_routers
         from bastion.gateway.service import GatewayService
         from bastion.identity.wiring import build_guard
 
-        providers = build_providers(settings.gateway_models, keystore, embedder=settings.embedder)
-        gateway = GatewayService(db, BudgetService(db), providers)
+        routers = build_routers(settings.gateway_models, keystore, embedder=settings.embedder)
+        gateway = GatewayService(db, BudgetService(db), routers)
         return create_gateway_app(
             readiness=db.ping,
             lifespan=_pool_lifespan(db),

@@ -50,6 +50,11 @@ class ModelRoute(BaseModel):
     api_key_ref: str | None = None
     upstream_model: str | None = None
     timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+    # Several routes with one name are that model's targets: weights share the
+    # traffic (a canary of weight 5 next to 95 gets 5 %); fallbacks come last.
+    weight: int = Field(default=100, ge=0, le=10_000)
+    canary: bool = False
+    fallback: bool = False
 
 
 class Settings(BaseSettings):

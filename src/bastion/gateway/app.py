@@ -6,6 +6,7 @@ from fastapi import APIRouter, FastAPI
 
 from bastion.api.app import Lifespan, Readiness, create_app
 from bastion.gateway.providers import LocalProvider, OpenAICompatible, Provider
+from bastion.gateway.routing import ModelRouter, Target
 from bastion.secrets.store import LocalKeystore, resolve_ref
 from bastion.settings import ModelRoute
 
@@ -22,22 +23,32 @@ def create_gateway_app(
     )
 
 
-def build_providers(
+def _provider(route: ModelRoute, keystore: LocalKeystore, embedder: str) -> Provider:
+    if route.provider == "local":
+        return LocalProvider(embedder)
+    if not route.base_url or not route.api_key_ref:
+        raise ValueError(f"model {route.name!r} needs base_url and api_key_ref")
+    return OpenAICompatible(
+        route.base_url,
+        resolve_ref(keystore, route.api_key_ref).decode(),
+        upstream_model=route.upstream_model,
+        timeout=route.timeout_seconds,
+    )
+
+
+def build_routers(
     routes: list[ModelRoute], keystore: LocalKeystore, *, embedder: str
-) -> dict[str, Provider]:
-    """The provider of each configured model; upstream keys come from the key ring."""
-    providers: dict[str, Provider] = {}
-    for route in routes:
-        if route.provider == "local":
-            providers[route.name] = LocalProvider(embedder)
-            continue
-        if not route.base_url or not route.api_key_ref:
-            raise ValueError(f"model {route.name!r} needs base_url and api_key_ref")
-        key = resolve_ref(keystore, route.api_key_ref).decode()
-        providers[route.name] = OpenAICompatible(
-            route.base_url,
-            key,
-            upstream_model=route.upstream_model,
-            timeout=route.timeout_seconds,
+) -> dict[str, ModelRouter]:
+    """Each configured model's router over its targets; upstream keys from the key ring."""
+    targets: dict[str, list[Target]] = {}
+    for i, route in enumerate(routes):
+        targets.setdefault(route.name, []).append(
+            Target(
+                f"{route.name}#{i}",
+                _provider(route, keystore, embedder),
+                weight=route.weight,
+                canary=route.canary,
+                fallback=route.fallback,
+            )
         )
-    return providers
+    return {name: ModelRouter(group) for name, group in targets.items()}

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.access.guard import Guard
@@ -89,20 +89,20 @@ def build_router(service: GatewayService, guard: Guard) -> APIRouter:
     @router.post("/chat/completions", response_model=None)
     async def chat(
         body: ChatRequest, principal: Principal = Depends(invoke)
-    ) -> dict[str, Any] | StreamingResponse:
+    ) -> JSONResponse | StreamingResponse:
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
-            completion = await service.chat(
+            completion, cached = await service.chat(
                 _caller(principal),
                 body.model,
                 messages,
                 max_tokens=max_tokens,
                 temperature=body.temperature,
             )
-            return {
+            answer = {
                 "id": completion_id,
                 "object": "chat.completion",
                 "created": created,
@@ -116,6 +116,8 @@ def build_router(service: GatewayService, guard: Guard) -> APIRouter:
                 ],
                 "usage": _usage(completion.usage),
             }
+            headers = {"Bastion-Cache": cached} if cached else {}
+            return JSONResponse(answer, headers=headers)
         first, rest = await service.chat_stream(
             _caller(principal),
             body.model,

@@ -5,15 +5,20 @@ authenticate + authorize (the route's guard: token, DPoP, Cedar
 the provider → settle from the provider's ``usage`` (release on failure) →
 audit event and one log line. Over budget, no provider is called.
 
-Not yet here (issue 6 continues): signed prompt envelopes, PII and injection
-hooks, canary routing, circuit breakers, the answer cache and traces.
+The route is the model's :class:`ModelRouter` (sticky canary, breakers,
+fallbacks); when every target fails, a cached answer of the same tenant is
+served as ``stale-fallback`` (:mod:`bastion.gateway.cache`), else 503.
+
+Not yet here (issue 6 continues): signed prompt envelopes and tool calls, the
+PII and injection hooks, and traces.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from uuid import UUID
 
 import anyio
@@ -22,12 +27,15 @@ from bastion.api.problems import Problem, problem_type
 from bastion.audit import log as audit
 from bastion.billing.budgets import BudgetService, Reservation
 from bastion.db.pool import Database
+from bastion.gateway.cache import AnswerCache, cache_key
 from bastion.gateway.providers import Completion, Message, Provider, ProviderError, Usage
+from bastion.gateway.routing import ModelRouter, Target
 from bastion.logs import get_logger
 
 _log = get_logger("bastion.gateway")
 
 RETRY_AFTER_SECONDS = 5
+T = TypeVar("T")
 
 
 class ModelNotFound(Problem):
@@ -57,36 +65,66 @@ class Caller:
     user_id: UUID
 
 
+def sticky_key(caller: Caller, messages: Sequence[Message]) -> str:
+    """Tenant, user and conversation (its first message): one conversation, one target."""
+    first = messages[0]["content"] if messages else ""
+    return f"{caller.tenant_id}|{caller.user_id}|{first}"
+
+
 def estimate_prompt_tokens(messages: Sequence[Message]) -> int:
     """A generous prompt-size estimate for the reservation (~4 characters per token)."""
     return sum(len(m["content"]) // 3 + 4 for m in messages)
 
 
 class GatewayService:
-    def __init__(self, db: Database, budgets: BudgetService, models: dict[str, Provider]) -> None:
+    def __init__(
+        self,
+        db: Database,
+        budgets: BudgetService,
+        models: dict[str, ModelRouter],
+        cache: AnswerCache | None = None,
+    ) -> None:
         self.db = db
         self.budgets = budgets
         self.models = models
+        self.cache = cache or AnswerCache()
 
-    def provider(self, model: str) -> Provider:
-        provider = self.models.get(model)
-        if provider is None:
+    def router(self, model: str) -> ModelRouter:
+        router = self.models.get(model)
+        if router is None:
             raise ModelNotFound(f"model {model!r} is not served here")
-        return provider
+        return router
+
+    async def _first_answer(
+        self, router: ModelRouter, sticky: str, call: Callable[[Target], Awaitable[T]]
+    ) -> T:
+        """``call`` on the first target that answers; raise the last ProviderError."""
+        error = ProviderError("unavailable")  # every breaker open
+        for target in router.candidates(sticky):
+            started = time.perf_counter()
+            try:
+                result = await call(target)
+            except ProviderError as failure:
+                router.record(target, False, time.perf_counter() - started)
+                error = failure
+                continue
+            router.record(target, True, time.perf_counter() - started)
+            return result
+        raise error
 
     async def _finish(
         self,
         caller: Caller,
-        reservation: Reservation,
+        reservation: Reservation | None,
         model: str,
         usage: Usage | None,
         started: float,
         decision: str,
     ) -> None:
         """Settle (or release) and record the call: audit event and log line."""
-        if usage is None:
+        if reservation is not None and usage is None:
             await self.budgets.release(reservation)
-        else:
+        elif reservation is not None and usage is not None:
             await self.budgets.settle(reservation, usage.total_tokens)
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         tokens = usage.total_tokens if usage else 0
@@ -115,24 +153,41 @@ class GatewayService:
         *,
         max_tokens: int,
         temperature: float,
-    ) -> Completion:
-        provider = self.provider(model)
+    ) -> tuple[Completion, str | None]:
+        """Answer; return the completion and how the cache served it (None, hit,
+        stale-fallback)."""
+        router = self.router(model)
+        key = cache_key(caller.tenant_id, model, messages)
+        started = time.perf_counter()
+        if temperature == 0:  # only a deterministic request may get a cached answer
+            cached = self.cache.fresh(key)
+            if cached is not None:
+                await self._finish(caller, None, model, None, started, "cache-hit")
+                return cached, "hit"
         reservation = await self.budgets.reserve(
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )
-        started = time.perf_counter()
         try:
-            completion = await provider.complete(
-                model, messages, max_tokens=max_tokens, temperature=temperature
+            completion = await self._first_answer(
+                router,
+                sticky_key(caller, messages),
+                lambda target: target.provider.complete(
+                    model, messages, max_tokens=max_tokens, temperature=temperature
+                ),
             )
         except ProviderError as error:
-            await self._finish(caller, reservation, model, None, started, f"failed:{error.kind}")
-            raise _unavailable(error) from None
+            stale = self.cache.stale_fallback(key)
+            decision = "stale-fallback" if stale else f"failed:{error.kind}"
+            await self._finish(caller, reservation, model, None, started, decision)
+            if stale is None:
+                raise _unavailable(error) from None
+            return stale, "stale-fallback"
         except BaseException:
             await self.budgets.release(reservation)
             raise
+        self.cache.put(key, completion)
         await self._finish(caller, reservation, model, completion.usage, started, "answered")
-        return completion
+        return completion, None
 
     async def chat_stream(
         self,
@@ -151,12 +206,12 @@ class GatewayService:
         when the client went away mid-answer (estimated from the text when the
         provider's usage never came) — so nothing stays reserved.
         """
-        provider = self.provider(model)
+        router = self.router(model)
         reservation = await self.budgets.reserve(
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )
 
-        async def run() -> AsyncGenerator[str | Usage, None]:
+        async def run(provider: Provider) -> AsyncGenerator[str | Usage, None]:
             started = time.perf_counter()
             produced = 0
             usage: Usage | None = None
@@ -185,25 +240,32 @@ class GatewayService:
                 with anyio.CancelScope(shield=True):
                     await self._finish(caller, reservation, model, usage, started, decision)
 
-        stream = run()
+        async def start(target: Target) -> tuple[str | Usage, AsyncGenerator[str | Usage, None]]:
+            stream = run(target.provider)
+            try:
+                return await stream.__anext__(), stream
+            except StopAsyncIteration:
+                raise ProviderError("bad-response") from None
+
         try:
-            first = await stream.__anext__()
+            return await self._first_answer(router, sticky_key(caller, messages), start)
         except ProviderError as error:
             raise _unavailable(error) from None
-        except StopAsyncIteration:
-            raise _unavailable(ProviderError("bad-response")) from None
-        return first, stream
 
     async def embed(
         self, caller: Caller, model: str, inputs: Sequence[str]
     ) -> tuple[list[list[float]], Usage]:
-        provider = self.provider(model)
+        router = self.router(model)
         reservation = await self.budgets.reserve(
             caller.tenant_id, sum(len(text) // 3 + 1 for text in inputs)
         )
         started = time.perf_counter()
         try:
-            vectors, usage = await provider.embed(model, inputs)
+            vectors, usage = await self._first_answer(
+                router,
+                f"{caller.tenant_id}|{caller.user_id}",
+                lambda target: target.provider.embed(model, inputs),
+            )
         except ProviderError as error:
             await self._finish(caller, reservation, model, None, started, f"failed:{error.kind}")
             raise _unavailable(error) from None
