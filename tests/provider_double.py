@@ -24,6 +24,7 @@ class DoubleState:
     mode: str = "ok"  # ok | fail | hang | junk | no-usage
     calls: int = 0
     last_body: dict[str, Any] | None = None
+    last_traceparent: str | None = None
 
 
 def provider_double(state: DoubleState) -> FastAPI:
@@ -32,6 +33,7 @@ def provider_double(state: DoubleState) -> FastAPI:
     async def gate(request: Request) -> JSONResponse | PlainTextResponse | None:
         state.calls += 1
         state.last_body = await request.json()
+        state.last_traceparent = request.headers.get("traceparent")
         if request.headers.get("authorization") != f"Bearer {API_KEY}":
             return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
         if state.mode == "fail":

@@ -446,3 +446,34 @@ async def test_the_breaker_opens_and_stops_calling_a_failing_provider(
         await _ask(client, "upstream", f"while open {uuid4()}")
     assert refused.value.status_code == 503
     assert gateway.double.calls == calls  # the open breaker spared the provider
+
+
+async def test_the_trace_follows_the_call_to_the_provider(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    incoming = f"00-{trace_id}-00f067aa0ba902b7-01"
+    client = _client(gateway)
+    for stream in (False, True):
+        raw = await client.chat.completions.with_raw_response.create(
+            model="upstream",
+            messages=[{"role": "user", "content": f"trace {uuid4()}"}],
+            extra_headers={"traceparent": incoming},
+            stream=stream,
+        )
+        parsed = raw.parse()
+        if stream:
+            async for _chunk in parsed:  # type: ignore[union-attr]
+                pass
+        upstream = gateway.double.last_traceparent or ""
+        assert upstream.startswith(f"00-{trace_id}-") and upstream != incoming
+        assert raw.http_response.headers["traceparent"].startswith(f"00-{trace_id}-")
+    # A malformed traceparent starts a new trace rather than failing the call.
+    raw = await client.chat.completions.with_raw_response.create(
+        model="upstream",
+        messages=[{"role": "user", "content": f"trace {uuid4()}"}],
+        extra_headers={"traceparent": "00-zzzz-not-a-trace"},
+    )
+    assert raw.http_response.status_code == 200
+    assert trace_id not in (gateway.double.last_traceparent or "")

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from bastion.gateway.trace import current_trace
 from bastion.knowledge.embedders import get_embedder
 
 
@@ -77,6 +78,12 @@ def _usage(body: Any) -> Usage:
     return Usage(prompt, completion)
 
 
+def _trace_headers() -> dict[str, str]:
+    """The provider call's ``traceparent``: the request's trace, a span of its own."""
+    trace = current_trace.get()
+    return {"traceparent": trace.child().traceparent} if trace else {}
+
+
 class OpenAICompatible:
     """A provider speaking OpenAI's chat-completions protocol at ``base_url``."""
 
@@ -100,7 +107,7 @@ class OpenAICompatible:
 
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
         try:
-            response = await self.client.post(path, json=payload)
+            response = await self.client.post(path, json=payload, headers=_trace_headers())
         except httpx.TimeoutException:
             raise ProviderError("timeout") from None
         except httpx.HTTPError:
@@ -147,7 +154,9 @@ class OpenAICompatible:
         }
         usage: Usage | None = None
         try:
-            async with self.client.stream("POST", "/chat/completions", json=payload) as response:
+            async with self.client.stream(
+                "POST", "/chat/completions", json=payload, headers=_trace_headers()
+            ) as response:
                 if response.status_code != 200:
                     raise ProviderError("unavailable")
                 async for line in response.aiter_lines():

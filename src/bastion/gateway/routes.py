@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.access.guard import Guard
 from bastion.gateway.providers import ProviderError, Usage
 from bastion.gateway.service import Caller, GatewayService
+from bastion.gateway.trace import TraceContext, continue_or_start, current_trace
 from bastion.identity.auth import Principal
 
 DEFAULT_MAX_TOKENS = 512
@@ -72,8 +73,22 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+async def _trace(request: Request, response: Response) -> TraceContext:
+    """Continue the caller's W3C trace (or start one) for this request, and echo it."""
+    trace = continue_or_start(request.headers.get("traceparent"))
+    current_trace.set(trace)
+    response.headers["traceparent"] = trace.traceparent
+    return trace
+
+
+def _echo_trace() -> dict[str, str]:
+    # A Response returned directly does not get the dependency's headers.
+    trace = current_trace.get()
+    return {"traceparent": trace.traceparent} if trace else {}
+
+
 def build_router(service: GatewayService, guard: Guard) -> APIRouter:
-    router = APIRouter(prefix="/v1")
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_trace)])
     invoke = guard("model:invoke", "Model")
 
     @router.get("/models")
@@ -116,7 +131,9 @@ def build_router(service: GatewayService, guard: Guard) -> APIRouter:
                 ],
                 "usage": _usage(completion.usage),
             }
-            headers = {"Bastion-Cache": cached} if cached else {}
+            headers = _echo_trace()
+            if cached:
+                headers["Bastion-Cache"] = cached
             return JSONResponse(answer, headers=headers)
         first, rest = await service.chat_stream(
             _caller(principal),
@@ -172,7 +189,7 @@ def build_router(service: GatewayService, guard: Guard) -> APIRouter:
                 with anyio.CancelScope(shield=True):
                     await rest.aclose()
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=_echo_trace())
 
     @router.post("/embeddings")
     async def embeddings(

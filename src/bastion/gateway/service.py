@@ -30,6 +30,7 @@ from bastion.db.pool import Database
 from bastion.gateway.cache import AnswerCache, cache_key
 from bastion.gateway.providers import Completion, Message, Provider, ProviderError, Usage
 from bastion.gateway.routing import ModelRouter, Target
+from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
 
 _log = get_logger("bastion.gateway")
@@ -128,16 +129,25 @@ class GatewayService:
             await self.budgets.settle(reservation, usage.total_tokens)
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         tokens = usage.total_tokens if usage else 0
+        trace = current_trace.get()
+        trace_id = trace.trace_id if trace else None
         async with self.db.tenant_tx(caller.tenant_id, caller.user_id, "system") as tx:
             await audit.record(
                 tx,
                 actor=f"user:{caller.user_id}",
                 action="model.invoke",
                 target=model,
-                details={"decision": decision, "tokens": tokens, "latency_ms": latency_ms},
+                details={
+                    "decision": decision,
+                    "tokens": tokens,
+                    "latency_ms": latency_ms,
+                    "trace_id": trace_id,
+                },
             )
+        # One line per call; never the prompt or the answer.
         _log.info(
             "model_call",
+            trace_id=trace_id,
             tenant=str(caller.tenant_id),
             model=model,
             tokens=tokens,
