@@ -77,6 +77,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         from bastion.gateway.app import build_routers
         from bastion.gateway.service import GatewayService
         from bastion.identity.wiring import build_guard
+        from bastion.safety.signing import EnvelopeSigner
 
         routers = build_routers(settings.gateway_models, keystore, embedder=settings.embedder)
         gateway = GatewayService(db, BudgetService(db), routers)
@@ -85,7 +86,9 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             lifespan=_pool_lifespan(db),
             routers=(
                 gateway_routes.build_router(
-                    gateway, build_guard(settings, db, keystore, public_url=settings.gateway_url)
+                    gateway,
+                    build_guard(settings, db, keystore, public_url=settings.gateway_url),
+                    EnvelopeSigner(keystore),
                 ),
             ),
         )

@@ -18,10 +18,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.access.guard import Guard
+from bastion.gateway.auth import GatewayAuth
 from bastion.gateway.providers import ProviderError, Usage
 from bastion.gateway.service import Caller, GatewayService
 from bastion.gateway.trace import TraceContext, continue_or_start, current_trace
-from bastion.identity.auth import Principal
+from bastion.safety.signing import EnvelopeSigner
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -56,10 +57,6 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-def _caller(principal: Principal) -> Caller:
-    return Caller(principal.tenant_id, principal.user_id)
-
-
 def _usage(usage: Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -87,12 +84,16 @@ def _echo_trace() -> dict[str, str]:
     return {"traceparent": trace.traceparent} if trace else {}
 
 
-def build_router(service: GatewayService, guard: Guard) -> APIRouter:
+def build_router(
+    service: GatewayService, guard: Guard, signer: EnvelopeSigner | None = None
+) -> APIRouter:
+    """The routes; with ``signer``, a request may carry the api's signed envelope
+    instead of the user's token and DPoP proof."""
     router = APIRouter(prefix="/v1", dependencies=[Depends(_trace)])
-    invoke = guard("model:invoke", "Model")
+    invoke = GatewayAuth(guard, signer)
 
     @router.get("/models")
-    async def models(_principal: Principal = Depends(invoke)) -> dict[str, Any]:
+    async def models(_caller: Caller = Depends(invoke)) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [
@@ -103,7 +104,7 @@ def build_router(service: GatewayService, guard: Guard) -> APIRouter:
 
     @router.post("/chat/completions", response_model=None)
     async def chat(
-        body: ChatRequest, principal: Principal = Depends(invoke)
+        body: ChatRequest, caller: Caller = Depends(invoke)
     ) -> JSONResponse | StreamingResponse:
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
@@ -111,7 +112,7 @@ def build_router(service: GatewayService, guard: Guard) -> APIRouter:
         created = int(time.time())
         if not body.stream:
             completion, cached = await service.chat(
-                _caller(principal),
+                caller,
                 body.model,
                 messages,
                 max_tokens=max_tokens,
@@ -136,7 +137,7 @@ def build_router(service: GatewayService, guard: Guard) -> APIRouter:
                 headers["Bastion-Cache"] = cached
             return JSONResponse(answer, headers=headers)
         first, rest = await service.chat_stream(
-            _caller(principal),
+            caller,
             body.model,
             messages,
             max_tokens=max_tokens,
@@ -193,10 +194,10 @@ def build_router(service: GatewayService, guard: Guard) -> APIRouter:
 
     @router.post("/embeddings")
     async def embeddings(
-        body: EmbeddingRequest, principal: Principal = Depends(invoke)
+        body: EmbeddingRequest, caller: Caller = Depends(invoke)
     ) -> dict[str, Any]:
         inputs = [body.input] if isinstance(body.input, str) else body.input
-        vectors, usage = await service.embed(_caller(principal), body.model, inputs)
+        vectors, usage = await service.embed(caller, body.model, inputs)
 
         def encode(vector: list[float]) -> list[float] | str:
             if body.encoding_format == "float":

@@ -1,0 +1,51 @@
+"""Who may call the gateway: a user with a Bastion token and DPoP proof, or the
+api with an envelope it signed on a user's behalf — either way Cedar decides
+``model:invoke`` for that user, with their roles as they are now."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from bastion.access.authorize import Resource, Subject
+from bastion.access.guard import Forbidden, Guard
+from bastion.api.problems import Problem, problem_type
+from bastion.gateway.service import Caller
+from bastion.safety.signing import HEADER, EnvelopeInvalid, EnvelopeSigner
+
+ACTION = "model:invoke"
+
+
+class EnvelopeRefused(Problem):
+    type = problem_type("envelope-refused")
+    title = "The signed envelope was refused"
+    status = 401
+
+
+class GatewayAuth:
+    """The routes' dependency; ``bastion_action`` declares the action (R1)."""
+
+    bastion_action = ACTION
+    resource_type = "Model"
+
+    def __init__(self, guard: Guard, signer: EnvelopeSigner | None) -> None:
+        self.guard = guard
+        self.signer = signer
+        self.token = guard(ACTION, "Model")
+
+    async def __call__(self, request: Request) -> Caller:
+        header = request.headers.get(HEADER)
+        if header is None or self.signer is None:
+            principal = await self.token(request)
+            return Caller(principal.tenant_id, principal.user_id)
+        try:
+            envelope = self.signer.verify(header, await request.body())
+        except EnvelopeInvalid as refused:
+            raise EnvelopeRefused(
+                "the request's envelope does not verify", reason=refused.reason
+            ) from None
+        roles = await self.guard.db.member_roles(envelope.tenant_id, envelope.user_id)
+        subject = Subject(envelope.user_id, envelope.tenant_id, roles, mfa=False)
+        resource = Resource("Model", "gateway", envelope.tenant_id)
+        if not roles or not self.guard.authorizer.authorize(subject, ACTION, resource):
+            raise Forbidden("the user the envelope names may not invoke models")
+        return Caller(envelope.tenant_id, envelope.user_id)

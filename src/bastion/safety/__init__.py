@@ -1,0 +1,1 @@
+"""Model safety: signed prompts and tool calls, PII, injection screening, sandboxing."""
