@@ -14,8 +14,10 @@ from bastion.api.app import create_app
 from bastion.db.pool import Database
 from bastion.identity.wiring import Identity, build_identity
 from bastion.knowledge import routes as knowledge_routes
+from bastion.knowledge.answers import AskService
 from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import KnowledgeService
+from bastion.safety.signing import EnvelopeSigner
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from tests.conftest import DbHandles
@@ -51,7 +53,12 @@ def api_server(
             lifespan=lifespan,
             extra_routers=(
                 *identity.routers,
-                knowledge_routes.build_router(knowledge, identity.guard),
+                knowledge_routes.build_router(
+                    knowledge,
+                    identity.guard,
+                    # No gateway runs here: questions get the gateway's 503.
+                    AskService(knowledge, EnvelopeSigner(keystore), "http://127.0.0.1:9"),
+                ),
             ),
         )
         built.append((app, identity))

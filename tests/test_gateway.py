@@ -30,6 +30,9 @@ from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
 from bastion.identity.tokens import TokenIssuer
 from bastion.identity.wiring import build_guard
+from bastion.knowledge.answers import AskService, GatewayRefused
+from bastion.knowledge.keys import TenantKeys
+from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.safety.signing import HEADER, EnvelopeSigner
 from bastion.secrets import LocalKeystore
 from bastion.settings import ModelRoute, Settings
@@ -571,3 +574,37 @@ async def test_envelope_keys_rotate_with_overlap(
     for body, envelope in ((old_body, old), (new_body, new)):
         answer = await _post_signed(gateway, body, envelope)
         assert answer.status_code == 200, answer.text
+
+
+# -- the api's questions, answered through the gateway ---------------------------------
+
+
+async def test_questions_are_answered_from_the_tenant_s_own_documents(
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore, database: DbHandles
+) -> None:
+    async with Database(database.app, database.context_key, max_size=4) as db:
+        kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+        for tenant, user, text in (
+            (gateway.tenant, gateway.users["contributor"], "The refund was sent on 5 March."),
+            (gateway.other_tenant, gateway.other_user, "The refund was sent on 9 July."),
+        ):
+            await kb.ensure_namespace(Actor(tenant, None, "system"), "support")
+            up = await kb.upload(
+                Actor(tenant, user, "contributor"),
+                "support",
+                title="refund",
+                body=text.encode(),
+                content_type="text/plain",
+            )
+            await kb.ingest(tenant, up.document.id)
+        ask = AskService(kb, EnvelopeSigner(keystore), gateway.url)
+        viewer = Actor(gateway.tenant, gateway.users["viewer"], "viewer")
+        await _budget(budgets, gateway, calls=1)
+        answer = await ask.ask(
+            viewer, "support", "When was the refund sent?", model="bastion-local"
+        )
+        assert "5 March" in answer.text and "9 July" not in answer.text
+        assert all(str(h.document_id) in answer.text for h in answer.sources[:1])
+        with pytest.raises(GatewayRefused) as refused:
+            await ask.ask(viewer, "support", "And the invoice?", model="bastion-local")
+        assert refused.value.status == 402 and int(refused.value.headers["Retry-After"]) > 0

@@ -67,6 +67,8 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     from bastion.gateway.app import create_gateway_app
     from bastion.identity.wiring import build_identity
     from bastion.knowledge import routes as knowledge_routes
+    from bastion.knowledge.answers import AskService
+    from bastion.safety.signing import EnvelopeSigner
     from bastion.worker.health import create_worker_health_app
 
     db = app_database(settings)
@@ -77,7 +79,6 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         from bastion.gateway.app import build_routers
         from bastion.gateway.service import GatewayService
         from bastion.identity.wiring import build_guard
-        from bastion.safety.signing import EnvelopeSigner
 
         routers = build_routers(settings.gateway_models, keystore, embedder=settings.embedder)
         gateway = GatewayService(db, BudgetService(db), routers)
@@ -107,7 +108,14 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         title="Bastion API",
         readiness=db.ping,
         lifespan=lifespan,
-        extra_routers=(*identity.routers, knowledge_routes.build_router(knowledge, identity.guard)),
+        extra_routers=(
+            *identity.routers,
+            knowledge_routes.build_router(
+                knowledge,
+                identity.guard,
+                AskService(knowledge, EnvelopeSigner(keystore), settings.gateway_url),
+            ),
+        ),
         max_body_bytes=settings.max_upload_bytes,
     )
 

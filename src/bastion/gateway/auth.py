@@ -13,6 +13,9 @@ from bastion.gateway.service import Caller
 from bastion.safety.signing import HEADER, EnvelopeInvalid, EnvelopeSigner
 
 ACTION = "model:invoke"
+# What an envelope may say the user is doing: invoking a model directly, or
+# asking a question the api answers with a model (checked again here).
+ENVELOPE_ACTIONS = {"model:invoke": "Model", "question:ask": "Question"}
 
 
 class EnvelopeRefused(Problem):
@@ -43,9 +46,12 @@ class GatewayAuth:
             raise EnvelopeRefused(
                 "the request's envelope does not verify", reason=refused.reason
             ) from None
+        resource_type = ENVELOPE_ACTIONS.get(envelope.action)
+        if resource_type is None:
+            raise EnvelopeRefused("the envelope names no model action", reason="bad-action")
         roles = await self.guard.db.member_roles(envelope.tenant_id, envelope.user_id)
         subject = Subject(envelope.user_id, envelope.tenant_id, roles, mfa=False)
-        resource = Resource("Model", "gateway", envelope.tenant_id)
-        if not roles or not self.guard.authorizer.authorize(subject, ACTION, resource):
-            raise Forbidden("the user the envelope names may not invoke models")
+        resource = Resource(resource_type, "gateway", envelope.tenant_id)
+        if not roles or not self.guard.authorizer.authorize(subject, envelope.action, resource):
+            raise Forbidden(f"the user the envelope names may not do {envelope.action}")
         return Caller(envelope.tenant_id, envelope.user_id)

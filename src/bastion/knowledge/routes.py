@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bastion.access.guard import Guard
 from bastion.identity.auth import Principal
+from bastion.knowledge.answers import AskService
 from bastion.knowledge.service import Actor, DocumentInfo, KnowledgeService, Namespace
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -61,7 +62,16 @@ def _document_json(doc: DocumentInfo) -> dict[str, Any]:
     return out
 
 
-def build_router(service: KnowledgeService, guard: Guard) -> APIRouter:
+class QuestionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1, max_length=4000)
+    model: str = Field(default="bastion-local", min_length=1, max_length=200)
+    k: int = Field(default=4, ge=1, le=20)
+
+
+def build_router(
+    service: KnowledgeService, guard: Guard, answers: AskService | None = None
+) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant_id}/knowledge")
 
     @router.post("/namespaces", status_code=201)
@@ -166,5 +176,29 @@ def build_router(service: KnowledgeService, guard: Guard) -> APIRouter:
                 for h in hits
             ]
         }
+
+    if answers is not None:
+
+        @router.post("/namespaces/{namespace}/questions")
+        async def ask(
+            namespace: str,
+            body: QuestionRequest,
+            principal: Principal = Depends(guard("question:ask", "Question")),
+        ) -> JSONResponse:
+            """Answer from the namespace's documents through the model gateway."""
+            answer = await answers.ask(
+                _actor(principal), namespace, body.question, model=body.model, k=body.k
+            )
+            headers = {"Bastion-Cache": answer.cache} if answer.cache else {}
+            return JSONResponse(
+                {
+                    "answer": answer.text,
+                    "sources": [
+                        {"document_id": str(h.document_id), "title": h.title, "score": h.score}
+                        for h in answer.sources
+                    ],
+                },
+                headers=headers,
+            )
 
     return router

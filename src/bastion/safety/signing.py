@@ -2,7 +2,9 @@
 
 The api builds the final prompt (system + retrieved context + user turn) and
 signs an envelope over it: HMAC-SHA256 (RFC 2104) of the canonical JSON of
-``{kid, tenant_id, user_id, ts, nonce, body_sha256}``. The gateway refuses
+``{kid, tenant_id, user_id, action, ts, nonce, body_sha256}`` — ``action`` is
+the Cedar action the api checked for the user (``question:ask``), which the
+gateway checks again. The gateway refuses
 an unsigned, altered (any byte of the body or the envelope), expired or
 replayed request. Keys live in the key ring and rotate with overlap: the
 envelope names the key version (``kid``) that signed it, and every version
@@ -49,6 +51,7 @@ class EnvelopeInvalid(Exception):
 class Envelope:
     tenant_id: UUID
     user_id: UUID
+    action: str
     nonce: str
     issued_at: int
 
@@ -84,7 +87,9 @@ class EnvelopeSigner:
         self._keys: dict[int, bytes] = {}
         self._keys_read_at = float("-inf")
 
-    def sign(self, *, tenant_id: UUID, user_id: UUID, body: bytes) -> str:
+    def sign(
+        self, *, tenant_id: UUID, user_id: UUID, body: bytes, action: str = "model:invoke"
+    ) -> str:
         """The ``Bastion-Envelope`` header value for sending ``body`` on behalf of the user."""
         self.keystore.ensure(KEY_NAME, lambda: secrets.token_bytes(32))
         kid, key = self.keystore.current(KEY_NAME)
@@ -92,6 +97,7 @@ class EnvelopeSigner:
             "kid": kid,
             "tenant_id": str(tenant_id),
             "user_id": str(user_id),
+            "action": action,
             "ts": int(self.clock()),
             "nonce": secrets.token_urlsafe(16),
             "body_sha256": hashlib.sha256(body).hexdigest(),
@@ -126,7 +132,13 @@ class EnvelopeSigner:
         try:
             issued = int(claims["ts"])
             nonce = str(claims["nonce"])
-            envelope = Envelope(UUID(claims["tenant_id"]), UUID(claims["user_id"]), nonce, issued)
+            envelope = Envelope(
+                UUID(claims["tenant_id"]),
+                UUID(claims["user_id"]),
+                str(claims["action"]),
+                nonce,
+                issued,
+            )
             digest = str(claims["body_sha256"])
         except (KeyError, ValueError, TypeError):
             raise EnvelopeInvalid("malformed") from None
