@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -30,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bastion.access.authorize import Authorizer, Resource, Subject
+from bastion.billing.budgets import BudgetService
 from bastion.db.pool import Database
 from bastion.db.provision import DatabaseError
 from bastion.db.service import embedded_server, resolve_target
@@ -37,11 +39,13 @@ from bastion.identity.client import LoginFailed, TokenSet, login, refresh
 from bastion.identity.dpop import DpopKey
 from bastion.identity.mfa import MfaService
 from bastion.identity.passwords import PasswordService
+from bastion.knowledge.answers import AskService, GatewayRefused
 from bastion.knowledge.cli import hits_table, run_ingest
 from bastion.knowledge.ingest import discover
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.processes import settings_env, stack
 from bastion.runtime import app_database, knowledge_service, open_keystore
+from bastion.safety.signing import EnvelopeSigner
 from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import MEMBER_ROLES, TenantService
@@ -148,13 +152,9 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                     open_keystore(settings),
                     settings_env(settings),
                 )
-                await _check_knowledge(
-                    report,
-                    knowledge_service(settings, db, open_keystore(settings)),
-                    tenants,
-                    urls["api"],
-                    console,
-                )
+                kb = knowledge_service(settings, db, open_keystore(settings))
+                await _check_knowledge(report, kb, tenants, urls["api"], console)
+                await _check_answers(report, kb, tenants, urls, open_keystore(settings), console)
     finally:
         if not was_running:
             server.stop()
@@ -645,3 +645,68 @@ async def _check_knowledge(
             cross.status_code == 404,
             f"{cross.status_code} {cross.json().get('type', '').rsplit('/', 1)[-1]}",
         )
+
+
+async def _check_answers(
+    report: Report,
+    kb: KnowledgeService,
+    tenants: list[DemoTenant],
+    urls: dict[str, str],
+    keystore: LocalKeystore,
+    console: Console,
+) -> None:
+    """Questions answered through the gateway from each tenant's own tickets; budgets."""
+    acme, globex = tenants
+    budgets = BudgetService(kb.db)
+    start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    for tenant, calls in ((acme, 20), (globex, 1)):
+        await budgets.set_budget(
+            tenant.id, period_start=start, period_end=end, call_limit=calls, token_limit=10**6
+        )
+    question = "How do I get a refund for a double charge?"
+    password = secrets.token_urlsafe(18)
+    async with kb.db.tenant_tx(acme.id, None, "system") as tx:
+        await PasswordService().set_password(tx, acme.users["contributor"], password)
+    api = urls["api"]
+    async with httpx.AsyncClient(timeout=60) as http:
+        asker = await login(
+            http, api, tenant=acme.slug, email="contributor@acme.example", password=password
+        )
+        url = f"{api}/tenants/{acme.id}/knowledge/namespaces/support/questions"
+        asked = await http.post(
+            url, headers=asker.headers("POST", url), json={"question": question}
+        )
+    own = {str(d.id) for d in await kb.documents(Actor(acme.id, None, "system"), "support")}
+    body = asked.json() if asked.status_code == 200 else {}
+    cited = {s["document_id"] for s in body.get("sources", [])}
+    report.check(
+        "gateway",
+        f"{acme.slug} asks “{question}” (api → signed envelope → gateway → local model)",
+        asked.status_code == 200 and bool(cited) and cited <= own,
+        f"{asked.status_code}; {len(cited)} of its own tickets as context",
+    )
+    if body:
+        console.print(f"[bold]{acme.slug}[/] answer: {body['answer'][:300]}", highlight=False)
+    ask = AskService(kb, EnvelopeSigner(keystore), urls["gateway"])
+    viewer = Actor(globex.id, globex.users["viewer"], "viewer")
+    answer = await ask.ask(viewer, "support", question, model="bastion-local")
+    theirs = {d.id for d in await kb.documents(Actor(globex.id, None, "system"), "support")}
+    report.check(
+        "gateway",
+        f"{globex.slug} asks the same question",
+        all(h.document_id in theirs for h in answer.sources) and bool(answer.sources),
+        "answered from its own tickets only",
+    )
+    try:
+        await ask.ask(viewer, "support", "And the invoice?", model="bastion-local")
+        refused = None
+    except GatewayRefused as problem:
+        refused = problem
+    report.check(
+        "gateway",
+        f"{globex.slug} over its budget (1 call this month)",
+        refused is not None and refused.status == 402 and "Retry-After" in refused.headers,
+        f"402, Retry-After {refused.headers.get('Retry-After') if refused else '-'} s, "
+        "no model call",
+    )

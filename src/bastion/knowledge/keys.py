@@ -86,7 +86,10 @@ class TenantKeys:
         )
         row = await cur.fetchone()
         if row is not None:
-            return row["version"], self._unwrap(tenant_id, row["version"], row["wrapped"])
+            version = row["version"]
+            return version, self._cached(tenant_id, version) or self._unwrap(
+                tenant_id, version, row["wrapped"]
+            )
         key, wrapped = self._kms(tenant_id).generate_data_key(self._context(tenant_id, 1))
         # Two first writers race on the primary key; the loser takes the winner's key.
         cur = await tx.execute(
@@ -101,9 +104,9 @@ class TenantKeys:
 
     async def get(self, tx: Conn, tenant_id: UUID, version: int) -> bytes:
         """Return data key ``version`` of the tenant; raise :class:`KeyUnavailable`."""
-        cached = self._cache.get((tenant_id, version))
-        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
-            return cached[1]
+        cached = self._cached(tenant_id, version)
+        if cached is not None:
+            return cached
         cur = await tx.execute(
             "SELECT wrapped FROM bastion.data_keys WHERE tenant_id = %s AND version = %s",
             (tenant_id, version),
@@ -113,10 +116,13 @@ class TenantKeys:
             raise KeyUnavailable(f"data key {version} of tenant {tenant_id} does not exist")
         return self._unwrap(tenant_id, version, row["wrapped"])
 
+    def _cached(self, tenant_id: UUID, version: int) -> bytes | None:
+        entry = self._cache.get((tenant_id, version))
+        if entry is None or time.monotonic() - entry[0] >= CACHE_SECONDS:
+            return None
+        return entry[1]
+
     def _unwrap(self, tenant_id: UUID, version: int, wrapped: bytes) -> bytes:
-        cached = self._cache.get((tenant_id, version))
-        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
-            return cached[1]
         try:
             key = self._kms(tenant_id).unwrap(wrapped, self._context(tenant_id, version))
         except KMSError:
