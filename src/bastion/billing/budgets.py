@@ -141,41 +141,48 @@ class BudgetService:
         problem.headers = {"Retry-After": str(retry_after)}
         raise problem
 
-    async def settle(self, reservation: Reservation, tokens_used: int) -> bool:
+    async def settle(
+        self, reservation: Reservation, tokens_used: int, *, tx: Conn | None = None
+    ) -> bool:
         """Turn the reservation into usage: one call, ``tokens_used`` tokens.
 
         Idempotent: returns False (and changes nothing) if it was already
-        settled or released.
+        settled or released. With ``tx`` (a system transaction of the
+        reservation's tenant), it commits with whatever else ``tx`` does.
         """
         if tokens_used < 0:
             raise ValueError("tokens_used must not be negative")
-        return await self._close(reservation, "settled", tokens_used)
+        return await self._close(reservation, "settled", tokens_used, tx)
 
-    async def release(self, reservation: Reservation) -> bool:
+    async def release(self, reservation: Reservation, *, tx: Conn | None = None) -> bool:
         """Give the reservation back unused (the call failed). Idempotent."""
-        return await self._close(reservation, "released", None)
+        return await self._close(reservation, "released", None, tx)
 
-    async def _close(self, reservation: Reservation, status: str, used: int | None) -> bool:
-        async with self._system(reservation.tenant_id) as tx:
-            cur = await tx.execute(
-                "WITH closed AS (UPDATE bastion.budget_reservations SET status = %(status)s, "
-                "tokens_used = %(used)s WHERE id = %(id)s AND status = 'held' "
-                "RETURNING tenant_id, period_start, tokens) "
-                "UPDATE bastion.budgets b SET calls_reserved = b.calls_reserved - 1, "
-                "tokens_reserved = b.tokens_reserved - closed.tokens, "
-                "calls_used = b.calls_used + %(calls)s, "
-                "tokens_used = b.tokens_used + %(tokens)s, updated_at = now() FROM closed "
-                "WHERE b.tenant_id = closed.tenant_id AND b.period_start = closed.period_start "
-                "RETURNING 1",
-                {
-                    "status": status,
-                    "used": used,
-                    "id": reservation.id,
-                    "calls": 0 if used is None else 1,
-                    "tokens": used or 0,
-                },
-            )
-            return await cur.fetchone() is not None
+    async def _close(
+        self, reservation: Reservation, status: str, used: int | None, tx: Conn | None
+    ) -> bool:
+        if tx is None:
+            async with self._system(reservation.tenant_id) as own:
+                return await self._close(reservation, status, used, own)
+        cur = await tx.execute(
+            "WITH closed AS (UPDATE bastion.budget_reservations SET status = %(status)s, "
+            "tokens_used = %(used)s WHERE id = %(id)s AND status = 'held' "
+            "RETURNING tenant_id, period_start, tokens) "
+            "UPDATE bastion.budgets b SET calls_reserved = b.calls_reserved - 1, "
+            "tokens_reserved = b.tokens_reserved - closed.tokens, "
+            "calls_used = b.calls_used + %(calls)s, "
+            "tokens_used = b.tokens_used + %(tokens)s, updated_at = now() FROM closed "
+            "WHERE b.tenant_id = closed.tenant_id AND b.period_start = closed.period_start "
+            "RETURNING 1",
+            {
+                "status": status,
+                "used": used,
+                "id": reservation.id,
+                "calls": 0 if used is None else 1,
+                "tokens": used or 0,
+            },
+        )
+        return await cur.fetchone() is not None
 
     async def release_expired(self, tenant_id: UUID) -> int:
         """Release the tenant's reservations held past their expiry (a dead caller's)."""

@@ -122,16 +122,16 @@ class GatewayService:
         started: float,
         decision: str,
     ) -> None:
-        """Settle (or release) and record the call: audit event and log line."""
-        if reservation is not None and usage is None:
-            await self.budgets.release(reservation)
-        elif reservation is not None and usage is not None:
-            await self.budgets.settle(reservation, usage.total_tokens)
+        """Settle (or release) and record the call — one transaction — and log it."""
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         tokens = usage.total_tokens if usage else 0
         trace = current_trace.get()
         trace_id = trace.trace_id if trace else None
         async with self.db.tenant_tx(caller.tenant_id, caller.user_id, "system") as tx:
+            if reservation is not None and usage is None:
+                await self.budgets.release(reservation, tx=tx)
+            elif reservation is not None and usage is not None:
+                await self.budgets.settle(reservation, usage.total_tokens, tx=tx)
             await audit.record(
                 tx,
                 actor=f"user:{caller.user_id}",
