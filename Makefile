@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/vector_search.py
+	@echo "bench/gateway.py compares with LiteLLM's proxy when a litellm CLI is on PATH"
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
