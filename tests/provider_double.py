@@ -21,7 +21,7 @@ USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
 @dataclass
 class DoubleState:
-    mode: str = "ok"  # ok | fail | hang | junk | no-usage
+    mode: str = "ok"  # ok | fail | hang | junk | no-usage | tool
     calls: int = 0
     last_body: dict[str, Any] | None = None
     last_traceparent: str | None = None
@@ -50,6 +50,34 @@ def provider_double(state: DoubleState) -> FastAPI:
         if refused is not None:
             return refused
         usage = {} if state.mode == "no-usage" else {"usage": USAGE}
+        if state.mode == "tool":
+            return {
+                "id": "chatcmpl-double",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "upstream",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "id": "call_1",
+                                    "type": "function",
+                                    "function": {
+                                        "name": "refund_invoice",
+                                        "arguments": '{"invoice": "INV-1042", "amount": 49}',
+                                    },
+                                }
+                            ],
+                        },
+                        "finish_reason": "tool_calls",
+                    }
+                ],
+                **usage,
+            }
         if not (state.last_body or {}).get("stream"):
             return {
                 "id": "chatcmpl-double",

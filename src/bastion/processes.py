@@ -68,7 +68,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     from bastion.identity.wiring import build_identity
     from bastion.knowledge import routes as knowledge_routes
     from bastion.knowledge.answers import AskService
-    from bastion.safety.signing import EnvelopeSigner
+    from bastion.safety.signing import EnvelopeSigner, ToolCallSigner
     from bastion.worker.health import create_worker_health_app
 
     db = app_database(settings)
@@ -81,17 +81,18 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         from bastion.identity.wiring import build_guard
 
         routers = build_routers(settings.gateway_models, keystore, embedder=settings.embedder)
-        gateway = GatewayService(db, BudgetService(db), routers)
+        guard = build_guard(settings, db, keystore, public_url=settings.gateway_url)
+        gateway = GatewayService(
+            db,
+            BudgetService(db),
+            routers,
+            authorizer=guard.authorizer,
+            tool_signer=ToolCallSigner(keystore),
+        )
         return create_gateway_app(
             readiness=db.ping,
             lifespan=_pool_lifespan(db),
-            routers=(
-                gateway_routes.build_router(
-                    gateway,
-                    build_guard(settings, db, keystore, public_url=settings.gateway_url),
-                    EnvelopeSigner(keystore),
-                ),
-            ),
+            routers=(gateway_routes.build_router(gateway, guard, EnvelopeSigner(keystore)),),
         )
     knowledge = knowledge_service(settings, db, keystore)
     if process == "worker":

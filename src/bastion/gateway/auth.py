@@ -39,7 +39,7 @@ class GatewayAuth:
         header = request.headers.get(HEADER)
         if header is None or self.signer is None:
             principal = await self.token(request)
-            return Caller(principal.tenant_id, principal.user_id)
+            return Caller(principal.tenant_id, principal.user_id, frozenset(principal.roles))
         try:
             envelope = self.signer.verify(header, await request.body())
         except EnvelopeInvalid as refused:
@@ -54,4 +54,4 @@ class GatewayAuth:
         resource = Resource(resource_type, "gateway", envelope.tenant_id)
         if not roles or not self.guard.authorizer.authorize(subject, envelope.action, resource):
             raise Forbidden(f"the user the envelope names may not do {envelope.action}")
-        return Caller(envelope.tenant_id, envelope.user_id)
+        return Caller(envelope.tenant_id, envelope.user_id, roles)

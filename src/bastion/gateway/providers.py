@@ -23,6 +23,7 @@ import httpx
 
 from bastion.gateway.trace import current_trace
 from bastion.knowledge.embedders import get_embedder
+from bastion.safety.signing import ToolCall
 
 
 class ProviderError(Exception):
@@ -48,6 +49,7 @@ class Completion:
     text: str
     finish_reason: str
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 Message = dict[str, str]
@@ -55,7 +57,13 @@ Message = dict[str, str]
 
 class Provider(Protocol):
     async def complete(
-        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> Completion: ...
 
     def stream(
@@ -120,26 +128,37 @@ class OpenAICompatible:
             raise ProviderError("bad-response") from None
 
     async def complete(
-        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> Completion:
-        body = await self._post(
-            "/chat/completions",
-            {
-                "model": self.upstream_model or model,
-                "messages": list(messages),
-                "max_tokens": max_tokens,
-                "temperature": temperature,
-            },
-        )
+        payload: dict[str, Any] = {
+            "model": self.upstream_model or model,
+            "messages": list(messages),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if tools:
+            payload["tools"] = list(tools)
+        body = await self._post("/chat/completions", payload)
         try:
             choice = body["choices"][0]
-            text = choice["message"]["content"] or ""
+            message = choice["message"]
+            text = message.get("content") or ""
             finish = str(choice.get("finish_reason") or "stop")
-        except (KeyError, IndexError, TypeError):
+            calls = tuple(
+                ToolCall(str(c["id"]), str(c["function"]["name"]), str(c["function"]["arguments"]))
+                for c in message.get("tool_calls") or []
+            )
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise ProviderError("bad-response") from None
         if not isinstance(text, str):
             raise ProviderError("bad-response")
-        return Completion(text, finish, _usage(body))
+        return Completion(text, finish, _usage(body), calls)
 
     async def stream(
         self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
@@ -239,7 +258,13 @@ class LocalProvider:
         return f"(local extractive answer, quoting the context) {quotes}"
 
     async def complete(
-        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: Sequence[dict[str, Any]] | None = None,  # the local model proposes none
     ) -> Completion:
         text = " ".join(self._answer(messages).split()[:max_tokens])
         prompt = sum(len(_words(m["content"])) for m in messages)

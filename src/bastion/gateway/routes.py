@@ -47,6 +47,7 @@ class ChatRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
 
 
 class EmbeddingRequest(BaseModel):
@@ -117,7 +118,25 @@ def build_router(
                 messages,
                 max_tokens=max_tokens,
                 temperature=body.temperature,
+                tools=body.tools,
             )
+            message: dict[str, Any] = {"role": "assistant", "content": completion.text}
+            finish = completion.finish_reason
+            if completion.tool_calls:
+                # Only calls the policies allow come back, each signed; whatever
+                # executes them verifies that signature first.
+                signed, _refused = service.sign_tool_calls(caller, completion.tool_calls)
+                message["tool_calls"] = [
+                    {
+                        "id": s.call.id,
+                        "type": "function",
+                        "function": {"name": s.call.name, "arguments": s.call.arguments},
+                        "bastion_signature": s.signature,
+                    }
+                    for s in signed
+                ]
+                if not signed:
+                    finish = "stop"
             answer = {
                 "id": completion_id,
                 "object": "chat.completion",
@@ -126,8 +145,8 @@ def build_router(
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": completion.text},
-                        "finish_reason": completion.finish_reason,
+                        "message": message,
+                        "finish_reason": finish,
                     }
                 ],
                 "usage": _usage(completion.usage),

@@ -18,11 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 import anyio
 
+from bastion.access.authorize import Authorizer, Resource, Subject
 from bastion.api.problems import Problem, problem_type
 from bastion.audit import log as audit
 from bastion.billing.budgets import BudgetService, Reservation
@@ -32,6 +33,7 @@ from bastion.gateway.providers import Completion, Message, Provider, ProviderErr
 from bastion.gateway.routing import ModelRouter, Target
 from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
+from bastion.safety.signing import ToolCall, ToolCallSigner
 
 _log = get_logger("bastion.gateway")
 
@@ -64,6 +66,13 @@ def _unavailable(error: ProviderError) -> ProviderUnavailable:
 class Caller:
     tenant_id: UUID
     user_id: UUID
+    roles: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class SignedToolCall:
+    call: ToolCall
+    signature: str
 
 
 def sticky_key(caller: Caller, messages: Sequence[Message]) -> str:
@@ -84,11 +93,38 @@ class GatewayService:
         budgets: BudgetService,
         models: dict[str, ModelRouter],
         cache: AnswerCache | None = None,
+        *,
+        authorizer: Authorizer | None = None,
+        tool_signer: ToolCallSigner | None = None,
     ) -> None:
         self.db = db
         self.budgets = budgets
         self.models = models
         self.cache = cache or AnswerCache()
+        self.authorizer = authorizer
+        self.tool_signer = tool_signer
+
+    def sign_tool_calls(
+        self, caller: Caller, calls: Sequence[ToolCall]
+    ) -> tuple[list[SignedToolCall], list[str]]:
+        """Sign the proposed calls Cedar lets the caller run (``tool:run``); return the
+        signed ones and the names of the refused ones, which are not passed on."""
+        signed, refused = [], []
+        subject = Subject(caller.user_id, caller.tenant_id, caller.roles, mfa=False)
+        for call in calls:
+            resource = Resource("ToolRun", call.name, caller.tenant_id)
+            allowed = self.authorizer is not None and self.authorizer.authorize(
+                subject, "tool:run", resource
+            )
+            if allowed and self.tool_signer is not None:
+                signature = self.tool_signer.sign(
+                    call, tenant_id=caller.tenant_id, user_id=caller.user_id
+                )
+                signed.append(SignedToolCall(call, signature))
+            else:
+                refused.append(call.name)
+                _log.info("tool_call_refused", tenant=str(caller.tenant_id), tool=call.name)
+        return signed, refused
 
     def router(self, model: str) -> ModelRouter:
         router = self.models.get(model)
@@ -163,13 +199,14 @@ class GatewayService:
         *,
         max_tokens: int,
         temperature: float,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> tuple[Completion, str | None]:
         """Answer; return the completion and how the cache served it (None, hit,
         stale-fallback)."""
         router = self.router(model)
         key = cache_key(caller.tenant_id, model, messages)
         started = time.perf_counter()
-        if temperature == 0:  # only a deterministic request may get a cached answer
+        if temperature == 0 and not tools:  # only a deterministic answer may come from cache
             cached = self.cache.fresh(key)
             if cached is not None:
                 await self._finish(caller, None, model, None, started, "cache-hit")
@@ -182,7 +219,7 @@ class GatewayService:
                 router,
                 sticky_key(caller, messages),
                 lambda target: target.provider.complete(
-                    model, messages, max_tokens=max_tokens, temperature=temperature
+                    model, messages, max_tokens=max_tokens, temperature=temperature, tools=tools
                 ),
             )
         except ProviderError as error:
@@ -195,7 +232,8 @@ class GatewayService:
         except BaseException:
             await self.budgets.release(reservation)
             raise
-        self.cache.put(key, completion)
+        if not completion.tool_calls:  # proposed calls are signed per request: never cached
+            self.cache.put(key, completion)
         await self._finish(caller, reservation, model, completion.usage, started, "answered")
         return completion, None
 

@@ -10,6 +10,10 @@ replayed request. Keys live in the key ring and rotate with overlap: the
 envelope names the key version (``kid``) that signed it, and every version
 not retired still verifies.
 
+Tool calls a model proposes come back from the gateway signed the same way
+(:class:`ToolCallSigner`), after a policy check; whatever executes them
+verifies signature, expiry, tenant, name, arguments and single use first.
+
 Wire form, in the ``Bastion-Envelope`` header: ``base64url(canonical JSON)
 "." base64url(mac)``. Canonical JSON here is sorted keys, no whitespace,
 ASCII only: the claims are strings and integers, so this matches RFC 8785.
@@ -33,7 +37,10 @@ from bastion.secrets.store import LocalKeystore
 
 HEADER = "Bastion-Envelope"
 KEY_NAME = "gateway/envelope-key"
+TOOL_KEY_NAME = "gateway/tool-call-key"
 MAX_AGE_SECONDS = 60
+# A proposed tool call must be executed within this long after the answer.
+TOOL_CALL_MAX_AGE_SECONDS = 300
 CLOCK_SKEW_SECONDS = 5
 # A rotation or retirement reaches the verifier within this long.
 KEY_REFRESH_SECONDS = 5.0
@@ -68,55 +75,52 @@ def canonical(claims: dict[str, Any]) -> bytes:
     return json.dumps(claims, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-class EnvelopeSigner:
-    """Signs (api) and verifies (gateway) envelopes with the key ring's versioned key."""
+class SignedTokens:
+    """HMAC-SHA256 tokens ``base64url(canonical claims) "." base64url(mac)`` over the key
+    ring's versioned key ``key_name``; single-use nonces within ``max_age``."""
 
     def __init__(
         self,
         keystore: LocalKeystore,
+        key_name: str,
         *,
-        max_age: int = MAX_AGE_SECONDS,
+        max_age: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.keystore = keystore
+        self.key_name = key_name
         self.max_age = max_age
         self.clock = clock
         # Nonces seen within the validity window; older ones expire with their
-        # envelopes, so the set stays bounded by the request rate.
+        # tokens, so the set stays bounded by the request rate.
         self._seen: dict[str, float] = {}
         self._keys: dict[int, bytes] = {}
         self._keys_read_at = float("-inf")
 
-    def sign(
-        self, *, tenant_id: UUID, user_id: UUID, body: bytes, action: str = "model:invoke"
-    ) -> str:
-        """The ``Bastion-Envelope`` header value for sending ``body`` on behalf of the user."""
-        self.keystore.ensure(KEY_NAME, lambda: secrets.token_bytes(32))
-        kid, key = self.keystore.current(KEY_NAME)
-        claims = {
-            "kid": kid,
-            "tenant_id": str(tenant_id),
-            "user_id": str(user_id),
-            "action": action,
-            "ts": int(self.clock()),
-            "nonce": secrets.token_urlsafe(16),
-            "body_sha256": hashlib.sha256(body).hexdigest(),
-        }
-        payload = canonical(claims)
+    def issue(self, claims: dict[str, Any]) -> str:
+        """Sign ``claims`` (strings and integers) adding ``kid``, ``ts`` and ``nonce``."""
+        self.keystore.ensure(self.key_name, lambda: secrets.token_bytes(32))
+        kid, key = self.keystore.current(self.key_name)
+        payload = canonical(
+            {**claims, "kid": kid, "ts": int(self.clock()), "nonce": secrets.token_urlsafe(16)}
+        )
         return f"{_b64(payload)}.{_b64(hmac.new(key, payload, hashlib.sha256).digest())}"
 
-    def verify(self, header: str | None, body: bytes) -> Envelope:
-        """Return the envelope's claims; raise :class:`EnvelopeInvalid` with the reason."""
-        if not header:
+    def check(self, token: str | None) -> dict[str, Any]:
+        """The claims of a valid, fresh token; raise :class:`EnvelopeInvalid` (unsigned,
+        malformed, unknown-key, bad-signature, expired). :meth:`consume` marks it used."""
+        if not token:
             raise EnvelopeInvalid("unsigned")
         try:
-            encoded, _, mac_text = header.partition(".")
+            encoded, _, mac_text = token.partition(".")
             payload, mac = _unb64(encoded), _unb64(mac_text)
-            claims = json.loads(payload)
-            kid = claims["kid"]
-            if not isinstance(kid, int) or isinstance(kid, bool):
-                raise ValueError("kid")
-        except (ValueError, KeyError, TypeError):
+            claims: dict[str, Any] = json.loads(payload)
+            kid, issued, nonce = claims["kid"], claims["ts"], claims["nonce"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (kid, issued)):
+                raise ValueError("kid/ts")
+            if not isinstance(nonce, str):
+                raise ValueError("nonce")
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise EnvelopeInvalid("malformed") from None
         key = self._verification_keys().get(kid)
         if key is None and time.monotonic() - self._keys_read_at > 1.0:
@@ -129,40 +133,28 @@ class EnvelopeSigner:
             raise EnvelopeInvalid("bad-signature")
         if payload != canonical(claims):
             raise EnvelopeInvalid("malformed")  # signed, but not by our canonical encoder
-        try:
-            issued = int(claims["ts"])
-            nonce = str(claims["nonce"])
-            envelope = Envelope(
-                UUID(claims["tenant_id"]),
-                UUID(claims["user_id"]),
-                str(claims["action"]),
-                nonce,
-                issued,
-            )
-            digest = str(claims["body_sha256"])
-        except (KeyError, ValueError, TypeError):
-            raise EnvelopeInvalid("malformed") from None
         now = self.clock()
         if issued > now + CLOCK_SKEW_SECONDS or now - issued > self.max_age:
             raise EnvelopeInvalid("expired")
-        if not hmac.compare_digest(digest, hashlib.sha256(body).hexdigest()):
-            raise EnvelopeInvalid("body-altered")
-        self._forget_expired(now)
-        if nonce in self._seen:
+        return claims
+
+    def consume(self, claims: dict[str, Any]) -> None:
+        """Mark the token's nonce used; raise :class:`EnvelopeInvalid` ("replayed")."""
+        self._forget_expired(self.clock())
+        if claims["nonce"] in self._seen:
             raise EnvelopeInvalid("replayed")
-        self._seen[nonce] = issued
-        return envelope
+        self._seen[claims["nonce"]] = claims["ts"]
 
     def _verification_keys(self) -> dict[int, bytes]:
         """The active key versions, re-read from the key ring every few seconds."""
         now = time.monotonic()
         if now - self._keys_read_at > KEY_REFRESH_SECONDS:
             try:
-                versions = self.keystore.versions(KEY_NAME)
+                versions = self.keystore.versions(self.key_name)
             except SecretNotFound:
                 versions = []
             self._keys = {
-                v.version: self.keystore.get(KEY_NAME, v.version)
+                v.version: self.keystore.get(self.key_name, v.version)
                 for v in versions
                 if v.state == "active"
             }
@@ -174,3 +166,104 @@ class EnvelopeSigner:
             return
         horizon = now - self.max_age - CLOCK_SKEW_SECONDS
         self._seen = {n: t for n, t in self._seen.items() if t >= horizon}
+
+
+class EnvelopeSigner:
+    """Signs (api) and verifies (gateway) prompt envelopes."""
+
+    def __init__(
+        self,
+        keystore: LocalKeystore,
+        *,
+        max_age: int = MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tokens = SignedTokens(keystore, KEY_NAME, max_age=max_age, clock=clock)
+
+    def sign(
+        self, *, tenant_id: UUID, user_id: UUID, body: bytes, action: str = "model:invoke"
+    ) -> str:
+        """The ``Bastion-Envelope`` header value for sending ``body`` on behalf of the user."""
+        return self.tokens.issue(
+            {
+                "tenant_id": str(tenant_id),
+                "user_id": str(user_id),
+                "action": action,
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            }
+        )
+
+    def verify(self, header: str | None, body: bytes) -> Envelope:
+        """Return the envelope's claims; raise :class:`EnvelopeInvalid` with the reason."""
+        claims = self.tokens.check(header)
+        try:
+            envelope = Envelope(
+                UUID(claims["tenant_id"]),
+                UUID(claims["user_id"]),
+                str(claims["action"]),
+                claims["nonce"],
+                claims["ts"],
+            )
+            digest = str(claims["body_sha256"])
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise EnvelopeInvalid("malformed") from None
+        if not hmac.compare_digest(digest, hashlib.sha256(body).hexdigest()):
+            raise EnvelopeInvalid("body-altered")
+        self.tokens.consume(claims)
+        return envelope
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCallSigner:
+    """Signs the tool calls a model proposes (gateway, after the policy check) and
+    verifies them before execution (worker, sandbox): a call runs only if its
+    signature, expiry and nonce verify and its name and arguments are unchanged.
+    Text that merely looks like a tool call — in a document, in a prompt — has
+    no signature and is never executed."""
+
+    def __init__(
+        self,
+        keystore: LocalKeystore,
+        *,
+        max_age: int = TOOL_CALL_MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tokens = SignedTokens(keystore, TOOL_KEY_NAME, max_age=max_age, clock=clock)
+
+    def sign(self, call: ToolCall, *, tenant_id: UUID, user_id: UUID) -> str:
+        return self.tokens.issue(
+            {
+                "tenant_id": str(tenant_id),
+                "user_id": str(user_id),
+                "call_id": call.id,
+                "name": call.name,
+                "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
+            }
+        )
+
+    def verify(self, call: ToolCall, signature: str | None, *, tenant_id: UUID) -> UUID:
+        """Return the user the call runs for; raise :class:`EnvelopeInvalid`.
+
+        Single use: a second execution of the same signed call is "replayed".
+        """
+        claims = self.tokens.check(signature)
+        expected = hashlib.sha256(call.arguments.encode()).hexdigest()
+        if (
+            claims.get("tenant_id") != str(tenant_id)
+            or claims.get("name") != call.name
+            or claims.get("call_id") != call.id
+            or not hmac.compare_digest(str(claims.get("arguments_sha256")), expected)
+        ):
+            raise EnvelopeInvalid("call-altered")
+        try:
+            user = UUID(str(claims["user_id"]))
+        except (KeyError, ValueError):
+            raise EnvelopeInvalid("malformed") from None
+        self.tokens.consume(claims)
+        return user
