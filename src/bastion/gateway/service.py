@@ -1,7 +1,8 @@
 """The gateway's pipeline for one model call (CHECKLIST M1, P3).
 
 authenticate + authorize (the route's guard: token, DPoP, Cedar
-``model:invoke``) → route to the model's provider → reserve budget → call
+``model:invoke``) → prompt hooks (injection screen, PII redaction) → route to
+the model's provider → reserve budget → call
 the provider → settle from the provider's ``usage`` (release on failure) →
 audit event and one log line. Over budget, no provider is called.
 
@@ -9,8 +10,8 @@ The route is the model's :class:`ModelRouter` (sticky canary, breakers,
 fallbacks); when every target fails, a cached answer of the same tenant is
 served as ``stale-fallback`` (:mod:`bastion.gateway.cache`), else 503.
 
-Not yet here (issue 6 continues): signed prompt envelopes and tool calls, the
-PII and injection hooks, and traces.
+Not yet here: reversible PII tokenization and a deeper injection screen
+(model safety), tool calls in streamed answers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bastion.audit import log as audit
 from bastion.billing.budgets import BudgetService, Reservation
 from bastion.db.pool import Database
 from bastion.gateway.cache import AnswerCache, cache_key
+from bastion.gateway.hooks import DEFAULT_HOOKS, PromptHook
 from bastion.gateway.providers import Completion, Message, Provider, ProviderError, Usage
 from bastion.gateway.routing import ModelRouter, Target
 from bastion.gateway.trace import current_trace
@@ -96,6 +98,7 @@ class GatewayService:
         *,
         authorizer: Authorizer | None = None,
         tool_signer: ToolCallSigner | None = None,
+        hooks: Sequence[PromptHook] = DEFAULT_HOOKS,
     ) -> None:
         self.db = db
         self.budgets = budgets
@@ -103,6 +106,14 @@ class GatewayService:
         self.cache = cache or AnswerCache()
         self.authorizer = authorizer
         self.tool_signer = tool_signer
+        self.hooks = tuple(hooks)
+
+    def guarded(self, messages: Sequence[Message]) -> list[Message]:
+        """The messages after every prompt hook (injection screen, PII redaction)."""
+        out = list(messages)
+        for hook in self.hooks:
+            out = hook(out)
+        return out
 
     def sign_tool_calls(
         self, caller: Caller, calls: Sequence[ToolCall]
@@ -204,6 +215,7 @@ class GatewayService:
         """Answer; return the completion and how the cache served it (None, hit,
         stale-fallback)."""
         router = self.router(model)
+        messages = self.guarded(messages)
         key = cache_key(caller.tenant_id, model, messages)
         started = time.perf_counter()
         if temperature == 0 and not tools:  # only a deterministic answer may come from cache
@@ -255,6 +267,7 @@ class GatewayService:
         provider's usage never came) — so nothing stays reserved.
         """
         router = self.router(model)
+        messages = self.guarded(messages)
         reservation = await self.budgets.reserve(
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )
