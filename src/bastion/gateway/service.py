@@ -84,7 +84,7 @@ def sticky_key(caller: Caller, messages: Sequence[Message]) -> str:
 
 
 def estimate_prompt_tokens(messages: Sequence[Message]) -> int:
-    """A generous prompt-size estimate for the reservation (~4 characters per token)."""
+    """A generous prompt-size estimate for the reservation (a token per 3 characters)."""
     return sum(len(m["content"]) // 3 + 4 for m in messages)
 
 
