@@ -19,7 +19,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,36 +32,13 @@ from bastion.identity.passwords import PasswordService
 from bastion.runtime import app_database
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
-
-THREADS = 2
-LUA = """
-local proofs, n, auth = {}, 0, nil
-local counter = 0
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-end
-function init(args)
-  auth = args[1]
-  for line in io.lines("@HOME@/proofs-" .. id .. ".txt") do proofs[#proofs + 1] = line end
-end
-function request()
-  n = n + 1
-  return wrk.format("GET", nil, {["Authorization"] = auth, ["DPoP"] = proofs[n]})
-end
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from wrk_dpop import THREADS, free_port, prepare, run_wrk
 
 
 async def run(clients: int, requests: int) -> None:
     home = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/tmp"))
     home.chmod(0o711)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "BASTION_HOME": str(home),
@@ -102,38 +78,21 @@ async def run(clients: int, requests: int) -> None:
                 http, base, tenant="bench-desk", email="reader@bench.example", password=password
             )
             url = f"{base}/tenants/{tenant.id}/members"
-            # Fresh proofs made ahead, one file per wrk thread: each is used once.
-            per_thread = requests // THREADS + clients
-            for thread in range(THREADS):
-                proofs = (
-                    tokens.key.proof("GET", url, access_token=tokens.access_token)
-                    for _ in range(per_thread)
-                )
-                (home / f"proofs-{thread}.txt").write_text("\n".join(proofs) + "\n")
-            (home / "bench.lua").write_text(LUA.replace("@HOME@", str(home)))
             seconds = max(3, requests // 800)
-            result = subprocess.run(
-                [
-                    "wrk",
-                    f"-t{THREADS}",
-                    f"-c{clients}",
-                    f"-d{seconds}s",
-                    "--latency",
-                    "-s",
-                    str(home / "bench.lua"),
-                    url,
-                    "--",
-                    f"DPoP {tokens.access_token}",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
+            prepare(
+                home,
+                method="GET",
+                key=tokens.key,
+                url=url,
+                token=tokens.access_token,
+                per_thread=requests // THREADS + clients,
             )
+            report = run_wrk(home, url, clients, seconds, f"DPoP {tokens.access_token}", dpop=True)
         print(
             f"{clients} concurrent connections (wrk, {THREADS} threads), one api process, "
             f"{seconds} s"
         )
-        print(result.stdout)
+        print(report)
     finally:
         if api is not None:
             api.terminate()

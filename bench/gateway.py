@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,37 +41,11 @@ from bastion.identity.tokens import TokenIssuer
 from bastion.runtime import app_database, open_keystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
+from wrk_dpop import THREADS, free_port, prepare, run_wrk
 
-THREADS = 2
 BODY = json.dumps(
     {"model": "bench", "messages": [{"role": "user", "content": "When was the refund issued?"}]}
 )
-LUA = """
-local proofs, n, auth = {}, 0, nil
-local counter = 0
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-end
-function init(args)
-  auth = args[1]
-  if args[2] == "dpop" then
-    for line in io.lines("@HOME@/proofs-" .. id .. ".txt") do proofs[#proofs + 1] = line end
-  end
-end
-function request()
-  n = n + 1
-  local headers = {["Authorization"] = auth, ["Content-Type"] = "application/json"}
-  if #proofs > 0 then headers["DPoP"] = proofs[n] end
-  return wrk.format("POST", nil, headers, '@BODY@')
-end
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def _wait_ready(url: str) -> None:
@@ -87,26 +60,9 @@ async def _wait_ready(url: str) -> None:
 
 
 def _wrk(
-    home: Path, url: str, clients: int, seconds: int, auth: str, mode: str
+    home: Path, url: str, clients: int, seconds: int, auth: str, *, dpop: bool
 ) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "wrk",
-            f"-t{THREADS}",
-            f"-c{clients}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(home / "bench.lua"),
-            url,
-            "--",
-            auth,
-            mode,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_wrk(home, url, clients, seconds, auth, dpop=dpop)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 
@@ -150,7 +106,7 @@ def _rss_mb(pid: int) -> float:
 async def run(clients: int, seconds: int, litellm: str | None) -> None:
     home = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/tmp"))
     home.chmod(0o711)
-    upstream_port, gateway_port, litellm_port = _free_port(), _free_port(), _free_port()
+    upstream_port, gateway_port, litellm_port = free_port(), free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
     models = [
         {
@@ -209,18 +165,22 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
         procs.append(gateway)
         await _wait_ready(f"http://127.0.0.1:{upstream_port}/")
         await _wait_ready(f"http://127.0.0.1:{gateway_port}/healthz")
-        (home / "bench.lua").write_text(LUA.replace("@HOME@", str(home)).replace("@BODY@", BODY))
         bastion_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
         direct = await _sequential_p50(f"{upstream_url}/chat/completions", None)
         proofs = [key.proof("POST", bastion_url, access_token=token) for _ in range(300)]
         via_bastion = await _sequential_p50(
             bastion_url, {"Authorization": f"DPoP {token}"}, proofs=proofs
         )
-        per_thread = int(3000 * seconds / THREADS) + clients
-        for thread in range(THREADS):
-            lines = (key.proof("POST", bastion_url, access_token=token) for _ in range(per_thread))
-            (home / f"proofs-{thread}.txt").write_text("\n".join(lines) + "\n")
-        bastion = _wrk(home, bastion_url, clients, seconds, f"DPoP {token}", "dpop")
+        prepare(
+            home,
+            method="POST",
+            body=BODY,
+            key=key,
+            url=bastion_url,
+            token=token,
+            per_thread=int(3000 * seconds / THREADS) + clients,
+        )
+        bastion = _wrk(home, bastion_url, clients, seconds, f"DPoP {token}", dpop=True)
         bastion["rss"] = _rss_mb(gateway.pid)
         bastion["added_p50"] = via_bastion - direct
         results = {"bastion": bastion}
@@ -249,7 +209,7 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
             litellm_url = f"http://127.0.0.1:{litellm_port}/v1/chat/completions"
             auth = {"Authorization": "Bearer sk-bench"}
             via_litellm = await _sequential_p50(litellm_url, auth)
-            result = _wrk(home, litellm_url, clients, seconds, "Bearer sk-bench", "plain")
+            result = _wrk(home, litellm_url, clients, seconds, "Bearer sk-bench", dpop=False)
             result["rss"] = _rss_mb(proxy.pid)
             result["added_p50"] = via_litellm - direct
             results["litellm"] = result
