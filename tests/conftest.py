@@ -8,17 +8,23 @@ pgvector, reached as the real ``bastion_app`` role over its Unix socket.
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
+import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from psycopg import sql
 
 from bastion.db.launcher import EmbeddedPostgres, ServerInfo
@@ -166,3 +172,51 @@ async def db(database: DbHandles) -> AsyncIterator[Database]:
     """The app role's pool on this module's database."""
     async with Database(database.app, database.context_key, max_size=4) as pool:
         yield pool
+
+
+# -- log capture ------------------------------------------------------------------------
+
+
+class Captured:
+    """The log lines written to a buffer, parsed."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def records(self) -> list[dict[str, Any]]:
+        """Return every line as a JSON object (fails on a line that is not one)."""
+        return [json.loads(line) for line in self.text.splitlines()]
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Return the first record matching ``predicate``, waiting up to 2 s for
+        the server thread to write it (the access line follows the response)."""
+        deadline = time.monotonic() + 2
+        while True:
+            found = [r for r in self.records() if predicate(r)]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching log line in:\n{self.text}")
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    saved_structlog = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved_structlog)
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+
+
+@pytest.fixture
+def logs(restore_logging: None) -> Captured:
+    captured = Captured()
+    configure_logging("debug", json=True, stream=captured.stream)
+    return captured

@@ -17,6 +17,8 @@ API_KEY = "sk-double-upstream-key"
 SECRET_ERROR = "upstream internal detail: db password hunter2 at 10.0.0.7"
 ANSWER = "The refund was issued on the fifth of March."
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+TOOL_NAME = "refund_invoice"
+TOOL_ARGUMENTS = '{"invoice": "INV-1042", "amount": 49}'
 
 
 @dataclass
@@ -50,6 +52,9 @@ def provider_double(state: DoubleState) -> FastAPI:
         if refused is not None:
             return refused
         usage = {} if state.mode == "no-usage" else {"usage": USAGE}
+        streaming = bool((state.last_body or {}).get("stream"))
+        if state.mode == "tool" and streaming:
+            return StreamingResponse(tool_call_events(), media_type="text/event-stream")
         if state.mode == "tool":
             return {
                 "id": "chatcmpl-double",
@@ -67,8 +72,8 @@ def provider_double(state: DoubleState) -> FastAPI:
                                     "id": "call_1",
                                     "type": "function",
                                     "function": {
-                                        "name": "refund_invoice",
-                                        "arguments": '{"invoice": "INV-1042", "amount": 49}',
+                                        "name": TOOL_NAME,
+                                        "arguments": TOOL_ARGUMENTS,
                                     },
                                 }
                             ],
@@ -78,7 +83,7 @@ def provider_double(state: DoubleState) -> FastAPI:
                 ],
                 **usage,
             }
-        if not (state.last_body or {}).get("stream"):
+        if not streaming:
             return {
                 "id": "chatcmpl-double",
                 "object": "chat.completion",
@@ -104,6 +109,22 @@ def provider_double(state: DoubleState) -> FastAPI:
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def tool_call_events() -> AsyncIterator[bytes]:
+        # As OpenAI streams a proposed call: id and name first, the arguments in pieces.
+        arguments = TOOL_ARGUMENTS
+        deltas: list[dict[str, Any]] = [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": TOOL_NAME}},
+            {"index": 0, "function": {"arguments": arguments[:12]}},
+            {"index": 0, "function": {"arguments": arguments[12:]}},
+        ]
+        for delta in deltas:
+            chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [delta]}}]}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+        finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+        yield f"data: {json.dumps(finish)}\n\n".encode()
+        yield f"data: {json.dumps({'choices': [], 'usage': USAGE})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Any:

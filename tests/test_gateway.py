@@ -17,6 +17,7 @@ from uuid import UUID, uuid4
 
 import httpx
 import openai
+import psycopg
 import pytest
 from fastapi import FastAPI
 
@@ -43,9 +44,18 @@ from bastion.safety.signing import (
 from bastion.secrets import LocalKeystore
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
-from tests.conftest import DbHandles
+from tests.conftest import Captured, DbHandles
 from tests.http_server import running_server, serving
-from tests.provider_double import ANSWER, API_KEY, SECRET_ERROR, USAGE, DoubleState, provider_double
+from tests.provider_double import (
+    ANSWER,
+    API_KEY,
+    SECRET_ERROR,
+    TOOL_ARGUMENTS,
+    TOOL_NAME,
+    USAGE,
+    DoubleState,
+    provider_double,
+)
 
 pytestmark = pytest.mark.anyio
 ISSUER = "https://api.bastion.test"
@@ -63,6 +73,12 @@ class Gateway:
     canary: DoubleState
     other_tenant: UUID
     other_user: UUID
+
+
+PRICE_PROMPT, PRICE_COMPLETION = 2.5, 10.0  # USD per million tokens
+USAGE_COST = (
+    USAGE["prompt_tokens"] * PRICE_PROMPT + USAGE["completion_tokens"] * PRICE_COMPLETION
+) / 1e6
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +100,8 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                     base_url=f"{upstream}/v1",
                     api_key_ref="local://providers/double",
                     timeout_seconds=1.5,
+                    usd_per_mtok_prompt=PRICE_PROMPT,
+                    usd_per_mtok_completion=PRICE_COMPLETION,
                 ),
                 # Half the traffic to the canary, so that a test sees enough of it.
                 ModelRoute(
@@ -496,6 +514,38 @@ async def test_the_trace_follows_the_call_to_the_provider(
     assert trace_id not in (gateway.double.last_traceparent or "")
 
 
+async def test_one_log_line_per_call_with_cost_and_never_the_prompt(
+    gateway: Gateway, budgets: BudgetService, database: DbHandles, logs: Captured
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    secret_prompt = f"my diagnosis is confidential {uuid4()}"
+    for stream in (False, True):
+        raw = await _client(gateway).chat.completions.with_raw_response.create(
+            model="upstream",
+            messages=[{"role": "user", "content": secret_prompt}],
+            extra_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+            stream=stream,
+        )
+        if stream:
+            async for _chunk in raw.parse():  # type: ignore[union-attr]
+                pass
+    lines = [r for r in logs.records() if r["event"] == "model_call" and r["trace_id"] == trace_id]
+    assert len(lines) == 2
+    for line in lines:
+        assert line["tenant"] == str(gateway.tenant) and line["model"] == "upstream"
+        assert line["tokens"] == USAGE["total_tokens"] and line["decision"] == "answered"
+        assert line["cost_usd"] == pytest.approx(USAGE_COST) and line["latency_ms"] > 0
+    assert secret_prompt not in logs.text and ANSWER not in logs.text
+    with psycopg.connect(database.superuser) as admin:  # audit rows are RLS-scoped
+        costs = admin.execute(
+            "SELECT details->>'cost_usd' FROM bastion.audit_events"
+            " WHERE action = 'model.invoke' AND details->>'trace_id' = %s",
+            (trace_id,),
+        ).fetchall()
+    assert [float(c) for (c,) in costs] == pytest.approx([USAGE_COST, USAGE_COST])
+
+
 # -- prompts signed by the api (M1) ----------------------------------------------------
 
 
@@ -676,6 +726,53 @@ async def test_tool_calls_the_user_may_not_run_are_not_passed_on(
     assert (
         message.get("tool_calls") == [] and answer.json()["choices"][0]["finish_reason"] == "stop"
     )
+
+
+async def test_tool_calls_proposed_in_a_streamed_answer_come_back_whole_and_signed(
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    gateway.double.mode = "tool"
+    stream = await _client(gateway).chat.completions.create(
+        model="upstream",
+        messages=[{"role": "user", "content": f"refund invoice 1042 {uuid4()}"}],
+        tools=[{"type": "function", "function": {"name": TOOL_NAME, "parameters": {}}}],
+        stream=True,
+    )
+    deltas, finish = [], None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            deltas.extend(choice.delta.tool_calls or [])
+            finish = choice.finish_reason or finish
+    assert gateway.double.last_body is not None and gateway.double.last_body["tools"]
+    assert finish == "tool_calls" and len(deltas) == 1  # the fragments, put together once
+    raw = deltas[0]
+    assert raw.function is not None and raw.function.arguments == TOOL_ARGUMENTS
+    call = ToolCall(raw.id or "", raw.function.name or "", raw.function.arguments)
+    signature = (raw.model_extra or {})["bastion_signature"]
+    user = ToolCallSigner(keystore).verify(call, signature, tenant_id=gateway.tenant)
+    assert user == gateway.users["contributor"]
+
+
+async def test_streamed_tool_calls_the_user_may_not_run_are_not_passed_on(
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    gateway.double.mode = "tool"
+    body = json.dumps(
+        {
+            "model": "upstream",
+            "stream": True,
+            "messages": [{"role": "user", "content": f"refund {uuid4()}"}],
+        }
+    ).encode()
+    envelope = EnvelopeSigner(keystore).sign(
+        tenant_id=gateway.tenant, user_id=gateway.users["viewer"], body=body, action="question:ask"
+    )
+    answer = await _post_signed(gateway, body, envelope)
+    assert answer.status_code == 200
+    assert "tool_calls" not in answer.text and TOOL_NAME not in answer.text
+    assert '"finish_reason":"stop"' in answer.text
 
 
 def test_a_tool_call_written_in_a_document_is_never_executed(keystore: LocalKeystore) -> None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import structlog
 from fastapi import APIRouter
 
 from bastion.access.declare import PUBLIC_ROUTE
 from bastion.api.app import create_app
 from bastion.logs import MASK, configure_logging, get_logger, is_secret_key, scrub_text
+from tests.conftest import Captured
 from tests.http_server import running_server
 
 # A fake in the shape of a live Stripe key, assembled at run time so secret
@@ -27,51 +24,6 @@ FAKE_STRIPE_KEY = "sk_" + "live_SECRETVALUE"
 
 LEAKY = "postgresql://bastion:hunter2@db.internal:5432/prod"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
-
-
-class Captured:
-    """The log lines written to a buffer, parsed."""
-
-    def __init__(self) -> None:
-        self.stream = io.StringIO()
-
-    @property
-    def text(self) -> str:
-        return self.stream.getvalue()
-
-    def records(self) -> list[dict[str, Any]]:
-        """Return every line as a JSON object (fails on a line that is not one)."""
-        return [json.loads(line) for line in self.text.splitlines()]
-
-    def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        """Return the first record matching ``predicate``, waiting up to 2 s for
-        the server thread to write it (the access line follows the response)."""
-        deadline = time.monotonic() + 2
-        while True:
-            found = [r for r in self.records() if predicate(r)]
-            if found:
-                return found[0]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no matching log line in:\n{self.text}")
-            time.sleep(0.01)
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    saved_structlog = structlog.get_config()
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    yield
-    structlog.configure(**saved_structlog)
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
-
-
-@pytest.fixture
-def logs(restore_logging: None) -> Captured:
-    captured = Captured()
-    configure_logging("debug", json=True, stream=captured.stream)
-    return captured
 
 
 def test_each_line_is_one_json_object_with_standard_fields(logs: Captured) -> None:

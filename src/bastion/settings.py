@@ -55,6 +55,9 @@ class ModelRoute(BaseModel):
     weight: int = Field(default=100, ge=0, le=10_000)
     canary: bool = False
     fallback: bool = False
+    # List prices in USD per million tokens: the cost in each call's log line and audit.
+    usd_per_mtok_prompt: float = Field(default=0.0, ge=0)
+    usd_per_mtok_completion: float = Field(default=0.0, ge=0)
 
 
 class Settings(BaseSettings):

@@ -6,7 +6,7 @@ from fastapi import APIRouter, FastAPI
 
 from bastion.api.app import Lifespan, Readiness, create_app
 from bastion.gateway.providers import LocalProvider, OpenAICompatible, Provider
-from bastion.gateway.routing import ModelRouter, Target
+from bastion.gateway.routing import ModelRouter, Price, Target
 from bastion.secrets.store import LocalKeystore, resolve_ref
 from bastion.settings import ModelRoute
 
@@ -49,6 +49,7 @@ def build_routers(
                 weight=route.weight,
                 canary=route.canary,
                 fallback=route.fallback,
+                price=Price(route.usd_per_mtok_prompt, route.usd_per_mtok_completion),
             )
         )
     return {name: ModelRouter(group) for name, group in targets.items()}

@@ -53,6 +53,8 @@ class Completion:
 
 
 Message = dict[str, str]
+# What a stream yields: text deltas, whole proposed tool calls, the usage last.
+StreamItem = str | ToolCall | Usage
 
 
 class Provider(Protocol):
@@ -67,9 +69,15 @@ class Provider(Protocol):
     ) -> Completion: ...
 
     def stream(
-        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
-    ) -> AsyncIterator[str | Usage]:
-        """Yield text deltas, then the :class:`Usage` last."""
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[StreamItem]:
+        """Yield text deltas and proposed tool calls, then the :class:`Usage` last."""
         ...
 
     async def embed(self, model: str, inputs: Sequence[str]) -> tuple[list[list[float]], Usage]: ...
@@ -161,9 +169,15 @@ class OpenAICompatible:
         return Completion(text, finish, _usage(body), calls)
 
     async def stream(
-        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
-    ) -> AsyncIterator[str | Usage]:
-        payload = {
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[StreamItem]:
+        payload: dict[str, Any] = {
             "model": self.upstream_model or model,
             "messages": list(messages),
             "max_tokens": max_tokens,
@@ -171,7 +185,12 @@ class OpenAICompatible:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if tools:
+            payload["tools"] = list(tools)
         usage: Usage | None = None
+        # A proposed call arrives in fragments (by index: id and name first,
+        # then pieces of the arguments); it is passed on whole, at the end.
+        calls: dict[int, dict[str, str]] = {}
         try:
             async with self.client.stream(
                 "POST", "/chat/completions", json=payload, headers=_trace_headers()
@@ -191,15 +210,21 @@ class OpenAICompatible:
                     if chunk.get("usage"):
                         usage = _usage(chunk)
                     for choice in chunk.get("choices") or []:
-                        delta = (choice.get("delta") or {}).get("content")
-                        if isinstance(delta, str) and delta:
-                            yield delta
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content")
+                        if isinstance(text, str) and text:
+                            yield text
+                        _gather_tool_calls(calls, delta.get("tool_calls"))
         except httpx.TimeoutException:
             raise ProviderError("timeout") from None
         except httpx.HTTPError:
             raise ProviderError("unavailable") from None
         if usage is None:
             raise ProviderError("bad-response")  # no usage: nothing to settle from
+        for _index, call in sorted(calls.items()):
+            if not call["id"] or not call["name"]:
+                raise ProviderError("bad-response")
+            yield ToolCall(call["id"], call["name"], call["arguments"])
         yield usage
 
     async def embed(self, model: str, inputs: Sequence[str]) -> tuple[list[list[float]], Usage]:
@@ -214,6 +239,21 @@ class OpenAICompatible:
         if len(vectors) != len(inputs):
             raise ProviderError("bad-response")
         return vectors, _usage(body)
+
+
+def _gather_tool_calls(calls: dict[int, dict[str, str]], fragments: Any) -> None:
+    """Add one chunk's ``delta.tool_calls`` fragments to ``calls``."""
+    if fragments is None:
+        return
+    try:
+        for fragment in fragments:
+            call = calls.setdefault(int(fragment["index"]), {"id": "", "name": "", "arguments": ""})
+            function = fragment.get("function") or {}
+            call["id"] = str(fragment.get("id") or call["id"])
+            call["name"] = str(function.get("name") or call["name"])
+            call["arguments"] += str(function.get("arguments") or "")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ProviderError("bad-response") from None
 
 
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
@@ -271,8 +311,14 @@ class LocalProvider:
         return Completion(text, "stop", Usage(prompt, len(text.split())))
 
     async def stream(
-        self, model: str, messages: Sequence[Message], *, max_tokens: int, temperature: float
-    ) -> AsyncIterator[str | Usage]:
+        self,
+        model: str,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[StreamItem]:
         completion = await self.complete(
             model, messages, max_tokens=max_tokens, temperature=temperature
         )

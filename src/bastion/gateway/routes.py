@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.access.guard import Guard
 from bastion.gateway.auth import GatewayAuth
-from bastion.gateway.providers import ProviderError, Usage
-from bastion.gateway.service import Caller, GatewayService
+from bastion.gateway.providers import ProviderError, StreamItem, Usage
+from bastion.gateway.service import Caller, GatewayService, SignedToolCall
 from bastion.gateway.trace import TraceContext, continue_or_start, current_trace
 from bastion.safety.signing import EnvelopeSigner
 
@@ -64,6 +64,21 @@ def _usage(usage: Usage) -> dict[str, int]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
+
+
+def _tool_calls(signed: list[SignedToolCall]) -> list[dict[str, Any]]:
+    # Only calls the policies allow come back, each signed; whatever executes
+    # them verifies that signature first.
+    return [
+        {
+            "index": i,
+            "id": s.call.id,
+            "type": "function",
+            "function": {"name": s.call.name, "arguments": s.call.arguments},
+            "bastion_signature": s.signature,
+        }
+        for i, s in enumerate(signed)
+    ]
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -123,18 +138,8 @@ def build_router(
             message: dict[str, Any] = {"role": "assistant", "content": completion.text}
             finish = completion.finish_reason
             if completion.tool_calls:
-                # Only calls the policies allow come back, each signed; whatever
-                # executes them verifies that signature first.
                 signed, _refused = service.sign_tool_calls(caller, completion.tool_calls)
-                message["tool_calls"] = [
-                    {
-                        "id": s.call.id,
-                        "type": "function",
-                        "function": {"name": s.call.name, "arguments": s.call.arguments},
-                        "bastion_signature": s.signature,
-                    }
-                    for s in signed
-                ]
+                message["tool_calls"] = _tool_calls(signed)
                 if not signed:
                     finish = "stop"
             answer = {
@@ -161,10 +166,11 @@ def build_router(
             messages,
             max_tokens=max_tokens,
             temperature=body.temperature,
+            tools=body.tools,
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {
                 "id": completion_id,
                 "object": "chat.completion.chunk",
@@ -173,13 +179,14 @@ def build_router(
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
 
-        async def items() -> AsyncIterator[str | Usage]:
+        async def items() -> AsyncIterator[StreamItem]:
             yield first
             async for item in rest:
                 yield item
 
         async def events() -> AsyncIterator[bytes]:
             usage = None
+            proposed = []
             finish = "stop"
             try:
                 yield _sse(chunk({"role": "assistant", "content": ""}, None))
@@ -187,10 +194,17 @@ def build_router(
                     async for item in items():
                         if isinstance(item, Usage):
                             usage = item
-                        else:
+                        elif isinstance(item, str):
                             yield _sse(chunk({"content": item}, None))
+                        else:
+                            proposed.append(item)
                 except ProviderError:
                     finish = "error"  # the provider broke off mid-answer
+                if proposed and finish != "error":
+                    signed, _refused = service.sign_tool_calls(caller, proposed)
+                    if signed:
+                        yield _sse(chunk({"tool_calls": _tool_calls(signed)}, None))
+                        finish = "tool_calls"
                 yield _sse(chunk({}, finish))
                 if include_usage and usage is not None:
                     yield _sse(

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bastion.gateway.providers import Provider
+from bastion.gateway.providers import Provider, Usage
 from bastion.logs import get_logger
 
 _log = get_logger("bastion.gateway")
@@ -67,6 +67,17 @@ class CircuitBreaker:
             self.opened_at = self.clock()  # (re)open: a failed probe waits again
 
 
+@dataclass(frozen=True)
+class Price:
+    """A target's list price in USD per million tokens."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+
+    def cost(self, usage: Usage) -> float:
+        return (usage.prompt_tokens * self.prompt + usage.completion_tokens * self.completion) / 1e6
+
+
 @dataclass
 class Target:
     name: str
@@ -74,6 +85,7 @@ class Target:
     weight: int = 100
     canary: bool = False
     fallback: bool = False
+    price: Price = Price()
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     # (ok, latency seconds) of the last calls, for the canary comparison.
     window: deque[tuple[bool, float]] = field(default_factory=lambda: deque(maxlen=200))

@@ -10,8 +10,8 @@ The route is the model's :class:`ModelRouter` (sticky canary, breakers,
 fallbacks); when every target fails, a cached answer of the same tenant is
 served as ``stale-fallback`` (:mod:`bastion.gateway.cache`), else 503.
 
-Not yet here: reversible PII tokenization and a deeper injection screen
-(model safety), tool calls in streamed answers.
+Tool calls the model proposes, in plain and streamed answers, are passed on
+only when Cedar lets the caller run them (``tool:run``), each signed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from bastion.billing.budgets import BudgetService, Reservation
 from bastion.db.pool import Database
 from bastion.gateway.cache import AnswerCache, cache_key
 from bastion.gateway.hooks import DEFAULT_HOOKS, PromptHook
-from bastion.gateway.providers import Completion, Message, Provider, ProviderError, Usage
+from bastion.gateway.providers import Completion, Message, ProviderError, StreamItem, Usage
 from bastion.gateway.routing import ModelRouter, Target
 from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
@@ -145,8 +145,9 @@ class GatewayService:
 
     async def _first_answer(
         self, router: ModelRouter, sticky: str, call: Callable[[Target], Awaitable[T]]
-    ) -> T:
-        """``call`` on the first target that answers; raise the last ProviderError."""
+    ) -> tuple[T, Target]:
+        """``call`` on the first target that answers, and that target; raise the last
+        ProviderError."""
         error = ProviderError("unavailable")  # every breaker open
         for target in router.candidates(sticky):
             started = time.perf_counter()
@@ -157,7 +158,7 @@ class GatewayService:
                 error = failure
                 continue
             router.record(target, True, time.perf_counter() - started)
-            return result
+            return result, target
         raise error
 
     async def _finish(
@@ -168,10 +169,15 @@ class GatewayService:
         usage: Usage | None,
         started: float,
         decision: str,
+        target: Target | None = None,
     ) -> None:
-        """Settle (or release) and record the call — one transaction — and log it."""
+        """Settle (or release) and record the call — one transaction — and log it.
+
+        ``target`` is who answered: its list price gives the call's cost.
+        """
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         tokens = usage.total_tokens if usage else 0
+        cost = round(target.price.cost(usage), 8) if target and usage else 0.0
         trace = current_trace.get()
         trace_id = trace.trace_id if trace else None
         async with self.db.tenant_tx(caller.tenant_id, caller.user_id, "system") as tx:
@@ -187,8 +193,10 @@ class GatewayService:
                 details={
                     "decision": decision,
                     "tokens": tokens,
+                    "cost_usd": cost,
                     "latency_ms": latency_ms,
                     "trace_id": trace_id,
+                    "target": target.name if target else None,
                 },
             )
         # One line per call; never the prompt or the answer.
@@ -198,6 +206,7 @@ class GatewayService:
             tenant=str(caller.tenant_id),
             model=model,
             tokens=tokens,
+            cost_usd=cost,
             latency_ms=latency_ms,
             decision=decision,
         )
@@ -227,7 +236,7 @@ class GatewayService:
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )
         try:
-            completion = await self._first_answer(
+            completion, target = await self._first_answer(
                 router,
                 sticky_key(caller, messages),
                 lambda target: target.provider.complete(
@@ -246,7 +255,9 @@ class GatewayService:
             raise
         if not completion.tool_calls:  # proposed calls are signed per request: never cached
             self.cache.put(key, completion)
-        await self._finish(caller, reservation, model, completion.usage, started, "answered")
+        await self._finish(
+            caller, reservation, model, completion.usage, started, "answered", target
+        )
         return completion, None
 
     async def chat_stream(
@@ -257,8 +268,13 @@ class GatewayService:
         *,
         max_tokens: int,
         temperature: float,
-    ) -> tuple[str | Usage, AsyncGenerator[str | Usage, None]]:
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> tuple[StreamItem, AsyncGenerator[StreamItem, None]]:
         """Reserve, start the provider's stream, return its first item and the rest.
+
+        Items are text deltas, the tool calls the model proposed (whole, once
+        the provider finished them; see :meth:`sign_tool_calls`) and the
+        :class:`Usage` last.
 
         Over budget (402) and a provider that fails before its first token
         (503) are raised here, before any byte is sent. The rest must be
@@ -272,18 +288,18 @@ class GatewayService:
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )
 
-        async def run(provider: Provider) -> AsyncGenerator[str | Usage, None]:
+        async def run(target: Target) -> AsyncGenerator[StreamItem, None]:
             started = time.perf_counter()
             produced = 0
             usage: Usage | None = None
             decision = "answered"
             try:
-                async for item in provider.stream(
-                    model, messages, max_tokens=max_tokens, temperature=temperature
+                async for item in target.provider.stream(
+                    model, messages, max_tokens=max_tokens, temperature=temperature, tools=tools
                 ):
                     if isinstance(item, Usage):
                         usage = item
-                    else:
+                    elif isinstance(item, str):
                         produced += len(item.split()) or 1
                     yield item
             except ProviderError as error:
@@ -299,19 +315,22 @@ class GatewayService:
                 # Shielded: a disconnect cancels the response's task, and the
                 # reservation must still be settled or released.
                 with anyio.CancelScope(shield=True):
-                    await self._finish(caller, reservation, model, usage, started, decision)
+                    await self._finish(caller, reservation, model, usage, started, decision, target)
 
-        async def start(target: Target) -> tuple[str | Usage, AsyncGenerator[str | Usage, None]]:
-            stream = run(target.provider)
+        async def start(target: Target) -> tuple[StreamItem, AsyncGenerator[StreamItem, None]]:
+            stream = run(target)
             try:
                 return await stream.__anext__(), stream
             except StopAsyncIteration:
                 raise ProviderError("bad-response") from None
 
         try:
-            return await self._first_answer(router, sticky_key(caller, messages), start)
+            first_and_rest, _target = await self._first_answer(
+                router, sticky_key(caller, messages), start
+            )
         except ProviderError as error:
             raise _unavailable(error) from None
+        return first_and_rest
 
     async def embed(
         self, caller: Caller, model: str, inputs: Sequence[str]
@@ -322,7 +341,7 @@ class GatewayService:
         )
         started = time.perf_counter()
         try:
-            vectors, usage = await self._first_answer(
+            (vectors, usage), target = await self._first_answer(
                 router,
                 f"{caller.tenant_id}|{caller.user_id}",
                 lambda target: target.provider.embed(model, inputs),
@@ -333,5 +352,5 @@ class GatewayService:
         except BaseException:
             await self.budgets.release(reservation)
             raise
-        await self._finish(caller, reservation, model, usage, started, "answered")
+        await self._finish(caller, reservation, model, usage, started, "answered", target)
         return vectors, usage
