@@ -3,13 +3,17 @@ the circuit breaker's states, fallbacks last, and the tenant-scoped cache."""
 
 from __future__ import annotations
 
+from typing import cast
 from uuid import uuid4
 
 import pytest
 
+from bastion.billing.budgets import BudgetService
+from bastion.db.pool import Database
 from bastion.gateway.cache import AnswerCache, cache_key
 from bastion.gateway.providers import Completion, LocalProvider, Usage
 from bastion.gateway.routing import CircuitBreaker, ModelRouter, Target
+from bastion.gateway.service import GatewayService
 
 
 def _targets(canary_weight: int = 5) -> list[Target]:
@@ -115,3 +119,10 @@ def test_cache_is_per_tenant_ttl_and_size_capped() -> None:
     for i in range(3):
         cache.put(f"k{i}", answer)
     assert len(cache) == 2
+
+
+def test_the_configured_cache_is_kept_even_while_empty() -> None:
+    # An empty cache is falsy (it has a length): "cache or default" once dropped it.
+    cache = AnswerCache(ttl_seconds=0)
+    service = GatewayService(cast(Database, None), cast(BudgetService, None), {}, cache)
+    assert service.cache is cache

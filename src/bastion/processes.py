@@ -4,6 +4,7 @@ whole stack on one machine (``bastion up``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -49,6 +50,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "BASTION_LOG_LEVEL": settings.log_level,
         "BASTION_EMBEDDER": settings.embedder,
         "BASTION_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
+        "BASTION_GATEWAY_MODELS": json.dumps(
+            [route.model_dump(exclude_defaults=True) for route in settings.gateway_models]
+        ),
+        "BASTION_GATEWAY_CACHE_TTL_SECONDS": str(settings.gateway_cache_ttl_seconds),
     }
     for name, value in (
         ("BASTION_MASTER_KEY_FILE", settings.master_key_file),
@@ -77,6 +82,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         from bastion.billing.budgets import BudgetService
         from bastion.gateway import routes as gateway_routes
         from bastion.gateway.app import build_routers
+        from bastion.gateway.cache import AnswerCache
         from bastion.gateway.service import GatewayService
         from bastion.identity.wiring import build_guard
 
@@ -86,6 +92,10 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             db,
             BudgetService(db),
             routers,
+            AnswerCache(
+                max_entries=settings.gateway_cache_entries,
+                ttl_seconds=settings.gateway_cache_ttl_seconds,
+            ),
             authorizer=guard.authorizer,
             tool_signer=ToolCallSigner(keystore),
         )

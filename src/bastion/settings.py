@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     gateway_models: list[ModelRoute] = Field(
         default_factory=lambda: [ModelRoute(name="bastion-local", provider="local")]
     )
+    # The answer cache: a fresh entry answers a repeated deterministic request
+    # for ttl seconds; any entry answers (marked stale-fallback) while the
+    # providers are down. 0 sends every request to the provider.
+    gateway_cache_ttl_seconds: float = Field(default=300.0, ge=0)
+    gateway_cache_entries: int = Field(default=10_000, ge=0)
 
     # Knowledge base: the embedder of new namespaces ("minilm", or "hashing"
     # for tests) and the largest document upload (also the api's body cap).

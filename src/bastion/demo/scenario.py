@@ -35,6 +35,8 @@ from bastion.billing.budgets import BudgetService
 from bastion.db.pool import Database
 from bastion.db.provision import DatabaseError
 from bastion.db.service import embedded_server, resolve_target
+from bastion.demo.upstream import StandInUpstream
+from bastion.gateway.providers import LocalProvider
 from bastion.identity.client import LoginFailed, TokenSet, login, refresh
 from bastion.identity.dpop import DpopKey
 from bastion.identity.mfa import MfaService
@@ -47,10 +49,13 @@ from bastion.processes import settings_env, stack
 from bastion.runtime import app_database, knowledge_service, open_keystore
 from bastion.safety.signing import EnvelopeSigner
 from bastion.secrets.store import LocalKeystore
-from bastion.settings import Settings
+from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import MEMBER_ROLES, TenantService
 
 DEMO_DATABASE = "bastion_demo"
+# The stand-in hosted model the outage scene stops, and its key in the key ring.
+STANDIN_MODEL = "support-gpt"
+STANDIN_KEY = "providers/demo-standin"
 
 TENANTS = {
     "acme-support": (
@@ -104,12 +109,30 @@ async def run_demo(settings: Settings, console: Console) -> bool:
     """Play the scenario; print the report; return True if every check passed."""
     if settings.database_url:
         raise DatabaseError("the demo runs on the embedded server; unset DATABASE_URL")
+    keystore = open_keystore(settings)
+    keystore.set(STANDIN_KEY, secrets.token_urlsafe(24).encode())
+    upstream = StandInUpstream(_free_port(), keystore.get(STANDIN_KEY).decode(), LocalProvider())
     settings = settings.model_copy(
         update={
             "database_name": DEMO_DATABASE,
             "api_port": _free_port(),
             "gateway_port": _free_port(),
             "worker_port": _free_port(),
+            "gateway_models": [
+                ModelRoute(name="bastion-local", provider="local"),
+                ModelRoute(
+                    name=STANDIN_MODEL,
+                    provider="openai_compatible",
+                    base_url=upstream.base_url,
+                    api_key_ref=f"local://{STANDIN_KEY}",
+                    timeout_seconds=10,
+                    usd_per_mtok_prompt=0.15,
+                    usd_per_mtok_completion=0.6,
+                ),
+            ],
+            # Every call goes to the provider, so that the outage scene shows
+            # the stale fallback rather than a fresh cache hit.
+            "gateway_cache_ttl_seconds": 0.0,
         }
     )
     report = Report()
@@ -154,7 +177,12 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                 )
                 kb = knowledge_service(settings, db, open_keystore(settings))
                 await _check_knowledge(report, kb, tenants, urls["api"], console)
-                await _check_answers(report, kb, tenants, urls, open_keystore(settings), console)
+                await _check_answers(report, kb, tenants, urls, keystore, console)
+                upstream.start()
+                try:
+                    await _check_outage(report, kb, tenants, urls, keystore, upstream)
+                finally:
+                    upstream.stop()
     finally:
         if not was_running:
             server.stop()
@@ -709,4 +737,72 @@ async def _check_answers(
         refused is not None and refused.status == 402 and "Retry-After" in refused.headers,
         f"402, Retry-After {refused.headers.get('Retry-After') if refused else '-'} s, "
         "no model call",
+    )
+
+
+async def _check_outage(
+    report: Report,
+    kb: KnowledgeService,
+    tenants: list[DemoTenant],
+    urls: dict[str, str],
+    keystore: LocalKeystore,
+    upstream: StandInUpstream,
+) -> None:
+    """The hosted model goes down: cached answers marked, 503 otherwise, then recovery."""
+    acme = tenants[0]
+    ask = AskService(kb, EnvelopeSigner(keystore), urls["gateway"])
+    asker = Actor(acme.id, acme.users["contributor"], "contributor")
+    question = "Why was the customer charged twice?"
+    before = upstream.calls
+    fresh = await ask.ask(asker, "support", question, model=STANDIN_MODEL)
+    report.check(
+        "outage",
+        f"{acme.slug} asks through {STANDIN_MODEL} (an OpenAI-compatible upstream on loopback)",
+        upstream.calls == before + 1 and fresh.cache is None,
+        f"answered by the upstream ({upstream.calls - before} call)",
+    )
+    upstream.stop()
+    stale = await ask.ask(asker, "support", question, model=STANDIN_MODEL)
+    report.check(
+        "outage",
+        "upstream stopped: the same question gets the cached answer, marked",
+        stale.cache == "stale-fallback" and stale.text == fresh.text,
+        f"Bastion-Cache: {stale.cache}",
+    )
+    other = "Is there a limit on API requests?"
+    try:
+        await ask.ask(asker, "support", other, model=STANDIN_MODEL)
+        unavailable = None
+    except GatewayRefused as problem:
+        unavailable = problem
+    report.check(
+        "outage",
+        "upstream stopped: a question never answered before gets 503",
+        unavailable is not None
+        and unavailable.status == 503
+        and "Retry-After" in unavailable.headers,
+        f"503, Retry-After {unavailable.headers.get('Retry-After')} s" if unavailable else "-",
+    )
+    async with kb.db.tenant_tx(acme.id, acme.users["auditor"], "auditor") as tx:
+        rows = await (
+            await tx.execute(
+                "SELECT details->>'decision' AS decision FROM bastion.audit_events"
+                " WHERE action = 'model.invoke' AND target = %s ORDER BY seq",
+                (STANDIN_MODEL,),
+            )
+        ).fetchall()
+    noted = [row["decision"] for row in rows]
+    report.check(
+        "outage",
+        "the audit log notes each outcome",
+        noted[-3:] == ["answered", "stale-fallback", "failed:unavailable"],
+        ", ".join(noted[-3:]),
+    )
+    upstream.start()
+    recovered = await ask.ask(asker, "support", other, model=STANDIN_MODEL)
+    report.check(
+        "outage",
+        "upstream back: answers come from it again",
+        recovered.cache is None and bool(recovered.text),
+        "no cache marker",
     )

@@ -103,7 +103,7 @@ class GatewayService:
         self.db = db
         self.budgets = budgets
         self.models = models
-        self.cache = cache or AnswerCache()
+        self.cache = cache if cache is not None else AnswerCache()  # an empty one is falsy
         self.authorizer = authorizer
         self.tool_signer = tool_signer
         self.hooks = tuple(hooks)
