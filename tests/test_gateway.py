@@ -177,8 +177,8 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
             )
 
 
-def _client(gw: Gateway, role: str = "contributor", *, other: bool = False) -> openai.AsyncOpenAI:
-    """The official client, unchanged, with an httpx hook adding the DPoP proof."""
+def _dpop_http(gw: Gateway, role: str = "contributor", *, other: bool = False) -> httpx.AsyncClient:
+    """An httpx client whose request hook adds the user's token and a fresh DPoP proof."""
     key = DpopKey.generate()
     token, _ = gw.tokens.issue_access(
         user_id=gw.other_user if other else gw.users[role],
@@ -193,9 +193,16 @@ def _client(gw: Gateway, role: str = "contributor", *, other: bool = False) -> o
         request.headers["Authorization"] = f"DPoP {token}"
         request.headers["DPoP"] = key.proof(request.method, str(request.url), access_token=token)
 
-    http = httpx.AsyncClient(event_hooks={"request": [sign]}, timeout=30)
+    return httpx.AsyncClient(event_hooks={"request": [sign]}, timeout=30)
+
+
+def _client(gw: Gateway, role: str = "contributor", *, other: bool = False) -> openai.AsyncOpenAI:
+    """The official client, unchanged, with an httpx hook adding the DPoP proof."""
     return openai.AsyncOpenAI(
-        base_url=f"{gw.url}/v1", api_key="dpop-bound", http_client=http, max_retries=0
+        base_url=f"{gw.url}/v1",
+        api_key="dpop-bound",
+        http_client=_dpop_http(gw, role, other=other),
+        max_retries=0,
     )
 
 
@@ -400,6 +407,39 @@ async def test_refusals_make_no_upstream_call(gateway: Gateway, budgets: BudgetS
             headers={"Content-Type": "application/json"},
         )
     assert unsigned.status_code == 401 and junk.status_code in (400, 401)
+    assert gateway.double.calls == before
+
+
+async def test_bad_bodies_from_a_signed_in_client_are_clear_4xx_and_hold_nothing(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    url = f"{gateway.url}/v1/chat/completions"
+    json_type = {"Content-Type": "application/json"}
+    user = {"role": "user", "content": "hi"}
+    cases: list[tuple[str, dict[str, object], int]] = [
+        ("not json", {"content": b"{not json"}, 400),
+        ("not utf-8", {"content": b'{"model": "upstream", "messages": "\xff\xfe"}'}, 400),
+        ("no messages", {"json": {"model": "upstream", "messages": []}}, 422),
+        ("content not text", {"json": {"model": "upstream", "messages": [{"role": "user"}]}}, 422),
+        ("huge", {"content": b'{"model": "upstream", "x": "' + b"a" * (2 << 20) + b'"}'}, 413),
+        (
+            "bad max_tokens",
+            {"json": {"model": "upstream", "messages": [user], "max_tokens": -1}},
+            422,
+        ),
+    ]
+    before = gateway.double.calls
+    async with _dpop_http(gateway) as http:
+        for name, body, status in cases:
+            kwargs: dict[str, object] = {"headers": json_type, **body}
+            answer = await http.post(url, **kwargs)  # type: ignore[arg-type]
+            assert answer.status_code == status, name
+            assert answer.headers["content-type"].startswith("application/problem+json"), name
+            assert "Traceback" not in answer.text, name
+    assert gateway.double.calls == before
+    state = await budgets.state(gateway.tenant)
+    assert state is not None and state.calls_reserved == 0 and state.calls_used == 0
     assert gateway.double.calls == before
     state = await budgets.state(gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
