@@ -21,10 +21,11 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 
-from bastion.billing.budgets import BudgetService
+from bastion.billing.budgets import BudgetService, BudgetState
 from bastion.db.pool import Database
 from bastion.gateway import routes as gateway_routes
 from bastion.gateway.app import build_routers, create_gateway_app
+from bastion.gateway.ledger import CallLedger
 from bastion.gateway.routing import CircuitBreaker
 from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
@@ -126,9 +127,9 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
             db = Database(database.app, database.context_key, max_size=12)
             routers = build_routers(settings.gateway_models, keystore, embedder="hashing")
             guard = build_guard(settings, db, keystore, public_url=url)
+            ledger = CallLedger(db, BudgetService(db), lease_calls=8, lease_seconds=0.5)
             service = GatewayService(
-                db,
-                BudgetService(db),
+                ledger,
                 routers,
                 authorizer=guard.authorizer,
                 tool_signer=ToolCallSigner(keystore),
@@ -138,6 +139,7 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
             @asynccontextmanager
             async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
                 await db.open()
+                ledger.start()
                 try:
                     tenants = TenantService(db)
                     tenant = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "gw")).id
@@ -153,6 +155,7 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                     )
                     yield
                 finally:
+                    await ledger.aclose()
                     await db.close()
 
             router = gateway_routes.build_router(service, guard, EnvelopeSigner(keystore))
@@ -222,6 +225,17 @@ async def _budget(budgets: BudgetService, gw: Gateway, calls: int, tokens: int =
         call_limit=calls,
         token_limit=tokens,
     )
+
+
+async def _settled(budgets: BudgetService, tenant: UUID) -> BudgetState | None:
+    """The budget once the gateway's ledger has settled every lease (it flushes in
+    batches and closes a lease 0.5 s after opening it here)."""
+    deadline = time.monotonic() + 5
+    while True:
+        state = await budgets.state(tenant)
+        if state is None or state.calls_reserved == 0 or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture(autouse=True)
@@ -309,7 +323,7 @@ async def test_200_concurrent_calls_against_a_budget_of_50(
     assert len(refusals) == 150
     assert all(isinstance(o, tuple) and o[0] == 402 and o[1] and int(o[1]) > 0 for o in refusals)
     assert gateway.double.calls - before == 50  # no upstream call over budget
-    state = await budgets.state(gateway.tenant)
+    state = await _settled(budgets, gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (50, 0)
 
 
@@ -323,7 +337,7 @@ async def test_usage_is_the_provider_s_not_the_client_s(
         messages=[{"role": "user", "content": "hi"}],
         extra_body={"usage": {"total_tokens": 0}},  # a client's claim is ignored
     )
-    state = await budgets.state(gateway.tenant)
+    state = await _settled(budgets, gateway.tenant)
     assert state is not None and state.tokens_used == USAGE["total_tokens"]
 
 
@@ -351,7 +365,7 @@ async def test_provider_failure_is_503_leaks_nothing_and_holds_nothing(
     assert problem["type"].endswith("/provider-unavailable") and problem["reason"] == reason
     for secret in (SECRET_ERROR, API_KEY, gateway.upstream, "hunter2"):
         assert secret not in response.text
-    state = await budgets.state(gateway.tenant)
+    state = await _settled(budgets, gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
 
 
@@ -368,7 +382,7 @@ async def test_a_stream_client_that_disconnects_leaves_nothing_reserved(
     await stream.close()
     deadline = time.monotonic() + 10
     while True:
-        state = await budgets.state(gateway.tenant)
+        state = await _settled(budgets, gateway.tenant)
         assert state is not None
         if state.calls_reserved == 0:
             break
@@ -438,10 +452,10 @@ async def test_bad_bodies_from_a_signed_in_client_are_clear_4xx_and_hold_nothing
             assert answer.headers["content-type"].startswith("application/problem+json"), name
             assert "Traceback" not in answer.text, name
     assert gateway.double.calls == before
-    state = await budgets.state(gateway.tenant)
+    state = await _settled(budgets, gateway.tenant)
     assert state is not None and state.calls_reserved == 0 and state.calls_used == 0
     assert gateway.double.calls == before
-    state = await budgets.state(gateway.tenant)
+    state = await _settled(budgets, gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
 
 
@@ -577,12 +591,17 @@ async def test_one_log_line_per_call_with_cost_and_never_the_prompt(
         assert line["tokens"] == USAGE["total_tokens"] and line["decision"] == "answered"
         assert line["cost_usd"] == pytest.approx(USAGE_COST) and line["latency_ms"] > 0
     assert secret_prompt not in logs.text and ANSWER not in logs.text
-    with psycopg.connect(database.superuser) as admin:  # audit rows are RLS-scoped
-        costs = admin.execute(
-            "SELECT details->>'cost_usd' FROM bastion.audit_events"
-            " WHERE action = 'model.invoke' AND details->>'trace_id' = %s",
-            (trace_id,),
-        ).fetchall()
+    deadline = time.monotonic() + 5  # the ledger writes audit events in batches
+    with psycopg.connect(database.superuser, autocommit=True) as admin:  # RLS-scoped rows
+        while True:
+            costs = admin.execute(
+                "SELECT details->>'cost_usd' FROM bastion.audit_events"
+                " WHERE action = 'model.invoke' AND details->>'trace_id' = %s",
+                (trace_id,),
+            ).fetchall()
+            if len(costs) == 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
     assert [float(c) for (c,) in costs] == pytest.approx([USAGE_COST, USAGE_COST])
 
 
@@ -648,7 +667,7 @@ async def test_bad_envelopes_are_refused_before_any_upstream_call(
     if attack != "unsigned":
         assert answer.json()["reason"] == attack
     assert gateway.double.calls == calls
-    state = await budgets.state(gateway.tenant)
+    state = await _settled(budgets, gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
 
 
@@ -861,5 +880,5 @@ async def test_an_open_injection_is_refused_before_the_budget_and_the_provider(
     problem = refused.value.response.json()
     assert problem["type"].endswith("/prompt-refused") and problem["reason"] == "injection"
     assert gateway.double.calls == calls
-    state = await budgets.state(gateway.tenant)
+    state = await _settled(budgets, gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)

@@ -8,9 +8,8 @@ from uuid import uuid4
 
 import pytest
 
-from bastion.billing.budgets import BudgetService
-from bastion.db.pool import Database
 from bastion.gateway.cache import AnswerCache, cache_key
+from bastion.gateway.ledger import CallLedger
 from bastion.gateway.providers import Completion, LocalProvider, Usage
 from bastion.gateway.routing import CircuitBreaker, ModelRouter, Target
 from bastion.gateway.service import GatewayService
@@ -124,5 +123,5 @@ def test_cache_is_per_tenant_ttl_and_size_capped() -> None:
 def test_the_configured_cache_is_kept_even_while_empty() -> None:
     # An empty cache is falsy (it has a length): "cache or default" once dropped it.
     cache = AnswerCache(ttl_seconds=0)
-    service = GatewayService(cast(Database, None), cast(BudgetService, None), {}, cache)
+    service = GatewayService(cast(CallLedger, None), {}, cache)
     assert service.cache is cache

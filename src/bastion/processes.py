@@ -83,14 +83,20 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         from bastion.gateway import routes as gateway_routes
         from bastion.gateway.app import build_routers
         from bastion.gateway.cache import AnswerCache
+        from bastion.gateway.ledger import CallLedger
         from bastion.gateway.service import GatewayService
         from bastion.identity.wiring import build_guard
 
         routers = build_routers(settings.gateway_models, keystore, embedder=settings.embedder)
         guard = build_guard(settings, db, keystore, public_url=settings.gateway_url)
-        gateway = GatewayService(
+        ledger = CallLedger(
             db,
             BudgetService(db),
+            lease_calls=settings.gateway_budget_lease_calls,
+            lease_seconds=settings.gateway_budget_lease_seconds,
+        )
+        gateway = GatewayService(
+            ledger,
             routers,
             AnswerCache(
                 max_entries=settings.gateway_cache_entries,
@@ -99,9 +105,19 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             authorizer=guard.authorizer,
             tool_signer=ToolCallSigner(keystore),
         )
+
+        @asynccontextmanager
+        async def gateway_lifespan(_app: FastAPI) -> AsyncIterator[None]:
+            async with _pool_lifespan(db)(_app):
+                ledger.start()
+                try:
+                    yield
+                finally:
+                    await ledger.aclose()
+
         return create_gateway_app(
             readiness=db.ping,
-            lifespan=_pool_lifespan(db),
+            lifespan=gateway_lifespan,
             routers=(gateway_routes.build_router(gateway, guard, EnvelopeSigner(keystore)),),
         )
     knowledge = knowledge_service(settings, db, keystore)

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     # providers are down. 0 sends every request to the provider.
     gateway_cache_ttl_seconds: float = Field(default=300.0, ge=0)
     gateway_cache_entries: int = Field(default=10_000, ge=0)
+    # Budget leases: a gateway process reserves up to this many calls at once
+    # (1: a reservation per call) and closes a lease after these seconds, so a
+    # changed limit holds within them.
+    gateway_budget_lease_calls: int = Field(default=64, ge=1, le=10_000)
+    gateway_budget_lease_seconds: float = Field(default=2.0, gt=0, le=60)
 
     # Knowledge base: the embedder of new namespaces ("minilm", or "hashing"
     # for tests) and the largest document upload (also the api's body cap).

@@ -7,7 +7,7 @@ ready for the hash chain that links entries.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -16,6 +16,23 @@ from psycopg.types.json import Jsonb
 from bastion.db.pool import Conn
 
 _MAX_FIELD = 500
+_INSERT = (
+    "INSERT INTO bastion.audit_events (actor, action, target, details, request_id) "
+    "VALUES (%s, %s, %s, %s, %s)"
+)
+# actor, action, target, details, request id
+Event = tuple[str, str, str, Mapping[str, Any], str | None]
+
+
+def _row(event: Event) -> tuple[str, str, str, Jsonb, str | None]:
+    actor, action, target, details, request_id = event
+    return (
+        actor[:_MAX_FIELD],
+        action[:_MAX_FIELD],
+        target[:_MAX_FIELD],
+        Jsonb(dict(details)),
+        request_id,
+    )
 
 
 async def record(
@@ -36,14 +53,11 @@ async def record(
     """
     if request_id is None:
         request_id = structlog.contextvars.get_contextvars().get("request_id")
-    await tx.execute(
-        "INSERT INTO bastion.audit_events (actor, action, target, details, request_id) "
-        "VALUES (%s, %s, %s, %s, %s)",
-        (
-            actor[:_MAX_FIELD],
-            action[:_MAX_FIELD],
-            target[:_MAX_FIELD],
-            Jsonb(dict(details or {})),
-            request_id,
-        ),
-    )
+    await tx.execute(_INSERT, _row((actor, action, target, details or {}, request_id)))
+
+
+async def record_many(tx: Conn, events: Sequence[Event]) -> None:
+    """Append several events, in order, inside ``tx`` (one pipelined batch)."""
+    if events:
+        async with tx.cursor() as cur:
+            await cur.executemany(_INSERT, [_row(event) for event in events])

@@ -12,6 +12,12 @@ with ``Retry-After`` = seconds until the period resets.
 Tokens are reserved as an estimate (the request's ``max_tokens``, say); a
 call that used more settles what it used, so a token budget is overshot by at
 most what one call used beyond its estimate. Amounts are integers.
+
+A gateway process takes budget in blocks with :meth:`BudgetService.lease`
+(several calls and their tokens in one reservation, sized down to a quarter
+of what is left so the last calls of a period still go one by one) and
+settles the block's actual use when it closes
+(:mod:`bastion.gateway.ledger`).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class Reservation:
     tenant_id: UUID
     period_start: datetime
     tokens: int
+    calls: int = 1
 
 
 @dataclass(frozen=True)
@@ -126,49 +133,97 @@ class BudgetService:
             row = await cur.fetchone()
             if row is not None:
                 return Reservation(row["id"], tenant_id, row["period_start"], tokens)
+            raise await _refusal(tx, tenant_id)
+
+    async def lease(
+        self, tenant_id: UUID, *, calls: int, tokens_per_call: int, min_tokens: int
+    ) -> Reservation:
+        """Hold up to ``calls`` calls and ``tokens_per_call`` tokens for each of them.
+
+        The block is cut to a quarter of the calls (and tokens) left in the
+        period, never below one call and ``min_tokens`` — the first call's
+        need. Raises :class:`OverBudget` / :class:`NoBudget` as :meth:`reserve`.
+        """
+        if calls < 1 or tokens_per_call < 0 or min_tokens < 0:
+            raise ValueError("a lease holds at least one call and no negative tokens")
+        async with self._system(tenant_id) as tx:
+            # FOR UPDATE: after waiting for the row lock, READ COMMITTED
+            # re-reads the row, so the block is cut from what is left now.
             cur = await tx.execute(
-                "SELECT extract(epoch FROM period_end - now()) AS left FROM bastion.budgets "
-                "WHERE tenant_id = %s AND period_start <= now() AND now() < period_end",
-                (tenant_id,),
+                "WITH open AS (SELECT tenant_id, period_start, "
+                "call_limit - calls_used - calls_reserved AS calls_left, "
+                "token_limit - tokens_used - tokens_reserved AS tokens_left "
+                "FROM bastion.budgets WHERE tenant_id = %(tenant)s AND period_start <= now() "
+                "AND now() < period_end FOR UPDATE), "
+                "block AS (SELECT tenant_id, period_start, "
+                "LEAST(%(calls)s, GREATEST(1, calls_left / 4)) AS calls, "
+                "LEAST(%(calls)s * %(per_call)s, "
+                "GREATEST(%(min_tokens)s, tokens_left / 4)) AS tokens FROM open "
+                "WHERE calls_left >= 1 AND tokens_left >= %(min_tokens)s), "
+                "held AS (UPDATE bastion.budgets b SET "
+                "calls_reserved = b.calls_reserved + block.calls, "
+                "tokens_reserved = b.tokens_reserved + block.tokens, updated_at = now() "
+                "FROM block WHERE b.tenant_id = block.tenant_id "
+                "AND b.period_start = block.period_start "
+                "RETURNING b.period_start, block.calls, block.tokens) "
+                "INSERT INTO bastion.budget_reservations (tenant_id, period_start, tokens, "
+                "calls, expires_at) SELECT %(tenant)s, period_start, tokens, calls, "
+                "now() + make_interval(secs => %(hold)s) FROM held "
+                "RETURNING id, period_start, tokens, calls",
+                {
+                    "tenant": tenant_id,
+                    "calls": calls,
+                    "per_call": tokens_per_call,
+                    "min_tokens": min_tokens,
+                    "hold": self.hold_seconds,
+                },
             )
-            current = await cur.fetchone()
-        if current is None:
-            raise NoBudget("this tenant has no budget for the current period")
-        retry_after = max(1, math.ceil(float(current["left"])))
-        problem = OverBudget(
-            "the tenant's budget for this period is spent", retry_after=retry_after
-        )
-        problem.headers = {"Retry-After": str(retry_after)}
-        raise problem
+            row = await cur.fetchone()
+            if row is not None:
+                return Reservation(
+                    row["id"], tenant_id, row["period_start"], row["tokens"], row["calls"]
+                )
+            raise await _refusal(tx, tenant_id)
 
     async def settle(
-        self, reservation: Reservation, tokens_used: int, *, tx: Conn | None = None
+        self,
+        reservation: Reservation,
+        tokens_used: int,
+        *,
+        calls_used: int = 1,
+        tx: Conn | None = None,
     ) -> bool:
-        """Turn the reservation into usage: one call, ``tokens_used`` tokens.
+        """Turn the reservation into usage: ``calls_used`` calls (of the calls it
+        holds; the rest go back), ``tokens_used`` tokens.
 
         Idempotent: returns False (and changes nothing) if it was already
         settled or released. With ``tx`` (a system transaction of the
         reservation's tenant), it commits with whatever else ``tx`` does.
         """
-        if tokens_used < 0:
-            raise ValueError("tokens_used must not be negative")
-        return await self._close(reservation, "settled", tokens_used, tx)
+        if tokens_used < 0 or not 0 <= calls_used <= reservation.calls:
+            raise ValueError("usage must be within the reservation and not negative")
+        return await self._close(reservation, "settled", tokens_used, calls_used, tx)
 
     async def release(self, reservation: Reservation, *, tx: Conn | None = None) -> bool:
         """Give the reservation back unused (the call failed). Idempotent."""
-        return await self._close(reservation, "released", None, tx)
+        return await self._close(reservation, "released", None, 0, tx)
 
     async def _close(
-        self, reservation: Reservation, status: str, used: int | None, tx: Conn | None
+        self,
+        reservation: Reservation,
+        status: str,
+        used: int | None,
+        calls_used: int,
+        tx: Conn | None,
     ) -> bool:
         if tx is None:
             async with self._system(reservation.tenant_id) as own:
-                return await self._close(reservation, status, used, own)
+                return await self._close(reservation, status, used, calls_used, own)
         cur = await tx.execute(
             "WITH closed AS (UPDATE bastion.budget_reservations SET status = %(status)s, "
-            "tokens_used = %(used)s WHERE id = %(id)s AND status = 'held' "
-            "RETURNING tenant_id, period_start, tokens) "
-            "UPDATE bastion.budgets b SET calls_reserved = b.calls_reserved - 1, "
+            "tokens_used = %(used)s, calls_used = %(calls)s WHERE id = %(id)s "
+            "AND status = 'held' RETURNING tenant_id, period_start, tokens, calls) "
+            "UPDATE bastion.budgets b SET calls_reserved = b.calls_reserved - closed.calls, "
             "tokens_reserved = b.tokens_reserved - closed.tokens, "
             "calls_used = b.calls_used + %(calls)s, "
             "tokens_used = b.tokens_used + %(tokens)s, updated_at = now() FROM closed "
@@ -178,7 +233,7 @@ class BudgetService:
                 "status": status,
                 "used": used,
                 "id": reservation.id,
-                "calls": 0 if used is None else 1,
+                "calls": calls_used,
                 "tokens": used or 0,
             },
         )
@@ -188,14 +243,16 @@ class BudgetService:
         """Release the tenant's reservations held past their expiry (a dead caller's)."""
         async with self._system(tenant_id) as tx:
             cur = await tx.execute(
-                "SELECT id, period_start, tokens FROM bastion.budget_reservations "
+                "SELECT id, period_start, tokens, calls FROM bastion.budget_reservations "
                 "WHERE tenant_id = %s AND status = 'held' AND expires_at < now()",
                 (tenant_id,),
             )
             stale = await cur.fetchall()
         released = 0
         for row in stale:
-            reservation = Reservation(row["id"], tenant_id, row["period_start"], row["tokens"])
+            reservation = Reservation(
+                row["id"], tenant_id, row["period_start"], row["tokens"], row["calls"]
+            )
             released += await self.release(reservation)
         return released
 
@@ -210,3 +267,19 @@ class BudgetService:
             )
             row = await cur.fetchone()
         return None if row is None else BudgetState(**row)
+
+
+async def _refusal(tx: Conn, tenant_id: UUID) -> NoBudget | OverBudget:
+    """Why nothing could be reserved: no budget now, or this one is spent."""
+    cur = await tx.execute(
+        "SELECT extract(epoch FROM period_end - now()) AS left FROM bastion.budgets "
+        "WHERE tenant_id = %s AND period_start <= now() AND now() < period_end",
+        (tenant_id,),
+    )
+    current = await cur.fetchone()
+    if current is None:
+        return NoBudget("this tenant has no budget for the current period")
+    retry_after = max(1, math.ceil(float(current["left"])))
+    problem = OverBudget("the tenant's budget for this period is spent", retry_after=retry_after)
+    problem.headers = {"Retry-After": str(retry_after)}
+    return problem

@@ -4,7 +4,9 @@ authenticate + authorize (the route's guard: token, DPoP, Cedar
 ``model:invoke``) → prompt hooks (injection screen, PII redaction) → route to
 the model's provider → reserve budget → call
 the provider → settle from the provider's ``usage`` (release on failure) →
-audit event and one log line. Over budget, no provider is called.
+audit event and one log line. Over budget, no provider is called. Budget and
+audit go through the process's :class:`CallLedger` (leases of budget, batched
+writes), so the request path itself writes nothing to the database.
 
 The route is the model's :class:`ModelRouter` (sticky canary, breakers,
 fallbacks); when every target fails, a cached answer of the same tenant is
@@ -22,15 +24,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
 
-import anyio
+import structlog
 
 from bastion.access.authorize import Authorizer, Resource, Subject
 from bastion.api.problems import Problem, problem_type
-from bastion.audit import log as audit
-from bastion.billing.budgets import BudgetService, Reservation
-from bastion.db.pool import Database
 from bastion.gateway.cache import AnswerCache, cache_key
 from bastion.gateway.hooks import DEFAULT_HOOKS, PromptHook
+from bastion.gateway.ledger import AuditEntry, CallLedger, Slot
 from bastion.gateway.providers import Completion, Message, ProviderError, StreamItem, Usage
 from bastion.gateway.routing import ModelRouter, Target
 from bastion.gateway.trace import current_trace
@@ -91,8 +91,7 @@ def estimate_prompt_tokens(messages: Sequence[Message]) -> int:
 class GatewayService:
     def __init__(
         self,
-        db: Database,
-        budgets: BudgetService,
+        ledger: CallLedger,
         models: dict[str, ModelRouter],
         cache: AnswerCache | None = None,
         *,
@@ -100,8 +99,7 @@ class GatewayService:
         tool_signer: ToolCallSigner | None = None,
         hooks: Sequence[PromptHook] = DEFAULT_HOOKS,
     ) -> None:
-        self.db = db
-        self.budgets = budgets
+        self.ledger = ledger
         self.models = models
         self.cache = cache if cache is not None else AnswerCache()  # an empty one is falsy
         self.authorizer = authorizer
@@ -161,17 +159,18 @@ class GatewayService:
             return result, target
         raise error
 
-    async def _finish(
+    def _finish(
         self,
         caller: Caller,
-        reservation: Reservation | None,
+        slot: Slot | None,
         model: str,
         usage: Usage | None,
         started: float,
         decision: str,
         target: Target | None = None,
     ) -> None:
-        """Settle (or release) and record the call — one transaction — and log it.
+        """Settle (or give back) the call's budget and record its audit event in the
+        ledger (written with the next flush), and log it.
 
         ``target`` is who answered: its list price gives the call's cost.
         """
@@ -180,25 +179,17 @@ class GatewayService:
         cost = round(target.price.cost(usage), 8) if target and usage else 0.0
         trace = current_trace.get()
         trace_id = trace.trace_id if trace else None
-        async with self.db.tenant_tx(caller.tenant_id, caller.user_id, "system") as tx:
-            if reservation is not None and usage is None:
-                await self.budgets.release(reservation, tx=tx)
-            elif reservation is not None and usage is not None:
-                await self.budgets.settle(reservation, usage.total_tokens, tx=tx)
-            await audit.record(
-                tx,
-                actor=f"user:{caller.user_id}",
-                action="model.invoke",
-                target=model,
-                details={
-                    "decision": decision,
-                    "tokens": tokens,
-                    "cost_usd": cost,
-                    "latency_ms": latency_ms,
-                    "trace_id": trace_id,
-                    "target": target.name if target else None,
-                },
-            )
+        details = {
+            "decision": decision,
+            "tokens": tokens,
+            "cost_usd": cost,
+            "latency_ms": latency_ms,
+            "trace_id": trace_id,
+            "target": target.name if target else None,
+        }
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        event = AuditEntry(f"user:{caller.user_id}", "model.invoke", model, details, request_id)
+        self.ledger.record(caller.tenant_id, slot, usage, event)
         # One line per call; never the prompt or the answer.
         _log.info(
             "model_call",
@@ -230,9 +221,9 @@ class GatewayService:
         if temperature == 0 and not tools:  # only a deterministic answer may come from cache
             cached = self.cache.fresh(key)
             if cached is not None:
-                await self._finish(caller, None, model, None, started, "cache-hit")
+                self._finish(caller, None, model, None, started, "cache-hit")
                 return cached, "hit"
-        reservation = await self.budgets.reserve(
+        slot = await self.ledger.take(
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )
         try:
@@ -246,18 +237,16 @@ class GatewayService:
         except ProviderError as error:
             stale = self.cache.stale_fallback(key)
             decision = "stale-fallback" if stale else f"failed:{error.kind}"
-            await self._finish(caller, reservation, model, None, started, decision)
+            self._finish(caller, slot, model, None, started, decision)
             if stale is None:
                 raise _unavailable(error) from None
             return stale, "stale-fallback"
         except BaseException:
-            await self.budgets.release(reservation)
+            self._finish(caller, slot, model, None, started, "client-disconnected")
             raise
         if not completion.tool_calls:  # proposed calls are signed per request: never cached
             self.cache.put(key, completion)
-        await self._finish(
-            caller, reservation, model, completion.usage, started, "answered", target
-        )
+        self._finish(caller, slot, model, completion.usage, started, "answered", target)
         return completion, None
 
     async def chat_stream(
@@ -284,12 +273,16 @@ class GatewayService:
         """
         router = self.router(model)
         messages = self.guarded(messages)
-        reservation = await self.budgets.reserve(
+        slot = await self.ledger.take(
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )
 
+        started = time.perf_counter()
+
         async def run(target: Target) -> AsyncGenerator[StreamItem, None]:
-            started = time.perf_counter()
+            # Settled here once the first item is out; a target that fails
+            # before that leaves the call to the next target or to the caller.
+            yielded = False
             produced = 0
             usage: Usage | None = None
             decision = "answered"
@@ -301,6 +294,7 @@ class GatewayService:
                         usage = item
                     elif isinstance(item, str):
                         produced += len(item.split()) or 1
+                    yielded = True
                     yield item
             except ProviderError as error:
                 decision = f"failed:{error.kind}"
@@ -309,13 +303,13 @@ class GatewayService:
                 decision = "client-disconnected"
                 raise
             finally:
-                if usage is None and (produced or decision == "client-disconnected"):
-                    # The provider worked for it; bill the estimate, not nothing.
-                    usage = Usage(estimate_prompt_tokens(messages), produced)
-                # Shielded: a disconnect cancels the response's task, and the
-                # reservation must still be settled or released.
-                with anyio.CancelScope(shield=True):
-                    await self._finish(caller, reservation, model, usage, started, decision, target)
+                if yielded:
+                    if usage is None:
+                        # The provider worked for it; bill the estimate, not nothing.
+                        usage = Usage(estimate_prompt_tokens(messages), produced)
+                    # No await here: a disconnect cancels the response's task,
+                    # and the call must still be settled.
+                    self._finish(caller, slot, model, usage, started, decision, target)
 
         async def start(target: Target) -> tuple[StreamItem, AsyncGenerator[StreamItem, None]]:
             stream = run(target)
@@ -329,16 +323,18 @@ class GatewayService:
                 router, sticky_key(caller, messages), start
             )
         except ProviderError as error:
+            self._finish(caller, slot, model, None, started, f"failed:{error.kind}")
             raise _unavailable(error) from None
+        except BaseException:
+            self._finish(caller, slot, model, None, started, "client-disconnected")
+            raise
         return first_and_rest
 
     async def embed(
         self, caller: Caller, model: str, inputs: Sequence[str]
     ) -> tuple[list[list[float]], Usage]:
         router = self.router(model)
-        reservation = await self.budgets.reserve(
-            caller.tenant_id, sum(len(text) // 3 + 1 for text in inputs)
-        )
+        slot = await self.ledger.take(caller.tenant_id, sum(len(text) // 3 + 1 for text in inputs))
         started = time.perf_counter()
         try:
             (vectors, usage), target = await self._first_answer(
@@ -347,10 +343,10 @@ class GatewayService:
                 lambda target: target.provider.embed(model, inputs),
             )
         except ProviderError as error:
-            await self._finish(caller, reservation, model, None, started, f"failed:{error.kind}")
+            self._finish(caller, slot, model, None, started, f"failed:{error.kind}")
             raise _unavailable(error) from None
         except BaseException:
-            await self.budgets.release(reservation)
+            self._finish(caller, slot, model, None, started, "client-disconnected")
             raise
-        await self._finish(caller, reservation, model, usage, started, "answered", target)
+        self._finish(caller, slot, model, usage, started, "answered", target)
         return vectors, usage
