@@ -126,7 +126,7 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
     env.pop("DATABASE_URL", None)
     settings = Settings(home=home, gateway_port=gateway_port)
     procs: list[subprocess.Popen[bytes]] = []
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL}
     try:
         keystore = open_keystore(settings)
         keystore.set("providers/mock", b"sk-mock")

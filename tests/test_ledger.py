@@ -99,6 +99,16 @@ async def test_a_lowered_limit_holds_within_the_lease_time(db: Database) -> None
     assert later.count(True) == 3 and final.calls_used == final.call_limit == 13
 
 
+async def test_a_large_block_of_tokens_is_leased(db: Database) -> None:
+    # 64 calls x 5,000 tokens overflows the smallint psycopg would send them as.
+    tenant = await _tenant_with_budget(db, calls=10_000)
+    ledger = CallLedger(db, BudgetService(db), lease_calls=64)
+    slot = await ledger.take(tenant, 5_000)
+    assert slot.lease.reservation.tokens == 64 * 5_000
+    ledger.record(tenant, slot, USAGE, _event(0))
+    await ledger.aclose()
+
+
 async def test_failed_calls_give_their_share_back(db: Database) -> None:
     tenant = await _tenant_with_budget(db, calls=5)
     ledger = CallLedger(db, BudgetService(db), lease_calls=4)

@@ -149,6 +149,7 @@ class BudgetService:
         async with self._system(tenant_id) as tx:
             # FOR UPDATE: after waiting for the row lock, READ COMMITTED
             # re-reads the row, so the block is cut from what is left now.
+            # (Casts: psycopg sends small ints as smallint; products overflow.)
             cur = await tx.execute(
                 "WITH open AS (SELECT tenant_id, period_start, "
                 "call_limit - calls_used - calls_reserved AS calls_left, "
@@ -156,10 +157,10 @@ class BudgetService:
                 "FROM bastion.budgets WHERE tenant_id = %(tenant)s AND period_start <= now() "
                 "AND now() < period_end FOR UPDATE), "
                 "block AS (SELECT tenant_id, period_start, "
-                "LEAST(%(calls)s, GREATEST(1, calls_left / 4)) AS calls, "
-                "LEAST(%(calls)s * %(per_call)s, "
-                "GREATEST(%(min_tokens)s, tokens_left / 4)) AS tokens FROM open "
-                "WHERE calls_left >= 1 AND tokens_left >= %(min_tokens)s), "
+                "LEAST(%(calls)s::bigint, GREATEST(1, calls_left / 4)) AS calls, "
+                "LEAST(%(calls)s::bigint * %(per_call)s::bigint, "
+                "GREATEST(%(min_tokens)s::bigint, tokens_left / 4)) AS tokens FROM open "
+                "WHERE calls_left >= 1 AND tokens_left >= %(min_tokens)s::bigint), "
                 "held AS (UPDATE bastion.budgets b SET "
                 "calls_reserved = b.calls_reserved + block.calls, "
                 "tokens_reserved = b.tokens_reserved + block.tokens, updated_at = now() "
