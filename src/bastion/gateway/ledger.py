@@ -118,18 +118,21 @@ class CallLedger:
             async with book.lock:  # one lease request per tenant at a time
                 lease = self._fitting(book, tokens)
                 if lease is None:
-                    reservation = await self.budgets.lease(
-                        tenant_id,
-                        calls=self.lease_calls,
-                        tokens_per_call=tokens,
-                        min_tokens=tokens,
-                    )
-                    lease = Lease(reservation, self.clock(), reservation.calls, reservation.tokens)
-                    book.open.append(lease)
+                    # Shielded: a caller that goes away mid-request must not
+                    # leave a block reserved in the database and unknown here.
+                    lease = await asyncio.shield(self._open_lease(book, tenant_id, tokens))
         lease.calls_free -= 1
         lease.tokens_free -= tokens
         lease.in_flight += 1
         return Slot(lease, tokens)
+
+    async def _open_lease(self, book: _Book, tenant_id: UUID, tokens: int) -> Lease:
+        reservation = await self.budgets.lease(
+            tenant_id, calls=self.lease_calls, tokens_per_call=tokens, min_tokens=tokens
+        )
+        lease = Lease(reservation, self.clock(), reservation.calls, reservation.tokens)
+        book.open.append(lease)
+        return lease
 
     def record(
         self, tenant_id: UUID, slot: Slot | None, usage: Usage | None, event: AuditEntry
