@@ -8,7 +8,9 @@ from uuid import uuid4
 
 import pytest
 
+from bastion.billing.plans import Entitlements
 from bastion.gateway.cache import AnswerCache, cache_key
+from bastion.gateway.entitlements import ModelNotInPlan, PlanGate, RateLimited
 from bastion.gateway.ledger import CallLedger
 from bastion.gateway.providers import Completion, LocalProvider, Usage
 from bastion.gateway.routing import CircuitBreaker, ModelRouter, Target
@@ -125,3 +127,59 @@ def test_the_configured_cache_is_kept_even_while_empty() -> None:
     cache = AnswerCache(ttl_seconds=0)
     service = GatewayService(cast(CallLedger, None), {}, cache)
     assert service.cache is cache
+
+
+def _entitlements(rpm: int, models: tuple[str, ...]) -> Entitlements:
+    return Entitlements("pro", "active", 10**6, 10**4, rpm, models, "block")
+
+
+@pytest.mark.anyio
+async def test_the_plan_gate_refuses_models_outside_the_plan() -> None:
+    gate = PlanGate(lambda _tenant: _async(_entitlements(100, ("bastion-local",))))
+    tenant = uuid4()
+    await gate.admit(tenant, "bastion-local")
+    with pytest.raises(ModelNotInPlan) as refused:
+        await gate.admit(tenant, "gpt-big")
+    assert refused.value.status == 403
+
+
+@pytest.mark.anyio
+async def test_the_plan_gate_limits_requests_per_minute_with_retry_after() -> None:
+    now = [1000.0]
+    gate = PlanGate(lambda _tenant: _async(_entitlements(3, ("*",))), clock=lambda: now[0])
+    tenant, other = uuid4(), uuid4()
+    for _ in range(3):
+        await gate.admit(tenant, "m")
+    with pytest.raises(RateLimited) as limited:
+        await gate.admit(tenant, "m")
+    assert limited.value.status == 429 and limited.value.headers["Retry-After"] == "60"
+    await gate.admit(other, "m")  # another tenant has its own window
+    now[0] += 45
+    with pytest.raises(RateLimited) as later:
+        await gate.admit(tenant, "m")
+    assert later.value.headers["Retry-After"] == "15"
+    now[0] += 15
+    await gate.admit(tenant, "m")  # the first calls left the window
+
+
+@pytest.mark.anyio
+async def test_a_plan_change_reaches_the_gate_within_its_ttl() -> None:
+    now = [0.0]
+    plan = {"models": ("*",)}
+    gate = PlanGate(
+        lambda _tenant: _async(_entitlements(100, plan["models"])),
+        ttl_seconds=10,
+        clock=lambda: now[0],
+    )
+    tenant = uuid4()
+    await gate.admit(tenant, "gpt-big")
+    plan["models"] = ("bastion-local",)  # downgraded
+    now[0] += 9.9
+    await gate.admit(tenant, "gpt-big")  # still the cached entitlements
+    now[0] += 0.1
+    with pytest.raises(ModelNotInPlan):
+        await gate.admit(tenant, "gpt-big")
+
+
+async def _async(value: Entitlements) -> Entitlements:
+    return value

@@ -239,3 +239,24 @@ def test_request_lines_carry_the_request_id(logs: Captured) -> None:
     # The request id is unbound once the request is over.
     get_logger("bastion.test").info("after")
     assert "request_id" not in logs.records()[-1]
+
+
+def test_query_strings_stay_out_of_the_log_even_if_logging_is_configured_late(
+    restore_logging: None,
+) -> None:
+    router = APIRouter()
+
+    @router.get("/work", **PUBLIC_ROUTE)
+    async def work() -> dict[str, str]:
+        return {"done": "yes"}
+
+    card = "4242424242424242"
+    with running_server(create_app(extra_routers=[router])) as url:
+        # Configured after uvicorn started (as a test or an embedding app may do).
+        captured = Captured()
+        configure_logging("debug", json=True, stream=captured.stream)
+        with httpx.Client(base_url=url, timeout=5) as client:
+            assert client.get(f"/work?card={card}").status_code == 200
+        captured.wait_for(lambda r: r["event"] == "request" and r.get("path") == "/work")
+    assert card not in captured.text
+    assert not [r for r in captured.records() if r["logger"] == "uvicorn.access"]

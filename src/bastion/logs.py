@@ -274,10 +274,21 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # uvicorn may have attached its own handlers; everything goes through root.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.asgi"):
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers[:] = []
         uvicorn_logger.propagate = True
+    # Never uvicorn's access log, whenever this runs: it writes whole URLs
+    # (query strings may carry what must not be logged), and the request-id
+    # middleware logs each request already. uvicorn decides per connection
+    # from whether the logger has handlers, so the logger must reach none.
+    access = logging.getLogger("uvicorn.access")
+    access.handlers[:] = []
+    access.propagate = False
+    # httpx logs every outgoing URL at info (a provider's, with any key in
+    # its query string); its warnings still come through.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

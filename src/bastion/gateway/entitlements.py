@@ -1,0 +1,92 @@
+"""The plan's limits at the gateway: models allowed and requests per minute
+(CHECKLIST P1, P3).
+
+A tenant's entitlements come from its subscription's plan (``lookup``:
+:meth:`bastion.billing.service.BillingService.entitlements`) and are kept for
+``ttl_seconds`` per process, so a plan change holds at the gateway within that
+time (the budget's new limits hold within the ledger's lease time).
+
+Requests per minute are counted per process in a sliding window of 60 s: with
+N gateway processes a tenant may get up to N times its rate. The rate smooths
+bursts; the budget, enforced in PostgreSQL, is the hard cap.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from uuid import UUID
+
+from bastion.api.problems import Problem, problem_type
+from bastion.billing.plans import Entitlements
+
+WINDOW_SECONDS = 60.0
+
+
+class ModelNotInPlan(Problem):
+    type = problem_type("model-not-in-plan")
+    title = "The tenant's plan does not include this model"
+    status = 403
+
+
+class RateLimited(Problem):
+    type = problem_type("rate-limited")
+    title = "Too many requests for the tenant's plan"
+    status = 429
+
+
+@dataclass
+class _Tenant:
+    entitlements: Entitlements
+    fetched: float
+    calls: deque[float]
+
+
+class PlanGate:
+    def __init__(
+        self,
+        lookup: Callable[[UUID], Awaitable[Entitlements]],
+        *,
+        ttl_seconds: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lookup = lookup
+        self.ttl = ttl_seconds
+        self.clock = clock
+        self._tenants: dict[UUID, _Tenant] = {}
+
+    async def _current(self, tenant_id: UUID) -> _Tenant:
+        now = self.clock()
+        known = self._tenants.get(tenant_id)
+        if known is None or now - known.fetched >= self.ttl:
+            entitlements = await self.lookup(tenant_id)
+            calls = known.calls if known is not None else deque()
+            known = self._tenants[tenant_id] = _Tenant(entitlements, now, calls)
+        return known
+
+    async def admit(self, tenant_id: UUID, model: str) -> None:
+        """Count the call, or raise :class:`ModelNotInPlan` / :class:`RateLimited`."""
+        tenant = await self._current(tenant_id)
+        allowed = tenant.entitlements.models_allowed
+        if "*" not in allowed and model not in allowed:
+            raise ModelNotInPlan(
+                f"the {tenant.entitlements.plan!r} plan does not include model {model!r}",
+                plan=tenant.entitlements.plan,
+            )
+        now = self.clock()
+        calls = tenant.calls
+        while calls and now - calls[0] >= WINDOW_SECONDS:
+            calls.popleft()
+        if len(calls) >= tenant.entitlements.requests_per_minute:
+            retry_after = max(1, math.ceil(WINDOW_SECONDS - (now - calls[0]) if calls else 60))
+            problem = RateLimited(
+                f"the {tenant.entitlements.plan!r} plan allows "
+                f"{tenant.entitlements.requests_per_minute} requests per minute",
+                retry_after=retry_after,
+            )
+            problem.headers = {"Retry-After": str(retry_after)}
+            raise problem
+        calls.append(now)
