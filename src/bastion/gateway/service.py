@@ -1,7 +1,9 @@
 """The gateway's pipeline for one model call (CHECKLIST M1, P3).
 
 authenticate + authorize (the route's guard: token, DPoP, Cedar
-``model:invoke``) → prompt hooks (injection screen, PII redaction) → route to
+``model:invoke``) → the tenant's plan (models allowed, requests per minute:
+:mod:`bastion.gateway.entitlements`) → prompt hooks (injection screen, PII
+redaction) → route to
 the model's provider → reserve budget → call
 the provider → settle from the provider's ``usage`` (release on failure) →
 audit event and one log line. Over budget, no provider is called. Budget and
@@ -29,6 +31,7 @@ import structlog
 from bastion.access.authorize import Authorizer, Resource, Subject
 from bastion.api.problems import Problem, problem_type
 from bastion.gateway.cache import AnswerCache, cache_key
+from bastion.gateway.entitlements import PlanGate
 from bastion.gateway.hooks import DEFAULT_HOOKS, PromptHook
 from bastion.gateway.ledger import AuditEntry, CallLedger, Slot
 from bastion.gateway.providers import Completion, Message, ProviderError, StreamItem, Usage
@@ -98,6 +101,7 @@ class GatewayService:
         authorizer: Authorizer | None = None,
         tool_signer: ToolCallSigner | None = None,
         hooks: Sequence[PromptHook] = DEFAULT_HOOKS,
+        plan_gate: PlanGate | None = None,
     ) -> None:
         self.ledger = ledger
         self.models = models
@@ -105,6 +109,7 @@ class GatewayService:
         self.authorizer = authorizer
         self.tool_signer = tool_signer
         self.hooks = tuple(hooks)
+        self.plan_gate = plan_gate
 
     def guarded(self, messages: Sequence[Message]) -> list[Message]:
         """The messages after every prompt hook (injection screen, PII redaction)."""
@@ -135,10 +140,13 @@ class GatewayService:
                 _log.info("tool_call_refused", tenant=str(caller.tenant_id), tool=call.name)
         return signed, refused
 
-    def router(self, model: str) -> ModelRouter:
+    async def router(self, caller: Caller, model: str) -> ModelRouter:
+        """The model's router, once the caller's plan admits the call (model, rate)."""
         router = self.models.get(model)
         if router is None:
             raise ModelNotFound(f"model {model!r} is not served here")
+        if self.plan_gate is not None:
+            await self.plan_gate.admit(caller.tenant_id, model)
         return router
 
     async def _first_answer(
@@ -214,7 +222,7 @@ class GatewayService:
     ) -> tuple[Completion, str | None]:
         """Answer; return the completion and how the cache served it (None, hit,
         stale-fallback)."""
-        router = self.router(model)
+        router = await self.router(caller, model)
         messages = self.guarded(messages)
         key = cache_key(caller.tenant_id, model, messages)
         started = time.perf_counter()
@@ -271,7 +279,7 @@ class GatewayService:
         when the client went away mid-answer (estimated from the text when the
         provider's usage never came) — so nothing stays reserved.
         """
-        router = self.router(model)
+        router = await self.router(caller, model)
         messages = self.guarded(messages)
         slot = await self.ledger.take(
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
@@ -333,7 +341,7 @@ class GatewayService:
     async def embed(
         self, caller: Caller, model: str, inputs: Sequence[str]
     ) -> tuple[list[list[float]], Usage]:
-        router = self.router(model)
+        router = await self.router(caller, model)
         slot = await self.ledger.take(caller.tenant_id, sum(len(text) // 3 + 1 for text in inputs))
         started = time.perf_counter()
         try:
