@@ -4,7 +4,9 @@
 The demo routes a model to it through the gateway's ``openai_compatible``
 provider, exactly as it would route to OpenAI or vLLM, and then stops it to
 show the outage path (cached answers marked ``stale-fallback``, 503 otherwise).
-It is no language model and says so in every answer.
+It is no language model and says so in every answer. For the tool-call scene
+it is scripted: a user turn ``/tool NAME {json arguments}`` with ``tools``
+offered makes it propose exactly that call, as a model would.
 """
 
 from __future__ import annotations
@@ -33,32 +35,59 @@ def standin_app(api_key: str, provider: LocalProvider) -> FastAPI:
             return JSONResponse({"error": {"message": "invalid api key"}}, status_code=401)
         app.state.calls += 1
         body = await request.json()
+        proposal = _scripted_tool_call(body)
+        if proposal is not None:
+            return _completion(body, None, [proposal], "tool_calls", (10, 10))
         completion = await provider.complete(
             str(body.get("model", "")),
             body.get("messages") or [],
             max_tokens=int(body.get("max_tokens") or 512),
             temperature=float(body.get("temperature") or 0),
         )
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": completion.text},
-                    "finish_reason": completion.finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": completion.usage.prompt_tokens,
-                "completion_tokens": completion.usage.completion_tokens,
-                "total_tokens": completion.usage.total_tokens,
-            },
-        }
+        usage = (completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        return _completion(body, completion.text, [], completion.finish_reason, usage)
 
     return app
+
+
+def _scripted_tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    """``/tool NAME {arguments}`` in the last user turn, with tools offered."""
+    if not body.get("tools"):
+        return None
+    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+    text = str(users[-1].get("content", "")) if users else ""
+    if not text.startswith("/tool "):
+        return None
+    name, _, arguments = text[len("/tool ") :].partition(" ")
+    return {
+        "id": f"call_{uuid.uuid4().hex[:12]}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments or "{}"},
+    }
+
+
+def _completion(
+    body: dict[str, Any],
+    text: str | None,
+    tool_calls: list[dict[str, Any]],
+    finish: str,
+    usage: tuple[int, int],
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": {
+            "prompt_tokens": usage[0],
+            "completion_tokens": usage[1],
+            "total_tokens": usage[0] + usage[1],
+        },
+    }
 
 
 class StandInUpstream:
