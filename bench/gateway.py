@@ -59,11 +59,30 @@ async def _wait_ready(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time used by the process and its descendants (/proc)."""
+    stats = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, ticks = {pid}, 0
+    for _ in range(5):  # a few generations deep
+        tree |= {p for p, (parent, _t) in stats.items() if parent in tree}
+    ticks = sum(stats[p][1] for p in tree if p in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _wrk(
-    home: Path, url: str, clients: int, seconds: int, auth: str, *, dpop: bool
+    home: Path, url: str, clients: int, seconds: int, auth: str, *, dpop: bool, pid: int
 ) -> dict[str, float]:
+    cpu_before = _cpu_seconds(pid)
     out = run_wrk(home, url, clients, seconds, auth, dpop=dpop)
+    cpu = _cpu_seconds(pid) - cpu_before
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 
     def pct(p: str) -> float:
@@ -75,6 +94,9 @@ def _wrk(
         "p50": pct("50"),
         "p99": pct("99"),
         "errors": float(non2xx.group(1)) if non2xx else 0.0,
+        # CPU the proxy process spent per request: steadier than req/s when
+        # other work shares the machine.
+        "cpu_ms": cpu * 1000 / max(requests, 1),
     }
 
 
@@ -126,7 +148,9 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
     env.pop("DATABASE_URL", None)
     settings = Settings(home=home, gateway_port=gateway_port)
     procs: list[subprocess.Popen[bytes]] = []
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL}
+    # BENCH_VERBOSE=1 shows the processes' logs.
+    stderr = None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": stderr}
     try:
         keystore = open_keystore(settings)
         keystore.set("providers/mock", b"sk-mock")
@@ -180,7 +204,9 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
             token=token,
             per_thread=int(3000 * seconds / THREADS) + clients,
         )
-        bastion = _wrk(home, bastion_url, clients, seconds, f"DPoP {token}", dpop=True)
+        bastion = _wrk(
+            home, bastion_url, clients, seconds, f"DPoP {token}", dpop=True, pid=gateway.pid
+        )
         bastion["rss"] = _rss_mb(gateway.pid)
         bastion["added_p50"] = via_bastion - direct
         results = {"bastion": bastion}
@@ -209,7 +235,9 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
             litellm_url = f"http://127.0.0.1:{litellm_port}/v1/chat/completions"
             auth = {"Authorization": "Bearer sk-bench"}
             via_litellm = await _sequential_p50(litellm_url, auth)
-            result = _wrk(home, litellm_url, clients, seconds, "Bearer sk-bench", dpop=False)
+            result = _wrk(
+                home, litellm_url, clients, seconds, "Bearer sk-bench", dpop=False, pid=proxy.pid
+            )
             result["rss"] = _rss_mb(proxy.pid)
             result["added_p50"] = via_litellm - direct
             results["litellm"] = result
@@ -219,12 +247,13 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
         )
         print(
             f"{'proxy':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
-            f"{'added p50 ms':>13} {'RSS MB':>8}"
+            f"{'added p50 ms':>13} {'RSS MB':>8} {'CPU ms/req':>11}"
         )
         for name, r in results.items():
             print(
                 f"{name:10} {r['rps']:>9,.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
-                f"{r['errors']:>8,.0f} {r['added_p50']:>13.2f} {r['rss']:>8.0f}"
+                f"{r['errors']:>8,.0f} {r['added_p50']:>13.2f} {r['rss']:>8.0f} "
+                f"{r['cpu_ms']:>11.2f}"
             )
         if "litellm" in results:
             print(
