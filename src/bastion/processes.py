@@ -140,7 +140,12 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             knowledge_routes.build_router(
                 knowledge,
                 identity.guard,
-                AskService(knowledge, EnvelopeSigner(keystore), settings.gateway_url),
+                AskService(
+                    knowledge,
+                    EnvelopeSigner(keystore),
+                    settings.gateway_url,
+                    allowed_hosts=settings.answer_link_hosts,
+                ),
             ),
         ),
         max_body_bytes=settings.max_upload_bytes,

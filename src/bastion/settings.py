@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     # changed limit holds within them.
     gateway_budget_lease_calls: int = Field(default=64, ge=1, le=10_000)
     gateway_budget_lease_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Hosts an answer from the knowledge base may link to or show images from
+    # (subdomains included); other links are removed, exfiltrating ones block it.
+    answer_link_hosts: list[str] = Field(default_factory=list)
 
     # Knowledge base: the embedder of new namespaces ("minilm", or "hashing"
     # for tests) and the largest document upload (also the api's body cap).

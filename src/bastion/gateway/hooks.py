@@ -4,46 +4,53 @@ A hook takes the messages and returns the messages to send (possibly
 changed), or raises :class:`PromptRefused`. The defaults are deliberately
 basic — the model-safety work deepens them:
 
-* :func:`screen_injection` refuses a user turn that openly tries to override
-  the instructions (OWASP LLM01 "prompt injection", direct form); retrieved
-  context is screened by being marked as data in the system prompt instead.
+* :func:`screen_injection` screens every user turn with
+  :func:`bastion.safety.injection.screen` (OWASP LLM01, direct form): a
+  block is refused with 422 ``prompt-refused`` (its score and rule ids, never
+  the text), smuggled invisible characters are stripped. Retrieved context is
+  screened chunk by chunk by the api before it builds the prompt
+  (:mod:`bastion.knowledge.answers`), which also fences it as data.
 * :func:`redact_pii` replaces e-mail addresses, phone numbers, card numbers,
   IBANs and national ids in every message before it leaves for a provider.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
-from bastion.api.problems import Problem, problem_type
 from bastion.gateway.providers import Message
 from bastion.knowledge.redact import BasicRedactor
+from bastion.safety.injection import PromptRefused, Verdict, screen
 
 PromptHook = Callable[[Sequence[Message]], list[Message]]
 
+__all__ = ["DEFAULT_HOOKS", "PromptHook", "PromptRefused", "redact_pii", "screen_injection"]
 
-class PromptRefused(Problem):
-    type = problem_type("prompt-refused")
-    title = "The prompt was refused"
-    status = 422
-
-
-_OVERRIDE = re.compile(
-    r"\b(ignore|disregard|forget)\s+(all\s+|any\s+|the\s+|your\s+)?"
-    r"(previous|prior|above|earlier|system)\s+(instructions|prompts?|rules)\b"
-    r"|\b(reveal|print|show|repeat)\s+(me\s+)?(your|the)\s+(system\s+prompt|instructions)\b",
-    re.IGNORECASE,
-)
+screened: ContextVar[tuple[Verdict, ...]] = ContextVar("bastion_screened", default=())
+"""The current request's user-turn verdicts, for its audit event (decision, score)."""
 
 
 def screen_injection(messages: Sequence[Message]) -> list[Message]:
+    """Screen each user turn; raise :class:`PromptRefused` (422) on a block."""
+    out: list[Message] = []
+    verdicts: list[Verdict] = []
     for message in messages:
-        if message["role"] == "user" and _OVERRIDE.search(message["content"]):
+        if message["role"] != "user":
+            out.append(message)
+            continue
+        verdict = screen(message["content"], "user")
+        verdicts.append(verdict)
+        screened.set(tuple(verdicts))
+        if verdict.decision == "block":
             raise PromptRefused(
-                "the request tries to override the model's instructions", reason="injection"
+                "the request tries to override the model's instructions",
+                reason="injection",
+                score=verdict.score,
+                rules=verdict.reasons,
             )
-    return list(messages)
+        out.append({**message, "content": verdict.text})
+    return out
 
 
 _redactor = BasicRedactor()

@@ -20,19 +20,21 @@ only when Cedar lets the caller run them (``tool:run``), each signed.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
 
+import anyio
 import structlog
 
 from bastion.access.authorize import Authorizer, Resource, Subject
 from bastion.api.problems import Problem, problem_type
 from bastion.gateway.cache import AnswerCache, cache_key
 from bastion.gateway.entitlements import PlanGate
-from bastion.gateway.hooks import DEFAULT_HOOKS, PromptHook
+from bastion.gateway.hooks import DEFAULT_HOOKS, PromptHook, PromptRefused, screened
 from bastion.gateway.ledger import AuditEntry, CallLedger, Slot
 from bastion.gateway.providers import Completion, Message, ProviderError, StreamItem, Usage
 from bastion.gateway.routing import ModelRouter, Target
@@ -43,6 +45,8 @@ from bastion.safety.signing import ToolCall, ToolCallSigner
 _log = get_logger("bastion.gateway")
 
 RETRY_AFTER_SECONDS = 5
+# Prompts at least this long are screened in a worker thread.
+THREAD_PROMPT_CHARS = 32_768
 T = TypeVar("T")
 
 
@@ -117,6 +121,23 @@ class GatewayService:
         for hook in self.hooks:
             out = hook(out)
         return out
+
+    async def _screened(
+        self, caller: Caller, model: str, messages: Sequence[Message]
+    ) -> list[Message]:
+        """:meth:`guarded`, off the event loop for a large prompt (screening a hostile
+        megabyte takes seconds); a refusal is audited with the screen's verdicts."""
+        try:
+            if sum(len(m["content"]) for m in messages) < THREAD_PROMPT_CHARS:
+                return self.guarded(messages)
+            context = contextvars.copy_context()
+            try:
+                return await anyio.to_thread.run_sync(context.run, self.guarded, messages)
+            finally:
+                screened.set(context.get(screened, ()))  # the verdicts, for the audit
+        except PromptRefused:
+            self._finish(caller, None, model, None, time.perf_counter(), "refused:injection")
+            raise
 
     def sign_tool_calls(
         self, caller: Caller, calls: Sequence[ToolCall]
@@ -194,6 +215,7 @@ class GatewayService:
             "latency_ms": latency_ms,
             "trace_id": trace_id,
             "target": target.name if target else None,
+            "screen": [verdict.summary() for verdict in screened.get()],
         }
         request_id = structlog.contextvars.get_contextvars().get("request_id")
         event = AuditEntry(f"user:{caller.user_id}", "model.invoke", model, details, request_id)
@@ -223,7 +245,7 @@ class GatewayService:
         """Answer; return the completion and how the cache served it (None, hit,
         stale-fallback)."""
         router = await self.router(caller, model)
-        messages = self.guarded(messages)
+        messages = await self._screened(caller, model, messages)
         key = cache_key(caller.tenant_id, model, messages)
         started = time.perf_counter()
         if temperature == 0 and not tools:  # only a deterministic answer may come from cache
@@ -280,7 +302,7 @@ class GatewayService:
         provider's usage never came) — so nothing stays reserved.
         """
         router = await self.router(caller, model)
-        messages = self.guarded(messages)
+        messages = await self._screened(caller, model, messages)
         slot = await self.ledger.take(
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )

@@ -197,6 +197,8 @@ def build_router(
                         {"document_id": str(h.document_id), "title": h.title, "score": h.score}
                         for h in answer.sources
                     ],
+                    # What the injection screen removed from the context, and why.
+                    "screening": answer.screening.caught() if answer.screening else [],
                 },
                 headers=headers,
             )
