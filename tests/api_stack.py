@@ -17,6 +17,7 @@ from bastion.knowledge import routes as knowledge_routes
 from bastion.knowledge.answers import AskService
 from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import KnowledgeService
+from bastion.safety import routes as safety_routes
 from bastion.safety.signing import EnvelopeSigner
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
@@ -59,6 +60,7 @@ def api_server(
                     # No gateway runs here: questions get the gateway's 503.
                     AskService(knowledge, EnvelopeSigner(keystore), "http://127.0.0.1:9"),
                 ),
+                safety_routes.build_router(knowledge.vault, db, identity.guard),
             ),
         )
         built.append((app, identity))

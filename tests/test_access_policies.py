@@ -75,7 +75,7 @@ def _touch(path: Path, text: str) -> None:
 
 def test_schema_declares_exactly_the_actions(authorizer: Authorizer) -> None:
     assert authorizer.actions == ACTIONS
-    assert len(set(ACTIONS)) == 21
+    assert len(set(ACTIONS)) == 22
     assert authorizer.resource_types("account:read") == ("Account",)
     assert authorizer.has_owner("Account")
     assert not authorizer.has_owner("Document")

@@ -153,7 +153,7 @@ async def test_ingest_redacts_encrypts_and_finds(
     assert hits and hits[0].document_id == doc
     text = " ".join(h.text for h in hits)
     assert "jane.doe@example.com" not in text and "4242 4242" not in text
-    assert "[EMAIL]" in text and "[CARD]" in text
+    assert "⟦EMAIL_" in text and "⟦CARD_" in text  # vault tokens
     # At rest there is only ciphertext: no plaintext fragment anywhere in the rows.
     with psycopg.connect(database.superuser) as conn:
         for table, column in (("chunks", "ciphertext"), ("documents", "body_ciphertext")):

@@ -73,6 +73,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     from bastion.identity.wiring import build_identity
     from bastion.knowledge import routes as knowledge_routes
     from bastion.knowledge.answers import AskService
+    from bastion.safety import routes as safety_routes
     from bastion.safety.signing import EnvelopeSigner, ToolCallSigner
     from bastion.worker.health import create_worker_health_app
 
@@ -147,6 +148,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
                     allowed_hosts=settings.answer_link_hosts,
                 ),
             ),
+            safety_routes.build_router(knowledge.vault, db, identity.guard),
         ),
         max_body_bytes=settings.max_upload_bytes,
     )

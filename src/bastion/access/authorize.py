@@ -53,6 +53,7 @@ ACTIONS: tuple[str, ...] = (
     "question:ask",
     "tool:run",
     "model:invoke",
+    "pii:reveal",
     "member:list",
     "member:grant",
     "member:approve",
@@ -80,6 +81,8 @@ ADMIN_ACTIONS: frozenset[str] = frozenset(
         "plan:change",
         "key:rotate",
         "incident:manage",
+        # Undoes redaction for a whole tenant's personal data.
+        "pii:reveal",
     }
 )
 

@@ -45,8 +45,10 @@ from bastion.knowledge.errors import (
 )
 from bastion.knowledge.extract import SUPPORTED_TYPES, ExtractionError, extract_text
 from bastion.knowledge.keys import DecryptionFailed, KeyUnavailable, TenantKeys, open_sealed, seal
-from bastion.knowledge.redact import BasicRedactor, Redactor
+from bastion.knowledge.redact import Redactor
 from bastion.logs import get_logger
+from bastion.safety.pii import PiiInputNotText, PiiInputTooLarge
+from bastion.safety.vault import PiiVault
 
 _log = get_logger("bastion.knowledge")
 
@@ -183,7 +185,9 @@ class KnowledgeService:
         self.keys = keys
         self.default_embedder = default_embedder
         self.embedders = embedders
-        self.redactor = redactor or BasicRedactor()
+        # Irreversible masking if a redactor is given; else the tenant's PII vault.
+        self.redactor = redactor
+        self.vault = PiiVault(keys)
         self.max_upload_bytes = max_upload_bytes
         self.chunk_tokens = chunk_tokens
         self.chunk_overlap = chunk_overlap
@@ -445,7 +449,16 @@ class KnowledgeService:
             text = await asyncio.to_thread(extract_text, body, media, charset=charset)
         except ExtractionError as exc:
             return await self._fail(system, document_id, exc.reason)
-        redaction = self.redactor.redact(text)
+        try:
+            # Reversible tokens (⟦EMAIL_...⟧), deterministic per tenant; the
+            # originals go to the vault, revealed only with pii:reveal.
+            redaction = (
+                self.redactor.redact(text)
+                if self.redactor is not None
+                else await self.vault.tokenize(self.db, tenant_id, text)
+            )
+        except (PiiInputTooLarge, PiiInputNotText):
+            return await self._fail(system, document_id, "pii-scan-refused")
         chunks = chunk_text(
             redaction.text,
             embedder.token_offsets,

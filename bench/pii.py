@@ -1,0 +1,240 @@
+"""Benchmark: PII recognition quality and throughput, against Presidio's analyzer.
+
+Run: .venv/bin/python bench/pii.py [--docs N] [--seed S] [--runs N] [--presidio PYTHON]
+
+Measures, on this machine:
+  quality     precision, recall and F1 per entity type of bastion.safety.pii on a
+              labelled corpus from tests/pii_corpus.py (Faker, 9 locales). The
+              default seed is NOT the one the recognizers were tuned and tested
+              on (tests/test_pii_corpus.py uses pii_corpus.SEED): a held-out draw.
+              Recall counts a value as found only if every letter and digit of it
+              is covered by a span of its kind; precision counts a span as right
+              if it overlaps a value of its kind.
+  throughput  MB/s (UTF-8 bytes) of PiiRecognizer.find, document by document and
+              on the whole corpus as one text, and on the demo support tickets
+              (realistic density: a few values per page); median of --runs, each
+              with the phone-validity memo cleared (a chat resending its history
+              would be faster).
+  presidio    the same corpus through Presidio's AnalyzerEngine with its pattern
+              recognizers only (English registry, a blank spaCy pipeline, no NER
+              model, tldextract's bundled suffix list: no network), in the Python
+              of a throwaway venv (--presidio, default $PRESIDIO_PYTHON or
+              /tmp/presidio-venv/bin/python; create it with
+              `python3 -m venv /tmp/presidio-venv && /tmp/presidio-venv/bin/pip
+              install presidio-analyzer`). Its quality is scored with the same
+              rules on the kinds it has; skipped with a note when no such venv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bastion.safety import pii  # noqa: E402
+from bastion.safety.pii import PiiRecognizer  # noqa: E402
+from tests.pii_corpus import SEED, Document, Score, generate, score  # noqa: E402
+
+TICKETS = ROOT / "src" / "bastion" / "demo" / "tickets"
+
+# Presidio's entity names for our kinds (pattern recognizers of its English registry).
+PRESIDIO_KINDS = {
+    "EMAIL_ADDRESS": "email",
+    "PHONE_NUMBER": "phone",
+    "CREDIT_CARD": "card",
+    "IBAN_CODE": "iban",
+    "US_SSN": "us_ssn",
+    "UK_NINO": "uk_nino",
+    "IP_ADDRESS": "ip_address",
+    "ES_NIF": "es_dni",
+    "ES_NIE": "es_dni",
+    "IT_FISCAL_CODE": "it_fiscal_code",
+}
+
+PRESIDIO_SCRIPT = r"""
+import json, sys, time, statistics
+import tldextract
+# Offline: the bundled public-suffix snapshot, never a download.
+tldextract.extract = tldextract.TLDExtract(suffix_list_urls=())
+import spacy
+from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+from presidio_analyzer.nlp_engine import SpacyNlpEngine
+
+class BlankEngine(SpacyNlpEngine):
+    # A tokenizer only: no NER model (none can be downloaded here).
+    def load(self):
+        self.nlp = {"en": spacy.blank("en")}
+
+engine = BlankEngine(models=[{"lang_code": "en", "model_name": "blank"}])
+engine.load()
+registry = RecognizerRegistry()
+registry.load_predefined_recognizers(languages=["en"], nlp_engine=engine)
+for name in [r.name for r in registry.recognizers if r.name == "SpacyRecognizer"]:
+    registry.remove_recognizer(name)
+analyzer = AnalyzerEngine(nlp_engine=engine, registry=registry, supported_languages=["en"])
+docs = json.load(open(sys.argv[1]))
+runs = int(sys.argv[2])
+analyzer.analyze(docs[0], language="en")  # warm-up
+times, spans = [], []
+for run in range(runs):
+    started = time.perf_counter()
+    found = [analyzer.analyze(text, language="en") for text in docs]
+    times.append(time.perf_counter() - started)
+spans = [[(r.entity_type, r.start, r.end) for r in doc] for doc in found]
+entities = sorted({e for r in registry.recognizers for e in r.supported_entities})
+print(json.dumps({"seconds": statistics.median(times), "spans": spans, "entities": entities,
+                  "recognizers": sorted({r.name for r in registry.recognizers})}))
+"""
+
+
+def _mbps(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
+def _timed(runs: int, work: Callable[[], object]) -> float:
+    times = []
+    for _ in range(runs):
+        # Cold: the phone-validity memo would otherwise answer runs 2.. from memory.
+        pii._VALIDITY.clear()
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _table(title: str, scores: dict[str, Score]) -> None:
+    print(f"\n{title}")
+    print(
+        f"  {'kind':<16} {'labelled':>8} {'predicted':>9} {'precision':>9} {'recall':>7} {'F1':>6}"
+    )
+    total = Score()
+    for kind in sorted(scores):
+        s = scores[kind]
+        print(
+            f"  {kind:<16} {s.labelled:>8} {s.predicted:>9} "
+            f"{s.precision:>9.3f} {s.recall:>7.3f} {s.f1:>6.3f}"
+        )
+        total.true_positive += s.true_positive
+        total.predicted += s.predicted
+        total.found += s.found
+        total.labelled += s.labelled
+    print(
+        f"  {'(all)':<16} {total.labelled:>8} {total.predicted:>9} "
+        f"{total.precision:>9.3f} {total.recall:>7.3f} {total.f1:>6.3f}"
+    )
+
+
+def _presidio(python: str, docs: list[Document], runs: int) -> dict[str, object] | None:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump([d.text for d in docs], handle)
+    try:
+        done = subprocess.run(
+            [python, "-c", PRESIDIO_SCRIPT, handle.name, str(runs)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+    finally:
+        os.unlink(handle.name)
+    if done.returncode != 0:
+        print(f"\npresidio: failed to run ({done.stderr.strip().splitlines()[-1:]})")
+        return None
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=SEED + 1)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--presidio",
+        # A throwaway venv the user made (see the module docstring): read, never written.
+        default=os.environ.get("PRESIDIO_PYTHON", "/tmp/presidio-venv/bin/python"),  # noqa: S108
+    )
+    args = parser.parse_args()
+
+    docs = generate(args.docs, args.seed)
+    size = sum(len(d.text.encode()) for d in docs)
+    print(
+        f"corpus: {len(docs)} documents, {size / 1e3:.0f} kB, "
+        f"{sum(len(d.labels) for d in docs)} labelled values, seed {args.seed}"
+    )
+    recognizer = PiiRecognizer()
+
+    def ours(text: str) -> list[tuple[str, int, int]]:
+        return [(e.kind, e.start, e.end) for e in recognizer.find(text)]
+
+    _table("bastion.safety.pii", score(docs, ours))
+
+    whole = "\n".join(d.text for d in docs)
+    per_doc = _timed(args.runs, lambda: [recognizer.find(d.text) for d in docs])
+    at_once = _timed(args.runs, lambda: recognizer.find(whole))
+    tickets = "\n".join(p.read_text(encoding="utf-8") for p in sorted(TICKETS.glob("*/*.md")))
+    tickets_x = tickets * max(1, 1_000_000 // max(1, len(tickets)))
+    sparse = _timed(args.runs, lambda: recognizer.find(tickets_x))
+    print("\nthroughput (median of runs)")
+    print(f"  corpus, per document   {_mbps(size, per_doc):7.2f} MB/s")
+    print(f"  corpus, one text       {_mbps(len(whole.encode()), at_once):7.2f} MB/s")
+    sparse_size = len(tickets_x.encode())
+    copies = len(tickets_x) // max(1, len(tickets))
+    print(
+        f"  demo tickets x{copies} ({sparse_size / 1e6:.1f} MB) "
+        f"{_mbps(sparse_size, sparse):7.2f} MB/s"
+    )
+
+    if not Path(args.presidio).exists():
+        print(f"\npresidio: no interpreter at {args.presidio}; skipped (see --help)")
+        return
+    result = _presidio(args.presidio, docs, args.runs)
+    if result is None:
+        return
+    spans = result["spans"]
+    assert isinstance(spans, list)
+
+    def theirs_for(index: dict[str, int]) -> Callable[[str], list[tuple[str, int, int]]]:
+        def find(text: str) -> list[tuple[str, int, int]]:
+            found = spans[index[text]]
+            return [(PRESIDIO_KINDS[k], s, e) for k, s, e in found if k in PRESIDIO_KINDS]
+
+        return find
+
+    index = {d.text: i for i, d in enumerate(docs)}
+    loaded = result["entities"]
+    assert isinstance(loaded, list)
+    covered = {PRESIDIO_KINDS[e] for e in loaded if e in PRESIDIO_KINDS}
+    theirs = score(docs, theirs_for(index))
+    _table(
+        "presidio-analyzer, pattern recognizers (only the kinds its registry loaded)",
+        {k: v for k, v in theirs.items() if k in covered},
+    )
+    seconds = float(result["seconds"])  # type: ignore[arg-type]
+    # Ours again, right after: on a shared machine the load drifts, so the
+    # ratio uses the mean of the runs before and after Presidio's.
+    after = _timed(args.runs, lambda: [recognizer.find(d.text) for d in docs])
+    ours_mean = (per_doc + after) / 2
+    print(f"\n  presidio, per document {_mbps(size, seconds):7.2f} MB/s")
+    print(
+        f"  bastion,  per document {_mbps(size, ours_mean):7.2f} MB/s "
+        f"(before {_mbps(size, per_doc):.2f}, after {_mbps(size, after):.2f})"
+    )
+    print(f"  ratio                  {seconds / ours_mean:7.1f}x")
+    print(f"  presidio recognizers: {', '.join(result['recognizers'])}")  # type: ignore[arg-type]
+    missing = sorted(set(PRESIDIO_KINDS.values()) - covered)
+    print(f"  not in presidio's English registry, so not compared: {', '.join(missing)}")
+
+
+if __name__ == "__main__":
+    main()

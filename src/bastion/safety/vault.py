@@ -1,0 +1,392 @@
+"""The reversible PII vault: values become deterministic tokens, originals stay encrypted.
+
+:meth:`PiiVault.tokenize` replaces every value :class:`~bastion.safety.pii.PiiRecognizer`
+finds with a token such as ``⟦EMAIL_3f9a2c0b7d1e4a58⟧`` and stores the
+original in ``bastion.pii_vault``. The token is the first 64 bits of
+HMAC-SHA256 (RFC 2104) under the tenant's token key over the kind and the
+normalised value, so within a tenant one value always gets one token (a
+model or an index can still tell two customers apart) while another tenant's
+token for the same value is unrelated. The original is sealed with AES-256-GCM
+under the tenant's data key (:mod:`bastion.knowledge.keys`), bound to the
+tenant and a row id derived from the full HMAC.
+
+:meth:`PiiVault.detokenize` gives originals back only to ``owner`` and
+``system`` database roles (row-level security on ``pii_vault``), only for
+tokens of the caller's tenant, and writes an audit event naming who, which
+tokens and why in the same transaction. The HTTP route in front of it also
+requires the Cedar action ``pii:reveal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+import psycopg
+
+from bastion.api.problems import Problem, problem_type
+from bastion.audit import log as audit
+from bastion.db.pool import Conn, Database
+from bastion.knowledge.keys import (
+    CACHE_SECONDS,
+    DecryptionFailed,
+    KeyUnavailable,
+    TenantKeys,
+    open_sealed,
+    seal,
+)
+from bastion.safety.pii import TOKEN_PATTERN, Entity, PiiRecognizer, mask, normalize
+from bastion.secrets.errors import KMSError
+from bastion.secrets.kms import LocalKMS
+
+__all__ = [
+    "PURPOSE",
+    "PiiVault",
+    "Redaction",
+    "RevealForbidden",
+    "Revealed",
+    "TokenCollision",
+    "TokenMalformed",
+    "TokenNotFound",
+    "TokenRef",
+    "VaultKeyUnavailable",
+    "tokens_in",
+]
+
+PURPOSE = "pii"  # the AAD purpose of vault ciphertext
+MAX_REVEAL = 100  # tokens one reveal may ask for
+# Texts longer than this are scanned off the event loop.
+_THREAD_THRESHOLD = 64 * 1024
+
+
+class TokenNotFound(Problem):
+    # Also what another tenant's token looks like: its existence is not confirmed.
+    type = problem_type("pii-token-not-found")
+    title = "No such token in this tenant's vault"
+    status = 404
+
+
+class RevealForbidden(Problem):
+    type = problem_type("pii-reveal-forbidden")
+    title = "This role may not reveal personal data"
+    status = 403
+
+
+class TokenMalformed(Problem):
+    type = problem_type("pii-token-malformed")
+    title = "Not a vault token"
+    status = 422
+
+
+class TokenCollision(Problem):
+    """Two values share a token (odds ~n²/2⁶⁵): refused rather than aliased."""
+
+    type = problem_type("pii-token-collision")
+    title = "Token collision in the vault"
+    status = 500
+
+
+class VaultKeyUnavailable(Problem):
+    type = problem_type("pii-vault-key-unavailable")
+    title = "The tenant's vault key is unavailable"
+    status = 503
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRef:
+    token: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Redaction:
+    """Tokenized text and the tokens in it (each distinct token once, in order)."""
+
+    text: str
+    tokens: tuple[TokenRef, ...]
+    counts: dict[str, int]  # values replaced by kind, repeats included ({"email": 2})
+
+    @property
+    def entities(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Revealed:
+    token: str
+    kind: str
+    value: str
+
+
+def tokens_in(text: str) -> list[str]:
+    """The vault tokens in ``text``, each once, in order of appearance."""
+    return list(dict.fromkeys(m.group() for m in TOKEN_PATTERN.finditer(text)))
+
+
+def _label(kind: str) -> str:
+    return kind.upper()
+
+
+class PiiVault:
+    """Tokenize text into the tenant's vault; reveal originals to those allowed.
+
+    ``keys`` gives the tenant's data keys (and its key ring, for the token
+    key); ``recognizer`` decides what is personal data.
+    """
+
+    def __init__(self, keys: TenantKeys, recognizer: PiiRecognizer | None = None) -> None:
+        self.keys = keys
+        self.recognizer = recognizer or PiiRecognizer()
+        self._token_keys: dict[UUID, tuple[float, bytes]] = {}
+
+    # -- the token key ------------------------------------------------------
+    # A random 256-bit key per tenant, wrapped under the tenant's KEK and kept
+    # in pii_token_keys. Not HKDF from the data key: data keys rotate, and a
+    # token must stay the same across a rotation or the index and the vault
+    # would disagree about who is who. Not a plain keystore secret either: by
+    # sharing the tenant's KEK it is destroyed with it (TenantKeys.shred), and
+    # a database dump alone computes no token. A key of its own also keeps
+    # HMAC and AES-GCM keys apart (NIST SP 800-57 part 1, 5.2: one key, one use).
+
+    @staticmethod
+    def _context(tenant_id: UUID) -> bytes:
+        return f"tenant={tenant_id};purpose=pii-token-key;version=1".encode()
+
+    def _kms(self, tenant_id: UUID) -> LocalKMS:
+        return LocalKMS(self.keys.keystore, kek_name=f"kms/tenants/{tenant_id}")
+
+    async def _token_key(self, tx: Conn, tenant_id: UUID) -> bytes:
+        cached = self._token_keys.get(tenant_id)
+        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        cur = await tx.execute(
+            "SELECT wrapped FROM bastion.pii_token_keys WHERE tenant_id = %s", (tenant_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            key, wrapped = self._kms(tenant_id).generate_data_key(self._context(tenant_id))
+            # Two first writers race on the primary key; the loser takes the winner's.
+            cur = await tx.execute(
+                "INSERT INTO bastion.pii_token_keys (tenant_id, wrapped) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING tenant_id",
+                (tenant_id, wrapped),
+            )
+            if await cur.fetchone() is None:
+                return await self._token_key(tx, tenant_id)
+        else:
+            try:
+                key = self._kms(tenant_id).unwrap(row["wrapped"], self._context(tenant_id))
+            except KMSError:
+                raise VaultKeyUnavailable("the tenant's token key does not unwrap") from None
+        self._token_keys[tenant_id] = (time.monotonic(), key)
+        return key
+
+    # -- tokenize -----------------------------------------------------------
+
+    async def tokenize(
+        self,
+        db: Database | Conn,
+        tenant_id: UUID,
+        text: str | bytes,
+        *,
+        user_id: UUID | None = None,
+        role: str = "system",
+    ) -> Redaction:
+        """Replace the personal data in ``text`` with the tenant's tokens.
+
+        ``db`` is the pool (a transaction of ``tenant_id`` as ``role`` is
+        opened) or a connection already inside such a transaction, e.g. the
+        caller's own. Idempotent: a token already in ``text`` is kept, and the
+        same value gives the same token. The first value of a tenant needs a
+        role that may create its data key (owner, contributor or system).
+        Raises :class:`~bastion.safety.pii.PiiInputTooLarge`,
+        :class:`~bastion.safety.pii.PiiInputNotText` or :class:`TokenCollision`.
+        """
+        return (await self.tokenize_many(db, tenant_id, [text], user_id=user_id, role=role))[0]
+
+    async def tokenize_many(
+        self,
+        db: Database | Conn,
+        tenant_id: UUID,
+        texts: Sequence[str | bytes],
+        *,
+        user_id: UUID | None = None,
+        role: str = "system",
+    ) -> list[Redaction]:
+        """:meth:`tokenize` each of ``texts`` (the messages of one prompt) in one transaction.
+
+        ``max_chars`` of the recognizer bounds each text; a caller bounds
+        their number. Nothing is written unless every text scans.
+        """
+        found: list[tuple[str, list[Entity]]] = []
+        for text in texts:
+            if len(text) > _THREAD_THRESHOLD:
+                entities = await asyncio.to_thread(self.recognizer.find, text)
+            else:
+                entities = self.recognizer.find(text)
+            found.append((text if isinstance(text, str) else bytes(text).decode(), entities))
+        every = [entity for _, entities in found for entity in entities]
+        tokens: dict[Entity, str] = {}
+        if every:
+            async with self._tx(db, tenant_id, user_id, role) as tx:
+                tokens = await self._store(tx, tenant_id, every)
+        out = []
+        for plain, entities in found:
+            refs = tuple(dict.fromkeys(TokenRef(tokens[e], e.kind) for e in entities))
+            counts = dict(Counter(e.kind for e in entities))
+            out.append(Redaction(mask(plain, entities, tokens.__getitem__), refs, counts))
+        return out
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _tx(
+        db: Database | Conn, tenant_id: UUID, user_id: UUID | None, role: str
+    ) -> AsyncIterator[Conn]:
+        if isinstance(db, Database):
+            async with db.tenant_tx(tenant_id, user_id, role) as tx:
+                yield tx
+        else:
+            yield db
+
+    async def _store(
+        self, tx: Conn, tenant_id: UUID, entities: Sequence[Entity]
+    ) -> dict[Entity, str]:
+        """Insert each distinct value once; return each entity's token."""
+        token_key = await self._token_key(tx, tenant_id)
+        version, data_key = await self.keys.current(tx, tenant_id)
+        rows: dict[str, tuple[UUID, str, str]] = {}  # token -> (row id, kind, value)
+        tokens: dict[Entity, str] = {}
+        for entity in entities:
+            canonical = normalize(entity.kind, entity.value, self.recognizer.regions)
+            digest = hmac.new(
+                token_key, f"{entity.kind}\x00{canonical}".encode(), hashlib.sha256
+            ).digest()
+            token = f"⟦{_label(entity.kind)}_{digest[:8].hex()}⟧"
+            row_id = UUID(bytes=digest[16:32])
+            known = rows.get(token)
+            if known is not None and known[0] != row_id:
+                raise TokenCollision("two values of this text share a token")
+            rows.setdefault(token, (row_id, entity.kind, entity.value))
+            tokens[entity] = token
+        names = list(rows)
+        ids = [rows[t][0] for t in names]
+        # One statement: add what is new, and count existing rows whose id
+        # differs (a collision with an earlier value).
+        cur = await tx.execute(
+            "WITH input AS (SELECT * FROM unnest(%s::text[], %s::uuid[], %s::text[], "
+            "%s::bytea[]) AS u(token, id, kind, ciphertext)), "
+            "added AS (INSERT INTO bastion.pii_vault (tenant_id, token, kind, id, ciphertext, "
+            "key_version) SELECT %s, token, kind, id, ciphertext, %s FROM input "
+            "ON CONFLICT (tenant_id, token) DO NOTHING) "
+            "SELECT count(*) AS collisions FROM bastion.pii_vault v JOIN input i "
+            "ON v.token = i.token WHERE v.tenant_id = %s AND v.id <> i.id",
+            (
+                names,
+                ids,
+                [rows[t][1] for t in names],
+                [
+                    seal(data_key, PURPOSE, tenant_id, rows[t][0], rows[t][2].encode())
+                    for t in names
+                ],
+                tenant_id,
+                version,
+                tenant_id,
+            ),
+        )
+        result = await cur.fetchone()
+        if result is not None and result["collisions"]:
+            raise TokenCollision("a value's token is already taken by another value")
+        return tokens
+
+    # -- detokenize ---------------------------------------------------------
+
+    async def detokenize(
+        self,
+        db: Database,
+        tenant_id: UUID,
+        tokens: Sequence[str],
+        *,
+        user_id: UUID | None,
+        role: str,
+        reason: str,
+    ) -> list[Revealed]:
+        """Return the originals of ``tokens`` (all of them, or raise).
+
+        Runs as ``role`` in ``tenant_id``; the database gives originals to
+        ``owner`` and ``system`` only (:class:`RevealForbidden` otherwise).
+        The caller checks ``pii:reveal`` first. One audit event (``pii.reveal``: who, which
+        tokens, why) is written in the same transaction. Raises
+        :class:`TokenMalformed`, or :class:`TokenNotFound` if any token is not
+        in this tenant's vault (another tenant's included) — then nothing is
+        revealed and nothing written.
+        """
+        wanted = list(dict.fromkeys(tokens))
+        if not wanted or len(wanted) > MAX_REVEAL:
+            raise TokenMalformed(f"give 1 to {MAX_REVEAL} tokens")
+        for token in wanted:
+            if TOKEN_PATTERN.fullmatch(token) is None:
+                raise TokenMalformed("tokens look like ⟦EMAIL_0123456789abcdef⟧")
+        if not reason.strip():
+            raise TokenMalformed("a reason is required")
+        async with db.tenant_tx(tenant_id, user_id, role) as tx:
+            try:
+                cur = await tx.execute(
+                    "SELECT token, kind, id, ciphertext, key_version "
+                    "FROM bastion.pii_reveal(%s::text[])",
+                    (wanted,),
+                )
+            except psycopg.errors.InsufficientPrivilege:
+                raise RevealForbidden("only owners may reveal personal data") from None
+            rows = {row["token"]: row for row in await cur.fetchall()}
+            missing = [t for t in wanted if t not in rows]
+            if missing:
+                raise TokenNotFound(f"{len(missing)} of the tokens are not in this tenant's vault")
+            revealed = []
+            for token in wanted:
+                row = rows[token]
+                try:
+                    key = await self.keys.get(tx, tenant_id, row["key_version"])
+                    value = open_sealed(key, PURPOSE, tenant_id, row["id"], row["ciphertext"])
+                except (KeyUnavailable, DecryptionFailed):
+                    # Shredded keys, or a row moved from another tenant: fail closed.
+                    raise VaultKeyUnavailable("this token's original cannot be opened") from None
+                revealed.append(Revealed(token, row["kind"], value.decode()))
+            await audit.record(
+                tx,
+                actor=f"user:{user_id}" if user_id else role,
+                action="pii.reveal",
+                target=wanted[0] if len(wanted) == 1 else f"{len(wanted)} tokens",
+                details={
+                    "tokens": wanted,
+                    "kinds": dict(Counter(r.kind for r in revealed)),
+                    "reason": reason[:500],
+                },
+            )
+        return revealed
+
+    async def reveal_text(
+        self,
+        db: Database,
+        tenant_id: UUID,
+        text: str,
+        *,
+        user_id: UUID | None,
+        role: str,
+        reason: str,
+    ) -> tuple[str, list[Revealed]]:
+        """``text`` with every token in it replaced by its original (see :meth:`detokenize`)."""
+        found = tokens_in(text)
+        if not found:
+            return text, []
+        revealed = await self.detokenize(
+            db, tenant_id, found, user_id=user_id, role=role, reason=reason
+        )
+        values = {r.token: r.value for r in revealed}
+        return TOKEN_PATTERN.sub(lambda m: values[m.group()], text), revealed
