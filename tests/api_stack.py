@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from bastion.api.app import create_app
+from bastion.billing import account_routes
+from bastion.billing import routes as billing_routes
 from bastion.db.pool import Database
 from bastion.identity.wiring import Identity, build_identity
 from bastion.knowledge import routes as knowledge_routes
@@ -61,6 +63,10 @@ def api_server(
                     AskService(knowledge, EnvelopeSigner(keystore), "http://127.0.0.1:9"),
                 ),
                 safety_routes.build_router(knowledge.vault, db, identity.guard),
+                *billing_routes.build_routers(Settings(issuer=url), db, keystore, identity.guard),
+                *account_routes.build_from_settings(
+                    Settings(issuer=url), db, keystore, identity.guard
+                ),
             ),
         )
         built.append((app, identity))

@@ -15,6 +15,8 @@ from rich.console import Console
 
 from bastion.access.authorize import PolicyError
 from bastion.access.cli import policy_app
+from bastion.billing.cli import billing_app, incident_app
+from bastion.billing.receipts_cli import receipts_app
 from bastion.db.launcher import LauncherError
 from bastion.db.provision import APP_ROLE, DatabaseError
 from bastion.knowledge.cli import ingest_command, search_command
@@ -209,6 +211,9 @@ keys_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(user_app, name="user")
 app.add_typer(keys_app, name="keys")
+app.add_typer(billing_app, name="billing")
+app.add_typer(incident_app, name="incident")
+app.add_typer(receipts_app, name="receipts")
 
 
 @tenant_app.command("create")

@@ -69,6 +69,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 def build_app(process: str, settings: Settings) -> FastAPI:
     """Return the ASGI app of ``process``, with the database pool in its lifespan."""
     from bastion.api.app import create_app
+    from bastion.billing import account_routes
+    from bastion.billing import routes as billing_routes
     from bastion.gateway.app import create_gateway_app
     from bastion.identity.wiring import build_identity
     from bastion.knowledge import routes as knowledge_routes
@@ -137,6 +139,8 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         readiness=db.ping,
         lifespan=lifespan,
         extra_routers=(
+            # First: provider webhooks are the hot path (fewer routes to match).
+            *billing_routes.build_routers(settings, db, keystore, identity.guard),
             *identity.routers,
             knowledge_routes.build_router(
                 knowledge,
@@ -149,6 +153,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
                 ),
             ),
             safety_routes.build_router(knowledge.vault, db, identity.guard),
+            *account_routes.build_from_settings(settings, db, keystore, identity.guard),
         ),
         max_body_bytes=settings.max_upload_bytes,
     )
@@ -171,6 +176,9 @@ def _worker_lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """The worker's pool, and the queue's worker running its jobs."""
     from bastion.access.authorize import Authorizer
+    from bastion.billing import metering_tasks
+    from bastion.billing import tasks as billing_tasks
+    from bastion.billing.receipts import ReceiptKeys, ReceiptService
     from bastion.knowledge import tasks as knowledge_tasks
     from bastion.worker.jobs import JobRegistry
     from bastion.worker.queue import queue_app, running_worker
@@ -178,6 +186,18 @@ def _worker_lifespan(
     queue = queue_app(queue_conninfo(settings))
     authorizer = Authorizer(settings.policy_dir) if settings.policy_dir else Authorizer()
     knowledge_tasks.register(queue, JobRegistry(authorizer), db, knowledge)
+    receipts = ReceiptService(
+        db, ReceiptKeys(open_keystore(settings)), issuer=settings.resolved_issuer
+    )
+    billing_tasks.register_from_settings(
+        queue,
+        JobRegistry(authorizer),
+        settings,
+        db,
+        open_keystore(settings),
+        invoice_paid_hook=receipts.on_invoice_paid,
+    )
+    metering_tasks.register_from_settings(queue, settings, db, open_keystore(settings))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -119,6 +119,23 @@ class Settings(BaseSettings):
     embedder: Literal["minilm", "hashing"] = "minilm"
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
 
+    # Billing webhooks: key-ring references; every *active* version of the
+    # secret verifies (several during a rotation: `bastion secrets rotate`,
+    # then retire the old version once the provider signs with the new one).
+    stripe_webhook_secret_ref: str = "local://billing/stripe-webhook-secret"  # noqa: S105 (a ref)
+    adyen_hmac_key_ref: str = "local://billing/adyen-hmac-key"
+    webhook_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+    # Reconciliation reads Stripe's API (events, subscriptions) when a key is set.
+    billing_stripe_api_key_ref: str | None = None
+    billing_stripe_api_base: str | None = None
+    # Hosted checkout: where Stripe sends the buyer back (fixed here, never
+    # taken from a request). Checkout is off until both are set and a Stripe
+    # key is configured.
+    billing_checkout_success_url: str | None = None
+    billing_checkout_cancel_url: str | None = None
+    # The Stripe meter that receives token usage (one event per model call).
+    billing_meter_event_name: str = Field(default="bastion_tokens", pattern=r"^[a-z0-9_]{1,100}$")
+
     @field_validator("access_token_minutes")
     @classmethod
     def _short_lived_tokens(cls, minutes: int) -> int:

@@ -1,0 +1,174 @@
+"""``bastion billing …`` and ``bastion incident pause-webhooks / resume-webhooks``.
+
+Pausing is *store-and-ack*, not 503: while paused the endpoints still verify,
+store (encrypted) and acknowledge every event, and the worker does not apply
+them; resume queues every held event, in arrival order. Why not 503: the
+provider then owns the backlog — Stripe retries with exponential backoff for
+up to three days and Adyen on its own schedule, so after a resume the events
+trickle back over hours, in no useful order, and a long pause can get the
+endpoint disabled by the provider. Stored events are already in our hands:
+nothing depends on the provider's retry policy, and resume applies them all
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bastion.settings import Settings
+
+billing_app = typer.Typer(help="Plans, subscriptions and provider webhooks.", no_args_is_help=True)
+incident_app = typer.Typer(help="Incident runbook commands.", no_args_is_help=True)
+
+out = Console()
+T = TypeVar("T")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+def _operator() -> str:
+    return f"operator:{getpass.getuser()}"
+
+
+def _run(work: Callable[..., Awaitable[T]]) -> T:
+    """Run ``work(billing)`` with the app database open; known failures are one line."""
+    from bastion.api.problems import Problem
+    from bastion.billing.wiring import build_billing
+    from bastion.db.provision import DatabaseError
+    from bastion.runtime import app_database, open_keystore
+    from bastion.secrets.errors import SecretsError
+
+    async def run() -> T:
+        settings = Settings()
+        async with app_database(settings) as db:
+            return await work(build_billing(settings, db, open_keystore(settings)), db)
+
+    try:
+        return asyncio.run(run())
+    except (DatabaseError, SecretsError) as exc:
+        _fail(str(exc))
+    except Problem as exc:
+        _fail(exc.detail or exc.title)
+    raise AssertionError("unreachable")
+
+
+@incident_app.command("pause-webhooks")
+def pause_webhooks(
+    reason: Annotated[str, typer.Option(help="why (recorded)")] = "incident",
+) -> None:
+    """Keep receiving (verify, store, acknowledge) webhooks, but apply none."""
+    _run(lambda billing, _db: billing.service.pause(actor=_operator(), reason=reason))
+    out.print("webhooks paused: events are stored and acknowledged, not applied")
+
+
+@incident_app.command("resume-webhooks")
+def resume_webhooks() -> None:
+    """Apply every held event, in arrival order, and new ones again."""
+    held = _run(lambda billing, _db: billing.service.resume(actor=_operator()))
+    out.print(f"webhooks resumed: {held} held events queued for the worker")
+
+
+@billing_app.command("plans")
+def plans() -> None:
+    """List the plan catalogue."""
+    catalogue = _run(lambda billing, _db: billing.catalogue.list())
+    table = Table()
+    for column in ("plan", "tokens/month", "calls/month", "rpm", "models", "overage", "price"):
+        table.add_column(column)
+    for p in catalogue:
+        table.add_row(
+            p.code,
+            f"{p.monthly_token_budget:,}",
+            f"{p.monthly_call_budget:,}",
+            str(p.requests_per_minute),
+            ",".join(p.models_allowed),
+            p.overage_policy,
+            p.stripe_price_id or "",
+        )
+    out.print(table)
+
+
+@billing_app.command("plan-set")
+def plan_set(
+    code: str,
+    name: Annotated[str, typer.Option()],
+    tokens: Annotated[int, typer.Option(min=0, help="monthly token budget")],
+    calls: Annotated[int, typer.Option(min=0, help="monthly call budget")],
+    rpm: Annotated[int, typer.Option(min=0, help="requests per minute")],
+    models: Annotated[str, typer.Option(help="comma-separated, or *")] = "*",
+    overage: Annotated[str, typer.Option(help="block or metered")] = "block",
+    stripe_price: Annotated[str | None, typer.Option(help="Stripe price id")] = None,
+    rank: Annotated[int, typer.Option(help="order: higher is an upgrade")] = 0,
+) -> None:
+    """Create or change a plan of the catalogue."""
+    from bastion.billing.plans import Plan
+
+    plan = Plan(
+        code=code,
+        name=name,
+        rank=rank,
+        monthly_token_budget=tokens,
+        monthly_call_budget=calls,
+        requests_per_minute=rpm,
+        models_allowed=tuple(m.strip() for m in models.split(",") if m.strip()),
+        overage_policy=overage,
+        stripe_price_id=stripe_price,
+    )
+    _run(lambda billing, _db: billing.catalogue.put(plan, actor=_operator()))
+    out.print(f"plan {code} saved")
+
+
+@billing_app.command("change-plan")
+def change_plan(
+    tenant: Annotated[str, typer.Option(help="tenant slug")],
+    plan: Annotated[str, typer.Option()],
+    reason: Annotated[str, typer.Option(help="why (recorded)")],
+) -> None:
+    """Put a tenant on a plan now (recorded as the operator's change)."""
+    from bastion.tenants.service import TenantService
+
+    async def work(billing: object, db: object) -> str:
+        from bastion.billing.wiring import Billing
+        from bastion.db.pool import Database
+
+        assert isinstance(billing, Billing) and isinstance(db, Database)
+        tenant_id = await TenantService(db).tenant_id(tenant)
+        if tenant_id is None:
+            _fail(f"no tenant named {tenant!r}")
+        assert tenant_id is not None
+        sub = await billing.service.change_plan(
+            tenant_id, plan, actor=_operator(), reason=reason, source="operator"
+        )
+        return sub.plan_code
+
+    out.print(f"{tenant} is on plan {_run(work)}")
+
+
+@billing_app.command("reconcile")
+def reconcile(
+    since: Annotated[int | None, typer.Option(help="unix time to list events from")] = None,
+) -> None:
+    """Compare with the provider: recover missed events, route, repair drift."""
+    report = _run(lambda billing, _db: billing.reconciler.run(since=since))
+    for key, value in vars(report).items():
+        out.print(f"{key.replace('_', ' ')}: {value}")
+
+
+@billing_app.command("events")
+def events() -> None:
+    """Stored webhook events by status (ignored = unknown types; unrouted = unknown
+    customers, waiting for reconciliation)."""
+    counts = _run(lambda billing, _db: billing.service.event_counts())
+    for status in sorted(counts):
+        out.print(f"{status}: {counts[status]}")

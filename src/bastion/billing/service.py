@@ -1,0 +1,596 @@
+"""Subscriptions, plan changes and the application of provider events (CHECKLIST P2, P3).
+
+Exactly once: the intake stores each (provider, event_id) once; the worker's
+drain takes a tenant's stored events in arrival order, each in its own
+transaction that locks the event row, applies its effects (subscription,
+plan change, budget, audit, receipt hook) and marks it applied. A crash
+rolls back effects and status together; a rerun finds the event no longer
+``queued``. Redeliveries never reach the worker at all.
+
+Out of order: a subscription event older (by the object's ordering key,
+:mod:`bastion.billing.webhooks.stripe`) than the state already applied is
+marked ``stale`` and changes nothing.
+
+A plan change — by a billing-admin, a provider event or reconciliation —
+writes who / what / when / why to ``plan_changes``, one audit event, and the
+current period's limits in ``bastion.budgets`` in the same transaction: the
+gateway's next reservation sees the new limits (a downgrade caps calls from
+the next call on).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from bastion.audit.log import record
+from bastion.billing.errors import NoSubscription
+from bastion.billing.models import ENTITLED, FREE_PLAN, PLATFORM, PlanChange, Subscription
+from bastion.billing.plans import Entitlements, Plan, plan_by_code, plan_by_stripe_price
+from bastion.billing.webhooks import EventCipher
+from bastion.billing.webhooks import adyen as adyen_hooks
+from bastion.billing.webhooks import stripe as stripe_hooks
+from bastion.db.pool import Conn, Database
+from bastion.logs import get_logger
+
+_log = get_logger("bastion.billing")
+
+# Called inside the transaction that applies a paid invoice (receipts plug in here).
+InvoicePaidHook = Callable[[Conn, UUID, dict[str, Any]], Awaitable[None]]
+
+_SUB_COLUMNS = (
+    "tenant_id, plan_code, status, provider, stripe_customer_id, stripe_subscription_id, "
+    "stripe_price_id, adyen_shopper_reference, current_period_start, current_period_end, "
+    "source_version, source_event_id, updated_at, updated_by"
+)
+
+
+def _month(now: datetime) -> tuple[datetime, datetime]:
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start, end
+
+
+def timestamp(value: Any) -> datetime | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return datetime.fromtimestamp(value, UTC)
+    return None
+
+
+class BillingService:
+    """Plans of tenants and the events that change them. Dependencies explicit."""
+
+    def __init__(
+        self,
+        db: Database,
+        cipher: EventCipher,
+        *,
+        invoice_paid_hook: InvoicePaidHook | None = None,
+    ) -> None:
+        self.db = db
+        self.cipher = cipher
+        self.invoice_paid_hook = invoice_paid_hook
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def subscription(self, tenant_id: UUID, role: str = "system") -> Subscription:
+        """Return the tenant's subscription; raise :class:`NoSubscription`."""
+        async with self.db.tenant_tx(tenant_id, None, role) as tx:
+            sub = await self.read_subscription(tx, tenant_id)
+        if sub is None:
+            raise NoSubscription("this tenant has no subscription")
+        return sub
+
+    async def entitlements(self, tenant_id: UUID) -> Entitlements:
+        """What the tenant may use now: its plan's, or the free plan's when it has
+        no subscription or one in a status that does not entitle (canceled, ...)."""
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            sub = await self.read_subscription(tx, tenant_id)
+            code = sub.plan_code if sub is not None and sub.status in ENTITLED else FREE_PLAN
+            plan = await plan_by_code(tx, code)
+        return Entitlements(
+            plan=plan.code,
+            status=sub.status if sub is not None else "none",
+            monthly_token_budget=plan.monthly_token_budget,
+            monthly_call_budget=plan.monthly_call_budget,
+            requests_per_minute=plan.requests_per_minute,
+            models_allowed=plan.models_allowed,
+            overage_policy=plan.overage_policy,
+        )
+
+    async def plan_changes(self, tenant_id: UUID, role: str) -> list[PlanChange]:
+        async with self.db.tenant_tx(tenant_id, None, role) as tx:
+            cur = await tx.execute(
+                "SELECT at, actor, from_plan, to_plan, reason, source, provider, event_id "
+                "FROM bastion.plan_changes ORDER BY id"
+            )
+            return [PlanChange(**row) for row in await cur.fetchall()]
+
+    @staticmethod
+    async def read_subscription(
+        tx: Conn, tenant_id: UUID, *, lock: bool = False
+    ) -> Subscription | None:
+        cur = await tx.execute(
+            f"SELECT {_SUB_COLUMNS} FROM bastion.subscriptions WHERE tenant_id = %s"
+            + (" FOR UPDATE" if lock else ""),
+            (tenant_id,),
+        )
+        row = await cur.fetchone()
+        return None if row is None else Subscription(**row)
+
+    # -- plan changes --------------------------------------------------------------------
+
+    async def change_plan(
+        self,
+        tenant_id: UUID,
+        plan_code: str,
+        *,
+        actor: str,
+        reason: str,
+        source: str = "admin",
+        user_id: UUID | None = None,
+    ) -> Subscription:
+        """Put the tenant on ``plan_code`` now (an admin's or operator's decision).
+
+        The caller has checked ``plan:change``; this runs as the system role
+        so that the budget row (system-only) changes in the same transaction.
+        Raises :class:`UnknownPlan`.
+        """
+        async with self.db.tenant_tx(tenant_id, user_id, "system") as tx:
+            plan = await plan_by_code(tx, plan_code)
+            sub = await self.read_subscription(tx, tenant_id, lock=True)
+            if sub is None:
+                await tx.execute(
+                    "INSERT INTO bastion.subscriptions (tenant_id, plan_code, updated_by) "
+                    "VALUES (%s, %s, %s)",
+                    (tenant_id, plan.code, actor),
+                )
+            else:
+                await tx.execute(
+                    "UPDATE bastion.subscriptions SET plan_code = %s, updated_at = now(), "
+                    "updated_by = %s WHERE tenant_id = %s",
+                    (plan.code, actor, tenant_id),
+                )
+            await self.record_change(
+                tx,
+                tenant_id,
+                sub.plan_code if sub else None,
+                plan,
+                actor=actor,
+                reason=reason,
+                source=source,
+            )
+            new = await self.read_subscription(tx, tenant_id)
+        assert new is not None
+        return new
+
+    async def link_stripe_customer(
+        self, tenant_id: UUID, customer_id: str, *, actor: str = "system"
+    ) -> None:
+        """Record the tenant's Stripe customer (created before its Checkout Session),
+        so that the customer's events route to the tenant."""
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            await tx.execute(
+                "INSERT INTO bastion.subscriptions (tenant_id, plan_code, stripe_customer_id, "
+                "updated_by) VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id) DO UPDATE SET "
+                "stripe_customer_id = EXCLUDED.stripe_customer_id, updated_at = now(), "
+                "updated_by = EXCLUDED.updated_by",
+                (tenant_id, FREE_PLAN, customer_id, actor),
+            )
+        await self.route_unrouted()
+
+    async def link_adyen_shopper(self, tenant_id: UUID, shopper_reference: str) -> None:
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            await tx.execute(
+                "INSERT INTO bastion.subscriptions (tenant_id, plan_code, "
+                "adyen_shopper_reference, updated_by) VALUES (%s, %s, %s, 'system') "
+                "ON CONFLICT (tenant_id) DO UPDATE SET adyen_shopper_reference = "
+                "EXCLUDED.adyen_shopper_reference, updated_at = now()",
+                (tenant_id, FREE_PLAN, shopper_reference),
+            )
+        await self.route_unrouted()
+
+    async def record_change(
+        self,
+        tx: Conn,
+        tenant_id: UUID,
+        from_plan: str | None,
+        plan: Plan,
+        *,
+        actor: str,
+        reason: str,
+        source: str,
+        provider: str | None = None,
+        event_id: str | None = None,
+        period: tuple[datetime | None, datetime | None] = (None, None),
+    ) -> None:
+        """Who / what / when / why, the audit event and the budget, in ``tx``."""
+        await tx.execute(
+            "INSERT INTO bastion.plan_changes (tenant_id, actor, from_plan, to_plan, reason, "
+            "source, provider, event_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (tenant_id, actor, from_plan, plan.code, reason[:1000], source, provider, event_id),
+        )
+        await record(
+            tx,
+            actor=actor,
+            action="billing.plan.changed",
+            target=f"tenant:{tenant_id}",
+            details={"from": from_plan, "to": plan.code, "source": source, "event": event_id},
+        )
+        await self._set_budget(tx, tenant_id, plan, period)
+
+    @staticmethod
+    async def _set_budget(
+        tx: Conn,
+        tenant_id: UUID,
+        plan: Plan,
+        period: tuple[datetime | None, datetime | None],
+    ) -> None:
+        """Change the current period's limits (usage kept), or open the period."""
+        cur = await tx.execute(
+            "UPDATE bastion.budgets SET call_limit = %s, token_limit = %s, updated_at = now() "
+            "WHERE tenant_id = %s AND period_start <= now() AND now() < period_end",
+            (plan.monthly_call_budget, plan.monthly_token_budget, tenant_id),
+        )
+        if cur.rowcount:
+            return
+        now = datetime.now(UTC)
+        start, end = period
+        if start is None or end is None or not start <= now < end:
+            start, end = _month(now)
+        # An earlier period still running at ``start`` ends there (no overlap).
+        await tx.execute(
+            "UPDATE bastion.budgets SET period_end = %(start)s, updated_at = now() "
+            "WHERE tenant_id = %(tenant)s AND period_start < %(start)s AND period_end > %(start)s",
+            {"tenant": tenant_id, "start": start},
+        )
+        await tx.execute(
+            "INSERT INTO bastion.budgets (tenant_id, period_start, period_end, call_limit, "
+            "token_limit) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, period_start) "
+            "DO UPDATE SET period_end = EXCLUDED.period_end, call_limit = EXCLUDED.call_limit, "
+            "token_limit = EXCLUDED.token_limit, updated_at = now()",
+            (tenant_id, start, end, plan.monthly_call_budget, plan.monthly_token_budget),
+        )
+
+    # -- applying stored events (the worker) ---------------------------------------------
+
+    async def drain(self, tenant_id: UUID) -> int:
+        """Apply the tenant's queued events in arrival order, each in its own
+        transaction; stop (leaving them ``held``) if webhooks are paused.
+        Returns how many events were processed."""
+        done = 0
+        while True:
+            async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+                # KEY SHARE: a resume (FOR UPDATE) waits for this transaction.
+                cur = await tx.execute(
+                    "SELECT paused FROM bastion.webhook_control WHERE id = 1 FOR KEY SHARE"
+                )
+                control = await cur.fetchone()
+                paused = control is None or control["paused"]
+                cur = await tx.execute(
+                    "SELECT id, provider, event_id, event_type, object_version, payload, "
+                    "key_version FROM bastion.webhook_events WHERE tenant_id = %s "
+                    "AND status = 'queued' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    (tenant_id,),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    return done
+                if paused:
+                    await tx.execute(
+                        "UPDATE bastion.webhook_events SET status = 'held' "
+                        "WHERE tenant_id = %s AND status = 'queued'",
+                        (tenant_id,),
+                    )
+                    return done
+                try:
+                    async with tx.transaction():  # a savepoint: a bad event undoes only itself
+                        status, outcome = await self._apply(tx, tenant_id, row)
+                except (
+                    KeyError,
+                    TypeError,
+                    ValueError,
+                    AttributeError,
+                    IndexError,
+                    psycopg.errors.DataError,
+                    psycopg.errors.IntegrityError,
+                ) as exc:
+                    # Verified but not what its type promises: failed, never retried
+                    # forever (it would block the tenant's later events).
+                    _log.error(
+                        "billing_event_unusable", event_row=row["id"], error=type(exc).__name__
+                    )
+                    status, outcome = "failed", "malformed-event"
+                await tx.execute(
+                    "UPDATE bastion.webhook_events SET status = %s, outcome = %s, "
+                    "applied_at = now() WHERE id = %s",
+                    (status, outcome, row["id"]),
+                )
+                await record(
+                    tx,
+                    actor=f"{row['provider']}:webhook",
+                    action="billing.webhook.applied",
+                    target=f"{row['provider']}:{row['event_id']}",
+                    details={"type": row["event_type"], "status": status, "outcome": outcome},
+                )
+            done += 1
+
+    async def _apply(self, tx: Conn, tenant_id: UUID, row: dict[str, Any]) -> tuple[str, str]:
+        """Apply one event inside ``tx``; return its final status and outcome."""
+        try:
+            raw = self.cipher.open(
+                row["provider"], row["event_id"], row["key_version"], row["payload"]
+            )
+        except (ValueError, LookupError):
+            return "failed", "payload-unreadable"
+        body = json.loads(raw)
+        if row["provider"] == stripe_hooks.PROVIDER:
+            return await self._apply_stripe(tx, tenant_id, row, body)
+        return await self._apply_adyen(tx, tenant_id, row, body)
+
+    async def _apply_stripe(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], event: dict[str, Any]
+    ) -> tuple[str, str]:
+        kind = row["event_type"]
+        obj = event["data"]["object"]
+        if kind in stripe_hooks.SUBSCRIPTION_EVENTS:
+            return await self._apply_subscription(tx, tenant_id, row, obj)
+        if kind == "checkout.session.completed":
+            customer, subscription = obj.get("customer"), obj.get("subscription")
+            named = obj.get("client_reference_id")
+            if isinstance(named, str) and named != str(tenant_id):
+                # The session names one tenant, its customer belongs to another.
+                return "failed", "tenant-mismatch"
+            try:
+                async with tx.transaction():  # a savepoint: a clash must not undo the rest
+                    await tx.execute(
+                        "INSERT INTO bastion.subscriptions (tenant_id, plan_code, provider, "
+                        "stripe_customer_id, stripe_subscription_id, updated_by) "
+                        "VALUES (%s, %s, 'stripe', %s, %s, %s) ON CONFLICT (tenant_id) DO UPDATE "
+                        "SET provider = 'stripe', "
+                        "stripe_customer_id = coalesce(EXCLUDED.stripe_customer_id, "
+                        "subscriptions.stripe_customer_id), stripe_subscription_id = "
+                        "coalesce(EXCLUDED.stripe_subscription_id, "
+                        "subscriptions.stripe_subscription_id), updated_at = now(), "
+                        "updated_by = EXCLUDED.updated_by",
+                        (
+                            tenant_id,
+                            FREE_PLAN,
+                            customer if isinstance(customer, str) else None,
+                            subscription if isinstance(subscription, str) else None,
+                            f"stripe:{row['event_id']}",
+                        ),
+                    )
+            except psycopg.errors.UniqueViolation:
+                return "failed", "customer-linked-to-another-tenant"
+            return "applied", "linked"
+        if kind == "invoice.paid":
+            await self.on_invoice_paid(tx, tenant_id, event)
+            return "applied", "invoice-paid"
+        return "ignored", "unhandled-type"
+
+    async def _apply_subscription(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], obj: dict[str, Any]
+    ) -> tuple[str, str]:
+        version, event_id = int(row["object_version"]), str(row["event_id"])
+        sub = await self.read_subscription(tx, tenant_id, lock=True)
+        if sub is not None and (version, event_id) <= (sub.source_version, sub.source_event_id):
+            return "stale", "older-than-applied-state"
+        items = (obj.get("items") or {}).get("data") or [{}]
+        item = items[0] if isinstance(items[0], dict) else {}
+        price = (item.get("price") or {}).get("id") if isinstance(item.get("price"), dict) else None
+        plan = await plan_by_stripe_price(tx, price) if isinstance(price, str) else None
+        if plan is None:
+            return "failed", "unknown-price"
+        status = str(obj.get("status") or "active")[:40]
+        if row["event_type"] == "customer.subscription.deleted":
+            status = "canceled"
+        if status not in ENTITLED:
+            plan = await plan_by_code(tx, FREE_PLAN)
+        if not status.replace("_", "").isalpha():
+            status = "unknown"
+        start = timestamp(item.get("current_period_start") or obj.get("current_period_start"))
+        end = timestamp(item.get("current_period_end") or obj.get("current_period_end"))
+        actor = f"stripe:{event_id}"
+        customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
+        await tx.execute(
+            "INSERT INTO bastion.subscriptions (tenant_id, plan_code, status, provider, "
+            "stripe_customer_id, stripe_subscription_id, stripe_price_id, current_period_start, "
+            "current_period_end, cancel_at_period_end, source_version, source_event_id, "
+            "updated_by) VALUES (%s, %s, %s, 'stripe', %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (tenant_id) DO UPDATE SET plan_code = EXCLUDED.plan_code, "
+            "status = EXCLUDED.status, provider = 'stripe', "
+            "stripe_customer_id = coalesce(subscriptions.stripe_customer_id, "
+            "EXCLUDED.stripe_customer_id), "
+            "stripe_subscription_id = EXCLUDED.stripe_subscription_id, "
+            "stripe_price_id = EXCLUDED.stripe_price_id, "
+            "current_period_start = EXCLUDED.current_period_start, "
+            "current_period_end = EXCLUDED.current_period_end, "
+            "cancel_at_period_end = EXCLUDED.cancel_at_period_end, "
+            "source_version = EXCLUDED.source_version, source_event_id = EXCLUDED.source_event_id, "
+            "updated_at = now(), updated_by = EXCLUDED.updated_by",
+            (
+                tenant_id,
+                plan.code,
+                status,
+                customer,
+                obj.get("id") if isinstance(obj.get("id"), str) else None,
+                price,
+                start,
+                end,
+                bool(obj.get("cancel_at_period_end")),
+                version,
+                event_id,
+                actor,
+            ),
+        )
+        before = sub.plan_code if sub is not None else None
+        if before != plan.code:
+            await self.record_change(
+                tx,
+                tenant_id,
+                before,
+                plan,
+                actor=actor,
+                reason=f"{row['event_type']} ({status})",
+                source="webhook",
+                provider="stripe",
+                event_id=event_id,
+                period=(start, end),
+            )
+            return "applied", f"plan {before} -> {plan.code}"
+        return "applied", "state-updated"
+
+    async def _apply_adyen(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], item: dict[str, Any]
+    ) -> tuple[str, str]:
+        if row["event_type"] != "AUTHORISATION" or str(item.get("success")).lower() != "true":
+            return "ignored", "not-a-successful-authorisation"
+        reference = adyen_hooks.parse_reference(str(item.get("merchantReference", "")))
+        if reference is None:
+            return "failed", "bad-merchant-reference"
+        _shopper, plan_code, sequence = reference
+        sub = await self.read_subscription(tx, tenant_id, lock=True)
+        event_id = str(row["event_id"])
+        if sub is not None and (sequence, event_id) <= (sub.source_version, sub.source_event_id):
+            return "stale", "older-than-applied-state"
+        cur = await tx.execute("SELECT 1 FROM bastion.plans WHERE code = %s", (plan_code,))
+        if await cur.fetchone() is None:
+            return "failed", "unknown-plan"
+        plan = await plan_by_code(tx, plan_code)
+        actor = f"adyen:{event_id}"
+        await tx.execute(
+            "UPDATE bastion.subscriptions SET plan_code = %s, status = 'active', "
+            "provider = 'adyen', source_version = %s, source_event_id = %s, updated_at = now(), "
+            "updated_by = %s WHERE tenant_id = %s",
+            (plan.code, sequence, event_id, actor, tenant_id),
+        )
+        before = sub.plan_code if sub is not None else None
+        if before != plan.code:
+            await self.record_change(
+                tx,
+                tenant_id,
+                before,
+                plan,
+                actor=actor,
+                reason="AUTHORISATION (success)",
+                source="webhook",
+                provider="adyen",
+                event_id=event_id,
+            )
+            return "applied", f"plan {before} -> {plan.code}"
+        return "applied", "state-updated"
+
+    async def on_invoice_paid(self, tx: Conn, tenant_id: UUID, event: dict[str, Any]) -> None:
+        """A paid invoice, inside the transaction that applies its event (once).
+
+        The call site for receipts: ``invoice_paid_hook`` (the receipts
+        module's issuer) runs here, so a receipt commits with the event's
+        ``applied`` status or not at all.
+        """
+        invoice = event["data"]["object"]
+        await record(
+            tx,
+            actor=f"stripe:{event['id']}",
+            action="billing.invoice.paid",
+            target=f"invoice:{str(invoice.get('id'))[:200]}",
+            details={
+                "amount_paid": invoice.get("amount_paid")
+                if isinstance(invoice.get("amount_paid"), int)
+                else None,
+                "currency": str(invoice.get("currency"))[:10],
+            },
+        )
+        if self.invoice_paid_hook is not None:
+            await self.invoice_paid_hook(tx, tenant_id, event)
+
+    # -- pause, resume, routing (platform) -------------------------------------------------
+
+    async def paused(self) -> bool:
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            cur = await tx.execute("SELECT paused FROM bastion.webhook_control WHERE id = 1")
+            row = await cur.fetchone()
+        return row is None or bool(row["paused"])
+
+    async def pause(self, *, actor: str, reason: str) -> None:
+        """Store-and-ack from now on: events are verified and stored, not applied."""
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            await tx.execute(
+                "UPDATE bastion.webhook_control SET paused = true, changed_at = now(), "
+                "changed_by = %s, reason = %s WHERE id = 1",
+                (actor[:300], reason[:1000]),
+            )
+        _log.warning("webhooks_paused", actor=actor)
+
+    async def resume(self, *, actor: str) -> int:
+        """Apply again: every held event is queued in arrival order; returns how many."""
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            # FOR UPDATE waits for intakes and drains that read the flag (KEY SHARE):
+            # none can hold an event after this transaction has collected them.
+            await tx.execute("SELECT 1 FROM bastion.webhook_control WHERE id = 1 FOR UPDATE")
+            await tx.execute(
+                "UPDATE bastion.webhook_control SET paused = false, changed_at = now(), "
+                "changed_by = %s, reason = '' WHERE id = 1",
+                (actor[:300],),
+            )
+            cur = await tx.execute(
+                "UPDATE bastion.webhook_events SET status = 'queued' WHERE status = 'held' "
+                "RETURNING tenant_id"
+            )
+            tenants = {row["tenant_id"] for row in await cur.fetchall()}
+            held = cur.rowcount
+            for tenant in sorted(tenants, key=str):
+                await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+        _log.warning("webhooks_resumed", actor=actor, events=held)
+        return held
+
+    async def route_unrouted(self) -> int:
+        """Give unrouted events whose customer is now known to their tenant; returns
+        how many. The rest stay flagged for reconciliation."""
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            cur = await tx.execute(
+                "UPDATE bastion.webhook_events e SET tenant_id = s.tenant_id, "
+                "status = CASE WHEN c.paused THEN 'held' ELSE 'queued' END "
+                "FROM bastion.subscriptions s, bastion.webhook_control c "
+                "WHERE e.status = 'unrouted' AND c.id = 1 AND ("
+                "(e.provider = 'stripe' AND s.stripe_customer_id = e.customer_ref) OR "
+                "(e.provider = 'adyen' AND s.adyen_shopper_reference = e.customer_ref)) "
+                "RETURNING e.tenant_id, e.status"
+            )
+            rows = await cur.fetchall()
+            for tenant in sorted(
+                {r["tenant_id"] for r in rows if r["status"] == "queued"}, key=str
+            ):
+                await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+        return len(rows)
+
+    async def requeue_pending(self, older_than_seconds: float = 30.0) -> int:
+        """Enqueue a drain for every tenant with events queued longer than that (a
+        drain job that gave up after its retries, say); returns how many tenants."""
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            cur = await tx.execute(
+                "SELECT DISTINCT tenant_id FROM bastion.webhook_events WHERE status = 'queued' "
+                "AND received_at < now() - make_interval(secs => %s)",
+                (older_than_seconds,),
+            )
+            tenants = [row["tenant_id"] for row in await cur.fetchall()]
+            for tenant in tenants:
+                await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+        return len(tenants)
+
+    async def event_counts(self) -> dict[str, int]:
+        """Stored events by status, every tenant's (unknown types: ``ignored``)."""
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            cur = await tx.execute(
+                "SELECT status, count(*) AS n FROM bastion.webhook_events GROUP BY status"
+            )
+            return {row["status"]: row["n"] for row in await cur.fetchall()}

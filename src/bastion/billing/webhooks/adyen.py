@@ -1,0 +1,111 @@
+"""Adyen standard webhooks: each NotificationRequestItem's HMAC, verified by Adyen's library.
+
+Adyen signs, per item, ``pspReference:originalReference:merchantAccountCode:
+merchantReference:value:currency:eventCode:success`` with HMAC-SHA256 under
+the merchant's hex key and puts it in ``additionalData.hmacSignature``
+(https://docs.adyen.com/development-resources/webhooks/verify-hmac-signatures);
+:func:`Adyen.util.is_valid_hmac_notification` checks it. A batch with any
+item that does not verify is refused whole, and nothing of it is stored.
+
+Only the signed fields are trusted for effects. The rest of an item
+(``additionalData``, ``eventDate``) is not covered by the HMAC, so Bastion
+puts what it needs in the signed ``merchantReference`` when it creates a
+payment: ``<shopper reference>/<plan code>/<sequence>``, the sequence (a
+number Bastion increases) being the object's own version for ordering.
+The event id is ``pspReference:eventCode:success``, Adyen's identity of a
+notification (a redelivery repeats it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import Adyen.util  # type: ignore[import-untyped]
+
+from bastion.billing.errors import (
+    EventTooLarge,
+    InvalidSignature,
+    MalformedEvent,
+    WebhooksUnavailable,
+)
+from bastion.billing.webhooks import MAX_BODY_BYTES, IncomingEvent
+
+PROVIDER = "adyen"
+HANDLED = frozenset({"AUTHORISATION"})
+ACK = "[accepted]"  # the body Adyen expects, or it redelivers
+
+
+def merchant_reference(shopper_reference: str, plan: str, sequence: int) -> str:
+    """Return the reference Bastion gives a payment that buys ``plan``."""
+    return f"{shopper_reference}/{plan}/{sequence}"
+
+
+def parse_reference(reference: str) -> tuple[str, str, int] | None:
+    parts = reference.split("/")
+    if len(parts) != 3 or not parts[2].isdigit() or len(parts[2]) > 18:
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+def _valid(item: dict[str, Any], key: bytes) -> bool:
+    try:
+        return bool(Adyen.util.is_valid_hmac_notification(item, key.decode()))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+
+
+class AdyenWebhook:
+    """Verifies and reads Adyen notification batches."""
+
+    def __init__(self, hmac_keys: Callable[[], tuple[bytes, ...]]) -> None:
+        self.hmac_keys = hmac_keys
+
+    def verify(self, body: bytes) -> list[IncomingEvent]:
+        """Return the batch's verified events; raise :class:`EventTooLarge`,
+        :class:`MalformedEvent` (not a notification batch) or
+        :class:`InvalidSignature` (an item fails, or no key is configured)."""
+        if len(body) > MAX_BODY_BYTES:
+            raise EventTooLarge(f"webhook bodies are limited to {MAX_BODY_BYTES} bytes")
+        try:
+            batch = json.loads(body)
+        except ValueError:
+            raise MalformedEvent("the body is not JSON") from None
+        items = batch.get("notificationItems") if isinstance(batch, dict) else None
+        if not isinstance(items, list) or not 0 < len(items) <= 100:
+            raise MalformedEvent("the body is not an Adyen notification batch")
+        keys = self.hmac_keys()
+        if not keys:  # fail closed; the provider retries a 503
+            raise WebhooksUnavailable("no HMAC key is configured")
+        events = []
+        for wrapper in items:
+            item = wrapper.get("NotificationRequestItem") if isinstance(wrapper, dict) else None
+            if not isinstance(item, dict) or not isinstance(item.get("amount"), dict):
+                raise MalformedEvent("a notification item is malformed")
+            if not any(_valid(item, key) for key in keys):
+                raise InvalidSignature("a notification item's HMAC does not verify")
+            events.append(_event(item))
+        return events
+
+
+def _event(item: dict[str, Any]) -> IncomingEvent:
+    psp, code = item.get("pspReference"), item.get("eventCode")
+    success = str(item.get("success", "")).lower()
+    if not isinstance(psp, str) or not isinstance(code, str) or not psp or not code:
+        raise MalformedEvent("a notification item lacks pspReference or eventCode")
+    event_id = f"{psp}:{code}:{success}"
+    reference = parse_reference(str(item.get("merchantReference", "")))
+    if len(event_id) > 255 or len(code) > 255:
+        raise MalformedEvent("a notification item's identifiers are too long")
+    return IncomingEvent(
+        provider=PROVIDER,
+        event_id=event_id,
+        event_type=code,
+        handled=code in HANDLED and reference is not None,
+        customer=reference[0][:255] if reference else None,
+        tenant_hint=None,
+        object_id=psp[:255],
+        version=reference[2] if reference else 0,
+        raw=json.dumps(item, separators=(",", ":")).encode(),
+    )

@@ -1,0 +1,186 @@
+"""Reconciliation against Stripe's API (the ``stripe`` client on a local double of
+Stripe's REST API): missed events recovered, unrouted events routed, drift repaired
+and never undone by a stale event (CHECKLIST P2)."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID, uuid4
+
+import psycopg
+import pytest
+
+from bastion.billing.reconcile import Reconciler, StripeProvider
+from bastion.billing.service import BillingService
+from bastion.billing.webhooks import EventCipher, WebhookIntake
+from bastion.billing.webhooks.stripe import parse
+from bastion.db.pool import Database
+from bastion.secrets import LocalKeystore
+from bastion.tenants.service import TenantService
+from tests.conftest import DbHandles
+from tests.stripe_double import (
+    TEST_PRICES,
+    StripeDouble,
+    event_object,
+    price_plans,
+    stripe_double,
+    subscription_object,
+    to_json,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def double() -> StripeDouble:
+    with stripe_double() as running:
+        yield running  # type: ignore[misc]
+
+
+@pytest.fixture
+def parts(db: Database, keystore: LocalKeystore) -> tuple[BillingService, WebhookIntake]:
+    cipher = EventCipher(keystore)
+    return BillingService(db, cipher), WebhookIntake(db, cipher)
+
+
+async def _tenant(db: Database, service: BillingService) -> tuple[UUID, str]:
+    await price_plans(db)
+    tenant = await TenantService(db).create_tenant(f"rc-{uuid4().hex[:8]}", "Reconcile")
+    customer = f"cus_{uuid4().hex[:12]}"
+    await service.link_stripe_customer(tenant.id, customer)
+    return tenant.id, customer
+
+
+def _plan(database: DbHandles, tenant_id: UUID) -> tuple[str, str]:
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute(
+            "SELECT plan_code, status FROM bastion.subscriptions WHERE tenant_id = %s",
+            (tenant_id,),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+async def test_missed_events_are_recovered_and_applied_once(
+    db: Database,
+    database: DbHandles,
+    double: StripeDouble,
+    parts: tuple[BillingService, WebhookIntake],
+) -> None:
+    service, intake = parts
+    tenant_id, customer = await _tenant(db, service)
+    now = int(time.time())
+    sub = subscription_object(f"sub_{customer}", customer, TEST_PRICES["pro"])
+    delivered = event_object("customer.subscription.updated", sub, created=now - 100)
+    missed = event_object(
+        "customer.subscription.updated",
+        subscription_object(f"sub_{customer}", customer, TEST_PRICES["enterprise"]),
+        created=now - 50,
+    )
+    # 120 more events of other customers: the list spans two pages of 100.
+    noise = [
+        event_object("customer.updated", {"id": f"cus_other_{i}"}, created=now - 200 + i)
+        for i in range(120)
+    ]
+    for event in (*noise, delivered, missed):
+        double.add_event(event)
+    await intake.store([parse(to_json(delivered).encode())])  # only this one arrived
+
+    reconciler = Reconciler(db, service, intake, StripeProvider(double.client()))
+    report = await reconciler.run(since=now - 3600)
+    assert report.events_seen == 122
+    assert report.events_recovered == 121  # all but the delivered one
+    assert len(double.calls("GET", "/v1/events")) == 2  # paginated with starting_after
+    await service.drain(tenant_id)
+    assert _plan(database, tenant_id) == ("enterprise", "active")
+
+    again = await reconciler.run(since=now - 3600)
+    assert again.events_recovered == 0
+    assert await service.drain(tenant_id) == 0
+    with psycopg.connect(database.superuser) as conn:
+        rows = conn.execute(
+            "SELECT via FROM bastion.webhook_events WHERE event_id = %s", (missed["id"],)
+        ).fetchall()
+    assert rows == [("reconcile",)]
+
+
+async def test_drift_is_repaired_and_a_stale_event_cannot_undo_it(
+    db: Database,
+    database: DbHandles,
+    double: StripeDouble,
+    parts: tuple[BillingService, WebhookIntake],
+) -> None:
+    service, intake = parts
+    tenant_id, customer = await _tenant(db, service)
+    now = int(time.time())
+    sub_id = f"sub_{customer}"
+    first = event_object(
+        "customer.subscription.updated",
+        subscription_object(sub_id, customer, TEST_PRICES["pro"]),
+        created=now - 100,
+    )
+    await intake.store([parse(to_json(first).encode())])
+    await service.drain(tenant_id)
+    assert _plan(database, tenant_id) == ("pro", "active")
+    # At Stripe the customer has since moved to enterprise; that event was lost
+    # and has aged out of the event list. Only the subscription says so.
+    double.subscriptions[sub_id] = subscription_object(sub_id, customer, TEST_PRICES["enterprise"])
+
+    reconciler = Reconciler(db, service, intake, StripeProvider(double.client()))
+    report = await reconciler.run(since=now)
+    assert report.subscriptions_repaired >= 1
+    assert _plan(database, tenant_id) == ("enterprise", "active")
+    changes = await service.plan_changes(tenant_id, "auditor")
+    assert (changes[-1].source, changes[-1].from_plan, changes[-1].to_plan) == (
+        "reconcile",
+        "pro",
+        "enterprise",
+    )
+    # A delayed delivery of an event older than the repair changes nothing.
+    late = event_object(
+        "customer.subscription.updated",
+        subscription_object(sub_id, customer, TEST_PRICES["free"]),
+        created=now - 60,
+    )
+    await intake.store([parse(to_json(late).encode())])
+    await service.drain(tenant_id)
+    assert _plan(database, tenant_id) == ("enterprise", "active")
+    assert (await reconciler.run(since=now)).subscriptions_repaired == 0
+    assert _plan(database, tenant_id) == ("enterprise", "active")
+
+
+async def test_subscription_gone_at_stripe_falls_back_to_free(
+    db: Database,
+    database: DbHandles,
+    double: StripeDouble,
+    parts: tuple[BillingService, WebhookIntake],
+) -> None:
+    service, intake = parts
+    tenant_id, customer = await _tenant(db, service)
+    event = event_object(
+        "customer.subscription.updated",
+        subscription_object(f"sub_{customer}", customer, TEST_PRICES["pro"]),
+        created=int(time.time()) - 10,
+    )
+    await intake.store([parse(to_json(event).encode())])
+    await service.drain(tenant_id)
+    report = await Reconciler(db, service, intake, StripeProvider(double.client())).run(
+        since=int(time.time())
+    )
+    assert report.subscriptions_repaired >= 1  # (earlier tests' tenants are gone too)
+    assert _plan(database, tenant_id) == ("free", "canceled")
+
+
+async def test_provider_outage_fails_the_run_and_changes_nothing(
+    db: Database,
+    database: DbHandles,
+    double: StripeDouble,
+    parts: tuple[BillingService, WebhookIntake],
+) -> None:
+    service, intake = parts
+    tenant_id, _customer = await _tenant(db, service)
+    double.fail_with = 500
+    reconciler = Reconciler(db, service, intake, StripeProvider(double.client()))
+    with pytest.raises(Exception, match="double told to fail"):
+        await reconciler.run(since=int(time.time()) - 60)
+    assert _plan(database, tenant_id) == ("free", "active")
