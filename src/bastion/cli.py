@@ -20,6 +20,7 @@ from bastion.billing.receipts_cli import receipts_app
 from bastion.db.launcher import LauncherError
 from bastion.db.provision import APP_ROLE, DatabaseError
 from bastion.knowledge.cli import ingest_command, search_command
+from bastion.safety.sandbox.cli import sandbox_app
 from bastion.secrets.cli import secrets_app
 from bastion.secrets.errors import SecretsError
 from bastion.settings import Settings
@@ -211,6 +212,7 @@ keys_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(user_app, name="user")
 app.add_typer(keys_app, name="keys")
+app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(billing_app, name="billing")
 app.add_typer(incident_app, name="incident")
 app.add_typer(receipts_app, name="receipts")

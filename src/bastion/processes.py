@@ -180,6 +180,7 @@ def _worker_lifespan(
     from bastion.billing import tasks as billing_tasks
     from bastion.billing.receipts import ReceiptKeys, ReceiptService
     from bastion.knowledge import tasks as knowledge_tasks
+    from bastion.safety import tasks as safety_tasks
     from bastion.worker.jobs import JobRegistry
     from bastion.worker.queue import queue_app, running_worker
 
@@ -198,6 +199,9 @@ def _worker_lifespan(
         invoice_paid_hook=receipts.on_invoice_paid,
     )
     metering_tasks.register_from_settings(queue, settings, db, open_keystore(settings))
+    safety_tasks.register_from_settings(
+        queue, JobRegistry(authorizer), settings, db, open_keystore(settings)
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -119,6 +119,26 @@ class Settings(BaseSettings):
     embedder: Literal["minilm", "hashing"] = "minilm"
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
 
+    # Sandbox for tool calls (CHECKLIST M2). "auto" picks the strongest backend of
+    # sandbox_candidates that works here (gvisor/firecracker are opt-in: slower
+    # starts); below sandbox_min_isolation the sandbox refuses to run (fail closed).
+    sandbox_backend: Literal["auto", "bwrap", "landlock", "gvisor", "firecracker"] = "auto"
+    sandbox_candidates: tuple[Literal["bwrap", "landlock", "gvisor", "firecracker"], ...] = (
+        "bwrap",
+        "landlock",
+    )
+    sandbox_min_isolation: Literal["landlock", "namespaces", "gvisor", "microvm"] = "landlock"
+    sandbox_memory_mb: int = Field(default=256, ge=16, le=65536)
+    sandbox_cpu_seconds: int = Field(default=5, ge=1, le=3600)
+    sandbox_wall_seconds: float = Field(default=10.0, gt=0, le=3600)
+    sandbox_pids: int = Field(default=64, ge=1, le=4096)
+    # One unprivileged uid per concurrent run, from this range.
+    sandbox_uid_base: int = Field(default=61000, ge=1000)
+    sandbox_uid_count: int = Field(default=256, ge=1, le=65536)
+    sandbox_state_dir: Path = Path("/run/bastion-sandbox")
+    sandbox_firecracker_kernel: Path | None = None
+    sandbox_firecracker_rootfs: Path | None = None
+
     # Billing webhooks: key-ring references; every *active* version of the
     # secret verifies (several during a rotation: `bastion secrets rotate`,
     # then retire the old version once the provider signs with the new one).

@@ -23,7 +23,7 @@ from bastion.logs import get_logger
 
 _log = get_logger("bastion.worker")
 
-QUEUES = ("ingest", "billing")
+QUEUES = ("ingest", "billing", "tools")
 HEARTBEAT_SECONDS = 2.0
 # A worker silent this long is dead; its jobs go back to the queue.
 STALLED_SECONDS = 10.0

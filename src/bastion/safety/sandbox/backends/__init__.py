@@ -1,0 +1,1 @@
+"""The sandbox's backends, each behind :class:`~.base.Backend`."""

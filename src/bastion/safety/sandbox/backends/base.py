@@ -1,0 +1,67 @@
+"""One interface for every backend: say whether it can run here, then run a spec."""
+
+from __future__ import annotations
+
+import abc
+import subprocess
+from dataclasses import dataclass
+
+from bastion.safety.sandbox.cgroups import RunCgroup
+from bastion.safety.sandbox.runner import Launch, Supervisor, Watched, classify
+from bastion.safety.sandbox.spec import Isolation, Limits, Outcome, Result, RunSpec
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the :class:`~bastion.safety.sandbox.Sandbox` leases for one run."""
+
+    uid: int
+    cgroup: RunCgroup | None
+
+
+class Backend(abc.ABC):
+    name: str
+    isolation: Isolation
+    # The exit status passes through a runtime that reports signal N as 128+N.
+    wrapped: bool = True
+    needs_cgroup: bool = False
+
+    def cgroup_limits(self, limits: Limits) -> Limits:
+        """The caps of the run's cgroup (a runtime may need room of its own)."""
+        return limits
+
+    @abc.abstractmethod
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run here (missing binary, kernel feature); None if it can."""
+
+    @abc.abstractmethod
+    def launch(self, spec: RunSpec, ctx: RunContext) -> Launch:
+        """The process to start for ``spec``; raise OSError if it cannot be prepared."""
+
+    def finish(self, result: Result, watched: Watched) -> Result:
+        """Backend-specific corrections of the normalised result."""
+        return result
+
+    def run(self, spec: RunSpec, ctx: RunContext) -> Result:
+        """Run ``spec``; failures of the sandbox itself come back as ``sandbox_error``."""
+        try:
+            launch = self.launch(spec, ctx)
+        except OSError as exc:
+            return Result(
+                Outcome.SANDBOX_ERROR, self.name, detail=f"prepare: {exc.strerror or exc}"
+            )
+        try:
+            supervisor = Supervisor(
+                uid=ctx.uid,
+                limits=spec.limits,
+                cgroup=ctx.cgroup,
+            )
+            watched = supervisor.run(launch, spec.stdin)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return Result(Outcome.SANDBOX_ERROR, self.name, detail=f"start: {type(exc).__name__}")
+        finally:
+            for cleanup in launch.cleanups:
+                cleanup()
+        return self.finish(
+            classify(watched, spec.limits, backend=self.name, wrapped=self.wrapped), watched
+        )

@@ -1,0 +1,262 @@
+"""The tool executor: tool calls a model proposed run here, in the worker — only
+with a valid gateway signature (CHECKLIST M1) and only inside the sandbox
+(CHECKLIST M2). Nothing a call carries is ever evaluated in this process.
+
+A call is checked first (signature, key, expiry, tenant, name, arguments,
+single use — :class:`~bastion.safety.signing.ToolCallSigner`), then its
+arguments; a refused call runs nothing and is audited as ``tool.refused``.
+A call that runs is audited as ``tool.run`` with its outcome, whatever the
+program did (exit, limits, seccomp, timeout), and the worker keeps going.
+
+Tools:
+
+- ``calculate`` ``{"expression": "2 * (3 + 4)"}``: arithmetic on numbers
+  (``+ - * / // % **``, parentheses), parsed and evaluated by ``python3 -I -S``
+  inside the sandbox;
+- ``run_python`` ``{"code": "..."}``: an arbitrary untrusted snippet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from bastion import audit
+from bastion.db.pool import Database
+from bastion.safety.sandbox import Limits, Outcome, Result, RunSpec, Sandbox, SandboxUnavailable
+from bastion.safety.sandbox.spec import PYTHON
+from bastion.safety.signing import EnvelopeInvalid, ToolCall, ToolCallSigner
+
+MAX_ARGUMENTS = 64 * 1024
+MAX_EXPRESSION = 200
+# What a caller gets back of the output, and what the audit keeps of a result.
+MAX_OUTPUT_CHARS = 16 * 1024
+AUDITED_RESULT_CHARS = 200
+
+# Evaluated in the sandbox: an AST walk over numbers and arithmetic only.
+_CALCULATE = r"""
+import ast, operator, sys
+BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+       ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+       ast.Pow: operator.pow}
+UN = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+def ev(n):
+    if isinstance(n, ast.Constant) and type(n.value) in (int, float):
+        return n.value
+    if isinstance(n, ast.BinOp) and type(n.op) in BIN:
+        a, b = ev(n.left), ev(n.right)
+        if isinstance(n.op, ast.Pow) and abs(b) > 1000:
+            raise ValueError("exponent too large")
+        return BIN[type(n.op)](a, b)
+    if isinstance(n, ast.UnaryOp) and type(n.op) in UN:
+        return UN[type(n.op)](ev(n.operand))
+    raise ValueError("only numbers and + - * / // % ** ( ) are allowed")
+try:
+    print(ev(ast.parse(sys.stdin.read(), mode="eval").body))
+except (ArithmeticError, ValueError, SyntaxError, RecursionError) as e:
+    print(type(e).__name__ + ": " + str(e)[:200], file=sys.stderr)
+    sys.exit(2)
+"""
+_EXPRESSION = re.compile(r"[0-9+\-*/%().eE_ \t]+")
+
+
+class ToolRefused(Exception):
+    """The call was not run; ``reason`` is a stable slug (``unsigned``,
+    ``bad-signature``, ``expired``, ``replayed``, ``call-altered``, ``unknown-key``,
+    ``malformed``, ``wrong-user``, ``unknown-tool``, ``bad-arguments``,
+    ``sandbox-unavailable``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SignedToolCall:
+    """A tool call as the gateway handed it out, for the tenant the job names."""
+
+    tenant_id: UUID
+    call: ToolCall
+    signature: str | None
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    call_id: str
+    name: str
+    user_id: UUID
+    outcome: Outcome
+    output: str  # stdout, undecodable bytes replaced, at most MAX_OUTPUT_CHARS
+    error: str  # the tail of stderr, same treatment
+    exit_code: int | None
+    truncated: bool
+    backend: str
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    # Arguments (parsed JSON) -> (argv, stdin); raises ValueError for bad arguments.
+    build: Callable[[Mapping[str, Any]], tuple[tuple[str, ...], bytes]]
+    # Whether the audit keeps the start of the result (a number: yes; program output: no).
+    audit_result: bool = False
+
+
+def _calculate(arguments: Mapping[str, Any]) -> tuple[tuple[str, ...], bytes]:
+    expression = arguments.get("expression")
+    if not isinstance(expression, str) or not 0 < len(expression) <= MAX_EXPRESSION:
+        raise ValueError("expression must be a string of 1..200 characters")
+    if not _EXPRESSION.fullmatch(expression):
+        raise ValueError("expression may hold only numbers, operators and parentheses")
+    return (PYTHON, "-I", "-S", "-c", _CALCULATE), expression.encode()
+
+
+def _run_python(arguments: Mapping[str, Any]) -> tuple[tuple[str, ...], bytes]:
+    code = arguments.get("code")
+    if not isinstance(code, str) or not code.strip():
+        raise ValueError("code must be a non-empty string")
+    return (PYTHON, "-I", "-S", "-"), code.encode()  # the program on stdin
+
+
+TOOLS: Mapping[str, Tool] = {
+    "calculate": Tool("calculate", _calculate, audit_result=True),
+    "run_python": Tool("run_python", _run_python),
+}
+
+
+def _text(data: bytes, limit: int) -> str:
+    return data[: limit * 4].decode("utf-8", errors="replace")[:limit]
+
+
+class ToolExecutor:
+    """Verifies and runs signed tool calls; every outcome is audited."""
+
+    def __init__(
+        self,
+        db: Database,
+        signer: ToolCallSigner,
+        sandbox: Sandbox,
+        *,
+        tools: Mapping[str, Tool] = TOOLS,
+        limits: Limits | None = None,
+    ) -> None:
+        self.db = db
+        self.signer = signer
+        self.sandbox = sandbox
+        self.tools = tools
+        self.limits = limits or sandbox.config.limits
+
+    async def run(self, signed: SignedToolCall, *, user_id: UUID | None = None) -> ToolResult:
+        """Run the call in the sandbox and return its result.
+
+        ``user_id``, when given, is who the job runs for; the signature must name
+        the same user. Raises :class:`ToolRefused` (audited, nothing run) for a
+        call that is unsigned, altered, expired, replayed, for another tenant or
+        user, of an unknown tool or with bad arguments.
+        """
+        call, tenant = signed.call, signed.tenant_id
+        try:
+            signer_user = self.signer.verify(call, signed.signature, tenant_id=tenant)
+        except EnvelopeInvalid as exc:
+            await self._refused(tenant, None, call, exc.reason)
+            raise ToolRefused(exc.reason) from None
+        if user_id is not None and signer_user != user_id:
+            await self._refused(tenant, user_id, call, "wrong-user")
+            raise ToolRefused("wrong-user")
+        tool = self.tools.get(call.name)
+        if tool is None:
+            await self._refused(tenant, signer_user, call, "unknown-tool")
+            raise ToolRefused("unknown-tool")
+        try:
+            if len(call.arguments) > MAX_ARGUMENTS:
+                raise ValueError("arguments too large")
+            arguments = json.loads(call.arguments)
+            if not isinstance(arguments, dict):
+                raise ValueError("arguments must be a JSON object")
+            argv, stdin = tool.build(arguments)
+        except ValueError:  # JSONDecodeError included
+            await self._refused(tenant, signer_user, call, "bad-arguments")
+            raise ToolRefused("bad-arguments") from None
+        if not await self._first_run(tenant, signer_user, call, signed.signature):
+            await self._refused(tenant, signer_user, call, "replayed")
+            raise ToolRefused("replayed")
+        try:
+            result = await self.sandbox.run_async(RunSpec(argv, stdin=stdin, limits=self.limits))
+        except SandboxUnavailable:  # no free uid, or a backend that refuses to start
+            await self._refused(tenant, signer_user, call, "sandbox-unavailable")
+            raise ToolRefused("sandbox-unavailable") from None
+        tool_result = ToolResult(
+            call_id=call.id,
+            name=call.name,
+            user_id=signer_user,
+            outcome=result.outcome,
+            output=_text(result.stdout, MAX_OUTPUT_CHARS),
+            error=_text(result.stderr[-4096:], 2048),
+            exit_code=result.exit_code,
+            truncated=result.truncated,
+            backend=result.backend,
+        )
+        await self._ran(tenant, signer_user, call, tool, result)
+        return tool_result
+
+    async def _first_run(
+        self, tenant: UUID, user: UUID, call: ToolCall, signature: str | None
+    ) -> bool:
+        """Record the signed call as run; False if any worker process ran it before
+        (the signer's own replay check only sees this process's calls)."""
+        digest = hashlib.sha256((signature or "").encode()).digest()
+        async with self.db.tenant_tx(tenant, user, "system") as tx:
+            cur = await tx.execute(
+                "INSERT INTO bastion.tool_call_runs (signature_sha256, call_id) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING 1",
+                (digest, call.id[:200]),
+            )
+            return await cur.fetchone() is not None
+
+    async def _ran(
+        self, tenant: UUID, user: UUID, call: ToolCall, tool: Tool, result: Result
+    ) -> None:
+        details: dict[str, Any] = {
+            "tool": call.name,
+            "outcome": str(result.outcome),
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "backend": result.backend,
+            "isolation": self.sandbox.isolation.name.lower(),
+            "wall_ms": round(result.wall_seconds * 1000),
+            "cpu_ms": None if result.cpu_seconds is None else round(result.cpu_seconds * 1000),
+            "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
+            "stdout_bytes": len(result.stdout),
+            "stdout_sha256": hashlib.sha256(result.stdout).hexdigest(),
+            "truncated": result.truncated,
+        }
+        if tool.audit_result and result.ok:
+            details["result"] = _text(result.stdout, AUDITED_RESULT_CHARS).strip()
+        async with self.db.tenant_tx(tenant, user, "system") as tx:
+            await audit.record(
+                tx, actor=f"user:{user}", action="tool.run", target=f"tool_call:{call.id}",
+                details=details,
+            )  # fmt: skip
+
+    async def _refused(self, tenant: UUID, user: UUID | None, call: ToolCall, reason: str) -> None:
+        details = {"tool": call.name[:100], "reason": reason}
+        async with self.db.tenant_tx(tenant, user, "system") as tx:
+            await audit.record(
+                tx,
+                actor=f"user:{user}" if user else "worker",
+                action="tool.refused",
+                target=f"tool_call:{call.id[:200]}",
+                details=details,
+            )
+
+
+__all__ = ["TOOLS", "SignedToolCall", "Tool", "ToolExecutor", "ToolRefused", "ToolResult"]

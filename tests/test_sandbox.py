@@ -1,0 +1,296 @@
+"""The sandbox's defaults, its probe and minimum isolation (fail closed), the
+Firecracker refusal, bounded output, one uid per concurrent run, and no trace
+left behind after 100 runs (no zombie, no process, no cgroup, no work dir).
+The escape matrix is in test_sandbox_escapes.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from bastion.safety.sandbox import (
+    Isolation,
+    Limits,
+    Outcome,
+    RunSpec,
+    Sandbox,
+    SandboxConfig,
+    SandboxConfigError,
+    SandboxUnavailable,
+)
+from bastion.safety.sandbox.backends.firecracker import FirecrackerBackend, FirecrackerConfig
+from bastion.safety.sandbox.backends.landlock import LandlockBackend
+from bastion.safety.sandbox.cgroups import RunCgroup, _V1Group, _V2Group
+from bastion.safety.sandbox.service import BACKENDS, PYTHON, build_backend
+from bastion.settings import Settings
+
+FAST = Limits(cpu_seconds=1, wall_seconds=8.0, pids=16)
+
+
+def _sandbox(name: str, **config: object) -> Sandbox:
+    settings = SandboxConfig(**config)  # type: ignore[arg-type]
+    return Sandbox(build_backend(name, settings), settings)
+
+
+# -- defaults -------------------------------------------------------------------------------
+
+INSPECT = r"""
+import os
+status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())
+print('nnp', status['NoNewPrivs'].strip())
+print('seccomp', status['Seccomp'].strip())
+print('capeff', status['CapEff'].strip())
+print('capbnd', status['CapBnd'].strip())
+print('uid', os.getuid(), os.getgid(), os.getgroups())
+print('env', sorted(os.environ))
+print('ifaces', sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]))
+st = os.statvfs('.')
+print('workdir', os.getcwd(), st.f_blocks * st.f_frsize)
+try:
+    open('/usr/bastion-probe', 'w')
+except OSError as e:
+    print('usr', e.errno)
+"""
+
+
+def test_bwrap_defaults() -> None:
+    sandbox = _sandbox("bwrap")
+    assert sandbox.config.limits == Limits()  # 256 MB, 5 s CPU, ...
+    assert sandbox.config.limits.memory_bytes == 256 << 20
+    assert sandbox.config.limits.cpu_seconds == 5
+    result = sandbox.run(RunSpec((PYTHON, "-I", "-S", "-c", INSPECT)))
+    assert result.outcome is Outcome.OK, result
+    lines = dict(line.split(" ", 1) for line in result.text().splitlines())
+    assert lines["nnp"] == "1" and lines["seccomp"] == "2"  # NoNewPrivs, seccomp filter mode
+    assert int(lines["capeff"], 16) == 0 and int(lines["capbnd"], 16) == 0
+    uid, gid, groups = lines["uid"].split(" ", 2)
+    assert int(uid) in sandbox.uids and int(gid) == int(uid) and groups == "[]"
+    # Nothing inherited: the clean environment (and bwrap's PWD for --chdir).
+    assert lines["env"] == "['HOME', 'LANG', 'PATH', 'PWD', 'TMPDIR']"
+    assert lines["ifaces"] == "['lo']"  # no network but its own loopback
+    workdir, size = lines["workdir"].split()
+    assert workdir == "/tmp" and int(size) == Limits().tmpfs_bytes  # private, size-capped
+    assert lines["usr"] == "30"  # EROFS: system dirs are read-only
+    # The run had its cgroup: its counters were read.
+    assert result.cpu_seconds is not None and result.memory_peak_bytes is not None
+
+
+def test_landlock_defaults(tmp_path: Path) -> None:
+    sandbox = Sandbox(LandlockBackend(tmp_path / "work"), SandboxConfig())
+    # Landlock grants no /proc at all: ask the kernel directly.
+    code = (
+        "import ctypes, os\nprctl = ctypes.CDLL(None).prctl\n"
+        # PR_GET_NO_NEW_PRIVS, PR_GET_SECCOMP
+        "print(prctl(39, 0, 0, 0, 0), prctl(21, 0, 0, 0, 0))\n"
+        "print(os.getuid(), os.getgroups())\nprint(sorted(os.environ))\n"
+        "open('/proc/self/status')\n"
+    )
+    result = sandbox.run(RunSpec((PYTHON, "-I", "-S", "-c", code)))
+    assert result.outcome is Outcome.EXIT and b"PermissionError" in result.stderr
+    flags, ids, env = result.text().splitlines()
+    assert flags == "1 2"  # NoNewPrivs, seccomp filter mode
+    uid, groups = ids.split(" ", 1)
+    assert int(uid) in sandbox.uids and groups == "[]"
+    assert env == "['HOME', 'LANG', 'PATH', 'TMPDIR']"
+    assert list((tmp_path / "work").iterdir()) == []  # the work dir went with the run
+
+
+def test_the_default_memory_cap_is_256_mb() -> None:
+    sandbox = _sandbox("bwrap")
+    grow = "b = []\nfor _ in range({n}): b.append(b'x' * (16 << 20))\nprint('held', len(b) * 16)"
+    fits = sandbox.run(sandbox.python(grow.format(n=12)))  # 192 MB
+    assert fits.outcome is Outcome.OK and fits.stdout.strip() == b"held 192"
+    over = sandbox.run(sandbox.python(grow.format(n=20)))  # 320 MB
+    assert over.outcome is Outcome.MEMORY_LIMIT
+    assert over.memory_peak_bytes is not None and over.memory_peak_bytes <= (256 << 20)
+
+
+# -- probe and the minimum isolation ------------------------------------------------------
+
+
+def test_the_probe_picks_the_strongest_working_candidate() -> None:
+    assert Sandbox.probe(SandboxConfig()).name == "bwrap"  # default candidates: bwrap, landlock
+    assert Sandbox.probe(SandboxConfig(candidates=BACKENDS)).name == "gvisor"  # no KVM guest here
+    settings = Settings(sandbox_candidates=("landlock",))
+    assert Sandbox.probe(SandboxConfig.from_settings(settings)).name == "landlock"
+
+
+def test_below_the_minimum_isolation_the_sandbox_fails_closed() -> None:
+    with pytest.raises(SandboxUnavailable, match="no sandbox backend works"):
+        Sandbox.probe(SandboxConfig(min_isolation=Isolation.GVISOR))  # bwrap, landlock only
+    with pytest.raises(SandboxUnavailable, match="below the configured minimum"):
+        Sandbox(
+            build_backend("landlock", SandboxConfig()),
+            SandboxConfig(min_isolation=Isolation.NAMESPACES),
+        )
+    settings = Settings(sandbox_min_isolation="microvm", sandbox_candidates=BACKENDS)
+    with pytest.raises(SandboxUnavailable, match="firecracker"):
+        Sandbox.probe(SandboxConfig.from_settings(settings))
+
+
+def test_firecracker_refuses_without_kvm_guest_binary_or_images(tmp_path: Path) -> None:
+    missing = FirecrackerConfig(kernel_image=tmp_path / "vmlinux", rootfs=tmp_path / "rootfs.ext4")
+    reason = FirecrackerBackend(missing).unavailable()
+    assert reason is not None
+    assert "firecracker binary not found" in reason and "vmlinux not found" in reason
+    no_kvm = FirecrackerConfig(kvm_device=tmp_path / "kvm")
+    assert any("kvm" in p and "No such file" in p for p in no_kvm.problems())
+    config = SandboxConfig(backend="firecracker", firecracker=missing)
+    with pytest.raises(SandboxUnavailable, match="firecracker binary not found"):
+        Sandbox.probe(config)
+    # Even when asked directly, it starts nothing.
+    sandbox = Sandbox(FirecrackerBackend(missing), config)
+    with pytest.raises(SandboxUnavailable):
+        sandbox.run(sandbox.python("print('must not run')"))
+
+
+def test_firecracker_configuration_is_validated() -> None:
+    with pytest.raises(SandboxConfigError):
+        FirecrackerBackend(FirecrackerConfig(vcpus=0))
+    with pytest.raises(SandboxConfigError):
+        FirecrackerBackend(FirecrackerConfig(memory_mib=64))
+    assert "memory_mib must be 128..32768" in FirecrackerConfig(memory_mib=64).problems()
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["bwrap", "landlock"])
+def test_output_is_bounded(backend: str) -> None:
+    sandbox = _sandbox(backend)
+    limits = dataclasses.replace(FAST, output_bytes=4096)
+    flood = sandbox.run(sandbox.python("while True: print('y' * 100)", limits=limits))
+    assert flood.outcome is Outcome.OUTPUT_LIMIT and flood.truncated
+    assert len(flood.stdout) == 4096 and flood.wall_seconds < 2
+    binary = sandbox.run(sandbox.python("import sys\nsys.stdout.buffer.write(bytes(range(256)))"))
+    assert binary.outcome is Outcome.OK and binary.stdout == bytes(range(256))
+    assert "\ufffd" in binary.text()
+
+
+def test_stdin_reaches_the_program() -> None:
+    sandbox = _sandbox("bwrap")
+    data = os.urandom(300_000)  # more than a pipe buffer
+    result = sandbox.run(
+        RunSpec(
+            (
+                PYTHON,
+                "-I",
+                "-S",
+                "-c",
+                "import sys, hashlib\nprint(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())",
+            ),
+            stdin=data,
+        )
+    )
+    import hashlib
+
+    assert result.stdout.strip().decode() == hashlib.sha256(data).hexdigest()
+
+
+# -- uids, zombies, cgroups ---------------------------------------------------------------
+
+
+def test_each_concurrent_run_has_its_own_uid() -> None:
+    sandbox = _sandbox("bwrap")
+    uids: list[int] = []
+
+    def one() -> None:
+        result = sandbox.run(sandbox.python("import os, time\ntime.sleep(0.5)\nprint(os.getuid())"))
+        uids.append(int(result.stdout))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(uids)) == 4 and all(u in sandbox.uids for u in uids)
+
+
+def _leftovers(uids: range) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_bytes().rpartition(b")")[2].split()
+            owner = entry.stat().st_uid
+        except OSError:
+            continue
+        if owner in uids:
+            found.append(f"{entry.name} uid={owner} state={stat[0].decode()}")
+        elif stat[0] == b"Z" and int(stat[1]) == os.getpid():
+            found.append(f"{entry.name} zombie child")
+    return found
+
+
+# Programs that leave things behind unless the sandbox cleans up after them.
+MESSY = [
+    "print('ok')",
+    "import os, time\nif os.fork() == 0:\n    time.sleep(30)\nprint('left a child')",
+    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+    "        time.sleep(30)\n",
+    "import os\nos.fork()\nos.fork()\nprint('zombies to be')",
+    "while True: print('x' * 1000)",  # killed at the output cap
+    "import ctypes\nctypes.CDLL(None).ptrace(0, 0, 0, 0)",  # killed by seccomp
+]
+
+
+@pytest.mark.parametrize(("backend", "uid_base"), [("bwrap", 62000), ("landlock", 62010)])
+def test_100_runs_leave_no_zombies_no_processes_and_no_cgroups(
+    backend: str, uid_base: int, tmp_path: Path
+) -> None:
+    uids = range(uid_base, uid_base + 4)  # a range of its own: any process in it is ours
+    sandbox = _sandbox(backend, uid_base=uids.start, uid_count=len(uids), work_root=tmp_path / "w")
+    created: list[RunCgroup] = []
+    create = sandbox.cgroups.create
+
+    def recording(limits: Limits) -> RunCgroup:
+        group = create(limits)
+        created.append(group)
+        return group
+
+    sandbox.cgroups.create = recording  # type: ignore[method-assign]
+    limits = dataclasses.replace(FAST, output_bytes=8192)
+    outcomes = set()
+    for i in range(100):
+        result = sandbox.run(sandbox.python(MESSY[i % len(MESSY)], limits=limits))
+        outcomes.add(result.outcome)
+    assert outcomes == {Outcome.OK, Outcome.OUTPUT_LIMIT, Outcome.SECCOMP_VIOLATION}
+    assert _leftovers(uids) == []
+    assert len(created) == 100
+    for group in created:
+        dirs = group.dirs.values() if isinstance(group, _V1Group) else [group.tasks_dir]
+        assert not any(d.exists() for d in dirs)
+    assert not (tmp_path / "w").exists() or list((tmp_path / "w").iterdir()) == []
+
+
+# -- cgroup v2 names ------------------------------------------------------------------------
+
+
+def test_cgroup_v2_counters_are_read_from_v2_names(tmp_path: Path) -> None:
+    # This host has cgroup v1; the v2 files' formats (cgroup-v2.rst) are parsed alike.
+    group = object.__new__(_V2Group)
+    group.path = tmp_path
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (tmp_path / "pids.events").write_text("max 2\n")
+    (tmp_path / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1000000\n")
+    (tmp_path / "memory.peak").write_text("268435456\n")
+    counters = group.counters()
+    assert (counters.oom_kills, counters.memory_failcnt, counters.pids_max_hits) == (1, 3, 2)
+    assert counters.cpu_seconds == 1.5 and counters.memory_peak_bytes == 256 << 20
+
+
+def test_cli_probe_prints_the_chosen_backend() -> None:
+    from typer.testing import CliRunner
+
+    from bastion.cli import app
+
+    result = CliRunner().invoke(app, ["sandbox", "probe"])
+    assert result.exit_code == 0, result.output
+    assert "sandbox: bwrap (namespaces isolation)" in result.output
+    run = CliRunner().invoke(app, ["sandbox", "run", "print(6 * 7)"])
+    assert run.exit_code == 0 and "42" in run.output

@@ -1,0 +1,373 @@
+"""The worker's tool executor (CHECKLIST M1 + M2): only signed, fresh, unreplayed
+calls for the right tenant and user run, and only in the sandbox; every run and
+every refusal is audited; hostile programs end with a clear outcome while the
+worker keeps going. On the real PostgreSQL, the real key ring and the real
+sandbox (bubblewrap)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+from bastion.access.authorize import Authorizer
+from bastion.db.pool import Database
+from bastion.safety import tasks
+from bastion.safety.sandbox import Limits, Outcome, Result, RunSpec, Sandbox, SandboxConfig
+from bastion.safety.sandbox.backends.firecracker import FirecrackerBackend, FirecrackerConfig
+from bastion.safety.signing import ToolCall, ToolCallSigner
+from bastion.safety.tools import SignedToolCall, ToolExecutor, ToolRefused
+from bastion.secrets import LocalKeystore
+from bastion.settings import Settings
+from bastion.tenants.service import TenantService
+from bastion.worker.jobs import JobRegistry
+from bastion.worker.queue import queue_app
+from tests.conftest import DbHandles
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = Limits(cpu_seconds=2, wall_seconds=8.0, pids=16, output_bytes=64 * 1024)
+
+
+class CountingSandbox(Sandbox):
+    """The real sandbox, counting the runs it starts (to prove a refusal ran nothing)."""
+
+    runs = 0
+
+    def run(self, spec: RunSpec) -> Result:
+        type(self).runs += 1
+        return super().run(spec)
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Sandbox:
+    probed = Sandbox.probe(SandboxConfig(limits=LIMITS))
+    return CountingSandbox(probed.backend, probed.config)
+
+
+@dataclass
+class World:
+    db: Database
+    tenant: UUID
+    other_tenant: UUID
+    contributor: UUID
+    viewer: UUID
+    gateway: ToolCallSigner  # signs, as the gateway does
+    executor: ToolExecutor
+
+
+@pytest.fixture
+async def world(db: Database, keystore: LocalKeystore, sandbox: Sandbox) -> AsyncIterator[World]:
+    tenants = TenantService(db)
+    tenant = await tenants.create_tenant(f"tools-{uuid4().hex[:8]}", "Tools")
+    other = await tenants.create_tenant(f"tools-{uuid4().hex[:8]}", "Other")
+    contributor = await tenants.add_member(
+        tenant.id, f"c-{uuid4().hex[:6]}@t.example", "contributor"
+    )
+    viewer = await tenants.add_member(tenant.id, f"v-{uuid4().hex[:6]}@t.example", "viewer")
+    executor = ToolExecutor(db, ToolCallSigner(keystore), sandbox)
+    yield World(db, tenant.id, other.id, contributor, viewer, ToolCallSigner(keystore), executor)
+
+
+def _call(name: str, **arguments: Any) -> ToolCall:
+    return ToolCall(f"call_{uuid4().hex[:12]}", name, json.dumps(arguments))
+
+
+def _signed(world: World, call: ToolCall, *, user: UUID | None = None) -> SignedToolCall:
+    signature = world.gateway.sign(call, tenant_id=world.tenant, user_id=user or world.contributor)
+    return SignedToolCall(world.tenant, call, signature)
+
+
+async def _audit(world: World, tenant: UUID | None = None) -> list[dict[str, Any]]:
+    async with world.db.tenant_tx(tenant or world.tenant, None, "auditor") as tx:
+        cursor = await tx.execute(
+            "SELECT actor, action, target, details FROM bastion.audit_events "
+            "WHERE action LIKE 'tool.%%' ORDER BY seq"
+        )
+        return list(await cursor.fetchall())
+
+
+# -- a valid call -------------------------------------------------------------------------
+
+
+async def test_a_signed_calculation_runs_in_the_sandbox_and_is_audited(world: World) -> None:
+    before = CountingSandbox.runs
+    call = _call("calculate", expression="2 * (3 + 4) ** 2 - 7 / 2")
+    result = await world.executor.run(_signed(world, call), user_id=world.contributor)
+    assert result.outcome is Outcome.OK and result.output.strip() == "94.5"
+    assert result.backend == "bwrap" and result.user_id == world.contributor
+    assert CountingSandbox.runs == before + 1
+    [event] = await _audit(world)
+    assert event["action"] == "tool.run" and event["target"] == f"tool_call:{call.id}"
+    assert event["actor"] == f"user:{world.contributor}"
+    details = event["details"]
+    assert details["outcome"] == "ok" and details["result"] == "94.5"
+    assert details["tool"] == "calculate" and details["backend"] == "bwrap"
+
+
+async def test_calculate_never_evaluates_code(world: World) -> None:
+    # Letters never reach the sandbox; what does is parsed as arithmetic only.
+    call = _call("calculate", expression="__import__('os').system('id')")
+    with pytest.raises(ToolRefused) as refused:
+        await world.executor.run(_signed(world, call))
+    assert refused.value.reason == "bad-arguments"
+    # Passes the character check, is not arithmetic: refused by the evaluator inside.
+    result = await world.executor.run(_signed(world, _call("calculate", expression="()")))
+    assert result.outcome is Outcome.EXIT and "only numbers" in result.error
+
+
+async def test_an_impossible_calculation_has_a_clear_outcome(world: World) -> None:
+    result = await world.executor.run(_signed(world, _call("calculate", expression="9 ** 99999")))
+    assert result.outcome is Outcome.EXIT and "exponent too large" in result.error
+    result = await world.executor.run(_signed(world, _call("calculate", expression="1 / 0")))
+    assert result.outcome is Outcome.EXIT and "ZeroDivisionError" in result.error
+
+
+# -- refused calls: nothing run, nothing audited as run ------------------------------------
+
+
+async def _refused(world: World, signed: SignedToolCall, reason: str, **kw: Any) -> None:
+    before = CountingSandbox.runs
+    with pytest.raises(ToolRefused) as refused:
+        await world.executor.run(signed, **kw)
+    assert refused.value.reason == reason
+    assert CountingSandbox.runs == before  # nothing started
+    events = await _audit(world, signed.tenant_id)
+    assert [e["action"] for e in events] == ["tool.refused"]
+    assert events[0]["details"]["reason"] == reason
+
+
+async def test_an_unsigned_call_is_refused(world: World) -> None:
+    await _refused(
+        world, SignedToolCall(world.tenant, _call("run_python", code="print(1)"), None), "unsigned"
+    )
+
+
+async def test_a_call_with_altered_arguments_is_refused(world: World) -> None:
+    signed = _signed(world, _call("calculate", expression="1 + 1"))
+    altered = ToolCall(signed.call.id, "calculate", json.dumps({"expression": "9 ** 9"}))
+    await _refused(world, SignedToolCall(world.tenant, altered, signed.signature), "call-altered")
+
+
+async def test_a_call_renamed_to_another_tool_is_refused(world: World) -> None:
+    signed = _signed(world, _call("calculate", expression="1 + 1"))
+    renamed = ToolCall(signed.call.id, "run_python", signed.call.arguments)
+    await _refused(world, SignedToolCall(world.tenant, renamed, signed.signature), "call-altered")
+
+
+async def test_a_forged_signature_is_refused(world: World) -> None:
+    signed = _signed(world, _call("run_python", code="print(1)"))
+    assert signed.signature is not None
+    payload, _, mac = signed.signature.partition(".")
+    forged = f"{payload}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}"
+    await _refused(world, SignedToolCall(world.tenant, signed.call, forged), "bad-signature")
+
+
+async def test_an_expired_call_is_refused(world: World, keystore: LocalKeystore) -> None:
+    call = _call("calculate", expression="1 + 1")
+    old = ToolCallSigner(keystore, clock=lambda: time.time() - 3600)
+    signature = old.sign(call, tenant_id=world.tenant, user_id=world.contributor)
+    await _refused(world, SignedToolCall(world.tenant, call, signature), "expired")
+
+
+async def test_a_replayed_call_is_refused(world: World) -> None:
+    signed = _signed(world, _call("calculate", expression="6 * 7"))
+    first = await world.executor.run(signed)
+    assert first.output.strip() == "42"
+    before = CountingSandbox.runs
+    with pytest.raises(ToolRefused) as refused:
+        await world.executor.run(signed)
+    assert refused.value.reason == "replayed" and CountingSandbox.runs == before
+    actions = [e["action"] for e in await _audit(world)]
+    assert actions == ["tool.run", "tool.refused"]  # one run only
+
+
+async def test_a_call_replayed_on_another_worker_process_is_refused(
+    world: World, keystore: LocalKeystore, sandbox: Sandbox
+) -> None:
+    # A second worker has its own signer (its own memory of used nonces): the
+    # database is what tells it the call already ran.
+    signed = _signed(world, _call("calculate", expression="6 * 7"))
+    assert (await world.executor.run(signed)).output.strip() == "42"
+    other_worker = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
+    before = CountingSandbox.runs
+    with pytest.raises(ToolRefused) as refused:
+        await other_worker.run(signed)
+    assert refused.value.reason == "replayed" and CountingSandbox.runs == before
+    assert [e["action"] for e in await _audit(world)] == ["tool.run", "tool.refused"]
+
+
+async def test_a_call_signed_for_another_tenant_is_refused(world: World) -> None:
+    signed = _signed(world, _call("calculate", expression="1 + 1"))
+    await _refused(
+        world, SignedToolCall(world.other_tenant, signed.call, signed.signature), "call-altered"
+    )
+    assert await _audit(world) == []  # and nothing in the signer's tenant either
+
+
+async def test_a_call_signed_for_another_user_is_refused(world: World) -> None:
+    signed = _signed(world, _call("calculate", expression="1 + 1"), user=world.viewer)
+    await _refused(world, signed, "wrong-user", user_id=world.contributor)
+
+
+async def test_an_unknown_tool_is_refused(world: World) -> None:
+    await _refused(world, _signed(world, _call("shell", cmd="id")), "unknown-tool")
+
+
+async def test_arguments_that_are_not_an_object_are_refused(world: World) -> None:
+    call = ToolCall(f"call_{uuid4().hex[:8]}", "calculate", "[1, 2]")
+    await _refused(world, _signed(world, call), "bad-arguments")
+
+
+async def test_a_sandbox_that_refuses_to_start_runs_nothing(
+    world: World, keystore: LocalKeystore
+) -> None:
+    # Firecracker here: no binary, kernel or KVM guest; it refuses rather than degrade.
+    config = SandboxConfig(backend="firecracker")
+    refusing = Sandbox(FirecrackerBackend(FirecrackerConfig()), config)
+    executor = ToolExecutor(world.db, ToolCallSigner(keystore), refusing)
+    with pytest.raises(ToolRefused) as refused:
+        await executor.run(_signed(world, _call("calculate", expression="1 + 1")))
+    assert refused.value.reason == "sandbox-unavailable"
+    [event] = await _audit(world)
+    assert event["action"] == "tool.refused"
+
+
+# -- hostile programs: bounded, clear outcome, the caller keeps running -------------------
+
+
+async def test_code_printing_a_gigabyte_is_cut_at_the_cap(world: World) -> None:
+    code = "import sys\nfor _ in range(16384): sys.stdout.write('x' * 65536)\n"
+    started = time.monotonic()
+    result = await world.executor.run(_signed(world, _call("run_python", code=code)))
+    assert result.outcome is Outcome.OUTPUT_LIMIT and result.truncated
+    assert len(result.output) <= LIMITS.output_bytes
+    assert time.monotonic() - started < 5
+    [event] = await _audit(world)
+    assert event["details"]["outcome"] == "output_limit" and "result" not in event["details"]
+
+
+async def test_never_ending_output_on_stderr_is_cut_at_the_cap(world: World) -> None:
+    code = "import sys\nwhile True: sys.stderr.write('never ending\\n')\n"
+    result = await world.executor.run(_signed(world, _call("run_python", code=code)))
+    assert result.outcome is Outcome.OUTPUT_LIMIT and len(result.error) <= 2048
+
+
+async def test_binary_output_comes_back_as_safe_text(world: World) -> None:
+    code = "import sys\nsys.stdout.buffer.write(bytes(range(256)) * 4 + b'\\xff\\xfe\\x00')\n"
+    result = await world.executor.run(_signed(world, _call("run_python", code=code)))
+    assert result.outcome is Outcome.OK
+    assert "\ufffd" in result.output  # invalid UTF-8 replaced, never raised
+    [event] = await _audit(world)
+    assert event["details"]["stdout_bytes"] == 1027
+
+
+async def test_a_malicious_call_is_contained_and_the_next_one_runs(world: World) -> None:
+    bomb = "import os\nwhile True: os.fork()\n"
+    result = await world.executor.run(_signed(world, _call("run_python", code=bomb)))
+    assert result.outcome in (Outcome.PIDS_LIMIT, Outcome.CPU_LIMIT, Outcome.WALL_TIMEOUT)
+    shadow = "print(open('/etc/shadow').read())"
+    result = await world.executor.run(_signed(world, _call("run_python", code=shadow)))
+    assert result.outcome is Outcome.EXIT and "No such file" in result.error
+    after = await world.executor.run(_signed(world, _call("calculate", expression="1 + 2")))
+    assert after.output.strip() == "3"
+    outcomes = [e["details"]["outcome"] for e in await _audit(world)]
+    assert outcomes[1:] == ["exit", "ok"] and outcomes[0] != "ok"
+
+
+# -- the worker job -------------------------------------------------------------------------
+
+
+async def _run_queue(
+    database: DbHandles,
+    db: Database,
+    executor: ToolExecutor | None,
+    jobs: list[tuple[UUID, UUID, ToolCall, str | None]],
+    *,
+    keystore: LocalKeystore | None = None,
+) -> None:
+    queue = queue_app(database.queue)
+    registry = JobRegistry(Authorizer())
+    if keystore is not None:  # as the worker process wires it
+        tasks.register_from_settings(queue, registry, Settings(), db, keystore)
+    else:
+        tasks.register(queue, registry, db, executor)
+    async with queue.open_async():
+        for tenant, user, call, signature in jobs:
+            if signature is not None:
+                await tasks.defer(queue, tenant, user, call, signature)
+                continue
+            # An unsigned job, as a compromised enqueuer could write it.
+            await queue.configure_task(name=tasks.RUN, queue=tasks.QUEUE).defer_async(
+                tenant_id=str(tenant), user_id=str(user), call_id=call.id, name=call.name,
+                arguments=call.arguments,
+            )  # fmt: skip
+        await queue.run_worker_async(
+            queues=[tasks.QUEUE], wait=False, install_signal_handlers=False
+        )
+
+
+async def test_the_worker_wiring_probes_the_sandbox_and_runs_a_signed_call(
+    world: World, database: DbHandles, keystore: LocalKeystore
+) -> None:
+    call = _call("calculate", expression="6 * 7")
+    signed = _signed(world, call)
+    job = (world.tenant, world.contributor, call, signed.signature)
+    await _run_queue(database, world.db, None, [job], keystore=keystore)
+    [event] = await _audit(world)
+    assert event["details"]["result"] == "42" and event["details"]["backend"] == "bwrap"
+
+
+async def test_the_worker_job_runs_a_signed_call(world: World, database: DbHandles) -> None:
+    call = _call("calculate", expression="21 * 2")
+    signed = _signed(world, call)
+    await _run_queue(
+        database,
+        world.db,
+        world.executor,
+        [(world.tenant, world.contributor, call, signed.signature)],
+    )
+    [event] = await _audit(world)
+    assert event["action"] == "tool.run" and event["details"]["result"] == "42"
+
+
+async def test_the_worker_job_refuses_a_user_who_may_not_run_tools(
+    world: World, database: DbHandles
+) -> None:
+    call = _call("calculate", expression="21 * 2")
+    signed = _signed(world, call, user=world.viewer)
+    before = CountingSandbox.runs
+    await _run_queue(
+        database, world.db, world.executor, [(world.tenant, world.viewer, call, signed.signature)]
+    )
+    assert CountingSandbox.runs == before
+    [event] = await _audit(world)
+    assert event["action"] == "tool.refused" and event["details"]["reason"] == "not-authorized"
+
+
+async def test_the_worker_job_refuses_an_unsigned_call(world: World, database: DbHandles) -> None:
+    call = _call("run_python", code="print('pwned')")
+    before = CountingSandbox.runs
+    await _run_queue(
+        database, world.db, world.executor, [(world.tenant, world.contributor, call, None)]
+    )
+    assert CountingSandbox.runs == before
+    [event] = await _audit(world)
+    assert event["action"] == "tool.refused" and event["details"]["reason"] == "unsigned"
+
+
+async def test_without_a_sandbox_the_worker_job_refuses_every_call(
+    world: World, database: DbHandles
+) -> None:
+    call = _call("calculate", expression="21 * 2")
+    signed = _signed(world, call)
+    job = (world.tenant, world.contributor, call, signed.signature)
+    await _run_queue(database, world.db, None, [job])
+    [event] = await _audit(world)
+    assert event["action"] == "tool.refused"
+    assert event["details"]["reason"] == "sandbox-unavailable"
