@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 API_KEY = "sk-double-upstream-key"
 SECRET_ERROR = "upstream internal detail: db password hunter2 at 10.0.0.7"
 ANSWER = "The refund was issued on the fifth of March."
+# What a model may produce from its training data: personal data of nobody in the prompt.
+PII_ANSWER = "Write to jane.roe@example.org or call +44 20 7946 0958. Done."
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 TOOL_NAME = "refund_invoice"
 TOOL_ARGUMENTS = '{"invoice": "INV-1042", "amount": 49}'
@@ -23,7 +25,7 @@ TOOL_ARGUMENTS = '{"invoice": "INV-1042", "amount": 49}'
 
 @dataclass
 class DoubleState:
-    mode: str = "ok"  # ok | fail | hang | junk | no-usage | tool
+    mode: str = "ok"  # ok | fail | hang | junk | no-usage | tool | pii
     calls: int = 0
     last_body: dict[str, Any] | None = None
     last_traceparent: str | None = None
@@ -52,6 +54,7 @@ def provider_double(state: DoubleState) -> FastAPI:
         if refused is not None:
             return refused
         usage = {} if state.mode == "no-usage" else {"usage": USAGE}
+        answer = PII_ANSWER if state.mode == "pii" else ANSWER
         streaming = bool((state.last_body or {}).get("stream"))
         if state.mode == "tool" and streaming:
             return StreamingResponse(tool_call_events(), media_type="text/event-stream")
@@ -92,7 +95,7 @@ def provider_double(state: DoubleState) -> FastAPI:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": ANSWER},
+                        "message": {"role": "assistant", "content": answer},
                         "finish_reason": "stop",
                     }
                 ],
@@ -100,7 +103,7 @@ def provider_double(state: DoubleState) -> FastAPI:
             }
 
         async def events() -> AsyncIterator[bytes]:
-            for word in ANSWER.split(" "):
+            for word in answer.split(" "):
                 chunk = {"choices": [{"index": 0, "delta": {"content": word + " "}}]}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
                 await asyncio.sleep(0.01)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ from bastion.safety.signing import (
     ToolCall,
     ToolCallSigner,
 )
+from bastion.safety.vault import PiiVault
 from bastion.secrets import LocalKeystore
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
@@ -133,6 +135,7 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                 routers,
                 authorizer=guard.authorizer,
                 tool_signer=ToolCallSigner(keystore),
+                vault=PiiVault(TenantKeys(keystore)),
             )
             seeded["service"] = service
 
@@ -857,9 +860,50 @@ async def test_pii_is_redacted_before_the_prompt_leaves(
     await _client(gateway).chat.completions.create(
         model="upstream", messages=[{"role": "user", "content": prompt}]
     )
-    sent = json.dumps(gateway.double.last_body)
+    sent = json.dumps(gateway.double.last_body, ensure_ascii=False)
     assert "4242 4242" not in sent and "jane.doe@example.com" not in sent
-    assert "[CARD]" in sent and "[EMAIL]" in sent
+    # The tenant's vault tokens: the same value, the same token, within the tenant.
+    tokens = re.findall(r"⟦(?:CARD|EMAIL)_[0-9a-f]{16}⟧", sent)
+    assert len(tokens) == 2
+    await _client(gateway).chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": f"again: {prompt}"}]
+    )
+    again = json.dumps(gateway.double.last_body, ensure_ascii=False)
+    assert re.findall(r"⟦(?:CARD|EMAIL)_[0-9a-f]{16}⟧", again) == tokens
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    await budgets.set_budget(
+        gateway.other_tenant,
+        period_start=start,
+        period_end=start + timedelta(hours=1),
+        call_limit=10,
+        token_limit=10**9,
+    )
+    await _client(gateway, other=True).chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": prompt}]
+    )
+    theirs = json.dumps(gateway.double.last_body, ensure_ascii=False)
+    assert "jane.doe@example.com" not in theirs
+    assert not set(re.findall(r"⟦[A-Z]+_[0-9a-f]{16}⟧", theirs)) & set(tokens)
+
+
+async def test_personal_data_a_model_produces_is_masked_plain_and_streamed(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    gateway.double.mode = "pii"
+    client = _client(gateway)
+    plain = await client.chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": f"contact? {uuid4()}"}]
+    )
+    stream = await client.chat.completions.create(
+        model="upstream",
+        messages=[{"role": "user", "content": f"contact? {uuid4()}"}],
+        stream=True,
+    )
+    streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    for text in (plain.choices[0].message.content or "", streamed):
+        assert "jane.roe@example.org" not in text and "7946" not in text
+        assert "[EMAIL]" in text and "[PHONE]" in text and text.rstrip().endswith("Done.")
 
 
 async def test_an_open_injection_is_refused_before_the_budget_and_the_provider(

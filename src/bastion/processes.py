@@ -89,6 +89,8 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         from bastion.gateway.ledger import CallLedger
         from bastion.gateway.service import GatewayService
         from bastion.identity.wiring import build_guard
+        from bastion.knowledge.keys import TenantKeys
+        from bastion.safety.vault import PiiVault
 
         routers = build_routers(settings.gateway_models, keystore, embedder=settings.embedder)
         guard = build_guard(settings, db, keystore, public_url=settings.gateway_url)
@@ -107,6 +109,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             ),
             authorizer=guard.authorizer,
             tool_signer=ToolCallSigner(keystore),
+            vault=PiiVault(TenantKeys(keystore)),
         )
 
         @asynccontextmanager

@@ -10,8 +10,10 @@ basic — the model-safety work deepens them:
   the text), smuggled invisible characters are stripped. Retrieved context is
   screened chunk by chunk by the api before it builds the prompt
   (:mod:`bastion.knowledge.answers`), which also fences it as data.
-* :func:`redact_pii` replaces e-mail addresses, phone numbers, card numbers,
-  IBANs and national ids in every message before it leaves for a provider.
+
+Personal data is not a hook's business: the gateway's PII stage
+(:meth:`bastion.gateway.service.GatewayService.tokenized`) needs the tenant
+and its vault.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 
 from bastion.gateway.providers import Message
-from bastion.knowledge.redact import BasicRedactor
 from bastion.safety.injection import PromptRefused, Verdict, screen
 
 PromptHook = Callable[[Sequence[Message]], list[Message]]
 
-__all__ = ["DEFAULT_HOOKS", "PromptHook", "PromptRefused", "redact_pii", "screen_injection"]
+__all__ = ["DEFAULT_HOOKS", "PromptHook", "PromptRefused", "screen_injection"]
 
 screened: ContextVar[tuple[Verdict, ...]] = ContextVar("bastion_screened", default=())
 """The current request's user-turn verdicts, for its audit event (decision, score)."""
@@ -53,11 +54,4 @@ def screen_injection(messages: Sequence[Message]) -> list[Message]:
     return out
 
 
-_redactor = BasicRedactor()
-
-
-def redact_pii(messages: Sequence[Message]) -> list[Message]:
-    return [{**m, "content": _redactor.redact(m["content"]).text} for m in messages]
-
-
-DEFAULT_HOOKS: tuple[PromptHook, ...] = (screen_injection, redact_pii)
+DEFAULT_HOOKS: tuple[PromptHook, ...] = (screen_injection,)

@@ -2,8 +2,8 @@
 
 authenticate + authorize (the route's guard: token, DPoP, Cedar
 ``model:invoke``) → the tenant's plan (models allowed, requests per minute:
-:mod:`bastion.gateway.entitlements`) → prompt hooks (injection screen, PII
-redaction) → route to
+:mod:`bastion.gateway.entitlements`) → prompt hooks (injection screen) → PII
+tokenized into the tenant's vault (:meth:`GatewayService.tokenized`) → route to
 the model's provider → reserve budget → call
 the provider → settle from the provider's ``usage`` (release on failure) →
 audit event and one log line. Over budget, no provider is called. Budget and
@@ -15,15 +15,20 @@ fallbacks); when every target fails, a cached answer of the same tenant is
 served as ``stale-fallback`` (:mod:`bastion.gateway.cache`), else 503.
 
 Tool calls the model proposes, in plain and streamed answers, are passed on
-only when Cedar lets the caller run them (``tool:run``), each signed.
+only when Cedar lets the caller run them (``tool:run``), each signed. Personal
+data in an answer is masked (streamed answers are scanned sentence by sentence).
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -40,13 +45,64 @@ from bastion.gateway.providers import Completion, Message, ProviderError, Stream
 from bastion.gateway.routing import ModelRouter, Target
 from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
+from bastion.safety.pii import scan_output
 from bastion.safety.signing import ToolCall, ToolCallSigner
+from bastion.safety.vault import PiiVault
 
 _log = get_logger("bastion.gateway")
 
 RETRY_AFTER_SECONDS = 5
 # Prompts at least this long are screened in a worker thread.
 THREAD_PROMPT_CHARS = 32_768
+
+# Personal data found in this request's prompt and answer, by kind, for its audit event.
+_NONE: Mapping[str, int] = MappingProxyType({})
+pii_in: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar("pii_in", default=_NONE)
+pii_out: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar(
+    "pii_out", default=_NONE
+)
+
+
+class _StreamScrubber:
+    """Masks personal data in a streamed answer. Text is held back to the last
+    sentence or line end, so that no value is split between two scans."""
+
+    BOUNDARY = re.compile(r"[.!?]\s|\n")
+    MAX_HELD = 16_384  # a run-on answer is scanned in pieces this big
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        self.held += text
+        ends = [m.end() for m in self.BOUNDARY.finditer(self.held)]
+        cut = ends[-1] if ends else (len(self.held) if len(self.held) > self.MAX_HELD else 0)
+        out, self.held = self.held[:cut], self.held[cut:]
+        return self._scan(out)
+
+    def close(self) -> str:
+        out, self.held = self.held, ""
+        return self._scan(out)
+
+    @staticmethod
+    def _scan(text: str) -> str:
+        if not text:
+            return text
+        scan = scan_output(text)
+        if not scan.clean:
+            pii_out.set(dict(Counter(pii_out.get()) + Counter(scan.counts)))
+        return scan.text
+
+
+def _scanned(completion: Completion) -> Completion:
+    """The answer with personal data a model produced masked (``[KIND]``)."""
+    scan = scan_output(completion.text)
+    if scan.clean:
+        return completion
+    pii_out.set(scan.counts)
+    return dataclasses.replace(completion, text=scan.text)
+
+
 T = TypeVar("T")
 
 
@@ -106,6 +162,7 @@ class GatewayService:
         tool_signer: ToolCallSigner | None = None,
         hooks: Sequence[PromptHook] = DEFAULT_HOOKS,
         plan_gate: PlanGate | None = None,
+        vault: PiiVault | None = None,
     ) -> None:
         self.ledger = ledger
         self.models = models
@@ -114,6 +171,7 @@ class GatewayService:
         self.tool_signer = tool_signer
         self.hooks = tuple(hooks)
         self.plan_gate = plan_gate
+        self.vault = vault
 
     def guarded(self, messages: Sequence[Message]) -> list[Message]:
         """The messages after every prompt hook (injection screen, PII redaction)."""
@@ -121,6 +179,24 @@ class GatewayService:
         for hook in self.hooks:
             out = hook(out)
         return out
+
+    async def tokenized(self, caller: Caller, messages: Sequence[Message]) -> list[Message]:
+        """Every message with its personal data replaced before it leaves for a
+        provider: by the tenant's vault tokens (``⟦EMAIL_…⟧``, revealed only with
+        ``pii:reveal``), or — without a vault — by ``[KIND]`` masks."""
+        texts = [m["content"] for m in messages]
+        if self.vault is not None:
+            redactions = await self.vault.tokenize_many(
+                self.ledger.db, caller.tenant_id, texts, user_id=caller.user_id
+            )
+            safe = [r.text for r in redactions]
+            counts = Counter({k: n for r in redactions for k, n in r.counts.items()})
+        else:
+            scans = [scan_output(text) for text in texts]
+            safe = [s.text for s in scans]
+            counts = Counter({k: n for s in scans for k, n in s.counts.items()})
+        pii_in.set(dict(counts))
+        return [{**m, "content": text} for m, text in zip(messages, safe, strict=True)]
 
     async def _screened(
         self, caller: Caller, model: str, messages: Sequence[Message]
@@ -216,6 +292,8 @@ class GatewayService:
             "trace_id": trace_id,
             "target": target.name if target else None,
             "screen": [verdict.summary() for verdict in screened.get()],
+            "pii_in": dict(pii_in.get()),
+            "pii_out": dict(pii_out.get()),
         }
         request_id = structlog.contextvars.get_contextvars().get("request_id")
         event = AuditEntry(f"user:{caller.user_id}", "model.invoke", model, details, request_id)
@@ -246,6 +324,7 @@ class GatewayService:
         stale-fallback)."""
         router = await self.router(caller, model)
         messages = await self._screened(caller, model, messages)
+        messages = await self.tokenized(caller, messages)
         key = cache_key(caller.tenant_id, model, messages)
         started = time.perf_counter()
         if temperature == 0 and not tools:  # only a deterministic answer may come from cache
@@ -274,6 +353,7 @@ class GatewayService:
         except BaseException:
             self._finish(caller, slot, model, None, started, "client-disconnected")
             raise
+        completion = _scanned(completion)
         if not completion.tool_calls:  # proposed calls are signed per request: never cached
             self.cache.put(key, completion)
         self._finish(caller, slot, model, completion.usage, started, "answered", target)
@@ -303,6 +383,7 @@ class GatewayService:
         """
         router = await self.router(caller, model)
         messages = await self._screened(caller, model, messages)
+        messages = await self.tokenized(caller, messages)
         slot = await self.ledger.take(
             caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
         )
@@ -316,14 +397,21 @@ class GatewayService:
             produced = 0
             usage: Usage | None = None
             decision = "answered"
+            scrubber = _StreamScrubber()
             try:
                 async for item in target.provider.stream(
                     model, messages, max_tokens=max_tokens, temperature=temperature, tools=tools
                 ):
                     if isinstance(item, Usage):
                         usage = item
+                        held = scrubber.close()
+                        if held:
+                            yield held
                     elif isinstance(item, str):
                         produced += len(item.split()) or 1
+                        item = scrubber.feed(item)
+                        if not item:
+                            continue
                     yielded = True
                     yield item
             except ProviderError as error:
