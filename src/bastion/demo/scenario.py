@@ -10,6 +10,7 @@ part of the scenario here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -26,12 +27,15 @@ from uuid import UUID
 import httpx
 import psycopg
 import pyotp
+import stripe
 from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
 from bastion.access.authorize import Authorizer, Resource, Subject
 from bastion.billing.budgets import BudgetService
+from bastion.billing.plans import Plan, PlanCatalogue
+from bastion.billing.wiring import build_billing
 from bastion.db.pool import Database
 from bastion.db.provision import DatabaseError
 from bastion.db.service import embedded_server, resolve_target
@@ -48,7 +52,7 @@ from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.processes import settings_env, stack
 from bastion.runtime import app_database, knowledge_service, open_keystore
 from bastion.safety.signing import EnvelopeSigner
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.store import LocalKeystore, SecretRef, resolve_ref
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import MEMBER_ROLES, TenantService
 
@@ -111,6 +115,9 @@ async def run_demo(settings: Settings, console: Console) -> bool:
         raise DatabaseError("the demo runs on the embedded server; unset DATABASE_URL")
     keystore = open_keystore(settings)
     keystore.set(STANDIN_KEY, secrets.token_urlsafe(24).encode())
+    # The Stripe webhook signing secret, as Stripe's dashboard would show it.
+    stripe_secret = SecretRef.parse(settings.stripe_webhook_secret_ref).name
+    keystore.set(stripe_secret, f"whsec_{secrets.token_urlsafe(24)}".encode())
     upstream = StandInUpstream(_free_port(), keystore.get(STANDIN_KEY).decode(), LocalProvider())
     settings = settings.model_copy(
         update={
@@ -185,6 +192,7 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                     await _check_outage(report, kb, tenants, urls, keystore, upstream)
                 finally:
                     upstream.stop()
+                await _check_downgrade(report, settings, kb, tenants, ask, keystore, urls["api"])
     finally:
         if not was_running:
             server.stop()
@@ -851,4 +859,126 @@ async def _check_injection(
             f"{c['action']} {str(c['document_id'])[:8]}: {', '.join(c['reasons'])}" for c in caught
         )
         or "nothing caught",
+    )
+
+
+def _stripe_event(kind: str, obj: dict[str, Any], created: int) -> str:
+    """A Stripe event as Stripe sends it (the fields Bastion reads)."""
+    event = {
+        "id": f"evt_demo_{secrets.token_hex(8)}",
+        "object": "event",
+        "created": created,
+        "type": kind,
+        "livemode": False,
+        "data": {"object": obj},
+    }
+    return json.dumps(event, separators=(",", ":"))
+
+
+def _subscription(customer: str, price: str, start: int) -> dict[str, Any]:
+    return {
+        "id": f"sub_{customer}",
+        "object": "subscription",
+        "customer": customer,
+        "status": "active",
+        "created": start,
+        "items": {
+            "object": "list",
+            "data": [
+                {
+                    "object": "subscription_item",
+                    "price": {"id": price, "object": "price"},
+                    "current_period_start": start,
+                    "current_period_end": start + 30 * 86400,
+                }
+            ],
+        },
+    }
+
+
+async def _check_downgrade(
+    report: Report,
+    settings: Settings,
+    kb: KnowledgeService,
+    tenants: list[DemoTenant],
+    ask: AskService,
+    keystore: LocalKeystore,
+    api: str,
+) -> None:
+    """A downgrade arrives as a signed Stripe webhook; the gateway's new cap holds."""
+    acme = tenants[0]
+    catalogue = PlanCatalogue(kb.db)
+    pro = await catalogue.get("pro")
+    await catalogue.put(dataclasses.replace(pro, stripe_price_id="price_demo_pro"), actor="demo")
+    starter = Plan(
+        code="starter",
+        name="Starter",
+        rank=1,
+        monthly_token_budget=100_000,
+        monthly_call_budget=3,
+        requests_per_minute=20,
+        models_allowed=("bastion-local",),
+        overage_policy="block",
+        stripe_price_id="price_demo_starter",
+    )
+    await catalogue.put(starter, actor="demo")
+    customer = f"cus_demo_{secrets.token_hex(6)}"
+    await build_billing(settings, kb.db, keystore).service.link_stripe_customer(acme.id, customer)
+    secret = resolve_ref(keystore, settings.stripe_webhook_secret_ref).decode()
+    start = int(time.time()) - 60
+    budgets = BudgetService(kb.db)
+
+    async def deliver(price: str, created: int) -> httpx.Response:
+        body = _stripe_event(
+            "customer.subscription.updated", _subscription(customer, price, start), created
+        )
+        header = stripe.WebhookSignature.generate_signature_header(body, secret)
+        async with httpx.AsyncClient(timeout=10) as http:
+            return await http.post(
+                f"{api}/webhooks/stripe",
+                content=body,
+                headers={"Stripe-Signature": header, "Content-Type": "application/json"},
+            )
+
+    async def limit_is(calls: int) -> bool:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = await budgets.state(acme.id)
+            if state is not None and state.call_limit == calls:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    upgraded = await deliver("price_demo_pro", start)
+    on_pro = upgraded.status_code == 200 and await limit_is(pro.monthly_call_budget)
+    writer = Actor(acme.id, acme.users["contributor"], "contributor")
+    for _ in range(4):
+        await ask.ask(writer, "support", "How do refunds work?", model="bastion-local")
+    report.check(
+        "billing",
+        f"{acme.slug} is on Pro through a signed Stripe webhook; 4 questions asked",
+        on_pro,
+        f"{upgraded.status_code}; {pro.monthly_call_budget:,} calls a month",
+    )
+    acked = await deliver("price_demo_starter", start + 30)
+    sent = time.perf_counter()
+    in_budget = acked.status_code == 200 and await limit_is(starter.monthly_call_budget)
+    budget_ms = (time.perf_counter() - sent) * 1000
+    refused: GatewayRefused | None = None
+    while refused is None and time.perf_counter() - sent < 60:
+        try:
+            await ask.ask(writer, "support", "And the invoice?", model="bastion-local")
+        except GatewayRefused as problem:
+            refused = problem
+        else:
+            await asyncio.sleep(0.2)
+    capped_s = time.perf_counter() - sent
+    report.check(
+        "billing",
+        "the billing-admin downgrades to Starter (3 calls a month) in Stripe: "
+        "a signed webhook, and the cap holds at the gateway",
+        in_budget and refused is not None and refused.status == 402,
+        f"budget changed {budget_ms:.0f} ms after the ack; 402 at the gateway after "
+        f"{capped_s:.1f} s (open budget leases close within 2 s), Retry-After "
+        f"{refused.headers.get('Retry-After') if refused else '-'} s",
     )
