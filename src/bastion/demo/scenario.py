@@ -50,11 +50,13 @@ from bastion.knowledge.cli import hits_table, run_ingest
 from bastion.knowledge.ingest import discover
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.processes import settings_env, stack
-from bastion.runtime import app_database, knowledge_service, open_keystore
-from bastion.safety.signing import EnvelopeSigner
+from bastion.runtime import app_database, knowledge_service, open_keystore, queue_conninfo
+from bastion.safety import tasks as safety_tasks
+from bastion.safety.signing import HEADER, EnvelopeSigner, ToolCall
 from bastion.secrets.store import LocalKeystore, SecretRef, resolve_ref
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import MEMBER_ROLES, TenantService
+from bastion.worker.queue import queue_app
 
 DEMO_DATABASE = "bastion_demo"
 # The stand-in hosted model the outage scene stops, and its key in the key ring.
@@ -190,6 +192,7 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                 upstream.start()
                 try:
                     await _check_outage(report, kb, tenants, urls, keystore, upstream)
+                    await _check_tools(report, settings, kb, tenants, keystore, urls["gateway"])
                 finally:
                     upstream.stop()
                 await _check_downgrade(report, settings, kb, tenants, ask, keystore, urls["api"])
@@ -982,3 +985,87 @@ async def _check_downgrade(
         f"{capped_s:.1f} s (open budget leases close within 2 s), Retry-After "
         f"{refused.headers.get('Retry-After') if refused else '-'} s",
     )
+
+
+# Tool calls the stand-in model is scripted to propose (it proposes what it is told to).
+TOOL_SCENES = (
+    (
+        "a calculation the model asks for",
+        'calculate {"expression": "1188 * 2 - 1188"}',
+        "ok",
+    ),
+    (
+        "a malicious call (a fork bomb) is contained",
+        'run_python {"code": "import os\\nwhile True: os.fork()"}',
+        "pids_limit",
+    ),
+)
+TOOLS_OFFERED = [
+    {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+    for name in ("calculate", "run_python")
+]
+
+
+async def _check_tools(
+    report: Report,
+    settings: Settings,
+    kb: KnowledgeService,
+    tenants: list[DemoTenant],
+    keystore: LocalKeystore,
+    gateway: str,
+) -> None:
+    """Signed tool calls from the gateway, run by the worker in the sandbox."""
+    acme = tenants[0]
+    user = acme.users["contributor"]
+    queue = queue_app(queue_conninfo(settings))
+    async with queue.open_async(), httpx.AsyncClient(timeout=30) as http:
+        for what, script, expected in TOOL_SCENES:
+            body = json.dumps(
+                {
+                    "model": STANDIN_MODEL,
+                    "messages": [{"role": "user", "content": f"/tool {script}"}],
+                    "tools": TOOLS_OFFERED,
+                }
+            ).encode()
+            envelope = EnvelopeSigner(keystore).sign(
+                tenant_id=acme.id, user_id=user, body=body, action="question:ask"
+            )
+            answer = await http.post(
+                f"{gateway}/v1/chat/completions",
+                content=body,
+                headers={"Content-Type": "application/json", HEADER: envelope},
+            )
+            proposed = answer.json()["choices"][0]["message"].get("tool_calls") or [{}]
+            raw = proposed[0]
+            if "bastion_signature" not in raw:
+                report.check(
+                    "tools", what, False, f"no signed call came back ({answer.status_code})"
+                )
+                continue
+            call = ToolCall(raw["id"], raw["function"]["name"], raw["function"]["arguments"])
+            await safety_tasks.defer(queue, acme.id, user, call, raw["bastion_signature"])
+            event = await _tool_outcome(kb, acme, call.id)
+            details = event["details"] if event else {}
+            outcome = details.get("outcome") or details.get("reason", "no outcome")
+            shown = f"{call.name}: {outcome} in the {details.get('backend', '?')} sandbox"
+            if details.get("result"):
+                shown += f", result {details['result']}"
+            report.check("tools", what, outcome == expected, shown)
+
+
+async def _tool_outcome(kb: KnowledgeService, tenant: DemoTenant, call_id: str) -> Any:
+    """The worker's audit event for the call (run or refused), waiting up to 60 s."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        async with kb.db.tenant_tx(tenant.id, tenant.users["auditor"], "auditor") as tx:
+            row = await (
+                await tx.execute(
+                    "SELECT action, details FROM bastion.audit_events "
+                    "WHERE target = %s AND action IN ('tool.run', 'tool.refused')",
+                    (f"tool_call:{call_id}",),
+                )
+            ).fetchone()
+        if row is not None:
+            return row
+        await asyncio.sleep(0.2)
+    return None
