@@ -49,6 +49,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/vector_search.py
 	@echo "bench/gateway.py compares with LiteLLM's proxy when a litellm CLI is on PATH"
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/webhooks.py
+	$(BIN)/python bench/receipts.py
+	$(BIN)/python bench/sandbox.py
+	@echo "bench/pii.py compares with Presidio when /tmp/presidio-venv (or PRESIDIO_PYTHON) has it"
+	$(BIN)/python bench/pii.py
+	$(BIN)/python bench/injection.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -23,9 +23,11 @@ import pytest
 from fastapi import FastAPI
 
 from bastion.billing.budgets import BudgetService, BudgetState
+from bastion.billing.wiring import build_billing
 from bastion.db.pool import Database
 from bastion.gateway import routes as gateway_routes
 from bastion.gateway.app import build_routers, create_gateway_app
+from bastion.gateway.entitlements import PlanGate
 from bastion.gateway.ledger import CallLedger
 from bastion.gateway.routing import CircuitBreaker
 from bastion.gateway.service import GatewayService
@@ -76,6 +78,7 @@ class Gateway:
     canary: DoubleState
     other_tenant: UUID
     other_user: UUID
+    plan_gate: PlanGate
 
 
 PRICE_PROMPT, PRICE_COMPLETION = 2.5, 10.0  # USD per million tokens
@@ -138,6 +141,10 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                 vault=PiiVault(TenantKeys(keystore)),
             )
             seeded["service"] = service
+            # Off by default here; a test puts it on (tenants without a plan get Free's).
+            seeded["plan_gate"] = PlanGate(
+                build_billing(settings, db, keystore).service.entitlements, ttl_seconds=0.3
+            )
 
             @asynccontextmanager
             async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -180,6 +187,7 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                 canary,
                 seeded["other_tenant"],  # type: ignore[arg-type]
                 seeded["other_user"],  # type: ignore[arg-type]
+                seeded["plan_gate"],  # type: ignore[arg-type]
             )
 
 
@@ -926,3 +934,27 @@ async def test_an_open_injection_is_refused_before_the_budget_and_the_provider(
     assert gateway.double.calls == calls
     state = await _settled(budgets, gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+
+
+# -- the plan's entitlements ----------------------------------------------------------
+
+
+async def test_the_plan_admits_models_and_a_plan_change_holds_within_its_ttl(
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    gateway.service.plan_gate = gateway.plan_gate
+    try:
+        before = gateway.double.calls
+        with pytest.raises(openai.PermissionDeniedError) as refused:  # Free: bastion-local only
+            await _ask(_client(gateway), "upstream", f"plan {uuid4()}")
+        assert refused.value.response.json()["type"].endswith("/model-not-in-plan")
+        assert gateway.double.calls == before
+        billing = build_billing(Settings(), budgets.db, keystore).service
+        await billing.change_plan(gateway.tenant, "pro", actor="test", reason="upgrade")
+        await _budget(budgets, gateway, calls=10)  # this test's period again
+        await asyncio.sleep(0.35)  # the gate's cached entitlements expire
+        answer = await _ask(_client(gateway), "upstream", f"plan {uuid4()}")
+        assert answer.status_code == 200 and gateway.double.calls == before + 1
+    finally:
+        gateway.service.plan_gate = None

@@ -83,9 +83,11 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     keystore = open_keystore(settings)
     if process == "gateway":
         from bastion.billing.budgets import BudgetService
+        from bastion.billing.wiring import build_billing
         from bastion.gateway import routes as gateway_routes
         from bastion.gateway.app import build_routers
         from bastion.gateway.cache import AnswerCache
+        from bastion.gateway.entitlements import PlanGate
         from bastion.gateway.ledger import CallLedger
         from bastion.gateway.service import GatewayService
         from bastion.identity.wiring import build_guard
@@ -110,6 +112,8 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             authorizer=guard.authorizer,
             tool_signer=ToolCallSigner(keystore),
             vault=PiiVault(TenantKeys(keystore)),
+            # The plan's models and rate, from the tenant's subscription.
+            plan_gate=PlanGate(build_billing(settings, db, keystore).service.entitlements),
         )
 
         @asynccontextmanager
