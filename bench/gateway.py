@@ -34,6 +34,8 @@ from pathlib import Path
 import httpx
 
 from bastion.billing.budgets import BudgetService
+from bastion.billing.plans import Plan, PlanCatalogue
+from bastion.billing.wiring import build_billing
 from bastion.db.launcher import EmbeddedPostgres
 from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
@@ -43,6 +45,16 @@ from bastion.settings import Settings
 from bastion.tenants.service import TenantService
 from wrk_dpop import THREADS, free_port, prepare, run_wrk
 
+BENCH_PLAN = Plan(
+    code="bench",
+    name="Benchmark",
+    rank=100,
+    monthly_token_budget=10**12,
+    monthly_call_budget=10**9,
+    requests_per_minute=10**8,
+    models_allowed=("*",),
+    overage_policy="block",
+)
 BODY = json.dumps(
     {"model": "bench", "messages": [{"role": "user", "content": "When was the refund issued?"}]}
 )
@@ -158,6 +170,12 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
             tenants = TenantService(db)
             tenant = (await tenants.create_tenant("bench-desk", "Bench desk")).id
             user = await tenants.add_member(tenant, "caller@bench.example", "contributor")
+            # A plan that admits the bench model at any rate: the rate limit is
+            # not what is measured (the budget and everything else is).
+            await PlanCatalogue(db).put(BENCH_PLAN, actor="bench")
+            await build_billing(settings, db, keystore).service.change_plan(
+                tenant, BENCH_PLAN.code, actor="bench", reason="benchmark"
+            )
             start = datetime.now(UTC) - timedelta(minutes=1)
             await BudgetService(db).set_budget(
                 tenant,
