@@ -8,8 +8,8 @@ algorithm of RFC 9864; ``EdDSA`` is deprecated) and the signing key's
 A receipt file is the flattened JWS JSON serialization (RFC 7515 section
 7.2.2); the compact form is accepted too.
 
-The keys live in the keystore (secret ``billing/receipt-signing``, one
-PKCS#8 PEM per version), as the JWT keys do (:mod:`bastion.identity.keys`):
+The keys are a :class:`~bastion.secrets.keyring.JwkRing` in the keystore
+(secret ``billing/receipt-signing``), like the JWT keys:
 
 1. :meth:`ReceiptKeys.rotate` adds a version; it is published at once and
    signs once it has been published for ``publish_ahead``, so verifiers that
@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,11 +38,11 @@ from uuid import UUID, uuid4
 
 from joserfc import jws
 from joserfc.errors import JoseError
-from joserfc.jwk import KeyParameters, OKPKey
+from joserfc.jwk import OKPKey
 
 from bastion.db.pool import Conn, Database
 from bastion.logs import get_logger
-from bastion.secrets.errors import SecretNotFound
+from bastion.secrets.keyring import JwkRing
 from bastion.secrets.store import LocalKeystore
 
 _log = get_logger("bastion.billing")
@@ -55,9 +54,6 @@ CURVE = "Ed25519"
 # no other Ed25519 JWS signed with these keys can pass for a receipt.
 RECEIPT_TYPE = "bastion-receipt+jws"
 KEYS_PATH = "/.well-known/bastion-receipt-keys"
-_CREATED_AT_PRECISION = 1.0  # see bastion.identity.keys
-_REFRESH_INTERVAL = 1.0
-_MAX_KID_LENGTH = 128
 _MAX_RECEIPT_BYTES = 64 * 1024
 
 ReceiptKind = Literal["invoice", "usage_period"]
@@ -71,26 +67,8 @@ class ReceiptInvalid(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class _Version:
-    version: int
-    kid: str
-    private: OKPKey
-    public: OKPKey
-    published_at: float
-    active: bool
-
-
-def generate_receipt_pem() -> bytes:
-    """Return a fresh Ed25519 private key as PKCS#8 PEM bytes."""
-    return OKPKey.generate_key("Ed25519").as_pem(private=True)
-
-
-class ReceiptKeys:
-    """Ed25519 receipt-signing keys with publish-ahead rotation, in the keystore.
-
-    ``clock`` returns epoch seconds; tests inject one to step through a rotation.
-    """
+class ReceiptKeys(JwkRing[OKPKey]):
+    """Ed25519 receipt-signing keys with publish-ahead rotation, in the keystore."""
 
     def __init__(
         self,
@@ -99,63 +77,15 @@ class ReceiptKeys:
         publish_ahead: timedelta = timedelta(minutes=5),
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if publish_ahead < timedelta(0):
-            raise ValueError("publish_ahead must be >= 0")
-        self._keystore = keystore
-        self._publish_ahead = publish_ahead.total_seconds()
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._versions: dict[int, _Version] = {}
-        self._active_by_kid: dict[str, _Version] = {}
-        self._next_refresh = 0.0
-
-    def current(self) -> tuple[str, OKPKey]:
-        """Return ``(kid, private key)`` to sign new receipts with.
-
-        The newest active version published for at least ``publish_ahead``, else
-        the oldest active one; the first key is created on first use.
-        """
-        self._maybe_refresh()
-        if not self._active_by_kid:
-            self._keystore.ensure(SECRET_NAME, generate_receipt_pem)
-            self.refresh()
-        active = sorted(self._active_by_kid.values(), key=lambda v: v.version)
-        if not active:
-            raise RuntimeError(f"{SECRET_NAME} holds no usable Ed25519 key")
-        now = self._clock()
-        ready = [v for v in active if v.published_at + self._publish_ahead <= now]
-        chosen = ready[-1] if ready else active[0]
-        return chosen.kid, chosen.private
-
-    def jwks(self) -> dict[str, list[dict[str, object]]]:
-        """The public JWK Set of every active version (``kid``, ``alg``, ``use: sig``)."""
-        self._maybe_refresh()
-        keys: list[dict[str, object]] = []
-        for entry in sorted(self._active_by_kid.values(), key=lambda v: v.version):
-            jwk: dict[str, object] = dict(entry.public.as_dict(private=False))
-            jwk.pop("d", None)
-            keys.append(jwk)
-        return {"keys": keys}
-
-    def public_key(self, kid: object) -> OKPKey | None:
-        """The public key of active version ``kid`` (untrusted input), or None."""
-        if not isinstance(kid, str) or len(kid) > _MAX_KID_LENGTH:
-            return None
-        self._maybe_refresh()
-        entry = self._active_by_kid.get(kid)
-        return None if entry is None else entry.public
-
-    def rotate(self) -> str:
-        """Add a new key version and return its kid (it signs after ``publish_ahead``)."""
-        self.refresh()
-        if not self._active_by_kid:
-            return self.current()[0]
-        version = self._keystore.rotate(SECRET_NAME, generate_receipt_pem())
-        self.refresh()
-        entry = self._versions.get(version)
-        if entry is None:  # pragma: no cover - the keystore just returned it
-            raise RuntimeError(f"{SECRET_NAME} version {version} is unreadable")
-        return entry.kid
+        super().__init__(
+            keystore,
+            secret_name=SECRET_NAME,
+            key_type=OKPKey,
+            curve=CURVE,
+            algorithm=ALGORITHM,
+            publish_ahead=publish_ahead,
+            clock=clock,
+        )
 
     def retire(self, kid: str) -> None:
         """Withdraw key ``kid``: receipts it signed no longer verify.
@@ -171,61 +101,6 @@ class ReceiptKeys:
             raise ValueError("the only active receipt key cannot be retired; rotate first")
         self._keystore.retire(SECRET_NAME, entry.version)
         self.refresh()
-
-    def refresh(self) -> None:
-        """Re-read the version list (the keystore's errors propagate: fail closed)."""
-        with self._lock:
-            try:
-                infos = self._keystore.versions(SECRET_NAME)
-            except SecretNotFound:
-                infos = []
-            versions: dict[int, _Version] = {}
-            for info in infos:
-                active = info.state == "active"
-                cached = self._versions.get(info.version)
-                if cached is None:
-                    cached = self._parse(info.version, info.created_at, active)
-                    if cached is None:
-                        continue
-                elif cached.active != active:
-                    cached = _Version(
-                        cached.version,
-                        cached.kid,
-                        cached.private,
-                        cached.public,
-                        cached.published_at,
-                        active,
-                    )
-                versions[info.version] = cached
-            self._versions = versions
-            self._active_by_kid = {v.kid: v for v in versions.values() if v.active}
-            self._next_refresh = time.monotonic() + _REFRESH_INTERVAL
-
-    def _maybe_refresh(self) -> None:
-        if time.monotonic() >= self._next_refresh:
-            self.refresh()
-
-    def _parse(self, version: int, created_at: str, active: bool) -> _Version | None:
-        """One version's PEM; None unless it is an Ed25519 private key (never trusted)."""
-        pem = self._keystore.get(SECRET_NAME, version)
-        try:
-            private = OKPKey.import_key(pem)
-        except (ValueError, TypeError):
-            return None
-        if not private.is_private or private.curve_name != CURVE:
-            return None
-        raw = private.private_key
-        if raw is None:  # pragma: no cover - is_private was checked above
-            return None
-        kid = private.thumbprint()
-        params: KeyParameters = {"kid": kid, "alg": ALGORITHM, "use": "sig"}
-        public = OKPKey.import_key(raw.public_key(), params)
-        private = OKPKey.import_key(raw, params)
-        try:
-            published = datetime.fromisoformat(created_at).timestamp() + _CREATED_AT_PRECISION
-        except ValueError:
-            published = self._clock()
-        return _Version(version, kid, private, public, published, active)
 
 
 # -- signing and verifying ---------------------------------------------------------
