@@ -135,6 +135,24 @@ class OpenAICompatible:
         except ValueError:
             raise ProviderError("bad-response") from None
 
+    def _chat_payload(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        max_tokens: int,
+        temperature: float,
+        tools: Sequence[dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.upstream_model or model,
+            "messages": list(messages),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if tools:
+            payload["tools"] = list(tools)
+        return payload
+
     async def complete(
         self,
         model: str,
@@ -144,14 +162,7 @@ class OpenAICompatible:
         temperature: float,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> Completion:
-        payload: dict[str, Any] = {
-            "model": self.upstream_model or model,
-            "messages": list(messages),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        if tools:
-            payload["tools"] = list(tools)
+        payload = self._chat_payload(model, messages, max_tokens, temperature, tools)
         body = await self._post("/chat/completions", payload)
         try:
             choice = body["choices"][0]
@@ -177,16 +188,8 @@ class OpenAICompatible:
         temperature: float,
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> AsyncIterator[StreamItem]:
-        payload: dict[str, Any] = {
-            "model": self.upstream_model or model,
-            "messages": list(messages),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if tools:
-            payload["tools"] = list(tools)
+        payload = self._chat_payload(model, messages, max_tokens, temperature, tools)
+        payload.update(stream=True, stream_options={"include_usage": True})
         usage: Usage | None = None
         # A proposed call arrives in fragments (by index: id and name first,
         # then pieces of the arguments); it is passed on whole, at the end.
