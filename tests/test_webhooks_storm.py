@@ -13,12 +13,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -38,6 +33,7 @@ from bastion.db.pool import Database
 from bastion.secrets import LocalKeystore
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles, short_tempdir
+from tests.served import serving_process
 from tests.stripe_double import (
     TEST_PRICES,
     event_object,
@@ -60,72 +56,18 @@ class Stack:
     secret: str
 
 
-def _serve(
-    process: str, database: DbHandles, keystore: LocalKeystore, extra: dict[str, str]
-) -> tuple[subprocess.Popen[bytes], str]:
-    """``bastion serve <process>`` on this module's database, as in production."""
-    home = short_tempdir("bastion-storm-")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "BASTION_HOME": str(home),
-        "DATABASE_URL": database.superuser,
-        "BASTION_KEYSTORE_FILE": str(keystore.path),
-        "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
-        "BASTION_API_PORT": str(port),
-        "BASTION_WORKER_PORT": str(port),
-        "BASTION_EMBEDDER": "hashing",
-        "BASTION_LOG_LEVEL": "warning",
-        **extra,
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bastion", "serve", process],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, f"the {process} exited while starting"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"the {process} did not become ready"
-        time.sleep(0.1)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
     """The api and the worker, each its own process, as ``bastion up`` runs them."""
     secret = f"whsec_storm_{uuid4().hex}"
     keystore.set(SECRET_NAME, secret.encode())
-    worker, _ = _serve("worker", database, keystore, {})
-    try:
-        api, url = _serve(
-            "api",
-            database,
-            keystore,
-            {"BASTION_STRIPE_WEBHOOK_SECRET_REF": f"local://{SECRET_NAME}"},
-        )
-        try:
-            yield Stack(url, secret)
-        finally:
-            _stop(api)
-    finally:
-        _stop(worker)
+    home = short_tempdir("bastion-storm-")
+    extra = {"BASTION_STRIPE_WEBHOOK_SECRET_REF": f"local://{SECRET_NAME}"}
+    with (
+        serving_process("worker", database, keystore, home),
+        serving_process("api", database, keystore, home, extra) as (_api, url),
+    ):
+        yield Stack(url, secret)
 
 
 @pytest.fixture

@@ -4,15 +4,8 @@ middle of a batch and started again."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from uuid import UUID, uuid4
 
 import psycopg
@@ -24,6 +17,7 @@ from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles, short_tempdir
+from tests.served import serving_process
 
 pytestmark = pytest.mark.anyio
 
@@ -33,39 +27,6 @@ PARAGRAPH = (
     "Ticket {n}.{p}: the customer reports that the export of invoices to CSV stops "
     "halfway, retries do not help, and the webhook for invoice.paid fired twice. "
 )
-
-
-@contextmanager
-def _worker(
-    database: DbHandles, keystore: LocalKeystore, home: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "BASTION_HOME": str(home),
-        "DATABASE_URL": database.superuser,
-        "BASTION_KEYSTORE_FILE": str(keystore.path),
-        "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
-        "BASTION_WORKER_PORT": str(port),
-        "BASTION_EMBEDDER": "hashing",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bastion", "serve", "worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def _status(database: DbHandles, documents: list[UUID]) -> dict[str, int]:
@@ -119,7 +80,7 @@ async def test_killed_worker_leaves_every_document_indexed_exactly_once(
     )
 
     home = short_tempdir("bastion-worker-")
-    with _worker(database, keystore, home) as first:
+    with serving_process("worker", database, keystore, home, wait_ready=False) as (first, _):
         # Kill once a few documents are done and the next one is half embedded
         # (its first batches are in the embedding cache).
         _wait(
@@ -139,7 +100,7 @@ async def test_killed_worker_leaves_every_document_indexed_exactly_once(
     assert orphaned == 1, "the kill should land inside a job"
     assert _cached(database) > 0
 
-    with _worker(database, keystore, home):
+    with serving_process("worker", database, keystore, home, wait_ready=False):
         _wait(
             lambda: (
                 _status(database, [*documents, broken.document.id])

@@ -1,0 +1,74 @@
+"""A Bastion process (``bastion serve api|worker``) on a test module's database,
+started as in production, for tests that need the real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from bastion.secrets import LocalKeystore
+from tests.conftest import DbHandles
+
+
+@contextmanager
+def serving_process(
+    process: str,
+    database: DbHandles,
+    keystore: LocalKeystore,
+    home: Path,
+    extra: dict[str, str] | None = None,
+    *,
+    wait_ready: bool = True,
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run ``bastion serve <process>``; yield it and its URL (ready, unless told not
+    to wait); stop it with SIGTERM (SIGKILL after 15 s) if it still runs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "BASTION_HOME": str(home),
+        "DATABASE_URL": database.superuser,
+        "BASTION_KEYSTORE_FILE": str(keystore.path),
+        "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
+        "BASTION_API_PORT": str(port),
+        "BASTION_WORKER_PORT": str(port),
+        "BASTION_EMBEDDER": "hashing",
+        "BASTION_LOG_LEVEL": "warning",
+        **(extra or {}),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bastion", "serve", process],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while wait_ready:
+            assert proc.poll() is None, f"the {process} exited while starting"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"the {process} did not become ready"
+            time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
