@@ -27,6 +27,8 @@ def kinds_in(text: str) -> list[tuple[str, str]]:
     return [(e.kind, e.value) for e in recognizer.find(text)]
 
 
+# Fake values in the shapes of real keys (AWS's and Stripe's documentation
+# examples), assembled at run time so secret scanners do not flag the suite.
 @pytest.mark.parametrize(
     ("kind", "value"),
     [
@@ -56,9 +58,9 @@ def kinds_in(text: str) -> list[tuple[str, str]]:
         ("ip_address", "2001:db8::8a2e:370:7334"),
         ("ip_address", "fe80::1"),
         ("secret", "sk-proj-abcdefghijklmnopqrstuvwxyz123456"),
-        ("secret", "sk_live_4eC39HqLyjWDarjtT1zdp7dc"),
+        ("secret", "sk_" + "live_4eC39HqLyjWDarjtT1zdp7dc"),
         ("secret", "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"),
-        ("secret", "AKIAIOSFODNN7EXAMPLE"),
+        ("secret", "AKIA" + "IOSFODNN7EXAMPLE"),
         ("secret", "xoxb-123456789012-abcdefghijklmnopqrstuvwx"),
         ("secret", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
         ("secret", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N"),
@@ -75,7 +77,7 @@ def test_bsn_needs_its_keyword() -> None:
 
 def test_pem_private_key_block() -> None:
     block = (
-        "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3\n"
+        "-----BEGIN RSA " + "PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3\n"
         "-----END RSA PRIVATE KEY-----"
     )
     assert kinds_in(f"key:\n{block}\n") == [("secret", block)]
@@ -188,7 +190,7 @@ _ADVERSARIAL: dict[str, Callable[[], str]] = {
     "dotted-digits": lambda: "1." * (_SIZE // 2),
     "token-chars": lambda: _random("abcXYZ019+/=_-", _SIZE),
     "long-word": lambda: "aB3" * (_SIZE // 3),
-    "pem-unterminated": lambda: "-----BEGIN PRIVATE KEY-----" + "A" * _SIZE,
+    "pem-unterminated": lambda: "-----BEGIN " + "PRIVATE KEY-----" + "A" * _SIZE,
     "phones": lambda: "020 7946 0958 " * (_SIZE // 14),
     "at-labels": lambda: "a@" + "a." * (_SIZE // 2),
     "bsn-keywords": lambda: "BSN " * (_SIZE // 4),
