@@ -52,6 +52,7 @@ from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.processes import settings_env, stack
 from bastion.runtime import app_database, knowledge_service, open_keystore, queue_conninfo
 from bastion.safety import tasks as safety_tasks
+from bastion.safety.sandbox import Sandbox, SandboxConfig, SandboxUnavailable
 from bastion.safety.signing import HEADER, EnvelopeSigner, ToolCall
 from bastion.secrets.store import LocalKeystore, SecretRef, resolve_ref
 from bastion.settings import ModelRoute, Settings
@@ -1031,6 +1032,11 @@ async def _check_tools(
     """Signed tool calls from the gateway, run by the worker in the sandbox."""
     acme = tenants[0]
     user = acme.users["contributor"]
+    try:  # what the worker will find (the sandbox needs root and bubblewrap)
+        Sandbox.probe(SandboxConfig.from_settings(settings))
+        missing = None
+    except SandboxUnavailable as why:
+        missing = str(why)
     queue = queue_app(queue_conninfo(settings))
     async with queue.open_async(), httpx.AsyncClient(timeout=30) as http:
         for what, script, expected in TOOL_SCENES:
@@ -1061,6 +1067,15 @@ async def _check_tools(
             event = await _tool_outcome(kb, acme, call.id)
             details = event["details"] if event else {}
             outcome = details.get("outcome") or details.get("reason", "no outcome")
+            if missing is not None:
+                # No sandbox here: every call is refused and nothing runs (fail closed).
+                report.check(
+                    "tools",
+                    f"{what}: refused, no sandbox here",
+                    outcome == "sandbox-unavailable",
+                    f"{call.name}: {outcome} ({missing}; run as root with bubblewrap)",
+                )
+                continue
             shown = f"{call.name}: {outcome} in the {details.get('backend', '?')} sandbox"
             if details.get("result"):
                 shown += f", result {details['result']}"
