@@ -96,7 +96,9 @@ def rotate_key_command() -> None:
     print(_keys().rotate())
 
 
-@receipts_app.command("retire-key")
+# A kid is a base64url thumbprint and may begin with "-": without this, click
+# would read such a kid as an unknown option.
+@receipts_app.command("retire-key", context_settings={"ignore_unknown_options": True})
 def retire_key_command(kid: Annotated[str, typer.Argument(help="the key's kid")]) -> None:
     """Withdraw a receipt key: receipts it signed stop verifying."""
     try:
