@@ -25,7 +25,7 @@ TOOL_ARGUMENTS = '{"invoice": "INV-1042", "amount": 49}'
 
 @dataclass
 class DoubleState:
-    mode: str = "ok"  # ok | fail | hang | junk | no-usage | tool | pii
+    mode: str = "ok"  # ok | fail | hang | junk | no-usage | tool | pii | long-line
     calls: int = 0
     last_body: dict[str, Any] | None = None
     last_traceparent: str | None = None
@@ -103,6 +103,8 @@ def provider_double(state: DoubleState) -> FastAPI:
             }
 
         async def events() -> AsyncIterator[bytes]:
+            if state.mode == "long-line":  # one event of 2 MiB, no line break
+                yield b"data: " + b"x" * (2 << 20)
             for word in answer.split(" "):
                 chunk = {"choices": [{"index": 0, "delta": {"content": word + " "}}]}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()

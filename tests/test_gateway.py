@@ -166,6 +166,8 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                     yield
                 finally:
                     await ledger.aclose()
+                    for model_router in routers.values():
+                        await model_router.aclose()
                     await db.close()
 
             router = gateway_routes.build_router(service, guard, EnvelopeSigner(keystore))
@@ -376,6 +378,22 @@ async def test_provider_failure_is_503_leaks_nothing_and_holds_nothing(
     assert problem["type"].endswith("/provider-unavailable") and problem["reason"] == reason
     for secret in (SECRET_ERROR, API_KEY, gateway.upstream, "hunter2"):
         assert secret not in response.text
+    state = await _settled(budgets, gateway.tenant)
+    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+
+
+async def test_an_endless_stream_line_is_a_bad_response_and_holds_nothing(
+    gateway: Gateway, budgets: BudgetService
+) -> None:
+    # One 2 MiB SSE line: the gateway stops reading at 1 MiB instead of buffering it all.
+    await _budget(budgets, gateway, calls=10)
+    gateway.double.mode = "long-line"
+    with pytest.raises(openai.APIStatusError) as failed:
+        await _client(gateway).chat.completions.create(
+            model="upstream", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    response = failed.value.response
+    assert response.status_code == 503 and response.json()["reason"] == "bad-response"
     state = await _settled(budgets, gateway.tenant)
     assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
 

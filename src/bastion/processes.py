@@ -124,6 +124,8 @@ def build_app(process: str, settings: Settings) -> FastAPI:
                     yield
                 finally:
                     await ledger.aclose()
+                    for router in routers.values():
+                        await router.aclose()
 
         return create_gateway_app(
             readiness=db.ping,

@@ -150,6 +150,8 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
                     yield
                 finally:
                     await ledger.aclose()
+                    for model_router in routers.values():
+                        await model_router.aclose()
                     await db.close()
 
             router = gateway_routes.build_router(service, guard, EnvelopeSigner(keystore))

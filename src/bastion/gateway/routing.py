@@ -123,6 +123,10 @@ class ModelRouter:
         self.min_samples = min_samples
         self.rolled_back: set[str] = set()
 
+    async def aclose(self) -> None:
+        for target in self.targets:
+            await target.provider.aclose()
+
     def _weighted(self) -> list[Target]:
         return [t for t in self.targets if not t.fallback and t.name not in self.rolled_back]
 
