@@ -22,6 +22,8 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 
+from bastion.access.approvals import ApprovalService
+from bastion.access.roles import LiveRoles
 from bastion.billing.budgets import BudgetService, BudgetState
 from bastion.billing.wiring import build_billing
 from bastion.db.pool import Database
@@ -131,7 +133,8 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
         def build(url: str) -> FastAPI:
             db = Database(database.app, database.context_key, max_size=12)
             routers = build_routers(settings.gateway_models, keystore, embedder="hashing")
-            guard = build_guard(settings, db, keystore, public_url=url)
+            live_roles = LiveRoles(db)  # as the gateway process runs it
+            guard = build_guard(settings, db, keystore, public_url=url, roles=live_roles)
             ledger = CallLedger(db, BudgetService(db), lease_calls=8, lease_seconds=0.5)
             service = GatewayService(
                 ledger,
@@ -150,6 +153,7 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
             async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
                 await db.open()
                 ledger.start()
+                live_roles.start()
                 try:
                     tenants = TenantService(db)
                     tenant = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "gw")).id
@@ -165,6 +169,7 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                     )
                     yield
                 finally:
+                    await live_roles.aclose()
                     await ledger.aclose()
                     for model_router in routers.values():
                         await model_router.aclose()
@@ -976,3 +981,47 @@ async def test_the_plan_admits_models_and_a_plan_change_holds_within_its_ttl(
         assert answer.status_code == 200 and gateway.double.calls == before + 1
     finally:
         gateway.service.plan_gate = None
+
+
+async def test_a_revoked_role_stops_at_the_gateway_without_a_read_per_request(
+    gateway: Gateway, budgets: BudgetService, database: DbHandles
+) -> None:
+    # The gateway keeps roles in memory (LiveRoles); the database's announcement of
+    # the revocation drops them, so the next call is refused.
+    await _budget(budgets, gateway, calls=100)
+    async with Database(database.app, database.context_key, max_size=2) as db:
+        tenants = TenantService(db)
+        owner = await tenants.add_member(gateway.tenant, f"o-{uuid4().hex[:6]}@gw.test", "owner")
+        user = await tenants.add_member(
+            gateway.tenant, f"r-{uuid4().hex[:6]}@gw.test", "contributor"
+        )
+        key = DpopKey.generate()
+        token, _ = gateway.tokens.issue_access(
+            user_id=user,
+            tenant_id=gateway.tenant,
+            roles=("contributor",),
+            amr=("pwd",),
+            jkt=key.thumbprint,
+            auth_time=int(time.time()),
+        )
+        url = f"{gateway.url}/v1/chat/completions"
+        body = {"model": "bastion-local", "messages": [{"role": "user", "content": "hello"}]}
+
+        async def call(http: httpx.AsyncClient) -> int:
+            headers = {
+                "Authorization": f"DPoP {token}",
+                "DPoP": key.proof("POST", url, access_token=token),
+            }
+            return (await http.post(url, json=body, headers=headers)).status_code
+
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert await call(http) == 200
+            assert await call(http) == 200
+            assert await ApprovalService(db).revoke(gateway.tenant, owner, user, "contributor")
+            revoked = time.monotonic()
+            refused = await call(http)
+            while refused == 200 and time.monotonic() - revoked < 1.0:
+                await asyncio.sleep(0.005)
+                refused = await call(http)
+            # 403 on the very next call in practice; the loop only absorbs a slow machine.
+            assert refused == 403

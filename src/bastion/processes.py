@@ -82,6 +82,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     db = app_database(settings)
     keystore = open_keystore(settings)
     if process == "gateway":
+        from bastion.access.roles import LiveRoles
         from bastion.billing.budgets import BudgetService
         from bastion.billing.wiring import build_billing
         from bastion.gateway import routes as gateway_routes
@@ -95,7 +96,14 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         from bastion.safety.vault import PiiVault
 
         routers = build_routers(settings.gateway_models, keystore, embedder=settings.embedder)
-        guard = build_guard(settings, db, keystore, public_url=settings.gateway_url)
+        live_roles = (
+            LiveRoles(db, ttl_seconds=settings.gateway_roles_ttl_seconds)
+            if settings.gateway_roles_ttl_seconds > 0
+            else None
+        )
+        guard = build_guard(
+            settings, db, keystore, public_url=settings.gateway_url, roles=live_roles
+        )
         ledger = CallLedger(
             db,
             BudgetService(db),
@@ -120,9 +128,13 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         async def gateway_lifespan(_app: FastAPI) -> AsyncIterator[None]:
             async with _pool_lifespan(db)(_app):
                 ledger.start()
+                if live_roles is not None:
+                    live_roles.start()
                 try:
                     yield
                 finally:
+                    if live_roles is not None:
+                        await live_roles.aclose()
                     await ledger.aclose()
                     for router in routers.values():
                         await router.aclose()

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # changed limit holds within them.
     gateway_budget_lease_calls: int = Field(default=64, ge=1, le=10_000)
     gateway_budget_lease_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Members' roles kept in the gateway between requests, dropped when the
+    # database announces a change (access/roles.py); this bounds an entry's
+    # life should announcements stop. 0 reads the database on every request.
+    gateway_roles_ttl_seconds: float = Field(default=5.0, ge=0, le=300)
     # Hosts an answer from the knowledge base may link to or show images from
     # (subdomains included); other links are removed, exfiltrating ones block it.
     answer_link_hosts: list[str] = Field(default_factory=list)

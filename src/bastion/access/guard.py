@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from uuid import UUID
 
 from fastapi import Request
 
@@ -20,6 +21,7 @@ from bastion.db.pool import Database
 from bastion.identity.auth import Authenticator, Principal, StepUpRequired, TenantMismatch
 
 GuardDependency = Callable[[Request], Awaitable[Principal]]
+RolesReader = Callable[[UUID, UUID], Awaitable[frozenset[str]]]
 
 
 class Forbidden(Problem):
@@ -43,10 +45,22 @@ def _step_up() -> StepUpRequired:
 class Guard:
     """Makes per-route dependencies that authenticate and authorize."""
 
-    def __init__(self, authenticator: Authenticator, authorizer: Authorizer, db: Database) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
+        db: Database,
+        *,
+        roles: RolesReader | None = None,
+    ) -> None:
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.db = db
+        self._roles = roles or db.member_roles
+
+    async def member_roles(self, tenant_id: UUID, user_id: UUID) -> frozenset[str]:
+        """The roles ``user_id`` holds in ``tenant_id`` now (read, or kept live: LiveRoles)."""
+        return await self._roles(tenant_id, user_id)
 
     def __call__(self, action: str, resource_type: str) -> GuardDependency:
         """Return the dependency that lets a caller do ``action`` on ``resource_type``."""
@@ -73,7 +87,7 @@ class _Guarded:
             # Our own tokens' roles are checked against the memberships as they
             # are now: a revoked role stops on the very next request, not when
             # the token expires. (External issuers' roles are their IdP's word.)
-            roles &= await guard.db.member_roles(tenant_id, principal.user_id)
+            roles &= await guard.member_roles(tenant_id, principal.user_id)
             if not roles:
                 raise Forbidden("you no longer hold a role in this tenant")
             principal = replace(principal, roles=tuple(sorted(roles)))

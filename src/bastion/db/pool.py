@@ -44,6 +44,7 @@ class Database:
         self, conninfo: str, context_key: bytes, *, min_size: int = 1, max_size: int = 10
     ) -> None:
         self._context_key = context_key
+        self._conninfo = conninfo
         self.pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             conninfo,
             min_size=min_size,
@@ -52,6 +53,11 @@ class Database:
             open=False,
             name="bastion-app",
         )
+
+    @property
+    def conninfo(self) -> str:
+        """The app role's connection string, for a connection of its own (LISTEN)."""
+        return self._conninfo
 
     async def open(self) -> None:
         """Open the pool and wait for its first connection (fails if unreachable)."""

@@ -49,7 +49,7 @@ class GatewayAuth:
         resource_type = ENVELOPE_ACTIONS.get(envelope.action)
         if resource_type is None:
             raise EnvelopeRefused("the envelope names no model action", reason="bad-action")
-        roles = await self.guard.db.member_roles(envelope.tenant_id, envelope.user_id)
+        roles = await self.guard.member_roles(envelope.tenant_id, envelope.user_id)
         subject = Subject(envelope.user_id, envelope.tenant_id, roles, mfa=False)
         resource = Resource(resource_type, "gateway", envelope.tenant_id)
         if not roles or not self.guard.authorizer.authorize(subject, envelope.action, resource):

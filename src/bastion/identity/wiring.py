@@ -10,7 +10,7 @@ import anyio.to_thread
 from fastapi import APIRouter
 
 from bastion.access.authorize import Authorizer
-from bastion.access.guard import Guard
+from bastion.access.guard import Guard, RolesReader
 from bastion.db.pool import Database
 from bastion.identity import oidc
 from bastion.identity import routes as account_routes
@@ -84,11 +84,12 @@ def build_guard(
     *,
     public_url: str,
     authorizer: Authorizer | None = None,
+    roles: RolesReader | None = None,
 ) -> Guard:
     """The request guard (token + DPoP, then Cedar) for a process other than the api,
-    served at ``public_url``."""
+    served at ``public_url``; ``roles`` reads members' roles (default: the database)."""
     _keys, _dpop, authenticator, _external = _verifiers(settings, keystore, public_url)
-    return Guard(authenticator, authorizer or _authorizer(settings), db)
+    return Guard(authenticator, authorizer or _authorizer(settings), db, roles=roles)
 
 
 def build_identity(
