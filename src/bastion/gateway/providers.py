@@ -147,6 +147,9 @@ class OpenAICompatible:
                 timeout=self._timeout,
                 read_bufsize=_MAX_LINE_BYTES,
                 max_line_size=_MAX_LINE_BYTES,
+                # HTTPS_PROXY / NO_PROXY from the environment, as httpx did:
+                # an egress proxy is the operator's configuration.
+                trust_env=True,
             )
             self._session_loop = loop
         return self._session
