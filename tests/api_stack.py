@@ -14,6 +14,8 @@ from bastion.api.app import create_app
 from bastion.billing import account_routes
 from bastion.billing import routes as billing_routes
 from bastion.db.pool import Database
+from bastion.gateway import sampling_routes
+from bastion.gateway.sampling import PromptSampling
 from bastion.identity.wiring import Identity, build_identity
 from bastion.knowledge import routes as knowledge_routes
 from bastion.knowledge.answers import AskService
@@ -67,6 +69,7 @@ def api_server(
                 *account_routes.build_from_settings(
                     Settings(issuer=url), db, keystore, identity.guard
                 ),
+                sampling_routes.build_router(PromptSampling(db), identity.guard),
             ),
         )
         built.append((app, identity))

@@ -28,7 +28,7 @@ from bastion.access.matrix import (
     sample_subject,
 )
 
-ACCOUNT_ACTIONS = ("account:read", "account:mfa", "account:password")
+ACCOUNT_ACTIONS = ("account:read", "account:mfa", "account:password", "account:sampling")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def _touch(path: Path, text: str) -> None:
 
 def test_schema_declares_exactly_the_actions(authorizer: Authorizer) -> None:
     assert authorizer.actions == ACTIONS
-    assert len(set(ACTIONS)) == 22
+    assert len(set(ACTIONS)) == 25
     assert authorizer.resource_types("account:read") == ("Account",)
     assert authorizer.has_owner("Account")
     assert not authorizer.has_owner("Document")
@@ -128,6 +128,7 @@ def test_every_role_and_action_matches_the_matrix(authorizer: Authorizer) -> Non
         "audit:read",
         "usage:read",
         "billing:read",
+        "sampling:read",
         *ACCOUNT_ACTIONS,
     }
     assert not auditor & {"document:write", "document:delete", "billing:manage", "plan:change"}

@@ -71,7 +71,9 @@ def build_app(process: str, settings: Settings) -> FastAPI:
     from bastion.api.app import create_app
     from bastion.billing import account_routes
     from bastion.billing import routes as billing_routes
+    from bastion.gateway import sampling_routes
     from bastion.gateway.app import create_gateway_app
+    from bastion.gateway.sampling import PromptSampling
     from bastion.identity.wiring import build_identity
     from bastion.knowledge import routes as knowledge_routes
     from bastion.knowledge.answers import AskService
@@ -122,6 +124,8 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             vault=PiiVault(TenantKeys(keystore)),
             # The plan's models and rate, from the tenant's subscription.
             plan_gate=PlanGate(build_billing(settings, db, keystore).service.entitlements),
+            # Prompts logged only where the owner set a rate and the user consented.
+            sampling=PromptSampling(db),
         )
 
         @asynccontextmanager
@@ -175,6 +179,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             ),
             safety_routes.build_router(knowledge.vault, db, identity.guard),
             *account_routes.build_from_settings(settings, db, keystore, identity.guard),
+            sampling_routes.build_router(PromptSampling(db), identity.guard),
         ),
         max_body_bytes=settings.max_upload_bytes,
     )

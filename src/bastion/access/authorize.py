@@ -68,6 +68,9 @@ ACTIONS: tuple[str, ...] = (
     "account:read",
     "account:mfa",
     "account:password",
+    "account:sampling",
+    "sampling:read",
+    "sampling:configure",
 )
 
 # Admin-grade actions: admin.cedar forbids them without MFA.
@@ -83,6 +86,8 @@ ADMIN_ACTIONS: frozenset[str] = frozenset(
         "incident:manage",
         # Undoes redaction for a whole tenant's personal data.
         "pii:reveal",
+        # Puts consenting users' prompts into the gateway's logs (sampling.cedar).
+        "sampling:configure",
     }
 )
 

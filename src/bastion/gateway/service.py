@@ -6,7 +6,9 @@ authenticate + authorize (the route's guard: token, DPoP, Cedar
 tokenized into the tenant's vault (:meth:`GatewayService.tokenized`) → route to
 the model's provider → reserve budget → call
 the provider → settle from the provider's ``usage`` (release on failure) →
-audit event and one log line. Over budget, no provider is called. Budget and
+audit event and one log line (with the tokenized prompt only when the tenant
+and the user consented: :mod:`bastion.gateway.sampling`). Over budget, no
+provider is called. Budget and
 audit go through the process's :class:`CallLedger` (leases of budget, batched
 writes), so the request path itself writes nothing to the database.
 
@@ -43,6 +45,7 @@ from bastion.gateway.hooks import DEFAULT_HOOKS, PromptHook, PromptRefused, scre
 from bastion.gateway.ledger import AuditEntry, CallLedger, Slot
 from bastion.gateway.providers import Completion, Message, ProviderError, StreamItem, Usage
 from bastion.gateway.routing import ModelRouter, Target
+from bastion.gateway.sampling import PromptSampling
 from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
 from bastion.safety.pii import scan_output
@@ -61,6 +64,12 @@ pii_in: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar("pii_
 pii_out: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar(
     "pii_out", default=_NONE
 )
+# This request's prompt as sent to the provider, when the tenant and the user
+# consented to sampling (:mod:`bastion.gateway.sampling`); else None.
+prompt_sample: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "prompt_sample", default=None
+)
+SAMPLE_CHARS = 4_000
 
 
 class _StreamScrubber:
@@ -163,6 +172,7 @@ class GatewayService:
         hooks: Sequence[PromptHook] = DEFAULT_HOOKS,
         plan_gate: PlanGate | None = None,
         vault: PiiVault | None = None,
+        sampling: PromptSampling | None = None,
     ) -> None:
         self.ledger = ledger
         self.models = models
@@ -172,6 +182,7 @@ class GatewayService:
         self.hooks = tuple(hooks)
         self.plan_gate = plan_gate
         self.vault = vault
+        self.sampling = sampling  # None: prompts are never logged
 
     def guarded(self, messages: Sequence[Message]) -> list[Message]:
         """The messages after every prompt hook (injection screen, PII redaction)."""
@@ -196,7 +207,16 @@ class GatewayService:
             safe = [s.text for s in scans]
             counts = Counter({k: n for s in scans for k, n in s.counts.items()})
         pii_in.set(dict(counts))
-        return [{**m, "content": text} for m, text in zip(messages, safe, strict=True)]
+        sent: list[Message] = [
+            {**m, "content": text} for m, text in zip(messages, safe, strict=True)
+        ]
+        if self.sampling is not None and await self.sampling.sampled(
+            caller.tenant_id, caller.user_id
+        ):
+            # The tokenized text only: what the provider sees, never raw PII.
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in sent)
+            prompt_sample.set(text[:SAMPLE_CHARS])
+        return sent
 
     async def _screened(
         self, caller: Caller, model: str, messages: Sequence[Message]
@@ -239,6 +259,7 @@ class GatewayService:
 
     async def router(self, caller: Caller, model: str) -> ModelRouter:
         """The model's router, once the caller's plan admits the call (model, rate)."""
+        prompt_sample.set(None)  # a new call: nothing sampled yet
         router = self.models.get(model)
         if router is None:
             raise ModelNotFound(f"model {model!r} is not served here")
@@ -298,7 +319,8 @@ class GatewayService:
         request_id = structlog.contextvars.get_contextvars().get("request_id")
         event = AuditEntry(f"user:{caller.user_id}", "model.invoke", model, details, request_id)
         self.ledger.record(caller.tenant_id, slot, usage, event)
-        # One line per call; never the prompt or the answer.
+        # One line per call; never the answer, and the prompt only when sampled.
+        sample = prompt_sample.get()
         _log.info(
             "model_call",
             trace_id=trace_id,
@@ -308,6 +330,7 @@ class GatewayService:
             cost_usd=cost,
             latency_ms=latency_ms,
             decision=decision,
+            **({"prompt_sample": sample} if sample is not None else {}),
         )
 
     async def chat(
