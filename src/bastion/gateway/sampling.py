@@ -135,34 +135,42 @@ class PromptSampling:
 
     async def consent(self, tenant_id: UUID, user_id: UUID, role: str = "viewer") -> bool:
         """Record ``user_id``'s consent; True if it is new. Audited in the same transaction."""
-        async with self.db.tenant_tx(tenant_id, user_id, role) as tx:
-            added = await tx.execute(
-                "INSERT INTO bastion.prompt_sampling_consents (tenant_id, user_id) "
-                "VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (tenant_id, user_id),
-            )
-            if added.rowcount:
-                await audit.record(
-                    tx,
-                    actor=f"user:{user_id}",
-                    action="sampling.consent",
-                    target=f"user:{user_id}",
-                )
-        self._forget(tenant_id, user_id)
-        return bool(added.rowcount)
+        return await self._change_consent(
+            tenant_id,
+            user_id,
+            role,
+            "INSERT INTO bastion.prompt_sampling_consents (tenant_id, user_id) "
+            "VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (tenant_id, user_id),
+            "sampling.consent",
+        )
 
     async def withdraw(self, tenant_id: UUID, user_id: UUID, role: str = "viewer") -> bool:
         """Withdraw ``user_id``'s consent; True if there was one. Audited likewise."""
+        return await self._change_consent(
+            tenant_id,
+            user_id,
+            role,
+            "DELETE FROM bastion.prompt_sampling_consents WHERE user_id = %s",
+            (user_id,),
+            "sampling.withdraw",
+        )
+
+    async def _change_consent(
+        self,
+        tenant_id: UUID,
+        user_id: UUID,
+        role: str,
+        statement: str,
+        params: tuple[UUID, ...],
+        action: str,
+    ) -> bool:
+        # As the user themself: RLS lets a consent row be written only by the user it names.
         async with self.db.tenant_tx(tenant_id, user_id, role) as tx:
-            deleted = await tx.execute(
-                "DELETE FROM bastion.prompt_sampling_consents WHERE user_id = %s", (user_id,)
-            )
-            if deleted.rowcount:
+            changed = await tx.execute(statement, params)
+            if changed.rowcount:
                 await audit.record(
-                    tx,
-                    actor=f"user:{user_id}",
-                    action="sampling.withdraw",
-                    target=f"user:{user_id}",
+                    tx, actor=f"user:{user_id}", action=action, target=f"user:{user_id}"
                 )
         self._forget(tenant_id, user_id)
-        return bool(deleted.rowcount)
+        return bool(changed.rowcount)
