@@ -6,7 +6,9 @@ The escape matrix is in test_sandbox_escapes.py."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import resource
 import threading
 from pathlib import Path
 
@@ -22,9 +24,12 @@ from bastion.safety.sandbox import (
     SandboxConfigError,
     SandboxUnavailable,
 )
+from bastion.safety.sandbox.backends.bwrap import BwrapBackend
 from bastion.safety.sandbox.backends.firecracker import FirecrackerBackend, FirecrackerConfig
 from bastion.safety.sandbox.backends.landlock import LandlockBackend
-from bastion.safety.sandbox.cgroups import RunCgroup, _V1Group, _V2Group
+from bastion.safety.sandbox.cgroups import CgroupLease, RunCgroup, _V1Group, _V2Group
+from bastion.safety.sandbox.creds import ThreadCredentials
+from bastion.safety.sandbox.runner import rlimits
 from bastion.safety.sandbox.service import BACKENDS, PYTHON, build_backend
 from bastion.settings import Settings
 
@@ -107,6 +112,172 @@ def test_the_default_memory_cap_is_256_mb() -> None:
     over = sandbox.run(sandbox.python(grow.format(n=20)))  # 320 MB
     assert over.outcome is Outcome.MEMORY_LIMIT
     assert over.memory_peak_bytes is not None and over.memory_peak_bytes <= (256 << 20)
+
+
+# -- the fast start: no exec in front of bubblewrap, rlimits on its blocked init -----------
+
+IDENTITY = r"""
+import resource
+status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())
+for key in ('Uid', 'Gid', 'Groups', 'CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb'):
+    print(key, ' '.join(status[key].split()))
+for name in ('CPU', 'FSIZE', 'NOFILE', 'NPROC', 'CORE', 'MEMLOCK', 'MSGQUEUE', 'AS'):
+    soft, hard = resource.getrlimit(getattr(resource, 'RLIMIT_' + name))
+    print(name, soft, hard)
+"""
+RLIMIT_NAMES = ("CPU", "FSIZE", "NOFILE", "NPROC", "CORE", "MEMLOCK", "MSGQUEUE", "AS")
+
+
+def _thread_credentials() -> tuple[object, ...]:
+    status = Path("/proc/thread-self/status").read_text().splitlines()
+    caps = tuple(line for line in status if line.startswith(("Cap", "Uid", "Gid", "Groups")))
+    return os.getresuid(), os.getresgid(), os.getgroups(), caps
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-execs"])
+def test_bwrap_runs_as_its_uid_under_its_rlimits_either_way(direct: bool) -> None:
+    # direct (the default here): spawned as the run's uid by the calling thread, rlimits
+    # set on the blocked init; otherwise through prlimit(1) and setpriv(1). Same result.
+    assert BwrapBackend().credentials is not None  # root here: the fast path is the default
+    config = SandboxConfig()
+    sandbox = Sandbox(BwrapBackend(direct=direct), config)
+    before = _thread_credentials()
+    result = sandbox.run(RunSpec((PYTHON, "-I", "-S", "-c", IDENTITY)))
+    assert result.outcome is Outcome.OK, result
+    lines = dict(line.split(" ", 1) for line in result.text().splitlines())
+    uid = int(lines["Uid"].split()[0])
+    assert uid in sandbox.uids
+    # Real, effective, saved and filesystem ids: all the run's; no group; no capability.
+    assert lines["Uid"] == lines["Gid"] == " ".join([str(uid)] * 4)
+    assert lines["Groups"] == ""
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(lines[cap], 16) == 0, cap
+    expected = {
+        name: (resource.RLIM_INFINITY, resource.RLIM_INFINITY) for name in RLIMIT_NAMES
+    }  # AS stays unlimited: the memory cgroup caps the run
+    for which, value in rlimits(config.limits, memory_cgroup=True):
+        expected[next(n for n in RLIMIT_NAMES if getattr(resource, f"RLIMIT_{n}") == which)] = value
+    for name in RLIMIT_NAMES:
+        assert tuple(int(v) for v in lines[name].split()) == expected[name], name
+    assert _thread_credentials() == before  # the caller's thread is root again
+
+
+def test_the_callers_thread_credentials_are_restored_after_a_failed_spawn(tmp_path: Path) -> None:
+    # A "bwrap" root may execute but the run's uid may not: the spawn fails as that uid.
+    binary = tmp_path / "bwrap"
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o700)
+    sandbox = Sandbox(BwrapBackend(str(binary), direct=True), SandboxConfig())
+    before = _thread_credentials()
+    result = sandbox.run(sandbox.python("print('must not run')"))
+    assert result.outcome is Outcome.SANDBOX_ERROR and result.detail == "start: PermissionError"
+    assert _thread_credentials() == before
+
+
+def test_concurrent_runs_leave_every_thread_as_it_was() -> None:
+    sandbox = _sandbox("bwrap")
+    main_before = _thread_credentials()
+    problems: list[str] = []
+
+    def one() -> None:
+        before = _thread_credentials()
+        for _ in range(5):
+            result = sandbox.run(sandbox.python("import os\nprint(os.getuid())"))
+            if result.outcome is not Outcome.OK or int(result.stdout) not in sandbox.uids:
+                problems.append(f"{result.outcome} {result.detail}")
+        if _thread_credentials() != before:
+            problems.append("thread credentials changed")
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []
+    assert _thread_credentials() == main_before
+
+
+def test_acting_as_a_uid_is_undone_even_when_the_block_raises() -> None:
+    credentials = ThreadCredentials()
+    before = _thread_credentials()
+    with pytest.raises(RuntimeError), credentials.acting_as(61999, effective=True):
+        # Only this thread changed; the saved ids stay root's.
+        assert os.getresuid() == (61999, 61999, 0) and os.getgroups() == []
+        raise RuntimeError("boom")
+    assert _thread_credentials() == before
+    with credentials.acting_as(61999, effective=False):
+        assert os.getresuid() == (61999, 0, 0)  # capabilities kept (effective uid 0)
+    assert _thread_credentials() == before
+
+
+GROW_128_MB = "b = []\nfor _ in range(8): b.append(b'x' * (16 << 20))\nprint('held 128 MB')"
+
+
+def _threads_cgroups() -> set[str]:
+    return {(task / "cgroup").read_text() for task in Path("/proc/self/task").iterdir()}
+
+
+def test_bwrap_is_born_in_its_cgroup_and_the_spawning_thread_goes_home(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # cgroup v1 here: a spawner thread joins the run's group alone, spawns, and returns;
+    # no process is moved afterwards (each such move can wait ~10 ms on the kernel).
+    def no_attach(self: RunCgroup, pids: tuple[int, ...]) -> None:
+        raise AssertionError(f"attach {pids}: the run should have been born in its group")
+
+    monkeypatch.setattr(RunCgroup, "attach", no_attach)
+    sandbox = _sandbox("bwrap")
+    before = _threads_cgroups()
+    assert len(before) == 1  # every thread of this process in the same groups
+    limits = dataclasses.replace(FAST, memory_bytes=64 << 20)
+    result = sandbox.run(sandbox.python(GROW_128_MB, limits=limits))
+    assert result.outcome is Outcome.MEMORY_LIMIT and b"held" not in result.stdout
+    assert result.memory_peak_bytes is not None and result.memory_peak_bytes <= 64 << 20
+    assert sandbox.run(sandbox.python("print(1)")).outcome is Outcome.OK
+    assert _threads_cgroups() == before  # the spawner thread is back home too
+
+
+def test_the_main_thread_never_joins_a_runs_cgroup() -> None:
+    # The memory controller charges a process's page faults to its first thread's group.
+    sandbox = _sandbox("bwrap")
+    group = sandbox.cgroups.create(FAST)
+    try:
+        with pytest.raises(OSError, match="main thread"), group.spawning_inside():
+            pass
+        assert group.pids() == []
+    finally:
+        group.remove()
+
+
+def test_a_sandbox_outside_its_cgroup_is_moved_in_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Where the spawn cannot happen from inside the group (cgroup v2), bubblewrap is
+    # moved in once started, and its sandbox too if it was cloned first — checked
+    # before it is unblocked. Force that path here.
+    monkeypatch.setattr(CgroupLease, "thread_join", property(lambda self: False))
+    sandbox = _sandbox("bwrap")
+    limits = dataclasses.replace(FAST, memory_bytes=64 << 20)
+    result = sandbox.run(sandbox.python(GROW_128_MB, limits=limits))
+    assert result.outcome is Outcome.MEMORY_LIMIT and b"held" not in result.stdout
+    assert result.memory_peak_bytes is not None and result.memory_peak_bytes <= 64 << 20
+
+
+@pytest.mark.parametrize(("backend", "uid_base"), [("bwrap", 62020), ("landlock", 62030)])
+def test_a_cgroup_that_cannot_be_made_fails_closed(
+    backend: str, uid_base: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uids = range(uid_base, uid_base + 2)
+    sandbox = _sandbox(backend, uid_base=uids.start, uid_count=len(uids), work_root=tmp_path)
+
+    def refuse(limits: Limits) -> RunCgroup:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sandbox.cgroups, "create", refuse)
+    result = sandbox.run(sandbox.python("print('must not run')"))
+    assert result.outcome is Outcome.SANDBOX_ERROR
+    assert result.detail == "cgroup: No space left on device"
+    assert result.stdout == b"" and _leftovers(uids) == []
 
 
 # -- probe and the minimum isolation ------------------------------------------------------

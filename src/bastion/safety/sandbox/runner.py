@@ -20,12 +20,16 @@ import select
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bastion.safety.sandbox.cgroups import Counters, RunCgroup
+from bastion.safety.sandbox.cgroups import CgroupLease, Counters, RunCgroup
+from bastion.safety.sandbox.creds import ThreadCredentials
 from bastion.safety.sandbox.spec import Limits, Outcome, Result
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -198,6 +202,37 @@ class Launch:
     # child is started with vfork); the sandbox's init waits on ``block_fd``
     # until it and bubblewrap are in the run's cgroup — before any code of the run.
     block_fd: int | None = None
+    # Set on the blocked init with prlimit(2) before it is unblocked (the run's
+    # processes all descend from it); empty when the launch sets them itself.
+    init_rlimits: list[tuple[int, tuple[int, int]]] = field(default_factory=list)
+    # Spawn as the run's uid (this thread's credentials, see creds.py), and set
+    # ``init_rlimits`` with its real uid; None: the launch drops privileges itself.
+    credentials: ThreadCredentials | None = None
+
+
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _on_spawner_thread(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """Run ``start`` on this process's spawner thread: never its main thread,
+    whose cgroup the memory controller charges every page fault of the process to
+    (see RunCgroup.spawning_inside)."""
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawn")
+    future = _spawner.submit(start)
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():  # interrupted meanwhile: end what it starts
+            wait_futures([future])
+            if future.exception() is None:
+                proc = future.result()
+                proc.kill()
+                proc.wait()
+        raise
 
 
 class Supervisor:
@@ -208,11 +243,13 @@ class Supervisor:
         *,
         uid: int,
         limits: Limits,
-        cgroup: RunCgroup | None,
+        cgroups: CgroupLease | None,
     ) -> None:
         self.uid = uid
         self.limits = limits
-        self.cgroup = cgroup
+        self.cgroups = cgroups
+        # Made already when the launch needed it (a pre-exec join); else in _confine.
+        self.cgroup: RunCgroup | None = cgroups.group if cgroups is not None else None
         self.status: dict[str, int] = {}
         self._status_buffer = b""
         self._members: set[int] = set()
@@ -224,18 +261,18 @@ class Supervisor:
         """Run and watch; raise OSError/SubprocessError if the process cannot start."""
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                launch.argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=launch.env,
-                cwd=launch.cwd,
-                preexec_fn=launch.preexec,  # prepared in the parent, import-free
-                pass_fds=launch.pass_fds,
-                start_new_session=True,
-                close_fds=True,
-            )
+            if (
+                launch.block_fd is not None
+                and self.cgroups is not None
+                and self.cgroup is None
+                and self.cgroups.thread_join
+            ):
+                # cgroup v1: spawned from inside the run's group, so bubblewrap and
+                # everything it starts are born in it (no attach: see spawning_inside).
+                self.cgroup = self.cgroups.get()
+                proc = _on_spawner_thread(lambda: self._spawn(launch, inside=True))
+            else:
+                proc = self._spawn(launch, inside=False)
         except BaseException:
             for fd in (launch.status_fd, launch.block_fd):
                 if fd is not None:
@@ -275,6 +312,27 @@ class Supervisor:
             counters=counters,
             status=self.status,
         )
+
+    def _spawn(self, launch: Launch, *, inside: bool) -> subprocess.Popen[bytes]:
+        with contextlib.ExitStack() as stack:
+            if inside:
+                assert self.cgroup is not None
+                stack.enter_context(self.cgroup.spawning_inside())
+            if launch.credentials is not None:
+                # After joining (which needs root), undone before leaving.
+                stack.enter_context(launch.credentials.acting_as(self.uid, effective=True))
+            return subprocess.Popen(
+                launch.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=launch.env,
+                cwd=launch.cwd,
+                preexec_fn=launch.preexec,  # prepared in the parent, import-free
+                pass_fds=launch.pass_fds,
+                start_new_session=True,
+                close_fds=True,
+            )
 
     def _watch(
         self, proc: subprocess.Popen[bytes], launch: Launch, stdin: bytes, started: float
@@ -354,15 +412,23 @@ class Supervisor:
             os.close(pidfd)
 
     def _confine(self, proc: subprocess.Popen[bytes], launch: Launch, started: float) -> None:
-        """Put bubblewrap and the sandbox's init (blocked before it starts the
-        command) in the run's cgroup, then unblock it.
+        """Make sure bubblewrap and the sandbox's init (blocked before it starts
+        the command) are in the run's cgroup, put the init under the run's
+        rlimits, then unblock it.
 
-        Doing this from here rather than in a pre-exec step spares a fork of
-        this (large) process running Python in the child. Raises OSError, and
-        then leaves it blocked: the caller kills it.
+        On cgroup v1 both were born in the group (spawned from inside it); else
+        they are moved in from here. Doing this from here rather than in a
+        pre-exec step spares a fork of this (large) process running Python in
+        the child. Raises OSError, and then leaves it blocked: the caller kills it.
         """
         assert launch.status_fd is not None and launch.block_fd is not None
         deadline = started + min(self.limits.wall_seconds, 10.0)
+        if self.cgroups is not None and self.cgroup is None:
+            # cgroup v2: made and joined while bubblewrap is still being exec'd (it
+            # reports its sandbox ~4 ms later), off the start-up's critical path.
+            # A sandbox cloned after this attach is born in the group.
+            self.cgroup = self.cgroups.get()
+            self.cgroup.attach((proc.pid,))
         os.set_blocking(launch.status_fd, False)
         while "child-pid" not in self.status:
             remaining = deadline - time.monotonic()
@@ -371,10 +437,20 @@ class Supervisor:
             ready, _, _ = select.select([launch.status_fd], [], [], remaining)
             if ready and not self._read_status(launch.status_fd, final=False):
                 return  # bubblewrap exited before starting the sandbox
+        init = self.status["child-pid"]
         # A handle on the sandbox's init that its pid's reuse cannot fool.
-        self._init_pidfd = os.pidfd_open(self.status["child-pid"])
-        if self.cgroup is not None:
-            self.cgroup.attach((proc.pid, self.status["child-pid"]))
+        self._init_pidfd = os.pidfd_open(init)
+        if self.cgroup is not None and not self.cgroup.holds(init):
+            # bubblewrap cloned it before the attach above: move it too (each such
+            # move may wait for an RCU grace period, so the usual case skips it).
+            self.cgroup.attach((proc.pid, init))
+        if launch.init_rlimits:
+            assert launch.credentials is not None
+            # prlimit(2) on another process: allowed with the target's real uid and
+            # gid (capabilities kept). A refusal raises: the run never starts.
+            with launch.credentials.acting_as(self.uid, effective=False):
+                for which, value in launch.init_rlimits:
+                    resource.prlimit(init, which, value)
         os.write(launch.block_fd, b"1")
         os.close(launch.block_fd)
         launch.block_fd = None
@@ -430,6 +506,14 @@ class Supervisor:
         # Not proc.kill(): it would reap the process first and lose its rusage. Until
         # wait4 below the pid stays ours (at worst a zombie), so it cannot be reused.
         os.kill(proc.pid, signal.SIGKILL)
+        if self._init_pidfd is not None:
+            # bubblewrap reports the exit status before its sandbox's init is gone.
+            # Once the init has exited, so has every process of its pid namespace
+            # (the kernel kills and reaps them first): waiting on its pidfd beats
+            # polling the cgroup's list with 1 ms sleeps (~1 ms a run).
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+            select.select([self._init_pidfd], [], [], 1.0)
         if self.cgroup is not None:
             self._members = self.cgroup.kill()
         else:

@@ -22,7 +22,7 @@ from bastion.safety.sandbox.backends.bwrap import BwrapBackend
 from bastion.safety.sandbox.backends.firecracker import FirecrackerBackend, FirecrackerConfig
 from bastion.safety.sandbox.backends.gvisor import GvisorBackend
 from bastion.safety.sandbox.backends.landlock import LandlockBackend
-from bastion.safety.sandbox.cgroups import Layout
+from bastion.safety.sandbox.cgroups import CgroupLease, Layout
 from bastion.safety.sandbox.errors import SandboxUnavailable
 from bastion.safety.sandbox.runner import become_subreaper
 from bastion.safety.sandbox.spec import PYTHON, Isolation, Limits, Outcome, Result, RunSpec
@@ -178,18 +178,18 @@ class Sandbox:
 
         Raises :class:`SandboxUnavailable` only when no uid is free.
         """
-        cgroup = None
-        if self.cgroups.available:
-            try:
-                cgroup = self.cgroups.create(self.backend.cgroup_limits(spec.limits))
-            except OSError as exc:
-                return Result(Outcome.SANDBOX_ERROR, self.name, detail=f"cgroup: {exc.strerror}")
+        # Made when the backend first needs it (bwrap: while bubblewrap starts).
+        cgroups = (
+            CgroupLease(self.cgroups, self.backend.cgroup_limits(spec.limits))
+            if self.cgroups.available
+            else None
+        )
         try:
             with self.uids.lease() as uid:
-                return self.backend.run(spec, RunContext(uid, cgroup))
+                return self.backend.run(spec, RunContext(uid, cgroups))
         finally:
-            if cgroup is not None:
-                cgroup.remove()
+            if cgroups is not None:
+                cgroups.remove()
 
     async def run_async(self, spec: RunSpec) -> Result:
         """:meth:`run` in a thread, so the event loop keeps serving meanwhile."""

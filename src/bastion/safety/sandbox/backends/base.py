@@ -6,7 +6,7 @@ import abc
 import subprocess
 from dataclasses import dataclass
 
-from bastion.safety.sandbox.cgroups import RunCgroup
+from bastion.safety.sandbox.cgroups import CgroupError, CgroupLease, RunCgroup
 from bastion.safety.sandbox.runner import Launch, Supervisor, Watched, classify
 from bastion.safety.sandbox.spec import Isolation, Limits, Outcome, Result, RunSpec
 
@@ -16,7 +16,17 @@ class RunContext:
     """What the :class:`~bastion.safety.sandbox.Sandbox` leases for one run."""
 
     uid: int
-    cgroup: RunCgroup | None
+    # The run's cgroup, made on first use (None: no cgroup hierarchy here).
+    cgroups: CgroupLease | None
+
+    @property
+    def has_cgroup(self) -> bool:
+        return self.cgroups is not None
+
+    @property
+    def cgroup(self) -> RunCgroup | None:
+        """The run's cgroup, made now if it is not yet; raise CgroupError."""
+        return self.cgroups.get() if self.cgroups is not None else None
 
 
 class Backend(abc.ABC):
@@ -46,17 +56,17 @@ class Backend(abc.ABC):
         """Run ``spec``; failures of the sandbox itself come back as ``sandbox_error``."""
         try:
             launch = self.launch(spec, ctx)
+        except CgroupError as exc:
+            return Result(Outcome.SANDBOX_ERROR, self.name, detail=f"cgroup: {exc.strerror}")
         except OSError as exc:
             return Result(
                 Outcome.SANDBOX_ERROR, self.name, detail=f"prepare: {exc.strerror or exc}"
             )
         try:
-            supervisor = Supervisor(
-                uid=ctx.uid,
-                limits=spec.limits,
-                cgroup=ctx.cgroup,
-            )
+            supervisor = Supervisor(uid=ctx.uid, limits=spec.limits, cgroups=ctx.cgroups)
             watched = supervisor.run(launch, spec.stdin)
+        except CgroupError as exc:
+            return Result(Outcome.SANDBOX_ERROR, self.name, detail=f"cgroup: {exc.strerror}")
         except (OSError, subprocess.SubprocessError) as exc:
             return Result(Outcome.SANDBOX_ERROR, self.name, detail=f"start: {type(exc).__name__}")
         finally:

@@ -16,6 +16,7 @@ import shutil
 
 from bastion.safety.sandbox import seccomp
 from bastion.safety.sandbox.backends.base import Backend, RunContext
+from bastion.safety.sandbox.creds import ThreadCredentials
 from bastion.safety.sandbox.runner import Launch, Watched, rlimits, system_mounts
 from bastion.safety.sandbox.spec import Isolation, Outcome, Result, RunSpec
 
@@ -47,47 +48,70 @@ class BwrapBackend(Backend):
     name = "bwrap"
     isolation = Isolation.NAMESPACES
 
-    def __init__(self, binary: str = "bwrap") -> None:
+    def __init__(self, binary: str = "bwrap", *, direct: bool | None = None) -> None:
+        """``direct``: spawn bubblewrap straight as the run's uid and set the rlimits
+        on its blocked sandbox from here (creds.py), rather than through prlimit(1)
+        and setpriv(1) execs in front of it (~2.5 ms a run). None: where possible."""
         self.binary = binary
+        credentials = ThreadCredentials()
+        if direct is None:
+            direct = credentials.available()
+        elif direct and not credentials.available():
+            raise ValueError("thread credentials unavailable: not root, or unknown syscalls")
+        self.credentials = credentials if direct else None
+        self._static: tuple[str, list[str]] | None = None
 
     def unavailable(self) -> str | None:
         if shutil.which(self.binary) is None:
             return "bwrap not installed (apt-get install bubblewrap)"
-        if shutil.which("prlimit") is None or shutil.which("setpriv") is None:
+        if self.credentials is None and (
+            shutil.which("prlimit") is None or shutil.which("setpriv") is None
+        ):
             return "prlimit/setpriv not installed (apt-get install util-linux)"
         return None
 
+    def _static_args(self) -> tuple[str, list[str]]:
+        """(bwrap, the arguments every run shares): resolved once per backend, not
+        per run (PATH lookups, the system dirs' symlinks)."""
+        if self._static is None:
+            binary = shutil.which(self.binary)
+            if binary is None:
+                raise OSError("bwrap not installed")
+            args = [
+                binary,
+                "--unshare-all",  # pid, net, ipc, uts, mount, cgroup (user: -try)
+                "--unshare-user",
+                # No nested namespaces: the seccomp filter kills unshare, setns and
+                # clone with namespace flags (bwrap's --disable-userns would cost
+                # ~10% per start).
+                "--die-with-parent",
+                "--new-session",  # no TIOCSTI into a terminal
+                "--cap-drop", "ALL",
+                "--hostname", "sandbox",
+            ]  # fmt: skip
+            for mount in system_mounts():
+                if mount.is_symlink():
+                    args += ["--symlink", os.readlink(mount), str(mount)]
+                else:
+                    args += ["--ro-bind", str(mount), str(mount)]
+            for path in ETC_FILES:
+                args += ["--ro-bind-try", path, path]
+            args += ["--proc", "/proc", "--dev", "/dev"]
+            self._static = (binary, args)
+        return self._static
+
     def launch(self, spec: RunSpec, ctx: RunContext) -> Launch:
-        binary = shutil.which(self.binary)
-        if binary is None:
-            raise OSError("bwrap not installed")
+        _, static = self._static_args()
         args = [
-            binary,
-            "--unshare-all",  # pid, net, ipc, uts, mount, cgroup (user: -try)
-            "--unshare-user",
-            # No nested namespaces: the seccomp filter kills unshare, setns and clone
-            # with namespace flags (bwrap's --disable-userns would cost ~10% per start).
-            "--die-with-parent",
-            "--new-session",  # no TIOCSTI into a terminal
-            "--cap-drop", "ALL",
-            "--hostname", "sandbox",
-        ]  # fmt: skip
-        for mount in system_mounts():
-            if mount.is_symlink():
-                args += ["--symlink", os.readlink(mount), str(mount)]
-            else:
-                args += ["--ro-bind", str(mount), str(mount)]
-        for path in ETC_FILES:
-            args += ["--ro-bind-try", path, path]
-        args += [
-            "--proc", "/proc",
-            "--dev", "/dev",
+            *static,
             "--size", str(spec.limits.tmpfs_bytes), "--tmpfs", WORKDIR,
             "--chdir", WORKDIR,
             "--clearenv",
         ]  # fmt: skip
         for key, value in clean_env(spec, home=WORKDIR).items():
             args += ["--setenv", key, value]
+        # The filter is compiled once per process (filter_bpf is cached); each run
+        # gets its own pipe holding it, which bubblewrap reads to the end.
         seccomp_fd = seccomp.bpf_pipe(seccomp.filter_bpf(shared_host=False))
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
@@ -99,21 +123,25 @@ class BwrapBackend(Backend):
             "--block-fd", str(block_r),
             "--", *spec.argv,
         ]  # fmt: skip
-        # rlimits: set by prlimit(1) on itself before it execs on (lowering one's
-        # own limits needs no privilege; setting another process's needs
-        # CAP_SYS_RESOURCE, which a container's root may not hold).
-        # Then setpriv(1) drops to the run's uid: with no pre-exec step and no
-        # user= here, the child is started with vfork, not a fork of this process.
-        prlimit, setpriv = shutil.which("prlimit"), shutil.which("setpriv")
-        if prlimit is None or setpriv is None:
-            raise OSError("prlimit/setpriv not installed")
-        limits = [
-            f"--{_PRLIMIT[which]}={soft}:{hard}"
-            for which, (soft, hard) in rlimits(spec.limits, memory_cgroup=ctx.cgroup is not None)
-        ]
-        drop = [f"--reuid={ctx.uid}", f"--regid={ctx.uid}", "--clear-groups"]
+        limits = rlimits(spec.limits, memory_cgroup=ctx.has_cgroup)
+        if self.credentials is not None:
+            # Spawned as the run's uid by this thread (vfork: no fork of this large
+            # process, no exec in front); the rlimits are set on the sandbox's init
+            # while it is blocked, before any code of the run exists — every process
+            # of the run descends from it and inherits them.
+            argv, init_limits = args, limits
+        else:
+            # prlimit(1) sets them on itself before it execs on (lowering one's own
+            # limits needs no privilege), then setpriv(1) drops to the run's uid.
+            prlimit, setpriv = shutil.which("prlimit"), shutil.which("setpriv")
+            if prlimit is None or setpriv is None:
+                raise OSError("prlimit/setpriv not installed")
+            options = [f"--{_PRLIMIT[which]}={soft}:{hard}" for which, (soft, hard) in limits]
+            drop = [f"--reuid={ctx.uid}", f"--regid={ctx.uid}", "--clear-groups"]
+            argv = [prlimit, *options, "--", setpriv, *drop, "--", *args]
+            init_limits = []
         return Launch(
-            argv=[prlimit, *limits, "--", setpriv, *drop, "--", *args],
+            argv=argv,
             env={"PATH": "/usr/bin:/bin"},
             preexec=None,
             pass_fds=(seccomp_fd, status_w, block_r),
@@ -121,6 +149,8 @@ class BwrapBackend(Backend):
             status_fd=status_r,
             block_fd=block_w,
             cwd="/",
+            init_rlimits=init_limits,
+            credentials=self.credentials,
         )
 
     def finish(self, result: Result, watched: Watched) -> Result:

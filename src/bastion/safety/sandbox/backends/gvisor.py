@@ -84,6 +84,7 @@ class GvisorBackend(Backend):
         binary = shutil.which(self.binary)
         if binary is None:
             raise OSError("runsc not installed")
+        cgroup = ctx.cgroup  # made now: the child joins it before exec
         limits = spec.limits
         bundle = self.state_dir / "runs" / f"run-{uuid.uuid4().hex}"
         bundle.mkdir(parents=True, mode=0o700)
@@ -132,7 +133,6 @@ class GvisorBackend(Backend):
             },
         }
         (bundle / "config.json").write_text(json.dumps(config))
-        cgroup = ctx.cgroup
 
         def join() -> None:
             if cgroup is not None:

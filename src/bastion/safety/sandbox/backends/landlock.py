@@ -45,6 +45,7 @@ class LandlockBackend(Backend):
         return None
 
     def launch(self, spec: RunSpec, ctx: RunContext) -> Launch:
+        cgroup = ctx.cgroup  # made now: the child joins it before exec
         self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
         workdir = self.work_root / f"run-{uuid.uuid4().hex}"
         workdir.mkdir(mode=0o700)
@@ -73,9 +74,7 @@ class LandlockBackend(Backend):
         return Launch(
             argv=list(spec.argv),
             env=clean_env(spec, home=str(workdir)),
-            preexec=make_preexec(
-                uid=ctx.uid, limits=spec.limits, cgroup=ctx.cgroup, extra=restrict
-            ),
+            preexec=make_preexec(uid=ctx.uid, limits=spec.limits, cgroup=cgroup, extra=restrict),
             cwd=str(workdir),
             cleanups=[cleanup],
         )
