@@ -54,6 +54,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             [route.model_dump(exclude_defaults=True) for route in settings.gateway_models]
         ),
         "BASTION_GATEWAY_CACHE_TTL_SECONDS": str(settings.gateway_cache_ttl_seconds),
+        # Every process of a stack shares one replay store or none does.
+        "BASTION_REPLAY_STORE": settings.replay_store,
     }
     for name, value in (
         ("BASTION_MASTER_KEY_FILE", settings.master_key_file),

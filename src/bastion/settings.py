@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     policy_dir: Path | None = None
     # JSON list in BASTION_EXTERNAL_ISSUERS, e.g. [{"issuer": "https://kc/realms/x", ...}]
     external_issuers: list[ExternalIssuer] = Field(default_factory=list)
+    # Where DPoP proofs and the api's signed envelopes are remembered as used.
+    # Set "postgres" when more than one api or gateway process serves: a proof
+    # replayed to another process is refused too (one query per request). Each
+    # process's memory is checked first either way; "memory" adds no query.
+    replay_store: Literal["memory", "postgres"] = "memory"
 
     # Gateway: the models it serves. JSON list in BASTION_GATEWAY_MODELS, e.g.
     # [{"name": "gpt-4o-mini", "provider": "openai_compatible",

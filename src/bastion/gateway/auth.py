@@ -46,6 +46,14 @@ class GatewayAuth:
             raise EnvelopeRefused(
                 "the request's envelope does not verify", reason=refused.reason
             ) from None
+        # verify() used the nonce up in this process's memory; with several
+        # gateway processes (replay_store "postgres") also across all of them.
+        shared = self.guard.authenticator.replay_store
+        expires_at = envelope.issued_at + self.signer.tokens.max_age
+        if shared is not None and not await shared.first_use(
+            "envelope", envelope.nonce, expires_at
+        ):
+            raise EnvelopeRefused("the request's envelope does not verify", reason="replayed")
         resource_type = ENVELOPE_ACTIONS.get(envelope.action)
         if resource_type is None:
             raise EnvelopeRefused("the envelope names no model action", reason="bad-action")

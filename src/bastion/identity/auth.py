@@ -4,8 +4,10 @@ Every request must carry ``Authorization: DPoP <token>`` and one ``DPoP``
 proof header (RFC 9449 section 7.1). The token is verified (signature, alg
 allow-list, iss, aud, exp/nbf/iat), then the proof (htm, htu, iat window,
 jti replay, ath) and its key must be the one the token is bound to
-(``cnf.jkt``). Bearer use is refused. The tenant of the request is the
-token's ``tenant_id`` claim, never a value from the path or the body.
+(``cnf.jkt``). With a shared replay store (identity/replay.py) a proof is
+single-use across processes too. Bearer use is refused. The tenant of the
+request is the token's ``tenant_id`` claim, never a value from the path or the
+body.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi import Request
 from bastion.api.problems import Problem, problem_type
 from bastion.identity.dpop import DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, InvalidToken
+from bastion.identity.replay import SharedReplayStore, take_accepted_proof
 from bastion.identity.tokens import AccessClaims, AccessTokenVerifier
 
 DPOP_ALGS = "ES256 EdDSA"
@@ -92,6 +95,7 @@ class Authenticator:
         issuer: str,
         *,
         public_url: str | None = None,
+        replay_store: SharedReplayStore | None = None,
     ) -> None:
         self.tokens = tokens
         self.dpop = dpop
@@ -99,6 +103,9 @@ class Authenticator:
         # This process's own public base URL (the gateway's differs from the
         # issuer's): what DPoP proofs' htu must name.
         self.public_url = (public_url or issuer).rstrip("/")
+        # Several processes: single use also across them (dpop's cache must
+        # then be a RecordingReplayCache). None: this process's memory only.
+        self.replay_store = replay_store
 
     async def __call__(self, request: Request) -> Principal:
         authorization = request.headers.get("authorization", "")
@@ -120,9 +127,19 @@ class Authenticator:
                 raise _unauthorized("DPoP-bound tokens cannot be used as bearer tokens")
         else:
             self._check_proof(request, token, claims)
+            if self.replay_store is not None:
+                await self._check_shared(self.replay_store)
         if not claims.roles:
             raise NoRole("the token carries no role in this tenant")
         return Principal(claims.sub, claims.tenant_id, claims.roles, claims.amr, claims)
+
+    async def _check_shared(self, store: SharedReplayStore) -> None:
+        """Refuse a proof another process accepted already (RFC 9449 section 11.1)."""
+        # Recorded by verify() just now: no await came in between. None would
+        # mean a verifier without the recording cache: refused, never let by.
+        accepted = take_accepted_proof()
+        if accepted is None or not await store.first_use("dpop", *accepted):
+            raise _unauthorized("invalid DPoP proof: proof replayed", "invalid_dpop_proof")
 
     def _check_proof(self, request: Request, token: str, claims: AccessClaims) -> None:
         proofs = request.headers.getlist("dpop")

@@ -20,6 +20,7 @@ from bastion.identity.issuers import CombinedVerifier, ExternalIssuers, IssuerCo
 from bastion.identity.keys import SigningKeys
 from bastion.identity.mfa import MfaService
 from bastion.identity.passwords import PasswordService
+from bastion.identity.replay import RecordingReplayCache, SharedReplayStore
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, IdentityService
 from bastion.identity.throttle import LoginThrottle
 from bastion.identity.tokens import AccessTokenVerifier, TokenIssuer, TokenVerifier
@@ -56,14 +57,16 @@ def _authorizer(settings: Settings) -> Authorizer:
 
 
 def _verifiers(
-    settings: Settings, keystore: LocalKeystore, public_url: str | None = None
+    settings: Settings, db: Database, keystore: LocalKeystore, public_url: str | None = None
 ) -> tuple[SigningKeys, DpopVerifier, Authenticator, ExternalIssuers]:
     """The signing keys and what verifies a request's access token and DPoP proof."""
     issuer = settings.resolved_issuer
     keys = SigningKeys(keystore, token_lifetime=timedelta(minutes=settings.access_token_minutes))
-    # One replay cache per process (api and gateway each keep their own).
+    # One replay cache per process (api and gateway each keep their own); with
+    # replay_store "postgres" what passes it is then checked across processes.
+    shared = SharedReplayStore(db) if settings.replay_store == "postgres" else None
     dpop = DpopVerifier(
-        MemoryReplayCache(),
+        MemoryReplayCache() if shared is None else RecordingReplayCache(MemoryReplayCache()),
         nonce_secret=keystore.ensure("identity/dpop-nonce-key", lambda: secrets.token_bytes(32)),
     )
     local = TokenVerifier(keys, issuer=issuer, audience=issuer)
@@ -73,7 +76,9 @@ def _verifiers(
     verifier: AccessTokenVerifier = (
         CombinedVerifier(local, external) if settings.external_issuers else local
     )
-    authenticator = Authenticator(verifier, dpop, issuer, public_url=public_url)
+    authenticator = Authenticator(
+        verifier, dpop, issuer, public_url=public_url, replay_store=shared
+    )
     return keys, dpop, authenticator, external
 
 
@@ -88,7 +93,7 @@ def build_guard(
 ) -> Guard:
     """The request guard (token + DPoP, then Cedar) for a process other than the api,
     served at ``public_url``; ``roles`` reads members' roles (default: the database)."""
-    _keys, _dpop, authenticator, _external = _verifiers(settings, keystore, public_url)
+    _keys, _dpop, authenticator, _external = _verifiers(settings, db, keystore, public_url)
     return Guard(authenticator, authorizer or _authorizer(settings), db, roles=roles)
 
 
@@ -102,7 +107,7 @@ def build_identity(
     tenants), all guarded by the request authenticator and the Cedar policies."""
     issuer = settings.resolved_issuer
     lifetime = timedelta(minutes=settings.access_token_minutes)
-    keys, dpop, authenticator, external = _verifiers(settings, keystore)
+    keys, dpop, authenticator, external = _verifiers(settings, db, keystore)
     keys.current()  # the first signing key exists before the first request
     tokens = TokenIssuer(keys, issuer=issuer, audience=issuer, lifetime=lifetime)
     if authorizer is None:
