@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -106,6 +108,14 @@ _MAX_LINE_BYTES = 1 << 20
 _MAX_BODY_BYTES = 64 << 20
 
 
+def _environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url``, or None (also when NO_PROXY covers it)."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
 def _trace_headers() -> dict[str, str]:
     """The provider call's ``traceparent``: the request's trace, a span of its own."""
     trace = current_trace.get()
@@ -134,6 +144,10 @@ class OpenAICompatible:
         # ``timeout`` bounds each wait for the upstream (the first byte, then
         # every read of a stream), not a whole stream's length.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout)
+        # An egress proxy from the environment (HTTPS_PROXY, NO_PROXY), as httpx
+        # honoured: read once here, not per call (aiohttp's trust_env re-reads
+        # the environment and ~/.netrc on every request).
+        self._proxy = _environment_proxy(self.base_url)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
 
@@ -147,9 +161,6 @@ class OpenAICompatible:
                 timeout=self._timeout,
                 read_bufsize=_MAX_LINE_BYTES,
                 max_line_size=_MAX_LINE_BYTES,
-                # HTTPS_PROXY / NO_PROXY from the environment, as httpx did:
-                # an egress proxy is the operator's configuration.
-                trust_env=True,
             )
             self._session_loop = loop
         return self._session
@@ -162,6 +173,7 @@ class OpenAICompatible:
     def _request(self, path: str, payload: dict[str, Any]) -> Any:
         return self._client().post(
             self.base_url + path,
+            proxy=self._proxy,
             data=json.dumps(payload, separators=(",", ":")),
             headers={"Content-Type": "application/json", **_trace_headers()},
         )
