@@ -26,8 +26,10 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 # How much of an oversized body is read and discarded before answering 413:
 # closing with unread data makes the client's TCP stack reset the connection,
-# often before it has read our answer. Beyond this, the reset is accepted.
-DRAIN_LIMIT_BYTES = 256 * 1024
+# often before it has read our answer (with 256 KiB, a 2 MiB upload sometimes
+# got a reset instead of the 413). Beyond this, the reset is accepted: reading
+# more would let one request hold the server longer.
+DRAIN_LIMIT_BYTES = 8 << 20
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _access_log = get_logger("bastion.access")
