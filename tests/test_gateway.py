@@ -11,7 +11,6 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
@@ -27,8 +26,7 @@ from bastion.access.roles import LiveRoles
 from bastion.billing.budgets import BudgetService, BudgetState
 from bastion.billing.wiring import build_billing
 from bastion.db.pool import Database
-from bastion.gateway import routes as gateway_routes
-from bastion.gateway.app import build_routers, create_gateway_app
+from bastion.gateway.app import build_routers
 from bastion.gateway.entitlements import PlanGate
 from bastion.gateway.ledger import CallLedger
 from bastion.gateway.routing import CircuitBreaker
@@ -52,6 +50,7 @@ from bastion.secrets import LocalKeystore
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import Captured, DbHandles
+from tests.gateway_stack import gateway_app
 from tests.http_server import running_server, serving
 from tests.provider_double import (
     ANSWER,
@@ -149,34 +148,23 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                 build_billing(settings, db, keystore).service.entitlements, ttl_seconds=0.3
             )
 
-            @asynccontextmanager
-            async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-                await db.open()
-                ledger.start()
-                live_roles.start()
-                try:
-                    tenants = TenantService(db)
-                    tenant = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "gw")).id
-                    seeded["tenant"] = tenant
-                    seeded["users"] = {
-                        role: await tenants.add_member(tenant, f"{role}@gw.test", role)
-                        for role in ("contributor", "viewer")
-                    }
-                    other = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "other")).id
-                    seeded["other_tenant"] = other
-                    seeded["other_user"] = await tenants.add_member(
-                        other, "contributor@other.test", "contributor"
-                    )
-                    yield
-                finally:
-                    await live_roles.aclose()
-                    await ledger.aclose()
-                    for model_router in routers.values():
-                        await model_router.aclose()
-                    await db.close()
+            async def seed(db: Database) -> None:
+                tenants = TenantService(db)
+                tenant = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "gw")).id
+                seeded["tenant"] = tenant
+                seeded["users"] = {
+                    role: await tenants.add_member(tenant, f"{role}@gw.test", role)
+                    for role in ("contributor", "viewer")
+                }
+                other = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "other")).id
+                seeded["other_tenant"] = other
+                seeded["other_user"] = await tenants.add_member(
+                    other, "contributor@other.test", "contributor"
+                )
 
-            router = gateway_routes.build_router(service, guard, EnvelopeSigner(keystore))
-            return create_gateway_app(readiness=db.ping, lifespan=lifespan, routers=(router,))
+            return gateway_app(
+                db, service, guard, EnvelopeSigner(keystore), live_roles=live_roles, seed=seed
+            )
 
         with serving(build) as url:
             keys = SigningKeys(keystore)

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -26,8 +26,7 @@ from fastapi import FastAPI
 from bastion.access.guard import Guard
 from bastion.billing.budgets import BudgetService, BudgetState
 from bastion.db.pool import Database
-from bastion.gateway import routes as gateway_routes
-from bastion.gateway.app import build_routers, create_gateway_app
+from bastion.gateway.app import build_routers
 from bastion.gateway.ledger import CallLedger
 from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
@@ -40,6 +39,7 @@ from bastion.secrets import LocalKeystore
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
+from tests.gateway_stack import gateway_app
 from tests.http_server import running_server, serving
 from tests.provider_double import API_KEY, DoubleState, provider_double
 
@@ -87,22 +87,7 @@ def _gateway(
         ledger, routers, authorizer=guard.authorizer, tool_signer=ToolCallSigner(keystore)
     )
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await db.open()
-        ledger.start()
-        try:
-            if seed is not None:
-                await seed(db)
-            yield
-        finally:
-            await ledger.aclose()
-            for model_router in routers.values():
-                await model_router.aclose()
-            await db.close()
-
-    router = gateway_routes.build_router(service, guard, EnvelopeSigner(keystore))
-    return create_gateway_app(readiness=db.ping, lifespan=lifespan, routers=(router,))
+    return gateway_app(db, service, guard, EnvelopeSigner(keystore), seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,7 @@ from fastapi import FastAPI
 from bastion.api.app import create_app
 from bastion.billing.budgets import BudgetService
 from bastion.db.pool import Database
-from bastion.gateway import routes as gateway_routes
-from bastion.gateway.app import build_routers, create_gateway_app
+from bastion.gateway.app import build_routers
 from bastion.gateway.ledger import CallLedger
 from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
@@ -44,6 +43,7 @@ from bastion.secrets import LocalKeystore
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
+from tests.gateway_stack import gateway_app
 from tests.http_server import running_server, serving
 from tests.injection.hostile_provider import API_KEY, HIJACKED, HostileState, hostile_provider
 
@@ -142,20 +142,7 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
             ledger = CallLedger(db, BudgetService(db))
             service = GatewayService(ledger, routers, authorizer=guard.authorizer)
 
-            @asynccontextmanager
-            async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-                await db.open()
-                ledger.start()
-                try:
-                    yield
-                finally:
-                    await ledger.aclose()
-                    for model_router in routers.values():
-                        await model_router.aclose()
-                    await db.close()
-
-            router = gateway_routes.build_router(service, guard, EnvelopeSigner(keystore))
-            return create_gateway_app(readiness=db.ping, lifespan=lifespan, routers=(router,))
+            return gateway_app(db, service, guard, EnvelopeSigner(keystore))
 
         with serving(build_gateway) as gateway_url:
 
