@@ -186,11 +186,14 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
             )
 
 
-def _dpop_http(gw: Gateway, role: str = "contributor", *, other: bool = False) -> httpx.AsyncClient:
-    """An httpx client whose request hook adds the user's token and a fresh DPoP proof."""
+def _dpop_http(
+    gw: Gateway, role: str = "contributor", *, other: bool = False, user: UUID | None = None
+) -> httpx.AsyncClient:
+    """An httpx client whose request hook adds the user's token and a fresh DPoP proof
+    (the seeded user of ``role``, or ``user`` holding ``role``)."""
     key = DpopKey.generate()
     token, _ = gw.tokens.issue_access(
-        user_id=gw.other_user if other else gw.users[role],
+        user_id=user or (gw.other_user if other else gw.users[role]),
         tenant_id=gw.other_tenant if other else gw.tenant,
         roles=(role,),
         amr=("pwd",),
@@ -242,6 +245,12 @@ async def _settled(budgets: BudgetService, tenant: UUID) -> BudgetState | None:
         if state is None or state.calls_reserved == 0 or time.monotonic() > deadline:
             return state
         await asyncio.sleep(0.05)
+
+
+async def _assert_nothing_spent(budgets: BudgetService, gw: Gateway) -> None:
+    """The tenant's budget shows no call used and none left reserved."""
+    state = await _settled(budgets, gw.tenant)
+    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
 
 
 @pytest.fixture(autouse=True)
@@ -371,8 +380,7 @@ async def test_provider_failure_is_503_leaks_nothing_and_holds_nothing(
     assert problem["type"].endswith("/provider-unavailable") and problem["reason"] == reason
     for secret in (SECRET_ERROR, API_KEY, gateway.upstream, "hunter2"):
         assert secret not in response.text
-    state = await _settled(budgets, gateway.tenant)
-    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+    await _assert_nothing_spent(budgets, gateway)
 
 
 async def test_an_endless_stream_line_is_a_bad_response_and_holds_nothing(
@@ -387,8 +395,7 @@ async def test_an_endless_stream_line_is_a_bad_response_and_holds_nothing(
         )
     response = failed.value.response
     assert response.status_code == 503 and response.json()["reason"] == "bad-response"
-    state = await _settled(budgets, gateway.tenant)
-    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+    await _assert_nothing_spent(budgets, gateway)
 
 
 async def test_a_stream_client_that_disconnects_leaves_nothing_reserved(
@@ -474,11 +481,7 @@ async def test_bad_bodies_from_a_signed_in_client_are_clear_4xx_and_hold_nothing
             assert answer.headers["content-type"].startswith("application/problem+json"), name
             assert "Traceback" not in answer.text, name
     assert gateway.double.calls == before
-    state = await _settled(budgets, gateway.tenant)
-    assert state is not None and state.calls_reserved == 0 and state.calls_used == 0
-    assert gateway.double.calls == before
-    state = await _settled(budgets, gateway.tenant)
-    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+    await _assert_nothing_spent(budgets, gateway)
 
 
 async def _ask(client: openai.AsyncOpenAI, model: str, prompt: str) -> httpx.Response:
@@ -689,8 +692,7 @@ async def test_bad_envelopes_are_refused_before_any_upstream_call(
     if attack != "unsigned":
         assert answer.json()["reason"] == attack
     assert gateway.double.calls == calls
-    state = await _settled(budgets, gateway.tenant)
-    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+    await _assert_nothing_spent(budgets, gateway)
 
 
 async def test_an_envelope_for_a_user_without_the_right_is_forbidden(
@@ -943,8 +945,7 @@ async def test_an_open_injection_is_refused_before_the_budget_and_the_provider(
     problem = refused.value.response.json()
     assert problem["type"].endswith("/prompt-refused") and problem["reason"] == "injection"
     assert gateway.double.calls == calls
-    state = await _settled(budgets, gateway.tenant)
-    assert state is not None and (state.calls_used, state.calls_reserved) == (0, 0)
+    await _assert_nothing_spent(budgets, gateway)
 
 
 # -- the plan's entitlements ----------------------------------------------------------
@@ -983,26 +984,13 @@ async def test_a_revoked_role_stops_at_the_gateway_without_a_read_per_request(
         user = await tenants.add_member(
             gateway.tenant, f"r-{uuid4().hex[:6]}@gw.test", "contributor"
         )
-        key = DpopKey.generate()
-        token, _ = gateway.tokens.issue_access(
-            user_id=user,
-            tenant_id=gateway.tenant,
-            roles=("contributor",),
-            amr=("pwd",),
-            jkt=key.thumbprint,
-            auth_time=int(time.time()),
-        )
         url = f"{gateway.url}/v1/chat/completions"
         body = {"model": "bastion-local", "messages": [{"role": "user", "content": "hello"}]}
 
         async def call(http: httpx.AsyncClient) -> int:
-            headers = {
-                "Authorization": f"DPoP {token}",
-                "DPoP": key.proof("POST", url, access_token=token),
-            }
-            return (await http.post(url, json=body, headers=headers)).status_code
+            return (await http.post(url, json=body)).status_code
 
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with _dpop_http(gateway, user=user) as http:
             assert await call(http) == 200
             assert await call(http) == 200
             assert await ApprovalService(db).revoke(gateway.tenant, owner, user, "contributor")
