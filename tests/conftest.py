@@ -145,6 +145,10 @@ def database(
                 sql.Identifier(dbname), sql.Identifier(TEMPLATE_DB), sql.Identifier(OWNER_ROLE)
             )
         )
+        # As provision() leaves a database it creates: no TEMPORARY for PUBLIC.
+        admin.execute(
+            sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(dbname))
+        )
         admin.execute(
             sql.SQL("GRANT CONNECT ON DATABASE {} TO {}, {}").format(
                 sql.Identifier(dbname), sql.Identifier(APP_ROLE), sql.Identifier(QUEUE_ROLE)

@@ -4,7 +4,8 @@ The guard checks a token's roles against the memberships as they are now on
 every request, so a revoked role stops at once. Reading them costs a database
 round trip per request; :class:`LiveRoles` removes it without giving up "at
 once": migration 0011 announces every membership change on the
-``bastion_memberships`` channel (PostgreSQL LISTEN/NOTIFY), and a listener
+``bastion_memberships`` channel (PostgreSQL LISTEN/NOTIFY) as SHA-256 of
+``tenant:user`` (migration 0014: any session may listen, so no ids), and a listener
 connection drops the entry when the announcement arrives, milliseconds after
 the revoking transaction commits.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable
 from uuid import UUID
@@ -34,6 +36,11 @@ from bastion.logs import get_logger
 CHANNEL = "bastion_memberships"
 
 _log = get_logger("bastion.access")
+
+
+def announced_as(tenant_id: UUID, user_id: UUID) -> str:
+    """The payload that announces a change to this membership."""
+    return hashlib.sha256(f"{tenant_id}:{user_id}".encode()).hexdigest()
 
 
 class LiveRoles:
@@ -53,7 +60,8 @@ class LiveRoles:
         self._max_entries = max_entries
         self._retry = retry_seconds
         self._clock = clock
-        self._entries: dict[tuple[UUID, UUID], tuple[float, frozenset[str]]] = {}
+        # Keyed by the announcement's payload for that membership.
+        self._entries: dict[str, tuple[float, frozenset[str]]] = {}
         # Bumped by every announcement: a read that saw it change is not kept.
         self._generation = 0
         self._listening = False
@@ -76,7 +84,7 @@ class LiveRoles:
             self._task = None
 
     async def __call__(self, tenant_id: UUID, user_id: UUID) -> frozenset[str]:
-        key = (tenant_id, user_id)
+        key = announced_as(tenant_id, user_id)
         if self._listening:
             entry = self._entries.get(key)
             if entry is not None and entry[0] > self._clock():
@@ -91,10 +99,9 @@ class LiveRoles:
 
     def _drop(self, payload: str) -> None:
         self._generation += 1
-        tenant, _, user = payload.partition(":")
-        try:
-            self._entries.pop((UUID(tenant), UUID(user)), None)
-        except ValueError:  # "*" (a TRUNCATE) or anything unexpected: drop all
+        if payload in self._entries:
+            del self._entries[payload]
+        elif len(payload) != 64:  # "*" (a TRUNCATE) or anything unexpected: drop all
             self._entries.clear()
 
     def _stop_trusting(self) -> None:

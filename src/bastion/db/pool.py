@@ -1,11 +1,20 @@
 """Connection pool of the app role and the tenant-scoped transaction.
 
-Every query a request makes runs inside :meth:`Database.tenant_tx`, which
-opens a transaction on an *autocommit* connection and sets ``app.tenant_id``,
-``app.user_id``, ``app.role`` and their HMAC signature with ``SET LOCAL`` (the same as
-``set_config(..., true)``: transaction-local) in the same round trip as
-``BEGIN``. The settings end with the transaction, so a pooled connection never
-carries one request's tenant into the next.
+Every query a request makes runs inside :meth:`Database.tenant_tx`: a
+transaction on an *autocommit* connection that enters a signed tenant context
+(tenant, user, role) through ``bastion.context_enter``. The context ends with
+the transaction, so a pooled connection never carries one request's tenant
+into the next.
+
+The signature is an HMAC (RFC 2104) bound to the connection's backend pid and
+to a counter that the database itself holds for that backend (migration
+0014): a context is accepted once, in one backend, and is worthless anywhere
+else. Its values travel as bind parameters, never as query text that
+``pg_stat_activity`` would show to other sessions of the same role.
+
+``BEGIN`` and the context are not sent on their own: they go in one libpq
+pipeline with the transaction's first statement, so entering a context costs
+no round trip of its own (and a transaction that runs nothing sends nothing).
 
 Why autocommit: on a non-autocommit psycopg connection, ``transaction()`` opens
 only a savepoint inside an implicit transaction, and a "local" setting made
@@ -16,12 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Self, cast
 from uuid import UUID
 
-from psycopg import AsyncConnection
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
+from psycopg.abc import Params, Query, QueryNoTemplate
 from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -31,10 +42,95 @@ ROLES = frozenset({"owner", "billing-admin", "auditor", "contributor", "viewer",
 Conn = AsyncConnection[dict[str, Any]]
 
 
-def sign_context(key: bytes, tenant_id: UUID, user_id: UUID | None, role: str) -> str:
-    """Return the hex HMAC-SHA256 the database checks on a tenant context."""
-    message = f"{tenant_id}|{user_id or ''}|{role}".encode()
+def sign_context(
+    key: bytes, tenant_id: UUID, user_id: UUID | None, role: str, backend_pid: int, counter: int
+) -> str:
+    """Return the hex HMAC-SHA256 that ``bastion.context_enter`` checks: the
+    context, for one backend and that backend's ``counter``-th context."""
+    message = f"enter|{tenant_id}|{user_id or ''}|{role}|{backend_pid}|{counter}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+_ENTER = b"SELECT bastion.context_enter(%s, %s, %s, %s)"
+_REFUSED = "tenant context is not signed by the application"
+_MEMBER_ROLES = b"SELECT role FROM bastion.memberships WHERE user_id = %s"
+
+
+def _context_refused(error: BaseException) -> bool:
+    return (
+        isinstance(error, psycopg.errors.InsufficientPrivilege)
+        and error.diag.message_primary == _REFUSED
+    )
+
+
+class TenantConnection(AsyncConnection[dict[str, Any]]):
+    """A pooled connection that enters its pending tenant context together
+    with the first statement of the transaction."""
+
+    context_key: bytes = b""
+    counter: int = 0  # the next value of this backend's counter in the database
+    pending: tuple[UUID, UUID | None, str] | None = None
+
+    def _enter_params(self) -> tuple[UUID, UUID | None, str, str] | None:
+        """Take the pending context; return ``context_enter``'s parameters."""
+        if self.pending is None:
+            return None
+        tenant_id, user_id, role = self.pending
+        self.pending = None
+        counter, self.counter = self.counter, self.counter + 1
+        mac = sign_context(
+            self.context_key, tenant_id, user_id, role, self.info.backend_pid, counter
+        )
+        return tenant_id, user_id, role, mac
+
+    async def enter_pending(self) -> None:
+        """Send ``BEGIN`` and the pending context now, if any is pending."""
+        params = self._enter_params()
+        if params is None:
+            return
+        async with self.pipeline():
+            await self.execute(b"BEGIN", prepare=False)
+            await self.execute(_ENTER, params)
+
+    @asynccontextmanager
+    async def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> AsyncIterator[AsyncTransaction]:
+        await self.enter_pending()
+        async with super().transaction(savepoint_name, force_rollback) as tx:
+            yield tx
+
+
+class ContextCursor(AsyncCursor[dict[str, Any]]):
+    """The cursor of a :class:`TenantConnection`: a statement that opens a
+    tenant transaction is pipelined behind ``BEGIN`` and the context."""
+
+    async def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
+        conn = self.connection
+        enter = conn._enter_params() if isinstance(conn, TenantConnection) else None
+        statement = cast(QueryNoTemplate, query)  # Bastion sends no t-string templates
+        if enter is None:
+            return await super().execute(statement, params, prepare=prepare, binary=binary)
+        async with conn.pipeline():
+            await conn.execute(b"BEGIN", prepare=False)
+            await conn.execute(_ENTER, enter)
+            await super().execute(statement, params, prepare=prepare, binary=binary)
+        return self
+
+    async def executemany(
+        self, query: Query, params_seq: Iterable[Params], *, returning: bool = False
+    ) -> None:
+        conn = self.connection
+        if isinstance(conn, TenantConnection):
+            await conn.enter_pending()
+        await super().executemany(query, params_seq, returning=returning)
 
 
 class Database:
@@ -49,10 +145,20 @@ class Database:
             conninfo,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            connection_class=TenantConnection,
+            kwargs={"autocommit": True, "row_factory": dict_row, "cursor_factory": ContextCursor},
+            configure=self._open_context,
             open=False,
             name="bastion-app",
         )
+
+    async def _open_context(self, conn: Conn) -> None:
+        """Give a new connection its backend's context counter and the key."""
+        assert isinstance(conn, TenantConnection)
+        row = await (await conn.execute("SELECT bastion.context_open() AS first")).fetchone()
+        assert row is not None
+        conn.counter = int(row["first"])
+        conn.context_key = self._context_key
 
     @property
     def conninfo(self) -> str:
@@ -78,44 +184,28 @@ class Database:
         async with self.pool.connection(timeout=2) as conn:
             await conn.execute("SELECT 1")
 
-    def _begin(self, tenant_id: UUID, user_id: UUID | None, role: str) -> str:
-        """Return ``BEGIN`` plus the signed tenant context, as one simple query."""
+    @staticmethod
+    def _check(tenant_id: UUID, user_id: UUID | None, role: str) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}")
         if not isinstance(tenant_id, UUID) or not (user_id is None or isinstance(user_id, UUID)):
             raise TypeError("tenant_id and user_id must be UUIDs")
-        signature = sign_context(self._context_key, tenant_id, user_id, role)
-        # SET LOCAL is cheaper than SELECT set_config(...) (no plan, no result
-        # row). Every value is a UUID, a role from ROLES or hex (checked above),
-        # so none can carry a quote; formatting here saves psycopg's per-call
-        # composition.
-        return (
-            f"BEGIN; SET LOCAL app.tenant_id = '{tenant_id}'; "
-            f"SET LOCAL app.user_id = '{user_id or ''}'; SET LOCAL app.role = '{role}'; "
-            f"SET LOCAL app.context_sig = '{signature}'"
-        )
 
     async def member_roles(self, tenant_id: UUID, user_id: UUID) -> frozenset[str]:
         """Return the roles ``user_id`` holds in ``tenant_id`` right now.
 
         Runs on every guarded request (so a revoked role stops at once), hence
         one round trip: BEGIN, the signed context, the select and COMMIT go
-        as a single simple query, RLS applying as in :meth:`tenant_tx`.
+        in one pipeline, RLS applying as in :meth:`tenant_tx`.
         """
-        query = (
-            self._begin(tenant_id, user_id, "viewer")
-            + f"; SELECT role FROM bastion.memberships WHERE user_id = '{user_id}'; COMMIT"
-        )
+        self._check(tenant_id, user_id, "viewer")
         async with self.pool.connection() as conn:
-            cursor = conn.cursor()
-            await cursor.execute(query.encode(), prepare=False)
-            roles: set[str] = set()
-            while True:
-                if cursor.description is not None:
-                    roles.update(row["role"] for row in await cursor.fetchall())
-                if not cursor.nextset():
-                    break
-            return frozenset(roles)
+            assert isinstance(conn, TenantConnection)
+            conn.pending = (tenant_id, user_id, "viewer")
+            async with conn.pipeline():
+                cursor = await conn.execute(_MEMBER_ROLES, (user_id,))
+                await conn.execute(b"COMMIT", prepare=False)
+            return frozenset(row["role"] for row in await cursor.fetchall())
 
     @asynccontextmanager
     async def tenant_tx(
@@ -124,16 +214,28 @@ class Database:
         """Run a transaction as ``user_id`` with ``role`` in ``tenant_id``.
 
         Yields the connection; commits on normal exit and rolls back on an
-        exception. Raises ValueError for an unknown role.
+        exception. Raises ValueError for an unknown role, and
+        ``InsufficientPrivilege`` when the database refuses the context.
         """
-        begin = self._begin(tenant_id, user_id, role)
+        self._check(tenant_id, user_id, role)
         async with self.pool.connection() as conn:
-            await conn.execute(begin.encode(), prepare=False)
+            assert isinstance(conn, TenantConnection)
+            conn.pending = (tenant_id, user_id, role)
             try:
                 yield conn
-            except BaseException:
-                if conn.info.transaction_status != TransactionStatus.UNKNOWN:
+            except BaseException as error:
+                conn.pending = None
+                if _context_refused(error):
+                    # The counter may have moved without us (injected SQL can
+                    # call context_enter too): this connection never serves again.
+                    await conn.close()
+                elif conn.info.transaction_status in (
+                    TransactionStatus.INTRANS,
+                    TransactionStatus.INERROR,
+                ):
                     await conn.execute("ROLLBACK")
                 raise
+            if conn.pending is not None:  # nothing ran: no transaction was begun
+                conn.pending = None
             else:
                 await conn.execute("COMMIT")

@@ -202,6 +202,7 @@ def _ensure_roles_and_database(
         ).format(sql.Identifier(APP_ROLE), sql.Identifier(APP_ROLE))
     )
     if not target.create_database:
+        _revoke_temporary(admin, target)
         return target.admin_conninfo
     owner_password = role_password(keystore, OWNER_ROLE)
     _ensure_role(admin, OWNER_ROLE, owner_password)
@@ -225,6 +226,32 @@ def _ensure_roles_and_database(
         )
     )
     return target.conninfo(user=OWNER_ROLE, password=owner_password)
+
+
+def _revoke_temporary(admin: psycopg.Connection[tuple[object, ...]], target: Target) -> None:
+    """Take TEMPORARY on an existing database from PUBLIC and the app roles.
+
+    The tenant context lives in temporary sequences that only the schema
+    owner may touch (migration 0014); a role that could create temporary
+    objects itself could replace them, so ``bastion.context_open`` refuses
+    to work for one.
+    """
+    try:
+        admin.execute(
+            sql.SQL(
+                "REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC, {app}, {queue}; "
+                "GRANT TEMPORARY ON DATABASE {db} TO CURRENT_USER"  # the schema owner's own
+            ).format(
+                db=sql.Identifier(target.dbname),
+                app=sql.Identifier(APP_ROLE),
+                queue=sql.Identifier(QUEUE_ROLE),
+            )
+        )
+    except psycopg.errors.InsufficientPrivilege:
+        raise DatabaseError(
+            f"the database role in DATABASE_URL may not revoke TEMPORARY on {target.dbname!r} "
+            f"from PUBLIC; do it once as the database's owner"
+        ) from None
 
 
 def _ensure_role(admin: psycopg.Connection[tuple[object, ...]], role: str, password: str) -> None:
