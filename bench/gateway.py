@@ -173,9 +173,12 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
             # A plan that admits the bench model at any rate: the rate limit is
             # not what is measured (the budget and everything else is).
             await PlanCatalogue(db).put(BENCH_PLAN, actor="bench")
-            await build_billing(settings, db, keystore).service.change_plan(
-                tenant, BENCH_PLAN.code, actor="bench", reason="benchmark"
+            # An upgrade outside the payment provider: two operators.
+            approvals = build_billing(settings, db, keystore).approvals
+            request = await approvals.request_tenant_plan(
+                tenant, BENCH_PLAN.code, operator="operator:bench", reason="benchmark"
             )
+            await approvals.approve(request.id, operator="operator:bench-approver")
             start = datetime.now(UTC) - timedelta(minutes=1)
             await BudgetService(db).set_budget(
                 tenant,

@@ -33,7 +33,11 @@ Seed = Callable[[Database, Identity], Awaitable[None]]
 
 @contextlib.contextmanager
 def api_server(
-    database: DbHandles, keystore: LocalKeystore, seed: Seed
+    database: DbHandles,
+    keystore: LocalKeystore,
+    seed: Seed,
+    *,
+    gateway_url: str = "http://127.0.0.1:9",  # nothing listens: questions get a 503
 ) -> Iterator[tuple[str, FastAPI, Identity]]:
     """Yield (base URL, app, identity) of a running api on ``database``."""
     built: list[tuple[FastAPI, Identity]] = []
@@ -61,8 +65,7 @@ def api_server(
                 knowledge_routes.build_router(
                     knowledge,
                     identity.guard,
-                    # No gateway runs here: questions get the gateway's 503.
-                    AskService(knowledge, EnvelopeSigner(keystore), "http://127.0.0.1:9"),
+                    AskService(knowledge, EnvelopeSigner(keystore), gateway_url),
                 ),
                 safety_routes.build_router(knowledge.vault, db, identity.guard),
                 *billing_routes.build_routers(Settings(issuer=url), db, keystore, identity.guard),

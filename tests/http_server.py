@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
+from bastion.serve import server_options
+
 START_TIMEOUT = 10.0
 
 
@@ -25,7 +27,8 @@ def serving(build: Callable[[str], ASGIApp]) -> Iterator[str]:
 
     The app learns its own URL before it starts (an issuer must know it).
 
-    Uses the production stack (uvloop, httptools, no server header). The
+    Uses the production stack and options (:func:`bastion.serve.server_options`:
+    uvloop, httptools, no server header, no proxy headers believed). The
     socket is bound here, so the port is known before the server starts and
     cannot be taken by another test in between. Raises :class:`RuntimeError`
     if the server does not start within ``START_TIMEOUT`` seconds.
@@ -35,15 +38,7 @@ def serving(build: Callable[[str], ASGIApp]) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    config = uvicorn.Config(
-        build(url),
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-    )
+    config = uvicorn.Config(build(url), **server_options())
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True

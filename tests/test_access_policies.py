@@ -28,7 +28,13 @@ from bastion.access.matrix import (
     sample_subject,
 )
 
-ACCOUNT_ACTIONS = ("account:read", "account:mfa", "account:password", "account:sampling")
+ACCOUNT_ACTIONS = (
+    "account:read",
+    "account:mfa",
+    "account:password",
+    "account:sessions",
+    "account:sampling",
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,7 @@ def _touch(path: Path, text: str) -> None:
 
 def test_schema_declares_exactly_the_actions(authorizer: Authorizer) -> None:
     assert authorizer.actions == ACTIONS
-    assert len(set(ACTIONS)) == 25
+    assert len(set(ACTIONS)) == 26
     assert authorizer.resource_types("account:read") == ("Account",)
     assert authorizer.has_owner("Account")
     assert not authorizer.has_owner("Document")

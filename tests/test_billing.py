@@ -4,14 +4,21 @@ function), plans as data, and plan changes with their record (CHECKLIST R2, P2, 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 import pytest
 
-from bastion.billing.errors import UnknownPlan, WebhooksUnavailable
+from bastion.billing.approvals import PlanApprovals
+from bastion.billing.errors import (
+    CatalogueEditNeedsApproval,
+    PlanApprovalRefused,
+    UnknownPlan,
+    WebhooksUnavailable,
+)
 from bastion.billing.models import PLATFORM
-from bastion.billing.plans import PlanCatalogue
+from bastion.billing.plans import Plan, PlanCatalogue, edit_gives_more, is_upgrade
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher, IncomingEvent, WebhookIntake
 from bastion.db.pool import Database
@@ -21,7 +28,14 @@ from tests.conftest import DbHandles
 
 pytestmark = pytest.mark.anyio
 
-TABLES = ("plans", "subscriptions", "plan_changes", "webhook_events", "webhook_control")
+TABLES = (
+    "plans",
+    "subscriptions",
+    "plan_changes",
+    "plan_requests",
+    "webhook_events",
+    "webhook_control",
+)
 
 
 @pytest.fixture
@@ -34,9 +48,13 @@ async def pair(db: Database, service: BillingService) -> tuple[UUID, UUID]:
     tenants = TenantService(db)
     a = (await tenants.create_tenant(f"ba-{uuid4().hex[:8]}", "A")).id
     b = (await tenants.create_tenant(f"bb-{uuid4().hex[:8]}", "B")).id
+    approvals = PlanApprovals(db, service)
     for tenant in (a, b):
         await service.link_stripe_customer(tenant, f"cus_{uuid4().hex[:12]}")
-        await service.change_plan(tenant, "pro", actor="test", reason="setup", source="operator")
+        request = await approvals.request_tenant_plan(
+            tenant, "pro", operator="operator:one", reason="setup"
+        )
+        await approvals.approve(request.id, operator="operator:two")
     return a, b
 
 
@@ -319,3 +337,155 @@ async def test_database_down_means_503_for_the_provider_never_a_hang(
     intake = WebhookIntake(closed, EventCipher(keystore))
     with pytest.raises(WebhooksUnavailable):
         await intake.store([_event(f"evt_{uuid4().hex}")])
+
+
+# -- what counts as an upgrade (issue 13, finding 3) ---------------------------------------
+
+BASE = Plan(
+    code="base",
+    name="Base",
+    rank=0,
+    monthly_token_budget=1000,
+    monthly_call_budget=100,
+    requests_per_minute=10,
+    models_allowed=("bastion-local",),
+    overage_policy="block",
+    monthly_price=4900,
+    currency="usd",
+)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"monthly_price": 4901},
+        {"monthly_token_budget": 1001},
+        {"monthly_call_budget": 101},
+        {"requests_per_minute": 11},
+        {"models_allowed": ("bastion-local", "gpt-4o")},
+        {"models_allowed": ("*",)},
+        {"overage_policy": "metered"},
+        {"currency": "eur"},
+        # Cheaper, but more of one thing: still an upgrade.
+        {"monthly_price": 100, "monthly_call_budget": 101},
+    ],
+)
+def test_a_move_that_costs_or_gives_more_of_anything_is_an_upgrade(change: dict[str, Any]) -> None:
+    assert is_upgrade(BASE, replace(BASE, code="target", **change))
+    # The same change made to a catalogue plan gives its subscribers more, unless
+    # it only raises the price.
+    assert edit_gives_more(BASE, replace(BASE, **change)) == (
+        "monthly_price" not in change or len(change) > 1
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"monthly_price": 0},
+        {"monthly_price": 0, "currency": "eur"},  # free is free in any currency
+        {"monthly_call_budget": 1, "monthly_token_budget": 0, "requests_per_minute": 0},
+        {"models_allowed": ()},
+    ],
+)
+def test_a_move_that_costs_and_gives_no_more_is_a_downgrade(change: dict[str, Any]) -> None:
+    assert not is_upgrade(BASE, replace(BASE, code="target", **change))
+
+
+# -- the database's backstops under the service's checks ------------------------------------
+
+
+async def test_a_bound_customer_is_never_replaced_even_by_the_system_role(
+    db: Database, database: DbHandles, pair: tuple[UUID, UUID]
+) -> None:
+    a, _b = pair
+    before = _snapshot(database)
+    for value in ("cus_someone_else", None):
+        with pytest.raises(psycopg.errors.IntegrityConstraintViolation, match="bound"):
+            async with db.tenant_tx(a, None, "system") as tx:
+                await tx.execute(
+                    "UPDATE bastion.subscriptions SET stripe_customer_id = %s", (value,)
+                )
+    assert _snapshot(database) == before
+
+
+async def test_no_tenant_is_moved_onto_an_inactive_plan_even_by_the_system_role(
+    db: Database, database: DbHandles, pair: tuple[UUID, UUID]
+) -> None:
+    a, _b = pair
+    legacy = replace(
+        await PlanCatalogue(db).get("free"), code=f"old{uuid4().hex[:6]}", active=False
+    )
+    await PlanCatalogue(db).put(legacy, actor="operator:alice")
+    before = _snapshot(database)
+    with pytest.raises(psycopg.errors.IntegrityConstraintViolation, match="inactive"):
+        async with db.tenant_tx(a, None, "system") as tx:
+            await tx.execute("UPDATE bastion.subscriptions SET plan_code = %s", (legacy.code,))
+    assert _snapshot(database) == before
+
+
+async def test_the_requester_cannot_decide_a_plan_request_even_in_sql(
+    db: Database, database: DbHandles, service: BillingService, pair: tuple[UUID, UUID]
+) -> None:
+    a, b = pair
+    request = await PlanApprovals(db, service).request_tenant_plan(
+        a, "enterprise", operator="operator:mallory", reason="self-serve"
+    )
+    before = _snapshot(database)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        async with db.tenant_tx(a, None, "system") as tx:
+            await tx.execute(
+                "UPDATE bastion.plan_requests SET status = 'approved', "
+                "decided_by = requested_by WHERE id = %s",
+                (request.id,),
+            )
+    # A tenant's own people (owner included) cannot write requests, and another
+    # tenant's system role does not see them.
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        async with db.tenant_tx(a, None, "owner") as tx:
+            await tx.execute(
+                "INSERT INTO bastion.plan_requests (kind, tenant_id, plan_code, reason, "
+                "requested_by, expires_at) VALUES ('tenant-plan', %s, 'enterprise', 'x', "
+                "'operator:me', now() + interval '1 day')",
+                (a,),
+            )
+    async with db.tenant_tx(a, None, "owner") as tx:
+        approved = await tx.execute(
+            "UPDATE bastion.plan_requests SET status = 'approved', decided_by = 'operator:x'"
+        )
+    assert approved.rowcount == 0
+    async with db.tenant_tx(b, None, "system") as tx:
+        seen = await (await tx.execute("SELECT id FROM bastion.plan_requests")).fetchall()
+    assert request.id not in {row["id"] for row in seen}
+    assert _snapshot(database) == before
+
+
+async def test_a_catalogue_edit_that_gives_more_waits_for_a_second_operator(
+    db: Database, database: DbHandles, service: BillingService
+) -> None:
+    catalogue = PlanCatalogue(db)
+    approvals = PlanApprovals(db, service)
+    plan = replace(await catalogue.get("pro"), code=f"cat{uuid4().hex[:6]}", stripe_price_id=None)
+    await catalogue.put(plan, actor="operator:alice")  # a new plan: at once
+    richer = replace(plan, monthly_call_budget=plan.monthly_call_budget * 10)
+    before = _snapshot(database)
+    with pytest.raises(CatalogueEditNeedsApproval):
+        await catalogue.put(richer, actor="operator:alice")
+    with pytest.raises(CatalogueEditNeedsApproval):
+        await catalogue.put(replace(plan, monthly_price=1), actor="operator:alice")
+    assert _snapshot(database) == before
+    request = await approvals.request_catalogue_edit(
+        richer, operator="operator:alice", reason="promo"
+    )
+    with pytest.raises(PlanApprovalRefused) as refused:
+        await approvals.approve(request.id, operator="operator:alice")
+    assert refused.value.extensions["reason"] == "self-approval"
+    assert await catalogue.get(plan.code) == plan
+    decided = await approvals.approve(request.id, operator="operator:bob")
+    assert (decided.status, decided.decided_by) == ("approved", "operator:bob")
+    assert await catalogue.get(plan.code) == richer
+    # An edit that gives no more applies at once.
+    leaner = replace(richer, monthly_call_budget=1, monthly_price=plan.monthly_price + 1)
+    await catalogue.put(leaner, actor="operator:alice")
+    assert await catalogue.get(plan.code) == leaner

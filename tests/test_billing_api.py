@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -16,7 +16,11 @@ import pytest
 from fastapi import FastAPI
 
 from bastion.api.app import create_app
+from bastion.billing.approvals import PlanApprovals
+from bastion.billing.plans import PlanCatalogue
 from bastion.billing.routes import build_router
+from bastion.billing.service import BillingService
+from bastion.billing.webhooks import EventCipher
 from bastion.billing.wiring import build_billing
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
@@ -128,10 +132,37 @@ def _plan_path(side: Side) -> str:
     return f"/tenants/{side.tenant}/billing/plan"
 
 
-def test_billing_admin_with_mfa_changes_the_plan_with_who_what_why(
-    stack: Stack, database: DbHandles
+async def _put_on(db: Database, keystore: LocalKeystore, tenant: UUID, plan: str) -> None:
+    """Put ``tenant`` on ``plan`` as two operators would (the setup of a test)."""
+    approvals = PlanApprovals(db, BillingService(db, EventCipher(keystore)))
+    request = await approvals.request_tenant_plan(
+        tenant, plan, operator="operator:setup", reason="test setup"
+    )
+    await approvals.approve(request.id, operator="operator:setup-approver")
+
+
+def _audit(database: DbHandles, tenant: UUID, action: str) -> list[tuple[str, dict[str, Any]]]:
+    with psycopg.connect(database.superuser) as conn:
+        rows = conn.execute(
+            "SELECT actor, details FROM bastion.audit_events WHERE tenant_id = %s "
+            "AND action = %s ORDER BY seq",
+            (tenant, action),
+        ).fetchall()
+    return [(actor, details) for actor, details in rows]
+
+
+def _entitlements(stack: Stack) -> dict[str, Any]:
+    seen = _call(stack, "GET", f"/tenants/{stack.a.tenant}/billing/subscription", role="auditor")
+    assert seen.status_code == 200
+    return dict(seen.json()["entitlements"])
+
+
+@pytest.mark.anyio
+async def test_billing_admin_with_mfa_moves_down_with_who_what_why(
+    stack: Stack, database: DbHandles, db: Database, keystore: LocalKeystore
 ) -> None:
-    body = {"plan": "pro", "reason": "growing team"}
+    await _put_on(db, keystore, stack.a.tenant, "enterprise")
+    body = {"plan": "pro", "reason": "smaller team"}
     response = _call(stack, "PUT", _plan_path(stack.a), role="billing-admin", json=body)
     assert response.status_code == 200, response.text
     assert response.json() == {"plan": "pro", "status": "active"}
@@ -141,18 +172,79 @@ def test_billing_admin_with_mfa_changes_the_plan_with_who_what_why(
     last = changes[-1]
     assert last["actor"] == f"user:{stack.a.users['billing-admin']}"
     assert (last["from_plan"], last["to_plan"], last["reason"], last["source"]) == (
-        None,
+        "enterprise",
         "pro",
-        "growing team",
+        "smaller team",
         "admin",
     )
     assert last["at"]
     sub, _, budget = _state(database, stack.a.tenant)
     assert sub == ("pro",) and budget[-1] == (100_000,)
-    seen = _call(stack, "GET", f"/tenants/{stack.a.tenant}/billing/subscription", role="auditor")
-    assert seen.status_code == 200
-    assert seen.json()["entitlements"]["plan"] == "pro"
-    assert seen.json()["entitlements"]["monthly_call_budget"] == 100_000
+    assert _entitlements(stack)["plan"] == "pro"
+    assert _entitlements(stack)["monthly_call_budget"] == 100_000
+    (actor, details), *_ = _audit(database, stack.a.tenant, "billing.plan.changed")[-1:]
+    assert actor == f"user:{stack.a.users['billing-admin']}"
+    assert (details["from"], details["to"], details["source"]) == ("enterprise", "pro", "admin")
+
+
+# -- self-service moves only down (issue 13, finding 3): each refusal its own attack -----
+
+
+def _refused_move(stack: Stack, database: DbHandles, plan: str, *, status: int, slug: str) -> None:
+    """PUT ``plan`` as an owner with MFA: refused with ``slug``, nothing changed but
+    the audit event of the attempt."""
+    before, entitled = _state(database, stack.a.tenant), _entitlements(stack)
+    refusals = len(_audit(database, stack.a.tenant, "billing.plan.change_refused"))
+    body = {"plan": plan, "reason": "let me have it"}
+    response = _call(stack, "PUT", _plan_path(stack.a), role="owner", json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["type"] == PROBLEM + slug
+    assert _state(database, stack.a.tenant) == before
+    assert _entitlements(stack) == entitled
+    audited = _audit(database, stack.a.tenant, "billing.plan.change_refused")
+    assert len(audited) == refusals + 1
+    actor, details = audited[-1]
+    assert actor == f"user:{stack.a.users['owner']}"
+    assert (details["to"], details["refusal"]) == (plan, slug)
+
+
+@pytest.mark.anyio
+async def test_an_owner_with_mfa_cannot_upgrade_itself(
+    stack: Stack, database: DbHandles, db: Database, keystore: LocalKeystore
+) -> None:
+    await _put_on(db, keystore, stack.a.tenant, "pro")
+    _refused_move(stack, database, "enterprise", status=403, slug="plan-upgrade-needs-payment")
+
+
+@pytest.mark.anyio
+async def test_an_inactive_plan_is_never_assigned(
+    stack: Stack, database: DbHandles, db: Database, keystore: LocalKeystore
+) -> None:
+    await _put_on(db, keystore, stack.a.tenant, "pro")
+    # Cheaper and smaller than Pro: a downgrade, were it still offered.
+    legacy = replace(
+        await PlanCatalogue(db).get("free"), code=f"legacy{uuid4().hex[:6]}", active=False
+    )
+    await PlanCatalogue(db).put(legacy, actor="operator:alice")
+    _refused_move(stack, database, legacy.code, status=422, slug="plan-inactive")
+
+
+@pytest.mark.anyio
+async def test_an_equal_price_with_more_entitlements_is_an_upgrade(
+    stack: Stack, database: DbHandles, db: Database, keystore: LocalKeystore
+) -> None:
+    await _put_on(db, keystore, stack.a.tenant, "pro")
+    pro = await PlanCatalogue(db).get("pro")
+    plus = replace(
+        pro,
+        code=f"proplus{uuid4().hex[:6]}",
+        monthly_call_budget=pro.monthly_call_budget + 1,
+        stripe_price_id=None,
+    )
+    await PlanCatalogue(db).put(plus, actor="operator:alice")
+    assert plus.monthly_price == pro.monthly_price
+    _refused_move(stack, database, plus.code, status=403, slug="plan-upgrade-needs-payment")
 
 
 def test_billing_admin_without_mfa_is_refused(stack: Stack, database: DbHandles) -> None:

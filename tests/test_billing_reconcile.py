@@ -4,12 +4,14 @@ and never undone by a stale event (CHECKLIST P2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from uuid import UUID, uuid4
 
 import psycopg
 import pytest
 
+from bastion.billing.plans import PlanCatalogue
 from bastion.billing.reconcile import Reconciler, StripeProvider
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher, WebhookIntake
@@ -184,3 +186,48 @@ async def test_provider_outage_fails_the_run_and_changes_nothing(
     with pytest.raises(Exception, match="double told to fail"):
         await reconciler.run(since=int(time.time()) - 60)
     assert _plan(database, tenant_id) == ("free", "active")
+
+
+async def test_drift_onto_an_inactive_or_underpaid_plan_is_not_repaired(
+    db: Database,
+    database: DbHandles,
+    double: StripeDouble,
+    parts: tuple[BillingService, WebhookIntake],
+) -> None:
+    """Reconciliation follows the webhook's rule: a plan only for what the
+    subscription pays, and never an inactive one (issue 13, finding 3)."""
+    service, intake = parts
+    tenant_id, customer = await _tenant(db, service)
+    sub_id = f"sub_{customer}"
+    first = event_object(
+        "customer.subscription.updated",
+        subscription_object(sub_id, customer, TEST_PRICES["pro"]),
+        created=int(time.time()) - 100,
+    )
+    await intake.store([parse(to_json(first).encode())])
+    await service.drain(tenant_id)
+    assert _plan(database, tenant_id) == ("pro", "active")
+    legacy = dataclasses.replace(
+        await PlanCatalogue(db).get("enterprise"),
+        code=f"legacy{uuid4().hex[:6]}",
+        stripe_price_id=f"price_legacy_{uuid4().hex[:6]}",
+        active=False,
+    )
+    await PlanCatalogue(db).put(legacy, actor="operator:alice")
+    assert legacy.stripe_price_id is not None
+    double.subscriptions[sub_id] = subscription_object(sub_id, customer, legacy.stripe_price_id)
+    reconciler = Reconciler(db, service, intake, StripeProvider(double.client()))
+    await reconciler.run(since=int(time.time()))
+    assert _plan(database, tenant_id) == ("pro", "active")
+    changes = len(await service.plan_changes(tenant_id, "auditor"))
+    # Enterprise's price, billing 1.00 a month: it did not pay for Enterprise.
+    underpaid = subscription_object(sub_id, customer, TEST_PRICES["enterprise"])
+    underpaid["items"]["data"][0]["price"].update(
+        unit_amount=100, currency="usd", recurring={"interval": "month", "interval_count": 1}
+    )
+    double.subscriptions[sub_id] = underpaid
+    await reconciler.run(since=int(time.time()))
+    # As for a price the catalogue does not know: no paid plan, so Free.
+    assert _plan(database, tenant_id) == ("free", "active")
+    after = await service.plan_changes(tenant_id, "auditor")
+    assert [(c.from_plan, c.to_plan) for c in after[changes:]] == [("pro", "free")]

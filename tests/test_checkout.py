@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
@@ -169,6 +169,24 @@ def test_the_price_cannot_come_from_the_request(env: Env, database: DbHandles) -
         answer = env.stack.call("POST", _path(env), json={"plan": plan})
         assert answer.status_code == 404 and answer.json()["type"].endswith("/plan-not-found")
     assert (len(env.stripe.requests), len(_stored(database, env))) == before
+
+
+def test_an_inactive_plan_cannot_be_bought(env: Env, database: DbHandles) -> None:
+    """A plan withdrawn from sale keeps its Stripe price, but no checkout sells it
+    (issue 13: an inactive plan is never assignable, bought or not)."""
+    code = f"legacy{uuid4().hex[:6]}"
+    with psycopg.connect(database.superuser) as conn:
+        conn.execute(
+            "INSERT INTO bastion.plans (code, name, monthly_token_budget, monthly_call_budget, "
+            "requests_per_minute, stripe_price_id, active) VALUES (%s, 'Legacy', 1, 1, 1, %s, "
+            "false)",
+            (code, f"price_{code}"),
+        )
+    before = (len(env.stripe.requests), len(_stored(database, env)), _audit_count(database, env))
+    answer = env.stack.call("POST", _path(env), json={"plan": code})
+    assert answer.status_code == 404 and answer.json()["type"].endswith("/plan-not-found")
+    after = (len(env.stripe.requests), len(_stored(database, env)), _audit_count(database, env))
+    assert after == before
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from bastion.secrets import LocalKeystore
+from bastion.settings import Settings
 from tests.conftest import short_tempdir
 
 
@@ -50,7 +51,8 @@ def _run(
 
 
 def _secrets(home: Path) -> list[bytes]:
-    store = LocalKeystore(home / "keys" / "keystore.bin", home / "keys" / "master.key")
+    settings = Settings(home=home)
+    store = LocalKeystore(settings.resolved_keystore_file, settings.resolved_master_key_file)
     return [store.get(name) for name in store.list()]
 
 

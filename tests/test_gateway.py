@@ -62,6 +62,7 @@ from tests.provider_double import (
     DoubleState,
     provider_double,
 )
+from tests.spellings import respellings
 
 pytestmark = pytest.mark.anyio
 ISSUER = "https://api.bastion.test"
@@ -695,6 +696,34 @@ async def test_bad_envelopes_are_refused_before_any_upstream_call(
     await _assert_nothing_spent(budgets, gateway)
 
 
+@pytest.mark.parametrize("part", ["claims", "mac"])
+async def test_an_envelope_spelt_another_way_is_refused(
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore, part: str
+) -> None:
+    # The same bytes in another base64url spelling (padding, a stray character,
+    # pad bits set): a lenient decoder verified each of them, as a new envelope.
+    await _budget(budgets, gateway, calls=10)
+    calls = gateway.double.calls
+    body, envelope = _signed(gateway, keystore, f"respelt {uuid4()}")
+    encoded, mac = envelope.split(".")
+    variants = respellings(encoded if part == "claims" else mac)
+    assert len(variants) >= 3
+    for name, variant in variants.items():
+        if "\n" in variant:
+            continue  # no HTTP client sends a line break inside a header
+        respelt = f"{variant}.{mac}" if part == "claims" else f"{encoded}.{variant}"
+        answer = await _post_signed(gateway, body, respelt)
+        assert answer.status_code == 401, name
+        assert answer.headers["content-type"] == "application/problem+json"
+        problem = answer.json()
+        assert problem["type"].endswith("/envelope-refused"), name
+        assert problem["reason"] == "malformed", name
+    assert gateway.double.calls == calls
+    await _assert_nothing_spent(budgets, gateway)
+    # None of them used the envelope up: the one true spelling still works, once.
+    assert (await _post_signed(gateway, body, envelope)).status_code == 200
+
+
 async def test_an_envelope_for_a_user_without_the_right_is_forbidden(
     gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore
 ) -> None:
@@ -770,9 +799,8 @@ async def test_proposed_tool_calls_come_back_signed_and_run_once(
     signature = raw.model_extra["bastion_signature"]  # type: ignore[index]
     call = ToolCall(raw.id, raw.function.name, raw.function.arguments)  # type: ignore[union-attr]
     executor = ToolCallSigner(keystore)
-    assert (
-        executor.verify(call, signature, tenant_id=gateway.tenant) == gateway.users["contributor"]
-    )
+    verified = executor.verify(call, signature, tenant_id=gateway.tenant)
+    assert verified.user_id == gateway.users["contributor"]
     with pytest.raises(EnvelopeInvalid) as again:
         executor.verify(call, signature, tenant_id=gateway.tenant)
     assert again.value.reason == "replayed"
@@ -833,8 +861,8 @@ async def test_tool_calls_proposed_in_a_streamed_answer_come_back_whole_and_sign
     assert raw.function is not None and raw.function.arguments == TOOL_ARGUMENTS
     call = ToolCall(raw.id or "", raw.function.name or "", raw.function.arguments)
     signature = (raw.model_extra or {})["bastion_signature"]
-    user = ToolCallSigner(keystore).verify(call, signature, tenant_id=gateway.tenant)
-    assert user == gateway.users["contributor"]
+    verified = ToolCallSigner(keystore).verify(call, signature, tenant_id=gateway.tenant)
+    assert verified.user_id == gateway.users["contributor"]
 
 
 async def test_streamed_tool_calls_the_user_may_not_run_are_not_passed_on(
@@ -962,8 +990,11 @@ async def test_the_plan_admits_models_and_a_plan_change_holds_within_its_ttl(
             await _ask(_client(gateway), "upstream", f"plan {uuid4()}")
         assert refused.value.response.json()["type"].endswith("/model-not-in-plan")
         assert gateway.double.calls == before
-        billing = build_billing(Settings(), budgets.db, keystore).service
-        await billing.change_plan(gateway.tenant, "pro", actor="test", reason="upgrade")
+        approvals = build_billing(Settings(), budgets.db, keystore).approvals
+        request = await approvals.request_tenant_plan(
+            gateway.tenant, "pro", operator="operator:a", reason="upgrade"
+        )
+        await approvals.approve(request.id, operator="operator:b")
         await _budget(budgets, gateway, calls=10)  # this test's period again
         await asyncio.sleep(0.35)  # the gate's cached entitlements expire
         answer = await _ask(_client(gateway), "upstream", f"plan {uuid4()}")

@@ -34,6 +34,7 @@ from bastion.identity.keys import SigningKeys
 from bastion.identity.tokens import TokenIssuer, TokenVerifier
 from bastion.secrets.store import LocalKeystore
 from tests.http_server import running_server
+from tests.spellings import ecdsa_twin, respellings
 
 AUDIENCE = "https://api.bastion.test"
 TENANT = uuid.UUID("5b0f7c2e-4a57-4d0e-9a43-2c1f3e6b8d11")
@@ -217,7 +218,20 @@ def test_es256_keycloak_style_roles_and_tenant_map(
     # Mapped names only, in token order; "owner" itself is unmapped, so dropped.
     assert result.roles == ("viewer", "owner")
     assert result.amr == ()
-    assert result.jti == "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    # Without a jti, the token is named by what was signed: its other valid
+    # spelling (an ES256 signature (r, s) verifies as (r, n - s) too) is the
+    # same token, with the same jti.
+    signed, _, signature = token.rpartition(".")
+    assert result.jti == "sha256:" + hashlib.sha256(signed.encode()).hexdigest()
+    assert verifier.verify(f"{signed}.{ecdsa_twin(signature)}").jti == result.jti
+    # Any other base64url spelling of any part is refused (joserfc decodes strictly).
+    parts = token.split(".")
+    for index, part in enumerate(parts):
+        for name, variant in respellings(part).items():
+            respelt = ".".join([*parts[:index], variant, *parts[index + 1 :]])
+            with pytest.raises(InvalidToken):
+                verifier.verify(respelt)
+            assert name
 
 
 def test_cnf_jkt_passes_through(idp: FakeIdP, verifier: ExternalIssuers, clock: Clock) -> None:

@@ -37,18 +37,26 @@ def _keystore() -> LocalKeystore:
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("BASTION_HOME", str(tmp_path))
-    for name in ("BASTION_KEYSTORE_FILE", "BASTION_MASTER_KEY_FILE"):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("BASTION_HOME", str(home))
+    for name in ("BASTION_KEYS_DIR", "BASTION_KEYSTORE_FILE", "BASTION_MASTER_KEY_FILE"):
         monkeypatch.delenv(name, raising=False)  # the key files must land under tmp_path
-    return tmp_path
+    return home
 
 
 @pytest.fixture
 def ks(home: Path) -> LocalKeystore:
     store = _keystore()
-    assert store.path == home / "keys" / "keystore.bin"
-    assert store.master_key_file == home / "keys" / "master.key"
+    # Key material sits beside the home, never in it (a backup of one is not
+    # a backup of the other).
+    assert store.path == tmp_keys(home) / "keystore.bin"
+    assert store.master_key_file == tmp_keys(home) / "master.key"
     return store
+
+
+def tmp_keys(home: Path) -> Path:
+    return home.with_name(home.name + "-keys")
 
 
 def _mode(path: Path) -> int:

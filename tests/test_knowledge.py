@@ -16,13 +16,16 @@ from bastion.db.pool import Database
 from bastion.knowledge.embedders import HashingEmbedder
 from bastion.knowledge.errors import (
     DocumentNotFound,
+    DocumentTextUnavailable,
     EmbeddingMismatch,
     IdempotencyKeyReused,
     NamespaceNotFound,
+    RevealReasonRequired,
     UploadRefused,
 )
 from bastion.knowledge.keys import DecryptionFailed, KeyUnavailable, TenantKeys, open_sealed, seal
 from bastion.knowledge.service import Actor, KnowledgeService, vector_literal
+from bastion.safety.vault import RevealForbidden, tokens_in
 from bastion.secrets import LocalKeystore
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
@@ -160,8 +163,74 @@ async def test_ingest_redacts_encrypts_and_finds(
             rows = conn.execute(f"SELECT {column} FROM bastion.{table}").fetchall()
             blobs = b"".join(bytes(r[0]) for r in rows if r[0] is not None)
             assert blobs and b"refund" not in blobs and b"double charge" not in blobs
-    body, content_type = await kb.content(a.viewer, doc)
+    body, content_type = await kb.original(a.owner, doc, reason="checking the upload")
     assert body == TICKET.encode() and content_type == "text/markdown"
+    # Every reader gets the text with the same tokens as the index, never the original.
+    text = await kb.text(a.viewer, doc)
+    assert "jane.doe@example.com" not in text and "4242 4242" not in text
+    assert {t for t in tokens_in(text) if t.startswith("⟦EMAIL")} == {
+        t for h in hits for t in tokens_in(h.text) if t.startswith("⟦EMAIL")
+    }
+
+
+def _reveal_events(conninfo: str, tenant: UUID) -> int:
+    return int(
+        str(
+            _scalar(
+                conninfo,
+                "SELECT count(*) FROM bastion.audit_events "
+                "WHERE tenant_id = %s AND action = 'pii.reveal'",
+                tenant,
+            )
+        )
+    )
+
+
+async def test_only_owners_read_originals_by_the_database_and_each_read_is_audited(
+    pair: tuple[Tenant, Tenant], kb: KnowledgeService, database: DbHandles
+) -> None:
+    """No Cedar here: the service alone, as a route that forgot its check would call it."""
+    a, b = pair
+    doc = await _indexed(kb, a.contributor, TICKET)
+    before = _reveal_events(database.superuser, a.id)
+    for reader in (a.viewer, a.contributor):
+        with pytest.raises(RevealForbidden):
+            await kb.original(reader, doc, reason="just looking around")
+    with pytest.raises(RevealReasonRequired):
+        await kb.original(a.owner, doc, reason="   ")
+    with pytest.raises(DocumentNotFound):  # another tenant's owner
+        await kb.original(b.owner, doc, reason="reading the neighbours")
+    assert _reveal_events(database.superuser, a.id) == before  # nothing written
+    body, _ = await kb.original(a.owner, doc, reason="customer asked for a copy")
+    assert b"jane.doe@example.com" in body
+    assert _reveal_events(database.superuser, a.id) == before + 1
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute(
+            "SELECT actor, target, details FROM bastion.audit_events "
+            "WHERE tenant_id = %s AND action = 'pii.reveal' ORDER BY seq DESC LIMIT 1",
+            (a.id,),
+        ).fetchone()
+    assert row is not None
+    assert row[0] == f"user:{a.owner.user_id}" and row[1] == f"document:{doc}"
+    assert row[2]["reason"] == "customer asked for a copy"
+
+
+async def test_titles_are_stored_tokenized_and_found_by_their_raw_form(
+    pair: tuple[Tenant, Tenant], kb: KnowledgeService, database: DbHandles
+) -> None:
+    a, _ = pair
+    title = "Refund for jane.doe@example.com"
+    doc = await _indexed(kb, a.contributor, TICKET, title=title)
+    shown = (await kb.document(a.viewer, doc)).title
+    assert "jane.doe@example.com" not in shown and shown.startswith("Refund for ⟦EMAIL_")
+    stored = _scalar(database.superuser, "SELECT title FROM bastion.documents WHERE id = %s", doc)
+    assert stored == shown  # never stored raw
+    hits = await kb.search(a.viewer, "support", query="refund", k=5, title=title)
+    assert {h.document_id for h in hits} == {doc} and all(h.title == shown for h in hits)
+    assert [h.document_id for h in await kb.search(a.viewer, "support", query="x", title=shown)]
+    # Another address is another token: the filter stays exact.
+    other = "Refund for john.roe@example.com"
+    assert await kb.search(a.viewer, "support", query="refund", title=other) == []
 
 
 async def test_ingest_twice_writes_once(
@@ -558,3 +627,17 @@ async def test_recall_at_10_of_hnsw_against_exact_search(
         assert -1 not in found  # nothing of B's
         recalls.append(len(found & exact) / 10)
     assert float(np.mean(recalls)) >= 0.95, np.mean(recalls)
+
+
+async def test_text_of_an_unreadable_pdf_is_a_problem_never_the_original(
+    pair: tuple[Tenant, Tenant], kb: KnowledgeService
+) -> None:
+    a, _ = pair
+    broken = b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\nmail jane.doe@example.com\n%%EOF"
+    up = await kb.upload(
+        a.contributor, "support", title="scan", body=broken, content_type="application/pdf"
+    )
+    with pytest.raises(DocumentTextUnavailable) as refused:
+        await kb.text(a.viewer, up.document.id)
+    assert refused.value.extensions["reason"].startswith("pdf-")
+    assert "jane.doe" not in str(refused.value)

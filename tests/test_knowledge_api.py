@@ -79,13 +79,15 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
         yield Stack(url, identity, sides["a"], sides["b"])
 
 
-def _headers(stack: Stack, side: Side, role: str, method: str, url: str) -> dict[str, str]:
+def _headers(
+    stack: Stack, side: Side, role: str, method: str, url: str, *, mfa: bool = False
+) -> dict[str, str]:
     key = DpopKey.generate()
     token, _ = stack.identity.service.tokens.issue_access(
         user_id=side.users[role],
         tenant_id=side.tenant,
         roles=(role,),
-        amr=("pwd",),
+        amr=("pwd", "otp", "mfa") if mfa else ("pwd",),
         jkt=key.thumbprint,
         auth_time=int(time.time()),
     )
@@ -99,10 +101,14 @@ def _call(
     *,
     side: Side | None = None,
     role: str = "viewer",
+    mfa: bool = False,
     **kwargs: Any,
 ) -> httpx.Response:
     url = f"{stack.url}{path}"
-    headers = {**_headers(stack, side or stack.a, role, method, url), **kwargs.pop("headers", {})}
+    headers = {
+        **_headers(stack, side or stack.a, role, method, url, mfa=mfa),
+        **kwargs.pop("headers", {}),
+    }
     return httpx.request(method, url, headers=headers, timeout=10, **kwargs)
 
 
@@ -199,10 +205,11 @@ def test_b_s_document_cannot_be_read_or_deleted_by_a(stack: Stack, database: DbH
     base = f"/tenants/{stack.a.tenant}/knowledge/documents/{stack.b.document}"
     for method, path, role in (
         ("GET", base, "viewer"),
-        ("GET", f"{base}/content", "viewer"),
+        ("GET", f"{base}/text", "viewer"),
+        ("GET", f"{base}/content?reason=reading+the+neighbours", "owner"),
         ("DELETE", base, "contributor"),
     ):
-        answer = _call(stack, method, path, role=role)
+        answer = _call(stack, method, path, role=role, mfa=role == "owner")
         assert answer.status_code == 404, (method, path, answer.text)
         assert "customer.test" not in answer.text
     with psycopg.connect(database.superuser) as conn:
@@ -274,10 +281,10 @@ def test_upload_then_list_get_and_idempotent_retry(stack: Stack, database: DbHan
     assert changed.status_code == 409
     listed = _call(stack, "GET", path)
     assert first.json()["id"] in {d["id"] for d in listed.json()["documents"]}
-    content = _call(
-        stack, "GET", f"/tenants/{stack.a.tenant}/knowledge/documents/{first.json()['id']}/content"
+    text = _call(
+        stack, "GET", f"/tenants/{stack.a.tenant}/knowledge/documents/{first.json()['id']}/text"
     )
-    assert content.content == b"# Hi"
+    assert text.status_code == 200 and text.text == "# Hi"
 
 
 @pytest.mark.parametrize(
@@ -318,3 +325,130 @@ def test_oversized_upload_is_413(stack: Stack, database: DbHandles) -> None:
     )
     assert answer.status_code == 413
     assert _count_documents(database) == before
+
+
+# -- personal data: readers see tokens; originals need pii:reveal ------------------------
+
+CONTENT_REASON = "the customer asked for a copy of the ticket"
+
+
+def _content_path(side: Side) -> str:
+    return f"/tenants/{side.tenant}/knowledge/documents/{side.document}/content"
+
+
+def _reveal_events(database: DbHandles, tenant: UUID) -> int:
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM bastion.audit_events "
+            "WHERE tenant_id = %s AND action = 'pii.reveal'",
+            (tenant,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize(
+    ("role", "mfa", "slug"),
+    [
+        ("viewer", False, "forbidden"),
+        ("viewer", True, "forbidden"),
+        ("contributor", True, "forbidden"),
+        ("owner", False, "mfa-required"),
+    ],
+)
+def test_original_is_refused_without_pii_reveal(
+    stack: Stack, database: DbHandles, role: str, mfa: bool, slug: str
+) -> None:
+    before = _reveal_events(database, stack.a.tenant)
+    answer = _call(
+        stack,
+        "GET",
+        _content_path(stack.a),
+        role=role,
+        mfa=mfa,
+        params={"reason": CONTENT_REASON},
+    )
+    assert answer.status_code == 403
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert answer.json()["type"].endswith(f"/{slug}")
+    assert "customer.test" not in answer.text
+    assert _reveal_events(database, stack.a.tenant) == before  # nothing written
+
+
+def test_owner_with_mfa_reads_the_original_and_it_is_audited(
+    stack: Stack, database: DbHandles
+) -> None:
+    before = _reveal_events(database, stack.a.tenant)
+    answer = _call(
+        stack,
+        "GET",
+        _content_path(stack.a),
+        role="owner",
+        mfa=True,
+        params={"reason": CONTENT_REASON},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.content == SHARED.format(email="a@customer.test").encode()
+    assert answer.headers["cache-control"] == "no-store"
+    assert _reveal_events(database, stack.a.tenant) == before + 1
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute(
+            "SELECT actor, target, details FROM bastion.audit_events "
+            "WHERE tenant_id = %s AND action = 'pii.reveal' ORDER BY seq DESC LIMIT 1",
+            (stack.a.tenant,),
+        ).fetchone()
+    assert row is not None
+    assert row[0] == f"user:{stack.a.users['owner']}"
+    assert row[1] == f"document:{stack.a.document}"
+    assert row[2]["reason"] == CONTENT_REASON
+
+
+@pytest.mark.parametrize(
+    ("params", "slug"),
+    [
+        ({}, "validation-error"),
+        ({"reason": "why"}, "validation-error"),
+        ({"reason": " " * 12}, "reveal-reason-required"),
+    ],
+    ids=["none", "short", "blank"],
+)
+def test_original_without_a_reason_is_refused(
+    stack: Stack, database: DbHandles, params: dict[str, str], slug: str
+) -> None:
+    before = _reveal_events(database, stack.a.tenant)
+    answer = _call(stack, "GET", _content_path(stack.a), role="owner", mfa=True, params=params)
+    assert answer.status_code == 422
+    assert answer.json()["type"].endswith(f"/{slug}")
+    assert "customer.test" not in answer.text
+    assert _reveal_events(database, stack.a.tenant) == before
+
+
+@pytest.mark.parametrize("role", ["viewer", "contributor", "owner"])
+def test_every_reader_gets_the_text_with_tokens(stack: Stack, role: str) -> None:
+    path = f"/tenants/{stack.a.tenant}/knowledge/documents/{stack.a.document}/text"
+    answer = _call(stack, "GET", path, role=role)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert "Refund for a double charge" in answer.text and "⟦EMAIL_" in answer.text
+    assert "customer.test" not in answer.text
+
+
+def test_a_title_with_personal_data_is_stored_and_shown_tokenized(
+    stack: Stack, database: DbHandles
+) -> None:
+    path = f"/tenants/{stack.a.tenant}/knowledge/namespaces/support/documents"
+    title = "Call +44 20 7946 0958 about carol@customer.test"
+    answer = _call(
+        stack, "POST", path, role="contributor", params={"title": title}, content=b"Call back."
+    )
+    assert answer.status_code == 202
+    shown = answer.json()["title"]
+    assert shown.startswith("Call ⟦PHONE_") and "⟦EMAIL_" in shown
+    listed = _call(stack, "GET", path).text
+    for raw in ("carol@customer.test", "7946 0958", "442079460958"):
+        assert raw not in answer.text and raw not in listed
+    with psycopg.connect(database.superuser) as conn:
+        row = conn.execute(
+            "SELECT title FROM bastion.documents WHERE id = %s", (answer.json()["id"],)
+        ).fetchone()
+    assert row == (shown,)

@@ -20,7 +20,7 @@ import pyotp
 import pytest
 
 from bastion.db.pool import Database
-from bastion.identity.client import LoginFailed, TokenSet, login, refresh
+from bastion.identity.client import DpopAuth, LoginFailed, TokenSet, login, refresh
 from bastion.identity.dpop import DpopKey
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, s256
@@ -152,7 +152,8 @@ async def _redeem(
         "code_verifier": verifier,
         **overrides,
     }
-    return await http.post(url, data=form, headers={"DPoP": key.proof("POST", url)})
+    # DpopAuth answers the token endpoint's nonce challenge (RFC 9449 section 8).
+    return await http.post(url, data=form, auth=DpopAuth(key))
 
 
 async def _refresh_tokens(stack: Stack) -> int:
@@ -210,6 +211,8 @@ def _b64json(segment: str) -> dict[str, object]:
         ({"code_challenge_method": "plain"}, "invalid_request"),
         ({"code_challenge_method": "<omit>"}, "invalid_request"),
         ({"code_challenge": "short"}, "invalid_request"),
+        # 43 base64url characters, but pad bits set: no SHA-256 is spelt so.
+        ({"code_challenge": "A" * 42 + "B"}, "invalid_request"),
         ({"response_type": "token"}, "unsupported_response_type"),
         ({"scope": "openid " + "x" * 5000}, "invalid_scope"),
     ],
@@ -341,7 +344,7 @@ async def test_other_grants_are_refused(stack: Stack, http: httpx.AsyncClient, g
             "password": PASSWORD,
             "client_id": CLI_CLIENT_ID,
         },
-        headers={"DPoP": key.proof("POST", url)},
+        auth=DpopAuth(key),
     )
     assert answer.status_code == 400 and answer.json()["error"] == "unsupported_grant_type"
 
@@ -520,6 +523,22 @@ async def test_totp_guessing_is_throttled(
         data={"ticket": ticket.group(1), "code": pyotp.TOTP(secret).now()},
     )
     assert right.status_code == 429  # locked: even the right code waits out the lockout
+    # One audit event for the lockout (none per refused attempt); no code was issued.
+    async with db.tenant_tx(stack.tenants["acme"], None, "system") as tx:
+        locked = await (
+            await tx.execute(
+                "SELECT count(*) AS n FROM bastion.audit_events "
+                "WHERE action = 'mfa.locked' AND target = %s",
+                (f"user:{user_id}",),
+            )
+        ).fetchone()
+        codes = await (
+            await tx.execute(
+                "SELECT count(*) AS n FROM bastion.auth_codes WHERE user_id = %s", (user_id,)
+            )
+        ).fetchone()
+    assert locked is not None and locked["n"] == 1
+    assert codes is not None and codes["n"] == 0
 
 
 async def test_key_rotation_fails_no_request_and_publishes_before_use(

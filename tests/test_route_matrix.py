@@ -1,41 +1,125 @@
 """Every route of the api, for every role, with MFA or not, own or other tenant,
-over real HTTP, against the decision the Cedar policies give.
+over real HTTP: against the decision the Cedar policies give, and against a
+leak oracle.
 
 The routes come from the app's own router, so a new route is walked as soon
-as it exists; one that declares no action cannot even be built."""
+as it exists; one that declares no action cannot even be built.
+
+The leak oracle (CHECKLIST M3: raw personal data leaves only through
+``pii:reveal``). Each tenant's data holds planted personal data — an e-mail
+address, a phone number, an IBAN, a card number and a key-shaped secret — in a
+document uploaded and indexed and one still pending, in a document title, in
+the vault, in a member's e-mail address, in audit details and in a plan
+change's reason, and a plain marker word of its own. Every GET is called with
+the real ids of both tenants' objects, and the routes that read through a body
+(search, questions, reveal) with bodies that reach the data; the model behind
+the questions repeats its whole context. No answer, body or headers, may carry
+the other tenant's marker or values; the own tenant's raw values reach only a
+caller holding ``pii:reveal`` (an owner with MFA), and each such answer wrote a
+``pii.reveal`` audit event in the tenant.
+"""
 
 from __future__ import annotations
 
+import re
+import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
+import psycopg
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from bastion.access.authorize import ROLES, Authorizer, Resource, Subject
 from bastion.access.declare import PUBLIC, api_routes, declared_action
+from bastion.billing.receipts import PaidInvoice, ReceiptKeys, ReceiptService
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
 from bastion.identity.passwords import PasswordService
 from bastion.identity.wiring import Identity
+from bastion.knowledge.keys import TenantKeys
+from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
 from bastion.tenants.service import TenantService
 from tests.api_stack import api_server
 from tests.conftest import DbHandles
+from tests.http_server import running_server
 
 pytestmark = pytest.mark.anyio
 PASSWORD = "correct horse battery staple 42"
 DENIED_TYPES = ("/forbidden", "/mfa-required", "/not-found")
+REASON = "route matrix: the leak oracle reads it"
+SIDES = ("own", "other")
 
-# A body each route accepts, so that an allowed call gets past validation.
+# A body each route accepts, so that an allowed call gets past validation
+# (keyed by the path's last segment, or the whole path).
 BODIES: dict[str, Any] = {
     "members": {"email": "nobody@matrix.test", "role": "viewer"},
     "/me/mfa/totp/confirm": {"code": "000000"},
     "/me/password": {"current_password": PASSWORD, "new_password": "short"},
+    "search": {"query": "refund for the customer's ticket", "k": 100},
+    "questions": {"question": "What did the customer ask for?", "k": 20},
+}
+# The data routes the oracle must have seen answer with the own tenant's data
+# (else it proved nothing about them).
+DATA_ROUTES = frozenset(
+    {
+        ("GET", "/tenants/{tenant_id}/members"),
+        ("GET", "/tenants/{tenant_id}/audit"),
+        ("GET", "/tenants/{tenant_id}/knowledge/namespaces/{namespace}/documents"),
+        ("GET", "/tenants/{tenant_id}/knowledge/documents/{document_id}"),
+        ("GET", "/tenants/{tenant_id}/knowledge/documents/{document_id}/text"),
+        ("GET", "/tenants/{tenant_id}/knowledge/documents/{document_id}/content"),
+        ("POST", "/tenants/{tenant_id}/knowledge/namespaces/{namespace}/search"),
+        ("POST", "/tenants/{tenant_id}/knowledge/namespaces/{namespace}/questions"),
+        ("POST", "/tenants/{tenant_id}/pii/reveal"),
+        ("GET", "/tenants/{tenant_id}/billing/receipts"),
+        ("GET", "/tenants/{tenant_id}/billing/receipts/{receipt_id}"),
+        ("GET", "/tenants/{tenant_id}/billing/plan-changes"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Planted:
+    """What one tenant's data holds, and where."""
+
+    marker: str  # a plain word only this tenant's data holds (not personal data)
+    personal: tuple[tuple[str, str], ...]  # (kind, raw value) of every planted value
+    tokens: tuple[str, ...]  # the vault tokens of the document's values
+    namespace: UUID
+    documents: tuple[UUID, ...]  # indexed, pending
+    receipt: UUID
+
+    def witnesses(self) -> tuple[str, ...]:
+        """Strings that show an answer reached this tenant's data (none personal)."""
+        ids = (*map(str, self.documents), str(self.receipt))
+        return (self.marker, *self.tokens, *ids)
+
+
+def _personal_data(tag: str, phone: str, iban: str, card: str) -> dict[str, str]:
+    """One tenant's planted values; the key-shaped secret is assembled at run
+    time (so that secret scanners do not flag the suite)."""
+    return {
+        "member": f"{tag}.member@{tag}-corp.example",
+        "email": f"{tag}.customer@example.org",
+        "title": f"{tag}.title@example.org",
+        "reason": f"{tag}.asker@example.org",
+        "phone": phone,
+        "iban": iban,
+        "card": card,
+        "secret": "AKIA" + secrets.token_hex(8).upper(),
+    }
+
+
+PLANTS = {
+    "own": ("+44 20 7946 0958", "GB82 WEST 1234 5698 7654 32", "4242 4242 4242 4242"),
+    "other": ("+1 415 555 0142", "DE89 3704 0044 0532 0130 00", "3782 822463 10005"),
 }
 
 
@@ -46,80 +130,397 @@ class Api:
     identity: Identity
     tenants: dict[str, UUID]
     users: dict[str, UUID]
+    planted: dict[str, Planted] = field(default_factory=dict)
+
+
+def _echoing_model() -> FastAPI:
+    """The gateway with the worst model behind it: its answer repeats, word
+    for word, every retrieved document of its prompt (the ``[doc:…]`` lines)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict[str, Any]:
+        prompt = (await request.json())["messages"][0]["content"]
+        context = [line for line in prompt.splitlines() if line.startswith("[doc:")]
+        return {"choices": [{"message": {"role": "assistant", "content": "\n".join(context)}}]}
+
+    return app
 
 
 @pytest.fixture(scope="module")
 def api(database: DbHandles, keystore: LocalKeystore) -> Iterator[Api]:
     tenants: dict[str, UUID] = {}
     users: dict[str, UUID] = {}
+    planted: dict[str, Planted] = {}
 
-    async def seed(db: Database, _identity: Identity) -> None:
+    async def seed(db: Database, identity: Identity) -> None:
         service = TenantService(db)
-        for name in ("own", "other"):
+        for name in SIDES:
             tenants[name] = (await service.create_tenant(f"m-{uuid4().hex[:8]}", name)).id
         for role in ROLES:
             users[role] = await service.add_member(tenants["own"], f"{role}@matrix.test", role)
             async with db.tenant_tx(tenants["own"], None, "system") as tx:
                 await PasswordService().set_password(tx, users[role], PASSWORD)
+        for name in SIDES:
+            planted[name] = await _plant(db, keystore, database, identity, tenants[name], name)
 
-    with api_server(database, keystore, seed) as (url, app, identity):
-        yield Api(url, app, identity, tenants, users)
+    with (
+        running_server(_echoing_model()) as gateway,
+        api_server(database, keystore, seed, gateway_url=gateway) as (url, app, identity),
+    ):
+        yield Api(url, app, identity, tenants, users, planted)
 
 
-def _guarded_routes(app: FastAPI) -> list[tuple[str, str, str, str]]:
-    """(method, path template, action, resource type) of every non-public route."""
+async def _plant(
+    db: Database,
+    keystore: LocalKeystore,
+    database: DbHandles,
+    identity: Identity,
+    tenant: UUID,
+    side: str,
+) -> Planted:
+    """Put personal data everywhere the api stores a tenant's data."""
+    marker = f"zq{secrets.token_hex(6)}"
+    values = _personal_data(marker, *PLANTS[side])
+    operator = Actor(tenant, None, "system")
+    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    await TenantService(db).add_member(tenant, values["member"], "viewer")
+    namespace = await kb.create_namespace(operator, "support")
+    body = (
+        f"Ticket {marker}: refund for the customer. Write to {values['email']} or call "
+        f"{values['phone']}. Pay back to IBAN {values['iban']}; the card was {values['card']}. "
+        f"They pasted their key {values['secret']} by mistake."
+    )
+    title = f"Refund for {values['title']} ({values['phone']})"
+    documents = []
+    for ingest in (True, False):
+        upload = await kb.upload(
+            operator,
+            "support",
+            title=title,
+            body=body.encode(),
+            content_type="text/plain",
+            enqueue=False,
+        )
+        documents.append(upload.document.id)
+        if ingest:
+            assert (await kb.ingest(tenant, upload.document.id)).status == "indexed"
+    redaction = await kb.vault.tokenize(db, tenant, body)
+    # The recognizer must find every planted value, or the oracle tests the recognizer.
+    assert not [v for k, v in values.items() if k != "member" and v in redaction.text]
+    tokens = tuple(ref.token for ref in redaction.tokens)
+    # A reveal whose reason names someone: personal data in audit details.
+    await kb.vault.detokenize(
+        db, tenant, tokens[:1], user_id=None, role="system", reason=f"asked by {values['reason']}"
+    )
+    receipt = await ReceiptService(
+        db, ReceiptKeys(keystore), issuer="https://matrix.test"
+    ).issue_invoice(
+        tenant,
+        PaidInvoice(
+            invoice_id=f"in_{marker}",
+            customer_id=f"cus_{marker}",
+            amount_paid=4900,
+            currency="eur",
+            paid_at=datetime.now(UTC),
+        ),
+    )
+    with psycopg.connect(database.superuser, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO bastion.plan_changes (tenant_id, actor, to_plan, reason, source) "
+            "VALUES (%s, 'operator', 'free', %s, 'operator')",
+            (tenant, f"{marker}: requested by {values['reason']}, {values['phone']}"),
+        )
+    return Planted(
+        marker,
+        tuple(values.items()),
+        tokens,
+        namespace.id,
+        tuple(documents),
+        receipt.id,
+    )
+
+
+# -- walking every route --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str
+    action: str  # PUBLIC for the routes that need no caller
+    resource_type: str | None
+
+
+@dataclass(frozen=True)
+class Call:
+    route: Route
+    role: str | None  # None: anonymous (public routes)
+    mfa: bool
+    side: str  # the tenant the path names
+    objects: str  # whose ids and bodies the request carries
+    path: str
+    params: dict[str, str] | None
+    body: Any
+
+
+@dataclass(frozen=True)
+class Exchange:
+    call: Call
+    status: int
+    problem_type: str
+    text: str  # body and headers
+    reveals: int  # pii.reveal audit events the call wrote in the own tenant
+
+
+def _routes(app: FastAPI) -> list[Route]:
+    """Every route of the app: its action and, for guarded ones, the resource type."""
     routes = []
     for route in api_routes(app.routes):
         found = declared_action(route)
         assert found is not None, f"{route.path} declares no action"
-        if found == PUBLIC:
-            continue
-        guards = [d.call for d in route.dependant.dependencies if hasattr(d.call, "bastion_action")]
-        assert len(guards) == 1, f"{route.path} should have exactly one guard"
-        resource_type = guards[0].resource_type  # type: ignore[union-attr]
+        resource_type = None
+        if found != PUBLIC:
+            guards = [
+                d.call for d in route.dependant.dependencies if hasattr(d.call, "bastion_action")
+            ]
+            assert len(guards) == 1, f"{route.path} should have exactly one guard"
+            resource_type = guards[0].resource_type  # type: ignore[union-attr]
         routes.extend(
-            (method, route.path, found, resource_type) for method in sorted(route.methods or ())
+            Route(method, route.path, found, resource_type)
+            for method in sorted(route.methods or ())
         )
     return routes
 
 
-def test_every_route_is_walked(api: Api) -> None:
-    walked = {(m, p) for m, p, _, _ in _guarded_routes(api.app)}
+def _object_variants(route: Route) -> tuple[str, ...]:
+    """Whose objects a request names: both tenants' where it reads them."""
+    names_objects = any(
+        part in route.template for part in ("{document_id}", "{receipt_id}", "{namespace}")
+    )
+    if route.template.endswith("/pii/reveal") or (names_objects and _reads(route)):
+        return ("own", "own-pending", "other") if "{document_id}" in route.template else SIDES
+    return ("own",)
+
+
+def _reads(route: Route) -> bool:
+    return route.method == "GET" or route.template.endswith(("/search", "/questions", "/reveal"))
+
+
+def _request(api: Api, route: Route, side: str, objects: str) -> tuple[str, Any, Any]:
+    """(path, query, body) of a request to ``route``: real ids and bodies where it reads."""
+    seeded = api.planted[objects.split("-")[0]]
+    document = seeded.documents[1 if objects.endswith("pending") else 0]
+    real = _reads(route)  # nothing is changed with the seeded objects' ids
+    path = (
+        route.template.replace("{tenant_id}", str(api.tenants[side]))
+        .replace("{request_id}", str(uuid4()))
+        .replace("{user_id}", str(uuid4()))
+        .replace("{role}", "viewer")
+        .replace("{namespace}", str(seeded.namespace))
+        .replace("{document_id}", str(document if real else uuid4()))
+        .replace("{receipt_id}", str(seeded.receipt if real else uuid4()))
+    )
+    params = {"reason": REASON} if route.template.endswith("/content") else None
+    body = BODIES.get(path.rsplit("/", 1)[-1], BODIES.get(path))
+    if route.template.endswith("/pii/reveal"):
+        body = {"tokens": list(seeded.tokens), "reason": REASON}
+    return path, params, body
+
+
+def _calls(api: Api) -> Iterator[Call]:
+    for route in _routes(api.app):
+        sides = SIDES if "{tenant_id}" in route.template else ("own",)
+        callers: list[tuple[str | None, bool]] = (
+            [(None, False)]
+            if route.action == PUBLIC
+            else [(role, mfa) for role in ROLES for mfa in (False, True)]
+        )
+        for role, mfa in callers:
+            for side in sides:
+                for objects in _object_variants(route):
+                    path, params, body = _request(api, route, side, objects)
+                    yield Call(route, role, mfa, side, objects, path, params, body)
+
+
+def _headers(api: Api, call: Call, url: str) -> dict[str, str]:
+    """A fresh token of the call's role in the own tenant (the token is always good)."""
+    if call.role is None:
+        return {}
+    key = DpopKey.generate()
+    token, _claims = api.identity.service.tokens.issue_access(
+        user_id=api.users[call.role],
+        tenant_id=api.tenants["own"],
+        roles=(call.role,),
+        amr=("pwd", "otp", "mfa") if call.mfa else ("pwd",),
+        jkt=key.thumbprint,
+        auth_time=int(time.time()),
+    )
+    return {
+        "Authorization": f"DPoP {token}",
+        "DPoP": key.proof(call.route.method, url, access_token=token),
+    }
+
+
+def _reveal_events(conn: psycopg.Connection[Any], tenant: UUID) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM bastion.audit_events WHERE tenant_id = %s AND action = 'pii.reveal'",
+        (tenant,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture(scope="module")
+def walk(api: Api, database: DbHandles) -> list[Exchange]:
+    """Every call of :func:`_calls`, made over HTTP, with what it answered and wrote."""
+    exchanges = []
+    with (
+        httpx.Client(timeout=30) as http,
+        psycopg.connect(database.superuser, autocommit=True) as conn,
+    ):
+        for call in _calls(api):
+            url = f"{api.url}{call.path}"
+            before = _reveal_events(conn, api.tenants["own"])
+            answer = http.request(
+                call.route.method,
+                url,
+                params=call.params,
+                json=call.body,
+                headers=_headers(api, call, url),
+            )
+            if call.role is not None:
+                assert answer.status_code != 401, answer.text  # the token is always good
+            problem = ""
+            if answer.headers.get("content-type", "").startswith("application/problem+json"):
+                problem = str(answer.json().get("type", ""))
+            headers = "\n".join(f"{k}: {v}" for k, v in answer.headers.items())
+            exchanges.append(
+                Exchange(
+                    call,
+                    answer.status_code,
+                    problem,
+                    f"{answer.text}\n{headers}",
+                    _reveal_events(conn, api.tenants["own"]) - before,
+                )
+            )
+    return exchanges
+
+
+def test_every_route_is_walked(api: Api, walk: list[Exchange]) -> None:
+    walked = {(e.call.route.method, e.call.route.template) for e in walk}
     assert ("GET", "/tenants/{tenant_id}/members") in walked
     assert ("GET", "/userinfo") in walked
-    assert len(walked) >= 7
+    assert walked >= DATA_ROUTES
+    assert walked == {(r.method, r.template) for r in _routes(api.app)}
 
 
-async def test_route_matrix(api: Api) -> None:
+async def test_route_matrix(api: Api, walk: list[Exchange]) -> None:
     authorizer = Authorizer()
     failures = []
     seen = {True: 0, False: 0}
-    async with httpx.AsyncClient(timeout=10) as http:
-        for method, template, action, resource_type in _guarded_routes(api.app):
-            sides = ("own", "other") if "{tenant_id}" in template else ("own",)
-            for role in ROLES:
-                for mfa in (False, True):
-                    for side in sides:
-                        path = (
-                            template.replace("{tenant_id}", str(api.tenants[side]))
-                            .replace("{request_id}", str(uuid4()))
-                            .replace("{user_id}", str(uuid4()))
-                            .replace("{role}", "viewer")
-                            .replace("{namespace}", "nowhere")
-                            .replace("{document_id}", str(uuid4()))
-                        )
-                        outcome = await _call(api, http, method, path, role, mfa)
-                        expected = side == "own" and _allowed(
-                            authorizer, api, role, mfa, action, resource_type
-                        )
-                        seen[outcome] += 1
-                        if outcome != expected:
-                            failures.append(
-                                f"{method} {template} as {role} mfa={mfa} {side}: "
-                                f"expected {'allow' if expected else 'deny'}"
-                            )
+    for exchange in walk:
+        call = exchange.call
+        if exchange.status >= 500:
+            failures.append(f"{call.route.method} {call.path}: {exchange.status}")
+        if call.role is None:
+            continue
+        if call.objects == "other":
+            # Another tenant's ids are not found, whatever the decision.
+            if exchange.status < 400:
+                failures.append(f"{call.route.method} {call.path}: {exchange.status}")
+            continue
+        denied = exchange.status in (403, 404) and exchange.problem_type.endswith(DENIED_TYPES)
+        expected = call.side == "own" and _allowed(
+            authorizer,
+            api,
+            call.role,
+            call.mfa,
+            call.route.action,
+            call.route.resource_type or "",
+        )
+        seen[not denied] += 1
+        if (not denied) != expected:
+            failures.append(
+                f"{call.route.method} {call.route.template} as {call.role} mfa={call.mfa} "
+                f"{call.side} ({call.objects}'s ids): expected {'allow' if expected else 'deny'}"
+            )
     assert failures == []
     assert seen[True] > 10 and seen[False] > 10  # both kinds of decision were exercised
+
+
+# -- the leak oracle ----------------------------------------------------------------------
+
+_SEPARATORS = re.compile(r"[\s\-.()]")
+
+
+def _spellings(kind: str, value: str) -> set[str]:
+    """The forms a raw value may take in an answer: as planted, without
+    separators (E.164, a compact IBAN), and the digits of a number alone."""
+    forms = {value.casefold(), _SEPARATORS.sub("", value).casefold()}
+    digits = re.sub(r"\D", "", value)
+    if kind in ("phone", "iban", "card") and len(digits) >= 9:
+        forms.add(digits)
+    return forms
+
+
+def _raw_values(planted: Planted) -> set[str]:
+    return {form for kind, value in planted.personal for form in _spellings(kind, value)}
+
+
+def _found(text: str, needles: set[str]) -> list[str]:
+    plain = text.casefold()
+    compact = _SEPARATORS.sub("", plain)
+    digits = re.sub(r"\D", "", plain)
+    return sorted(n for n in needles if n in plain or n in compact or (n.isdigit() and n in digits))
+
+
+def test_no_route_leaks_raw_personal_data(api: Api, walk: list[Exchange]) -> None:
+    authorizer = Authorizer()
+    own, other = api.planted["own"], api.planted["other"]
+    own_raw = _raw_values(own)
+    foreign = _raw_values(other) | {other.marker.casefold()}
+    leaks, unaudited = [], []
+    reached: set[tuple[str, str]] = set()
+    raw_reads = 0
+    for exchange in walk:
+        call = exchange.call
+        where = (
+            f"{call.route.method} {call.route.template} as {call.role} mfa={call.mfa} "
+            f"{call.side} path, {call.objects}'s ids"
+        )
+        if found := _found(exchange.text, foreign):
+            leaks.append(f"{where}: the other tenant's {found}")
+        raw = _found(exchange.text, own_raw)
+        revealer = call.role is not None and _allowed(
+            authorizer, api, call.role, call.mfa, "pii:reveal", "PiiVault"
+        )
+        if raw and not (revealer and call.side == "own"):
+            leaks.append(f"{where}: raw {raw}")
+        elif raw:
+            raw_reads += 1
+            if exchange.reveals < 1:
+                unaudited.append(where)
+        if exchange.status == 200 and any(w in exchange.text for w in own.witnesses()):
+            reached.add((call.route.method, call.route.template))
+    assert (leaks, unaudited) == ([], [])
+    # The oracle reached the data: every data route answered with the own
+    # tenant's data, and raw reads (owner with MFA) were seen and audited.
+    assert sorted(DATA_ROUTES - reached) == []
+    assert raw_reads >= 2
+
+
+async def test_members_see_each_other_s_e_mail_masked(api: Api) -> None:
+    own = api.planted["own"]
+    planted = dict(own.personal)["member"]
+    caller = Caller(api, api.users["viewer"], ("viewer",), mfa=False)
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await caller(http, "GET", f"/tenants/{api.tenants['own']}/members")
+    assert answer.status_code == 200
+    emails = {m["email"] for m in answer.json()["members"]}
+    assert "viewer@matrix.test" in emails  # one's own address, in full
+    assert f"{own.marker[0]}***@{planted.split('@')[1]}" in emails
+    assert planted not in answer.text and own.marker + "." not in answer.text
 
 
 def _allowed(
@@ -131,36 +532,6 @@ def _allowed(
     return authorizer.authorize(
         subject, action, Resource(resource_type, str(tenant), tenant, owner)
     )
-
-
-async def _call(
-    api: Api, http: httpx.AsyncClient, method: str, path: str, role: str, mfa: bool
-) -> bool:
-    """Make the request with a fresh token of ``role``; True if it was let through."""
-    key = DpopKey.generate()
-    token, _claims = api.identity.service.tokens.issue_access(
-        user_id=api.users[role],
-        tenant_id=api.tenants["own"],
-        roles=(role,),
-        amr=("pwd", "otp", "mfa") if mfa else ("pwd",),
-        jkt=key.thumbprint,
-        auth_time=int(time.time()),
-    )
-    url = f"{api.url}{path}"
-    answer = await http.request(
-        method,
-        url,
-        json=BODIES.get(path.rsplit("/", 1)[-1] if path.endswith("/members") else path),
-        headers={
-            "Authorization": f"DPoP {token}",
-            "DPoP": key.proof(method, url, access_token=token),
-        },
-    )
-    assert answer.status_code != 401, answer.text  # the token itself is always good here
-    denied = answer.status_code in (403, 404) and answer.json().get("type", "").endswith(
-        DENIED_TYPES
-    )
-    return not denied
 
 
 # -- two-person approval of admin roles, and revocation ---------------------------------

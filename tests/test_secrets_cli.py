@@ -15,19 +15,37 @@ from typer.testing import CliRunner
 
 from bastion.secrets import LocalKeystore
 from bastion.secrets.cli import secrets_app
+from bastion.settings import Settings
 
 VALUE = "hunter2-very-secret-value"
 # The sub-app on its own, exactly as a user could run it (no dependency on the main CLI).
 RUN_APP = "from bastion.secrets.cli import secrets_app; secrets_app()"
-_OVERRIDES = ("BASTION_KEYSTORE_FILE", "BASTION_MASTER_KEY_FILE")
+_OVERRIDES = ("BASTION_KEYS_DIR", "BASTION_KEYSTORE_FILE", "BASTION_MASTER_KEY_FILE")
 
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("BASTION_HOME", str(tmp_path))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("BASTION_HOME", str(home))
     for name in _OVERRIDES:  # an outer environment must not redirect the key files
         monkeypatch.delenv(name, raising=False)
-    return tmp_path
+    return home
+
+
+def test_key_material_lives_outside_the_home(home: Path) -> None:
+    """A backup of the home (the database, its files) carries no key: the
+    keystore and its master key sit in ``<home>-keys`` beside it."""
+    assert CliRunner().invoke(secrets_app, ["set", "api/key"], input=VALUE).exit_code == 0
+    keys = keys_dir(home)
+    assert keys == home.with_name("home-keys")
+    assert {p.name for p in keys.iterdir()} >= {"keystore.bin", "master.key"}
+    assert not [p for p in home.rglob("*") if p.is_file()], "nothing key-like in the home"
+    # An install from before the move keeps finding its keys where they are.
+    legacy = home / "keys"
+    legacy.mkdir()
+    (legacy / "master.key").write_bytes(b"\0" * 32)
+    assert keys_dir(home) == legacy
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -35,8 +53,13 @@ def _env(home: Path) -> dict[str, str]:
     return {**env, "BASTION_HOME": str(home)}
 
 
+def keys_dir(home: Path) -> Path:
+    """Where the CLI keeps key material for ``home``: beside it, not inside."""
+    return Settings(home=home).resolved_keys_dir
+
+
 def _store(home: Path) -> LocalKeystore:
-    return LocalKeystore(home / "keys" / "keystore.bin", home / "keys" / "master.key")
+    return LocalKeystore(keys_dir(home) / "keystore.bin", keys_dir(home) / "master.key")
 
 
 def _output(result: object) -> str:
@@ -109,7 +132,7 @@ def test_errors_are_one_line(home: Path, args: list[str]) -> None:
 def test_locked_keystore_is_a_clean_error(home: Path) -> None:
     runner = CliRunner()
     runner.invoke(secrets_app, ["set", "api/key"], input=VALUE)
-    master = home / "keys" / "master.key"
+    master = keys_dir(home) / "master.key"
     master.write_bytes(b"\0" * 32)
     result = runner.invoke(secrets_app, ["get", "api/key", "--reveal"])
     assert result.exit_code == 1
@@ -187,7 +210,7 @@ def test_set_on_a_terminal_prompts_without_echo(tmp_path: Path) -> None:
 def test_value_is_never_taken_from_argv(home: Path) -> None:
     result = CliRunner().invoke(secrets_app, ["set", "api/key", VALUE], input="from-stdin")
     assert result.exit_code != 0
-    assert not (home / "keys" / "keystore.bin").exists()
+    assert not (keys_dir(home) / "keystore.bin").exists()
     stored = CliRunner().invoke(secrets_app, ["set", "api/key"], input="from-stdin")
     assert stored.exit_code == 0
     assert _store(home).get("api/key") == b"from-stdin"
@@ -198,16 +221,16 @@ def test_empty_stdin_is_a_one_line_error(home: Path, args: list[str]) -> None:
     result = CliRunner().invoke(secrets_app, args, input="\n")
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: empty value on stdin"
-    assert not (home / "keys" / "keystore.bin").exists()
+    assert not (keys_dir(home) / "keystore.bin").exists()
 
 
 def test_os_errors_are_one_line(home: Path) -> None:
-    (home / "keys").write_text("a file where the key directory should be")
+    (keys_dir(home)).write_text("a file where the key directory should be")
     result = CliRunner().invoke(secrets_app, ["set", "api/key"], input=VALUE)
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert str(home / "keys") in lines[0]
+    assert str(keys_dir(home)) in lines[0]
     assert VALUE not in _output(result)
     assert isinstance(result.exception, SystemExit)
 

@@ -327,6 +327,18 @@ def test_missing_and_malformed_claims(
     )
 
 
+def test_session_id_round_trips_and_is_checked(
+    issuer: TokenIssuer, verifier: TokenVerifier, keys: SigningKeys, clock: Clock
+) -> None:
+    family = str(uuid.uuid4())
+    token, _ = issuer.issue_access(
+        user_id=uuid.uuid4(), tenant_id=uuid.uuid4(), roles=["viewer"], amr=[], jkt=None, sid=family
+    )
+    assert verifier.verify(token).sid == family
+    for bad in (5, "", "x" * 65, [family]):
+        assert refused(verifier, ours(keys, claims(clock, sid=bad))) == "malformed sid"
+
+
 def test_swapped_payload_is_a_bad_signature(issuer: TokenIssuer, verifier: TokenVerifier) -> None:
     victim, _ = issuer.issue_access(
         user_id=uuid.uuid4(), tenant_id=uuid.uuid4(), roles=["member"], amr=["pwd"], jkt=None

@@ -6,6 +6,8 @@ sandbox (bubblewrap)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,13 +23,14 @@ from bastion.safety import tasks
 from bastion.safety.sandbox import Limits, Outcome, Result, RunSpec, Sandbox, SandboxConfig
 from bastion.safety.sandbox.backends.firecracker import FirecrackerBackend, FirecrackerConfig
 from bastion.safety.signing import ToolCall, ToolCallSigner
-from bastion.safety.tools import SignedToolCall, ToolExecutor, ToolRefused
+from bastion.safety.tools import SignedToolCall, ToolExecutor, ToolRefused, ToolResult
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
 from bastion.worker.jobs import JobRegistry
 from bastion.worker.queue import queue_app
 from tests.conftest import DbHandles
+from tests.spellings import respellings
 
 pytestmark = pytest.mark.anyio
 
@@ -200,6 +203,153 @@ async def test_a_call_replayed_on_another_worker_process_is_refused(
         await other_worker.run(signed)
     assert refused.value.reason == "replayed" and CountingSandbox.runs == before
     assert [e["action"] for e in await _audit(world)] == ["tool.run", "tool.refused"]
+
+
+# -- one signed call, one run: one spelling, and single use keyed on the signed run id ---
+
+
+async def _run_records(world: World, call: ToolCall) -> int:
+    """The rows ``tool_call_runs`` holds for ``call`` (as the tenant sees them)."""
+    async with world.db.tenant_tx(world.tenant, None, "auditor") as tx:
+        cursor = await tx.execute(
+            "SELECT count(*) AS n FROM bastion.tool_call_runs WHERE call_id = %s", (call.id,)
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+@pytest.mark.parametrize("part", ["claims", "mac"])
+async def test_a_signature_spelt_another_way_is_refused_and_nothing_is_recorded(
+    world: World, part: str
+) -> None:
+    # sig + "=", sig + "==", a "!" slipped in, pad bits set...: the same bytes to a
+    # lenient decoder, so each verified, and each was a new key for the run record.
+    signed = _signed(world, _call("calculate", expression="6 * 7"))
+    assert signed.signature is not None
+    encoded, mac = signed.signature.split(".")
+    variants = respellings(encoded if part == "claims" else mac)
+    if part == "mac":  # 43 characters: every attack of the review applies
+        assert {"one '=' appended", "two '=' appended", "a '!' inserted", "pad bits set"} <= set(
+            variants
+        )
+    before = CountingSandbox.runs
+    for name, variant in variants.items():
+        respelt = f"{variant}.{mac}" if part == "claims" else f"{encoded}.{variant}"
+        with pytest.raises(ToolRefused) as refused:
+            await world.executor.run(SignedToolCall(world.tenant, signed.call, respelt))
+        assert refused.value.reason == "malformed", name
+    assert CountingSandbox.runs == before
+    assert await _run_records(world, signed.call) == 0
+    events = await _audit(world)
+    assert [(e["action"], e["details"]["reason"]) for e in events] == [
+        ("tool.refused", "malformed")
+    ] * len(variants)
+    # None of them used the call up: its one true spelling runs, once.
+    assert (await world.executor.run(signed)).output.strip() == "42"
+    assert await _run_records(world, signed.call) == 1
+
+
+async def test_one_signed_call_sent_seven_times_at_once_runs_once(
+    world: World, keystore: LocalKeystore, sandbox: Sandbox
+) -> None:
+    signed = _signed(world, _call("calculate", expression="6 * 7"))
+    assert signed.signature is not None
+    encoded, mac = signed.signature.split(".")
+    variants = respellings(mac)
+    spellings = [signed.signature] * 3 + [
+        f"{encoded}.{variants[name]}"
+        for name in ("one '=' appended", "two '=' appended", "a '!' inserted", "pad bits set")
+    ]
+    # Seven worker processes: each with its own signer, so its own memory of nonces.
+    workers = [ToolExecutor(world.db, ToolCallSigner(keystore), sandbox) for _ in spellings]
+    before = CountingSandbox.runs
+    outcomes = await asyncio.gather(
+        *(
+            worker.run(SignedToolCall(world.tenant, signed.call, spelling))
+            for worker, spelling in zip(workers, spellings, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    ran = [o for o in outcomes if isinstance(o, ToolResult)]
+    refused = sorted(o.reason for o in outcomes if isinstance(o, ToolRefused))
+    assert len(ran) == 1 and ran[0].output.strip() == "42"
+    assert refused == ["malformed"] * 4 + ["replayed"] * 2
+    assert CountingSandbox.runs == before + 1
+    assert await _run_records(world, signed.call) == 1
+    events = await _audit(world)
+    assert sorted(e["action"] for e in events) == ["tool.refused"] * 6 + ["tool.run"]
+
+
+async def test_single_use_is_keyed_on_the_signed_run_id_not_on_the_signature(
+    world: World, keystore: LocalKeystore, sandbox: Sandbox
+) -> None:
+    # Two different valid signatures naming one run (the signer never issues
+    # that; it shows what the record is keyed on): the second is a replay.
+    call = _call("calculate", expression="6 * 7")
+    claims = {
+        "tenant_id": str(world.tenant),
+        "user_id": str(world.contributor),
+        "call_id": call.id,
+        "run_id": str(uuid4()),
+        "name": call.name,
+        "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
+    }
+    first, second = world.gateway.tokens.issue(claims), world.gateway.tokens.issue(claims)
+    assert first != second  # another nonce, so another MAC
+    result = await world.executor.run(SignedToolCall(world.tenant, call, first))
+    assert result.output.strip() == "42"
+    other_worker = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
+    before = CountingSandbox.runs
+    with pytest.raises(ToolRefused) as refused:
+        await other_worker.run(SignedToolCall(world.tenant, call, second))
+    assert refused.value.reason == "replayed" and CountingSandbox.runs == before
+    assert await _run_records(world, call) == 1
+    [ran, replayed] = await _audit(world)
+    assert ran["details"]["run_id"] == replayed["details"]["run_id"] == claims["run_id"]
+
+
+async def test_a_signature_without_a_run_id_is_refused(world: World) -> None:
+    call = _call("calculate", expression="1 + 1")
+    legacy = world.gateway.tokens.issue(  # as signed before run ids existed
+        {
+            "tenant_id": str(world.tenant),
+            "user_id": str(world.contributor),
+            "call_id": call.id,
+            "name": call.name,
+            "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
+        }
+    )
+    await _refused(world, SignedToolCall(world.tenant, call, legacy), "malformed")
+    assert await _run_records(world, call) == 0
+
+
+class _WorkerDied(RuntimeError):
+    """The worker process ending while the sandbox runs (a crash, a kill)."""
+
+
+class DyingSandbox(Sandbox):
+    def run(self, spec: RunSpec) -> Result:
+        raise _WorkerDied
+
+
+async def test_a_call_whose_worker_died_mid_run_never_runs_again(
+    world: World, keystore: LocalKeystore, sandbox: Sandbox
+) -> None:
+    signed = _signed(world, _call("calculate", expression="6 * 7"))
+    dying = ToolExecutor(
+        world.db, ToolCallSigner(keystore), DyingSandbox(sandbox.backend, sandbox.config)
+    )
+    with pytest.raises(_WorkerDied):
+        await dying.run(signed)
+    assert await _run_records(world, signed.call) == 1  # committed before the run began
+    # A restarted worker remembers nothing in memory; the database does.
+    restarted = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
+    before = CountingSandbox.runs
+    with pytest.raises(ToolRefused) as refused:
+        await restarted.run(signed)
+    assert refused.value.reason == "replayed" and CountingSandbox.runs == before
+    assert [e["action"] for e in await _audit(world)] == ["tool.refused"]
 
 
 async def test_a_call_signed_for_another_tenant_is_refused(world: World) -> None:

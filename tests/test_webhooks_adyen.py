@@ -66,15 +66,26 @@ async def shopper(db: Database, service: BillingService) -> tuple[UUID, str]:
     return tenant.id, reference
 
 
+# What the catalogue's plans cost a month (migration 0015), in cents of USD.
+PRICES = {"free": 0, "pro": 4900, "enterprise": 99900}
+
+
 def _item(
-    key: str, shopper: str, plan: str, sequence: int, *, code: str = "AUTHORISATION"
+    key: str,
+    shopper: str,
+    plan: str,
+    sequence: int,
+    *,
+    code: str = "AUTHORISATION",
+    amount: int | None = None,
+    currency: str = "USD",
 ) -> dict[str, Any]:
     item: dict[str, Any] = {
         "pspReference": f"PSP{uuid4().hex[:14].upper()}",
         "originalReference": "",
         "merchantAccountCode": "BastionTest",
         "merchantReference": merchant_reference(shopper, plan, sequence),
-        "amount": {"value": 2900, "currency": "EUR"},
+        "amount": {"value": PRICES[plan] if amount is None else amount, "currency": currency},
         "eventCode": code,
         "success": "true",
         "eventDate": "2026-11-29T10:00:00+01:00",
@@ -162,6 +173,33 @@ async def test_altered_signed_field_is_refused(
     assert _count(database) == before and _plan(database, tenant_id) == "free"
 
 
+async def test_a_signed_item_that_reads_two_ways_is_refused_and_nothing_stored(
+    setup: Setup, database: DbHandles, shopper: tuple[UUID, str]
+) -> None:
+    # Adyen joins the signed fields with ':' unescaped. With a ':' inside one,
+    # the same HMAC covers another split of the fields, under another event id
+    # (pspReference "P" becomes "P:"): one notification, applied twice.
+    tenant_id, reference = shopper
+    item = _item(setup.current, reference, "pro", 1)
+    item["merchantAccountCode"] = "Bastion:EU"
+    del item["additionalData"]
+    item["additionalData"] = {
+        "hmacSignature": Adyen.util.generate_notification_sig(item, setup.current).decode()
+    }
+    twin = {
+        **item,
+        "pspReference": item["pspReference"] + ":",
+        "originalReference": "Bastion",
+        "merchantAccountCode": "EU",
+    }
+    for signed in (item, twin):  # both verify under Adyen's scheme
+        assert Adyen.util.is_valid_hmac_notification(signed, setup.current)
+    before = _count(database)
+    for signed in (item, twin):
+        _refused(await _post(setup.url, _batch(signed)), "webhook-malformed")
+    assert _count(database) == before and _plan(database, tenant_id) == "free"
+
+
 async def test_missing_hmac_is_refused(
     setup: Setup, database: DbHandles, shopper: tuple[UUID, str]
 ) -> None:
@@ -230,3 +268,28 @@ async def test_unknown_event_code_is_stored_and_ignored(
     assert await service.drain(tenant_id) == 0
     assert _plan(database, tenant_id) == "free"
     assert (await service.event_counts())["ignored"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency"),
+    [(100, "USD"), (99899, "USD"), (99900, "EUR"), (0, "USD")],
+)
+async def test_an_authorisation_that_does_not_pay_for_its_plan_is_refused(
+    setup: Setup, database: DbHandles, shopper: tuple[UUID, str], service: BillingService,
+    amount: int, currency: str,
+) -> None:  # fmt: skip
+    """The signed reference names Enterprise; the signed amount must pay for it
+    (integers, in the plan's currency)."""
+    tenant_id, reference = shopper
+    item = _item(setup.current, reference, "enterprise", 1, amount=amount, currency=currency)
+    assert (await _post(setup.url, _batch(item))).text == "[accepted]"
+    assert await service.drain(tenant_id) == 1
+    assert _plan(database, tenant_id) == "free"
+    assert await service.plan_changes(tenant_id, "owner") == []
+    with psycopg.connect(database.superuser) as conn:
+        outcome = conn.execute(
+            "SELECT status, outcome FROM bastion.webhook_events WHERE provider = 'adyen' "
+            "AND tenant_id = %s",
+            (tenant_id,),
+        ).fetchone()
+    assert outcome == ("failed", "amount-below-plan")

@@ -8,6 +8,7 @@ Every refusal checks the answer *and* that nothing was stored or changed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import httpx
 import psycopg
 import pytest
 
+from bastion.billing.errors import CustomerAlreadyBound
+from bastion.billing.plans import PlanCatalogue
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import MAX_BODY_BYTES, EventCipher
 from bastion.db.pool import Database
@@ -530,3 +533,123 @@ async def test_checkout_naming_another_tenant_than_the_customers_links_nothing(
             "SELECT count(*) FROM bastion.subscriptions WHERE tenant_id = %s", (other.id,)
         ).fetchone()
     assert linked == (0,)
+
+
+# -- a plan only for what was paid, a customer bound once (issue 13, findings 3 and 7b) -----
+
+
+def _audit(database: DbHandles, tenant_id: UUID, action: str) -> list[tuple[str, Any]]:
+    with psycopg.connect(database.superuser) as conn:
+        return conn.execute(
+            "SELECT actor, details FROM bastion.audit_events WHERE tenant_id = %s "
+            "AND action = %s ORDER BY seq",
+            (tenant_id, action),
+        ).fetchall()
+
+
+async def _deliver_and_drain(
+    setup: Setup, service: BillingService, tenant_id: UUID, event: dict[str, Any]
+) -> None:
+    body = to_json(event)
+    assert (await _post(setup.url, body, signed(body, setup.current))).status_code == 200
+    await service.drain(tenant_id)
+
+
+async def test_a_cheap_price_mapped_to_a_dear_plan_is_refused(
+    setup: Setup, database: DbHandles, tenant: tuple[UUID, str], service: BillingService
+) -> None:
+    """The catalogue says ``price_ent`` sells Enterprise (999.00 a month); a
+    subscription billing 5.00 a month on it did not pay for Enterprise."""
+    tenant_id, customer = tenant
+    sub = subscription_object(f"sub_{customer}", customer, TEST_PRICES["enterprise"])
+    sub["items"]["data"][0]["price"].update(
+        unit_amount=500, currency="usd", recurring={"interval": "month", "interval_count": 1}
+    )
+    event = event_object("customer.subscription.updated", sub, created=int(time.time()))
+    await _deliver_and_drain(setup, service, tenant_id, event)
+    stored = _event(database, event["id"])
+    assert stored is not None and (stored["status"], stored["outcome"]) == (
+        "failed",
+        "price-below-plan",
+    )
+    assert _plan(database, tenant_id) == ("free", "active")
+    assert (await service.entitlements(tenant_id)).plan == "free"
+    assert await service.plan_changes(tenant_id, "owner") == []
+    ((actor, details),) = _audit(database, tenant_id, "billing.webhook.applied")
+    assert actor == "stripe:webhook" and details["outcome"] == "price-below-plan"
+
+
+async def test_a_subscription_to_an_inactive_plan_is_refused(
+    setup: Setup, db: Database, database: DbHandles, tenant: tuple[UUID, str],
+    service: BillingService,
+) -> None:  # fmt: skip
+    tenant_id, customer = tenant
+    legacy = dataclasses.replace(
+        await PlanCatalogue(db).get("pro"),
+        code=f"legacy{uuid4().hex[:6]}",
+        stripe_price_id=f"price_legacy_{uuid4().hex[:6]}",
+        active=False,
+    )
+    await PlanCatalogue(db).put(legacy, actor="operator:alice")
+    assert legacy.stripe_price_id is not None
+    event = _sub_event(customer, legacy.stripe_price_id, created=int(time.time()))
+    await _deliver_and_drain(setup, service, tenant_id, event)
+    stored = _event(database, event["id"])
+    assert stored is not None and (stored["status"], stored["outcome"]) == (
+        "failed",
+        "plan-inactive",
+    )
+    assert _plan(database, tenant_id) == ("free", "active")
+    assert await service.plan_changes(tenant_id, "owner") == []
+
+
+async def test_a_checkout_with_another_customer_is_refused_audited_and_binds_nothing(
+    setup: Setup, database: DbHandles, tenant: tuple[UUID, str], service: BillingService
+) -> None:
+    """A completed checkout (a payment link, say, whose ``client_reference_id``
+    anyone may set) names the tenant but carries a stranger's customer: the
+    tenant's bound customer stays, and the stranger's events never reach it."""
+    tenant_id, bound = tenant
+    stranger = f"cus_{uuid4().hex[:12]}"
+    session = {
+        "id": f"cs_test_{uuid4().hex[:10]}",
+        "object": "checkout.session",
+        "client_reference_id": str(tenant_id),
+        "metadata": {"tenant_id": str(tenant_id)},
+        "customer": stranger,
+        "subscription": f"sub_{uuid4().hex[:10]}",
+        "mode": "subscription",
+    }
+    event = event_object("checkout.session.completed", session, created=int(time.time()))
+    await _deliver_and_drain(setup, service, tenant_id, event)
+    stored = _event(database, event["id"])
+    assert stored is not None and (stored["status"], stored["outcome"]) == (
+        "failed",
+        "customer-mismatch",
+    )
+    sub = await service.subscription(tenant_id)
+    assert (sub.stripe_customer_id, sub.stripe_subscription_id) == (bound, None)
+    ((actor, details),) = _audit(database, tenant_id, "billing.customer.refused")
+    assert actor == f"stripe:{event['id']}"
+    assert details["reason"] == "another-customer-is-bound"
+    assert stranger not in str(details)
+    # The stranger's subscription events find no tenant.
+    later = _sub_event(stranger, "enterprise", created=int(time.time()) + 1)
+    body = to_json(later)
+    assert (await _post(setup.url, body, signed(body, setup.current))).status_code == 200
+    routed = _event(database, later["id"])
+    assert routed is not None and (routed["status"], routed["tenant_id"]) == ("unrouted", None)
+    assert _plan(database, tenant_id) == ("free", "active")
+
+
+async def test_linking_another_customer_to_a_bound_tenant_is_refused_and_audited(
+    database: DbHandles, tenant: tuple[UUID, str], service: BillingService
+) -> None:
+    tenant_id, bound = tenant
+    with pytest.raises(CustomerAlreadyBound):
+        await service.link_stripe_customer(tenant_id, f"cus_{uuid4().hex[:12]}", actor="operator:x")
+    assert (await service.subscription(tenant_id)).stripe_customer_id == bound
+    ((actor, details),) = _audit(database, tenant_id, "billing.customer.refused")
+    assert (actor, details["reason"]) == ("operator:x", "another-customer-is-bound")
+    await service.link_stripe_customer(tenant_id, bound)  # the same one again: a no-op
+    assert len(_audit(database, tenant_id, "billing.customer.refused")) == 1

@@ -56,8 +56,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "BASTION_GATEWAY_CACHE_TTL_SECONDS": str(settings.gateway_cache_ttl_seconds),
         # Every process of a stack shares one replay store or none does.
         "BASTION_REPLAY_STORE": settings.replay_store,
+        "BASTION_TRUSTED_PROXIES": json.dumps([str(net) for net in settings.trusted_proxies]),
+        "BASTION_LOGIN_MAX_DELAY_SECONDS": str(settings.login_max_delay_seconds),
     }
     for name, value in (
+        ("BASTION_KEYS_DIR", settings.keys_dir),
         ("BASTION_MASTER_KEY_FILE", settings.master_key_file),
         ("BASTION_KEYSTORE_FILE", settings.keystore_file),
         ("BASTION_PG_PORT", settings.pg_port),
@@ -184,6 +187,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             sampling_routes.build_router(PromptSampling(db), identity.guard),
         ),
         max_body_bytes=settings.max_upload_bytes,
+        trusted_proxies=settings.trusted_proxies,
     )
 
 

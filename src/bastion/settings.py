@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from uuid import UUID
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, IPvAnyNetwork, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -64,7 +64,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BASTION_", extra="ignore")
 
     home: Path = Field(default_factory=default_home)
-    # The master key of the local keystore lives outside the database and the repo.
+    # Key material (the local keystore and its master key) lives apart from the
+    # data: by default in ``<home>-keys`` beside the home, never inside it, so
+    # a backup of the home (the database) holds no key that decrypts it and
+    # ``tenant shred`` holds for such backups. Point these elsewhere (another
+    # disk, a secrets mount) to keep the master key from the keystore too.
+    keys_dir: Path | None = None
     master_key_file: Path | None = None
     keystore_file: Path | None = None
 
@@ -88,6 +93,15 @@ class Settings(BaseSettings):
     issuer: str | None = None
     access_token_minutes: int = Field(default=15, ge=1)
     refresh_token_days: int = Field(default=30, ge=1, le=365)
+    # Reverse proxies whose X-Forwarded-For is believed (CIDRs, JSON list in
+    # BASTION_TRUSTED_PROXIES, e.g. ["10.0.0.0/8"]). Empty: the client address
+    # is the socket peer and the header is ignored. Sign-in throttling keys on
+    # this address, so list every proxy hop in front of the api, and only those.
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
+    # The longest a password or code check is held back because of failures
+    # (anyone's) on its account or from its address; only an account's own
+    # failures from one address lock it, for that address (identity/throttle.py).
+    login_max_delay_seconds: float = Field(default=4.0, gt=0, le=30)
     # Cedar policies: the repo's by default; a deployment may point at its own.
     policy_dir: Path | None = None
     # JSON list in BASTION_EXTERNAL_ISSUERS, e.g. [{"issuer": "https://kc/realms/x", ...}]
@@ -97,6 +111,13 @@ class Settings(BaseSettings):
     # replayed to another process is refused too (one query per request). Each
     # process's memory is checked first either way; "memory" adds no query.
     replay_store: Literal["memory", "postgres"] = "memory"
+    # DPoP server nonces (RFC 9449 section 8): proofs must echo a nonce the
+    # server issued (an HMAC of the current 5-minute slot; this slot's and the
+    # previous one's are accepted), so a proof cannot be made ahead for later
+    # use. On at the token endpoint; resource servers (api, gateway) may ask
+    # too, at one extra round trip per client every few minutes.
+    dpop_nonce_at_token: bool = True
+    dpop_nonce_at_resources: bool = False
 
     # Gateway: the models it serves. JSON list in BASTION_GATEWAY_MODELS, e.g.
     # [{"name": "gpt-4o-mini", "provider": "openai_compatible",
@@ -189,13 +210,20 @@ class Settings(BaseSettings):
         return self.home / "postgres"
 
     @property
-    def keys_dir(self) -> Path:
-        return self.home / "keys"
+    def resolved_keys_dir(self) -> Path:
+        """``keys_dir``, else ``<home>-keys``; an install made before key
+        material moved out of the home keeps its ``<home>/keys``."""
+        if self.keys_dir is not None:
+            return self.keys_dir
+        legacy = self.home / "keys"
+        if (legacy / "master.key").exists():
+            return legacy
+        return self.home.with_name(self.home.name + "-keys")
 
     @property
     def resolved_master_key_file(self) -> Path:
-        return self.master_key_file or self.keys_dir / "master.key"
+        return self.master_key_file or self.resolved_keys_dir / "master.key"
 
     @property
     def resolved_keystore_file(self) -> Path:
-        return self.keystore_file or self.keys_dir / "keystore.bin"
+        return self.keystore_file or self.resolved_keys_dir / "keystore.bin"

@@ -14,12 +14,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import psycopg
+
 from bastion import audit
 from bastion.db.pool import Database
 from bastion.identity.mfa import ADMIN_ROLES
 from bastion.tenants.service import MEMBER_ROLES
 
 REQUEST_LIFETIME = timedelta(hours=24)
+# The database's refusal of a statement that leaves a tenant without an owner.
+LAST_OWNER_CONSTRAINT = "tenant_keeps_an_owner"
 
 
 class ApprovalError(Exception):
@@ -135,27 +139,29 @@ class ApprovalService:
             return Grant(row["user_id"], row["role"], request_id)
 
     async def revoke(self, tenant_id: UUID, actor: UUID, user_id: UUID, role: str) -> bool:
-        """Remove ``role`` from ``user_id``; True if they had it. Refuses
-        (``last-owner``) to remove the tenant's last owner."""
-        async with self.db.tenant_tx(tenant_id, actor, "owner") as tx:
-            if role == "owner":
-                owners = await (
-                    await tx.execute(
-                        "SELECT count(*) AS n FROM bastion.memberships WHERE role = 'owner'"
-                    )
-                ).fetchone()
-                if owners is not None and owners["n"] <= 1:
-                    raise ApprovalError("last-owner", "a tenant keeps at least one owner")
-            deleted = await tx.execute(
-                "DELETE FROM bastion.memberships WHERE user_id = %s AND role = %s",
-                (user_id, role),
-            )
-            if deleted.rowcount:
-                await audit.record(
-                    tx,
-                    actor=f"user:{actor}",
-                    action="role.revoke",
-                    target=f"user:{user_id}",
-                    details={"role": role},
+        """Remove ``role`` from ``user_id``; True if they had it.
+
+        Raises :class:`ApprovalError` (``last-owner``) when that would leave
+        the tenant without an owner. The database decides (migration 0017),
+        under a lock per tenant: a count here would race, and two owners
+        removing each other at once would leave none.
+        """
+        try:
+            async with self.db.tenant_tx(tenant_id, actor, "owner") as tx:
+                deleted = await tx.execute(
+                    "DELETE FROM bastion.memberships WHERE user_id = %s AND role = %s",
+                    (user_id, role),
                 )
-            return bool(deleted.rowcount)
+                if deleted.rowcount:
+                    await audit.record(
+                        tx,
+                        actor=f"user:{actor}",
+                        action="role.revoke",
+                        target=f"user:{user_id}",
+                        details={"role": role},
+                    )
+                return bool(deleted.rowcount)
+        except psycopg.errors.CheckViolation as exc:
+            if exc.diag.constraint_name != LAST_OWNER_CONSTRAINT:
+                raise
+            raise ApprovalError("last-owner", "a tenant keeps at least one owner") from None

@@ -68,6 +68,7 @@ ACTIONS: tuple[str, ...] = (
     "account:read",
     "account:mfa",
     "account:password",
+    "account:sessions",
     "account:sampling",
     "sampling:read",
     "sampling:configure",

@@ -13,6 +13,8 @@ from bastion.access.declare import PUBLIC_ROUTE, require_declared
 from bastion.api.middleware import (
     DEFAULT_MAX_BODY_BYTES,
     BodySizeLimitMiddleware,
+    ClientAddressMiddleware,
+    IPNetwork,
     RequestIdMiddleware,
 )
 from bastion.api.problems import NotReady, install_problem_handlers
@@ -34,6 +36,7 @@ def create_app(
     extra_routers: Sequence[APIRouter] = (),
     lifespan: Lifespan | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    trusted_proxies: Sequence[IPNetwork] = (),
 ) -> FastAPI:
     """Return an app with health/readiness, problem+json errors and request ids.
 
@@ -42,7 +45,9 @@ def create_app(
     (type ``.../not-ready``) when it raises or takes longer than
     ``READINESS_TIMEOUT`` seconds: fail closed. ``extra_routers`` are included
     as they are; ``lifespan`` is handed to FastAPI; request bodies over
-    ``max_body_bytes`` are refused with 413. No docs UI is served;
+    ``max_body_bytes`` are refused with 413. The client address is the
+    socket peer, or behind one of ``trusted_proxies`` the address they
+    forwarded (:class:`ClientAddressMiddleware`). No docs UI is served;
     ``/openapi.json`` is.
     """
     app = FastAPI(
@@ -79,4 +84,6 @@ def create_app(
     # exists before the size check answers, and is echoed on its 413.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    # Outermost: everything inside sees the real client's address.
+    app.add_middleware(ClientAddressMiddleware, trusted_proxies=trusted_proxies)
     return app

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware for the hot path: request ids, access log, size caps.
+"""Pure ASGI middleware for the hot path: request ids, access log, size caps,
+the client address behind trusted proxies.
 
 Pure ASGI rather than ``BaseHTTPMiddleware``: no extra task per request, no
 buffering, and context variables bound here are visible to the endpoint.
@@ -6,9 +7,11 @@ buffering, and context variables bound here are visible to the endpoint.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -102,6 +105,87 @@ class RequestIdMiddleware:
                     status=status,
                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
                 )
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+FORWARDED_FOR_HEADER = b"x-forwarded-for"
+
+
+def forwarded_client(
+    peer: str, forwarded_for: Iterable[str], trusted_proxies: Sequence[IPNetwork]
+) -> str:
+    """Return the client address of a request from socket peer ``peer``.
+
+    ``forwarded_for`` are the request's ``X-Forwarded-For`` values in order.
+    They are believed only as far as trusted proxies vouch for them: unless
+    ``peer`` is in ``trusted_proxies`` the answer is ``peer``. Otherwise the
+    hops are read right to left (each proxy appends the address it received
+    from, as RFC 7239 section 4 has it for ``Forwarded``), trusted proxies
+    are skipped, and the first other address is the client. Whatever a client
+    wrote to the left of that is never reached. A hop that is not an address
+    (``unknown``, garbage) stops the walk at the last trusted proxy; when every
+    hop is trusted, the leftmost is the client.
+    """
+    current = _address(peer)
+    if current is None or not _within(current, trusted_proxies):
+        return peer
+    hops = [hop for value in forwarded_for for hop in value.split(",")]
+    for hop in reversed(hops):
+        address = _address(hop)
+        if address is None:
+            break
+        current = address
+        if not _within(address, trusted_proxies):
+            break
+    return str(current)
+
+
+def _address(text: str) -> IPAddress | None:
+    """Parse ``1.2.3.4``, ``1.2.3.4:port``, ``::1`` or ``[::1]:port``; None if none of them."""
+    text = text.strip()
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _within(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
+    return any(address in network for network in networks)
+
+
+class ClientAddressMiddleware:
+    """Replace ``scope["client"]`` by the real client's address behind trusted proxies.
+
+    See :func:`forwarded_client`. With no trusted proxy configured, nothing is
+    read and the socket peer stays the client: a client naming any address it
+    likes in ``X-Forwarded-For`` changes nothing. (The ASGI server must not
+    rewrite the peer itself: Bastion runs uvicorn with ``proxy_headers`` off.)
+    """
+
+    def __init__(self, app: ASGIApp, trusted_proxies: Sequence[IPNetwork] = ()) -> None:
+        self.app = app
+        self.trusted_proxies = tuple(trusted_proxies)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if self.trusted_proxies and scope["type"] in ("http", "websocket") and client:
+            values = [
+                value.decode("latin-1")
+                for key, value in scope["headers"]
+                if key == FORWARDED_FOR_HEADER
+            ]
+            resolved = forwarded_client(client[0], values, self.trusted_proxies)
+            if resolved != client[0]:
+                scope = {**scope, "client": (resolved, 0)}
+        await self.app(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):

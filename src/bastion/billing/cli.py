@@ -17,13 +17,16 @@ import asyncio
 import getpass
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from bastion.settings import Settings
+
+if TYPE_CHECKING:
+    from bastion.billing.wiring import Billing
 
 billing_app = typer.Typer(help="Plans, subscriptions and provider webhooks.", no_args_is_help=True)
 incident_app = typer.Typer(help="Incident runbook commands.", no_args_is_help=True)
@@ -32,7 +35,7 @@ out = Console()
 T = TypeVar("T")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(1)
 
@@ -59,8 +62,8 @@ def _run(work: Callable[..., Awaitable[T]]) -> T:
     except (DatabaseError, SecretsError) as exc:
         _fail(str(exc))
     except Problem as exc:
-        _fail(exc.detail or exc.title)
-    raise AssertionError("unreachable")
+        reason = exc.extensions.get("reason")
+        _fail(f"{exc.detail or exc.title}{f' ({reason})' if reason else ''}")
 
 
 @incident_app.command("pause-webhooks")
@@ -109,9 +112,25 @@ def plan_set(
     models: Annotated[str, typer.Option(help="comma-separated, or *")] = "*",
     overage: Annotated[str, typer.Option(help="block or metered")] = "block",
     stripe_price: Annotated[str | None, typer.Option(help="Stripe price id")] = None,
-    rank: Annotated[int, typer.Option(help="order: higher is an upgrade")] = 0,
+    rank: Annotated[int, typer.Option(help="display order: higher is dearer")] = 0,
+    price: Annotated[
+        int, typer.Option(min=0, help="monthly price in minor units (cents), an integer")
+    ] = 0,
+    currency: Annotated[str, typer.Option(help="ISO 4217 code, lower case")] = "usd",
+    active: Annotated[
+        bool, typer.Option(help="offered (an inactive plan is assignable to no one)")
+    ] = True,
+    reason: Annotated[
+        str, typer.Option(help="why (recorded if it needs approval)")
+    ] = "catalogue edit",
 ) -> None:
-    """Create or change a plan of the catalogue."""
+    """Create or change a plan of the catalogue.
+
+    An edit that gives the plan's subscribers more for their money (a larger
+    budget, another model, a lower price) is not applied: it becomes a
+    request that a second operator approves (``bastion billing approve``).
+    """
+    from bastion.billing.errors import CatalogueEditNeedsApproval
     from bastion.billing.plans import Plan
 
     plan = Plan(
@@ -124,9 +143,29 @@ def plan_set(
         models_allowed=tuple(m.strip() for m in models.split(",") if m.strip()),
         overage_policy=overage,
         stripe_price_id=stripe_price,
+        active=active,
+        monthly_price=price,
+        currency=currency,
     )
-    _run(lambda billing, _db: billing.catalogue.put(plan, actor=_operator()))
-    out.print(f"plan {code} saved")
+
+    async def work(billing: Billing, _db: object) -> str | None:
+        try:
+            await billing.catalogue.put(plan, actor=_operator())
+        except CatalogueEditNeedsApproval:
+            request = await billing.approvals.request_catalogue_edit(
+                plan, operator=_operator(), reason=reason
+            )
+            return str(request.id)
+        return None
+
+    pending = _run(work)
+    if pending is None:
+        out.print(f"plan {code} saved")
+    else:
+        out.print(
+            f"plan {code}: the edit gives subscribers more; pending approval {pending} "
+            f"(a second operator runs: bastion billing approve {pending})"
+        )
 
 
 @billing_app.command("change-plan")
@@ -135,24 +174,70 @@ def change_plan(
     plan: Annotated[str, typer.Option()],
     reason: Annotated[str, typer.Option(help="why (recorded)")],
 ) -> None:
-    """Put a tenant on a plan now (recorded as the operator's change)."""
+    """Put a tenant on a plan: a downgrade now; an upgrade (a plan that costs or
+    gives more) once a second operator approves it (``bastion billing approve``)."""
     from bastion.tenants.service import TenantService
 
-    async def work(billing: object, db: object) -> str:
-        from bastion.billing.wiring import Billing
+    async def work(billing: Billing, db: object) -> str:
         from bastion.db.pool import Database
 
-        assert isinstance(billing, Billing) and isinstance(db, Database)
+        assert isinstance(db, Database)
         tenant_id = await TenantService(db).tenant_id(tenant)
         if tenant_id is None:
             _fail(f"no tenant named {tenant!r}")
         assert tenant_id is not None
+        if await billing.service.is_upgrade(tenant_id, plan):
+            request = await billing.approvals.request_tenant_plan(
+                tenant_id, plan, operator=_operator(), reason=reason
+            )
+            return (
+                f"{tenant} -> {plan} is an upgrade: pending approval {request.id} "
+                f"(a second operator runs: bastion billing approve {request.id})"
+            )
         sub = await billing.service.change_plan(
             tenant_id, plan, actor=_operator(), reason=reason, source="operator"
         )
-        return sub.plan_code
+        return f"{tenant} is on plan {sub.plan_code}"
 
-    out.print(f"{tenant} is on plan {_run(work)}")
+    out.print(_run(work))
+
+
+@billing_app.command("approve")
+def approve(request: Annotated[str, typer.Argument(help="the request id")]) -> None:
+    """Approve another operator's pending plan change (never your own) and apply it."""
+    from uuid import UUID
+
+    try:
+        request_id = UUID(request)
+    except ValueError:
+        _fail("not a request id")
+
+    async def work(billing: Billing, _db: object) -> str:
+        decided = await billing.approvals.approve(request_id, operator=_operator())
+        return f"approved: {decided.kind} {decided.plan_code} (requested by {decided.requested_by})"
+
+    out.print(_run(work))
+
+
+@billing_app.command("requests")
+def requests() -> None:
+    """Plan changes waiting for a second operator."""
+    pending = _run(lambda billing, _db: billing.approvals.pending())
+    table = Table()
+    for column in ("id", "kind", "tenant", "plan", "from", "requested by", "expires", "reason"):
+        table.add_column(column)
+    for r in pending:
+        table.add_row(
+            str(r.id),
+            r.kind,
+            str(r.tenant_id or ""),
+            r.plan_code,
+            r.from_plan or "",
+            r.requested_by,
+            r.expires_at.isoformat(timespec="minutes"),
+            r.reason,
+        )
+    out.print(table)
 
 
 @billing_app.command("reconcile")

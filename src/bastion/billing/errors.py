@@ -46,3 +46,45 @@ class NoSubscription(Problem):
     type = problem_type("no-subscription")
     title = "No subscription"
     status = 404
+
+
+class PlanInactive(Problem):
+    """The plan is no longer sold: no one is moved onto it, by any path."""
+
+    type = problem_type("plan-inactive")
+    title = "Plan inactive"
+    status = 422
+
+
+class PlanUpgradeNeedsPayment(Problem):
+    """Self-service may only move down: a plan that costs or gives more is bought
+    through the payment provider (checkout) or granted by two operators."""
+
+    type = problem_type("plan-upgrade-needs-payment")
+    title = "An upgrade goes through payment"
+    status = 403
+
+
+class CatalogueEditNeedsApproval(Problem):
+    """A catalogue edit that gives a plan's subscribers more needs a second operator."""
+
+    type = problem_type("catalogue-edit-needs-approval")
+    title = "Catalogue edit needs approval"
+    status = 409
+
+
+class PlanApprovalRefused(Problem):
+    """An operator's approval is refused; ``reason`` is a stable code: ``not-found``,
+    ``self-approval``, ``decided``, ``expired``, ``plan-inactive``, ``plan-changed``."""
+
+    type = problem_type("plan-approval-refused")
+    title = "Plan approval refused"
+    status = 409
+
+
+class CustomerAlreadyBound(Problem):
+    """The tenant's provider customer is bound once; another one is refused."""
+
+    type = problem_type("billing-customer-bound")
+    title = "Billing customer already bound"
+    status = 409

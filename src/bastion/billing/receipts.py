@@ -26,7 +26,6 @@ A ``kid`` is the key's RFC 7638 thumbprint, derived from the public key alone.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
@@ -41,6 +40,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
 
 from bastion.db.pool import Conn, Database
+from bastion.encoding import b64url_decode
 from bastion.logs import get_logger
 from bastion.secrets.keyring import JwkRing
 from bastion.secrets.store import LocalKeystore
@@ -254,8 +254,9 @@ class Receipt:
 
 
 def jws_b64decode(part: str) -> bytes:
-    """base64url without padding (RFC 7515 section 2)."""
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    """base64url without padding (RFC 7515 section 2), strictly: one spelling per
+    value (:func:`bastion.encoding.b64url_decode`); raises :class:`ValueError`."""
+    return b64url_decode(part)
 
 
 def _epoch(value: object) -> datetime | None:

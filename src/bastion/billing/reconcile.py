@@ -31,8 +31,8 @@ import stripe
 
 from bastion.billing.errors import MalformedEvent
 from bastion.billing.models import ENTITLED, FREE_PLAN, PLATFORM
-from bastion.billing.plans import plan_by_code, plan_by_stripe_price
-from bastion.billing.service import BillingService, timestamp
+from bastion.billing.plans import plan_by_code
+from bastion.billing.service import BillingService, paid_plan, timestamp
 from bastion.billing.webhooks import IncomingEvent, WebhookIntake
 from bastion.billing.webhooks.stripe import parse
 from bastion.db.pool import Database
@@ -142,20 +142,25 @@ class Reconciler:
 
     async def _repair(self, tenant_id: UUID, sub_id: str, remote: dict[str, Any] | None) -> bool:
         status = "canceled" if remote is None else str(remote.get("status") or "active")[:40]
-        item: dict[str, Any] = {}
-        if remote is not None:
-            items = (remote.get("items") or {}).get("data") or []
-            item = items[0] if items and isinstance(items[0], dict) else {}
-        price = (item.get("price") or {}).get("id") if isinstance(item.get("price"), dict) else None
         async with self.db.tenant_tx(tenant_id, None, "system") as tx:
             sub = await self.service.read_subscription(tx, tenant_id, lock=True)
             if sub is None or sub.stripe_subscription_id != sub_id:
                 return False
-            plan = await plan_by_stripe_price(tx, price) if isinstance(price, str) else None
-            if plan is None or status not in ENTITLED:
+            remote_customer = remote.get("customer") if remote is not None else None
+            if isinstance(remote_customer, str) and remote_customer != sub.stripe_customer_id:
+                return False  # not this tenant's customer's subscription: nothing to repair
+            # The same rule as the webhook: the plan the subscription pays for.
+            paid = await paid_plan(tx, remote) if remote is not None else "unknown-price"
+            item: dict[str, Any] = {}
+            if isinstance(paid, str) or status not in ENTITLED:
                 plan = await plan_by_code(tx, FREE_PLAN)
+            else:
+                plan, item = paid
+            if not plan.active and plan.code not in (sub.plan_code, FREE_PLAN):
+                return False  # never onto an inactive plan; the event's failure stays flagged
             if sub.plan_code == plan.code and sub.status == status:
                 return False
+            price = item["price"]["id"] if item else None
             start = timestamp(item.get("current_period_start"))
             end = timestamp(item.get("current_period_end"))
             await tx.execute(

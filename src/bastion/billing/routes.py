@@ -26,6 +26,7 @@ from bastion.billing.webhooks.adyen import ACK, AdyenWebhook
 from bastion.billing.webhooks.stripe import StripeWebhook
 from bastion.db.pool import Database
 from bastion.identity.auth import Principal
+from bastion.safety.pii import scan_output
 from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
 
@@ -119,7 +120,9 @@ def build_router(service: BillingService, catalogue: PlanCatalogue, guard: Guard
         body: PlanChangeRequest,
         principal: Principal = Depends(guard("plan:change", "Plan")),
     ) -> dict[str, Any]:
-        """Change the tenant's plan now (who/what/when/why recorded; budget follows)."""
+        """Move the tenant down to a plan that costs and gives no more, now (who/what/
+        when/why recorded; budget follows). An upgrade is bought through checkout:
+        403 ``plan-upgrade-needs-payment``; an inactive plan is 422 ``plan-inactive``."""
         sub = await service.change_plan(
             principal.tenant_id,
             body.plan,
@@ -134,7 +137,11 @@ def build_router(service: BillingService, catalogue: PlanCatalogue, guard: Guard
         principal: Principal = Depends(guard("billing:read", "Billing")),
     ) -> dict[str, Any]:
         changes = await service.plan_changes(principal.tenant_id, principal.db_role)
-        return {"changes": [_json(asdict(c)) for c in changes]}
+        # A reason is free text typed by an admin, read by every billing reader:
+        # personal data in it is masked ([EMAIL], ...), never shown as typed.
+        return {
+            "changes": [_json({**asdict(c), "reason": scan_output(c.reason).text}) for c in changes]
+        }
 
     return router
 

@@ -16,6 +16,14 @@ writes who / what / when / why to ``plan_changes``, one audit event, and the
 current period's limits in ``bastion.budgets`` in the same transaction: the
 gateway's next reservation sees the new limits (a downgrade caps calls from
 the next call on).
+
+Paid plans (issue 13): a billing-admin, or one operator, only moves a tenant
+*down* (:func:`bastion.billing.plans.is_upgrade`); a plan that costs or gives
+more comes from the payment provider — a verified event whose subscription
+pays for it (:func:`paid_plan`; Adyen: a signed amount that covers the
+plan's price) — or from two operators (:mod:`bastion.billing.approvals`). No
+path moves a tenant onto an inactive plan, and a tenant's Stripe customer
+(Adyen shopper) is bound once: another one is refused and audited.
 """
 
 from __future__ import annotations
@@ -29,9 +37,20 @@ from uuid import UUID
 import psycopg
 
 from bastion.audit.log import record
-from bastion.billing.errors import NoSubscription
+from bastion.billing.errors import (
+    CustomerAlreadyBound,
+    NoSubscription,
+    PlanInactive,
+    PlanUpgradeNeedsPayment,
+)
 from bastion.billing.models import ENTITLED, FREE_PLAN, PLATFORM, PlanChange, Subscription
-from bastion.billing.plans import Entitlements, Plan, plan_by_code, plan_by_stripe_price
+from bastion.billing.plans import (
+    Entitlements,
+    Plan,
+    is_upgrade,
+    plan_by_code,
+    plan_by_stripe_price,
+)
 from bastion.billing.webhooks import EventCipher
 from bastion.billing.webhooks import adyen as adyen_hooks
 from bastion.billing.webhooks import stripe as stripe_hooks
@@ -64,6 +83,53 @@ def timestamp(value: Any) -> datetime | None:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return datetime.fromtimestamp(value, UTC)
     return None
+
+
+async def paid_plan(tx: Conn, subscription: dict[str, Any]) -> tuple[Plan, dict[str, Any]] | str:
+    """The catalogue plan a Stripe subscription pays for, and its item; or why none.
+
+    The plan is the one whose Stripe price an item of the subscription bills,
+    with a quantity of at least one (a subscription may carry other items,
+    a metered usage price say, that sell no plan). Refused (the outcome
+    returned): no such item (``unknown-price``), items of two plans
+    (``several-plans``), or an item whose monthly amount in the plan's
+    currency is below the plan's price (``price-below-plan``: the catalogue
+    maps a cheaper price to the plan — the subscription did not pay for it).
+    """
+    items = (subscription.get("items") or {}).get("data")
+    found: dict[str, tuple[Plan, dict[str, Any]]] = {}
+    for item in items if isinstance(items, list) else []:
+        price = item.get("price") if isinstance(item, dict) else None
+        if not isinstance(price, dict) or not isinstance(price.get("id"), str):
+            continue
+        price_id = price["id"]
+        quantity = item.get("quantity", 1)
+        if isinstance(quantity, int) and not isinstance(quantity, bool) and quantity < 1:
+            continue
+        plan = await plan_by_stripe_price(tx, price_id)
+        if plan is not None:
+            if _below_price(plan, price, quantity):
+                return "price-below-plan"
+            found[plan.code] = (plan, item)
+    if not found:
+        return "unknown-price"
+    if len(found) > 1:
+        return "several-plans"
+    return next(iter(found.values()))
+
+
+def _below_price(plan: Plan, price: dict[str, Any], quantity: Any) -> bool:
+    """Whether a monthly Stripe price in the plan's currency bills less than the plan
+    costs (other intervals and currencies are bound by the catalogue's price id)."""
+    amount, recurring = price.get("unit_amount"), price.get("recurring")
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        return False
+    if price.get("currency") != plan.currency or not isinstance(recurring, dict):
+        return False
+    if (recurring.get("interval"), recurring.get("interval_count", 1)) != ("month", 1):
+        return False
+    count = quantity if isinstance(quantity, int) and not isinstance(quantity, bool) else 1
+    return amount * count < plan.monthly_price
 
 
 class BillingService:
@@ -129,6 +195,20 @@ class BillingService:
 
     # -- plan changes --------------------------------------------------------------------
 
+    async def current_plan(self, tx: Conn, sub: Subscription | None) -> Plan:
+        """The plan ``sub`` entitles to now: its own, or free when there is none or
+        its status does not entitle (canceled, unpaid, ...)."""
+        entitled = sub is not None and sub.status in ENTITLED
+        return await plan_by_code(tx, sub.plan_code if entitled and sub else FREE_PLAN)
+
+    async def is_upgrade(self, tenant_id: UUID, plan_code: str) -> bool:
+        """Whether moving the tenant to ``plan_code`` is an upgrade
+        (:func:`bastion.billing.plans.is_upgrade`). Raises :class:`UnknownPlan`."""
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            target = await plan_by_code(tx, plan_code)
+            current = await self.current_plan(tx, await self.read_subscription(tx, tenant_id))
+        return is_upgrade(current, target)
+
     async def change_plan(
         self,
         tenant_id: UUID,
@@ -139,65 +219,146 @@ class BillingService:
         source: str = "admin",
         user_id: UUID | None = None,
     ) -> Subscription:
-        """Put the tenant on ``plan_code`` now (an admin's or operator's decision).
+        """Move the tenant down to ``plan_code`` now: a billing-admin's self-service,
+        or an operator's downgrade.
 
-        The caller has checked ``plan:change``; this runs as the system role
-        so that the budget row (system-only) changes in the same transaction.
-        Raises :class:`UnknownPlan`.
+        Only a move that is not an upgrade (:func:`bastion.billing.plans.is_upgrade`)
+        is made here; an upgrade is bought through the payment provider, or
+        granted by two operators (:mod:`bastion.billing.approvals`). The caller
+        has checked ``plan:change``; this runs as the system role so that the
+        budget row (system-only) changes in the same transaction.
+
+        Raises :class:`UnknownPlan`, :class:`PlanInactive` or
+        :class:`PlanUpgradeNeedsPayment`. A refused move writes only its audit
+        event (``billing.plan.change_refused``); the plan, budget and
+        entitlements stay as they were.
         """
+        refusal: PlanInactive | PlanUpgradeNeedsPayment | None = None
         async with self.db.tenant_tx(tenant_id, user_id, "system") as tx:
             plan = await plan_by_code(tx, plan_code)
             sub = await self.read_subscription(tx, tenant_id, lock=True)
-            if sub is None:
-                await tx.execute(
-                    "INSERT INTO bastion.subscriptions (tenant_id, plan_code, updated_by) "
-                    "VALUES (%s, %s, %s)",
-                    (tenant_id, plan.code, actor),
+            current = await self.current_plan(tx, sub)
+            if not plan.active:
+                refusal = PlanInactive("this plan is no longer offered")
+            elif is_upgrade(current, plan):
+                refusal = PlanUpgradeNeedsPayment(
+                    "this plan costs or gives more than the current one: buy it through "
+                    "checkout, or ask the operator"
+                )
+            if refusal is not None:
+                await record(
+                    tx,
+                    actor=actor,
+                    action="billing.plan.change_refused",
+                    target=f"tenant:{tenant_id}",
+                    details={
+                        "from": current.code,
+                        "to": plan.code,
+                        "source": source,
+                        "refusal": refusal.type.rsplit("/", 1)[-1],
+                    },
                 )
             else:
-                await tx.execute(
-                    "UPDATE bastion.subscriptions SET plan_code = %s, updated_at = now(), "
-                    "updated_by = %s WHERE tenant_id = %s",
-                    (plan.code, actor, tenant_id),
+                await self.assign(
+                    tx, tenant_id, sub, plan, actor=actor, reason=reason, source=source
                 )
-            await self.record_change(
-                tx,
-                tenant_id,
-                sub.plan_code if sub else None,
-                plan,
-                actor=actor,
-                reason=reason,
-                source=source,
-            )
-            new = await self.read_subscription(tx, tenant_id)
+                new = await self.read_subscription(tx, tenant_id)
+        if refusal is not None:
+            raise refusal
         assert new is not None
         return new
+
+    async def assign(
+        self,
+        tx: Conn,
+        tenant_id: UUID,
+        sub: Subscription | None,
+        plan: Plan,
+        *,
+        actor: str,
+        reason: str,
+        source: str,
+    ) -> None:
+        """Put the tenant on ``plan`` in ``tx`` (``sub``: its locked subscription),
+        with its record, audit event and budget. Unchecked: the callers decide
+        whether the move is allowed (a downgrade, or an approved request)."""
+        if sub is None:
+            await tx.execute(
+                "INSERT INTO bastion.subscriptions (tenant_id, plan_code, updated_by) "
+                "VALUES (%s, %s, %s)",
+                (tenant_id, plan.code, actor),
+            )
+        else:
+            await tx.execute(
+                "UPDATE bastion.subscriptions SET plan_code = %s, updated_at = now(), "
+                "updated_by = %s WHERE tenant_id = %s",
+                (plan.code, actor, tenant_id),
+            )
+        await self.record_change(
+            tx,
+            tenant_id,
+            sub.plan_code if sub else None,
+            plan,
+            actor=actor,
+            reason=reason,
+            source=source,
+        )
 
     async def link_stripe_customer(
         self, tenant_id: UUID, customer_id: str, *, actor: str = "system"
     ) -> None:
-        """Record the tenant's Stripe customer (created before its Checkout Session),
-        so that the customer's events route to the tenant."""
-        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
-            await tx.execute(
-                "INSERT INTO bastion.subscriptions (tenant_id, plan_code, stripe_customer_id, "
-                "updated_by) VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id) DO UPDATE SET "
-                "stripe_customer_id = EXCLUDED.stripe_customer_id, updated_at = now(), "
-                "updated_by = EXCLUDED.updated_by",
-                (tenant_id, FREE_PLAN, customer_id, actor),
-            )
+        """Bind the tenant's Stripe customer (created before its Checkout Session),
+        so that the customer's events route to the tenant.
+
+        Bound once: linking the same customer again changes nothing; another
+        customer is refused (:class:`CustomerAlreadyBound`, audited as
+        ``billing.customer.refused``), as is a customer bound to another tenant.
+        """
+        await self._bind(tenant_id, "stripe_customer_id", customer_id, actor=actor)
         await self.route_unrouted()
 
-    async def link_adyen_shopper(self, tenant_id: UUID, shopper_reference: str) -> None:
-        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
-            await tx.execute(
-                "INSERT INTO bastion.subscriptions (tenant_id, plan_code, "
-                "adyen_shopper_reference, updated_by) VALUES (%s, %s, %s, 'system') "
-                "ON CONFLICT (tenant_id) DO UPDATE SET adyen_shopper_reference = "
-                "EXCLUDED.adyen_shopper_reference, updated_at = now()",
-                (tenant_id, FREE_PLAN, shopper_reference),
-            )
+    async def link_adyen_shopper(
+        self, tenant_id: UUID, shopper_reference: str, *, actor: str = "system"
+    ) -> None:
+        """Bind the tenant's Adyen shopper reference, once (as :meth:`link_stripe_customer`)."""
+        await self._bind(tenant_id, "adyen_shopper_reference", shopper_reference, actor=actor)
         await self.route_unrouted()
+
+    async def _bind(self, tenant_id: UUID, column: str, value: str, *, actor: str) -> None:
+        assert column in ("stripe_customer_id", "adyen_shopper_reference")
+        refusal: str | None = None
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            sub = await self.read_subscription(tx, tenant_id, lock=True)
+            bound = getattr(sub, column) if sub is not None else None
+            if bound == value:
+                return
+            if bound is not None:
+                refusal = "another-customer-is-bound"
+            else:
+                try:
+                    async with tx.transaction():  # a savepoint: the refusal is still audited
+                        await tx.execute(
+                            f"INSERT INTO bastion.subscriptions (tenant_id, plan_code, {column}, "
+                            f"updated_by) VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id) DO "
+                            f"UPDATE SET {column} = EXCLUDED.{column}, updated_at = now(), "
+                            "updated_by = EXCLUDED.updated_by",
+                            (tenant_id, FREE_PLAN, value, actor),
+                        )
+                except psycopg.errors.UniqueViolation:
+                    refusal = "customer-bound-to-another-tenant"
+            await record(
+                tx,
+                actor=actor,
+                action="billing.customer.refused" if refusal else "billing.customer.bound",
+                target=f"tenant:{tenant_id}",
+                details={"field": column, "reason": refusal or "bound"},
+            )
+        if refusal is not None:
+            raise CustomerAlreadyBound(
+                "the tenant is bound to another customer"
+                if refusal == "another-customer-is-bound"
+                else "this customer is bound to another tenant"
+            )
 
     async def record_change(
         self,
@@ -345,38 +506,65 @@ class BillingService:
         if kind in stripe_hooks.SUBSCRIPTION_EVENTS:
             return await self._apply_subscription(tx, tenant_id, row, obj)
         if kind == "checkout.session.completed":
-            customer, subscription = obj.get("customer"), obj.get("subscription")
-            named = obj.get("client_reference_id")
-            if isinstance(named, str) and named != str(tenant_id):
-                # The session names one tenant, its customer belongs to another.
-                return "failed", "tenant-mismatch"
-            try:
-                async with tx.transaction():  # a savepoint: a clash must not undo the rest
-                    await tx.execute(
-                        "INSERT INTO bastion.subscriptions (tenant_id, plan_code, provider, "
-                        "stripe_customer_id, stripe_subscription_id, updated_by) "
-                        "VALUES (%s, %s, 'stripe', %s, %s, %s) ON CONFLICT (tenant_id) DO UPDATE "
-                        "SET provider = 'stripe', "
-                        "stripe_customer_id = coalesce(EXCLUDED.stripe_customer_id, "
-                        "subscriptions.stripe_customer_id), stripe_subscription_id = "
-                        "coalesce(EXCLUDED.stripe_subscription_id, "
-                        "subscriptions.stripe_subscription_id), updated_at = now(), "
-                        "updated_by = EXCLUDED.updated_by",
-                        (
-                            tenant_id,
-                            FREE_PLAN,
-                            customer if isinstance(customer, str) else None,
-                            subscription if isinstance(subscription, str) else None,
-                            f"stripe:{row['event_id']}",
-                        ),
-                    )
-            except psycopg.errors.UniqueViolation:
-                return "failed", "customer-linked-to-another-tenant"
-            return "applied", "linked"
+            return await self._apply_checkout(tx, tenant_id, row, obj)
         if kind == "invoice.paid":
             await self.on_invoice_paid(tx, tenant_id, event)
             return "applied", "invoice-paid"
         return "ignored", "unhandled-type"
+
+    async def _apply_checkout(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], obj: dict[str, Any]
+    ) -> tuple[str, str]:
+        """A completed Checkout Session binds its customer to the tenant it names —
+        once: a session whose customer differs from the tenant's bound one is
+        refused and audited (``billing.customer.refused``), the bound id kept.
+        It changes no plan: the subscription's own events do."""
+        customer, subscription = obj.get("customer"), obj.get("subscription")
+        metadata = obj.get("metadata")
+        metadata = metadata if isinstance(metadata, dict) else {}
+        for named in (obj.get("client_reference_id"), metadata.get("tenant_id")):
+            if isinstance(named, str) and named != str(tenant_id):
+                # The session names one tenant, its customer belongs to another.
+                return "failed", "tenant-mismatch"
+        customer = customer if isinstance(customer, str) else None
+        sub = await self.read_subscription(tx, tenant_id, lock=True)
+        bound = sub.stripe_customer_id if sub is not None else None
+        if bound is not None and customer is not None and customer != bound:
+            await record(
+                tx,
+                actor=f"stripe:{row['event_id']}",
+                action="billing.customer.refused",
+                target=f"tenant:{tenant_id}",
+                details={
+                    "field": "stripe_customer_id",
+                    "reason": "another-customer-is-bound",
+                    "session": str(obj.get("id"))[:255],
+                },
+            )
+            return "failed", "customer-mismatch"
+        try:
+            async with tx.transaction():  # a savepoint: a clash must not undo the rest
+                await tx.execute(
+                    "INSERT INTO bastion.subscriptions (tenant_id, plan_code, provider, "
+                    "stripe_customer_id, stripe_subscription_id, updated_by) "
+                    "VALUES (%s, %s, 'stripe', %s, %s, %s) ON CONFLICT (tenant_id) DO UPDATE "
+                    "SET provider = 'stripe', "
+                    "stripe_customer_id = coalesce(subscriptions.stripe_customer_id, "
+                    "EXCLUDED.stripe_customer_id), stripe_subscription_id = "
+                    "coalesce(EXCLUDED.stripe_subscription_id, "
+                    "subscriptions.stripe_subscription_id), updated_at = now(), "
+                    "updated_by = EXCLUDED.updated_by",
+                    (
+                        tenant_id,
+                        FREE_PLAN,
+                        customer,
+                        subscription if isinstance(subscription, str) else None,
+                        f"stripe:{row['event_id']}",
+                    ),
+                )
+        except psycopg.errors.UniqueViolation:
+            return "failed", "customer-linked-to-another-tenant"
+        return "applied", "linked"
 
     async def _apply_subscription(
         self, tx: Conn, tenant_id: UUID, row: dict[str, Any], obj: dict[str, Any]
@@ -385,23 +573,28 @@ class BillingService:
         sub = await self.read_subscription(tx, tenant_id, lock=True)
         if sub is not None and (version, event_id) <= (sub.source_version, sub.source_event_id):
             return "stale", "older-than-applied-state"
-        items = (obj.get("items") or {}).get("data") or [{}]
-        item = items[0] if isinstance(items[0], dict) else {}
-        price = (item.get("price") or {}).get("id") if isinstance(item.get("price"), dict) else None
-        plan = await plan_by_stripe_price(tx, price) if isinstance(price, str) else None
-        if plan is None:
-            return "failed", "unknown-price"
+        customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
+        bound = sub.stripe_customer_id if sub is not None else None
+        if bound is not None and customer is not None and customer != bound:
+            return "failed", "customer-mismatch"
+        paid = await paid_plan(tx, obj)
+        if isinstance(paid, str):
+            return "failed", paid
+        plan, item = paid
         status = str(obj.get("status") or "active")[:40]
         if row["event_type"] == "customer.subscription.deleted":
             status = "canceled"
         if status not in ENTITLED:
             plan = await plan_by_code(tx, FREE_PLAN)
+        before = sub.plan_code if sub is not None else None
+        if not plan.active and plan.code not in (before, FREE_PLAN):
+            return "failed", "plan-inactive"
         if not status.replace("_", "").isalpha():
             status = "unknown"
         start = timestamp(item.get("current_period_start") or obj.get("current_period_start"))
         end = timestamp(item.get("current_period_end") or obj.get("current_period_end"))
         actor = f"stripe:{event_id}"
-        customer = obj.get("customer") if isinstance(obj.get("customer"), str) else None
+        price = item["price"]["id"]
         await tx.execute(
             "INSERT INTO bastion.subscriptions (tenant_id, plan_code, status, provider, "
             "stripe_customer_id, stripe_subscription_id, stripe_price_id, current_period_start, "
@@ -433,7 +626,6 @@ class BillingService:
                 actor,
             ),
         )
-        before = sub.plan_code if sub is not None else None
         if before != plan.code:
             await self.record_change(
                 tx,
@@ -467,6 +659,20 @@ class BillingService:
         if await cur.fetchone() is None:
             return "failed", "unknown-plan"
         plan = await plan_by_code(tx, plan_code)
+        before = sub.plan_code if sub is not None else None
+        if not plan.active and plan.code not in (before, FREE_PLAN):
+            return "failed", "plan-inactive"
+        # The reference names the plan; the signed amount must pay for it.
+        amount = item.get("amount")
+        amount = amount if isinstance(amount, dict) else {}
+        value, currency = amount.get("value"), str(amount.get("currency", "")).lower()
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or (plan.monthly_price > 0 and currency != plan.currency)
+            or value < plan.monthly_price
+        ):
+            return "failed", "amount-below-plan"
         actor = f"adyen:{event_id}"
         await tx.execute(
             "UPDATE bastion.subscriptions SET plan_code = %s, status = 'active', "
@@ -474,7 +680,6 @@ class BillingService:
             "updated_by = %s WHERE tenant_id = %s",
             (plan.code, sequence, event_id, actor, tenant_id),
         )
-        before = sub.plan_code if sub is not None else None
         if before != plan.code:
             await self.record_change(
                 tx,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import stripe
 from stripe._base_address import BaseAddresses
 
+from bastion.billing.approvals import PlanApprovals
 from bastion.billing.plans import PlanCatalogue
 from bastion.billing.reconcile import Reconciler, StripeProvider
 from bastion.billing.service import BillingService, InvoicePaidHook
@@ -26,6 +27,7 @@ class Billing:
     stripe_webhook: StripeWebhook
     adyen_webhook: AdyenWebhook
     reconciler: Reconciler
+    approvals: PlanApprovals
 
 
 def build_billing(
@@ -57,4 +59,5 @@ def build_billing(
         ),
         adyen_webhook=AdyenWebhook(ActiveSecrets(keystore, settings.adyen_hmac_key_ref).values),
         reconciler=Reconciler(db, service, intake, provider),
+        approvals=PlanApprovals(db, service),
     )

@@ -166,10 +166,14 @@ async def run_demo(settings: Settings, console: Console) -> bool:
             db = app_database(settings, max_size=4)
             async with db:
                 tenants = await _seed(db)
-                # acme-support pays for Pro (every model); globex-support stays on Free.
-                await build_billing(settings, db, keystore).service.change_plan(
-                    tenants[0].id, "pro", actor="demo", reason="signed up for Pro"
+                # acme-support pays for Pro (every model) on an invoice, outside Stripe:
+                # an upgrade without the payment provider takes two operators.
+                # globex-support stays on Free.
+                approvals = build_billing(settings, db, keystore).approvals
+                pending = await approvals.request_tenant_plan(
+                    tenants[0].id, "pro", operator="operator:demo-sales", reason="signed up for Pro"
                 )
+                await approvals.approve(pending.id, operator="operator:demo-finance")
                 report.check(
                     "tenants",
                     "two tenants with a user in every role and their own tickets",
@@ -177,7 +181,7 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                     ", ".join(
                         f"{t.slug}: {len(t.users)} users, {len(t.tickets)} tickets" for t in tenants
                     )
-                    + "; acme-support on Pro, globex-support on Free",
+                    + "; acme-support on Pro (two operators approved), globex-support on Free",
                 )
                 await _check_isolation(report, db, tenants)
                 _check_policies(report, tenants)

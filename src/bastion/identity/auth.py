@@ -20,7 +20,7 @@ from fastapi import Request
 from bastion.api.problems import Problem, problem_type
 from bastion.identity.dpop import DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, InvalidToken
-from bastion.identity.replay import SharedReplayStore, take_accepted_proof
+from bastion.identity.replay import SharedReplayStore, first_use_everywhere
 from bastion.identity.tokens import AccessClaims, AccessTokenVerifier
 
 DPOP_ALGS = "ES256 EdDSA"
@@ -96,6 +96,7 @@ class Authenticator:
         *,
         public_url: str | None = None,
         replay_store: SharedReplayStore | None = None,
+        nonce_required: bool = False,
     ) -> None:
         self.tokens = tokens
         self.dpop = dpop
@@ -106,6 +107,9 @@ class Authenticator:
         # Several processes: single use also across them (dpop's cache must
         # then be a RecordingReplayCache). None: this process's memory only.
         self.replay_store = replay_store
+        # RFC 9449 section 9: proofs must echo a server nonce (DPoP-Nonce);
+        # a client learns it from the first 401 "use_dpop_nonce".
+        self.nonce_required = nonce_required
 
     async def __call__(self, request: Request) -> Principal:
         authorization = request.headers.get("authorization", "")
@@ -135,10 +139,8 @@ class Authenticator:
 
     async def _check_shared(self, store: SharedReplayStore) -> None:
         """Refuse a proof another process accepted already (RFC 9449 section 11.1)."""
-        # Recorded by verify() just now: no await came in between. None would
-        # mean a verifier without the recording cache: refused, never let by.
-        accepted = take_accepted_proof()
-        if accepted is None or not await store.first_use("dpop", *accepted):
+        # Recorded by verify() just now: no await came in between.
+        if not await first_use_everywhere(store):
             raise _unauthorized("invalid DPoP proof: proof replayed", "invalid_dpop_proof")
 
     def _check_proof(self, request: Request, token: str, claims: AccessClaims) -> None:
@@ -155,6 +157,7 @@ class Authenticator:
                 url=self.public_url + request.url.path,
                 access_token=token,
                 expected_jkt=claims.jkt,
+                nonce_required=self.nonce_required,
             )
         except InvalidDpopProof as exc:
             problem = _unauthorized(f"invalid DPoP proof: {exc.reason}", exc.error)

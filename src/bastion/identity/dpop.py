@@ -32,6 +32,7 @@ from joserfc.jwa import JWSAlgModel
 from joserfc.jwk import ECKey, OKPKey
 from joserfc.jws import JWSRegistry
 
+from bastion.encoding import b64url_decode
 from bastion.identity.errors import InvalidDpopProof
 
 PROOF_TYPE = "dpop+jwt"
@@ -45,6 +46,9 @@ _THUMBPRINT_MEMBERS = {
     "OKP": ("crv", "kty", "x"),
     "RSA": ("e", "kty", "n"),
 }
+# The public coordinates of the allowed keys: 32 bytes each on P-256 and Ed25519.
+_COORDINATES = {"EC": ("x", "y"), "OKP": ("x",)}
+_COORDINATE_BYTES = 32
 # Private members of EC/OKP (RFC 7518 6.2.2, RFC 8037 2), RSA (6.3.2), oct (6.4.1).
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -310,7 +314,9 @@ class DpopVerifier:
         if expected_jkt is not None and not hmac.compare_digest(jkt, expected_jkt):
             raise InvalidDpopProof("proof key does not match the token's cnf.jkt")
         # Section 11.1: a proof is single-use. Remember it for as long as its
-        # iat would still be accepted; keyed by key so clients cannot collide.
+        # iat would still be accepted; keyed by key so clients cannot collide,
+        # and on signed content, never the proof's text: an ES256 signature
+        # (r, s) has a second valid spelling (r, n - s).
         if self._replay.seen(f"{jkt}:{claims['jti']}", iat + self._window):
             raise InvalidDpopProof("proof replayed")
         return jkt
@@ -333,8 +339,16 @@ class DpopVerifier:
         except ValueError:
             raise InvalidDpopProof("malformed jwk") from None
         key = self._keys.get(jkt)
-        if key is not None:
+        if key is not None:  # the same strings as a key checked below (same hash)
             return jkt, key
+        try:
+            # Full-length coordinates, strictly spelt (RFC 7518 section 6.2.1.2,
+            # RFC 8037 section 2): one key, one thumbprint. joserfc would also
+            # take x with a leading zero byte: the same key under another jkt.
+            for name in _COORDINATES[kty]:
+                b64url_decode(jwk[name], size=_COORDINATE_BYTES)
+        except ValueError:
+            raise InvalidDpopProof("malformed jwk") from None
         # Only the key material is imported: "use", "alg" or "key_ops" members
         # from the client have no say in how we verify.
         material = {name: jwk[name] for name in _THUMBPRINT_MEMBERS[kty]}

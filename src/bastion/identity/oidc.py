@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -20,10 +19,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 
 from bastion.access.declare import PUBLIC_ROUTE
 from bastion.access.guard import Guard
+from bastion.encoding import b64url_decode, b64url_encode
 from bastion.identity.auth import Principal
 from bastion.identity.dpop import DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, Throttled
 from bastion.identity.keys import SigningKeys
+from bastion.identity.replay import SharedReplayStore, first_use_everywhere
 from bastion.identity.service import (
     AuthorizationRequest,
     ClientError,
@@ -67,12 +68,13 @@ class LoginTickets:
             }
         ).encode()
         mac = hmac.new(self._key, body, hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac + body).decode()
+        return b64url_encode(mac + body)
 
     def open(self, ticket: str) -> tuple[LoginResult, AuthorizationRequest] | None:
         try:
-            raw = base64.urlsafe_b64decode(ticket.encode())
-        except (ValueError, UnicodeEncodeError):
+            # Strict (one spelling per ticket): no padding, no stray characters.
+            raw = b64url_decode(ticket)
+        except ValueError:
             return None
         mac, body = raw[:32], raw[32:]
         if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
@@ -155,11 +157,15 @@ def _redirect_error(
     return RedirectResponse(f"{target}?{urlencode(query)}", status_code=303, headers=_NO_STORE)
 
 
-def _oauth_json_error(error: OAuthError) -> JSONResponse:
+def _oauth_json_error(error: OAuthError, nonce: str | None = None) -> JSONResponse:
+    headers = dict(_NO_STORE)
+    if nonce is not None:
+        # RFC 9449 section 8: "use_dpop_nonce" carries the nonce to echo.
+        headers["DPoP-Nonce"] = nonce
     return JSONResponse(
         {"error": error.error, "error_description": error.description},
         status_code=error.status,
-        headers=_NO_STORE,
+        headers=headers,
     )
 
 
@@ -201,8 +207,15 @@ def build_router(
     guard: Guard,
     tickets: LoginTickets,
     issuer: str,
+    replay_store: SharedReplayStore | None = None,
+    nonce_at_token: bool = True,
 ) -> APIRouter:
-    """Return the provider's routes bound to their services."""
+    """Return the provider's routes bound to their services.
+
+    ``nonce_at_token``: proofs at /token must echo a server nonce (RFC 9449
+    section 8). ``replay_store``: a proof used at any process is refused at
+    every other (section 11.1); None keeps to this process's memory.
+    """
     router = APIRouter()
     token_url = f"{issuer}/token"
 
@@ -306,9 +319,13 @@ def build_router(
             if len(proofs) != 1:
                 raise OAuthError("invalid_dpop_proof", "exactly one DPoP proof is required")
             try:
-                jkt = dpop.verify(proofs[0], method="POST", url=token_url)
+                jkt = dpop.verify(
+                    proofs[0], method="POST", url=token_url, nonce_required=nonce_at_token
+                )
             except InvalidDpopProof as exc:
-                raise OAuthError(exc.error, exc.reason) from None
+                return _oauth_json_error(OAuthError(exc.error, exc.reason), exc.nonce)
+            if replay_store is not None and not await first_use_everywhere(replay_store):
+                raise OAuthError("invalid_dpop_proof", "proof replayed")
             grant = form.get("grant_type")
             client_id = form.get("client_id", "")
             if grant == "authorization_code":
@@ -330,7 +347,12 @@ def build_router(
                 )
         except OAuthError as exc:
             return _oauth_json_error(exc)
-        return JSONResponse(response.as_json(), headers=_NO_STORE)
+        headers = dict(_NO_STORE)
+        if nonce_at_token:
+            # Section 8.2: the next nonce comes with the answer, so the client's
+            # next request (a refresh) needs no extra round trip.
+            headers["DPoP-Nonce"] = dpop.new_nonce()
+        return JSONResponse(response.as_json(), headers=headers)
 
     @router.post("/revoke", include_in_schema=False, **PUBLIC_ROUTE)
     async def revoke(request: Request) -> Response:

@@ -73,3 +73,14 @@ def take_accepted_proof() -> tuple[str, float] | None:
     accepted = _accepted_proof.get()
     _accepted_proof.set(None)
     return accepted
+
+
+async def first_use_everywhere(store: SharedReplayStore) -> bool:
+    """Return True if the DPoP proof the verifier accepted just now (in this
+    context, with no await in between) was used by no process before; record it.
+
+    False also when nothing was recorded (a verifier without the recording
+    cache): refused, never let by.
+    """
+    accepted = take_accepted_proof()
+    return accepted is not None and await store.first_use("dpop", *accepted)

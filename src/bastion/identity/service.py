@@ -12,7 +12,6 @@ tenant's RLS context, by their SHA-256 only.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import re
@@ -23,12 +22,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import anyio
+
 from bastion import audit
 from bastion.db.pool import Conn, Database
+from bastion.encoding import b64url_decode, b64url_encode, hex_decode
 from bastion.identity.errors import Throttled
 from bastion.identity.mfa import MfaService, mfa_required
 from bastion.identity.passwords import PasswordService
-from bastion.identity.throttle import LoginThrottle
+from bastion.identity.throttle import LoginThrottle, client_network
 from bastion.identity.tokens import TokenIssuer
 
 CODE_LIFETIME = timedelta(seconds=60)
@@ -38,7 +40,6 @@ PLATFORM = UUID(int=0)
 CLI_CLIENT_ID = "bastion-cli"
 CLI_REDIRECT_URI = "http://127.0.0.1/callback"
 _PKCE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")  # RFC 7636 section 4.1
-_S256_CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # base64url(sha256) without padding
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 MAX_SCOPE = 512
 SUPPORTED_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
@@ -118,15 +119,26 @@ def _tenant_of(token: str) -> UUID | None:
     if not sep or len(head) != 32 or len(rest) < 40 or len(token) > 200:
         return None
     try:
-        return UUID(hex=head)
+        # Lower-case hex only, as _new_opaque writes it: one spelling per token.
+        return UUID(bytes=hex_decode(head, size=16))
     except ValueError:
         return None
+
+
+def _canonical_s256(challenge: str) -> bool:
+    """Whether ``challenge`` is a SHA-256 in strict base64url (43 characters, pad
+    bits clear): the only spelling :func:`s256` can ever match (RFC 7636 4.2)."""
+    try:
+        b64url_decode(challenge, size=32)
+    except ValueError:
+        return False
+    return True
 
 
 def s256(verifier: str) -> str:
     """Return the PKCE S256 challenge of ``verifier`` (RFC 7636 section 4.2)."""
     digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return b64url_encode(digest)
 
 
 class IdentityService:
@@ -200,7 +212,7 @@ class IdentityService:
             raise OAuthError("invalid_request", "PKCE code_challenge is required")
         if method != "S256":
             raise OAuthError("invalid_request", "code_challenge_method must be S256")
-        if not _S256_CHALLENGE.fullmatch(challenge):
+        if not _canonical_s256(challenge):
             raise OAuthError("invalid_request", "code_challenge is not a base64url SHA-256")
         scope = params.get("scope", "openid")
         if len(scope) > MAX_SCOPE or not set(scope.split()) <= SUPPORTED_SCOPES:
@@ -216,10 +228,11 @@ class IdentityService:
     async def login(self, tenant_slug: str, email: str, password: str, ip: str) -> LoginResult:
         """Check a password for ``email`` in ``tenant_slug``.
 
-        Returns the :class:`LoginResult`. Raises :class:`Throttled` when the
-        account or address is locked out, and :class:`OAuthError`
-        (``access_denied``) for any bad combination, never saying which part
-        was wrong.
+        Returns the :class:`LoginResult`. Waits first as long as the throttle
+        says (at most its ``max_delay``). Raises :class:`Throttled` when the
+        account is locked out for this client address ``ip`` (its own failures
+        there), and :class:`OAuthError` (``access_denied``) for any bad
+        combination, never saying which part was wrong.
         """
         denied = OAuthError("access_denied", "invalid tenant, e-mail or password", status=401)
         if not _SLUG.fullmatch(tenant_slug) or len(email) > 320 or len(password) > 1024:
@@ -232,7 +245,9 @@ class IdentityService:
         # Unknown tenants throttle (and cost) the same as known ones.
         context = tenant_id or PLATFORM
         async with self.db.tenant_tx(context, None, "system") as tx:
-            await self.throttle.attempt(tx, email, ip)
+            attempt = await self.throttle.login(tx, tenant_slug, email, ip)
+        # Others' failures slow this check down (bounded), never refuse it.
+        await anyio.sleep(attempt.delay)
         user_id: UUID | None = None
         roles: tuple[str, ...] = ()
         if tenant_id is not None:
@@ -240,27 +255,45 @@ class IdentityService:
                 user_id, roles = await self._member(tx, email)
         async with self.db.tenant_tx(context, None, "system") as tx:
             ok = await self.passwords.verify(tx, user_id or PLATFORM, password)
-            if not (ok and user_id is not None and roles and tenant_id is not None):
-                raise denied
-            await self.throttle.succeeded(tx, email)
-            needs_totp = await self.mfa.has_factor(tx, user_id)
-        return LoginResult(user_id, tenant_id, roles, needs_totp)
+            if ok and user_id is not None and roles and tenant_id is not None:
+                await self.throttle.succeeded(tx, attempt)  # only failures stay counted
+                needs_totp = await self.mfa.has_factor(tx, user_id)
+                return LoginResult(user_id, tenant_id, roles, needs_totp)
+            if attempt.locked and tenant_id is not None:
+                # Once per lockout (members or not: no oracle), in the tenant's trail.
+                await audit.record(
+                    tx,
+                    actor="identity",
+                    action="login.locked",
+                    target=f"user:{user_id}" if user_id is not None else "",
+                    details={"address": client_network(ip)},
+                )
+        raise denied
 
     async def second_factor(self, login: LoginResult, code: str, ip: str) -> bool:
         """Check a TOTP or recovery code for ``login``; True if it passed.
 
         Guesses are throttled like passwords (a 6-digit code is short). Raises
-        :class:`Throttled` when the user or address is locked out.
+        :class:`Throttled` when the user's second factor is locked out.
         """
-        account = f"mfa:{login.user_id}"
+        # Keyed on the ticket's user id: no typed name reaches this counter.
         async with self.db.tenant_tx(login.tenant_id, None, "system") as tx:
-            await self.throttle.attempt(tx, account, ip)
+            attempt = await self.throttle.second_factor(tx, login.user_id, ip)
+        await anyio.sleep(attempt.delay)
         async with self.db.tenant_tx(login.tenant_id, None, "system") as tx:
             passed = await self.mfa.verify(tx, login.user_id, code) or (
                 await self.mfa.use_recovery_code(tx, login.user_id, code)
             )
             if passed:
-                await self.throttle.succeeded(tx, account)
+                await self.throttle.succeeded(tx, attempt)
+            elif attempt.locked:
+                await audit.record(
+                    tx,
+                    actor="identity",
+                    action="mfa.locked",
+                    target=f"user:{login.user_id}",
+                    details={"address": client_network(ip)},
+                )
         return passed
 
     async def issue_code(
@@ -348,6 +381,18 @@ class IdentityService:
             raise invalid
         reused = False
         async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            # The family's row first, locked: a revocation updates it before
+            # the tokens, so rotation and revocation take turns (migration 0017).
+            family = await (
+                await tx.execute(
+                    "SELECT revoked_at FROM bastion.refresh_families WHERE id = ("
+                    "SELECT family_id FROM bastion.refresh_tokens WHERE token_hash = %s) "
+                    "FOR UPDATE",
+                    (_hash(refresh_token),),
+                )
+            ).fetchone()
+            if family is None or family["revoked_at"] is not None:
+                raise invalid
             row = await (
                 await tx.execute(
                     "SELECT id, family_id, user_id, client_id, jkt, scope, amr, auth_time, "
@@ -446,11 +491,21 @@ class IdentityService:
         roles = await self._roles(tx, user_id)
         if not roles:
             raise OAuthError("invalid_grant", "the user no longer belongs to this tenant")
+        if family_id is None:  # a new sign-in: a new family
+            family = await (
+                await tx.execute(
+                    "INSERT INTO bastion.refresh_families (tenant_id, user_id, client_id) "
+                    "VALUES (%s, %s, %s) RETURNING id",
+                    (tenant_id, user_id, client_id),
+                )
+            ).fetchone()
+            assert family is not None
+            family_id = family["id"]
         refresh = _new_opaque(tenant_id)
         await tx.execute(
             "INSERT INTO bastion.refresh_tokens (family_id, token_hash, tenant_id, user_id, "
             "client_id, jkt, scope, amr, auth_time, expires_at) "
-            "VALUES (coalesce(%s, gen_random_uuid()), %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 family_id,
                 _hash(refresh),
@@ -472,6 +527,7 @@ class IdentityService:
             jkt=jkt,
             scope=scope,
             auth_time=int(auth_time.timestamp()),
+            sid=str(family_id),
         )
         id_token = None
         if "openid" in scope.split():
@@ -487,6 +543,15 @@ class IdentityService:
 
     @staticmethod
     async def _revoke_family(tx: Conn, family_id: UUID, *, reason: str) -> None:
+        # The family's row first: this waits for a rotation in progress, and
+        # the next statement (a fresh snapshot under READ COMMITTED) then sees
+        # the token that rotation issued. A rotation that comes later waits
+        # for this one and finds the family revoked.
+        await tx.execute(
+            "UPDATE bastion.refresh_families SET revoked_at = now(), revoked_reason = %s "
+            "WHERE id = %s AND revoked_at IS NULL",
+            (reason, family_id),
+        )
         await tx.execute(
             "UPDATE bastion.refresh_tokens SET revoked_at = now() "
             "WHERE family_id = %s AND revoked_at IS NULL",

@@ -41,6 +41,7 @@ _ALLOWED_HEADER = frozenset({"alg", "typ", "kid"})
 # sections 4.1.2-4.1.6) or demand extensions we do not implement (4.1.11).
 _FORBIDDEN_HEADER = ("jku", "x5u", "jwk", "x5c", "crit")
 _MAX_KID_LENGTH = 128
+_MAX_SID_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class AccessClaims:
     jkt: str | None  # RFC 9449 section 6.1: cnf.jkt, the bound DPoP key's thumbprint
     scope: str
     auth_time: int | None = None  # when the user last authenticated (OIDC Core 2)
+    # The session (our refresh-token family) the token was issued in: the
+    # ``sid`` claim of OpenID Connect Back-Channel Logout 1.0 section 2.1.
+    sid: str | None = None
 
 
 class AccessTokenVerifier(Protocol):
@@ -105,11 +109,14 @@ class TokenIssuer:
         jkt: str | None,
         scope: str = "",
         auth_time: int | None = None,
+        sid: str | None = None,
     ) -> tuple[str, AccessClaims]:
         """Return ``(token, claims)`` of a new access token.
 
         ``auth_time`` (seconds) is when the user signed in; a refreshed token
         keeps it, so endpoints can ask for a recent sign-in (MFA freshness).
+        ``sid`` names the session (refresh-token family) it belongs to, so
+        "end my other sessions" knows which one to keep.
 
         With ``jkt`` the token is DPoP-bound: ``cnf.jkt`` (RFC 9449 section 6.1)
         names the only key whose proofs may accompany it.
@@ -128,6 +135,7 @@ class TokenIssuer:
             jkt=jkt,
             scope=scope,
             auth_time=auth_time,
+            sid=sid,
         )
         payload: dict[str, Any] = {
             "iss": claims.iss,
@@ -146,6 +154,8 @@ class TokenIssuer:
             payload["cnf"] = {"jkt": jkt}
         if auth_time is not None:
             payload["auth_time"] = auth_time
+        if sid is not None:
+            payload["sid"] = sid
         kid, key = self._keys.current()
         header = {"alg": ALGORITHM, "typ": ACCESS_TOKEN_TYPE, "kid": kid}
         token = jwt.encode(header, payload, key, algorithms=[ALGORITHM])
@@ -302,6 +312,9 @@ class TokenVerifier:
                 raise InvalidToken("malformed cnf")
             jkt = cnf["jkt"]
         auth_time = numeric_date(p, "auth_time", required=False)
+        sid = p.get("sid")
+        if sid is not None and not (isinstance(sid, str) and 0 < len(sid) <= _MAX_SID_LENGTH):
+            raise InvalidToken("malformed sid")
         claims = AccessClaims(
             iss=self.issuer,
             aud=self.audience,
@@ -315,6 +328,7 @@ class TokenVerifier:
             jkt=jkt,
             scope=scope,
             auth_time=auth_time,
+            sid=sid,
         )
         return claims, nbf
 

@@ -30,6 +30,8 @@ from bastion.settings import Settings
 from bastion.tenants import routes as tenant_routes
 
 _log = get_logger("bastion.identity")
+# The key ring's name of the DPoP nonce key (RFC 9449 section 8).
+DPOP_NONCE_KEY = "identity/dpop-nonce-key"
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ def _authorizer(settings: Settings) -> Authorizer:
 
 def _verifiers(
     settings: Settings, db: Database, keystore: LocalKeystore, public_url: str | None = None
-) -> tuple[SigningKeys, DpopVerifier, Authenticator, ExternalIssuers]:
-    """The signing keys and what verifies a request's access token and DPoP proof."""
+) -> tuple[SigningKeys, DpopVerifier, Authenticator, ExternalIssuers, SharedReplayStore | None]:
+    """The signing keys, what verifies a request's access token and DPoP proof,
+    and the shared replay store (None: this process's memory only)."""
     issuer = settings.resolved_issuer
     keys = SigningKeys(keystore, token_lifetime=timedelta(minutes=settings.access_token_minutes))
     # One replay cache per process (api and gateway each keep their own); with
@@ -67,7 +70,8 @@ def _verifiers(
     shared = SharedReplayStore(db) if settings.replay_store == "postgres" else None
     dpop = DpopVerifier(
         MemoryReplayCache() if shared is None else RecordingReplayCache(MemoryReplayCache()),
-        nonce_secret=keystore.ensure("identity/dpop-nonce-key", lambda: secrets.token_bytes(32)),
+        # One key for every process (api, gateway): a nonce any of them issued holds at all.
+        nonce_secret=keystore.ensure(DPOP_NONCE_KEY, lambda: secrets.token_bytes(32)),
     )
     local = TokenVerifier(keys, issuer=issuer, audience=issuer)
     external = ExternalIssuers(
@@ -77,9 +81,14 @@ def _verifiers(
         CombinedVerifier(local, external) if settings.external_issuers else local
     )
     authenticator = Authenticator(
-        verifier, dpop, issuer, public_url=public_url, replay_store=shared
+        verifier,
+        dpop,
+        issuer,
+        public_url=public_url,
+        replay_store=shared,
+        nonce_required=settings.dpop_nonce_at_resources,
     )
-    return keys, dpop, authenticator, external
+    return keys, dpop, authenticator, external, shared
 
 
 def build_guard(
@@ -93,7 +102,7 @@ def build_guard(
 ) -> Guard:
     """The request guard (token + DPoP, then Cedar) for a process other than the api,
     served at ``public_url``; ``roles`` reads members' roles (default: the database)."""
-    _keys, _dpop, authenticator, _external = _verifiers(settings, db, keystore, public_url)
+    _keys, _dpop, authenticator, _external, _shared = _verifiers(settings, db, keystore, public_url)
     return Guard(authenticator, authorizer or _authorizer(settings), db, roles=roles)
 
 
@@ -102,18 +111,25 @@ def build_identity(
     db: Database,
     keystore: LocalKeystore,
     authorizer: Authorizer | None = None,
+    passwords: PasswordService | None = None,
 ) -> Identity:
     """Return the provider's service and the routes of the api (OIDC, account,
-    tenants), all guarded by the request authenticator and the Cedar policies."""
+    tenants), all guarded by the request authenticator and the Cedar policies.
+    ``passwords`` replaces the default password service (tests: cheaper argon2)."""
     issuer = settings.resolved_issuer
     lifetime = timedelta(minutes=settings.access_token_minutes)
-    keys, dpop, authenticator, external = _verifiers(settings, db, keystore)
+    keys, dpop, authenticator, external, shared = _verifiers(settings, db, keystore)
     keys.current()  # the first signing key exists before the first request
     tokens = TokenIssuer(keys, issuer=issuer, audience=issuer, lifetime=lifetime)
     if authorizer is None:
         authorizer = _authorizer(settings)
     guard = Guard(authenticator, authorizer, db)
-    passwords, mfa, throttle = PasswordService(), MfaService(keystore), LoginThrottle()
+    passwords = passwords or PasswordService()
+    mfa = MfaService(keystore)
+    throttle = LoginThrottle(
+        keystore.ensure("identity/throttle-key", lambda: secrets.token_bytes(32)),
+        max_delay=timedelta(seconds=settings.login_max_delay_seconds),
+    )
     service = IdentityService(
         db,
         tokens=tokens,
@@ -133,6 +149,8 @@ def build_identity(
             guard=guard,
             tickets=tickets,
             issuer=issuer,
+            replay_store=shared,
+            nonce_at_token=settings.dpop_nonce_at_token,
         ),
         account_routes.build_router(db, guard, mfa, passwords, throttle),
         tenant_routes.build_router(db, guard),

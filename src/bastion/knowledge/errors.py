@@ -43,3 +43,18 @@ class EmbeddingMismatch(Problem):
     type = problem_type("embedding-mismatch")
     title = "The embedding does not fit this namespace"
     status = 422
+
+
+class DocumentTextUnavailable(Problem):
+    """The stored document yields no text to show (``reason``: a failed PDF's
+    extraction slug, or ``pii-scan-refused``); its original is not shown instead."""
+
+    type = problem_type("document-text-unavailable")
+    title = "The document's text cannot be shown"
+    status = 409
+
+
+class RevealReasonRequired(Problem):
+    type = problem_type("reveal-reason-required")
+    title = "Reading an original needs a reason"
+    status = 422

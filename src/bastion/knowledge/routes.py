@@ -5,6 +5,11 @@ namespace named anywhere else in a request is either refused (unknown body
 members are 422) or looked up under row-level security, where another
 tenant's identifiers do not exist. Uploads are the raw body with its
 ``Content-Type``; ``Idempotency-Key`` makes a retried upload the same document.
+
+Readers see personal data only as vault tokens (titles, search hits, answers,
+``/text``). The original upload (``/content``) is raw personal data: it needs
+``pii:reveal`` (an owner with MFA), a ``reason``, and leaves a ``pii.reveal``
+audit event, exactly like ``POST /pii/reveal``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bastion.access.guard import Guard
@@ -128,16 +133,33 @@ def build_router(
     ) -> dict[str, Any]:
         return _document_json(await service.document(_actor(principal), document_id))
 
+    @router.get("/documents/{document_id}/text")
+    async def get_text(
+        document_id: UUID, principal: Principal = Depends(guard("document:read", "Document"))
+    ) -> PlainTextResponse:
+        """The document's text with personal data as vault tokens (what was indexed)."""
+        text = await service.text(_actor(principal), document_id)
+        return PlainTextResponse(
+            text, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+        )
+
     @router.get("/documents/{document_id}/content")
     async def get_content(
-        document_id: UUID, principal: Principal = Depends(guard("document:read", "Document"))
+        document_id: UUID,
+        # Why the original is needed: goes to the audit event (as for /pii/reveal).
+        reason: Annotated[str, Query(min_length=8, max_length=500)],
+        principal: Principal = Depends(guard("pii:reveal", "PiiVault")),
     ) -> Response:
-        """The original upload, as sent (before redaction), to those who may read it."""
-        body, content_type = await service.content(_actor(principal), document_id)
+        """The original upload, as sent (personal data included): pii:reveal, audited."""
+        body, content_type = await service.original(_actor(principal), document_id, reason=reason)
         return Response(
             body,
             media_type=content_type,
-            headers={"X-Content-Type-Options": "nosniff", "Content-Disposition": "attachment"},
+            headers={
+                "X-Content-Type-Options": "nosniff",
+                "Content-Disposition": "attachment",
+                "Cache-Control": "no-store",
+            },
         )
 
     @router.delete("/documents/{document_id}", status_code=204)

@@ -13,6 +13,12 @@ under the document's row lock, so a second run of the same job (a retry after
 a killed worker, a duplicate delivery) finds it indexed and does nothing.
 Embeddings computed before a crash are kept in ``embedding_cache`` so the
 retry does not pay for them again.
+
+Personal data leaves only as the tenant's vault tokens: titles are tokenized
+when stored, chunks when indexed, and a document's text is shown tokenized
+(:meth:`KnowledgeService.text`). The original upload is raw personal data, so
+:meth:`KnowledgeService.original` holds it to the vault's own line: owner or
+system in the database, a reason, and a ``pii.reveal`` audit event.
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ from bastion.knowledge.chunks import chunk_text
 from bastion.knowledge.embedders import Embedder, get_embedder
 from bastion.knowledge.errors import (
     DocumentNotFound,
+    DocumentTextUnavailable,
     EmbeddingMismatch,
     IdempotencyKeyReused,
     NamespaceExists,
     NamespaceNotFound,
+    RevealReasonRequired,
     UploadRefused,
 )
 from bastion.knowledge.extract import SUPPORTED_TYPES, ExtractionError, extract_text
@@ -48,7 +56,7 @@ from bastion.knowledge.keys import DecryptionFailed, KeyUnavailable, TenantKeys,
 from bastion.knowledge.redact import Redactor
 from bastion.logs import get_logger
 from bastion.safety.pii import PiiInputNotText, PiiInputTooLarge
-from bastion.safety.vault import PiiVault
+from bastion.safety.vault import PiiVault, RevealForbidden
 
 _log = get_logger("bastion.knowledge")
 
@@ -263,7 +271,8 @@ class KnowledgeService:
         )
         row = await cur.fetchone()
         if row is None:
-            raise NamespaceNotFound(f"no namespace {ref!r} in this tenant")
+            # Not echoed: the path segment is the caller's input, and may be anything.
+            raise NamespaceNotFound("no such namespace in this tenant")
         return Namespace(**row)
 
     # -- documents ----------------------------------------------------------
@@ -312,6 +321,8 @@ class KnowledgeService:
             ns = await self._namespace(tx, namespace)
             document_id = uuid4()
             version, key = await self.keys.current(tx, actor.tenant_id)
+            # A title is shown to every reader of the tenant: stored tokenized.
+            title = await self._redacted(tx, actor, title)
             ciphertext = seal(key, "document", actor.tenant_id, document_id, body)
             cur = await tx.execute(
                 "INSERT INTO bastion.documents (id, namespace_id, title, content_type, "
@@ -383,21 +394,89 @@ class KnowledgeService:
             raise DocumentNotFound(f"no document {document_id} in this tenant")
         return _document(row)
 
-    async def content(self, actor: Actor, document_id: UUID) -> tuple[bytes, str]:
-        """Return the original body and its content type."""
+    async def _redacted(self, db: Database | Conn, actor: Actor, text: str) -> str:
+        """``text`` with its personal data replaced as indexed text is: by the
+        tenant's vault tokens (stored as ``actor``, or in ``db`` if it is a
+        transaction), or by the masking redactor's placeholders if one is set."""
+        if self.redactor is not None:
+            return self.redactor.redact(text).text
+        redaction = await self.vault.tokenize(
+            db, actor.tenant_id, text, user_id=actor.user_id, role=actor.role
+        )
+        return redaction.text
+
+    async def _sealed_body(self, tx: Conn, actor: Actor, document_id: UUID) -> tuple[bytes, str]:
+        """The decrypted upload of a document visible in ``tx``, and its content type."""
+        info = await self._document(tx, document_id)
+        cur = await tx.execute(
+            "SELECT body_ciphertext, key_version FROM bastion.documents WHERE id = %s",
+            (document_id,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        key = await self.keys.get(tx, actor.tenant_id, row["key_version"])
+        body = open_sealed(key, "document", actor.tenant_id, document_id, row["body_ciphertext"])
+        return body, info.content_type
+
+    async def text(self, actor: Actor, document_id: UUID) -> str:
+        """The document's text with its personal data replaced by vault tokens.
+
+        The text that was (or will be) indexed, whole: the same tokens as its
+        chunks. Values not yet in the vault (a pending document) are added, as
+        ingestion would. Raises :class:`DocumentNotFound`, or
+        :class:`DocumentTextUnavailable` when no text can be extracted or
+        scanned (never the raw body instead).
+        """
         async with self._tx(actor) as tx:
-            info = await self._document(tx, document_id)
-            cur = await tx.execute(
-                "SELECT body_ciphertext, key_version FROM bastion.documents WHERE id = %s",
-                (document_id,),
+            body, content_type = await self._sealed_body(tx, actor, document_id)
+        media, charset = _media_type(content_type)
+        try:
+            text = await asyncio.to_thread(extract_text, body, media, charset=charset)
+        except ExtractionError as exc:
+            raise DocumentTextUnavailable(
+                "the document's text cannot be extracted", reason=exc.reason
+            ) from None
+        try:
+            return await self._redacted(self.db, actor, text)
+        except (PiiInputTooLarge, PiiInputNotText):
+            raise DocumentTextUnavailable(
+                "the document's text cannot be scanned for personal data",
+                reason="pii-scan-refused",
+            ) from None
+
+    async def original(self, actor: Actor, document_id: UUID, *, reason: str) -> tuple[bytes, str]:
+        """Return the original upload, personal data and all, and its content type.
+
+        The vault's line (:meth:`PiiVault.detokenize`): the caller has checked
+        ``pii:reveal``; the database refuses every role but ``owner`` and
+        ``system`` (:class:`RevealForbidden`); ``reason`` is required
+        (:class:`RevealReasonRequired`); one ``pii.reveal`` audit event — who,
+        which document, why — commits in the same transaction, or nothing is
+        returned. Raises :class:`DocumentNotFound` (another tenant's included).
+        """
+        if not reason.strip():
+            raise RevealReasonRequired("say why the original is needed")
+        async with self._tx(actor) as tx:
+            try:
+                # The database's own answer to "may this context read originals?":
+                # pii_reveal refuses all but owner and system of the signed context.
+                await tx.execute("SELECT count(*) FROM bastion.pii_reveal(ARRAY[]::text[])")
+            except psycopg.errors.InsufficientPrivilege:
+                raise RevealForbidden("only owners may read original documents") from None
+            body, content_type = await self._sealed_body(tx, actor, document_id)
+            await audit.record(
+                tx,
+                actor=actor.name,
+                action="pii.reveal",
+                target=f"document:{document_id}",
+                details={
+                    "document": str(document_id),
+                    "original": _media_type(content_type)[0],
+                    "bytes": len(body),
+                    "reason": reason[:500],
+                },
             )
-            row = await cur.fetchone()
-            assert row is not None
-            key = await self.keys.get(tx, actor.tenant_id, row["key_version"])
-            body = open_sealed(
-                key, "document", actor.tenant_id, document_id, row["body_ciphertext"]
-            )
-            return body, info.content_type
+        return body, content_type
 
     async def delete(self, actor: Actor, document_id: UUID) -> None:
         """Delete a document with its chunks and cached embeddings (one transaction)."""
@@ -604,8 +683,9 @@ class KnowledgeService:
 
         Give the query as text (embedded with the namespace's model) or as an
         ``embedding`` of the namespace's dimension. Optional filters narrow to
-        some documents or an exact title; iterative scans keep ``k`` results
-        coming when filters reject most neighbours.
+        some documents or an exact title (as listed, or as uploaded: a title
+        is compared in its stored, tokenized form); iterative scans keep ``k``
+        results coming when filters reject most neighbours.
         """
         if (query is None) == (embedding is None):
             raise ValueError("give exactly one of query and embedding")
@@ -626,11 +706,18 @@ class KnowledgeService:
             filters = [sql.SQL("c.tenant_id = %(tenant)s AND c.namespace_id = %(ns)s")]
             if document_ids is not None:
                 filters.append(sql.SQL("c.document_id = ANY(%(docs)s)"))
+            titles: list[str] = []
             if title is not None:
+                stored = (
+                    self.redactor.redact(title).text
+                    if self.redactor is not None
+                    else await self.vault.tokenized_form(tx, actor.tenant_id, title)
+                )
+                titles = [stored] if stored is not None else []  # None: nothing can match
                 filters.append(
                     sql.SQL(
                         "c.document_id IN (SELECT id FROM bastion.documents "
-                        "WHERE namespace_id = %(ns)s AND title = %(title)s)"
+                        "WHERE namespace_id = %(ns)s AND title = ANY(%(titles)s::text[]))"
                     )
                 )
             # The cast names the dimension the partition's expression index was
@@ -658,7 +745,7 @@ class KnowledgeService:
                     "ns": ns.id,
                     "q": vector_literal(vector),
                     "docs": list(document_ids or []),
-                    "title": title,
+                    "titles": titles,
                     "k": k,
                 },
             )

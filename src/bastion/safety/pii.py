@@ -108,6 +108,7 @@ __all__ = [
     "iban_valid",
     "luhn_valid",
     "mask",
+    "mask_email",
     "nir_valid",
     "normalize",
     "scan_output",
@@ -853,6 +854,20 @@ def mask(text: str, entities: Sequence[Entity], replace: Callable[[Entity], str]
         cursor = entity.end
     pieces.append(text[cursor:])
     return "".join(pieces)
+
+
+def mask_email(address: str) -> str:
+    """A hint of an e-mail address that is not the address: ``j***@example.com``.
+
+    For lists that show people to colleagues (a tenant's members): the local
+    part, which names the person, is hidden but for its first character (all
+    of it when shorter than three); the domain, usually the organisation's,
+    is kept so that a member can still be told apart.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[0] if len(local) >= 3 else ''}***@{domain}"
 
 
 @dataclass(frozen=True)

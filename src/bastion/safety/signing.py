@@ -13,15 +13,19 @@ not retired still verifies.
 Tool calls a model proposes come back from the gateway signed the same way
 (:class:`ToolCallSigner`), after a policy check; whatever executes them
 verifies signature, expiry, tenant, name, arguments and single use first.
+Each signed call carries a ``run_id`` (a random UUID) that names the one run
+its signature permits: single use is keyed on it, never on the token's text.
 
 Wire form, in the ``Bastion-Envelope`` header: ``base64url(canonical JSON)
 "." base64url(mac)``. Canonical JSON here is sorted keys, no whitespace,
 ASCII only: the claims are strings and integers, so this matches RFC 8785.
+Both parts are decoded strictly (:mod:`bastion.encoding`: no padding, no
+character outside the alphabet, pad bits clear), so a token has exactly one
+spelling: ``token + "="`` or a ``!`` slipped in is "malformed", not the same token.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -30,8 +34,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
+from bastion.encoding import b64url_decode, b64url_encode, parse_uuid
 from bastion.secrets.errors import SecretNotFound
 from bastion.secrets.store import LocalKeystore
 
@@ -44,6 +49,7 @@ TOOL_CALL_MAX_AGE_SECONDS = 300
 CLOCK_SKEW_SECONDS = 5
 # A rotation or retirement reaches the verifier within this long.
 KEY_REFRESH_SECONDS = 5.0
+MAC_BYTES = 32  # HMAC-SHA256
 
 
 class EnvelopeInvalid(Exception):
@@ -61,14 +67,6 @@ class Envelope:
     action: str
     nonce: str
     issued_at: int
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def canonical(claims: dict[str, Any]) -> bytes:
@@ -104,7 +102,8 @@ class SignedTokens:
         payload = canonical(
             {**claims, "kid": kid, "ts": int(self.clock()), "nonce": secrets.token_urlsafe(16)}
         )
-        return f"{_b64(payload)}.{_b64(hmac.new(key, payload, hashlib.sha256).digest())}"
+        mac = hmac.new(key, payload, hashlib.sha256).digest()
+        return f"{b64url_encode(payload)}.{b64url_encode(mac)}"
 
     def check(self, token: str | None) -> dict[str, Any]:
         """The claims of a valid, fresh token; raise :class:`EnvelopeInvalid` (unsigned,
@@ -113,14 +112,15 @@ class SignedTokens:
             raise EnvelopeInvalid("unsigned")
         try:
             encoded, _, mac_text = token.partition(".")
-            payload, mac = _unb64(encoded), _unb64(mac_text)
+            # Strict: only the spelling our encoder writes (EncodingError is a ValueError).
+            payload, mac = b64url_decode(encoded), b64url_decode(mac_text, size=MAC_BYTES)
             claims: dict[str, Any] = json.loads(payload)
             kid, issued, nonce = claims["kid"], claims["ts"], claims["nonce"]
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in (kid, issued)):
                 raise ValueError("kid/ts")
             if not isinstance(nonce, str):
                 raise ValueError("nonce")
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise EnvelopeInvalid("malformed") from None
         key = self._verification_keys().get(kid)
         if key is None and time.monotonic() - self._keys_read_at > 1.0:
@@ -215,9 +215,18 @@ class EnvelopeSigner:
 
 @dataclass(frozen=True)
 class ToolCall:
-    id: str
+    id: str  # the model's id for the call (it echoes it back); not unique
     name: str
     arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass(frozen=True)
+class VerifiedToolCall:
+    """What a valid signature says about a call: who it runs for, and the id of
+    the one run it permits (unique per signature, chosen by the signer)."""
+
+    user_id: UUID
+    run_id: UUID
 
 
 class ToolCallSigner:
@@ -242,15 +251,20 @@ class ToolCallSigner:
                 "tenant_id": str(tenant_id),
                 "user_id": str(user_id),
                 "call_id": call.id,
+                # The model's call id may repeat (models number their calls);
+                # this one never does: it is what single use is keyed on.
+                "run_id": str(uuid4()),
                 "name": call.name,
                 "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
             }
         )
 
-    def verify(self, call: ToolCall, signature: str | None, *, tenant_id: UUID) -> UUID:
-        """Return the user the call runs for; raise :class:`EnvelopeInvalid`.
+    def verify(self, call: ToolCall, signature: str | None, *, tenant_id: UUID) -> VerifiedToolCall:
+        """Return the user the call runs for and its run id; raise :class:`EnvelopeInvalid`.
 
-        Single use: a second execution of the same signed call is "replayed".
+        Single use in this process: a second execution of the same signed call
+        is "replayed". Across processes and restarts the executor records the
+        run id in the database before it runs anything.
         """
         claims = self.tokens.check(signature)
         expected = hashlib.sha256(call.arguments.encode()).hexdigest()
@@ -262,8 +276,10 @@ class ToolCallSigner:
         ):
             raise EnvelopeInvalid("call-altered")
         try:
-            user = UUID(str(claims["user_id"]))
-        except (KeyError, ValueError):
+            verified = VerifiedToolCall(
+                UUID(str(claims["user_id"])), parse_uuid(claims.get("run_id"))
+            )
+        except (KeyError, ValueError):  # EncodingError included: no or a misspelt run id
             raise EnvelopeInvalid("malformed") from None
         self.tokens.consume(claims)
-        return user
+        return verified

@@ -5,6 +5,10 @@ with a valid gateway signature (CHECKLIST M1) and only inside the sandbox
 A call is checked first (signature, key, expiry, tenant, name, arguments,
 single use — :class:`~bastion.safety.signing.ToolCallSigner`), then its
 arguments; a refused call runs nothing and is audited as ``tool.refused``.
+Single use across every worker process and restart: the call's signed
+``run_id`` is inserted into ``tool_call_runs`` and committed before the
+sandbox starts, so a second attempt (another spelling, another worker, a job
+requeued after a crash mid-run) finds it and is refused as ``replayed``.
 A call that runs is audited as ``tool.run`` with its outcome, whatever the
 program did (exit, limits, seccomp, timeout), and the worker keeps going.
 
@@ -165,10 +169,11 @@ class ToolExecutor:
         """
         call, tenant = signed.call, signed.tenant_id
         try:
-            signer_user = self.signer.verify(call, signed.signature, tenant_id=tenant)
+            verified = self.signer.verify(call, signed.signature, tenant_id=tenant)
         except EnvelopeInvalid as exc:
             await self._refused(tenant, None, call, exc.reason)
             raise ToolRefused(exc.reason) from None
+        signer_user = verified.user_id
         if user_id is not None and signer_user != user_id:
             await self._refused(tenant, user_id, call, "wrong-user")
             raise ToolRefused("wrong-user")
@@ -186,13 +191,13 @@ class ToolExecutor:
         except ValueError:  # JSONDecodeError included
             await self._refused(tenant, signer_user, call, "bad-arguments")
             raise ToolRefused("bad-arguments") from None
-        if not await self._first_run(tenant, signer_user, call, signed.signature):
-            await self._refused(tenant, signer_user, call, "replayed")
+        if not await self._first_run(tenant, signer_user, call, verified.run_id):
+            await self._refused(tenant, signer_user, call, "replayed", verified.run_id)
             raise ToolRefused("replayed")
         try:
             result = await self.sandbox.run_async(RunSpec(argv, stdin=stdin, limits=self.limits))
         except SandboxUnavailable:  # no free uid, or a backend that refuses to start
-            await self._refused(tenant, signer_user, call, "sandbox-unavailable")
+            await self._refused(tenant, signer_user, call, "sandbox-unavailable", verified.run_id)
             raise ToolRefused("sandbox-unavailable") from None
         tool_result = ToolResult(
             call_id=call.id,
@@ -205,28 +210,27 @@ class ToolExecutor:
             truncated=result.truncated,
             backend=result.backend,
         )
-        await self._ran(tenant, signer_user, call, tool, result)
+        await self._ran(tenant, signer_user, call, verified.run_id, tool, result)
         return tool_result
 
-    async def _first_run(
-        self, tenant: UUID, user: UUID, call: ToolCall, signature: str | None
-    ) -> bool:
-        """Record the signed call as run; False if any worker process ran it before
-        (the signer's own replay check only sees this process's calls)."""
-        digest = hashlib.sha256((signature or "").encode()).digest()
+    async def _first_run(self, tenant: UUID, user: UUID, call: ToolCall, run_id: UUID) -> bool:
+        """Record the run id as used, committed before anything runs; False if any
+        worker process recorded it before, now or before a restart (the signer's
+        own replay check only sees this process's calls, and forgets on exit)."""
         async with self.db.tenant_tx(tenant, user, "system") as tx:
             cur = await tx.execute(
-                "INSERT INTO bastion.tool_call_runs (signature_sha256, call_id) VALUES (%s, %s) "
-                "ON CONFLICT DO NOTHING RETURNING 1",
-                (digest, call.id[:200]),
+                "INSERT INTO bastion.tool_call_runs (run_id, call_id) VALUES (%s, %s) "
+                "ON CONFLICT (run_id) DO NOTHING RETURNING 1",
+                (run_id, call.id[:200]),
             )
             return await cur.fetchone() is not None
 
     async def _ran(
-        self, tenant: UUID, user: UUID, call: ToolCall, tool: Tool, result: Result
+        self, tenant: UUID, user: UUID, call: ToolCall, run_id: UUID, tool: Tool, result: Result
     ) -> None:
         details: dict[str, Any] = {
             "tool": call.name,
+            "run_id": str(run_id),
             "outcome": str(result.outcome),
             "exit_code": result.exit_code,
             "signal": result.signal,
@@ -247,8 +251,17 @@ class ToolExecutor:
                 details=details,
             )  # fmt: skip
 
-    async def _refused(self, tenant: UUID, user: UUID | None, call: ToolCall, reason: str) -> None:
+    async def _refused(
+        self,
+        tenant: UUID,
+        user: UUID | None,
+        call: ToolCall,
+        reason: str,
+        run_id: UUID | None = None,
+    ) -> None:
         details = {"tool": call.name[:100], "reason": reason}
+        if run_id is not None:  # only once the signature verified
+            details["run_id"] = str(run_id)
         async with self.db.tenant_tx(tenant, user, "system") as tx:
             await audit.record(
                 tx,

@@ -163,14 +163,8 @@ class PiiVault:
         return LocalKMS(self.keys.keystore, kek_name=f"kms/tenants/{tenant_id}")
 
     async def _token_key(self, tx: Conn, tenant_id: UUID) -> bytes:
-        cached = self._token_keys.get(tenant_id)
-        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
-            return cached[1]
-        cur = await tx.execute(
-            "SELECT wrapped FROM bastion.pii_token_keys WHERE tenant_id = %s", (tenant_id,)
-        )
-        row = await cur.fetchone()
-        if row is None:
+        key = await self._existing_token_key(tx, tenant_id)
+        if key is None:
             key, wrapped = self._kms(tenant_id).generate_data_key(self._context(tenant_id))
             # Two first writers race on the primary key; the loser takes the winner's.
             cur = await tx.execute(
@@ -180,13 +174,35 @@ class PiiVault:
             )
             if await cur.fetchone() is None:
                 return await self._token_key(tx, tenant_id)
-        else:
-            try:
-                key = self._kms(tenant_id).unwrap(row["wrapped"], self._context(tenant_id))
-            except KMSError:
-                raise VaultKeyUnavailable("the tenant's token key does not unwrap") from None
+            # Not cached yet: this transaction may still roll back, and a
+            # cached key that was never stored would make tokens nobody keeps.
+        return key
+
+    async def _existing_token_key(self, tx: Conn, tenant_id: UUID) -> bytes | None:
+        """The tenant's token key, or None if it has none yet (nothing is written)."""
+        cached = self._token_keys.get(tenant_id)
+        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        cur = await tx.execute(
+            "SELECT wrapped FROM bastion.pii_token_keys WHERE tenant_id = %s", (tenant_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        try:
+            key = self._kms(tenant_id).unwrap(row["wrapped"], self._context(tenant_id))
+        except KMSError:
+            raise VaultKeyUnavailable("the tenant's token key does not unwrap") from None
         self._token_keys[tenant_id] = (time.monotonic(), key)
         return key
+
+    def _token(self, token_key: bytes, entity: Entity) -> tuple[str, UUID]:
+        """The token of ``entity`` and the vault row id bound to its ciphertext."""
+        canonical = normalize(entity.kind, entity.value, self.recognizer.regions)
+        digest = hmac.new(
+            token_key, f"{entity.kind}\x00{canonical}".encode(), hashlib.sha256
+        ).digest()
+        return f"⟦{_label(entity.kind)}_{digest[:8].hex()}⟧", UUID(bytes=digest[16:32])
 
     # -- tokenize -----------------------------------------------------------
 
@@ -264,12 +280,7 @@ class PiiVault:
         rows: dict[str, tuple[UUID, str, str]] = {}  # token -> (row id, kind, value)
         tokens: dict[Entity, str] = {}
         for entity in entities:
-            canonical = normalize(entity.kind, entity.value, self.recognizer.regions)
-            digest = hmac.new(
-                token_key, f"{entity.kind}\x00{canonical}".encode(), hashlib.sha256
-            ).digest()
-            token = f"⟦{_label(entity.kind)}_{digest[:8].hex()}⟧"
-            row_id = UUID(bytes=digest[16:32])
+            token, row_id = self._token(token_key, entity)
             known = rows.get(token)
             if known is not None and known[0] != row_id:
                 raise TokenCollision("two values of this text share a token")
@@ -304,6 +315,22 @@ class PiiVault:
         if result is not None and result["collisions"]:
             raise TokenCollision("a value's token is already taken by another value")
         return tokens
+
+    async def tokenized_form(self, tx: Conn, tenant_id: UUID, text: str) -> str | None:
+        """``text`` as :meth:`tokenize` would write it, computed without writing anything.
+
+        For matching a caller's words (a title filter) against stored tokenized
+        text, in a transaction of ``tenant_id`` of any role. None when ``text``
+        holds personal data and the tenant has no token key yet: then no stored
+        text can contain its tokens.
+        """
+        entities = self.recognizer.find(text)
+        if not entities:
+            return text
+        token_key = await self._existing_token_key(tx, tenant_id)
+        if token_key is None:
+            return None
+        return mask(text, entities, lambda entity: self._token(token_key, entity)[0])
 
     # -- detokenize ---------------------------------------------------------
 

@@ -12,7 +12,6 @@ an update.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
@@ -30,6 +29,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bastion.encoding import b64_decode, b64_encode
 from bastion.secrets.errors import (
     InsecurePermissions,
     InvalidSecretRef,
@@ -78,7 +78,7 @@ class LocalKeystore:
         cannot be opened.
         """
         entry = self._version(self._load(), name, version)
-        return base64.b64decode(entry["value"])
+        return _value(entry)
 
     def current_version(self, name: str) -> int:
         """Return the current (newest active) version number of ``name``.
@@ -93,7 +93,7 @@ class LocalKeystore:
         Raises :class:`SecretNotFound` if there is none.
         """
         entry = self._version(self._load(), name, None)
-        return int(entry["version"]), base64.b64decode(entry["value"])
+        return int(entry["version"]), _value(entry)
 
     def versions(self, name: str) -> list[SecretVersionInfo]:
         """Return metadata (no values) of every version of ``name``, oldest first.
@@ -108,7 +108,7 @@ class LocalKeystore:
                 version=int(v["version"]),
                 created_at=str(v["created_at"]),
                 state=str(v["state"]),
-                fingerprint=hashlib.sha256(base64.b64decode(v["value"])).hexdigest()[:16],
+                fingerprint=hashlib.sha256(_value(v)).hexdigest()[:16],
             )
             for v in doc[name]
         ]
@@ -157,7 +157,7 @@ class LocalKeystore:
         with self._writing() as doc:
             if name not in doc or not any(v["state"] == "active" for v in doc[name]):
                 _append(doc, name, generate())
-            return base64.b64decode(self._version(doc, name, None)["value"])
+            return _value(self._version(doc, name, None))
 
     def delete(self, name: str) -> None:
         """Remove ``name`` and all its versions; raise :class:`SecretNotFound` if absent."""
@@ -302,10 +302,19 @@ def _append(doc: Document, name: str, value: bytes) -> int:
             "version": version,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "state": "active",
-            "value": base64.b64encode(value).decode(),
+            "value": b64_encode(value),
         }
     )
     return version
+
+
+def _value(entry: dict[str, Any]) -> bytes:
+    """A version's value, decoded strictly (RFC 4648 section 4, one spelling per
+    value); raise :class:`KeystoreLocked` for anything else: fail closed."""
+    try:
+        return b64_decode(entry["value"])
+    except (ValueError, TypeError):
+        raise KeystoreLocked("a keystore entry's value is malformed; failing closed") from None
 
 
 def _require_private(path: Path) -> None:

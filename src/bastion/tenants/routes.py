@@ -17,6 +17,7 @@ from bastion.access.guard import Guard
 from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Database
 from bastion.identity.auth import Principal
+from bastion.safety.pii import mask_email
 
 
 class RoleChangeRefused(Problem):
@@ -118,7 +119,11 @@ def build_router(db: Database, guard: Guard) -> APIRouter:
     async def members(
         tenant_id: UUID, principal: Principal = Depends(guard("member:list", "Member"))
     ) -> dict[str, Any]:
-        """The tenant's members and their roles."""
+        """The tenant's members and their roles.
+
+        Others' e-mail addresses are personal data and this list goes to every
+        role: they are shown masked (``j***@example.com``); the caller's own in full.
+        """
         async with db.tenant_tx(principal.tenant_id, principal.user_id, principal.db_role) as tx:
             rows = await (
                 await tx.execute(
@@ -128,7 +133,12 @@ def build_router(db: Database, guard: Guard) -> APIRouter:
             ).fetchall()
         return {
             "members": [
-                {"user_id": str(r["id"]), "email": r["email"], "role": r["role"]} for r in rows
+                {
+                    "user_id": str(r["id"]),
+                    "email": r["email"] if r["id"] == principal.user_id else mask_email(r["email"]),
+                    "role": r["role"],
+                }
+                for r in rows
             ]
         }
 

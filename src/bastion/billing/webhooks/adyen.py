@@ -14,6 +14,12 @@ payment: ``<shopper reference>/<plan code>/<sequence>``, the sequence (a
 number Bastion increases) being the object's own version for ordering.
 The event id is ``pspReference:eventCode:success``, Adyen's identity of a
 notification (a redelivery repeats it).
+
+The signed string joins its fields with ``:`` unescaped, so an item whose
+signed fields hold a ``:`` has more than one reading under the same HMAC
+(``pspReference`` "P" with ``originalReference`` "X:Y" signs exactly as "P:X"
+with "Y") — another event id, so the same notification applied twice. Such
+an item is refused: a signature must name one event.
 """
 
 from __future__ import annotations
@@ -47,6 +53,27 @@ def parse_reference(reference: str) -> tuple[str, str, int] | None:
     if len(parts) != 3 or not parts[2].isdigit() or len(parts[2]) > 18:
         return None
     return parts[0], parts[1], int(parts[2])
+
+
+# The fields Adyen's HMAC covers, in its order (``value`` and ``currency`` are
+# the amount's).
+_SIGNED_FIELDS = (
+    "pspReference",
+    "originalReference",
+    "merchantAccountCode",
+    "merchantReference",
+    "eventCode",
+    "success",
+)
+
+
+def _unambiguous(item: dict[str, Any]) -> bool:
+    """Whether the signed string of ``item`` reads one way only (no ``:`` inside a field)."""
+    amount = item.get("amount")
+    fields = [item.get(name, "") for name in _SIGNED_FIELDS]
+    if isinstance(amount, dict):
+        fields += [amount.get("value", ""), amount.get("currency", "")]
+    return not any(":" in str(field) for field in fields)
 
 
 def _valid(item: dict[str, Any], key: bytes) -> bool:
@@ -83,6 +110,8 @@ class AdyenWebhook:
             item = wrapper.get("NotificationRequestItem") if isinstance(wrapper, dict) else None
             if not isinstance(item, dict) or not isinstance(item.get("amount"), dict):
                 raise MalformedEvent("a notification item is malformed")
+            if not _unambiguous(item):
+                raise MalformedEvent("a notification item's signed fields hold a ':'")
             if not any(_valid(item, key) for key in keys):
                 raise InvalidSignature("a notification item's HMAC does not verify")
             events.append(_event(item))
