@@ -1,4 +1,4 @@
-"""A Bastion process (``bastion serve api|worker``) on a test module's database,
+"""A Bastion process (``bastion serve api|gateway|worker``) on a test module's database,
 started as in production, for tests that need the real process."""
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def serving_process(
         "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
         "BASTION_API_PORT": str(port),
         "BASTION_WORKER_PORT": str(port),
+        "BASTION_GATEWAY_PORT": str(port),
         "BASTION_EMBEDDER": "hashing",
         "BASTION_LOG_LEVEL": "warning",
         **(extra or {}),

@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 import psycopg
 import pytest
 
-from bastion.billing.budgets import BudgetService, NoBudget, OverBudget, Reservation
+from bastion.billing.budgets import BudgetService, BudgetState, NoBudget, OverBudget, Reservation
 from bastion.db.pool import Database
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
@@ -154,3 +154,54 @@ async def test_tenants_cannot_touch_budgets(wide_db: Database, database: DbHandl
             "SELECT call_limit FROM bastion.budgets WHERE tenant_id = %s", (other,)
         ).fetchone()
     assert row == (5,)
+
+
+async def test_the_database_refuses_an_overshoot_from_any_writer(wide_db: Database) -> None:
+    # Whatever a writer of the system role sends (a bug in a gateway, SQL
+    # injection), the budget row stays within its limit and counts only
+    # reserved calls; a closed reservation never closes again.
+    budgets = BudgetService(wide_db)
+    tenant = await _tenant(wide_db)
+    await _budget(budgets, tenant, calls=2, tokens=1000)
+    held = await budgets.reserve(tenant, 10)
+    attacks = (
+        "UPDATE bastion.budgets SET calls_reserved = calls_reserved + 2",  # past the limit
+        "UPDATE bastion.budgets SET tokens_reserved = tokens_reserved + 991",
+        "UPDATE bastion.budgets SET calls_used = calls_used + 1",  # a call nobody reserved
+        "UPDATE bastion.budgets SET calls_used = calls_used + 2, "
+        "calls_reserved = calls_reserved - 1",
+    )
+    for attack in attacks:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            async with wide_db.tenant_tx(tenant, None, "system") as tx:
+                await tx.execute(attack)
+    assert await budgets.settle(held, 7) is True
+    for attack in (
+        "UPDATE bastion.budgets SET calls_used = 0, tokens_used = 0",  # usage forgotten
+        "UPDATE bastion.budget_reservations SET status = 'held'",  # reopened, to free twice
+        "UPDATE bastion.budget_reservations SET status = 'released'",
+    ):
+        with pytest.raises(psycopg.errors.CheckViolation):
+            async with wide_db.tenant_tx(tenant, None, "system") as tx:
+                await tx.execute(attack)
+    state = await budgets.state(tenant)
+    assert state is not None
+    assert (state.calls_used, state.calls_reserved, state.tokens_used) == (1, 0, 7)
+    # A plan downgrade may still lower the limit below what is used.
+    await _budget_limits(budgets, tenant, state, calls=0)
+    lowered = await budgets.state(tenant)
+    assert lowered is not None and (lowered.call_limit, lowered.calls_used) == (0, 1)
+    with pytest.raises(OverBudget):
+        await budgets.reserve(tenant, 1)
+
+
+async def _budget_limits(
+    budgets: BudgetService, tenant: UUID, state: BudgetState, *, calls: int
+) -> None:
+    await budgets.set_budget(
+        tenant,
+        period_start=state.period_start,
+        period_end=state.period_end,
+        call_limit=calls,
+        token_limit=state.token_limit,
+    )

@@ -18,11 +18,17 @@ A gateway process takes budget in blocks with :meth:`BudgetService.lease`
 of what is left so the last calls of a period still go one by one) and
 settles the block's actual use when it closes
 (:mod:`bastion.gateway.ledger`).
+
+The database holds the invariant too (migration 0018): a reservation that
+would take ``used + reserved`` past a limit, a call counted as used that no
+reservation held, and a reservation closed twice are refused by triggers,
+whoever writes them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +38,8 @@ from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Conn, Database
 
 # A reservation its caller never settled (the process died) is released
-# after this long by :meth:`BudgetService.release_expired`.
+# after this long by :meth:`BudgetService.release_expired`; a living gateway
+# renews its leases' holds (:meth:`BudgetService.renew`).
 HOLD_SECONDS = 300
 
 
@@ -240,22 +247,43 @@ class BudgetService:
         )
         return await cur.fetchone() is not None
 
+    async def renew(self, reservations: Sequence[Reservation], *, tx: Conn) -> set[UUID]:
+        """Push back the expiry of held reservations whose holder is still alive
+        (a gateway's open leases); return the ids of those still held (the
+        others were released meanwhile: their calls are no longer the holder's).
+
+        ``tx`` is a system transaction of the reservations' tenant.
+        """
+        cur = await tx.execute(
+            "UPDATE bastion.budget_reservations "
+            "SET expires_at = now() + make_interval(secs => %(hold)s) "
+            "WHERE id = ANY(%(ids)s) AND status = 'held' RETURNING id",
+            {"ids": [r.id for r in reservations], "hold": self.hold_seconds},
+        )
+        return {row["id"] for row in await cur.fetchall()}
+
     async def release_expired(self, tenant_id: UUID) -> int:
-        """Release the tenant's reservations held past their expiry (a dead caller's)."""
+        """Release the tenant's reservations held past their expiry (a dead caller's).
+
+        One statement: the expiry is checked on the row as it is when it is
+        released (READ COMMITTED re-checks it after a concurrent renewal), so a
+        reservation its holder just renewed is never released.
+        """
         async with self._system(tenant_id) as tx:
             cur = await tx.execute(
-                "SELECT id, period_start, tokens, calls FROM bastion.budget_reservations "
-                "WHERE tenant_id = %s AND status = 'held' AND expires_at < now()",
+                "WITH closed AS (UPDATE bastion.budget_reservations SET status = 'released', "
+                "calls_used = 0 WHERE tenant_id = %s AND status = 'held' "
+                "AND expires_at < now() RETURNING tenant_id, period_start, tokens, calls), "
+                "freed AS (SELECT tenant_id, period_start, sum(calls) AS calls, "
+                "sum(tokens) AS tokens, count(*) AS n FROM closed "
+                "GROUP BY tenant_id, period_start) "
+                "UPDATE bastion.budgets b SET calls_reserved = b.calls_reserved - freed.calls, "
+                "tokens_reserved = b.tokens_reserved - freed.tokens, updated_at = now() "
+                "FROM freed WHERE b.tenant_id = freed.tenant_id "
+                "AND b.period_start = freed.period_start RETURNING freed.n",
                 (tenant_id,),
             )
-            stale = await cur.fetchall()
-        released = 0
-        for row in stale:
-            reservation = Reservation(
-                row["id"], tenant_id, row["period_start"], row["tokens"], row["calls"]
-            )
-            released += await self.release(reservation)
-        return released
+            return sum(int(row["n"]) for row in await cur.fetchall())
 
     async def state(self, tenant_id: UUID) -> BudgetState | None:
         """The current period's budget of the tenant, or None."""

@@ -38,11 +38,10 @@ class RateLimited(Problem):
     status = 429
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Tenant:
     entitlements: Entitlements
     fetched: float
-    calls: deque[float]
 
 
 class PlanGate:
@@ -57,14 +56,17 @@ class PlanGate:
         self.ttl = ttl_seconds
         self.clock = clock
         self._tenants: dict[UUID, _Tenant] = {}
+        # Each tenant's window, apart from its entitlements: requests that
+        # fetch the entitlements at once must count in one window, not each
+        # in a window of its own that the last fetch replaces.
+        self._calls: dict[UUID, deque[float]] = {}
 
     async def _current(self, tenant_id: UUID) -> _Tenant:
         now = self.clock()
         known = self._tenants.get(tenant_id)
         if known is None or now - known.fetched >= self.ttl:
             entitlements = await self.lookup(tenant_id)
-            calls = known.calls if known is not None else deque()
-            known = self._tenants[tenant_id] = _Tenant(entitlements, now, calls)
+            known = self._tenants[tenant_id] = _Tenant(entitlements, now)
         return known
 
     async def admit(self, tenant_id: UUID, model: str) -> None:
@@ -77,7 +79,7 @@ class PlanGate:
                 plan=tenant.entitlements.plan,
             )
         now = self.clock()
-        calls = tenant.calls
+        calls = self._calls.setdefault(tenant_id, deque())
         while calls and now - calls[0] >= WINDOW_SECONDS:
             calls.popleft()
         if len(calls) >= tenant.entitlements.requests_per_minute:
