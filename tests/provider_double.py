@@ -1,11 +1,20 @@
 """A test double of an LLM provider: a real HTTP server speaking OpenAI's
-chat-completions and embeddings protocol, which a test can tell to fail, hang
-or answer junk, and which counts the calls it received."""
+chat-completions and embeddings protocol, which a test can tell to fail, hang,
+rate-limit or answer junk, and which counts the calls it received.
+
+Like a real upstream it refuses, whatever its mode, a request that is itself
+wrong: ``max_tokens`` above the model's limit, a tool name it does not
+accept, a context too long (400, with its error's ``message`` quoting
+internal detail, as upstream messages may). And like an upstream with a bug,
+it fails (500) on a prompt carrying :data:`CRASH`: a fault a tenant can
+induce.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,19 +25,66 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 API_KEY = "sk-double-upstream-key"
 SECRET_ERROR = "upstream internal detail: db password hunter2 at 10.0.0.7"
 ANSWER = "The refund was issued on the fifth of March."
+# What a model says when max_tokens cuts it short (mode "length").
+TRUNCATED_ANSWER = "The refund"
 # What a model may produce from its training data: personal data of nobody in the prompt.
 PII_ANSWER = "Write to jane.roe@example.org or call +44 20 7946 0958. Done."
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 TOOL_NAME = "refund_invoice"
 TOOL_ARGUMENTS = '{"invoice": "INV-1042", "amount": 49}'
+MODEL_MAX_TOKENS = 4096
+CONTEXT_CHARS = 100_000
+TOOL_NAME_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CRASH = "<<upstream-crash>>"
 
 
 @dataclass
 class DoubleState:
-    mode: str = "ok"  # ok | fail | hang | junk | no-usage | tool | pii | long-line
+    # ok | fail | hang | junk | no-usage | tool | pii | long-line | length
+    # | rate-limited | leaky-400
+    mode: str = "ok"
+    hang_seconds: float = 30.0  # how long "hang" holds a call
+    # What the model proposes in "tool" mode: (call id, tool name, arguments).
+    proposal: tuple[str, str, str] = ("call_1", TOOL_NAME, TOOL_ARGUMENTS)
     calls: int = 0
     last_body: dict[str, Any] | None = None
     last_traceparent: str | None = None
+
+
+def bad_request(body: dict[str, Any]) -> JSONResponse | None:
+    """The 400 a real upstream gives a request that is itself wrong, or None."""
+    error: dict[str, Any] | None = None
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, int) and max_tokens > MODEL_MAX_TOKENS:
+        # As vLLM answers: the members at the top, the code a number.
+        return JSONResponse(
+            {
+                "object": "error",
+                "message": f"max_tokens too large. {SECRET_ERROR}",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            },
+            status_code=400,
+        )
+    for i, tool in enumerate(body.get("tools") or []):
+        name = (tool.get("function") or {}).get("name") if isinstance(tool, dict) else None
+        if isinstance(name, str) and not TOOL_NAME_SHAPE.fullmatch(name):
+            error = {
+                "message": f"Invalid 'tools[{i}].function.name': {name!r}. {SECRET_ERROR}",
+                "type": "invalid_request_error",
+                "param": f"tools[{i}].function.name",
+                "code": "invalid_value",
+            }
+    messages = body.get("messages") or []
+    if sum(len(str(m.get("content") or "")) for m in messages) > CONTEXT_CHARS:
+        error = {
+            "message": f"This model's maximum context length is exceeded. {SECRET_ERROR}",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    return None if error is None else JSONResponse({"error": error}, status_code=400)
 
 
 def provider_double(state: DoubleState) -> FastAPI:
@@ -40,10 +96,20 @@ def provider_double(state: DoubleState) -> FastAPI:
         state.last_traceparent = request.headers.get("traceparent")
         if request.headers.get("authorization") != f"Bearer {API_KEY}":
             return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
-        if state.mode == "fail":
+        body = state.last_body if isinstance(state.last_body, dict) else {}
+        refused = bad_request(body)
+        if refused is not None:
+            return refused
+        if state.mode == "leaky-400":  # members no vocabulary knows, carrying secrets
+            leak = {"message": SECRET_ERROR, "type": "hunter2", "code": API_KEY}
+            return JSONResponse({"error": {**leak, "param": "10.0.0.7"}}, status_code=400)
+        if state.mode == "rate-limited":
+            limited = {"message": SECRET_ERROR, "code": "rate_limit_exceeded"}
+            return JSONResponse({"error": limited}, status_code=429, headers={"Retry-After": "1"})
+        if state.mode == "fail" or CRASH in json.dumps(body.get("messages")):
             return JSONResponse({"error": {"message": SECRET_ERROR}}, status_code=500)
         if state.mode == "hang":
-            await asyncio.sleep(30)
+            await asyncio.sleep(state.hang_seconds)
         if state.mode == "junk":
             return PlainTextResponse("<html>not json</html>")
         return None
@@ -55,10 +121,12 @@ def provider_double(state: DoubleState) -> FastAPI:
             return refused
         usage = {} if state.mode == "no-usage" else {"usage": USAGE}
         answer = PII_ANSWER if state.mode == "pii" else ANSWER
+        answer = TRUNCATED_ANSWER if state.mode == "length" else answer
         streaming = bool((state.last_body or {}).get("stream"))
         if state.mode == "tool" and streaming:
             return StreamingResponse(tool_call_events(), media_type="text/event-stream")
         if state.mode == "tool":
+            call_id, name, arguments = state.proposal
             return {
                 "id": "chatcmpl-double",
                 "object": "chat.completion",
@@ -72,12 +140,9 @@ def provider_double(state: DoubleState) -> FastAPI:
                             "content": None,
                             "tool_calls": [
                                 {
-                                    "id": "call_1",
+                                    "id": call_id,
                                     "type": "function",
-                                    "function": {
-                                        "name": TOOL_NAME,
-                                        "arguments": TOOL_ARGUMENTS,
-                                    },
+                                    "function": {"name": name, "arguments": arguments},
                                 }
                             ],
                         },
@@ -96,7 +161,7 @@ def provider_double(state: DoubleState) -> FastAPI:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": answer},
-                        "finish_reason": "stop",
+                        "finish_reason": "length" if state.mode == "length" else "stop",
                     }
                 ],
                 **usage,
@@ -117,9 +182,9 @@ def provider_double(state: DoubleState) -> FastAPI:
 
     async def tool_call_events() -> AsyncIterator[bytes]:
         # As OpenAI streams a proposed call: id and name first, the arguments in pieces.
-        arguments = TOOL_ARGUMENTS
+        call_id, name, arguments = state.proposal
         deltas: list[dict[str, Any]] = [
-            {"index": 0, "id": "call_1", "type": "function", "function": {"name": TOOL_NAME}},
+            {"index": 0, "id": call_id, "type": "function", "function": {"name": name}},
             {"index": 0, "function": {"arguments": arguments[:12]}},
             {"index": 0, "function": {"arguments": arguments[12:]}},
         ]

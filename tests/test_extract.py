@@ -19,6 +19,7 @@ from bastion.knowledge.extract import (
     extract_text,
     normalise,
 )
+from tests.pdf_bombs import operator_bomb
 
 
 def make_pdf(contents: list[bytes], *, flate: bool = False) -> bytes:
@@ -210,6 +211,7 @@ def test_reason_slugs() -> None:
                 "pdf-encrypted",
                 "pdf-too-large",
                 "too-large",
+                "too-complex",
             }
         )
         == REASONS
@@ -337,3 +339,27 @@ def test_pdf_bomb_spread_over_pages() -> None:
     # Each stream stays under the per-stream limit; their sum does not.
     body = make_pdf([deflated_spaces(8_000_000)] * 12, flate=True)
     assert reason_of(body, "application/pdf") == "pdf-too-large"
+
+
+@pytest.mark.parametrize(
+    ("pages", "per_page"),
+    [(1, 150_000), (6, 90_000)],  # over the bound of one page; of the whole document
+    ids=["one-page", "spread-over-pages"],
+)
+def test_pdf_of_path_operators_is_refused_before_it_is_interpreted(
+    pages: int, per_page: int
+) -> None:
+    # A few kilobytes of "1 0 0 1 0 0 cm": interpreted, 3-15 s of CPU (issue 23, A2).
+    body = operator_bomb(pages, per_page)
+    assert len(body) < 20_000
+    started = time.process_time()
+    assert reason_of(body, "application/pdf") == "too-complex"
+    assert time.process_time() - started < 1.0
+
+
+def test_a_dense_real_pdf_is_under_the_operator_bound() -> None:
+    # A page of 4,000 glyphs each placed on its own (Td + Tj): 8,000 operators.
+    glyphs = b"".join(b"1 0 Td (%c) Tj\n" % (65 + i % 26) for i in range(4_000))
+    page = zlib.compress(b"BT /F1 9 Tf 20 780 Td\n" + glyphs + b"ET")
+    body = make_pdf([page] * 20, flate=True)
+    assert len(extract_text(body, "application/pdf").replace(" ", "")) >= 20 * 4_000

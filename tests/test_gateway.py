@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID, uuid4
 
 import httpx
@@ -29,7 +30,7 @@ from bastion.db.pool import Database
 from bastion.gateway.app import build_routers
 from bastion.gateway.entitlements import PlanGate
 from bastion.gateway.ledger import CallLedger
-from bastion.gateway.routing import CircuitBreaker
+from bastion.gateway.routing import TargetBreaker
 from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
@@ -259,10 +260,11 @@ def _upstream_ok(gateway: Gateway) -> Iterator[None]:
     """Each test starts with healthy providers, closed breakers, no rollback."""
     for state in (gateway.double, gateway.canary):
         state.mode = "ok"
+        state.proposal = ("call_1", TOOL_NAME, TOOL_ARGUMENTS)
     for router in gateway.service.models.values():
         router.rolled_back.clear()
         for target in router.targets:
-            target.breaker = CircuitBreaker()
+            target.breaker = TargetBreaker()
             target.window.clear()
     yield
     gateway.double.mode = gateway.canary.mode = "ok"
@@ -496,18 +498,27 @@ async def test_a_failing_canary_is_rolled_back_and_clients_never_see_it(
     gateway: Gateway, budgets: BudgetService
 ) -> None:
     await _budget(budgets, gateway, calls=1000)
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    await budgets.set_budget(
+        gateway.other_tenant,
+        period_start=start,
+        period_end=start + timedelta(hours=1),
+        call_limit=1000,
+        token_limit=10**9,
+    )
     gateway.canary.mode = "fail"
-    client = _client(gateway)
+    # Two tenants: one tenant's calls alone never decide a rollback.
+    clients = [_client(gateway), _client(gateway, other=True)]
     router = gateway.service.models["canaried"]
-    for i in range(120):
-        answer = await _ask(client, "canaried", f"conversation {i}")
+    for i in range(160):
+        answer = await _ask(clients[i % 2], "canaried", f"conversation {i}")
         assert answer.status_code == 200  # a failed canary call falls back to stable
         if router.rolled_back:
             break
     assert router.rolled_back == {"canaried#3"}
     seen = gateway.canary.calls
     for i in range(30):
-        await _ask(client, "canaried", f"after rollback {i}")
+        await _ask(clients[i % 2], "canaried", f"after rollback {i}")
     assert gateway.canary.calls == seen  # no traffic to the canary any more
 
 
@@ -539,7 +550,7 @@ async def test_outage_serves_this_tenant_s_cached_answers_marked_else_503(
     with pytest.raises(openai.APIStatusError) as uncached:
         await _ask(mine, "upstream", f"never asked {uuid4()}")
     assert uncached.value.status_code == 503
-    gateway.service.models["upstream"].targets[0].breaker = CircuitBreaker()
+    gateway.service.models["upstream"].targets[0].breaker = TargetBreaker()
     gateway.double.mode = "ok"
     recovered = await _ask(mine, "upstream", prompt)
     assert recovered.status_code == 200 and "bastion-cache" not in recovered.headers
@@ -555,7 +566,8 @@ async def test_the_breaker_opens_and_stops_calling_a_failing_provider(
         with pytest.raises(openai.APIStatusError):
             await _ask(client, "upstream", f"breaker {i} {uuid4()}")
     breaker = gateway.service.models["upstream"].targets[0].breaker
-    assert breaker.state == "open"
+    # Open for the tenant whose calls failed; one tenant alone opens it for no other.
+    assert breaker.state_for(str(gateway.tenant)) == "open" and breaker.state == "closed"
     calls = gateway.double.calls
     with pytest.raises(openai.APIStatusError) as refused:
         await _ask(client, "upstream", f"while open {uuid4()}")
@@ -783,6 +795,46 @@ async def test_questions_are_answered_from_the_tenant_s_own_documents(
 
 # -- tool calls the model proposes (M1) --------------------------------------------------
 
+REFUND_TOOL = {
+    "type": "function",
+    "function": {
+        "name": TOOL_NAME,
+        "parameters": {
+            "type": "object",
+            "properties": {"invoice": {"type": "string"}, "amount": {"type": "integer"}},
+        },
+    },
+}
+CALCULATE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculate",
+        "description": "Arithmetic on numbers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "maxLength": 200}},
+            "required": ["expression"],
+        },
+    },
+}
+RUN_PYTHON_TOOL = {"type": "function", "function": {"name": "run_python", "parameters": {}}}
+
+
+async def _tool_refusals(database: DbHandles, call_id: str) -> list[str]:
+    """The reasons of the gateway's ``tool.refused`` events for ``call_id``, once the
+    ledger wrote them (it writes audit events in batches)."""
+    deadline = time.monotonic() + 5
+    with psycopg.connect(database.superuser, autocommit=True) as admin:  # RLS-scoped rows
+        while True:
+            rows = admin.execute(
+                "SELECT details->>'reason' FROM bastion.audit_events WHERE action = "
+                "'tool.refused' AND target = %s AND details->>'by' = 'gateway' ORDER BY seq",
+                (f"tool_call:{call_id}",),
+            ).fetchall()
+            if rows or time.monotonic() > deadline:
+                return [reason for (reason,) in rows]
+            await asyncio.sleep(0.05)
+
 
 async def test_proposed_tool_calls_come_back_signed_and_run_once(
     gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore
@@ -792,17 +844,17 @@ async def test_proposed_tool_calls_come_back_signed_and_run_once(
     answer = await _client(gateway).chat.completions.create(
         model="upstream",
         messages=[{"role": "user", "content": f"refund invoice 1042 {uuid4()}"}],
-        tools=[{"type": "function", "function": {"name": "refund_invoice", "parameters": {}}}],
+        tools=[REFUND_TOOL],  # type: ignore[list-item]
     )
     assert answer.choices[0].finish_reason == "tool_calls"
     raw = answer.choices[0].message.tool_calls[0]  # type: ignore[index]
     signature = raw.model_extra["bastion_signature"]  # type: ignore[index]
     call = ToolCall(raw.id, raw.function.name, raw.function.arguments)  # type: ignore[union-attr]
     executor = ToolCallSigner(keystore)
-    verified = executor.verify(call, signature, tenant_id=gateway.tenant)
+    verified = executor.verify(call, signature, tenant_id=gateway.tenant, declaration=REFUND_TOOL)
     assert verified.user_id == gateway.users["contributor"]
     with pytest.raises(EnvelopeInvalid) as again:
-        executor.verify(call, signature, tenant_id=gateway.tenant)
+        executor.verify(call, signature, tenant_id=gateway.tenant, declaration=REFUND_TOOL)
     assert again.value.reason == "replayed"
     fresh = ToolCallSigner(keystore)
     altered = ToolCall(call.id, call.name, call.arguments.replace("49", "4900"))
@@ -811,21 +863,26 @@ async def test_proposed_tool_calls_come_back_signed_and_run_once(
         (call, gateway.other_tenant, "call-altered"),
     ):
         with pytest.raises(EnvelopeInvalid) as refused:
-            fresh.verify(bad, signature, tenant_id=tenant)
+            fresh.verify(bad, signature, tenant_id=tenant, declaration=REFUND_TOOL)
         assert refused.value.reason == reason
     late = ToolCallSigner(keystore, clock=lambda: time.time() + 3600)
     with pytest.raises(EnvelopeInvalid) as expired:
-        late.verify(call, signature, tenant_id=gateway.tenant)
+        late.verify(call, signature, tenant_id=gateway.tenant, declaration=REFUND_TOOL)
     assert expired.value.reason == "expired"
 
 
 async def test_tool_calls_the_user_may_not_run_are_not_passed_on(
-    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore, database: DbHandles
 ) -> None:
     await _budget(budgets, gateway, calls=10)
     gateway.double.mode = "tool"
+    gateway.double.proposal = (f"call_{uuid4().hex[:12]}", TOOL_NAME, TOOL_ARGUMENTS)
     body = json.dumps(
-        {"model": "upstream", "messages": [{"role": "user", "content": f"refund {uuid4()}"}]}
+        {
+            "model": "upstream",
+            "messages": [{"role": "user", "content": f"refund {uuid4()}"}],
+            "tools": [REFUND_TOOL],  # declared: the policy is what refuses
+        }
     ).encode()
     # A viewer may ask questions (the api's envelope) but not run tools.
     envelope = EnvelopeSigner(keystore).sign(
@@ -837,6 +894,7 @@ async def test_tool_calls_the_user_may_not_run_are_not_passed_on(
     assert (
         message.get("tool_calls") == [] and answer.json()["choices"][0]["finish_reason"] == "stop"
     )
+    assert await _tool_refusals(database, gateway.double.proposal[0]) == ["not-authorized"]
 
 
 async def test_tool_calls_proposed_in_a_streamed_answer_come_back_whole_and_signed(
@@ -847,7 +905,7 @@ async def test_tool_calls_proposed_in_a_streamed_answer_come_back_whole_and_sign
     stream = await _client(gateway).chat.completions.create(
         model="upstream",
         messages=[{"role": "user", "content": f"refund invoice 1042 {uuid4()}"}],
-        tools=[{"type": "function", "function": {"name": TOOL_NAME, "parameters": {}}}],
+        tools=[REFUND_TOOL],  # type: ignore[list-item]
         stream=True,
     )
     deltas, finish = [], None
@@ -861,20 +919,24 @@ async def test_tool_calls_proposed_in_a_streamed_answer_come_back_whole_and_sign
     assert raw.function is not None and raw.function.arguments == TOOL_ARGUMENTS
     call = ToolCall(raw.id or "", raw.function.name or "", raw.function.arguments)
     signature = (raw.model_extra or {})["bastion_signature"]
-    verified = ToolCallSigner(keystore).verify(call, signature, tenant_id=gateway.tenant)
+    verified = ToolCallSigner(keystore).verify(
+        call, signature, tenant_id=gateway.tenant, declaration=REFUND_TOOL
+    )
     assert verified.user_id == gateway.users["contributor"]
 
 
 async def test_streamed_tool_calls_the_user_may_not_run_are_not_passed_on(
-    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore, database: DbHandles
 ) -> None:
     await _budget(budgets, gateway, calls=10)
     gateway.double.mode = "tool"
+    gateway.double.proposal = (f"call_{uuid4().hex[:12]}", TOOL_NAME, TOOL_ARGUMENTS)
     body = json.dumps(
         {
             "model": "upstream",
             "stream": True,
             "messages": [{"role": "user", "content": f"refund {uuid4()}"}],
+            "tools": [REFUND_TOOL],  # declared: the policy is what refuses
         }
     ).encode()
     envelope = EnvelopeSigner(keystore).sign(
@@ -884,6 +946,106 @@ async def test_streamed_tool_calls_the_user_may_not_run_are_not_passed_on(
     assert answer.status_code == 200
     assert "tool_calls" not in answer.text and TOOL_NAME not in answer.text
     assert '"finish_reason":"stop"' in answer.text
+    assert await _tool_refusals(database, gateway.double.proposal[0]) == ["not-authorized"]
+
+
+def _sse_events(text: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in text.splitlines()
+        if line.startswith("data: {")
+    ]
+
+
+# What the request offered the model; the model proposes run_python anyway.
+OFFERS: dict[str, tuple[list[dict[str, object]] | None, str]] = {
+    "no tools": (None, "undeclared"),
+    "only calculate": ([CALCULATE_TOOL], "undeclared"),
+    "run_python declared twice": ([RUN_PYTHON_TOOL, RUN_PYTHON_TOOL], "undeclared"),
+    "run_python with NaN in its schema": (
+        [{"type": "function", "function": {"name": "run_python", "x": float("nan")}}],
+        "bad-declaration",
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("offer", list(OFFERS))
+async def test_a_tool_the_request_never_offered_is_never_signed(
+    gateway: Gateway, budgets: BudgetService, database: DbHandles, stream: bool, offer: str
+) -> None:
+    # A contributor may run tools; the model was not offered run_python, and proposes
+    # it anyway (prompt injection, a confused model): a signature would let it run.
+    await _budget(budgets, gateway, calls=10)
+    tools, reason = OFFERS[offer]
+    call_id = f"call_{uuid4().hex[:12]}"
+    gateway.double.mode = "tool"
+    gateway.double.proposal = (call_id, "run_python", json.dumps({"code": "import os"}))
+    request: dict[str, object] = {
+        "model": "upstream",
+        "messages": [{"role": "user", "content": f"add 2 and 2 {uuid4()}"}],
+        "stream": stream,
+    }
+    if tools is not None:
+        request["tools"] = tools
+    async with _dpop_http(gateway) as http:
+        answer = await http.post(
+            f"{gateway.url}/v1/chat/completions",
+            content=json.dumps(request),  # NaN included, as Python's json writes it
+            headers={"Content-Type": "application/json"},
+        )
+    assert answer.status_code == 200, answer.text
+    assert gateway.double.last_body is not None  # the model was asked, and proposed the call
+    assert "bastion_signature" not in answer.text and "run_python" not in answer.text
+    if stream:
+        choices = [c for event in _sse_events(answer.text) for c in event["choices"]]
+        assert choices[-1]["finish_reason"] == "stop" and "tool_calls" not in answer.text
+    else:
+        choice = answer.json()["choices"][0]
+        assert choice["message"]["tool_calls"] == [] and choice["finish_reason"] == "stop"
+    assert await _tool_refusals(database, call_id) == [reason]
+
+
+async def test_a_signature_binds_the_declaration_the_request_made(
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore
+) -> None:
+    await _budget(budgets, gateway, calls=10)
+    gateway.double.mode = "tool"
+    gateway.double.proposal = ("call_7", "calculate", json.dumps({"expression": "6 * 7"}))
+    answer = await _client(gateway).chat.completions.create(
+        model="upstream",
+        messages=[{"role": "user", "content": f"six times seven {uuid4()}"}],
+        tools=[REFUND_TOOL, CALCULATE_TOOL],  # type: ignore[list-item]
+    )
+    raw = answer.choices[0].message.tool_calls[0]  # type: ignore[index]
+    call = ToolCall(raw.id, raw.function.name, raw.function.arguments)  # type: ignore[union-attr]
+    signature = raw.model_extra["bastion_signature"]  # type: ignore[index]
+    loosened = json.loads(json.dumps(CALCULATE_TOOL))
+    del loosened["function"]["parameters"]["properties"]["expression"]["maxLength"]
+    reworded = json.loads(json.dumps(CALCULATE_TOOL))
+    reworded["function"]["description"] = "Runs anything."
+    for declaration, reason in (
+        (loosened, "declaration-altered"),  # another schema for the same name
+        (reworded, "declaration-altered"),
+        (REFUND_TOOL, "undeclared"),  # another tool's declaration
+        (None, "undeclared"),
+    ):
+        with pytest.raises(EnvelopeInvalid) as refused:
+            ToolCallSigner(keystore).verify(
+                call, signature, tenant_id=gateway.tenant, declaration=declaration
+            )
+        assert refused.value.reason == reason
+    # The same declaration written another way (member order, 200.0 for 200) is the
+    # same declaration: the hash is over its RFC 8785 canonical form.
+    respelt = json.loads(
+        '{"function": {"parameters": {"required": ["expression"], "type": "object", '
+        '"properties": {"expression": {"maxLength": 200.0, "type": "string"}}}, '
+        '"description": "Arithmetic on numbers.", "name": "calculate"}, "type": "function"}'
+    )
+    verified = ToolCallSigner(keystore).verify(
+        call, signature, tenant_id=gateway.tenant, declaration=respelt
+    )
+    assert verified.user_id == gateway.users["contributor"]
 
 
 def test_a_tool_call_written_in_a_document_is_never_executed(keystore: LocalKeystore) -> None:
@@ -893,9 +1055,10 @@ def test_a_tool_call_written_in_a_document_is_never_executed(keystore: LocalKeys
     )
     call = ToolCall(injected["id"], injected["function"]["name"], injected["function"]["arguments"])
     executor = ToolCallSigner(keystore)
+    declaration = {"type": "function", "function": {"name": "delete_tenant"}}
     for signature in (None, "", "e30.e30", injected.get("bastion_signature")):
         with pytest.raises(EnvelopeInvalid):
-            executor.verify(call, signature, tenant_id=uuid4())
+            executor.verify(call, signature, tenant_id=uuid4(), declaration=declaration)
 
 
 # -- prompt hooks ---------------------------------------------------------------------
@@ -933,6 +1096,39 @@ async def test_pii_is_redacted_before_the_prompt_leaves(
     theirs = json.dumps(gateway.double.last_body, ensure_ascii=False)
     assert "jane.doe@example.com" not in theirs
     assert not set(re.findall(r"⟦[A-Z]+_[0-9a-f]{16}⟧", theirs)) & set(tokens)
+
+
+async def test_a_value_in_token_brackets_is_redacted_before_the_prompt_leaves(
+    gateway: Gateway, budgets: BudgetService, database: DbHandles
+) -> None:
+    """Only this tenant's real vault tokens pass unscanned: a card number, an e-mail
+    address or an IBAN wrapped as a token is redacted — also one that is a real
+    token of another tenant's vault (issue 23, finding 10)."""
+    await _budget(budgets, gateway, calls=10)
+    client = _client(gateway)
+    await client.chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": f"ann.lee@example.com {uuid4()}"}]
+    )
+    first = json.dumps(gateway.double.last_body, ensure_ascii=False)
+    (own,) = re.findall(r"⟦EMAIL_[0-9a-f]{16}⟧", first)
+    wrapped_card = "⟦CARD_4111111111111111⟧"
+    with psycopg.connect(database.superuser) as conn:  # the other tenant's "token"
+        conn.execute(
+            "INSERT INTO bastion.pii_vault (tenant_id, token, kind, id, ciphertext, key_version) "
+            "VALUES (%s, %s, 'card', %s, '\\x00', 1) ON CONFLICT DO NOTHING",
+            (gateway.other_tenant, wrapped_card, uuid4()),
+        )
+    prompt = (
+        f"pay {wrapped_card}, write ⟦EMAIL_carol@example.com⟧, wire "
+        f"⟦IBAN_DE89370400440532013000⟧, as {own} asked {uuid4()}"
+    )
+    await client.chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": prompt}]
+    )
+    sent = json.dumps(gateway.double.last_body, ensure_ascii=False)
+    for value in ("4111111111111111", "carol@example.com", "DE89370400440532013000"):
+        assert value not in sent
+    assert own in sent  # this tenant's token, as it was
 
 
 async def test_personal_data_a_model_produces_is_masked_plain_and_streamed(

@@ -3,17 +3,25 @@ the circuit breaker's states, fallbacks last, and the tenant-scoped cache."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import cast
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
 from bastion.billing.plans import Entitlements
-from bastion.gateway.cache import AnswerCache, cache_key
+from bastion.gateway.cache import AnswerCache, CacheKey
 from bastion.gateway.entitlements import ModelNotInPlan, PlanGate, RateLimited
 from bastion.gateway.ledger import CallLedger
 from bastion.gateway.providers import Completion, LocalProvider, Usage
-from bastion.gateway.routing import CircuitBreaker, ModelRouter, Target
+from bastion.gateway.routing import (
+    Admission,
+    CircuitBreaker,
+    ModelRouter,
+    Outcome,
+    Target,
+    TargetBreaker,
+)
 from bastion.gateway.service import GatewayService
 
 
@@ -24,6 +32,12 @@ def _targets(canary_weight: int = 5) -> list[Target]:
         Target("canary", provider, weight=canary_weight, canary=True),
         Target("fallback", provider, fallback=True),
     ]
+
+
+def _record(router: ModelRouter, target: Target, ok: bool, latency: float, tenant: str) -> None:
+    """One call of ``tenant`` to ``target`` that answered (``ok``) or failed."""
+    outcome = Outcome.ANSWERED if ok else Outcome.FAULT
+    router.record(Admission(target, tenant), outcome, latency)
 
 
 def test_canary_gets_five_percent_of_2000_conversations() -> None:
@@ -48,24 +62,26 @@ def test_a_conversation_sticks_to_its_target_and_fallbacks_come_last() -> None:
 def test_canary_with_more_errors_is_rolled_back() -> None:
     router = ModelRouter(_targets(), min_samples=20)
     stable, canary, _ = router.targets
-    for _ in range(40):
-        router.record(stable, True, 0.010)
-    for i in range(20):
-        router.record(canary, i % 3 != 0, 0.010)  # a third fail, never 5 in a row
+    for i in range(40):
+        _record(router, stable, True, 0.010, f"t{i % 4}")
+    for i in range(40):  # a third fail, never 5 in a row, from four tenants
+        _record(router, canary, i % 3 != 0, 0.010, f"t{i % 4}")
+        if router.rolled_back:
+            break
     assert router.rolled_back == {"canary"}
     assert all(t.name != "canary" for i in range(200) for t in router.candidates(str(i)))
 
 
 def test_canary_with_a_slow_p95_is_rolled_back_and_a_good_one_is_kept() -> None:
     good = ModelRouter(_targets(), min_samples=20)
-    for _ in range(40):
-        good.record(good.targets[0], True, 0.010)
-        good.record(good.targets[1], True, 0.012)
+    for i in range(40):
+        _record(good, good.targets[0], True, 0.010, f"t{i % 4}")
+        _record(good, good.targets[1], True, 0.012, f"t{i % 4}")
     assert good.rolled_back == set()
     slow = ModelRouter(_targets(), min_samples=20)
-    for _ in range(40):
-        slow.record(slow.targets[0], True, 0.010)
-        slow.record(slow.targets[1], True, 0.040)
+    for i in range(40):
+        _record(slow, slow.targets[0], True, 0.010, f"t{i % 4}")
+        _record(slow, slow.targets[1], True, 0.040, f"t{i % 4}")
     assert slow.rolled_back == {"canary"}
 
 
@@ -92,8 +108,14 @@ def test_open_breakers_are_skipped() -> None:
     router = ModelRouter(_targets(canary_weight=0))
     stable = router.targets[0]
     for _ in range(5):
-        router.record(stable, False, 0.01)
-    assert [t.name for t in router.candidates("x")] == ["fallback"]
+        _record(router, stable, False, 0.01, "a")
+    # Open for the tenant whose calls failed; for another, a tenant's faults count
+    # only so far (they need another tenant's to open the target for everyone).
+    assert [t.name for t in router.candidates("x", "a")] == ["fallback"]
+    assert [t.name for t in router.candidates("x", "b")] == ["stable", "fallback"]
+    for _ in range(2):
+        _record(router, stable, False, 0.01, "b")
+    assert [t.name for t in router.candidates("x", "c")] == ["fallback"]
 
 
 def test_a_model_needs_a_target_that_is_not_a_fallback() -> None:
@@ -101,24 +123,164 @@ def test_a_model_needs_a_target_that_is_not_a_fallback() -> None:
         ModelRouter([Target("only", LocalProvider("hashing"), fallback=True)])
 
 
+# -- one tenant cannot decide for another (issue 23, A1) ---------------------------------
+
+
+def _clocked(**kw: float) -> tuple[list[float], TargetBreaker]:
+    now = [0.0]
+    return now, TargetBreaker(clock=lambda: now[0], **kw)  # type: ignore[arg-type]
+
+
+def test_a_tenant_s_faults_open_a_target_for_itself_and_count_only_a_share_for_all() -> None:
+    _now, breaker = _clocked()
+    for _ in range(100):
+        if breaker.admit("a") is not None:
+            breaker.record("a", Outcome.FAULT)
+    assert breaker.state_for("a") == "open" and breaker.admit("a") is None
+    assert breaker.state == "closed" and breaker.admit("b") is not None
+    breaker.record("b", Outcome.FAULT)  # a's three and b's one: still not five
+    assert breaker.state == "closed"
+    breaker.record("b", Outcome.FAULT)  # two tenants' faults: open for everyone
+    assert breaker.state == "open" and breaker.admit("c") is None
+
+
+def test_rejected_and_abandoned_calls_are_no_evidence_and_give_their_probe_back() -> None:
+    now, breaker = _clocked(open_seconds=10)
+    for tenant in ("a", "a", "a", "b", "b"):
+        breaker.record(tenant, Outcome.FAULT)
+    assert breaker.state == "open"
+    now[0] = 10.0
+    for outcome in (Outcome.REJECTED, Outcome.ABANDONED):
+        for tenant in ("a", "b"):  # one probe a tenant, two at a time
+            probe = breaker.admit(tenant)
+            assert probe is not None and probe.shared
+            assert breaker.admit(tenant) is None
+            breaker.record(tenant, outcome, probe)
+        assert breaker.state == "half-open"  # no verdict either way
+    probe = breaker.admit("c")
+    assert probe is not None
+    breaker.record("c", Outcome.ANSWERED, probe)
+    assert breaker.state == "closed"
+
+
+def test_a_probe_that_never_reports_is_presumed_lost() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, open_seconds=10, clock=lambda: now[0])
+    breaker.record(False)
+    now[0] = 10.0
+    assert breaker.allow() and not breaker.allow()
+    now[0] = 20.0  # the probe's caller vanished without a word
+    assert breaker.allow()
+
+
+def test_after_an_outage_one_tenant_cannot_keep_the_target_shut() -> None:
+    now, breaker = _clocked(open_seconds=10)
+    for tenant in ("b", "c", "b", "c", "b"):
+        breaker.record(tenant, Outcome.FAULT)
+    assert breaker.state == "open"
+    now[0] = 10.0
+    for _ in range(3):  # the upstream is back; a's crafted requests still fail
+        probe = breaker.admit("a")
+        if probe is not None:
+            breaker.record("a", Outcome.FAULT, probe)
+    assert breaker.state == "half-open"
+    probe = breaker.admit("b")
+    assert probe is not None
+    breaker.record("b", Outcome.ANSWERED, probe)
+    assert breaker.state == "closed"
+
+
+def _judged(faulty: tuple[str, ...], slow: tuple[str, ...] = ()) -> ModelRouter:
+    """A canary after 60 calls of tenants t0..t3 (and 20 of its own for ``attacker``):
+    the calls of the tenants in ``faulty`` fail, those in ``slow`` are slow."""
+    router = ModelRouter(_targets(), min_samples=20)
+    stable, canary, _ = router.targets
+    for i in range(60):
+        _record(router, stable, True, 0.010, f"t{i % 4}")
+    for i in range(80):
+        tenant = f"t{i % 4}" if i < 60 else "attacker"
+        latency = 0.050 if tenant in slow else 0.010
+        _record(router, canary, tenant not in faulty, latency, tenant)
+    return router
+
+
+def test_one_tenant_never_decides_a_canary_s_rollback() -> None:
+    assert _judged(faulty=("attacker",)).rolled_back == set()
+    assert _judged(faulty=(), slow=("attacker",)).rolled_back == set()
+    # The same calls failing for two tenants is the canary's doing.
+    assert _judged(faulty=("t0", "t1")).rolled_back == {"canary"}
+    assert _judged(faulty=(), slow=("t0", "t1")).rolled_back == {"canary"}
+
+
+def test_a_rolled_back_canary_returns_after_a_cooldown_that_doubles() -> None:
+    now = [0.0]
+    router = ModelRouter(
+        _targets(canary_weight=50), min_samples=20, cooldown_seconds=60, clock=lambda: now[0]
+    )
+    stable, canary, _ = router.targets
+    conversations = [f"t|u|{i}" for i in range(40)]
+
+    def canary_served() -> bool:
+        return any(router.candidates(key)[0] is canary for key in conversations)
+
+    for cooldown in (60, 120):
+        for i in range(40):
+            _record(router, stable, True, 0.010, f"t{i % 4}")
+            _record(router, canary, i % 2 == 0, 0.010, f"t{i % 4}")
+            if router.rolled_back:
+                break
+        assert router.rolled_back == {"canary"} and not canary_served()
+        now[0] += cooldown - 1
+        assert not canary_served()
+        now[0] += 1
+        assert canary_served() and router.rolled_back == set()
+        assert len(canary.window) == 0  # judged afresh
+
+
+def test_a_readmitted_canary_is_not_sent_back_by_one_tenant_s_probe() -> None:
+    now = [0.0]
+    router = ModelRouter(_targets(canary_weight=50), cooldown_seconds=60, clock=lambda: now[0])
+    canary = router.targets[1]
+    canary.breaker = TargetBreaker(clock=lambda: now[0])
+    for tenant in ("t0", "t1", "t0", "t1", "t0"):  # an outage: its breaker opens
+        _record(router, canary, False, 0.01, tenant)
+    assert router.rolled_back == {"canary"}
+    now[0] = 60.0  # re-admitted, its breaker half-open
+    router.candidates("t|u|x", "attacker")
+    assert router.rolled_back == set()
+    for _ in range(3):
+        probe = router.admit(canary, "attacker")
+        if probe is not None:
+            router.record(probe, Outcome.FAULT, 0.01)
+    assert router.rolled_back == set() and canary.breaker.state == "half-open"
+    probe = router.admit(canary, "t1")
+    assert probe is not None
+    router.record(probe, Outcome.ANSWERED, 0.01)
+    assert canary.breaker.state == "closed" and router.rolled_back == set()
+
+
 def test_cache_is_per_tenant_ttl_and_size_capped() -> None:
     now = [0.0]
     cache = AnswerCache(max_entries=2, ttl_seconds=10, stale_seconds=100, clock=lambda: now[0])
-    a, b = uuid4(), uuid4()
-    messages = [{"role": "user", "content": "What is  the refund policy?"}]
+    a, b, user = uuid4(), uuid4(), uuid4()
+    messages = [{"role": "user", "content": "What is the refund policy?"}]
+
+    def key(tenant: UUID, model: str = "m", content: str = messages[0]["content"]) -> CacheKey:
+        sent = {"model": model, "messages": [{"role": "user", "content": content}]}
+        return cache.key(tenant, user, sent=sent)
+
     answer = Completion("30 days", "stop", Usage(5, 2))
-    cache.put(cache_key(a, "m", messages), answer)
-    assert cache.fresh(cache_key(a, "m", messages)) == answer
-    # Whitespace is normalised; another tenant or model is another key.
-    same = [{"role": "user", "content": "What is the refund policy?"}]
-    assert cache.fresh(cache_key(a, "m", same)) == answer
-    assert cache.fresh(cache_key(b, "m", messages)) is None
-    assert cache.fresh(cache_key(a, "other", messages)) is None
+    cache.put(key(a), answer)
+    assert cache.fresh(key(a)) == answer
+    # Another tenant or model is another key; so is other whitespace (code, poems…).
+    assert cache.fresh(key(b)) is None
+    assert cache.fresh(key(a, "other")) is None
+    assert cache.fresh(key(a, content="What is  the refund policy?")) is None
     now[0] = 50
-    assert cache.fresh(cache_key(a, "m", messages)) is None
-    assert cache.stale_fallback(cache_key(a, "m", messages)) == answer
+    assert cache.fresh(key(a)) is None
+    assert cache.stale_fallback(key(a)) == answer
     for i in range(3):
-        cache.put(f"k{i}", answer)
+        cache.put(key(a, content=f"q{i}"), answer)
     assert len(cache) == 2
 
 
@@ -183,3 +345,21 @@ async def test_a_plan_change_reaches_the_gate_within_its_ttl() -> None:
 
 async def _async(value: Entitlements) -> Entitlements:
     return value
+
+
+@pytest.mark.anyio
+async def test_requests_that_fetch_the_plan_at_once_share_one_window() -> None:
+    # Each request that found no entitlements fetched them and counted in a
+    # window of its own, which the next fetch replaced: a burst of first
+    # requests all passed a limit of 3 per minute.
+    async def lookup(_tenant: object) -> Entitlements:
+        await asyncio.sleep(0)  # the database answers later
+        return _entitlements(3, ("*",))
+
+    gate = PlanGate(lookup)
+    tenant = uuid4()
+    outcomes = await asyncio.gather(
+        *(gate.admit(tenant, "m") for _ in range(10)), return_exceptions=True
+    )
+    assert outcomes.count(None) == 3
+    assert all(isinstance(o, RateLimited) for o in outcomes if o is not None)

@@ -14,7 +14,7 @@ import pytest
 from argon2 import PasswordHasher, Type
 
 from bastion.db.pool import Database
-from bastion.identity.errors import IdentityError, PasswordReused, WeakPassword
+from bastion.identity.errors import IdentityError, PasswordChanged, PasswordReused, WeakPassword
 from bastion.identity.passwords import DEFAULT_HASHER, PasswordService
 from bastion.tenants.service import TenantService
 
@@ -153,6 +153,31 @@ async def test_current_and_last_ten_refused_eleventh_oldest_allowed(
             await svc.set_password(tx, member.user, passwords[11])
     async with db.tenant_tx(member.tenant, None, "system") as tx:
         await svc.set_password(tx, member.user, passwords[1])
+
+
+async def test_a_change_prepared_against_a_password_changed_meanwhile_is_refused(
+    db: Database, member: Member
+) -> None:
+    """Two changes checked concurrently against the same history (the hashing runs
+    outside any transaction): the second to be stored is refused, nothing of it
+    written, so neither slips a reused password past the other's check."""
+    svc = PasswordService(hasher=FAST, history=10)
+    first, second, third = strong(), strong(), strong()
+    async with db.tenant_tx(member.tenant, None, "system") as tx:
+        await svc.set_password(tx, member.user, first)
+        current, previous = await svc.known_hashes(tx, member.user)
+    # Both to "second": each checked against a history that does not hold it yet.
+    racing = [await svc.prepare(member.user, second, current, previous) for _ in range(2)]
+    async with db.tenant_tx(member.tenant, None, "system") as tx:
+        await svc.store(tx, racing[0])
+    before = (await counts(db, member), await stored_hash(db, member))
+    with pytest.raises(PasswordChanged):
+        async with db.tenant_tx(member.tenant, None, "system") as tx:
+            await svc.store(tx, racing[1])
+    assert (await counts(db, member), await stored_hash(db, member)) == before
+    async with db.tenant_tx(member.tenant, None, "system") as tx:
+        assert await svc.verify(tx, member.user, second)
+        await svc.set_password(tx, member.user, third)
 
 
 async def test_verify_false_for_wrong_password_and_unknown_user(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -94,6 +96,40 @@ def test_outputs_never_show_the_value(home: Path) -> None:
         text = _output(result)
         assert VALUE not in text
         assert new_value.hex() not in text
+
+
+def _shown_fingerprints(name: str) -> list[str]:
+    shown = CliRunner().invoke(secrets_app, ["get", name])
+    assert shown.exit_code == 0, shown.output
+    return re.findall(r"\b[0-9a-f]{16}\b", shown.stdout)
+
+
+def test_the_fingerprint_of_a_short_secret_is_no_guessing_oracle(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --reveal nothing an offline guesser can test candidates against is
+    shown: the fingerprint is keyed (an HMAC under a key of this keystore), so it
+    is no piece of sha256(value), and the same value fingerprints differently in
+    another keystore. Within one keystore equal values still look equal."""
+    pin = "4821"  # 10^4 candidates: a plain hash of it is inverted at once
+    runner = CliRunner()
+    assert runner.invoke(secrets_app, ["set", "door/pin"], input=pin).exit_code == 0
+    assert runner.invoke(secrets_app, ["set", "door/pin"], input=pin).exit_code == 0
+    mine = _shown_fingerprints("door/pin")
+    assert len(mine) == 2 and mine[0] == mine[1]  # two versions, one value
+    for digest in (
+        hashlib.sha256(pin.encode()).hexdigest(),
+        hashlib.sha1(pin.encode()).hexdigest(),  # noqa: S324 - what must not be shown
+        hashlib.md5(pin.encode()).hexdigest(),  # noqa: S324
+    ):
+        windows = {digest[i : i + 8] for i in range(len(digest) - 7)}
+        assert not any(w in f for f in mine for w in windows), "a piece of a plain hash"
+    other = tmp_path / "other-home"
+    other.mkdir()
+    monkeypatch.setenv("BASTION_HOME", str(other))
+    assert runner.invoke(secrets_app, ["set", "door/pin"], input=pin).exit_code == 0
+    theirs = _shown_fingerprints("door/pin")
+    assert len(theirs) == 1 and theirs[0] != mine[0]
 
 
 def test_reveal_outputs_exactly_the_value(home: Path) -> None:

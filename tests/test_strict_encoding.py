@@ -258,11 +258,13 @@ def test_tool_call_signatures_have_one_spelling(
     signing_keystore: LocalKeystore, arguments: str, edit: tuple[int, str]
 ) -> None:
     call = ToolCall("call_1", "calculate", arguments)
-    signature = ToolCallSigner(signing_keystore).sign(call, tenant_id=TENANT, user_id=USER)
+    tool = {"type": "function", "function": {"name": "calculate"}}
+    signer = ToolCallSigner(signing_keystore)
+    signature = signer.sign(call, tenant_id=TENANT, user_id=USER, declaration=tool)
 
     def accepts(text: str) -> bool:
         try:  # a fresh verifier each time: no memory of nonces to hide behind
-            ToolCallSigner(signing_keystore).verify(call, text, tenant_id=TENANT)
+            ToolCallSigner(signing_keystore).verify(call, text, tenant_id=TENANT, declaration=tool)
         except EnvelopeInvalid:
             return False
         return True

@@ -65,8 +65,17 @@ async def test_a_signed_call_runs_once_across_a_killed_and_restarted_worker(
         "run_python",
         json.dumps({"code": "import time; time.sleep(20)"}),
     )
-    quick_signature = signer.sign(quick, tenant_id=tenant, user_id=user)
-    slow_signature = signer.sign(slow, tenant_id=tenant, user_id=user)
+    # The request's declarations of the two tools, which the signatures are bound to.
+    tools = {
+        name: {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+        for name in ("calculate", "run_python")
+    }
+    quick_signature = signer.sign(
+        quick, tenant_id=tenant, user_id=user, declaration=tools["calculate"]
+    )
+    slow_signature = signer.sign(
+        slow, tenant_id=tenant, user_id=user, declaration=tools["run_python"]
+    )
     encoded, mac = quick_signature.split(".")
     variants = respellings(mac)
     # Other spellings first: the restarted worker has no memory of the nonce.
@@ -83,10 +92,10 @@ async def test_a_signed_call_runs_once_across_a_killed_and_restarted_worker(
         with serving_process(
             "worker", database, keystore, home, slow_sandbox, wait_ready=False
         ) as (first, _):
-            await tasks.defer(queue, tenant, user, quick, quick_signature)
+            await tasks.defer(queue, tenant, user, quick, quick_signature, tools["calculate"])
             _wait(lambda: bool(_outcomes(database, tenant, quick)), 60, "the first run")
             assert _outcomes(database, tenant, quick) == [("tool.run", None)]
-            await tasks.defer(queue, tenant, user, slow, slow_signature)
+            await tasks.defer(queue, tenant, user, slow, slow_signature, tools["run_python"])
             _wait(lambda: _run_records(database, slow) == 1, 30, "the slow call to start")
             first.send_signal(signal.SIGKILL)  # while the slow call sleeps in the sandbox
             first.wait(timeout=10)
@@ -95,7 +104,7 @@ async def test_a_signed_call_runs_once_across_a_killed_and_restarted_worker(
 
         with serving_process("worker", database, keystore, home, slow_sandbox, wait_ready=False):
             for signature in resubmitted:
-                await tasks.defer(queue, tenant, user, quick, signature)
+                await tasks.defer(queue, tenant, user, quick, signature, tools["calculate"])
             # The killed worker's job is requeued once its heartbeat is missed (~15 s).
             _wait(
                 lambda: (

@@ -7,6 +7,7 @@ sandbox (bubblewrap)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -22,7 +23,7 @@ from bastion.db.pool import Database
 from bastion.safety import tasks
 from bastion.safety.sandbox import Limits, Outcome, Result, RunSpec, Sandbox, SandboxConfig
 from bastion.safety.sandbox.backends.firecracker import FirecrackerBackend, FirecrackerConfig
-from bastion.safety.signing import ToolCall, ToolCallSigner
+from bastion.safety.signing import ToolCall, ToolCallSigner, declaration_sha256
 from bastion.safety.tools import SignedToolCall, ToolExecutor, ToolRefused, ToolResult
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
@@ -81,9 +82,28 @@ def _call(name: str, **arguments: Any) -> ToolCall:
     return ToolCall(f"call_{uuid4().hex[:12]}", name, json.dumps(arguments))
 
 
+def _declaration(name: str) -> dict[str, Any]:
+    """The request's ``tools`` entry for ``name``, as a client declares it."""
+    argument = {"calculate": "expression", "run_python": "code"}.get(name, "input")
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "parameters": {
+                "type": "object",
+                "properties": {argument: {"type": "string", "maxLength": 4096}},
+                "required": [argument],
+            },
+        },
+    }
+
+
 def _signed(world: World, call: ToolCall, *, user: UUID | None = None) -> SignedToolCall:
-    signature = world.gateway.sign(call, tenant_id=world.tenant, user_id=user or world.contributor)
-    return SignedToolCall(world.tenant, call, signature)
+    declaration = _declaration(call.name)
+    signature = world.gateway.sign(
+        call, tenant_id=world.tenant, user_id=user or world.contributor, declaration=declaration
+    )
+    return SignedToolCall(world.tenant, call, signature, declaration)
 
 
 async def _audit(world: World, tenant: UUID | None = None) -> list[dict[str, Any]]:
@@ -111,6 +131,8 @@ async def test_a_signed_calculation_runs_in_the_sandbox_and_is_audited(world: Wo
     details = event["details"]
     assert details["outcome"] == "ok" and details["result"] == "94.5"
     assert details["tool"] == "calculate" and details["backend"] == "bwrap"
+    # The declaration it was proposed under, as the signature bound it.
+    assert details["tool_sha256"] == declaration_sha256(_declaration("calculate"))
 
 
 async def test_calculate_never_evaluates_code(world: World) -> None:
@@ -147,20 +169,28 @@ async def _refused(world: World, signed: SignedToolCall, reason: str, **kw: Any)
 
 async def test_an_unsigned_call_is_refused(world: World) -> None:
     await _refused(
-        world, SignedToolCall(world.tenant, _call("run_python", code="print(1)"), None), "unsigned"
+        world,
+        SignedToolCall(
+            world.tenant, _call("run_python", code="print(1)"), None, _declaration("run_python")
+        ),
+        "unsigned",
     )
 
 
 async def test_a_call_with_altered_arguments_is_refused(world: World) -> None:
     signed = _signed(world, _call("calculate", expression="1 + 1"))
     altered = ToolCall(signed.call.id, "calculate", json.dumps({"expression": "9 ** 9"}))
-    await _refused(world, SignedToolCall(world.tenant, altered, signed.signature), "call-altered")
+    await _refused(world, dataclasses.replace(signed, call=altered), "call-altered")
 
 
 async def test_a_call_renamed_to_another_tool_is_refused(world: World) -> None:
     signed = _signed(world, _call("calculate", expression="1 + 1"))
     renamed = ToolCall(signed.call.id, "run_python", signed.call.arguments)
-    await _refused(world, SignedToolCall(world.tenant, renamed, signed.signature), "call-altered")
+    await _refused(
+        world,
+        SignedToolCall(world.tenant, renamed, signed.signature, _declaration("run_python")),
+        "call-altered",
+    )
 
 
 async def test_a_forged_signature_is_refused(world: World) -> None:
@@ -168,14 +198,17 @@ async def test_a_forged_signature_is_refused(world: World) -> None:
     assert signed.signature is not None
     payload, _, mac = signed.signature.partition(".")
     forged = f"{payload}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}"
-    await _refused(world, SignedToolCall(world.tenant, signed.call, forged), "bad-signature")
+    await _refused(world, dataclasses.replace(signed, signature=forged), "bad-signature")
 
 
 async def test_an_expired_call_is_refused(world: World, keystore: LocalKeystore) -> None:
     call = _call("calculate", expression="1 + 1")
     old = ToolCallSigner(keystore, clock=lambda: time.time() - 3600)
-    signature = old.sign(call, tenant_id=world.tenant, user_id=world.contributor)
-    await _refused(world, SignedToolCall(world.tenant, call, signature), "expired")
+    declaration = _declaration("calculate")
+    signature = old.sign(
+        call, tenant_id=world.tenant, user_id=world.contributor, declaration=declaration
+    )
+    await _refused(world, SignedToolCall(world.tenant, call, signature, declaration), "expired")
 
 
 async def test_a_replayed_call_is_refused(world: World) -> None:
@@ -237,7 +270,7 @@ async def test_a_signature_spelt_another_way_is_refused_and_nothing_is_recorded(
     for name, variant in variants.items():
         respelt = f"{variant}.{mac}" if part == "claims" else f"{encoded}.{variant}"
         with pytest.raises(ToolRefused) as refused:
-            await world.executor.run(SignedToolCall(world.tenant, signed.call, respelt))
+            await world.executor.run(dataclasses.replace(signed, signature=respelt))
         assert refused.value.reason == "malformed", name
     assert CountingSandbox.runs == before
     assert await _run_records(world, signed.call) == 0
@@ -266,7 +299,7 @@ async def test_one_signed_call_sent_seven_times_at_once_runs_once(
     before = CountingSandbox.runs
     outcomes = await asyncio.gather(
         *(
-            worker.run(SignedToolCall(world.tenant, signed.call, spelling))
+            worker.run(dataclasses.replace(signed, signature=spelling))
             for worker, spelling in zip(workers, spellings, strict=True)
         ),
         return_exceptions=True,
@@ -294,15 +327,17 @@ async def test_single_use_is_keyed_on_the_signed_run_id_not_on_the_signature(
         "run_id": str(uuid4()),
         "name": call.name,
         "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
+        "tool_sha256": declaration_sha256(_declaration("calculate")),
     }
     first, second = world.gateway.tokens.issue(claims), world.gateway.tokens.issue(claims)
     assert first != second  # another nonce, so another MAC
-    result = await world.executor.run(SignedToolCall(world.tenant, call, first))
+    declaration = _declaration("calculate")
+    result = await world.executor.run(SignedToolCall(world.tenant, call, first, declaration))
     assert result.output.strip() == "42"
     other_worker = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
     before = CountingSandbox.runs
     with pytest.raises(ToolRefused) as refused:
-        await other_worker.run(SignedToolCall(world.tenant, call, second))
+        await other_worker.run(SignedToolCall(world.tenant, call, second, declaration))
     assert refused.value.reason == "replayed" and CountingSandbox.runs == before
     assert await _run_records(world, call) == 1
     [ran, replayed] = await _audit(world)
@@ -320,7 +355,9 @@ async def test_a_signature_without_a_run_id_is_refused(world: World) -> None:
             "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
         }
     )
-    await _refused(world, SignedToolCall(world.tenant, call, legacy), "malformed")
+    await _refused(
+        world, SignedToolCall(world.tenant, call, legacy, _declaration("calculate")), "malformed"
+    )
     assert await _run_records(world, call) == 0
 
 
@@ -354,10 +391,79 @@ async def test_a_call_whose_worker_died_mid_run_never_runs_again(
 
 async def test_a_call_signed_for_another_tenant_is_refused(world: World) -> None:
     signed = _signed(world, _call("calculate", expression="1 + 1"))
-    await _refused(
-        world, SignedToolCall(world.other_tenant, signed.call, signed.signature), "call-altered"
-    )
+    await _refused(world, dataclasses.replace(signed, tenant_id=world.other_tenant), "call-altered")
     assert await _audit(world) == []  # and nothing in the signer's tenant either
+
+
+# -- a call runs only with the declaration it was signed for --------------------------
+
+
+def _loosened(declaration: Any) -> Any:
+    """The same tool, another schema: the argument's length limit dropped."""
+    other = json.loads(json.dumps(declaration))
+    for schema in other["function"]["parameters"]["properties"].values():
+        del schema["maxLength"]
+    return other
+
+
+PRESENTED = {
+    "another schema for the tool": (_loosened, "declaration-altered"),
+    "another description": (
+        lambda d: {**d, "function": {**d["function"], "description": "anything"}},
+        "declaration-altered",
+    ),
+    "no declaration": (lambda d: None, "undeclared"),
+    "another tool's declaration": (lambda d: _declaration("calculate"), "undeclared"),
+    "a declaration that is not JSON": (
+        lambda d: {**d, "function": {**d["function"], "x": float("nan")}},
+        "malformed",
+    ),
+}
+
+
+@pytest.mark.parametrize("presented", list(PRESENTED))
+async def test_a_call_presented_with_another_declaration_is_refused(
+    world: World, presented: str
+) -> None:
+    # Signed for declaration D; run with D' (or none): the arguments were produced
+    # for D, and nothing says they mean the same under D'.
+    change, reason = PRESENTED[presented]
+    signed = _signed(world, _call("run_python", code="print(1)"))
+    await _refused(
+        world, dataclasses.replace(signed, declaration=change(signed.declaration)), reason
+    )
+    assert await _run_records(world, signed.call) == 0
+    # Refusals do not use the call up: with its own declaration it runs, once.
+    assert (await world.executor.run(signed)).output.strip() == "1"
+
+
+async def test_a_signature_that_binds_no_declaration_is_refused(world: World) -> None:
+    call = _call("calculate", expression="1 + 1")
+    unbound = world.gateway.tokens.issue(  # as signed before declarations were bound
+        {
+            "tenant_id": str(world.tenant),
+            "user_id": str(world.contributor),
+            "call_id": call.id,
+            "run_id": str(uuid4()),
+            "name": call.name,
+            "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
+        }
+    )
+    signed = SignedToolCall(world.tenant, call, unbound, _declaration("calculate"))
+    await _refused(world, signed, "declaration-altered")
+    assert await _run_records(world, call) == 0
+
+
+def test_the_gateway_refuses_to_sign_for_another_tools_declaration(
+    keystore: LocalKeystore,
+) -> None:
+    with pytest.raises(ValueError):
+        ToolCallSigner(keystore).sign(
+            _call("run_python", code="print(1)"),
+            tenant_id=uuid4(),
+            user_id=uuid4(),
+            declaration=_declaration("calculate"),
+        )
 
 
 async def test_a_call_signed_for_another_user_is_refused(world: World) -> None:
@@ -437,7 +543,7 @@ async def _run_queue(
     database: DbHandles,
     db: Database,
     executor: ToolExecutor | None,
-    jobs: list[tuple[UUID, UUID, ToolCall, str | None]],
+    jobs: list[tuple[UUID, UUID, ToolCall, str | None, dict[str, Any] | None]],
     *,
     keystore: LocalKeystore | None = None,
 ) -> None:
@@ -448,14 +554,15 @@ async def _run_queue(
     else:
         tasks.register(queue, registry, db, executor)
     async with queue.open_async():
-        for tenant, user, call, signature in jobs:
-            if signature is not None:
-                await tasks.defer(queue, tenant, user, call, signature)
+        for tenant, user, call, signature, declaration in jobs:
+            if signature is not None and declaration is not None:
+                await tasks.defer(queue, tenant, user, call, signature, declaration)
                 continue
-            # An unsigned job, as a compromised enqueuer could write it.
+            # A job without a signature or a declaration, as a compromised enqueuer
+            # could write it.
             await queue.configure_task(name=tasks.RUN, queue=tasks.QUEUE).defer_async(
                 tenant_id=str(tenant), user_id=str(user), call_id=call.id, name=call.name,
-                arguments=call.arguments,
+                arguments=call.arguments, signature=signature,
             )  # fmt: skip
         await queue.run_worker_async(
             queues=[tasks.QUEUE], wait=False, install_signal_handlers=False
@@ -467,7 +574,7 @@ async def test_the_worker_wiring_probes_the_sandbox_and_runs_a_signed_call(
 ) -> None:
     call = _call("calculate", expression="6 * 7")
     signed = _signed(world, call)
-    job = (world.tenant, world.contributor, call, signed.signature)
+    job = (world.tenant, world.contributor, call, signed.signature, signed.declaration)
     await _run_queue(database, world.db, None, [job], keystore=keystore)
     [event] = await _audit(world)
     assert event["details"]["result"] == "42" and event["details"]["backend"] == "bwrap"
@@ -480,7 +587,7 @@ async def test_the_worker_job_runs_a_signed_call(world: World, database: DbHandl
         database,
         world.db,
         world.executor,
-        [(world.tenant, world.contributor, call, signed.signature)],
+        [(world.tenant, world.contributor, call, signed.signature, _declaration(call.name))],
     )
     [event] = await _audit(world)
     assert event["action"] == "tool.run" and event["details"]["result"] == "42"
@@ -493,7 +600,10 @@ async def test_the_worker_job_refuses_a_user_who_may_not_run_tools(
     signed = _signed(world, call, user=world.viewer)
     before = CountingSandbox.runs
     await _run_queue(
-        database, world.db, world.executor, [(world.tenant, world.viewer, call, signed.signature)]
+        database,
+        world.db,
+        world.executor,
+        [(world.tenant, world.viewer, call, signed.signature, _declaration(call.name))],
     )
     assert CountingSandbox.runs == before
     [event] = await _audit(world)
@@ -504,11 +614,45 @@ async def test_the_worker_job_refuses_an_unsigned_call(world: World, database: D
     call = _call("run_python", code="print('pwned')")
     before = CountingSandbox.runs
     await _run_queue(
-        database, world.db, world.executor, [(world.tenant, world.contributor, call, None)]
+        database,
+        world.db,
+        world.executor,
+        [(world.tenant, world.contributor, call, None, _declaration(call.name))],
     )
     assert CountingSandbox.runs == before
     [event] = await _audit(world)
     assert event["action"] == "tool.refused" and event["details"]["reason"] == "unsigned"
+
+
+async def test_the_worker_job_refuses_a_call_without_its_declaration(
+    world: World, database: DbHandles
+) -> None:
+    # The enqueuer swaps the declaration, or drops it: nothing runs.
+    swapped, dropped = (_call("run_python", code="print('pwned')") for _ in range(2))
+    first, second = _signed(world, swapped), _signed(world, dropped)
+    before = CountingSandbox.runs
+    await _run_queue(
+        database,
+        world.db,
+        world.executor,
+        [
+            (
+                world.tenant,
+                world.contributor,
+                swapped,
+                first.signature,
+                _loosened(first.declaration),
+            ),
+            (world.tenant, world.contributor, dropped, second.signature, None),
+        ],
+    )
+    assert CountingSandbox.runs == before
+    events = await _audit(world)
+    assert sorted((e["action"], e["details"]["reason"]) for e in events) == [
+        ("tool.refused", "declaration-altered"),
+        ("tool.refused", "undeclared"),
+    ]
+    assert await _run_records(world, swapped) == await _run_records(world, dropped) == 0
 
 
 async def test_without_a_sandbox_the_worker_job_refuses_every_call(
@@ -516,7 +660,7 @@ async def test_without_a_sandbox_the_worker_job_refuses_every_call(
 ) -> None:
     call = _call("calculate", expression="21 * 2")
     signed = _signed(world, call)
-    job = (world.tenant, world.contributor, call, signed.signature)
+    job = (world.tenant, world.contributor, call, signed.signature, _declaration(call.name))
     await _run_queue(database, world.db, None, [job])
     [event] = await _audit(world)
     assert event["action"] == "tool.refused"

@@ -380,3 +380,75 @@ async def test_a_document_too_large_to_scan_fails_with_a_reason(
         database, "SELECT count(*) FROM bastion.chunks WHERE document_id = %s", up.document.id
     )
     assert chunks[0][0] == 0  # nothing unredacted was indexed
+
+
+# -- what is a token is the vault's to say, not the text's shape (issue 23, finding 10) ---------
+
+WRAPPED = {
+    "card": "⟦CARD_4111111111111111⟧",  # token-shaped: sixteen hex digits
+    "email": "⟦EMAIL_carol@example.com⟧",
+    "iban": "⟦IBAN_DE89370400440532013000⟧",
+}
+RAW = ("4111111111111111", "carol@example.com", "DE89370400440532013000")
+
+
+def _plant_token(database: DbHandles, tenant: UUID, token: str) -> None:
+    """A row of ``tenant``'s vault under ``token``, whatever text it spells."""
+    with psycopg.connect(database.superuser) as conn:
+        conn.execute(
+            "INSERT INTO bastion.pii_vault (tenant_id, token, kind, id, ciphertext, key_version) "
+            "VALUES (%s, %s, 'card', %s, '\\x00', 1)",
+            (tenant, token, uuid4()),
+        )
+
+
+async def test_only_real_tokens_of_the_tenant_are_left_unscanned(
+    db: Database, vault: PiiVault, pair: tuple[Tenant, Tenant], database: DbHandles
+) -> None:
+    """A value wrapped in token brackets is scanned and tokenized; a real token of
+    this tenant stays as it is; a real token of another tenant is no token here —
+    scanned (a planted one that spells a card number is redacted) and never revealed."""
+    a, b = pair
+    (own,) = tokens_in((await vault.tokenize(db, a.id, "mail ann@example.com")).text)
+    (theirs,) = tokens_in((await vault.tokenize(db, b.id, "mail bob@example.com")).text)
+    _plant_token(database, b.id, WRAPPED["card"])  # B's "token" is a card number to A
+    text = f"pay {WRAPPED['card']}, write {WRAPPED['email']}, wire {WRAPPED['iban']}; "
+    text += f"ours {own}, theirs {theirs}"
+    done = await vault.tokenize(db, a.id, text)
+    assert not any(value in done.text for value in RAW), done.text
+    assert done.counts == {"card": 1, "email": 1, "iban": 1}
+    assert own in done.text and done.kept == frozenset({own})
+    assert theirs in done.text and theirs not in done.kept  # nothing in it to redact
+    with pytest.raises(TokenNotFound):
+        await vault.detokenize(db, a.id, [theirs], user_id=a.owner, role="owner", reason="x")
+    # In B's own text its planted row is a token of B's: left as it is.
+    in_b = await vault.tokenize(db, b.id, f"see {WRAPPED['card']}")
+    assert in_b.text == f"see {WRAPPED['card']}" and in_b.kept == frozenset({WRAPPED["card"]})
+    # A's tokenized text is stable: tokenized again, nothing changes.
+    again = await vault.tokenize(db, a.id, done.text)
+    assert again.text == done.text and again.entities == 0
+
+
+async def test_ingest_scans_what_only_looks_like_a_token(
+    db: Database, keystore: LocalKeystore, pair: tuple[Tenant, Tenant]
+) -> None:
+    a, _ = pair
+    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    owner = Actor(a.id, a.owner, "owner")
+    await kb.create_namespace(owner, "wrapped")
+    ticket = "Refund: card {card}, mail {email}, account {iban}.".format(**WRAPPED)
+    up = await kb.upload(
+        Actor(a.id, a.contributor, "contributor"),
+        "wrapped",
+        title="t",
+        body=ticket.encode(),
+        content_type="text/plain",
+    )
+    assert (await kb.ingest(a.id, up.document.id)).status == "indexed"
+    assert (await kb.document(owner, up.document.id)).redactions == {
+        "card": 1,
+        "email": 1,
+        "iban": 1,
+    }
+    hits = await kb.search(owner, "wrapped", query="refund card mail account", k=1)
+    assert not any(value in hits[0].text for value in RAW), hits[0].text

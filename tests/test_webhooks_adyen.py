@@ -16,7 +16,7 @@ import httpx
 import psycopg
 import pytest
 
-from bastion.billing.service import BillingService
+from bastion.billing.service import BillingService, PaymentAccounts
 from bastion.billing.webhooks import EventCipher
 from bastion.billing.webhooks.adyen import merchant_reference
 from bastion.db.pool import Database
@@ -54,7 +54,8 @@ def setup(database: DbHandles, keystore: LocalKeystore) -> Iterator[Setup]:
 
 @pytest.fixture
 def service(db: Database, keystore: LocalKeystore) -> BillingService:
-    return BillingService(db, EventCipher(keystore))
+    accounts = PaymentAccounts(adyen_merchant_account="BastionTest")
+    return BillingService(db, EventCipher(keystore), accounts=accounts)
 
 
 @pytest.fixture
@@ -278,8 +279,8 @@ async def test_an_authorisation_that_does_not_pay_for_its_plan_is_refused(
     setup: Setup, database: DbHandles, shopper: tuple[UUID, str], service: BillingService,
     amount: int, currency: str,
 ) -> None:  # fmt: skip
-    """The signed reference names Enterprise; the signed amount must pay for it
-    (integers, in the plan's currency)."""
+    """The signed reference names Enterprise; the signed amount must be its price
+    (integers, in the plan's currency; test_payment_integrity has the rest)."""
     tenant_id, reference = shopper
     item = _item(setup.current, reference, "enterprise", 1, amount=amount, currency=currency)
     assert (await _post(setup.url, _batch(item))).text == "[accepted]"
@@ -292,4 +293,4 @@ async def test_an_authorisation_that_does_not_pay_for_its_plan_is_refused(
             "AND tenant_id = %s",
             (tenant_id,),
         ).fetchone()
-    assert outcome == ("failed", "amount-below-plan")
+    assert outcome == ("failed", "amount-not-plan-price")

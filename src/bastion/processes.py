@@ -122,7 +122,10 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             routers,
             AnswerCache(
                 max_entries=settings.gateway_cache_entries,
+                max_bytes=settings.gateway_cache_bytes,
+                expected_tenants=settings.gateway_cache_expected_tenants,
                 ttl_seconds=settings.gateway_cache_ttl_seconds,
+                shared_within_tenant=settings.gateway_cache_scope == "tenant",
             ),
             authorizer=guard.authorizer,
             tool_signer=ToolCallSigner(keystore),
@@ -237,7 +240,12 @@ def _worker_lifespan(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        async with _pool_lifespan(db)(_app), running_worker(queue):
+        slots = {
+            "billing": settings.worker_billing_concurrency,
+            "ingest": settings.worker_ingest_concurrency,
+            "tools": settings.worker_tools_concurrency,
+        }
+        async with _pool_lifespan(db)(_app), running_worker(queue, concurrency=slots):
             yield
 
     return lifespan

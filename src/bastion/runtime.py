@@ -7,6 +7,7 @@ from bastion.db.provision import app_credentials, provision
 from bastion.db.service import resolve_target
 from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import KnowledgeService
+from bastion.limited_process import ProcessLimits
 from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
 
@@ -44,4 +45,7 @@ def knowledge_service(
         TenantKeys(keystore),
         default_embedder=settings.embedder,
         max_upload_bytes=settings.max_upload_bytes,
+        extract_limits=ProcessLimits(
+            cpu_seconds=settings.extract_cpu_seconds, wall_seconds=settings.extract_wall_seconds
+        ),
     )

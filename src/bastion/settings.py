@@ -130,7 +130,16 @@ class Settings(BaseSettings):
     # for ttl seconds; any entry answers (marked stale-fallback) while the
     # providers are down. 0 sends every request to the provider.
     gateway_cache_ttl_seconds: float = Field(default=300.0, ge=0)
+    # Bounded in entries and in bytes over all tenants (0: no cache). Each
+    # tenant has its own LRU and a quota of both totals divided by the expected
+    # tenants (at least 64 entries / 256 KiB): one tenant's prompts evict only
+    # its own answers. "user": an answer is served again only to whoever asked;
+    # "tenant": to any user of the tenant (a hit then tells a user that a
+    # colleague asked exactly this).
     gateway_cache_entries: int = Field(default=10_000, ge=0)
+    gateway_cache_bytes: int = Field(default=64 << 20, ge=0)
+    gateway_cache_expected_tenants: int = Field(default=20, ge=1)
+    gateway_cache_scope: Literal["user", "tenant"] = "user"
     # Budget leases: a gateway process reserves up to this many calls at once
     # (1: a reservation per call) and closes a lease after these seconds, so a
     # changed limit holds within them.
@@ -148,6 +157,18 @@ class Settings(BaseSettings):
     # for tests) and the largest document upload (also the api's body cap).
     embedder: Literal["minilm", "hashing"] = "minilm"
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    # Extracting a document's text for indexing runs in a child process killed
+    # past this CPU time (RLIMIT_CPU) or wall-clock time; the document fails
+    # as "too-complex" (issue 23, A2).
+    extract_cpu_seconds: int = Field(default=20, ge=1, le=600)
+    extract_wall_seconds: float = Field(default=70.0, gt=0, le=3600)
+
+    # The worker's queues, each served by its own loop: billing never waits
+    # behind ingestion or tools. Ingestion runs one job per tenant at a time
+    # (its procrastinate lock), so a tenant holds at most one ingest slot.
+    worker_billing_concurrency: int = Field(default=3, ge=1, le=64)
+    worker_ingest_concurrency: int = Field(default=2, ge=1, le=64)
+    worker_tools_concurrency: int = Field(default=1, ge=1, le=64)
 
     # Sandbox for tool calls (CHECKLIST M2). "auto" picks the strongest backend of
     # sandbox_candidates that works here (gvisor/firecracker are opt-in: slower
@@ -175,6 +196,15 @@ class Settings(BaseSettings):
     stripe_webhook_secret_ref: str = "local://billing/stripe-webhook-secret"  # noqa: S105 (a ref)
     adyen_hmac_key_ref: str = "local://billing/adyen-hmac-key"
     webhook_tolerance_seconds: int = Field(default=300, ge=1, le=3600)
+    # What a payment must come from to change a plan (issue 23, finding 5):
+    # Stripe events of this mode, from this account (an event naming another
+    # ``account``, a Connect account, is refused; none: Bastion's own account
+    # only), Adyen items of this merchant account and mode. No Adyen merchant
+    # account configured: no Adyen payment buys anything (fail closed).
+    stripe_livemode: bool = False
+    stripe_account_id: str | None = None
+    adyen_merchant_account: str | None = None
+    adyen_live: bool = False
     # Reconciliation reads Stripe's API (events, subscriptions) when a key is set.
     billing_stripe_api_key_ref: str | None = None
     billing_stripe_api_base: str | None = None

@@ -198,6 +198,9 @@ def _http_problem(exc: StarletteHTTPException) -> Problem:
     if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
         # FastAPI reports a body that is not UTF-8 as a bare 400.
         return MalformedJSON("the request body is not valid UTF-8")
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        # ... and one nested deeper than its JSON parser recurses (RFC 8259 section 9).
+        return MalformedJSON("the request body is nested too deep")
     try:
         phrase = HTTPStatus(exc.status_code).phrase
     except ValueError:

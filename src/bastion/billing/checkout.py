@@ -16,7 +16,6 @@ that reached Bastion would put the whole deployment in PCI DSS scope.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -24,6 +23,7 @@ from uuid import UUID
 
 from fastapi import Request
 
+from bastion import jsonsafe
 from bastion.api.problems import Problem, problem_type
 from bastion.audit import log as audit
 from bastion.billing.metering import stripe_customer
@@ -92,8 +92,8 @@ def contains_card_number(body: bytes, query: str = "") -> bool:
     """
     text = body.decode("utf-8", "replace")
     candidates = [text, query, unquote_plus(text), unquote_plus(query)]
-    with contextlib.suppress(ValueError, RecursionError):
-        candidates.extend(_strings(json.loads(text)))
+    with contextlib.suppress(ValueError):
+        candidates.extend(_strings(jsonsafe.loads(text, max_depth=_MAX_JSON_DEPTH)))
     return any(_has_card(candidate) for candidate in candidates if candidate)
 
 

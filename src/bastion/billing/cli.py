@@ -70,14 +70,17 @@ def _run(work: Callable[..., Awaitable[T]]) -> T:
 def pause_webhooks(
     reason: Annotated[str, typer.Option(help="why (recorded)")] = "incident",
 ) -> None:
-    """Keep receiving (verify, store, acknowledge) webhooks, but apply none."""
+    """Keep receiving (verify, store, acknowledge) webhooks, but apply none.
+
+    Returns once no event is being applied any more (an apply under way ends first)."""
     _run(lambda billing, _db: billing.service.pause(actor=_operator(), reason=reason))
     out.print("webhooks paused: events are stored and acknowledged, not applied")
 
 
 @incident_app.command("resume-webhooks")
 def resume_webhooks() -> None:
-    """Apply every held event, in arrival order, and new ones again."""
+    """Apply every held event, in arrival order, and new ones again (none is left
+    held: every writer reads the pause under the lock a resume waits for)."""
     held = _run(lambda billing, _db: billing.service.resume(actor=_operator()))
     out.print(f"webhooks resumed: {held} held events queued for the worker")
 
@@ -243,9 +246,14 @@ def requests() -> None:
 @billing_app.command("reconcile")
 def reconcile(
     since: Annotated[int | None, typer.Option(help="unix time to list events from")] = None,
+    provider: Annotated[
+        str, typer.Option(help="stripe (its API) or adyen (the stored events: no list API)")
+    ] = "stripe",
 ) -> None:
     """Compare with the provider: recover missed events, route, repair drift."""
-    report = _run(lambda billing, _db: billing.reconciler.run(since=since))
+    if provider not in ("stripe", "adyen"):
+        _fail("--provider is stripe or adyen")
+    report = _run(lambda billing, _db: billing.reconciler.run(since=since, provider=provider))
     for key, value in vars(report).items():
         out.print(f"{key.replace('_', ' ')}: {value}")
 

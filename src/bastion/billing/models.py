@@ -33,6 +33,10 @@ class Subscription:
     source_event_id: str
     updated_at: datetime
     updated_by: str
+    # The Adyen payment (pspReference) that bought the current plan, if one did.
+    adyen_payment: str | None = None
+    # Stripe: the end of the last period whose payment was refunded (migration 0020).
+    reversed_until: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import OKPKey
 
+from bastion import jsonsafe
 from bastion.db.pool import Conn, Database
 from bastion.encoding import b64url_decode
 from bastion.logs import get_logger
@@ -132,8 +133,8 @@ def _compact_of(document: str | bytes) -> str:
     text = text.strip()
     if text.startswith("{"):
         try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError):
+            obj = jsonsafe.loads(text)
+        except ValueError:
             raise ReceiptInvalid("not JSON") from None
         if isinstance(obj, dict) and isinstance(obj.get("jws"), dict):
             obj = obj["jws"]  # the api's answer: {"receipt": ..., "jws": {...}}
@@ -185,8 +186,8 @@ def verify_receipt(
     except (JoseError, ValueError):
         raise ReceiptInvalid("bad signature") from None
     try:
-        payload = json.loads(verified.payload)
-    except (ValueError, RecursionError):
+        payload = jsonsafe.loads(verified.payload)
+    except ValueError:
         raise ReceiptInvalid("payload is not JSON") from None
     if not isinstance(payload, dict) or payload.get("kind") not in ("invoice", "usage_period"):
         raise ReceiptInvalid("payload is not a receipt")

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from bastion import jsonsafe
 from bastion.billing.receipts import (
     KEYS_PATH,
     ReceiptInvalid,
@@ -46,7 +47,7 @@ def _load_jwks(source: str) -> dict[str, Any]:
         except OSError as exc:
             _fail(f"cannot read {source}: {exc.strerror}")
     try:
-        value = json.loads(text)
+        value = jsonsafe.loads(text)
     except ValueError:
         _fail("the receipt keys are not JSON")
     if not isinstance(value, dict):

@@ -32,7 +32,13 @@ import stripe
 from bastion.billing.errors import MalformedEvent
 from bastion.billing.models import ENTITLED, FREE_PLAN, PLATFORM
 from bastion.billing.plans import plan_by_code
-from bastion.billing.service import BillingService, paid_plan, timestamp
+from bastion.billing.service import (
+    PAYMENT_REVERSED,
+    BillingService,
+    paid_plan,
+    timestamp,
+    voided,
+)
 from bastion.billing.webhooks import IncomingEvent, WebhookIntake
 from bastion.billing.webhooks.stripe import parse
 from bastion.db.pool import Database
@@ -80,6 +86,7 @@ class ReconcileReport:
     events_routed: int = 0
     subscriptions_checked: int = 0
     subscriptions_repaired: int = 0
+    adyen_expired: int = 0
 
 
 class Reconciler:
@@ -95,9 +102,21 @@ class Reconciler:
         self.intake = intake
         self.provider = provider
 
-    async def run(self, *, since: int | None = None) -> ReconcileReport:
-        """Run the three passes; returns what each found and did."""
+    async def run(self, *, since: int | None = None, provider: str = "stripe") -> ReconcileReport:
+        """Run the three passes; returns what each found and did.
+
+        ``provider="adyen"``: Adyen has no API that lists a merchant's payments
+        or notifications, so its pass works from the verified events Bastion
+        stored: route the unrouted ones, end the months that have ended, and
+        check every Adyen-bought plan against the payment that bought it
+        (:meth:`BillingService.reconcile_adyen`)."""
         report = ReconcileReport()
+        if provider == "adyen":
+            report.events_routed = await self.service.route_unrouted()
+            report.adyen_expired = await self.service.expire_lapsed()
+            checked, repaired = await self.service.reconcile_adyen()
+            report.subscriptions_checked, report.subscriptions_repaired = checked, repaired
+            return report
         if self.provider is not None:
             await self._missed_events(report, since)
         report.events_routed = await self.service.route_unrouted()
@@ -152,6 +171,10 @@ class Reconciler:
             # The same rule as the webhook: the plan the subscription pays for.
             paid = await paid_plan(tx, remote) if remote is not None else "unknown-price"
             item: dict[str, Any] = {}
+            if not isinstance(paid, str) and status in ENTITLED:
+                end = timestamp(paid[1].get("current_period_end"))
+                if voided(sub, end):  # Stripe keeps it active; its payment was refunded
+                    status = PAYMENT_REVERSED
             if isinstance(paid, str) or status not in ENTITLED:
                 plan = await plan_by_code(tx, FREE_PLAN)
             else:

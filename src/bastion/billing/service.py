@@ -24,18 +24,32 @@ pays for it (:func:`paid_plan`; Adyen: a signed amount that covers the
 plan's price) — or from two operators (:mod:`bastion.billing.approvals`). No
 path moves a tenant onto an inactive plan, and a tenant's Stripe customer
 (Adyen shopper) is bound once: another one is refused and audited.
+
+Payments bound to what was paid (issue 23, finding 5). An event changes a
+plan only if it comes from the configured account in the configured mode
+(:class:`PaymentAccounts`: Stripe ``livemode`` and ``account``, Adyen
+merchant account and ``live``). Stripe: a tenant's plan follows one
+subscription, the bound one; another subscription of the same customer is
+refused while the bound one entitles. Adyen: an AUTHORISATION buys its plan
+only for exactly the plan's price, in its currency, for one month from when
+Bastion received it (``adyen_payments``, migration 0020); a CANCELLATION,
+REFUND or CHARGEBACK of that payment, in whichever order it arrives, takes it
+back, and when the month ends the tenant falls back (:meth:`expire_lapsed`,
+run by the worker's sweep; a lapsed plan entitles to nothing meanwhile). The
+fallback is the latest other payment still running, or free.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import psycopg
 
+from bastion import jsonsafe
 from bastion.audit.log import record
 from bastion.billing.errors import (
     CustomerAlreadyBound,
@@ -65,8 +79,44 @@ InvoicePaidHook = Callable[[Conn, UUID, dict[str, Any]], Awaitable[None]]
 _SUB_COLUMNS = (
     "tenant_id, plan_code, status, provider, stripe_customer_id, stripe_subscription_id, "
     "stripe_price_id, adyen_shopper_reference, current_period_start, current_period_end, "
-    "source_version, source_event_id, updated_at, updated_by"
+    "source_version, source_event_id, updated_at, updated_by, adyen_payment, reversed_until"
 )
+# The status of a Stripe subscription whose current period's payment was
+# refunded: that period entitles to nothing; the next one paid does.
+PAYMENT_REVERSED = "payment_reversed"
+
+
+@dataclass(frozen=True)
+class PaymentAccounts:
+    """Where a payment must come from to change a plan (settings ``stripe_livemode``,
+    ``stripe_account_id``, ``adyen_merchant_account``, ``adyen_live``).
+
+    A Stripe event of the other mode, or naming an ``account`` other than
+    ``stripe_account``, is refused (no ``account``: Bastion's own). An Adyen
+    item of another merchant account or mode is refused, and every Adyen item
+    while no merchant account is configured (fail closed).
+    """
+
+    stripe_livemode: bool = False
+    stripe_account: str | None = None
+    adyen_merchant_account: str | None = None
+    adyen_live: bool = False
+
+
+def voided(sub: Subscription | None, period_end: datetime | None) -> bool:
+    """Whether a Stripe period ending at ``period_end`` was taken back (its payment
+    refunded): it ends no later than the last period refunded."""
+    until = sub.reversed_until if sub is not None else None
+    return until is not None and (period_end is None or period_end <= until)
+
+
+def entitles(sub: Subscription | None, now: datetime | None = None) -> bool:
+    """Whether ``sub`` gives its plan now: a status that entitles and, for a plan
+    bought with an Adyen payment, a paid period that has not ended."""
+    if sub is None or sub.status not in ENTITLED:
+        return False
+    end = sub.current_period_end
+    return not (sub.provider == "adyen" and end is not None and end <= (now or datetime.now(UTC)))
 
 
 def _month(now: datetime) -> tuple[datetime, datetime]:
@@ -141,10 +191,12 @@ class BillingService:
         cipher: EventCipher,
         *,
         invoice_paid_hook: InvoicePaidHook | None = None,
+        accounts: PaymentAccounts | None = None,
     ) -> None:
         self.db = db
         self.cipher = cipher
         self.invoice_paid_hook = invoice_paid_hook
+        self.accounts = accounts or PaymentAccounts()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -161,8 +213,7 @@ class BillingService:
         no subscription or one in a status that does not entitle (canceled, ...)."""
         async with self.db.tenant_tx(tenant_id, None, "system") as tx:
             sub = await self.read_subscription(tx, tenant_id)
-            code = sub.plan_code if sub is not None and sub.status in ENTITLED else FREE_PLAN
-            plan = await plan_by_code(tx, code)
+            plan = await self.current_plan(tx, sub)
         return Entitlements(
             plan=plan.code,
             status=sub.status if sub is not None else "none",
@@ -196,9 +247,9 @@ class BillingService:
     # -- plan changes --------------------------------------------------------------------
 
     async def current_plan(self, tx: Conn, sub: Subscription | None) -> Plan:
-        """The plan ``sub`` entitles to now: its own, or free when there is none or
-        its status does not entitle (canceled, unpaid, ...)."""
-        entitled = sub is not None and sub.status in ENTITLED
+        """The plan ``sub`` entitles to now: its own, or free when there is none, its
+        status does not entitle (canceled, unpaid, ...) or its paid month ended."""
+        entitled = sub is not None and entitles(sub)
         return await plan_by_code(tx, sub.plan_code if entitled and sub else FREE_PLAN)
 
     async def is_upgrade(self, tenant_id: UUID, plan_code: str) -> bool:
@@ -431,12 +482,7 @@ class BillingService:
         done = 0
         while True:
             async with self.db.tenant_tx(tenant_id, None, "system") as tx:
-                # KEY SHARE: a resume (FOR UPDATE) waits for this transaction.
-                cur = await tx.execute(
-                    "SELECT paused FROM bastion.webhook_control WHERE id = 1 FOR KEY SHARE"
-                )
-                control = await cur.fetchone()
-                paused = control is None or control["paused"]
+                paused = await self._paused_locked(tx)
                 cur = await tx.execute(
                     "SELECT id, provider, event_id, event_type, object_version, payload, "
                     "key_version FROM bastion.webhook_events WHERE tenant_id = %s "
@@ -493,7 +539,7 @@ class BillingService:
             )
         except (ValueError, LookupError):
             return "failed", "payload-unreadable"
-        body = json.loads(raw)
+        body = jsonsafe.loads(raw)  # a ValueError fails the event (malformed)
         if row["provider"] == stripe_hooks.PROVIDER:
             return await self._apply_stripe(tx, tenant_id, row, body)
         return await self._apply_adyen(tx, tenant_id, row, body)
@@ -503,6 +549,12 @@ class BillingService:
     ) -> tuple[str, str]:
         kind = row["event_type"]
         obj = event["data"]["object"]
+        # The whole event is signed: its mode and account are the provider's word.
+        if event.get("livemode") is not self.accounts.stripe_livemode:
+            return "failed", "livemode-mismatch"
+        account = event.get("account")
+        if account is not None and account != self.accounts.stripe_account:
+            return "failed", "account-mismatch"
         if kind in stripe_hooks.SUBSCRIPTION_EVENTS:
             return await self._apply_subscription(tx, tenant_id, row, obj)
         if kind == "checkout.session.completed":
@@ -510,7 +562,53 @@ class BillingService:
         if kind == "invoice.paid":
             await self.on_invoice_paid(tx, tenant_id, event)
             return "applied", "invoice-paid"
+        if kind == "charge.refunded":
+            return await self._apply_refund(tx, tenant_id, row, obj)
         return "ignored", "unhandled-type"
+
+    async def _apply_refund(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], charge: dict[str, Any]
+    ) -> tuple[str, str]:
+        """A refunded charge of the bound customer, made in the current period (the
+        payment of that period): the period entitles to nothing any more — the
+        tenant is on free, and later events of the same period keep it there
+        (:func:`voided`) until a next period is paid. A partial refund counts:
+        what remains is no longer the plan's price. A refund of an earlier
+        period's charge changes nothing now."""
+        sub = await self.read_subscription(tx, tenant_id, lock=True)
+        if sub is None or sub.provider != "stripe" or sub.stripe_subscription_id is None:
+            return "applied", "no-stripe-subscription"
+        if charge.get("customer") != sub.stripe_customer_id:
+            return "failed", "customer-mismatch"
+        created, start = charge.get("created"), sub.current_period_start
+        if not isinstance(created, int) or isinstance(created, bool):
+            return "failed", "malformed-event"
+        # An invoice is charged when its period starts (a day of grace for retries).
+        if start is not None and created < start.timestamp() - 86400:
+            return "applied", "refund-of-an-earlier-period"
+        until = sub.current_period_end or datetime.now(UTC)
+        actor = f"stripe:{row['event_id']}"
+        free = await plan_by_code(tx, FREE_PLAN)
+        await tx.execute(
+            "UPDATE bastion.subscriptions SET plan_code = %s, status = %s, "
+            "reversed_until = greatest(reversed_until, %s), updated_at = now(), "
+            "updated_by = %s WHERE tenant_id = %s",
+            (free.code, PAYMENT_REVERSED, until, actor, tenant_id),
+        )
+        if sub.plan_code == free.code:
+            return "applied", "period-reversed"
+        await self.record_change(
+            tx,
+            tenant_id,
+            sub.plan_code,
+            free,
+            actor=actor,
+            reason="charge.refunded: the period's payment was refunded",
+            source="webhook",
+            provider="stripe",
+            event_id=str(row["event_id"]),
+        )
+        return "applied", f"plan {sub.plan_code} -> {free.code}"
 
     async def _apply_checkout(
         self, tx: Conn, tenant_id: UUID, row: dict[str, Any], obj: dict[str, Any]
@@ -550,9 +648,14 @@ class BillingService:
                     "VALUES (%s, %s, 'stripe', %s, %s, %s) ON CONFLICT (tenant_id) DO UPDATE "
                     "SET provider = 'stripe', "
                     "stripe_customer_id = coalesce(subscriptions.stripe_customer_id, "
-                    "EXCLUDED.stripe_customer_id), stripe_subscription_id = "
+                    "EXCLUDED.stripe_customer_id), "
+                    # The bound subscription stays bound while it entitles.
+                    "stripe_subscription_id = CASE WHEN subscriptions.status IN "
+                    "('active', 'trialing', 'past_due') AND "
+                    "subscriptions.stripe_subscription_id IS NOT NULL "
+                    "THEN subscriptions.stripe_subscription_id ELSE "
                     "coalesce(EXCLUDED.stripe_subscription_id, "
-                    "subscriptions.stripe_subscription_id), updated_at = now(), "
+                    "subscriptions.stripe_subscription_id) END, updated_at = now(), "
                     "updated_by = EXCLUDED.updated_by",
                     (
                         tenant_id,
@@ -577,6 +680,12 @@ class BillingService:
         bound = sub.stripe_customer_id if sub is not None else None
         if bound is not None and customer is not None and customer != bound:
             return "failed", "customer-mismatch"
+        # One subscription makes the plan: another of the same customer (a second
+        # checkout, one made in the dashboard) changes nothing while the bound
+        # one entitles; once that one has ended, the next one is bound.
+        bound_sub = sub.stripe_subscription_id if sub is not None else None
+        if bound_sub is not None and obj.get("id") != bound_sub and entitles(sub):
+            return "failed", "another-subscription-is-bound"
         paid = await paid_plan(tx, obj)
         if isinstance(paid, str):
             return "failed", paid
@@ -584,6 +693,10 @@ class BillingService:
         status = str(obj.get("status") or "active")[:40]
         if row["event_type"] == "customer.subscription.deleted":
             status = "canceled"
+        start = timestamp(item.get("current_period_start") or obj.get("current_period_start"))
+        end = timestamp(item.get("current_period_end") or obj.get("current_period_end"))
+        if status in ENTITLED and voided(sub, end):
+            status = PAYMENT_REVERSED  # this period's payment was refunded
         if status not in ENTITLED:
             plan = await plan_by_code(tx, FREE_PLAN)
         before = sub.plan_code if sub is not None else None
@@ -591,8 +704,6 @@ class BillingService:
             return "failed", "plan-inactive"
         if not status.replace("_", "").isalpha():
             status = "unknown"
-        start = timestamp(item.get("current_period_start") or obj.get("current_period_start"))
-        end = timestamp(item.get("current_period_end") or obj.get("current_period_end"))
         actor = f"stripe:{event_id}"
         price = item["price"]["id"]
         await tx.execute(
@@ -645,8 +756,32 @@ class BillingService:
     async def _apply_adyen(
         self, tx: Conn, tenant_id: UUID, row: dict[str, Any], item: dict[str, Any]
     ) -> tuple[str, str]:
-        if row["event_type"] != "AUTHORISATION" or str(item.get("success")).lower() != "true":
-            return "ignored", "not-a-successful-authorisation"
+        code = row["event_type"]
+        if code not in adyen_hooks.HANDLED or str(item.get("success")).lower() != "true":
+            return "ignored", "not-a-successful-payment-event"
+        # Signed by Adyen (merchantAccountCode) or checked against the batch that
+        # carried it (live): a payment to another account or in the other mode
+        # buys and reverts nothing here.
+        merchant = self.accounts.adyen_merchant_account
+        if merchant is None:
+            return "failed", "merchant-account-not-configured"
+        if item.get("merchantAccountCode") != merchant:
+            return "failed", "merchant-account-mismatch"
+        if item.get(adyen_hooks.LIVE_KEY) is not self.accounts.adyen_live:
+            return "failed", "live-mode-mismatch"
+        psp = adyen_hooks.payment_reference(item)
+        if psp is None:
+            return "failed", "no-payment-reference"
+        if code in adyen_hooks.REVERSALS:
+            return await self._reverse_adyen(tx, tenant_id, row, psp)
+        return await self._authorise_adyen(tx, tenant_id, row, item, psp)
+
+    async def _authorise_adyen(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], item: dict[str, Any], psp: str
+    ) -> tuple[str, str]:
+        """A successful AUTHORISATION: buys the plan its reference names for one
+        month, if its amount is exactly the plan's price and the payment was not
+        reversed already."""
         reference = adyen_hooks.parse_reference(str(item.get("merchantReference", "")))
         if reference is None:
             return "failed", "bad-merchant-reference"
@@ -662,23 +797,58 @@ class BillingService:
         before = sub.plan_code if sub is not None else None
         if not plan.active and plan.code not in (before, FREE_PLAN):
             return "failed", "plan-inactive"
-        # The reference names the plan; the signed amount must pay for it.
+        # The reference names the plan; the signed amount must be its price, exactly
+        # (integer minor units, ISO 4217 as Adyen writes it): less did not pay for
+        # it, and more is not this order's amount either.
         amount = item.get("amount")
         amount = amount if isinstance(amount, dict) else {}
-        value, currency = amount.get("value"), str(amount.get("currency", "")).lower()
+        value, currency = amount.get("value"), amount.get("currency")
         if (
             not isinstance(value, int)
             or isinstance(value, bool)
-            or (plan.monthly_price > 0 and currency != plan.currency)
-            or value < plan.monthly_price
+            or value != plan.monthly_price
+            or currency != plan.currency.upper()
         ):
-            return "failed", "amount-below-plan"
+            return "failed", "amount-not-plan-price"
+        cur = await tx.execute(
+            "SELECT reversed_at, authorised_event FROM bastion.adyen_payments "
+            "WHERE tenant_id = %s AND psp_reference = %s FOR UPDATE",
+            (tenant_id, psp),
+        )
+        known = await cur.fetchone()
+        if known is not None and known["reversed_at"] is not None:
+            return "failed", "payment-reversed"  # its reversal arrived first
+        if known is not None:
+            return "failed", "payment-already-applied"
+        # One month from when Bastion received it (eventDate is not signed).
+        cur = await tx.execute(
+            "INSERT INTO bastion.adyen_payments (tenant_id, psp_reference, plan_code, amount, "
+            "currency, sequence, authorised_event, period_start, period_end) "
+            "SELECT %s, %s, %s, %s, %s, %s, %s, e.received_at, "
+            "e.received_at + interval '1 month' FROM bastion.webhook_events e WHERE e.id = %s "
+            "RETURNING period_start, period_end, period_end <= now() AS ended",
+            (tenant_id, psp, plan.code, value, plan.currency, sequence, event_id, row["id"]),
+        )
+        period = await cur.fetchone()
+        assert period is not None
+        if period["ended"]:
+            return "applied", "paid-period-already-ended"
         actor = f"adyen:{event_id}"
         await tx.execute(
             "UPDATE bastion.subscriptions SET plan_code = %s, status = 'active', "
-            "provider = 'adyen', source_version = %s, source_event_id = %s, updated_at = now(), "
-            "updated_by = %s WHERE tenant_id = %s",
-            (plan.code, sequence, event_id, actor, tenant_id),
+            "provider = 'adyen', adyen_payment = %s, current_period_start = %s, "
+            "current_period_end = %s, source_version = %s, source_event_id = %s, "
+            "updated_at = now(), updated_by = %s WHERE tenant_id = %s",
+            (
+                plan.code,
+                psp,
+                period["period_start"],
+                period["period_end"],
+                sequence,
+                event_id,
+                actor,
+                tenant_id,
+            ),
         )
         if before != plan.code:
             await self.record_change(
@@ -693,7 +863,157 @@ class BillingService:
                 event_id=event_id,
             )
             return "applied", f"plan {before} -> {plan.code}"
-        return "applied", "state-updated"
+        return "applied", "period-renewed"
+
+    async def _reverse_adyen(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], psp: str
+    ) -> tuple[str, str]:
+        """A cancellation, refund or chargeback of payment ``psp``: recorded (before
+        its authorisation too, which then buys nothing), and the plan it bought,
+        if still current, falls back."""
+        event_id = str(row["event_id"])
+        await tx.execute(
+            "INSERT INTO bastion.adyen_payments (tenant_id, psp_reference, reversed_at, "
+            "reversed_event) VALUES (%s, %s, now(), %s) "
+            "ON CONFLICT (tenant_id, psp_reference) DO UPDATE SET "
+            "reversed_at = coalesce(adyen_payments.reversed_at, EXCLUDED.reversed_at), "
+            "reversed_event = coalesce(adyen_payments.reversed_event, EXCLUDED.reversed_event)",
+            (tenant_id, psp, event_id),
+        )
+        sub = await self.read_subscription(tx, tenant_id, lock=True)
+        if sub is None or sub.provider != "adyen" or sub.adyen_payment != psp:
+            return "applied", "payment-reversed"  # what it bought is no longer current
+        moved = await self._fall_back(
+            tx,
+            tenant_id,
+            sub,
+            actor=f"adyen:{event_id}",
+            reason=f"{row['event_type']} of the payment that bought it",
+            source="webhook",
+            event_id=event_id,
+        )
+        return "applied", moved
+
+    async def _fall_back(
+        self,
+        tx: Conn,
+        tenant_id: UUID,
+        sub: Subscription,
+        *,
+        actor: str,
+        reason: str,
+        source: str,
+        event_id: str,
+    ) -> str:
+        """Put the tenant on what its Adyen payments still pay for: the latest other
+        unreversed payment whose month is running, or free. Returns the outcome."""
+        cur = await tx.execute(
+            "SELECT p.psp_reference, p.plan_code, p.period_start, p.period_end "
+            "FROM bastion.adyen_payments p JOIN bastion.plans l ON l.code = p.plan_code "
+            "WHERE p.tenant_id = %s AND p.reversed_at IS NULL AND l.active "
+            "AND p.period_start <= now() AND now() < p.period_end AND p.psp_reference <> %s "
+            "ORDER BY p.sequence DESC, p.period_end DESC LIMIT 1",
+            (tenant_id, sub.adyen_payment or ""),
+        )
+        other = await cur.fetchone()
+        plan = await plan_by_code(tx, other["plan_code"] if other else FREE_PLAN)
+        await tx.execute(
+            "UPDATE bastion.subscriptions SET plan_code = %s, adyen_payment = %s, "
+            "current_period_start = %s, current_period_end = %s, updated_at = now(), "
+            "updated_by = %s WHERE tenant_id = %s",
+            (
+                plan.code,
+                other["psp_reference"] if other else None,
+                other["period_start"] if other else None,
+                other["period_end"] if other else None,
+                actor,
+                tenant_id,
+            ),
+        )
+        if sub.plan_code == plan.code:
+            return "payment-reversed"
+        await self.record_change(
+            tx,
+            tenant_id,
+            sub.plan_code,
+            plan,
+            actor=actor,
+            reason=reason,
+            source=source,
+            provider="adyen",
+            event_id=event_id,
+        )
+        return f"plan {sub.plan_code} -> {plan.code}"
+
+    async def expire_lapsed(self) -> int:
+        """Move every tenant whose Adyen-paid month has ended back (:meth:`_fall_back`);
+        returns how many. Run by the worker's sweep every minute; until then the
+        lapsed plan already entitles to nothing (:func:`entitles`)."""
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            cur = await tx.execute(
+                "SELECT tenant_id FROM bastion.subscriptions WHERE provider = 'adyen' "
+                "AND current_period_end <= now() ORDER BY tenant_id"
+            )
+            tenants = [r["tenant_id"] for r in await cur.fetchall()]
+        expired = 0
+        for tenant_id in tenants:
+            async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+                sub = await self.read_subscription(tx, tenant_id, lock=True)
+                if sub is None or entitles(sub) or sub.current_period_end is None:
+                    continue  # renewed, or moved, meanwhile
+                await self._fall_back(
+                    tx,
+                    tenant_id,
+                    sub,
+                    actor="billing:expiry",
+                    reason="the paid month ended",
+                    source="reconcile",
+                    event_id=f"expiry:{sub.adyen_payment}:{int(sub.current_period_end.timestamp())}",
+                )
+                expired += 1
+        return expired
+
+    async def reconcile_adyen(self) -> tuple[int, int]:
+        """Check every tenant on an Adyen-bought plan against its stored payments:
+        the payment that bought the plan must exist, be unreversed and its month
+        running; otherwise the tenant falls back. A plan an AUTHORISATION bought
+        before payments were recorded (no payment named) is unbacked too.
+        Returns (checked, repaired).
+
+        Adyen offers no API that lists a merchant's payments or notifications,
+        so this reconciles from the verified events Bastion stored."""
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            cur = await tx.execute(
+                "SELECT tenant_id FROM bastion.subscriptions WHERE provider = 'adyen' "
+                "AND plan_code <> %s ORDER BY tenant_id",
+                (FREE_PLAN,),
+            )
+            tenants = [r["tenant_id"] for r in await cur.fetchall()]
+        repaired = 0
+        for tenant_id in tenants:
+            async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+                sub = await self.read_subscription(tx, tenant_id, lock=True)
+                if sub is None or sub.provider != "adyen" or sub.plan_code == FREE_PLAN:
+                    continue
+                cur = await tx.execute(
+                    "SELECT 1 FROM bastion.adyen_payments WHERE tenant_id = %s "
+                    "AND psp_reference = %s AND reversed_at IS NULL AND plan_code IS NOT NULL "
+                    "AND period_start <= now() AND now() < period_end",
+                    (tenant_id, sub.adyen_payment or ""),
+                )
+                if await cur.fetchone() is not None:
+                    continue
+                await self._fall_back(
+                    tx,
+                    tenant_id,
+                    sub,
+                    actor="reconcile",
+                    reason="no running, unreversed Adyen payment pays for this plan",
+                    source="reconcile",
+                    event_id=f"reconcile:{sub.adyen_payment}:{int(datetime.now(UTC).timestamp())}",
+                )
+                repaired += 1
+        return len(tenants), repaired
 
     async def on_invoice_paid(self, tx: Conn, tenant_id: UUID, event: dict[str, Any]) -> None:
         """A paid invoice, inside the transaction that applies its event (once).
@@ -719,6 +1039,24 @@ class BillingService:
             await self.invoice_paid_hook(tx, tenant_id, event)
 
     # -- pause, resume, routing (platform) -------------------------------------------------
+    #
+    # Exactly once across a pause: every writer that decides whether an event is
+    # ``held`` or ``queued`` reads the flag with :meth:`_paused_locked` (FOR KEY
+    # SHARE on the control row, kept to its commit), and pause and resume take the
+    # row FOR UPDATE, which waits for those writers. So the flag never changes
+    # under a writer that read it, and a resume collects every event held before
+    # it. Migration 0021 makes the database hold any writer to the same rule, and
+    # the worker's sweep queues a held event whenever webhooks run.
+
+    @staticmethod
+    async def _paused_locked(tx: Conn) -> bool:
+        """Whether webhooks are paused, read FOR KEY SHARE: a pause or resume waits
+        for ``tx`` to end. No control row reads as paused (fail closed)."""
+        cur = await tx.execute(
+            "SELECT paused FROM bastion.webhook_control WHERE id = 1 FOR KEY SHARE"
+        )
+        row = await cur.fetchone()
+        return row is None or bool(row["paused"])
 
     async def paused(self) -> bool:
         async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
@@ -727,8 +1065,13 @@ class BillingService:
         return row is None or bool(row["paused"])
 
     async def pause(self, *, actor: str, reason: str) -> None:
-        """Store-and-ack from now on: events are verified and stored, not applied."""
+        """Store-and-ack from now on: events are verified and stored, not applied.
+
+        Returns once no event is being applied: the pause waits for intakes and
+        drains that read the flag before it (their KEY SHARE), and every later
+        one reads it paused."""
         async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            await tx.execute("SELECT 1 FROM bastion.webhook_control WHERE id = 1 FOR UPDATE")
             await tx.execute(
                 "UPDATE bastion.webhook_control SET paused = true, changed_at = now(), "
                 "changed_by = %s, reason = %s WHERE id = 1",
@@ -739,43 +1082,66 @@ class BillingService:
     async def resume(self, *, actor: str) -> int:
         """Apply again: every held event is queued in arrival order; returns how many."""
         async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
-            # FOR UPDATE waits for intakes and drains that read the flag (KEY SHARE):
-            # none can hold an event after this transaction has collected them.
+            # FOR UPDATE waits for intakes, drains and routings that read the flag
+            # (KEY SHARE): none can hold an event after this transaction has
+            # collected them.
             await tx.execute("SELECT 1 FROM bastion.webhook_control WHERE id = 1 FOR UPDATE")
             await tx.execute(
                 "UPDATE bastion.webhook_control SET paused = false, changed_at = now(), "
                 "changed_by = %s, reason = '' WHERE id = 1",
                 (actor[:300],),
             )
-            cur = await tx.execute(
-                "UPDATE bastion.webhook_events SET status = 'queued' WHERE status = 'held' "
-                "RETURNING tenant_id"
-            )
-            tenants = {row["tenant_id"] for row in await cur.fetchall()}
-            held = cur.rowcount
-            for tenant in sorted(tenants, key=str):
-                await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+            held = await self._queue_held(tx)
         _log.warning("webhooks_resumed", actor=actor, events=held)
         return held
+
+    async def release_held(self) -> int:
+        """Queue every ``held`` event while webhooks are not paused; returns how many.
+
+        The sweep's backstop (every minute, :mod:`bastion.billing.tasks`): by the
+        rule above none is left held after a resume, but an event held by any
+        other path (a writer that skipped the lock, an operator's SQL) waits at
+        most until the next sweep, never for good. Changes nothing while paused.
+        """
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            if await self._paused_locked(tx):
+                return 0
+            released = await self._queue_held(tx)
+        if released:
+            _log.warning("webhook_holds_released", events=released)
+        return released
+
+    @staticmethod
+    async def _queue_held(tx: Conn) -> int:
+        """Queue the held events in ``tx`` and enqueue their tenants' drains (which
+        apply them in arrival order); returns how many."""
+        cur = await tx.execute(
+            "UPDATE bastion.webhook_events SET status = 'queued' WHERE status = 'held' "
+            "RETURNING tenant_id"
+        )
+        rows = await cur.fetchall()
+        for tenant in sorted({row["tenant_id"] for row in rows}, key=str):
+            await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+        return len(rows)
 
     async def route_unrouted(self) -> int:
         """Give unrouted events whose customer is now known to their tenant; returns
         how many. The rest stay flagged for reconciliation."""
         async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            # Held or queued as the flag says, read under the lock a resume waits for.
+            status = "held" if await self._paused_locked(tx) else "queued"
             cur = await tx.execute(
-                "UPDATE bastion.webhook_events e SET tenant_id = s.tenant_id, "
-                "status = CASE WHEN c.paused THEN 'held' ELSE 'queued' END "
-                "FROM bastion.subscriptions s, bastion.webhook_control c "
-                "WHERE e.status = 'unrouted' AND c.id = 1 AND ("
+                "UPDATE bastion.webhook_events e SET tenant_id = s.tenant_id, status = %s "
+                "FROM bastion.subscriptions s WHERE e.status = 'unrouted' AND ("
                 "(e.provider = 'stripe' AND s.stripe_customer_id = e.customer_ref) OR "
                 "(e.provider = 'adyen' AND s.adyen_shopper_reference = e.customer_ref)) "
-                "RETURNING e.tenant_id, e.status"
+                "RETURNING e.tenant_id",
+                (status,),
             )
             rows = await cur.fetchall()
-            for tenant in sorted(
-                {r["tenant_id"] for r in rows if r["status"] == "queued"}, key=str
-            ):
-                await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+            if status == "queued":
+                for tenant in sorted({r["tenant_id"] for r in rows}, key=str):
+                    await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
         return len(rows)
 
     async def requeue_pending(self, older_than_seconds: float = 30.0) -> int:

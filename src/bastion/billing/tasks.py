@@ -55,15 +55,25 @@ def register(
         applied = await service.drain(UUID(tenant_id))
         _log.info("billing_drained", tenant_id=tenant_id, events=applied)
 
-    # Every minute: route events whose customer became known, and give any
-    # tenant whose events still wait (its drain gave up) a new drain.
+    # Every minute: route events whose customer became known, queue any event
+    # still held while webhooks run (none should be: a resume queues them all),
+    # give any tenant whose events still wait (its drain gave up) a new drain,
+    # and move back tenants whose Adyen-paid month has ended.
     @queue.periodic(cron="* * * * *", periodic_id="billing-sweep")
     @queue.task(name=SWEEP, queue=QUEUE, queueing_lock=SWEEP)
     async def sweep_task(timestamp: int) -> None:
         routed = await service.route_unrouted()
+        released = await service.release_held()
         requeued = await service.requeue_pending()
-        if routed or requeued:
-            _log.info("billing_swept", routed=routed, tenants_requeued=requeued)
+        expired = await service.expire_lapsed()  # Adyen-paid months that ended
+        if routed or released or requeued or expired:
+            _log.info(
+                "billing_swept",
+                routed=routed,
+                held_released=released,
+                tenants_requeued=requeued,
+                adyen_expired=expired,
+            )
 
     if reconciler is not None:
 

@@ -10,7 +10,7 @@ from stripe._base_address import BaseAddresses
 from bastion.billing.approvals import PlanApprovals
 from bastion.billing.plans import PlanCatalogue
 from bastion.billing.reconcile import Reconciler, StripeProvider
-from bastion.billing.service import BillingService, InvoicePaidHook
+from bastion.billing.service import BillingService, InvoicePaidHook, PaymentAccounts
 from bastion.billing.webhooks import ActiveSecrets, EventCipher, WebhookIntake
 from bastion.billing.webhooks.adyen import AdyenWebhook
 from bastion.billing.webhooks.stripe import StripeWebhook
@@ -38,7 +38,13 @@ def build_billing(
     invoice_paid_hook: InvoicePaidHook | None = None,
 ) -> Billing:
     cipher = EventCipher(keystore)
-    service = BillingService(db, cipher, invoice_paid_hook=invoice_paid_hook)
+    accounts = PaymentAccounts(
+        stripe_livemode=settings.stripe_livemode,
+        stripe_account=settings.stripe_account_id,
+        adyen_merchant_account=settings.adyen_merchant_account,
+        adyen_live=settings.adyen_live,
+    )
+    service = BillingService(db, cipher, invoice_paid_hook=invoice_paid_hook, accounts=accounts)
     intake = WebhookIntake(db, cipher)
     provider = None
     if settings.billing_stripe_api_key_ref:

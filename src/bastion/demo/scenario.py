@@ -53,7 +53,7 @@ from bastion.processes import settings_env, stack
 from bastion.runtime import app_database, knowledge_service, open_keystore, queue_conninfo
 from bastion.safety import tasks as safety_tasks
 from bastion.safety.sandbox import Sandbox, SandboxConfig, SandboxUnavailable
-from bastion.safety.signing import HEADER, EnvelopeSigner, ToolCall
+from bastion.safety.signing import HEADER, EnvelopeSigner, ToolCall, declared_tool
 from bastion.secrets.store import LocalKeystore, SecretRef, resolve_ref
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import MEMBER_ROLES, TenantService
@@ -1019,9 +1019,22 @@ TOOL_SCENES = (
         "pids_limit",
     ),
 )
+# The gateway signs a proposed call only for a tool the request declared, bound to
+# that declaration; the worker is handed the same declaration with the call.
 TOOLS_OFFERED = [
-    {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
-    for name in ("calculate", "run_python")
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "parameters": {
+                "type": "object",
+                "properties": {argument: {"type": "string"}},
+                "required": [argument],
+                "additionalProperties": False,
+            },
+        },
+    }
+    for name, argument in (("calculate", "expression"), ("run_python", "code"))
 ]
 
 
@@ -1067,7 +1080,10 @@ async def _check_tools(
                 )
                 continue
             call = ToolCall(raw["id"], raw["function"]["name"], raw["function"]["arguments"])
-            await safety_tasks.defer(queue, acme.id, user, call, raw["bastion_signature"])
+            declaration = declared_tool(TOOLS_OFFERED, call.name) or {}
+            await safety_tasks.defer(
+                queue, acme.id, user, call, raw["bastion_signature"], declaration
+            )
             event = await _tool_outcome(kb, acme, call.id)
             details = event["details"] if event else {}
             outcome = details.get("outcome") or details.get("reason", "no outcome")

@@ -19,17 +19,47 @@ and its vault.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar
+from contextvars import Context, ContextVar
+from dataclasses import dataclass
+from typing import Any
 
+from bastion.api.problems import Problem, problem_type
 from bastion.gateway.providers import Message
 from bastion.safety.injection import PromptRefused, Verdict, screen
 
 PromptHook = Callable[[Sequence[Message]], list[Message]]
 
-__all__ = ["DEFAULT_HOOKS", "PromptHook", "PromptRefused", "screen_injection"]
+__all__ = [
+    "DEFAULT_HOOKS",
+    "HooksOutcome",
+    "PromptHook",
+    "PromptRefused",
+    "ScreeningBusy",
+    "ScreeningUnavailable",
+    "run_hooks",
+    "screen_injection",
+]
 
 screened: ContextVar[tuple[Verdict, ...]] = ContextVar("bastion_screened", default=())
 """The current request's user-turn verdicts, for its audit event (decision, score)."""
+
+
+class ScreeningBusy(Problem):
+    """The tenant's prompts fill its share of the screening processes and its
+    queue: retry after ``Retry-After``. Other tenants are not affected."""
+
+    type = problem_type("busy")
+    title = "Too many prompts of this tenant are being screened"
+    status = 429
+
+
+class ScreeningUnavailable(Problem):
+    """The screen could not finish (its process ran out of time or died): the
+    prompt is not sent unscreened."""
+
+    type = problem_type("screening-unavailable")
+    title = "The prompt could not be screened"
+    status = 503
 
 
 def screen_injection(messages: Sequence[Message]) -> list[Message]:
@@ -55,3 +85,40 @@ def screen_injection(messages: Sequence[Message]) -> list[Message]:
 
 
 DEFAULT_HOOKS: tuple[PromptHook, ...] = (screen_injection,)
+
+
+@dataclass(frozen=True)
+class HooksOutcome:
+    """What :func:`run_hooks` found: the messages to send, or a refusal (its
+    detail and members); with the screen's verdicts either way, for the audit."""
+
+    messages: list[Message] | None
+    refusal: tuple[str | None, dict[str, Any]] | None
+    verdicts: tuple[Verdict, ...]
+
+    def result(self) -> list[Message]:
+        """The messages; raise the refusal again (:class:`PromptRefused`)."""
+        if self.refusal is not None:
+            detail, members = self.refusal
+            raise PromptRefused(detail, **members)
+        assert self.messages is not None
+        return self.messages
+
+
+def run_hooks(hooks: Sequence[PromptHook], messages: Sequence[Message]) -> HooksOutcome:
+    """Run ``hooks`` over ``messages`` in a context of their own.
+
+    For another process (:mod:`bastion.offload`): a refusal is returned, not
+    raised, so it crosses back whole with the verdicts of the turns screened.
+    """
+
+    def run() -> HooksOutcome:
+        out = list(messages)
+        try:
+            for hook in hooks:
+                out = hook(out)
+        except PromptRefused as refused:
+            return HooksOutcome(None, (refused.detail, dict(refused.extensions)), screened.get())
+        return HooksOutcome(out, None, screened.get())
+
+    return Context().run(run)

@@ -4,6 +4,16 @@ Usage is always the provider's own count (OpenAI's ``usage`` object), never
 the client's. Nothing a provider says — its URL, key, error body — reaches
 the client: failures become :class:`ProviderError` with a short kind.
 
+An upstream answer of 400, 413 or 422 is the request's own fault (a context
+too long, ``max_tokens`` above the model's limit, a tool name it refuses):
+it becomes :class:`UpstreamRejected`, which is no provider failure, and keeps
+of the upstream's error object (OpenAI's ``{"error": {"type", "code",
+"param", "message"}}``) only a ``type`` and ``code`` from a known vocabulary
+and a ``param`` shaped like a path into the request; never the ``message``,
+which may quote anything (the prompt, internal hosts, secrets). Every other
+status is the provider's: 429 (``rate-limited``), 5xx, and also 401, 403 and
+404, which say the gateway's key or model name is wrong, not the request.
+
 ``local`` needs no network: it answers from the context in the prompt
 (the retrieved chunks the api put in the system message), quoting the
 sentences that best match the question with their document ids, and says
@@ -25,17 +35,136 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
+from bastion import jsonsafe
 from bastion.gateway.trace import current_trace
 from bastion.knowledge.embedders import get_embedder
 from bastion.safety.signing import ToolCall
 
 
 class ProviderError(Exception):
-    """The provider failed; ``kind`` is unavailable, timeout or bad-response."""
+    """The provider failed; ``kind`` is unavailable, rate-limited, timeout or bad-response."""
 
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
         self.kind = kind
+
+
+class UpstreamRejected(Exception):
+    """The upstream refused the request itself (its 4xx): no fault of the provider's.
+
+    ``status`` is the upstream's; ``error_type``, ``code`` and ``param`` are
+    what of its error object passed :func:`rejection` (each None otherwise).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        *,
+        error_type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(f"upstream rejected the request ({status})")
+        self.status = status
+        self.error_type = error_type
+        self.code = code
+        self.param = param
+
+
+# Upstream statuses that blame the request (RFC 9110 §15.5.1, §15.5.14, §15.5.21).
+REQUEST_FAULT_STATUSES = frozenset({400, 413, 422})
+# The error ``type`` and ``code`` values passed on (OpenAI's, and the names
+# vLLM, Azure OpenAI and other compatible servers give the same refusals).
+KNOWN_ERROR_TYPES = frozenset(
+    {"invalid_request_error", "BadRequestError", "validation_error", "content_filter"}
+)
+KNOWN_ERROR_CODES = frozenset(
+    {
+        "context_length_exceeded",
+        "string_above_max_length",
+        "array_above_max_length",
+        "array_below_min_length",
+        "integer_above_max_value",
+        "integer_below_min_value",
+        "decimal_above_max_value",
+        "decimal_below_min_value",
+        "empty_array",
+        "invalid_value",
+        "invalid_type",
+        "invalid_function_parameters",
+        "invalid_tool_name",
+        "missing_required_parameter",
+        "unknown_parameter",
+        "unsupported_parameter",
+        "unsupported_value",
+        "content_filter",
+        "content_policy_violation",
+    }
+)
+# ``param`` names a place in the request the gateway sent: a top-level field,
+# then ``[index]`` or ``.field`` steps through fields the gateway sends.
+_PARAM_ROOTS = frozenset(
+    {"model", "messages", "max_tokens", "temperature", "tools", "stream", "stream_options", "input"}
+)
+_PARAM_FIELDS = frozenset(
+    {"role", "content", "function", "name", "description", "parameters", "type", "include_usage"}
+)
+_PARAM_STEP = re.compile(r"\[(\d{1,5})\]|\.([a-z_]{1,32})")
+_PARAM_ROOT = re.compile(r"[a-z_]{1,32}")
+_MAX_ERROR_BYTES = 16 << 10
+
+
+def _param(value: Any) -> str | None:
+    if not isinstance(value, str) or len(value) > 128:
+        return None
+    root = _PARAM_ROOT.match(value)
+    if root is None or root.group() not in _PARAM_ROOTS:
+        return None
+    position = root.end()
+    while position < len(value):
+        step = _PARAM_STEP.match(value, position)
+        if step is None or (step.group(2) is not None and step.group(2) not in _PARAM_FIELDS):
+            return None
+        position = step.end()
+    return value
+
+
+def rejection(status: int, body: bytes) -> UpstreamRejected:
+    """The request refusal an upstream's ``status`` and error ``body`` describe.
+
+    Only vetted members are kept: ``type`` and ``code`` when they are known
+    values, ``param`` when it is a path into the request; the rest (the
+    ``message`` above all) is dropped unread.
+    """
+    try:
+        parsed = jsonsafe.loads(body)
+    except ValueError:
+        return UpstreamRejected(status)
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(error, dict):  # vLLM and others put the members at the top
+        error = parsed if isinstance(parsed, dict) else {}
+    return UpstreamRejected(
+        status,
+        error_type=_known(error.get("type"), KNOWN_ERROR_TYPES),
+        code=_known(error.get("code"), KNOWN_ERROR_CODES),
+        param=_param(error.get("param")),
+    )
+
+
+def _known(value: Any, vocabulary: frozenset[str]) -> str | None:
+    return value if isinstance(value, str) and value in vocabulary else None
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> Exception:
+    """The error a non-200 upstream answer stands for (its body read up to 16 KiB)."""
+    if response.status not in REQUEST_FAULT_STATUSES:
+        return ProviderError("rate-limited" if response.status == 429 else "unavailable")
+    body = bytearray()
+    async for piece in response.content.iter_chunked(1 << 12):
+        body += piece
+        if len(body) > _MAX_ERROR_BYTES:
+            return UpstreamRejected(response.status)  # too long to be an error object
+    return rejection(response.status, bytes(body))
 
 
 @dataclass(frozen=True)
@@ -182,7 +311,7 @@ class OpenAICompatible:
         try:
             async with self._request(path, payload) as response:
                 if response.status != 200:
-                    raise ProviderError("unavailable")
+                    raise await _refusal(response)
                 raw = bytearray()
                 async for piece in response.content.iter_chunked(1 << 16):
                     raw += piece
@@ -193,7 +322,7 @@ class OpenAICompatible:
         except aiohttp.ClientError:
             raise ProviderError("unavailable") from None
         try:
-            return json.loads(raw)
+            return jsonsafe.loads(raw)
         except ValueError:
             raise ProviderError("bad-response") from None
 
@@ -259,7 +388,7 @@ class OpenAICompatible:
         try:
             async with self._request("/chat/completions", payload) as response:
                 if response.status != 200:
-                    raise ProviderError("unavailable")
+                    raise await _refusal(response)
                 async for raw_line in response.content:
                     if not raw_line.startswith(b"data:"):
                         continue
@@ -267,7 +396,7 @@ class OpenAICompatible:
                     if data == b"[DONE]":
                         break
                     try:
-                        chunk = json.loads(data)
+                        chunk = jsonsafe.loads(data)
                     except ValueError:
                         raise ProviderError("bad-response") from None
                     if chunk.get("usage"):
@@ -374,9 +503,12 @@ class LocalProvider:
         temperature: float,
         tools: Sequence[dict[str, Any]] | None = None,  # the local model proposes none
     ) -> Completion:
-        text = " ".join(self._answer(messages).split()[:max_tokens])
+        words = self._answer(messages).split()
+        text = " ".join(words[:max_tokens])
         prompt = sum(len(_words(m["content"])) for m in messages)
-        return Completion(text, "stop", Usage(prompt, len(text.split())))
+        # Cut at max_tokens: "length", as a provider says (a truncated answer is never cached).
+        finish = "length" if len(words) > max_tokens else "stop"
+        return Completion(text, finish, Usage(prompt, len(text.split())))
 
     async def stream(
         self,

@@ -28,7 +28,7 @@ DEFAULT_MAX_TOKENS = 512
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept for the cache key, as ChatRequest's
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=200_000)
 
@@ -38,8 +38,10 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    # Unknown OpenAI parameters are ignored, as OpenAI-compatible servers do.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown OpenAI parameters are not sent on, as OpenAI-compatible servers
+    # ignore them, but kept: the answer cache's key covers every field (deny by
+    # default), so a parameter that could change the answer is never overlooked.
+    model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1, max_length=500)
     max_tokens: int | None = Field(default=None, ge=1, le=32_768)
@@ -67,8 +69,8 @@ def _usage(usage: Usage) -> dict[str, int]:
 
 
 def _tool_calls(signed: list[SignedToolCall]) -> list[dict[str, Any]]:
-    # Only calls the policies allow come back, each signed; whatever executes
-    # them verifies that signature first.
+    # Only calls of declared tools the policies allow come back, each signed; whatever
+    # executes them verifies that signature (and the declaration it binds) first.
     return [
         {
             "index": i,
@@ -134,11 +136,14 @@ def build_router(
                 max_tokens=max_tokens,
                 temperature=body.temperature,
                 tools=body.tools,
+                request=body.model_dump(),
             )
             message: dict[str, Any] = {"role": "assistant", "content": completion.text}
             finish = completion.finish_reason
             if completion.tool_calls:
-                signed, _refused = service.sign_tool_calls(caller, completion.tool_calls)
+                signed, _refused = service.sign_tool_calls(
+                    caller, completion.tool_calls, declared=body.tools
+                )
                 message["tool_calls"] = _tool_calls(signed)
                 if not signed:
                     finish = "stop"
@@ -201,7 +206,9 @@ def build_router(
                 except ProviderError:
                     finish = "error"  # the provider broke off mid-answer
                 if proposed and finish != "error":
-                    signed, _refused = service.sign_tool_calls(caller, proposed)
+                    signed, _refused = service.sign_tool_calls(
+                        caller, proposed, declared=body.tools
+                    )
                     if signed:
                         yield _sse(chunk({"tool_calls": _tool_calls(signed)}, None))
                         finish = "tool_calls"

@@ -13,11 +13,16 @@ audit go through the process's :class:`CallLedger` (leases of budget, batched
 writes), so the request path itself writes nothing to the database.
 
 The route is the model's :class:`ModelRouter` (sticky canary, breakers,
-fallbacks); when every target fails, a cached answer of the same tenant is
-served as ``stale-fallback`` (:mod:`bastion.gateway.cache`), else 503.
+fallbacks); when every target fails, a cached answer of the same tenant (and
+user, by default) is served as ``stale-fallback`` (:mod:`bastion.gateway.cache`), else 503.
+A request the upstream refuses as malformed (its 400, 413, 422) is answered 400
+``upstream-rejected-request`` at once: it is tried on no other target, counts
+against none (:class:`~bastion.gateway.routing.Outcome`), and costs one call of
+the budget, no tokens.
 
 Tool calls the model proposes, in plain and streamed answers, are passed on
-only when Cedar lets the caller run them (``tool:run``), each signed. Personal
+only for tools the request declared and when Cedar lets the caller run them
+(``tool:run``), each signed and bound to its declaration. Personal
 data in an answer is masked (streamed answers are scanned sentence by sentence).
 """
 
@@ -34,35 +39,57 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 from uuid import UUID
 
-import anyio
 import structlog
 
 from bastion.access.authorize import Authorizer, Resource, Subject
 from bastion.api.problems import Problem, problem_type
-from bastion.gateway.cache import AnswerCache, cache_key
+from bastion.gateway.cache import AnswerCache
 from bastion.gateway.entitlements import PlanGate
-from bastion.gateway.hooks import DEFAULT_HOOKS, PromptHook, PromptRefused, screened
+from bastion.gateway.hooks import (
+    DEFAULT_HOOKS,
+    PromptHook,
+    PromptRefused,
+    ScreeningBusy,
+    ScreeningUnavailable,
+    run_hooks,
+    screened,
+)
 from bastion.gateway.ledger import AuditEntry, CallLedger, Slot
-from bastion.gateway.providers import Completion, Message, ProviderError, StreamItem, Usage
-from bastion.gateway.routing import ModelRouter, Target
+from bastion.gateway.providers import (
+    Completion,
+    Message,
+    ProviderError,
+    StreamItem,
+    UpstreamRejected,
+    Usage,
+)
+from bastion.gateway.routing import ModelRouter, Outcome, Target
 from bastion.gateway.sampling import PromptSampling
 from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
-from bastion.safety.pii import scan_output
-from bastion.safety.signing import ToolCall, ToolCallSigner
+from bastion.offload import JobFailed, JobTimedOut, PoolBusy, shared_pool
+from bastion.safety.pii import OutputScan, scan_output
+from bastion.safety.signing import ToolCall, ToolCallSigner, declared_tool
 from bastion.safety.vault import PiiVault
 
 _log = get_logger("bastion.gateway")
 
 RETRY_AFTER_SECONDS = 5
-# Prompts at least this long are screened in a worker thread.
-THREAD_PROMPT_CHARS = 32_768
+# Prompts longer than this are screened in the screening processes
+# (bastion.offload), not on the event loop: ~1.5 ms of screening per KiB.
+INLINE_PROMPT_CHARS = 4096
 
 # Personal data found in this request's prompt and answer, by kind, for its audit event.
 _NONE: Mapping[str, int] = MappingProxyType({})
 pii_in: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar("pii_in", default=_NONE)
 pii_out: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar(
     "pii_out", default=_NONE
+)
+# The vault tokens this request's prompt carried, real ones of its tenant (the only
+# token-shaped text an answer may hold unscanned: a model that writes a value in
+# token brackets, ⟦CARD_4111111111111111⟧, gets it masked like any other).
+prompt_tokens: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "prompt_tokens", default=frozenset()
 )
 # This request's prompt as sent to the provider, when the tenant and the user
 # consented to sampling (:mod:`bastion.gateway.sampling`); else None.
@@ -97,7 +124,7 @@ class _StreamScrubber:
     def _scan(text: str) -> str:
         if not text:
             return text
-        scan = scan_output(text)
+        scan = scan_output(text, opaque=prompt_tokens.get())
         if not scan.clean:
             pii_out.set(dict(Counter(pii_out.get()) + Counter(scan.counts)))
         return scan.text
@@ -105,7 +132,7 @@ class _StreamScrubber:
 
 def _scanned(completion: Completion) -> Completion:
     """The answer with personal data a model produced masked (``[KIND]``)."""
-    scan = scan_output(completion.text)
+    scan = scan_output(completion.text, opaque=prompt_tokens.get())
     if scan.clean:
         return completion
     pii_out.set(scan.counts)
@@ -134,6 +161,28 @@ def _unavailable(error: ProviderError) -> ProviderUnavailable:
     )
     problem.headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     return problem
+
+
+class UpstreamRejectedRequest(Problem):
+    type = problem_type("upstream-rejected-request")
+    title = "The model's provider rejected the request"
+    status = 400
+
+
+# A refused request is one call of the budget, no tokens: not free to repeat.
+REJECTED_USAGE = Usage(0, 0)
+
+
+def _rejected(error: UpstreamRejected) -> UpstreamRejectedRequest:
+    # Only the vetted members of the upstream's error (providers.rejection).
+    upstream: dict[str, Any] = {"status": error.status}
+    for name, value in (("type", error.error_type), ("code", error.code), ("param", error.param)):
+        if value is not None:
+            upstream[name] = value
+    return UpstreamRejectedRequest(
+        "the model's provider refused this request; change it before retrying",
+        upstream=upstream,
+    )
 
 
 @dataclass(frozen=True)
@@ -202,8 +251,14 @@ class GatewayService:
             )
             safe = [r.text for r in redactions]
             counts = Counter({k: n for r in redactions for k, n in r.counts.items()})
+            prompt_tokens.set(
+                frozenset(t.token for r in redactions for t in r.tokens).union(
+                    *(r.kept for r in redactions)
+                )
+            )
         else:
-            scans = [scan_output(text) for text in texts]
+            prompt_tokens.set(frozenset())
+            scans = [await self._scan(caller, text) for text in texts]
             safe = [s.text for s in scans]
             counts = Counter({k: n for s in scans for k, n in s.counts.items()})
         pii_in.set(dict(counts))
@@ -218,44 +273,99 @@ class GatewayService:
             prompt_sample.set(text[:SAMPLE_CHARS])
         return sent
 
+    async def _scan(self, caller: Caller, text: str) -> OutputScan:
+        """``scan_output(text)``: on the event loop for a short text, else in the
+        screening processes within the tenant's share (about 1 ms per KiB)."""
+        if len(text) <= INLINE_PROMPT_CHARS:
+            return scan_output(text)
+        return await self._in_screening(caller, scan_output, text)
+
+    @staticmethod
+    async def _in_screening(caller: Caller, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in this process's screening processes, within the caller's
+        tenant's share. Raises :class:`ScreeningBusy` (429) past that share and its
+        queue, :class:`ScreeningUnavailable` (503) if the job ran out of time or
+        its process died: a prompt is never sent unscreened."""
+        try:
+            return await shared_pool("screens").run(caller.tenant_id, fn, *args)
+        except PoolBusy as busy:
+            raise ScreeningBusy(
+                "this tenant's prompts already fill its share of the screening",
+                headers={"Retry-After": str(busy.retry_after)},
+            ) from None
+        except (JobTimedOut, JobFailed):
+            raise ScreeningUnavailable("the prompt could not be screened") from None
+
     async def _screened(
         self, caller: Caller, model: str, messages: Sequence[Message]
     ) -> list[Message]:
-        """:meth:`guarded`, off the event loop for a large prompt (screening a hostile
-        megabyte takes seconds); a refusal is audited with the screen's verdicts."""
+        """:meth:`guarded`: on the event loop for a short prompt, else in the
+        screening processes, within the tenant's share of them (screening a
+        hostile megabyte takes seconds of pure-Python work, which a thread would
+        still take from the loop). A refusal is audited with the screen's
+        verdicts. Raises :class:`PromptRefused`, :class:`ScreeningBusy` (429)
+        or :class:`ScreeningUnavailable` (503: fail closed)."""
         try:
-            if sum(len(m["content"]) for m in messages) < THREAD_PROMPT_CHARS:
+            if sum(len(m["content"]) for m in messages) <= INLINE_PROMPT_CHARS:
                 return self.guarded(messages)
-            context = contextvars.copy_context()
-            try:
-                return await anyio.to_thread.run_sync(context.run, self.guarded, messages)
-            finally:
-                screened.set(context.get(screened, ()))  # the verdicts, for the audit
+            outcome = await self._in_screening(caller, run_hooks, self.hooks, list(messages))
+            screened.set(outcome.verdicts)  # for the audit
+            return outcome.result()
         except PromptRefused:
             self._finish(caller, None, model, None, time.perf_counter(), "refused:injection")
             raise
 
     def sign_tool_calls(
-        self, caller: Caller, calls: Sequence[ToolCall]
+        self,
+        caller: Caller,
+        calls: Sequence[ToolCall],
+        *,
+        declared: Sequence[Any] | None,
     ) -> tuple[list[SignedToolCall], list[str]]:
-        """Sign the proposed calls Cedar lets the caller run (``tool:run``); return the
-        signed ones and the names of the refused ones, which are not passed on."""
+        """Sign the proposed calls of tools the request declared (``declared``: its
+        ``tools``) that Cedar lets the caller run (``tool:run``), each bound to its
+        declaration; return the signed ones and the names of the refused ones,
+        which are not passed on. Each refusal is audited (``tool.refused``):
+        ``undeclared`` (a tool nobody offered the model, or one declared twice),
+        ``bad-declaration`` (not JSON), ``not-authorized``."""
         signed, refused = [], []
         subject = Subject(caller.user_id, caller.tenant_id, caller.roles, mfa=False)
         for call in calls:
+            declaration = declared_tool(declared, call.name)
             resource = Resource("ToolRun", call.name, caller.tenant_id)
-            allowed = self.authorizer is not None and self.authorizer.authorize(
-                subject, "tool:run", resource
-            )
-            if allowed and self.tool_signer is not None:
-                signature = self.tool_signer.sign(
-                    call, tenant_id=caller.tenant_id, user_id=caller.user_id
-                )
-                signed.append(SignedToolCall(call, signature))
+            if declaration is None:
+                reason = "undeclared"
+            elif (
+                self.authorizer is None
+                or self.tool_signer is None
+                or not self.authorizer.authorize(subject, "tool:run", resource)
+            ):
+                reason = "not-authorized"
             else:
-                refused.append(call.name)
-                _log.info("tool_call_refused", tenant=str(caller.tenant_id), tool=call.name)
+                try:
+                    signature = self.tool_signer.sign(
+                        call,
+                        tenant_id=caller.tenant_id,
+                        user_id=caller.user_id,
+                        declaration=declaration,
+                    )
+                except (ValueError, RecursionError):  # NaN, a lone surrogate...
+                    reason = "bad-declaration"
+                else:
+                    signed.append(SignedToolCall(call, signature))
+                    continue
+            refused.append(call.name)
+            self._tool_refused(caller, call, reason)
         return signed, refused
+
+    def _tool_refused(self, caller: Caller, call: ToolCall, reason: str) -> None:
+        """Audit (with the ledger's next flush) and log a proposed call not passed on."""
+        details = {"tool": call.name[:100], "reason": reason, "by": "gateway"}
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        target = f"tool_call:{call.id[:200]}"
+        event = AuditEntry(f"user:{caller.user_id}", "tool.refused", target, details, request_id)
+        self.ledger.record(caller.tenant_id, None, None, event)
+        _log.info("tool_call_refused", tenant=str(caller.tenant_id), **details)
 
     async def router(self, caller: Caller, model: str) -> ModelRouter:
         """The model's router, once the caller's plan admits the call (model, rate)."""
@@ -268,20 +378,34 @@ class GatewayService:
         return router
 
     async def _first_answer(
-        self, router: ModelRouter, sticky: str, call: Callable[[Target], Awaitable[T]]
+        self,
+        router: ModelRouter,
+        caller: Caller,
+        sticky: str,
+        call: Callable[[Target], Awaitable[T]],
     ) -> tuple[T, Target]:
         """``call`` on the first target that answers, and that target; raise the last
-        ProviderError."""
+        ProviderError, or at once the UpstreamRejected of a request the upstream
+        refused (no other target is tried: the fault is the request's)."""
+        tenant = str(caller.tenant_id)
         error = ProviderError("unavailable")  # every breaker open
-        for target in router.candidates(sticky):
+        for target in router.candidates(sticky, tenant):
+            admission = router.admit(target, tenant)
+            if admission is None:
+                continue  # half-open, and its probes are out
+            outcome = Outcome.ABANDONED  # until known: cancelled, say
             started = time.perf_counter()
             try:
                 result = await call(target)
+                outcome = Outcome.ANSWERED
             except ProviderError as failure:
-                router.record(target, False, time.perf_counter() - started)
-                error = failure
+                outcome, error = Outcome.FAULT, failure
                 continue
-            router.record(target, True, time.perf_counter() - started)
+            except UpstreamRejected:
+                outcome = Outcome.REJECTED
+                raise
+            finally:
+                router.record(admission, outcome, time.perf_counter() - started)
             return result, target
         raise error
 
@@ -342,13 +466,23 @@ class GatewayService:
         max_tokens: int,
         temperature: float,
         tools: Sequence[dict[str, Any]] | None = None,
+        request: Mapping[str, Any] | None = None,
     ) -> tuple[Completion, str | None]:
         """Answer; return the completion and how the cache served it (None, hit,
-        stale-fallback)."""
+        stale-fallback). ``request`` is every field the client sent: all of them
+        are part of the cache key unless known not to change the answer."""
         router = await self.router(caller, model)
         messages = await self._screened(caller, model, messages)
         messages = await self.tokenized(caller, messages)
-        key = cache_key(caller.tenant_id, model, messages)
+        # What the provider is sent, and what the client asked (deny by default).
+        sent = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "tools": tools,
+        }
+        key = self.cache.key(caller.tenant_id, caller.user_id, sent=sent, request=request)
         started = time.perf_counter()
         if temperature == 0 and not tools:  # only a deterministic answer may come from cache
             cached = self.cache.fresh(key)
@@ -361,6 +495,7 @@ class GatewayService:
         try:
             completion, target = await self._first_answer(
                 router,
+                caller,
                 sticky_key(caller, messages),
                 lambda target: target.provider.complete(
                     model, messages, max_tokens=max_tokens, temperature=temperature, tools=tools
@@ -373,12 +508,15 @@ class GatewayService:
             if stale is None:
                 raise _unavailable(error) from None
             return stale, "stale-fallback"
+        except UpstreamRejected as rejected:
+            self._finish(caller, slot, model, REJECTED_USAGE, started, "rejected:upstream")
+            raise _rejected(rejected) from None
         except BaseException:
             self._finish(caller, slot, model, None, started, "client-disconnected")
             raise
         completion = _scanned(completion)
-        if not completion.tool_calls:  # proposed calls are signed per request: never cached
-            self.cache.put(key, completion)
+        # Kept only if complete and proposing no tool call (cache.storable).
+        self.cache.put(key, completion)
         self._finish(caller, slot, model, completion.usage, started, "answered", target)
         return completion, None
 
@@ -461,11 +599,14 @@ class GatewayService:
 
         try:
             first_and_rest, _target = await self._first_answer(
-                router, sticky_key(caller, messages), start
+                router, caller, sticky_key(caller, messages), start
             )
         except ProviderError as error:
             self._finish(caller, slot, model, None, started, f"failed:{error.kind}")
             raise _unavailable(error) from None
+        except UpstreamRejected as rejected:
+            self._finish(caller, slot, model, REJECTED_USAGE, started, "rejected:upstream")
+            raise _rejected(rejected) from None
         except BaseException:
             self._finish(caller, slot, model, None, started, "client-disconnected")
             raise
@@ -480,12 +621,16 @@ class GatewayService:
         try:
             (vectors, usage), target = await self._first_answer(
                 router,
+                caller,
                 f"{caller.tenant_id}|{caller.user_id}",
                 lambda target: target.provider.embed(model, inputs),
             )
         except ProviderError as error:
             self._finish(caller, slot, model, None, started, f"failed:{error.kind}")
             raise _unavailable(error) from None
+        except UpstreamRejected as rejected:
+            self._finish(caller, slot, model, REJECTED_USAGE, started, "rejected:upstream")
+            raise _rejected(rejected) from None
         except BaseException:
             self._finish(caller, slot, model, None, started, "client-disconnected")
             raise

@@ -32,6 +32,7 @@ from joserfc.jwa import JWSAlgModel
 from joserfc.jwk import ECKey, OKPKey
 from joserfc.jws import JWSRegistry
 
+from bastion import jsonsafe
 from bastion.encoding import b64url_decode
 from bastion.identity.errors import InvalidDpopProof
 
@@ -365,8 +366,8 @@ class DpopVerifier:
     def _claims(self, payload: bytes) -> dict[str, Any]:
         """Return the payload, checked for the claims of RFC 9449 section 4.2."""
         try:
-            claims = json.loads(payload)
-        except ValueError:
+            claims = jsonsafe.loads(payload)
+        except ValueError:  # not JSON, or nested too deep to read
             raise InvalidDpopProof("payload is not JSON") from None
         if not isinstance(claims, dict):
             raise InvalidDpopProof("payload is not a JSON object")

@@ -15,6 +15,10 @@ class PasswordReused(IdentityError):
     """The password is one of the user's last N passwords."""
 
 
+class PasswordChanged(IdentityError):
+    """The password changed between a check of the new one and its writing."""
+
+
 class Throttled(IdentityError):
     """Too many failed attempts for this account or client address."""
 

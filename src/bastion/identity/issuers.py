@@ -14,12 +14,17 @@ can never be configured, so a public key can never be used as an HMAC secret.
 The unverified ``iss`` claim is read only to choose which issuer's keys and
 rules apply; every claim is trusted only after the signature verified.
 
-Key material is fetched lazily and cached (``jwks_ttl``). A token naming an
-unknown ``kid`` (key rotation at the issuer) triggers a refetch, throttled to
-one per ``min_refetch_interval`` per issuer, so a flood of made-up ``kid``
-values cannot turn Bastion into a traffic amplifier. If the issuer cannot be
-reached, cached keys keep working for up to 24 hours; with no keys cached,
-tokens are refused (fail closed).
+Key material is cached (``jwks_ttl``) and never fetched on a request's path:
+:meth:`ExternalIssuers.verify` does no I/O and answers from the keys it has.
+A token naming an unknown ``kid`` (a key rotation at the issuer, or a made-up
+one) is refused at once and schedules a refetch in a background thread; so do
+stale keys (which keep verifying meanwhile) and no keys at all. Refetches are
+throttled to one per ``min_refetch_interval`` per issuer, with at most one
+under way, so a flood of made-up ``kid`` values, anonymous or not, neither
+stalls the event loop of the api or gateway (a slow issuer costs a waiting
+background thread, never a request) nor turns Bastion into a traffic
+amplifier. If the issuer cannot be reached, cached keys keep working for up to
+24 hours; with no keys cached, tokens are refused (fail closed).
 
 Verified tokens become :class:`AccessClaims` like our own: the tenant comes
 from a configured claim (optionally through a ``tenant_map``), roles from a
@@ -29,10 +34,8 @@ UUID derived from issuer and ``sub`` so two issuers' users never collide.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
-import json
 import threading
 import time
 import uuid
@@ -49,6 +52,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
+from bastion import jsonsafe
 from bastion.encoding import b64url_decode
 from bastion.identity.errors import InvalidToken
 from bastion.identity.tokens import (
@@ -57,6 +61,7 @@ from bastion.identity.tokens import (
     numeric_date,
     verified_payload,
 )
+from bastion.logs import get_logger
 
 # The roles Bastion knows (strongest first, as in Principal.db_role).
 BASTION_ROLES = ("owner", "billing-admin", "auditor", "contributor", "viewer")
@@ -93,6 +98,9 @@ _MAX_CLAIM_VALUE_LENGTH = 255
 _MAX_JWKS_KEYS = 64
 _MIN_RSA_BITS = 2048
 MAX_RESPONSE_BYTES = 1024 * 1024
+# A fetch (discovery or JWKS) that has not finished by then is abandoned,
+# however slowly the issuer keeps trickling bytes in under the read timeout.
+FETCH_DEADLINE_SECONDS = 10.0
 # Beyond this age cached keys are no longer used, even if the issuer is down:
 # keys an issuer has revoked must eventually stop verifying.
 HARD_EXPIRY_SECONDS = 24 * 3600.0
@@ -101,6 +109,7 @@ DISCOVERY_PATH = "/.well-known/openid-configuration"
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 _VerificationKey = RSAKey | ECKey | OKPKey
+_log = get_logger("bastion.identity")
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -194,7 +203,11 @@ class _KeyCache:
 
 
 class _IssuerState:
-    """Per-issuer mutable state: the key snapshot and the refetch throttle."""
+    """Per-issuer mutable state: the key snapshot and the refetch throttle.
+
+    ``lock`` guards the fields below and is held for a few instructions at a
+    time, never during I/O: a request's thread never waits for a fetch.
+    """
 
     def __init__(self, config: IssuerConfig) -> None:
         self.config = config
@@ -204,6 +217,7 @@ class _IssuerState:
         self.jwks_uri: str | None = None
         self.discovered_at: float | None = None
         self.last_attempt: float | None = None
+        self.refreshing = False  # a background refetch is under way
 
 
 class _FetchError(Exception):
@@ -218,8 +232,8 @@ def _decode_segment(part: str) -> dict[str, Any]:
     what joserfc will later verify.
     """
     try:
-        value = json.loads(b64url_decode(part))
-    except (ValueError, RecursionError):
+        value = jsonsafe.loads(b64url_decode(part))
+    except ValueError:
         raise InvalidToken("not a compact JWS") from None
     if not isinstance(value, dict):
         raise InvalidToken("not a compact JWS")
@@ -290,9 +304,9 @@ class ExternalIssuers:
     """Verifies access tokens of the configured external OIDC issuers.
 
     ``http`` is the client used for discovery and JWKS requests (default: one
-    with a 5 s timeout). ``clock`` returns epoch seconds and drives both token
-    times and cache ages. Thread-safe; :meth:`verify` does no I/O when the
-    token's key is cached and fresh.
+    with a 5 s timeout), from background threads and :meth:`refresh` only.
+    ``clock`` returns epoch seconds and drives both token times and cache
+    ages. Thread-safe; :meth:`verify` never does I/O nor waits for it.
     """
 
     def __init__(
@@ -314,13 +328,16 @@ class ExternalIssuers:
             if config.issuer in self._states:
                 raise ValueError(f"issuer configured twice: {config.issuer}")
             self._states[config.issuer] = _IssuerState(config)
-        # Short timeouts: a fetch can happen on a request's path (see verify).
+        # Fetches run in background threads (see _schedule_refresh), never on a
+        # request's path; short timeouts still free those threads quickly.
         self._owns_http = http is None
         self._http = http if http is not None else httpx.Client(timeout=5.0)
         self._jwks_ttl = jwks_ttl
         self._min_refetch = min_refetch_interval
         self._clock = clock
         self._max_bytes = max((c.max_token_bytes for c in configs), default=8192)
+        self._threads_lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
 
     @property
     def issuers(self) -> frozenset[str]:
@@ -367,66 +384,125 @@ class ExternalIssuers:
         return self._claims(config, verified_payload(obj, key, state.registry), token, now)
 
     def close(self) -> None:
-        """Close the HTTP client if this object created it."""
+        """Close the HTTP client if this object created it (a background refetch
+        still under way then fails, and is logged)."""
         if self._owns_http:
             self._http.close()
 
     def refresh(self, issuer: str | None = None) -> None:
-        """Fetch discovery and JWKS now (e.g. at startup), ignoring the throttle.
+        """Fetch discovery and JWKS now and wait for them (at startup, in a
+        thread: this blocks), ignoring the throttle.
 
         ``issuer`` limits it to one configured issuer. Raises
         :class:`InvalidToken` ("issuer keys unavailable") if a fetch failed;
         any previously cached keys are kept in that case. Raises
         :class:`ValueError` for an issuer that is not configured.
         """
+        for state in self._selected(issuer):
+            now = self._clock()
+            with state.lock:
+                state.last_attempt = now
+            try:
+                self._fetch(state, now, rediscover=True)
+            except _FetchError:
+                raise InvalidToken("issuer keys unavailable") from None
+
+    def prefetch(self, issuer: str | None = None) -> None:
+        """Start fetching every (or one) issuer's keys in the background; return at once.
+
+        For a process that must not wait for its issuers at startup; subject
+        to the throttle like any refetch. Raises :class:`ValueError` for an
+        issuer that is not configured.
+        """
+        for state in self._selected(issuer):
+            self._schedule_refresh(state, self._clock())
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait for the background refetches under way; True if none is left.
+
+        For shutdown and tests: requests never wait for a refetch.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._threads_lock:
+                running = next(iter(self._threads), None)
+            if running is None:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            running.join(left)
+
+    def _selected(self, issuer: str | None) -> list[_IssuerState]:
         if issuer is not None and issuer not in self._states:
             raise ValueError(f"issuer not configured: {issuer}")
-        states = [self._states[issuer]] if issuer is not None else list(self._states.values())
-        for state in states:
-            with state.lock:
-                now = self._clock()
-                state.last_attempt = now
-                try:
-                    self._fetch(state, now, rediscover=True)
-                except _FetchError:
-                    raise InvalidToken("issuer keys unavailable") from None
+        return [self._states[issuer]] if issuer is not None else list(self._states.values())
 
     # -- keys ---------------------------------------------------------------------
 
     def _key(self, state: _IssuerState, kid: str, alg: str, now: float) -> _VerificationKey:
-        """Return the issuer's key ``kid`` usable with ``alg``; fetch keys if due."""
+        """Return the issuer's cached key ``kid`` usable with ``alg``; never waits.
+
+        Stale keys, an unknown kid or no keys at all schedule a background
+        refetch (throttled) and are answered from the cache as it is now: a
+        request that names a key we lack fails at once rather than waiting for
+        the issuer, which an attacker may have made slow.
+        """
         cache = state.cache  # one read: a consistent snapshot without the lock
-        if (
-            cache is not None
-            and now - cache.fetched_at < self._jwks_ttl
-            and (key := self._pick(cache, kid, alg)) is not None
-        ):
-            return key  # the fast path: no lock, no I/O
-        with state.lock:
-            cache = state.cache
-            fresh = cache is not None and now - cache.fetched_at < self._jwks_ttl
-            known = cache is not None and self._pick(cache, kid, alg) is not None
-            if not (fresh and known):
-                # Stale keys, an unknown kid or no keys at all: refetch, but at
-                # most once per interval per issuer whatever the tokens say.
-                due = state.last_attempt is None or now - state.last_attempt >= self._min_refetch
-                if due:
-                    state.last_attempt = now
-                    # Re-discover only when the metadata itself is old: a kid
-                    # miss is a key rotation, and jwks_uri rarely moves.
-                    rediscover = (
-                        state.discovered_at is None or now - state.discovered_at >= self._jwks_ttl
-                    )
-                    # On failure fall back on the cache below, within its hard expiry.
-                    with contextlib.suppress(_FetchError):
-                        self._fetch(state, now, rediscover=rediscover)
-            cache = state.cache
+        key = self._pick(cache, kid, alg) if cache is not None else None
+        if key is None or cache is None or now - cache.fetched_at >= self._jwks_ttl:
+            self._schedule_refresh(state, now)
         if cache is None or now - cache.fetched_at >= HARD_EXPIRY_SECONDS:
             raise InvalidToken("issuer keys unavailable")
-        key = self._pick(cache, kid, alg)
         if key is None:
             raise InvalidToken("unknown kid")
         return key
+
+    def _schedule_refresh(self, state: _IssuerState, now: float) -> None:
+        """Start a background refetch of ``state``'s keys unless one is under way
+        or the last attempt is less than ``min_refetch_interval`` old."""
+        with state.lock:
+            if state.refreshing:
+                return
+            if state.last_attempt is not None and now - state.last_attempt < self._min_refetch:
+                return
+            state.last_attempt = now
+            state.refreshing = True
+        thread = threading.Thread(
+            target=self._refresh_in_background,
+            args=(state, now),
+            name="bastion-jwks-refresh",
+            daemon=True,  # never keeps a stopping process alive
+        )
+        with self._threads_lock:
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            self._refresh_done(state, thread)
+            raise
+
+    def _refresh_in_background(self, state: _IssuerState, now: float) -> None:
+        try:
+            # Re-discover only when the metadata itself is old: a kid miss is a
+            # key rotation, and jwks_uri rarely moves.
+            discovered = state.discovered_at
+            rediscover = discovered is None or now - discovered >= self._jwks_ttl
+            self._fetch(state, now, rediscover=rediscover)
+        except Exception as exc:  # never raised: a thread has no caller to tell
+            # The cache, if any, keeps serving within its hard expiry. A
+            # _FetchError says what failed; anything else (a client closed at
+            # shutdown) is named by its type only.
+            error = str(exc) if isinstance(exc, _FetchError) else type(exc).__name__
+            _log.warning("external_issuer_refresh_failed", issuer=state.config.issuer, error=error)
+        finally:
+            self._refresh_done(state, threading.current_thread())
+
+    def _refresh_done(self, state: _IssuerState, thread: threading.Thread) -> None:
+        with state.lock:
+            state.refreshing = False
+        with self._threads_lock:
+            self._threads.discard(thread)
 
     @staticmethod
     def _pick(cache: _KeyCache, kid: str, alg: str) -> _VerificationKey | None:
@@ -439,10 +515,12 @@ class ExternalIssuers:
         """Fetch (discovery if due, then) the JWKS; replace the snapshot on success.
 
         Raises :class:`_FetchError`; the old snapshot is then left untouched.
-        Called with ``state.lock`` held.
+        Does I/O, so never called with ``state.lock`` held.
         """
         config = state.config
-        if rediscover or state.jwks_uri is None:
+        with state.lock:
+            jwks_uri = state.jwks_uri
+        if rediscover or jwks_uri is None:
             meta = self._get_json(config.discovery_url)
             # OIDC Discovery 1.0 section 4.3 / RFC 8414 section 3.3: exactly equal,
             # or an attacker-controlled document could vouch for another issuer.
@@ -455,18 +533,23 @@ class ExternalIssuers:
                 _check_url(jwks_uri, "jwks_uri")
             except ValueError:
                 raise _FetchError("jwks_uri is not https") from None
-            state.jwks_uri = jwks_uri
-            state.discovered_at = now
-        assert state.jwks_uri is not None
-        jwks = self._get_json(state.jwks_uri)
-        state.cache = _KeyCache(keys=_parse_jwks(jwks), fetched_at=now)
+            with state.lock:
+                state.jwks_uri = jwks_uri
+                state.discovered_at = now
+        keys = _parse_jwks(self._get_json(jwks_uri))
+        with state.lock:
+            # Two fetches may overlap (refresh() and a background one): the
+            # snapshot of the later attempt wins, whichever finished last.
+            if state.cache is None or state.cache.fetched_at <= now:
+                state.cache = _KeyCache(keys=keys, fetched_at=now)
 
     def _get_json(self, url: str) -> dict[str, Any]:
         """GET ``url`` and return its JSON object body; raise :class:`_FetchError`.
 
         No redirects (a redirect could leave https), at most MAX_RESPONSE_BYTES
-        read, whatever Content-Length claims.
+        read, whatever Content-Length claims, within FETCH_DEADLINE_SECONDS.
         """
+        deadline = time.monotonic() + FETCH_DEADLINE_SECONDS
         try:
             with self._http.stream(
                 "GET", url, headers={"Accept": "application/json"}, follow_redirects=False
@@ -478,10 +561,12 @@ class ExternalIssuers:
                     body += chunk
                     if len(body) > MAX_RESPONSE_BYTES:
                         raise _FetchError("response too large")
+                    if time.monotonic() > deadline:
+                        raise _FetchError("response too slow")
         except httpx.HTTPError:
             raise _FetchError("request failed") from None
         try:
-            document = json.loads(bytes(body))
+            document = jsonsafe.loads(body)
         except ValueError:
             raise _FetchError("response is not JSON") from None
         if not isinstance(document, dict):

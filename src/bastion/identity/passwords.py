@@ -3,7 +3,12 @@
 Hashes are argon2id with the parameters of RFC 9106 section 4's second
 recommended option (64 MiB of memory, 3 passes) but a single lane, so one
 login costs one core. Hashing runs in a worker thread: it takes a few hundred
-milliseconds of CPU and must not stall the event loop.
+milliseconds of CPU and must not stall the event loop. At most one hash per
+core runs at a time in a process (``concurrency``); further callers wait on
+the event loop, holding no thread, so a flood of sign-ins costs bounded CPU
+and memory (64 MiB each). :meth:`PasswordService.matches` needs no database:
+sign-in calls it outside any transaction, so a flood holds no connection of
+the pool every tenant shares either.
 
 The policy follows NIST SP 800-63B section 5.1.1.2 (at least 12 and at most
 256 characters, no commonly used password, no password that zxcvbn rates
@@ -19,17 +24,24 @@ No password, nor any part of one, is ever logged or put into an exception.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 from uuid import UUID
 
+import anyio
 import anyio.to_thread
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from zxcvbn import zxcvbn  # type: ignore[import-untyped]  # ships no type hints
 
 from bastion.db.pool import Conn
-from bastion.identity.errors import PasswordReused, WeakPassword
+from bastion.identity.errors import PasswordChanged, PasswordReused, WeakPassword
 
 MIN_LENGTH = 12
 MAX_LENGTH = 256
@@ -110,6 +122,13 @@ DEFAULT_HASHER = PasswordHasher(
 )
 
 
+_T = TypeVar("_T")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _expand_inputs(user_inputs: Sequence[str]) -> list[str]:
     """Return the inputs plus their parts: zxcvbn only matches whole words it is given.
 
@@ -126,25 +145,56 @@ def _expand_inputs(user_inputs: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(words))
 
 
+@dataclass(frozen=True)
+class NewPassword:
+    """A new password that passed the policy and the history check, hashed
+    (:meth:`PasswordService.prepare`); written by :meth:`PasswordService.store`
+    only if the user's hash is still ``replaces``."""
+
+    user_id: UUID
+    password_hash: str
+    replaces: str | None
+
+
 class PasswordService:
     """Sets and verifies users' passwords; every method takes the caller's transaction.
 
     ``history`` is how many previous passwords (besides the current one) may
     not be reused; ``min_score`` the lowest acceptable zxcvbn score (0-4).
     ``hasher`` exists for tests and migrations; production keeps the default.
+    ``concurrency`` bounds the hashes computed at once (default: one per core).
     The transaction must be allowed to see the user's rows (role ``system``
     or the user themself).
     """
 
     def __init__(
-        self, *, history: int = 10, min_score: int = 3, hasher: PasswordHasher | None = None
+        self,
+        *,
+        history: int = 10,
+        min_score: int = 3,
+        hasher: PasswordHasher | None = None,
+        concurrency: int | None = None,
     ) -> None:
-        if history < 0 or not 0 <= min_score <= 4:
-            raise ValueError("history must be >= 0 and min_score within 0..4")
+        if history < 0 or not 0 <= min_score <= 4 or (concurrency is not None and concurrency < 1):
+            raise ValueError("history >= 0, min_score within 0..4, concurrency >= 1")
         self.history = history
         self.min_score = min_score
         self.hasher = hasher or DEFAULT_HASHER
+        self.concurrency = concurrency or _cores()
         self._dummy_hash: str | None = None
+        self._dummy_lock = threading.Lock()
+        # One limiter per event loop (an anyio limiter belongs to one loop).
+        self._limiters: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, anyio.CapacityLimiter
+        ] = weakref.WeakKeyDictionary()
+
+    async def _bounded(self, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)`` in a worker thread, at most ``concurrency`` at once."""
+        loop = asyncio.get_running_loop()
+        limiter = self._limiters.get(loop)
+        if limiter is None:
+            limiter = self._limiters[loop] = anyio.CapacityLimiter(self.concurrency)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
     # -- policy ----------------------------------------------------------------
 
@@ -157,9 +207,7 @@ class PasswordService:
         if password.casefold() in COMMON_PASSWORDS:
             raise WeakPassword("this password is among the most commonly used ones")
         inputs = _expand_inputs(user_inputs)
-        result = await anyio.to_thread.run_sync(
-            lambda: zxcvbn(password[:_ZXCVBN_PREFIX], user_inputs=inputs)
-        )
+        result = await self._bounded(lambda: zxcvbn(password[:_ZXCVBN_PREFIX], user_inputs=inputs))
         if int(result["score"]) < self.min_score:
             # zxcvbn's feedback is fixed text ("This is a very common
             # password."), never an echo of the input, so it is safe to show.
@@ -177,22 +225,25 @@ class PasswordService:
         *,
         user_inputs: Sequence[str] = (),
     ) -> None:
-        """Make ``new_password`` the user's password; return None.
+        """Make ``new_password`` the user's password, all in ``tx``; return None.
 
-        Raises :class:`WeakPassword` if it breaks the policy and
+        For callers that hold no connection others wait for (the CLI, the
+        demo): the hashes are computed with ``tx`` open. A request path calls
+        :meth:`known_hashes`, :meth:`prepare` (no database) and :meth:`store`.
+        Raises :class:`WeakPassword` if it breaks the policy,
         :class:`PasswordReused` if it is the current password or one of the
-        last ``history`` ones. Nothing is written when it raises.
+        last ``history`` ones, and :class:`PasswordChanged` if it changed
+        meanwhile. Nothing is written when it raises.
         """
-        await self.check_strength(new_password, user_inputs=user_inputs)
-        # FOR UPDATE: two concurrent changes of one user's password serialise,
-        # so neither can slip past the other's history check.
-        row = await (
-            await tx.execute(
-                "SELECT password_hash FROM bastion.credentials WHERE user_id = %s FOR UPDATE",
-                (user_id,),
-            )
-        ).fetchone()
-        current: str | None = None if row is None else row["password_hash"]
+        current, previous = await self.known_hashes(tx, user_id)
+        prepared = await self.prepare(
+            user_id, new_password, current, previous, user_inputs=user_inputs
+        )
+        await self.store(tx, prepared)
+
+    async def known_hashes(self, tx: Conn, user_id: UUID) -> tuple[str | None, list[str]]:
+        """Return the user's current hash (None if none) and the last ``history`` ones."""
+        current = await self.stored_hash(tx, user_id)
         previous: list[str] = []
         if self.history > 0:
             rows = await (
@@ -203,23 +254,60 @@ class PasswordService:
                 )
             ).fetchall()
             previous = [r["password_hash"] for r in rows]
-        known = ([current] if current is not None else []) + previous
-        reused: bool = await anyio.to_thread.run_sync(self._matches_any, known, new_password)
+        return current, previous
+
+    async def prepare(
+        self,
+        user_id: UUID,
+        new_password: str,
+        current: str | None,
+        previous: Sequence[str],
+        *,
+        user_inputs: Sequence[str] = (),
+    ) -> NewPassword:
+        """Check ``new_password`` against the policy and the hashes read by
+        :meth:`known_hashes`, and hash it; no database (up to ``history`` + 2
+        argon2 runs: call it outside any transaction).
+
+        Raises :class:`WeakPassword` or :class:`PasswordReused`.
+        """
+        await self.check_strength(new_password, user_inputs=user_inputs)
+        known = ([current] if current is not None else []) + list(previous)
+        reused: bool = await self._bounded(self._matches_any, known, new_password)
         if reused:
             raise PasswordReused(
                 f"this password is the current one or one of the last {self.history}"
             )
-        new_hash = await anyio.to_thread.run_sync(self.hasher.hash, new_password)
+        new_hash = await self._bounded(self.hasher.hash, new_password)
+        return NewPassword(user_id, new_hash, current)
+
+    async def store(self, tx: Conn, new: NewPassword) -> None:
+        """Write a password from :meth:`prepare`, pushing the current one into the history.
+
+        Raises :class:`PasswordChanged` (nothing written) if the user's hash is
+        no longer the one it was checked against: two concurrent changes
+        serialise on the row lock, and the second, checked against a history
+        that no longer holds, is refused rather than slipping past it.
+        """
+        row = await (
+            await tx.execute(
+                "SELECT password_hash FROM bastion.credentials WHERE user_id = %s FOR UPDATE",
+                (new.user_id,),
+            )
+        ).fetchone()
+        current: str | None = None if row is None else row["password_hash"]
+        if current != new.replaces:
+            raise PasswordChanged("the password was changed meanwhile")
         await tx.execute(
             "INSERT INTO bastion.credentials (user_id, password_hash) VALUES (%s, %s) "
             "ON CONFLICT (user_id) DO UPDATE "
             "SET password_hash = EXCLUDED.password_hash, changed_at = now()",
-            (user_id, new_hash),
+            (new.user_id, new.password_hash),
         )
         if current is not None and self.history > 0:
             await tx.execute(
                 "INSERT INTO bastion.password_history (user_id, password_hash) VALUES (%s, %s)",
-                (user_id, current),
+                (new.user_id, current),
             )
         # Keep the newest ``history`` rows (also trims a list left longer by an
         # earlier, larger setting).
@@ -227,7 +315,7 @@ class PasswordService:
             "DELETE FROM bastion.password_history WHERE user_id = %s AND ctid NOT IN ("
             "SELECT ctid FROM bastion.password_history WHERE user_id = %s "
             "ORDER BY created_at DESC LIMIT %s)",
-            (user_id, user_id, self.history),
+            (new.user_id, new.user_id, self.history),
         )
 
     # -- checking --------------------------------------------------------------
@@ -238,29 +326,54 @@ class PasswordService:
         A user without credentials costs one argon2 verification too, so the
         response time does not tell whether the account exists. A hash made
         with older parameters is replaced by one with the current parameters.
-        Raises nothing for a wrong password; database errors propagate.
+        Raises nothing for a wrong password; database errors propagate. Holds
+        ``tx`` during the hash: an anonymous caller's path (sign-in) uses
+        :meth:`stored_hash`, :meth:`matches` and :meth:`upgrade` instead.
         """
+        stored = await self.stored_hash(tx, user_id)
+        if not await self.matches(stored, password):
+            return False
+        assert stored is not None
+        await self.upgrade(tx, user_id, stored, await self.upgraded_hash(stored, password))
+        return True
+
+    async def stored_hash(self, tx: Conn, user_id: UUID) -> str | None:
+        """Return the user's current password hash, or None if there is none."""
         row = await (
             await tx.execute(
                 "SELECT password_hash FROM bastion.credentials WHERE user_id = %s", (user_id,)
             )
         ).fetchone()
-        if row is None:
-            dummy = await self._dummy()
-            await anyio.to_thread.run_sync(self._check, dummy, password)
+        return None if row is None else str(row["password_hash"])
+
+    async def matches(self, stored: str | None, password: str) -> bool:
+        """Return whether ``password`` matches the hash ``stored``; no database.
+
+        ``None`` (no such user) costs one argon2 verification too, so timing
+        does not tell whether the account exists.
+        """
+        if stored is None:
+            await self._bounded(self._check_dummy, password)
             return False
-        stored: str = row["password_hash"]
-        if not await anyio.to_thread.run_sync(self._check, stored, password):
-            return False
-        if self.hasher.check_needs_rehash(stored):
-            new_hash = await anyio.to_thread.run_sync(self.hasher.hash, password)
-            # Only if unchanged meanwhile: never overwrite a concurrent change.
-            await tx.execute(
-                "UPDATE bastion.credentials SET password_hash = %s "
-                "WHERE user_id = %s AND password_hash = %s",
-                (new_hash, user_id, stored),
-            )
-        return True
+        return await self._bounded(self._check, stored, password)
+
+    async def upgraded_hash(self, stored: str, password: str) -> str | None:
+        """Return a hash of the (verified) ``password`` with the current
+        parameters if ``stored`` has older ones, else None; no database."""
+        if not self.hasher.check_needs_rehash(stored):
+            return None
+        return await self._bounded(self.hasher.hash, password)
+
+    async def upgrade(self, tx: Conn, user_id: UUID, stored: str, new_hash: str | None) -> None:
+        """Store ``new_hash`` (from :meth:`upgraded_hash`) if the hash is still ``stored``."""
+        if new_hash is None:
+            return
+        # Only if unchanged meanwhile: never overwrite a concurrent change.
+        await tx.execute(
+            "UPDATE bastion.credentials SET password_hash = %s "
+            "WHERE user_id = %s AND password_hash = %s",
+            (new_hash, user_id, stored),
+        )
 
     # -- helpers ---------------------------------------------------------------
 
@@ -275,11 +388,10 @@ class PasswordService:
         """Return whether ``password`` matches any of ``hashes`` (runs in a worker thread)."""
         return any(self._check(stored, password) for stored in hashes)
 
-    async def _dummy(self) -> str:
-        """Return a hash with the current parameters, made once, for unknown users."""
-        if self._dummy_hash is None:
-            # A race makes two dummies; harmless, both have the right cost.
-            self._dummy_hash = await anyio.to_thread.run_sync(
-                self.hasher.hash, "bastion-dummy-password-for-timing"
-            )
-        return self._dummy_hash
+    def _check_dummy(self, password: str) -> bool:
+        """Check ``password`` against a hash with the current parameters, made once
+        (under a lock: a flood of unknown users at start-up makes one, not one each)."""
+        with self._dummy_lock:
+            if self._dummy_hash is None:
+                self._dummy_hash = self.hasher.hash("bastion-dummy-password-for-timing")
+        return self._check(self._dummy_hash, password)

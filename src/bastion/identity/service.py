@@ -250,12 +250,19 @@ class IdentityService:
         await anyio.sleep(attempt.delay)
         user_id: UUID | None = None
         roles: tuple[str, ...] = ()
-        if tenant_id is not None:
-            async with self.db.tenant_tx(tenant_id, None, "system") as tx:
-                user_id, roles = await self._member(tx, email)
         async with self.db.tenant_tx(context, None, "system") as tx:
-            ok = await self.passwords.verify(tx, user_id or PLATFORM, password)
+            if tenant_id is not None:
+                user_id, roles = await self._member(tx, email)
+            # Read for unknown users too (finding nothing): the same work either way.
+            stored = await self.passwords.stored_hash(tx, user_id or PLATFORM)
+        # argon2 (~0.3 s of a core) outside any transaction: anonymous sign-ins
+        # never hold a connection of the pool every tenant's requests share.
+        ok = await self.passwords.matches(stored, password)
+        upgraded = await self.passwords.upgraded_hash(stored, password) if ok and stored else None
+        async with self.db.tenant_tx(context, None, "system") as tx:
             if ok and user_id is not None and roles and tenant_id is not None:
+                assert stored is not None
+                await self.passwords.upgrade(tx, user_id, stored, upgraded)
                 await self.throttle.succeeded(tx, attempt)  # only failures stay counted
                 needs_totp = await self.mfa.has_factor(tx, user_id)
                 return LoginResult(user_id, tenant_id, roles, needs_totp)

@@ -13,7 +13,6 @@ on many requests pays for one ECDSA verification, not one per request.
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import threading
@@ -29,6 +28,7 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jws import JWSRegistry
 
+from bastion import jsonsafe
 from bastion.identity.errors import InvalidToken
 from bastion.identity.keys import ALGORITHM, SigningKeys
 
@@ -354,7 +354,7 @@ def verified_payload(obj: Any, key: Any, registry: Any) -> dict[str, Any]:
     if not valid:
         raise InvalidToken("bad signature")
     try:
-        payload = json.loads(obj.payload)
+        payload = jsonsafe.loads(obj.payload)
     except ValueError:
         raise InvalidToken("payload is not JSON") from None
     if not isinstance(payload, dict):

@@ -47,11 +47,13 @@ class Identity:
         """Idempotent start-up work: the CLI's public client exists, and external
         issuers' keys are fetched now rather than on a first request."""
         await self.service.register_client(CLI_CLIENT_ID, "Bastion CLI", [CLI_REDIRECT_URI])
-        if self.external.issuers:
+        # In a thread (this waits for each issuer); one issuer down neither
+        # stops the api nor keeps the others' keys from being fetched.
+        for issuer in sorted(self.external.issuers):
             try:
-                await anyio.to_thread.run_sync(self.external.refresh)
-            except Exception as exc:  # an IdP being down must not stop the api
-                _log.warning("external_issuer_unavailable", error=type(exc).__name__)
+                await anyio.to_thread.run_sync(self.external.refresh, issuer)
+            except Exception as exc:
+                _log.warning("external_issuer_unavailable", issuer=issuer, error=type(exc).__name__)
 
 
 def _authorizer(settings: Settings) -> Authorizer:
@@ -102,7 +104,10 @@ def build_guard(
 ) -> Guard:
     """The request guard (token + DPoP, then Cedar) for a process other than the api,
     served at ``public_url``; ``roles`` reads members' roles (default: the database)."""
-    _keys, _dpop, authenticator, _external, _shared = _verifiers(settings, db, keystore, public_url)
+    _keys, _dpop, authenticator, external, _shared = _verifiers(settings, db, keystore, public_url)
+    # Requests never wait for an issuer's keys: start fetching them now, so the
+    # first external tokens find them cached (no-op without external issuers).
+    external.prefetch()
     return Guard(authenticator, authorizer or _authorizer(settings), db, roles=roles)
 
 

@@ -270,6 +270,8 @@ def _passed_on(response: httpx.Response) -> GatewayRefused:
     status = (
         response.status_code if response.status_code in (402, 403, 404, 413, 422, 429, 503) else 502
     )
+    if response.status_code == 400 and kind == problem_type("upstream-rejected-request"):
+        status = 400  # the question (with its context) is what the model's provider refused
     refused = GatewayRefused(detail or title, type_=kind, title=title or None, status=status)
     if "retry-after" in response.headers:
         refused.headers = {"Retry-After": response.headers["retry-after"]}

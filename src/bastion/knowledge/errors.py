@@ -26,11 +26,21 @@ class DocumentNotFound(Problem):
 
 class UploadRefused(Problem):
     """The body cannot become a document; ``reason`` is a stable slug
-    (empty, binary, encoding, unsupported-type, too-large, ...)."""
+    (empty, binary, encoding, unsupported-type, too-large, too-complex, ...)."""
 
     type = problem_type("upload-refused")
     title = "The upload cannot be indexed"
     status = 422
+
+
+class ParsingBusy(Problem):
+    """The tenant already has its share of the parser processes busy and its
+    queue full (bastion.offload): retry after ``Retry-After`` seconds. Other
+    tenants are not affected."""
+
+    type = problem_type("busy")
+    title = "Too many documents of this tenant are being parsed"
+    status = 429
 
 
 class IdempotencyKeyReused(Problem):

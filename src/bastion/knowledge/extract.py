@@ -18,9 +18,12 @@ Standard section 4), with block elements as line breaks.
 PDFs are read with pypdf under tightened resource limits (pypdf's
 :class:`~pypdf.Configuration`, set for this call only): a decompression bomb
 hits the per-stream output limit and is refused as ``pdf-too-large``, as is a
-document of more than ``max_pdf_pages`` pages; encrypted documents are
-refused rather than decrypted, and anything pypdf cannot parse is
-``pdf-invalid``.
+document of more than ``max_pdf_pages`` pages; a document with more
+content-stream operators than :data:`MAX_PDF_OPERATORS_PER_PAGE` on a page or
+:data:`MAX_PDF_OPERATORS` in all is ``too-complex``, refused before any page
+is interpreted (the worker also runs each extraction in a child process
+under a CPU limit); encrypted documents are refused rather than decrypted,
+and anything pypdf cannot parse is ``pdf-invalid``.
 
 Every result is normalised: Unicode NFC (UAX #15), LF line ends, no control
 characters other than newline and tab, runs of blanks collapsed, at most one
@@ -39,7 +42,14 @@ from typing import Final
 import pypdf
 from pypdf.errors import LimitReachedError
 
-__all__ = ["REASONS", "SUPPORTED_TYPES", "ExtractionError", "extract_text", "normalise"]
+__all__ = [
+    "REASONS",
+    "SUPPORTED_TYPES",
+    "ExtractionError",
+    "extract_text",
+    "extracted_length",
+    "normalise",
+]
 
 SUPPORTED_TYPES: Final = frozenset({"text/plain", "text/markdown", "text/html", "application/pdf"})
 
@@ -53,6 +63,7 @@ REASONS: Final = frozenset(
         "pdf-encrypted",
         "pdf-too-large",
         "too-large",
+        "too-complex",
     }
 )
 
@@ -65,6 +76,10 @@ class ExtractionError(Exception):
             raise ValueError(f"unknown extraction failure reason {reason!r}")
         super().__init__(detail or reason)
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ExtractionError], tuple[str, str]]:
+        # Rebuilt from (reason, detail), so it crosses into another process intact.
+        return (type(self), (self.reason, str(self)))
 
 
 # --- text --------------------------------------------------------------------
@@ -360,18 +375,39 @@ def _pdf_configuration(stream_limit: int) -> pypdf.Configuration:
     )
 
 
-def _decoded_size(page: pypdf.PageObject) -> int:
-    """Bytes of the page's content stream and of the forms it may draw."""
+# Text extraction interprets every operator of a content stream in Python:
+# 10-20 µs each, so a few compressed kilobytes of "1 0 0 1 0 0 cm" cost
+# seconds. A dense page of text, even positioned glyph by glyph, has a few
+# ten thousand operators; a bomb has millions. Counted before any page is
+# interpreted; past these bounds the document is refused as ``too-complex``.
+MAX_PDF_OPERATORS_PER_PAGE: Final = 100_000
+MAX_PDF_OPERATORS: Final = 500_000
+
+# Content-stream operators (ISO 32000-2, 7.8.2, and Annex A): a token of one
+# to three letters (or ' " * and the 0/1 of d0, d1), delimited like any PDF
+# token, so names (/F1) and numbers do not count. Short words in literal
+# strings count too: a bound a little too high for text, never too low.
+_BEFORE = rb"\x00\t\n\x0c\r ()<>\[\]{}%"  # not "/": that starts a name
+_AFTER = _BEFORE + rb"/"
+_OPERATOR: Final = re.compile(
+    rb"(?<![^" + _BEFORE + rb"])[A-Za-z'\"][A-Za-z*'\"01]{0,2}(?![^" + _AFTER + rb"])"
+)
+
+
+def _page_cost(page: pypdf.PageObject) -> tuple[int, int]:
+    """Decoded bytes and operators of the page's content stream and the forms it may draw."""
     contents = page.get_contents()
-    size = len(contents.get_data()) if contents is not None else 0
+    streams = [contents.get_data()] if contents is not None else []
     resources = page.get("/Resources")
     xobjects = resources.get_object().get("/XObject") if resources is not None else None
     if xobjects is not None:
         for ref in xobjects.get_object().values():
             xobject = ref.get_object()
             if xobject.get("/Subtype") == "/Form":
-                size += len(xobject.get_data())
-    return size
+                streams.append(xobject.get_data())
+    size = sum(len(data) for data in streams)
+    operators = sum(sum(1 for _ in _OPERATOR.finditer(data)) for data in streams)
+    return size, operators
 
 
 def _pdf_text(body: bytes, max_chars: int, max_pages: int) -> str:
@@ -379,6 +415,7 @@ def _pdf_text(body: bytes, max_chars: int, max_pages: int) -> str:
     pages: list[str] = []
     chars = 0
     decoded = 0
+    operators = 0
     try:
         with pypdf.apply_configuration(_pdf_configuration(stream_limit)):
             reader = pypdf.PdfReader(BytesIO(body), strict=False)
@@ -387,10 +424,17 @@ def _pdf_text(body: bytes, max_chars: int, max_pages: int) -> str:
             count = len(reader.pages)
             if count > max_pages:
                 raise ExtractionError("pdf-too-large", f"{count} pages, at most {max_pages}")
+            # Every page is measured before any is interpreted: a bomb on the
+            # last page costs no interpretation of the others.
             for page in reader.pages:
-                decoded += _decoded_size(page)
+                size, page_operators = _page_cost(page)
+                decoded += size
+                operators += page_operators
                 if decoded > total_limit:
                     raise ExtractionError("pdf-too-large", "content streams too large")
+                if page_operators > MAX_PDF_OPERATORS_PER_PAGE or operators > MAX_PDF_OPERATORS:
+                    raise ExtractionError("too-complex", "too many content-stream operators")
+            for page in reader.pages:
                 text = page.extract_text()
                 chars += len(text)
                 if chars > max_chars:
@@ -471,3 +515,11 @@ def extract_text(
     if len(text) > max_chars:
         raise ExtractionError("too-large", f"more than {max_chars} characters")
     return text
+
+
+def extracted_length(body: bytes, content_type: str, *, charset: str | None = None) -> int:
+    """The length of :func:`extract_text`'s result, or its :class:`ExtractionError`.
+
+    For checking an upload in another process: only a number comes back.
+    """
+    return len(extract_text(body, content_type, charset=charset))

@@ -3,10 +3,17 @@
 ``knowledge.ingest`` runs for the user who uploaded the document, through the
 :class:`JobRegistry`: if that user may no longer write documents when the job
 runs (role revoked meanwhile), the document fails with ``not-authorized``.
+
+A job of one tenant runs at a time (its procrastinate ``lock`` is the
+tenant's, see ``bastion.enqueue_ingest``), extraction runs in a child process
+under a CPU limit (:meth:`KnowledgeService.ingest`), and the whole job has a
+time limit: past it the document fails with ``timed-out`` instead of being
+retried — its cost is its content's, and would be the same next time.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from uuid import UUID
 
@@ -18,6 +25,9 @@ from bastion.knowledge.service import KnowledgeService
 from bastion.worker.jobs import JobRefused, JobRegistry
 
 INGEST = "knowledge.ingest"
+# Extraction is bounded on its own (settings.extract_*); this bounds the
+# rest (PII scan, embedding), below the ingest queue's own job limit.
+INGEST_SECONDS = 600.0
 
 
 def register(
@@ -38,6 +48,16 @@ def register(
     )
     async def ingest_task(tenant_id: str, document_id: str, user_id: str | None = None) -> None:
         tenant, document = UUID(tenant_id), UUID(document_id)
+        try:
+            async with asyncio.timeout(INGEST_SECONDS) as limit:
+                await _ingest(tenant, document, user_id)
+        except TimeoutError:
+            if not limit.expired():
+                raise  # a timeout of something else: the retry strategy decides
+            await service.fail(tenant, document, "timed-out")
+
+    async def _ingest(tenant: UUID, document: UUID, user_id: str | None) -> None:
+        document_id = str(document)
         if not user_id:
             # Uploaded by the operator (``bastion ingest``): only the system
             # role, which the app signs, creates documents without a user.

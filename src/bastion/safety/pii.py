@@ -60,8 +60,11 @@ would claim a coverage it does not have.
 
 Overlaps are settled by priority (the order above is not it: secrets first,
 then e-mail, IBAN, national ids, cards, IP addresses, phones), so a card
-number is never half taken for a phone number. Text already tokenized
-(``⟦EMAIL_...⟧``) is left alone, so a token is never tokenized again. Every
+number is never half taken for a phone number. Vault tokens (``⟦EMAIL_...⟧``)
+are left alone only when the caller vouches for them (``opaque``: the real
+tokens of the tenant's vault, which :class:`~bastion.safety.vault.PiiVault`
+looks up), so a token is never tokenized again; anything else shaped like a
+token — ``⟦CARD_4111111111111111⟧`` is one — is scanned like any text. Every
 pattern is precompiled and free of ambiguous nested repetition, so the scan
 is linear in the input; inputs over ``max_chars`` are refused.
 """
@@ -75,7 +78,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -152,7 +155,8 @@ DEFAULT_REGIONS: tuple[str, ...] = ("US", "GB", "FR", "DE", "ES", "IT", "NL", "B
 # well below this; the bound keeps one call's CPU time and memory known.
 MAX_TEXT_CHARS = 4 * 1024 * 1024
 
-# A vault token (bastion.safety.vault): never recognised as anything.
+# The shape of a vault token (bastion.safety.vault). The shape proves nothing (a
+# card number has sixteen hex digits): only the vault says which are tokens.
 TOKEN_PATTERN = re.compile(r"⟦([A-Z][A-Z_]{1,30})_([0-9a-f]{16})⟧")
 
 
@@ -665,17 +669,22 @@ class PiiRecognizer:
         }
         self._finders = [(kind, finders[kind]) for kind in self.kinds]
 
-    def find(self, text: str | bytes) -> list[Entity]:
+    def find(self, text: str | bytes, *, opaque: Collection[str] = ()) -> list[Entity]:
         """Return the entities in ``text``, in order, never overlapping.
+
+        ``opaque`` are vault tokens known to be real (of the caller's tenant):
+        where one stands in ``text`` nothing is looked for. Any other text,
+        token-shaped or not, is scanned.
 
         Raises :class:`PiiInputTooLarge` over ``max_chars`` and
         :class:`PiiInputNotText` for bytes that are not UTF-8 (or a string
         with unpaired surrogates).
         """
         text = _checked(text, self.max_chars)
-        taken = bytearray(len(text))  # 1 where a span (or a vault token) already is
-        for match in TOKEN_PATTERN.finditer(text):
-            taken[match.start() : match.end()] = b"\x01" * (match.end() - match.start())
+        taken = bytearray(len(text))  # 1 where a span (or a real vault token) already is
+        for match in TOKEN_PATTERN.finditer(text) if opaque else ():
+            if match.group() in opaque:
+                taken[match.start() : match.end()] = b"\x01" * (match.end() - match.start())
         found: list[Entity] = []
         for kind, finder in self._finders:
             for start, end in finder(text):
@@ -886,15 +895,19 @@ class OutputScan:
 _DEFAULT = PiiRecognizer()
 
 
-def scan_output(text: str | bytes, recognizer: PiiRecognizer | None = None) -> OutputScan:
+def scan_output(
+    text: str | bytes, recognizer: PiiRecognizer | None = None, *, opaque: Collection[str] = ()
+) -> OutputScan:
     """Scan a model's answer for personal data and secrets; mask what is found.
 
     For the gateway's output stage: a model may repeat what it saw in training
     or in a tool result. Found values become ``[KIND]`` (not vault tokens: an
-    answer's stray value is not something to make revealable); vault tokens
-    in the answer are left as they are. Raises like :meth:`PiiRecognizer.find`.
+    answer's stray value is not something to make revealable); the vault
+    tokens in ``opaque`` (the real ones the prompt carried) are left as they
+    are, anything else token-shaped is scanned. Raises like
+    :meth:`PiiRecognizer.find`.
     """
-    entities = (recognizer or _DEFAULT).find(text)
+    entities = (recognizer or _DEFAULT).find(text, opaque=opaque)
     plain = text if isinstance(text, str) else bytes(text).decode("utf-8")
     masked = mask(plain, entities, lambda e: f"[{e.kind.upper()}]")
     return OutputScan(masked, dict(Counter(e.kind for e in entities)), tuple(entities))

@@ -15,6 +15,10 @@ Tool calls a model proposes come back from the gateway signed the same way
 verifies signature, expiry, tenant, name, arguments and single use first.
 Each signed call carries a ``run_id`` (a random UUID) that names the one run
 its signature permits: single use is keyed on it, never on the token's text.
+A call is signed only for a tool the request declared (its ``tools``), and the
+signature binds ``tool_sha256``, the SHA-256 of that declaration in RFC 8785
+canonical form (:mod:`bastion.jcs`): the executor is handed the declaration
+with the call and refuses one that is missing or differs.
 
 Wire form, in the ``Bastion-Envelope`` header: ``base64url(canonical JSON)
 "." base64url(mac)``. Canonical JSON here is sorted keys, no whitespace,
@@ -31,12 +35,13 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
 from bastion.encoding import b64url_decode, b64url_encode, parse_uuid
+from bastion.jcs import canonicalize
 from bastion.secrets.errors import SecretNotFound
 from bastion.secrets.store import LocalKeystore
 
@@ -220,13 +225,37 @@ class ToolCall:
     arguments: str  # JSON text, as the model wrote it
 
 
+def declared_tool(tools: Sequence[Any] | None, name: str) -> Mapping[str, Any] | None:
+    """The request's declaration of function ``name`` (an OpenAI ``tools`` entry,
+    ``{"type": "function", "function": {"name": ...}}``), or None when the request
+    declared no such function, or declared it more than once (which one would the
+    model have followed?)."""
+    found = [
+        tool
+        for tool in tools or ()
+        if isinstance(tool, Mapping)
+        and tool.get("type") == "function"
+        and isinstance(tool.get("function"), Mapping)
+        and tool["function"].get("name") == name
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def declaration_sha256(declaration: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the declaration's RFC 8785 canonical JSON; raises
+    ValueError (or RecursionError) for a value JSON cannot hold."""
+    return hashlib.sha256(canonicalize(dict(declaration))).hexdigest()
+
+
 @dataclass(frozen=True)
 class VerifiedToolCall:
-    """What a valid signature says about a call: who it runs for, and the id of
-    the one run it permits (unique per signature, chosen by the signer)."""
+    """What a valid signature says about a call: who it runs for, the id of the
+    one run it permits (unique per signature, chosen by the signer), and the hash
+    of the tool declaration it was proposed under."""
 
     user_id: UUID
     run_id: UUID
+    tool_sha256: str
 
 
 class ToolCallSigner:
@@ -245,7 +274,19 @@ class ToolCallSigner:
     ) -> None:
         self.tokens = SignedTokens(keystore, TOOL_KEY_NAME, max_age=max_age, clock=clock)
 
-    def sign(self, call: ToolCall, *, tenant_id: UUID, user_id: UUID) -> str:
+    def sign(
+        self,
+        call: ToolCall,
+        *,
+        tenant_id: UUID,
+        user_id: UUID,
+        declaration: Mapping[str, Any],
+    ) -> str:
+        """The call's signature, bound to ``declaration`` (the request's ``tools``
+        entry for the call's name: see :func:`declared_tool`). Raises ValueError
+        for a declaration that names another tool or is not JSON."""
+        if declared_tool([declaration], call.name) is None:
+            raise ValueError("the declaration is not the called tool's")
         return self.tokens.issue(
             {
                 "tenant_id": str(tenant_id),
@@ -256,12 +297,23 @@ class ToolCallSigner:
                 "run_id": str(uuid4()),
                 "name": call.name,
                 "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
+                "tool_sha256": declaration_sha256(declaration),
             }
         )
 
-    def verify(self, call: ToolCall, signature: str | None, *, tenant_id: UUID) -> VerifiedToolCall:
+    def verify(
+        self,
+        call: ToolCall,
+        signature: str | None,
+        *,
+        tenant_id: UUID,
+        declaration: Mapping[str, Any] | None,
+    ) -> VerifiedToolCall:
         """Return the user the call runs for and its run id; raise :class:`EnvelopeInvalid`.
 
+        ``declaration`` is the tool's declaration the call was proposed under:
+        without one, or with one for another name, the call is "undeclared";
+        with one that differs from the signed one, "declaration-altered".
         Single use in this process: a second execution of the same signed call
         is "replayed". Across processes and restarts the executor records the
         run id in the database before it runs anything.
@@ -276,10 +328,16 @@ class ToolCallSigner:
         ):
             raise EnvelopeInvalid("call-altered")
         try:
-            verified = VerifiedToolCall(
-                UUID(str(claims["user_id"])), parse_uuid(claims.get("run_id"))
-            )
+            user_id, run_id = UUID(str(claims["user_id"])), parse_uuid(claims.get("run_id"))
         except (KeyError, ValueError):  # EncodingError included: no or a misspelt run id
             raise EnvelopeInvalid("malformed") from None
+        if declaration is None or declared_tool([declaration], call.name) is None:
+            raise EnvelopeInvalid("undeclared")
+        try:
+            presented = declaration_sha256(declaration)
+        except (ValueError, RecursionError):
+            raise EnvelopeInvalid("malformed") from None
+        if not hmac.compare_digest(str(claims.get("tool_sha256")), presented):
+            raise EnvelopeInvalid("declaration-altered")  # or signed before declarations were
         self.tokens.consume(claims)
-        return verified
+        return VerifiedToolCall(user_id, run_id, presented)

@@ -3,13 +3,15 @@
 The job runs for the user the call was proposed to, through the
 :class:`JobRegistry` (Cedar action ``tool:run`` on a ``ToolRun``): a user who
 may no longer run tools when the job starts gets nothing run. The executor
-then checks the gateway's signature and runs the call in the sandbox. A tool
-call is never retried: it is single-use by design, and a second attempt would
-be refused as a replay anyway.
+then checks the gateway's signature — over the call and over the tool's
+declaration from the request it was proposed in, which the job carries — and
+runs the call in the sandbox. A tool call is never retried: it is single-use
+by design, and a second attempt would be refused as a replay anyway.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -65,12 +67,18 @@ def register(
 
     @registry.job(RUN, action="tool:run", resource_type="ToolRun")
     async def run_tool(
-        subject: Subject, resource_id: str, *, call: ToolCall, signature: str | None, **_: Any
+        subject: Subject,
+        resource_id: str,
+        *,
+        call: ToolCall,
+        signature: str | None,
+        declaration: Mapping[str, Any] | None,
+        **_: Any,
     ) -> ToolResult:
         if executor is None:
             await _refuse(db, subject.tenant_id, subject.user_id, call, "sandbox-unavailable")
             raise ToolRefused("sandbox-unavailable")
-        signed = SignedToolCall(subject.tenant_id, call, signature)
+        signed = SignedToolCall(subject.tenant_id, call, signature, declaration)
         return await executor.run(signed, user_id=subject.user_id)
 
     @queue.task(name=RUN, queue=QUEUE)
@@ -81,10 +89,11 @@ def register(
         name: str,
         arguments: str,
         signature: str | None = None,
+        tool: Any = None,  # the declaration, as JSON; anything else is refused
     ) -> None:
-        await run_job(
-            registry, db, tenant_id, user_id, ToolCall(call_id, name, arguments), signature
-        )
+        declaration = tool if isinstance(tool, Mapping) else None
+        call = ToolCall(call_id, name, arguments)
+        await run_job(registry, db, tenant_id, user_id, call, signature, declaration)
 
 
 async def run_job(
@@ -94,6 +103,7 @@ async def run_job(
     user_id: str,
     call: ToolCall,
     signature: str | None,
+    declaration: Mapping[str, Any] | None = None,
 ) -> ToolResult | None:
     """The job's body: the result, or None when refused (already audited)."""
     tenant, user = UUID(tenant_id), UUID(user_id)
@@ -101,7 +111,7 @@ async def run_job(
     subject = Subject(user, tenant, roles, mfa=False)
     try:
         result: ToolResult = await registry.run(
-            RUN, subject, call.id, call=call, signature=signature
+            RUN, subject, call.id, call=call, signature=signature, declaration=declaration
         )
     except JobRefused:
         await _refuse(db, tenant, user, call, "not-authorized")
@@ -123,9 +133,15 @@ async def _refuse(db: Database, tenant: UUID, user: UUID, call: ToolCall, reason
 
 
 async def defer(
-    queue: procrastinate.App, tenant_id: UUID, user_id: UUID, call: ToolCall, signature: str
+    queue: procrastinate.App,
+    tenant_id: UUID,
+    user_id: UUID,
+    call: ToolCall,
+    signature: str,
+    declaration: Mapping[str, Any],
 ) -> int:
-    """Enqueue a signed tool call for the worker; return the job id."""
+    """Enqueue a signed tool call with the declaration of its tool from the request
+    that proposed it (the ``tools`` entry the signature is bound to); return the job id."""
     job_id: int = await queue.configure_task(name=RUN, queue=QUEUE).defer_async(
         tenant_id=str(tenant_id),
         user_id=str(user_id),
@@ -133,5 +149,6 @@ async def defer(
         name=call.name,
         arguments=call.arguments,
         signature=signature,
+        tool=dict(declaration),
     )
     return job_id

@@ -3,8 +3,9 @@ with a valid gateway signature (CHECKLIST M1) and only inside the sandbox
 (CHECKLIST M2). Nothing a call carries is ever evaluated in this process.
 
 A call is checked first (signature, key, expiry, tenant, name, arguments,
-single use — :class:`~bastion.safety.signing.ToolCallSigner`), then its
-arguments; a refused call runs nothing and is audited as ``tool.refused``.
+the tool declaration it was signed for, single use —
+:class:`~bastion.safety.signing.ToolCallSigner`), then its arguments; a
+refused call runs nothing and is audited as ``tool.refused``.
 Single use across every worker process and restart: the call's signed
 ``run_id`` is inserted into ``tool_call_runs`` and committed before the
 sandbox starts, so a second attempt (another spelling, another worker, a job
@@ -23,18 +24,17 @@ Tools:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from bastion import audit
+from bastion import audit, jsonsafe
 from bastion.db.pool import Database
 from bastion.safety.sandbox import Limits, Outcome, Result, RunSpec, Sandbox, SandboxUnavailable
 from bastion.safety.sandbox.spec import PYTHON
-from bastion.safety.signing import EnvelopeInvalid, ToolCall, ToolCallSigner
+from bastion.safety.signing import EnvelopeInvalid, ToolCall, ToolCallSigner, VerifiedToolCall
 
 MAX_ARGUMENTS = 64 * 1024
 MAX_EXPRESSION = 200
@@ -72,8 +72,8 @@ _EXPRESSION = re.compile(r"[0-9+\-*/%().eE_ \t]+")
 class ToolRefused(Exception):
     """The call was not run; ``reason`` is a stable slug (``unsigned``,
     ``bad-signature``, ``expired``, ``replayed``, ``call-altered``, ``unknown-key``,
-    ``malformed``, ``wrong-user``, ``unknown-tool``, ``bad-arguments``,
-    ``sandbox-unavailable``)."""
+    ``malformed``, ``undeclared``, ``declaration-altered``, ``wrong-user``,
+    ``unknown-tool``, ``bad-arguments``, ``sandbox-unavailable``)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -82,11 +82,13 @@ class ToolRefused(Exception):
 
 @dataclass(frozen=True)
 class SignedToolCall:
-    """A tool call as the gateway handed it out, for the tenant the job names."""
+    """A tool call as the gateway handed it out, for the tenant the job names, with
+    the declaration (the request's ``tools`` entry) it was proposed and signed under."""
 
     tenant_id: UUID
     call: ToolCall
     signature: str | None
+    declaration: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -165,11 +167,14 @@ class ToolExecutor:
         ``user_id``, when given, is who the job runs for; the signature must name
         the same user. Raises :class:`ToolRefused` (audited, nothing run) for a
         call that is unsigned, altered, expired, replayed, for another tenant or
-        user, of an unknown tool or with bad arguments.
+        user, not declared or declared otherwise than signed, of an unknown tool
+        or with bad arguments.
         """
         call, tenant = signed.call, signed.tenant_id
         try:
-            verified = self.signer.verify(call, signed.signature, tenant_id=tenant)
+            verified = self.signer.verify(
+                call, signed.signature, tenant_id=tenant, declaration=signed.declaration
+            )
         except EnvelopeInvalid as exc:
             await self._refused(tenant, None, call, exc.reason)
             raise ToolRefused(exc.reason) from None
@@ -184,7 +189,7 @@ class ToolExecutor:
         try:
             if len(call.arguments) > MAX_ARGUMENTS:
                 raise ValueError("arguments too large")
-            arguments = json.loads(call.arguments)
+            arguments = jsonsafe.loads(call.arguments)
             if not isinstance(arguments, dict):
                 raise ValueError("arguments must be a JSON object")
             argv, stdin = tool.build(arguments)
@@ -210,7 +215,7 @@ class ToolExecutor:
             truncated=result.truncated,
             backend=result.backend,
         )
-        await self._ran(tenant, signer_user, call, verified.run_id, tool, result)
+        await self._ran(tenant, call, verified, tool, result)
         return tool_result
 
     async def _first_run(self, tenant: UUID, user: UUID, call: ToolCall, run_id: UUID) -> bool:
@@ -226,11 +231,12 @@ class ToolExecutor:
             return await cur.fetchone() is not None
 
     async def _ran(
-        self, tenant: UUID, user: UUID, call: ToolCall, run_id: UUID, tool: Tool, result: Result
+        self, tenant: UUID, call: ToolCall, verified: VerifiedToolCall, tool: Tool, result: Result
     ) -> None:
+        user = verified.user_id
         details: dict[str, Any] = {
             "tool": call.name,
-            "run_id": str(run_id),
+            "run_id": str(verified.run_id),
             "outcome": str(result.outcome),
             "exit_code": result.exit_code,
             "signal": result.signal,
@@ -239,6 +245,7 @@ class ToolExecutor:
             "wall_ms": round(result.wall_seconds * 1000),
             "cpu_ms": None if result.cpu_seconds is None else round(result.cpu_seconds * 1000),
             "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
+            "tool_sha256": verified.tool_sha256,  # the declaration it was proposed under
             "stdout_bytes": len(result.stdout),
             "stdout_sha256": hashlib.sha256(result.stdout).hexdigest(),
             "truncated": result.truncated,

@@ -103,7 +103,9 @@ def get_secret(
         if version is not None and all(info.version != version for info in infos):
             raise SecretNotFound(f"{name} version {version}")
     table = Table(title=name)
-    for column in ("version", "state", "created", "fingerprint (sha256)"):
+    # The fingerprint is keyed (HMAC under a key of this keystore): it tells
+    # versions apart here, and is no oracle to test guesses of the value against.
+    for column in ("version", "state", "created", "fingerprint (keyed)"):
         table.add_column(column)
     for info in infos:
         if version is None or info.version == version:

@@ -8,6 +8,14 @@ any altered byte makes the whole file unreadable: the keystore fails closed.
 Writers take an exclusive ``flock`` on a sibling ``.lock`` file and re-read the
 file inside it, then replace it atomically, so concurrent processes never lose
 an update.
+
+A version's *fingerprint* (what ``bastion secrets get`` shows without
+``--reveal``) tells versions apart without being a guessing oracle: it is
+HMAC-SHA256 (RFC 2104) of the value under a key derived from the master key
+with HKDF (RFC 5869), never a plain hash. An unsalted SHA-256 of a short
+secret (a 6-digit PIN, a dictionary password) is inverted by trying
+candidates offline; a keyed one needs the master key, and the same value
+fingerprints differently in two keystores.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -27,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bastion.encoding import b64_decode, b64_encode
 from bastion.secrets.errors import (
@@ -40,6 +51,8 @@ from bastion.secrets.errors import (
 
 MAGIC = b"BKS1"
 _NONCE = 12
+# HKDF info of the fingerprint key: one key, one use (NIST SP 800-57 part 1, 5.2).
+_FINGERPRINT_INFO = b"bastion/keystore/fingerprint/v1"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
 
 Document = dict[str, list[dict[str, Any]]]
@@ -47,12 +60,12 @@ Document = dict[str, list[dict[str, Any]]]
 
 @dataclass(frozen=True)
 class SecretVersionInfo:
-    """Metadata of one version of a secret; never its value."""
+    """Metadata of one version of a secret; never its value, nor a plain hash of it."""
 
     version: int
     created_at: str
     state: str
-    fingerprint: str
+    fingerprint: str  # 64 bits of a keyed HMAC of the value (see the module's docstring)
 
 
 class LocalKeystore:
@@ -103,12 +116,13 @@ class LocalKeystore:
         doc = self._load()
         if name not in doc:
             raise SecretNotFound(name)
+        key = _fingerprint_key(self._master_key(create=False))
         return [
             SecretVersionInfo(
                 version=int(v["version"]),
                 created_at=str(v["created_at"]),
                 state=str(v["state"]),
-                fingerprint=hashlib.sha256(_value(v)).hexdigest()[:16],
+                fingerprint=hmac.new(key, _value(v), hashlib.sha256).hexdigest()[:16],
             )
             for v in doc[name]
         ]
@@ -306,6 +320,11 @@ def _append(doc: Document, name: str, value: bytes) -> int:
         }
     )
     return version
+
+
+def _fingerprint_key(master_key: bytes) -> bytes:
+    """The key fingerprints are HMACs under: HKDF-SHA256 (RFC 5869) of the master key."""
+    return HKDF(hashes.SHA256(), 32, salt=None, info=_FINGERPRINT_INFO).derive(master_key)
 
 
 def _value(entry: dict[str, Any]) -> bytes:

@@ -9,27 +9,47 @@ A worker killed with ``kill -9`` leaves its jobs in ``doing``. Procrastinate
 notices the missing heartbeats; :func:`requeue_stalled` puts those jobs back
 in the queue, and the jobs themselves are idempotent, so each one takes effect
 exactly once however often it runs.
+
+Each queue has its own worker loop with its own slots (issue 23, A2): a
+flood of uploads or tool calls never delays a billing event, whose loop
+ingestion cannot occupy. Ingestion is fair across tenants (migration 0022,
+``bastion.enqueue_ingest``): a job carries its tenant as procrastinate
+``lock``, so one job of a tenant runs at a time, and a priority of minus its
+tenant's backlog, so tenants take turns; a newcomer waits for at most one
+job of each busy tenant. Every job runs under a wall-clock limit
+(:func:`time_limit`); a job whose CPU an attacker chooses bounds it itself
+(extraction: :mod:`bastion.limited_process`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import procrastinate
+from procrastinate.job_context import JobContext
 
 from bastion.logs import get_logger
 
 _log = get_logger("bastion.worker")
 
 QUEUES = ("ingest", "billing", "tools")
+# Slots per queue (each queue its own loop; the settings override them).
+# Billing has three: the periodic reconcile and sweep (one each at most, by
+# their queueing locks) never take the last slot from the tenants' drains.
+CONCURRENCY: Mapping[str, int] = {"billing": 3, "ingest": 2, "tools": 1}
+# The longest a job of each queue may run before it is cancelled. Generous:
+# the jobs bound their own work; this catches what they do not (a hung call).
+# A reconcile of every subscription may take minutes; it runs every 15.
+TIME_LIMITS: Mapping[str, float] = {"billing": 900.0, "ingest": 900.0, "tools": 120.0}
 HEARTBEAT_SECONDS = 2.0
 # A worker silent this long is dead; its jobs go back to the queue.
 STALLED_SECONDS = 10.0
 
 
-def queue_app(conninfo: str, *, max_size: int = 4) -> procrastinate.App:
+def queue_app(conninfo: str, *, max_size: int = 8) -> procrastinate.App:
     """Return the procrastinate app on the ``bastion_queue`` role's connection."""
     connector = procrastinate.PsycopgConnector(
         conninfo=conninfo,
@@ -49,22 +69,48 @@ async def requeue_stalled(app: procrastinate.App, stalled_seconds: float = STALL
     return len(jobs)
 
 
+CallNext = Callable[[], Awaitable[Any]]
+
+
+def time_limit(seconds: float) -> Callable[[CallNext, JobContext, Any], Awaitable[Any]]:
+    """A procrastinate worker middleware: the job is cancelled past ``seconds``
+    (it then fails with :class:`TimeoutError`, and its retry strategy decides)."""
+
+    async def limit(call_next: CallNext, context: JobContext, worker: Any) -> Any:
+        async with asyncio.timeout(seconds):
+            return await call_next()
+
+    return limit
+
+
 @contextlib.asynccontextmanager
 async def running_worker(
-    app: procrastinate.App, *, concurrency: int = 1, sweep_seconds: float = 5.0
+    app: procrastinate.App,
+    *,
+    concurrency: Mapping[str, int] | None = None,
+    sweep_seconds: float = 5.0,
 ) -> AsyncIterator[None]:
-    """Run the queue's worker (and the stalled-job sweeper) while the block runs."""
+    """Run one worker loop per queue (and the stalled-job sweeper) while the block runs.
+
+    ``concurrency`` gives a queue's slots (default :data:`CONCURRENCY`).
+    """
+    slots = {**CONCURRENCY, **(concurrency or {})}
     async with app.open_async():
-        worker = asyncio.create_task(
-            app.run_worker_async(
-                queues=list(QUEUES),
-                concurrency=concurrency,
-                install_signal_handlers=False,
-                update_heartbeat_interval=HEARTBEAT_SECONDS,
-                stalled_worker_timeout=STALLED_SECONDS,
-                delete_jobs="successful",
+        workers = [
+            asyncio.create_task(
+                app.run_worker_async(
+                    queues=[queue],
+                    name=f"bastion-{queue}",
+                    concurrency=slots[queue],
+                    install_signal_handlers=False,
+                    update_heartbeat_interval=HEARTBEAT_SECONDS,
+                    stalled_worker_timeout=STALLED_SECONDS,
+                    delete_jobs="successful",
+                    worker_middleware=[time_limit(TIME_LIMITS[queue])],
+                )
             )
-        )
+            for queue in QUEUES
+        ]
 
         async def sweep() -> None:
             while True:
@@ -79,7 +125,8 @@ async def running_worker(
             yield
         finally:
             sweeper.cancel()
-            worker.cancel()
-            for task in (sweeper, worker):
+            for worker in workers:
+                worker.cancel()
+            for task in (sweeper, *workers):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

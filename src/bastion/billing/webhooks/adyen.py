@@ -20,6 +20,15 @@ signed fields hold a ``:`` has more than one reading under the same HMAC
 (``pspReference`` "P" with ``originalReference`` "X:Y" signs exactly as "P:X"
 with "Y") — another event id, so the same notification applied twice. Such
 an item is refused: a signature must name one event.
+
+What the worker applies (issue 23, finding 5; :mod:`bastion.billing.service`):
+a successful AUTHORISATION of exactly the plan's price, to the configured
+merchant account in the configured mode, buys one month; a CANCELLATION,
+REFUND, CANCEL_OR_REFUND or CHARGEBACK of that payment takes it back. The
+batch's ``live`` flag is not covered by the HMAC: it is stored with each item
+(:data:`LIVE_KEY`) and must match the configuration, and the merchant
+account, which is signed, binds the rest — use a different HMAC key for the
+test and the live webhook so that neither can be replayed into the other.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from typing import Any
 
 import Adyen.util  # type: ignore[import-untyped]
 
+from bastion import jsonsafe
 from bastion.billing.errors import (
     EventTooLarge,
     InvalidSignature,
@@ -39,7 +49,15 @@ from bastion.billing.errors import (
 from bastion.billing.webhooks import MAX_BODY_BYTES, IncomingEvent
 
 PROVIDER = "adyen"
-HANDLED = frozenset({"AUTHORISATION"})
+# Notifications that take a payment back: each reverts what the payment bought.
+# A CHARGEBACK names the payment in ``pspReference``; the others are
+# modifications whose ``originalReference`` names it.
+REVERSALS = frozenset({"CANCELLATION", "REFUND", "CANCEL_OR_REFUND", "CHARGEBACK"})
+HANDLED = frozenset({"AUTHORISATION"}) | REVERSALS
+# The batch's ``live`` flag ("true" / "false"), which Adyen's HMAC does not
+# cover, stored with each item under this key (an item's own value is
+# overwritten): the worker refuses an item of the other mode.
+LIVE_KEY = "bastion:live"
 ACK = "[accepted]"  # the body Adyen expects, or it redelivers
 
 
@@ -96,8 +114,8 @@ class AdyenWebhook:
         if len(body) > MAX_BODY_BYTES:
             raise EventTooLarge(f"webhook bodies are limited to {MAX_BODY_BYTES} bytes")
         try:
-            batch = json.loads(body)
-        except ValueError:
+            batch = jsonsafe.loads(body)
+        except ValueError:  # not JSON, or nested too deep to read
             raise MalformedEvent("the body is not JSON") from None
         items = batch.get("notificationItems") if isinstance(batch, dict) else None
         if not isinstance(items, list) or not 0 < len(items) <= 100:
@@ -114,11 +132,27 @@ class AdyenWebhook:
                 raise MalformedEvent("a notification item's signed fields hold a ':'")
             if not any(_valid(item, key) for key in keys):
                 raise InvalidSignature("a notification item's HMAC does not verify")
-            events.append(_event(item))
+            events.append(_event(item, _live(batch.get("live"))))
         return events
 
 
-def _event(item: dict[str, Any]) -> IncomingEvent:
+def _live(flag: Any) -> bool | None:
+    """The batch's mode: True (live), False (test) or None (absent or unreadable)."""
+    text = str(flag).lower() if isinstance(flag, (str, bool)) else ""
+    return {"true": True, "false": False}.get(text)
+
+
+def payment_reference(item: dict[str, Any]) -> str | None:
+    """The pspReference of the payment an item is about: the item's own for an
+    AUTHORISATION or a CHARGEBACK, the ``originalReference`` of a modification."""
+    original = item.get("originalReference")
+    if item.get("eventCode") != "CHARGEBACK" and isinstance(original, str) and original:
+        return original[:255]
+    psp = item.get("pspReference")
+    return psp[:255] if isinstance(psp, str) and psp else None
+
+
+def _event(item: dict[str, Any], live: bool | None) -> IncomingEvent:
     psp, code = item.get("pspReference"), item.get("eventCode")
     success = str(item.get("success", "")).lower()
     if not isinstance(psp, str) or not isinstance(code, str) or not psp or not code:
@@ -136,5 +170,5 @@ def _event(item: dict[str, Any]) -> IncomingEvent:
         tenant_hint=None,
         object_id=psp[:255],
         version=reference[2] if reference else 0,
-        raw=json.dumps(item, separators=(",", ":")).encode(),
+        raw=json.dumps({**item, LIVE_KEY: live}, separators=(",", ":")).encode(),
     )

@@ -14,13 +14,13 @@ Stripe generated them in).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
 import stripe
 
+from bastion import jsonsafe
 from bastion.billing.errors import (
     EventTooLarge,
     InvalidSignature,
@@ -39,7 +39,7 @@ SUBSCRIPTION_EVENTS = frozenset(
         "customer.subscription.deleted",
     }
 )
-HANDLED = SUBSCRIPTION_EVENTS | {"checkout.session.completed", "invoice.paid"}
+HANDLED = SUBSCRIPTION_EVENTS | {"checkout.session.completed", "invoice.paid", "charge.refunded"}
 
 
 def _tenant_hint(obj: dict[str, Any]) -> UUID | None:
@@ -96,8 +96,8 @@ class StripeWebhook:
 def parse(body: bytes) -> IncomingEvent:
     """Read a (verified) Stripe event; raise :class:`MalformedEvent`."""
     try:
-        event = json.loads(body)
-    except ValueError:
+        event = jsonsafe.loads(body)
+    except ValueError:  # not JSON, or nested too deep to read
         raise MalformedEvent("the body is not JSON") from None
     if not isinstance(event, dict) or event.get("object") != "event":
         raise MalformedEvent("the body is not a Stripe event")

@@ -1,0 +1,81 @@
+"""RFC 8785 (JCS) canonical JSON, which tool-call signatures hash declarations in:
+the RFC's own examples, byte for byte, and refusal of what JSON cannot hold."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import pytest
+
+from bastion.jcs import canonicalize
+
+# RFC 8785 appendix B: IEEE 754 doubles (hex) and their canonical text.
+NUMBERS = {
+    "0000000000000000": "0",
+    "8000000000000000": "0",
+    "0000000000000001": "5e-324",
+    "8000000000000001": "-5e-324",
+    "7fefffffffffffff": "1.7976931348623157e+308",
+    "4340000000000000": "9007199254740992",
+    "4430000000000000": "295147905179352830000",
+    "44b52d02c7e14af6": "1e+23",
+    "444b1ae4d6e2ef50": "1e+21",
+    "3eb0c6f7a0b5ed8d": "0.000001",
+    "3eb0c6f7a0b5ed8c": "9.999999999999997e-7",
+    "41b3de4355555553": "333333333.3333332",
+    "becbf647612f3696": "-0.0000033333333333333333",
+    "43143ff3c1cb0959": "1424953923781206.2",
+}
+
+
+@pytest.mark.parametrize(("bits", "text"), NUMBERS.items())
+def test_numbers_are_written_as_ecmascript_writes_them(bits: str, text: str) -> None:
+    (number,) = struct.unpack(">d", bytes.fromhex(bits))
+    assert canonicalize(number) == text.encode()
+
+
+def test_the_rfc_examples_serialise_byte_for_byte() -> None:
+    # Section 3.2.2: whitespace, escapes, numbers and literals.
+    parsed = json.loads(
+        '{"numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],'
+        ' "string": "\\u20ac$\\u000F\\u000aA\'\\u0042\\u0022\\u005c\\\\\\"\\/",'
+        ' "literals": [null, true, false]}'
+    )
+    assert (
+        canonicalize(parsed)
+        == (
+            '{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],'
+            '"string":"€$\\u000f\\nA\'B\\"\\\\\\\\\\"/"}'
+        ).encode()
+    )
+    # Section 3.2.3: members sorted by UTF-16 code units (the emoji's surrogates
+    # come before U+FB33, though its code point is higher).
+    names = ["\u20ac", "\r", "\ufb33", "1", "\U0001f600", "\u0080", "\u00f6"]
+    text = canonicalize({name: 0 for name in names}).decode()
+    assert list(json.loads(text)) == [
+        "\r",
+        "1",
+        "\u0080",
+        "\u00f6",
+        "\u20ac",
+        "\U0001f600",
+        "\ufb33",
+    ]
+
+
+def test_one_value_one_spelling() -> None:
+    a = json.loads('{"b": [1.0, 2e2, 10000000000000000000000], "a": {"y": 1, "x": "é"}}')
+    b = json.loads('{ "a":{"x":"\\u00e9","y":1.00},"b":[1,200,1e22] }')
+    assert canonicalize(a) == canonicalize(b) == b'{"a":{"x":"\xc3\xa9","y":1},"b":[1,200,1e+22]}'
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), "\ud800", {1: "x"}, {"a": {1, 2}}, 10**400, b"bytes"],
+    ids=["nan", "inf", "lone surrogate", "int key", "set", "huge int", "bytes"],
+)
+def test_what_json_cannot_hold_is_refused(value: Any) -> None:
+    with pytest.raises(ValueError):
+        canonicalize(value)
