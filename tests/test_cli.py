@@ -255,5 +255,7 @@ def test_ingest_search_and_shred_commands(home: Path, tmp_path: Path) -> None:
     assert unconfirmed.returncode == 1 and "--yes" in unconfirmed.stderr
     shred = _run(home, "tenant", "shred", "kb-desk", "--yes")
     assert shred.returncode == 0 and "10 documents deleted" in shred.stdout
-    empty = _run(home, "search", "refund double charge", "--tenant", "kb-desk", **hashing)
-    assert empty.returncode == 0 and "Refund" not in empty.stdout
+    # The knowledge base went with the shred (its partition dropped: tests/test_shred.py).
+    gone = _run(home, "search", "refund double charge", "--tenant", "kb-desk", **hashing)
+    assert gone.returncode == 1 and "Refund" not in gone.stdout
+    assert "has no knowledge base 'default'" in gone.stderr and "Traceback" not in gone.stderr

@@ -244,7 +244,7 @@ def tenant_shred(
     slug: str,
     yes: Annotated[bool, typer.Option("--yes", help="confirm: this cannot be undone")] = False,
 ) -> None:
-    """Delete a tenant's documents and destroy its data keys (crypto-shredding)."""
+    """Delete a tenant's documents, knowledge bases and vault, and destroy its data keys."""
     if not yes:
         _fail("this destroys the tenant's documents and keys for good; add --yes")
 
@@ -262,7 +262,11 @@ def tenant_shred(
 
     with _errors():
         deleted = asyncio.run(run())
-    out.print(f"{slug}: {deleted} documents deleted, data keys destroyed", highlight=False)
+    out.print(
+        f"{slug}: {deleted} documents deleted, knowledge bases and vault dropped, "
+        "data keys destroyed",
+        highlight=False,
+    )
 
 
 @user_app.command("add")

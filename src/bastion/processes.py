@@ -98,6 +98,7 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         from bastion.gateway.entitlements import PlanGate
         from bastion.gateway.ledger import CallLedger
         from bastion.gateway.service import GatewayService
+        from bastion.gateway.shreds import ShredListener
         from bastion.identity.wiring import build_guard
         from bastion.knowledge.keys import TenantKeys
         from bastion.safety.vault import PiiVault
@@ -117,16 +118,19 @@ def build_app(process: str, settings: Settings) -> FastAPI:
             lease_calls=settings.gateway_budget_lease_calls,
             lease_seconds=settings.gateway_budget_lease_seconds,
         )
+        answers = AnswerCache(
+            max_entries=settings.gateway_cache_entries,
+            max_bytes=settings.gateway_cache_bytes,
+            expected_tenants=settings.gateway_cache_expected_tenants,
+            ttl_seconds=settings.gateway_cache_ttl_seconds,
+            shared_within_tenant=settings.gateway_cache_scope == "tenant",
+        )
+        # A shredded tenant's answers are dropped when the shred commits.
+        shreds = ShredListener(db, answers)
         gateway = GatewayService(
             ledger,
             routers,
-            AnswerCache(
-                max_entries=settings.gateway_cache_entries,
-                max_bytes=settings.gateway_cache_bytes,
-                expected_tenants=settings.gateway_cache_expected_tenants,
-                ttl_seconds=settings.gateway_cache_ttl_seconds,
-                shared_within_tenant=settings.gateway_cache_scope == "tenant",
-            ),
+            answers,
             authorizer=guard.authorizer,
             tool_signer=ToolCallSigner(keystore),
             vault=PiiVault(TenantKeys(keystore)),
@@ -140,11 +144,13 @@ def build_app(process: str, settings: Settings) -> FastAPI:
         async def gateway_lifespan(_app: FastAPI) -> AsyncIterator[None]:
             async with _pool_lifespan(db)(_app):
                 ledger.start()
+                shreds.start()
                 if live_roles is not None:
                     live_roles.start()
                 try:
                     yield
                 finally:
+                    await shreds.aclose()
                     if live_roles is not None:
                         await live_roles.aclose()
                     await ledger.aclose()

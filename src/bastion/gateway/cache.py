@@ -69,6 +69,12 @@ MIN_TENANT_BYTES = 256 << 10
 ENTRY_OVERHEAD_BYTES = 512
 
 
+def shred_announcement(tenant_id: UUID) -> str:
+    """How migration 0023 announces the shred of ``tenant_id`` on
+    ``bastion_tenant_shred``: the SHA-256 of its id (no id in clear)."""
+    return hashlib.sha256(str(tenant_id).encode()).hexdigest()
+
+
 def tenant_quota(total: int, expected_tenants: int, floor: int) -> int:
     """A tenant's share of ``total``: ``total / expected_tenants``, at least
     ``floor``, at most ``total``."""
@@ -222,6 +228,21 @@ class AnswerCache:
         if partition is not None:
             self._entries -= len(partition.entries)
             self._bytes -= partition.size
+
+    def forget_announced(self, announcement: str) -> None:
+        """Drop the entries of the tenant whose shred was announced as ``announcement``
+        (:func:`shred_announcement`); anything unexpected drops them all."""
+        if len(announcement) != 64:
+            self.forget_all()
+            return
+        for tenant_id in list(self._tenants):
+            if hmac.compare_digest(announcement, shred_announcement(tenant_id)):
+                self.forget_tenant(tenant_id)
+
+    def forget_all(self) -> None:
+        """Drop every entry (shreds may have been announced while nobody listened)."""
+        for tenant_id in list(self._tenants):
+            self.forget_tenant(tenant_id)
 
     def entries_of(self, tenant_id: UUID) -> int:
         partition = self._tenants.get(tenant_id)

@@ -142,6 +142,7 @@ def search_command(
     k: Annotated[int, typer.Option(min=1, max=100)] = 5,
 ) -> None:
     """Search a tenant's knowledge base (as the operator) and print the best chunks."""
+    from bastion.knowledge.errors import NamespaceNotFound
     from bastion.knowledge.service import Actor
     from bastion.runtime import app_database, knowledge_service, open_keystore
 
@@ -151,6 +152,12 @@ def search_command(
         async with app_database(settings) as db:
             kb = knowledge_service(settings, db, open_keystore(settings))
             tenant_id = await _tenant(db, tenant)
-            return await kb.search(Actor(tenant_id, None, "system"), namespace, query=query, k=k)
+            try:
+                return await kb.search(
+                    Actor(tenant_id, None, "system"), namespace, query=query, k=k
+                )
+            except NamespaceNotFound:  # never created, or shredded
+                _fail(f"tenant {tenant!r} has no knowledge base {namespace!r}")
+                raise
 
     Console().print(hits_table(asyncio.run(run())))

@@ -11,17 +11,27 @@ backup alone decrypts nothing — and destroying the tenant's KEK
 Records are sealed with AES-256-GCM (NIST SP 800-38D) with a fresh 96-bit
 nonce; the associated data is the purpose, the tenant id and the row id, so a
 ciphertext moved to another row or another tenant fails to open.
+
+Digests of the tenant's text (an upload's, for idempotency; a chunk's, for the
+embedding cache) are HMAC-SHA256 (RFC 2104) under a key derived from the data
+key with HKDF (RFC 5869), never a plain hash: a plain SHA-256 in the database
+or a backup tells anyone holding a candidate file whether the tenant had it;
+a keyed one tells nothing once the key is shredded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import secrets
 import time
 from uuid import UUID
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bastion.db.pool import Conn
 from bastion.secrets.errors import KMSError, SecretNotFound
@@ -58,6 +68,18 @@ def open_sealed(key: bytes, purpose: str, tenant_id: UUID, row_id: UUID, blob: b
         return AESGCM(key).decrypt(blob[:_NONCE], blob[_NONCE:], _aad(purpose, tenant_id, row_id))
     except (InvalidTag, ValueError):
         raise DecryptionFailed(f"{purpose} {row_id} does not open for this tenant") from None
+
+
+def keyed_digest(key: bytes, purpose: str, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` under a key derived from data key ``key`` for ``purpose``.
+
+    The derived key (HKDF-SHA256, info ``bastion/digest/<purpose>``) keeps the
+    AES-GCM key and the MAC key apart (NIST SP 800-57 part 1, 5.2).
+    """
+    mac_key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=f"bastion/digest/{purpose}".encode()
+    ).derive(key)
+    return hmac.new(mac_key, data, hashlib.sha256).digest()
 
 
 class TenantKeys:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,7 +61,14 @@ from bastion.knowledge.extract import (
     extract_text,
     extracted_length,
 )
-from bastion.knowledge.keys import DecryptionFailed, KeyUnavailable, TenantKeys, open_sealed, seal
+from bastion.knowledge.keys import (
+    DecryptionFailed,
+    KeyUnavailable,
+    TenantKeys,
+    keyed_digest,
+    open_sealed,
+    seal,
+)
 from bastion.knowledge.redact import Redactor
 from bastion.limited_process import ChildFailed, LimitExceeded, ProcessLimits, run_limited
 from bastion.logs import get_logger
@@ -183,10 +189,6 @@ def vector_literal(vector: np.ndarray[Any, Any]) -> str:
 
 def _parse_vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
     return np.asarray(json.loads(text), dtype=np.float32)
-
-
-def _chunk_hash(text: str) -> bytes:
-    return hashlib.sha256(text.encode()).digest()
 
 
 _DOCUMENT_COLUMNS = (
@@ -381,11 +383,19 @@ class KnowledgeService:
                 await self._parse(actor.tenant_id, check, body, media)
             except ExtractionError as exc:
                 raise UploadRefused(str(exc), reason=exc.reason) from None
-        digest = hashlib.sha256(body).digest()
         async with self._tx(actor) as tx:
             ns = await self._namespace(tx, namespace)
             document_id = uuid4()
             version, key = await self.keys.current(tx, actor.tenant_id)
+            # Keyed: a plain hash would let anyone with a dump recognise a file.
+            digest = keyed_digest(key, "document", body)
+            # The client's key may be derived from the content (``bastion ingest``
+            # hashes path and body): stored keyed too, under the tenant's first
+            # data key, so that a retry after a rotation still finds it.
+            stored_key = None
+            if idempotency_key is not None:
+                first = key if version == 1 else await self.keys.get(tx, actor.tenant_id, 1)
+                stored_key = keyed_digest(first, "idempotency-key", idempotency_key.encode()).hex()
             # A title is shown to every reader of the tenant: stored tokenized.
             title = await self._redacted(tx, actor, title)
             ciphertext = seal(key, "document", actor.tenant_id, document_id, body)
@@ -403,7 +413,7 @@ class KnowledgeService:
                     digest,
                     ciphertext,
                     version,
-                    idempotency_key,
+                    stored_key,
                     actor.user_id,
                 ),
             )
@@ -412,12 +422,15 @@ class KnowledgeService:
                 # ON CONFLICT waited for): the same upload again is the same
                 # document; another body under that key is a client bug.
                 cur = await tx.execute(
-                    f"SELECT {_DOCUMENT_COLUMNS}, sha256 FROM bastion.documents "
+                    f"SELECT {_DOCUMENT_COLUMNS}, sha256, key_version FROM bastion.documents "
                     "WHERE idempotency_key = %s",
-                    (idempotency_key,),
+                    (stored_key,),
                 )
                 earlier = await cur.fetchone()
                 assert earlier is not None
+                if earlier["key_version"] != version:  # digested under an older key
+                    earlier_key = await self.keys.get(tx, actor.tenant_id, earlier["key_version"])
+                    digest = keyed_digest(earlier_key, "document", body)
                 if earlier["sha256"] != digest or earlier["namespace_id"] != ns.id:
                     raise IdempotencyKeyReused(
                         "that Idempotency-Key was used for a different upload"
@@ -686,8 +699,10 @@ class KnowledgeService:
         Each batch is committed to the cache at once: a worker killed halfway
         leaves the finished batches for the retry.
         """
-        hashes = [_chunk_hash(c.text) for c in chunks]
         async with self._tx(system) as tx:
+            # Keyed digests: the cache's keys reveal nothing once the key is shredded.
+            _version, key = await self.keys.current(tx, system.tenant_id)
+            hashes = [keyed_digest(key, "chunk", c.text.encode()) for c in chunks]
             cur = await tx.execute(
                 "SELECT chunk_hash, embedding::text AS embedding FROM bastion.embedding_cache "
                 "WHERE document_id = %s",
@@ -850,18 +865,32 @@ class KnowledgeService:
     # -- deletion of a tenant ----------------------------------------------
 
     async def shred_tenant(self, tenant_id: UUID, *, actor: str = "operator") -> int:
-        """Delete the tenant's documents and destroy its keys (crypto-shredding).
+        """Delete everything derived from the tenant's text and destroy its keys.
 
+        In one transaction: the documents (chunks and cached embeddings by
+        cascade), the namespaces with their chunk partitions dropped (no dead
+        tuples left for a vacuum), the vault's entries and token key
+        (``bastion.shred_tenant_index``, migration 0023), the data keys; then
+        the KEK in the key ring. The commit announces the shred on
+        ``bastion_tenant_shred`` so gateways forget the tenant's answers.
         Returns the number of documents deleted. Any copy of the tenant's
-        ciphertext (a backup, a replica) can no longer be decrypted.
+        ciphertext or keyed digests (a backup, a replica) is worthless after.
         """
         async with self._tx(Actor(tenant_id, None, "system")) as tx:
             cur = await tx.execute(
-                "DELETE FROM bastion.documents WHERE tenant_id = %s RETURNING id", (tenant_id,)
+                "SELECT count(*) AS n FROM bastion.documents WHERE tenant_id = %s", (tenant_id,)
             )
-            deleted = len(await cur.fetchall())
+            row = await cur.fetchone()
+            deleted = int(row["n"]) if row else 0
+            cur = await tx.execute("SELECT bastion.shred_tenant_index() AS namespaces")
+            row = await cur.fetchone()
+            namespaces = int(row["namespaces"]) if row else 0
             await self.keys.shred(tx, tenant_id)
+            self.vault.forget_tenant(tenant_id)
             await audit.record(
-                tx, actor=actor, action="tenant.shred", details={"documents": deleted}
+                tx,
+                actor=actor,
+                action="tenant.shred",
+                details={"documents": deleted, "namespaces": namespaces},
             )
         return deleted

@@ -198,6 +198,10 @@ class PiiVault:
             # cached key that was never stored would make tokens nobody keeps.
         return key
 
+    def forget_tenant(self, tenant_id: UUID) -> None:
+        """Drop the tenant's token key from memory (its data was shredded)."""
+        self._token_keys.pop(tenant_id, None)
+
     async def _existing_token_key(self, tx: Conn, tenant_id: UUID) -> bytes | None:
         """The tenant's token key, or None if it has none yet (nothing is written)."""
         cached = self._token_keys.get(tenant_id)
