@@ -77,6 +77,7 @@ def _event(customer: str, price: str, created: int) -> str:
     event = {
         "id": f"evt_{uuid4().hex}",
         "object": "event",
+        "livemode": False,  # the bench configures test mode (issue 23 B5 refuses the other)
         "created": created,
         "type": "customer.subscription.updated",
         "data": {"object": sub},

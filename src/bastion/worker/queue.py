@@ -83,6 +83,9 @@ def time_limit(seconds: float) -> Callable[[CallNext, JobContext, Any], Awaitabl
     return limit
 
 
+FETCH_POLL_SECONDS = 0.5
+
+
 @contextlib.asynccontextmanager
 async def running_worker(
     app: procrastinate.App,
@@ -107,6 +110,11 @@ async def running_worker(
                     stalled_worker_timeout=STALLED_SECONDS,
                     delete_jobs="successful",
                     worker_middleware=[time_limit(TIME_LIMITS[queue])],
+                    # LISTEN wakes a loop for a new job, but a wake-up that
+                    # lands during a fetch that finds nothing (or a job that
+                    # waited on another's lock) is only picked up by polling:
+                    # procrastinate's 5 s default would be a billing event's delay.
+                    fetch_job_polling_interval=FETCH_POLL_SECONDS,
                 )
             )
             for queue in QUEUES
