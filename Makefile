@@ -55,6 +55,7 @@ bench: $(STAMP)
 	@echo "bench/pii.py compares with Presidio when /tmp/presidio-venv (or PRESIDIO_PYTHON) has it"
 	$(BIN)/python bench/pii.py
 	$(BIN)/python bench/injection.py
+	$(BIN)/python bench/noisy_neighbour.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
