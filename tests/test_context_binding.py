@@ -292,3 +292,23 @@ async def test_membership_announcements_name_no_tenant_or_user(
         payloads.append(notify.payload)
     assert payloads == [announced_as(victims.b, newcomer)]
     assert str(victims.b) not in payloads[0] and str(newcomer) not in payloads[0]
+
+
+async def test_the_roles_read_takes_only_a_signed_context(
+    db: Database, database: DbHandles, attacker: Attacker, victims: Victims
+) -> None:
+    """``bastion.member_roles`` (the guard's one-statement read) verifies the
+    same MAC as ``context_enter``: with a forged or replayed one it answers
+    nothing, while the application's own read still works."""
+    assert await db.member_roles(victims.b, victims.bob) == {"owner"}
+    row = await (await attacker.execute("SELECT bastion.context_open() AS first")).fetchone()
+    assert row is not None
+    pid = attacker.info.backend_pid
+    for mac in (
+        "0" * 64,
+        sign_context(database.context_key, victims.b, victims.bob, "viewer", pid, row["first"] - 1),
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not signed"):
+            await attacker.execute(
+                "SELECT bastion.member_roles(%s, %s, %s)", (victims.b, victims.bob, mac)
+            )

@@ -53,7 +53,7 @@ def sign_context(
 
 _ENTER = b"SELECT bastion.context_enter(%s, %s, %s, %s)"
 _REFUSED = "tenant context is not signed by the application"
-_MEMBER_ROLES = b"SELECT role FROM bastion.memberships WHERE user_id = %s"
+_MEMBER_ROLES = b"SELECT bastion.member_roles(%s, %s, %s) AS role"
 
 
 def _context_refused(error: BaseException) -> bool:
@@ -195,16 +195,21 @@ class Database:
         """Return the roles ``user_id`` holds in ``tenant_id`` right now.
 
         Runs on every guarded request (so a revoked role stops at once), hence
-        one round trip: BEGIN, the signed context, the select and COMMIT go
-        in one pipeline, RLS applying as in :meth:`tenant_tx`.
+        one statement (migration 0024): ``bastion.member_roles`` enters the
+        signed context and selects under RLS, as :meth:`tenant_tx` would.
         """
         self._check(tenant_id, user_id, "viewer")
         async with self.pool.connection() as conn:
             assert isinstance(conn, TenantConnection)
             conn.pending = (tenant_id, user_id, "viewer")
-            async with conn.pipeline():
-                cursor = await conn.execute(_MEMBER_ROLES, (user_id,))
-                await conn.execute(b"COMMIT", prepare=False)
+            params = conn._enter_params()
+            assert params is not None
+            try:
+                cursor = await conn.execute(_MEMBER_ROLES, (tenant_id, user_id, params[3]))
+            except psycopg.Error as error:
+                if _context_refused(error):
+                    await conn.close()
+                raise
             return frozenset(row["role"] for row in await cursor.fetchall())
 
     @asynccontextmanager
