@@ -13,6 +13,7 @@ Used by tests/test_pii_corpus.py (precision/recall floors) and bench/pii.py.
 
 from __future__ import annotations
 
+import datetime
 import random
 import string
 import uuid
@@ -145,13 +146,18 @@ class _Values:
         return str(fake.ssn())
 
 
+# Faker draws dates up to "now" unless told otherwise: the same seed would
+# give another corpus a second later.
+_DATES_END = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
 def _distractor(fake: Faker, rnd: random.Random) -> str:
     """Unlabelled text with digits or capitals that is not personal data we claim."""
     makers: list[Callable[[], str]] = [
         lambda: f"Order #{rnd.randint(10_000, 99_999_999)}",
-        lambda: f"on {fake.date()}",
-        lambda: f"on {fake.date(pattern='%d/%m/%Y')}",
-        lambda: f"at {fake.time()}",
+        lambda: f"on {fake.date(end_datetime=_DATES_END)}",
+        lambda: f"on {fake.date(pattern='%d/%m/%Y', end_datetime=_DATES_END)}",
+        lambda: f"at {fake.time(end_datetime=_DATES_END)}",
         lambda: f"version {rnd.randint(0, 9)}.{rnd.randint(0, 40)}.{rnd.randint(0, 99)}",
         lambda: f"total {rnd.randint(1, 9_999)}.{rnd.randint(0, 99):02d} EUR",
         lambda: f"request id {uuid.UUID(int=rnd.getrandbits(128))}",
