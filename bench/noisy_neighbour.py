@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import base64
 import dataclasses
-import io
 import itertools
 import json
 import os
@@ -56,10 +55,8 @@ from uuid import UUID, uuid4
 
 import httpx
 import psycopg
-import pypdf
 import stripe
 import uvicorn
-from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
 from bastion.billing.budgets import BudgetService
 from bastion.billing.plans import Plan, PlanCatalogue
@@ -76,6 +73,10 @@ from bastion.runtime import app_database, knowledge_service, open_keystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
 from wrk_dpop import free_port
+
+# The attacker's PDF bombs are the tests' own (tests/ is a package at the repo root).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.pdf_bombs import operator_bomb
 
 PLANS = [
     Plan(
@@ -196,34 +197,6 @@ async def serve_doubles(upstream_port: int, issuer_port: int) -> None:
 
 
 # -- tenant A: the attacker, its own process ----------------------------------------------
-
-MATRIX = b"1 0 0 1 0 0 cm\n"  # as tests/pdf_bombs.py: ~20 µs of pypdf's CPU each
-
-
-def operator_bomb(pages: int, operators_per_page: int) -> bytes:
-    """A small Flate-compressed PDF whose pages are mostly matrix operators
-    (tests/pdf_bombs.py's ``operator_bomb``)."""
-    writer = pypdf.PdfWriter()
-    font = writer._add_object(
-        DictionaryObject(
-            {
-                NameObject("/Type"): NameObject("/Font"),
-                NameObject("/Subtype"): NameObject("/Type1"),
-                NameObject("/BaseFont"): NameObject("/Helvetica"),
-            }
-        )
-    )
-    for _ in range(pages):
-        page = writer.add_blank_page(612, 792)
-        page[NameObject("/Resources")] = DictionaryObject(
-            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})}
-        )
-        content = DecodedStreamObject()
-        content.set_data(b"BT /F1 12 Tf 72 720 Td (Hello) Tj ET\n" + MATRIX * operators_per_page)
-        page[NameObject("/Contents")] = writer._add_object(content.flate_encode(level=9))
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 def _b64(data: bytes) -> str:
