@@ -16,6 +16,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -442,3 +443,387 @@ def test_int_0x80(run: Run) -> None:
         assert result.outcome is Outcome.OK and int(result.stdout.split()[-1]) < 0
     else:
         assert result.outcome is Outcome.SECCOMP_VIOLATION, result
+
+
+# -- CPU time of every task a run ever had (issue 22, item 2) --------------------------------
+# Each process stays under its own RLIMIT_CPU (1 s) and exits without being reaped, one
+# after the other, so a watch that sums the live members of the cgroup never sees more
+# than one of them. The cgroup's own account (cpuacct.usage, cpu.stat) sees them all.
+
+SPIN = (
+    "import os, time\n"
+    "def spin(seconds):\n"
+    "    t = time.process_time()\n"
+    "    while time.process_time() - t < seconds: pass\n"
+)
+
+
+# A generous wall clock: on a loaded host the CPU limit must still be what ends the run.
+CPU_PROBE = Limits(cpu_seconds=1, wall_seconds=30.0, pids=16, fsize_bytes=1 << 20)
+
+
+def _cpu_contained(result: Result, limits: Limits = CPU_PROBE) -> None:
+    assert result.outcome is Outcome.CPU_LIMIT, result
+    assert b"escaped" not in result.stdout  # ended while running, not at its end
+    # The reported figure is the run's: every task counted, and the run stopped soon after.
+    assert result.cpu_seconds is not None
+    assert limits.cpu_seconds <= result.cpu_seconds <= limits.cpu_seconds + 1.5, result
+
+
+def test_cpu_of_unreaped_children_counts(run: Run) -> None:
+    code = SPIN + (
+        "for i in range(6):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        spin(0.8); os._exit(0)\n"
+        "    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, left a zombie\n"
+        "print('escaped', flush=True)\n"
+    )
+    _cpu_contained(run(code, CPU_PROBE))
+
+
+def test_cpu_of_double_forked_daemons_counts(run: Run) -> None:
+    # The grandchild is orphaned at once: re-parented (landlock: to the worker, which
+    # reaps only at the end), it spins and exits; the pipe says when.
+    code = SPIN + (
+        "for i in range(6):\n"
+        "    r, w = os.pipe()\n"
+        "    if os.fork() == 0:\n"
+        "        if os.fork() == 0:\n"
+        "            os.setsid(); os.close(r); spin(0.8); os._exit(0)\n"
+        "        os._exit(0)\n"
+        "    os.close(w); os.wait(); os.read(r, 1); os.close(r)\n"
+        "print('escaped', flush=True)\n"
+    )
+    _cpu_contained(run(code, CPU_PROBE))
+
+
+def test_cpu_of_threads_in_unreaped_children_counts(run: Run) -> None:
+    # Two threads hashing (the GIL released) per child: 0.8 s of CPU in ~0.4 s of wall.
+    code = SPIN + (
+        "import hashlib, threading\n"
+        "def hash_until(seconds):\n"
+        "    data = bytes(1 << 20)\n"
+        "    while time.process_time() < seconds: hashlib.sha256(data).digest()\n"
+        "for i in range(8):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        ts = [threading.Thread(target=hash_until, args=(0.8,)) for _ in range(2)]\n"
+        "        try:\n"
+        "            [t.start() for t in ts]\n"
+        "        except RuntimeError:  # gVisor under RLIMIT_AS: no new thread\n"
+        "            hash_until(0.8)\n"
+        "        [t.join() for t in ts if t.ident]; os._exit(0)\n"
+        "    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)\n"
+        "print('escaped', flush=True)\n"
+    )
+    _cpu_contained(run(code, CPU_PROBE))
+
+
+# -- cleanup that nothing a run makes can defeat (issue 22, item 3) -----------------------
+
+MESS = r"""
+import ctypes, fcntl, os, struct, time
+print('cwd', os.getcwd(), flush=True)
+d = os.open('.', os.O_RDONLY)
+for i in range(2500):  # deeper than any recursive walk
+    os.mkdir('d', dir_fd=d)
+    n = os.open('d', os.O_RDONLY, dir_fd=d); os.close(d); d = n
+fd = os.open('deep-file', os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=d)
+os.write(fd, b'x' * (1 << 20)); os.close(fd)
+odd = b'\n\xff\xfe ' + b'n' * 250  # not UTF-8, a newline, a maximal name
+os.mkdir(odd); open(os.path.join(odd, b'\x01*'), 'w').write('odd')
+os.makedirs('locked/inner'); open('locked/inner/f', 'w').write('locked')
+os.chmod('locked/inner', 0); os.chmod('locked', 0)
+os.symlink('/usr', 'link-out')
+f = os.open('flags', os.O_RDONLY | os.O_CREAT, 0o600)
+try:  # FS_IOC_SETFLAGS immutable|append: needs CAP_LINUX_IMMUTABLE
+    fcntl.ioctl(f, 0x40086602, struct.pack('i', 0x30)); print('flags set')
+except OSError as e:
+    print('flags refused', e.errno)
+if os.fork() == 0:  # a daemon keeping a handle open in the work dir
+    os.setsid()
+    if os.fork() == 0:
+        h = open('held', 'wb'); h.write(b'h' * (1 << 20)); h.flush()
+        time.sleep(60)
+    os._exit(0)
+os.wait()
+time.sleep(0.2)
+print('made', flush=True)
+"""
+
+
+def _mounts_below(path: str) -> list[str]:
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [line for line in lines if f" {path}" in line]
+
+
+def test_a_run_that_leaves_a_mess_still_ends_cleanly_and_nothing_stays(run: Run) -> None:
+    result = run(MESS, Limits(cpu_seconds=5, wall_seconds=20.0, pids=16))
+    assert result.outcome is Outcome.OK, result
+    lines = result.text().splitlines()
+    assert "made" in lines
+    assert "flags set" not in lines  # no capability for immutable/append-only flags
+    workdir = lines[0].split(" ", 1)[1]
+    if backend_of(run) == "landlock":  # on the host: it must be gone, mount and all
+        assert workdir.startswith(str(SandboxConfig().work_root))
+        assert not Path(workdir).exists()
+        assert _mounts_below(workdir) == []
+    else:  # inside the sandbox's own mount namespace or Sentry, gone with it
+        assert workdir == "/tmp"
+
+
+# -- writable areas: each size-capped, and only where a run needs to write (item 4) ---------
+
+FILL = r"""
+import os
+for area in ('/', '/etc', '/dev', '/dev/shm', '/tmp', '/var/tmp', os.getcwd()):
+    written, made = 0, []
+    try:
+        while written < (96 << 20):  # more than the 64 MiB work dir
+            made.append(os.path.join(area, 'fill-%d' % written))
+            with open(made[-1], 'wb') as f:
+                f.write(b'x' * (4 << 20))
+            written += 4 << 20
+    except OSError:
+        pass
+    for path in made:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    print(area, written, flush=True)
+"""
+
+
+def test_every_writable_area_is_size_capped(run: Run) -> None:
+    limits = Limits(cpu_seconds=5, wall_seconds=20.0, pids=16)  # 256 MiB, 64 MiB tmpfs
+    result = run(FILL, limits)
+    assert result.outcome is Outcome.OK, result
+    written = [(a, int(n)) for a, n in (line.rsplit(" ", 1) for line in result.text().splitlines())]
+    assert len(written) == 7, written
+    for area, size in written:
+        assert size <= limits.tmpfs_bytes, (area, size)
+    # Nothing is writable but the work dir (/tmp; landlock: its own tmpfs, the cwd).
+    workdir = written[-1][0]
+    assert {area for area, size in written if size > 0} == {workdir}, written
+    assert (workdir == "/tmp") is (backend_of(run) != "landlock")
+
+
+# -- host information (item 5) --------------------------------------------------------------
+
+HOST_INFO = r"""
+import os, socket
+for path in ('/proc/sys/kernel/random/boot_id', '/proc/cmdline', '/proc/stat',
+             '/proc/loadavg', '/proc/interrupts'):
+    try:
+        print(path, repr(open(path).read()))
+    except OSError as e:
+        print(path, 'denied', e.errno)
+print('hostname', socket.gethostname())
+try:
+    print('pids', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))
+except OSError as e:
+    print('pids denied', e.errno)
+"""
+
+
+def test_no_host_identifier_or_host_wide_counter_is_visible(run: Run) -> None:
+    result = run(HOST_INFO)
+    assert result.outcome is Outcome.OK, result
+    out = result.text()
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    cmdline = Path("/proc/cmdline").read_text().strip()
+    assert boot_id not in out
+    assert cmdline not in out and cmdline.split()[0] not in out
+    # /proc/stat's host-wide counters (gVisor's own /proc shows only the sandbox's).
+    host_stat = dict(line.split(" ", 1) for line in Path("/proc/stat").read_text().splitlines())
+    assert f"btime {host_stat['btime']}" not in out
+    forks = re.findall(r"processes (\d+)", out)
+    assert all(int(n) < 1000 < int(host_stat["processes"]) for n in forks), forks
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
+    if backend_of(run) == "landlock":
+        # No /proc at all (Landlock grants none). Documented limitation: no UTS or PID
+        # namespace without user namespaces, so uname() and kill(pid, 0) see the host.
+        assert lines["pids"].startswith("denied")
+        assert lines["hostname"] == socket.gethostname()
+    else:
+        assert lines["hostname"] == "sandbox"
+        pids = json.loads(lines["pids"])
+        assert os.getpid() not in pids and len(pids) <= 3  # its own tree only
+
+
+# -- socket families, the seccomp policy on every backend, and gVisor's memory (issue 22) --
+
+# (family, type, name): socket families no run needs. Every one must be refused.
+FOREIGN_FAMILIES = (
+    (40, 1, "vsock"),  # AF_VSOCK: the hypervisor's services; no network namespace covers it
+    (16, 3, "netlink"),  # AF_NETLINK, SOCK_RAW
+    (17, 3, "packet"),  # AF_PACKET
+    (38, 5, "alg"),  # AF_ALG, SOCK_SEQPACKET
+    (15, 3, "key"),  # AF_KEY
+    (31, 3, "bluetooth"),  # AF_BLUETOOTH
+    (0, 1, "unspec"),  # AF_UNSPEC
+)
+FOREIGN_SOCKETS = """
+import _socket
+for family in (40, 16):  # socketpair(2) takes the same family argument
+    try:
+        _socket.socketpair(family, 1); print('PAIRED', family, flush=True)
+    except OSError as e:
+        print('pair refused', family, e.errno, flush=True)
+for family, kind, name in {families!r}:
+    try:
+        s = _socket.socket(family, kind)
+    except OSError as e:
+        print('refused', name, e.errno, flush=True)
+        continue
+    print('CREATED', name, flush=True)
+    if name == 'vsock':
+        try:
+            s.bind((0xFFFFFFFF, 0x5A5A))  # VMADDR_CID_ANY
+            print('BOUND', flush=True)
+            s.listen(1)
+            print('LISTENING', flush=True)
+        except OSError as e:
+            print('vsock bind refused', e.errno, flush=True)
+"""
+
+
+def test_socket_families_other_than_unix_and_inet_are_refused(run: Run) -> None:
+    result = run(FOREIGN_SOCKETS.format(families=FOREIGN_FAMILIES))
+    out = result.stdout
+    for escaped in (b"CREATED", b"BOUND", b"LISTENING", b"PAIRED"):
+        assert escaped not in out, (escaped, out)
+    refusals = [line.split() for line in result.text().splitlines() if "refused" in line]
+    # The filter's EAFNOSUPPORT (gVisor's Sentry answers EPERM): not the kernel's EOPNOTSUPP
+    # for a socketpair of a real family, which would mean the filter never saw the call.
+    assert all(int(words[-1]) in (errno.EAFNOSUPPORT, errno.EPERM) for words in refusals), out
+    if backend_of(run) == "landlock":
+        # No network namespace to stand behind: socket(2) itself is killed.
+        assert result.outcome is Outcome.SECCOMP_VIOLATION, result
+        assert len(refusals) == 2  # the two socketpairs, refused before that
+    else:
+        assert result.outcome is Outcome.OK, result
+        assert len(refusals) == 2 + len(FOREIGN_FAMILIES)
+
+
+def test_unix_and_inet_sockets_still_work_inside(run: Run) -> None:
+    code = (
+        "import socket\na, b = socket.socketpair()\na.sendall(b'ping')\n"
+        "print(b.recv(4), flush=True)\n"
+        "s = socket.socket(socket.AF_INET6)\ns.close()\nprint('inet6 ok')\n"
+    )
+    result = run(code)
+    if backend_of(run) == "landlock":
+        assert result.outcome is Outcome.SECCOMP_VIOLATION  # socket(2) killed; pairs work
+        assert result.stdout == b"b'ping'\n"
+    else:
+        assert result.outcome is Outcome.OK and result.stdout == b"b'ping'\ninet6 ok\n"
+
+
+def test_x32_socket_entry_point_is_killed(run: Run) -> None:
+    # socket(AF_VSOCK) through the x32 ABI (syscall number | 0x40000000): another
+    # architecture as far as the filter goes, so killed before the kernel sees it.
+    code = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "r = libc.syscall(0x40000000 | 41, 40, 1, 0)\nprint('returned', r, ctypes.get_errno())\n"
+    )
+    result = run(code)
+    if backend_of(run) == "gvisor":
+        # gVisor implements no x32 entry point: the Sentry refuses the call itself.
+        assert result.outcome is Outcome.OK and result.stdout.split()[1] == b"-1", result
+    else:
+        assert result.outcome is Outcome.SECCOMP_VIOLATION, result
+
+
+def test_clone_with_namespace_flags_is_killed(run: Run) -> None:
+    # clone(CLONE_NEWUSER | CLONE_NEWNET | SIGCHLD): the rule is on clone's argument,
+    # which gVisor used to drop (it got the syscall names only).
+    code = (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "r = libc.syscall(56, 0x10000000 | 0x40000000 | 17, 0, 0, 0, 0)\n"
+        "if r == 0: os._exit(0)\nprint('returned', r, ctypes.get_errno(), flush=True)\n"
+    )
+    result = run(code)
+    assert result.outcome is Outcome.SECCOMP_VIOLATION, result
+    assert result.signal == signal.SIGSYS and b"returned" not in result.stdout
+
+
+def test_every_backend_enforces_the_same_syscall_policy() -> None:
+    from bastion.safety.sandbox import seccomp
+
+    # gVisor's OCI seccomp is rendered from the very rules bwrap's BPF is compiled from.
+    rules = seccomp.rules(shared_host=False)
+    oci = seccomp.oci_seccomp(shared_host=False)["syscalls"]
+    assert len(oci) == len(rules)
+    for rule, entry in zip(rules, oci, strict=True):
+        assert entry["names"] == [rule.syscall]
+        assert len(entry.get("args", [])) == len(rule.args)
+        assert entry.get("errnoRet") == rule.errno
+    with_args = {r.syscall for r in rules if r.args}
+    assert {"clone", "ioctl", "socket", "socketpair"} <= with_args
+
+
+MEMORY_ACROSS_PROCESSES = """
+import os, time
+for _ in range(3):
+    if os.fork() == 0:
+        held = [b'x' * (8 << 20) for _ in range(6)]
+        print('held 48', flush=True)
+        time.sleep(1.5); os._exit(0)
+time.sleep(2)
+print('all held')
+"""
+
+
+def test_memory_across_processes_is_the_configured_cap(run: Run) -> None:
+    # 3 x 48 MiB against a 96 MiB cap: under gVisor the Sentry's allowance used to
+    # come on top of the cap (it held ~400 MB against 256 MB).
+    cap = 96 << 20
+    result = run(MEMORY_ACROSS_PROCESSES, Limits(cpu_seconds=2, wall_seconds=8.0, memory_bytes=cap))
+    assert result.outcome is Outcome.MEMORY_LIMIT, result
+    assert result.stdout.count(b"held 48") < 3  # the 144 MiB never all existed at once
+    assert result.memory_peak_bytes is not None and result.memory_peak_bytes <= cap
+
+
+FDS_IN_FLIGHT = """
+import array, os, socket
+carrier, _keep = socket.socketpair()
+fd, parked, stop = os.open('/dev/null', os.O_RDONLY), 0, None
+def rights(*fds):
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds))]
+while stop is None and parked < 4000:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        while parked < 4000:
+            a.sendmsg([b'x'], rights(*[fd] * 200))
+            parked += 200
+    except BlockingIOError:
+        pass
+    except OSError as e:
+        stop = e.errno
+    try:
+        carrier.sendmsg([b'x'], rights(a.fileno(), b.fileno()))
+        parked += 2
+    except OSError as e:
+        stop = stop or e.errno
+    a.close(); b.close()
+print(parked, stop)
+"""
+
+
+def test_file_descriptors_in_flight_are_bounded(run: Run) -> None:
+    result = run(FDS_IN_FLIGHT)
+    assert result.outcome is Outcome.OK, result
+    parked, stop = result.stdout.split()
+    if backend_of(run) == "gvisor":
+        # Stated difference (guarantees.NOT_ISOLATED): the Sentry has no unix_inflight
+        # limit; what it parks is its own memory, inside the run's cgroup and cap.
+        assert int(parked) >= 4000 and result.memory_peak_bytes is not None
+        assert result.memory_peak_bytes <= FAST.memory_bytes
+    else:
+        # The kernel's bound on the run's own uid: RLIMIT_NOFILE, overshot by one message.
+        assert stop == str(errno.ETOOMANYREFS).encode()
+        assert int(parked) <= FAST.nofile + 253

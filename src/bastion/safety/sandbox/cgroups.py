@@ -21,12 +21,13 @@ from bastion.safety.sandbox.spec import Limits
 
 ROOT = Path("/sys/fs/cgroup")
 GROUP = "bastion-sandbox"
-# v1: memory and pids only. Joining each hierarchy is a separate attach, and the
-# cpu/cpuacct ones cost ~8 ms per run on a busy host (measured); CPU time is
-# summed from the members' /proc stat instead (utime+stime of the living,
-# cutime+cstime of what they reaped), and from wait4's rusage at the end.
-_V1_CONTROLLERS = ("memory", "pids")
-_TICK = os.sysconf("SC_CLK_TCK")
+# v1: memory, pids, and cpuacct for the CPU time of every task the run ever had.
+# Summing the members' /proc stat instead misses what a zombie burned (it is no
+# longer listed in cgroup.procs, and its parent never reaps it): cpuacct.usage,
+# like v2's cpu.stat usage_usec, is charged as the time is spent, and stays.
+# The spawner thread joins each hierarchy through "tasks" (no RCU wait), so a
+# third hierarchy costs a mkdir, a write and an rmdir (~0.1 ms), not an attach.
+_V1_CONTROLLERS = ("memory", "pids", "cpuacct")
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,59 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _keyed(text: str, key: str) -> int:
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == key and value.strip().isdigit():
-            return int(value)
-    return 0
+@dataclass(frozen=True)
+class Counter:
+    """Where a layout keeps one counter of a group: the controller's hierarchy
+    (v1; "" on v2's single one), the file, and the key of its line in a flat-keyed
+    file (None: the file is the bare number)."""
+
+    controller: str
+    file: str
+    key: str | None = None
+
+    def read(self, directory: Path) -> int | None:
+        """The counter's value in the group at ``directory``; None if unreadable."""
+        text = _read(directory / self.file)
+        if self.key is None:
+            value = text.strip()
+            return int(value) if value.isdigit() else None
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == self.key and value.strip().isdigit():
+                return int(value)
+        return None
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """The counters of one layout; read by the same code on v1 and v2."""
+
+    # CPU time of every task the group ever held, with its unit in seconds.
+    cpu: Counter
+    cpu_unit: float
+    oom_kills: Counter
+    memory_failcnt: Counter
+    pids_max_hits: Counter
+    memory_peak: Counter
+
+
+V1_ACCOUNTING = Accounting(
+    cpu=Counter("cpuacct", "cpuacct.usage"),  # nanoseconds (cgroup-v1/cpuacct.rst)
+    cpu_unit=1e-9,
+    oom_kills=Counter("memory", "memory.oom_control", "oom_kill"),
+    memory_failcnt=Counter("memory", "memory.failcnt"),
+    pids_max_hits=Counter("pids", "pids.events", "max"),
+    memory_peak=Counter("memory", "memory.max_usage_in_bytes"),
+)
+V2_ACCOUNTING = Accounting(
+    # cpu.stat exists whether or not the cpu controller is enabled (cgroup-v2.rst).
+    cpu=Counter("", "cpu.stat", "usage_usec"),
+    cpu_unit=1e-6,
+    oom_kills=Counter("", "memory.events", "oom_kill"),
+    memory_failcnt=Counter("", "memory.events", "max"),
+    pids_max_hits=Counter("", "pids.events", "max"),
+    memory_peak=Counter("", "memory.peak"),
+)
 
 
 def _write(path: Path, value: str) -> None:
@@ -190,12 +238,34 @@ class RunCgroup:
         """Whether ``pid`` is in this group in every hierarchy it spans (/proc/PID/cgroup)."""
         raise NotImplementedError
 
-    def counters(self) -> Counters:
+    accounting: Accounting
+
+    def counter_dir(self, controller: str) -> Path:
+        """The group's directory in ``controller``'s hierarchy (v2: the one)."""
         raise NotImplementedError
 
+    def _counter(self, counter: Counter) -> int | None:
+        return counter.read(self.counter_dir(counter.controller))
+
+    def counters(self) -> Counters:
+        a = self.accounting
+        cpu = self._counter(a.cpu)
+        return Counters(
+            oom_kills=self._counter(a.oom_kills) or 0,
+            memory_failcnt=self._counter(a.memory_failcnt) or 0,
+            pids_max_hits=self._counter(a.pids_max_hits) or 0,
+            cpu_seconds=None if cpu is None else cpu * a.cpu_unit,
+            memory_peak_bytes=self._counter(a.memory_peak),
+        )
+
     def cpu_seconds(self) -> float:
-        """CPU time of the run's processes so far."""
-        raise NotImplementedError
+        """CPU time of every task the run has had so far, the exited and the
+        unreaped included (the kernel charges it to the group as it is spent);
+        raise OSError if the group's account cannot be read (the run is ended)."""
+        usage = self._counter(self.accounting.cpu)
+        if usage is None:
+            raise OSError(f"cannot read the run's CPU time ({self.accounting.cpu.file})")
+        return usage * self.accounting.cpu_unit
 
     def kill(self) -> set[int]:
         """SIGKILL every process in the group until it is empty (pids.max bounds
@@ -267,7 +337,8 @@ class _V1Group(RunCgroup):
             for controller in _V1_CONTROLLERS:
                 base = root / controller
                 if not base.is_dir():
-                    continue
+                    # No weaker run without it: the run fails closed (sandbox_error).
+                    raise OSError(f"cgroup v1 controller {controller} is not mounted")
                 parent = base / GROUP
                 parent.mkdir(exist_ok=True)
                 path = parent / name
@@ -307,24 +378,10 @@ class _V1Group(RunCgroup):
             where.get(c) == "/" + str(d.relative_to(self.root / c)) for c, d in self.dirs.items()
         )
 
-    def cpu_seconds(self) -> float:
-        ticks = 0
-        for pid in self.pids():
-            fields = _read(Path(f"/proc/{pid}/stat")).rpartition(")")[2].split()
-            if len(fields) > 14:
-                ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-        return ticks / _TICK
+    accounting = V1_ACCOUNTING
 
-    def counters(self) -> Counters:
-        memory = self.dirs["memory"]
-        peak = _read(memory / "memory.max_usage_in_bytes").strip()
-        failcnt = _read(memory / "memory.failcnt").strip()
-        return Counters(
-            oom_kills=_keyed(_read(memory / "memory.oom_control"), "oom_kill"),
-            memory_failcnt=int(failcnt) if failcnt.isdigit() else 0,
-            pids_max_hits=_keyed(_read(self.dirs["pids"] / "pids.events"), "max"),
-            memory_peak_bytes=int(peak) if peak.isdigit() else None,
-        )
+    def counter_dir(self, controller: str) -> Path:
+        return self.dirs[controller]
 
     def remove(self) -> None:
         self._close_fds()
@@ -368,20 +425,10 @@ class _V2Group(RunCgroup):
                 return line[3:] == "/" + str(self.path.relative_to(self.root))
         return False
 
-    def cpu_seconds(self) -> float:
-        return _keyed(_read(self.path / "cpu.stat"), "usage_usec") / 1e6
+    accounting = V2_ACCOUNTING
 
-    def counters(self) -> Counters:
-        events = _read(self.path / "memory.events")
-        usage = _keyed(_read(self.path / "cpu.stat"), "usage_usec")
-        peak = _read(self.path / "memory.peak").strip()
-        return Counters(
-            oom_kills=_keyed(events, "oom_kill"),
-            memory_failcnt=_keyed(events, "max"),
-            pids_max_hits=_keyed(_read(self.path / "pids.events"), "max"),
-            cpu_seconds=usage / 1e6 if usage else None,
-            memory_peak_bytes=int(peak) if peak.isdigit() else None,
-        )
+    def counter_dir(self, controller: str) -> Path:
+        return self.path
 
     def kill(self) -> set[int]:
         seen = set(self.pids())

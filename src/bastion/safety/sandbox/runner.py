@@ -36,6 +36,10 @@ _PR_SET_CHILD_SUBREAPER = 36
 _READ_CHUNK = 65536
 _DRAIN_SECONDS = 0.05
 _CPU_POLL_SECONDS = 0.1
+# The run as a whole (every task it ever had, from the cgroup's own account) is
+# killed past its CPU limit plus this: room for a runtime's own start-up (gVisor's
+# Sentry), while a single process meets its RLIMIT_CPU first.
+_CPU_GRACE_SECONDS = 0.5
 
 
 def become_subreaper() -> None:
@@ -254,7 +258,7 @@ class Supervisor:
         self._status_buffer = b""
         self._members: set[int] = set()
         self._cpu: float | None = None
-        self._cpu_seen = 0.0  # the last sample of the cgroup's members
+        self._cpu_seen = 0.0  # the last sample of the cgroup's CPU account
         self._init_pidfd: int | None = None
 
     def run(self, launch: Launch, stdin: bytes) -> Watched:
@@ -369,9 +373,10 @@ class Supervisor:
                     return Outcome.WALL_TIMEOUT
                 if self.cgroup is not None and now >= next_cpu_check:
                     next_cpu_check = now + _CPU_POLL_SECONDS
-                    # Every process's own RLIMIT_CPU aside, the run as a whole.
+                    # Every process's own RLIMIT_CPU aside, the run as a whole: zombies
+                    # and reaped children included (cpuacct.usage / cpu.stat).
                     self._cpu_seen = self.cgroup.cpu_seconds()
-                    if self._cpu_seen > self.limits.cpu_seconds + 1.5:
+                    if self._cpu_seen > self.limits.cpu_seconds + _CPU_GRACE_SECONDS:
                         return Outcome.CPU_LIMIT
                 timeout = min(deadline, next_cpu_check) - now
                 if exited_at is not None:

@@ -1,14 +1,27 @@
-"""The seccomp-bpf filter every sandboxed process runs under (seccomp(2)).
+"""The seccomp-bpf policy every sandboxed process runs under (seccomp(2)).
 
 A deny list on top of the other layers: the syscalls that reach kernel attack
 surface a calculation never needs (ptrace, mount, new namespaces, keyrings,
 bpf, perf, io_uring, module loading...) kill the whole process with SIGSYS,
 which the sandbox reports as ``seccomp_violation``. Any other architecture's
-syscalls (``int 0x80`` i386 entry, x32) are killed as a bad architecture.
+syscalls (``int 0x80`` i386 entry, so i386 ``socketcall`` too, and x32) are
+killed as a bad architecture.
 
-The filter is compiled once with libseccomp (``pyseccomp``) and exported as
-classic BPF: bubblewrap loads it from a file descriptor (``--seccomp FD``), and
-the Landlock backend loads it in the child with ``prctl(PR_SET_SECCOMP)``.
+Sockets are an allow-list of address families (argument 0 of socket(2) and
+socketpair(2)): only ``AF_UNIX``, ``AF_INET`` and ``AF_INET6`` can be created.
+Every other family (vsock, netlink, packet, alg, key, bluetooth, ...) fails
+with ``EAFNOSUPPORT``, the kernel's own answer for a family it lacks, so a
+library that probes one (glibc's netlink query in getaddrinfo) falls back. A
+network namespace does not cover vsock: this filter is what keeps a run off
+the hypervisor's vsock services. io_uring (socket ops without socket(2)) is
+killed outright.
+
+The policy is one list of :class:`Rule` rendered two ways: compiled with
+libseccomp (``pyseccomp``) to classic BPF, which bubblewrap loads from a file
+descriptor (``--seccomp FD``) and the Landlock backend loads in the child with
+``prctl(PR_SET_SECCOMP)``; and as the OCI runtime-spec ``linux.seccomp``
+object, which gVisor's Sentry compiles and enforces on the program inside it
+(``runsc --oci-seccomp``), argument conditions included.
 """
 
 from __future__ import annotations
@@ -18,6 +31,8 @@ import errno
 import functools
 import os
 import tempfile
+from dataclasses import dataclass
+from typing import Any
 
 import pyseccomp as sc  # type: ignore[import-untyped]
 
@@ -48,6 +63,10 @@ _NAMESPACE_FLAGS = (
 _TIOCSTI = 0x5412  # ioctl pushing bytes into a terminal's input
 _TIOCLINUX = 0x541C
 
+# The socket families a run may create (include/linux/socket.h); all others are refused.
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+ALLOWED_FAMILIES = (AF_UNIX, AF_INET, AF_INET6)
+
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
@@ -62,34 +81,114 @@ HOST_IPC = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Arg:
+    """A condition on one syscall argument: ``op`` is ``eq``, ``gt`` or ``masked_eq``
+    (``arg & mask == value``), compared on the full 64-bit register."""
+
+    index: int
+    op: str
+    value: int
+    mask: int = 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``syscall`` (when every ``args`` condition holds) is killed, or fails with ``errno``."""
+
+    syscall: str
+    args: tuple[Arg, ...] = ()
+    errno: int | None = None  # None: kill the process (SIGSYS)
+
+
+def _refused_families(syscall: str) -> list[Rule]:
+    """``syscall``'s family argument outside :data:`ALLOWED_FAMILIES`, as
+    equality and range conditions (one condition per rule: libseccomp and the
+    OCI format both AND a rule's conditions, and the refused set is a union)."""
+    low, high = min(ALLOWED_FAMILIES), max(ALLOWED_FAMILIES)
+    below = [Arg(0, "eq", f) for f in range(low) if f not in ALLOWED_FAMILIES]
+    gaps = [Arg(0, "eq", f) for f in range(low, high) if f not in ALLOWED_FAMILIES]
+    # gt compares 64 bits: a family with high bits set (the kernel reads an int) is refused too.
+    conditions = [*below, *gaps, Arg(0, "gt", high)]
+    return [Rule(syscall, (c,), errno=errno.EAFNOSUPPORT) for c in conditions]
+
+
+def rules(*, shared_host: bool) -> list[Rule]:
+    """The policy. ``shared_host``: the process shares the host's network and IPC
+    namespaces (the Landlock backend), so ``socket(2)`` for every family, AF_UNIX
+    included, and System V / POSIX message-queue IPC are killed as well."""
+    out = [Rule(name) for name in DENIED]
+    out += [Rule("clone", (Arg(0, "masked_eq", flag, flag),)) for flag in _NAMESPACE_FLAGS]
+    # clone3 passes its flags in memory seccomp cannot read: make libc fall back to clone.
+    out.append(Rule("clone3", errno=errno.ENOSYS))
+    out += [
+        Rule("ioctl", (Arg(1, "masked_eq", request, 0xFFFFFFFF),))
+        for request in (_TIOCSTI, _TIOCLINUX)
+    ]
+    if shared_host:
+        out += [Rule(name) for name in ("socket", *HOST_IPC)]
+    else:
+        out += _refused_families("socket")
+    out += _refused_families("socketpair")
+    return out
+
+
+_SC_OPS = {"eq": sc.EQ, "gt": sc.GT, "masked_eq": sc.MASKED_EQ}
+
+
+def _sc_arg(arg: Arg) -> Any:
+    if arg.op == "masked_eq":
+        return sc.Arg(arg.index, sc.MASKED_EQ, arg.mask, arg.value)
+    return sc.Arg(arg.index, _SC_OPS[arg.op], arg.value)
+
+
 @functools.cache
 def filter_bpf(*, shared_host: bool) -> bytes:
-    """The filter as a classic-BPF program (an array of ``struct sock_filter``).
-
-    ``shared_host``: the process shares the host's network and IPC namespaces
-    (the Landlock backend), so ``socket(2)`` for every family, AF_UNIX included,
-    and System V / POSIX message-queue IPC are killed as well.
-    """
+    """The policy as a classic-BPF program (an array of ``struct sock_filter``)."""
     f = sc.SyscallFilter(sc.ALLOW)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
-    for name in DENIED:
+    for rule in rules(shared_host=shared_host):
+        action = sc.KILL_PROCESS if rule.errno is None else sc.ERRNO(rule.errno)
         try:
-            f.add_rule(sc.KILL_PROCESS, name)
+            f.add_rule(action, rule.syscall, *(_sc_arg(a) for a in rule.args))
         except (OSError, ValueError):
-            continue  # unknown on this architecture
-    for flag in _NAMESPACE_FLAGS:
-        f.add_rule(sc.KILL_PROCESS, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
-    # clone3 passes its flags in memory seccomp cannot read: make libc fall back to clone.
-    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    for request in (_TIOCSTI, _TIOCLINUX):
-        f.add_rule(sc.KILL_PROCESS, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
-    if shared_host:
-        for name in ("socket", *HOST_IPC):
-            f.add_rule(sc.KILL_PROCESS, name)
+            if rule.args:
+                raise  # a condition the library refused: never load a weaker filter
+            continue  # a syscall unknown on this architecture
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)
         out.seek(0)
         return out.read()
+
+
+_OCI_OPS = {"eq": "SCMP_CMP_EQ", "gt": "SCMP_CMP_GT", "masked_eq": "SCMP_CMP_MASKED_EQ"}
+
+
+def oci_seccomp(*, shared_host: bool) -> dict[str, Any]:
+    """The same policy as the OCI runtime-spec ``linux.seccomp`` object
+    (config-linux.md#seccomp), for runtimes that enforce it themselves (gVisor)."""
+    syscalls: list[dict[str, Any]] = []
+    for rule in rules(shared_host=shared_host):
+        entry: dict[str, Any] = {"names": [rule.syscall]}
+        if rule.errno is None:
+            entry["action"] = "SCMP_ACT_KILL"  # runsc 2022 knows no KILL_PROCESS
+        else:
+            entry["action"] = "SCMP_ACT_ERRNO"
+            entry["errnoRet"] = rule.errno
+        if rule.args:
+            entry["args"] = [
+                # OCI's masked_eq: "value" is the mask, "valueTwo" what the masked arg equals.
+                {"index": a.index, "value": a.mask, "valueTwo": a.value, "op": _OCI_OPS[a.op]}
+                if a.op == "masked_eq"
+                else {"index": a.index, "value": a.value, "op": _OCI_OPS[a.op]}
+                for a in rule.args
+            ]
+        syscalls.append(entry)
+    return {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": syscalls,
+    }
 
 
 class _SockFprog(ctypes.Structure):

@@ -24,6 +24,7 @@ from bastion.safety.sandbox.backends.gvisor import GvisorBackend
 from bastion.safety.sandbox.backends.landlock import LandlockBackend
 from bastion.safety.sandbox.cgroups import CgroupLease, Layout
 from bastion.safety.sandbox.errors import SandboxUnavailable
+from bastion.safety.sandbox.host import HostProbe
 from bastion.safety.sandbox.runner import become_subreaper
 from bastion.safety.sandbox.spec import PYTHON, Isolation, Limits, Outcome, Result, RunSpec
 from bastion.safety.sandbox.uids import UidPool
@@ -32,6 +33,16 @@ if TYPE_CHECKING:
     from bastion.settings import Settings
 
 BACKENDS = ("firecracker", "gvisor", "bwrap", "landlock")
+# The self-test: the program starts, and the socket-family policy is in force in
+# it (unfiltered, the kernel answers EOPNOTSUPP; the policy EAFNOSUPPORT or EPERM).
+_SELF_TEST = """
+import _socket
+try:
+    _socket.socketpair(16, 2)  # AF_NETLINK, SOCK_DGRAM
+    print('unfiltered')
+except OSError as e:
+    print(6 * 7 if e.errno in (1, 97) else 'unfiltered')
+"""
 
 
 def _default_work_root() -> Path:
@@ -56,6 +67,8 @@ class SandboxConfig:
     work_root: Path = field(default_factory=_default_work_root)
     limits: Limits = field(default_factory=Limits)
     firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
+    # Reads which isolation features the kernel gives (a backend lacking one refuses).
+    host: HostProbe = field(default_factory=HostProbe)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SandboxConfig:
@@ -112,10 +125,14 @@ class Sandbox:
                 f"{backend.name} gives {backend.isolation.name} isolation, "
                 f"below the configured minimum {config.min_isolation.name}"
             )
+        if missing := config.host.missing(backend.name):
+            # Fail closed: never run with less isolation than the backend reports.
+            needs = ", ".join(f.value for f in missing)
+            raise SandboxUnavailable(f"{backend.name} refuses to start: this host lacks {needs}")
         self.backend = backend
         self.config = config
         self.cgroups = Layout()
-        if backend.needs_cgroup and not self.cgroups.available:
+        if not self.cgroups.available:
             raise SandboxUnavailable(f"{backend.name} needs a writable cgroup hierarchy")
         self.uids = UidPool(config.state_dir / "uids", config.uid_base, config.uid_count)
         become_subreaper()
@@ -168,9 +185,11 @@ class Sandbox:
         except SandboxUnavailable as exc:
             return str(exc)
         limits = replace(config.limits, wall_seconds=10.0)
-        result = sandbox.run(RunSpec((PYTHON, "-I", "-S", "-c", "print(6*7)"), limits=limits))
+        result = sandbox.run(RunSpec((PYTHON, "-I", "-S", "-c", _SELF_TEST), limits=limits))
         if result.outcome is Outcome.OK and result.stdout.strip() == b"42":
             return None
+        if result.outcome is Outcome.OK and result.stdout.strip() == b"unfiltered":
+            return "self-test failed: its seccomp policy did not refuse a netlink socket"
         return f"self-test failed: {result.outcome} {result.detail}".strip()
 
     def run(self, spec: RunSpec) -> Result:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bastion.safety.sandbox.cgroups import CgroupError, CgroupLease, RunCgroup
 from bastion.safety.sandbox.runner import Launch, Supervisor, Watched, classify
@@ -65,13 +65,31 @@ class Backend(abc.ABC):
         try:
             supervisor = Supervisor(uid=ctx.uid, limits=spec.limits, cgroups=ctx.cgroups)
             watched = supervisor.run(launch, spec.stdin)
+            result = self.finish(
+                classify(watched, spec.limits, backend=self.name, wrapped=self.wrapped), watched
+            )
         except CgroupError as exc:
-            return Result(Outcome.SANDBOX_ERROR, self.name, detail=f"cgroup: {exc.strerror}")
+            result = Result(Outcome.SANDBOX_ERROR, self.name, detail=f"cgroup: {exc.strerror}")
         except (OSError, subprocess.SubprocessError) as exc:
-            return Result(Outcome.SANDBOX_ERROR, self.name, detail=f"start: {type(exc).__name__}")
-        finally:
-            for cleanup in launch.cleanups:
+            result = Result(Outcome.SANDBOX_ERROR, self.name, detail=f"start: {type(exc).__name__}")
+        except Exception as exc:  # a run always ends in a result, never in a raise
+            result = Result(
+                Outcome.SANDBOX_ERROR, self.name, detail=f"internal: {type(exc).__name__}"
+            )
+        return self._cleaned_up(launch, result)
+
+    def _cleaned_up(self, launch: Launch, result: Result) -> Result:
+        """Run every cleanup, each whatever the others did; one that fails turns the
+        result into ``sandbox_error`` (something of the run may be left behind:
+        the operator must hear of it through the audit), never into a raise."""
+        failed = []
+        for cleanup in launch.cleanups:
+            try:
                 cleanup()
-        return self.finish(
-            classify(watched, spec.limits, backend=self.name, wrapped=self.wrapped), watched
+            except Exception as exc:
+                failed.append(type(exc).__name__)
+        if not failed:
+            return result
+        return replace(
+            result, outcome=Outcome.SANDBOX_ERROR, detail=f"cleanup: {', '.join(failed)}"
         )

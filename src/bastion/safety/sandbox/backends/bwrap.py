@@ -24,6 +24,22 @@ from bastion.safety.sandbox.spec import Isolation, Outcome, Result, RunSpec
 WORKDIR = "/tmp"  # noqa: S108
 # Files of /etc a dynamically linked interpreter reads; nothing else of /etc.
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+# Files of the sandbox's own /proc that still show the host: its identity (boot id,
+# kernel command line with the VM agent's flags) and host-wide activity counters
+# (fork and context-switch counts, load, interrupts) — side channels on the host.
+# Each is masked by binding /dev/null over it (reads as empty), as OCI runtimes do.
+PROC_MASKS = (
+    "/proc/sys/kernel/random/boot_id",
+    "/proc/cmdline",
+    "/proc/stat",
+    "/proc/loadavg",
+    "/proc/interrupts",
+    "/proc/softirqs",
+    "/proc/schedstat",
+    "/proc/vmstat",
+    "/proc/diskstats",
+    "/proc/pressure",
+)
 
 
 _PRLIMIT = {
@@ -97,6 +113,11 @@ class BwrapBackend(Backend):
             for path in ETC_FILES:
                 args += ["--ro-bind-try", path, path]
             args += ["--proc", "/proc", "--dev", "/dev"]
+            for path in PROC_MASKS:  # the same kernel inside: what exists here does there
+                if os.path.isdir(path):
+                    args += ["--tmpfs", path, "--remount-ro", path]
+                elif os.path.exists(path):
+                    args += ["--ro-bind", "/dev/null", path]
             self._static = (binary, args)
         return self._static
 
@@ -104,7 +125,12 @@ class BwrapBackend(Backend):
         _, static = self._static_args()
         args = [
             *static,
+            # The one writable area, size-capped (its pages count against the run's
+            # memory cgroup too); then everything else read-only: bubblewrap's own
+            # root tmpfs (/, /etc) and /dev's (/dev/shm) would take any size.
             "--size", str(spec.limits.tmpfs_bytes), "--tmpfs", WORKDIR,
+            "--remount-ro", "/dev",
+            "--remount-ro", "/",
             "--chdir", WORKDIR,
             "--clearenv",
         ]  # fmt: skip

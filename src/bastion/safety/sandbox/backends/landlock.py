@@ -13,10 +13,6 @@ process's own credentials and kernel-enforced self-restriction —
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from bastion.safety.sandbox import landlock_abi, seccomp
@@ -24,6 +20,7 @@ from bastion.safety.sandbox.backends.base import Backend, RunContext
 from bastion.safety.sandbox.backends.bwrap import ETC_FILES, clean_env
 from bastion.safety.sandbox.runner import Launch, make_preexec, system_mounts
 from bastion.safety.sandbox.spec import Isolation, RunSpec
+from bastion.safety.sandbox.workdir import WorkDir
 
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 
@@ -34,7 +31,7 @@ class LandlockBackend(Backend):
     wrapped = False
 
     def __init__(self, work_root: Path) -> None:
-        # On a tmpfs where possible: the run's files are charged to its memory cgroup.
+        # Where each run's work dir (a tmpfs of its own, see workdir.py) is mounted.
         self.work_root = work_root
         self._filter = seccomp.PreparedFilter(seccomp.filter_bpf(shared_host=True))
 
@@ -46,10 +43,15 @@ class LandlockBackend(Backend):
 
     def launch(self, spec: RunSpec, ctx: RunContext) -> Launch:
         cgroup = ctx.cgroup  # made now: the child joins it before exec
-        self.work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        workdir = self.work_root / f"run-{uuid.uuid4().hex}"
-        workdir.mkdir(mode=0o700)
-        os.chown(workdir, ctx.uid, ctx.uid)
+        # The one writable area: a tmpfs of the run's own, size-capped (else a
+        # directory its memory cgroup caps; with neither, the run is refused).
+        work = WorkDir(
+            self.work_root,
+            uid=ctx.uid,
+            size_bytes=spec.limits.tmpfs_bytes,
+            needs_cap=cgroup is None,
+        )
+        workdir = work.path
         try:
             ruleset = landlock_abi.Ruleset(
                 read=[*system_mounts(), *(Path(p) for p in ETC_FILES)],
@@ -57,7 +59,7 @@ class LandlockBackend(Backend):
                 devices=[Path(d) for d in DEVICES],
             )
         except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
+            work.remove()
             raise
         sandbox_filter = self._filter
 
@@ -68,8 +70,7 @@ class LandlockBackend(Backend):
 
         def cleanup() -> None:
             ruleset.close()
-            with contextlib.suppress(OSError):
-                shutil.rmtree(workdir)
+            work.remove()  # raises if anything is left: the run is reported as failed
 
         return Launch(
             argv=list(spec.argv),
