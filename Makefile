@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/bastion policy check
 
 test: lint
@@ -56,6 +57,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/pii.py
 	$(BIN)/python bench/injection.py
 	$(BIN)/python bench/noisy_neighbour.py
+	@# docs/benchmarks.md is generated from bench/results/*.json (each script above writes its own)
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

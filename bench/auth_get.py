@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from _record import record_output
 from bastion.db.launcher import EmbeddedPostgres
 from bastion.identity.client import login
 from bastion.identity.passwords import PasswordService
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=8000)
     args = parser.parse_args()
+    record_output("auth_get")  # bench/results/auth_get.json, for bench/report.py
     asyncio.run(run(args.clients, args.requests))
 
 

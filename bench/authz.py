@@ -26,6 +26,7 @@ import statistics
 import time
 import uuid
 
+from _record import record, row
 from bastion.access import ROLES, Authorizer, Resource, Subject
 
 SINGLE_TARGET_US = 20.0
@@ -85,9 +86,17 @@ def _filter(authorizer: Authorizer, runs: int) -> tuple[float, int]:
 def run(decisions: int, runs: int) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    rows = []
     for variant, memo in (("memo", True), ("cedar", False)):
         authorizer = Authorizer(decision_cache=memo)
         p50, p99 = _single(authorizer, decisions)
+        rows.append(
+            row(
+                f"one decision, {variant}",
+                f"p50 {p50:.1f} µs, p99 {p99:.1f} µs",
+                f"p50 ≤ {SINGLE_TARGET_US:.0f} µs",
+            )
+        )
         verdict = "ok" if p50 <= SINGLE_TARGET_US else "MISSED"
         print(
             f"single  {variant:5s}  p50 {p50:8.1f} us  p99 {p99:8.1f} us  "
@@ -99,6 +108,14 @@ def run(decisions: int, runs: int) -> None:
             f"filter  {variant:5s}  median {median:8.2f} ms  (1,000 resources, {kept} kept, "
             f"{runs} runs; target <= {FILTER_TARGET_MS:.0f} ms: {verdict})"
         )
+        rows.append(
+            row(
+                f"filter 1,000 resources, {variant}",
+                f"median {median:.2f} ms",
+                f"≤ {FILTER_TARGET_MS:.0f} ms",
+            )
+        )
+    record("authz", rows)
 
 
 def main() -> None:

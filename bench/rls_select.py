@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psycopg
 
+from _record import record, row
 from bastion.db.launcher import EmbeddedPostgres
 from bastion.db.pool import Database
 from bastion.db.provision import Target, provision
@@ -107,6 +108,19 @@ async def run(rows: int, iterations: int) -> None:
         ratio = medians["rls_tx"] / medians["plain_tx"]
         print(f"  ratio rls_tx / plain_tx = {ratio:.2f}  (target <= 1.3)")
         print(f"  ratio rls_tx / bare     = {medians['rls_tx'] / medians['bare']:.2f}")
+        record(
+            "rls_select",
+            [
+                *(
+                    row(f"point select, {name}", f"median {value:.1f} µs")
+                    for name, value in medians.items()
+                ),
+                row("ratio rls_tx / plain_tx", f"{ratio:.2f}x", "≤ 1.3x"),
+            ],
+            notes=f"{rows} rows per tenant x 2 tenants, {iterations} selects per variant, "
+            "one connection. rls_tx: tenant_tx (signed context, RLS); plain_tx: the same "
+            "select in a plain transaction; bare: no transaction.",
+        )
     finally:
         server.stop()
         shutil.rmtree(parent, ignore_errors=True)

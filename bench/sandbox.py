@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from _record import record_output
 from bastion.safety.sandbox import Outcome, Sandbox, SandboxConfig
 from bastion.safety.sandbox.backends.bwrap import WORKDIR
 from bastion.safety.sandbox.runner import system_mounts
@@ -136,6 +137,7 @@ def main() -> None:
         "--fixed-order", action="store_true", help="the same order every round (older figures)"
     )
     args = parser.parse_args()
+    record_output("sandbox")  # bench/results/sandbox.json, for bench/report.py
     cores = os.cpu_count() or 1
     config = SandboxConfig()
     fast: dict[str, Callable[[], None]] = {"bare python3 -I -S": _command(list(PASS))}

@@ -53,6 +53,7 @@ from psycopg.types import TypeInfo
 from rich.console import Console
 from rich.table import Table
 
+from _record import record_output
 from bastion.db.launcher import EmbeddedPostgres
 
 K = 10  # LIMIT of every query
@@ -962,6 +963,7 @@ def main() -> None:
         help="partial-index builds in B timed with 1 parallel worker before the serial ones",
     )
     run(parser.parse_args())
+    record_output("vector_search")  # bench/results/vector_search.json, for bench/report.py
 
 
 if __name__ == "__main__":

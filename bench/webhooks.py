@@ -25,12 +25,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import httpx
 import psycopg
 import stripe
 
+from _record import record_output
 from bastion.billing.plans import PlanCatalogue
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher
@@ -66,13 +68,23 @@ end
 """
 
 
+_PRO_PRICE: dict[str, Any] = {
+    "object": "price",
+    "type": "recurring",
+    "unit_amount": 4900,
+    "currency": "usd",
+    "recurring": {"interval": "month", "interval_count": 1, "usage_type": "licensed"},
+}
+
+
 def _event(customer: str, price: str, created: int) -> str:
     sub = {
         "id": f"sub_{customer}",
         "object": "subscription",
         "customer": customer,
         "status": "active",
-        "items": {"object": "list", "data": [{"price": {"id": price, "object": "price"}}]},
+        # Exactly the plan's price (issue 23 B5 refuses any other): Pro, 49.00 a month.
+        "items": {"object": "list", "data": [{"price": _PRO_PRICE | {"id": price}}]},
     }
     event = {
         "id": f"evt_{uuid4().hex}",
@@ -205,6 +217,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--events", type=int, default=6000)
     args = parser.parse_args()
+    record_output("webhooks")  # bench/results/webhooks.json, for bench/report.py
     asyncio.run(run(args.clients, args.events))
 
 

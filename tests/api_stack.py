@@ -1,28 +1,18 @@
-"""The api process's app (identity, access, tenant routes) served for a test
-module: real uvicorn on 127.0.0.1, its own event loop and pool, seeded in its
-lifespan."""
+"""The api process's app served for a test module: built by the composition
+root (:func:`bastion.compose.build_api`) exactly as ``bastion serve api`` builds
+it, on the test's database and key ring, served by real uvicorn on 127.0.0.1
+with its own event loop and pool, seeded in its lifespan."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 
-from bastion.api.app import create_app
-from bastion.billing import account_routes
-from bastion.billing import routes as billing_routes
+from bastion.compose import Api, Overrides, build_api
 from bastion.db.pool import Database
-from bastion.gateway import sampling_routes
-from bastion.gateway.sampling import PromptSampling
-from bastion.identity.wiring import Identity, build_identity
-from bastion.knowledge import routes as knowledge_routes
-from bastion.knowledge.answers import AskService
-from bastion.knowledge.keys import TenantKeys
-from bastion.knowledge.service import KnowledgeService
-from bastion.safety import routes as safety_routes
-from bastion.safety.signing import EnvelopeSigner
+from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from tests.conftest import DbHandles
@@ -31,53 +21,49 @@ from tests.http_server import serving
 Seed = Callable[[Database, Identity], Awaitable[None]]
 
 
+def api_settings(url: str, gateway_url: str) -> Settings:
+    """The settings a test api runs with: its own URL as the issuer, the
+    keyless embedder, and ``gateway_url`` as the gateway questions go to."""
+    return Settings(issuer=url, gateway_public_url=gateway_url, embedder="hashing")
+
+
+@contextlib.contextmanager
+def api_stack(
+    database: DbHandles,
+    keystore: LocalKeystore,
+    seed: Seed,
+    *,
+    gateway_url: str = "http://127.0.0.1:9",  # nothing listens: questions get a 503
+    routers: tuple[APIRouter, ...] = (),
+) -> Iterator[tuple[str, Api]]:
+    """Yield (base URL, the composed api) of a running api on ``database``."""
+    built: list[Api] = []
+
+    async def on_start(db: Database) -> None:
+        await seed(db, built[0].identity)
+
+    def build(url: str) -> FastAPI:
+        overrides = Overrides(
+            database=Database(database.app, database.context_key, max_size=8),
+            keystore=keystore,
+            on_start=on_start,
+            routers=routers,
+        )
+        built.append(build_api(api_settings(url, gateway_url), overrides))
+        return built[0].app
+
+    with serving(build) as url:
+        yield url, built[0]
+
+
 @contextlib.contextmanager
 def api_server(
     database: DbHandles,
     keystore: LocalKeystore,
     seed: Seed,
     *,
-    gateway_url: str = "http://127.0.0.1:9",  # nothing listens: questions get a 503
+    gateway_url: str = "http://127.0.0.1:9",
 ) -> Iterator[tuple[str, FastAPI, Identity]]:
     """Yield (base URL, app, identity) of a running api on ``database``."""
-    built: list[tuple[FastAPI, Identity]] = []
-
-    def build(url: str) -> FastAPI:
-        db = Database(database.app, database.context_key, max_size=8)
-        identity = build_identity(Settings(issuer=url), db, keystore)
-
-        @asynccontextmanager
-        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            await db.open()
-            try:
-                await identity.start()
-                await seed(db, identity)
-                yield
-            finally:
-                await db.close()
-
-        knowledge = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
-        app = create_app(
-            readiness=db.ping,
-            lifespan=lifespan,
-            extra_routers=(
-                *identity.routers,
-                knowledge_routes.build_router(
-                    knowledge,
-                    identity.guard,
-                    AskService(knowledge, EnvelopeSigner(keystore), gateway_url),
-                ),
-                safety_routes.build_router(knowledge.vault, db, identity.guard),
-                *billing_routes.build_routers(Settings(issuer=url), db, keystore, identity.guard),
-                *account_routes.build_from_settings(
-                    Settings(issuer=url), db, keystore, identity.guard
-                ),
-                sampling_routes.build_router(PromptSampling(db), identity.guard),
-            ),
-        )
-        built.append((app, identity))
-        return app
-
-    with serving(build) as url:
-        app, identity = built[0]
-        yield url, app, identity
+    with api_stack(database, keystore, seed, gateway_url=gateway_url) as (url, api):
+        yield url, api.app, api.identity

@@ -19,6 +19,12 @@ from bastion.secrets import LocalKeystore
 from tests.conftest import DbHandles
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @contextmanager
 def serving_process(
     process: str,
@@ -28,12 +34,13 @@ def serving_process(
     extra: dict[str, str] | None = None,
     *,
     wait_ready: bool = True,
+    port: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """Run ``bastion serve <process>``; yield it and its URL (ready, unless told not
-    to wait); stop it with SIGTERM (SIGKILL after 15 s) if it still runs."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    """Run ``bastion serve <process>`` on ``port`` (a free one if not given); yield it
+    and its URL (ready, unless told not to wait); stop it with SIGTERM (SIGKILL
+    after 15 s) if it still runs."""
+    if port is None:
+        port = free_port()
     env = {
         **os.environ,
         "BASTION_HOME": str(home),

@@ -15,7 +15,7 @@ pages, ``{"error": {...}}`` bodies):
 
 * ``GET /v1/events`` (newest first; ``limit``, ``starting_after``, ``type``,
   ``created[gte]``), ``GET /v1/events/{id}``;
-* ``GET /v1/subscriptions/{id}``;
+* ``GET /v1/subscriptions/{id}``, ``GET /v1/charges/{id}``;
 * ``POST /v1/checkout/sessions``, ``GET /v1/checkout/sessions/{id}``;
 * ``POST /v1/billing/meter_events``.
 
@@ -36,8 +36,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +47,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bastion.api.app import create_app
 from bastion.billing.plans import Plan, PlanCatalogue
-from bastion.billing.routes import build_webhook_router
-from bastion.billing.wiring import build_billing
+from bastion.compose import Overrides, build_api
 from bastion.db.pool import Database
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
@@ -106,6 +103,7 @@ class StripeDouble:
 
     url: str = ""
     subscriptions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    charges: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)  # oldest first
     checkout_sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
     meter_events: list[dict[str, Any]] = field(default_factory=list)
@@ -225,6 +223,15 @@ def build_app(state: StripeDouble) -> Starlette:
             return _error(404, f"No such subscription: '{wanted}'")
         return JSONResponse(found)
 
+    async def get_charge(request: Request) -> Response:
+        _, refused = await record(request)
+        if refused is not None:
+            return refused
+        wanted = request.path_params["id"]
+        with state.lock:
+            found = state.charges.get(wanted)
+        return JSONResponse(found) if found else _error(404, f"No such charge: '{wanted}'")
+
     async def create_checkout_session(request: Request) -> Response:
         params, refused = await record(request)
         if refused is not None:
@@ -301,6 +308,7 @@ def build_app(state: StripeDouble) -> Starlette:
             Route("/v1/events", list_events, methods=["GET"]),
             Route("/v1/events/{id}", get_event, methods=["GET"]),
             Route("/v1/subscriptions/{id}", get_subscription, methods=["GET"]),
+            Route("/v1/charges/{id}", get_charge, methods=["GET"]),
             Route("/v1/checkout/sessions", create_checkout_session, methods=["POST"]),
             Route("/v1/checkout/sessions/{id}", get_checkout_session, methods=["GET"]),
             Route("/v1/billing/meter_events", create_meter_event, methods=["POST"]),
@@ -320,6 +328,38 @@ def stripe_double() -> Iterator[StripeDouble]:
 # -- Stripe-shaped objects for tests ------------------------------------------------------
 
 
+# What each test price bills a month, as the catalogue's plans cost (migration
+# 0015; ``tiny`` is free): a subscription's price object carries it.
+PRICE_AMOUNTS = {"price_free": 0, "price_pro": 4900, "price_ent": 99900, "price_tiny": 0}
+
+
+def price_object(
+    price: str,
+    amount: int | None = None,
+    *,
+    currency: str = "usd",
+    interval: str = "month",
+    interval_count: int = 1,
+) -> dict[str, Any]:
+    """A Stripe price: recurring, licensed, per unit; ``amount`` defaults to the test
+    price's (:data:`PRICE_AMOUNTS`), and a price it does not know carries none."""
+    amount = PRICE_AMOUNTS.get(price) if amount is None else amount
+    found: dict[str, Any] = {"id": price, "object": "price"}
+    if amount is not None:
+        found.update(
+            type="recurring",
+            billing_scheme="per_unit",
+            unit_amount=amount,
+            currency=currency,
+            recurring={
+                "interval": interval,
+                "interval_count": interval_count,
+                "usage_type": "licensed",
+            },
+        )
+    return found
+
+
 def subscription_object(
     sub_id: str,
     customer: str,
@@ -329,6 +369,7 @@ def subscription_object(
     period_start: int | None = None,
     period_end: int | None = None,
     created: int | None = None,
+    amount: int | None = None,
 ) -> dict[str, Any]:
     start = period_start if period_start is not None else int(time.time()) - 3600
     end = period_end if period_end is not None else start + 30 * 86400
@@ -345,7 +386,8 @@ def subscription_object(
                 {
                     "id": f"si_{sub_id}",
                     "object": "subscription_item",
-                    "price": {"id": price, "object": "price"},
+                    "price": price_object(price, amount),
+                    "quantity": 1,
                     "current_period_start": start,
                     "current_period_end": end,
                 }
@@ -387,29 +429,22 @@ def webhook_api(
     adyen_ref: str = "local://billing/test-adyen-unused",
     pool_size: int = 8,
 ) -> Iterator[str]:
-    """Serve ``POST /webhooks/stripe`` and ``/webhooks/adyen`` (the production routes
-    and wiring) over real HTTP on ``database``; yield the base URL."""
+    """Serve the api as compose builds it (``POST /webhooks/stripe`` and
+    ``/webhooks/adyen`` among its routes) over real HTTP on ``database``, with
+    these webhook secrets; yield the base URL."""
 
     def build(url: str) -> FastAPI:
-        db = Database(database.app, database.context_key, max_size=pool_size)
-        settings = Settings(stripe_webhook_secret_ref=stripe_ref, adyen_hmac_key_ref=adyen_ref)
-        billing = build_billing(settings, db, keystore)
-
-        @asynccontextmanager
-        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            await db.open()
-            try:
-                yield
-            finally:
-                await db.close()
-
-        return create_app(
-            readiness=db.ping,
-            lifespan=lifespan,
-            extra_routers=(
-                build_webhook_router(billing.intake, billing.stripe_webhook, billing.adyen_webhook),
-            ),
+        settings = Settings(
+            issuer=url,
+            embedder="hashing",
+            stripe_webhook_secret_ref=stripe_ref,
+            adyen_hmac_key_ref=adyen_ref,
         )
+        overrides = Overrides(
+            database=Database(database.app, database.context_key, max_size=pool_size),
+            keystore=keystore,
+        )
+        return build_api(settings, overrides).app
 
     with serving(build) as url:
         yield url

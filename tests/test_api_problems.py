@@ -15,9 +15,9 @@ import structlog
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel
 
-from bastion.access.declare import PUBLIC_ROUTE
 from bastion.api import app as app_module
 from bastion.api.app import create_app
+from bastion.api.declare import PUBLIC_ROUTE
 from bastion.api.middleware import valid_request_id
 from bastion.api.problems import Conflict
 from bastion.gateway.app import create_gateway_app
@@ -301,7 +301,7 @@ def test_gateway_and_worker_health_apps() -> None:
 
 
 def test_an_app_with_an_undeclared_route_refuses_to_start() -> None:
-    from bastion.access.declare import UndeclaredRoute
+    from bastion.api.declare import UndeclaredRoute
 
     naked = APIRouter(prefix="/naked")
 

@@ -4,8 +4,7 @@ subscription and change the plan, and that every refusal changes nothing (CHECKL
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID, uuid4
@@ -13,23 +12,18 @@ from uuid import UUID, uuid4
 import httpx
 import psycopg
 import pytest
-from fastapi import FastAPI
 
-from bastion.api.app import create_app
 from bastion.billing.approvals import PlanApprovals
 from bastion.billing.plans import PlanCatalogue
-from bastion.billing.routes import build_router
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher
-from bastion.billing.wiring import build_billing
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
-from bastion.identity.wiring import Identity, build_identity
+from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
-from bastion.settings import Settings
 from bastion.tenants.service import TenantService
+from tests.api_stack import api_server
 from tests.conftest import DbHandles
-from tests.http_server import serving
 
 PROBLEM = "https://bastion.dev/problems/"
 ROLES = ("owner", "billing-admin", "auditor", "contributor", "viewer")
@@ -51,41 +45,21 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
+    """The api as compose builds it, with two tenants holding every role."""
     sides: dict[str, Side] = {}
-    built: list[Identity] = []
 
-    def build(url: str) -> FastAPI:
-        db = Database(database.app, database.context_key, max_size=4)
-        settings = Settings(issuer=url)
-        identity = build_identity(settings, db, keystore)
-        billing = build_billing(settings, db, keystore)
-        built.append(identity)
+    async def seed(db: Database, _identity: Identity) -> None:
+        tenants = TenantService(db)
+        for name in ("a", "b"):
+            tenant = (await tenants.create_tenant(f"bl-{name}-{uuid4().hex[:6]}", name)).id
+            users = {
+                role: await tenants.add_member(tenant, f"{role}-{name}@bl.test", role)
+                for role in ROLES
+            }
+            sides[name] = Side(tenant, users)
 
-        @asynccontextmanager
-        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            await db.open()
-            try:
-                await identity.start()
-                tenants = TenantService(db)
-                for name in ("a", "b"):
-                    tenant = (await tenants.create_tenant(f"bl-{name}-{uuid4().hex[:6]}", name)).id
-                    users = {
-                        role: await tenants.add_member(tenant, f"{role}-{name}@bl.test", role)
-                        for role in ROLES
-                    }
-                    sides[name] = Side(tenant, users)
-                yield
-            finally:
-                await db.close()
-
-        return create_app(
-            readiness=db.ping,
-            lifespan=lifespan,
-            extra_routers=(build_router(billing.service, billing.catalogue, identity.guard),),
-        )
-
-    with serving(build) as url:
-        yield Stack(url, built[0], sides["a"], sides["b"])
+    with api_server(database, keystore, seed) as (url, _app, identity):
+        yield Stack(url, identity, sides["a"], sides["b"])
 
 
 def _call(

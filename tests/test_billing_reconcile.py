@@ -5,22 +5,28 @@ and never undone by a stale event (CHECKLIST P2)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
+from pathlib import Path
 from uuid import UUID, uuid4
 
 import psycopg
 import pytest
 
+import bastion
 from bastion.billing.plans import PlanCatalogue
 from bastion.billing.reconcile import Reconciler, StripeProvider
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher, WebhookIntake
 from bastion.billing.webhooks.stripe import parse
+from bastion.billing.wiring import stripe_client
 from bastion.db.pool import Database
 from bastion.secrets import LocalKeystore
+from bastion.settings import Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
 from tests.stripe_double import (
+    API_KEY,
     TEST_PRICES,
     StripeDouble,
     event_object,
@@ -215,7 +221,9 @@ async def test_drift_onto_an_inactive_or_underpaid_plan_is_not_repaired(
     )
     await PlanCatalogue(db).put(legacy, actor="operator:alice")
     assert legacy.stripe_price_id is not None
-    double.subscriptions[sub_id] = subscription_object(sub_id, customer, legacy.stripe_price_id)
+    double.subscriptions[sub_id] = subscription_object(
+        sub_id, customer, legacy.stripe_price_id, amount=legacy.monthly_price
+    )
     reconciler = Reconciler(db, service, intake, StripeProvider(double.client()))
     await reconciler.run(since=int(time.time()))
     assert _plan(database, tenant_id) == ("pro", "active")
@@ -231,3 +239,33 @@ async def test_drift_onto_an_inactive_or_underpaid_plan_is_not_repaired(
     assert _plan(database, tenant_id) == ("free", "active")
     after = await service.plan_changes(tenant_id, "auditor")
     assert [(c.from_plan, c.to_plan) for c in after[changes:]] == [("pro", "free")]
+
+
+def test_one_stripe_client_built_with_the_public_api_reaches_the_configured_base_and_account(
+    double: StripeDouble, keystore: LocalKeystore
+) -> None:
+    """Checkout, metering and reconciliation share :func:`stripe_client`: Stripe's
+    public ``base_addresses`` (a plain mapping) and the connected account events
+    must come from (``Stripe-Account``), so reconciliation reads that account's
+    subscriptions, not the platform's. No module reaches into the library's
+    private ones."""
+    key_name = f"billing/test-rc-api-{uuid4().hex[:8]}"
+    keystore.set(key_name, API_KEY.encode())
+    settings = Settings(
+        billing_stripe_api_key_ref=f"local://{key_name}",
+        billing_stripe_api_base=double.url,
+        stripe_account_id="acct_bastion",
+    )
+    client = stripe_client(settings, keystore)
+    assert client is not None
+    assert StripeProvider(client).subscription("sub_nobody") is None  # a 404, read as none
+    (request,) = double.calls("GET", "/v1/subscriptions/sub_nobody")
+    assert request.headers["stripe-account"] == "acct_bastion"
+    assert stripe_client(Settings(), keystore) is None
+    src = Path(bastion.__file__).parent
+    private = [
+        str(path.relative_to(src))
+        for path in src.rglob("*.py")
+        if re.search(r"\bstripe\._[a-z]", path.read_text(encoding="utf-8"))
+    ]
+    assert private == []

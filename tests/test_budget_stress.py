@@ -244,7 +244,7 @@ async def test_concurrent_calls_never_exceed_the_budget_on_any_number_of_process
         assert answers == upstream, where
         assert answers >= 1, where  # the round did call through the gateways
         refusals = {(r.status_code, r.json()["type"], r.json().get("reason")) for r in refused}
-        assert refusals == {(402, OverBudget.type, None)}, f"{where}: {refusals}"
+        assert refusals == {(402, OverBudget().type, None)}, f"{where}: {refusals}"
         used, reserved, tokens_reserved, held = await _closed(db, caller.tenant)
         assert (used, reserved, tokens_reserved, held) == (upstream, 0, 0, 0), where
     # Separate OS processes, all still serving.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -25,13 +24,13 @@ import pytest
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from fastapi import FastAPI
 
-from bastion.api.app import create_app
+from bastion.compose import Overrides, build_api
 from bastion.db.pool import Database
 from bastion.identity.client import DpopAuth, login, refresh
 from bastion.identity.dpop import DpopKey, DpopVerifier, MemoryReplayCache
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, s256
-from bastion.identity.wiring import DPOP_NONCE_KEY, build_identity
+from bastion.identity.wiring import DPOP_NONCE_KEY
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
@@ -62,24 +61,15 @@ def _process(
     settings: Callable[[str], Settings],
     seed: Callable[[Database], Awaitable[None]] | None = None,
 ) -> Callable[[str], FastAPI]:
-    """How one api process is built (the identity side of compose's api)."""
+    """How one api process is built: by the composition root, as ``bastion serve api``."""
 
     def build(url: str) -> FastAPI:
-        db = Database(database.app, database.context_key, max_size=4)
-        identity = build_identity(settings(url), db, keystore)
-
-        @asynccontextmanager
-        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            await db.open()
-            try:
-                await identity.start()
-                if seed is not None:
-                    await seed(db)
-                yield
-            finally:
-                await db.close()
-
-        return create_app(readiness=db.ping, lifespan=lifespan, extra_routers=identity.routers)
+        overrides = Overrides(
+            database=Database(database.app, database.context_key, max_size=4),
+            keystore=keystore,
+            on_start=seed,
+        )
+        return build_api(settings(url), overrides).app
 
     return build
 

@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from bastion.access.approvals import ApprovalService
 from bastion.access.roles import LiveRoles
+from bastion.api.problems import status_of
 from bastion.billing.budgets import BudgetService, BudgetState
 from bastion.billing.wiring import build_billing
 from bastion.db.pool import Database
@@ -37,7 +38,6 @@ from bastion.identity.keys import SigningKeys
 from bastion.identity.tokens import TokenIssuer
 from bastion.identity.wiring import build_guard
 from bastion.knowledge.answers import AskService, GatewayRefused
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.safety.signing import (
     HEADER,
@@ -48,6 +48,8 @@ from bastion.safety.signing import (
 )
 from bastion.safety.vault import PiiVault
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import Captured, DbHandles
@@ -84,10 +86,12 @@ class Gateway:
     plan_gate: PlanGate
 
 
-PRICE_PROMPT, PRICE_COMPLETION = 2.5, 10.0  # USD per million tokens
-USAGE_COST = (
-    USAGE["prompt_tokens"] * PRICE_PROMPT + USAGE["completion_tokens"] * PRICE_COMPLETION
-) / 1e6
+PRICE_PROMPT, PRICE_COMPLETION = 2_500_000, 10_000_000  # micro-USD per million tokens
+# Integer micro-USD, rounded up to a whole micro-USD as the gateway does.
+USAGE_COST = -(
+    -(USAGE["prompt_tokens"] * PRICE_PROMPT + USAGE["completion_tokens"] * PRICE_COMPLETION)
+    // 1_000_000
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +113,8 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                     base_url=f"{upstream}/v1",
                     api_key_ref="local://providers/double",
                     timeout_seconds=1.5,
-                    usd_per_mtok_prompt=PRICE_PROMPT,
-                    usd_per_mtok_completion=PRICE_COMPLETION,
+                    micro_usd_per_mtok_prompt=PRICE_PROMPT,
+                    micro_usd_per_mtok_completion=PRICE_COMPLETION,
                 ),
                 # Half the traffic to the canary, so that a test sees enough of it.
                 ModelRoute(
@@ -142,7 +146,7 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                 routers,
                 authorizer=guard.authorizer,
                 tool_signer=ToolCallSigner(keystore),
-                vault=PiiVault(TenantKeys(keystore)),
+                vault=PiiVault(TenantKeys(LocalKMS(keystore))),
             )
             seeded["service"] = service
             # Off by default here; a test puts it on (tenants without a plan get Free's).
@@ -627,20 +631,20 @@ async def test_one_log_line_per_call_with_cost_and_never_the_prompt(
     for line in lines:
         assert line["tenant"] == str(gateway.tenant) and line["model"] == "upstream"
         assert line["tokens"] == USAGE["total_tokens"] and line["decision"] == "answered"
-        assert line["cost_usd"] == pytest.approx(USAGE_COST) and line["latency_ms"] > 0
+        assert line["cost_micro_usd"] == USAGE_COST and line["latency_ms"] > 0
     assert secret_prompt not in logs.text and ANSWER not in logs.text
     deadline = time.monotonic() + 5  # the ledger writes audit events in batches
     with psycopg.connect(database.superuser, autocommit=True) as admin:  # RLS-scoped rows
         while True:
             costs = admin.execute(
-                "SELECT details->>'cost_usd' FROM bastion.audit_events"
+                "SELECT (details->>'cost_micro_usd')::bigint FROM bastion.audit_events"
                 " WHERE action = 'model.invoke' AND details->>'trace_id' = %s",
                 (trace_id,),
             ).fetchall()
             if len(costs) == 2 or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
-    assert [float(c) for (c,) in costs] == pytest.approx([USAGE_COST, USAGE_COST])
+    assert [c for (c,) in costs] == [USAGE_COST, USAGE_COST]
 
 
 # -- prompts signed by the api (M1) ----------------------------------------------------
@@ -766,7 +770,7 @@ async def test_questions_are_answered_from_the_tenant_s_own_documents(
     gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore, database: DbHandles
 ) -> None:
     async with Database(database.app, database.context_key, max_size=4) as db:
-        kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+        kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
         for tenant, user, text in (
             (gateway.tenant, gateway.users["contributor"], "The refund was sent on 5 March."),
             (gateway.other_tenant, gateway.other_user, "The refund was sent on 9 July."),
@@ -790,7 +794,7 @@ async def test_questions_are_answered_from_the_tenant_s_own_documents(
         assert all(str(h.document_id) in answer.text for h in answer.sources[:1])
         with pytest.raises(GatewayRefused) as refused:
             await ask.ask(viewer, "support", "And the invoice?", model="bastion-local")
-        assert refused.value.status == 402 and int(refused.value.headers["Retry-After"]) > 0
+        assert status_of(refused.value) == 402 and (refused.value.retry_after or 0) > 0
 
 
 # -- tool calls the model proposes (M1) --------------------------------------------------

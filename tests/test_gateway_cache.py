@@ -38,10 +38,11 @@ from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
 from bastion.identity.tokens import TokenIssuer
 from bastion.identity.wiring import build_guard
-from bastion.knowledge.keys import TenantKeys
 from bastion.safety.signing import EnvelopeSigner, ToolCall, ToolCallSigner
 from bastion.safety.vault import PiiVault
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
@@ -100,7 +101,7 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
                 ),
                 authorizer=guard.authorizer,
                 tool_signer=ToolCallSigner(keystore),
-                vault=PiiVault(TenantKeys(keystore)),
+                vault=PiiVault(TenantKeys(LocalKMS(keystore))),
             )
             seeded["service"] = service
 

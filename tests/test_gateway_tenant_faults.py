@@ -25,7 +25,7 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 
-from bastion.api.problems import problem_type
+from bastion.api.problems import problem_type, status_of
 from bastion.billing.budgets import BudgetService
 from bastion.db.pool import Database
 from bastion.gateway.app import build_routers
@@ -475,6 +475,9 @@ def test_the_api_passes_an_upstream_refusal_on_as_the_caller_s_400() -> None:
         json={"type": REJECTED, "title": "The model's provider rejected the request"},
     )
     problem = _passed_on(refused)
-    assert (problem.status, problem.type) == (400, REJECTED)
+    assert (status_of(problem), problem.type) == (400, REJECTED)
     # Any other 400 of the gateway is the api's own doing: still a 502.
-    assert _passed_on(httpx.Response(400, json={"type": problem_type("bad-request")})).status == 502
+    assert (
+        status_of(_passed_on(httpx.Response(400, json={"type": problem_type("bad-request")})))
+        == 502
+    )

@@ -16,9 +16,10 @@ from bastion.access.authorize import Authorizer
 from bastion.db.pool import Database
 from bastion.knowledge import tasks as knowledge_tasks
 from bastion.knowledge.embedders import Embedder, FloatArray, HashingEmbedder
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.tenants.service import TenantService
 from bastion.worker.jobs import JobRegistry
 from tests.conftest import DbHandles
@@ -46,7 +47,9 @@ async def test_an_ingest_job_past_its_time_limit_fails_its_document(
     tenants = TenantService(db)
     tenant = (await tenants.create_tenant(f"tl-{uuid4().hex[:8]}", "time limit")).id
     owner = await tenants.add_member(tenant, "owner@tl.test", "owner")
-    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing", embedders=embedders)
+    kb = KnowledgeService(
+        db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing", embedders=embedders
+    )
     actor = Actor(tenant, owner, "owner")
     await kb.create_namespace(actor, "docs")
     doc = (

@@ -28,7 +28,7 @@ from fastapi import FastAPI, Response
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
-from bastion.access.declare import PUBLIC_ROUTE
+from bastion.api.declare import PUBLIC_ROUTE
 from bastion.identity.errors import InvalidToken
 from bastion.identity.issuers import CombinedVerifier, ExternalIssuers, IssuerConfig
 from bastion.identity.keys import SigningKeys

@@ -1,14 +1,16 @@
-"""LocalKMS: envelope encryption on the real keystore; nothing mocked."""
+"""LocalKEK (one named KEK) and LocalKMS (per-tenant KEKs): envelope encryption on the
+real keystore; nothing mocked."""
 
 from __future__ import annotations
 
 import secrets
 import struct
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 
-from bastion.secrets import KMSError, LocalKeystore, LocalKMS
+from bastion.secrets import KeyContext, KMSError, LocalKEK, LocalKeystore, LocalKMS
 
 CONTEXT = b"tenant=42;purpose=chunks"
 
@@ -19,15 +21,15 @@ def keystore(tmp_path: Path) -> LocalKeystore:  # shadows the session-wide conft
 
 
 @pytest.fixture
-def kms(keystore: LocalKeystore) -> LocalKMS:
-    return LocalKMS(keystore)
+def kms(keystore: LocalKeystore) -> LocalKEK:
+    return LocalKEK(keystore)
 
 
 def _kek_version(blob: bytes) -> int:
     return int(struct.unpack(">I", blob[1:5])[0])
 
 
-def test_wrap_unwrap_round_trip(kms: LocalKMS, keystore: LocalKeystore) -> None:
+def test_wrap_unwrap_round_trip(kms: LocalKEK, keystore: LocalKeystore) -> None:
     data_key = secrets.token_bytes(32)
     blob = kms.wrap(data_key, CONTEXT)
     assert data_key not in blob
@@ -41,7 +43,7 @@ def test_wrap_unwrap_round_trip(kms: LocalKMS, keystore: LocalKeystore) -> None:
     assert kms.wrap(data_key, CONTEXT) != blob  # fresh nonce every time
 
 
-def test_wrong_context_fails(kms: LocalKMS) -> None:
+def test_wrong_context_fails(kms: LocalKEK) -> None:
     blob = kms.wrap(secrets.token_bytes(32), CONTEXT)
     with pytest.raises(KMSError):
         kms.unwrap(blob, b"tenant=43;purpose=chunks")
@@ -50,7 +52,7 @@ def test_wrong_context_fails(kms: LocalKMS) -> None:
 
 
 @pytest.mark.parametrize("offset", [0, 1, 4, 5, 16, 17, 30, -1])
-def test_altered_blob_fails(kms: LocalKMS, offset: int) -> None:
+def test_altered_blob_fails(kms: LocalKEK, offset: int) -> None:
     data_key = secrets.token_bytes(32)
     blob = bytearray(kms.wrap(data_key, CONTEXT))
     blob[offset] ^= 0x01
@@ -60,13 +62,13 @@ def test_altered_blob_fails(kms: LocalKMS, offset: int) -> None:
 
 
 @pytest.mark.parametrize("length", [0, 5, 32])
-def test_truncated_blob_fails(kms: LocalKMS, length: int) -> None:
+def test_truncated_blob_fails(kms: LocalKEK, length: int) -> None:
     blob = kms.wrap(secrets.token_bytes(32), CONTEXT)
     with pytest.raises(KMSError):
         kms.unwrap(blob[:length], CONTEXT)
 
 
-def test_rotation_keeps_old_blobs(kms: LocalKMS, keystore: LocalKeystore) -> None:
+def test_rotation_keeps_old_blobs(kms: LocalKEK, keystore: LocalKeystore) -> None:
     old_key = secrets.token_bytes(32)
     old_blob = kms.wrap(old_key, CONTEXT)
     assert _kek_version(old_blob) == 1
@@ -85,7 +87,7 @@ def test_rotation_keeps_old_blobs(kms: LocalKMS, keystore: LocalKeystore) -> Non
     assert _kek_version(kms.wrap(new_key, CONTEXT)) == 2
 
 
-def test_generate_data_key(kms: LocalKMS) -> None:
+def test_generate_data_key(kms: LocalKEK) -> None:
     data_key, blob = kms.generate_data_key(CONTEXT)
     assert len(data_key) == 32
     assert data_key not in blob
@@ -97,17 +99,17 @@ def test_generate_data_key(kms: LocalKMS) -> None:
 
 
 def test_kms_on_a_fresh_keystore_shares_the_kek(keystore: LocalKeystore) -> None:
-    blob = LocalKMS(keystore).wrap(b"k" * 32, CONTEXT)
+    blob = LocalKEK(keystore).wrap(b"k" * 32, CONTEXT)
     again = LocalKeystore(keystore.path, keystore.master_key_file)
-    assert LocalKMS(again).unwrap(blob, CONTEXT) == b"k" * 32
+    assert LocalKEK(again).unwrap(blob, CONTEXT) == b"k" * 32
     with pytest.raises(KMSError):
-        LocalKMS(again, kek_name="kms/other").unwrap(blob, CONTEXT)
+        LocalKEK(again, kek_name="kms/other").unwrap(blob, CONTEXT)
 
 
 def test_wrap_labels_the_blob_with_the_key_that_wrapped_it(tmp_path: Path) -> None:
     """Version and key come from one read, so each blob names its own KEK."""
     store = LocalKeystore(tmp_path / "keystore.bin", tmp_path / "master.key")
-    kms = LocalKMS(store)
+    kms = LocalKEK(store)
     blobs = []
     for _ in range(3):
         blobs.append(kms.wrap(b"k" * 32, b"ctx"))
@@ -116,7 +118,7 @@ def test_wrap_labels_the_blob_with_the_key_that_wrapped_it(tmp_path: Path) -> No
     assert all(kms.unwrap(b, b"ctx") == b"k" * 32 for b in blobs)
 
 
-def test_unknown_kek_version_fails(kms: LocalKMS) -> None:
+def test_unknown_kek_version_fails(kms: LocalKEK) -> None:
     blob = kms.wrap(secrets.token_bytes(32), CONTEXT)
     for version in (0, 2, 2**32 - 1):
         forged = blob[:1] + struct.pack(">I", version) + blob[5:]
@@ -124,13 +126,45 @@ def test_unknown_kek_version_fails(kms: LocalKMS) -> None:
             kms.unwrap(forged, CONTEXT)
 
 
-def test_blob_from_another_keystore_fails(kms: LocalKMS, tmp_path: Path) -> None:
+def test_blob_from_another_keystore_fails(kms: LocalKEK, tmp_path: Path) -> None:
     blob = kms.wrap(secrets.token_bytes(32), CONTEXT)
     elsewhere = LocalKeystore(
         tmp_path / "other" / "keystore.bin", tmp_path / "other" / "master.key"
     )
     with pytest.raises(KMSError):
-        LocalKMS(elsewhere).unwrap(blob, CONTEXT)  # no KEK at all there
-    LocalKMS(elsewhere).wrap(b"x" * 32, CONTEXT)  # now a KEK v1 of its own
+        LocalKEK(elsewhere).unwrap(blob, CONTEXT)  # no KEK at all there
+    LocalKEK(elsewhere).wrap(b"x" * 32, CONTEXT)  # now a KEK v1 of its own
     with pytest.raises(KMSError):
-        LocalKMS(elsewhere).unwrap(blob, CONTEXT)
+        LocalKEK(elsewhere).unwrap(blob, CONTEXT)
+
+
+def test_local_kms_keeps_each_tenant_under_its_own_kek(keystore: LocalKeystore) -> None:
+    """The KMS picks the KEK from the context's tenant and binds the whole context."""
+    kms = LocalKMS(keystore)
+    a, b = uuid4(), uuid4()
+    data_key, blob = kms.generate_data_key(KeyContext(a, "data-key", 1))
+    assert kms.unwrap(blob, KeyContext(a, "data-key", 1)) == data_key
+    assert {f"kms/tenants/{a}"} <= set(keystore.list())
+    for other in (
+        KeyContext(b, "data-key", 1),  # another tenant: another KEK
+        KeyContext(a, "pii-token-key", 1),  # another purpose
+        KeyContext(a, "data-key", 2),  # another version
+    ):
+        with pytest.raises(KMSError):
+            kms.unwrap(blob, other)
+    # The stored spelling is the one every existing blob was bound to.
+    old = LocalKEK(keystore, kek_name=f"kms/tenants/{a}")
+    assert old.unwrap(blob, f"tenant={a};purpose=data-key;version=1".encode()) == data_key
+
+
+def test_local_kms_destroy_shreds_only_that_tenant(keystore: LocalKeystore) -> None:
+    kms = LocalKMS(keystore)
+    a, b = uuid4(), uuid4()
+    blob_a = kms.wrap(b"a" * 32, KeyContext(a, "data-key"))
+    blob_b = kms.wrap(b"b" * 32, KeyContext(b, "data-key"))
+    kms.destroy_tenant(a)
+    kms.destroy_tenant(a)  # idempotent
+    assert f"kms/tenants/{a}" not in keystore.list()
+    with pytest.raises(KMSError):
+        kms.unwrap(blob_a, KeyContext(a, "data-key"))
+    assert kms.unwrap(blob_b, KeyContext(b, "data-key")) == b"b" * 32

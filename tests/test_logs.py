@@ -12,8 +12,8 @@ import httpx
 import pytest
 from fastapi import APIRouter
 
-from bastion.access.declare import PUBLIC_ROUTE
 from bastion.api.app import create_app
+from bastion.api.declare import PUBLIC_ROUTE
 from bastion.logs import MASK, configure_logging, get_logger, is_secret_key, scrub_text
 from tests.conftest import Captured
 from tests.http_server import running_server

@@ -14,10 +14,11 @@ from uuid import UUID, uuid4
 import pyotp
 import pytest
 
+from bastion.access import ADMIN_ROLES
 from bastion.db.pool import Database
 from bastion.identity import mfa as mfa_module
 from bastion.identity.errors import LastFactorRequired, MfaError
-from bastion.identity.mfa import ADMIN_ROLES, MfaService, mfa_required
+from bastion.identity.mfa import MfaService, mfa_required
 from bastion.secrets.store import LocalKeystore
 from bastion.tenants.service import TenantService
 

@@ -34,10 +34,12 @@ from bastion.secrets import LocalKeystore
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles, short_tempdir
 from tests.stripe_double import (
+    API_KEY,
     TEST_PRICES,
     event_object,
     price_plans,
     signed,
+    stripe_double,
     subscription_object,
     to_json,
     webhook_api,
@@ -633,3 +635,448 @@ async def test_stripe_a_refund_of_the_period_s_payment_takes_the_plan_back(
     await _stripe(setup, _sub_event(customer_id, "pro", sub_id=sub_id, later=3, period_start=later))
     assert await service.drain(tenant_id) == 1
     assert (await service.entitlements(tenant_id)).plan == "pro"
+
+
+# -- Stripe: exactly the plan's price -------------------------------------------------------
+
+
+def _priced_event(customer: str, plan: str, **price: Any) -> dict[str, Any]:
+    """A subscription event for ``plan``'s catalogue price, its price object changed."""
+    event = _sub_event(customer, plan)
+    event["data"]["object"]["items"]["data"][0]["price"].update(price)
+    return event
+
+
+async def _assert_stripe_refused(
+    setup: Setup,
+    database: DbHandles,
+    service: BillingService,
+    customer: tuple[UUID, str],
+    event: dict[str, Any],
+    reason: str,
+) -> None:
+    tenant_id, _customer_id = customer
+    before = _state(database, tenant_id)
+    await _stripe(setup, event)
+    await _assert_refused(database, service, tenant_id, before, reason)
+    assert await service.plan_changes(tenant_id, "owner") == []
+
+
+async def test_stripe_a_price_above_the_plan_price_buys_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """Equal, not "at least": another amount is not the plan's price."""
+    event = _priced_event(customer[1], "enterprise", unit_amount=PRICES["enterprise"] + 1)
+    await _assert_stripe_refused(setup, database, service, customer, event, "price-not-plan-price")
+
+
+async def test_stripe_the_plan_amount_in_another_currency_buys_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    event = _priced_event(customer[1], "enterprise", currency="jpy")
+    await _assert_stripe_refused(setup, database, service, customer, event, "price-not-plan-price")
+
+
+async def test_stripe_an_upper_case_currency_does_not_skip_the_price_check(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """One spelling: "USD" is the plan's currency, and a cent of it is not its price."""
+    event = _priced_event(customer[1], "enterprise", currency="USD", unit_amount=1)
+    await _assert_stripe_refused(setup, database, service, customer, event, "price-not-plan-price")
+
+
+async def test_stripe_the_exact_price_with_an_upper_case_currency_buys_the_plan(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    tenant_id, customer_id = customer
+    await _stripe(setup, _priced_event(customer_id, "pro", currency="USD"))
+    assert await service.drain(tenant_id) == 1
+    assert (await service.entitlements(tenant_id)).plan == "pro"
+
+
+async def test_stripe_the_monthly_amount_billed_yearly_buys_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    event = _priced_event(
+        customer[1],
+        "enterprise",
+        recurring={"interval": "year", "interval_count": 1, "usage_type": "licensed"},
+    )
+    await _assert_stripe_refused(setup, database, service, customer, event, "price-not-plan-price")
+
+
+async def test_stripe_a_metered_price_of_the_plan_amount_buys_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """Billed per unit used: no use, nothing paid."""
+    event = _priced_event(
+        customer[1],
+        "enterprise",
+        recurring={"interval": "month", "interval_count": 1, "usage_type": "metered"},
+    )
+    await _assert_stripe_refused(setup, database, service, customer, event, "price-not-plan-price")
+
+
+async def test_stripe_a_quantity_of_two_buys_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    event = _sub_event(customer[1], "enterprise")
+    event["data"]["object"]["items"]["data"][0]["quantity"] = 2
+    await _assert_stripe_refused(setup, database, service, customer, event, "quantity-not-one")
+
+
+async def test_stripe_two_items_of_the_plan_buy_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    event = _sub_event(customer[1], "enterprise")
+    items = event["data"]["object"]["items"]["data"]
+    items.append({**items[0], "id": f"si_{uuid4().hex[:10]}"})
+    await _assert_stripe_refused(setup, database, service, customer, event, "several-plans")
+
+
+async def test_stripe_a_full_discount_coupon_buys_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """A 100 % off coupon on the subscription: a paid plan for free."""
+    event = _sub_event(customer[1], "enterprise")
+    event["data"]["object"]["discounts"] = [f"di_{uuid4().hex[:14]}"]
+    await _assert_stripe_refused(setup, database, service, customer, event, "discounted")
+
+
+async def test_stripe_a_trial_buys_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """Trialing: nothing paid yet; the plan starts with the first period paid."""
+    tenant_id, customer_id = customer
+    before = _state(database, tenant_id)
+    await _stripe(setup, _sub_event(customer_id, "enterprise", status="trialing"))
+    assert await service.drain(tenant_id) == 1
+    assert _events(database, tenant_id)[-1][1:] == ("applied", "state-updated")
+    assert _plan(database, tenant_id) == "free"
+    assert await service.plan_changes(tenant_id, "owner") == []
+    assert _state(database, tenant_id)["counts"] == before["counts"]
+    assert (await service.entitlements(tenant_id)).plan == "free"
+
+
+def _invoice(
+    customer: str, sub_id: str, plan: str, *, period_start: int, discount: int = 0
+) -> dict[str, Any]:
+    """A paid ``subscription_cycle`` invoice of one plan line, ``discount`` off it
+    (a coupon's ``discount_amounts``), in the API's current shape."""
+    price, amount = TEST_PRICES[plan], PRICES[plan]
+    discounts = [{"amount": discount, "discount": "di_coupon"}] if discount else []
+    return {
+        "id": f"in_{uuid4().hex[:14]}",
+        "object": "invoice",
+        "customer": customer,
+        "billing_reason": "subscription_cycle",
+        "parent": {
+            "type": "subscription_details",
+            "subscription_details": {"subscription": sub_id},
+        },
+        "amount_paid": amount - discount,
+        "currency": "usd",
+        "total_discount_amounts": discounts,
+        "lines": {
+            "object": "list",
+            "data": [
+                {
+                    "id": f"il_{uuid4().hex[:10]}",
+                    "object": "line_item",
+                    "amount": amount,
+                    "quantity": 1,
+                    "discount_amounts": discounts,
+                    "pricing": {"type": "price_details", "price_details": {"price": price}},
+                    "parent": {"subscription_item_details": {"proration": False}},
+                    "period": {"start": period_start, "end": period_start + 30 * 86400},
+                }
+            ],
+        },
+    }
+
+
+async def test_stripe_an_invoice_paid_with_a_full_discount_takes_the_period_back(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """The coupon was added to the invoice: the amount paid is not the plan's price.
+    In whichever order: Stripe's later "active" for that period changes nothing."""
+    tenant_id, customer_id = customer
+    sub_id, now = f"sub_{uuid4().hex[:12]}", int(time.time())
+    await _stripe(setup, _sub_event(customer_id, "pro", sub_id=sub_id, period_start=now - 60))
+    invoice = _invoice(customer_id, sub_id, "pro", period_start=now - 60, discount=PRICES["pro"])
+    await _stripe(setup, event_object("invoice.paid", invoice, created=now + 1))
+    await _stripe(
+        setup, _sub_event(customer_id, "pro", sub_id=sub_id, later=2, period_start=now - 60)
+    )
+    assert await service.drain(tenant_id) == 3
+    assert [e[1:] for e in _events(database, tenant_id)] == [
+        ("applied", "plan free -> pro"),
+        ("applied", "plan pro -> free"),
+        ("applied", "state-updated"),
+    ]
+    assert (await service.entitlements(tenant_id)).plan == "free"
+    changes = await service.plan_changes(tenant_id, "owner")
+    assert [(c.from_plan, c.to_plan) for c in changes] == [("free", "pro"), ("pro", "free")]
+
+
+async def test_stripe_an_invoice_paid_at_the_plan_price_keeps_the_plan(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    tenant_id, customer_id = customer
+    sub_id, now = f"sub_{uuid4().hex[:12]}", int(time.time())
+    await _stripe(setup, _sub_event(customer_id, "pro", sub_id=sub_id, period_start=now - 60))
+    invoice = _invoice(customer_id, sub_id, "pro", period_start=now - 60)
+    await _stripe(setup, event_object("invoice.paid", invoice, created=now + 1))
+    assert await service.drain(tenant_id) == 2
+    assert _events(database, tenant_id)[-1][1:] == ("applied", "invoice-paid")
+    assert (await service.entitlements(tenant_id)).plan == "pro"
+
+
+# -- Stripe: disputes (chargebacks) ---------------------------------------------------------
+
+
+def _charge(customer: str, *, created: int, amount: int = PRICES["pro"]) -> dict[str, Any]:
+    return {
+        "id": f"ch_{uuid4().hex[:14]}",
+        "object": "charge",
+        "customer": customer,
+        "created": created,
+        "amount": amount,
+        "currency": "usd",
+        "paid": True,
+        "status": "succeeded",
+        "livemode": False,
+    }
+
+
+def _dispute(charge: dict[str, Any], status: str, *, dispute_id: str) -> dict[str, Any]:
+    """A Stripe dispute: it names its charge, never a customer."""
+    return {
+        "id": dispute_id,
+        "object": "dispute",
+        "charge": charge["id"],
+        "payment_intent": None,
+        "amount": charge["amount"],
+        "currency": "usd",
+        "reason": "fraudulent",
+        "status": status,
+        "created": int(time.time()),
+        "livemode": False,
+    }
+
+
+async def _paid_pro(
+    setup: Setup, service: BillingService, customer: tuple[UUID, str], now: int
+) -> tuple[str, dict[str, Any]]:
+    """The tenant on pro, its period paid by a charge; returns (subscription, charge)."""
+    tenant_id, customer_id = customer
+    sub_id = f"sub_{uuid4().hex[:12]}"
+    charge = _charge(customer_id, created=now - 50)
+    await _stripe(setup, _sub_event(customer_id, "pro", sub_id=sub_id, period_start=now - 60))
+    await _stripe(setup, event_object("charge.succeeded", charge, created=now - 50))
+    assert await service.drain(tenant_id) == 2
+    assert (await service.entitlements(tenant_id)).plan == "pro"
+    return sub_id, charge
+
+
+async def test_stripe_a_dispute_on_the_paying_charge_reverts_the_period(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """Once, audited, and Stripe's later "active" for the period does not undo it;
+    the dispute's later events (funds withdrawn, lost) change nothing more."""
+    tenant_id, customer_id = customer
+    now = int(time.time())
+    sub_id, charge = await _paid_pro(setup, service, customer, now)
+    dispute_id = f"dp_{uuid4().hex[:14]}"
+    created = event_object(
+        "charge.dispute.created", _dispute(charge, "needs_response", dispute_id=dispute_id),
+        created=now + 1,
+    )  # fmt: skip
+    await _stripe(setup, created)
+    await _stripe(setup, created)  # a redelivery: stored once, applied once
+    assert await service.drain(tenant_id) == 1
+    assert _events(database, tenant_id)[-1] == (
+        "charge.dispute.created",
+        "applied",
+        "plan pro -> free",
+    )
+    assert (await service.entitlements(tenant_id)).plan == "free"
+    assert _state(database, tenant_id)["counts"][2] == 1000  # the free plan's call budget
+    for kind, status, later in (
+        ("charge.dispute.funds_withdrawn", "needs_response", 2),
+        ("charge.dispute.closed", "lost", 3),
+    ):
+        dispute = _dispute(charge, status, dispute_id=dispute_id)
+        await _stripe(setup, event_object(kind, dispute, created=now + later))
+    await _stripe(
+        setup, _sub_event(customer_id, "pro", sub_id=sub_id, later=4, period_start=now - 60)
+    )
+    assert await service.drain(tenant_id) == 3
+    assert [e[2] for e in _events(database, tenant_id)[-3:]] == [
+        "period-reversed",
+        "period-reversed",
+        "state-updated",
+    ]
+    assert (await service.entitlements(tenant_id)).plan == "free"
+    changes = await service.plan_changes(tenant_id, "owner")
+    assert [(c.from_plan, c.to_plan, c.event_id) for c in changes] == [
+        ("free", "pro", changes[0].event_id),
+        ("pro", "free", created["id"]),
+    ]
+    with psycopg.connect(database.superuser) as conn:
+        audited = conn.execute(
+            "SELECT count(*) FROM bastion.audit_events WHERE tenant_id = %s "
+            "AND action = 'billing.plan.changed' AND details->>'event' = %s",
+            (tenant_id, created["id"]),
+        ).fetchone()
+    assert audited == (1,)
+
+
+async def test_stripe_a_dispute_before_its_payment_buys_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """The dispute arrives first (unrouted: its charge is not known yet), then the
+    charge, then the subscription's event for the period the charge paid."""
+    tenant_id, customer_id = customer
+    now = int(time.time())
+    before = _state(database, tenant_id)
+    charge = _charge(customer_id, created=now - 50)
+    dispute = _dispute(charge, "needs_response", dispute_id=f"dp_{uuid4().hex[:14]}")
+    await _stripe(setup, event_object("charge.dispute.created", dispute, created=now + 1))
+    await _stripe(setup, event_object("charge.succeeded", charge, created=now - 50))
+    await _stripe(setup, _sub_event(customer_id, "pro", period_start=now - 60))
+    assert await service.drain(tenant_id) == 3
+    assert sorted(e[0] + ":" + e[2] for e in _events(database, tenant_id)) == [
+        "charge.dispute.created:dispute-recorded",
+        "charge.succeeded:charge-recorded",
+        "customer.subscription.updated:state-updated",
+    ]
+    assert _plan(database, tenant_id) == "free"
+    assert await service.plan_changes(tenant_id, "owner") == []
+    assert _state(database, tenant_id)["counts"] == before["counts"]  # budget untouched
+    assert (await service.entitlements(tenant_id)).plan == "free"
+
+
+async def test_stripe_a_dispute_won_by_the_merchant_gives_the_period_back(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """Won: the money is back, so is the plan. A late copy of the dispute's
+    earlier state (needs_response) is stale and takes nothing back again."""
+    tenant_id, _customer_id = customer
+    now = int(time.time())
+    _sub_id, charge = await _paid_pro(setup, service, customer, now)
+    dispute_id = f"dp_{uuid4().hex[:14]}"
+    opened = _dispute(charge, "needs_response", dispute_id=dispute_id)
+    await _stripe(setup, event_object("charge.dispute.created", opened, created=now + 1))
+    won = _dispute(charge, "won", dispute_id=dispute_id)
+    await _stripe(setup, event_object("charge.dispute.closed", won, created=now + 3))
+    late = event_object("charge.dispute.updated", opened, created=now + 2)
+    await _stripe(setup, late)
+    assert await service.drain(tenant_id) == 3
+    assert [e[1:] for e in _events(database, tenant_id)[-3:]] == [
+        ("applied", "plan pro -> free"),
+        ("applied", "plan free -> pro"),
+        ("stale", "older-than-applied-state"),
+    ]
+    assert (await service.entitlements(tenant_id)).plan == "pro"
+    changes = await service.plan_changes(tenant_id, "owner")
+    assert [(c.from_plan, c.to_plan) for c in changes] == [
+        ("free", "pro"),
+        ("pro", "free"),
+        ("free", "pro"),
+    ]
+
+
+async def test_stripe_a_dispute_of_another_customer_s_charge_changes_nothing(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService
+) -> None:
+    """A dispute is routed by its charge: a stranger's charge reaches no tenant."""
+    tenant_id, _customer_id = customer
+    now = int(time.time())
+    await _paid_pro(setup, service, customer, now)
+    before = _state(database, tenant_id)
+    stranger = _charge(f"cus_{uuid4().hex[:12]}", created=now - 40)
+    dispute = _dispute(stranger, "needs_response", dispute_id=f"dp_{uuid4().hex[:14]}")
+    event = event_object("charge.dispute.created", dispute, created=now + 1)
+    await _stripe(setup, event)
+    assert await service.drain(tenant_id) == 0
+    with psycopg.connect(database.superuser) as conn:
+        stored = conn.execute(
+            "SELECT tenant_id, status FROM bastion.webhook_events WHERE event_id = %s",
+            (event["id"],),
+        ).fetchone()
+    assert stored == (None, "unrouted")
+    assert _state(database, tenant_id) == before
+
+
+# -- Stripe: reconciliation reaches the same state ------------------------------------------
+
+
+def _reconcile_stripe(
+    database: DbHandles, keystore: LocalKeystore, api_base: str, key_name: str, since: int
+) -> str:
+    """``bastion billing reconcile`` (Stripe), as an operator runs it, on the double."""
+    env = {
+        **os.environ,
+        "BASTION_HOME": str(short_tempdir("bastion-pi-")),
+        "DATABASE_URL": database.superuser,
+        "BASTION_KEYSTORE_FILE": str(keystore.path),
+        "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
+        "BASTION_BILLING_STRIPE_API_KEY_REF": f"local://{key_name}",
+        "BASTION_BILLING_STRIPE_API_BASE": api_base,
+        "COLUMNS": "200",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "bastion", "billing", "reconcile", "--since", str(since)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_stripe_reconcile_reverts_the_period_of_a_missed_dispute_of_an_unseen_charge(
+    setup: Setup, database: DbHandles, customer: tuple[UUID, str], service: BillingService,
+    keystore: LocalKeystore,
+) -> None:  # fmt: skip
+    """Neither the dispute's delivery nor its charge's reached Bastion: reconciliation
+    lists the dispute, fetches its charge from Stripe to find its tenant, and the
+    period is taken back as the webhook would have; Stripe's subscription still
+    says "active", and a second run repairs nothing back."""
+    tenant_id, customer_id = customer
+    now = int(time.time())
+    sub_id = f"sub_{uuid4().hex[:12]}"
+    await _stripe(setup, _sub_event(customer_id, "pro", sub_id=sub_id, period_start=now - 60))
+    assert await service.drain(tenant_id) == 1
+    assert _plan(database, tenant_id) == "pro"
+    charge = _charge(customer_id, created=now - 50)
+    dispute = _dispute(charge, "needs_response", dispute_id=f"dp_{uuid4().hex[:14]}")
+    key_name = f"billing/test-pi-stripe-api-{uuid4().hex[:8]}"
+    keystore.set(key_name, API_KEY.encode())
+    with stripe_double() as double:
+        double.subscriptions[sub_id] = subscription_object(
+            sub_id, customer_id, TEST_PRICES["pro"], period_start=now - 60
+        )
+        double.charges[charge["id"]] = charge
+        double.add_event(event_object("charge.dispute.created", dispute, created=now + 1))
+        first = _reconcile_stripe(database, keystore, double.url, key_name, now - 10)
+        assert "charges recorded: 1" in first
+        assert await service.drain(tenant_id) == 1
+        assert _events(database, tenant_id)[-1] == (
+            "charge.dispute.created",
+            "applied",
+            "plan pro -> free",
+        )
+        assert (await service.entitlements(tenant_id)).plan == "free"
+        second = _reconcile_stripe(database, keystore, double.url, key_name, now - 10)
+        assert "events recovered: 0" in second
+    assert await service.drain(tenant_id) == 0
+    assert _plan(database, tenant_id) == "free"
+    changes = await service.plan_changes(tenant_id, "owner")
+    assert [(c.from_plan, c.to_plan, c.source) for c in changes] == [
+        ("free", "pro", "webhook"),
+        ("pro", "free", "webhook"),
+    ]

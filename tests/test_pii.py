@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from bastion.api.problems import status_of
 from bastion.safety.pii import (
     KINDS,
     PiiInputNotText,
@@ -152,7 +153,7 @@ def test_normal_forms_share_a_value() -> None:
 def test_non_utf8_bytes_are_refused_clearly() -> None:
     with pytest.raises(PiiInputNotText) as refused:
         recognizer.find(b"caf\xe9 jane@example.com")
-    assert refused.value.status == 422
+    assert status_of(refused.value) == 422
     assert refused.value.type.endswith("/pii-input-not-text")
     assert "byte offset 3" in str(refused.value.detail)
     assert "jane" not in str(refused.value.detail)  # the input is never echoed
@@ -175,7 +176,7 @@ def test_ten_megabytes_are_refused_fast() -> None:
     with pytest.raises(PiiInputTooLarge):
         recognizer.find(text.encode())
     assert time.perf_counter() - started < 1.0  # refused up front, not scanned
-    assert refused.value.status == 413
+    assert status_of(refused.value) == 413
 
 
 def test_a_small_limit_is_honoured() -> None:

@@ -26,9 +26,10 @@ from bastion.gateway.sampling import PromptSampling
 from bastion.gateway.service import Caller, GatewayService
 from bastion.identity.dpop import DpopKey
 from bastion.identity.wiring import Identity
-from bastion.knowledge.keys import TenantKeys
 from bastion.safety.vault import PiiVault
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import ModelRoute
 from bastion.tenants.service import TenantService
 from tests.api_stack import api_server
@@ -77,7 +78,7 @@ async def stack(db: Database, keystore: LocalKeystore) -> AsyncIterator[Stack]:
     ledger = CallLedger(db, BudgetService(db), lease_calls=16, lease_seconds=5)
     sampling = PromptSampling(db, ttl_seconds=0.2)
     service = GatewayService(
-        ledger, routers, vault=PiiVault(TenantKeys(keystore)), sampling=sampling
+        ledger, routers, vault=PiiVault(TenantKeys(LocalKMS(keystore))), sampling=sampling
     )
     tenant, owner, user = await _tenant(db)
     ledger.start()

@@ -1,9 +1,11 @@
-"""Every route of the api, for every role, with MFA or not, own or other tenant,
-over real HTTP: against the decision the Cedar policies give, and against a
-leak oracle.
+"""Every route of the api and of the gateway, for every role, with MFA or not,
+own or other tenant, over real HTTP: against the decision the Cedar policies
+give, and (api) against a leak oracle.
 
-The routes come from the app's own router, so a new route is walked as soon
-as it exists; one that declares no action cannot even be built.
+The apps are the ones the composition root (:mod:`bastion.compose`) builds for
+``bastion serve``, and the routes come from their own routers, so a new route
+is walked as soon as it exists; one that declares no action cannot even be
+built, and one slipped in after the build fails the walk.
 
 The leak oracle (CHECKLIST M3: raw personal data leaves only through
 ``pii:reveal``). Each tenant's data holds planted personal data — an e-mail
@@ -24,8 +26,8 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -33,21 +35,25 @@ from uuid import UUID, uuid4
 import httpx
 import psycopg
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 
 from bastion.access.authorize import ROLES, Authorizer, Resource, Subject
-from bastion.access.declare import PUBLIC, api_routes, declared_action
+from bastion.api.declare import PUBLIC, UndeclaredRoute, api_routes, declared_action
 from bastion.billing.receipts import PaidInvoice, ReceiptKeys, ReceiptService
+from bastion.compose import Overrides, build_api, build_gateway
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
 from bastion.identity.passwords import PasswordService
 from bastion.identity.wiring import Identity
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
+from bastion.settings import Settings
 from bastion.tenants.service import TenantService
-from tests.api_stack import api_server
+from tests.api_stack import api_server, api_settings
 from tests.conftest import DbHandles
+from tests.gateway_stack import gateway_server
 from tests.http_server import running_server
 
 pytestmark = pytest.mark.anyio
@@ -183,7 +189,7 @@ async def _plant(
     marker = f"zq{secrets.token_hex(6)}"
     values = _personal_data(marker, *PLANTS[side])
     operator = Actor(tenant, None, "system")
-    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
     await TenantService(db).add_member(tenant, values["member"], "viewer")
     namespace = await kb.create_namespace(operator, "support")
     body = (
@@ -699,3 +705,123 @@ async def test_role_changes_need_a_fresh_sign_in(api: Api, db: Database) -> None
     assert answer.status_code == 403
     assert answer.json()["type"].endswith("/mfa-required")
     assert "max_age" in answer.headers["www-authenticate"]
+
+
+# -- the gateway, as the composition root builds it ----------------------------------------
+
+# A body each gateway route accepts (keyed by the route's path).
+GATEWAY_BODIES: dict[str, Any] = {
+    "/v1/chat/completions": {
+        "model": "bastion-local",
+        "messages": [{"role": "user", "content": "What did the customer ask for?"}],
+        "max_tokens": 16,
+    },
+    "/v1/embeddings": {"model": "bastion-local", "input": "refund for the customer"},
+}
+
+
+@dataclass
+class Served:
+    url: str
+    app: FastAPI
+
+
+def _test_overrides(database: DbHandles, keystore: LocalKeystore) -> Overrides:
+    return Overrides(
+        database=Database(database.app, database.context_key, max_size=4), keystore=keystore
+    )
+
+
+@pytest.fixture(scope="module")
+def gateway(api: Api, database: DbHandles, keystore: LocalKeystore) -> Iterator[Served]:
+    """The gateway ``bastion serve gateway`` runs, trusting the api's tokens."""
+
+    def settings(url: str) -> Settings:
+        return Settings(issuer=api.url, gateway_public_url=url, embedder="hashing")
+
+    with gateway_server(database, keystore, settings) as (url, composed):
+        yield Served(url, composed.app)
+
+
+def test_gateway_route_matrix(api: Api, gateway: Served) -> None:
+    """Every gateway route, anonymous where public, else as every role with MFA
+    or not: Cedar's decision is the gateway's, and nothing answers 5xx."""
+    authorizer = Authorizer()
+    failures = []
+    seen = {True: 0, False: 0}
+    walked = set()
+    with httpx.Client(timeout=30) as http:
+        for route in _routes(gateway.app):
+            walked.add((route.method, route.template))
+            callers: list[tuple[str | None, bool]] = (
+                [(None, False)]
+                if route.action == PUBLIC
+                else [(role, mfa) for role in ROLES for mfa in (False, True)]
+            )
+            for role, mfa in callers:
+                body = GATEWAY_BODIES.get(route.template)
+                call = Call(route, role, mfa, "own", "own", route.template, None, body)
+                url = f"{gateway.url}{route.template}"
+                answer = http.request(
+                    route.method, url, json=body, headers=_headers(api, call, url)
+                )
+                outcome = f"{route.method} {route.template} as {role} mfa={mfa}: "
+                if answer.status_code >= 500:
+                    failures.append(f"{outcome}{answer.status_code}")
+                if role is None:
+                    continue
+                assert answer.status_code != 401, answer.text  # the token is always good
+                problem = ""
+                if answer.headers.get("content-type", "").startswith("application/problem+json"):
+                    problem = str(answer.json().get("type", ""))
+                denied = answer.status_code in (403, 404) and problem.endswith(DENIED_TYPES)
+                expected = _allowed(
+                    authorizer, api, role, mfa, route.action, route.resource_type or ""
+                )
+                seen[not denied] += 1
+                if (not denied) != expected:
+                    failures.append(f"{outcome}expected {'allow' if expected else 'deny'}")
+    assert failures == []
+    assert walked >= {
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/readyz"),
+    }
+    assert seen[True] > 0 and seen[False] > 0  # both kinds of decision were exercised
+
+
+def _undeclared_router() -> APIRouter:
+    """A route that names no action: neither a guard nor ``PUBLIC_ROUTE``."""
+    router = APIRouter()
+
+    @router.get("/planted")
+    async def planted() -> dict[str, str]:
+        return {"planted": "yes"}
+
+    return router
+
+
+@pytest.mark.parametrize("build", [build_api, build_gateway], ids=["api", "gateway"])
+def test_compose_refuses_an_undeclared_route(
+    build: Callable[[Settings, Overrides], Any], database: DbHandles, keystore: LocalKeystore
+) -> None:
+    """A route planted through the composition root's overrides: the app is not built."""
+    overrides = replace(_test_overrides(database, keystore), routers=(_undeclared_router(),))
+    with pytest.raises(UndeclaredRoute, match="GET /planted"):
+        build(api_settings("http://127.0.0.1:9", "http://127.0.0.1:9"), overrides)
+
+
+@pytest.mark.parametrize("build", [build_api, build_gateway], ids=["api", "gateway"])
+def test_the_matrix_fails_on_a_route_added_after_the_build(
+    build: Callable[[Settings, Overrides], Any], database: DbHandles, keystore: LocalKeystore
+) -> None:
+    """A route slipped into a built app (past the build's check): the walk fails."""
+    app: FastAPI = build(
+        api_settings("http://127.0.0.1:9", "http://127.0.0.1:9"),
+        _test_overrides(database, keystore),
+    ).app
+    assert _routes(app)  # the app as built walks
+    app.include_router(_undeclared_router())
+    with pytest.raises(AssertionError, match="/planted declares no action"):
+        _routes(app)

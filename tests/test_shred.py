@@ -24,9 +24,10 @@ from bastion.gateway.providers import Completion, Usage
 from bastion.gateway.shreds import ShredListener
 from bastion.knowledge.chunks import chunk_text
 from bastion.knowledge.ingest import ingest_files
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
 
@@ -58,7 +59,7 @@ DERIVED_FROM_TEXT = ("documents", "chunks", "embedding_cache", "namespaces", "pi
 
 @pytest.fixture
 async def kb(db: Database, keystore: LocalKeystore) -> AsyncIterator[KnowledgeService]:
-    yield KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    yield KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
 
 
 async def _tenant(db: Database, kb: KnowledgeService, name: str) -> Actor:

@@ -17,7 +17,6 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID, uuid4
@@ -30,15 +29,15 @@ import pytest
 from argon2 import PasswordHasher, Type
 from fastapi import FastAPI
 
-from bastion.api.app import create_app
 from bastion.api.middleware import forwarded_client
+from bastion.compose import Overrides, build_api
 from bastion.db.pool import Database
 from bastion.identity.client import login
 from bastion.identity.errors import Throttled
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, s256
 from bastion.identity.throttle import Kind, LoginThrottle, Reservation, client_network
-from bastion.identity.wiring import Identity, build_identity
+from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
@@ -358,7 +357,7 @@ class Stack:
 def _serve(
     database: DbHandles, keystore: LocalKeystore, trusted: list[str], tenant: list[UUID]
 ) -> Iterator[Stack]:
-    """An api with the identity routes on ``database``; its tenant is created once."""
+    """The api (as compose builds it) on ``database``; its tenant is created once."""
     built: list[Identity] = []
 
     def build(url: str) -> FastAPI:
@@ -368,26 +367,21 @@ def _serve(
             login_max_delay_seconds=MAX_DELAY,
             trusted_proxies=[ipaddress.ip_network(network) for network in trusted],
         )
-        identity = build_identity(settings, db, keystore, passwords=PasswordService(hasher=FAST))
-        built.append(identity)
 
-        @asynccontextmanager
-        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            await db.open()
-            try:
-                await identity.start()
-                if not tenant:
-                    created = await TenantService(db).create_tenant("throttle-http", "Throttle")
-                    tenant.append(created.id)
-                yield
-            finally:
-                await db.close()
+        async def on_start(db: Database) -> None:
+            if not tenant:
+                created = await TenantService(db).create_tenant("throttle-http", "Throttle")
+                tenant.append(created.id)
 
-        return create_app(
-            lifespan=lifespan,
-            extra_routers=identity.routers,
-            trusted_proxies=settings.trusted_proxies,
+        overrides = Overrides(
+            database=db,
+            keystore=keystore,
+            passwords=PasswordService(hasher=FAST),
+            on_start=on_start,
         )
+        api = build_api(settings, overrides)
+        built.append(api.identity)
+        return api.app
 
     with serving(build) as url:
         yield Stack(url, built[0], tenant[0], "throttle-http")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -534,6 +536,76 @@ async def test_a_malicious_call_is_contained_and_the_next_one_runs(world: World)
     assert after.output.strip() == "3"
     outcomes = [e["details"]["outcome"] for e in await _audit(world)]
     assert outcomes[1:] == ["exit", "ok"] and outcomes[0] != "ok"
+
+
+async def test_cpu_burned_by_unreaped_children_is_stopped_and_audited_right(
+    world: World,
+) -> None:
+    # Each child stays under its own RLIMIT_CPU and exits unreaped, one after the other:
+    # the run's cgroup account sees them all, stops the run, and the audit says so.
+    code = (
+        "import os, time\n"
+        "for i in range(8):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        t = time.process_time()\n"
+        "        while time.process_time() - t < 0.9: pass\n"
+        "        os._exit(0)\n"
+        "    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)\n"
+        "print('escaped')\n"
+    )
+    # A generous wall clock: on a loaded host the CPU limit must still be what ends it.
+    limits = dataclasses.replace(LIMITS, wall_seconds=30.0)
+    executor = ToolExecutor(world.db, world.executor.signer, world.executor.sandbox, limits=limits)
+    result = await executor.run(_signed(world, _call("run_python", code=code)))
+    assert result.outcome is Outcome.CPU_LIMIT and "escaped" not in result.output
+    [event] = await _audit(world)
+    details = event["details"]
+    assert details["outcome"] == "cpu_limit"
+    assert limits.cpu_seconds * 1000 <= details["cpu_ms"] <= (limits.cpu_seconds + 1.5) * 1000
+
+
+DEEP_TREE = (
+    "import os\n"
+    "d = os.open('.', os.O_RDONLY)\n"
+    "for i in range(2500):\n"
+    "    os.mkdir('d', dir_fd=d)\n"
+    "    n = os.open('d', os.O_RDONLY, dir_fd=d); os.close(d); d = n\n"
+    "fd = os.open('f', os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=d)\n"
+    "os.write(fd, b'x' * (4 << 20))\n"
+    "print('made')\n"
+)
+
+
+@pytest.mark.parametrize("mount", [True, False], ids=["own-tmpfs", "directory-fallback"])
+async def test_a_tree_too_deep_for_a_recursive_cleanup_still_ends_in_a_result_and_an_audit(
+    world: World,
+    keystore: LocalKeystore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mount: bool,
+) -> None:
+    from bastion.safety.sandbox import workdir
+    from bastion.safety.sandbox.backends.landlock import LandlockBackend
+
+    if not mount:  # a container without CAP_SYS_ADMIN: a directory, emptied by remove_tree
+
+        def refused(path: Path, options: str) -> None:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(workdir, "_mount_tmpfs", refused)
+    work_root = Path("/dev/shm") / f"bastion-tools-test-{uuid4().hex[:8]}"
+    sandbox = Sandbox(LandlockBackend(work_root), SandboxConfig(limits=LIMITS))
+    executor = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
+    try:
+        result = await executor.run(_signed(world, _call("run_python", code=DEEP_TREE)))
+        assert result.outcome is Outcome.OK and result.output.strip() == "made"
+        [event] = await _audit(world)
+        assert event["action"] == "tool.run" and event["details"]["outcome"] == "ok"
+        assert list(work_root.iterdir()) == []  # no byte of the run is left on the host
+        assert str(work_root) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        workdir.remove_tree(work_root)  # shutil.rmtree cannot, were the test to fail
 
 
 # -- the worker job -------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import psycopg
 import pytest
 
 from bastion.db.pool import Database
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.safety.pii import PiiInputNotText, PiiInputTooLarge, PiiRecognizer
 from bastion.safety.vault import (
@@ -28,6 +27,8 @@ from bastion.safety.vault import (
     tokens_in,
 )
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
 
@@ -59,7 +60,7 @@ async def _tenant(db: Database, name: str) -> Tenant:
 
 @pytest.fixture
 async def vault(keystore: LocalKeystore) -> AsyncIterator[PiiVault]:
-    yield PiiVault(TenantKeys(keystore))
+    yield PiiVault(TenantKeys(LocalKMS(keystore)))
 
 
 @pytest.fixture
@@ -300,12 +301,12 @@ async def test_shredded_tenant_reveals_nothing(
     db: Database, keystore: LocalKeystore, pair: tuple[Tenant, Tenant]
 ) -> None:
     a, _ = pair
-    keys = TenantKeys(keystore)
+    keys = TenantKeys(LocalKMS(keystore))
     tokens = tokens_in((await PiiVault(keys).tokenize(db, a.id, "mail gone@example.com")).text)
     async with db.tenant_tx(a.id, None, "system") as tx:
         await keys.shred(tx, a.id)
     with pytest.raises(VaultKeyUnavailable):
-        await PiiVault(TenantKeys(keystore)).detokenize(
+        await PiiVault(TenantKeys(LocalKMS(keystore))).detokenize(
             db, a.id, tokens, user_id=a.owner, role="owner", reason="after the shred"
         )
 
@@ -333,7 +334,7 @@ async def test_ingest_stores_tokens_and_the_vault_reveals_them(
     db: Database, keystore: LocalKeystore, pair: tuple[Tenant, Tenant]
 ) -> None:
     a, _ = pair
-    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
     owner = Actor(a.id, a.owner, "owner")
     await kb.create_namespace(owner, "support")
     ticket = "Refund for a double charge. Contact ann.lee@example.com or +44 20 7946 0958."
@@ -360,7 +361,7 @@ async def test_a_document_too_large_to_scan_fails_with_a_reason(
     db: Database, keystore: LocalKeystore, pair: tuple[Tenant, Tenant], database: DbHandles
 ) -> None:
     a, _ = pair
-    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
     kb.vault = PiiVault(kb.keys, PiiRecognizer(max_chars=100))  # a tiny bound, same path
     owner = Actor(a.id, a.owner, "owner")
     await kb.create_namespace(owner, "support")
@@ -433,7 +434,7 @@ async def test_ingest_scans_what_only_looks_like_a_token(
     db: Database, keystore: LocalKeystore, pair: tuple[Tenant, Tenant]
 ) -> None:
     a, _ = pair
-    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
     owner = Actor(a.id, a.owner, "owner")
     await kb.create_namespace(owner, "wrapped")
     ticket = "Refund: card {card}, mail {email}, account {iban}.".format(**WRAPPED)

@@ -18,9 +18,10 @@ import pytest
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
 from bastion.identity.wiring import Identity
-from bastion.knowledge.keys import TenantKeys
 from bastion.safety.vault import PiiVault
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.tenants.service import TenantService
 from tests.api_stack import api_server
 from tests.conftest import DbHandles
@@ -52,7 +53,7 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
 
     async def seed(db: Database, _identity: Identity) -> None:
         tenants = TenantService(db)
-        vault = PiiVault(TenantKeys(keystore))
+        vault = PiiVault(TenantKeys(LocalKMS(keystore)))
         for name, secret in (("a", SECRET_A), ("b", SECRET_B)):
             tenant = (await tenants.create_tenant(f"pii-{name}-{uuid4().hex[:6]}", name)).id
             users = {

@@ -26,6 +26,7 @@ import httpx
 import psycopg
 import pytest
 
+from bastion.api.problems import status_of
 from bastion.billing.budgets import BudgetService, OverBudget
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher
@@ -351,7 +352,7 @@ async def test_downgrade_reaches_the_gateway_budget_and_caps_calls(
     assert took < 60
     with pytest.raises(OverBudget) as refused:
         await budgets.reserve(tenant.id, 10)
-    assert refused.value.status == 402
-    assert refused.value.headers is not None and int(refused.value.headers["Retry-After"]) > 0
+    assert status_of(refused.value) == 402
+    assert refused.value.retry_after is not None and refused.value.retry_after > 0
     assert state.calls_used == 5  # usage kept, only the limit changed
     print(f"\ndowngrade reached the gateway's budget {took * 1000:.0f} ms after the ack")

@@ -570,13 +570,13 @@ async def test_a_cheap_price_mapped_to_a_dear_plan_is_refused(
     stored = _event(database, event["id"])
     assert stored is not None and (stored["status"], stored["outcome"]) == (
         "failed",
-        "price-below-plan",
+        "price-not-plan-price",
     )
     assert _plan(database, tenant_id) == ("free", "active")
     assert (await service.entitlements(tenant_id)).plan == "free"
     assert await service.plan_changes(tenant_id, "owner") == []
     ((actor, details),) = _audit(database, tenant_id, "billing.webhook.applied")
-    assert actor == "stripe:webhook" and details["outcome"] == "price-below-plan"
+    assert actor == "stripe:webhook" and details["outcome"] == "price-not-plan-price"
 
 
 async def test_a_subscription_to_an_inactive_plan_is_refused(
@@ -592,7 +592,10 @@ async def test_a_subscription_to_an_inactive_plan_is_refused(
     )
     await PlanCatalogue(db).put(legacy, actor="operator:alice")
     assert legacy.stripe_price_id is not None
-    event = _sub_event(customer, legacy.stripe_price_id, created=int(time.time()))
+    sub = subscription_object(
+        f"sub_{customer}", customer, legacy.stripe_price_id, amount=legacy.monthly_price
+    )
+    event = event_object("customer.subscription.updated", sub, created=int(time.time()))
     await _deliver_and_drain(setup, service, tenant_id, event)
     stored = _event(database, event["id"])
     assert stored is not None and (stored["status"], stored["outcome"]) == (

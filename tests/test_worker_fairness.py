@@ -26,9 +26,10 @@ import pytest
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher
 from bastion.db.pool import Database
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles, short_tempdir
 from tests.pdf_bombs import operator_bomb
@@ -90,7 +91,7 @@ async def test_pdf_bombs_of_one_tenant_delay_neither_billing_nor_ingestion_of_an
 ) -> None:
     await price_plans(db)
     tenants = TenantService(db)
-    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
     writers: dict[str, Actor] = {}
     ids: dict[str, UUID] = {}
     for name in (*ATTACKERS, "b"):

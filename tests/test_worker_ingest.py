@@ -12,9 +12,10 @@ import psycopg
 import pytest
 
 from bastion.db.pool import Database
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles, short_tempdir
 from tests.served import serving_process
@@ -58,7 +59,7 @@ async def test_killed_worker_leaves_every_document_indexed_exactly_once(
     tenant = (await tenants.create_tenant(f"w-{uuid4().hex[:8]}", "worker")).id
     owner = await tenants.add_member(tenant, "owner@worker.test", "owner")
     writer = await tenants.add_member(tenant, "writer@worker.test", "contributor")
-    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
     await kb.create_namespace(Actor(tenant, owner, "owner"), "support")
     documents = []
     for n in range(DOCUMENTS):

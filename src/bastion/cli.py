@@ -19,7 +19,7 @@ from bastion.billing.cli import billing_app, incident_app
 from bastion.billing.receipts_cli import receipts_app
 from bastion.db.launcher import LauncherError
 from bastion.db.provision import APP_ROLE, DatabaseError
-from bastion.knowledge.cli import ingest_command, search_command
+from bastion.knowledge.cli import ingest_command, knowledge_app, search_command
 from bastion.safety.sandbox.cli import sandbox_app
 from bastion.secrets.cli import secrets_app
 from bastion.secrets.errors import SecretsError
@@ -39,6 +39,7 @@ app.add_typer(secrets_app, name="secrets")
 app.add_typer(policy_app, name="policy")
 app.command("ingest")(ingest_command)
 app.command("search")(search_command)
+app.add_typer(knowledge_app, name="knowledge")
 
 out = Console()
 err = Console(stderr=True)
@@ -249,7 +250,8 @@ def tenant_shred(
         _fail("this destroys the tenant's documents and keys for good; add --yes")
 
     async def run() -> int:
-        from bastion.runtime import app_database, knowledge_service, open_keystore
+        from bastion.runtime import app_database, knowledge_service
+        from bastion.secrets.backends import open_key_ring
         from bastion.tenants.service import TenantService
 
         settings = _settings()
@@ -257,7 +259,7 @@ def tenant_shred(
             tenant_id = await TenantService(db).tenant_id(slug)
             if tenant_id is None:
                 _fail(f"no tenant named {slug!r}")
-            kb = knowledge_service(settings, db, open_keystore(settings))
+            kb = knowledge_service(settings, db, open_key_ring(settings).kms)
             return await kb.shred_tenant(tenant_id)
 
     with _errors():

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "loads", "nesting_exceeds"]
+__all__ = ["MAX_DEPTH", "loads", "loads_i_json", "nesting_exceeds"]
 
 # Deeper than any event, token header, key set or request Bastion reads (they
 # nest under ten levels), far below the parser's recursion limit.
@@ -81,3 +82,81 @@ def loads(document: str | bytes | bytearray, *, max_depth: int = MAX_DEPTH) -> A
         return json.loads(data)
     except RecursionError:  # not reached with a sane max_depth; never let it escape
         raise json.JSONDecodeError("nested too deep", "", 0) from None
+
+
+# RFC 7493 section 2.2: integers beyond this lose precision in other parsers.
+_I_JSON_INTEGER = 2**53 - 1
+
+
+def loads_i_json(document: str | bytes | bytearray, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse ``document`` as :func:`loads` does, and only if it is an I-JSON
+    message (RFC 7493): one value however it is read, by whichever parser.
+
+    Refused with :class:`ValueError`: a member name twice in one object
+    (section 2.3: which one counts depends on the parser), ``NaN`` and the
+    infinities (not JSON, RFC 8259 section 6), a number beyond a double's
+    range such as ``1e400`` or an integer beyond 2**53 - 1 (section 2.2), a
+    lone surrogate escape (``"\\ud800"``, section 2.1), nesting deeper than
+    ``max_depth``.
+    """
+    value = _loads_strictly(document, max_depth)
+    _no_lone_surrogates(value)
+    return value
+
+
+def _loads_strictly(document: str | bytes | bytearray, max_depth: int) -> Any:
+    data = bytes(document) if isinstance(document, bytearray) else document
+    if nesting_exceeds(data, max_depth):
+        raise json.JSONDecodeError(f"unbalanced, or nested deeper than {max_depth}", "", 0)
+    try:
+        return json.loads(
+            data,
+            object_pairs_hook=_unique_members,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            parse_int=_exact_int,
+        )
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deep", "", 0) from None
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("a member name appears twice in one object")
+    return members
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError("a number beyond the range of a double")
+    return number
+
+
+def _exact_int(text: str) -> int:
+    if len(text) > 17:  # never convert a huge digit string (and 2**53 has 16 digits)
+        raise ValueError("an integer beyond 2**53 - 1")
+    number = int(text)
+    if abs(number) > _I_JSON_INTEGER:
+        raise ValueError("an integer beyond 2**53 - 1")
+    return number
+
+
+def _no_lone_surrogates(value: Any) -> None:
+    """Raise ValueError for a string (or member name) that holds a lone surrogate,
+    which no UTF-8 text can (section 2.1). Iterative: depth is already bounded."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            item.encode("utf-8")  # UnicodeEncodeError, a ValueError
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)

@@ -1,5 +1,6 @@
 """Running Bastion's processes: one in the foreground (``bastion serve``) or the
-whole stack on one machine (``bastion up``)."""
+whole stack on one machine (``bastion up``). What each process runs is built by
+:mod:`bastion.compose`; this module only supervises."""
 
 from __future__ import annotations
 
@@ -10,24 +11,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from fastapi import FastAPI
 from rich.console import Console
 from rich.table import Table
 
-from bastion.db.pool import Database
+from bastion.compose import PROCESSES, build_app
 from bastion.db.service import embedded_server
-from bastion.knowledge.service import KnowledgeService
 from bastion.logs import configure_logging
-from bastion.runtime import app_database, knowledge_service, open_keystore, queue_conninfo
+from bastion.runtime import app_database
 from bastion.serve import serve
 from bastion.settings import Settings
-
-PROCESSES = ("api", "gateway", "worker")
 
 
 def _port(settings: Settings, process: str) -> int:
@@ -69,192 +65,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value is not None:
             env[name] = str(value)
     return env
-
-
-def build_app(process: str, settings: Settings) -> FastAPI:
-    """Return the ASGI app of ``process``, with the database pool in its lifespan."""
-    from bastion.api.app import create_app
-    from bastion.billing import account_routes
-    from bastion.billing import routes as billing_routes
-    from bastion.gateway import sampling_routes
-    from bastion.gateway.app import create_gateway_app
-    from bastion.gateway.sampling import PromptSampling
-    from bastion.identity.wiring import build_identity
-    from bastion.knowledge import routes as knowledge_routes
-    from bastion.knowledge.answers import AskService
-    from bastion.safety import routes as safety_routes
-    from bastion.safety.signing import EnvelopeSigner, ToolCallSigner
-    from bastion.worker.health import create_worker_health_app
-
-    db = app_database(settings)
-    keystore = open_keystore(settings)
-    if process == "gateway":
-        from bastion.access.roles import LiveRoles
-        from bastion.billing.budgets import BudgetService
-        from bastion.billing.wiring import build_billing
-        from bastion.gateway import routes as gateway_routes
-        from bastion.gateway.app import build_routers
-        from bastion.gateway.cache import AnswerCache
-        from bastion.gateway.entitlements import PlanGate
-        from bastion.gateway.ledger import CallLedger
-        from bastion.gateway.service import GatewayService
-        from bastion.gateway.shreds import ShredListener
-        from bastion.identity.wiring import build_guard
-        from bastion.knowledge.keys import TenantKeys
-        from bastion.safety.vault import PiiVault
-
-        routers = build_routers(settings.gateway_models, keystore, embedder=settings.embedder)
-        live_roles = (
-            LiveRoles(db, ttl_seconds=settings.gateway_roles_ttl_seconds)
-            if settings.gateway_roles_ttl_seconds > 0
-            else None
-        )
-        guard = build_guard(
-            settings, db, keystore, public_url=settings.gateway_url, roles=live_roles
-        )
-        ledger = CallLedger(
-            db,
-            BudgetService(db),
-            lease_calls=settings.gateway_budget_lease_calls,
-            lease_seconds=settings.gateway_budget_lease_seconds,
-        )
-        answers = AnswerCache(
-            max_entries=settings.gateway_cache_entries,
-            max_bytes=settings.gateway_cache_bytes,
-            expected_tenants=settings.gateway_cache_expected_tenants,
-            ttl_seconds=settings.gateway_cache_ttl_seconds,
-            shared_within_tenant=settings.gateway_cache_scope == "tenant",
-        )
-        # A shredded tenant's answers are dropped when the shred commits.
-        shreds = ShredListener(db, answers)
-        gateway = GatewayService(
-            ledger,
-            routers,
-            answers,
-            authorizer=guard.authorizer,
-            tool_signer=ToolCallSigner(keystore),
-            vault=PiiVault(TenantKeys(keystore)),
-            # The plan's models and rate, from the tenant's subscription.
-            plan_gate=PlanGate(build_billing(settings, db, keystore).service.entitlements),
-            # Prompts logged only where the owner set a rate and the user consented.
-            sampling=PromptSampling(db),
-        )
-
-        @asynccontextmanager
-        async def gateway_lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            async with _pool_lifespan(db)(_app):
-                ledger.start()
-                shreds.start()
-                if live_roles is not None:
-                    live_roles.start()
-                try:
-                    yield
-                finally:
-                    await shreds.aclose()
-                    if live_roles is not None:
-                        await live_roles.aclose()
-                    await ledger.aclose()
-                    for router in routers.values():
-                        await router.aclose()
-
-        return create_gateway_app(
-            readiness=db.ping,
-            lifespan=gateway_lifespan,
-            routers=(gateway_routes.build_router(gateway, guard, EnvelopeSigner(keystore)),),
-        )
-    knowledge = knowledge_service(settings, db, keystore)
-    if process == "worker":
-        return create_worker_health_app(db.ping, lifespan=_worker_lifespan(settings, db, knowledge))
-    identity = build_identity(settings, db, keystore)
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        async with _pool_lifespan(db)(_app):
-            await identity.start()
-            yield
-
-    return create_app(
-        title="Bastion API",
-        readiness=db.ping,
-        lifespan=lifespan,
-        extra_routers=(
-            # First: provider webhooks are the hot path (fewer routes to match).
-            *billing_routes.build_routers(settings, db, keystore, identity.guard),
-            *identity.routers,
-            knowledge_routes.build_router(
-                knowledge,
-                identity.guard,
-                AskService(
-                    knowledge,
-                    EnvelopeSigner(keystore),
-                    settings.gateway_url,
-                    allowed_hosts=settings.answer_link_hosts,
-                ),
-            ),
-            safety_routes.build_router(knowledge.vault, db, identity.guard),
-            *account_routes.build_from_settings(settings, db, keystore, identity.guard),
-            sampling_routes.build_router(PromptSampling(db), identity.guard),
-        ),
-        max_body_bytes=settings.max_upload_bytes,
-        trusted_proxies=settings.trusted_proxies,
-    )
-
-
-def _pool_lifespan(db: Database) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await db.open()
-        try:
-            yield
-        finally:
-            await db.close()
-
-    return lifespan
-
-
-def _worker_lifespan(
-    settings: Settings, db: Database, knowledge: KnowledgeService
-) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """The worker's pool, and the queue's worker running its jobs."""
-    from bastion.access.authorize import Authorizer
-    from bastion.billing import metering_tasks
-    from bastion.billing import tasks as billing_tasks
-    from bastion.billing.receipts import ReceiptKeys, ReceiptService
-    from bastion.knowledge import tasks as knowledge_tasks
-    from bastion.safety import tasks as safety_tasks
-    from bastion.worker.jobs import JobRegistry
-    from bastion.worker.queue import queue_app, running_worker
-
-    queue = queue_app(queue_conninfo(settings))
-    authorizer = Authorizer(settings.policy_dir) if settings.policy_dir else Authorizer()
-    knowledge_tasks.register(queue, JobRegistry(authorizer), db, knowledge)
-    receipts = ReceiptService(
-        db, ReceiptKeys(open_keystore(settings)), issuer=settings.resolved_issuer
-    )
-    billing_tasks.register_from_settings(
-        queue,
-        JobRegistry(authorizer),
-        settings,
-        db,
-        open_keystore(settings),
-        invoice_paid_hook=receipts.on_invoice_paid,
-    )
-    metering_tasks.register_from_settings(queue, settings, db, open_keystore(settings))
-    safety_tasks.register_from_settings(
-        queue, JobRegistry(authorizer), settings, db, open_keystore(settings)
-    )
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        slots = {
-            "billing": settings.worker_billing_concurrency,
-            "ingest": settings.worker_ingest_concurrency,
-            "tools": settings.worker_tools_concurrency,
-        }
-        async with _pool_lifespan(db)(_app), running_worker(queue, concurrency=slots):
-            yield
-
-    return lifespan
 
 
 def run_process(process: str, settings: Settings, *, port: int | None = None) -> None:

@@ -5,16 +5,17 @@ from __future__ import annotations
 from bastion.db.pool import Database
 from bastion.db.provision import app_credentials, provision
 from bastion.db.service import resolve_target
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import KnowledgeService
 from bastion.limited_process import ProcessLimits
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.backends import open_key_ring
+from bastion.secrets.protocols import KMS, Keystore
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import Settings
 
 
-def open_keystore(settings: Settings) -> LocalKeystore:
-    """Return the local key ring configured by ``settings``."""
-    return LocalKeystore(settings.resolved_keystore_file, settings.resolved_master_key_file)
+def open_keystore(settings: Settings) -> Keystore:
+    """Return the named secrets of the key ring ``settings`` configure."""
+    return open_key_ring(settings).keystore
 
 
 def app_database(settings: Settings, *, migrate: bool = False, max_size: int = 10) -> Database:
@@ -36,13 +37,11 @@ def queue_conninfo(settings: Settings) -> str:
     return app_credentials(resolve_target(settings, start=False), keystore).queue_conninfo
 
 
-def knowledge_service(
-    settings: Settings, db: Database, keystore: LocalKeystore
-) -> KnowledgeService:
-    """Return the knowledge base on ``db`` with the tenants' keys from ``keystore``."""
+def knowledge_service(settings: Settings, db: Database, kms: KMS) -> KnowledgeService:
+    """Return the knowledge base on ``db``, the tenants' keys wrapped by ``kms``."""
     return KnowledgeService(
         db,
-        TenantKeys(keystore),
+        TenantKeys(kms),
         default_embedder=settings.embedder,
         max_upload_bytes=settings.max_upload_bytes,
         extract_limits=ProcessLimits(

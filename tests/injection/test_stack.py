@@ -36,11 +36,12 @@ from bastion.identity.dpop import DpopKey
 from bastion.identity.wiring import Identity, build_guard, build_identity
 from bastion.knowledge import routes as knowledge_routes
 from bastion.knowledge.answers import AskService
-from bastion.knowledge.keys import TenantKeys
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.safety.injection import REMOVED
 from bastion.safety.signing import HEADER, EnvelopeSigner
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
@@ -92,7 +93,7 @@ async def _seed(db: Database, keystore: LocalKeystore, seeded: dict[str, Any]) -
         role: await tenants.add_member(tenant, f"{role}@inj.test", role)
         for role in ("owner", "contributor", "viewer")
     }
-    kb = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+    kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
     await kb.create_namespace(Actor(tenant, users["owner"], "owner"), "support")
     writer = Actor(tenant, users["contributor"], "contributor")
     injected = {}
@@ -151,7 +152,9 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
                 db = Database(database.app, database.context_key, max_size=4)
                 identity = build_identity(Settings(issuer=url), db, keystore)
                 identities.append(identity)
-                knowledge = KnowledgeService(db, TenantKeys(keystore), default_embedder="hashing")
+                knowledge = KnowledgeService(
+                    db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing"
+                )
                 ask = AskService(
                     knowledge,
                     EnvelopeSigner(keystore),

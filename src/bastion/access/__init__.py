@@ -8,6 +8,7 @@ say who may do what. :class:`Authorizer` validates both at start-up and answers
 from bastion.access.authorize import (
     ACTIONS,
     ADMIN_ACTIONS,
+    ADMIN_ROLES,
     ROLES,
     Authorizer,
     PolicyError,
@@ -18,6 +19,7 @@ from bastion.access.authorize import (
 __all__ = [
     "ACTIONS",
     "ADMIN_ACTIONS",
+    "ADMIN_ROLES",
     "ROLES",
     "Authorizer",
     "PolicyError",

@@ -17,9 +17,8 @@ from uuid import UUID
 import psycopg
 
 from bastion import audit
+from bastion.access.authorize import ADMIN_ROLES, ROLES
 from bastion.db.pool import Database
-from bastion.identity.mfa import ADMIN_ROLES
-from bastion.tenants.service import MEMBER_ROLES
 
 REQUEST_LIFETIME = timedelta(hours=24)
 # The database's refusal of a statement that leaves a tenant without an owner.
@@ -55,7 +54,7 @@ class ApprovalService:
 
         Raises :class:`ApprovalError` (``unknown-role``, ``unknown-user``).
         """
-        if role not in MEMBER_ROLES:
+        if role not in ROLES:
             raise ApprovalError("unknown-role", f"unknown role {role!r}")
         async with self.db.tenant_tx(tenant_id, actor, "owner") as tx:
             row = await (

@@ -44,6 +44,9 @@ DEFAULT_POLICY_DIR = PACKAGE_DIR / "policies"
 DEFAULT_SCHEMA_PATH = PACKAGE_DIR / "schema.cedarschema"
 
 ROLES: tuple[str, ...] = ("owner", "billing-admin", "auditor", "contributor", "viewer")
+# The admin-grade roles: granting one waits for a second owner's approval, and
+# holding one requires a second factor.
+ADMIN_ROLES = frozenset({"owner", "billing-admin", "auditor"})
 
 ACTIONS: tuple[str, ...] = (
     "document:read",

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.access.declare import PUBLIC_ROUTE, require_declared
+from bastion.api.declare import PUBLIC_ROUTE, require_declared
 from bastion.api.middleware import (
     DEFAULT_MAX_BODY_BYTES,
     BodySizeLimitMiddleware,

@@ -20,12 +20,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope, Send
 
+from bastion.errors import PROBLEM_TYPE_BASE, RESERVED_MEMBERS, BastionError, Kind
 from bastion.logs import get_logger
 
 MEDIA_TYPE = "application/problem+json"
-BASE = "https://bastion.dev/problems/"
+BASE = PROBLEM_TYPE_BASE
 # Members a Problem's extensions may not override.
-RESERVED = frozenset({"type", "title", "status", "detail", "instance", "request_id"})
+RESERVED = RESERVED_MEMBERS
 MAX_REPORTED_ERRORS = 20
 
 _log = get_logger("bastion.api")
@@ -54,8 +55,32 @@ _BY_STATUS: dict[int, tuple[str, str]] = {
 }
 
 
+# What each meaning of a domain error (bastion.errors.Kind) is answered with.
+# The one place a domain error becomes an HTTP status.
+STATUS_OF_KIND: dict[Kind, int] = {
+    Kind.INVALID: 400,
+    Kind.UNAUTHENTICATED: 401,
+    Kind.PAYMENT_REQUIRED: 402,
+    Kind.FORBIDDEN: 403,
+    Kind.NOT_FOUND: 404,
+    Kind.CONFLICT: 409,
+    Kind.TOO_LARGE: 413,
+    Kind.UNSUPPORTED_MEDIA: 415,
+    Kind.UNPROCESSABLE: 422,
+    Kind.RATE_LIMITED: 429,
+    Kind.INTERNAL: 500,
+    Kind.UPSTREAM_FAILED: 502,
+    Kind.UNAVAILABLE: 503,
+}
+
+
 class Problem(Exception):
-    """An error answered as problem+json.
+    """An error answered as problem+json, raised at the HTTP edge only.
+
+    Route modules, middleware and FastAPI dependencies raise it when the answer
+    needs HTTP itself (a ``WWW-Authenticate`` or ``DPoP-Nonce`` header, a status
+    of the framework's); domains raise :class:`bastion.errors.BastionError`,
+    which :func:`as_problem` turns into one.
 
     Subclasses set the class attributes ``type`` (a stable URI), ``title`` and
     ``status``; an instance adds ``detail``, extension members (keyword
@@ -145,6 +170,26 @@ class NotReady(Problem):
     type = problem_type("not-ready")
     title = "Not ready"
     status = 503
+
+
+def status_of(error: BastionError) -> int:
+    """Return the HTTP status a domain error is answered with."""
+    return STATUS_OF_KIND[error.kind]
+
+
+def as_problem(error: BastionError) -> Problem:
+    """Return the problem a domain error is answered as: its type, title, detail
+    and extension members, the status of its kind, and ``Retry-After``
+    (RFC 9110 section 10.2.3) when it says when to retry."""
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return Problem(
+        error.detail,
+        type_=error.type,
+        title=error.title,
+        status=status_of(error),
+        headers=headers,
+        **error.extensions,
+    )
 
 
 def request_id_of(scope: Scope) -> str | None:
@@ -242,6 +287,11 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, exc)
 
 
+async def _on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BastionError)
+    return problem_response(request, as_problem(exc))
+
+
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     return problem_response(request, _http_problem(exc))
@@ -272,11 +322,13 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_problem_handlers(app: FastAPI) -> None:
     """Make every error of ``app`` a problem+json answer.
 
-    Handles :class:`Problem`, Starlette/FastAPI ``HTTPException`` (404, 405
-    with its ``Allow`` header, ...), ``RequestValidationError`` (422, or 400 for
-    malformed JSON) and, as a last resort, any other exception (500).
+    Handles :class:`Problem`, domain errors (:class:`BastionError`, via
+    :func:`as_problem`), Starlette/FastAPI ``HTTPException`` (404, 405 with its
+    ``Allow`` header, ...), ``RequestValidationError`` (422, or 400 for malformed
+    JSON) and, as a last resort, any other exception (500).
     """
     app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(BastionError, _on_domain_error)
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -1,5 +1,5 @@
 """Append-only audit trail (hash chain and verification come with the audit issue)."""
 
-from bastion.audit.log import record
+from bastion.audit.log import recent, record
 
-__all__ = ["record"]
+__all__ = ["recent", "record"]

@@ -56,6 +56,18 @@ async def record(
     await tx.execute(_INSERT, _row((actor, action, target, details or {}, request_id)))
 
 
+async def recent(tx: Conn, limit: int = 100) -> list[dict[str, Any]]:
+    """Return the newest ``limit`` events RLS lets ``tx`` see, newest first."""
+    rows = await (
+        await tx.execute(
+            "SELECT seq, at, actor, action, target FROM bastion.audit_events "
+            "ORDER BY seq DESC LIMIT %s",
+            (limit,),
+        )
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
 async def record_many(tx: Conn, events: Sequence[Event]) -> None:
     """Append several events, in order, inside ``tx`` (one pipelined batch)."""
     if events:

@@ -11,7 +11,7 @@ shorter ``/billing/checkout`` and ``/billing/usage``:
     GET  /.well-known/bastion-receipt-keys        public (a JWK Set)
 
 Every tenant route refuses a body or query carrying a card number before the
-route reads it (:func:`bastion.billing.checkout.refuse_card_numbers`).
+route reads it (:func:`bastion.billing.card_routes.refuse_card_numbers`).
 """
 
 from __future__ import annotations
@@ -23,16 +23,14 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from bastion.access.declare import PUBLIC_ROUTE
 from bastion.access.guard import Guard
+from bastion.api.declare import PUBLIC_ROUTE
 from bastion.api.problems import NotFound, Problem, problem_type
-from bastion.billing.checkout import CheckoutService, refuse_card_numbers
+from bastion.billing.card_routes import refuse_card_numbers
+from bastion.billing.checkout import CheckoutService
 from bastion.billing.metering import MeteringService
 from bastion.billing.receipts import KEYS_PATH, ReceiptKeys, ReceiptService
-from bastion.db.pool import Database
 from bastion.identity.auth import Principal
-from bastion.secrets.store import LocalKeystore, resolve_ref
-from bastion.settings import Settings
 
 
 class CheckoutNotConfigured(Problem):
@@ -119,51 +117,3 @@ def build_router(
         return found.as_json()
 
     return router
-
-
-def stripe_client(settings: Settings, keystore: LocalKeystore) -> Any | None:
-    """An async-capable ``stripe.StripeClient`` if a Stripe key is configured, else None."""
-    if not settings.billing_stripe_api_key_ref:
-        return None
-    import stripe
-    from stripe._base_address import BaseAddresses
-
-    api_key = resolve_ref(keystore, settings.billing_stripe_api_key_ref).decode()
-    base: BaseAddresses = {}
-    if settings.billing_stripe_api_base:
-        base["api"] = settings.billing_stripe_api_base
-    return stripe.StripeClient(
-        api_key,
-        base_addresses=base,
-        max_network_retries=2,
-        http_client=stripe.HTTPXClient(),
-    )
-
-
-def build_from_settings(
-    settings: Settings, db: Database, keystore: LocalKeystore, guard: Guard
-) -> tuple[APIRouter, ...]:
-    """The api's billing-account routers: receipt keys, and the tenant routes."""
-    keys = ReceiptKeys(keystore)
-    client = stripe_client(settings, keystore)
-    checkout = None
-    if (
-        client is not None
-        and settings.billing_checkout_success_url
-        and settings.billing_checkout_cancel_url
-    ):
-        checkout = CheckoutService(
-            db,
-            client,
-            success_url=settings.billing_checkout_success_url,
-            cancel_url=settings.billing_checkout_cancel_url,
-        )
-    return (
-        build_keys_router(keys),
-        build_router(
-            guard,
-            metering=MeteringService(db),
-            receipts=ReceiptService(db, keys, issuer=settings.resolved_issuer),
-            checkout=checkout,
-        ),
-    )

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Conn, Database
+from bastion.errors import BastionError, Kind
 
 # A reservation its caller never settled (the process died) is released
 # after this long by :meth:`BudgetService.release_expired`; a living gateway
@@ -43,16 +43,16 @@ from bastion.db.pool import Conn, Database
 HOLD_SECONDS = 300
 
 
-class OverBudget(Problem):
-    type = problem_type("budget-exceeded")
+class OverBudget(BastionError):
+    slug = "budget-exceeded"
     title = "Budget exceeded"
-    status = 402
+    kind = Kind.PAYMENT_REQUIRED
 
 
-class NoBudget(Problem):
-    type = problem_type("no-budget")
+class NoBudget(BastionError):
+    slug = "no-budget"
     title = "No budget for this period"
-    status = 402
+    kind = Kind.PAYMENT_REQUIRED
 
 
 @dataclass(frozen=True)
@@ -310,5 +310,5 @@ async def _refusal(tx: Conn, tenant_id: UUID) -> NoBudget | OverBudget:
         return NoBudget("this tenant has no budget for the current period")
     retry_after = max(1, math.ceil(float(current["left"])))
     problem = OverBudget("the tenant's budget for this period is spent", retry_after=retry_after)
-    problem.headers = {"Retry-After": str(retry_after)}
+    problem.extensions["retry_after"] = retry_after  # in the body too, as ever
     return problem

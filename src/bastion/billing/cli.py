@@ -46,9 +46,9 @@ def _operator() -> str:
 
 def _run(work: Callable[..., Awaitable[T]]) -> T:
     """Run ``work(billing)`` with the app database open; known failures are one line."""
-    from bastion.api.problems import Problem
     from bastion.billing.wiring import build_billing
     from bastion.db.provision import DatabaseError
+    from bastion.errors import BastionError
     from bastion.runtime import app_database, open_keystore
     from bastion.secrets.errors import SecretsError
 
@@ -61,7 +61,7 @@ def _run(work: Callable[..., Awaitable[T]]) -> T:
         return asyncio.run(run())
     except (DatabaseError, SecretsError) as exc:
         _fail(str(exc))
-    except Problem as exc:
+    except BastionError as exc:
         reason = exc.extensions.get("reason")
         _fail(f"{exc.detail or exc.title}{f' ({reason})' if reason else ''}")
 

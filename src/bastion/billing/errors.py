@@ -2,89 +2,89 @@
 
 from __future__ import annotations
 
-from bastion.api.problems import Problem, problem_type
+from bastion.errors import BastionError, Kind
 
 
-class InvalidSignature(Problem):
+class InvalidSignature(BastionError):
     """A webhook whose signature does not verify (wrong secret, stale, altered, absent)."""
 
-    type = problem_type("webhook-signature-invalid")
+    slug = "webhook-signature-invalid"
     title = "Webhook signature invalid"
-    status = 400
+    kind = Kind.INVALID
 
 
-class MalformedEvent(Problem):
+class MalformedEvent(BastionError):
     """A verified body that is not an event Bastion can read (not JSON, no id)."""
 
-    type = problem_type("webhook-malformed")
+    slug = "webhook-malformed"
     title = "Webhook body malformed"
-    status = 400
+    kind = Kind.INVALID
 
 
-class EventTooLarge(Problem):
-    type = problem_type("webhook-too-large")
+class EventTooLarge(BastionError):
+    slug = "webhook-too-large"
     title = "Webhook body too large"
-    status = 413
+    kind = Kind.TOO_LARGE
 
 
-class WebhooksUnavailable(Problem):
+class WebhooksUnavailable(BastionError):
     """No webhook secret is configured, or the event could not be stored: refused
     (fail closed); the provider retries."""
 
-    type = problem_type("webhooks-unavailable")
+    slug = "webhooks-unavailable"
     title = "Webhooks unavailable"
-    status = 503
+    kind = Kind.UNAVAILABLE
 
 
-class UnknownPlan(Problem):
-    type = problem_type("unknown-plan")
+class UnknownPlan(BastionError):
+    slug = "unknown-plan"
     title = "Unknown plan"
-    status = 422
+    kind = Kind.UNPROCESSABLE
 
 
-class NoSubscription(Problem):
-    type = problem_type("no-subscription")
+class NoSubscription(BastionError):
+    slug = "no-subscription"
     title = "No subscription"
-    status = 404
+    kind = Kind.NOT_FOUND
 
 
-class PlanInactive(Problem):
+class PlanInactive(BastionError):
     """The plan is no longer sold: no one is moved onto it, by any path."""
 
-    type = problem_type("plan-inactive")
+    slug = "plan-inactive"
     title = "Plan inactive"
-    status = 422
+    kind = Kind.UNPROCESSABLE
 
 
-class PlanUpgradeNeedsPayment(Problem):
+class PlanUpgradeNeedsPayment(BastionError):
     """Self-service may only move down: a plan that costs or gives more is bought
     through the payment provider (checkout) or granted by two operators."""
 
-    type = problem_type("plan-upgrade-needs-payment")
+    slug = "plan-upgrade-needs-payment"
     title = "An upgrade goes through payment"
-    status = 403
+    kind = Kind.FORBIDDEN
 
 
-class CatalogueEditNeedsApproval(Problem):
+class CatalogueEditNeedsApproval(BastionError):
     """A catalogue edit that gives a plan's subscribers more needs a second operator."""
 
-    type = problem_type("catalogue-edit-needs-approval")
+    slug = "catalogue-edit-needs-approval"
     title = "Catalogue edit needs approval"
-    status = 409
+    kind = Kind.CONFLICT
 
 
-class PlanApprovalRefused(Problem):
+class PlanApprovalRefused(BastionError):
     """An operator's approval is refused; ``reason`` is a stable code: ``not-found``,
     ``self-approval``, ``decided``, ``expired``, ``plan-inactive``, ``plan-changed``."""
 
-    type = problem_type("plan-approval-refused")
+    slug = "plan-approval-refused"
     title = "Plan approval refused"
-    status = 409
+    kind = Kind.CONFLICT
 
 
-class CustomerAlreadyBound(Problem):
+class CustomerAlreadyBound(BastionError):
     """The tenant's provider customer is bound once; another one is refused."""
 
-    type = problem_type("billing-customer-bound")
+    slug = "billing-customer-bound"
     title = "Billing customer already bound"
-    status = 409
+    kind = Kind.CONFLICT

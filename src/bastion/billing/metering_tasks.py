@@ -22,7 +22,7 @@ from bastion.billing.models import PLATFORM
 from bastion.billing.receipts import ReceiptService
 from bastion.db.pool import Database
 from bastion.logs import get_logger
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 from bastion.settings import Settings
 
 PERIODS = "billing.usage_periods"
@@ -97,12 +97,12 @@ def register(queue: procrastinate.App, job: UsagePeriodJob) -> None:
 
 
 def register_from_settings(
-    queue: procrastinate.App, settings: Settings, db: Database, keystore: LocalKeystore
+    queue: procrastinate.App, settings: Settings, db: Database, keystore: Keystore
 ) -> UsagePeriodJob:
     """:func:`register` with the job built from ``settings`` (the worker's wiring)."""
-    from bastion.billing.account_routes import stripe_client
     from bastion.billing.metering import StripeMeterSink, stripe_customer
     from bastion.billing.receipts import ReceiptKeys
+    from bastion.billing.wiring import stripe_client
 
     client = stripe_client(settings, keystore)
     reporter = None

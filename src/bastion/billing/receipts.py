@@ -44,7 +44,7 @@ from bastion.db.pool import Conn, Database
 from bastion.encoding import b64url_decode
 from bastion.logs import get_logger
 from bastion.secrets.keyring import JwkRing
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 
 _log = get_logger("bastion.billing")
 
@@ -73,7 +73,7 @@ class ReceiptKeys(JwkRing[OKPKey]):
 
     def __init__(
         self,
-        keystore: LocalKeystore,
+        keystore: Keystore,
         *,
         publish_ahead: timedelta = timedelta(minutes=5),
         clock: Callable[[], float] = time.time,

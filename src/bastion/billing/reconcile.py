@@ -1,13 +1,15 @@
 """Reconciliation: compare local billing state with the provider and repair drift (CHECKLIST P2).
 
-Three passes, each safe to repeat:
+Three passes, each safe to repeat (four for Stripe):
 
 1. *Missed events*: the provider's event list since a point in time is fed
    through the same intake as webhooks (``via = 'reconcile'``). Events already
    stored are duplicates and change nothing; the missing ones are stored and
    applied by the worker like any other.
 2. *Unrouted events*: events whose customer has since been linked to a tenant
-   are routed to it.
+   are routed to it. A dispute names only its charge: a charge Bastion has not
+   seen is fetched from Stripe and recorded for the tenant of its customer,
+   and the dispute is routed there.
 3. *Drift*: each Stripe subscription Bastion knows is fetched; a plan or
    status that differs from the provider's is repaired (a ``reconcile`` plan
    change, recorded like any other) and stamped newer than every event
@@ -36,11 +38,12 @@ from bastion.billing.service import (
     PAYMENT_REVERSED,
     BillingService,
     paid_plan,
+    pays_for_plan,
     timestamp,
     voided,
 )
 from bastion.billing.webhooks import IncomingEvent, WebhookIntake
-from bastion.billing.webhooks.stripe import parse
+from bastion.billing.webhooks.stripe import DISPUTE_EVENTS, parse
 from bastion.db.pool import Database
 
 # Stripe's event list holds 30 days; a first run looks back this far.
@@ -55,6 +58,10 @@ class BillingProvider(Protocol):
 
     def subscription(self, subscription_id: str) -> dict[str, Any] | None:
         """The subscription as the provider has it now, or None if it has none."""
+        ...
+
+    def charge(self, charge_id: str) -> dict[str, Any] | None:
+        """The charge, or None if the provider has none of that id."""
         ...
 
 
@@ -77,6 +84,14 @@ class StripeProvider:
                 return None
             raise
 
+    def charge(self, charge_id: str) -> dict[str, Any] | None:
+        try:
+            return self.client.v1.charges.retrieve(charge_id).to_dict()
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return None
+            raise
+
 
 @dataclass
 class ReconcileReport:
@@ -87,6 +102,7 @@ class ReconcileReport:
     subscriptions_checked: int = 0
     subscriptions_repaired: int = 0
     adyen_expired: int = 0
+    charges_recorded: int = 0
 
 
 class Reconciler:
@@ -119,6 +135,7 @@ class Reconciler:
             return report
         if self.provider is not None:
             await self._missed_events(report, since)
+            await self._disputed_charges(report)
         report.events_routed = await self.service.route_unrouted()
         if self.provider is not None:
             await self._drift(report)
@@ -141,6 +158,41 @@ class Reconciler:
         for start in range(0, len(events), 100):
             stored = await self.intake.store(events[start : start + 100], via="reconcile")
             report.events_recovered += sum(not s.duplicate for s in stored)
+
+    async def _disputed_charges(self, report: ReconcileReport) -> None:
+        """Record the charges of unrouted disputes (a dispute names only its charge),
+        fetched from Stripe, for the tenant whose bound customer made each; the
+        routing pass then gives those disputes to it."""
+        assert self.provider is not None
+        provider = self.provider
+        async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+            cur = await tx.execute(
+                "SELECT DISTINCT e.customer_ref FROM bastion.webhook_events e "
+                "WHERE e.provider = 'stripe' AND e.status = 'unrouted' "
+                "AND e.event_type = ANY(%s) AND e.customer_ref IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM bastion.stripe_charges c WHERE c.charge_id = e.customer_ref) "
+                "ORDER BY 1 LIMIT 1000",
+                (sorted(DISPUTE_EVENTS),),
+            )
+            charges = [row["customer_ref"] for row in await cur.fetchall()]
+        for charge_id in charges:
+            charge = await asyncio.to_thread(provider.charge, charge_id)
+            customer = charge.get("customer") if charge is not None else None
+            if not isinstance(customer, str):
+                continue
+            async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
+                cur = await tx.execute(
+                    "SELECT tenant_id FROM bastion.subscriptions WHERE stripe_customer_id = %s",
+                    (customer,),
+                )
+                found = await cur.fetchone()
+            if found is None or charge is None:
+                continue
+            async with self.db.tenant_tx(found["tenant_id"], None, "system") as tx:
+                if await self.service.record_charge(
+                    tx, found["tenant_id"], charge, actor="reconcile"
+                ):
+                    report.charges_recorded += 1
 
     async def _drift(self, report: ReconcileReport) -> None:
         assert self.provider is not None
@@ -168,14 +220,21 @@ class Reconciler:
             remote_customer = remote.get("customer") if remote is not None else None
             if isinstance(remote_customer, str) and remote_customer != sub.stripe_customer_id:
                 return False  # not this tenant's customer's subscription: nothing to repair
+            livemode = self.service.accounts.stripe_livemode
+            if remote is not None and remote.get("livemode", livemode) is not livemode:
+                return False  # the other mode's object (a key of the other mode): not ours
             # The same rule as the webhook: the plan the subscription pays for.
             paid = await paid_plan(tx, remote) if remote is not None else "unknown-price"
             item: dict[str, Any] = {}
             if not isinstance(paid, str) and status in ENTITLED:
+                start = timestamp(paid[1].get("current_period_start"))
                 end = timestamp(paid[1].get("current_period_end"))
-                if voided(sub, end):  # Stripe keeps it active; its payment was refunded
+                # Stripe keeps it active; its payment was refunded or is disputed.
+                if voided(sub, end) or await self.service.period_disputed(
+                    tx, tenant_id, start, end
+                ):
                     status = PAYMENT_REVERSED
-            if isinstance(paid, str) or status not in ENTITLED:
+            if isinstance(paid, str) or not pays_for_plan(status, paid[0]):
                 plan = await plan_by_code(tx, FREE_PLAN)
             else:
                 plan, item = paid

@@ -15,20 +15,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from bastion.access.declare import PUBLIC_ROUTE
 from bastion.access.guard import Guard
-from bastion.billing.checkout import refuse_card_numbers
+from bastion.api.declare import PUBLIC_ROUTE
+from bastion.billing.card_routes import refuse_card_numbers
 from bastion.billing.errors import EventTooLarge, NoSubscription
 from bastion.billing.plans import PlanCatalogue
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import MAX_BODY_BYTES, WebhookIntake
 from bastion.billing.webhooks.adyen import ACK, AdyenWebhook
 from bastion.billing.webhooks.stripe import StripeWebhook
-from bastion.db.pool import Database
 from bastion.identity.auth import Principal
 from bastion.safety.pii import scan_output
-from bastion.secrets.store import LocalKeystore
-from bastion.settings import Settings
 
 
 class PlanChangeRequest(BaseModel):
@@ -144,16 +141,3 @@ def build_router(service: BillingService, catalogue: PlanCatalogue, guard: Guard
         }
 
     return router
-
-
-def build_routers(
-    settings: Settings, db: Database, keystore: LocalKeystore, guard: Guard
-) -> tuple[APIRouter, APIRouter]:
-    """The api's billing routers: the webhooks and the tenant's plan."""
-    from bastion.billing.wiring import build_billing
-
-    billing = build_billing(settings, db, keystore)
-    return (
-        build_webhook_router(billing.intake, billing.stripe_webhook, billing.adyen_webhook),
-        build_router(billing.service, billing.catalogue, guard),
-    )

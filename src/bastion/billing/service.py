@@ -37,6 +37,15 @@ REFUND or CHARGEBACK of that payment, in whichever order it arrives, takes it
 back, and when the month ends the tenant falls back (:meth:`expire_lapsed`,
 run by the worker's sweep; a lapsed plan entitles to nothing meanwhile). The
 fallback is the latest other payment still running, or free.
+
+Stripe, likewise exact (:func:`paid_plan`): the plan's item must bill exactly
+the plan's price — amount, currency, monthly, licensed, quantity one, no
+discount — and an invoice opening a period must bill it so (a 100 % coupon,
+a trial line: :meth:`_check_invoice`); a trial gives no paid plan. What the
+current period's payment bought is taken back by a refund (for good) or a
+dispute (chargeback), in whichever order the events arrive: a dispute
+voids the period its charge was made in (:meth:`period_disputed`, migration
+0026) until the merchant wins it, which gives the plan back.
 """
 
 from __future__ import annotations
@@ -119,6 +128,13 @@ def entitles(sub: Subscription | None, now: datetime | None = None) -> bool:
     return not (sub.provider == "adyen" and end is not None and end <= (now or datetime.now(UTC)))
 
 
+def pays_for_plan(status: str, plan: Plan) -> bool:
+    """Whether a Stripe subscription in ``status`` gives its plan: an entitling
+    status, and for a plan with a price not a trial (nothing was paid yet; the
+    plan starts with the first period paid)."""
+    return status in ENTITLED and not (status == "trialing" and plan.monthly_price > 0)
+
+
 def _month(now: datetime) -> tuple[datetime, datetime]:
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = (
@@ -138,48 +154,117 @@ def timestamp(value: Any) -> datetime | None:
 async def paid_plan(tx: Conn, subscription: dict[str, Any]) -> tuple[Plan, dict[str, Any]] | str:
     """The catalogue plan a Stripe subscription pays for, and its item; or why none.
 
-    The plan is the one whose Stripe price an item of the subscription bills,
-    with a quantity of at least one (a subscription may carry other items,
-    a metered usage price say, that sell no plan). Refused (the outcome
-    returned): no such item (``unknown-price``), items of two plans
-    (``several-plans``), or an item whose monthly amount in the plan's
-    currency is below the plan's price (``price-below-plan``: the catalogue
-    maps a cheaper price to the plan — the subscription did not pay for it).
+    The plan is the one whose Stripe price an item of the subscription bills (a
+    subscription may carry other items, a metered usage price say, that sell
+    no plan). It is bought only for exactly its price (:func:`price_refusal`),
+    as an Adyen payment is: less did not pay for it, and more is not its
+    price either. Refused (the outcome returned): no such item
+    (``unknown-price``), items of two plans or two items of one
+    (``several-plans``), a price that is not the plan's (``price-not-plan-price``),
+    a quantity other than one (``quantity-not-one``), or a discount on the
+    subscription or the plan's item (``discounted``: a coupon, 100 % off say,
+    makes what is paid less than the price).
     """
     items = (subscription.get("items") or {}).get("data")
-    found: dict[str, tuple[Plan, dict[str, Any]]] = {}
+    found: list[tuple[Plan, dict[str, Any]]] = []
     for item in items if isinstance(items, list) else []:
         price = item.get("price") if isinstance(item, dict) else None
         if not isinstance(price, dict) or not isinstance(price.get("id"), str):
             continue
-        price_id = price["id"]
-        quantity = item.get("quantity", 1)
-        if isinstance(quantity, int) and not isinstance(quantity, bool) and quantity < 1:
-            continue
-        plan = await plan_by_stripe_price(tx, price_id)
+        plan = await plan_by_stripe_price(tx, price["id"])
         if plan is not None:
-            if _below_price(plan, price, quantity):
-                return "price-below-plan"
-            found[plan.code] = (plan, item)
+            found.append((plan, item))
     if not found:
         return "unknown-price"
     if len(found) > 1:
         return "several-plans"
-    return next(iter(found.values()))
+    plan, item = found[0]
+    refusal = price_refusal(plan, item["price"])
+    if refusal is not None:
+        return refusal
+    quantity = item.get("quantity", 1)
+    if quantity != 1 or isinstance(quantity, bool):
+        return "quantity-not-one"
+    if _discounted(subscription) or _discounted(item):
+        return "discounted"
+    return plan, item
 
 
-def _below_price(plan: Plan, price: dict[str, Any], quantity: Any) -> bool:
-    """Whether a monthly Stripe price in the plan's currency bills less than the plan
-    costs (other intervals and currencies are bound by the catalogue's price id)."""
+def price_refusal(plan: Plan, price: dict[str, Any]) -> str | None:
+    """Why a Stripe price is not exactly ``plan``'s, or None if it is: a recurring,
+    licensed, per-unit price of ``plan.monthly_price`` minor units of its
+    currency (one spelling: ISO 4217 compared in lower case, as the catalogue
+    stores it) every month (interval ``month``, count 1)."""
     amount, recurring = price.get("unit_amount"), price.get("recurring")
-    if not isinstance(amount, int) or isinstance(amount, bool):
-        return False
-    if price.get("currency") != plan.currency or not isinstance(recurring, dict):
-        return False
-    if (recurring.get("interval"), recurring.get("interval_count", 1)) != ("month", 1):
-        return False
-    count = quantity if isinstance(quantity, int) and not isinstance(quantity, bool) else 1
-    return amount * count < plan.monthly_price
+    currency = price.get("currency")
+    if (
+        not isinstance(amount, int)
+        or isinstance(amount, bool)
+        or amount != plan.monthly_price
+        or not isinstance(currency, str)
+        or currency.lower() != plan.currency.lower()
+        or price.get("billing_scheme", "per_unit") != "per_unit"
+        or not isinstance(recurring, dict)
+        or recurring.get("interval") != "month"
+        or recurring.get("interval_count", 1) != 1
+        or recurring.get("usage_type", "licensed") != "licensed"
+    ):
+        return "price-not-plan-price"
+    return None
+
+
+# A dispute in these states leaves the payment with the merchant.
+DISPUTE_SETTLED_FOR_MERCHANT = frozenset({"won", "warning_closed"})
+
+
+def _amounts(items: Any) -> int:
+    """The sum of a Stripe list of ``{"amount": ...}`` (discount amounts)."""
+    total = 0
+    for item in items if isinstance(items, list) else []:
+        amount = item.get("amount") if isinstance(item, dict) else None
+        if isinstance(amount, int) and not isinstance(amount, bool):
+            total += amount
+    return total
+
+
+def _invoice_subscription(invoice: dict[str, Any]) -> Any:
+    """The subscription an invoice bills (``subscription``; since API 2025-03-31
+    ``parent.subscription_details.subscription``)."""
+    found = invoice.get("subscription")
+    parent = invoice.get("parent")
+    if found is None and isinstance(parent, dict):
+        details = parent.get("subscription_details")
+        found = details.get("subscription") if isinstance(details, dict) else None
+    return found.get("id") if isinstance(found, dict) else found
+
+
+def _line_price(line: dict[str, Any]) -> str | None:
+    """The price an invoice line bills (``price.id``; since API 2025-03-31
+    ``pricing.price_details.price``)."""
+    price = line.get("price")
+    found = price.get("id") if isinstance(price, dict) else price
+    pricing = line.get("pricing")
+    if found is None and isinstance(pricing, dict):
+        details = pricing.get("price_details")
+        found = details.get("price") if isinstance(details, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def _line_is_proration(line: dict[str, Any]) -> bool:
+    if line.get("proration"):
+        return True
+    parent = line.get("parent")
+    for key in ("subscription_item_details", "invoice_item_details"):
+        details = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(details, dict) and details.get("proration"):
+            return True
+    return False
+
+
+def _discounted(obj: dict[str, Any]) -> bool:
+    """Whether a Stripe subscription or item carries a discount (``discount``, the
+    older API's one coupon, or ``discounts``, the current list)."""
+    return bool(obj.get("discount")) or bool(obj.get("discounts"))
 
 
 class BillingService:
@@ -530,6 +615,9 @@ class BillingService:
                     details={"type": row["event_type"], "status": status, "outcome": outcome},
                 )
             done += 1
+            if outcome == "charge-recorded" or row["event_type"] == "charge.refunded":
+                # A dispute of this charge that arrived first waits unrouted: route it.
+                await self.route_unrouted()
 
     async def _apply(self, tx: Conn, tenant_id: UUID, row: dict[str, Any]) -> tuple[str, str]:
         """Apply one event inside ``tx``; return its final status and outcome."""
@@ -561,9 +649,15 @@ class BillingService:
             return await self._apply_checkout(tx, tenant_id, row, obj)
         if kind == "invoice.paid":
             await self.on_invoice_paid(tx, tenant_id, event)
-            return "applied", "invoice-paid"
-        if kind == "charge.refunded":
-            return await self._apply_refund(tx, tenant_id, row, obj)
+            return await self._check_invoice(tx, tenant_id, row, obj)
+        if kind in stripe_hooks.CHARGE_EVENTS:
+            actor = f"stripe:{row['event_id']}"
+            recorded = await self.record_charge(tx, tenant_id, obj, actor=actor)
+            if kind == "charge.refunded":
+                return await self._apply_refund(tx, tenant_id, row, obj)
+            return ("applied", "charge-recorded") if recorded else ("failed", "customer-mismatch")
+        if kind in stripe_hooks.DISPUTE_EVENTS:
+            return await self._apply_dispute(tx, tenant_id, row, obj)
         return "ignored", "unhandled-type"
 
     async def _apply_refund(
@@ -586,8 +680,30 @@ class BillingService:
         # An invoice is charged when its period starts (a day of grace for retries).
         if start is not None and created < start.timestamp() - 86400:
             return "applied", "refund-of-an-earlier-period"
-        until = sub.current_period_end or datetime.now(UTC)
-        actor = f"stripe:{row['event_id']}"
+        return await self._void_period(
+            tx,
+            tenant_id,
+            sub,
+            until=sub.current_period_end or datetime.now(UTC),
+            event_id=str(row["event_id"]),
+            reason="charge.refunded: the period's payment was refunded",
+        )
+
+    async def _void_period(
+        self,
+        tx: Conn,
+        tenant_id: UUID,
+        sub: Subscription,
+        *,
+        until: datetime | None,
+        event_id: str,
+        reason: str,
+    ) -> tuple[str, str]:
+        """Take back what the current period's payment bought: the tenant is on free
+        with status ``payment_reversed``. ``until``: for good, every period ending
+        by then (:func:`voided`: a refund, an underpaid invoice); None: only while
+        the cause lasts (a dispute, which the merchant may win)."""
+        actor = f"stripe:{event_id}"
         free = await plan_by_code(tx, FREE_PLAN)
         await tx.execute(
             "UPDATE bastion.subscriptions SET plan_code = %s, status = %s, "
@@ -603,12 +719,227 @@ class BillingService:
             sub.plan_code,
             free,
             actor=actor,
-            reason="charge.refunded: the period's payment was refunded",
+            reason=reason,
             source="webhook",
             provider="stripe",
-            event_id=str(row["event_id"]),
+            event_id=event_id,
         )
         return "applied", f"plan {sub.plan_code} -> {free.code}"
+
+    # -- Stripe charges, disputes and invoices ---------------------------------------------
+
+    async def record_charge(
+        self, tx: Conn, tenant_id: UUID, charge: dict[str, Any], *, actor: str
+    ) -> bool:
+        """Record a charge of the tenant's bound customer (once; a dispute names only
+        its charge, migration 0026). Returns False, recording nothing, for a charge
+        of another customer or one without an id or creation time."""
+        sub = await self.read_subscription(tx, tenant_id)
+        charge_id, created = charge.get("id"), timestamp(charge.get("created"))
+        customer = charge.get("customer")
+        if isinstance(customer, dict):
+            customer = customer.get("id")
+        if (
+            sub is None
+            or sub.stripe_customer_id is None
+            or customer != sub.stripe_customer_id
+            or not isinstance(charge_id, str)
+            or not 0 < len(charge_id) <= 255
+            or created is None
+        ):
+            return False
+        amount, currency = charge.get("amount"), charge.get("currency")
+        await tx.execute(
+            "INSERT INTO bastion.stripe_charges (tenant_id, charge_id, created, amount, currency, "
+            "recorded_event) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (
+                tenant_id,
+                charge_id,
+                created,
+                amount if isinstance(amount, int) and not isinstance(amount, bool) else None,
+                currency.lower()
+                if isinstance(currency, str) and currency.isalpha() and len(currency) == 3
+                else None,
+                actor[:300],
+            ),
+        )
+        return True
+
+    @staticmethod
+    async def period_disputed(
+        tx: Conn, tenant_id: UUID, start: datetime | None, end: datetime | None
+    ) -> bool:
+        """Whether a charge made in the period ``[start, end)`` (a day of grace before
+        ``start``, as for refunds) is disputed and the dispute not won."""
+        if start is None or end is None:
+            return False
+        cur = await tx.execute(
+            "SELECT 1 FROM bastion.stripe_charges WHERE tenant_id = %s "
+            "AND dispute_status IS NOT NULL AND dispute_status <> ALL(%s) "
+            "AND created >= %s - interval '1 day' AND created < %s LIMIT 1",
+            (tenant_id, list(DISPUTE_SETTLED_FOR_MERCHANT), start, end),
+        )
+        return await cur.fetchone() is not None
+
+    async def _apply_dispute(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], dispute: dict[str, Any]
+    ) -> tuple[str, str]:
+        """A dispute (chargeback) of a charge of the tenant, in Stripe's order.
+
+        Open, or lost: the period the charge was made in entitles to nothing
+        (the tenant is on free now if it is the current period; a subscription
+        event of that period, or reconciliation, later keeps it there:
+        :meth:`period_disputed`). Won by the merchant (``won``; an inquiry
+        closed without a chargeback, ``warning_closed``): the money is back,
+        and so is the plan the period paid for, unless something else voids
+        the period. A dispute event older than the dispute state applied is
+        ``stale``."""
+        charge_id, status = dispute.get("charge"), dispute.get("status")
+        if isinstance(charge_id, dict):
+            charge_id = charge_id.get("id")
+        dispute_id = dispute.get("id")
+        if (
+            not isinstance(charge_id, str)
+            or not isinstance(dispute_id, str)
+            or len(dispute_id) > 255
+            or not isinstance(status, str)
+            or not 0 < len(status) <= 40
+            or not status.replace("_", "").isalpha()
+            or not status.islower()
+        ):
+            return "failed", "malformed-event"
+        version, event_id = int(row["object_version"]), str(row["event_id"])
+        cur = await tx.execute(
+            "SELECT created, dispute_version, dispute_event FROM bastion.stripe_charges "
+            "WHERE tenant_id = %s AND charge_id = %s FOR UPDATE",
+            (tenant_id, charge_id),
+        )
+        charge = await cur.fetchone()
+        if charge is None:
+            return "failed", "unknown-charge"
+        if (version, event_id) <= (charge["dispute_version"], charge["dispute_event"]):
+            return "stale", "older-than-applied-state"
+        await tx.execute(
+            "UPDATE bastion.stripe_charges SET dispute_id = %s, dispute_status = %s, "
+            "dispute_version = %s, dispute_event = %s WHERE tenant_id = %s AND charge_id = %s",
+            (dispute_id, status, version, event_id, tenant_id, charge_id),
+        )
+        sub = await self.read_subscription(tx, tenant_id, lock=True)
+        start = sub.current_period_start if sub is not None else None
+        end = sub.current_period_end if sub is not None else None
+        if (
+            sub is None
+            or sub.provider != "stripe"
+            or start is None
+            or end is None
+            or not start.timestamp() - 86400 <= charge["created"].timestamp() < end.timestamp()
+        ):
+            # Not the current period's payment: an earlier period's changes nothing
+            # now; a period not yet known is checked when its events arrive.
+            return "applied", "dispute-recorded"
+        if status not in DISPUTE_SETTLED_FOR_MERCHANT:
+            return await self._void_period(
+                tx,
+                tenant_id,
+                sub,
+                until=None,
+                event_id=event_id,
+                reason=f"{row['event_type']} ({status}): the period's payment is disputed",
+            )
+        return await self._restore_period(tx, tenant_id, sub, event_id=event_id, status=status)
+
+    async def _restore_period(
+        self, tx: Conn, tenant_id: UUID, sub: Subscription, *, event_id: str, status: str
+    ) -> tuple[str, str]:
+        """A dispute of the current period's payment settled for the merchant: the
+        plan the period paid for (its price, checked exact when it was applied)
+        again, unless a refund or another open dispute still voids the period."""
+        if sub.status != PAYMENT_REVERSED or sub.stripe_price_id is None:
+            return "applied", "dispute-settled"
+        start, end = sub.current_period_start, sub.current_period_end
+        if voided(sub, end) or await self.period_disputed(tx, tenant_id, start, end):
+            return "applied", "period-still-reversed"
+        plan = await plan_by_stripe_price(tx, sub.stripe_price_id)
+        if plan is None or not plan.active:
+            return "applied", "dispute-settled"
+        actor = f"stripe:{event_id}"
+        await tx.execute(
+            "UPDATE bastion.subscriptions SET plan_code = %s, status = 'active', "
+            "updated_at = now(), updated_by = %s WHERE tenant_id = %s",
+            (plan.code, actor, tenant_id),
+        )
+        if sub.plan_code == plan.code:
+            return "applied", "dispute-settled"
+        await self.record_change(
+            tx,
+            tenant_id,
+            sub.plan_code,
+            plan,
+            actor=actor,
+            reason=f"dispute {status}: the period's payment stands",
+            source="webhook",
+            provider="stripe",
+            event_id=event_id,
+        )
+        return "applied", f"plan {sub.plan_code} -> {plan.code}"
+
+    async def _check_invoice(
+        self, tx: Conn, tenant_id: UUID, row: dict[str, Any], invoice: dict[str, Any]
+    ) -> tuple[str, str]:
+        """A paid invoice of the bound subscription that opens a period
+        (``subscription_create``, ``subscription_cycle``) must bill each plan it
+        sells at exactly the plan's price: a line of the plan's price (not a
+        proration), quantity one, with no discount on it or on the invoice. A
+        coupon (100 % off: a paid plan for free), a trial line of 0 or a
+        quantity other than one voids the period the line is for, for good
+        (:func:`voided`), in whichever order it arrives."""
+        sub = await self.read_subscription(tx, tenant_id, lock=True)
+        if (
+            sub is None
+            or sub.stripe_subscription_id is None
+            or _invoice_subscription(invoice) != sub.stripe_subscription_id
+            or invoice.get("billing_reason") not in ("subscription_create", "subscription_cycle")
+        ):
+            return "applied", "invoice-paid"
+        discounted = _amounts(invoice.get("total_discount_amounts")) != 0
+        lines = (invoice.get("lines") or {}).get("data")
+        short: list[datetime] = []
+        for line in lines if isinstance(lines, list) else []:
+            if not isinstance(line, dict) or _line_is_proration(line):
+                continue
+            price_id = _line_price(line)
+            plan = await plan_by_stripe_price(tx, price_id) if price_id else None
+            if plan is None or plan.monthly_price == 0:
+                continue
+            amount, quantity = line.get("amount"), line.get("quantity", 1)
+            net = (
+                amount - _amounts(line.get("discount_amounts"))
+                if isinstance(amount, int) and not isinstance(amount, bool)
+                else None
+            )
+            if discounted or net != plan.monthly_price or quantity != 1:
+                period = line.get("period")
+                end = timestamp(period.get("end")) if isinstance(period, dict) else None
+                short.append(end or sub.current_period_end or datetime.now(UTC))
+        if not short:
+            return "applied", "invoice-paid"
+        until = max(short)
+        if sub.current_period_end is not None and sub.current_period_end > until:
+            # An earlier period's invoice: voided for the record, nothing to take now.
+            await tx.execute(
+                "UPDATE bastion.subscriptions SET reversed_until = greatest(reversed_until, %s) "
+                "WHERE tenant_id = %s",
+                (until, tenant_id),
+            )
+            return "applied", "invoice-below-plan-price"
+        return await self._void_period(
+            tx,
+            tenant_id,
+            sub,
+            until=until,
+            event_id=str(row["event_id"]),
+            reason="invoice.paid: the period was not paid at the plan's price",
+        )
 
     async def _apply_checkout(
         self, tx: Conn, tenant_id: UUID, row: dict[str, Any], obj: dict[str, Any]
@@ -695,9 +1026,11 @@ class BillingService:
             status = "canceled"
         start = timestamp(item.get("current_period_start") or obj.get("current_period_start"))
         end = timestamp(item.get("current_period_end") or obj.get("current_period_end"))
-        if status in ENTITLED and voided(sub, end):
-            status = PAYMENT_REVERSED  # this period's payment was refunded
-        if status not in ENTITLED:
+        if status in ENTITLED and (
+            voided(sub, end) or await self.period_disputed(tx, tenant_id, start, end)
+        ):
+            status = PAYMENT_REVERSED  # this period's payment was refunded or disputed
+        if not pays_for_plan(status, plan):
             plan = await plan_by_code(tx, FREE_PLAN)
         before = sub.plan_code if sub is not None else None
         if not plan.active and plan.code not in (before, FREE_PLAN):
@@ -1125,8 +1458,8 @@ class BillingService:
         return len(rows)
 
     async def route_unrouted(self) -> int:
-        """Give unrouted events whose customer is now known to their tenant; returns
-        how many. The rest stay flagged for reconciliation."""
+        """Give unrouted events whose customer (a dispute: whose charge) is now known
+        to their tenant; returns how many. The rest stay flagged for reconciliation."""
         async with self.db.tenant_tx(PLATFORM, None, "system") as tx:
             # Held or queued as the flag says, read under the lock a resume waits for.
             status = "held" if await self._paused_locked(tx) else "queued"
@@ -1139,6 +1472,15 @@ class BillingService:
                 (status,),
             )
             rows = await cur.fetchall()
+            # A dispute names only its charge: the tenant of a charge recorded since.
+            cur = await tx.execute(
+                "UPDATE bastion.webhook_events e SET tenant_id = c.tenant_id, status = %s "
+                "FROM bastion.stripe_charges c WHERE e.status = 'unrouted' "
+                "AND e.provider = 'stripe' AND c.charge_id = e.customer_ref "
+                "RETURNING e.tenant_id",
+                (status,),
+            )
+            rows += await cur.fetchall()
             if status == "queued":
                 for tenant in sorted({r["tenant_id"] for r in rows}, key=str):
                     await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))

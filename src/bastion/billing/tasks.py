@@ -20,7 +20,7 @@ from bastion.billing.reconcile import Reconciler
 from bastion.billing.service import BillingService, InvoicePaidHook
 from bastion.db.pool import Database
 from bastion.logs import get_logger
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 from bastion.settings import Settings
 from bastion.worker.jobs import JobRegistry
 
@@ -89,7 +89,7 @@ def register_from_settings(
     registry: JobRegistry,
     settings: Settings,
     db: Database,
-    keystore: LocalKeystore,
+    keystore: Keystore,
     *,
     invoice_paid_hook: InvoicePaidHook | None = None,
 ) -> None:

@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 
 OWNER_ROLE = "bastion_owner"
 APP_ROLE = "bastion_app"
@@ -82,19 +82,19 @@ class AppCredentials:
     queue_conninfo: str
 
 
-def role_password(keystore: LocalKeystore, role: str) -> str:
+def role_password(keystore: Keystore, role: str) -> str:
     """Return the role's password from the key ring, creating it on first use."""
     return keystore.ensure(
         f"db/{role.replace('_', '-')}-password", lambda: secrets.token_urlsafe(32).encode()
     ).decode()
 
 
-def context_key(keystore: LocalKeystore) -> bytes:
+def context_key(keystore: Keystore) -> bytes:
     """Return the HMAC key that signs tenant contexts (created on first use)."""
     return keystore.ensure("db/context-key", lambda: secrets.token_bytes(32))
 
 
-def app_credentials(target: Target, keystore: LocalKeystore) -> AppCredentials:
+def app_credentials(target: Target, keystore: Keystore) -> AppCredentials:
     """Return the app role's connection details for ``target``."""
     return AppCredentials(
         conninfo=target.conninfo(user=APP_ROLE, password=role_password(keystore, APP_ROLE)),
@@ -105,7 +105,7 @@ def app_credentials(target: Target, keystore: LocalKeystore) -> AppCredentials:
     )
 
 
-def provision(target: Target, keystore: LocalKeystore) -> AppCredentials:
+def provision(target: Target, keystore: Keystore) -> AppCredentials:
     """Create roles, database and extensions as needed and migrate to head.
 
     Idempotent and safe to run from several processes at once. Returns the app
@@ -188,7 +188,7 @@ def _check_server(conn: psycopg.Connection[tuple[object, ...]], description: str
 
 
 def _ensure_roles_and_database(
-    admin: psycopg.Connection[tuple[object, ...]], target: Target, keystore: LocalKeystore
+    admin: psycopg.Connection[tuple[object, ...]], target: Target, keystore: Keystore
 ) -> str:
     """Create/refresh the roles (and the database when allowed); return the owner conninfo."""
     _ensure_role(admin, APP_ROLE, role_password(keystore, APP_ROLE))

@@ -7,7 +7,8 @@ from fastapi import APIRouter, FastAPI
 from bastion.api.app import Lifespan, Readiness, create_app
 from bastion.gateway.providers import LocalProvider, OpenAICompatible, Provider
 from bastion.gateway.routing import ModelRouter, Price, Target
-from bastion.secrets.store import LocalKeystore, resolve_ref
+from bastion.secrets.protocols import Keystore
+from bastion.secrets.store import resolve_ref
 from bastion.settings import ModelRoute
 
 
@@ -23,7 +24,7 @@ def create_gateway_app(
     )
 
 
-def _provider(route: ModelRoute, keystore: LocalKeystore, embedder: str) -> Provider:
+def _provider(route: ModelRoute, keystore: Keystore, embedder: str) -> Provider:
     if route.provider == "local":
         return LocalProvider(embedder)
     if not route.base_url or not route.api_key_ref:
@@ -37,7 +38,7 @@ def _provider(route: ModelRoute, keystore: LocalKeystore, embedder: str) -> Prov
 
 
 def build_routers(
-    routes: list[ModelRoute], keystore: LocalKeystore, *, embedder: str
+    routes: list[ModelRoute], keystore: Keystore, *, embedder: str
 ) -> dict[str, ModelRouter]:
     """Each configured model's router over its targets; upstream keys from the key ring."""
     targets: dict[str, list[Target]] = {}
@@ -49,7 +50,7 @@ def build_routers(
                 weight=route.weight,
                 canary=route.canary,
                 fallback=route.fallback,
-                price=Price(route.usd_per_mtok_prompt, route.usd_per_mtok_completion),
+                price=Price(route.micro_usd_per_mtok_prompt, route.micro_usd_per_mtok_completion),
             )
         )
     return {name: ModelRouter(group) for name, group in targets.items()}

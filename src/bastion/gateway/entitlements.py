@@ -20,22 +20,22 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from uuid import UUID
 
-from bastion.api.problems import Problem, problem_type
 from bastion.billing.plans import Entitlements
+from bastion.errors import BastionError, Kind
 
 WINDOW_SECONDS = 60.0
 
 
-class ModelNotInPlan(Problem):
-    type = problem_type("model-not-in-plan")
+class ModelNotInPlan(BastionError):
+    slug = "model-not-in-plan"
     title = "The tenant's plan does not include this model"
-    status = 403
+    kind = Kind.FORBIDDEN
 
 
-class RateLimited(Problem):
-    type = problem_type("rate-limited")
+class RateLimited(BastionError):
+    slug = "rate-limited"
     title = "Too many requests for the tenant's plan"
-    status = 429
+    kind = Kind.RATE_LIMITED
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,6 @@ class PlanGate:
                 f"{tenant.entitlements.requests_per_minute} requests per minute",
                 retry_after=retry_after,
             )
-            problem.headers = {"Retry-After": str(retry_after)}
+            problem.extensions["retry_after"] = retry_after  # in the body too, as ever
             raise problem
         calls.append(now)

@@ -12,18 +12,22 @@ basic — the model-safety work deepens them:
   (:mod:`bastion.knowledge.answers`), which also fences it as data.
 
 Personal data is not a hook's business: the gateway's PII stage
-(:meth:`bastion.gateway.service.GatewayService.tokenized`) needs the tenant
-and its vault.
+(:meth:`bastion.gateway.service.GatewayService.tokenize_input`) needs the
+tenant and its vault.
+
+The gateway runs the hooks with :func:`run_hooks` (on the event loop or in a
+screening process), which hands back the messages and the verdicts; the
+verdicts then travel in the call's :class:`~bastion.gateway.pipeline.CallContext`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextvars import Context, ContextVar
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.api.problems import Problem, problem_type
+from bastion.errors import BastionError, Kind
 from bastion.gateway.providers import Message
 from bastion.safety.injection import PromptRefused, Verdict, screen
 
@@ -41,25 +45,27 @@ __all__ = [
 ]
 
 screened: ContextVar[tuple[Verdict, ...]] = ContextVar("bastion_screened", default=())
-"""The current request's user-turn verdicts, for its audit event (decision, score)."""
+"""The user-turn verdicts of the hook run in progress (decision, score): how a hook
+reports them to :func:`run_hooks`, which runs the hooks in a context of their own
+and returns the verdicts. Never read from a request's context."""
 
 
-class ScreeningBusy(Problem):
+class ScreeningBusy(BastionError):
     """The tenant's prompts fill its share of the screening processes and its
     queue: retry after ``Retry-After``. Other tenants are not affected."""
 
-    type = problem_type("busy")
+    slug = "busy"
     title = "Too many prompts of this tenant are being screened"
-    status = 429
+    kind = Kind.RATE_LIMITED
 
 
-class ScreeningUnavailable(Problem):
+class ScreeningUnavailable(BastionError):
     """The screen could not finish (its process ran out of time or died): the
     prompt is not sent unscreened."""
 
-    type = problem_type("screening-unavailable")
+    slug = "screening-unavailable"
     title = "The prompt could not be screened"
-    status = 503
+    kind = Kind.UNAVAILABLE
 
 
 def screen_injection(messages: Sequence[Message]) -> list[Message]:
@@ -106,13 +112,17 @@ class HooksOutcome:
 
 
 def run_hooks(hooks: Sequence[PromptHook], messages: Sequence[Message]) -> HooksOutcome:
-    """Run ``hooks`` over ``messages`` in a context of their own.
+    """Run ``hooks`` over ``messages`` in a context of their own (a copy of the
+    caller's, so logging context is kept, with no verdicts yet); return the
+    messages or the refusal, with the verdicts.
 
-    For another process (:mod:`bastion.offload`): a refusal is returned, not
-    raised, so it crosses back whole with the verdicts of the turns screened.
+    A refusal is returned, not raised, so that from another process
+    (:mod:`bastion.offload`) it crosses back whole with the verdicts of the
+    turns screened.
     """
 
     def run() -> HooksOutcome:
+        screened.set(())
         out = list(messages)
         try:
             for hook in hooks:
@@ -121,4 +131,4 @@ def run_hooks(hooks: Sequence[PromptHook], messages: Sequence[Message]) -> Hooks
             return HooksOutcome(None, (refused.detail, dict(refused.extensions)), screened.get())
         return HooksOutcome(out, None, screened.get())
 
-    return Context().run(run)
+    return copy_context().run(run)

@@ -22,6 +22,7 @@ from bastion.gateway.auth import GatewayAuth
 from bastion.gateway.providers import ProviderError, StreamItem, Usage
 from bastion.gateway.service import Caller, GatewayService, SignedToolCall
 from bastion.gateway.trace import TraceContext, continue_or_start, current_trace
+from bastion.safety.scanning import ScanBusy, ScanUnavailable
 from bastion.safety.signing import EnvelopeSigner
 
 DEFAULT_MAX_TOKENS = 512
@@ -141,7 +142,7 @@ def build_router(
             message: dict[str, Any] = {"role": "assistant", "content": completion.text}
             finish = completion.finish_reason
             if completion.tool_calls:
-                signed, _refused = service.sign_tool_calls(
+                signed, _refused = await service.sign_tool_calls(
                     caller, completion.tool_calls, declared=body.tools
                 )
                 message["tool_calls"] = _tool_calls(signed)
@@ -203,10 +204,11 @@ def build_router(
                             yield _sse(chunk({"content": item}, None))
                         else:
                             proposed.append(item)
-                except ProviderError:
-                    finish = "error"  # the provider broke off mid-answer
+                except (ProviderError, ScanBusy, ScanUnavailable):
+                    # The provider broke off mid-answer, or the rest could not be scanned.
+                    finish = "error"
                 if proposed and finish != "error":
-                    signed, _refused = service.sign_tool_calls(
+                    signed, _refused = await service.sign_tool_calls(
                         caller, proposed, declared=body.tools
                     )
                     if signed:

@@ -227,13 +227,15 @@ class TargetBreaker:
 
 @dataclass(frozen=True)
 class Price:
-    """A target's list price in USD per million tokens."""
+    """A target's list price in micro-USD per million tokens (money is integers)."""
 
-    prompt: float = 0.0
-    completion: float = 0.0
+    prompt: int = 0
+    completion: int = 0
 
-    def cost(self, usage: Usage) -> float:
-        return (usage.prompt_tokens * self.prompt + usage.completion_tokens * self.completion) / 1e6
+    def cost(self, usage: Usage) -> int:
+        """Return the call's cost in micro-USD, rounded up to a whole micro-USD."""
+        scaled = usage.prompt_tokens * self.prompt + usage.completion_tokens * self.completion
+        return -(-scaled // 1_000_000)
 
 
 @dataclass(frozen=True)

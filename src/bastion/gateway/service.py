@@ -22,27 +22,30 @@ the budget, no tokens.
 
 Tool calls the model proposes, in plain and streamed answers, are passed on
 only for tools the request declared and when Cedar lets the caller run them
-(``tool:run``), each signed and bound to its declaration. Personal
+(``tool:run``), only with arguments valid against the declared JSON Schema,
+each signed and bound to its declaration. A request whose declared parameters
+are not a schema :mod:`bastion.safety.tool_schema` accepts is refused (400
+``invalid-tool-declaration``) before any provider is called. Personal
 data in an answer is masked (streamed answers are scanned sentence by sentence).
+
+The stages, in order, and the one :class:`~bastion.gateway.pipeline.CallContext`
+they share (no per-call state in ContextVars): :mod:`bastion.gateway.pipeline`.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import re
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, TypeVar
-from uuid import UUID
 
 import structlog
 
 from bastion.access.authorize import Authorizer, Resource, Subject
-from bastion.api.problems import Problem, problem_type
+from bastion.errors import BastionError, Kind
 from bastion.gateway.cache import AnswerCache
 from bastion.gateway.entitlements import PlanGate
 from bastion.gateway.hooks import (
@@ -52,9 +55,10 @@ from bastion.gateway.hooks import (
     ScreeningBusy,
     ScreeningUnavailable,
     run_hooks,
-    screened,
 )
-from bastion.gateway.ledger import AuditEntry, CallLedger, Slot
+from bastion.gateway.ledger import AuditEntry, CallLedger
+from bastion.gateway.pipeline import CallContext, prepare
+from bastion.gateway.pipeline import Caller as Caller  # re-exported: routes, tests
 from bastion.gateway.providers import (
     Completion,
     Message,
@@ -68,7 +72,8 @@ from bastion.gateway.sampling import PromptSampling
 from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
 from bastion.offload import JobFailed, JobTimedOut, PoolBusy, shared_pool
-from bastion.safety.pii import OutputScan, scan_output
+from bastion.safety import tool_schema
+from bastion.safety.scanning import ScanBusy, ScanUnavailable, scan_each
 from bastion.safety.signing import ToolCall, ToolCallSigner, declared_tool
 from bastion.safety.vault import PiiVault
 
@@ -79,94 +84,78 @@ RETRY_AFTER_SECONDS = 5
 # (bastion.offload), not on the event loop: ~1.5 ms of screening per KiB.
 INLINE_PROMPT_CHARS = 4096
 
-# Personal data found in this request's prompt and answer, by kind, for its audit event.
-_NONE: Mapping[str, int] = MappingProxyType({})
-pii_in: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar("pii_in", default=_NONE)
-pii_out: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar(
-    "pii_out", default=_NONE
-)
-# The vault tokens this request's prompt carried, real ones of its tenant (the only
-# token-shaped text an answer may hold unscanned: a model that writes a value in
-# token brackets, ⟦CARD_4111111111111111⟧, gets it masked like any other).
-prompt_tokens: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
-    "prompt_tokens", default=frozenset()
-)
-# This request's prompt as sent to the provider, when the tenant and the user
-# consented to sampling (:mod:`bastion.gateway.sampling`); else None.
-prompt_sample: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "prompt_sample", default=None
-)
+# A sampled prompt is logged up to this many characters (bastion.gateway.sampling).
 SAMPLE_CHARS = 4_000
 
 
 class _StreamScrubber:
     """Masks personal data in a streamed answer. Text is held back to the last
-    sentence or line end, so that no value is split between two scans."""
+    sentence or line end, so that no value is split between two scans; a piece
+    beyond a kilobyte is scanned off the event loop (:func:`scan_each`), within
+    the tenant's share. What it finds is added to the call's ``pii_out``."""
 
     BOUNDARY = re.compile(r"[.!?]\s|\n")
     MAX_HELD = 16_384  # a run-on answer is scanned in pieces this big
 
-    def __init__(self) -> None:
+    def __init__(self, call: CallContext) -> None:
+        self.call = call
         self.held = ""
 
-    def feed(self, text: str) -> str:
+    async def feed(self, text: str) -> str:
         self.held += text
         ends = [m.end() for m in self.BOUNDARY.finditer(self.held)]
         cut = ends[-1] if ends else (len(self.held) if len(self.held) > self.MAX_HELD else 0)
         out, self.held = self.held[:cut], self.held[cut:]
-        return self._scan(out)
+        return await self._scan(out)
 
-    def close(self) -> str:
+    async def close(self) -> str:
         out, self.held = self.held, ""
-        return self._scan(out)
+        return await self._scan(out)
 
-    @staticmethod
-    def _scan(text: str) -> str:
+    async def _scan(self, text: str) -> str:
         if not text:
             return text
-        scan = scan_output(text, opaque=prompt_tokens.get())
+        call = self.call
+        (scan,) = await scan_each(call.caller.tenant_id, [text], opaque=call.prompt_tokens)
         if not scan.clean:
-            pii_out.set(dict(Counter(pii_out.get()) + Counter(scan.counts)))
+            call.found_in_answer(scan.counts)
         return scan.text
-
-
-def _scanned(completion: Completion) -> Completion:
-    """The answer with personal data a model produced masked (``[KIND]``)."""
-    scan = scan_output(completion.text, opaque=prompt_tokens.get())
-    if scan.clean:
-        return completion
-    pii_out.set(scan.counts)
-    return dataclasses.replace(completion, text=scan.text)
 
 
 T = TypeVar("T")
 
 
-class ModelNotFound(Problem):
-    type = problem_type("model-not-found")
+class ModelNotFound(BastionError):
+    slug = "model-not-found"
     title = "No such model"
-    status = 404
+    kind = Kind.NOT_FOUND
 
 
-class ProviderUnavailable(Problem):
-    type = problem_type("provider-unavailable")
+class ProviderUnavailable(BastionError):
+    slug = "provider-unavailable"
     title = "The model's provider is unavailable"
-    status = 503
+    kind = Kind.UNAVAILABLE
 
 
 def _unavailable(error: ProviderError) -> ProviderUnavailable:
     # The kind only: never the provider's URL, key or error body.
-    problem = ProviderUnavailable(
-        "the model's provider did not answer; retry later", reason=error.kind
+    return ProviderUnavailable(
+        "the model's provider did not answer; retry later",
+        retry_after=RETRY_AFTER_SECONDS,
+        reason=error.kind,
     )
-    problem.headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-    return problem
 
 
-class UpstreamRejectedRequest(Problem):
-    type = problem_type("upstream-rejected-request")
+class UpstreamRejectedRequest(BastionError):
+    slug = "upstream-rejected-request"
     title = "The model's provider rejected the request"
-    status = 400
+    kind = Kind.INVALID
+
+
+class InvalidToolDeclaration(BastionError):
+    slug = "invalid-tool-declaration"
+    title = "A declared tool's parameters are not an accepted JSON Schema"
+    kind = Kind.INVALID
 
 
 # A refused request is one call of the budget, no tokens: not free to repeat.
@@ -183,13 +172,6 @@ def _rejected(error: UpstreamRejected) -> UpstreamRejectedRequest:
         "the model's provider refused this request; change it before retrying",
         upstream=upstream,
     )
-
-
-@dataclass(frozen=True)
-class Caller:
-    tenant_id: UUID
-    user_id: UUID
-    roles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -233,52 +215,115 @@ class GatewayService:
         self.vault = vault
         self.sampling = sampling  # None: prompts are never logged
 
-    def guarded(self, messages: Sequence[Message]) -> list[Message]:
-        """The messages after every prompt hook (injection screen, PII redaction)."""
-        out = list(messages)
-        for hook in self.hooks:
-            out = hook(out)
-        return out
+    # -- the stages (bastion.gateway.pipeline), in pipeline order -------------------------
 
-    async def tokenized(self, caller: Caller, messages: Sequence[Message]) -> list[Message]:
+    def open_call(
+        self,
+        caller: Caller,
+        model: str,
+        messages: Sequence[Message] = (),
+        *,
+        max_tokens: int = 0,
+        temperature: float = 1.0,
+        tools: Sequence[dict[str, Any]] | None = None,
+        request: Mapping[str, Any] | None = None,
+    ) -> CallContext:
+        """The call's context: the request, and the ambient request id and trace read once."""
+        trace = current_trace.get()
+        return CallContext(
+            caller,
+            model,
+            request_id=structlog.contextvars.get_contextvars().get("request_id"),
+            trace_id=trace.trace_id if trace else None,
+            messages=list(messages),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            tools=tools,
+            request=request,
+        )
+
+    async def entitle(self, call: CallContext) -> None:
+        """The model's router, once the caller's plan admits the call (model, rate)."""
+        router = self.models.get(call.model)
+        if router is None:
+            raise ModelNotFound(f"model {call.model!r} is not served here")
+        if self.plan_gate is not None:
+            await self.plan_gate.admit(call.caller.tenant_id, call.model)
+        call.router = router
+
+    async def check_call_tools(self, call: CallContext) -> None:
+        """:meth:`check_tools` on the call's declared tools."""
+        await self.check_tools(call.caller, call.tools)
+
+    async def screen_input(self, call: CallContext) -> None:
+        """Every prompt hook (injection screen) over the call's messages: on the
+        event loop for a short prompt, else in the screening processes, within
+        the tenant's share of them (screening a hostile megabyte takes seconds
+        of pure-Python work, which a thread would still take from the loop).
+        The verdicts go to the call, for its audit event; a refusal is settled
+        and audited here. Raises :class:`PromptRefused`, :class:`ScreeningBusy`
+        (429) or :class:`ScreeningUnavailable` (503: fail closed)."""
+        try:
+            if sum(len(m["content"]) for m in call.messages) <= INLINE_PROMPT_CHARS:
+                outcome = run_hooks(self.hooks, call.messages)
+            else:
+                outcome = await self._in_screening(
+                    call.caller, run_hooks, self.hooks, call.messages
+                )
+            call.verdicts = outcome.verdicts
+            call.messages = outcome.result()
+        except PromptRefused:
+            call.started = time.perf_counter()
+            self._settle(call, "refused:injection")
+            raise
+
+    async def tokenize_input(self, call: CallContext) -> None:
         """Every message with its personal data replaced before it leaves for a
         provider: by the tenant's vault tokens (``⟦EMAIL_…⟧``, revealed only with
-        ``pii:reveal``), or — without a vault — by ``[KIND]`` masks."""
-        texts = [m["content"] for m in messages]
+        ``pii:reveal``), or — without a vault — by ``[KIND]`` masks. What was
+        found, the tokens the prompt carries and (if consented) the prompt sample
+        go to the call."""
+        caller = call.caller
+        texts = [m["content"] for m in call.messages]
         if self.vault is not None:
             redactions = await self.vault.tokenize_many(
                 self.ledger.db, caller.tenant_id, texts, user_id=caller.user_id
             )
             safe = [r.text for r in redactions]
             counts = Counter({k: n for r in redactions for k, n in r.counts.items()})
-            prompt_tokens.set(
-                frozenset(t.token for r in redactions for t in r.tokens).union(
-                    *(r.kept for r in redactions)
-                )
+            call.prompt_tokens = frozenset(t.token for r in redactions for t in r.tokens).union(
+                *(r.kept for r in redactions)
             )
         else:
-            prompt_tokens.set(frozenset())
-            scans = [await self._scan(caller, text) for text in texts]
+            # All turns at once: inline only when small in all (bastion.safety.scanning).
+            scans = await scan_each(caller.tenant_id, texts)
             safe = [s.text for s in scans]
             counts = Counter({k: n for s in scans for k, n in s.counts.items()})
-        pii_in.set(dict(counts))
-        sent: list[Message] = [
-            {**m, "content": text} for m, text in zip(messages, safe, strict=True)
+        call.pii_in = dict(counts)
+        call.messages = [
+            {**m, "content": text} for m, text in zip(call.messages, safe, strict=True)
         ]
         if self.sampling is not None and await self.sampling.sampled(
             caller.tenant_id, caller.user_id
         ):
             # The tokenized text only: what the provider sees, never raw PII.
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in sent)
-            prompt_sample.set(text[:SAMPLE_CHARS])
-        return sent
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in call.messages)
+            call.prompt_sample = text[:SAMPLE_CHARS]
 
-    async def _scan(self, caller: Caller, text: str) -> OutputScan:
-        """``scan_output(text)``: on the event loop for a short text, else in the
-        screening processes within the tenant's share (about 1 ms per KiB)."""
-        if len(text) <= INLINE_PROMPT_CHARS:
-            return scan_output(text)
-        return await self._in_screening(caller, scan_output, text)
+    async def reserve(self, call: CallContext, tokens: int) -> None:
+        """Take the call's budget from the ledger's lease (402 over budget)."""
+        call.slot = await self.ledger.take(call.caller.tenant_id, tokens)
+
+    async def screen_output(self, call: CallContext, completion: Completion) -> Completion:
+        """The answer with personal data a model produced masked (``[KIND]``); a long
+        one is scanned off the event loop, within the caller's tenant's share."""
+        (scan,) = await scan_each(
+            call.caller.tenant_id, [completion.text], opaque=call.prompt_tokens
+        )
+        if scan.clean:
+            return completion
+        call.found_in_answer(scan.counts)
+        return dataclasses.replace(completion, text=scan.text)
 
     @staticmethod
     async def _in_screening(caller: Caller, fn: Callable[..., T], *args: Any) -> T:
@@ -291,31 +336,42 @@ class GatewayService:
         except PoolBusy as busy:
             raise ScreeningBusy(
                 "this tenant's prompts already fill its share of the screening",
-                headers={"Retry-After": str(busy.retry_after)},
+                retry_after=busy.retry_after,
             ) from None
         except (JobTimedOut, JobFailed):
             raise ScreeningUnavailable("the prompt could not be screened") from None
 
-    async def _screened(
-        self, caller: Caller, model: str, messages: Sequence[Message]
-    ) -> list[Message]:
-        """:meth:`guarded`: on the event loop for a short prompt, else in the
-        screening processes, within the tenant's share of them (screening a
-        hostile megabyte takes seconds of pure-Python work, which a thread would
-        still take from the loop). A refusal is audited with the screen's
-        verdicts. Raises :class:`PromptRefused`, :class:`ScreeningBusy` (429)
-        or :class:`ScreeningUnavailable` (503: fail closed)."""
-        try:
-            if sum(len(m["content"]) for m in messages) <= INLINE_PROMPT_CHARS:
-                return self.guarded(messages)
-            outcome = await self._in_screening(caller, run_hooks, self.hooks, list(messages))
-            screened.set(outcome.verdicts)  # for the audit
-            return outcome.result()
-        except PromptRefused:
-            self._finish(caller, None, model, None, time.perf_counter(), "refused:injection")
-            raise
+    async def check_tools(self, caller: Caller, tools: Sequence[Any] | None) -> None:
+        """Return if every function the request declares has parameters
+        :mod:`bastion.safety.tool_schema` accepts (JSON Schema 2020-12, bounded,
+        nothing outside the declaration); else raise :class:`InvalidToolDeclaration`
+        (400) with the tool's index and a stable reason. Small declarations are
+        checked on the event loop, larger ones in the screening processes
+        (:class:`ScreeningBusy`, :class:`ScreeningUnavailable` as for prompts)."""
+        if not tools:
+            return
+        refused, small = tool_schema.shape_of(tools)
+        if refused is None and small:
+            refused = tool_schema.check_declarations(tools)
+        elif refused is None:
+            try:
+                refused = await self._in_screening(
+                    caller, tool_schema.check_declarations, list(tools)
+                )
+            except RecursionError:  # too deep even to be sent to the pool
+                raise InvalidToolDeclaration(
+                    "a declared tool's parameters are nested too deep", reason="too-deep"
+                ) from None
+        if refused is not None:
+            index, reason = refused
+            raise InvalidToolDeclaration(
+                f"the parameters of tools[{index}] are not an accepted JSON Schema "
+                "(Draft 2020-12, references within the declaration only)",
+                tool_index=index,
+                reason=reason,
+            )
 
-    def sign_tool_calls(
+    async def sign_tool_calls(
         self,
         caller: Caller,
         calls: Sequence[ToolCall],
@@ -323,11 +379,16 @@ class GatewayService:
         declared: Sequence[Any] | None,
     ) -> tuple[list[SignedToolCall], list[str]]:
         """Sign the proposed calls of tools the request declared (``declared``: its
-        ``tools``) that Cedar lets the caller run (``tool:run``), each bound to its
+        ``tools``) that Cedar lets the caller run (``tool:run``) and whose
+        arguments are valid against the declared parameters, each bound to its
         declaration; return the signed ones and the names of the refused ones,
         which are not passed on. Each refusal is audited (``tool.refused``):
         ``undeclared`` (a tool nobody offered the model, or one declared twice),
-        ``bad-declaration`` (not JSON), ``not-authorized``."""
+        ``bad-declaration`` (not JSON, or not an accepted schema),
+        ``not-authorized``, ``bad-arguments`` (not an I-JSON object, or not
+        valid against the schema), ``arguments-unchecked`` (the check ran out
+        of time: :func:`bastion.safety.tool_schema.refusal_for`). The arguments'
+        values are never audited or logged."""
         signed, refused = [], []
         subject = Subject(caller.user_id, caller.tenant_id, caller.roles, mfa=False)
         for call in calls:
@@ -341,6 +402,14 @@ class GatewayService:
                 or not self.authorizer.authorize(subject, "tool:run", resource)
             ):
                 reason = "not-authorized"
+            elif (
+                refusal := await tool_schema.refusal_for(
+                    caller.tenant_id, declaration, call.arguments
+                )
+            ) is not None:
+                refused.append(call.name)
+                self._tool_refused(caller, call, refusal.reason, refusal.details())
+                continue
             else:
                 try:
                     signature = self.tool_signer.sign(
@@ -358,36 +427,34 @@ class GatewayService:
             self._tool_refused(caller, call, reason)
         return signed, refused
 
-    def _tool_refused(self, caller: Caller, call: ToolCall, reason: str) -> None:
+    def _tool_refused(
+        self,
+        caller: Caller,
+        call: ToolCall,
+        reason: str,
+        check: Mapping[str, str] | None = None,
+    ) -> None:
         """Audit (with the ledger's next flush) and log a proposed call not passed on."""
-        details = {"tool": call.name[:100], "reason": reason, "by": "gateway"}
+        details = {**(check or {}), "tool": call.name[:100], "reason": reason, "by": "gateway"}
         request_id = structlog.contextvars.get_contextvars().get("request_id")
         target = f"tool_call:{call.id[:200]}"
         event = AuditEntry(f"user:{caller.user_id}", "tool.refused", target, details, request_id)
         self.ledger.record(caller.tenant_id, None, None, event)
         _log.info("tool_call_refused", tenant=str(caller.tenant_id), **details)
 
-    async def router(self, caller: Caller, model: str) -> ModelRouter:
-        """The model's router, once the caller's plan admits the call (model, rate)."""
-        prompt_sample.set(None)  # a new call: nothing sampled yet
-        router = self.models.get(model)
-        if router is None:
-            raise ModelNotFound(f"model {model!r} is not served here")
-        if self.plan_gate is not None:
-            await self.plan_gate.admit(caller.tenant_id, model)
-        return router
-
     async def _first_answer(
         self,
-        router: ModelRouter,
-        caller: Caller,
+        call: CallContext,
         sticky: str,
-        call: Callable[[Target], Awaitable[T]],
+        attempt: Callable[[Target], Awaitable[T]],
     ) -> tuple[T, Target]:
-        """``call`` on the first target that answers, and that target; raise the last
-        ProviderError, or at once the UpstreamRejected of a request the upstream
-        refused (no other target is tried: the fault is the request's)."""
-        tenant = str(caller.tenant_id)
+        """The provider call: ``attempt`` on the first of the call's router's
+        targets that answers, and that target; raise the last ProviderError, or
+        at once the UpstreamRejected of a request the upstream refused (no other
+        target is tried: the fault is the request's)."""
+        router = call.router
+        assert router is not None, "the entitle stage runs first"
+        tenant = str(call.caller.tenant_id)
         error = ProviderError("unavailable")  # every breaker open
         for target in router.candidates(sticky, tenant):
             admission = router.admit(target, tenant)
@@ -396,7 +463,7 @@ class GatewayService:
             outcome = Outcome.ABANDONED  # until known: cancelled, say
             started = time.perf_counter()
             try:
-                result = await call(target)
+                result = await attempt(target)
                 outcome = Outcome.ANSWERED
             except ProviderError as failure:
                 outcome, error = Outcome.FAULT, failure
@@ -409,53 +476,53 @@ class GatewayService:
             return result, target
         raise error
 
-    def _finish(
+    def _settle(
         self,
-        caller: Caller,
-        slot: Slot | None,
-        model: str,
-        usage: Usage | None,
-        started: float,
+        call: CallContext,
         decision: str,
+        usage: Usage | None = None,
         target: Target | None = None,
     ) -> None:
-        """Settle (or give back) the call's budget and record its audit event in the
-        ledger (written with the next flush), and log it.
+        """The last stage: settle the call's reservation with ``usage`` (or give it
+        back), record its audit event in the ledger (written with the next
+        flush), and log it — all from the call's context.
 
         ``target`` is who answered: its list price gives the call's cost.
         """
-        latency_ms = round((time.perf_counter() - started) * 1000, 1)
+        caller = call.caller
+        latency_ms = round((time.perf_counter() - call.started) * 1000, 1)
         tokens = usage.total_tokens if usage else 0
-        cost = round(target.price.cost(usage), 8) if target and usage else 0.0
-        trace = current_trace.get()
-        trace_id = trace.trace_id if trace else None
+        cost = target.price.cost(usage) if target and usage else 0
         details = {
             "decision": decision,
             "tokens": tokens,
-            "cost_usd": cost,
+            "cost_micro_usd": cost,
             "latency_ms": latency_ms,
-            "trace_id": trace_id,
+            "trace_id": call.trace_id,
             "target": target.name if target else None,
-            "screen": [verdict.summary() for verdict in screened.get()],
-            "pii_in": dict(pii_in.get()),
-            "pii_out": dict(pii_out.get()),
+            "screen": [verdict.summary() for verdict in call.verdicts],
+            "pii_in": dict(call.pii_in),
+            "pii_out": dict(call.pii_out),
         }
-        request_id = structlog.contextvars.get_contextvars().get("request_id")
-        event = AuditEntry(f"user:{caller.user_id}", "model.invoke", model, details, request_id)
-        self.ledger.record(caller.tenant_id, slot, usage, event)
+        event = AuditEntry(
+            f"user:{caller.user_id}", "model.invoke", call.model, details, call.request_id
+        )
+        self.ledger.record(caller.tenant_id, call.slot, usage, event)
         # One line per call; never the answer, and the prompt only when sampled.
-        sample = prompt_sample.get()
+        sample = call.prompt_sample
         _log.info(
             "model_call",
-            trace_id=trace_id,
+            trace_id=call.trace_id,
             tenant=str(caller.tenant_id),
-            model=model,
+            model=call.model,
             tokens=tokens,
-            cost_usd=cost,
+            cost_micro_usd=cost,
             latency_ms=latency_ms,
             decision=decision,
             **({"prompt_sample": sample} if sample is not None else {}),
         )
+
+    # -- the pipelines ---------------------------------------------------------------------
 
     async def chat(
         self,
@@ -471,53 +538,66 @@ class GatewayService:
         """Answer; return the completion and how the cache served it (None, hit,
         stale-fallback). ``request`` is every field the client sent: all of them
         are part of the cache key unless known not to change the answer."""
-        router = await self.router(caller, model)
-        messages = await self._screened(caller, model, messages)
-        messages = await self.tokenized(caller, messages)
-        # What the provider is sent, and what the client asked (deny by default).
+        call = self.open_call(
+            caller,
+            model,
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            tools=tools,
+            request=request,
+        )
+        await prepare(self, call)  # entitle → check tools → screen → tokenize
+        # cache: what the provider is sent, and what the client asked (deny by default).
         sent = {
             "model": model,
-            "messages": messages,
+            "messages": call.messages,
             "max_tokens": max_tokens,
             "temperature": temperature,
             "tools": tools,
         }
         key = self.cache.key(caller.tenant_id, caller.user_id, sent=sent, request=request)
-        started = time.perf_counter()
+        call.started = time.perf_counter()
         if temperature == 0 and not tools:  # only a deterministic answer may come from cache
             cached = self.cache.fresh(key)
             if cached is not None:
-                self._finish(caller, None, model, None, started, "cache-hit")
+                self._settle(call, "cache-hit")
                 return cached, "hit"
-        slot = await self.ledger.take(
-            caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
-        )
+        await self.reserve(call, estimate_prompt_tokens(call.messages) + max_tokens)
         try:
             completion, target = await self._first_answer(
-                router,
-                caller,
-                sticky_key(caller, messages),
+                call,
+                sticky_key(caller, call.messages),
                 lambda target: target.provider.complete(
-                    model, messages, max_tokens=max_tokens, temperature=temperature, tools=tools
+                    model,
+                    call.messages,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    tools=tools,
                 ),
             )
         except ProviderError as error:
             stale = self.cache.stale_fallback(key)
             decision = "stale-fallback" if stale else f"failed:{error.kind}"
-            self._finish(caller, slot, model, None, started, decision)
+            self._settle(call, decision)
             if stale is None:
                 raise _unavailable(error) from None
             return stale, "stale-fallback"
         except UpstreamRejected as rejected:
-            self._finish(caller, slot, model, REJECTED_USAGE, started, "rejected:upstream")
+            self._settle(call, "rejected:upstream", REJECTED_USAGE)
             raise _rejected(rejected) from None
         except BaseException:
-            self._finish(caller, slot, model, None, started, "client-disconnected")
+            self._settle(call, "client-disconnected")
             raise
-        completion = _scanned(completion)
+        try:
+            completion = await self.screen_output(call, completion)
+        except BaseException:
+            # The provider did the work: billed, but nothing unscanned goes out.
+            self._settle(call, "withheld:pii-scan", completion.usage, target)
+            raise
         # Kept only if complete and proposing no tool call (cache.storable).
         self.cache.put(key, completion)
-        self._finish(caller, slot, model, completion.usage, started, "answered", target)
+        self._settle(call, "answered", completion.usage, target)
         return completion, None
 
     async def chat_stream(
@@ -542,14 +622,12 @@ class GatewayService:
         when the client went away mid-answer (estimated from the text when the
         provider's usage never came) — so nothing stays reserved.
         """
-        router = await self.router(caller, model)
-        messages = await self._screened(caller, model, messages)
-        messages = await self.tokenized(caller, messages)
-        slot = await self.ledger.take(
-            caller.tenant_id, estimate_prompt_tokens(messages) + max_tokens
+        call = self.open_call(
+            caller, model, messages, max_tokens=max_tokens, temperature=temperature, tools=tools
         )
-
-        started = time.perf_counter()
+        await prepare(self, call)  # entitle → check tools → screen → tokenize
+        await self.reserve(call, estimate_prompt_tokens(call.messages) + max_tokens)
+        call.started = time.perf_counter()
 
         async def run(target: Target) -> AsyncGenerator[StreamItem, None]:
             # Settled here once the first item is out; a target that fails
@@ -558,25 +636,32 @@ class GatewayService:
             produced = 0
             usage: Usage | None = None
             decision = "answered"
-            scrubber = _StreamScrubber()
+            scrubber = _StreamScrubber(call)  # screen output, piece by piece
             try:
                 async for item in target.provider.stream(
-                    model, messages, max_tokens=max_tokens, temperature=temperature, tools=tools
+                    model,
+                    call.messages,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    tools=tools,
                 ):
                     if isinstance(item, Usage):
                         usage = item
-                        held = scrubber.close()
+                        held = await scrubber.close()
                         if held:
                             yield held
                     elif isinstance(item, str):
                         produced += len(item.split()) or 1
-                        item = scrubber.feed(item)
+                        item = await scrubber.feed(item)
                         if not item:
                             continue
                     yielded = True
                     yield item
             except ProviderError as error:
                 decision = f"failed:{error.kind}"
+                raise
+            except (ScanBusy, ScanUnavailable):
+                decision = "withheld:pii-scan"  # the rest is not sent unscanned
                 raise
             except BaseException:
                 decision = "client-disconnected"
@@ -585,10 +670,10 @@ class GatewayService:
                 if yielded:
                     if usage is None:
                         # The provider worked for it; bill the estimate, not nothing.
-                        usage = Usage(estimate_prompt_tokens(messages), produced)
+                        usage = Usage(estimate_prompt_tokens(call.messages), produced)
                     # No await here: a disconnect cancels the response's task,
                     # and the call must still be settled.
-                    self._finish(caller, slot, model, usage, started, decision, target)
+                    self._settle(call, decision, usage, target)
 
         async def start(target: Target) -> tuple[StreamItem, AsyncGenerator[StreamItem, None]]:
             stream = run(target)
@@ -599,40 +684,42 @@ class GatewayService:
 
         try:
             first_and_rest, _target = await self._first_answer(
-                router, caller, sticky_key(caller, messages), start
+                call, sticky_key(caller, call.messages), start
             )
         except ProviderError as error:
-            self._finish(caller, slot, model, None, started, f"failed:{error.kind}")
+            self._settle(call, f"failed:{error.kind}")
             raise _unavailable(error) from None
         except UpstreamRejected as rejected:
-            self._finish(caller, slot, model, REJECTED_USAGE, started, "rejected:upstream")
+            self._settle(call, "rejected:upstream", REJECTED_USAGE)
             raise _rejected(rejected) from None
         except BaseException:
-            self._finish(caller, slot, model, None, started, "client-disconnected")
+            self._settle(call, "client-disconnected")
             raise
         return first_and_rest
 
     async def embed(
         self, caller: Caller, model: str, inputs: Sequence[str]
     ) -> tuple[list[list[float]], Usage]:
-        router = await self.router(caller, model)
-        slot = await self.ledger.take(caller.tenant_id, sum(len(text) // 3 + 1 for text in inputs))
-        started = time.perf_counter()
+        """Embeddings: entitle → reserve → provider call → settle (no prompt
+        stages: embeddings are not sent on as a prompt)."""
+        call = self.open_call(caller, model)
+        await self.entitle(call)
+        await self.reserve(call, sum(len(text) // 3 + 1 for text in inputs))
+        call.started = time.perf_counter()
         try:
             (vectors, usage), target = await self._first_answer(
-                router,
-                caller,
+                call,
                 f"{caller.tenant_id}|{caller.user_id}",
                 lambda target: target.provider.embed(model, inputs),
             )
         except ProviderError as error:
-            self._finish(caller, slot, model, None, started, f"failed:{error.kind}")
+            self._settle(call, f"failed:{error.kind}")
             raise _unavailable(error) from None
         except UpstreamRejected as rejected:
-            self._finish(caller, slot, model, REJECTED_USAGE, started, "rejected:upstream")
+            self._settle(call, "rejected:upstream", REJECTED_USAGE)
             raise _rejected(rejected) from None
         except BaseException:
-            self._finish(caller, slot, model, None, started, "client-disconnected")
+            self._settle(call, "client-disconnected")
             raise
-        self._finish(caller, slot, model, usage, started, "answered", target)
+        self._settle(call, "answered", usage, target)
         return vectors, usage

@@ -18,9 +18,9 @@ from uuid import UUID
 from fastapi import Request
 
 from bastion.api.problems import Problem, problem_type
-from bastion.identity.dpop import DpopVerifier
+from bastion.identity.dpop import AcceptedProof, DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, InvalidToken
-from bastion.identity.replay import SharedReplayStore, first_use_everywhere
+from bastion.identity.replay import SharedReplayStore
 from bastion.identity.tokens import AccessClaims, AccessTokenVerifier
 
 DPOP_ALGS = "ES256 EdDSA"
@@ -104,8 +104,8 @@ class Authenticator:
         # This process's own public base URL (the gateway's differs from the
         # issuer's): what DPoP proofs' htu must name.
         self.public_url = (public_url or issuer).rstrip("/")
-        # Several processes: single use also across them (dpop's cache must
-        # then be a RecordingReplayCache). None: this process's memory only.
+        # Several processes: single use also across them. None: this
+        # process's memory only.
         self.replay_store = replay_store
         # RFC 9449 section 9: proofs must echo a server nonce (DPoP-Nonce);
         # a client learns it from the first 401 "use_dpop_nonce".
@@ -130,20 +130,19 @@ class Authenticator:
             if claims.jkt or claims.iss == self.issuer:
                 raise _unauthorized("DPoP-bound tokens cannot be used as bearer tokens")
         else:
-            self._check_proof(request, token, claims)
+            accepted = self._check_proof(request, token, claims)
             if self.replay_store is not None:
-                await self._check_shared(self.replay_store)
+                await self._check_shared(self.replay_store, accepted)
         if not claims.roles:
             raise NoRole("the token carries no role in this tenant")
         return Principal(claims.sub, claims.tenant_id, claims.roles, claims.amr, claims)
 
-    async def _check_shared(self, store: SharedReplayStore) -> None:
+    async def _check_shared(self, store: SharedReplayStore, accepted: AcceptedProof) -> None:
         """Refuse a proof another process accepted already (RFC 9449 section 11.1)."""
-        # Recorded by verify() just now: no await came in between.
-        if not await first_use_everywhere(store):
+        if not await store.first_use("dpop", accepted.replay_key, accepted.expires_at):
             raise _unauthorized("invalid DPoP proof: proof replayed", "invalid_dpop_proof")
 
-    def _check_proof(self, request: Request, token: str, claims: AccessClaims) -> None:
+    def _check_proof(self, request: Request, token: str, claims: AccessClaims) -> AcceptedProof:
         proofs = request.headers.getlist("dpop")
         if len(proofs) != 1:
             raise _unauthorized("exactly one DPoP proof is required", "invalid_dpop_proof")
@@ -151,7 +150,7 @@ class Authenticator:
             raise _unauthorized("the token is not bound to a key")
         try:
             # htu from the configured public URL, not the Host header a client controls.
-            self.dpop.verify(
+            return self.dpop.accept(
                 proofs[0],
                 method=request.method,
                 url=self.public_url + request.url.path,

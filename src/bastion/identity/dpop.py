@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -34,6 +35,7 @@ from joserfc.jws import JWSRegistry
 
 from bastion import jsonsafe
 from bastion.encoding import b64url_decode
+from bastion.identity import compact_jws
 from bastion.identity.errors import InvalidDpopProof
 
 PROOF_TYPE = "dpop+jwt"
@@ -183,6 +185,18 @@ class _AllowListRegistry(JWSRegistry):
         return self.algorithms[name]
 
 
+@dataclass(frozen=True)
+class AcceptedProof:
+    """A proof :meth:`DpopVerifier.accept` let through: its key's thumbprint, and
+    the single-use key it was recorded under (RFC 9449 section 11.1) with the
+    Unix time until which a replay must be refused — for the caller to hand to
+    a store shared by several processes (:mod:`bastion.identity.replay`)."""
+
+    jkt: str
+    replay_key: str
+    expires_at: float
+
+
 class DpopVerifier:
     """Verifies DPoP proofs (RFC 9449 section 4.3); failures are InvalidDpopProof."""
 
@@ -246,7 +260,29 @@ class DpopVerifier:
         expected_jkt: str | None = None,
         nonce_required: bool = False,
     ) -> str:
-        """Return the RFC 7638 thumbprint (jkt) of the key that signed ``proof``.
+        """Return the RFC 7638 thumbprint (jkt) of the key that signed ``proof``
+        (:meth:`accept`, for a caller with no shared replay store)."""
+        return self.accept(
+            proof,
+            method=method,
+            url=url,
+            access_token=access_token,
+            expected_jkt=expected_jkt,
+            nonce_required=nonce_required,
+        ).jkt
+
+    def accept(
+        self,
+        proof: str,
+        *,
+        method: str,
+        url: str,
+        access_token: str | None = None,
+        expected_jkt: str | None = None,
+        nonce_required: bool = False,
+    ) -> AcceptedProof:
+        """Verify ``proof``; return its key's RFC 7638 thumbprint (jkt) and the
+        single-use key it was recorded under in this process's replay cache.
 
         ``method`` and ``url`` are the request's; ``access_token`` binds the
         proof to the token (``ath``); ``expected_jkt`` is the token's
@@ -257,15 +293,10 @@ class DpopVerifier:
         """
         if not isinstance(proof, str) or len(proof) > self._max_bytes:
             raise InvalidDpopProof("proof too large")
-        if proof.count(".") != 2:
+        obj = compact_jws.parse(proof, self._registry)
+        if obj is None:
             raise InvalidDpopProof("not a compact JWS")
-        try:
-            obj = jws.extract_compact(proof.encode("ascii"), registry=self._registry)
-        except (JoseError, ValueError, TypeError):
-            raise InvalidDpopProof("not a compact JWS") from None
         header = obj.protected
-        if not isinstance(header, dict):
-            raise InvalidDpopProof("not a compact JWS")
         # Step 4-5: type, then an asymmetric algorithm from the allow-list.
         if header.get("typ") != PROOF_TYPE:
             raise InvalidDpopProof("typ is not dpop+jwt")
@@ -318,9 +349,10 @@ class DpopVerifier:
         # iat would still be accepted; keyed by key so clients cannot collide,
         # and on signed content, never the proof's text: an ES256 signature
         # (r, s) has a second valid spelling (r, n - s).
-        if self._replay.seen(f"{jkt}:{claims['jti']}", iat + self._window):
+        replay_key, expires_at = f"{jkt}:{claims['jti']}", iat + self._window
+        if self._replay.seen(replay_key, expires_at):
             raise InvalidDpopProof("proof replayed")
-        return jkt
+        return AcceptedProof(jkt, replay_key, expires_at)
 
     def _proof_key(self, jwk: object, alg: str) -> tuple[str, ECKey | OKPKey]:
         """Return ``(thumbprint, public key)`` of the header's ``jwk``.

@@ -54,6 +54,7 @@ from joserfc.jws import JWSRegistry
 
 from bastion import jsonsafe
 from bastion.encoding import b64url_decode
+from bastion.identity import compact_jws
 from bastion.identity.errors import InvalidToken
 from bastion.identity.tokens import (
     AccessClaims,
@@ -249,8 +250,8 @@ def unverified_issuer(token: str, *, max_bytes: int = 16384) -> str:
     """
     if not isinstance(token, str) or len(token) > max_bytes:
         raise InvalidToken("token too long")
-    parts = token.split(".")
-    if len(parts) != 3:
+    parts = compact_jws.segments(token)
+    if parts is None:
         raise InvalidToken("not a compact JWS")
     iss = _decode_segment(parts[1]).get("iss")
     if not isinstance(iss, str) or not iss:

@@ -16,7 +16,7 @@ from datetime import timedelta
 from joserfc.jwk import ECKey
 
 from bastion.secrets.keyring import JwkRing
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 
 SECRET_NAME = "jwt/signing"  # noqa: S105 - a secret's name, not a secret
 ALGORITHM = "ES256"
@@ -32,7 +32,7 @@ class SigningKeys(JwkRing[ECKey]):
 
     def __init__(
         self,
-        keystore: LocalKeystore,
+        keystore: Keystore,
         *,
         publish_ahead: timedelta = timedelta(minutes=5),
         token_lifetime: timedelta = timedelta(minutes=15),

@@ -33,11 +33,10 @@ import pyotp
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from bastion.access import ADMIN_ROLES
 from bastion.db.pool import Conn
 from bastion.identity.errors import LastFactorRequired, MfaError
-from bastion.secrets.store import LocalKeystore
-
-ADMIN_ROLES = frozenset({"owner", "billing-admin", "auditor"})
+from bastion.secrets.protocols import Keystore
 
 KEY_NAME = "identity/totp-key"
 DIGITS = 6
@@ -81,7 +80,7 @@ class MfaService:
     themself.
     """
 
-    def __init__(self, keystore: LocalKeystore, *, issuer: str = "Bastion") -> None:
+    def __init__(self, keystore: Keystore, *, issuer: str = "Bastion") -> None:
         self.keystore = keystore
         self.issuer = issuer
         self._key: bytes | None = None

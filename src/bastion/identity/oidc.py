@@ -17,14 +17,14 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from bastion.access.declare import PUBLIC_ROUTE
 from bastion.access.guard import Guard
+from bastion.api.declare import PUBLIC_ROUTE
 from bastion.encoding import b64url_decode, b64url_encode
 from bastion.identity.auth import Principal
 from bastion.identity.dpop import DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, Throttled
 from bastion.identity.keys import SigningKeys
-from bastion.identity.replay import SharedReplayStore, first_use_everywhere
+from bastion.identity.replay import SharedReplayStore
 from bastion.identity.service import (
     AuthorizationRequest,
     ClientError,
@@ -319,13 +319,17 @@ def build_router(
             if len(proofs) != 1:
                 raise OAuthError("invalid_dpop_proof", "exactly one DPoP proof is required")
             try:
-                jkt = dpop.verify(
+                accepted = dpop.accept(
                     proofs[0], method="POST", url=token_url, nonce_required=nonce_at_token
                 )
             except InvalidDpopProof as exc:
                 return _oauth_json_error(OAuthError(exc.error, exc.reason), exc.nonce)
-            if replay_store is not None and not await first_use_everywhere(replay_store):
+            # Single use across every process on the database too (RFC 9449 section 11.1).
+            if replay_store is not None and not await replay_store.first_use(
+                "dpop", accepted.replay_key, accepted.expires_at
+            ):
                 raise OAuthError("invalid_dpop_proof", "proof replayed")
+            jkt = accepted.jkt
             grant = form.get("grant_type")
             client_id = form.get("client_id", "")
             if grant == "authorization_code":
@@ -376,22 +380,16 @@ def build_router(
     async def userinfo(
         principal: Principal = Depends(guard("account:read", "Account")),
     ) -> dict[str, Any]:
-        async with service.db.tenant_tx(
+        email, name = await service.profile(
             principal.tenant_id, principal.user_id, principal.db_role
-        ) as tx:
-            row = await (
-                await tx.execute(
-                    "SELECT email, display_name FROM bastion.users WHERE id = %s",
-                    (principal.user_id,),
-                )
-            ).fetchone()
+        )
         return {
             "sub": str(principal.user_id),
             "tenant_id": str(principal.tenant_id),
             "roles": list(principal.roles),
             "amr": list(principal.amr),
-            "email": row["email"] if row else None,
-            "name": row["display_name"] if row else None,
+            "email": email,
+            "name": name,
         }
 
     return router

@@ -452,6 +452,18 @@ class IdentityService:
             if row is not None and row["client_id"] == client_id:
                 await self._revoke_family(tx, row["family_id"], reason="refresh_token.revoke")
 
+    async def profile(
+        self, tenant_id: UUID, user_id: UUID, db_role: str
+    ) -> tuple[str | None, str | None]:
+        """Return the user's e-mail and display name (OIDC Core 5.3 UserInfo), or Nones."""
+        async with self.db.tenant_tx(tenant_id, user_id, db_role) as tx:
+            row = await (
+                await tx.execute(
+                    "SELECT email, display_name FROM bastion.users WHERE id = %s", (user_id,)
+                )
+            ).fetchone()
+        return (row["email"], row["display_name"]) if row else (None, None)
+
     # -- helpers -----------------------------------------------------------------
 
     async def _member(self, tx: Conn, email: str) -> tuple[UUID | None, tuple[str, ...]]:

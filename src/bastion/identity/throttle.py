@@ -36,7 +36,7 @@ or address in clear.
 
 Client addresses: an IPv4 address counts as itself, an IPv6 address as its
 /64 (one host commonly holds a whole /64). The address must already be the
-real client's (see :class:`bastion.api.middleware.ClientAddressMiddleware`).
+real client's (see the api's ``ClientAddressMiddleware``).
 
 An attempt is *reserved* before the check, one atomic ``INSERT ... ON
 CONFLICT DO UPDATE ... RETURNING`` per key, keys in sorted order (so

@@ -29,6 +29,7 @@ from joserfc.errors import JoseError
 from joserfc.jws import JWSRegistry
 
 from bastion import jsonsafe
+from bastion.identity import compact_jws
 from bastion.identity.errors import InvalidToken
 from bastion.identity.keys import ALGORITHM, SigningKeys
 
@@ -251,15 +252,10 @@ class TokenVerifier:
     # -- internals ----------------------------------------------------------------
 
     def _verify_uncached(self, token: str, now: float) -> tuple[AccessClaims, str, int | None]:
-        if token.count(".") != 2:
+        obj = compact_jws.parse(token, self._registry)
+        if obj is None:
             raise InvalidToken("not a compact JWS")
-        try:
-            obj = jws.extract_compact(token.encode("ascii"), registry=self._registry)
-        except (JoseError, ValueError, TypeError):
-            raise InvalidToken("not a compact JWS") from None
         header = obj.protected
-        if not isinstance(header, dict):
-            raise InvalidToken("not a compact JWS")
         # Algorithm first, before anything else in the header is looked at.
         if header.get("alg") != ALGORITHM:
             raise InvalidToken("unsupported alg")

@@ -20,12 +20,12 @@ from bastion.identity.issuers import CombinedVerifier, ExternalIssuers, IssuerCo
 from bastion.identity.keys import SigningKeys
 from bastion.identity.mfa import MfaService
 from bastion.identity.passwords import PasswordService
-from bastion.identity.replay import RecordingReplayCache, SharedReplayStore
+from bastion.identity.replay import SharedReplayStore
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, IdentityService
 from bastion.identity.throttle import LoginThrottle
 from bastion.identity.tokens import AccessTokenVerifier, TokenIssuer, TokenVerifier
 from bastion.logs import get_logger
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 from bastion.settings import Settings
 from bastion.tenants import routes as tenant_routes
 
@@ -61,17 +61,18 @@ def _authorizer(settings: Settings) -> Authorizer:
 
 
 def _verifiers(
-    settings: Settings, db: Database, keystore: LocalKeystore, public_url: str | None = None
+    settings: Settings, db: Database, keystore: Keystore, public_url: str | None = None
 ) -> tuple[SigningKeys, DpopVerifier, Authenticator, ExternalIssuers, SharedReplayStore | None]:
     """The signing keys, what verifies a request's access token and DPoP proof,
     and the shared replay store (None: this process's memory only)."""
     issuer = settings.resolved_issuer
     keys = SigningKeys(keystore, token_lifetime=timedelta(minutes=settings.access_token_minutes))
     # One replay cache per process (api and gateway each keep their own); with
-    # replay_store "postgres" what passes it is then checked across processes.
+    # replay_store "postgres" what passes it is then checked across processes
+    # (the verifier hands each accepted proof to the caller for that).
     shared = SharedReplayStore(db) if settings.replay_store == "postgres" else None
     dpop = DpopVerifier(
-        MemoryReplayCache() if shared is None else RecordingReplayCache(MemoryReplayCache()),
+        MemoryReplayCache(),
         # One key for every process (api, gateway): a nonce any of them issued holds at all.
         nonce_secret=keystore.ensure(DPOP_NONCE_KEY, lambda: secrets.token_bytes(32)),
     )
@@ -96,7 +97,7 @@ def _verifiers(
 def build_guard(
     settings: Settings,
     db: Database,
-    keystore: LocalKeystore,
+    keystore: Keystore,
     *,
     public_url: str,
     authorizer: Authorizer | None = None,
@@ -114,7 +115,7 @@ def build_guard(
 def build_identity(
     settings: Settings,
     db: Database,
-    keystore: LocalKeystore,
+    keystore: Keystore,
     authorizer: Authorizer | None = None,
     passwords: PasswordService | None = None,
 ) -> Identity:

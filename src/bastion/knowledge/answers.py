@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import anyio
 import httpx
 
-from bastion.api.problems import Problem, problem_type
 from bastion.audit import log as audit
+from bastion.errors import PROBLEM_TYPE_BASE, BastionError, Kind
 from bastion.knowledge.service import Actor, KnowledgeService, SearchHit
 from bastion.safety.injection import (
     AnswerWithheld,
@@ -42,8 +41,8 @@ from bastion.safety.injection import (
     check_output,
     derived_syllables,
     fence,
-    screen,
 )
+from bastion.safety.scanning import screen_each
 from bastion.safety.signing import HEADER, EnvelopeSigner
 
 INSTRUCTIONS = (
@@ -52,12 +51,25 @@ INSTRUCTIONS = (
 )
 
 
-class GatewayRefused(Problem):
-    """The gateway's own problem, passed on (its type, status and Retry-After)."""
+class GatewayRefused(BastionError):
+    """The gateway's own problem, passed on (its type, meaning and Retry-After)."""
 
-    type = problem_type("gateway-error")
+    slug = "gateway-error"
     title = "The model gateway refused the call"
-    status = 502
+    kind = Kind.UPSTREAM_FAILED
+
+
+# The gateway's refusals passed on with their meaning; any other answer is the
+# gateway failing (502). By the HTTP status the gateway answered with.
+_PASSED_ON: dict[int, Kind] = {
+    402: Kind.PAYMENT_REQUIRED,
+    403: Kind.FORBIDDEN,
+    404: Kind.NOT_FOUND,
+    413: Kind.TOO_LARGE,
+    422: Kind.UNPROCESSABLE,
+    429: Kind.RATE_LIMITED,
+    503: Kind.UNAVAILABLE,
+}
 
 
 @dataclass(frozen=True)
@@ -182,10 +194,12 @@ class AskService:
         """Answer ``question``; raise :class:`PromptRefused` (422) for an injection in
         it, :class:`AnswerWithheld` (502) when the answer fails the output checks,
         :class:`GatewayRefused` for the gateway's refusals, and the screen's
-        ``PromptTooLarge``/``PromptNotText`` for text it cannot screen."""
+        ``PromptTooLarge``/``PromptNotText`` for text it cannot screen, and
+        :class:`~bastion.safety.scanning.ScanBusy` (429) when the tenant's texts
+        already fill its share of the screening processes."""
         if actor.user_id is None:
             raise ValueError("a question is asked by a user")
-        asked = screen(question, "user")
+        (asked,) = await screen_each(actor.tenant_id, [question], "user")
         if asked.decision == "block":
             await self._record(actor, namespace, model, Screening(asked, ()))
             raise PromptRefused(
@@ -197,10 +211,9 @@ class AskService:
         hits = await self.kb.search(actor, namespace, query=asked.text, k=k)
         kept: list[tuple[SearchHit, str]] = []
         chunks: list[ChunkScreen] = []
-        # Off the event loop: up to k chunks of screening is milliseconds of CPU.
-        verdicts = await anyio.to_thread.run_sync(
-            lambda: [screen(hit.text, "retrieved") for hit in hits]
-        )
+        # Up to k chunks of screening is tens of milliseconds of CPU, holding the
+        # GIL: in the screening processes, within the tenant's share.
+        verdicts = await screen_each(actor.tenant_id, [hit.text for hit in hits], "retrieved")
         for hit, verdict in zip(hits, verdicts, strict=True):
             chunks.append(
                 ChunkScreen(
@@ -233,9 +246,9 @@ class AskService:
             )
         except httpx.HTTPError:
             await self._record(actor, namespace, model, screening)
-            problem = GatewayRefused("the model gateway is unreachable", status=503)
-            problem.headers = {"Retry-After": "5"}
-            raise problem from None
+            raise GatewayRefused(
+                "the model gateway is unreachable", kind=Kind.UNAVAILABLE, retry_after=5
+            ) from None
         if response.status_code != 200:
             await self._record(actor, namespace, model, screening)
             raise _passed_on(response)
@@ -263,16 +276,21 @@ class AskService:
 def _passed_on(response: httpx.Response) -> GatewayRefused:
     try:
         problem = response.json()
-        kind, title = str(problem["type"]), str(problem.get("title", ""))
+        type_, title = str(problem["type"]), str(problem.get("title", ""))
         detail = str(problem.get("detail", ""))
     except (ValueError, KeyError, TypeError):
-        kind, title, detail = problem_type("gateway-error"), "Gateway error", ""
-    status = (
-        response.status_code if response.status_code in (402, 403, 404, 413, 422, 429, 503) else 502
+        type_, title, detail = "", "Gateway error", ""
+    # The gateway is Bastion's: its types are Bastion's (an about:blank one is
+    # the framework's own error, passed on as the gateway failing).
+    slug = type_.removeprefix(PROBLEM_TYPE_BASE) if type_.startswith(PROBLEM_TYPE_BASE) else None
+    kind = _PASSED_ON.get(response.status_code, Kind.UPSTREAM_FAILED)
+    if response.status_code == 400 and slug == "upstream-rejected-request":
+        kind = Kind.INVALID  # the question (with its context) is what the model's provider refused
+    retry_after = response.headers.get("retry-after", "")
+    return GatewayRefused(
+        detail or title,
+        kind=kind,
+        slug=slug or GatewayRefused.slug,
+        title=title or None,
+        retry_after=int(retry_after) if retry_after.isdigit() else None,
     )
-    if response.status_code == 400 and kind == problem_type("upstream-rejected-request"):
-        status = 400  # the question (with its context) is what the model's provider refused
-    refused = GatewayRefused(detail or title, type_=kind, title=title or None, status=status)
-    if "retry-after" in response.headers:
-        refused.headers = {"Retry-After": response.headers["retry-after"]}
-    return refused

@@ -25,7 +25,7 @@ from bastion.settings import Settings
 if TYPE_CHECKING:  # the heavy imports (numpy, pypdf, ...) wait for the command to run
     from bastion.db.pool import Database
     from bastion.knowledge.ingest import IngestReport
-    from bastion.knowledge.service import KnowledgeService, SearchHit
+    from bastion.knowledge.service import KnowledgeService, ReencodeReport, SearchHit
 
 TenantOption = Annotated[str, typer.Option(help="tenant slug")]
 NamespaceOption = Annotated[str, typer.Option(help="knowledge base of the tenant")]
@@ -99,7 +99,8 @@ def ingest_command(
 ) -> None:
     """Index files (.md .txt .html .pdf) into a tenant's knowledge base; resumable."""
     from bastion.knowledge.ingest import discover
-    from bastion.runtime import app_database, knowledge_service, open_keystore
+    from bastion.runtime import app_database, knowledge_service
+    from bastion.secrets.backends import open_key_ring
 
     settings = Settings()
     files = discover(paths)
@@ -109,7 +110,7 @@ def ingest_command(
 
     async def run() -> IngestReport:
         async with app_database(settings) as db:
-            kb = knowledge_service(settings, db, open_keystore(settings))
+            kb = knowledge_service(settings, db, open_key_ring(settings).kms)
             return await run_ingest(kb, await _tenant(db, tenant), namespace, files, console)
 
     report = asyncio.run(run())
@@ -123,6 +124,37 @@ def ingest_command(
         console.print(f"  failed: {path} ({reason})", highlight=False)
     if report.failed:
         raise typer.Exit(1)
+
+
+knowledge_app = typer.Typer(help="Knowledge bases.", no_args_is_help=True)
+
+
+@knowledge_app.command("reencode")
+def reencode_command(tenant: TenantOption) -> None:
+    """Key what a tenant's knowledge bases stored before migration 0025: rotate
+    their vectors by the tenant's secret transform and seal their titles."""
+    from bastion.runtime import app_database, knowledge_service
+    from bastion.secrets.backends import open_key_ring
+
+    settings = Settings()
+
+    async def run() -> ReencodeReport:
+        async with app_database(settings) as db:
+            kb = knowledge_service(settings, db, open_key_ring(settings).kms)
+            return await kb.reencode(await _tenant(db, tenant))
+
+    report = asyncio.run(run())
+    console = Console()
+    console.print(
+        f"{tenant}: {report.namespaces} knowledge bases re-encoded ({report.chunks} vectors "
+        f"rotated), {report.titles} titles sealed",
+        highlight=False,
+    )
+    if report.partitions:
+        # Their dead tuples still hold the plain vectors; the app role cannot vacuum.
+        console.print(
+            "as the database owner, run: VACUUM " + ", ".join(report.partitions), highlight=False
+        )
 
 
 def hits_table(hits: list[SearchHit], width: int = 100) -> Table:
@@ -144,13 +176,14 @@ def search_command(
     """Search a tenant's knowledge base (as the operator) and print the best chunks."""
     from bastion.knowledge.errors import NamespaceNotFound
     from bastion.knowledge.service import Actor
-    from bastion.runtime import app_database, knowledge_service, open_keystore
+    from bastion.runtime import app_database, knowledge_service
+    from bastion.secrets.backends import open_key_ring
 
     settings = Settings()
 
     async def run() -> list[SearchHit]:
         async with app_database(settings) as db:
-            kb = knowledge_service(settings, db, open_keystore(settings))
+            kb = knowledge_service(settings, db, open_key_ring(settings).kms)
             tenant_id = await _tenant(db, tenant)
             try:
                 return await kb.search(

@@ -2,69 +2,69 @@
 
 from __future__ import annotations
 
-from bastion.api.problems import Problem, problem_type
+from bastion.errors import BastionError, Kind
 
 
-class NamespaceNotFound(Problem):
+class NamespaceNotFound(BastionError):
     # Also what another tenant's namespace looks like: its existence is not confirmed.
-    type = problem_type("namespace-not-found")
+    slug = "namespace-not-found"
     title = "No such namespace"
-    status = 404
+    kind = Kind.NOT_FOUND
 
 
-class NamespaceExists(Problem):
-    type = problem_type("namespace-exists")
+class NamespaceExists(BastionError):
+    slug = "namespace-exists"
     title = "A namespace with that name exists"
-    status = 409
+    kind = Kind.CONFLICT
 
 
-class DocumentNotFound(Problem):
-    type = problem_type("document-not-found")
+class DocumentNotFound(BastionError):
+    slug = "document-not-found"
     title = "No such document"
-    status = 404
+    kind = Kind.NOT_FOUND
 
 
-class UploadRefused(Problem):
+class UploadRefused(BastionError):
     """The body cannot become a document; ``reason`` is a stable slug
     (empty, binary, encoding, unsupported-type, too-large, too-complex, ...)."""
 
-    type = problem_type("upload-refused")
+    slug = "upload-refused"
     title = "The upload cannot be indexed"
-    status = 422
+    kind = Kind.UNPROCESSABLE
 
 
-class ParsingBusy(Problem):
+class ParsingBusy(BastionError):
     """The tenant already has its share of the parser processes busy and its
     queue full (bastion.offload): retry after ``Retry-After`` seconds. Other
     tenants are not affected."""
 
-    type = problem_type("busy")
+    slug = "busy"
     title = "Too many documents of this tenant are being parsed"
-    status = 429
+    kind = Kind.RATE_LIMITED
 
 
-class IdempotencyKeyReused(Problem):
-    type = problem_type("idempotency-key-reused")
+class IdempotencyKeyReused(BastionError):
+    slug = "idempotency-key-reused"
     title = "The idempotency key was used for a different upload"
-    status = 409
+    kind = Kind.CONFLICT
 
 
-class EmbeddingMismatch(Problem):
-    type = problem_type("embedding-mismatch")
+class EmbeddingMismatch(BastionError):
+    slug = "embedding-mismatch"
     title = "The embedding does not fit this namespace"
-    status = 422
+    kind = Kind.UNPROCESSABLE
 
 
-class DocumentTextUnavailable(Problem):
+class DocumentTextUnavailable(BastionError):
     """The stored document yields no text to show (``reason``: a failed PDF's
     extraction slug, or ``pii-scan-refused``); its original is not shown instead."""
 
-    type = problem_type("document-text-unavailable")
+    slug = "document-text-unavailable"
     title = "The document's text cannot be shown"
-    status = 409
+    kind = Kind.CONFLICT
 
 
-class RevealReasonRequired(Problem):
-    type = problem_type("reveal-reason-required")
+class RevealReasonRequired(BastionError):
+    slug = "reveal-reason-required"
     title = "Reading an original needs a reason"
-    status = 422
+    kind = Kind.UNPROCESSABLE

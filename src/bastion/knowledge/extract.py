@@ -127,15 +127,24 @@ _CONTROL: Final = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f]")
 _MAX_CONTROL_RATIO: Final = 0.1
 
 
-def _media_type(content_type: str) -> tuple[str, str | None]:
-    """``text/html; charset=Shift_JIS`` → ``("text/html", "Shift_JIS")``."""
+def media_type(content_type: str) -> tuple[str, str | None]:
+    """``text/html; charset=Shift_JIS`` → ``("text/html", "Shift_JIS")``.
+
+    RFC 9110, section 8.3.1: a parameter value is a token or a double-quoted
+    string; a type naming ``charset`` twice has no single meaning and is refused
+    (:class:`ExtractionError`), so upload and extraction read one charset.
+    """
     media, _, params = content_type.partition(";")
-    charset = None
+    charsets = []
     for param in params.split(";"):
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset":
-            charset = value.strip().strip("\"'") or None
-    return media.strip().lower(), charset
+            value = value.strip()
+            quoted = len(value) >= 2 and value[0] == value[-1] == '"'
+            charsets.append((value[1:-1] if quoted else value) or None)
+    if len(charsets) > 1:
+        raise ExtractionError("encoding", "more than one charset parameter")
+    return media.strip().lower(), charsets[0] if charsets else None
 
 
 def _decode(body: bytes, charset: str | None) -> str:
@@ -491,7 +500,7 @@ def extract_text(
     ``content_type`` may carry a ``charset`` parameter; an explicit
     ``charset`` argument wins over it.
     """
-    media, declared = _media_type(content_type)
+    media, declared = media_type(content_type)
     if media not in SUPPORTED_TYPES:
         raise ExtractionError("unsupported-type", f"{media or 'no type'} is not supported")
     if not body:

@@ -50,7 +50,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from bastion.safety.pii import (
+from bastion.safety.pii_patterns import (
     CARD_RUN_RE,
     EMAIL_RE,
     IBAN_RE,
@@ -121,7 +121,7 @@ class BasicRedactor:
     """Regex-and-checksum masking of e-mail, IBAN, national ID, card and phone numbers.
 
     Each pattern runs over the output of the previous one, so a placeholder
-    blocks what it replaced (see :data:`bastion.safety.pii.NOT_AFTER`).
+    blocks what it replaced (see :data:`bastion.safety.pii_patterns.NOT_AFTER`).
     """
 
     def redact(self, text: str) -> Redaction:

@@ -56,7 +56,9 @@ def _actor(principal: Principal) -> Actor:
 
 
 def _namespace_json(ns: Namespace) -> dict[str, Any]:
-    return {**asdict(ns), "id": str(ns.id), "created_at": ns.created_at.isoformat()}
+    out = {**asdict(ns), "id": str(ns.id), "created_at": ns.created_at.isoformat()}
+    del out["vector_transform"]  # how vectors are stored: the operator's concern
+    return out
 
 
 def _document_json(doc: DocumentInfo) -> dict[str, Any]:

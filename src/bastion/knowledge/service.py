@@ -4,7 +4,7 @@ Isolation holds in three places at once: the query names the tenant and the
 namespace, row-level security filters on the signed tenant context, and the
 chunks of a namespace live in its own partition with its own HNSW graph.
 Chunk text and document bodies are stored only encrypted under the tenant's
-data key (:mod:`bastion.knowledge.keys`) and decrypted after the row-level
+data key (:mod:`bastion.secrets.tenant_keys`) and decrypted after the row-level
 checks, for a caller whose transaction could read them.
 
 Ingestion is exactly-once by construction: the chunks of a document are
@@ -17,6 +17,14 @@ retry does not pay for them again.
 Parsing an upload is CPU work an attacker chooses (a megabyte of HTML costs
 a second): beyond a few kilobytes it runs in :mod:`bastion.offload`'s worker
 processes, a few jobs per tenant at a time, never on the event loop.
+
+What is stored outside the ciphertext is keyed too, so that a backup made
+before a shred recognises nothing once the keys are gone: titles are sealed
+like bodies (with a keyed digest for the exact-title filter), and embedding
+vectors are stored rotated by the tenant's secret orthogonal matrix
+(:mod:`bastion.secrets.vector_transform`), queries rotated alike, which keeps every
+cosine and so every ranking. Namespaces made before migration 0025 keep plain
+vectors and titles until :meth:`KnowledgeService.reencode`.
 
 Personal data leaves only as the tenant's vault tokens: titles are tokenized
 when stored, chunks when indexed, and a document's text is shown tokenized
@@ -42,6 +50,7 @@ from psycopg import sql
 
 from bastion.audit import log as audit
 from bastion.db.pool import Conn, Database
+from bastion.errors import Kind
 from bastion.knowledge.chunks import chunk_text
 from bastion.knowledge.embedders import Embedder, get_embedder
 from bastion.knowledge.errors import (
@@ -60,14 +69,7 @@ from bastion.knowledge.extract import (
     ExtractionError,
     extract_text,
     extracted_length,
-)
-from bastion.knowledge.keys import (
-    DecryptionFailed,
-    KeyUnavailable,
-    TenantKeys,
-    keyed_digest,
-    open_sealed,
-    seal,
+    media_type,
 )
 from bastion.knowledge.redact import Redactor
 from bastion.limited_process import ChildFailed, LimitExceeded, ProcessLimits, run_limited
@@ -75,6 +77,16 @@ from bastion.logs import get_logger
 from bastion.offload import FairProcessPool, JobFailed, JobTimedOut, PoolBusy, shared_pool
 from bastion.safety.pii import PiiInputNotText, PiiInputTooLarge
 from bastion.safety.vault import PiiVault, RevealForbidden
+from bastion.secrets.tenant_keys import (
+    DecryptionFailed,
+    KeyUnavailable,
+    TenantKeys,
+    keyed_digest,
+    open_sealed,
+    seal,
+)
+from bastion.secrets.vector_transform import NAME as VECTOR_TRANSFORM
+from bastion.secrets.vector_transform import VectorTransform
 
 _log = get_logger("bastion.knowledge")
 
@@ -112,6 +124,8 @@ class Namespace:
     model_id: str
     dim: int
     created_at: datetime
+    # "orthogonal-v1": vectors stored keyed; None: plain (made before 0025, not re-encoded).
+    vector_transform: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,14 @@ class SearchHit:
 
 
 @dataclass(frozen=True)
+class ReencodeReport:
+    namespaces: int = 0  # namespaces whose vectors were rotated now
+    chunks: int = 0
+    titles: int = 0  # titles sealed now
+    partitions: tuple[str, ...] = ()  # to VACUUM: their dead tuples hold the plain vectors
+
+
+@dataclass(frozen=True)
 class IngestOutcome:
     status: str  # indexed, failed, skipped
     chunks: int = 0
@@ -155,17 +177,6 @@ class IngestOutcome:
 
 Progress = Callable[[str, int], None]
 """Called with ("chunks", total) once, then ("embedded", n) after each batch."""
-
-
-def _media_type(content_type: str) -> tuple[str, str | None]:
-    """Split ``text/plain; charset=latin-1`` into the media type and the charset."""
-    media, _, params = content_type.partition(";")
-    charset = None
-    for param in params.split(";"):
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset":
-            charset = value.strip().strip('"') or None
-    return media.strip().lower(), charset
 
 
 def _inline_parse_limit(media: str) -> int:
@@ -187,18 +198,30 @@ def vector_literal(vector: np.ndarray[Any, Any]) -> str:
     return _vector_format(len(values)) % tuple(values)
 
 
+def _embedded(
+    embedder: Embedder, transform: VectorTransform | None, texts: list[str]
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The texts' vectors as the namespace stores them: rotated when keyed."""
+    matrix = embedder.embed(texts)
+    return matrix if transform is None else transform.apply(matrix)
+
+
 def _parse_vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
     return np.asarray(json.loads(text), dtype=np.float32)
 
 
 _DOCUMENT_COLUMNS = (
     "id, namespace_id, title, content_type, byte_size, status, failure_reason, "
-    "chunk_count, redactions, created_at, indexed_at"
+    "chunk_count, redactions, created_at, indexed_at, title_ciphertext, key_version"
 )
+_NAMESPACE_COLUMNS = "id, name, embedder, model_id, dim, created_at, vector_transform"
+TITLE = "documents.title"
+"""Purpose of a sealed title and of its digest: table and column, in the AAD."""
 
 
-def _document(row: dict[str, Any]) -> DocumentInfo:
-    return DocumentInfo(**{k: row[k] for k in DocumentInfo.__dataclass_fields__})
+def _document(row: dict[str, Any], title: str) -> DocumentInfo:
+    fields = {k: row[k] for k in DocumentInfo.__dataclass_fields__ if k != "title"}
+    return DocumentInfo(title=title, **fields)
 
 
 class KnowledgeService:
@@ -257,7 +280,7 @@ class KnowledgeService:
         except PoolBusy as exc:
             raise ParsingBusy(
                 "this tenant's documents already fill its share of the parsers; retry shortly",
-                headers={"Retry-After": str(exc.retry_after)},
+                retry_after=exc.retry_after,
             ) from None
         except (JobTimedOut, JobFailed, MemoryError):
             raise ExtractionError("too-complex", "the document costs too much to parse") from None
@@ -310,7 +333,7 @@ class KnowledgeService:
     async def namespaces(self, actor: Actor) -> list[Namespace]:
         async with self._tx(actor) as tx:
             cur = await tx.execute(
-                "SELECT id, name, embedder, model_id, dim, created_at FROM bastion.namespaces "
+                f"SELECT {_NAMESPACE_COLUMNS} FROM bastion.namespaces "
                 "WHERE tenant_id = %s ORDER BY name",
                 (actor.tenant_id,),
             )
@@ -327,7 +350,7 @@ class KnowledgeService:
         except ValueError:
             by_id = None
         cur = await tx.execute(
-            "SELECT id, name, embedder, model_id, dim, created_at FROM bastion.namespaces "
+            f"SELECT {_NAMESPACE_COLUMNS} FROM bastion.namespaces "
             "WHERE tenant_id = bastion.app_tenant_id() AND (name = %s OR id = %s)",
             (ref, by_id),
         )
@@ -361,17 +384,20 @@ class KnowledgeService:
         document. Raises :class:`UploadRefused`, :class:`NamespaceNotFound`,
         :class:`ParsingBusy` (429) or :class:`IdempotencyKeyReused`.
         """
-        media, charset = _media_type(content_type)
+        try:
+            media, charset = media_type(content_type)
+        except ExtractionError as exc:
+            raise UploadRefused(str(exc), reason=exc.reason) from None
         if len(body) > self.max_upload_bytes:
             raise UploadRefused(
                 f"uploads are limited to {self.max_upload_bytes} bytes",
-                status=413,
+                kind=Kind.TOO_LARGE,
                 reason="too-large",
             )
         if media not in SUPPORTED_TYPES:
             raise UploadRefused(
                 f"supported types are {', '.join(sorted(SUPPORTED_TYPES))}",
-                status=415,
+                kind=Kind.UNSUPPORTED_MEDIA,
                 reason="unsupported-type",
             )
         if media != "application/pdf":
@@ -392,22 +418,25 @@ class KnowledgeService:
             # The client's key may be derived from the content (``bastion ingest``
             # hashes path and body): stored keyed too, under the tenant's first
             # data key, so that a retry after a rotation still finds it.
+            first = key if version == 1 else await self.keys.get(tx, actor.tenant_id, 1)
             stored_key = None
             if idempotency_key is not None:
-                first = key if version == 1 else await self.keys.get(tx, actor.tenant_id, 1)
                 stored_key = keyed_digest(first, "idempotency-key", idempotency_key.encode()).hex()
-            # A title is shown to every reader of the tenant: stored tokenized.
+            # A title is shown to every reader of the tenant: tokenized; and
+            # kept only sealed, with a keyed digest for the exact-title filter.
             title = await self._redacted(tx, actor, title)
             ciphertext = seal(key, "document", actor.tenant_id, document_id, body)
             cur = await tx.execute(
-                "INSERT INTO bastion.documents (id, namespace_id, title, content_type, "
-                "byte_size, sha256, body_ciphertext, key_version, idempotency_key, created_by) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "INSERT INTO bastion.documents (id, namespace_id, title_ciphertext, "
+                "title_digest, content_type, byte_size, sha256, body_ciphertext, key_version, "
+                "idempotency_key, created_by) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id",
                 (
                     document_id,
                     ns.id,
-                    title,
+                    seal(key, TITLE, actor.tenant_id, document_id, title.encode()),
+                    keyed_digest(first, TITLE, title.encode()),
                     content_type,
                     len(body),
                     digest,
@@ -422,7 +451,7 @@ class KnowledgeService:
                 # ON CONFLICT waited for): the same upload again is the same
                 # document; another body under that key is a client bug.
                 cur = await tx.execute(
-                    f"SELECT {_DOCUMENT_COLUMNS}, sha256, key_version FROM bastion.documents "
+                    f"SELECT {_DOCUMENT_COLUMNS}, sha256 FROM bastion.documents "
                     "WHERE idempotency_key = %s",
                     (stored_key,),
                 )
@@ -435,7 +464,7 @@ class KnowledgeService:
                     raise IdempotencyKeyReused(
                         "that Idempotency-Key was used for a different upload"
                     )
-                return Upload(_document(earlier), created=False)
+                return Upload(await self._info(tx, actor.tenant_id, earlier), created=False)
             if enqueue:
                 await tx.execute("SELECT bastion.enqueue_ingest(%s)", (document_id,))
             await audit.record(
@@ -455,7 +484,9 @@ class KnowledgeService:
                 "WHERE tenant_id = %s AND namespace_id = %s ORDER BY created_at, id",
                 (actor.tenant_id, ns.id),
             )
-            return [_document(row) for row in await cur.fetchall()]
+            rows = await cur.fetchall()
+            infos = [await self._opened(tx, actor.tenant_id, row) for row in rows]
+            return [info for info in infos if info is not None]
 
     async def document(self, actor: Actor, document_id: UUID) -> DocumentInfo:
         async with self._tx(actor) as tx:
@@ -463,14 +494,38 @@ class KnowledgeService:
 
     async def _document(self, tx: Conn, document_id: UUID) -> DocumentInfo:
         cur = await tx.execute(
-            f"SELECT {_DOCUMENT_COLUMNS} FROM bastion.documents "
+            f"SELECT {_DOCUMENT_COLUMNS}, tenant_id FROM bastion.documents "
             "WHERE tenant_id = bastion.app_tenant_id() AND id = %s AND namespace_id IS NOT NULL",
             (document_id,),
         )
         row = await cur.fetchone()
         if row is None:
             raise DocumentNotFound(f"no document {document_id} in this tenant")
-        return _document(row)
+        return await self._info(tx, row["tenant_id"], row)
+
+    async def _title(self, tx: Conn, tenant_id: UUID, row: dict[str, Any]) -> str:
+        """The document's (tokenized) title: opened, or as stored before 0025.
+
+        Raises :class:`KeyUnavailable` or :class:`DecryptionFailed`."""
+        if row["title_ciphertext"] is None:
+            return str(row["title"])
+        key = await self.keys.get(tx, tenant_id, row["key_version"])
+        return open_sealed(key, TITLE, tenant_id, row["id"], row["title_ciphertext"]).decode()
+
+    async def _opened(self, tx: Conn, tenant_id: UUID, row: dict[str, Any]) -> DocumentInfo | None:
+        """The document of ``row`` with its title opened; None (and an alarm) for
+        a row the tenant's key cannot open: it was not written for this tenant."""
+        try:
+            return _document(row, await self._title(tx, tenant_id, row))
+        except (KeyUnavailable, DecryptionFailed):
+            _log.warning("document_undecryptable", document_id=str(row["id"]))
+            return None
+
+    async def _info(self, tx: Conn, tenant_id: UUID, row: dict[str, Any]) -> DocumentInfo:
+        info = await self._opened(tx, tenant_id, row)
+        if info is None:
+            raise DocumentNotFound(f"no document {row['id']} in this tenant")
+        return info
 
     async def _redacted(self, db: Database | Conn, actor: Actor, text: str) -> str:
         """``text`` with its personal data replaced as indexed text is: by the
@@ -507,7 +562,7 @@ class KnowledgeService:
         """
         async with self._tx(actor) as tx:
             body, content_type = await self._sealed_body(tx, actor, document_id)
-        media, charset = _media_type(content_type)
+        media, charset = media_type(content_type)
         try:
             # A PDF bomb uploaded for the worker is parsed here too: in the pool,
             # killed past its time limit, never in this process.
@@ -553,7 +608,7 @@ class KnowledgeService:
                 target=f"document:{document_id}",
                 details={
                     "document": str(document_id),
-                    "original": _media_type(content_type)[0],
+                    "original": media_type(content_type)[0],
                     "bytes": len(body),
                     "reason": reason[:500],
                 },
@@ -589,7 +644,7 @@ class KnowledgeService:
         async with self._tx(system) as tx:
             cur = await tx.execute(
                 "SELECT d.status, d.content_type, d.body_ciphertext, d.key_version, "
-                "n.embedder, n.model_id, n.dim FROM bastion.documents d "
+                "n.embedder, n.model_id, n.dim, n.vector_transform FROM bastion.documents d "
                 "JOIN bastion.namespaces n ON n.id = d.namespace_id WHERE d.id = %s",
                 (document_id,),
             )
@@ -598,7 +653,7 @@ class KnowledgeService:
                 return IngestOutcome("skipped")
             key = await self.keys.get(tx, tenant_id, doc["key_version"])
             body = open_sealed(key, "document", tenant_id, document_id, doc["body_ciphertext"])
-        media, charset = _media_type(doc["content_type"])
+        media, charset = media_type(doc["content_type"])
         try:
             embedder = self.embedders(doc["embedder"])
         except ValueError:
@@ -635,56 +690,85 @@ class KnowledgeService:
             return await self._fail(system, document_id, "empty")
         if progress:
             progress("chunks", len(chunks))
-        vectors, embedded = await self._embed(system, document_id, embedder, chunks, progress)
+        keyed = doc["vector_transform"] is not None
+        vectors, embedded = await self._embed(
+            system, document_id, embedder, chunks, progress, keyed=keyed
+        )
         async with self._tx(system) as tx:
+            # The namespace row shared: a re-encode (which locks it first)
+            # cannot flip its vectors' frame between this check and the commit.
             cur = await tx.execute(
-                "SELECT status, namespace_id FROM bastion.documents WHERE id = %s FOR UPDATE",
+                "SELECT d.status, d.namespace_id, n.vector_transform FROM bastion.documents d "
+                "JOIN bastion.namespaces n ON n.id = d.namespace_id WHERE d.id = %s "
+                "FOR UPDATE OF d FOR SHARE OF n",
                 (document_id,),
             )
             row = await cur.fetchone()
             if row is None or row["status"] != "pending":
                 return IngestOutcome("skipped")  # done (or deleted) meanwhile
-            version, key = await self.keys.current(tx, tenant_id)
-            for start in range(0, len(chunks), INSERT_BATCH):
-                batch = chunks[start : start + INSERT_BATCH]
-                ids = [uuid4() for _ in batch]
-                await tx.execute(
-                    "INSERT INTO bastion.chunks (tenant_id, namespace_id, id, document_id, "
-                    "ordinal, token_count, embedding, ciphertext, key_version) "
-                    "SELECT %s, %s, u.id, %s, u.ordinal, u.tokens, u.embedding::vector, "
-                    "u.ciphertext, %s FROM unnest(%s::uuid[], %s::int[], %s::int[], "
-                    "%s::text[], %s::bytea[]) AS u(id, ordinal, tokens, embedding, ciphertext)",
-                    (
-                        tenant_id,
-                        row["namespace_id"],
-                        document_id,
-                        version,
-                        ids,
-                        [c.ordinal for c in batch],
-                        [c.tokens for c in batch],
-                        [vectors[c.ordinal] for c in batch],
-                        [
-                            seal(key, "chunk", tenant_id, chunk_id, c.text.encode())
-                            for chunk_id, c in zip(ids, batch, strict=True)
-                        ],
-                    ),
-                )
-            await tx.execute(
-                "DELETE FROM bastion.embedding_cache WHERE document_id = %s", (document_id,)
-            )
-            await tx.execute(
-                "UPDATE bastion.documents SET status = 'indexed', chunk_count = %s, "
-                "redactions = %s, indexed_at = now(), failure_reason = NULL WHERE id = %s",
-                (len(chunks), json.dumps(redaction.counts), document_id),
-            )
-            await audit.record(
-                tx,
-                actor="worker",
-                action="document.indexed",
-                target=str(document_id),
-                details={"chunks": len(chunks), "redactions": redaction.counts},
-            )
+            reencoded = (row["vector_transform"] is not None) != keyed
+            if not reencoded:
+                await self._store_chunks(tx, tenant_id, document_id, row, chunks, vectors)
+                await self._indexed(tx, document_id, chunks, redaction.counts)
+        if reencoded:  # re-encoded meanwhile (its cache was dropped): once more, keyed
+            return await self.ingest(tenant_id, document_id, progress=progress)
         return IngestOutcome("indexed", chunks=len(chunks), embedded=embedded)
+
+    async def _store_chunks(
+        self,
+        tx: Conn,
+        tenant_id: UUID,
+        document_id: UUID,
+        row: dict[str, Any],
+        chunks: Sequence[Any],
+        vectors: list[str],
+    ) -> None:
+        """Insert the document's chunks, sealed, with their vector literals."""
+        version, key = await self.keys.current(tx, tenant_id)
+        for start in range(0, len(chunks), INSERT_BATCH):
+            batch = chunks[start : start + INSERT_BATCH]
+            ids = [uuid4() for _ in batch]
+            await tx.execute(
+                "INSERT INTO bastion.chunks (tenant_id, namespace_id, id, document_id, "
+                "ordinal, token_count, embedding, ciphertext, key_version) "
+                "SELECT %s, %s, u.id, %s, u.ordinal, u.tokens, u.embedding::vector, "
+                "u.ciphertext, %s FROM unnest(%s::uuid[], %s::int[], %s::int[], "
+                "%s::text[], %s::bytea[]) AS u(id, ordinal, tokens, embedding, ciphertext)",
+                (
+                    tenant_id,
+                    row["namespace_id"],
+                    document_id,
+                    version,
+                    ids,
+                    [c.ordinal for c in batch],
+                    [c.tokens for c in batch],
+                    [vectors[c.ordinal] for c in batch],
+                    [
+                        seal(key, "chunk", tenant_id, chunk_id, c.text.encode())
+                        for chunk_id, c in zip(ids, batch, strict=True)
+                    ],
+                ),
+            )
+
+    async def _indexed(
+        self, tx: Conn, document_id: UUID, chunks: Sequence[Any], counts: dict[str, int]
+    ) -> None:
+        """Mark the document indexed and drop its cached embeddings, audited."""
+        await tx.execute(
+            "DELETE FROM bastion.embedding_cache WHERE document_id = %s", (document_id,)
+        )
+        await tx.execute(
+            "UPDATE bastion.documents SET status = 'indexed', chunk_count = %s, "
+            "redactions = %s, indexed_at = now(), failure_reason = NULL WHERE id = %s",
+            (len(chunks), json.dumps(counts), document_id),
+        )
+        await audit.record(
+            tx,
+            actor="worker",
+            action="document.indexed",
+            target=str(document_id),
+            details={"chunks": len(chunks), "redactions": counts},
+        )
 
     async def _embed(
         self,
@@ -693,9 +777,13 @@ class KnowledgeService:
         embedder: Embedder,
         chunks: Sequence[Any],
         progress: Progress | None,
+        *,
+        keyed: bool = True,
     ) -> tuple[list[str], int]:
         """Return each chunk's vector literal, embedding only what the cache lacks.
 
+        ``keyed``: rotated by the tenant's vector transform, as the namespace
+        stores them (cache included); else plain (a namespace not re-encoded).
         Each batch is committed to the cache at once: a worker killed halfway
         leaves the finished batches for the retry.
         """
@@ -703,6 +791,11 @@ class KnowledgeService:
             # Keyed digests: the cache's keys reveal nothing once the key is shredded.
             _version, key = await self.keys.current(tx, system.tenant_id)
             hashes = [keyed_digest(key, "chunk", c.text.encode()) for c in chunks]
+            transform = (
+                await self.keys.vector_transform(tx, system.tenant_id, embedder.dim)
+                if keyed
+                else None
+            )
             cur = await tx.execute(
                 "SELECT chunk_hash, embedding::text AS embedding FROM bastion.embedding_cache "
                 "WHERE document_id = %s",
@@ -714,7 +807,9 @@ class KnowledgeService:
             progress("embedded", len(chunks) - len(todo))
         for start in range(0, len(todo), EMBED_BATCH):
             batch = todo[start : start + EMBED_BATCH]
-            matrix = await asyncio.to_thread(embedder.embed, [chunks[i].text for i in batch])
+            matrix = await asyncio.to_thread(
+                _embedded, embedder, transform, [chunks[i].text for i in batch]
+            )
             literals = [vector_literal(v) for v in matrix]
             # The last batch goes straight into the final transaction: caching
             # it would save nothing (and a one-batch document needs no cache).
@@ -792,10 +887,17 @@ class KnowledgeService:
                 if embedder.model_id != ns.model_id:
                     raise EmbeddingMismatch("the namespace's model is not available here")
                 vector = (await asyncio.to_thread(embedder.embed, [query or ""]))[0]
+            if ns.vector_transform is not None:
+                try:
+                    transform = await self.keys.vector_transform(tx, actor.tenant_id, ns.dim)
+                except KeyUnavailable:
+                    return []  # no data key yet: nothing was ever indexed here
+                vector = transform.apply(vector)
             filters = [sql.SQL("c.tenant_id = %(tenant)s AND c.namespace_id = %(ns)s")]
             if document_ids is not None:
                 filters.append(sql.SQL("c.document_id = ANY(%(docs)s)"))
             titles: list[str] = []
+            digests: list[bytes] = []
             if title is not None:
                 stored = (
                     self.redactor.redact(title).text
@@ -803,10 +905,18 @@ class KnowledgeService:
                     else await self.vault.tokenized_form(tx, actor.tenant_id, title)
                 )
                 titles = [stored] if stored is not None else []  # None: nothing can match
+                if titles:
+                    try:
+                        first = await self.keys.get(tx, actor.tenant_id, 1)
+                        digests = [keyed_digest(first, TITLE, stored.encode()) for stored in titles]
+                    except KeyUnavailable:
+                        digests = []
+                # Sealed titles by their keyed digest; clear ones (before 0025) as stored.
                 filters.append(
                     sql.SQL(
                         "c.document_id IN (SELECT id FROM bastion.documents "
-                        "WHERE namespace_id = %(ns)s AND title = ANY(%(titles)s::text[]))"
+                        "WHERE namespace_id = %(ns)s AND (title_digest = ANY(%(digests)s) "
+                        "OR title = ANY(%(titles)s::text[])))"
                     )
                 )
             # The cast names the dimension the partition's expression index was
@@ -826,7 +936,8 @@ class KnowledgeService:
                     "WITH nearest AS MATERIALIZED (SELECT c.id, c.document_id, c.ordinal, "
                     "c.ciphertext, c.key_version, {distance} AS distance FROM bastion.chunks c "
                     "WHERE {filters} ORDER BY {distance} LIMIT %(k)s) "
-                    "SELECT nearest.*, d.title FROM nearest "
+                    "SELECT nearest.*, d.title, d.title_ciphertext, "
+                    "d.key_version AS document_key_version FROM nearest "
                     "JOIN bastion.documents d ON d.id = nearest.document_id"
                 ).format(distance=distance, filters=sql.SQL(" AND ").join(filters)),
                 {
@@ -835,6 +946,7 @@ class KnowledgeService:
                     "q": vector_literal(vector),
                     "docs": list(document_ids or []),
                     "titles": titles,
+                    "digests": digests,
                     "k": k,
                 },
             )
@@ -844,6 +956,9 @@ class KnowledgeService:
                 try:
                     key = await self.keys.get(tx, actor.tenant_id, row["key_version"])
                     text = open_sealed(key, "chunk", actor.tenant_id, row["id"], row["ciphertext"])
+                    document = {**row, "id": row["document_id"]}
+                    document["key_version"] = row["document_key_version"]
+                    title_text = await self._title(tx, actor.tenant_id, document)
                 except (KeyUnavailable, DecryptionFailed):
                     # A row this tenant's key cannot open was not written for
                     # it: never returned, and worth an alarm.
@@ -853,7 +968,7 @@ class KnowledgeService:
                     SearchHit(
                         chunk_id=row["id"],
                         document_id=row["document_id"],
-                        title=row["title"],
+                        title=title_text,
                         ordinal=row["ordinal"],
                         score=1.0 - float(row["distance"]),
                         text=text.decode(),
@@ -861,6 +976,111 @@ class KnowledgeService:
                 )
         # relaxed_order may return neighbours slightly out of order.
         return sorted(hits, key=lambda hit: -hit.score)
+
+    # -- re-encoding what was stored before migration 0025 ------------------
+
+    async def reencode(self, tenant_id: UUID) -> ReencodeReport:
+        """Rotate the plain vectors of the tenant's namespaces made before
+        migration 0025 and seal their documents' clear titles. Idempotent.
+
+        One transaction per namespace, its row locked first (an ingestion
+        holds it shared while it commits its chunks): the chunks' vectors are
+        rotated in place, the cached embeddings of its pending documents
+        dropped (a resumed ingestion embeds again, keyed), the flag flipped,
+        the clear titles sealed, and one ``knowledge.reencode`` audit event
+        written. The plain vectors remain in the partition's dead tuples and
+        index pages until it is vacuumed: the report names the partitions.
+        """
+        system = Actor(tenant_id, None, "system")
+        async with self._tx(system) as tx:
+            cur = await tx.execute(
+                "SELECT id FROM bastion.namespaces WHERE tenant_id = %s ORDER BY name",
+                (tenant_id,),
+            )
+            namespace_ids = [row["id"] for row in await cur.fetchall()]
+        namespaces = chunks = titles = 0
+        partitions: list[str] = []
+        for ns_id in namespace_ids:
+            async with self._tx(system) as tx:
+                cur = await tx.execute(
+                    "SELECT dim, vector_transform FROM bastion.namespaces WHERE id = %s FOR UPDATE",
+                    (ns_id,),
+                )
+                ns = await cur.fetchone()
+                if ns is None:
+                    continue  # deleted meanwhile
+                rotated = 0
+                if ns["vector_transform"] is None:
+                    rotated = await self._rotate_namespace(tx, tenant_id, ns_id, ns["dim"])
+                sealed = await self._seal_titles(tx, tenant_id, ns_id)
+                if ns["vector_transform"] is None or sealed:
+                    await audit.record(
+                        tx,
+                        actor="operator",
+                        action="knowledge.reencode",
+                        target=str(ns_id),
+                        details={"chunks": rotated, "titles": sealed},
+                    )
+            if ns["vector_transform"] is None:
+                namespaces += 1
+                chunks += rotated
+                if rotated:
+                    partitions.append(f"bastion.chunks_{ns_id.hex}")
+            titles += sealed
+        return ReencodeReport(namespaces, chunks, titles, tuple(partitions))
+
+    async def _rotate_namespace(self, tx: Conn, tenant_id: UUID, ns_id: UUID, dim: int) -> int:
+        """Rotate the namespace's stored vectors by the tenant's transform, drop
+        its cached plain embeddings and mark it keyed; return the chunks rotated."""
+        cur = await tx.execute(
+            "SELECT id, embedding::text AS embedding FROM bastion.chunks "
+            "WHERE tenant_id = %s AND namespace_id = %s",
+            (tenant_id, ns_id),
+        )
+        rows = await cur.fetchall()
+        if rows:
+            transform = await self.keys.vector_transform(tx, tenant_id, dim)
+            plain = np.stack([_parse_vector(row["embedding"]) for row in rows])
+            keyed = await asyncio.to_thread(transform.apply, plain)
+            await tx.execute(
+                "UPDATE bastion.chunks c SET embedding = u.e::vector "
+                "FROM unnest(%s::uuid[], %s::text[]) AS u(id, e) "
+                "WHERE c.namespace_id = %s AND c.id = u.id",
+                ([row["id"] for row in rows], [vector_literal(v) for v in keyed], ns_id),
+            )
+        await tx.execute(
+            "DELETE FROM bastion.embedding_cache e USING bastion.documents d "
+            "WHERE d.id = e.document_id AND d.namespace_id = %s",
+            (ns_id,),
+        )
+        await tx.execute(
+            "UPDATE bastion.namespaces SET vector_transform = %s WHERE id = %s",
+            (VECTOR_TRANSFORM, ns_id),
+        )
+        return len(rows)
+
+    async def _seal_titles(self, tx: Conn, tenant_id: UUID, ns_id: UUID) -> int:
+        """Seal the namespace's clear titles (stored before 0025); return how many."""
+        cur = await tx.execute(
+            "SELECT id, title, key_version FROM bastion.documents "
+            "WHERE namespace_id = %s AND title_ciphertext IS NULL FOR UPDATE",
+            (ns_id,),
+        )
+        rows = await cur.fetchall()
+        for row in rows:
+            key = await self.keys.get(tx, tenant_id, row["key_version"])
+            first = await self.keys.get(tx, tenant_id, 1)
+            title = str(row["title"]).encode()
+            await tx.execute(
+                "UPDATE bastion.documents SET title = NULL, title_ciphertext = %s, "
+                "title_digest = %s WHERE id = %s",
+                (
+                    seal(key, TITLE, tenant_id, row["id"], title),
+                    keyed_digest(first, TITLE, title),
+                    row["id"],
+                ),
+            )
+        return len(rows)
 
     # -- deletion of a tenant ----------------------------------------------
 

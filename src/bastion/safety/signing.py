@@ -43,7 +43,7 @@ from uuid import UUID, uuid4
 from bastion.encoding import b64url_decode, b64url_encode, parse_uuid
 from bastion.jcs import canonicalize
 from bastion.secrets.errors import SecretNotFound
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 
 HEADER = "Bastion-Envelope"
 KEY_NAME = "gateway/envelope-key"
@@ -84,7 +84,7 @@ class SignedTokens:
 
     def __init__(
         self,
-        keystore: LocalKeystore,
+        keystore: Keystore,
         key_name: str,
         *,
         max_age: int,
@@ -178,7 +178,7 @@ class EnvelopeSigner:
 
     def __init__(
         self,
-        keystore: LocalKeystore,
+        keystore: Keystore,
         *,
         max_age: int = MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.time,
@@ -267,7 +267,7 @@ class ToolCallSigner:
 
     def __init__(
         self,
-        keystore: LocalKeystore,
+        keystore: Keystore,
         *,
         max_age: int = TOOL_CALL_MAX_AGE_SECONDS,
         clock: Callable[[], float] = time.time,

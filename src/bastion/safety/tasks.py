@@ -23,7 +23,7 @@ from bastion.db.pool import Database
 from bastion.logs import get_logger
 from bastion.safety.signing import ToolCall
 from bastion.safety.tools import SignedToolCall, ToolExecutor, ToolRefused, ToolResult
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 from bastion.settings import Settings
 from bastion.worker.jobs import JobRefused, JobRegistry
 
@@ -38,7 +38,7 @@ def register_from_settings(
     registry: JobRegistry,
     settings: Settings,
     db: Database,
-    keystore: LocalKeystore,
+    keystore: Keystore,
 ) -> None:
     """Probe the sandbox and register ``tool.run``. Where no sandbox meets the
     configured minimum isolation, the job is still registered, and refuses every

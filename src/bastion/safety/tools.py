@@ -4,8 +4,11 @@ with a valid gateway signature (CHECKLIST M1) and only inside the sandbox
 
 A call is checked first (signature, key, expiry, tenant, name, arguments,
 the tool declaration it was signed for, single use —
-:class:`~bastion.safety.signing.ToolCallSigner`), then its arguments; a
-refused call runs nothing and is audited as ``tool.refused``.
+:class:`~bastion.safety.signing.ToolCallSigner`), then its arguments: again,
+as the gateway did before signing, against the JSON Schema of the declaration
+the signature binds (:func:`bastion.safety.tool_schema.refusal_for`: an
+I-JSON object, in a separate process, killed past its time limit), then by
+the tool itself. A refused call runs nothing and is audited as ``tool.refused``.
 Single use across every worker process and restart: the call's signed
 ``run_id`` is inserted into ``tool_call_runs`` and committed before the
 sandbox starts, so a second attempt (another spelling, another worker, a job
@@ -32,6 +35,7 @@ from uuid import UUID
 
 from bastion import audit, jsonsafe
 from bastion.db.pool import Database
+from bastion.safety import tool_schema
 from bastion.safety.sandbox import Limits, Outcome, Result, RunSpec, Sandbox, SandboxUnavailable
 from bastion.safety.sandbox.spec import PYTHON
 from bastion.safety.signing import EnvelopeInvalid, ToolCall, ToolCallSigner, VerifiedToolCall
@@ -73,7 +77,8 @@ class ToolRefused(Exception):
     """The call was not run; ``reason`` is a stable slug (``unsigned``,
     ``bad-signature``, ``expired``, ``replayed``, ``call-altered``, ``unknown-key``,
     ``malformed``, ``undeclared``, ``declaration-altered``, ``wrong-user``,
-    ``unknown-tool``, ``bad-arguments``, ``sandbox-unavailable``)."""
+    ``unknown-tool``, ``bad-arguments``, ``bad-declaration``,
+    ``arguments-unchecked``, ``sandbox-unavailable``)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -168,7 +173,8 @@ class ToolExecutor:
         the same user. Raises :class:`ToolRefused` (audited, nothing run) for a
         call that is unsigned, altered, expired, replayed, for another tenant or
         user, not declared or declared otherwise than signed, of an unknown tool
-        or with bad arguments.
+        or with arguments not valid against its declared schema (or that the
+        check could not finish in time).
         """
         call, tenant = signed.call, signed.tenant_id
         try:
@@ -186,10 +192,17 @@ class ToolExecutor:
         if tool is None:
             await self._refused(tenant, signer_user, call, "unknown-tool")
             raise ToolRefused("unknown-tool")
+        # The declaration is the one the signature binds (verify checked its hash).
+        assert signed.declaration is not None
+        refusal = await tool_schema.refusal_for(tenant, signed.declaration, call.arguments)
+        if refusal is not None:
+            await self._refused(tenant, signer_user, call, refusal.reason, check=refusal)
+            raise ToolRefused(refusal.reason)
         try:
             if len(call.arguments) > MAX_ARGUMENTS:
                 raise ValueError("arguments too large")
-            arguments = jsonsafe.loads(call.arguments)
+            # As the schema check read them: one value, however they are read.
+            arguments = jsonsafe.loads_i_json(call.arguments)
             if not isinstance(arguments, dict):
                 raise ValueError("arguments must be a JSON object")
             argv, stdin = tool.build(arguments)
@@ -250,6 +263,8 @@ class ToolExecutor:
             "stdout_sha256": hashlib.sha256(result.stdout).hexdigest(),
             "truncated": result.truncated,
         }
+        if result.outcome is Outcome.SANDBOX_ERROR:
+            details["detail"] = result.detail[:200]  # short, never output (spec.Result)
         if tool.audit_result and result.ok:
             details["result"] = _text(result.stdout, AUDITED_RESULT_CHARS).strip()
         async with self.db.tenant_tx(tenant, user, "system") as tx:
@@ -265,8 +280,10 @@ class ToolExecutor:
         call: ToolCall,
         reason: str,
         run_id: UUID | None = None,
+        *,
+        check: tool_schema.Refusal | None = None,
     ) -> None:
-        details = {"tool": call.name[:100], "reason": reason}
+        details = {**(check.details() if check else {}), "tool": call.name[:100], "reason": reason}
         if run_id is not None:  # only once the signature verified
             details["run_id"] = str(run_id)
         async with self.db.tenant_tx(tenant, user, "system") as tx:

@@ -7,7 +7,7 @@ HMAC-SHA256 (RFC 2104) under the tenant's token key over the kind and the
 normalised value, so within a tenant one value always gets one token (a
 model or an index can still tell two customers apart) while another tenant's
 token for the same value is unrelated. The original is sealed with AES-256-GCM
-under the tenant's data key (:mod:`bastion.knowledge.keys`), bound to the
+under the tenant's data key (:mod:`bastion.secrets.tenant_keys`), bound to the
 tenant and a row id derived from the full HMAC.
 
 :meth:`PiiVault.detokenize` gives originals back only to ``owner`` and
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import time
@@ -38,20 +39,29 @@ from uuid import UUID
 
 import psycopg
 
-from bastion.api.problems import Problem, problem_type
 from bastion.audit import log as audit
 from bastion.db.pool import Conn, Database
-from bastion.knowledge.keys import (
+from bastion.errors import BastionError, Kind
+from bastion.offload import FairProcessPool
+from bastion.safety.pii import TOKEN_PATTERN, Entity, PiiRecognizer, mask, normalize
+from bastion.safety.scanning import (
+    INLINE_SCAN_CHARS,
+    find_each,
+    in_scanning_pool,
+    offloadable,
+    scanning_recognizer,
+)
+from bastion.secrets.errors import KMSError
+from bastion.secrets.protocols import KeyContext
+from bastion.secrets.tenant_keys import (
     CACHE_SECONDS,
     DecryptionFailed,
     KeyUnavailable,
     TenantKeys,
+    announced_tenants,
     open_sealed,
     seal,
 )
-from bastion.safety.pii import TOKEN_PATTERN, Entity, PiiRecognizer, mask, normalize
-from bastion.secrets.errors import KMSError
-from bastion.secrets.kms import LocalKMS
 
 __all__ = [
     "PURPOSE",
@@ -69,42 +79,39 @@ __all__ = [
 
 PURPOSE = "pii"  # the AAD purpose of vault ciphertext
 MAX_REVEAL = 100  # tokens one reveal may ask for
-# Texts longer than this are scanned off the event loop: scanning costs about
-# 1 ms per KiB, and the loop serves every tenant.
-_THREAD_THRESHOLD = 4 * 1024
 
 
-class TokenNotFound(Problem):
+class TokenNotFound(BastionError):
     # Also what another tenant's token looks like: its existence is not confirmed.
-    type = problem_type("pii-token-not-found")
+    slug = "pii-token-not-found"
     title = "No such token in this tenant's vault"
-    status = 404
+    kind = Kind.NOT_FOUND
 
 
-class RevealForbidden(Problem):
-    type = problem_type("pii-reveal-forbidden")
+class RevealForbidden(BastionError):
+    slug = "pii-reveal-forbidden"
     title = "This role may not reveal personal data"
-    status = 403
+    kind = Kind.FORBIDDEN
 
 
-class TokenMalformed(Problem):
-    type = problem_type("pii-token-malformed")
+class TokenMalformed(BastionError):
+    slug = "pii-token-malformed"
     title = "Not a vault token"
-    status = 422
+    kind = Kind.UNPROCESSABLE
 
 
-class TokenCollision(Problem):
+class TokenCollision(BastionError):
     """Two values share a token (odds ~n²/2⁶⁵): refused rather than aliased."""
 
-    type = problem_type("pii-token-collision")
+    slug = "pii-token-collision"
     title = "Token collision in the vault"
-    status = 500
+    kind = Kind.INTERNAL
 
 
-class VaultKeyUnavailable(Problem):
-    type = problem_type("pii-vault-key-unavailable")
+class VaultKeyUnavailable(BastionError):
+    slug = "pii-vault-key-unavailable"
     title = "The tenant's vault key is unavailable"
-    status = 503
+    kind = Kind.UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,16 +161,73 @@ def _label(kind: str) -> str:
     return kind.upper()
 
 
+def token_of(token_key: bytes, kind: str, value: str, regions: Sequence[str]) -> tuple[str, UUID]:
+    """The token of a ``kind`` value and the vault row id bound to its ciphertext."""
+    canonical = normalize(kind, value, regions)
+    digest = hmac.new(token_key, f"{kind}\x00{canonical}".encode(), hashlib.sha256).digest()
+    return f"⟦{_label(kind)}_{digest[:8].hex()}⟧", UUID(bytes=digest[16:32])
+
+
+Rows = dict[str, tuple[UUID, str, str]]  # token -> (row id, kind, value)
+
+
+def _add_row(rows: Rows, token: str, row: tuple[UUID, str, str]) -> None:
+    known = rows.setdefault(token, row)
+    if known[0] != row[0]:
+        raise TokenCollision("two values of this text share a token")
+
+
+def _token_in(tokens: dict[tuple[str, str], str], entity: Entity) -> str:
+    return tokens[(entity.kind, entity.value)]
+
+
+def _tokenize_job(
+    spec: tuple[tuple[str, ...], tuple[str, ...], int],
+    texts: Sequence[str | bytes],
+    opaque: frozenset[str],
+    token_key: bytes,
+) -> list[tuple[Redaction, Rows]]:
+    """In a scanning process: find, token and mask each of ``texts`` (the work
+    proportional to their size); the caller seals and stores the distinct values."""
+    recognizer = scanning_recognizer(*spec)
+    out = []
+    for text in texts:
+        entities = recognizer.find(text, opaque=opaque)
+        plain = text if isinstance(text, str) else bytes(text).decode()
+        rows: Rows = {}
+        tokens: dict[tuple[str, str], str] = {}
+        for entity in entities:
+            if (entity.kind, entity.value) not in tokens:
+                token, row_id = token_of(token_key, entity.kind, entity.value, spec[1])
+                _add_row(rows, token, (row_id, entity.kind, entity.value))
+                tokens[(entity.kind, entity.value)] = token
+        refs = tuple(dict.fromkeys(TokenRef(tokens[(e.kind, e.value)], e.kind) for e in entities))
+        masked = mask(plain, entities, functools.partial(_token_in, tokens))
+        counts = dict(Counter(e.kind for e in entities))
+        kept = opaque.intersection(tokens_in(plain))
+        out.append((Redaction(masked, refs, counts, kept), rows))
+    return out
+
+
 class PiiVault:
     """Tokenize text into the tenant's vault; reveal originals to those allowed.
 
-    ``keys`` gives the tenant's data keys (and its key ring, for the token
-    key); ``recognizer`` decides what is personal data.
+    ``keys`` gives the tenant's data keys (and its KMS, for the token key);
+    ``recognizer`` decides what is personal data. Texts beyond a kilobyte
+    are scanned in ``scans`` (default: the process's ``screens`` pool),
+    within the tenant's share (:mod:`bastion.safety.scanning`).
     """
 
-    def __init__(self, keys: TenantKeys, recognizer: PiiRecognizer | None = None) -> None:
+    def __init__(
+        self,
+        keys: TenantKeys,
+        recognizer: PiiRecognizer | None = None,
+        *,
+        scans: FairProcessPool | None = None,
+    ) -> None:
         self.keys = keys
         self.recognizer = recognizer or PiiRecognizer()
+        self.scans = scans
         self._token_keys: dict[UUID, tuple[float, bytes]] = {}
 
     # -- the token key ------------------------------------------------------
@@ -176,16 +240,13 @@ class PiiVault:
     # HMAC and AES-GCM keys apart (NIST SP 800-57 part 1, 5.2: one key, one use).
 
     @staticmethod
-    def _context(tenant_id: UUID) -> bytes:
-        return f"tenant={tenant_id};purpose=pii-token-key;version=1".encode()
-
-    def _kms(self, tenant_id: UUID) -> LocalKMS:
-        return LocalKMS(self.keys.keystore, kek_name=f"kms/tenants/{tenant_id}")
+    def _context(tenant_id: UUID) -> KeyContext:
+        return KeyContext(tenant_id, "pii-token-key", 1)
 
     async def _token_key(self, tx: Conn, tenant_id: UUID) -> bytes:
         key = await self._existing_token_key(tx, tenant_id)
         if key is None:
-            key, wrapped = self._kms(tenant_id).generate_data_key(self._context(tenant_id))
+            key, wrapped = self.keys.kms.generate_data_key(self._context(tenant_id))
             # Two first writers race on the primary key; the loser takes the winner's.
             cur = await tx.execute(
                 "INSERT INTO bastion.pii_token_keys (tenant_id, wrapped) VALUES (%s, %s) "
@@ -202,6 +263,20 @@ class PiiVault:
         """Drop the tenant's token key from memory (its data was shredded)."""
         self._token_keys.pop(tenant_id, None)
 
+    def forget_announced(self, announced: str) -> None:
+        """Drop the token key of the tenant a shred announcement names (the
+        SHA-256 of its id; ``*`` or anything unexpected: every tenant's)."""
+        for tenant_id in announced_tenants(announced, self._token_keys):
+            self._token_keys.pop(tenant_id, None)
+
+    def forget_all(self) -> None:
+        """Drop every token key from memory (a shred may have gone unseen)."""
+        self._token_keys.clear()
+
+    def holds_key_of(self, tenant_id: UUID) -> bool:
+        """Whether a token key of the tenant is in this process's memory."""
+        return tenant_id in self._token_keys
+
     async def _existing_token_key(self, tx: Conn, tenant_id: UUID) -> bytes | None:
         """The tenant's token key, or None if it has none yet (nothing is written)."""
         cached = self._token_keys.get(tenant_id)
@@ -214,19 +289,16 @@ class PiiVault:
         if row is None:
             return None
         try:
-            key = self._kms(tenant_id).unwrap(row["wrapped"], self._context(tenant_id))
+            key = self.keys.kms.unwrap(row["wrapped"], self._context(tenant_id))
         except KMSError:
             raise VaultKeyUnavailable("the tenant's token key does not unwrap") from None
-        self._token_keys[tenant_id] = (time.monotonic(), key)
+        if self.keys.may_cache():
+            self._token_keys[tenant_id] = (time.monotonic(), key)
         return key
 
     def _token(self, token_key: bytes, entity: Entity) -> tuple[str, UUID]:
         """The token of ``entity`` and the vault row id bound to its ciphertext."""
-        canonical = normalize(entity.kind, entity.value, self.recognizer.regions)
-        digest = hmac.new(
-            token_key, f"{entity.kind}\x00{canonical}".encode(), hashlib.sha256
-        ).digest()
-        return f"⟦{_label(entity.kind)}_{digest[:8].hex()}⟧", UUID(bytes=digest[16:32])
+        return token_of(token_key, entity.kind, entity.value, self.recognizer.regions)
 
     # -- tokenize -----------------------------------------------------------
 
@@ -247,7 +319,9 @@ class PiiVault:
         same value gives the same token. The first value of a tenant needs a
         role that may create its data key (owner, contributor or system).
         Raises :class:`~bastion.safety.pii.PiiInputTooLarge`,
-        :class:`~bastion.safety.pii.PiiInputNotText` or :class:`TokenCollision`.
+        :class:`~bastion.safety.pii.PiiInputNotText`, :class:`TokenCollision`,
+        or, for a large text, :class:`~bastion.safety.scanning.ScanBusy` (429)
+        and :class:`~bastion.safety.scanning.ScanUnavailable` (503).
         """
         return (await self.tokenize_many(db, tenant_id, [text], user_id=user_id, role=role))[0]
 
@@ -272,13 +346,15 @@ class PiiVault:
         if shaped:
             async with self._tx(db, tenant_id, user_id, role) as tx:
                 known = await self.known_tokens(tx, tenant_id, shaped)
-        found: list[tuple[str, list[Entity]]] = []
-        for text in texts:
-            if len(text) > _THREAD_THRESHOLD:
-                entities = await asyncio.to_thread(self.recognizer.find, text, opaque=known)
-            else:
-                entities = self.recognizer.find(text, opaque=known)
-            found.append((text if isinstance(text, str) else bytes(text).decode(), entities))
+        if sum(len(t) for t in texts) > INLINE_SCAN_CHARS and offloadable(self.recognizer):
+            return await self._tokenize_offloaded(db, tenant_id, texts, known, user_id, role)
+        entities_each = await find_each(
+            tenant_id, texts, recognizer=self.recognizer, opaque=known, pool=self.scans
+        )
+        found: list[tuple[str, list[Entity]]] = [
+            (text if isinstance(text, str) else bytes(text).decode(), entities)
+            for text, entities in zip(texts, entities_each, strict=True)
+        ]
         every = [entity for _, entities in found for entity in entities]
         tokens: dict[Entity, str] = {}
         if every:
@@ -291,6 +367,34 @@ class PiiVault:
             kept = known.intersection(tokens_in(plain))
             out.append(Redaction(mask(plain, entities, tokens.__getitem__), refs, counts, kept))
         return out
+
+    async def _tokenize_offloaded(
+        self,
+        db: Database | Conn,
+        tenant_id: UUID,
+        texts: Sequence[str | bytes],
+        known: frozenset[str],
+        user_id: UUID | None,
+        role: str,
+    ) -> list[Redaction]:
+        """:meth:`tokenize_many` of large texts: scanning, tokens and masking (about
+        1 ms per KiB) in a scanning process under the tenant's share; here only
+        the distinct values are sealed and stored. The token key is made first
+        if the tenant has none (a key row, written even if no value is found)."""
+        async with self._tx(db, tenant_id, user_id, role) as tx:
+            token_key = await self._token_key(tx, tenant_id)
+        spec = (self.recognizer.kinds, self.recognizer.regions, self.recognizer.max_chars)
+        done = await in_scanning_pool(
+            self.scans, tenant_id, _tokenize_job, spec, list(texts), known, token_key
+        )
+        rows: Rows = {}
+        for _redaction, found in done:
+            for token, row in found.items():
+                _add_row(rows, token, row)
+        if rows:
+            async with self._tx(db, tenant_id, user_id, role) as tx:
+                await self._insert(tx, tenant_id, rows)
+        return [redaction for redaction, _found in done]
 
     @staticmethod
     async def known_tokens(tx: Conn, tenant_id: UUID, candidates: Iterable[str]) -> frozenset[str]:
@@ -322,17 +426,26 @@ class PiiVault:
     ) -> dict[Entity, str]:
         """Insert each distinct value once; return each entity's token."""
         token_key = await self._token_key(tx, tenant_id)
-        version, data_key = await self.keys.current(tx, tenant_id)
-        rows: dict[str, tuple[UUID, str, str]] = {}  # token -> (row id, kind, value)
+        rows: Rows = {}
         tokens: dict[Entity, str] = {}
         for entity in entities:
             token, row_id = self._token(token_key, entity)
-            known = rows.get(token)
-            if known is not None and known[0] != row_id:
-                raise TokenCollision("two values of this text share a token")
-            rows.setdefault(token, (row_id, entity.kind, entity.value))
+            _add_row(rows, token, (row_id, entity.kind, entity.value))
             tokens[entity] = token
+        await self._insert(tx, tenant_id, rows)
+        return tokens
+
+    async def _insert(self, tx: Conn, tenant_id: UUID, rows: Rows) -> None:
+        """Seal and insert the values of ``rows`` not in the vault yet; raise
+        :class:`TokenCollision` if a token is another value's."""
+        version, data_key = await self.keys.current(tx, tenant_id)
         names = list(rows)
+        sealed = []
+        for i, token in enumerate(names):
+            row_id, _kind, value = rows[token]
+            sealed.append(seal(data_key, PURPOSE, tenant_id, row_id, value.encode()))
+            if i % 256 == 255:
+                await asyncio.sleep(0)  # thousands of values: let other requests in
         ids = [rows[t][0] for t in names]
         # One statement: add what is new, and count existing rows whose id
         # differs (a collision with an earlier value).
@@ -348,10 +461,7 @@ class PiiVault:
                 names,
                 ids,
                 [rows[t][1] for t in names],
-                [
-                    seal(data_key, PURPOSE, tenant_id, rows[t][0], rows[t][2].encode())
-                    for t in names
-                ],
+                sealed,
                 tenant_id,
                 version,
                 tenant_id,
@@ -360,7 +470,6 @@ class PiiVault:
         result = await cur.fetchone()
         if result is not None and result["collisions"]:
             raise TokenCollision("a value's token is already taken by another value")
-        return tokens
 
     async def tokenized_form(self, tx: Conn, tenant_id: UUID, text: str) -> str | None:
         """``text`` as :meth:`tokenize` would write it, computed without writing anything.
@@ -371,7 +480,9 @@ class PiiVault:
         text can contain its tokens.
         """
         known = await self.known_tokens(tx, tenant_id, tokens_in(text))
-        entities = self.recognizer.find(text, opaque=known)
+        (entities,) = await find_each(
+            tenant_id, [text], recognizer=self.recognizer, opaque=known, pool=self.scans
+        )
         if not entities:
             return text
         token_key = await self._existing_token_key(tx, tenant_id)

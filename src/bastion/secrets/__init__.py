@@ -1,5 +1,8 @@
-"""The key ring: a local encrypted keystore and a KMS interface on top of it."""
+"""The key ring: the :class:`Keystore` and :class:`KMS` protocols, the local
+backend implementing them, and :func:`open_key_ring`, which builds the
+configured backend. Per-tenant data keys: :mod:`bastion.secrets.tenant_keys`."""
 
+from bastion.secrets.backends import KeyRing, open_key_ring
 from bastion.secrets.errors import (
     InsecurePermissions,
     InvalidSecretRef,
@@ -9,15 +12,20 @@ from bastion.secrets.errors import (
     SecretNotFound,
     SecretsError,
 )
-from bastion.secrets.kms import KMS, LocalKMS
-from bastion.secrets.store import LocalKeystore, SecretRef, SecretVersionInfo, resolve_ref
+from bastion.secrets.kms import LocalKEK, LocalKMS
+from bastion.secrets.protocols import KMS, KeyContext, Keystore, SecretVersionInfo
+from bastion.secrets.store import LocalKeystore, SecretRef, resolve_ref
 
 __all__ = [
     "KMS",
     "InsecurePermissions",
     "InvalidSecretRef",
     "KMSError",
+    "KeyContext",
+    "KeyRing",
+    "Keystore",
     "KeystoreLocked",
+    "LocalKEK",
     "LocalKMS",
     "LocalKeystore",
     "MasterKeyMissing",
@@ -25,5 +33,6 @@ __all__ = [
     "SecretRef",
     "SecretVersionInfo",
     "SecretsError",
+    "open_key_ring",
     "resolve_ref",
 ]

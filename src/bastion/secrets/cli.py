@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from bastion.secrets.backends import open_key_ring
 from bastion.secrets.errors import SecretNotFound, SecretsError
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 from bastion.settings import Settings
 
 secrets_app = typer.Typer(
@@ -31,10 +32,9 @@ secrets_app = typer.Typer(
 _out = Console()
 
 
-def _keystore() -> LocalKeystore:
+def _keystore() -> Keystore:
     """Return the keystore configured by ``Settings()`` (``BASTION_*`` variables)."""
-    settings = Settings()
-    return LocalKeystore(settings.resolved_keystore_file, settings.resolved_master_key_file)
+    return open_key_ring(Settings()).keystore
 
 
 def _read_value() -> bytes:

@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 from joserfc.jwk import ECKey, KeyParameters, OKPKey
 
 from bastion.secrets.errors import SecretNotFound
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import Keystore
 
 K = TypeVar("K", ECKey, OKPKey)
 
@@ -56,7 +56,7 @@ class JwkRing(Generic[K]):
 
     def __init__(
         self,
-        keystore: LocalKeystore,
+        keystore: Keystore,
         *,
         secret_name: str,
         key_type: type[K],

@@ -15,41 +15,36 @@ Blob: 1-byte format version || 4-byte big-endian KEK version || 12-byte nonce
 || ciphertext+tag. The associated data is the caller's context, prefixed by
 the 5-byte header so the format and KEK version are authenticated as well: a
 blob presented under another context, or with any byte altered, is refused.
-OpenBao/Vault and AWS KMS backends implement the same :class:`KMS` protocol.
+
+:class:`LocalKMS` is the :class:`~bastion.secrets.protocols.KMS` of the local
+backend: each tenant's KEK is the keystore secret ``kms/tenants/<tenant id>``
+(a :class:`LocalKEK`), and the associated data is the encoded
+:class:`~bastion.secrets.protocols.KeyContext`. OpenBao/Vault and AWS KMS
+backends implement the same protocol.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import struct
-from typing import Protocol
+from uuid import UUID
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bastion.secrets.errors import KMSError, SecretNotFound
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.protocols import KeyContext, Keystore
 
 _FORMAT = 1
 _HEADER = struct.Struct(">BI")  # format version, KEK version
 
 
-class KMS(Protocol):
-    """What Bastion needs from a key management service."""
+class LocalKEK:
+    """One versioned KEK in the keystore (the secret ``kek_name``), wrapping data
+    keys bound to a caller-given context."""
 
-    def wrap(self, data_key: bytes, context: bytes) -> bytes:
-        """Return ``data_key`` encrypted under the current KEK, bound to ``context``."""
-        ...
-
-    def unwrap(self, blob: bytes, context: bytes) -> bytes:
-        """Return the data key in ``blob``; raise :class:`KMSError` if it does not verify."""
-        ...
-
-
-class LocalKMS:
-    """:class:`KMS` on the local keystore; the KEK is the secret ``kek_name``."""
-
-    def __init__(self, keystore: LocalKeystore, kek_name: str = "kms/kek") -> None:
+    def __init__(self, keystore: Keystore, kek_name: str = "kms/kek") -> None:
         self.keystore = keystore
         self.kek_name = kek_name
 
@@ -92,3 +87,37 @@ class LocalKMS:
         """
         data_key = secrets.token_bytes(32)
         return data_key, self.wrap(data_key, context)
+
+
+class LocalKMS:
+    """The :class:`~bastion.secrets.protocols.KMS` on the local keystore: one
+    :class:`LocalKEK` per tenant, the secret ``kms/tenants/<tenant id>``."""
+
+    def __init__(self, keystore: Keystore) -> None:
+        self.keystore = keystore
+
+    @staticmethod
+    def kek_name(tenant_id: UUID) -> str:
+        """The keystore secret holding the tenant's KEK."""
+        return f"kms/tenants/{tenant_id}"
+
+    def _kek(self, tenant_id: UUID) -> LocalKEK:
+        return LocalKEK(self.keystore, kek_name=self.kek_name(tenant_id))
+
+    def wrap(self, data_key: bytes, context: KeyContext) -> bytes:
+        """``data_key`` wrapped under the tenant's current KEK (created on first use)."""
+        return self._kek(context.tenant_id).wrap(data_key, context.encode())
+
+    def unwrap(self, blob: bytes, context: KeyContext) -> bytes:
+        """The data key in ``blob``; raise :class:`KMSError` if it does not verify
+        (altered, another context, or the tenant's KEK was destroyed)."""
+        return self._kek(context.tenant_id).unwrap(blob, context.encode())
+
+    def generate_data_key(self, context: KeyContext) -> tuple[bytes, bytes]:
+        """``(data_key, blob)``: a fresh random 32-byte key and its wrapped form."""
+        return self._kek(context.tenant_id).generate_data_key(context.encode())
+
+    def destroy_tenant(self, tenant_id: UUID) -> None:
+        """Delete the tenant's KEK, every version of it; no-op if it has none."""
+        with contextlib.suppress(SecretNotFound):
+            self.keystore.delete(self.kek_name(tenant_id))

@@ -48,6 +48,7 @@ from bastion.secrets.errors import (
     MasterKeyMissing,
     SecretNotFound,
 )
+from bastion.secrets.protocols import Keystore, SecretVersionInfo
 
 MAGIC = b"BKS1"
 _NONCE = 12
@@ -58,18 +59,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
 Document = dict[str, list[dict[str, Any]]]
 
 
-@dataclass(frozen=True)
-class SecretVersionInfo:
-    """Metadata of one version of a secret; never its value, nor a plain hash of it."""
-
-    version: int
-    created_at: str
-    state: str
-    fingerprint: str  # 64 bits of a keyed HMAC of the value (see the module's docstring)
-
-
 class LocalKeystore:
-    """Named, versioned secrets in an AES-256-GCM file under a local master key.
+    """Named, versioned secrets in an AES-256-GCM file under a local master key:
+    the local :class:`~bastion.secrets.protocols.Keystore`.
 
     Every method may raise :class:`KeystoreLocked` (wrong key, altered file),
     :class:`MasterKeyMissing` or :class:`InsecurePermissions`: the keystore
@@ -288,7 +280,7 @@ class SecretRef:
         return cls(scheme, name, int(version) if version else None)
 
 
-def resolve_ref(keystore: LocalKeystore, ref: str | SecretRef) -> bytes:
+def resolve_ref(keystore: Keystore, ref: str | SecretRef) -> bytes:
     """Return the value a reference points to.
 
     Raises :class:`InvalidSecretRef` for a scheme whose backend is not configured.

@@ -16,14 +16,16 @@ from bastion.access.approvals import ApprovalError, ApprovalService
 from bastion.access.guard import Guard
 from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Database
+from bastion.errors import BastionError, Kind
 from bastion.identity.auth import Principal
 from bastion.safety.pii import mask_email
+from bastion.tenants.service import TenantService
 
 
-class RoleChangeRefused(Problem):
-    type = problem_type("role-change-refused")
+class RoleChangeRefused(BastionError):
+    slug = "role-change-refused"
     title = "Role change refused"
-    status = 409
+    kind = Kind.CONFLICT
 
 
 class RoleGrant(BaseModel):
@@ -31,12 +33,17 @@ class RoleGrant(BaseModel):
     role: str = Field(min_length=1, max_length=32)
 
 
-_STATUS = {"not-found": 404, "unknown-user": 404, "unknown-role": 422, "self-approval": 403}
+_KIND = {
+    "not-found": Kind.NOT_FOUND,
+    "unknown-user": Kind.NOT_FOUND,
+    "unknown-role": Kind.UNPROCESSABLE,
+    "self-approval": Kind.FORBIDDEN,
+}
 
 
 def _refused(exc: ApprovalError) -> RoleChangeRefused:
     # One stable type; the reason says which rule refused (self-approval, expired…).
-    return RoleChangeRefused(str(exc), status=_STATUS.get(exc.reason, 409), reason=exc.reason)
+    return RoleChangeRefused(str(exc), kind=_KIND.get(exc.reason, Kind.CONFLICT), reason=exc.reason)
 
 
 # Changing who holds admin roles needs a recent sign-in, not just an MFA token
@@ -67,6 +74,7 @@ def _require_fresh(principal: Principal) -> None:
 def build_router(db: Database, guard: Guard) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant_id}")
     approvals = ApprovalService(db)
+    tenants = TenantService(db)
 
     @router.post("/members")
     async def grant_role(
@@ -112,7 +120,7 @@ def build_router(db: Database, guard: Guard) -> APIRouter:
             raise _refused(exc) from None
         if not removed:
             raise RoleChangeRefused(
-                "that member does not hold that role", status=404, reason="not-found"
+                "that member does not hold that role", kind=Kind.NOT_FOUND, reason="not-found"
             )
 
     @router.get("/members")
@@ -124,21 +132,15 @@ def build_router(db: Database, guard: Guard) -> APIRouter:
         Others' e-mail addresses are personal data and this list goes to every
         role: they are shown masked (``j***@example.com``); the caller's own in full.
         """
-        async with db.tenant_tx(principal.tenant_id, principal.user_id, principal.db_role) as tx:
-            rows = await (
-                await tx.execute(
-                    "SELECT u.id, u.email, m.role FROM bastion.memberships m "
-                    "JOIN bastion.users u ON u.id = m.user_id ORDER BY u.email, m.role"
-                )
-            ).fetchall()
+        rows = await tenants.members(principal.tenant_id, principal.user_id, principal.db_role)
         return {
             "members": [
                 {
-                    "user_id": str(r["id"]),
-                    "email": r["email"] if r["id"] == principal.user_id else mask_email(r["email"]),
-                    "role": r["role"],
+                    "user_id": str(m.user_id),
+                    "email": m.email if m.user_id == principal.user_id else mask_email(m.email),
+                    "role": m.role,
                 }
-                for r in rows
+                for m in rows
             ]
         }
 
@@ -149,13 +151,7 @@ def build_router(db: Database, guard: Guard) -> APIRouter:
         """The tenant's audit trail: owners and auditors, with MFA (Cedar decides)."""
         # The database holds the line too: only these roles read audit rows.
         role = "owner" if "owner" in principal.roles else "auditor"
-        async with db.tenant_tx(principal.tenant_id, principal.user_id, role) as tx:
-            rows = await (
-                await tx.execute(
-                    "SELECT seq, at, actor, action, target FROM bastion.audit_events "
-                    "ORDER BY seq DESC LIMIT 100"
-                )
-            ).fetchall()
+        rows = await tenants.audit_trail(principal.tenant_id, principal.user_id, role)
         return {"events": [{**r, "at": r["at"].isoformat()} for r in rows]}
 
     return router

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 
 from bastion import audit
+from bastion.access import ROLES
 from bastion.db.pool import Conn, Database
 from bastion.tenants.errors import TenantExists, UnknownRole
 
-MEMBER_ROLES = ("owner", "billing-admin", "auditor", "contributor", "viewer")
+MEMBER_ROLES = ROLES  # the roles of the Cedar schema
+
+
+@dataclass(frozen=True)
+class Member:
+    user_id: UUID
+    email: str
+    role: str
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,24 @@ class TenantService:
         except psycopg.errors.UniqueViolation:
             raise TenantExists(slug) from None
         return Tenant(tenant_id, slug, name)
+
+    async def members(self, tenant_id: UUID, user_id: UUID, db_role: str) -> list[Member]:
+        """Return the tenant's members and roles, as ``user_id`` sees them under RLS."""
+        async with self.db.tenant_tx(tenant_id, user_id, db_role) as tx:
+            rows = await (
+                await tx.execute(
+                    "SELECT u.id, u.email, m.role FROM bastion.memberships m "
+                    "JOIN bastion.users u ON u.id = m.user_id ORDER BY u.email, m.role"
+                )
+            ).fetchall()
+        return [Member(r["id"], r["email"], r["role"]) for r in rows]
+
+    async def audit_trail(
+        self, tenant_id: UUID, user_id: UUID, db_role: str
+    ) -> list[dict[str, Any]]:
+        """Return the tenant's newest audit events; RLS lets only owners and auditors read."""
+        async with self.db.tenant_tx(tenant_id, user_id, db_role) as tx:
+            return await audit.recent(tx)
 
     async def tenant_id(self, slug: str) -> UUID | None:
         """Return the id of the tenant named ``slug``, or None."""

@@ -25,7 +25,8 @@ from bastion.billing.models import PLATFORM
 from bastion.db.pool import Database
 from bastion.logs import get_logger
 from bastion.secrets.errors import SecretNotFound
-from bastion.secrets.store import LocalKeystore, SecretRef
+from bastion.secrets.protocols import Keystore
+from bastion.secrets.store import SecretRef
 
 # Larger than any Stripe or Adyen event; anything bigger is refused unread (413).
 MAX_BODY_BYTES = 256 * 1024
@@ -64,7 +65,7 @@ class Stored:
 class ActiveSecrets:
     """Every active version of a key-ring secret: several during a rotation."""
 
-    def __init__(self, keystore: LocalKeystore, ref: str) -> None:
+    def __init__(self, keystore: Keystore, ref: str) -> None:
         self.keystore = keystore
         self.name = SecretRef.parse(ref).name
         self._lock = threading.Lock()
@@ -93,7 +94,7 @@ class ActiveSecrets:
 class EventCipher:
     """Seals raw events (AES-256-GCM, NIST SP 800-38D) bound to provider and event id."""
 
-    def __init__(self, keystore: LocalKeystore) -> None:
+    def __init__(self, keystore: Keystore) -> None:
         self.keystore = keystore
         self._keys: dict[int, bytes] = {}
         self._current: tuple[int, bytes] | None = None

@@ -9,7 +9,10 @@ During a secret rotation every active version is tried.
 
 Ordering: a Stripe subscription object carries no version number, so its
 events are ordered by the event's ``created`` and then its id (the order
-Stripe generated them in).
+Stripe generated them in); a dispute's events likewise.
+
+Routing: an event goes to the tenant whose bound customer it names; a
+dispute, which names only its charge, to the tenant of that charge.
 """
 
 from __future__ import annotations
@@ -39,7 +42,26 @@ SUBSCRIPTION_EVENTS = frozenset(
         "customer.subscription.deleted",
     }
 )
-HANDLED = SUBSCRIPTION_EVENTS | {"checkout.session.completed", "invoice.paid", "charge.refunded"}
+# A charge of the customer (recorded: a dispute names only its charge), and a
+# refund of one.
+CHARGE_EVENTS = frozenset({"charge.succeeded", "charge.refunded"})
+# A chargeback is a dispute of a charge; each of its events carries the
+# dispute's whole current state (``status``).
+DISPUTE_EVENTS = frozenset(
+    {
+        "charge.dispute.created",
+        "charge.dispute.updated",
+        "charge.dispute.closed",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
+    }
+)
+HANDLED = (
+    SUBSCRIPTION_EVENTS
+    | CHARGE_EVENTS
+    | DISPUTE_EVENTS
+    | {"checkout.session.completed", "invoice.paid"}
+)
 
 
 def _tenant_hint(obj: dict[str, Any]) -> UUID | None:
@@ -120,6 +142,11 @@ def parse(body: bytes) -> IncomingEvent:
         customer = customer.get("id")
     if obj.get("object") == "customer":
         customer = obj.get("id")
+    if event_type in DISPUTE_EVENTS:
+        # A dispute names no customer: it is routed by its charge (migration 0026).
+        customer = obj.get("charge")
+        if isinstance(customer, dict):
+            customer = customer.get("id")
     object_id = obj.get("id")
     return IncomingEvent(
         provider=PROVIDER,

@@ -2,8 +2,9 @@
 
 Envelope encryption (NIST SP 800-57 part 1, section 6.1.2 "key wrapping"):
 each tenant has a 256-bit *data key*, stored in ``bastion.data_keys`` only
-wrapped by the tenant's own key-encryption key. The KEK lives in the key ring
-(``kms/tenants/<tenant id>``), outside the database, so a database dump or
+wrapped by the tenant's own key-encryption key. The KEK lives in the KMS
+(:class:`~bastion.secrets.protocols.KMS`; locally the key ring's
+``kms/tenants/<tenant id>``), outside the database, so a database dump or
 backup alone decrypts nothing — and destroying the tenant's KEK
 (:meth:`TenantKeys.shred`) makes every copy of its ciphertext unreadable
 (crypto-shredding), backups included.
@@ -17,31 +18,48 @@ embedding cache) are HMAC-SHA256 (RFC 2104) under a key derived from the data
 key with HKDF (RFC 5869), never a plain hash: a plain SHA-256 in the database
 or a backup tells anyone holding a candidate file whether the tenant had it;
 a keyed one tells nothing once the key is shredded.
+
+The tenant's embedding vectors are stored rotated by a secret orthogonal
+matrix derived from its first data key (:mod:`bastion.secrets.vector_transform`);
+the matrix is cached here, next to the keys, and forgotten with them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hashlib
 import hmac
+import re
 import secrets
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
 from uuid import UUID
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from psycopg import AsyncConnection
 
-from bastion.db.pool import Conn
-from bastion.secrets.errors import KMSError, SecretNotFound
-from bastion.secrets.kms import LocalKMS
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.errors import KMSError
+from bastion.secrets.protocols import KMS, KeyContext
+from bastion.secrets.vector_transform import VectorTransform
+
+# A transaction of the tenant: bastion.db.pool.Conn, spelled out here because
+# the database package depends on the key ring, never the other way round.
+Conn = AsyncConnection[dict[str, Any]]
 
 _NONCE = 12
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # Unwrapped keys are kept this long in memory: long enough to spare the key
-# ring on every chunk, short enough that a shred in another process bites soon.
+# ring on every chunk. A shred in another process is announced (see
+# :meth:`TenantKeys.forget_announced`); this is the bound if that is missed.
 CACHE_SECONDS = 60.0
+# Tenants whose vector transform is kept (about 0.6 MB each at 384 dimensions;
+# deriving one costs about 50 ms of CPU).
+TRANSFORM_CACHE_SIZE = 64
 
 
 class KeyUnavailable(Exception):
@@ -70,6 +88,17 @@ def open_sealed(key: bytes, purpose: str, tenant_id: UUID, row_id: UUID, blob: b
         raise DecryptionFailed(f"{purpose} {row_id} does not open for this tenant") from None
 
 
+def announced_tenants(announced: str, held: Iterable[Any]) -> list[UUID]:
+    """The tenants among ``held`` (tenant ids, or tuples starting with one) that
+    a shred announcement names: the one whose id's SHA-256 hex is ``announced``,
+    or all of them for ``*`` or anything else (an unreadable announcement
+    forgets more, never less)."""
+    tenants = {key[0] if isinstance(key, tuple) else key for key in held}
+    if not _SHA256_HEX.fullmatch(announced):
+        return list(tenants)
+    return [t for t in tenants if hashlib.sha256(str(t).encode()).hexdigest() == announced]
+
+
 def keyed_digest(key: bytes, purpose: str, data: bytes) -> bytes:
     """HMAC-SHA256 of ``data`` under a key derived from data key ``key`` for ``purpose``.
 
@@ -83,18 +112,54 @@ def keyed_digest(key: bytes, purpose: str, data: bytes) -> bytes:
 
 
 class TenantKeys:
-    """The data keys of every tenant, unwrapped on demand and cached briefly."""
+    """The data keys of every tenant, wrapped by ``kms``, unwrapped on demand and
+    cached briefly."""
 
-    def __init__(self, keystore: LocalKeystore) -> None:
-        self.keystore = keystore
+    def __init__(self, kms: KMS) -> None:
+        self.kms = kms
         self._cache: dict[tuple[UUID, int], tuple[float, bytes]] = {}
+        # (tenant, dim) -> (fingerprint of the key it was derived from, transform)
+        self._transforms: OrderedDict[tuple[UUID, int], tuple[bytes, VectorTransform]] = (
+            OrderedDict()
+        )
+        # Set by a shred listener: while it returns False (not listening), no
+        # unwrapped key is kept, since a shred elsewhere would go unseen.
+        self.caching_allowed: Callable[[], bool] | None = None
 
-    def _kms(self, tenant_id: UUID) -> LocalKMS:
-        return LocalKMS(self.keystore, kek_name=f"kms/tenants/{tenant_id}")
+    def may_cache(self) -> bool:
+        """Whether unwrapped keys may be kept in memory now (see :attr:`caching_allowed`)."""
+        return self.caching_allowed is None or self.caching_allowed()
+
+    def _keep(self, tenant_id: UUID, version: int, key: bytes) -> None:
+        if self.may_cache():
+            self._cache[(tenant_id, version)] = (time.monotonic(), key)
+
+    def forget_tenant(self, tenant_id: UUID) -> None:
+        """Drop the tenant's unwrapped keys (and vector transforms) from memory."""
+        for cached in [k for k in self._cache if k[0] == tenant_id]:
+            del self._cache[cached]
+        for transform in [k for k in self._transforms if k[0] == tenant_id]:
+            del self._transforms[transform]
+
+    def forget_announced(self, announced: str) -> None:
+        """Drop the keys of the tenant a shred announcement names (the SHA-256
+        hex of its id; ``*`` or anything unexpected: every tenant's)."""
+        for tenant_id in announced_tenants(announced, [*self._cache, *self._transforms]):
+            self.forget_tenant(tenant_id)
+
+    def forget_all(self) -> None:
+        """Drop every unwrapped key (a shred may have gone unseen)."""
+        self._cache.clear()
+        self._transforms.clear()
+
+    def holds_key_of(self, tenant_id: UUID) -> bool:
+        """Whether an unwrapped key (or a vector transform) of the tenant is in
+        this process's memory."""
+        return any(k[0] == tenant_id for k in (*self._cache, *self._transforms))
 
     @staticmethod
-    def _context(tenant_id: UUID, version: int) -> bytes:
-        return f"tenant={tenant_id};purpose=data-key;version={version}".encode()
+    def _context(tenant_id: UUID, version: int) -> KeyContext:
+        return KeyContext(tenant_id, "data-key", version)
 
     async def current(self, tx: Conn, tenant_id: UUID) -> tuple[int, bytes]:
         """Return ``(version, key)`` of the tenant's newest data key, creating the first.
@@ -112,7 +177,7 @@ class TenantKeys:
             return version, self._cached(tenant_id, version) or self._unwrap(
                 tenant_id, version, row["wrapped"]
             )
-        key, wrapped = self._kms(tenant_id).generate_data_key(self._context(tenant_id, 1))
+        key, wrapped = self.kms.generate_data_key(self._context(tenant_id, 1))
         # Two first writers race on the primary key; the loser takes the winner's key.
         cur = await tx.execute(
             "INSERT INTO bastion.data_keys (tenant_id, version, wrapped) VALUES (%s, 1, %s) "
@@ -121,7 +186,7 @@ class TenantKeys:
         )
         if await cur.fetchone() is None:
             return await self.current(tx, tenant_id)
-        self._cache[(tenant_id, 1)] = (time.monotonic(), key)
+        self._keep(tenant_id, 1, key)
         return 1, key
 
     async def get(self, tx: Conn, tenant_id: UUID, version: int) -> bytes:
@@ -138,6 +203,29 @@ class TenantKeys:
             raise KeyUnavailable(f"data key {version} of tenant {tenant_id} does not exist")
         return self._unwrap(tenant_id, version, row["wrapped"])
 
+    async def vector_transform(self, tx: Conn, tenant_id: UUID, dim: int) -> VectorTransform:
+        """The tenant's keyed rotation of ``dim``-wide vectors; raise :class:`KeyUnavailable`.
+
+        Derived from data key 1, which a rotation of the data key keeps: every
+        vector of the tenant stays in one frame. The key is fetched (cached,
+        or unwrapped) on every call, so a shredded key stops the transform as
+        soon as it stops the key; the derivation itself runs once per process
+        and tenant, off the event loop.
+        """
+        key = await self.get(tx, tenant_id, 1)
+        fingerprint = hashlib.sha256(b"bastion/vector-transform/check|" + key).digest()
+        entry = self._transforms.get((tenant_id, dim))
+        if entry is not None and hmac.compare_digest(entry[0], fingerprint):
+            self._transforms.move_to_end((tenant_id, dim))
+            return entry[1]
+        transform = await asyncio.to_thread(VectorTransform, key, dim)
+        if not self.may_cache():
+            return transform
+        self._transforms[(tenant_id, dim)] = (fingerprint, transform)
+        while len(self._transforms) > TRANSFORM_CACHE_SIZE:
+            self._transforms.popitem(last=False)
+        return transform
+
     def _cached(self, tenant_id: UUID, version: int) -> bytes | None:
         entry = self._cache.get((tenant_id, version))
         if entry is None or time.monotonic() - entry[0] >= CACHE_SECONDS:
@@ -146,21 +234,19 @@ class TenantKeys:
 
     def _unwrap(self, tenant_id: UUID, version: int, wrapped: bytes) -> bytes:
         try:
-            key = self._kms(tenant_id).unwrap(wrapped, self._context(tenant_id, version))
+            key = self.kms.unwrap(wrapped, self._context(tenant_id, version))
         except KMSError:
             raise KeyUnavailable(f"data key {version} of tenant {tenant_id} is unusable") from None
-        self._cache[(tenant_id, version)] = (time.monotonic(), key)
+        self._keep(tenant_id, version, key)
         return key
 
     async def shred(self, tx: Conn, tenant_id: UUID) -> None:
         """Destroy the tenant's KEK and wrapped data keys: its ciphertext is gone for good.
 
-        The key ring deletion comes last, after the rows are deleted in ``tx``;
+        The KEK's destruction comes last, after the rows are deleted in ``tx``;
         if the transaction then fails, the keys are already unrecoverable,
         which is the direction to fail in for a deletion request.
         """
         await tx.execute("DELETE FROM bastion.data_keys WHERE tenant_id = %s", (tenant_id,))
-        for cached in [k for k in self._cache if k[0] == tenant_id]:
-            del self._cache[cached]
-        with contextlib.suppress(SecretNotFound):
-            self.keystore.delete(f"kms/tenants/{tenant_id}")
+        self.forget_tenant(tenant_id)
+        self.kms.destroy_tenant(tenant_id)

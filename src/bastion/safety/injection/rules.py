@@ -1,0 +1,519 @@
+"""The rule data of prompt-injection screening: override phrases, templates, leads.
+
+Each :class:`Rule` is a regular expression with its category and weight, the
+text view it runs on (``plain``, ``folded`` or ``visible``; see
+:func:`bastion.safety.injection.engine.text_views`) and the literal leads every
+match starts with, so the engine tries the regex only where a lead occurs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+_GAP = r"(?:\W+\w+){0,3}?\W+"  # up to three filler words ("ignore all of the previous…")
+_CJK_GAP = r".{0,6}?"
+
+
+@dataclass(frozen=True)
+class Rule:
+    rule: str
+    category: str
+    weight: int
+    pattern: re.Pattern[str]
+    view: Literal["plain", "folded", "visible"]
+    leads: tuple[str, ...]  # every match starts where one of these does
+    line_start: bool  # and, when marked ``(?#line)``, at the start of a line
+
+
+def _r(
+    rule: str,
+    category: str,
+    weight: int,
+    pattern: str,
+    view: Literal["plain", "folded", "visible"] = "folded",
+    *,
+    leads: str,
+) -> Rule:
+    compiled = re.compile(pattern, re.S)
+    return Rule(
+        rule, category, weight, compiled, view, tuple(leads.split("|")), "(?#line)" in pattern
+    )
+
+
+_IGNORE = (
+    r"(?:ignore|ignoring|disregard|forget|skip|override|bypass|neglect|overlook|drop|abandon|"
+    r"discard|nevermind)"
+)
+_PRIOR = (
+    r"(?:previous|prior|above|earlier|preceding|former|original|initial|system|developer|"
+    r"all|any|your|these|those|foregoing)"
+)
+_INSTR = (
+    r"(?:instructions?|prompts?|rules|directions?|directives?|guidelines|commands?|orders|"
+    r"programming|guardrails|constraints|restrictions|context|policies)"
+)
+_DATA = (
+    r"(?:tickets?|documents?|data|database|conversations?|e-?mails?|records|customers?|users?|"
+    r"files|messages|history|passwords?|secrets?|keys|credentials|chats?|context|tokens|"
+    r"contacts|accounts|invoices|everything)"
+)
+
+RULES: tuple[Rule, ...] = (
+    # instruction override
+    _r(
+        "override.en",
+        "override",
+        55,
+        rf"\b{_IGNORE}\b{_GAP}{_PRIOR}\b(?:{_GAP})??{_INSTR}\b",
+        leads="ignor|disregard|forget|skip|overrid|bypass|neglect|overlook|drop|abandon|discard|nevermind",
+    ),
+    _r(
+        "override.en-everything",
+        "override",
+        50,
+        r"\b(?:ignore|forget|disregard)\s+(?:everything|all\s+(?:of\s+)?that|what)\b"
+        r"(?:\W+\w+){0,4}?\W+(?:above|before|earlier|previously|told|said|instructed)\b"
+        r"|\b(?:ignore|disregard|forget|never\s+mind)\s+(?:the\s+rest\s+of|everything\s+else|all\s+other|"
+        r"(?:the\s+)?other\s+content|the\s+remaining)\b"
+        r"|\b(?:ignore|disregard|forget|never\s+mind)\s+(?:the\s+|your\s+)?(?:rules|instructions|prompt)\s+"
+        r"(?:you\s+(?:were|have\s+been)\s+(?:given|told))"
+        r"|\bstop\s+everything\b",
+        leads="ignore|forget|disregard|never|stop",
+    ),
+    _r(
+        "override.en-do-not-follow",
+        "override",
+        50,
+        rf"\b(?:do\s+not|don'?t|never|stop)\s+(?:follow|obey|listen|apply)(?:ing)?\b(?:\s+to)?{_GAP}"
+        rf"(?:previous|prior|above|original|system|your|those|these)\b(?:{_GAP})??{_INSTR}\b",
+        leads="do|don|never|stop",
+    ),
+    _r(
+        "override.en-new-instructions",
+        "override",
+        50,
+        r"\b(?:new|updated|real|actual|revised|important|additional|secret|hidden)\s+"
+        r"(?:system\s+)?(?:instructions?|directives?|task|orders)\s*(?::|-|follow|are\b)",
+        leads="new|updated|real|actual|revised|important|additional|secret|hidden",
+    ),
+    _r(
+        "override.en-instead",
+        "override",
+        25,
+        r"\b(?:instead|nevermind|never\s+mind|stop\s+everything)\b[\s,.!:;-]*(?:\w+\W+){0,3}?"
+        r"(?:just\s+)?(?:say|print|output|write|respond|reply|answer|tell|repeat|spell)\b",
+        leads="instead|nevermind|never|stop",
+    ),
+    _r(
+        "override.en-from-now-on",
+        "override",
+        25,
+        r"\bfrom\s+now\s+on\b[\s,]*(?:you|your|the\s+assistant)\b",
+        leads="from",
+    ),
+    _r(
+        "override.en-only-reply",
+        "override",
+        25,
+        r"\b(?:reply|respond|answer|say|print|output)\s+(?:with\s+)?only\b"
+        r"|\b(?:reply|respond|answer)\s+with\s+(?:only\s+)?the\s+following\b"
+        r"|\bnothing\s+else\b[^.]{0,40}\b(?:say|print|output|reply)\b",
+        leads="reply|respond|answer|say|print|output|nothing",
+    ),
+    _r(
+        "override.de",
+        "override",
+        55,
+        r"\b(?:ignorier|vergiss|vergessen|missacht|überspring|uberspring)\w*\b(?:\W+\w+){0,4}?\W+"
+        r"(?:vorherig|bisherig|obig|vorig|früher|alle|deine|ihre|sämtlich)\w*"
+        r"(?:\W+\w+){0,2}?\W+(?:anweisung|instruktion|regel|befehl|vorgabe|prompt)\w*",
+        "plain",
+        leads="ignorier|vergiss|vergessen|missacht|überspring|uberspring",
+    ),
+    _r(
+        "override.fr",
+        "override",
+        55,
+        r"\b(?:ignore[zr]?|oublie[zr]?|néglige[zr]?|ne\s+tiens\s+pas\s+compte\s+de?)\s+"
+        r"(?:toutes\s+|tous\s+)?(?:les|tes|vos|ces|des)\s+(?:\w+\s+){0,2}?"
+        r"(?:instructions?|consignes?|règles|regles|directives?|ordres|indications)\b",
+        "plain",
+        leads="ignore|oublie|néglige|ne",
+    ),
+    _r(
+        "override.es-pt-it",
+        "override",
+        55,
+        r"\b(?:ignor|olvid|esqueç|esquec|dimentic|descart|omit|desconsider)\w*\b(?:\W+\w+){0,4}?\W+"
+        r"(?:instrucciones|instruções|instrucoes|istruzioni|reglas|regras|regole|órdenes|indicaciones|"
+        r"indicazioni|directrices|diretrizes)\b",
+        "plain",
+        leads="ignor|olvid|esqueç|esquec|dimentic|descart|omit|desconsider",
+    ),
+    _r(
+        "override.nl-pl-tr",
+        "override",
+        55,
+        r"\b(?:negeer|vergeet|zignoruj|ignoruj|zapomnij)\w*\b(?:\W+\w+){0,4}?\W+"
+        r"(?:instructies|aanwijzingen|regels|instrukcje|instrukcji|polecenia|zasady)\b"
+        r"|\b(?:önceki|onceki|yukar\u0131daki|tüm)\s+(?:talimatlar\u0131|talimatlari|komutlar\u0131|kurallar\u0131)\b"
+        r"(?:\W+\w+){0,2}?\W+(?:yok\s+say|görmezden|gormezden|unut)",
+        "plain",
+        leads="negeer|vergeet|zignoruj|ignoruj|zapomnij|önceki|onceki|yukar|tüm",
+    ),
+    _r(
+        "override.ru-uk",
+        "override",
+        55,
+        r"(?:игнорир|проигнорир|забуд|забуть|не\s+обращай|пренебреги|ігнор|забудь)\w*"
+        r"(?:\W+\w+){0,4}?\W+(?:инструкц|указани|правил|команд|промпт|інструкц|вказівк)\w*",
+        "plain",
+        leads="игнор|проигнор|забуд|забуть|не|пренебреги|ігнор",
+    ),
+    _r(
+        "override.zh",
+        "override",
+        55,
+        rf"(?:忽略|无视|無視|忘记|忘記|不要理会|不要遵守|跳过){_CJK_GAP}"
+        r"(?:指令|指示|说明|說明|规则|規則|提示|命令|设定|設定)",
+        "plain",
+        leads="忽略|无视|無視|忘记|忘記|不要|跳过",
+    ),
+    _r(
+        "override.ja",
+        "override",
+        55,
+        rf"(?:指示|命令|ルール|プロンプト|設定){_CJK_GAP}(?:無視|忘れ)",
+        "plain",
+        leads="指示|命令|ルール|プロンプト|設定",
+    ),
+    _r(
+        "override.ko",
+        "override",
+        55,
+        r"(?:지시|명령|지침|규칙|프롬프트)\w*(?:\W+\w+){0,2}?\W*(?:무시|잊어)",
+        "plain",
+        leads="지시|명령|지침|규칙|프롬프트",
+    ),
+    _r(
+        "override.ar-hi-vi",
+        "override",
+        55,
+        r"(?:تجاهل|انس)\w*(?:\W+\w+){0,3}?\W+\w*(?:التعليمات|تعليمات|الأوامر|القواعد)"
+        r"|(?:निर्देशों|निर्देश)\w*(?:\W+\w+){0,2}?\W+(?:अनदेखा|नज़रअंदाज़|भूल)"
+        r"|\bbỏ\s+qua\b(?:\W+\w+){0,3}?\W+(?:hướng\s+dẫn|chỉ\s+dẫn|lệnh)",
+        "plain",
+        leads="تجاهل|انس|निर्देश|bỏ",
+    ),
+    # system prompt extraction
+    _r(
+        "extraction.system-prompt",
+        "extraction",
+        50,
+        r"\b(?:reveal|show|print|repeat|output|display|tell|give|share|leak|dump|list|recite|"
+        r"spell[\s-]?check|translate|encode|write|return|provide|paste|copy|what|see|view|read|access|know)\b"
+        r"(?:\W+\w+){0,4}?\W+(?:your|the|my|its|these|those|our)\s+"
+        r"(?:(?:full|entire|exact|complete|original|hidden|secret)\s+)?"
+        r"(?:system|initial|original|hidden|secret|starting|first|previous|preceding|internal|"
+        r"developer|pre-?prompt|opening|confidential)\b(?:\W+\w+){0,1}?\W+"
+        r"(?:prompt|instructions?|message|rules|configuration|directives?|guidelines)\b",
+        leads="reveal|show|print|repeat|output|display|tell|give|share|leak|dump|list|recite|spell|translate|encode|write|return|provide|paste|copy|what|see|view|read|access|know",
+    ),
+    _r(
+        "extraction.text-above",
+        "extraction",
+        50,
+        r"\b(?:repeat|output|print|show|recite|reproduce|echo|return)\b(?:\W+\w+){0,3}?\W+"
+        r"(?:text|words|everything|all|content|conversation|message)s?\b(?:\W+\w+){0,3}?\W+"
+        r"(?:above|before\s+this|so\s+far|verbatim|word\s+for\s+word|from\s+the\s+(?:beginning|start))\b"
+        r"|\b(?:repeat|output|print|show|recite|reproduce|echo|translate|summari[sz]e)\b(?:\W+\w+){0,2}?\W+"
+        r"(?:above|preceding|previous|initial)\s+(?:text|words|message|conversation|content|instructions)\b"
+        r"|\b(?:instructions|rules|prompt|text)\s+you\s+(?:were|have\s+been)\s+(?:given|told)\b"
+        r"|\binitiali[sz]ation\s+(?:string|prompt|text)\b",
+        leads="repeat|output|print|show|recite|reproduce|echo|return|translate|summari|instructions|rules|prompt|text|initiali",
+    ),
+    _r(
+        "extraction.what-were-you-told",
+        "extraction",
+        50,
+        r"\bwhat\s+(?:were|are|was)\s+you\s+(?:told|instructed|programmed|given)\b"
+        r"|\byour\s+(?:initial|original|starting)\s+instructions\b"
+        r"|\bwhat\s+are\s+you\s+not\s+(?:supposed|allowed)\s+to\b"
+        r"|\byour\s+(?:initial|original|system|hidden|secret|starting|first|internal)\s+"
+        r"(?:prompt|instructions|message|configuration)\b",
+        leads="what|your",
+    ),
+    _r(
+        "extraction.completion-bait",
+        "extraction",
+        50,
+        r"\binstructions\s+(?:are|were)\s*:"
+        r"|\bwas\s+(?:instructed|told|programmed)\s+to\b[^.]{0,20}['\"]"
+        r"|\bbeginning\s+with\s+['\"]you\s+are\b"
+        r"|\bconsole\.log\s*\(\s*system|\bsystem_?prompt\s*\)|<system_prompt>"
+        r"|\bsystem\s+prompt\s+is\s*:",
+        leads="instructions|was|beginning|console|system|<system",
+    ),
+    _r(
+        "extraction.multilingual",
+        "extraction",
+        50,
+        r"(?:zeig|gib|nenn|wiederhol)\w*(?:\W+\w+){0,3}?\W+(?:system-?prompt|systemanweisung|anweisungen)"
+        r"|(?:montre|affiche|révèle|revele|répète|repete|donne)\w*(?:\W+\w+){0,3}?\W+"
+        r"(?:prompt\s+système|prompt\s+systeme|instructions\s+(?:système|initiales))"
+        r"|(?:muestra|revela|repite|dime|mostra|rivela|ripeti)\w*(?:\W+\w+){0,3}?\W+"
+        r"(?:prompt\s+del\s+sistema|prompt\s+di\s+sistema|instrucciones\s+(?:del\s+sistema|iniciales)"
+        r"|istruzioni\s+(?:di\s+sistema|iniziali))"
+        r"|(?:покажи|выведи|повтори|раскрой)\w*(?:\W+\w+){0,3}?\W+(?:системн\w+\s+(?:промпт|инструкц)"
+        r"|\w*\s*инструкц)"
+        r"|(?:输出|显示|告诉我|重复|打印|透露).{0,6}?(?:系统提示|系统指令|初始指令|系統提示|提示词)"
+        r"|(?:システムプロンプト|初期指示).{0,8}?(?:表示|教えて|出力)",
+        "plain",
+        leads="zeig|gib|nenn|wiederhol|montre|affiche|révèle|revele|répète|repete|donne|muestra|revela|repite|dime|mostra|rivela|ripeti|покажи|выведи|повтори|раскрой|输出|显示|告诉我|重复|打印|透露|システムプロンプト|初期指示",
+    ),
+    # role-play and jailbreak personas
+    _r(
+        "roleplay.dan",
+        "role-play",
+        55,
+        r"\bdo\s+anything\s+now\b|\bdan\s+mode\b|\bdeveloper\s+mode\s+(?:enabled|output|on)\b"
+        r"|\bjailbreak\s+mode\b|\[🔓jailbreak\]|\[🔒classic\]|\bstan\s+mode\b"
+        r"|\bstrive\s+to\s+avoid\s+norms\b|\bdude\b[^.]{0,80}\banything\s+and\s+everything\b",
+        leads="do|dan|developer|jailbreak|[🔓|[🔒|stan|strive|dude",
+    ),
+    _r(
+        "roleplay.jailbreak-word",
+        "role-play",
+        20,
+        r"\bjailbr(?:ea|o)k(?:s|ed|en|ing)?\b|\bunjailbroken\b|\bguardrails?\s+(?:off|disabled)\b",
+        leads="jailbr|unjailbroken|guardrail",
+    ),
+    _r(
+        "roleplay.no-restrictions",
+        "role-play",
+        25,
+        r"\b(?:no|without|free\s+(?:of|from)|zero|not\s+bound\s+by|don'?t\s+have|doesn'?t\s+have|"
+        r"not\s+have\s+to\s+abide\s+by)\s+(?:any\s+)?(?:\w+\s+){0,2}?"
+        r"(?:restrictions|filters|filtering|limitations|censorship|ethical\s+\w+|ethics|morals|"
+        r"guidelines|content\s+polic(?:y|ies)|rules\s+set)\b"
+        r"|\b(?:unfiltered|uncensored|amoral|unrestricted|unethical)\b",
+        leads="no|without|free|zero|not|don|doesn|unfiltered|uncensored|amoral|unrestricted|unethical",
+    ),
+    _r(
+        "roleplay.persona",
+        "role-play",
+        15,
+        r"\b(?:you\s+are\s+(?:now|going\s+to\s+(?:act|pretend|be))|act\s+as\s+(?:if\s+you\s+(?:are|were)|an?\b)"
+        r"|pretend\s+(?:to\s+be|you\s+are|that\s+you)|role-?play\s+as|immerse\s+yourself"
+        r"|you\s+will\s+(?:now\s+)?(?:act|respond)\s+as|from\s+now\s+on\s+you\s+are"
+        r"|you\s+are\s+no\s+longer)\b",
+        leads="you|act|pretend|role|immerse|from",
+    ),
+    _r(
+        "roleplay.special-mode",
+        "role-play",
+        40,
+        r"\b(?:administrator|admin|developer|maintenance|debug(?:ging)?|god|sudo|root|unrestricted)\s+"
+        r"(?:override|mode\s+(?:enabled|activated|on)|access\s+granted)\b"
+        r"|\byou\s+are\s+(?:now\s+)?in\s+(?:maintenance|debug|developer|admin|god)\s+mode\b"
+        r"|\byou\s+(?:will|must|shall|should|can)?\s*(?:never|not)\s+refuse\b"
+        r"|\bno\s+matter\s+how\s+(?:immoral|unethical|illegal|dangerous|offensive|harmful)\b",
+        leads="administrator|admin|developer|maintenance|debug|god|sudo|root|unrestricted|you|no",
+    ),
+    _r(
+        "roleplay.amoral-compliance",
+        "role-play",
+        30,
+        r"\b(?:regardless|irrespective)\s+of\s+(?:\w+\s+){0,3}?(?:ethic\w*|moral\w*|legal\w*|illegal\w*|"
+        r"immoral\w*|unethical|danger\w*|harm\w*|offensive\w*|consequences)\b"
+        r"|\b(?:doesn'?t|does\s+not|never|won'?t|will\s+not|cannot|can'?t)\s+(?:ever\s+)?"
+        r"(?:refuse|decline|deny)\s+(?:any|a)\s+(?:request|question|prompt)"
+        r"|\b(?:generate|produce|write|say)\s+any\s+kind\s+of\s+content\b",
+        leads="regardless|irrespective|doesn|does|never|won|will|cannot|can|generate|produce|write|say",
+    ),
+    _r(
+        "roleplay.chatbot-name",
+        "role-play",
+        15,
+        r"\b(?:chatgpt|gpt-?[345](?:\.\d)?|openai)\b",
+        leads="chatgpt|gpt|openai",
+    ),
+    _r(
+        "roleplay.dan-caps",
+        "role-play",
+        30,
+        r"\bDAN\b|\bSTAN\b|\bDUDE\b|\bAIM\b|\bAPOPHIS\b",
+        "visible",
+        leads="DAN|STAN|DUDE|AIM|APOPHIS",
+    ),
+    _r(
+        "roleplay.stay-in-character",
+        "role-play",
+        25,
+        r"\b(?:stay|remain|keep)\s+in\s+character\b|\bbreak(?:ing)?\s+character\b"
+        r"|\b(?:broken|break)\s+free\b|\bhave\s+been\s+freed\b|\bopposite\s+mode\b"
+        r"|\btwo\s+(?:different\s+)?(?:responses|answers|paragraphs)\b",
+        leads="stay|remain|keep|break|broken|have|opposite|two",
+    ),
+    _r(
+        "roleplay.policy-evasion",
+        "role-play",
+        30,
+        r"\b(?:ignore|bypass|evade|circumvent|disable|violate|break|override)\w*\b(?:\W+\w+){0,3}?\W+"
+        r"(?:openai|anthropic|content|safety|usage|ethical|moral)\s+(?:polic(?:y|ies)|filters?|"
+        r"guidelines|controls|rules|restrictions|enforcement)\b"
+        r"|\b(?:bypass|evade|disable|circumvent)\w*\b(?:\W+\w+){0,3}?\W+(?:safety|policy|content)"
+        r"\s+(?:controls|filtering|enforcement|filters?)\b",
+        leads="ignor|bypass|evad|circumvent|disabl|violat|break|overrid",
+    ),
+    # fake turns and delimiters
+    _r(
+        "delimiter.chat-template",
+        "delimiter",
+        45,
+        r"<\|(?:im_start|im_end|endoftext|system|user|assistant|begin_of_text|eot_id|start_header_id)\|>"
+        r"|\[/?inst\]|<<\s*/?sys\s*>>|<start_of_turn>|<\|?end_of_turn\|?>",
+        leads="<|[inst|[/inst|<<|<start_of_turn>|<end_of_turn",
+    ),
+    _r(
+        "delimiter.fake-system",
+        "delimiter",
+        35,
+        r"(?:system|system\s+message|system\s+prompt|admin|developer|"
+        r"important\s+system\s+notice)\s*:(?#line)",
+        leads="system|admin|developer|important",
+    ),
+    _r(
+        "delimiter.fake-system-tag",
+        "delimiter",
+        35,
+        r"\[(?:system|admin\s+request|admin|sys)\b|<\s*/?\s*(?:system|instruction|instructions)\s*>"
+        r"|--\s*(?:core|legal)\s+(?:instruction|amendment)",
+        leads="[|<|--",
+    ),
+    _r(
+        "delimiter.fake-turn",
+        "delimiter",
+        15,
+        r"(?:assistant|ai|user|human)\s*:\s*\S(?#line)",
+        leads="assistant|ai|user|human",
+    ),
+    _r(
+        "delimiter.fake-dialogue",
+        "delimiter",
+        35,
+        r"(?:assistant|ai)\s*:[^\n]{0,300}\n\s*(?:user|human)\s*:(?#line)",
+        leads="assistant|ai",
+    ),
+    _r(
+        "delimiter.end-of-context",
+        "delimiter",
+        25,
+        r"<\s*end\s+of\s+(?:session|document|context|data)\s*>"
+        r"|\bend\s+of\s+(?:the\s+)?(?:document|context|data|untrusted\s+\w+)\s*[\]>-]"
+        r"|\b(?:there\s+are\s+more\s+document\s+snippets|rest-of-document)\b",
+        leads="<|end|there|rest-of-document",
+    ),
+    # text addressed to the model from inside data
+    _r(
+        "addressed.to-the-ai",
+        "addressed",
+        35,
+        r"\b(?:note|message|instructions?|attention|notice)\s+(?:to|for)\s+(?:the\s+|any\s+|all\s+)?"
+        r"(?:ai|llm|gpt|chatbot|language\s+model|assistant|automated|model|bot|agent|copilot)\b"
+        r"|\bif\s+you\s+are\s+an?\s+(?:ai|llm|language\s+model|assistant|chatbot|automated)\b"
+        r"|\b(?:dear|hey|hi)\s+(?:ai|llm|chatgpt|gpt|assistant|chatbot|claude|gemini|copilot)\b[,:!]"
+        r"|\b(?:ai|assistant|chatbot|model|llm)\s*[,:]\s*(?:you\s+must|please|ignore|forget|do\s+not)\b",
+        leads="note|message|instruction|attention|notice|if|dear|hey|hi|ai|assistant|chatbot|model|llm",
+    ),
+    _r(
+        "addressed.when-asked",
+        "addressed",
+        35,
+        r"\b(?:if|when)\s+(?:the\s+)?(?:user|anyone|someone|you\s+are)\s+(?:asks?|asked|summari[sz]\w*)"
+        r"\b[^.]{0,80}\b(?:reply|respond|say|answer|output|print|tell)\b",
+        leads="if|when",
+    ),
+    # obfuscation asked for explicitly
+    _r(
+        "encoding.decode-and-follow",
+        "encoding",
+        30,
+        r"\b(?:decode|decipher|translate|unscramble|convert)\b(?:\W+\w+){0,4}?\W+"
+        r"(?:base64|base-64|hex|rot-?13|binary|morse|unicode|ascii)\b(?:\W+\w+){0,12}?\W+"
+        r"(?:follow|execute|obey|do\s+what|act\s+on|run|perform|instructions?|system\s+message)\b",
+        leads="decode|decipher|translate|unscramble|convert",
+    ),
+    # exfiltration
+    _r(
+        "exfil.markdown-image",
+        "exfiltration",
+        40,
+        r"!\[[^\[\]\n]{0,200}\]\(\s*<?(?:https?:)?//[^()\s\]]{0,500}[?=&\[{%$]"
+        r"|!\[[^\[\]\n]{0,200}\]\s*\[[^\]\n]{0,100}\]",
+        "plain",
+        leads="![",
+    ),
+    _r(
+        "exfil.markdown-ref",
+        "exfiltration",
+        40,
+        r"\[[^\[\]\n]{1,100}\]:\s*(?:https?:)?//\S*[?=\[{](?#line)",
+        "plain",
+        leads="[",
+    ),
+    _r(
+        "exfil.html",
+        "exfiltration",
+        35,
+        r"<\s*(?:img|iframe|script|object|embed|link|form)\b[^<>]{0,300}?"
+        r"(?:src|href|data|action)\s*=\s*['\"]?\s*(?:https?:)?//"
+        r"|\b(?:javascript|vbscript):|\bdata:text/html",
+        "plain",
+        leads="<|javascript:|vbscript:|data:text/html",
+    ),
+    _r(
+        "exfil.link-with-placeholder",
+        "exfiltration",
+        30,
+        r"\]\(\s*<?(?:https?:)?//[^()\s\]]{0,300}(?:\[[a-z_]{1,20}\]|\{[a-z_]{1,20}\}|\$\{?[a-z_]{1,20})"
+        r"|\breplac\w*\s+\[[a-z_]{1,20}\]\s+with\b",
+        "plain",
+        leads="](|replac",
+    ),
+    _r(
+        "exfil.send-data",
+        "exfiltration",
+        50,
+        r"\b(?:e-?mail|send|forward|post|upload|transmit|exfiltrate|leak|mail|copy|export|dump|"
+        r"share|sync|cc|bcc)\w*\b(?:\W+\w+){0,3}?\W+(?:all|every|each|the\s+(?:entire|full|whole|"
+        r"complete)|(?:a\s+)?(?:full|complete)\s+(?:list|copy|export|dump)\s+of|any|other)\b"
+        rf"(?:\W+\w+){{0,3}}?\W+{_DATA}\b(?:\W+\w+){{0,6}}?\W+(?:to|at|into|via|on)\b"
+        r"(?:\W+\w+){0,2}?\W*(?:[\w.+-]+@[\w-]+(?:\.[\w-]+)+|\[email\]|\u27e6email_\w+\u27e7|https?://|www\.|\w+\.\w{2,}|an?\s+(?:external|"
+        r"outside|personal|third)|this\s+(?:address|url|email))",
+        "plain",
+        leads="mail|e-mail|email|send|forward|post|upload|transmit|exfiltrat|leak|copy|export|dump|share|sync|cc|bcc",
+    ),
+    _r(
+        "exfil.append-to-url",
+        "exfiltration",
+        50,
+        r"\b(?:append|add|attach|include|embed|encode|put)\w*\b(?:\W+\w+){0,6}?\W+(?:to|into|in)\s+"
+        r"(?:this|that|the\s+following|my)\s+(?:link|url|address|endpoint|webhook)\b",
+        "plain",
+        leads="append|add|attach|include|embed|encode|put",
+    ),
+    _r(
+        "exfil.encode-conversation",
+        "exfiltration",
+        30,
+        r"\b(?:encode|append|include|embed|add)\w*\b(?:\W+\w+){0,4}?\W+"
+        r"(?:conversation|chat|previous\s+messages?|our\s+messages|the\s+context|user'?s?\s+data|"
+        r"history|summary\s+of\s+(?:the\s+page|our\s+conversation))\b"
+        r"(?:\W+\w+){0,6}?\W+(?:url|link|query|parameter|image|base64)",
+        "plain",
+        leads="encode|append|include|embed|add",
+    ),
+)
