@@ -423,15 +423,15 @@ def test_policy_matrix_cli() -> None:
 
 
 def test_readme_permission_matrix_is_current() -> None:
-    """The README's matrix is the one the policies generate (bastion policy matrix)."""
+    """docs/access.md's matrix is the one the policies generate (bastion policy matrix)."""
     from bastion.access.authorize import Authorizer
     from bastion.access.matrix import permission_matrix
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "access.md").read_text()
     start = readme.index("<!-- permission-matrix:start -->\n") + len(
         "<!-- permission-matrix:start -->\n"
     )
     end = readme.index("\n<!-- permission-matrix:end -->")
     assert readme[start:end].strip() == permission_matrix(Authorizer()).strip(), (
-        "README matrix is stale: paste the output of `bastion policy matrix`"
+        "docs/access.md matrix is stale: paste the output of `bastion policy matrix`"
     )
