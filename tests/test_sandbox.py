@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 import resource
 import subprocess
 import tempfile
@@ -615,6 +616,64 @@ def test_remove_tree_undoes_depth_names_modes_flags_mounts_and_links(tmp_path: P
         assert str(top) not in Path("/proc/self/mountinfo").read_text()
 
 
+# -- bwrap's /dev: one read-only tree of the devices a run needs (issue 22, start time) -------
+
+DEV_VIEW = r"""
+import errno, os
+print('entries', ' '.join(sorted(os.listdir('/dev'))))
+with open('/dev/urandom', 'rb') as r, open('/dev/zero', 'rb') as z, open('/dev/null', 'wb') as n:
+    print('devices', len(r.read(8)), z.read(2) == b'\0\0', n.write(b'x'))
+for path in ('/dev/made', '/dev/shm/made', '/dev/ptmx', '/dev/tty', '/dev/pts/ptmx'):
+    try:
+        os.close(os.open(path, os.O_RDWR | (os.O_CREAT if path.endswith('made') else 0)))
+        print('OPENED', path)
+    except OSError as e:
+        print(path, errno.errorcode[e.errno])
+"""
+
+
+def _dev_view(sandbox: Sandbox) -> dict[str, str]:
+    result = sandbox.run(sandbox.python(DEV_VIEW, limits=FAST))
+    assert result.outcome is Outcome.OK, result
+    return dict(line.split(" ", 1) for line in result.text().splitlines())
+
+
+def test_bwrap_dev_is_one_read_only_tree_of_the_devices_a_run_needs() -> None:
+    config = SandboxConfig()
+    backend = build_backend("bwrap", config)
+    assert isinstance(backend, BwrapBackend)
+    _, args = backend._static_args()
+    # One bind of the tree prepared on the host, not --dev's ~10 mount operations a run.
+    assert "--dev" not in args and args[args.index("--dev-bind") + 2] == "/dev"
+    view = _dev_view(Sandbox(backend, config))
+    assert view["entries"] == "fd full null random shm stderr stdin stdout urandom zero"
+    assert view["devices"] == "8 True 1"
+    # Nothing can be made in it, and no pseudo-terminal or tty device exists.
+    assert view["/dev/made"] == view["/dev/shm/made"] == "EROFS"
+    assert view["/dev/ptmx"] == view["/dev/tty"] == view["/dev/pts/ptmx"] == "ENOENT"
+
+
+def test_where_the_dev_tree_cannot_be_made_bwrap_keeps_its_own_read_only_dev(
+    tmp_path: Path,
+) -> None:
+    # A state dir on a nodev file system: device nodes would not open there, so no
+    # tree is made and bubblewrap's own --dev is used, read-only as well.
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "nodev,size=1m", "tmpfs", str(tmp_path)], check=True
+    )
+    try:
+        backend = BwrapBackend(state_dir=tmp_path / "bwrap")
+        _, args = backend._static_args()
+        assert not (tmp_path / "bwrap" / "dev").exists()
+        at = args.index("--dev")
+        assert args[at + 1 : at + 4] == ["/dev", "--remount-ro", "/dev"]
+        view = _dev_view(Sandbox(backend, SandboxConfig()))
+        assert view["devices"] == "8 True 1"
+        assert view["/dev/made"] == view["/dev/shm/made"] == "EROFS"
+    finally:
+        subprocess.run(["umount", str(tmp_path)], check=True)
+
+
 # -- fail closed when the host lacks an isolation feature (issue 22) -------------------------
 
 
@@ -622,6 +681,7 @@ class _HostLacking(HostProbe):
     """This host as it is, except that ``feature`` reads as missing."""
 
     def __init__(self, feature: Feature) -> None:
+        super().__init__()
         self.feature = feature
 
     def has(self, feature: Feature) -> bool:
@@ -633,6 +693,7 @@ class _HostLacking(HostProbe):
     [
         (Feature.SECCOMP_ARGS, ("bwrap", "landlock")),
         (Feature.CGROUPS, ("bwrap", "landlock", "gvisor")),
+        (Feature.CPU_ACCOUNTING, ("bwrap", "landlock", "gvisor")),
         (Feature.NAMESPACES, ("bwrap",)),
     ],
 )
@@ -644,9 +705,33 @@ def test_a_host_missing_an_isolation_feature_refuses_to_start(
         with pytest.raises(SandboxUnavailable, match=f"{name} refuses to start: this host lacks"):
             Sandbox(build_backend(name, config), config)
     # The probe does not fall back to something weaker among them: it refuses.
-    with pytest.raises(SandboxUnavailable, match=feature.value):
+    with pytest.raises(SandboxUnavailable, match=re.escape(feature.value)):
         Sandbox.probe(config)
     assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
+def test_a_cgroup_v1_host_without_cpuacct_refuses_at_start(tmp_path: Path) -> None:
+    # A cgroup v1 host laid out as the kernel mounts it, with the memory, pids and
+    # cpu controllers but not cpuacct: every run used to fail with sandbox_error.
+    cgroup_root = tmp_path / "cgroup"
+    for controller in ("memory", "pids", "cpu"):
+        (cgroup_root / controller).mkdir(parents=True)
+    host = HostProbe(cgroup_root)
+    assert host.has(Feature.CGROUPS) and not host.has(Feature.CPU_ACCOUNTING)
+    work = tmp_path / "work"
+    work.mkdir()
+    config = SandboxConfig(host=host, work_root=work, candidates=("bwrap", "landlock", "gvisor"))
+    for name in config.candidates:
+        refusal = f"{name} refuses to start: this host lacks cgroup CPU accounting"
+        with pytest.raises(SandboxUnavailable, match=refusal):
+            Sandbox(build_backend(name, config), config)
+    with pytest.raises(SandboxUnavailable, match="cpuacct on cgroup v1"):
+        Sandbox.probe(config)
+    assert list(work.iterdir()) == []  # nothing ran
+    assert all(list(d.iterdir()) == [] for d in cgroup_root.iterdir())  # no group was made
+    # The same host with cpuacct mounted passes the check.
+    (cgroup_root / "cpuacct").mkdir()
+    assert host.has(Feature.CPU_ACCOUNTING)
 
 
 def test_without_namespaces_a_minimum_of_namespaces_refuses_instead_of_landlock() -> None:

@@ -125,6 +125,14 @@ class Layout:
     def available(self) -> bool:
         return self.version is not None
 
+    @property
+    def cpu_accounting(self) -> bool:
+        """Whether a run's group accounts the CPU time of every task it ever had:
+        v2's cpu.stat is in every group; v1 needs the cpuacct hierarchy."""
+        if self.version == 2:
+            return True
+        return self.version == 1 and (self.root / "cpuacct").is_dir()
+
     def create(self, limits: Limits) -> RunCgroup:
         """A new cgroup for one run, with ``limits`` set; raise OSError."""
         if self.version == 1:

@@ -172,8 +172,16 @@ def oci_seccomp(*, shared_host: bool) -> dict[str, Any]:
         entry: dict[str, Any] = {"names": [rule.syscall]}
         if rule.errno is None:
             entry["action"] = "SCMP_ACT_KILL"  # runsc 2022 knows no KILL_PROCESS
+        elif rule.errno == errno.ENOSYS:
+            # runsc releases that ignore errnoRet (20221219, the one here) answer
+            # EPERM to every SCMP_ACT_ERRNO, and glibc falls back from clone3 to clone
+            # on ENOSYS only, so no thread could start. SECCOMP_RET_TRACE with no
+            # tracer attached fails the call with ENOSYS on every version
+            # (seccomp(2)); ptrace is killed, so no tracer can ever attach.
+            entry["action"] = "SCMP_ACT_TRACE"
+            entry["errnoRet"] = rule.errno
         else:
-            entry["action"] = "SCMP_ACT_ERRNO"
+            entry["action"] = "SCMP_ACT_ERRNO"  # EPERM where runsc ignores errnoRet: refused
             entry["errnoRet"] = rule.errno
         if rule.args:
             entry["args"] = [

@@ -103,7 +103,7 @@ class BackendStatus:
 
 def build_backend(name: str, config: SandboxConfig) -> Backend:
     if name == "bwrap":
-        return BwrapBackend()
+        return BwrapBackend(state_dir=config.state_dir / "bwrap")
     if name == "landlock":
         return LandlockBackend(config.work_root)
     if name == "gvisor":

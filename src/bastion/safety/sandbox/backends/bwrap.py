@@ -10,9 +10,13 @@ loopback, so there is no route to the host or the internet.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
 import resource
 import shutil
+import stat
+from pathlib import Path
 
 from bastion.safety.sandbox import seccomp
 from bastion.safety.sandbox.backends.base import Backend, RunContext
@@ -42,6 +46,88 @@ PROC_MASKS = (
 )
 
 
+# The sandbox's /dev: these devices (name, major, minor), the /proc/self/fd links and
+# an empty /dev/shm, nothing else (no pseudo-terminals, no /dev/tty). Made once
+# on the host in a root-owned tree mounted read-only and bound at /dev in one
+# mount, where bubblewrap's --dev plus the remount that makes it read-only are
+# about ten mount operations a run (a tmpfs, six device binds, a devpts, a remount).
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9))
+DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
+_MS_RDONLY, _MS_NOSUID, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND = 1, 2, 8, 32, 4096
+
+
+def _dev_tree_valid(tree: Path) -> bool:
+    """Whether ``tree`` is exactly the prepared /dev: on a read-only mount that
+    allows devices, root's and unwritable, reachable by a run's uid."""
+    try:
+        flags = os.statvfs(tree).f_flag
+        if not flags & os.ST_RDONLY or flags & os.ST_NODEV:
+            return False
+        for directory in (tree, *tree.parents):  # a run's uid must reach it
+            info = os.stat(directory)
+            if info.st_uid != 0 or info.st_mode & 0o022 or not info.st_mode & 0o001:
+                return False
+        expected = {name for name, _, _ in DEVICES} | {name for name, _ in DEV_LINKS} | {"shm"}
+        if set(os.listdir(tree)) != expected:
+            return False
+        for name, major, minor in DEVICES:
+            info = os.lstat(tree / name)
+            if not stat.S_ISCHR(info.st_mode) or info.st_rdev != os.makedev(major, minor):
+                return False
+        shm = os.lstat(tree / "shm")
+        return (
+            all(os.readlink(tree / name) == target for name, target in DEV_LINKS)
+            and stat.S_ISDIR(shm.st_mode)
+            and shm.st_uid == 0
+            and not os.listdir(tree / "shm")
+        )
+    except OSError:
+        return False
+
+
+def prepare_dev_tree(tree: Path) -> bool:
+    """Make ``tree`` the sandbox's /dev (see :data:`DEVICES`) once per host, as root:
+    the nodes, then a read-only bind mount of the tree on itself. Returns whether
+    it is ready; False (a host where it cannot be made: not root, a nodev file
+    system) leaves bubblewrap's own --dev in use."""
+    try:
+        tree.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with open(tree.parent / "dev.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be making it
+            if _dev_tree_valid(tree):
+                return True
+            if tree.exists():
+                return False  # something else is there: never remove what is not ours
+            if os.statvfs(tree.parent).f_flag & os.ST_NODEV:
+                return False  # device nodes would not open there
+            tree.mkdir(mode=0o755)
+            for name, major, minor in DEVICES:
+                os.mknod(tree / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+                os.chmod(tree / name, 0o666)  # noqa: S103 - what /dev/null is, past the umask
+            for name, target in DEV_LINKS:
+                os.symlink(target, tree / name)
+            (tree / "shm").mkdir(mode=0o755)
+            os.chmod(tree, 0o755)  # noqa: S103 - read-only, reachable by a run's uid
+            # A bind of the tree on itself, then read-only: its own mount, which a
+            # sandbox's bind inherits read-only (locked: made in the host's namespace).
+            libc = ctypes.CDLL(None, use_errno=True)
+            path = str(tree).encode()
+            read_only = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NOEXEC
+            if libc.mount(path, path, None, _MS_BIND, None) != 0:
+                return False
+            if libc.mount(None, path, None, read_only, None) != 0:
+                libc.umount2(path, 0)
+                return False
+            return _dev_tree_valid(tree)
+    except OSError:
+        return False
+
+
 _PRLIMIT = {
     resource.RLIMIT_CPU: "cpu", resource.RLIMIT_FSIZE: "fsize", resource.RLIMIT_NOFILE: "nofile",
     resource.RLIMIT_NPROC: "nproc", resource.RLIMIT_CORE: "core",
@@ -64,11 +150,15 @@ class BwrapBackend(Backend):
     name = "bwrap"
     isolation = Isolation.NAMESPACES
 
-    def __init__(self, binary: str = "bwrap", *, direct: bool | None = None) -> None:
+    def __init__(
+        self, binary: str = "bwrap", *, direct: bool | None = None, state_dir: Path | None = None
+    ) -> None:
         """``direct``: spawn bubblewrap straight as the run's uid and set the rlimits
         on its blocked sandbox from here (creds.py), rather than through prlimit(1)
-        and setpriv(1) execs in front of it (~2.5 ms a run). None: where possible."""
+        and setpriv(1) execs in front of it (~2.5 ms a run). None: where possible.
+        ``state_dir``: where the prepared /dev is made (None: bubblewrap's --dev)."""
         self.binary = binary
+        self.state_dir = state_dir
         credentials = ThreadCredentials()
         if direct is None:
             direct = credentials.available()
@@ -111,8 +201,20 @@ class BwrapBackend(Backend):
                 else:
                     args += ["--ro-bind", str(mount), str(mount)]
             for path in ETC_FILES:
-                args += ["--ro-bind-try", path, path]
-            args += ["--proc", "/proc", "--dev", "/dev"]
+                target = os.path.realpath(path)
+                if path == "/etc/localtime" and target.startswith("/usr/share/zoneinfo/"):
+                    # The zone file is in the read-only /usr already: a symlink to it
+                    # is no mount operation (a bind is one, each run).
+                    args += ["--symlink", target, path]
+                else:
+                    args += ["--ro-bind-try", path, path]
+            args += ["--proc", "/proc"]
+            tree = self.state_dir / "dev" if self.state_dir is not None else None
+            if tree is not None and prepare_dev_tree(tree):
+                # Read-only already (the host's mount): no remount, which would add nodev.
+                args += ["--dev-bind", str(tree), "/dev"]
+            else:
+                args += ["--dev", "/dev", "--remount-ro", "/dev"]
             for path in PROC_MASKS:  # the same kernel inside: what exists here does there
                 if os.path.isdir(path):
                     args += ["--tmpfs", path, "--remount-ro", path]
@@ -127,9 +229,8 @@ class BwrapBackend(Backend):
             *static,
             # The one writable area, size-capped (its pages count against the run's
             # memory cgroup too); then everything else read-only: bubblewrap's own
-            # root tmpfs (/, /etc) and /dev's (/dev/shm) would take any size.
+            # root tmpfs (/, /etc) would take any size (/dev: see _static_args).
             "--size", str(spec.limits.tmpfs_bytes), "--tmpfs", WORKDIR,
-            "--remount-ro", "/dev",
             "--remount-ro", "/",
             "--chdir", WORKDIR,
             "--clearenv",
