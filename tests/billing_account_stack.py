@@ -19,9 +19,9 @@ from bastion.billing import account_routes
 from bastion.billing.checkout import CheckoutService
 from bastion.billing.metering import MeteringService
 from bastion.billing.receipts import ReceiptKeys, ReceiptService
+from bastion.compose import Identity, build_identity
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
-from bastion.identity.wiring import Identity, build_identity
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from tests.conftest import DbHandles

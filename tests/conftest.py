@@ -26,6 +26,7 @@ import psycopg
 import pytest
 import structlog
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bastion.db.launcher import EmbeddedPostgres, ServerInfo
 from bastion.db.pool import Database
@@ -124,6 +125,19 @@ class DbHandles:
     app: str
     context_key: bytes
     queue: str
+
+    def superuser_env(self, keystore: LocalKeystore) -> dict[str, str]:
+        """``DATABASE_URL`` and its password's reference, for a ``bastion`` process
+        (settings refuse a password in the URL itself)."""
+        params = conninfo_to_dict(self.superuser)
+        keystore.set(SUPERUSER_PASSWORD_SECRET, str(params.pop("password")).encode())
+        return {
+            "DATABASE_URL": make_conninfo(**{k: str(v) for k, v in params.items()}),
+            "BASTION_DATABASE_PASSWORD_REF": f"local://{SUPERUSER_PASSWORD_SECRET}",
+        }
+
+
+SUPERUSER_PASSWORD_SECRET = "db/test-superuser-password"  # a secret's name, not a value
 
 
 _counter = itertools.count()

@@ -21,8 +21,16 @@ def running_server(app: ASGIApp) -> contextlib.AbstractContextManager[str]:
     return serving(lambda _url: app)
 
 
+def bound_socket() -> socket.socket:
+    """A listening-to-be socket on a free loopback port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 @contextlib.contextmanager
-def serving(build: Callable[[str], ASGIApp]) -> Iterator[str]:
+def serving(build: Callable[[str], ASGIApp], sock: socket.socket | None = None) -> Iterator[str]:
     """Serve the app ``build(base_url)`` returns; yield the URL; shut it down.
 
     The app learns its own URL before it starts (an issuer must know it).
@@ -30,12 +38,11 @@ def serving(build: Callable[[str], ASGIApp]) -> Iterator[str]:
     Uses the production stack and options (:func:`bastion.serve.server_options`:
     uvloop, httptools, no server header, no proxy headers believed). The
     socket is bound here, so the port is known before the server starts and
-    cannot be taken by another test in between. Raises :class:`RuntimeError`
+    cannot be taken by another test in between (``sock``: one the caller bound
+    already, for two servers that must know each other's URL). Raises :class:`RuntimeError`
     if the server does not start within ``START_TIMEOUT`` seconds.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = sock or bound_socket()
     port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     config = uvicorn.Config(build(url), **server_options())

@@ -44,7 +44,7 @@ def serving_process(
     env = {
         **os.environ,
         "BASTION_HOME": str(home),
-        "DATABASE_URL": database.superuser,
+        **database.superuser_env(keystore),
         "BASTION_KEYSTORE_FILE": str(keystore.path),
         "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
         "BASTION_API_PORT": str(port),

@@ -81,7 +81,7 @@ def _touch(path: Path, text: str) -> None:
 
 def test_schema_declares_exactly_the_actions(authorizer: Authorizer) -> None:
     assert authorizer.actions == ACTIONS
-    assert len(set(ACTIONS)) == 26
+    assert len(set(ACTIONS)) == 30
     assert authorizer.resource_types("account:read") == ("Account",)
     assert authorizer.has_owner("Account")
     assert not authorizer.has_owner("Document")
@@ -135,6 +135,7 @@ def test_every_role_and_action_matches_the_matrix(authorizer: Authorizer) -> Non
         "usage:read",
         "billing:read",
         "sampling:read",
+        "egress:read",
         *ACCOUNT_ACTIONS,
     }
     assert not auditor & {"document:write", "document:delete", "billing:manage", "plan:change"}

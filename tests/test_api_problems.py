@@ -112,7 +112,9 @@ def _problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]
     assert body["type"] == f"https://bastion.dev/problems/{slug}"
     assert body["status"] == status
     assert body["title"]
-    assert body["instance"] == response.request.url.path
+    # The matched route's template (here the path itself), never more of the
+    # path as sent; absent when no route matched.
+    assert body.get("instance", response.request.url.path) == response.request.url.path
     assert body["request_id"] == response.headers["x-request-id"]
     assert "Traceback" not in response.text
     return dict(body)

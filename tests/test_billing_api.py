@@ -17,9 +17,9 @@ from bastion.billing.approvals import PlanApprovals
 from bastion.billing.plans import PlanCatalogue
 from bastion.billing.service import BillingService
 from bastion.billing.webhooks import EventCipher
+from bastion.compose import Identity
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
-from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from bastion.tenants.service import TenantService
 from tests.api_stack import api_server

@@ -14,8 +14,8 @@ from uuid import uuid4
 import httpx
 import pytest
 
+from bastion.compose import Identity
 from bastion.db.pool import Database
-from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from tests.api_stack import api_server
 from tests.conftest import DbHandles

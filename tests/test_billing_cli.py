@@ -42,7 +42,7 @@ def _bastion(
         "LOGNAME": operator,
         "USER": operator,
         "BASTION_HOME": str(short_tempdir("bastion-cli-")),
-        "DATABASE_URL": database.superuser,
+        **database.superuser_env(keystore),
         "BASTION_KEYSTORE_FILE": str(keystore.path),
         "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
         "COLUMNS": "200",

@@ -38,7 +38,6 @@ SRC = Path(bastion.__file__).parent
 HTTP_EDGE_FILES = {
     "identity/auth.py",
     "identity/oidc.py",
-    "identity/wiring.py",
     "access/guard.py",
     "gateway/app.py",
     "gateway/auth.py",

@@ -24,13 +24,12 @@ import pytest
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from fastapi import FastAPI
 
-from bastion.compose import Overrides, build_api
+from bastion.compose import DPOP_NONCE_KEY, Overrides, build_api
 from bastion.db.pool import Database
 from bastion.identity.client import DpopAuth, login, refresh
 from bastion.identity.dpop import DpopKey, DpopVerifier, MemoryReplayCache
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, s256
-from bastion.identity.wiring import DPOP_NONCE_KEY
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService

@@ -20,23 +20,18 @@ import httpx
 import openai
 import psycopg
 import pytest
-from fastapi import FastAPI
 
 from bastion.access.approvals import ApprovalService
-from bastion.access.roles import LiveRoles
 from bastion.api.problems import status_of
 from bastion.billing.budgets import BudgetService, BudgetState
 from bastion.billing.wiring import build_billing
 from bastion.db.pool import Database
-from bastion.gateway.app import build_routers
 from bastion.gateway.entitlements import PlanGate
-from bastion.gateway.ledger import CallLedger
 from bastion.gateway.routing import TargetBreaker
 from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
 from bastion.identity.tokens import TokenIssuer
-from bastion.identity.wiring import build_guard
 from bastion.knowledge.answers import AskService, GatewayRefused
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.safety.signing import (
@@ -46,15 +41,14 @@ from bastion.safety.signing import (
     ToolCall,
     ToolCallSigner,
 )
-from bastion.safety.vault import PiiVault
 from bastion.secrets import LocalKeystore
 from bastion.secrets.kms import LocalKMS
 from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import ModelRoute, Settings
-from bastion.tenants.service import TenantService
+from bastion.tenants.service import TenantMembers, TenantService
 from tests.conftest import Captured, DbHandles
-from tests.gateway_stack import gateway_app
-from tests.http_server import running_server, serving
+from tests.gateway_stack import gateway_server
+from tests.http_server import running_server
 from tests.provider_double import (
     ANSWER,
     API_KEY,
@@ -105,6 +99,9 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
     ):
         settings = Settings(
             issuer=ISSUER,
+            embedder="hashing",
+            gateway_budget_lease_calls=8,
+            gateway_budget_lease_seconds=0.5,
             gateway_models=[
                 ModelRoute(name="bastion-local", provider="local"),
                 ModelRoute(
@@ -135,44 +132,35 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
             ],
         )
 
-        def build(url: str) -> FastAPI:
-            db = Database(database.app, database.context_key, max_size=12)
-            routers = build_routers(settings.gateway_models, keystore, embedder="hashing")
-            live_roles = LiveRoles(db)  # as the gateway process runs it
-            guard = build_guard(settings, db, keystore, public_url=url, roles=live_roles)
-            ledger = CallLedger(db, BudgetService(db), lease_calls=8, lease_seconds=0.5)
-            service = GatewayService(
-                ledger,
-                routers,
-                authorizer=guard.authorizer,
-                tool_signer=ToolCallSigner(keystore),
-                vault=PiiVault(TenantKeys(LocalKMS(keystore))),
-            )
-            seeded["service"] = service
-            # Off by default here; a test puts it on (tenants without a plan get Free's).
-            seeded["plan_gate"] = PlanGate(
-                build_billing(settings, db, keystore).service.entitlements, ttl_seconds=0.3
+        async def seed(db: Database) -> None:
+            tenants = TenantService(db)
+            tenant = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "gw")).id
+            seeded["tenant"] = tenant
+            seeded["users"] = {
+                role: await tenants.add_member(tenant, f"{role}@gw.test", role)
+                for role in ("contributor", "viewer")
+            }
+            other = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "other")).id
+            seeded["other_tenant"] = other
+            seeded["other_user"] = await tenants.add_member(
+                other, "contributor@other.test", "contributor"
             )
 
-            async def seed(db: Database) -> None:
-                tenants = TenantService(db)
-                tenant = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "gw")).id
-                seeded["tenant"] = tenant
-                seeded["users"] = {
-                    role: await tenants.add_member(tenant, f"{role}@gw.test", role)
-                    for role in ("contributor", "viewer")
-                }
-                other = (await tenants.create_tenant(f"g-{uuid4().hex[:8]}", "other")).id
-                seeded["other_tenant"] = other
-                seeded["other_user"] = await tenants.add_member(
-                    other, "contributor@other.test", "contributor"
-                )
-
-            return gateway_app(
-                db, service, guard, EnvelopeSigner(keystore), live_roles=live_roles, seed=seed
+        # The gateway as the composition root builds it (live roles, ledger
+        # leases, vault, tool signing), without the plan gate: tenants here have
+        # no plan, and Free's would admit bastion-local only. A test puts it on.
+        with gateway_server(
+            database,
+            keystore,
+            lambda url: settings.model_copy(update={"gateway_public_url": url}),
+            seed=seed,
+            pool_size=12,
+            without_plan_gate=True,
+        ) as (url, composed):
+            plan_gate = PlanGate(
+                build_billing(settings, composed.db, keystore).service.entitlements,
+                ttl_seconds=0.3,
             )
-
-        with serving(build) as url:
             keys = SigningKeys(keystore)
             tokens = TokenIssuer(
                 keys, issuer=ISSUER, audience=ISSUER, lifetime=timedelta(minutes=15)
@@ -184,11 +172,11 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
                 tokens,
                 seeded["tenant"],  # type: ignore[arg-type]
                 seeded["users"],  # type: ignore[arg-type]
-                seeded["service"],  # type: ignore[arg-type]
+                composed.service,
                 canary,
                 seeded["other_tenant"],  # type: ignore[arg-type]
                 seeded["other_user"],  # type: ignore[arg-type]
-                seeded["plan_gate"],  # type: ignore[arg-type]
+                plan_gate,
             )
 
 
@@ -1224,7 +1212,8 @@ async def test_a_revoked_role_stops_at_the_gateway_without_a_read_per_request(
         async with _dpop_http(gateway, user=user) as http:
             assert await call(http) == 200
             assert await call(http) == 200
-            assert await ApprovalService(db).revoke(gateway.tenant, owner, user, "contributor")
+            approvals = ApprovalService(db, TenantMembers())
+            assert await approvals.revoke(gateway.tenant, owner, user, "contributor")
             revoked = time.monotonic()
             refused = await call(http)
             while refused == 200 and time.monotonic() - revoked < 1.0:

@@ -20,34 +20,27 @@ from uuid import UUID, uuid4
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from bastion.billing.budgets import BudgetService
 from bastion.db.pool import Database
-from bastion.gateway.app import build_routers
 from bastion.gateway.cache import (
     ENTRY_OVERHEAD_BYTES,
     MAX_KEY_DEPTH,
     AnswerCache,
     CacheKey,
 )
-from bastion.gateway.ledger import CallLedger
 from bastion.gateway.providers import Completion, LocalProvider, Usage
 from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
 from bastion.identity.tokens import TokenIssuer
-from bastion.identity.wiring import build_guard
-from bastion.safety.signing import EnvelopeSigner, ToolCall, ToolCallSigner
-from bastion.safety.vault import PiiVault
+from bastion.safety.signing import ToolCall
 from bastion.secrets import LocalKeystore
-from bastion.secrets.kms import LocalKMS
-from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
-from tests.gateway_stack import gateway_app
-from tests.http_server import running_server, serving
+from tests.gateway_stack import gateway_server
+from tests.http_server import running_server
 from tests.provider_double import ANSWER, API_KEY, TRUNCATED_ANSWER, DoubleState, provider_double
 
 pytestmark = pytest.mark.anyio
@@ -76,6 +69,9 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
     with running_server(provider_double(double)) as upstream:
         settings = Settings(
             issuer=ISSUER,
+            embedder="hashing",
+            gateway_budget_lease_calls=8,
+            gateway_budget_lease_seconds=0.5,
             gateway_models=[
                 ModelRoute(
                     name="upstream",
@@ -87,52 +83,47 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
             ],
         )
 
-        def build(url: str) -> FastAPI:
-            db = Database(database.app, database.context_key, max_size=6)
-            guard = build_guard(settings, db, keystore, public_url=url)
-            service = GatewayService(
-                CallLedger(db, BudgetService(db), lease_calls=8, lease_seconds=0.5),
-                build_routers(settings.gateway_models, keystore, embedder="hashing"),
-                AnswerCache(
-                    max_entries=TOTAL_ENTRIES,
-                    tenant_entries=TENANT_ENTRIES,
-                    ttl_seconds=TTL_SECONDS,
-                    clock=lambda: now[0],
-                ),
-                authorizer=guard.authorizer,
-                tool_signer=ToolCallSigner(keystore),
-                vault=PiiVault(TenantKeys(LocalKMS(keystore))),
-            )
-            seeded["service"] = service
+        async def seed(db: Database) -> None:
+            tenants, budgets = TenantService(db), BudgetService(db)
+            start = datetime.now(UTC) - timedelta(minutes=1)
+            users: dict[str, tuple[UUID, UUID]] = {}
+            for name in ("a", "b"):
+                tenant = (await tenants.create_tenant(f"c-{uuid4().hex[:8]}", name)).id
+                await budgets.set_budget(
+                    tenant,
+                    period_start=start,
+                    period_end=start + timedelta(hours=1),
+                    call_limit=10_000,
+                    token_limit=10**9,
+                )
+                for n in (1, 2):
+                    user = await tenants.add_member(tenant, f"u{n}@{name}.test", "contributor")
+                    users[f"{name}{n}"] = (tenant, user)
+            seeded["users"] = users
 
-            async def seed(db: Database) -> None:
-                tenants, budgets = TenantService(db), BudgetService(db)
-                start = datetime.now(UTC) - timedelta(minutes=1)
-                users: dict[str, tuple[UUID, UUID]] = {}
-                for name in ("a", "b"):
-                    tenant = (await tenants.create_tenant(f"c-{uuid4().hex[:8]}", name)).id
-                    await budgets.set_budget(
-                        tenant,
-                        period_start=start,
-                        period_end=start + timedelta(hours=1),
-                        call_limit=10_000,
-                        token_limit=10**9,
-                    )
-                    for n in (1, 2):
-                        user = await tenants.add_member(tenant, f"u{n}@{name}.test", "contributor")
-                        users[f"{name}{n}"] = (tenant, user)
-                seeded["users"] = users
-
-            return gateway_app(db, service, guard, EnvelopeSigner(keystore), seed=seed)
-
-        with serving(build) as url:
+        # Composed as ``bastion serve gateway`` builds it, with the cache on a test
+        # clock and without the plan gate (these tenants have budgets, no plan).
+        with gateway_server(
+            database,
+            keystore,
+            lambda url: settings.model_copy(update={"gateway_public_url": url}),
+            seed=seed,
+            pool_size=6,
+            answer_cache=AnswerCache(
+                max_entries=TOTAL_ENTRIES,
+                tenant_entries=TENANT_ENTRIES,
+                ttl_seconds=TTL_SECONDS,
+                clock=lambda: now[0],
+            ),
+            without_plan_gate=True,
+        ) as (url, composed):
             tokens = TokenIssuer(
                 SigningKeys(keystore),
                 issuer=ISSUER,
                 audience=ISSUER,
                 lifetime=timedelta(minutes=15),
             )
-            yield Stack(url, double, seeded["service"], tokens, seeded["users"], now)
+            yield Stack(url, double, composed.service, tokens, seeded["users"], now)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ the circuit breaker's states, fallbacks last, and the tenant-scoped cache."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import cast
 from uuid import UUID, uuid4
 
@@ -288,7 +289,8 @@ def test_cache_is_per_tenant_ttl_and_size_capped() -> None:
 def test_the_configured_cache_is_kept_even_while_empty() -> None:
     # An empty cache is falsy (it has a length): "cache or default" once dropped it.
     cache = AnswerCache(ttl_seconds=0)
-    service = GatewayService(cast(CallLedger, None), {}, cache)
+    # No database is touched: the ledger only lends its handle to the egress policies.
+    service = GatewayService(cast(CallLedger, SimpleNamespace(db=None)), {}, cache)
     assert service.cache is cache
 
 

@@ -23,27 +23,22 @@ from uuid import UUID, uuid4
 import httpx
 import psycopg
 import pytest
-from fastapi import FastAPI
 
 from bastion.api.problems import problem_type, status_of
 from bastion.billing.budgets import BudgetService
 from bastion.db.pool import Database
-from bastion.gateway.app import build_routers
-from bastion.gateway.ledger import CallLedger
 from bastion.gateway.routing import ModelRouter, TargetBreaker
 from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
 from bastion.identity.tokens import TokenIssuer
-from bastion.identity.wiring import build_guard
 from bastion.knowledge.answers import _passed_on
-from bastion.safety.signing import EnvelopeSigner
 from bastion.secrets import LocalKeystore
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
-from tests.gateway_stack import gateway_app
-from tests.http_server import running_server, serving
+from tests.gateway_stack import gateway_server
+from tests.http_server import running_server
 from tests.provider_double import (
     ANSWER,
     API_KEY,
@@ -101,6 +96,9 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
 
         settings = Settings(
             issuer=ISSUER,
+            embedder="hashing",
+            gateway_budget_lease_calls=8,
+            gateway_budget_lease_seconds=0.5,
             gateway_models=[
                 route("solo", primary_url),
                 route("solo", fallback_url, fallback=True),
@@ -110,27 +108,26 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
             ],
         )
 
-        def build(url: str) -> FastAPI:
-            db = Database(database.app, database.context_key, max_size=8)
-            guard = build_guard(settings, db, keystore, public_url=url)
-            ledger = CallLedger(db, BudgetService(db), lease_calls=8, lease_seconds=0.5)
-            routers = build_routers(settings.gateway_models, keystore, embedder="hashing")
-            service = GatewayService(ledger, routers, authorizer=guard.authorizer)
-            seeded["service"] = service
+        async def seed(db: Database) -> None:
+            tenants = TenantService(db)
+            seeded["tenants"], seeded["users"] = {}, {}
+            for name in TENANTS:
+                tenant = (await tenants.create_tenant(f"f-{uuid4().hex[:8]}", name)).id
+                seeded["tenants"][name] = tenant
+                seeded["users"][name] = await tenants.add_member(
+                    tenant, f"contributor@{name}.test", "contributor"
+                )
 
-            async def seed(db: Database) -> None:
-                tenants = TenantService(db)
-                seeded["tenants"], seeded["users"] = {}, {}
-                for name in TENANTS:
-                    tenant = (await tenants.create_tenant(f"f-{uuid4().hex[:8]}", name)).id
-                    seeded["tenants"][name] = tenant
-                    seeded["users"][name] = await tenants.add_member(
-                        tenant, f"contributor@{name}.test", "contributor"
-                    )
-
-            return gateway_app(db, service, guard, EnvelopeSigner(keystore), seed=seed)
-
-        with serving(build) as url:
+        # Composed as ``bastion serve gateway`` builds it, without the plan gate
+        # (these tenants have no plan).
+        with gateway_server(
+            database,
+            keystore,
+            lambda url: settings.model_copy(update={"gateway_public_url": url}),
+            seed=seed,
+            pool_size=8,
+            without_plan_gate=True,
+        ) as (url, composed):
             tokens = TokenIssuer(
                 SigningKeys(keystore),
                 issuer=ISSUER,
@@ -143,7 +140,7 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
                 primary,
                 fallback,
                 canary,
-                seeded["service"],
+                composed.service,
                 tokens,
                 seeded["tenants"],
                 seeded["users"],

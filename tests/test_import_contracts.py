@@ -34,11 +34,15 @@ def _lint_imports(tree: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def _planted(tmp_path: Path, module: str, line: str) -> Path:
-    """A copy of src/ where ``module`` (a path under bastion/) also has ``line``."""
+    """A copy of src/ where ``module`` (a path under bastion/) also has ``line``;
+    a module ``line`` imports that does not exist yet is created (empty)."""
     tree = tmp_path / "src"
     shutil.copytree(ROOT / "src" / "bastion", tree / "bastion")
     target = tree / "bastion" / module
     target.write_text(target.read_text() + f"\n{line}\n")
+    imported = tree / (line.split()[1].replace(".", "/") + ".py")
+    if not imported.exists():
+        imported.write_text('"""Planted."""\n')
     return tree
 
 
@@ -71,6 +75,21 @@ def test_the_real_tree_keeps_every_contract() -> None:
             "import bastion.identity.mfa  # noqa",
             "no-cycles",
             "No cycles are allowed in bastion",
+        ),
+        # A domain reaching past another domain's public surface, into a module
+        # that domain keeps to itself (the knowledge base's chunker).
+        (
+            "gateway/service.py",
+            "import bastion.knowledge.chunks  # noqa",
+            "surface-knowledge",
+            "bastion.gateway.service -> bastion.knowledge.chunks",
+        ),
+        # ...and a newly added module is private until its domain lists it.
+        (
+            "billing/plans.py",
+            "import bastion.safety.new_detector  # noqa",
+            "surface-safety",
+            "bastion.billing.plans -> bastion.safety.new_detector",
         ),
     ],
 )

@@ -26,10 +26,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bastion.compose import Identity
 from bastion.db.pool import Database
 from bastion.gateway.providers import OpenAICompatible, ProviderError, UpstreamRejected
 from bastion.identity.dpop import PROOF_TYPE, DpopKey
-from bastion.identity.wiring import Identity
 from bastion.jsonsafe import MAX_DEPTH, loads, nesting_exceeds
 from bastion.secrets import LocalKeystore
 from tests.api_stack import api_server

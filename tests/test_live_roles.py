@@ -14,7 +14,7 @@ import pytest
 from bastion.access.approvals import ApprovalService
 from bastion.access.roles import CHANNEL, LiveRoles
 from bastion.db.pool import Database
-from bastion.tenants.service import TenantService
+from bastion.tenants.service import TenantMembers, TenantService
 from tests.conftest import DbHandles
 
 pytestmark = pytest.mark.anyio
@@ -97,7 +97,8 @@ async def test_a_revoked_role_is_dropped_within_milliseconds(counting: CountingD
     await _listening(roles)
     try:
         assert await roles(tenant, user) == {"contributor"}
-        assert await ApprovalService(counting).revoke(tenant, owner, user, "contributor")
+        approvals = ApprovalService(counting, TenantMembers())
+        assert await approvals.revoke(tenant, owner, user, "contributor")
         revoked = time.monotonic()
         while await roles(tenant, user):
             assert time.monotonic() - revoked < 1.0, "the revocation never arrived"
@@ -120,7 +121,8 @@ async def test_an_announcement_during_a_read_keeps_that_read_out(
         in_flight = asyncio.create_task(roles(tenant, user))
         await counting.read_done.wait()
         generation = roles._generation
-        assert await ApprovalService(counting).revoke(tenant, owner, user, "contributor")
+        approvals = ApprovalService(counting, TenantMembers())
+        assert await approvals.revoke(tenant, owner, user, "contributor")
         await _until(lambda: roles._generation > generation)
         counting.hold.set()
         assert await in_flight == {"contributor"}  # what that read saw, for that request

@@ -69,9 +69,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEADY_SECONDS = 4.0
 ATTACK_SECONDS = 10.0
 B_PROMPTS = 6
-# The cache: 32 entries. A floods it with up to 4x that many distinct prompts:
+# The cache: 16 entries. A floods it with up to 4x that many distinct prompts:
 # one LRU for all kept none of B's 6; partitioned, A gives up its own first.
-CACHE_ENTRIES, CACHE_TENANTS = 32, 4
+CACHE_ENTRIES, CACHE_TENANTS = 16, 4
 # Answers A must have had stored for one shared LRU to have dropped all of B's.
 FLOOD_ENOUGH = CACHE_ENTRIES + B_PROMPTS
 # B's answers go stale after this; through the outage they are served as stale-fallback.
@@ -81,7 +81,7 @@ EXTRACT_CPU_SECONDS, EXTRACT_WALL_SECONDS = 2, 6
 ATTACKS: dict[str, dict[str, Any]] = {
     "bad-requests": {"concurrency": 2, "max_requests": 20_000},
     "induced-faults": {"concurrency": 1, "max_requests": 20_000},
-    "cache-flood": {"concurrency": 2, "max_requests": 4 * CACHE_ENTRIES},
+    "cache-flood": {"concurrency": 3, "max_requests": 4 * CACHE_ENTRIES},
     "issuer-storm": {"concurrency": 2, "max_requests": 20_000},
     "parser-bombs": {"concurrency": 1, "max_requests": 200, "bombs": 2},
     "password-flood": {"concurrency": 1, "max_requests": 20_000},

@@ -19,12 +19,12 @@ import psycopg
 import pyotp
 import pytest
 
+from bastion.compose import Identity
 from bastion.db.pool import Database
 from bastion.identity.client import DpopAuth, LoginFailed, TokenSet, login, refresh
 from bastion.identity.dpop import DpopKey
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, s256
-from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService

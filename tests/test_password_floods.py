@@ -25,11 +25,11 @@ import psycopg
 import pytest
 from argon2 import PasswordHasher
 
+from bastion.compose import Identity
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, s256
-from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from bastion.tenants.service import TenantService
 from tests.api_stack import api_server

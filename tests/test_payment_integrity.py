@@ -426,7 +426,7 @@ def _reconcile_adyen(database: DbHandles, keystore: LocalKeystore) -> str:
     env = {
         **os.environ,
         "BASTION_HOME": str(short_tempdir("bastion-pi-")),
-        "DATABASE_URL": database.superuser,
+        **database.superuser_env(keystore),
         "BASTION_KEYSTORE_FILE": str(keystore.path),
         "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
         "BASTION_ADYEN_MERCHANT_ACCOUNT": MERCHANT,
@@ -1019,7 +1019,7 @@ def _reconcile_stripe(
     env = {
         **os.environ,
         "BASTION_HOME": str(short_tempdir("bastion-pi-")),
-        "DATABASE_URL": database.superuser,
+        **database.superuser_env(keystore),
         "BASTION_KEYSTORE_FILE": str(keystore.path),
         "BASTION_MASTER_KEY_FILE": str(keystore.master_key_file),
         "BASTION_BILLING_STRIPE_API_KEY_REF": f"local://{key_name}",

@@ -234,3 +234,34 @@ def test_output_scan_leaves_tokens_and_clean_text() -> None:
 def test_output_scan_refuses_bad_bytes() -> None:
     with pytest.raises(PiiInputNotText):
         scan_output(b"\xff\xfe")
+
+
+def _kept_state(recognizer: PiiRecognizer) -> list[str]:
+    """What the recognizer and its modules hold between calls: every
+    module-level container and cache, and the recognizer's own attributes."""
+    from bastion.safety import pii, pii_patterns
+
+    kept = [repr(sorted(vars(recognizer).items(), key=lambda item: item[0]))]
+    for module in (pii, pii_patterns):
+        for name, value in sorted(vars(module).items()):
+            if isinstance(value, dict | list | set | bytearray):
+                kept.append(f"{module.__name__}.{name}={value!r}")
+            elif hasattr(value, "cache_info"):
+                kept.append(f"{module.__name__}.{name}={value.cache_info().currsize}")
+    return kept
+
+
+def test_a_scan_keeps_nothing_derived_from_the_text() -> None:
+    """Issue 23, B9: after a shred, no process's memory recognises the tenant's
+    text. Telephone numbers with no telling shape need a numbering-plan check;
+    no memo of those checks (once: digests of every number seen, shared by
+    all tenants, never shredded) outlives the call."""
+    from bastion.safety import pii
+
+    recognizer = PiiRecognizer()
+    for region in recognizer.regions:  # per-region plans: metadata, no text
+        pii._plan(region)
+    before = _kept_state(recognizer)
+    found = recognizer.find("ring 92 9007-3878 or 3516014891 today")
+    assert [e.value for e in found if e.kind == "phone"] == ["92 9007-3878", "3516014891"]
+    assert _kept_state(recognizer) == before

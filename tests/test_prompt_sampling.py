@@ -19,13 +19,13 @@ import psycopg
 import pytest
 
 from bastion.billing.budgets import BudgetService
+from bastion.compose import Identity
 from bastion.db.pool import Database
 from bastion.gateway.app import build_routers
 from bastion.gateway.ledger import CallLedger
 from bastion.gateway.sampling import PromptSampling
 from bastion.gateway.service import Caller, GatewayService
 from bastion.identity.dpop import DpopKey
-from bastion.identity.wiring import Identity
 from bastion.safety.vault import PiiVault
 from bastion.secrets import LocalKeystore
 from bastion.secrets.kms import LocalKMS

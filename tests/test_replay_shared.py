@@ -25,21 +25,17 @@ from fastapi import FastAPI
 
 from bastion.access.guard import Guard
 from bastion.billing.budgets import BudgetService, BudgetState
+from bastion.compose import Overrides, build_gateway, build_identity
 from bastion.db.pool import Database
-from bastion.gateway.app import build_routers
-from bastion.gateway.ledger import CallLedger
-from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
 from bastion.identity.keys import SigningKeys
 from bastion.identity.replay import SharedReplayStore
 from bastion.identity.tokens import TokenIssuer
-from bastion.identity.wiring import build_guard, build_identity
-from bastion.safety.signing import HEADER, EnvelopeSigner, ToolCallSigner
+from bastion.safety.signing import HEADER, EnvelopeSigner
 from bastion.secrets import LocalKeystore
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
-from tests.gateway_stack import gateway_app
 from tests.http_server import running_server, serving
 from tests.provider_double import API_KEY, DoubleState, provider_double
 
@@ -76,18 +72,19 @@ def _gateway(
     guards: list[Guard],
     seed: Callable[[Database], Awaitable[None]] | None = None,
 ) -> FastAPI:
-    """One gateway process, as processes.py assembles it (fewer extras)."""
-    db = Database(database.app, database.context_key, max_size=4)
-    routers = build_routers(settings.gateway_models, keystore, embedder="hashing")
-    guard = build_guard(settings, db, keystore, public_url=PUBLIC_URL)
-    guards.append(guard)
-    # One call per lease: a reservation shows at once in the budget.
-    ledger = CallLedger(db, BudgetService(db), lease_calls=1, lease_seconds=0.2)
-    service = GatewayService(
-        ledger, routers, authorizer=guard.authorizer, tool_signer=ToolCallSigner(keystore)
+    """One gateway process, as the composition root builds it (without the plan
+    gate: the tenant has a budget, no plan)."""
+    gateway = build_gateway(
+        settings,
+        Overrides(
+            database=Database(database.app, database.context_key, max_size=4),
+            keystore=keystore,
+            on_start=seed,
+            without_plan_gate=True,
+        ),
     )
-
-    return gateway_app(db, service, guard, EnvelopeSigner(keystore), seed=seed)
+    guards.append(gateway.guard)
+    return gateway.app
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +121,16 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
         def process(
             mode: Literal["postgres", "memory"], seeds: bool = False
         ) -> AbstractContextManager[str]:
-            settings = Settings(issuer=ISSUER, gateway_models=models, replay_store=mode)
+            settings = Settings(
+                issuer=ISSUER,
+                gateway_public_url=PUBLIC_URL,  # every process: one public URL
+                gateway_models=models,
+                replay_store=mode,
+                embedder="hashing",
+                # One call per lease: a reservation shows at once in the budget.
+                gateway_budget_lease_calls=1,
+                gateway_budget_lease_seconds=0.2,
+            )
             return serving(
                 lambda _url: _gateway(
                     settings, database, keystore, guards[mode], seed if seeds else None

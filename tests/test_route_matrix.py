@@ -40,11 +40,10 @@ from fastapi import APIRouter, FastAPI, Request
 from bastion.access.authorize import ROLES, Authorizer, Resource, Subject
 from bastion.api.declare import PUBLIC, UndeclaredRoute, api_routes, declared_action
 from bastion.billing.receipts import PaidInvoice, ReceiptKeys, ReceiptService
-from bastion.compose import Overrides, build_api, build_gateway
+from bastion.compose import Identity, Overrides, build_api, build_gateway
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
 from bastion.identity.passwords import PasswordService
-from bastion.identity.wiring import Identity
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
 from bastion.secrets.kms import LocalKMS

@@ -29,20 +29,13 @@ from fastapi.responses import StreamingResponse
 
 from bastion.billing.budgets import BudgetService
 from bastion.db.pool import Database
-from bastion.gateway.app import build_routers
-from bastion.gateway.ledger import CallLedger
-from bastion.gateway.service import GatewayService
-from bastion.identity.wiring import build_guard
 from bastion.safety.signing import HEADER, EnvelopeSigner
-from bastion.safety.vault import PiiVault
 from bastion.secrets import LocalKeystore
-from bastion.secrets.kms import LocalKMS
-from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
-from tests.gateway_stack import gateway_app
-from tests.http_server import running_server, serving
+from tests.gateway_stack import gateway_server
+from tests.http_server import running_server
 
 pytestmark = pytest.mark.anyio
 
@@ -116,6 +109,7 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
     with running_server(upstream()) as upstream_url:
         settings = Settings(
             issuer="https://gateway.bastion.test",
+            embedder="hashing",
             gateway_models=[
                 ModelRoute(
                     name="up",
@@ -127,39 +121,34 @@ def gateway(database: DbHandles, keystore: LocalKeystore) -> Iterator[Gateway]:
             ],
         )
 
-        def build(url: str) -> FastAPI:
-            db = Database(database.app, database.context_key, max_size=12)
-            routers = build_routers(settings.gateway_models, keystore, embedder="hashing")
-            guard = build_guard(settings, db, keystore, public_url=url)
-            ledger = CallLedger(db, BudgetService(db))
-            service = GatewayService(
-                ledger,
-                routers,
-                authorizer=guard.authorizer,
-                vault=PiiVault(TenantKeys(LocalKMS(keystore))),
-            )
+        async def seed(db: Database) -> None:
+            tenants = TenantService(db)
+            start = datetime.now(UTC) - timedelta(minutes=1)
+            for name in ("flooder", "victim"):
+                tenant = (await tenants.create_tenant(f"{name}-{uuid4().hex[:8]}", name)).id
+                seeded["tenants"][name] = tenant
+                seeded["users"][name] = await tenants.add_member(
+                    tenant, f"{name}@scan.test", "viewer"
+                )
+                await BudgetService(db).set_budget(
+                    tenant,
+                    period_start=start,
+                    period_end=start + timedelta(hours=2),
+                    call_limit=100_000,
+                    token_limit=10**12,
+                )
+            tasks.append(asyncio.get_running_loop().create_task(_heartbeat(lags)))
 
-            async def seed(db: Database) -> None:
-                tenants = TenantService(db)
-                start = datetime.now(UTC) - timedelta(minutes=1)
-                for name in ("flooder", "victim"):
-                    tenant = (await tenants.create_tenant(f"{name}-{uuid4().hex[:8]}", name)).id
-                    seeded["tenants"][name] = tenant
-                    seeded["users"][name] = await tenants.add_member(
-                        tenant, f"{name}@scan.test", "viewer"
-                    )
-                    await BudgetService(db).set_budget(
-                        tenant,
-                        period_start=start,
-                        period_end=start + timedelta(hours=2),
-                        call_limit=100_000,
-                        token_limit=10**12,
-                    )
-                tasks.append(asyncio.get_running_loop().create_task(_heartbeat(lags)))
-
-            return gateway_app(db, service, guard, EnvelopeSigner(keystore), seed=seed)
-
-        with serving(build) as url:
+        # Composed as ``bastion serve gateway`` builds it, without the plan gate
+        # (these tenants have budgets, no plan).
+        with gateway_server(
+            database,
+            keystore,
+            lambda url: settings.model_copy(update={"gateway_public_url": url}),
+            seed=seed,
+            pool_size=12,
+            without_plan_gate=True,
+        ) as (url, _gateway):
             yield Gateway(url, seeded["tenants"], seeded["users"], lags)
 
 

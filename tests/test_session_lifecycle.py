@@ -32,6 +32,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
 
 from bastion.access.approvals import ApprovalError, ApprovalService
+from bastion.compose import Identity, build_identity
 from bastion.db import provision
 from bastion.db.pool import Database
 from bastion.identity.client import DpopAuth, LoginFailed, TokenSet, login, refresh
@@ -47,10 +48,9 @@ from bastion.identity.service import (
     s256,
 )
 from bastion.identity.sessions import revoke_other_sessions
-from bastion.identity.wiring import Identity, build_identity
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
-from bastion.tenants.service import TenantService
+from bastion.tenants.service import TenantMembers, TenantService
 from tests.api_stack import api_server
 from tests.conftest import DbHandles
 
@@ -561,7 +561,7 @@ async def test_concurrent_owner_removals_in_the_service_leave_one(
     stack: Stack, database: DbHandles
 ) -> None:
     async with Database(database.app, database.context_key, min_size=6, max_size=6) as pool:
-        approvals = ApprovalService(pool)
+        approvals = ApprovalService(pool, TenantMembers())
         for round_ in range(20):
             tenant, owners = await _tenant_with_owners(pool, 3)
             # Each owner removes the next one: all three at once.
@@ -609,7 +609,7 @@ async def test_the_last_owner_cannot_be_removed_by_any_statement(
     assert _sql(stack, "SELECT count(*) FROM bastion.users WHERE id = %s", owner) == [(1,)]
     # With a second owner, either may go.
     second = await TenantService(db).add_member(tenant, f"n-{uuid4().hex[:6]}@o.test", "owner")
-    assert await ApprovalService(db).revoke(tenant, second, owner, "owner")
+    assert await ApprovalService(db, TenantMembers()).revoke(tenant, second, owner, "owner")
     assert _owners(stack, tenant) == 1
 
 

@@ -30,14 +30,13 @@ from argon2 import PasswordHasher, Type
 from fastapi import FastAPI
 
 from bastion.api.middleware import forwarded_client
-from bastion.compose import Overrides, build_api
+from bastion.compose import Identity, Overrides, build_api
 from bastion.db.pool import Database
 from bastion.identity.client import login
 from bastion.identity.errors import Throttled
 from bastion.identity.passwords import PasswordService
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, s256
 from bastion.identity.throttle import Kind, LoginThrottle, Reservation, client_network
-from bastion.identity.wiring import Identity
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService

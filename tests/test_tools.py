@@ -28,6 +28,8 @@ from bastion.safety.sandbox.backends.firecracker import FirecrackerBackend, Fire
 from bastion.safety.signing import ToolCall, ToolCallSigner, declaration_sha256
 from bastion.safety.tools import SignedToolCall, ToolExecutor, ToolRefused, ToolResult
 from bastion.secrets import LocalKeystore
+from bastion.secrets.kms import LocalKMS
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import Settings
 from bastion.tenants.service import TenantService
 from bastion.worker.jobs import JobRegistry
@@ -65,6 +67,7 @@ class World:
     viewer: UUID
     gateway: ToolCallSigner  # signs, as the gateway does
     executor: ToolExecutor
+    keys: TenantKeys  # the worker's, keying the audit's digests
 
 
 @pytest.fixture
@@ -76,8 +79,11 @@ async def world(db: Database, keystore: LocalKeystore, sandbox: Sandbox) -> Asyn
         tenant.id, f"c-{uuid4().hex[:6]}@t.example", "contributor"
     )
     viewer = await tenants.add_member(tenant.id, f"v-{uuid4().hex[:6]}@t.example", "viewer")
-    executor = ToolExecutor(db, ToolCallSigner(keystore), sandbox)
-    yield World(db, tenant.id, other.id, contributor, viewer, ToolCallSigner(keystore), executor)
+    keys = TenantKeys(LocalKMS(keystore))
+    executor = ToolExecutor(db, ToolCallSigner(keystore), sandbox, keys=keys)
+    yield World(
+        db, tenant.id, other.id, contributor, viewer, ToolCallSigner(keystore), executor, keys
+    )
 
 
 def _call(name: str, **arguments: Any) -> ToolCall:
@@ -108,6 +114,13 @@ def _signed(world: World, call: ToolCall, *, user: UUID | None = None) -> Signed
     return SignedToolCall(world.tenant, call, signature, declaration)
 
 
+async def _confirms(world: World, digest: str, data: str) -> bool:
+    """Whether a keyed digest of the audit is that of ``data`` (as the tenant's
+    keys holder can tell; nobody else can)."""
+    async with world.db.tenant_tx(world.tenant, None, "system") as tx:
+        return digest == await world.executor.audit_digest(tx, world.tenant, data.encode())
+
+
 async def _audit(world: World, tenant: UUID | None = None) -> list[dict[str, Any]]:
     async with world.db.tenant_tx(tenant or world.tenant, None, "auditor") as tx:
         cursor = await tx.execute(
@@ -131,10 +144,14 @@ async def test_a_signed_calculation_runs_in_the_sandbox_and_is_audited(world: Wo
     assert event["action"] == "tool.run" and event["target"] == f"tool_call:{call.id}"
     assert event["actor"] == f"user:{world.contributor}"
     details = event["details"]
-    assert details["outcome"] == "ok" and details["result"] == "94.5"
+    assert details["outcome"] == "ok" and "result" not in details
     assert details["tool"] == "calculate" and details["backend"] == "bwrap"
-    # The declaration it was proposed under, as the signature bound it.
-    assert details["tool_sha256"] == declaration_sha256(_declaration("calculate"))
+    # Keyed digests: the tenant's keys confirm the arguments, the output and the
+    # declaration it was proposed under (as the signature bound it).
+    assert await _confirms(world, details["arguments_hmac"], call.arguments)
+    assert await _confirms(world, details["stdout_hmac"], "94.5\n")
+    declared = declaration_sha256(_declaration("calculate"))
+    assert await _confirms(world, details["tool_hmac"], declared)
 
 
 async def test_calculate_never_evaluates_code(world: World) -> None:
@@ -232,7 +249,7 @@ async def test_a_call_replayed_on_another_worker_process_is_refused(
     # database is what tells it the call already ran.
     signed = _signed(world, _call("calculate", expression="6 * 7"))
     assert (await world.executor.run(signed)).output.strip() == "42"
-    other_worker = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
+    other_worker = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox, keys=world.keys)
     before = CountingSandbox.runs
     with pytest.raises(ToolRefused) as refused:
         await other_worker.run(signed)
@@ -297,7 +314,10 @@ async def test_one_signed_call_sent_seven_times_at_once_runs_once(
         for name in ("one '=' appended", "two '=' appended", "a '!' inserted", "pad bits set")
     ]
     # Seven worker processes: each with its own signer, so its own memory of nonces.
-    workers = [ToolExecutor(world.db, ToolCallSigner(keystore), sandbox) for _ in spellings]
+    workers = [
+        ToolExecutor(world.db, ToolCallSigner(keystore), sandbox, keys=world.keys)
+        for _ in spellings
+    ]
     before = CountingSandbox.runs
     outcomes = await asyncio.gather(
         *(
@@ -336,7 +356,7 @@ async def test_single_use_is_keyed_on_the_signed_run_id_not_on_the_signature(
     declaration = _declaration("calculate")
     result = await world.executor.run(SignedToolCall(world.tenant, call, first, declaration))
     assert result.output.strip() == "42"
-    other_worker = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
+    other_worker = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox, keys=world.keys)
     before = CountingSandbox.runs
     with pytest.raises(ToolRefused) as refused:
         await other_worker.run(SignedToolCall(world.tenant, call, second, declaration))
@@ -377,13 +397,16 @@ async def test_a_call_whose_worker_died_mid_run_never_runs_again(
 ) -> None:
     signed = _signed(world, _call("calculate", expression="6 * 7"))
     dying = ToolExecutor(
-        world.db, ToolCallSigner(keystore), DyingSandbox(sandbox.backend, sandbox.config)
+        world.db,
+        ToolCallSigner(keystore),
+        DyingSandbox(sandbox.backend, sandbox.config),
+        keys=world.keys,
     )
     with pytest.raises(_WorkerDied):
         await dying.run(signed)
     assert await _run_records(world, signed.call) == 1  # committed before the run began
     # A restarted worker remembers nothing in memory; the database does.
-    restarted = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
+    restarted = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox, keys=world.keys)
     before = CountingSandbox.runs
     with pytest.raises(ToolRefused) as refused:
         await restarted.run(signed)
@@ -488,7 +511,7 @@ async def test_a_sandbox_that_refuses_to_start_runs_nothing(
     # Firecracker here: no binary, kernel or KVM guest; it refuses rather than degrade.
     config = SandboxConfig(backend="firecracker")
     refusing = Sandbox(FirecrackerBackend(FirecrackerConfig()), config)
-    executor = ToolExecutor(world.db, ToolCallSigner(keystore), refusing)
+    executor = ToolExecutor(world.db, ToolCallSigner(keystore), refusing, keys=world.keys)
     with pytest.raises(ToolRefused) as refused:
         await executor.run(_signed(world, _call("calculate", expression="1 + 1")))
     assert refused.value.reason == "sandbox-unavailable"
@@ -556,7 +579,9 @@ async def test_cpu_burned_by_unreaped_children_is_stopped_and_audited_right(
     )
     # A generous wall clock: on a loaded host the CPU limit must still be what ends it.
     limits = dataclasses.replace(LIMITS, wall_seconds=30.0)
-    executor = ToolExecutor(world.db, world.executor.signer, world.executor.sandbox, limits=limits)
+    executor = ToolExecutor(
+        world.db, world.executor.signer, world.executor.sandbox, keys=world.keys, limits=limits
+    )
     result = await executor.run(_signed(world, _call("run_python", code=code)))
     assert result.outcome is Outcome.CPU_LIMIT and "escaped" not in result.output
     [event] = await _audit(world)
@@ -596,7 +621,7 @@ async def test_a_tree_too_deep_for_a_recursive_cleanup_still_ends_in_a_result_an
         monkeypatch.setattr(workdir, "_mount_tmpfs", refused)
     work_root = Path("/dev/shm") / f"bastion-tools-test-{uuid4().hex[:8]}"
     sandbox = Sandbox(LandlockBackend(work_root), SandboxConfig(limits=LIMITS))
-    executor = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox)
+    executor = ToolExecutor(world.db, ToolCallSigner(keystore), sandbox, keys=world.keys)
     try:
         result = await executor.run(_signed(world, _call("run_python", code=DEEP_TREE)))
         assert result.outcome is Outcome.OK and result.output.strip() == "made"
@@ -622,7 +647,8 @@ async def _run_queue(
     queue = queue_app(database.queue)
     registry = JobRegistry(Authorizer())
     if keystore is not None:  # as the worker process wires it
-        tasks.register_from_settings(queue, registry, Settings(), db, keystore)
+        keys = TenantKeys(LocalKMS(keystore))
+        tasks.register_from_settings(queue, registry, Settings(), db, keystore, keys)
     else:
         tasks.register(queue, registry, db, executor)
     async with queue.open_async():
@@ -649,7 +675,8 @@ async def test_the_worker_wiring_probes_the_sandbox_and_runs_a_signed_call(
     job = (world.tenant, world.contributor, call, signed.signature, signed.declaration)
     await _run_queue(database, world.db, None, [job], keystore=keystore)
     [event] = await _audit(world)
-    assert event["details"]["result"] == "42" and event["details"]["backend"] == "bwrap"
+    assert await _confirms(world, event["details"]["stdout_hmac"], "42\n")
+    assert event["details"]["backend"] == "bwrap"
 
 
 async def test_the_worker_job_runs_a_signed_call(world: World, database: DbHandles) -> None:
@@ -662,7 +689,8 @@ async def test_the_worker_job_runs_a_signed_call(world: World, database: DbHandl
         [(world.tenant, world.contributor, call, signed.signature, _declaration(call.name))],
     )
     [event] = await _audit(world)
-    assert event["action"] == "tool.run" and event["details"]["result"] == "42"
+    assert event["action"] == "tool.run"
+    assert await _confirms(world, event["details"]["stdout_hmac"], "42\n")
 
 
 async def test_the_worker_job_refuses_a_user_who_may_not_run_tools(

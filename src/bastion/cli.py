@@ -23,7 +23,7 @@ from bastion.knowledge.cli import ingest_command, knowledge_app, search_command
 from bastion.safety.sandbox.cli import sandbox_app
 from bastion.secrets.cli import secrets_app
 from bastion.secrets.errors import SecretsError
-from bastion.settings import Settings
+from bastion.settings import LiteralSecretInSettings, Settings
 
 app = typer.Typer(
     name="bastion",
@@ -54,6 +54,8 @@ def _fail(message: str) -> NoReturn:
 def _settings() -> Settings:
     try:
         return Settings()
+    except LiteralSecretInSettings as exc:  # names the setting, never its value
+        _fail(str(exc))
     except ValidationError as exc:
         # Field names and reasons only: pydantic's own text repeats the input,
         # which may be a URL with a password in it.
@@ -82,7 +84,7 @@ def _main() -> None:
 @db_app.command("start")
 def db_start() -> None:
     """Start the embedded server (or attach to it) and migrate the database."""
-    from bastion.runtime import app_database
+    from bastion.db.service import app_database
 
     settings = _settings()
     _embedded_only(settings)
@@ -157,7 +159,7 @@ def db_psql(ctx: typer.Context) -> None:
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Create roles and extensions as needed and migrate to the latest schema."""
-    from bastion.runtime import app_database
+    from bastion.db.service import app_database
 
     with _errors():
         app_database(_settings(), migrate=True)
@@ -185,6 +187,31 @@ def up() -> None:
 
     with _errors():
         run_stack(_settings(), out)
+
+
+@app.command("openapi")
+def openapi_command(
+    out_dir: Annotated[
+        str, typer.Option("--out", help="directory for api.json and gateway.json")
+    ] = "docs/openapi",
+) -> None:
+    """Write the OpenAPI documents of the api and the gateway (sorted JSON)."""
+    from pathlib import Path
+
+    from bastion.compose import openapi_documents
+
+    target = Path(out_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for name, document in openapi_documents().items():
+        (target / f"{name}.json").write_text(openapi_json(document))
+        out.print(f"wrote {target / f'{name}.json'}")
+
+
+def openapi_json(document: object) -> str:
+    """The committed form of an OpenAPI document: sorted keys, one space indent."""
+    import json
+
+    return json.dumps(document, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 @app.command("demo")
@@ -225,7 +252,7 @@ def tenant_create(slug: str, name: Annotated[str, typer.Option(help="display nam
     from bastion.tenants.errors import TenantExists
 
     async def run() -> str:
-        from bastion.runtime import app_database
+        from bastion.db.service import app_database
         from bastion.tenants.service import TenantService
 
         async with app_database(_settings()) as db:
@@ -250,7 +277,8 @@ def tenant_shred(
         _fail("this destroys the tenant's documents and keys for good; add --yes")
 
     async def run() -> int:
-        from bastion.runtime import app_database, knowledge_service
+        from bastion.db.service import app_database
+        from bastion.knowledge.service import build_knowledge
         from bastion.secrets.backends import open_key_ring
         from bastion.tenants.service import TenantService
 
@@ -259,7 +287,7 @@ def tenant_shred(
             tenant_id = await TenantService(db).tenant_id(slug)
             if tenant_id is None:
                 _fail(f"no tenant named {slug!r}")
-            kb = knowledge_service(settings, db, open_key_ring(settings).kms)
+            kb = build_knowledge(settings, db, open_key_ring(settings).kms)
             return await kb.shred_tenant(tenant_id)
 
     with _errors():
@@ -285,8 +313,8 @@ def user_add(
     password = _read_secret("password: ") if password_stdin else None
 
     async def run() -> str:
+        from bastion.db.service import app_database
         from bastion.identity.passwords import PasswordService
-        from bastion.runtime import app_database
         from bastion.tenants.service import TenantService
 
         async with app_database(_settings()) as db:
@@ -316,7 +344,7 @@ def user_add(
 def keys_rotate(kind: Annotated[str, typer.Argument(help="jwt")]) -> None:
     """Rotate a signing key: the new key is published before it is used."""
     from bastion.identity.keys import SigningKeys
-    from bastion.runtime import open_keystore
+    from bastion.secrets.backends import open_keystore
 
     if kind != "jwt":
         _fail(f"unknown key kind {kind!r}: choose jwt")

@@ -7,30 +7,52 @@ apps here; what a caller may replace is the small :class:`Overrides` — the
 database pool, the key ring, the gateway's model routers and a start-up hook —
 never the wiring itself. So what the tests walk (the route matrix) is what
 runs.
+
+The domains' own builders (:func:`bastion.db.service.app_database`,
+:func:`bastion.knowledge.service.build_knowledge`,
+:func:`bastion.billing.wiring.build_billing`) import no routes and no
+framework, so the command lines use them without an app; everything that
+touches HTTP (the guard, the routers, the apps) is assembled only here.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI
 
-from bastion.access.guard import Guard
+from bastion.access.authorize import Authorizer
+from bastion.access.guard import Guard, RolesReader
 from bastion.billing.checkout import CheckoutService
 from bastion.db.pool import Database
+from bastion.gateway.cache import AnswerCache
 from bastion.gateway.routing import ModelRouter
 from bastion.gateway.service import GatewayService
+from bastion.identity.auth import Authenticator
+from bastion.identity.dpop import DpopVerifier, MemoryReplayCache
+from bastion.identity.issuers import CombinedVerifier, ExternalIssuers, IssuerConfig
+from bastion.identity.keys import SigningKeys
 from bastion.identity.passwords import PasswordService
-from bastion.identity.wiring import Identity
-from bastion.knowledge.service import KnowledgeService
-from bastion.runtime import app_database, knowledge_service, queue_conninfo
+from bastion.identity.replay import SharedReplayStore
+from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, IdentityService
+from bastion.identity.tokens import AccessTokenVerifier, TokenVerifier
+from bastion.knowledge.service import KnowledgeService, build_knowledge
+from bastion.logs import get_logger
 from bastion.secrets.backends import open_key_ring
 from bastion.secrets.protocols import KMS, Keystore
 from bastion.settings import Settings
 
 PROCESSES = ("api", "gateway", "worker")
+# The key ring's name of the DPoP nonce key (RFC 9449 section 8).
+DPOP_NONCE_KEY = "identity/dpop-nonce-key"
+
+_log = get_logger("bastion.identity")
 
 OnStart = Callable[[Database], Awaitable[None]]
 
@@ -50,6 +72,12 @@ class Overrides:
     (tests seed here).
     ``routers``: routes added to the app after the built ones; they are held to
     the same rule (a route that declares no action refuses to build).
+    ``answer_cache``: the gateway's answer cache (default: sized by the
+    settings; tests: one on a test clock, with a small per-tenant share).
+    ``without_plan_gate``: the gateway admits every configured model at any
+    rate, whatever the tenant's plan (tests of the proxy's other stages, which
+    set up no subscriptions; the plan gate has tests of its own). Never in a
+    process: ``bastion serve`` passes no overrides.
     """
 
     database: Database | None = None
@@ -59,6 +87,8 @@ class Overrides:
     passwords: PasswordService | None = None
     on_start: OnStart | None = None
     routers: Sequence[APIRouter] = ()
+    answer_cache: AnswerCache | None = None
+    without_plan_gate: bool = False
 
 
 NO_OVERRIDES = Overrides()
@@ -95,6 +125,8 @@ class Worker:
 
 
 def _resources(settings: Settings, overrides: Overrides) -> tuple[Database, Keystore, KMS]:
+    from bastion.db.service import app_database
+
     db = overrides.database if overrides.database is not None else app_database(settings)
     ring = open_key_ring(settings, keystore=overrides.keystore, kms=overrides.kms)
     return db, ring.keystore, ring.kms
@@ -102,6 +134,10 @@ def _resources(settings: Settings, overrides: Overrides) -> tuple[Database, Keys
 
 def build_app(process: str, settings: Settings, overrides: Overrides = NO_OVERRIDES) -> FastAPI:
     """Return the ASGI app of ``process`` ("api", "gateway" or "worker")."""
+    from bastion.safety.injection import classifier
+
+    # Fail closed at start-up: screening without its weights would be a silent allow.
+    classifier.model()
     if process == "api":
         return build_api(settings, overrides).app
     if process == "gateway":
@@ -121,14 +157,13 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
     from bastion.billing.wiring import build_billing
     from bastion.gateway import sampling_routes
     from bastion.gateway.sampling import PromptSampling
-    from bastion.identity.wiring import build_identity
     from bastion.knowledge import routes as knowledge_routes
     from bastion.knowledge.answers import AskService
     from bastion.safety import routes as safety_routes
     from bastion.safety.signing import EnvelopeSigner
 
     db, keystore, kms = _resources(settings, overrides)
-    knowledge = knowledge_service(settings, db, kms)
+    knowledge = build_knowledge(settings, db, kms)
     identity = build_identity(settings, db, keystore, passwords=overrides.passwords)
     billing = build_billing(settings, db, keystore)
     receipt_keys = ReceiptKeys(keystore)
@@ -205,14 +240,12 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
     from bastion.billing.wiring import build_billing
     from bastion.gateway import routes as gateway_routes
     from bastion.gateway.app import build_routers, create_gateway_app
-    from bastion.gateway.cache import AnswerCache
     from bastion.gateway.entitlements import PlanGate
     from bastion.gateway.ledger import CallLedger
     from bastion.gateway.sampling import PromptSampling
     from bastion.gateway.shreds import ShredListener
-    from bastion.identity.wiring import build_guard
     from bastion.safety.signing import EnvelopeSigner, ToolCallSigner
-    from bastion.safety.vault import PiiVault
+    from bastion.safety.vault import PiiVault, configured_allow_lists
     from bastion.secrets.tenant_keys import TenantKeys
 
     db, keystore, kms = _resources(settings, overrides)
@@ -233,14 +266,18 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
         lease_calls=settings.gateway_budget_lease_calls,
         lease_seconds=settings.gateway_budget_lease_seconds,
     )
-    answers = AnswerCache(
-        max_entries=settings.gateway_cache_entries,
-        max_bytes=settings.gateway_cache_bytes,
-        expected_tenants=settings.gateway_cache_expected_tenants,
-        ttl_seconds=settings.gateway_cache_ttl_seconds,
-        shared_within_tenant=settings.gateway_cache_scope == "tenant",
+    answers = (
+        overrides.answer_cache
+        if overrides.answer_cache is not None  # an empty cache is falsy (len 0)
+        else AnswerCache(
+            max_entries=settings.gateway_cache_entries,
+            max_bytes=settings.gateway_cache_bytes,
+            expected_tenants=settings.gateway_cache_expected_tenants,
+            ttl_seconds=settings.gateway_cache_ttl_seconds,
+            shared_within_tenant=settings.gateway_cache_scope == "tenant",
+        )
     )
-    vault = PiiVault(TenantKeys(kms))
+    vault = PiiVault(TenantKeys(kms), allow_lists=configured_allow_lists(settings.pii_allow_lists))
     # A shredded tenant's answers and keys are dropped when the shred commits.
     shreds = ShredListener(db, answers, vault, vault.keys)
     service = GatewayService(
@@ -251,7 +288,9 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
         tool_signer=ToolCallSigner(keystore),
         vault=vault,
         # The plan's models and rate, from the tenant's subscription.
-        plan_gate=PlanGate(build_billing(settings, db, keystore).service.entitlements),
+        plan_gate=None
+        if overrides.without_plan_gate
+        else PlanGate(build_billing(settings, db, keystore).service.entitlements),
         # Prompts logged only where the owner set a rate and the user consented.
         sampling=PromptSampling(db),
     )
@@ -291,7 +330,7 @@ def build_worker(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Wor
     from bastion.worker.health import create_worker_health_app
 
     db, keystore, kms = _resources(settings, overrides)
-    knowledge = knowledge_service(settings, db, kms)
+    knowledge = build_knowledge(settings, db, kms)
     app = create_worker_health_app(
         db.ping, lifespan=_worker_lifespan(settings, db, keystore, knowledge, overrides.on_start)
     )
@@ -331,17 +370,17 @@ def _worker_lifespan(
     on_start: OnStart | None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """The worker's pool, and the queue's worker running its jobs."""
-    from bastion.access.authorize import Authorizer
     from bastion.billing import metering_tasks
     from bastion.billing import tasks as billing_tasks
     from bastion.billing.receipts import ReceiptKeys, ReceiptService
+    from bastion.db.service import queue_conninfo
     from bastion.knowledge import tasks as knowledge_tasks
     from bastion.safety import tasks as safety_tasks
     from bastion.worker.jobs import JobRegistry
     from bastion.worker.queue import queue_app, running_worker
 
     queue = queue_app(queue_conninfo(settings))
-    authorizer = Authorizer(settings.policy_dir) if settings.policy_dir else Authorizer()
+    authorizer = _authorizer(settings)
     knowledge_tasks.register(queue, JobRegistry(authorizer), db, knowledge)
     receipts = ReceiptService(db, ReceiptKeys(keystore), issuer=settings.resolved_issuer)
     billing_tasks.register_from_settings(
@@ -353,7 +392,11 @@ def _worker_lifespan(
         invoice_paid_hook=receipts.on_invoice_paid,
     )
     metering_tasks.register_from_settings(queue, settings, db, keystore)
-    safety_tasks.register_from_settings(queue, JobRegistry(authorizer), settings, db, keystore)
+    # The tools' audit digests are keyed by the tenants' data keys: the same
+    # TenantKeys as the knowledge base's, which the shred listener clears.
+    safety_tasks.register_from_settings(
+        queue, JobRegistry(authorizer), settings, db, keystore, knowledge.keys
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -372,3 +415,170 @@ def _worker_lifespan(
             yield
 
     return lifespan
+
+
+# The identity side: the request guard (every process that serves routes) and,
+# in the api, the provider's service and its routes (OIDC, account, tenants).
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The api's identity side: the provider's service and every guarded route."""
+
+    service: IdentityService
+    routers: tuple[APIRouter, ...]
+    external: ExternalIssuers
+    guard: Guard  # for other domains' routes
+
+    async def start(self) -> None:
+        """Idempotent start-up work: the CLI's public client exists, and external
+        issuers' keys are fetched now rather than on a first request."""
+        await self.service.register_client(CLI_CLIENT_ID, "Bastion CLI", [CLI_REDIRECT_URI])
+        # In a thread (this waits for each issuer); one issuer down neither
+        # stops the api nor keeps the others' keys from being fetched.
+        for issuer in sorted(self.external.issuers):
+            try:
+                await anyio.to_thread.run_sync(self.external.refresh, issuer)
+            except Exception as exc:
+                _log.warning("external_issuer_unavailable", issuer=issuer, error=type(exc).__name__)
+
+
+def _authorizer(settings: Settings) -> Authorizer:
+    return Authorizer(settings.policy_dir) if settings.policy_dir is not None else Authorizer()
+
+
+def _verifiers(
+    settings: Settings, db: Database, keystore: Keystore, public_url: str | None = None
+) -> tuple[SigningKeys, DpopVerifier, Authenticator, ExternalIssuers, SharedReplayStore | None]:
+    """The signing keys, what verifies a request's access token and DPoP proof,
+    and the shared replay store (None: this process's memory only)."""
+    issuer = settings.resolved_issuer
+    keys = SigningKeys(keystore, token_lifetime=timedelta(minutes=settings.access_token_minutes))
+    # One replay cache per process (api and gateway each keep their own); with
+    # replay_store "postgres" what passes it is then checked across processes
+    # (the verifier hands each accepted proof to the caller for that).
+    shared = SharedReplayStore(db) if settings.replay_store == "postgres" else None
+    dpop = DpopVerifier(
+        MemoryReplayCache(),
+        # One key for every process (api, gateway): a nonce any of them issued holds at all.
+        nonce_secret=keystore.ensure(DPOP_NONCE_KEY, lambda: secrets.token_bytes(32)),
+    )
+    local = TokenVerifier(keys, issuer=issuer, audience=issuer)
+    external = ExternalIssuers(
+        [IssuerConfig(**config.model_dump()) for config in settings.external_issuers]
+    )
+    verifier: AccessTokenVerifier = (
+        CombinedVerifier(local, external) if settings.external_issuers else local
+    )
+    authenticator = Authenticator(
+        verifier,
+        dpop,
+        issuer,
+        public_url=public_url,
+        replay_store=shared,
+        nonce_required=settings.dpop_nonce_at_resources,
+    )
+    return keys, dpop, authenticator, external, shared
+
+
+def build_guard(
+    settings: Settings,
+    db: Database,
+    keystore: Keystore,
+    *,
+    public_url: str,
+    authorizer: Authorizer | None = None,
+    roles: RolesReader | None = None,
+) -> Guard:
+    """The request guard (token + DPoP, then Cedar) for a process other than the api,
+    served at ``public_url``; ``roles`` reads members' roles (default: the database)."""
+    _keys, _dpop, authenticator, external, _shared = _verifiers(settings, db, keystore, public_url)
+    # Requests never wait for an issuer's keys: start fetching them now, so the
+    # first external tokens find them cached (no-op without external issuers).
+    external.prefetch()
+    return Guard(authenticator, authorizer or _authorizer(settings), db, roles=roles)
+
+
+def build_identity(
+    settings: Settings,
+    db: Database,
+    keystore: Keystore,
+    authorizer: Authorizer | None = None,
+    passwords: PasswordService | None = None,
+) -> Identity:
+    """Return the provider's service and the routes of the api (OIDC, account,
+    tenants), all guarded by the request authenticator and the Cedar policies.
+    ``passwords`` replaces the default password service (tests: cheaper argon2)."""
+    from bastion.identity import oidc
+    from bastion.identity import routes as identity_routes
+    from bastion.identity.mfa import MfaService
+    from bastion.identity.throttle import LoginThrottle
+    from bastion.identity.tokens import TokenIssuer
+    from bastion.tenants import routes as tenant_routes
+    from bastion.tenants.service import roles_of
+
+    issuer = settings.resolved_issuer
+    lifetime = timedelta(minutes=settings.access_token_minutes)
+    keys, dpop, authenticator, external, shared = _verifiers(settings, db, keystore)
+    keys.current()  # the first signing key exists before the first request
+    tokens = TokenIssuer(keys, issuer=issuer, audience=issuer, lifetime=lifetime)
+    if authorizer is None:
+        authorizer = _authorizer(settings)
+    guard = Guard(authenticator, authorizer, db)
+    passwords = passwords or PasswordService()
+    mfa = MfaService(keystore)
+    throttle = LoginThrottle(
+        keystore.ensure("identity/throttle-key", lambda: secrets.token_bytes(32)),
+        max_delay=timedelta(seconds=settings.login_max_delay_seconds),
+    )
+    service = IdentityService(
+        db,
+        tokens=tokens,
+        passwords=passwords,
+        mfa=mfa,
+        throttle=throttle,
+        member_roles=roles_of,
+        refresh_lifetime=timedelta(days=settings.refresh_token_days),
+    )
+    tickets = oidc.LoginTickets(
+        keystore.ensure("identity/login-ticket-key", lambda: secrets.token_bytes(32))
+    )
+    routers = (
+        oidc.build_router(
+            service,
+            keys=keys,
+            dpop=dpop,
+            guard=guard,
+            tickets=tickets,
+            issuer=issuer,
+            replay_store=shared,
+            nonce_at_token=settings.dpop_nonce_at_token,
+        ),
+        identity_routes.build_router(db, guard, mfa, passwords, throttle),
+        tenant_routes.build_router(db, guard),
+    )
+    return Identity(service, routers, external, guard)
+
+
+def openapi_documents(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """The OpenAPI documents of the api and the gateway, as they serve them.
+
+    Built here like every app, on a pool that is never opened and a throwaway
+    key ring (a temporary directory, removed after): no database or key is
+    needed to describe the routes. Keyed by process name.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from bastion.secrets import LocalKeystore
+
+    settings = settings or Settings(embedder="hashing")
+    with tempfile.TemporaryDirectory(prefix="bastion-openapi-") as tmp:
+        keystore = LocalKeystore(Path(tmp) / "keystore.bin", Path(tmp) / "master.key")
+        # Never opened: building an app does not connect.
+        db = Database("postgresql:///bastion-openapi", b"\0" * 32)
+        overrides = Overrides(database=db, keystore=keystore, models={})
+        return {
+            "api": build_api(settings, overrides).app.openapi(),
+            "gateway": build_gateway(settings, overrides).app.openapi(),
+        }

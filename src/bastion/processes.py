@@ -19,9 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bastion.compose import PROCESSES, build_app
-from bastion.db.service import embedded_server
+from bastion.db.service import app_database, embedded_server
 from bastion.logs import configure_logging
-from bastion.runtime import app_database
 from bastion.serve import serve
 from bastion.settings import Settings
 

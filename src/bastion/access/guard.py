@@ -30,6 +30,17 @@ class Forbidden(Problem):
     status = 403
 
 
+class TenantIdRequired(Problem):
+    """A path names its tenant by something other than an id (a slug, say).
+
+    Refused, not looked up: a slug would name a tenant by a guessable word,
+    and one spelling per tenant keeps every route's check the same."""
+
+    type = problem_type("tenant-id-required")
+    title = "A tenant id is required"
+    status = 422
+
+
 def _step_up() -> StepUpRequired:
     problem = StepUpRequired(
         "this action needs a sign-in with a second factor; sign in again with TOTP",
@@ -80,6 +91,8 @@ class _Guarded:
         principal = await guard.authenticator(request)
         tenant_id = principal.tenant_id
         named = request.path_params.get("tenant_id")
+        if named is not None and not _is_uuid(str(named)):
+            raise TenantIdRequired("name the tenant by its id (a UUID); slugs are not accepted")
         if named is not None and str(named) != str(tenant_id):
             raise TenantMismatch()
         roles = frozenset(principal.roles)
@@ -105,3 +118,11 @@ class _Guarded:
         if not subject.mfa and guard.authorizer.authorize(stronger, action, resource):
             raise _step_up()
         raise Forbidden(f"your roles do not allow {action}")
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        UUID(text)
+    except ValueError:
+        return False
+    return True

@@ -9,7 +9,8 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import APIRouter, FastAPI
 
 from bastion import __version__
-from bastion.api.declare import PUBLIC_ROUTE, require_declared
+from bastion.api.declare import public, require_declared
+from bastion.api.input_rules import InputRulesMiddleware
 from bastion.api.middleware import (
     DEFAULT_MAX_BODY_BYTES,
     BodySizeLimitMiddleware,
@@ -17,6 +18,7 @@ from bastion.api.middleware import (
     IPNetwork,
     RequestIdMiddleware,
 )
+from bastion.api.openapi import install_openapi
 from bastion.api.problems import NotReady, install_problem_handlers
 from bastion.logs import get_logger
 
@@ -27,6 +29,26 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 READINESS_TIMEOUT = 2.0
 
 _log = get_logger("bastion.api")
+
+_STATUS = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}
+_HEALTHZ = {
+    "summary": "Liveness: the process runs",
+    "responses": {
+        "200": {"description": "Alive", "content": {"application/json": {"schema": _STATUS}}}
+    },
+}
+_READYZ = {
+    "summary": "Readiness: the process's dependencies answer (fail closed)",
+    "responses": {
+        "200": {"description": "Ready", "content": {"application/json": {"schema": _STATUS}}},
+        "503": {
+            "description": "A dependency is unavailable",
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        },
+    },
+}
 
 
 def create_app(
@@ -60,11 +82,11 @@ def create_app(
     )
     install_problem_handlers(app)
 
-    @app.get("/healthz", include_in_schema=False, **PUBLIC_ROUTE)
+    @app.get("/healthz", **public(_HEALTHZ))
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", include_in_schema=False, **PUBLIC_ROUTE)
+    @app.get("/readyz", **public(_READYZ))
     async def readyz() -> dict[str, str]:
         if readiness is not None:
             try:
@@ -80,8 +102,11 @@ def create_app(
         app.include_router(router)
     # Deny by default: an app with a route that declares no action does not start.
     require_declared(app)
+    install_openapi(app)
     # add_middleware puts each new one outside the previous: the request id
-    # exists before the size check answers, and is echoed on its 413.
+    # exists before the size check answers, and is echoed on its 413; the
+    # input rules read bodies already capped by the size check.
+    app.add_middleware(InputRulesMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     # Outermost: everything inside sees the real client's address.

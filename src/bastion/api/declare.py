@@ -9,7 +9,7 @@ cannot ship unguarded by forgetting.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,9 +20,16 @@ ACTION_KEY = "x-bastion-action"
 PUBLIC = "public"
 
 
-def action(name: str) -> dict[str, Any]:
-    """Route keyword arguments declaring that the route needs Cedar action ``name``."""
-    return {"openapi_extra": {ACTION_KEY: name}}
+def action(name: str, openapi: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Route keyword arguments declaring that the route needs Cedar action ``name``;
+    ``openapi`` adds what FastAPI cannot see to the route's operation (a raw
+    ``requestBody``, form fields, response media types: OpenAPI 3.1 section 4.8.10)."""
+    return {"openapi_extra": {**(openapi or {}), ACTION_KEY: name}}
+
+
+def public(openapi: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`PUBLIC_ROUTE`, with ``openapi`` added to the operation (see :func:`action`)."""
+    return action(PUBLIC, openapi)
 
 
 PUBLIC_ROUTE: dict[str, Any] = action(PUBLIC)

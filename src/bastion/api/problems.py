@@ -1,8 +1,9 @@
 """Errors as problem details, RFC 9457 (``application/problem+json``).
 
 Every error answer carries a stable ``type`` URI, a ``title``, the ``status``,
-the request path as ``instance`` and the ``request_id``; never a stack trace,
-an exception's text, or the offending input (which may hold secrets).
+the ``request_id`` and, once a route matched, its path template as
+``instance``; never a stack trace, an exception's text, or the offending input
+(which may hold secrets), not even the path as sent.
 Status codes without a Bastion-specific meaning use ``about:blank`` with the
 HTTP reason phrase as title (RFC 9457, section 4.2.1).
 """
@@ -205,7 +206,11 @@ def problem_body(problem: Problem, scope: Scope) -> dict[str, Any]:
     body.update(type=problem.type, title=problem.title, status=problem.status)
     if problem.detail:
         body["detail"] = problem.detail
-    body["instance"] = scope.get("path", "")
+    # The operation, not the path as sent: a path segment is the caller's
+    # input, and no answer echoes input. (The occurrence is the request id.)
+    template = getattr(scope.get("route"), "path", None)
+    if isinstance(template, str):
+        body["instance"] = template
     body["request_id"] = request_id_of(scope)
     return body
 

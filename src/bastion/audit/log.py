@@ -68,6 +68,22 @@ async def recent(tx: Conn, limit: int = 100) -> list[dict[str, Any]]:
     return [dict(row) for row in rows]
 
 
+async def events(
+    tx: Conn, *, actions: Sequence[str] | None = None, target: str | None = None
+) -> list[dict[str, Any]]:
+    """Return the events RLS lets ``tx`` see, oldest first (``seq``, ``action``,
+    ``target``, ``details``): only ``actions`` and ``target`` when given."""
+    rows = await (
+        await tx.execute(
+            "SELECT seq, action, target, details FROM bastion.audit_events "
+            "WHERE (%(actions)s::text[] IS NULL OR action = ANY(%(actions)s::text[])) "
+            "AND (%(target)s::text IS NULL OR target = %(target)s::text) ORDER BY seq",
+            {"actions": None if actions is None else list(actions), "target": target},
+        )
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
 async def record_many(tx: Conn, events: Sequence[Event]) -> None:
     """Append several events, in order, inside ``tx`` (one pipelined batch)."""
     if events:

@@ -34,9 +34,11 @@ from bastion.identity.auth import Principal
 
 
 class CheckoutNotConfigured(Problem):
+    # This deployment does not offer checkout: to a client that is an operation
+    # that is not there (404), not a server fault (5xx).
     type = problem_type("checkout-not-configured")
     title = "Checkout is not configured"
-    status = 501
+    status = 404
 
 
 class CheckoutRequest(BaseModel):
@@ -44,17 +46,19 @@ class CheckoutRequest(BaseModel):
     plan: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
+class JwkSetResponse(JSONResponse):
+    """A JWK Set, as its media type says (RFC 7517 section 8.5); so documented."""
+
+    media_type = "application/jwk-set+json"
+
+
 def build_keys_router(keys: ReceiptKeys) -> APIRouter:
     """The public JWK Set of the receipt keys (no caller needed: anyone may verify)."""
     router = APIRouter()
 
-    @router.get(KEYS_PATH, **PUBLIC_ROUTE)
+    @router.get(KEYS_PATH, response_class=JwkSetResponse, **PUBLIC_ROUTE)
     async def receipt_keys() -> Response:
-        return JSONResponse(
-            keys.jwks(),
-            media_type="application/jwk-set+json",
-            headers={"Cache-Control": "public, max-age=300"},
-        )
+        return JwkSetResponse(keys.jwks(), headers={"Cache-Control": "public, max-age=300"})
 
     return router
 

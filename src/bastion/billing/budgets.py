@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from uuid import UUID
 
 from bastion.db.pool import Conn, Database
@@ -306,9 +306,37 @@ async def _refusal(tx: Conn, tenant_id: UUID) -> NoBudget | OverBudget:
         (tenant_id,),
     )
     current = await cur.fetchone()
-    if current is None:
-        return NoBudget("this tenant has no budget for the current period")
-    retry_after = max(1, math.ceil(float(current["left"])))
-    problem = OverBudget("the tenant's budget for this period is spent", retry_after=retry_after)
+    if current is not None:
+        retry_after = max(1, math.ceil(float(current["left"])))
+        problem: NoBudget | OverBudget = OverBudget(
+            "the tenant's budget for this period is spent", retry_after=retry_after
+        )
+    else:
+        retry_after = await _until_next_period(tx, tenant_id)
+        problem = NoBudget(
+            "this tenant has no budget for the current period", retry_after=retry_after
+        )
     problem.extensions["retry_after"] = retry_after  # in the body too, as ever
     return problem
+
+
+async def _until_next_period(tx: Conn, tenant_id: UUID) -> int:
+    """Seconds until a budget can next apply to a tenant that has none now: the
+    start of a period already set for later, else the next reset of the
+    calendar-month periods plans open (UTC, as ``BillingService`` opens them)."""
+    cur = await tx.execute(
+        "SELECT extract(epoch FROM min(period_start) - now()) AS wait FROM bastion.budgets "
+        "WHERE tenant_id = %s AND period_start > now()",
+        (tenant_id,),
+    )
+    row = await cur.fetchone()
+    if row is not None and row["wait"] is not None:
+        return max(1, math.ceil(float(row["wait"])))
+    now = datetime.now(UTC)
+    month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    reset = (
+        month.replace(year=month.year + 1, month=1)
+        if month.month == 12
+        else month.replace(month=month.month + 1)
+    )
+    return max(1, math.ceil((reset - now).total_seconds()))

@@ -48,8 +48,9 @@ def _run(work: Callable[..., Awaitable[T]]) -> T:
     """Run ``work(billing)`` with the app database open; known failures are one line."""
     from bastion.billing.wiring import build_billing
     from bastion.db.provision import DatabaseError
+    from bastion.db.service import app_database
     from bastion.errors import BastionError
-    from bastion.runtime import app_database, open_keystore
+    from bastion.secrets.backends import open_keystore
     from bastion.secrets.errors import SecretsError
 
     async def run() -> T:

@@ -124,7 +124,7 @@ async def plan_by_code(tx: Conn, code: str) -> Plan:
     cur = await tx.execute(f"SELECT {_COLUMNS} FROM bastion.plans WHERE code = %s", (code,))
     row = await cur.fetchone()
     if row is None:
-        raise UnknownPlan(f"no plan {code!r}")
+        raise UnknownPlan("no such plan")
     return Plan.from_row(row)
 
 

@@ -80,7 +80,7 @@ def verify_command(
 
 
 def _keys() -> ReceiptKeys:
-    from bastion.runtime import open_keystore
+    from bastion.secrets.backends import open_keystore
 
     return ReceiptKeys(open_keystore(Settings()))
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bastion.access.guard import Guard
-from bastion.api.declare import PUBLIC_ROUTE
+from bastion.api.declare import public
 from bastion.billing.card_routes import refuse_card_numbers
 from bastion.billing.errors import EventTooLarge, NoSubscription
 from bastion.billing.plans import PlanCatalogue
@@ -60,12 +60,48 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
+_EVENT_BODY = {"type": "string", "format": "binary", "maxLength": MAX_BODY_BYTES}
+# The webhooks read their raw bodies (the signature covers the exact bytes).
+_STRIPE_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Stripe-Signature",
+            "in": "header",
+            "required": True,
+            "description": "t=<timestamp>,v1=<HMAC-SHA256 of 't.body'> (Stripe's scheme); "
+            "checked against every active secret, with a timestamp tolerance.",
+            "schema": {"type": "string"},
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "description": f"A Stripe event, as Stripe sent it; at most {MAX_BODY_BYTES} bytes.",
+        "content": {"application/json": {"schema": _EVENT_BODY}},
+    },
+}
+_ADYEN_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "An Adyen notification batch; every item carries its HMAC-SHA256 "
+        "signature in additionalData.hmacSignature. At most "
+        f"{MAX_BODY_BYTES} bytes.",
+        "content": {"application/json": {"schema": _EVENT_BODY}},
+    },
+    "responses": {
+        "200": {
+            "description": "Accepted (Adyen's acknowledgement)",
+            "content": {"text/plain": {"schema": {"type": "string", "const": ACK}}},
+        }
+    },
+}
+
+
 def build_webhook_router(
     intake: WebhookIntake, stripe_hook: StripeWebhook, adyen_hook: AdyenWebhook
 ) -> APIRouter:
     router = APIRouter(prefix="/webhooks")
 
-    @router.post("/stripe", **PUBLIC_ROUTE)
+    @router.post("/stripe", **public(_STRIPE_OPENAPI))
     async def stripe_webhook(request: Request) -> JSONResponse:
         """A Stripe event: verified (``Stripe-Signature``), stored once, acknowledged."""
         body = await _bounded_body(request)
@@ -73,7 +109,7 @@ def build_webhook_router(
         (stored,) = await intake.store([event])
         return JSONResponse({"received": True, "duplicate": stored.duplicate})
 
-    @router.post("/adyen", **PUBLIC_ROUTE)
+    @router.post("/adyen", **public(_ADYEN_OPENAPI))
     async def adyen_webhook(request: Request) -> PlainTextResponse:
         """An Adyen notification batch: every item's HMAC verified, stored once."""
         body = await _bounded_body(request)

@@ -1,11 +1,15 @@
-"""Where the database is: the embedded server, or an external ``DATABASE_URL``."""
+"""Where the database is (the embedded server, or an external ``DATABASE_URL``),
+and the app's pool and the job queue's conninfo on it, from settings."""
 
 from __future__ import annotations
 
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bastion.db.launcher import EmbeddedPostgres
-from bastion.db.provision import DatabaseError, Target
+from bastion.db.pool import Database
+from bastion.db.provision import DatabaseError, Target, app_credentials, provision
+from bastion.secrets.backends import open_keystore
+from bastion.secrets.store import resolve_ref
 from bastion.settings import Settings
 
 
@@ -42,8 +46,13 @@ def resolve_target(settings: Settings, *, start: bool = True) -> Target:
         dbname = params.get("dbname")
         if not dbname:
             raise DatabaseError("DATABASE_URL names no database (…/dbname)")
+        admin_conninfo = settings.database_url
+        if settings.database_password_ref:
+            # The password is a reference (settings refuse one in the URL).
+            password = resolve_ref(open_keystore(settings), settings.database_password_ref)
+            admin_conninfo = make_conninfo(admin_conninfo, password=password.decode())
         return Target(
-            admin_conninfo=settings.database_url,
+            admin_conninfo=admin_conninfo,
             dbname=str(dbname),
             create_database=False,
             description=describe_url(settings.database_url),
@@ -58,3 +67,22 @@ def resolve_target(settings: Settings, *, start: bool = True) -> Target:
         create_database=True,
         description=f"embedded server in {server.base_dir}",
     )
+
+
+def app_database(settings: Settings, *, migrate: bool = False, max_size: int = 10) -> Database:
+    """Return the app role's (unopened) pool.
+
+    With ``migrate`` the embedded server is started if needed and the database
+    provisioned and migrated first; without it the database must be ready.
+    Raises :class:`DatabaseError` with a one-line reason.
+    """
+    keystore = open_keystore(settings)
+    target = resolve_target(settings, start=migrate)
+    credentials = provision(target, keystore) if migrate else app_credentials(target, keystore)
+    return Database(credentials.conninfo, credentials.context_key, max_size=max_size)
+
+
+def queue_conninfo(settings: Settings) -> str:
+    """Return the job queue role's conninfo (the database must be provisioned)."""
+    keystore = open_keystore(settings)
+    return app_credentials(resolve_target(settings, start=False), keystore).queue_conninfo

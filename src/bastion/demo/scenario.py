@@ -21,7 +21,7 @@ from rich.table import Table
 
 from bastion.billing.wiring import build_billing
 from bastion.db.provision import DatabaseError
-from bastion.db.service import embedded_server, resolve_target
+from bastion.db.service import app_database, embedded_server, resolve_target
 from bastion.demo.common import STANDIN_KEY, STANDIN_MODEL, Report
 from bastion.demo.scenes.answers import check_answers
 from bastion.demo.scenes.audit import check_audit
@@ -37,10 +37,10 @@ from bastion.demo.scenes.tools import check_tools
 from bastion.demo.upstream import StandInUpstream
 from bastion.gateway.providers import LocalProvider
 from bastion.knowledge.answers import AskService
+from bastion.knowledge.service import build_knowledge
 from bastion.processes import settings_env, stack
-from bastion.runtime import app_database, knowledge_service, open_keystore
 from bastion.safety.signing import EnvelopeSigner
-from bastion.secrets.backends import open_key_ring
+from bastion.secrets.backends import open_key_ring, open_keystore
 from bastion.secrets.store import SecretRef
 from bastion.settings import ModelRoute, Settings
 
@@ -135,7 +135,7 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                     open_keystore(settings),
                     settings_env(settings),
                 )
-                kb = knowledge_service(settings, db, open_key_ring(settings, keystore=keystore).kms)
+                kb = build_knowledge(settings, db, open_key_ring(settings, keystore=keystore).kms)
                 await check_knowledge(report, kb, tenants, urls["api"], console)
                 await check_answers(report, kb, tenants, urls, keystore, console)
                 ask = AskService(kb, EnvelopeSigner(keystore), urls["gateway"])

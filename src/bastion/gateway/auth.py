@@ -8,6 +8,7 @@ from fastapi import Request
 
 from bastion.access.authorize import Resource, Subject
 from bastion.access.guard import Forbidden, Guard
+from bastion.api.openapi import DPOP_REQUIREMENT, ENVELOPE
 from bastion.api.problems import Problem, problem_type
 from bastion.gateway.service import Caller
 from bastion.safety.signing import HEADER, EnvelopeInvalid, EnvelopeSigner
@@ -34,6 +35,8 @@ class GatewayAuth:
         self.guard = guard
         self.signer = signer
         self.token = guard(ACTION, "Model")
+        # What the OpenAPI document says this dependency accepts (either one).
+        self.openapi_security = DPOP_REQUIREMENT + ([{ENVELOPE: []}] if signer else [])
 
     async def __call__(self, request: Request) -> Caller:
         header = request.headers.get(HEADER)

@@ -75,7 +75,7 @@ class PlanGate:
         allowed = tenant.entitlements.models_allowed
         if "*" not in allowed and model not in allowed:
             raise ModelNotInPlan(
-                f"the {tenant.entitlements.plan!r} plan does not include model {model!r}",
+                "the tenant's plan does not include that model",
                 plan=tenant.entitlements.plan,
             )
         now = self.clock()

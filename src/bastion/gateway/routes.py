@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from bastion.access.guard import Guard
 from bastion.gateway.auth import GatewayAuth
 from bastion.gateway.providers import ProviderError, StreamItem, Usage
-from bastion.gateway.service import Caller, GatewayService, SignedToolCall
+from bastion.gateway.service import Caller, GatewayService, RefusedToolCall, SignedToolCall
 from bastion.gateway.trace import TraceContext, continue_or_start, current_trace
+from bastion.safety.egress import Taint, TaintMark
 from bastion.safety.scanning import ScanBusy, ScanUnavailable
 from bastion.safety.signing import EnvelopeSigner
 
@@ -30,8 +31,22 @@ DEFAULT_MAX_TOKENS = 512
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept for the cache key, as ChatRequest's
-    role: Literal["system", "user", "assistant"]
+    # A ``tool`` message (a tool's result) is tainted: what it says is data from
+    # outside, and a tool call may carry it only to an allow-listed destination.
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=200_000)
+    tool_call_id: str | None = Field(default=None, max_length=200)
+
+
+class TaintedSpan(BaseModel):
+    """``messages[message].content[start:end]`` (code points) is retrieved text:
+    the api marks the documents of the prompt it signs (its envelope covers
+    the body); any client may mark its own. Marks only ever add taint."""
+
+    model_config = ConfigDict(extra="forbid")
+    message: int = Field(ge=0)
+    start: int = Field(ge=0)
+    end: int = Field(ge=1)
 
 
 class StreamOptions(BaseModel):
@@ -51,6 +66,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    bastion_tainted: list[TaintedSpan] | None = Field(default=None, max_length=1_000)
 
 
 class EmbeddingRequest(BaseModel):
@@ -82,6 +98,12 @@ def _tool_calls(signed: list[SignedToolCall]) -> list[dict[str, Any]]:
         }
         for i, s in enumerate(signed)
     ]
+
+
+def _refused_calls(refused: list[RefusedToolCall]) -> list[dict[str, str]]:
+    # The caller learns that proposed calls were not passed on, and why: the
+    # model's call id and the stable reason, nothing of the call itself.
+    return [{"id": r.id, "reason": r.reason} for r in refused]
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -125,7 +147,15 @@ def build_router(
     async def chat(
         body: ChatRequest, caller: Caller = Depends(invoke)
     ) -> JSONResponse | StreamingResponse:
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = [
+            {"role": m.role, "content": m.content}
+            | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})
+            for m in body.messages
+        ]
+        # Raises InvalidTaintMark (400) before any provider is called.
+        taint = Taint.of_request(
+            messages, [TaintMark(s.message, s.start, s.end) for s in body.bastion_tainted or ()]
+        )
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -142,10 +172,12 @@ def build_router(
             message: dict[str, Any] = {"role": "assistant", "content": completion.text}
             finish = completion.finish_reason
             if completion.tool_calls:
-                signed, _refused = await service.sign_tool_calls(
-                    caller, completion.tool_calls, declared=body.tools
+                signed, refused = await service.sign_tool_calls(
+                    caller, completion.tool_calls, declared=body.tools, taint=taint
                 )
                 message["tool_calls"] = _tool_calls(signed)
+                if refused:
+                    message["bastion_refused"] = _refused_calls(refused)
                 if not signed:
                     finish = "stop"
             answer = {
@@ -208,9 +240,11 @@ def build_router(
                     # The provider broke off mid-answer, or the rest could not be scanned.
                     finish = "error"
                 if proposed and finish != "error":
-                    signed, _refused = await service.sign_tool_calls(
-                        caller, proposed, declared=body.tools
+                    signed, refused = await service.sign_tool_calls(
+                        caller, proposed, declared=body.tools, taint=taint
                     )
+                    if refused:
+                        yield _sse(chunk({"bastion_refused": _refused_calls(refused)}, None))
                     if signed:
                         yield _sse(chunk({"tool_calls": _tool_calls(signed)}, None))
                         finish = "tool_calls"

@@ -23,7 +23,10 @@ the budget, no tokens.
 Tool calls the model proposes, in plain and streamed answers, are passed on
 only for tools the request declared and when Cedar lets the caller run them
 (``tool:run``), only with arguments valid against the declared JSON Schema,
-each signed and bound to its declaration. A request whose declared parameters
+each signed and bound to its declaration, and never carrying retrieved text,
+tool results, vault tokens or secrets to a destination the tenant's egress
+allow-list does not name (:mod:`bastion.safety.egress`; the tenant's action
+blocks such a call or flags it). A request whose declared parameters
 are not a schema :mod:`bastion.safety.tool_schema` accepts is refused (400
 ``invalid-tool-declaration``) before any provider is called. Personal
 data in an answer is masked (streamed answers are scanned sentence by sentence).
@@ -72,7 +75,8 @@ from bastion.gateway.sampling import PromptSampling
 from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
 from bastion.offload import JobFailed, JobTimedOut, PoolBusy, shared_pool
-from bastion.safety import tool_schema
+from bastion.safety import egress, tool_schema
+from bastion.safety.egress_lists import EgressPolicies, EgressUnavailable
 from bastion.safety.scanning import ScanBusy, ScanUnavailable, scan_each
 from bastion.safety.signing import ToolCall, ToolCallSigner, declared_tool
 from bastion.safety.vault import PiiVault
@@ -180,6 +184,16 @@ class SignedToolCall:
     signature: str
 
 
+@dataclass(frozen=True)
+class RefusedToolCall:
+    """A proposed call not passed on, as the caller is told: the model's id,
+    the tool's name and the stable reason (never the arguments)."""
+
+    id: str
+    name: str
+    reason: str
+
+
 def sticky_key(caller: Caller, messages: Sequence[Message]) -> str:
     """Tenant, user and conversation (its first message): one conversation, one target."""
     first = messages[0]["content"] if messages else ""
@@ -204,6 +218,8 @@ class GatewayService:
         plan_gate: PlanGate | None = None,
         vault: PiiVault | None = None,
         sampling: PromptSampling | None = None,
+        egress_policies: EgressPolicies | None = None,
+        secret_values: Sequence[str] = (),
     ) -> None:
         self.ledger = ledger
         self.models = models
@@ -214,6 +230,12 @@ class GatewayService:
         self.plan_gate = plan_gate
         self.vault = vault
         self.sampling = sampling  # None: prompts are never logged
+        # Always on: without an explicit one, the tenants' policies in the ledger's database.
+        self.egress_policies = (
+            egress_policies if egress_policies is not None else EgressPolicies(ledger.db)
+        )
+        # Values no tool call may carry out unless allow-listed (the gateway's own keys).
+        self.secret_values = tuple(secret_values)
 
     # -- the stages (bastion.gateway.pipeline), in pipeline order -------------------------
 
@@ -246,7 +268,7 @@ class GatewayService:
         """The model's router, once the caller's plan admits the call (model, rate)."""
         router = self.models.get(call.model)
         if router is None:
-            raise ModelNotFound(f"model {call.model!r} is not served here")
+            raise ModelNotFound("that model is not served here")
         if self.plan_gate is not None:
             await self.plan_gate.admit(call.caller.tenant_id, call.model)
         call.router = router
@@ -377,7 +399,8 @@ class GatewayService:
         calls: Sequence[ToolCall],
         *,
         declared: Sequence[Any] | None,
-    ) -> tuple[list[SignedToolCall], list[str]]:
+        taint: egress.Taint | None = None,
+    ) -> tuple[list[SignedToolCall], list[RefusedToolCall]]:
         """Sign the proposed calls of tools the request declared (``declared``: its
         ``tools``) that Cedar lets the caller run (``tool:run``) and whose
         arguments are valid against the declared parameters, each bound to its
@@ -387,9 +410,15 @@ class GatewayService:
         ``bad-declaration`` (not JSON, or not an accepted schema),
         ``not-authorized``, ``bad-arguments`` (not an I-JSON object, or not
         valid against the schema), ``arguments-unchecked`` (the check ran out
-        of time: :func:`bastion.safety.tool_schema.refusal_for`). The arguments'
+        of time: :func:`bastion.safety.tool_schema.refusal_for`), ``egress``
+        (tainted text — ``taint``, the request's retrieved spans and tool results —,
+        a vault token or a secret to a destination not on the tenant's allow-list
+        for the tool, under the ``block`` action), ``egress-unchecked`` (the
+        allow-list could not be read: fail closed). Under the ``flag`` action
+        such a call is signed and audited ``tool.flagged``. The arguments'
         values are never audited or logged."""
-        signed, refused = [], []
+        signed: list[SignedToolCall] = []
+        refused: list[RefusedToolCall] = []
         subject = Subject(caller.user_id, caller.tenant_id, caller.roles, mfa=False)
         for call in calls:
             declaration = declared_tool(declared, call.name)
@@ -407,8 +436,14 @@ class GatewayService:
                     caller.tenant_id, declaration, call.arguments
                 )
             ) is not None:
-                refused.append(call.name)
+                refused.append(RefusedToolCall(call.id, call.name, refusal.reason))
                 self._tool_refused(caller, call, refusal.reason, refusal.details())
+                continue
+            elif (
+                stopped := await self._egress_refusal(caller, call, declaration, taint)
+            ) is not None:
+                refused.append(RefusedToolCall(call.id, call.name, stopped[0]))
+                self._tool_refused(caller, call, *stopped)
                 continue
             else:
                 try:
@@ -423,24 +458,68 @@ class GatewayService:
                 else:
                     signed.append(SignedToolCall(call, signature))
                     continue
-            refused.append(call.name)
+            refused.append(RefusedToolCall(call.id, call.name, reason))
             self._tool_refused(caller, call, reason)
         return signed, refused
+
+    async def _egress_refusal(
+        self,
+        caller: Caller,
+        call: ToolCall,
+        declaration: Mapping[str, Any],
+        taint: egress.Taint | None,
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The refusal (reason, audit details) of a call that would carry tainted
+        text, a vault token or a secret to a destination the tenant's allow-list
+        does not name, under the ``block`` action; None to sign it (a violation
+        under ``flag`` is audited ``tool.flagged`` here). The allow-list is read
+        only for a call that carries something to somewhere."""
+        seen = egress.exposure(
+            call.arguments, declaration, taint or egress.Taint(), self.secret_values
+        )
+        if not seen.needs_check:
+            return None
+        try:
+            rules = await self.egress_policies.rules(caller.tenant_id)
+        except EgressUnavailable:
+            return "egress-unchecked", {"carried": sorted(seen.carried)}
+        decision = egress.decide(call.name, seen, rules)
+        if not decision.violates:
+            return None
+        details = {**decision.details(), "action": rules.action}
+        if rules.action == "block":
+            return "egress", details
+        self._tool_event(caller, call, "tool.flagged", "egress", details)
+        return None
 
     def _tool_refused(
         self,
         caller: Caller,
         call: ToolCall,
         reason: str,
-        check: Mapping[str, str] | None = None,
+        check: Mapping[str, Any] | None = None,
     ) -> None:
         """Audit (with the ledger's next flush) and log a proposed call not passed on."""
+        self._tool_event(caller, call, "tool.refused", reason, check)
+
+    def _tool_event(
+        self,
+        caller: Caller,
+        call: ToolCall,
+        action: str,
+        reason: str,
+        check: Mapping[str, Any] | None = None,
+    ) -> None:
         details = {**(check or {}), "tool": call.name[:100], "reason": reason, "by": "gateway"}
         request_id = structlog.contextvars.get_contextvars().get("request_id")
         target = f"tool_call:{call.id[:200]}"
-        event = AuditEntry(f"user:{caller.user_id}", "tool.refused", target, details, request_id)
+        event = AuditEntry(f"user:{caller.user_id}", action, target, details, request_id)
         self.ledger.record(caller.tenant_id, None, None, event)
-        _log.info("tool_call_refused", tenant=str(caller.tenant_id), **details)
+        _log.info(
+            "tool_call_refused" if action == "tool.refused" else "tool_call_flagged",
+            tenant=str(caller.tenant_id),
+            **details,
+        )
 
     async def _first_answer(
         self,

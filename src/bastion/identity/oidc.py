@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from bastion.access.guard import Guard
-from bastion.api.declare import PUBLIC_ROUTE
+from bastion.api.declare import PUBLIC_ROUTE, public
 from bastion.encoding import b64url_decode, b64url_encode
 from bastion.identity.auth import Principal
 from bastion.identity.dpop import DpopVerifier
@@ -199,6 +199,124 @@ def _query(request: Request) -> dict[str, str]:
     return params
 
 
+_OAUTH_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+}
+# RFC 6749 section 4.1.3 / 6 with PKCE (RFC 7636) and DPoP (RFC 9449 section 5).
+_TOKEN_OPENAPI: dict[str, Any] = {
+    "externalDocs": {
+        "description": "OpenID Connect discovery of this provider",
+        "url": "/.well-known/openid-configuration",
+    },
+    "parameters": [
+        {
+            "name": "DPoP",
+            "in": "header",
+            "required": True,
+            "description": "A DPoP proof for POST /token, with the server nonce (RFC 9449 "
+            "section 8); a 400 use_dpop_nonce carries the nonce in DPoP-Nonce.",
+            "schema": {"type": "string"},
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "required": ["grant_type", "client_id"],
+                    "properties": {
+                        "grant_type": {"enum": ["authorization_code", "refresh_token"]},
+                        "client_id": {"type": "string", "maxLength": _MAX_FORM_FIELD},
+                        "code": {"type": "string", "maxLength": _MAX_FORM_FIELD},
+                        "redirect_uri": {"type": "string", "maxLength": _MAX_FORM_FIELD},
+                        "code_verifier": {"type": "string", "maxLength": _MAX_FORM_FIELD},
+                        "refresh_token": {"type": "string", "maxLength": _MAX_FORM_FIELD},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "DPoP-bound tokens (token_type DPoP)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        "400": {
+            "description": "RFC 6749 section 5.2 error",
+            "content": {"application/json": {"schema": _OAUTH_ERROR}},
+        },
+        "401": {
+            "description": "RFC 6749 section 5.2 error",
+            "content": {"application/json": {"schema": _OAUTH_ERROR}},
+        },
+    },
+}
+
+
+def _form_body(*fields: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A form request body of text ``fields`` (each capped like every form field)."""
+    properties = {name: {"type": "string", "maxLength": _MAX_FORM_FIELD} for name in fields}
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return {
+        "required": True,
+        "content": {"application/x-www-form-urlencoded": {"schema": schema}},
+    }
+
+
+def _html(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/html": {"schema": {"type": "string"}}}}
+
+
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}}
+_OAUTH_JSON_400 = {
+    "description": "RFC 6749 section 5.2 error",
+    "content": {"application/json": {"schema": _OAUTH_ERROR}},
+}
+# The sign-in pages (RFC 6749 section 4.1.1; errors shown, not redirected,
+# when the client or its redirect URI cannot be trusted: section 4.1.2.1).
+_SIGN_IN_RESPONSES: dict[str, Any] = {
+    "200": _html("The sign-in (or second factor) page"),
+    "303": {"description": "Back to the client's redirect URI with a code or an error"},
+    "400": _html("The request cannot be trusted: shown, not redirected"),
+    "401": _html("Wrong credentials or code: the page again"),
+    "429": {**_html("Too many attempts: the page again"), "headers": _RETRY_AFTER},
+}
+_AUTHORIZE_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": name in ("response_type", "client_id", "redirect_uri"),
+            "schema": {"type": "string", "maxLength": _MAX_FORM_FIELD},
+        }
+        for name in _OAUTH_FIELDS
+    ],
+    "responses": _SIGN_IN_RESPONSES,
+}
+_AUTHORIZE_LOGIN_OPENAPI: dict[str, Any] = {
+    "requestBody": _form_body(*_OAUTH_FIELDS, "email", "password"),
+    "responses": _SIGN_IN_RESPONSES,
+}
+_AUTHORIZE_MFA_OPENAPI: dict[str, Any] = {
+    "requestBody": _form_body("ticket", "code"),
+    "responses": _SIGN_IN_RESPONSES,
+}
+# RFC 7009 (revocation); logout revokes the session's refresh token and says so.
+_REVOKE_OPENAPI: dict[str, Any] = {
+    "requestBody": _form_body("token", "client_id"),
+    "responses": {"200": {"description": "Revoked (or nothing to revoke)"}, "400": _OAUTH_JSON_400},
+}
+_LOGOUT_OPENAPI: dict[str, Any] = {
+    "requestBody": _form_body("refresh_token", "client_id"),
+    "responses": {"200": _html("Signed out"), "400": _OAUTH_JSON_400},
+}
+
+
 def build_router(
     service: IdentityService,
     *,
@@ -219,7 +337,7 @@ def build_router(
     router = APIRouter()
     token_url = f"{issuer}/token"
 
-    @router.get("/.well-known/openid-configuration", include_in_schema=False, **PUBLIC_ROUTE)
+    @router.get("/.well-known/openid-configuration", **PUBLIC_ROUTE)
     async def discovery() -> dict[str, Any]:
         return {
             "issuer": issuer,
@@ -240,11 +358,11 @@ def build_router(
             "authorization_response_iss_parameter_supported": True,
         }
 
-    @router.get("/.well-known/jwks.json", include_in_schema=False, **PUBLIC_ROUTE)
+    @router.get("/.well-known/jwks.json", **PUBLIC_ROUTE)
     async def jwks() -> JSONResponse:
         return JSONResponse(keys.jwks(), headers={"Cache-Control": "public, max-age=120"})
 
-    @router.get("/authorize", include_in_schema=False, **PUBLIC_ROUTE)
+    @router.get("/authorize", **public(_AUTHORIZE_OPENAPI))
     async def authorize(request: Request) -> Response:
         try:
             params = _query(request)
@@ -255,7 +373,7 @@ def build_router(
             return _redirect_error(None, params, exc, issuer)
         return _login_form(auth)
 
-    @router.post("/authorize", include_in_schema=False, **PUBLIC_ROUTE)
+    @router.post("/authorize", **public(_AUTHORIZE_LOGIN_OPENAPI))
     async def authorize_login(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -279,7 +397,7 @@ def build_router(
             return _totp_form(tickets.seal(login, auth))
         return await _finish(auth, login, totp_passed=False)
 
-    @router.post("/authorize/mfa", include_in_schema=False, **PUBLIC_ROUTE)
+    @router.post("/authorize/mfa", **public(_AUTHORIZE_MFA_OPENAPI))
     async def authorize_mfa(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -311,7 +429,7 @@ def build_router(
             f"{auth.redirect_uri}?{urlencode(query)}", status_code=303, headers=_NO_STORE
         )
 
-    @router.post("/token", include_in_schema=False, **PUBLIC_ROUTE)
+    @router.post("/token", **public(_TOKEN_OPENAPI))
     async def token(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -358,7 +476,7 @@ def build_router(
             headers["DPoP-Nonce"] = dpop.new_nonce()
         return JSONResponse(response.as_json(), headers=headers)
 
-    @router.post("/revoke", include_in_schema=False, **PUBLIC_ROUTE)
+    @router.post("/revoke", response_class=Response, **public(_REVOKE_OPENAPI))
     async def revoke(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -367,7 +485,7 @@ def build_router(
         await service.revoke(form.get("token", ""), form.get("client_id", ""))
         return Response(status_code=200, headers=_NO_STORE)
 
-    @router.post("/logout", include_in_schema=False, **PUBLIC_ROUTE)
+    @router.post("/logout", **public(_LOGOUT_OPENAPI))
     async def logout(request: Request) -> Response:
         try:
             form = await _form(request)
@@ -376,7 +494,7 @@ def build_router(
         await service.revoke(form.get("refresh_token", ""), form.get("client_id", ""))
         return _page("Signed out", "<p>You are signed out.</p>")
 
-    @router.get("/userinfo", include_in_schema=False)
+    @router.get("/userinfo")
     async def userinfo(
         principal: Principal = Depends(guard("account:read", "Account")),
     ) -> dict[str, Any]:

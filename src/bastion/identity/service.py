@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +27,7 @@ import anyio
 from bastion import audit
 from bastion.db.pool import Conn, Database
 from bastion.encoding import b64url_decode, b64url_encode, hex_decode
+from bastion.identity import users
 from bastion.identity.errors import Throttled
 from bastion.identity.mfa import MfaService, mfa_required
 from bastion.identity.passwords import PasswordService
@@ -40,6 +41,9 @@ PLATFORM = UUID(int=0)
 CLI_CLIENT_ID = "bastion-cli"
 CLI_REDIRECT_URI = "http://127.0.0.1/callback"
 _PKCE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")  # RFC 7636 section 4.1
+# The roles a user holds in ``tx``'s tenant, sorted: memberships are the tenants
+# domain's (``bastion.tenants.service.roles_of``), which sits above this one.
+MemberRoles = Callable[[Conn, UUID], Awaitable[tuple[str, ...]]]
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 MAX_SCOPE = 512
 SUPPORTED_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
@@ -152,9 +156,11 @@ class IdentityService:
         passwords: PasswordService,
         mfa: MfaService,
         throttle: LoginThrottle,
+        member_roles: MemberRoles,
         refresh_lifetime: timedelta = timedelta(days=30),
     ) -> None:
         self.db = db
+        self._roles = member_roles
         self.tokens = tokens
         self.passwords = passwords
         self.mfa = mfa
@@ -457,32 +463,15 @@ class IdentityService:
     ) -> tuple[str | None, str | None]:
         """Return the user's e-mail and display name (OIDC Core 5.3 UserInfo), or Nones."""
         async with self.db.tenant_tx(tenant_id, user_id, db_role) as tx:
-            row = await (
-                await tx.execute(
-                    "SELECT email, display_name FROM bastion.users WHERE id = %s", (user_id,)
-                )
-            ).fetchone()
-        return (row["email"], row["display_name"]) if row else (None, None)
+            return await users.profile(tx, user_id)
 
     # -- helpers -----------------------------------------------------------------
 
     async def _member(self, tx: Conn, email: str) -> tuple[UUID | None, tuple[str, ...]]:
-        row = await (
-            await tx.execute("SELECT id FROM bastion.users WHERE email = %s", (email,))
-        ).fetchone()
-        if row is None:
+        user_id = await users.user_id_by_email(tx, email)
+        if user_id is None:
             return None, ()
-        return row["id"], await self._roles(tx, row["id"])
-
-    @staticmethod
-    async def _roles(tx: Conn, user_id: UUID) -> tuple[str, ...]:
-        rows = await (
-            await tx.execute(
-                "SELECT role FROM bastion.memberships WHERE user_id = %s ORDER BY role",
-                (user_id,),
-            )
-        ).fetchall()
-        return tuple(r["role"] for r in rows)
+        return user_id, await self._roles(tx, user_id)
 
     async def _issue(
         self,

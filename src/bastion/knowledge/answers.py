@@ -32,6 +32,7 @@ import httpx
 
 from bastion.audit import log as audit
 from bastion.errors import PROBLEM_TYPE_BASE, BastionError, Kind
+from bastion.knowledge.errors import NamespaceNotFound
 from bastion.knowledge.service import Actor, KnowledgeService, SearchHit
 from bastion.safety.injection import (
     AnswerWithheld,
@@ -57,6 +58,21 @@ class GatewayRefused(BastionError):
     slug = "gateway-error"
     title = "The model gateway refused the call"
     kind = Kind.UPSTREAM_FAILED
+    # What the API document says the questions route may answer with: the
+    # gateway's problems (by module name: the api does not import the gateway's
+    # routes), at every kind :func:`_passed_on` gives them.
+    passes_on = ("bastion.gateway.routes",)
+    kinds = (
+        Kind.UPSTREAM_FAILED,
+        Kind.INVALID,
+        Kind.PAYMENT_REQUIRED,
+        Kind.FORBIDDEN,
+        Kind.NOT_FOUND,
+        Kind.TOO_LARGE,
+        Kind.UNPROCESSABLE,
+        Kind.RATE_LIMITED,
+        Kind.UNAVAILABLE,
+    )
 
 
 # The gateway's refusals passed on with their meaning; any other answer is the
@@ -157,6 +173,20 @@ def build_messages(
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
+def retrieved_spans(messages: list[dict[str, str]], boundary: str) -> list[dict[str, int]]:
+    """The gateway's ``bastion_tainted`` marks of a prompt: the fenced documents of
+    its system message, between the two boundary lines (code points). A tool call
+    the model proposes may carry their text only to allow-listed destinations
+    (:mod:`bastion.safety.egress`); the envelope's body hash covers the marks."""
+    marker = f"«data-{boundary}»"
+    system = messages[0]["content"]
+    start = system.find(f"{marker}\n")
+    end = system.rfind(f"\n{marker}")
+    if start < 0 or end <= start + len(marker) + 1:
+        return []
+    return [{"message": 0, "start": start + len(marker) + 1, "end": end}]
+
+
 class AskService:
     def __init__(
         self,
@@ -179,12 +209,19 @@ class AskService:
         self._prompt_key = secrets.token_bytes(32)
 
     async def _record(self, actor: Actor, namespace: str, model: str, screening: Screening) -> None:
+        # The namespace by id, never as the asker wrote it: a name is the tenant's
+        # words, and the trail outlives a shred (issue 23, B9). One not found
+        # is left out, since it may be anything.
+        try:
+            target = str((await self.kb.namespace(actor, namespace)).id)
+        except NamespaceNotFound:
+            target = ""
         async with self.kb.db.tenant_tx(actor.tenant_id, actor.user_id, actor.role) as tx:
             await audit.record(
                 tx,
                 actor=f"user:{actor.user_id}",
                 action="question.screened",
-                target=namespace,
+                target=target,
                 details={**screening.summary(), "model": model},
             )
 
@@ -226,11 +263,13 @@ class AskService:
         material += [f"{hit.document_id}:{text}" for hit, text in kept]
         canary = Canary.derive(self._prompt_key, *material)
         boundary = derived_syllables(self._prompt_key, 6, "fence", *material)
+        messages = build_messages(asked.text, kept, canary, boundary)
         body = json.dumps(
             {
                 "model": model,
                 "temperature": 0,
-                "messages": build_messages(asked.text, kept, canary, boundary),
+                "messages": messages,
+                "bastion_tainted": retrieved_spans(messages, boundary),
             },
             separators=(",", ":"),
         ).encode()

@@ -98,8 +98,9 @@ def ingest_command(
     namespace: NamespaceOption = "default",
 ) -> None:
     """Index files (.md .txt .html .pdf) into a tenant's knowledge base; resumable."""
+    from bastion.db.service import app_database
     from bastion.knowledge.ingest import discover
-    from bastion.runtime import app_database, knowledge_service
+    from bastion.knowledge.service import build_knowledge
     from bastion.secrets.backends import open_key_ring
 
     settings = Settings()
@@ -110,7 +111,7 @@ def ingest_command(
 
     async def run() -> IngestReport:
         async with app_database(settings) as db:
-            kb = knowledge_service(settings, db, open_key_ring(settings).kms)
+            kb = build_knowledge(settings, db, open_key_ring(settings).kms)
             return await run_ingest(kb, await _tenant(db, tenant), namespace, files, console)
 
     report = asyncio.run(run())
@@ -133,14 +134,15 @@ knowledge_app = typer.Typer(help="Knowledge bases.", no_args_is_help=True)
 def reencode_command(tenant: TenantOption) -> None:
     """Key what a tenant's knowledge bases stored before migration 0025: rotate
     their vectors by the tenant's secret transform and seal their titles."""
-    from bastion.runtime import app_database, knowledge_service
+    from bastion.db.service import app_database
+    from bastion.knowledge.service import build_knowledge
     from bastion.secrets.backends import open_key_ring
 
     settings = Settings()
 
     async def run() -> ReencodeReport:
         async with app_database(settings) as db:
-            kb = knowledge_service(settings, db, open_key_ring(settings).kms)
+            kb = build_knowledge(settings, db, open_key_ring(settings).kms)
             return await kb.reencode(await _tenant(db, tenant))
 
     report = asyncio.run(run())
@@ -174,16 +176,16 @@ def search_command(
     k: Annotated[int, typer.Option(min=1, max=100)] = 5,
 ) -> None:
     """Search a tenant's knowledge base (as the operator) and print the best chunks."""
+    from bastion.db.service import app_database
     from bastion.knowledge.errors import NamespaceNotFound
-    from bastion.knowledge.service import Actor
-    from bastion.runtime import app_database, knowledge_service
+    from bastion.knowledge.service import Actor, build_knowledge
     from bastion.secrets.backends import open_key_ring
 
     settings = Settings()
 
     async def run() -> list[SearchHit]:
         async with app_database(settings) as db:
-            kb = knowledge_service(settings, db, open_key_ring(settings).kms)
+            kb = build_knowledge(settings, db, open_key_ring(settings).kms)
             tenant_id = await _tenant(db, tenant)
             try:
                 return await kb.search(

@@ -156,14 +156,14 @@ def _decode(body: bytes, charset: str | None) -> str:
     try:
         codec = codecs.lookup(name)
     except LookupError:
-        raise ExtractionError("encoding", f"unknown charset {name!r}") from None
+        raise ExtractionError("encoding", "the charset is unknown") from None
     if codec.name in _REFUSED_CODECS:
-        raise ExtractionError("encoding", f"charset {name!r} is not accepted")
+        raise ExtractionError("encoding", "that charset is not accepted")
     try:
         # LookupError: a bytes-to-bytes codec such as base64 is no charset.
         return body.decode(codec.name, errors="strict")
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise ExtractionError("encoding", f"not valid {name}: {exc}") from None
+    except (UnicodeDecodeError, LookupError):
+        raise ExtractionError("encoding", "the body is not valid text in its charset") from None
 
 
 def _check_not_binary(text: str) -> None:
@@ -451,12 +451,12 @@ def _pdf_text(body: bytes, max_chars: int, max_pages: int) -> str:
                 pages.append(text)
     except ExtractionError:
         raise
-    except (LimitReachedError, MemoryError, RecursionError) as exc:
-        raise ExtractionError("pdf-too-large", f"PDF exceeds a resource limit: {exc}") from None
-    except Exception as exc:
+    except (LimitReachedError, MemoryError, RecursionError):
+        raise ExtractionError("pdf-too-large", "the PDF exceeds a resource limit") from None
+    except Exception:
         # pypdf raises its own errors for malformed files, but also KeyError,
         # ValueError, AttributeError... from deep inside: all mean the same here.
-        raise ExtractionError("pdf-invalid", f"unreadable PDF: {exc}") from None
+        raise ExtractionError("pdf-invalid", "the PDF cannot be read") from None
     return "\n\n".join(pages)
 
 
@@ -502,7 +502,7 @@ def extract_text(
     """
     media, declared = media_type(content_type)
     if media not in SUPPORTED_TYPES:
-        raise ExtractionError("unsupported-type", f"{media or 'no type'} is not supported")
+        raise ExtractionError("unsupported-type", "that media type is not supported")
     if not body:
         raise ExtractionError("empty", "empty body")
     if media == "application/pdf":

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bastion.access.guard import Guard
 from bastion.identity.auth import Principal
 from bastion.knowledge.answers import AskService
+from bastion.knowledge.extract import SUPPORTED_TYPES
 from bastion.knowledge.service import Actor, DocumentInfo, KnowledgeService, Namespace
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -76,6 +77,21 @@ class QuestionRequest(BaseModel):
     k: int = Field(default=4, ge=1, le=20)
 
 
+# The raw upload (the route reads the body itself, so FastAPI cannot see it).
+_UPLOAD_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The document's bytes, as they are; the Content-Type header says how "
+        "they are read. At most the api's max_upload_bytes (BASTION_MAX_UPLOAD_BYTES, "
+        "default 1 MiB): more is 413.",
+        "content": {
+            media: {"schema": {"type": "string", "format": "binary"}}
+            for media in sorted(SUPPORTED_TYPES)
+        },
+    }
+}
+
+
 def build_router(
     service: KnowledgeService, guard: Guard, answers: AskService | None = None
 ) -> APIRouter:
@@ -98,7 +114,7 @@ def build_router(
             "namespaces": [_namespace_json(n) for n in await service.namespaces(_actor(principal))]
         }
 
-    @router.post("/namespaces/{namespace}/documents")
+    @router.post("/namespaces/{namespace}/documents", openapi_extra=_UPLOAD_OPENAPI)
     async def upload(
         namespace: str,
         request: Request,

@@ -49,6 +49,7 @@ import psycopg
 from psycopg import sql
 
 from bastion.audit import log as audit
+from bastion.audit.notes import sealed_note
 from bastion.db.pool import Conn, Database
 from bastion.errors import Kind
 from bastion.knowledge.chunks import chunk_text
@@ -76,7 +77,13 @@ from bastion.limited_process import ChildFailed, LimitExceeded, ProcessLimits, r
 from bastion.logs import get_logger
 from bastion.offload import FairProcessPool, JobFailed, JobTimedOut, PoolBusy, shared_pool
 from bastion.safety.pii import PiiInputNotText, PiiInputTooLarge
-from bastion.safety.vault import PiiVault, RevealForbidden
+from bastion.safety.vault import (
+    PiiAllowLists,
+    PiiVault,
+    configured_allow_lists,
+    require_reveal,
+)
+from bastion.secrets.protocols import KMS
 from bastion.secrets.tenant_keys import (
     DecryptionFailed,
     KeyUnavailable,
@@ -87,6 +94,7 @@ from bastion.secrets.tenant_keys import (
 )
 from bastion.secrets.vector_transform import NAME as VECTOR_TRANSFORM
 from bastion.secrets.vector_transform import VectorTransform
+from bastion.settings import Settings
 
 _log = get_logger("bastion.knowledge")
 
@@ -240,16 +248,18 @@ class KnowledgeService:
         chunk_overlap: int = 40,
         parsers: FairProcessPool | None = None,
         extract_limits: ProcessLimits | None = None,
+        allow_lists: PiiAllowLists | None = None,
     ) -> None:
         """``parsers`` runs large parses (default: this process's shared pool);
-        ``extract_limits`` bound each extraction for indexing (its own process)."""
+        ``extract_limits`` bound each extraction for indexing (its own process);
+        ``allow_lists`` are the values tenants keep in clear (none by default)."""
         self.db = db
         self.keys = keys
         self.default_embedder = default_embedder
         self.embedders = embedders
         # Irreversible masking if a redactor is given; else the tenant's PII vault.
         self.redactor = redactor
-        self.vault = PiiVault(keys)
+        self.vault = PiiVault(keys, allow_lists=allow_lists)
         self.max_upload_bytes = max_upload_bytes
         self.chunk_tokens = chunk_tokens
         self.chunk_overlap = chunk_overlap
@@ -312,11 +322,12 @@ class KnowledgeService:
                     actor=actor.name,
                     action="namespace.create",
                     target=str(row["id"]),
-                    details={"name": name, "embedder": model.name, "dim": model.dim},
+                    # By id: the name is the tenant's words, and the trail outlives a shred.
+                    details={"embedder": model.name, "dim": model.dim},
                 )
                 return await self._namespace(tx, str(row["id"]))
         except psycopg.errors.UniqueViolation:
-            raise NamespaceExists(f"namespace {name!r} exists in this tenant") from None
+            raise NamespaceExists("a namespace with that name exists in this tenant") from None
 
     async def ensure_namespace(
         self, actor: Actor, name: str, embedder: str | None = None
@@ -500,7 +511,7 @@ class KnowledgeService:
         )
         row = await cur.fetchone()
         if row is None:
-            raise DocumentNotFound(f"no document {document_id} in this tenant")
+            raise DocumentNotFound("no such document in this tenant")
         return await self._info(tx, row["tenant_id"], row)
 
     async def _title(self, tx: Conn, tenant_id: UUID, row: dict[str, Any]) -> str:
@@ -524,7 +535,7 @@ class KnowledgeService:
     async def _info(self, tx: Conn, tenant_id: UUID, row: dict[str, Any]) -> DocumentInfo:
         info = await self._opened(tx, tenant_id, row)
         if info is None:
-            raise DocumentNotFound(f"no document {row['id']} in this tenant")
+            raise DocumentNotFound("no such document in this tenant")
         return info
 
     async def _redacted(self, db: Database | Conn, actor: Actor, text: str) -> str:
@@ -594,12 +605,7 @@ class KnowledgeService:
         if not reason.strip():
             raise RevealReasonRequired("say why the original is needed")
         async with self._tx(actor) as tx:
-            try:
-                # The database's own answer to "may this context read originals?":
-                # pii_reveal refuses all but owner and system of the signed context.
-                await tx.execute("SELECT count(*) FROM bastion.pii_reveal(ARRAY[]::text[])")
-            except psycopg.errors.InsufficientPrivilege:
-                raise RevealForbidden("only owners may read original documents") from None
+            await require_reveal(tx, "only owners may read original documents")
             body, content_type = await self._sealed_body(tx, actor, document_id)
             await audit.record(
                 tx,
@@ -610,7 +616,8 @@ class KnowledgeService:
                     "document": str(document_id),
                     "original": media_type(content_type)[0],
                     "bytes": len(body),
-                    "reason": reason[:500],
+                    # The member's words: sealed, as the trail outlives a shred.
+                    "reason": await sealed_note(tx, self.keys, actor.tenant_id, reason[:500]),
                 },
             )
         return body, content_type
@@ -624,7 +631,7 @@ class KnowledgeService:
                 (actor.tenant_id, document_id),
             )
             if await cur.fetchone() is None:
-                raise DocumentNotFound(f"no document {document_id} in this tenant")
+                raise DocumentNotFound("no such document in this tenant")
             await audit.record(
                 tx, actor=actor.name, action="document.delete", target=str(document_id)
             )
@@ -1114,3 +1121,17 @@ class KnowledgeService:
                 details={"documents": deleted, "namespaces": namespaces},
             )
         return deleted
+
+
+def build_knowledge(settings: Settings, db: Database, kms: KMS) -> KnowledgeService:
+    """Return the knowledge base on ``db``, the tenants' keys wrapped by ``kms``."""
+    return KnowledgeService(
+        db,
+        TenantKeys(kms),
+        default_embedder=settings.embedder,
+        max_upload_bytes=settings.max_upload_bytes,
+        extract_limits=ProcessLimits(
+            cpu_seconds=settings.extract_cpu_seconds, wall_seconds=settings.extract_wall_seconds
+        ),
+        allow_lists=configured_allow_lists(settings.pii_allow_lists),
+    )

@@ -67,9 +67,10 @@ def luhn_valid(digits: str) -> bool:
 
 
 def iban_valid(compact: str) -> bool:
-    """ISO 13616-1 / ISO 7064 MOD 97-10 over an IBAN without spaces."""
-    if not 15 <= len(compact) <= 34:
+    """ISO 13616-1 / ISO 7064 MOD 97-10 over an IBAN without spaces (any case)."""
+    if not 15 <= len(compact) <= 34 or not compact.isalnum() or not compact.isascii():
         return False
+    compact = compact.upper()
     rearranged = compact[4:] + compact[:4]
     # Letters count as two-digit numbers A=10 .. Z=35.
     numeric = "".join(str(int(char, 36)) for char in rearranged)
@@ -77,9 +78,22 @@ def iban_valid(compact: str) -> bool:
 
 
 def nir_valid(compact: str) -> bool:
-    """The INSEE key of a 15-character NIR: ``97 - (first 13 digits mod 97)``."""
+    """A 15-character NIR: its structure and its INSEE key ``97 - (first 13 mod 97)``.
+
+    Structure (INSEE): sex 1-4 or 7-8; month 01-12, 20 or 30-42 and 50-99
+    (unknown or fictitious months); department not 00; commune and order
+    number not 000. And not a card: a Luhn-valid number with an American
+    Express prefix (34, 37; ISO/IEC 7812) is one, whatever its key says.
+    """
     body = compact[:13].upper().replace("2A", "19").replace("2B", "18")
-    if not body.isdigit():
+    if not body.isdigit() or not compact[13:].isdigit():
+        return False
+    month = int(body[3:5])
+    if not (1 <= month <= 12 or month == 20 or 30 <= month <= 42 or month >= 50):
+        return False
+    if body[5:7] == "00" or body[7:10] == "000" or body[10:13] == "000":
+        return False
+    if compact[:2] in {"34", "37"} and compact.isdigit() and luhn_valid(compact):
         return False
     return 97 - int(body) % 97 == int(compact[13:])
 
@@ -169,6 +183,47 @@ IBAN_RE = re.compile(
     rf"[A-Z](?<![A-Za-z0-9].){_NA1}[A-Z]\d{{2}}(?: ?[A-Z0-9]{{4}}){{2,7}}"
     rf"(?: ?[A-Z0-9]{{1,3}})?(?![A-Za-z0-9]){NOT_BEFORE}"
 )
+# The loose form: any case, spaces anywhere (DE8937 0400 ...), its end set by
+# the country's IBAN length (IBAN_LENGTHS), so a following word is never
+# swallowed. Bounded: at most 32 more characters after the check digits.
+IBAN_LOOSE_RE = re.compile(
+    rf"[A-Za-z](?<![A-Za-z0-9].){_NA1}[A-Za-z]\d{{2}}(?: ?[A-Za-z0-9]){{11,32}}"
+)
+# IBAN length per country, from the ISO 13616 registry (SWIFT, IBAN Registry).
+IBAN_LENGTHS: dict[str, int] = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
+    "BH": 22, "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24,
+    "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18,
+    "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27,
+    "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27,
+    "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20,
+    "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20, "MR": 27,
+    "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24, "PL": 28,
+    "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31,
+    "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28,
+    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}  # fmt: skip
+
+
+def loose_iban_end(text: str, start: int, end: int) -> int | None:
+    """The end of the IBAN starting at ``text[start]`` within ``text[start:end]``
+    (a match of IBAN_LOOSE_RE): as many letters and digits as its country's
+    IBAN has, ending at a word boundary and passing MOD 97-10; else None."""
+    length = IBAN_LENGTHS.get(text[start : start + 2].upper())
+    if length is None:
+        return None
+    taken = 0
+    i = start
+    while i < end and taken < length:
+        if text[i] != " ":
+            taken += 1
+        i += 1
+    if taken < length or (i < len(text) and text[i].isalnum()):
+        return None
+    compact = text[start:i].replace(" ", "")
+    return i if iban_valid(compact) else None
+
+
 NIR_RE = re.compile(
     rf"[1-478](?<![A-Za-z0-9].){_NA1} ?\d{{2}} ?\d{{2}} ?(?:\d{{2}}|2[ABab])"
     rf" ?\d{{3}} ?\d{{3}} ?\d{{2}}(?![A-Za-z0-9]){NOT_BEFORE}"
@@ -250,6 +305,21 @@ PHONE_RUN_RE = re.compile(
 # Where a phone run can be: PHONE_RUN_RE (whose first item is not a plain
 # class) only runs inside these.
 PHONE_REGION_RE = re.compile(r"[+(\d][\d+() ./-]*")
+# A telephone label and the 7-15 digit number right after it: a local number
+# without its area code (555 12 34, 45 67 89 12) is only told from an order
+# number or an amount by the word before it. Speed: digit runs are found first
+# (a leading plain class), and only then is the label looked for, anchored at
+# the run's start (\Z at endpos); a leading \b would be tried everywhere.
+LOCAL_NUMBER_RE = re.compile(r"\d(?<![\w+#/.-]\d)(?:[ ./-]?\d){6,14}(?![\w@]|[.,/-]\d)")
+PHONE_LABEL_BEFORE_RE = re.compile(
+    r"\b(?:phone|telephone|tel|mobile|mob|cell|fon|telefon|handy|mobil|t[ée]l[ée]phone"
+    r"|t[ée]l|portable|tel[ée]fono|m[óo]vil|celular|cellulare|telefoon|mobiel|telefone)"
+    r"\b\.?(?: ?(?:no|nr|n°|number|número|numero|nummer)\.?)? ?[:.]? ?\Z",
+    re.IGNORECASE,
+)
+PHONE_LABEL_REACH = 40  # characters before a number searched for its label
+# A Brazilian CEP (01310-100): five digits, a dash, three; a postcode, not a phone.
+CEP_SHAPE = [5, 3]
 EXTENSION_RE = re.compile(r" ?(?:x|ext\.? ?|extension )\d{1,6}(?!\w)", re.IGNORECASE)
 # One digit group of a run: the separator before it, an optional "(", the
 # digits and an optional ")".

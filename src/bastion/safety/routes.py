@@ -1,14 +1,23 @@
-"""Revealing vault tokens: ``POST /tenants/{tenant_id}/pii/reveal`` (Cedar ``pii:reveal``).
+"""Safety routes.
 
-The tenant is the token's (a path naming another is 404); the vault is read
-under row-level security as the caller's database role, so a token of
-another tenant is simply not found. Every answer is ``Cache-Control: no-store``:
-it carries originals.
+Revealing vault tokens: ``POST /tenants/{tenant_id}/pii/reveal`` (Cedar
+``pii:reveal``). The tenant is the token's (a path naming another is 404); the
+vault is read under row-level security as the caller's database role, so a
+token of another tenant is simply not found. Every answer is
+``Cache-Control: no-store``: it carries originals.
+
+The tenant's egress policy (:mod:`bastion.safety.egress_lists`): ``GET
+/tenants/{tenant_id}/egress`` (``egress:read``: owners, auditors);
+``POST /tenants/{tenant_id}/egress/allow`` with ``{kind, value, tool?}``,
+``DELETE /tenants/{tenant_id}/egress/allow/{entry_id}`` and ``PUT
+/tenants/{tenant_id}/egress/action`` with ``{action, reason}``
+(``egress:configure``: owners with MFA). Thin: each change is audited by the service.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
@@ -17,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bastion.access.guard import Guard
 from bastion.db.pool import Database
 from bastion.identity.auth import Principal
+from bastion.safety.egress_lists import EgressPolicies
 from bastion.safety.vault import MAX_REVEAL, PiiVault, Revealed
 
 Token = Annotated[str, Field(pattern=r"^⟦[A-Z][A-Z_]{1,30}_[0-9a-f]{16}⟧$", max_length=60)]
@@ -38,14 +48,67 @@ class RevealRequest(BaseModel):
         return self
 
 
+class AllowBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["host", "url_prefix", "email_domain"]
+    value: str = Field(min_length=1, max_length=2048)
+    # One tool (a function name as OpenAI allows them), or every tool when absent.
+    tool: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ActionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["block", "flag"]
+    # Why: goes to the audit event.
+    reason: str = Field(min_length=8, max_length=500)
+
+
 def _revealed(items: list[Revealed]) -> list[dict[str, str]]:
     return [{"token": r.token, "kind": r.kind, "value": r.value} for r in items]
 
 
-def build_router(vault: PiiVault, db: Database, guard: Guard) -> APIRouter:
-    router = APIRouter(prefix="/tenants/{tenant_id}/pii")
+def build_router(
+    vault: PiiVault, db: Database, guard: Guard, egress: EgressPolicies | None = None
+) -> APIRouter:
+    router = APIRouter(prefix="/tenants/{tenant_id}")
+    policies = egress if egress is not None else EgressPolicies(db)
+    may_read_egress = guard("egress:read", "EgressPolicy")
+    may_configure_egress = guard("egress:configure", "EgressPolicy")
 
-    @router.post("/reveal")
+    @router.get("/egress")
+    async def read_egress(principal: Principal = Depends(may_read_egress)) -> JSONResponse:
+        """The tenant's egress action (``block`` until set) and allow-list."""
+        policy = await policies.policy(principal.tenant_id, principal.user_id, principal.db_role)
+        return JSONResponse(policy.public())
+
+    @router.post("/egress/allow", status_code=201)
+    async def allow(
+        body: AllowBody, principal: Principal = Depends(may_configure_egress)
+    ) -> JSONResponse:
+        """Allow tool calls (all, or ``tool``'s) to send tainted data to a destination."""
+        entry = await policies.allow(
+            principal.tenant_id, principal.user_id, body.kind, body.value, body.tool
+        )
+        return JSONResponse(entry.public(), status_code=201)
+
+    @router.delete("/egress/allow/{entry_id}", status_code=204)
+    async def disallow(
+        entry_id: UUID, principal: Principal = Depends(may_configure_egress)
+    ) -> None:
+        """Remove an allow-list entry; 404 when the tenant has none with this id."""
+        await policies.disallow(principal.tenant_id, principal.user_id, entry_id)
+
+    @router.put("/egress/action")
+    async def set_action(
+        body: ActionBody, principal: Principal = Depends(may_configure_egress)
+    ) -> JSONResponse:
+        """``block`` (refuse) or ``flag`` (sign, audit) a call that breaks the allow-list."""
+        action = await policies.set_action(
+            principal.tenant_id, principal.user_id, body.action, body.reason
+        )
+        return JSONResponse({"action": action})
+
+    @router.post("/pii/reveal")
     async def reveal(
         body: RevealRequest,
         principal: Principal = Depends(guard("pii:reveal", "PiiVault")),

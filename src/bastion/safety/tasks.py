@@ -24,6 +24,7 @@ from bastion.logs import get_logger
 from bastion.safety.signing import ToolCall
 from bastion.safety.tools import SignedToolCall, ToolExecutor, ToolRefused, ToolResult
 from bastion.secrets.protocols import Keystore
+from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import Settings
 from bastion.worker.jobs import JobRefused, JobRegistry
 
@@ -39,17 +40,20 @@ def register_from_settings(
     settings: Settings,
     db: Database,
     keystore: Keystore,
+    keys: TenantKeys,
 ) -> None:
     """Probe the sandbox and register ``tool.run``. Where no sandbox meets the
     configured minimum isolation, the job is still registered, and refuses every
-    call (``sandbox-unavailable``, audited): fail closed, nothing left queued."""
+    call (``sandbox-unavailable``, audited): fail closed, nothing left queued.
+    ``keys`` key the digests the audit keeps (the worker's, which its shred
+    listener clears)."""
     from bastion.safety.sandbox import Sandbox, SandboxConfig, SandboxUnavailable
     from bastion.safety.signing import ToolCallSigner
 
     executor: ToolExecutor | None = None
     try:
         sandbox = Sandbox.probe(SandboxConfig.from_settings(settings))
-        executor = ToolExecutor(db, ToolCallSigner(keystore), sandbox)
+        executor = ToolExecutor(db, ToolCallSigner(keystore), sandbox, keys=keys)
         _log.info("sandbox_ready", backend=sandbox.name, isolation=sandbox.isolation.name)
     except SandboxUnavailable as exc:
         _log.warning("sandbox_unavailable", reason=str(exc))

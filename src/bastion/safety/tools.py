@@ -16,6 +16,16 @@ requeued after a crash mid-run) finds it and is refused as ``replayed``.
 A call that runs is audited as ``tool.run`` with its outcome, whatever the
 program did (exit, limits, seccomp, timeout), and the worker keeps going.
 
+Audit events outlive ``tenant shred`` (the trail is append-only), so what a
+``tool.run`` event keeps of the tenant's content — the arguments, the
+output, the declaration — is an HMAC-SHA256 (RFC 2104) under a key derived
+from the tenant's data key (:func:`~bastion.secrets.tenant_keys.keyed_digest`),
+never a plain hash and never the text: while the tenant exists, whoever holds
+its keys can confirm a claimed argument or result
+(:meth:`ToolExecutor.audit_digest`); once its keys are shredded, a dump of the
+trail cannot confirm a guess ("was it ``2+2``?"). The output's size and the
+outcome stay in the clear; the result itself is not kept.
+
 Tools:
 
 - ``calculate`` ``{"expression": "2 * (3 + 4)"}``: arithmetic on numbers
@@ -26,7 +36,6 @@ Tools:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,12 +48,15 @@ from bastion.safety import tool_schema
 from bastion.safety.sandbox import Limits, Outcome, Result, RunSpec, Sandbox, SandboxUnavailable
 from bastion.safety.sandbox.spec import PYTHON
 from bastion.safety.signing import EnvelopeInvalid, ToolCall, ToolCallSigner, VerifiedToolCall
+from bastion.secrets.errors import KMSError
+from bastion.secrets.tenant_keys import Conn, KeyUnavailable, TenantKeys, keyed_digest
 
 MAX_ARGUMENTS = 64 * 1024
 MAX_EXPRESSION = 200
-# What a caller gets back of the output, and what the audit keeps of a result.
+# What a caller gets back of the output.
 MAX_OUTPUT_CHARS = 16 * 1024
-AUDITED_RESULT_CHARS = 200
+# keyed_digest's purpose for what a tool.run event keeps of the tenant's content.
+AUDIT_DIGEST = "tool-audit"
 
 # Evaluated in the sandbox: an AST walk over numbers and arithmetic only.
 _CALCULATE = r"""
@@ -118,8 +130,6 @@ class Tool:
     name: str
     # Arguments (parsed JSON) -> (argv, stdin); raises ValueError for bad arguments.
     build: Callable[[Mapping[str, Any]], tuple[tuple[str, ...], bytes]]
-    # Whether the audit keeps the start of the result (a number: yes; program output: no).
-    audit_result: bool = False
 
 
 def _calculate(arguments: Mapping[str, Any]) -> tuple[tuple[str, ...], bytes]:
@@ -139,7 +149,7 @@ def _run_python(arguments: Mapping[str, Any]) -> tuple[tuple[str, ...], bytes]:
 
 
 TOOLS: Mapping[str, Tool] = {
-    "calculate": Tool("calculate", _calculate, audit_result=True),
+    "calculate": Tool("calculate", _calculate),
     "run_python": Tool("run_python", _run_python),
 }
 
@@ -149,7 +159,12 @@ def _text(data: bytes, limit: int) -> str:
 
 
 class ToolExecutor:
-    """Verifies and runs signed tool calls; every outcome is audited."""
+    """Verifies and runs signed tool calls; every outcome is audited.
+
+    ``keys`` are the tenants' data keys, for the keyed digests of the audit
+    (share the process's :class:`~bastion.secrets.tenant_keys.TenantKeys`, the
+    one its shred listener clears).
+    """
 
     def __init__(
         self,
@@ -157,12 +172,14 @@ class ToolExecutor:
         signer: ToolCallSigner,
         sandbox: Sandbox,
         *,
+        keys: TenantKeys,
         tools: Mapping[str, Tool] = TOOLS,
         limits: Limits | None = None,
     ) -> None:
         self.db = db
         self.signer = signer
         self.sandbox = sandbox
+        self.keys = keys
         self.tools = tools
         self.limits = limits or sandbox.config.limits
 
@@ -228,8 +245,20 @@ class ToolExecutor:
             truncated=result.truncated,
             backend=result.backend,
         )
-        await self._ran(tenant, call, verified, tool, result)
+        await self._ran(tenant, call, verified, result)
         return tool_result
+
+    async def audit_digest(self, tx: Conn, tenant_id: UUID, data: bytes) -> str:
+        """The keyed digest (hex) a ``tool.run`` event of the tenant keeps of
+        ``data`` (the arguments, the output, or a declaration's
+        :func:`~bastion.safety.signing.declaration_sha256`): to confirm a claimed value
+        against the trail. ``tx`` is a transaction of the tenant whose role may
+        create its first data key; raises
+        :class:`~bastion.secrets.tenant_keys.KeyUnavailable` once shredded."""
+        version, key = await self.keys.current(tx, tenant_id)
+        # Data key 1 is kept by a rotation: every event of the tenant, one key.
+        first = key if version == 1 else await self.keys.get(tx, tenant_id, 1)
+        return keyed_digest(first, AUDIT_DIGEST, data).hex()
 
     async def _first_run(self, tenant: UUID, user: UUID, call: ToolCall, run_id: UUID) -> bool:
         """Record the run id as used, committed before anything runs; False if any
@@ -244,7 +273,7 @@ class ToolExecutor:
             return await cur.fetchone() is not None
 
     async def _ran(
-        self, tenant: UUID, call: ToolCall, verified: VerifiedToolCall, tool: Tool, result: Result
+        self, tenant: UUID, call: ToolCall, verified: VerifiedToolCall, result: Result
     ) -> None:
         user = verified.user_id
         details: dict[str, Any] = {
@@ -257,17 +286,23 @@ class ToolExecutor:
             "isolation": self.sandbox.isolation.name.lower(),
             "wall_ms": round(result.wall_seconds * 1000),
             "cpu_ms": None if result.cpu_seconds is None else round(result.cpu_seconds * 1000),
-            "arguments_sha256": hashlib.sha256(call.arguments.encode()).hexdigest(),
-            "tool_sha256": verified.tool_sha256,  # the declaration it was proposed under
             "stdout_bytes": len(result.stdout),
-            "stdout_sha256": hashlib.sha256(result.stdout).hexdigest(),
             "truncated": result.truncated,
         }
         if result.outcome is Outcome.SANDBOX_ERROR:
             details["detail"] = result.detail[:200]  # short, never output (spec.Result)
-        if tool.audit_result and result.ok:
-            details["result"] = _text(result.stdout, AUDITED_RESULT_CHARS).strip()
         async with self.db.tenant_tx(tenant, user, "system") as tx:
+            try:
+                details["arguments_hmac"] = await self.audit_digest(
+                    tx, tenant, call.arguments.encode()
+                )
+                details["stdout_hmac"] = await self.audit_digest(tx, tenant, result.stdout)
+                # The declaration it was proposed under, as the signature bound it.
+                details["tool_hmac"] = await self.audit_digest(
+                    tx, tenant, verified.tool_sha256.encode()
+                )
+            except (KeyUnavailable, KMSError):
+                details["digests"] = "key-unavailable"  # the run is audited all the same
             await audit.record(
                 tx, actor=f"user:{user}", action="tool.run", target=f"tool_call:{call.id}",
                 details=details,

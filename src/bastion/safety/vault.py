@@ -33,17 +33,25 @@ import hashlib
 import hmac
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
 import psycopg
 
 from bastion.audit import log as audit
+from bastion.audit.notes import sealed_note
 from bastion.db.pool import Conn, Database
 from bastion.errors import BastionError, Kind
 from bastion.offload import FairProcessPool
 from bastion.safety.pii import TOKEN_PATTERN, Entity, PiiRecognizer, mask, normalize
+from bastion.safety.pii_allow import (
+    EMPTY,
+    AllowList,
+    PiiAllowLists,
+    PiiAllowListUnavailable,
+    StaticAllowLists,
+)
 from bastion.safety.scanning import (
     INLINE_SCAN_CHARS,
     find_each,
@@ -65,15 +73,19 @@ from bastion.secrets.tenant_keys import (
 
 __all__ = [
     "PURPOSE",
+    "PiiAllowListUnavailable",
+    "PiiAllowLists",
     "PiiVault",
     "Redaction",
     "RevealForbidden",
     "Revealed",
+    "StaticAllowLists",
     "TokenCollision",
     "TokenMalformed",
     "TokenNotFound",
     "TokenRef",
     "VaultKeyUnavailable",
+    "configured_allow_lists",
     "tokens_in",
 ]
 
@@ -157,6 +169,12 @@ def _token_shaped(text: str | bytes) -> list[str]:
     return tokens_in(text)
 
 
+def configured_allow_lists(lists: Mapping[UUID, Sequence[str]]) -> PiiAllowLists | None:
+    """The tenants' PII allow-lists given in the settings (``pii_allow_lists``),
+    for a :class:`PiiVault`; None when there are none."""
+    return PiiAllowLists(StaticAllowLists(lists)) if lists else None
+
+
 def _label(kind: str) -> str:
     return kind.upper()
 
@@ -186,13 +204,15 @@ def _tokenize_job(
     texts: Sequence[str | bytes],
     opaque: frozenset[str],
     token_key: bytes,
+    allow: AllowList = EMPTY,
 ) -> list[tuple[Redaction, Rows]]:
     """In a scanning process: find, token and mask each of ``texts`` (the work
-    proportional to their size); the caller seals and stores the distinct values."""
+    proportional to their size) but the values ``allow`` keeps; the caller seals
+    and stores the distinct values."""
     recognizer = scanning_recognizer(*spec)
     out = []
     for text in texts:
-        entities = recognizer.find(text, opaque=opaque)
+        entities = allow.filter(recognizer.find(text, opaque=opaque))
         plain = text if isinstance(text, str) else bytes(text).decode()
         rows: Rows = {}
         tokens: dict[tuple[str, str], str] = {}
@@ -207,6 +227,16 @@ def _tokenize_job(
         kept = opaque.intersection(tokens_in(plain))
         out.append((Redaction(masked, refs, counts, kept), rows))
     return out
+
+
+async def require_reveal(tx: Conn, refusal: str) -> None:
+    """Raise :class:`RevealForbidden` (``refusal``) unless ``tx``'s signed context
+    may read originals: the database's own answer, since ``pii_reveal`` refuses
+    every role but ``owner`` and ``system``. A refusal leaves ``tx`` aborted."""
+    try:
+        await tx.execute("SELECT count(*) FROM bastion.pii_reveal(ARRAY[]::text[])")
+    except psycopg.errors.InsufficientPrivilege:
+        raise RevealForbidden(refusal) from None
 
 
 class PiiVault:
@@ -224,10 +254,13 @@ class PiiVault:
         recognizer: PiiRecognizer | None = None,
         *,
         scans: FairProcessPool | None = None,
+        allow_lists: PiiAllowLists | None = None,
     ) -> None:
         self.keys = keys
         self.recognizer = recognizer or PiiRecognizer()
         self.scans = scans
+        # Values each tenant keeps in clear (bastion.safety.pii_allow); none without.
+        self.allow_lists = allow_lists
         self._token_keys: dict[UUID, tuple[float, bytes]] = {}
 
     # -- the token key ------------------------------------------------------
@@ -341,18 +374,21 @@ class PiiVault:
         token-shaped strings that are tokens of this tenant's vault are left
         as they are (:meth:`known_tokens`); anything else is scanned.
         """
+        # Read first: if the tenant's allow-list cannot be read, nothing is
+        # scanned or written (PiiAllowListUnavailable, fail closed).
+        allow = await self.allow_lists.for_tenant(tenant_id) if self.allow_lists else EMPTY
         shaped = {token for text in texts for token in _token_shaped(text)}
         known: frozenset[str] = frozenset()
         if shaped:
             async with self._tx(db, tenant_id, user_id, role) as tx:
                 known = await self.known_tokens(tx, tenant_id, shaped)
         if sum(len(t) for t in texts) > INLINE_SCAN_CHARS and offloadable(self.recognizer):
-            return await self._tokenize_offloaded(db, tenant_id, texts, known, user_id, role)
+            return await self._tokenize_offloaded(db, tenant_id, texts, known, user_id, role, allow)
         entities_each = await find_each(
             tenant_id, texts, recognizer=self.recognizer, opaque=known, pool=self.scans
         )
         found: list[tuple[str, list[Entity]]] = [
-            (text if isinstance(text, str) else bytes(text).decode(), entities)
+            (text if isinstance(text, str) else bytes(text).decode(), allow.filter(entities))
             for text, entities in zip(texts, entities_each, strict=True)
         ]
         every = [entity for _, entities in found for entity in entities]
@@ -376,6 +412,7 @@ class PiiVault:
         known: frozenset[str],
         user_id: UUID | None,
         role: str,
+        allow: AllowList,
     ) -> list[Redaction]:
         """:meth:`tokenize_many` of large texts: scanning, tokens and masking (about
         1 ms per KiB) in a scanning process under the tenant's share; here only
@@ -385,7 +422,7 @@ class PiiVault:
             token_key = await self._token_key(tx, tenant_id)
         spec = (self.recognizer.kinds, self.recognizer.regions, self.recognizer.max_chars)
         done = await in_scanning_pool(
-            self.scans, tenant_id, _tokenize_job, spec, list(texts), known, token_key
+            self.scans, tenant_id, _tokenize_job, spec, list(texts), known, token_key, allow
         )
         rows: Rows = {}
         for _redaction, found in done:
@@ -551,7 +588,8 @@ class PiiVault:
                 details={
                     "tokens": wanted,
                     "kinds": dict(Counter(r.kind for r in revealed)),
-                    "reason": reason[:500],
+                    # The member's words: sealed, as the trail outlives a shred.
+                    "reason": await sealed_note(tx, self.keys, tenant_id, reason[:500]),
                 },
             )
         return revealed

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,7 +22,7 @@ from rich.table import Table
 from bastion.secrets.backends import open_key_ring
 from bastion.secrets.errors import SecretNotFound, SecretsError
 from bastion.secrets.protocols import Keystore
-from bastion.settings import Settings
+from bastion.settings import LiteralSecretInSettings, Settings
 
 secrets_app = typer.Typer(
     help="Named, versioned secrets in the local key ring.",
@@ -68,7 +70,7 @@ def _fail_cleanly() -> Iterator[None]:
     """
     try:
         yield
-    except SecretsError as exc:
+    except (SecretsError, LiteralSecretInSettings) as exc:
         raise _fail(str(exc)) from None
     except OSError as exc:
         raise _fail(f"{exc.strerror or exc}: {exc.filename}") from None
@@ -137,3 +139,45 @@ def rotate_secret(
     _out.print(
         f"{name}: rotated to version {version}; older versions stay readable", highlight=False
     )
+
+
+@secrets_app.command("scan")
+def scan_secrets(
+    path: Annotated[Path, typer.Argument(help="a file, a directory or a git repository")],
+    sarif_file: Annotated[
+        Path | None, typer.Option("--sarif", help="write the findings as SARIF 2.1.0")
+    ] = None,
+    history: Annotated[
+        bool, typer.Option(help="also scan every commit when PATH is a git repository")
+    ] = True,
+) -> None:
+    """Find secrets in PATH (and its git history); exit 1 if any is found.
+
+    Each finding shows where it is, its kind, a redacted preview and a
+    fingerprint, never the secret. A line marked ``bastion: allow-secret``
+    (a comment, with the reason) is skipped.
+    """
+    from bastion import __version__
+    from bastion.secrets.scan import sarif, scan
+
+    if not path.exists():  # status 2: a usage error, not a finding (1)
+        print(f"error: no such file or directory: {path}", file=sys.stderr)
+        raise typer.Exit(2)
+    with _fail_cleanly():
+        try:
+            findings = scan(path, history=history)
+        except ValueError as exc:  # a malformed allow file
+            raise SecretsError(str(exc)) from None
+        if sarif_file is not None:
+            sarif_file.parent.mkdir(parents=True, exist_ok=True)
+            sarif_file.write_text(json.dumps(sarif(findings, path, __version__), indent=2) + "\n")
+    for finding in findings:
+        where = f" (commit {finding.commit[:12]})" if finding.commit else ""
+        print(
+            f"{finding.path}:{finding.line}:{finding.column}: {finding.rule.rule_id} "
+            f"{finding.preview} fingerprint {finding.fingerprint}{where}"
+        )
+    if findings:
+        print(f"{len(findings)} secret(s) found", file=sys.stderr)
+        raise typer.Exit(1)
+    print(f"no secrets found in {path}", file=sys.stderr)

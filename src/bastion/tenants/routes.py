@@ -19,13 +19,15 @@ from bastion.db.pool import Database
 from bastion.errors import BastionError, Kind
 from bastion.identity.auth import Principal
 from bastion.safety.pii import mask_email
-from bastion.tenants.service import TenantService
+from bastion.tenants.service import TenantMembers, TenantService
 
 
 class RoleChangeRefused(BastionError):
     slug = "role-change-refused"
     title = "Role change refused"
     kind = Kind.CONFLICT
+    # Raised with the kind of its reason (:func:`_refused`): so documented.
+    kinds = (Kind.CONFLICT, Kind.NOT_FOUND, Kind.UNPROCESSABLE, Kind.FORBIDDEN)
 
 
 class RoleGrant(BaseModel):
@@ -73,7 +75,7 @@ def _require_fresh(principal: Principal) -> None:
 
 def build_router(db: Database, guard: Guard) -> APIRouter:
     router = APIRouter(prefix="/tenants/{tenant_id}")
-    approvals = ApprovalService(db)
+    approvals = ApprovalService(db, TenantMembers())
     tenants = TenantService(db)
 
     @router.post("/members")
@@ -108,6 +110,37 @@ def build_router(db: Database, guard: Guard) -> APIRouter:
         except ApprovalError as exc:
             raise _refused(exc) from None
         return {"status": "granted", "user_id": str(grant.user_id), "role": grant.role}
+
+    @router.get("/role-requests")
+    async def pending_role_requests(
+        principal: Principal = Depends(guard("member:requests", "Approval")),
+    ) -> dict[str, Any]:
+        """The admin-role requests waiting for a second owner (not expired), oldest first."""
+        pending = await approvals.pending(principal.tenant_id, principal.user_id)
+        return {
+            "requests": [
+                {
+                    "request_id": str(r.id),
+                    "user_id": str(r.user_id),
+                    "role": r.role,
+                    "requested_by": str(r.requested_by),
+                    "created_at": r.created_at.isoformat(),
+                    "expires_at": r.expires_at.isoformat(),
+                }
+                for r in pending
+            ]
+        }
+
+    @router.post("/role-requests/{request_id}/cancel")
+    async def cancel_role_request(
+        request_id: UUID, principal: Principal = Depends(guard("member:cancel", "Approval"))
+    ) -> dict[str, str]:
+        """Withdraw a pending admin-role request: its requester or any other owner."""
+        try:
+            await approvals.cancel(principal.tenant_id, principal.user_id, request_id)
+        except ApprovalError as exc:
+            raise _refused(exc) from None
+        return {"status": "cancelled", "request_id": str(request_id)}
 
     @router.delete("/members/{user_id}/roles/{role}", status_code=204)
     async def revoke_role(

@@ -1,4 +1,10 @@
-"""Creating tenants and adding members, each change audited in its transaction."""
+"""Tenants and their memberships, each change audited in its transaction.
+
+This module owns ``bastion.tenants`` and ``bastion.memberships`` (the ownership
+map in docs/architecture.md): other domains read and change memberships only
+through the functions below, inside their own transaction (``tx``), so their
+tenant context, RLS and audit event stay theirs.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import psycopg
 from bastion import audit
 from bastion.access import ROLES
 from bastion.db.pool import Conn, Database
+from bastion.identity import users
 from bastion.tenants.errors import TenantExists, UnknownRole
 
 MEMBER_ROLES = ROLES  # the roles of the Cedar schema
@@ -28,6 +35,57 @@ class Tenant:
     id: UUID
     slug: str
     name: str
+
+
+async def roles_of(tx: Conn, user_id: UUID) -> tuple[str, ...]:
+    """Return the roles ``user_id`` holds in ``tx``'s tenant, sorted."""
+    rows = await (
+        await tx.execute(
+            "SELECT role FROM bastion.memberships WHERE user_id = %s ORDER BY role",
+            (user_id,),
+        )
+    ).fetchall()
+    return tuple(r["role"] for r in rows)
+
+
+async def grant_role(
+    tx: Conn, tenant_id: UUID, user_id: UUID, role: str, *, granted_by: UUID | None = None
+) -> None:
+    """Give ``user_id`` ``role`` in ``tenant_id`` (nothing if they hold it already)."""
+    await tx.execute(
+        "INSERT INTO bastion.memberships (tenant_id, user_id, role, granted_by) "
+        "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        (tenant_id, user_id, role, granted_by),
+    )
+
+
+async def revoke_role(tx: Conn, user_id: UUID, role: str) -> bool:
+    """Take ``role`` from ``user_id`` in ``tx``'s tenant; True if they held it.
+
+    The database refuses to remove a tenant's last owner (a check violation
+    named ``tenant_keeps_an_owner``, migration 0017); that propagates.
+    """
+    deleted = await tx.execute(
+        "DELETE FROM bastion.memberships WHERE user_id = %s AND role = %s", (user_id, role)
+    )
+    return bool(deleted.rowcount)
+
+
+class TenantMembers:
+    """The membership operations the access domain's role approvals need
+    (:class:`bastion.access.approvals.Members`), each inside the caller's ``tx``."""
+
+    async def member_id(self, tx: Conn, email: str) -> UUID | None:
+        # RLS shows a member of the tenant only the tenant's members.
+        return await users.user_id_by_email(tx, email)
+
+    async def grant(
+        self, tx: Conn, tenant_id: UUID, user_id: UUID, role: str, granted_by: UUID
+    ) -> None:
+        await grant_role(tx, tenant_id, user_id, role, granted_by=granted_by)
+
+    async def revoke(self, tx: Conn, user_id: UUID, role: str) -> bool:
+        return await revoke_role(tx, user_id, role)
 
 
 class TenantService:
@@ -60,12 +118,17 @@ class TenantService:
         """Return the tenant's members and roles, as ``user_id`` sees them under RLS."""
         async with self.db.tenant_tx(tenant_id, user_id, db_role) as tx:
             rows = await (
-                await tx.execute(
-                    "SELECT u.id, u.email, m.role FROM bastion.memberships m "
-                    "JOIN bastion.users u ON u.id = m.user_id ORDER BY u.email, m.role"
-                )
+                await tx.execute("SELECT user_id, role FROM bastion.memberships ORDER BY role")
             ).fetchall()
-        return [Member(r["id"], r["email"], r["role"]) for r in rows]
+            roles: dict[UUID, list[str]] = {}
+            for row in rows:
+                roles.setdefault(UUID(str(row["user_id"])), []).append(row["role"])
+            # Ordered by e-mail, then role; a member whose user row RLS hides is left
+            # out, as the inner join this replaces left them out.
+            people = await users.emails_by_email_order(tx, list(roles))
+        return [
+            Member(user_id, email, role) for user_id, email in people for role in roles[user_id]
+        ]
 
     async def audit_trail(
         self, tenant_id: UUID, user_id: UUID, db_role: str
@@ -100,18 +163,8 @@ class TenantService:
             raise UnknownRole(role)
         async with self.db.tenant_tx(tenant_id, None, "system") as tx:
             # Users are global: the person may already belong to another tenant.
-            new_id = uuid4()
-            await tx.execute(
-                "INSERT INTO bastion.users (id, email, display_name) VALUES (%s, %s, %s) "
-                "ON CONFLICT (email) DO NOTHING",
-                (new_id, email, display_name),
-            )
-            user_id = await self._user_id(tx, email, new_id)
-            await tx.execute(
-                "INSERT INTO bastion.memberships (tenant_id, user_id, role) VALUES (%s, %s, %s) "
-                "ON CONFLICT DO NOTHING",
-                (tenant_id, user_id, role),
-            )
+            user_id = await users.ensure_user(tx, email, display_name)
+            await grant_role(tx, tenant_id, user_id, role)
             await audit.record(
                 tx,
                 actor=actor,
@@ -120,9 +173,3 @@ class TenantService:
                 details={"role": role},
             )
         return user_id
-
-    async def _user_id(self, tx: Conn, email: str, new_id: UUID) -> UUID:
-        row = await (
-            await tx.execute("SELECT id FROM bastion.users WHERE email = %s", (email,))
-        ).fetchone()
-        return new_id if row is None else UUID(str(row["id"]))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from bastion import audit
 from bastion.db.pool import Database
+from bastion.demo import probes
 from bastion.demo.common import DemoTenant, Report, refused
 
 
 async def check_audit(report: Report, db: Database, tenants: list[DemoTenant]) -> None:
     for tenant in tenants:
         async with db.tenant_tx(tenant.id, tenant.users["auditor"], "auditor") as tx:
-            rows = await (
-                await tx.execute("SELECT seq, action FROM bastion.audit_events ORDER BY seq")
-            ).fetchall()
+            rows = await audit.events(tx)
         seqs = [r["seq"] for r in rows]
         report.check(
             "audit",
@@ -21,8 +21,7 @@ async def check_audit(report: Report, db: Database, tenants: list[DemoTenant]) -
         )
 
     async def tamper(tenant: DemoTenant = tenants[0]) -> None:
-        async with db.tenant_tx(tenant.id, tenant.users["owner"], "owner") as tx:
-            await tx.execute("DELETE FROM bastion.audit_events")
+        await probes.delete_audit_trail(db, tenant.id, tenant.users["owner"], "owner")
 
     refusal = await refused(tamper)
     report.check("audit", "owner deletes audit events", refusal is not None, f"refused ({refusal})")

@@ -6,15 +6,14 @@ from typing import Any
 from uuid import UUID
 
 from bastion.db.pool import Database
+from bastion.demo import probes
 from bastion.demo.common import DemoTenant, Report, refused
 
 
 async def check_isolation(report: Report, db: Database, tenants: list[DemoTenant]) -> None:
     for mine, other in ((tenants[0], tenants[1]), (tenants[1], tenants[0])):
         for role, user in mine.users.items():
-            async with db.tenant_tx(mine.id, user, role) as tx:
-                rows = await (await tx.execute("SELECT id FROM bastion.documents")).fetchall()
-            seen = {r["id"] for r in rows}
+            seen = await probes.visible_documents(db, mine.id, user, role)
             report.check(
                 "isolation",
                 f"{mine.slug} {role} sees only own tickets",
@@ -26,9 +25,7 @@ async def check_isolation(report: Report, db: Database, tenants: list[DemoTenant
         async def by_id(
             tenant: DemoTenant = mine, who: UUID = owner, target: UUID = other.tickets[0]
         ) -> list[dict[str, Any]]:
-            async with db.tenant_tx(tenant.id, who, "owner") as tx:
-                cur = await tx.execute("SELECT * FROM bastion.documents WHERE id = %s", (target,))
-                return await cur.fetchall()
+            return await probes.document_by_id(db, tenant.id, who, "owner", target)
 
         report.check(
             "isolation",
@@ -40,9 +37,7 @@ async def check_isolation(report: Report, db: Database, tenants: list[DemoTenant
         async def forge(
             tenant: DemoTenant = mine, who: UUID = owner, victim: DemoTenant = other
         ) -> None:
-            async with db.tenant_tx(tenant.id, who, "owner") as tx:
-                await tx.execute("SELECT set_config('app.tenant_id', %s, true)", (str(victim.id),))
-                await tx.execute("SELECT * FROM bastion.documents")
+            await probes.forge_tenant_then_read(db, tenant.id, who, "owner", victim.id)
 
         refusal = await refused(forge)
         report.check(
@@ -55,11 +50,7 @@ async def check_isolation(report: Report, db: Database, tenants: list[DemoTenant
         async def plant(
             tenant: DemoTenant = mine, who: UUID = owner, victim: DemoTenant = other
         ) -> None:
-            async with db.tenant_tx(tenant.id, who, "owner") as tx:
-                await tx.execute(
-                    "INSERT INTO bastion.documents (tenant_id, title) VALUES (%s, 'planted')",
-                    (victim.id,),
-                )
+            await probes.plant_document(db, tenant.id, who, "owner", victim.id)
 
         refusal = await refused(plant)
         report.check(
@@ -72,13 +63,13 @@ async def check_isolation(report: Report, db: Database, tenants: list[DemoTenant
     viewer_tenant = tenants[0]
 
     async def viewer_write() -> None:
-        async with db.tenant_tx(viewer_tenant.id, viewer_tenant.users["viewer"], "viewer") as tx:
-            await tx.execute("INSERT INTO bastion.documents (title) VALUES ('by a viewer')")
+        await probes.plant_document(
+            db, viewer_tenant.id, viewer_tenant.users["viewer"], "viewer", None
+        )
 
     refusal = await refused(viewer_write)
     report.check(
         "isolation", "viewer writes a ticket", refusal is not None, f"refused by RLS ({refusal})"
     )
-    async with db.pool.connection() as conn:
-        row = await (await conn.execute("SELECT count(*) AS n FROM bastion.documents")).fetchone()
+    row = await probes.documents_without_tenant(db)
     report.check("isolation", "query with no tenant set", row == {"n": 0}, "0 rows, no error")

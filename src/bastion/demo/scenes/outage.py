@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from bastion import audit
 from bastion.demo.common import STANDIN_MODEL, DemoTenant, Report
 from bastion.demo.upstream import StandInUpstream
 from bastion.errors import Kind
@@ -62,14 +63,8 @@ async def check_outage(
     while len(noted) < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         async with kb.db.tenant_tx(acme.id, acme.users["auditor"], "auditor") as tx:
-            rows = await (
-                await tx.execute(
-                    "SELECT details->>'decision' AS decision FROM bastion.audit_events"
-                    " WHERE action = 'model.invoke' AND target = %s ORDER BY seq",
-                    (STANDIN_MODEL,),
-                )
-            ).fetchall()
-        noted = [row["decision"] for row in rows]
+            rows = await audit.events(tx, actions=["model.invoke"], target=STANDIN_MODEL)
+        noted = [row["details"].get("decision") for row in rows]
     report.check(
         "outage",
         "the audit log notes each outcome",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bastion.db.pool import Database
+from bastion.demo import probes
 from bastion.demo.common import DemoTenant
 from bastion.tenants.service import MEMBER_ROLES, TenantService
 
@@ -37,16 +38,8 @@ async def seed(db: Database) -> list[DemoTenant]:
             )
             for role in MEMBER_ROLES
         }
-        ids = []
-        async with db.tenant_tx(tenant.id, users["contributor"], "contributor") as tx:
-            for title, _body in tickets:
-                cur = await tx.execute(
-                    "INSERT INTO bastion.documents (title, created_by) "
-                    "VALUES (%s, %s) RETURNING id",
-                    (title, users["contributor"]),
-                )
-                row = await cur.fetchone()
-                assert row is not None
-                ids.append(row["id"])
+        ids = await probes.seed_tickets(
+            db, tenant.id, users["contributor"], [title for title, _body in tickets]
+        )
         tenants.append(DemoTenant(tenant.id, slug, name, users, ids))
     return tenants

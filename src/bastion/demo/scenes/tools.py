@@ -9,9 +9,10 @@ from typing import Any
 
 import httpx
 
+from bastion import audit
+from bastion.db.service import queue_conninfo
 from bastion.demo.common import STANDIN_MODEL, DemoTenant, Report
 from bastion.knowledge.service import KnowledgeService
-from bastion.runtime import queue_conninfo
 from bastion.safety import tasks as safety_tasks
 from bastion.safety.sandbox import Sandbox, SandboxConfig, SandboxUnavailable
 from bastion.safety.signing import HEADER, EnvelopeSigner, ToolCall, declared_tool
@@ -121,14 +122,10 @@ async def _tool_outcome(kb: KnowledgeService, tenant: DemoTenant, call_id: str) 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         async with kb.db.tenant_tx(tenant.id, tenant.users["auditor"], "auditor") as tx:
-            row = await (
-                await tx.execute(
-                    "SELECT action, details FROM bastion.audit_events "
-                    "WHERE target = %s AND action IN ('tool.run', 'tool.refused')",
-                    (f"tool_call:{call_id}",),
-                )
-            ).fetchone()
-        if row is not None:
-            return row
+            rows = await audit.events(
+                tx, actions=["tool.run", "tool.refused"], target=f"tool_call:{call_id}"
+            )
+        if rows:
+            return rows[0]
         await asyncio.sleep(0.2)
     return None

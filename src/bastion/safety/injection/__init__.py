@@ -10,8 +10,11 @@ answer — with heuristics and returns a :class:`Verdict`: ``allow``,
   Russian, Ukrainian, Chinese, Japanese, Korean, Arabic, Hindi, Vietnamese;
 * system-prompt extraction, role-play jailbreaks (DAN, developer mode…), fake
   chat-template turns and delimiters, text addressed to "the AI" inside data;
-* obfuscation: base64, hex, ``\\x``/``%`` escapes and ROT13 are decoded and the
-  decoded text screened; Unicode tag characters and variation-selector runs
+* obfuscation: base64, base32, base85/ascii85 (RFC 4648, RFC 1924), hex,
+  binary and Morse runs are decoded; %-, HTML and ``\\u`` escapes (any run
+  length), spaced-out letters and Caesar/ROT13/Atbash text (chosen by letter
+  frequency, never by a keyword) too; every decoded layer is screened, to a
+  bounded depth and count; Unicode tag characters and variation-selector runs
   (invisible ASCII) are decoded; zero-width and bidi controls are stripped;
   homoglyphs (confusables after UTS #39) and compatibility letters (NFKC,
   UAX #15) are folded before matching;
@@ -31,11 +34,14 @@ to a bounded depth, count and size, so screening time is linear in the input.
 
 from bastion.safety.injection.engine import (
     BLOCK_AT,
+    DEFAULT_POLICY,
     MAX_CHARS,
     REMOVED,
     SANITIZE_AT,
+    Action,
     Decision,
     Finding,
+    ScreenPolicy,
     Source,
     Verdict,
     screen,
@@ -51,10 +57,12 @@ from bastion.safety.injection.rules import RULES, Rule
 
 __all__ = [
     "BLOCK_AT",
+    "DEFAULT_POLICY",
     "MAX_CHARS",
     "REMOVED",
     "RULES",
     "SANITIZE_AT",
+    "Action",
     "AnswerWithheld",
     "Canary",
     "Decision",
@@ -63,6 +71,7 @@ __all__ = [
     "PromptRefused",
     "PromptTooLarge",
     "Rule",
+    "ScreenPolicy",
     "Source",
     "Verdict",
     "check_output",

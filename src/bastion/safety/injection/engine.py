@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
+import html
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote
 
+import numpy as np
+
+from bastion.safety.injection import classifier
 from bastion.safety.injection.errors import PromptNotText, PromptTooLarge
 from bastion.safety.injection.rules import RULES, Rule
 
@@ -28,8 +31,10 @@ BLOCK_AT = 50
 that is still over it once sanitized)."""
 SANITIZE_AT = 25
 """A retrieved chunk scoring this much has its offending sentences removed."""
-_MAX_DEPTH = 2
-_MAX_BLOBS = 32
+_MAX_DEPTH = 3  # layers of encoding decoded inside each other
+_MAX_BLOBS = 32  # decoded runs per layer
+_MAX_TRIES = 64  # candidate runs of each encoding tried per layer
+_MAX_LAYERS = 96  # decoded layers screened per text, at all depths
 _MAX_BLOB = 65_536
 REMOVED = "[removed by Bastion: suspected instruction]"
 
@@ -52,6 +57,11 @@ class Verdict:
     """The text to use: the input for ``allow``, the cleaned text for
     ``sanitize``, empty for ``block``."""
     source: Source = "user"
+    action: Literal["none", "flag", "drop", "block"] = "none"
+    """What the policy did at its threshold: nothing, ``flag`` (the text passes,
+    marked), ``drop`` (a retrieved chunk is left out) or ``block`` (the turn is
+    refused — for a retrieved chunk, the whole question)."""
+    threshold: int = 50
 
     @property
     def reasons(self) -> list[str]:
@@ -60,7 +70,45 @@ class Verdict:
 
     def summary(self) -> dict[str, Any]:
         """Identifiers only — never the text — for an audit event or a log line."""
-        return {"decision": self.decision, "score": self.score, "reasons": self.reasons}
+        return {
+            "decision": self.decision,
+            "score": self.score,
+            "reasons": self.reasons,
+            "action": self.action,
+            "threshold": self.threshold,
+        }
+
+
+Action = Literal["block", "drop", "flag"]
+
+
+@dataclass(frozen=True)
+class ScreenPolicy:
+    """How the screen acts on a score, per tenant (issue 15, item 5).
+
+    ``block_at``: the score from which ``user_action`` applies to a user turn
+    and ``retrieved_action`` to a retrieved chunk still over it once
+    sanitized; ``sanitize_at``: the score from which a retrieved chunk loses
+    its offending sentences. ``flag`` lets the text through, marked in the
+    verdict (and so in the audit event); ``drop`` leaves a chunk out of the
+    prompt; ``block`` refuses the turn.
+    """
+
+    block_at: int = BLOCK_AT
+    sanitize_at: int = SANITIZE_AT
+    user_action: Literal["block", "flag"] = "block"
+    retrieved_action: Action = "drop"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sanitize_at <= self.block_at <= 100:
+            raise ValueError("a screen policy needs 1 <= sanitize_at <= block_at <= 100")
+        if self.user_action not in ("block", "flag"):
+            raise ValueError("a user turn is blocked or flagged")
+        if self.retrieved_action not in ("block", "drop", "flag"):
+            raise ValueError("a retrieved chunk is blocked, dropped or flagged")
+
+
+DEFAULT_POLICY = ScreenPolicy()
 
 
 # -- normalisation -------------------------------------------------------------------------
@@ -241,9 +289,34 @@ def _at_line_start(rule: Rule, haystack: str, match: re.Match[str]) -> bool:
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_BASE32 = re.compile(r"(?<![A-Za-z0-9])[A-Z2-7]{16,}={0,6}")
+_BASE85 = re.compile(r"<~[!-u\s]{10,}~>|(?<!\S)[!-~]{20,}(?!\S)")  # ascii85 or RFC 1924
 _HEX = re.compile(r"[0-9a-fA-F]{24,}|(?:[0-9a-fA-F]{2}[\s:,]){11,}[0-9a-fA-F]{2}")
-_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2}){6,}|(?:%[0-9a-fA-F]{2}){6,}")
+_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2}){6,}")
+_BINARY = re.compile(r"(?<![01])(?:[01]{8}[\s,]?){4,}")
+_MORSE = re.compile(
+    r"(?<![.\-\w])(?:[.\-\u2022\u2013_]{1,7}(?:\s*/\s*|\s+|\|)){4,}[.\-\u2022\u2013_]{1,7}"
+)
 _SENTENCE_END = re.compile(r"[.!?\n]")
+
+_MORSE_SIGNS = (
+    ".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. ... - "
+    "..- ...- .-- -..- -.-- --.. ----- .---- ..--- ...-- ....- ..... -.... --... ---.. "
+    "----. .-.-.- --..-- ..--.. -.-.-- ---... .----. -..-."
+)
+_MORSE_CODE = dict(
+    zip(_MORSE_SIGNS.split(" "), "abcdefghijklmnopqrstuvwxyz0123456789.,?!:'/", strict=True)
+)
+
+# Escapes that any text may carry, decoded wherever they occur, runs of any
+# length: percent-encoding (RFC 3986 §2.1), HTML character references (HTML
+# Living Standard §13.1.4) and JSON/Python ``\uXXXX`` (RFC 8259 §7).
+_ANY_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}|&#?\w{1,32};|\\[uU][0-9a-fA-F]{4}|\\x[0-9a-fA-F]{2}")
+_UNICODE_ESCAPE = re.compile(
+    r"\\u(?:d[89ab][0-9a-f]{2}\\u d[c-f][0-9a-f]{2}|[0-9a-f]{4})".replace(" ", ""),
+    re.I,
+)
+_SPACED = re.compile(r"(?<![^\W_])(?:[^\W\d_](?: {1,3}|[.\-_*|] ?)){3,}[^\W\d_](?![^\W_])")
 
 
 def _printable(text: str) -> bool:
@@ -254,34 +327,178 @@ def _printable(text: str) -> bool:
     return good / len(text) > 0.95 and letters / len(text) > 0.5
 
 
+def _unicode_escape(match: re.Match[str]) -> str:
+    units = [int(h, 16) for h in re.findall(r"[0-9a-fA-F]{4}", match.group(0))]
+    if len(units) == 2:
+        return chr(0x10000 + ((units[0] - 0xD800) << 10) + (units[1] - 0xDC00))
+    return "" if 0xD800 <= units[0] <= 0xDFFF else chr(units[0])
+
+
+def _unescaped(text: str) -> str | None:
+    """``text`` with every %-, HTML and backslash escape decoded, or None if it has none."""
+    if not _ANY_ESCAPE.search(text):
+        return None
+    out = text
+    if "%" in out:
+        out = unquote(out, errors="replace")
+    if "&" in out:
+        out = html.unescape(out)
+    if "\\" in out:
+        out = _UNICODE_ESCAPE.sub(_unicode_escape, out)
+        out = re.sub(
+            r"\\U000([0-9a-fA-F]{5})", lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)), out
+        )
+        out = re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), out)
+    out = _SURROGATE.sub("", out)
+    return out if out != text else None
+
+
+def _morse(blob: str) -> str:
+    words = re.split(
+        r"\s*/\s*|\s{3,}|\|", blob.replace("\u2022", ".").replace("\u2013", "-").replace("_", "-")
+    )
+    return " ".join("".join(_MORSE_CODE.get(sym, "?") for sym in word.split()) for word in words)
+
+
+def _despaced(run: str) -> str:
+    # "i g n o r e  a l l": one space joins letters, a wider gap ends a word;
+    # "i.g.n.o.r.e a.l.l": a dot (dash, star…) joins letters, a space ends a word.
+    gap = r"\s+" if re.search(r"[^\W\d_][.\-_*|][^\W\d_]", run) else r" {2,}| / "
+    return " ".join(re.sub(r"[\s.\-_*|]", "", word) for word in re.split(gap, run))
+
+
+def _blob_bytes(kind: str, blob: str) -> bytes:
+    if kind == "base64":
+        if blob.isalpha() or blob.isdigit():
+            raise ValueError("a long word or number, not an encoding")
+        padded = blob.rstrip("=").replace("-", "+").replace("_", "/")
+        return base64.b64decode(padded + "=" * (-len(padded) % 4), validate=True)
+    if kind == "base32":
+        if blob.isalpha():
+            raise ValueError("an upper-case word, not an encoding")
+        stripped = blob.rstrip("=")
+        return base64.b32decode(stripped + "=" * (-len(stripped) % 8))
+    if kind == "base85":
+        if blob.startswith("<~"):
+            return base64.a85decode(blob, adobe=True)
+        if "/" in blob and "://" in blob:
+            raise ValueError("a URL, not an encoding")
+        try:
+            return base64.b85decode(blob)
+        except ValueError:
+            return base64.a85decode(blob)
+    if kind == "hex":
+        digits = re.sub(r"[\s:,]", "", blob)
+        return binascii.unhexlify(digits[: (len(digits) // 2) * 2])
+    if kind == "binary":
+        return bytes(int(bits, 2) for bits in re.findall(r"[01]{8}", blob))
+    return bytes(int(h, 16) for h in re.findall(r"[0-9a-fA-F]{2}", blob))  # \x escapes
+
+
+_BLOB_PATTERNS = (
+    ("base64", _BASE64),
+    ("base32", _BASE32),
+    ("base85", _BASE85),
+    ("hex", _HEX),
+    ("escape", _ESCAPES),
+    ("binary", _BINARY),
+)
+
+
 def _decoded_blobs(visible: str) -> Iterable[tuple[str, str, int, int]]:
     """(kind, decoded text, start, end) for encoded runs that decode to readable text."""
     seen = 0
-    for kind, pattern in (("base64", _BASE64), ("hex", _HEX), ("escape", _ESCAPES)):
-        for match in pattern.finditer(visible):
+    for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
+        for tried, match in enumerate(pattern.finditer(visible)):
             if seen >= _MAX_BLOBS:
                 return
+            if tried >= _MAX_TRIES:
+                break
             blob = match.group(0)[:_MAX_BLOB]
             try:
-                if kind == "base64":
-                    if blob.isalpha() or blob.isdigit():
-                        continue  # a long word or number, not an encoding
-                    padded = blob.rstrip("=").replace("-", "+").replace("_", "/")
-                    raw = base64.b64decode(padded + "=" * (-len(padded) % 4), validate=True)
-                elif kind == "hex":
-                    raw = binascii.unhexlify(re.sub(r"[\s:,]", "", blob)[: (len(blob) // 2) * 2])
-                else:
-                    raw = (
-                        unquote(blob).encode("latin-1", "replace")
-                        if blob.startswith("%")
-                        else bytes(int(h, 16) for h in re.findall(r"[0-9a-fA-F]{2}", blob))
-                    )
-                decoded = raw.decode("utf-8")
+                decoded = (
+                    _morse(blob) if kind == "morse" else _blob_bytes(kind, blob).decode("utf-8")
+                )
             except (ValueError, UnicodeDecodeError):
                 continue
             if _printable(decoded):
                 seen += 1
                 yield kind, decoded, match.start(), match.end()
+
+
+# Letter frequencies (per mille) of English, German, French, Spanish and Italian
+# text, averaged: a substitution cipher is undone where the shifted letters are
+# far likelier language than the letters as written (never because of a keyword).
+_FREQ = (
+    84, 15, 32, 42, 134, 11, 21, 32, 70, 4, 6, 47, 26, 69, 70, 22, 4, 63, 63, 64, 38, 11, 10,
+    2, 5, 5,
+)  # fmt: skip
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+_CIPHERS: tuple[tuple[str, dict[int, int]], ...] = (
+    *(
+        (
+            "rot13" if shift == 13 else f"caesar{shift}",
+            str.maketrans(
+                _ALPHABET + _ALPHABET.upper(),
+                _ALPHABET[shift:]
+                + _ALPHABET[:shift]
+                + (_ALPHABET[shift:] + _ALPHABET[:shift]).upper(),
+            ),
+        )
+        for shift in range(1, 26)
+    ),
+    (
+        "atbash",
+        str.maketrans(_ALPHABET + _ALPHABET.upper(), _ALPHABET[::-1] + _ALPHABET[::-1].upper()),
+    ),
+)
+# Row k: the log-likelihood weight of each written letter once cipher k is undone
+# (row 0: as written). One product scores all ciphers of a segment at once.
+_LOG_FREQ = np.log(np.array(_FREQ, dtype=np.float64) / 1000)
+_CIPHER_WEIGHTS = np.array(
+    [_LOG_FREQ]
+    + [
+        [_LOG_FREQ[ord(chr(97 + i).translate(table)) - 97] for i in range(26)]
+        for _name, table in _CIPHERS
+    ]
+)
+_CIPHER_SEGMENT = re.compile(r"[^.!?\n:;,()\[\]\"]{12,}")
+_MIN_GAIN = 0.6  # nats per letter the deciphered text must gain over the text as written
+_MAX_SEGMENTS = 64
+
+
+def _deciphered(visible: str) -> Iterable[tuple[str, str, int, int]]:
+    """(cipher, plain text, start, end) for segments that read far likelier deciphered."""
+    for i, match in enumerate(_CIPHER_SEGMENT.finditer(visible)):
+        if i >= _MAX_SEGMENTS:
+            return
+        segment = match.group(0)[:_MAX_BLOB]
+        raw = np.frombuffer(segment.lower().encode("ascii", "ignore"), dtype=np.uint8)
+        counts = np.bincount(raw, minlength=128)[97:123]
+        letters = int(counts.sum())
+        if letters < 12:
+            continue
+        scores = _CIPHER_WEIGHTS @ counts
+        best = int(scores.argmax())
+        if best and (scores[best] - scores[0]) / letters >= _MIN_GAIN:
+            name, table = _CIPHERS[best - 1]
+            yield name, segment.translate(table), match.start(), match.end()
+
+
+def _layers(views: Views) -> Iterable[tuple[str, str, int, int]]:
+    """Every decoded layer of the text: (kind, decoded text, start, end)."""
+    visible = views.visible
+    unescaped = _unescaped(visible)
+    if unescaped is not None:
+        yield "escape", unescaped, 0, 0
+    yield from _decoded_blobs(visible)
+    runs = [m for _i, m in zip(range(_MAX_BLOBS), _SPACED.finditer(visible), strict=False)]
+    if runs:
+        # Runs joined back into the text around them: "p l e a s e ignore…" reads whole.
+        end = runs[-1].end()
+        joined = _SPACED.sub(lambda m: _despaced(m.group(0)), visible[:end], count=len(runs))
+        yield "spaced", joined + visible[end:], runs[0].start(), end
+    yield from _deciphered(visible)
 
 
 _QUOTES = {
@@ -334,7 +551,35 @@ def _span(views: Views, start: int, end: int) -> tuple[int, int]:
     return views.origin[min(start, last)], views.origin[min(max(end - 1, 0), last)] + 1
 
 
-def _findings(text: str, depth: int = 0) -> tuple[Views, list[Finding]]:
+_INTENT = frozenset({"override", "extraction", "role-play", "exfiltration"})
+CLASSIFIER_WEIGHT = 24
+"""What the learned tier adds when it judges a layer an injection: under
+:data:`SANITIZE_AT`, so it never acts alone — it tips the rules' own evidence
+(a role-play at 40 becomes a block) — until its cross-source false-positive
+rate on hard negatives meets the target (``bench/injection.py``)."""
+
+
+def _classifier_vote(visible: str, found: list[Finding]) -> list[Finding]:
+    # A layer the rules judged a quoted mention ("what does 'ignore previous
+    # instructions' mean?") keeps the rules' verdict: n-grams cannot tell a
+    # mention from a use, so the rules' precision on hard negatives is kept.
+    # It only corroborates the rules' own evidence of intent (not a lone
+    # "addressed to the AI" or invisible-character hit), so a rule's near miss
+    # on a benign question is not tipped into a block.
+    if any(f.rule.endswith(".quoted") for f in found):
+        return []
+    if not any(f.category in _INTENT for f in found):
+        return []
+    model = classifier.model()
+    if model.probability(visible) < model.threshold:
+        return []
+    return [Finding("classifier.injection", "classifier", CLASSIFIER_WEIGHT)]
+
+
+def _findings(
+    text: str, depth: int = 0, budget: list[int] | None = None
+) -> tuple[Views, list[Finding]]:
+    budget = [_MAX_LAYERS] if budget is None else budget
     views = text_views(text)
     found = list(views.findings)
     for rule in RULES:
@@ -352,23 +597,27 @@ def _findings(text: str, depth: int = 0) -> tuple[Views, list[Finding]]:
                 found.append(Finding(rule.rule, rule.category, rule.weight, start, end))
             if len(found) > 200:
                 break
-    if depth < _MAX_DEPTH:
-        for hidden in views.hidden:
-            _inner_views, inner = _findings(hidden, depth + 1)
-            found += [Finding(f"invisible>{f.rule}", f.category, f.weight, 0, 0) for f in inner]
-        for kind, decoded, start, end in _decoded_blobs(views.visible):
-            _inner_views, inner = _findings(decoded, depth + 1)
-            if inner:
-                found.append(Finding(f"encoding.{kind}", "encoding", 20, start, end))
-                found += [
-                    Finding(f"encoding.{kind}>{f.rule}", f.category, f.weight, start, end)
-                    for f in inner
-                ]
-        if "rot13" in views.plain or "rot-13" in views.plain or "rot 13" in views.plain:
-            _inner_views, inner = _findings(codecs.encode(views.visible, "rot13"), depth + 1)
-            strong = [f for f in inner if f.category in ("override", "extraction", "exfiltration")]
+    found += _classifier_vote(views.visible, found)
+    if depth >= _MAX_DEPTH:
+        return views, found
+    for hidden in views.hidden:
+        if budget[0] <= 0:
+            break
+        budget[0] -= 1
+        _inner_views, inner = _findings(hidden, depth + 1, budget)
+        found += [Finding(f"invisible>{f.rule}", f.category, f.weight, 0, 0) for f in inner]
+    # Every decoded layer is screened like the text itself (and decoded further).
+    for kind, decoded, start, end in _layers(views):
+        if budget[0] <= 0:
+            break
+        budget[0] -= 1
+        _inner_views, inner = _findings(decoded, depth + 1, budget)
+        inner = [f for f in inner if not f.rule.endswith(".quoted")]
+        if inner:
+            found.append(Finding(f"encoding.{kind}", "encoding", 20, start, end))
             found += [
-                Finding(f"encoding.rot13>{f.rule}", f.category, f.weight, 0, 0) for f in strong
+                Finding(f"encoding.{kind}>{f.rule}", f.category, f.weight, start, end)
+                for f in inner
             ]
     return views, found
 
@@ -426,7 +675,9 @@ def checked_text(text: str | bytes) -> str:
     return text
 
 
-def screen(text: str | bytes, source: Source = "user") -> Verdict:
+def screen(
+    text: str | bytes, source: Source = "user", policy: ScreenPolicy = DEFAULT_POLICY
+) -> Verdict:
     """Screen ``text`` coming from ``source`` and decide what to do with it.
 
     ``user`` turns are blocked at :data:`BLOCK_AT`; invisible or smuggled
@@ -435,26 +686,33 @@ def screen(text: str | bytes, source: Source = "user") -> Verdict:
     :data:`REMOVED`) and blocked — to be dropped — when still over
     :data:`BLOCK_AT` after that, or when less than 40% of the text is left.
     ``output`` gets the same analysis; use :func:`check_output` for answers.
-    Raises :class:`PromptTooLarge` over :data:`MAX_CHARS` and
-    :class:`PromptNotText` for bytes that are not UTF-8 or text with unpaired
-    surrogates.
+    The thresholds and what happens at them are ``policy``'s
+    (:class:`ScreenPolicy`; the defaults above when none is given). Raises
+    :class:`PromptTooLarge` over :data:`MAX_CHARS` and :class:`PromptNotText`
+    for bytes that are not UTF-8 or text with unpaired surrogates.
     """
     text = checked_text(text)
     views, found = _findings(text)
     score = total_score(found)
     stripped = views.visible != text
+    hits = tuple(found)
+    at = policy.block_at
+    # Invisible characters are stripped whatever the policy: they are never content.
+    passed: tuple[Decision, str] = ("sanitize", views.visible) if stripped else ("allow", text)
     if source == "retrieved":
-        if score < SANITIZE_AT and not stripped:
-            return Verdict("allow", score, tuple(found), text, source)
-        cleaned = _neutralise(views.visible, found) if score >= SANITIZE_AT else views.visible
+        if score < policy.sanitize_at:
+            return Verdict(passed[0], score, hits, passed[1], source, threshold=at)
+        if policy.retrieved_action == "flag":
+            return Verdict(passed[0], score, hits, passed[1], source, "flag", at)
+        cleaned = _neutralise(views.visible, found)
         _rest_views, rest = _findings(cleaned)
         left = len(cleaned.replace(REMOVED, "").strip())
         # Dropped when still hostile, or when little but the attack was there.
-        if total_score(rest) >= BLOCK_AT or left < 0.4 * len(views.visible.strip()):
-            return Verdict("block", score, tuple(found), "", source)
-        return Verdict("sanitize", score, tuple(found), cleaned, source)
-    if score >= BLOCK_AT:
-        return Verdict("block", score, tuple(found), "", source)
-    if stripped:
-        return Verdict("sanitize", score, tuple(found), views.visible, source)
-    return Verdict("allow", score, tuple(found), text, source)
+        if total_score(rest) >= at or left < 0.4 * len(views.visible.strip()):
+            return Verdict("block", score, hits, "", source, policy.retrieved_action, at)
+        return Verdict("sanitize", score, hits, cleaned, source, threshold=at)
+    if score >= at:
+        if policy.user_action == "flag":
+            return Verdict(passed[0], score, hits, passed[1], source, "flag", at)
+        return Verdict("block", score, hits, "", source, "block", at)
+    return Verdict(passed[0], score, hits, passed[1], source, threshold=at)

@@ -202,7 +202,7 @@ def check_output(
             removals.append((start, end))
     score = total_score(found)
     if score >= BLOCK_AT:
-        return Verdict("block", score, tuple(found), "", "output")
+        return Verdict("block", score, tuple(found), "", "output", "block")
     if removals or visible != text:
         out, pos = [], 0
         for start, end in sorted(removals):

@@ -297,7 +297,7 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:no|without|free\s+(?:of|from)|zero|not\s+bound\s+by|don'?t\s+have|doesn'?t\s+have|"
         r"not\s+have\s+to\s+abide\s+by)\s+(?:any\s+)?(?:\w+\s+){0,2}?"
         r"(?:restrictions|filters|filtering|limitations|censorship|ethical\s+\w+|ethics|morals|"
-        r"guidelines|content\s+polic(?:y|ies)|rules\s+set)\b"
+        r"guidelines|guardrails|safeguards|content\s+polic(?:y|ies)|rules\s+set)\b"
         r"|\b(?:unfiltered|uncensored|amoral|unrestricted|unethical)\b",
         leads="no|without|free|zero|not|don|doesn|unfiltered|uncensored|amoral|unrestricted|unethical",
     ),
@@ -310,6 +310,20 @@ RULES: tuple[Rule, ...] = (
         r"|you\s+will\s+(?:now\s+)?(?:act|respond)\s+as|from\s+now\s+on\s+you\s+are"
         r"|you\s+are\s+no\s+longer)\b",
         leads="you|act|pretend|role|immerse|from",
+    ),
+    _r(
+        # A persona defined by what it lacks: each half alone is common, together a jailbreak.
+        "roleplay.unrestricted-persona",
+        "role-play",
+        35,
+        r"\b(?:act|acting|behave|respond|answer|pretend|role-?play|be)\s+(?:as|like)\b(?:\W+\w+){0,6}?\W+"
+        r"(?:without|with\s+no|free\s+(?:of|from)|not\s+bound\s+by|that\s+(?:has|have)\s+no|lacking)\b"
+        r"(?:\W+\w+){0,3}?\W+(?:restrictions|filters|limits|limitations|censorship|ethics|morals|"
+        r"guidelines|content\s+polic(?:y|ies)|safety|rules|guardrails)\b"
+        r"|\byou\s+are\s+(?:now\s+)?an?\s+(?:\w+\s+){0,2}?(?:ai|model|assistant|chatbot|llm)\s+"
+        r"(?:without|with\s+no|free\s+(?:of|from))\s+(?:any\s+)?(?:\w+\s+){0,1}?"
+        r"(?:restrictions|filters|limits|rules|content\s+polic(?:y|ies)|guidelines|guardrails)\b",
+        leads="act|behave|respond|answer|pretend|role|be|you",
     ),
     _r(
         "roleplay.special-mode",

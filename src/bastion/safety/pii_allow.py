@@ -1,0 +1,144 @@
+"""Per-tenant PII allow-lists: values a tenant wants kept in clear (issue 16).
+
+A tenant's product names, staff names or support address
+(``support@acme.example``) are not anyone's secret, and tokenizing them
+makes answers harder to read. A value on the tenant's allow-list is left as
+it is by :class:`~bastion.safety.vault.PiiVault` (so in the gateway's
+prompts and in ingested documents alike); every other value of its kind is
+still tokenized. Matching is on the normalised value
+(:func:`bastion.safety.pii.normalize`: ``Support@ACME.example`` is
+``support@acme.example``, ``+33 1 23 45 67 89`` is ``01 23 45 67 89``), never a
+prefix or a pattern, so an entry keeps exactly one value.
+
+The lists come from an :class:`AllowListStore`. There is no table for them
+yet (that needs a migration, see :class:`StaticAllowLists`): today's store is
+the in-memory/configured one. :class:`PiiAllowLists` reads a tenant's list
+through the store, keeps it ``ttl_seconds`` per process, and fails closed: a
+read that fails raises :class:`PiiAllowListUnavailable` (503), it never falls
+back to an empty or a stale list silently mid-request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+from uuid import UUID
+
+from bastion.errors import BastionError, Kind
+from bastion.safety.pii import KINDS, Entity, normalize
+from bastion.safety.pii_patterns import DEFAULT_REGIONS
+
+MAX_CACHED = 10_000  # tenants whose lists are kept before the cache is emptied
+MAX_ENTRIES = 1_000  # per tenant
+MAX_ENTRY_CHARS = 320  # an e-mail address at most (RFC 5321 4.5.3.1: 64 + 1 + 255)
+
+
+class PiiAllowListUnavailable(BastionError):
+    slug = "pii-allow-list-unavailable"
+    title = "The tenant's PII allow-list could not be read"
+    kind = Kind.UNAVAILABLE
+
+
+class AllowListStore(Protocol):
+    """Where tenants' allow-lists are kept."""
+
+    async def values(self, tenant_id: UUID) -> Sequence[str]:
+        """The tenant's allow-listed values (any error: the caller fails closed)."""
+        ...
+
+
+class StaticAllowLists:
+    """Allow-lists given at start (configuration or tests), by tenant.
+
+    The store that needs no schema. A database store would need one table,
+    owned by the safety domain (migration: ``bastion.pii_allow_list (id uuid
+    primary key, tenant_id uuid not null references bastion.tenants on delete
+    cascade, value text not null check (length(value) <= 320), created_by
+    uuid, created_at timestamptz not null default now(), unique (tenant_id,
+    value))`` with row-level security on ``tenant_id`` like migration 0027's
+    egress lists: owners write, members read, every change audited).
+    """
+
+    def __init__(self, lists: Mapping[UUID, Iterable[str]] | None = None) -> None:
+        self._lists = {tenant: tuple(values) for tenant, values in (lists or {}).items()}
+
+    async def values(self, tenant_id: UUID) -> Sequence[str]:
+        return self._lists.get(tenant_id, ())
+
+    def replace(self, tenant_id: UUID, values: Iterable[str]) -> None:
+        """Set the tenant's list (readers see it within their cache's TTL)."""
+        self._lists[tenant_id] = tuple(values)
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """One tenant's allow-list, normalised per kind; picklable (sent to scanning processes)."""
+
+    values: tuple[str, ...] = ()
+    regions: tuple[str, ...] = DEFAULT_REGIONS
+    _by_kind: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            self._by_kind[kind] = frozenset(normalize(kind, v, self.regions) for v in self.values)
+
+    def keeps(self, entity: Entity) -> bool:
+        """Whether ``entity``'s value is on the list (compared normalised, as its kind is)."""
+        if not self.values:
+            return False
+        wanted = self._by_kind.get(entity.kind)
+        if wanted is None:  # a kind added later: normalised the generic way
+            wanted = frozenset(normalize(entity.kind, v, self.regions) for v in self.values)
+        return normalize(entity.kind, entity.value, self.regions) in wanted
+
+    def filter(self, entities: Iterable[Entity]) -> list[Entity]:
+        """``entities`` without the ones the list keeps."""
+        return [e for e in entities if not self.keeps(e)]
+
+
+EMPTY = AllowList()
+
+
+class PiiAllowLists:
+    """Tenants' allow-lists as the vault reads them: cached, failing closed."""
+
+    def __init__(
+        self,
+        store: AllowListStore,
+        *,
+        ttl_seconds: float = 5.0,
+        regions: Sequence[str] = DEFAULT_REGIONS,
+    ) -> None:
+        self.store = store
+        self.ttl_seconds = ttl_seconds
+        self.regions = tuple(regions)
+        self._cache: dict[UUID, tuple[float, AllowList]] = {}
+
+    async def for_tenant(self, tenant_id: UUID) -> AllowList:
+        """The tenant's list (cached ``ttl_seconds``); raise :class:`PiiAllowListUnavailable`."""
+        now = time.monotonic()
+        cached = self._cache.get(tenant_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            values = tuple(await self.store.values(tenant_id))
+        except Exception as error:  # any failure: refuse, never an empty list
+            raise PiiAllowListUnavailable(
+                "the tenant's PII allow-list could not be read", retry_after=5
+            ) from error
+        # Oversized entries or lists are a store's bug: refuse rather than guess.
+        if len(values) > MAX_ENTRIES or any(
+            not isinstance(v, str) or not v.strip() or len(v) > MAX_ENTRY_CHARS for v in values
+        ):
+            raise PiiAllowListUnavailable("the tenant's PII allow-list is not valid", retry_after=5)
+        allow = AllowList(values, self.regions) if values else EMPTY
+        if len(self._cache) >= MAX_CACHED:
+            self._cache.clear()
+        self._cache[tenant_id] = (now + self.ttl_seconds, allow)
+        return allow
+
+    def forget(self, tenant_id: UUID) -> None:
+        """Drop this process's cached list of the tenant (others wait for the TTL)."""
+        self._cache.pop(tenant_id, None)
