@@ -1,12 +1,14 @@
-"""The api with the billing-account routes (checkout, usage, receipts, receipt keys),
-served for a test module on real uvicorn, and DPoP-bound tokens to call it."""
+"""The api as the composition root builds it (:func:`bastion.compose.build_api`),
+served for a billing test module on real uvicorn with the module's own receipt
+keys and, where given, a checkout against a double of Stripe; and DPoP-bound
+tokens to call its billing-account routes (checkout, usage, receipts, receipt
+keys)."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -14,25 +16,22 @@ from uuid import UUID
 import httpx
 from fastapi import FastAPI
 
-from bastion.api.app import create_app
-from bastion.billing import account_routes
-from bastion.billing.checkout import CheckoutService
 from bastion.billing.metering import MeteringService
 from bastion.billing.receipts import ReceiptKeys, ReceiptService
-from bastion.compose import Identity, build_identity
+from bastion.compose import CheckoutFactory, Identity, Overrides, build_api
 from bastion.db.pool import Database
 from bastion.identity.dpop import DpopKey
 from bastion.secrets import LocalKeystore
-from bastion.settings import Settings
+from tests.api_stack import api_settings
 from tests.conftest import DbHandles
 from tests.http_server import serving
-
-Seed = Callable[[Database, Identity], Awaitable[None]]
-CheckoutFactory = Callable[[Database], CheckoutService]
 
 
 @dataclass
 class BillingStack:
+    """The served api: its URL, the services its routes use, and the seeded
+    tenants and their members (one per role)."""
+
     url: str
     identity: Identity
     receipts: ReceiptService
@@ -77,49 +76,37 @@ class BillingStack:
         return httpx.request(method, url, headers=headers, timeout=15, **kwargs)
 
 
+Seed = Callable[[Database, BillingStack], Awaitable[None]]
+
+
 @contextlib.contextmanager
 def billing_server(
     database: DbHandles,
     keystore: LocalKeystore,
     receipt_keys: ReceiptKeys,
-    seed: Callable[[Database, BillingStack], Awaitable[None]],
+    seed: Seed,
     *,
     checkout: CheckoutFactory | None = None,
 ) -> Iterator[BillingStack]:
+    """Yield the running api on ``database``, seeded by ``seed`` once its pool
+    is open; it signs and publishes receipts with ``receipt_keys`` and sells
+    through ``checkout`` (default: none configured)."""
     built: list[BillingStack] = []
 
+    async def on_start(db: Database) -> None:
+        await seed(db, built[0])
+
     def build(url: str) -> FastAPI:
-        db = Database(database.app, database.context_key, max_size=8)
-        identity = build_identity(Settings(issuer=url), db, keystore)
-        receipts = ReceiptService(db, receipt_keys, issuer=url)
-        metering = MeteringService(db)
-        stack = BillingStack(url, identity, receipts, metering)
-        built.append(stack)
-
-        @asynccontextmanager
-        async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-            await db.open()
-            try:
-                await identity.start()
-                await seed(db, stack)
-                yield
-            finally:
-                await db.close()
-
-        return create_app(
-            readiness=db.ping,
-            lifespan=lifespan,
-            extra_routers=(
-                *identity.routers,
-                account_routes.build_keys_router(receipt_keys),
-                account_routes.build_router(
-                    identity.guard,
-                    metering=metering,
-                    receipts=receipts,
-                    checkout=checkout(db) if checkout else None,
-                ),
-            ),
+        overrides = Overrides(
+            database=Database(database.app, database.context_key, max_size=8),
+            keystore=keystore,
+            on_start=on_start,
+            receipt_keys=receipt_keys,
+            checkout=checkout,
         )
+        api = build_api(api_settings(url, "http://127.0.0.1:9"), overrides)
+        built.append(BillingStack(url, api.identity, api.receipts, api.metering))
+        return api.app
 
     with serving(build):
         yield built[0]

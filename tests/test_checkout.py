@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
 
+import httpx
 import psycopg
 import pytest
 import structlog
@@ -327,12 +328,31 @@ def test_a_card_number_is_refused_and_kept_nowhere(
     assert pan not in _digits(_database_text(database))
 
 
-def test_every_billing_route_refuses_card_numbers(env: Env, logs: io.StringIO) -> None:
-    for path in ("usage", "receipts"):
-        answer = env.stack.call(
-            "GET", f"/tenants/{env.stack.tenants['a']}/billing/{path}", params={"pan": PAN}
-        )
-        assert answer.status_code == 422 and answer.json()["type"].endswith("/card-data-refused")
+def test_every_billing_route_refuses_card_numbers(
+    env: Env, database: DbHandles, logs: io.StringIO
+) -> None:
+    # Every tenant billing route the composed api serves, as its OpenAPI document lists them.
+    paths = httpx.get(env.stack.url + "/openapi.json", timeout=10).json()["paths"]
+    routes = [
+        (method.upper(), template)
+        for template, operations in paths.items()
+        if template.startswith("/tenants/{tenant_id}/billing/")
+        for method in operations
+        if method in {"get", "post", "put", "patch", "delete"}
+    ]
+    # The account routes (checkout, usage, receipts) and the subscription's (plan, plans, ...).
+    assert {"/tenants/{tenant_id}/billing/checkout", "/tenants/{tenant_id}/billing/plan"} <= {
+        template for _method, template in routes
+    }
+    before = (len(env.stripe.requests), len(_stored(database, env)), _audit_count(database, env))
+    for method, template in routes:
+        path = template.replace("{tenant_id}", str(env.stack.tenants["a"]))
+        path = re.sub(r"\{[^}]+\}", str(uuid4()), path)
+        answer = env.stack.call(method, path, params={"pan": PAN})
+        assert answer.status_code == 422, (method, template, answer.text)
+        assert answer.json()["type"].endswith("/card-data-refused")
+    after = (len(env.stripe.requests), len(_stored(database, env)), _audit_count(database, env))
+    assert after == before
     assert PAN not in _digits(logs.getvalue())
 
 

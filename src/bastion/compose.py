@@ -2,9 +2,10 @@
 
 The one place that wires Bastion's processes. Production (``bastion serve``,
 and ``bastion up`` through it, hence the demo and the benchmarks) and the
-tests' stacks (``tests/api_stack.py``, ``tests/gateway_stack.py``) build their
-apps here; what a caller may replace is the small :class:`Overrides` — the
-database pool, the key ring, the gateway's model routers and a start-up hook —
+tests' stacks (``tests/api_stack.py``, ``tests/gateway_stack.py``,
+``tests/billing_account_stack.py``) build their apps here; what a caller may
+replace is the small :class:`Overrides` — the database pool, the key ring,
+the gateway's model routers, the receipt keys, the checkout, a start-up hook —
 never the wiring itself. So what the tests walk (the route matrix) is what
 runs.
 
@@ -30,6 +31,8 @@ from fastapi import APIRouter, FastAPI
 from bastion.access.authorize import Authorizer
 from bastion.access.guard import Guard, RolesReader
 from bastion.billing.checkout import CheckoutService
+from bastion.billing.metering import MeteringService
+from bastion.billing.receipts import ReceiptKeys, ReceiptService
 from bastion.db.pool import Database
 from bastion.gateway.cache import AnswerCache
 from bastion.gateway.routing import ModelRouter
@@ -55,6 +58,7 @@ DPOP_NONCE_KEY = "identity/dpop-nonce-key"
 _log = get_logger("bastion.identity")
 
 OnStart = Callable[[Database], Awaitable[None]]
+CheckoutFactory = Callable[[Database], CheckoutService]
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,13 @@ class Overrides:
     rate, whatever the tenant's plan (tests of the proxy's other stages, which
     set up no subscriptions; the plan gate has tests of its own). Never in a
     process: ``bastion serve`` passes no overrides.
+    ``receipt_keys``: the Ed25519 keys the api publishes and signs receipts
+    with, and the worker signs paid invoices' receipts with (default: on the
+    key ring, published five minutes before use; tests: a ring of their own,
+    the receipts' tests one that signs with a new key at once).
+    ``checkout``: builds the hosted Checkout on the app pool (default: Stripe's,
+    when the settings give a Stripe key and both return URLs, else none; tests:
+    the official client against a double of Stripe's API).
     """
 
     database: Database | None = None
@@ -89,6 +100,8 @@ class Overrides:
     routers: Sequence[APIRouter] = ()
     answer_cache: AnswerCache | None = None
     without_plan_gate: bool = False
+    receipt_keys: ReceiptKeys | None = None
+    checkout: CheckoutFactory | None = None
 
 
 NO_OVERRIDES = Overrides()
@@ -103,6 +116,8 @@ class Api:
     keystore: Keystore
     identity: Identity
     knowledge: KnowledgeService
+    receipts: ReceiptService
+    metering: MeteringService
 
 
 @dataclass(frozen=True)
@@ -152,8 +167,6 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
     from bastion.api.app import create_app
     from bastion.billing import account_routes
     from bastion.billing import routes as billing_routes
-    from bastion.billing.metering import MeteringService
-    from bastion.billing.receipts import ReceiptKeys, ReceiptService
     from bastion.billing.wiring import build_billing
     from bastion.gateway import sampling_routes
     from bastion.gateway.sampling import PromptSampling
@@ -166,7 +179,14 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
     knowledge = build_knowledge(settings, db, kms)
     identity = build_identity(settings, db, keystore, passwords=overrides.passwords)
     billing = build_billing(settings, db, keystore)
-    receipt_keys = ReceiptKeys(keystore)
+    receipt_keys = _receipt_keys(keystore, overrides)
+    receipts = ReceiptService(db, receipt_keys, issuer=settings.resolved_issuer)
+    metering = MeteringService(db)
+    checkout = (
+        overrides.checkout(db)
+        if overrides.checkout is not None
+        else _checkout(settings, db, keystore)
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -200,10 +220,7 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
             safety_routes.build_router(knowledge.vault, db, identity.guard),
             account_routes.build_keys_router(receipt_keys),
             account_routes.build_router(
-                identity.guard,
-                metering=MeteringService(db),
-                receipts=ReceiptService(db, receipt_keys, issuer=settings.resolved_issuer),
-                checkout=_checkout(settings, db, keystore),
+                identity.guard, metering=metering, receipts=receipts, checkout=checkout
             ),
             sampling_routes.build_router(PromptSampling(db), identity.guard),
             *overrides.routers,
@@ -211,7 +228,12 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
         max_body_bytes=settings.max_upload_bytes,
         trusted_proxies=settings.trusted_proxies,
     )
-    return Api(app, db, keystore, identity, knowledge)
+    return Api(app, db, keystore, identity, knowledge, receipts, metering)
+
+
+def _receipt_keys(keystore: Keystore, overrides: Overrides) -> ReceiptKeys:
+    """The receipt keys: one ring for the api (which publishes them) and the worker."""
+    return overrides.receipt_keys if overrides.receipt_keys is not None else ReceiptKeys(keystore)
 
 
 def _checkout(settings: Settings, db: Database, keystore: Keystore) -> CheckoutService | None:
@@ -332,7 +354,7 @@ def build_worker(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Wor
     db, keystore, kms = _resources(settings, overrides)
     knowledge = build_knowledge(settings, db, kms)
     app = create_worker_health_app(
-        db.ping, lifespan=_worker_lifespan(settings, db, keystore, knowledge, overrides.on_start)
+        db.ping, lifespan=_worker_lifespan(settings, db, keystore, knowledge, overrides)
     )
     return Worker(app, db)
 
@@ -367,12 +389,11 @@ def _worker_lifespan(
     db: Database,
     keystore: Keystore,
     knowledge: KnowledgeService,
-    on_start: OnStart | None,
+    overrides: Overrides,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """The worker's pool, and the queue's worker running its jobs."""
     from bastion.billing import metering_tasks
     from bastion.billing import tasks as billing_tasks
-    from bastion.billing.receipts import ReceiptKeys, ReceiptService
     from bastion.db.service import queue_conninfo
     from bastion.knowledge import tasks as knowledge_tasks
     from bastion.safety import tasks as safety_tasks
@@ -382,7 +403,9 @@ def _worker_lifespan(
     queue = queue_app(queue_conninfo(settings))
     authorizer = _authorizer(settings)
     knowledge_tasks.register(queue, JobRegistry(authorizer), db, knowledge)
-    receipts = ReceiptService(db, ReceiptKeys(keystore), issuer=settings.resolved_issuer)
+    receipts = ReceiptService(
+        db, _receipt_keys(keystore, overrides), issuer=settings.resolved_issuer
+    )
     billing_tasks.register_from_settings(
         queue,
         JobRegistry(authorizer),
@@ -410,8 +433,8 @@ def _worker_lifespan(
             _forgetting_shreds(db, knowledge),
             running_worker(queue, concurrency=slots),
         ):
-            if on_start is not None:
-                await on_start(db)
+            if overrides.on_start is not None:
+                await overrides.on_start(db)
             yield
 
     return lifespan
