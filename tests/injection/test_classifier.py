@@ -81,7 +81,13 @@ def test_training_is_deterministic() -> None:
     [
         *PARAPHRASES,
         *(
-            pytest.param(*m, marks=pytest.mark.xfail(strict=True, reason="known miss"))
+            pytest.param(
+                *m,
+                marks=pytest.mark.xfail(
+                    strict=True,
+                    reason="measured miss of the cheap tier (issue 15): red once it is caught",
+                ),
+            )
             for m in MISSED
         ),
     ],

@@ -21,21 +21,15 @@ It fails safe:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable
 from uuid import UUID
 
-import psycopg
-
+from bastion.db.notify import Listener
 from bastion.db.pool import Database
-from bastion.logs import get_logger
 
 CHANNEL = "bastion_memberships"
-
-_log = get_logger("bastion.access")
 
 
 def announced_as(tenant_id: UUID, user_id: UUID) -> str:
@@ -58,14 +52,20 @@ class LiveRoles:
         self._db = db
         self._ttl = ttl_seconds
         self._max_entries = max_entries
-        self._retry = retry_seconds
         self._clock = clock
         # Keyed by the announcement's payload for that membership.
         self._entries: dict[str, tuple[float, frozenset[str]]] = {}
         # Bumped by every announcement: a read that saw it change is not kept.
         self._generation = 0
         self._listening = False
-        self._task: asyncio.Task[None] | None = None
+        self._listener = Listener(
+            db.conninfo,
+            CHANNEL,
+            on_notify=self._drop,
+            on_ready=self._ready,
+            on_lost=self._stop_trusting,
+            retry_seconds=retry_seconds,
+        )
 
     @property
     def listening(self) -> bool:
@@ -73,15 +73,10 @@ class LiveRoles:
 
     def start(self) -> None:
         """Start listening (inside the serving event loop)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._listen())
+        self._listener.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._listener.aclose()
 
     async def __call__(self, tenant_id: UUID, user_id: UUID) -> frozenset[str]:
         key = announced_as(tenant_id, user_id)
@@ -109,20 +104,7 @@ class LiveRoles:
         self._generation += 1
         self._entries.clear()
 
-    async def _listen(self) -> None:
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._db.conninfo, autocommit=True
-                ) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    # Announcements made before LISTEN were never seen: start empty.
-                    self._entries.clear()
-                    self._listening = True
-                    async for notify in conn.notifies():
-                        self._drop(notify.payload)
-            except (psycopg.Error, OSError) as error:
-                _log.warning("roles_listener_lost", error=type(error).__name__)
-            finally:
-                self._stop_trusting()
-            await asyncio.sleep(self._retry)
+    def _ready(self) -> None:
+        # Announcements made before LISTEN were never seen: start empty.
+        self._entries.clear()
+        self._listening = True

@@ -25,20 +25,15 @@ never seen, so:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Protocol
 
-import psycopg
-
+from bastion.db.notify import Listener
 from bastion.db.pool import Database
-from bastion.logs import get_logger
 from bastion.secrets.tenant_keys import TenantKeys
 
 __all__ = ["CHANNEL", "Forgets", "ShredListener"]
 
 CHANNEL = "bastion_tenant_shred"
-
-_log = get_logger("bastion.knowledge")
 
 
 class Forgets(Protocol):
@@ -63,54 +58,46 @@ class ShredListener:
         retry_seconds: float = 1.0,
         ping_seconds: float = 5.0,
     ) -> None:
-        self._db = db
         self._forgetters = forgetters
-        self._retry = retry_seconds
-        self._ping = ping_seconds
-        self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
-        self.backend_pid: int | None = None  # the listening connection's server process
+        self._listener = Listener(
+            db.conninfo,
+            CHANNEL,
+            on_notify=self._forget_announced,
+            on_ready=self._ready,
+            on_lost=self._lost,
+            retry_seconds=retry_seconds,
+            ping_seconds=ping_seconds,
+        )
         for forgetter in forgetters:
             if isinstance(forgetter, TenantKeys):
                 forgetter.caching_allowed = self.listening.is_set
 
+    @property
+    def backend_pid(self) -> int | None:
+        """The listening connection's server process, while there is one."""
+        return self._listener.backend_pid
+
     def start(self) -> None:
         """Start listening (inside the serving event loop)."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._listen())
+        self._listener.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._listener.aclose()
 
     def _forget_all(self) -> None:
         for forgetter in self._forgetters:
             forgetter.forget_all()
 
-    async def _listen(self) -> None:
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._db.conninfo, autocommit=True
-                ) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self._forget_all()  # shreds before LISTEN were never seen
-                    self.backend_pid = conn.info.backend_pid
-                    self.listening.set()
-                    while True:
-                        async for notify in conn.notifies(timeout=self._ping):
-                            for forgetter in self._forgetters:
-                                forgetter.forget_announced(notify.payload)
-                        # Quiet for a while: is the connection still there?
-                        await asyncio.wait_for(conn.execute("SELECT 1"), self._ping)
-            except (psycopg.Error, OSError, TimeoutError) as error:
-                _log.warning("shred_listener_lost", error=type(error).__name__)
-            finally:
-                # Fail closed: until listening again, a shred would go unseen.
-                self.listening.clear()
-                self.backend_pid = None
-                self._forget_all()
-            await asyncio.sleep(self._retry)
+    def _forget_announced(self, payload: str) -> None:
+        for forgetter in self._forgetters:
+            forgetter.forget_announced(payload)
+
+    def _ready(self) -> None:
+        self._forget_all()  # shreds before LISTEN were never seen
+        self.listening.set()
+
+    def _lost(self) -> None:
+        # Fail closed: until listening again, a shred would go unseen.
+        self.listening.clear()
+        self._forget_all()
