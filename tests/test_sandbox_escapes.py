@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -837,7 +838,10 @@ def test_memory_across_processes_is_the_configured_cap(run: Run) -> None:
     result = run(MEMORY_ACROSS_PROCESSES, Limits(cpu_seconds=2, wall_seconds=8.0, memory_bytes=cap))
     assert result.outcome is Outcome.MEMORY_LIMIT, result
     assert result.stdout.count(b"held 48") < 3  # the 144 MiB never all existed at once
-    assert result.memory_peak_bytes is not None and result.memory_peak_bytes <= cap
+    # The kernel charges whole pages: cgroup v1's recorded peak can read one page
+    # past the limit it enforced (seen under gVisor); more than that is an escape.
+    assert result.memory_peak_bytes is not None
+    assert result.memory_peak_bytes <= cap + resource.getpagesize()
 
 
 FDS_IN_FLIGHT = """
