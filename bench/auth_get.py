@@ -45,6 +45,9 @@ async def run(clients: int, requests: int) -> None:
         "BASTION_HOME": str(home),
         "BASTION_API_PORT": str(port),
         "BASTION_LOG_LEVEL": "warning",
+        # The public path is measured; the mTLS listener has bench/mtls.py.
+        "BASTION_INTERNAL_MTLS": "0",
+        "BASTION_DEV_MODE": "1",
     }
     env.pop("DATABASE_URL", None)
     settings = Settings(home=home, api_port=port)

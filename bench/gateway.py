@@ -158,6 +158,9 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
         "BASTION_GATEWAY_PORT": str(gateway_port),
         "BASTION_LOG_LEVEL": "warning",
         "BASTION_GATEWAY_MODELS": json.dumps(models),
+        # The public path is measured; the mTLS listener has bench/mtls.py.
+        "BASTION_INTERNAL_MTLS": "0",
+        "BASTION_DEV_MODE": "1",
     }
     env.pop("DATABASE_URL", None)
     settings = Settings(home=home, gateway_port=gateway_port)

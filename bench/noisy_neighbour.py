@@ -164,6 +164,9 @@ async def run(steady_seconds: float, attack_seconds: float) -> None:
         "BASTION_GATEWAY_PORT": str(ports["gateway"]),
         "BASTION_WORKER_PORT": str(ports["worker"]),
         "BASTION_LOG_LEVEL": "warning",
+        # The public path is measured; the mTLS listener has bench/mtls.py.
+        "BASTION_INTERNAL_MTLS": "0",
+        "BASTION_DEV_MODE": "1",
         "BASTION_EMBEDDER": "hashing",
         "BASTION_GATEWAY_MODELS": gateway_models(ports["upstream"], "local://providers/mock"),
         "BASTION_GATEWAY_CACHE_ENTRIES": str(CACHE_ENTRIES),

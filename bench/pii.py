@@ -12,10 +12,15 @@ Measures, on this machine:
               if it overlaps a value of its kind.
               Then the gap tickets (tests/pii_corpus.generate_gaps, issue 16):
               on the tuning templates and on held-apart ones.
+              Then names, addresses, places and dates of birth
+              (tests/pii_names_corpus.py): in distribution, on the dev split
+              (tuning) and on the held-apart templates and locales.
   throughput  MB/s (UTF-8 bytes) of PiiRecognizer.find, document by document and
               on the whole corpus as one text, and on the demo support tickets
               (realistic density: a few values per page); median of --runs (no
-              state is kept between calls, so every run is cold).
+              state is kept between calls, so every run is cold). The pattern
+              kinds alone and the whole recognizer side by side, and seconds
+              per MB of hostile input (long lines, names, mixed scripts, RTL).
   presidio    the same corpus through Presidio's AnalyzerEngine with its pattern
               recognizers only (English registry, a blank spaCy pipeline, no NER
               model, tldextract's bundled suffix list: no network), in the Python
@@ -43,7 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _record import record_output  # noqa: E402
-from bastion.safety.pii import PiiRecognizer  # noqa: E402
+from bastion.safety.pii import KINDS, PiiRecognizer  # noqa: E402
+from bastion.safety.pii_patterns import DOB, MODEL_KINDS  # noqa: E402
+from tests import pii_names_corpus  # noqa: E402
 from tests.pii_corpus import (  # noqa: E402
     SEED,
     Document,
@@ -52,6 +59,9 @@ from tests.pii_corpus import (  # noqa: E402
     generate_gaps,
     score,
 )
+
+# Seeds of the names corpus never used by bench/train_pii.py (which draws seed 16).
+NAMES_SEED = 20261206
 
 TICKETS = ROOT / "src" / "bastion" / "demo" / "tickets"
 
@@ -67,6 +77,9 @@ PRESIDIO_KINDS = {
     "ES_NIF": "es_dni",
     "ES_NIE": "es_dni",
     "IT_FISCAL_CODE": "it_fiscal_code",
+    # Only with a spaCy NER model (none is on PyPI; without one these are absent).
+    "PERSON": "person",
+    "LOCATION": "place",
 }
 
 PRESIDIO_SCRIPT = r"""
@@ -160,6 +173,31 @@ def _presidio(python: str, docs: list[Document], runs: int) -> dict[str, object]
     return result
 
 
+def _bad_input(recognizer: PiiRecognizer, size: int = 1024 * 1024) -> None:
+    """Seconds per MB of hostile texts (issue 16: bounded time, no crash)."""
+    cases = {
+        "prose": "The export finished and the report was sent to the team today. ",
+        "one line of names": "Anna Maria Smith-Jones ",
+        "a name per line": "Olaf Berg\n",
+        "capitals only": "ABCDEFGH ",
+        "one word": "b",
+        "numbers and commas": "12, 3456 Main, ",
+        "mixed scripts": "Иван Петров 王小明 محمد علي Ωμέγα Straße 5 ",
+        # An override to right-to-left, Hebrew, a right-to-left mark, Arabic.
+        "right to left": "\u202eFrank Ocean\u202c \u05d3\u05d5\u05d3 "
+        "\u200f\u0634\u0627\u0631\u0639 7 ",
+        "dates of birth": "born 01/02/1990 ",
+    }
+    print("\nbad input, 1 MiB each (seconds per MB)")
+    worst = ("", 0.0)
+    for name, unit in cases.items():
+        text = (unit * (size // len(unit) + 1))[:size]
+        seconds = _timed(1, lambda text=text: recognizer.find(text)) / (len(text.encode()) / 1e6)
+        worst = max(worst, (name, seconds), key=lambda pair: pair[1])
+        print(f"  {name:<22} {seconds:6.2f} s/MB")
+    print(f"  worst case: {worst[0]}, {worst[1]:.2f} s/MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=600)
@@ -195,12 +233,32 @@ def main() -> None:
         gaps = generate_gaps(args.docs // 2, args.seed, held_apart=held_apart)
         _table(f"bastion.safety.pii, {title}", score(gaps, ours))
 
+    # Names, addresses, places, dates of birth (issue 16): in-distribution
+    # (training templates and locales, a seed training never drew), the dev
+    # split the features were chosen on, and the held-apart split.
+    names_docs: dict[str, list[Document]] = {}
+    for split, title in (
+        ("train", "in-distribution (training templates and locales, unseen seed)"),
+        ("dev", "dev (other templates and locales; read while tuning)"),
+        ("held_apart", "held-apart templates and locales (never used in training or tuning)"),
+    ):
+        names_docs[split] = pii_names_corpus.generate(args.docs, NAMES_SEED, split=split)
+        _table(f"names, {title}", score(names_docs[split], ours))
+
     whole = "\n".join(d.text for d in docs)
     per_doc = _timed(args.runs, lambda: [recognizer.find(d.text) for d in docs])
     at_once = _timed(args.runs, lambda: recognizer.find(whole))
     tickets = "\n".join(p.read_text(encoding="utf-8") for p in sorted(TICKETS.glob("*/*.md")))
     tickets_x = tickets * max(1, 1_000_000 // max(1, len(tickets)))
     sparse = _timed(args.runs, lambda: recognizer.find(tickets_x))
+    patterns = PiiRecognizer([k for k in KINDS if k not in (*MODEL_KINDS, DOB)])
+    # Side by side, alternating, so that the load of a shared machine hits both.
+    pattern_times, whole_times = [], []
+    for _ in range(args.runs):
+        pattern_times.append(_timed(1, lambda: patterns.find(tickets_x)))
+        whole_times.append(_timed(1, lambda: recognizer.find(tickets_x)))
+    names_text = "\n".join(d.text for d in names_docs["held_apart"])
+    names_speed = _timed(args.runs, lambda: recognizer.find(names_text))
     print("\nthroughput (median of runs)")
     print(f"  corpus, per document   {_mbps(size, per_doc):7.2f} MB/s")
     print(f"  corpus, one text       {_mbps(len(whole.encode()), at_once):7.2f} MB/s")
@@ -210,6 +268,16 @@ def main() -> None:
         f"  demo tickets x{copies} ({sparse_size / 1e6:.1f} MB) "
         f"{_mbps(sparse_size, sparse):7.2f} MB/s"
     )
+    p_med, w_med = statistics.median(pattern_times), statistics.median(whole_times)
+    print(
+        f"  demo tickets, side by side: pattern kinds only {_mbps(sparse_size, p_med):.2f} MB/s, "
+        f"whole recognizer {_mbps(sparse_size, w_med):.2f} MB/s (x{w_med / p_med:.2f} the time)"
+    )
+    print(
+        f"  names corpus, one text   {_mbps(len(names_text.encode()), names_speed):7.2f} MB/s "
+        f"(a name or address every few words)"
+    )
+    _bad_input(recognizer)
 
     if not Path(args.presidio).exists():
         print(f"\npresidio: no interpreter at {args.presidio}; skipped (see --help)")
@@ -250,6 +318,21 @@ def main() -> None:
     print(f"  presidio recognizers: {', '.join(result['recognizers'])}")  # type: ignore[arg-type]
     missing = sorted(set(PRESIDIO_KINDS.values()) - covered)
     print(f"  not in presidio's English registry, so not compared: {', '.join(missing)}")
+
+    # The names corpus, held-apart split: Presidio finds names and places only
+    # with a spaCy NER model; without one it scores nothing there.
+    held = names_docs["held_apart"]
+    named = _presidio(args.presidio, held, 1)
+    if named is None:
+        return
+    spans = named["spans"]
+    assert isinstance(spans, list)
+    index = {d.text: i for i, d in enumerate(held)}
+    theirs_named = score(held, theirs_for(index))
+    _table(
+        "presidio-analyzer on the held-apart names corpus (all kinds scored, found or not)",
+        {k: theirs_named.get(k, Score(labelled=v.labelled)) for k, v in score(held, ours).items()},
+    )
 
 
 if __name__ == "__main__":

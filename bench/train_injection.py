@@ -12,6 +12,8 @@ Run: .venv/bin/python bench/train_injection.py   (``make train-injection``)
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -69,28 +71,87 @@ def fit(
     return w.astype(np.float32), float(b)
 
 
+def source_group(source: str) -> str:
+    """Sources that share an origin (one corpus in several languages, or the
+    grammar's carrier documents and the attacks hidden in them) form one group."""
+    if source in ("grammar2/carriers", "grammar2/embedded"):
+        return "grammar2/documents"
+    return re.sub(r"-(en|de|es|fr|it)$", "", source)
+
+
+def with_benign_windows(
+    texts: list[str], labels: npt.NDArray[np.float64]
+) -> tuple[list[str], npt.NDArray[np.float64]]:
+    """Add the short scan windows of long benign texts as benign samples: the
+    scan keeps a text's highest window, so each window of a benign document
+    must score low on its own, not only the document as a whole."""
+    extra = [
+        text[start : start + size]
+        for size, stride in classifier.SCALES[1:]
+        for text, label in zip(texts, labels, strict=True)
+        if label == 0 and len(text) > size + stride
+        for start in range(0, min(len(text), classifier.WINDOW) - size, stride)
+    ]
+    return texts + extra, np.concatenate([labels, np.zeros(len(extra))])
+
+
+def out_of_fold(
+    samples: list[injection_data.Sample], *, seed: int, folds: int = 4, steps: int = 300
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Scores of every training text from a model that never saw its source group:
+    the groups are dealt into ``folds`` folds (by a hash of the group name), each
+    fold is scored by a model fitted on the others. Cross-source by construction,
+    so a threshold chosen on these scores is one that holds on unseen sources."""
+    groups = sorted({source_group(s.source) for s in samples})
+    fold_of = {g: int(hashlib.sha256(g.encode()).hexdigest()[:8], 16) % folds for g in groups}
+    scores = np.zeros(len(samples))
+    labels = np.array([s.label for s in samples], dtype=np.float64)
+    for fold in range(folds):
+        inside = [i for i, s in enumerate(samples) if fold_of[source_group(s.source)] != fold]
+        held = [i for i, s in enumerate(samples) if fold_of[source_group(s.source)] == fold]
+        if not held:
+            continue
+        texts, fold_labels = with_benign_windows([samples[i].text for i in inside], labels[inside])
+        weights, bias = fit(texts, fold_labels, seed=seed, steps=steps)
+        model = classifier.Model(weights, bias, 1.0, 1.0, {})
+        for i in held:
+            scores[i] = model.probability(samples[i].text)
+    return scores, labels
+
+
+def _quantile_over(scores: npt.NDArray[np.float64], share: float) -> float:
+    """The lowest threshold with at most ``share`` of ``scores`` at or over it."""
+    allowed = int(np.floor(share * scores.size))
+    return float(scores[scores.size - 1 - allowed] + 1e-6)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seed", type=int, default=15)
-    parser.add_argument("--fp", type=float, default=0.01, help="false-positive budget on tune")
+    parser.add_argument("--fp", type=float, default=0.015, help="false-positive budget")
     parser.add_argument("--out", type=Path, default=classifier.MODEL_PATH)
     args = parser.parse_args()
 
     samples = injection_data.samples()
     train = [s for s in samples if s.split == "train"]
     tune = [s for s in samples if s.split == "tune"]
+    # The threshold holds on sources never seen: chosen on out-of-fold scores
+    # (each source group scored by a model that did not see it), and never
+    # under what the in-source tune split asks for.
+    oof, oof_labels = out_of_fold(train, seed=args.seed)
     weights, bias = fit(
-        [s.text for s in train],
-        np.array([s.label for s in train], dtype=np.float64),
+        *with_benign_windows(
+            [s.text for s in train], np.array([s.label for s in train], dtype=np.float64)
+        ),
         seed=args.seed,
     )
     model = classifier.Model(weights, bias, 1.0, 1.0, {})
-    benign = np.sort([model.probability(s.text) for s in tune if s.label == 0])
-    # The lowest threshold with at most --fp of the tune split's benign texts over it.
-    allowed = int(np.floor(args.fp * benign.size))
-    threshold = float(max(0.5, benign[benign.size - 1 - allowed] + 1e-6))
-    weak = float(max(0.35, benign[benign.size - 1 - int(np.floor(0.03 * benign.size))] + 1e-6))
-    weak = min(weak, threshold)
+    tuned = np.sort([model.probability(s.text) for s in tune if s.label == 0])
+    unseen = np.sort(oof[oof_labels == 0])
+    threshold = max(0.5, _quantile_over(tuned, args.fp), _quantile_over(unseen, args.fp))
+    weak = min(threshold, max(0.35, _quantile_over(unseen, 0.03)))
+    oof_caught = float((oof[oof_labels == 1] >= threshold).mean())
+    oof_fp = float((oof[oof_labels == 0] >= threshold).mean())
     sources = sorted({s.source for s in train})
     digest = classifier.save(
         args.out,
@@ -98,12 +159,18 @@ def main() -> None:
         bias,
         threshold,
         weak,
-        {"seed": args.seed, "trained_on": sources, "train_size": len(train)},
+        {
+            "seed": args.seed,
+            "trained_on": sources,
+            "train_size": len(train),
+            "out_of_fold": {"detection": round(oof_caught, 4), "false_positives": round(oof_fp, 4)},
+        },
     )
     attacks = [model.probability(s.text) for s in tune if s.label == 1]
     caught = sum(p >= threshold for p in attacks) / max(len(attacks), 1)
     print(f"trained on {len(train)} texts from {len(sources)} sources; tuned on {len(tune)}")
     print(f"threshold {threshold:.4f} (weak {weak:.4f}); tune detection {caught:.1%}")
+    print(f"out of fold (unseen source groups): detection {oof_caught:.1%}, fp {oof_fp:.1%}")
     print(f"weights sha256 {digest} -> {args.out}")
 
 

@@ -23,8 +23,16 @@ Seed = Callable[[Database, Identity], Awaitable[None]]
 
 def api_settings(url: str, gateway_url: str) -> Settings:
     """The settings a test api runs with: its own URL as the issuer, the
-    keyless embedder, and ``gateway_url`` as the gateway questions go to."""
-    return Settings(issuer=url, gateway_public_url=gateway_url, embedder="hashing")
+    keyless embedder, and ``gateway_url`` as the gateway questions go to —
+    over plain HTTP, which development mode allows on loopback (the mTLS path
+    is tested on its own: tests/test_workload_identity.py)."""
+    return Settings(
+        issuer=url,
+        gateway_public_url=gateway_url,
+        embedder="hashing",
+        internal_mtls=False,
+        dev_mode=True,
+    )
 
 
 @contextlib.contextmanager

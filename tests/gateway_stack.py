@@ -53,7 +53,11 @@ def gateway_server(
             answer_cache=answer_cache,
             without_plan_gate=without_plan_gate,
         )
-        built.append(build_gateway(settings(url), overrides))
+        # Plain HTTP between the processes (development on loopback): these
+        # tests post envelopes to the public app; the mTLS listener has its own
+        # (tests/test_workload_identity.py).
+        plain = settings(url).model_copy(update={"internal_mtls": False, "dev_mode": True})
+        built.append(build_gateway(plain, overrides))
         return built[0].app
 
     with serving(build, sock) as url:

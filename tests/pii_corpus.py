@@ -5,8 +5,9 @@ documents on every machine (Faker's own providers, seeded). Each document is
 support-ticket prose in one locale: filler sentences, labelled values (the
 ground truth, with their character spans), and unlabelled look-alikes that a
 recognizer must leave alone — dates, times, prices, order numbers, versions,
-UUIDs, commit hashes, postcodes — and person names and street addresses,
-which Bastion does not claim to recognise (they are never labelled).
+UUIDs, commit hashes, postcodes — and person names and postal addresses,
+labelled ``person`` and ``address`` (issue 16; the Japanese ones are not
+found: the tagger needs capital letters, see bastion.safety.pii_names).
 
 Used by tests/test_pii_corpus.py (precision/recall floors) and bench/pii.py.
 """
@@ -151,9 +152,11 @@ class _Values:
 _DATES_END = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
-def _distractor(fake: Faker, rnd: random.Random) -> str:
-    """Unlabelled text with digits or capitals that is not personal data we claim."""
-    makers: list[Callable[[], str]] = [
+def _distractor(fake: Faker, rnd: random.Random) -> tuple[str, str, str | None]:
+    """Text with digits or capitals: mostly unlabelled look-alikes (dates, order
+    numbers, versions), sometimes a person's name or a postal address (labelled
+    ``person`` and ``address``, issue 16), as ``(text before, value, kind)``."""
+    makers: list[Callable[[], str | tuple[str, str, str]]] = [
         lambda: f"Order #{rnd.randint(10_000, 99_999_999)}",
         lambda: f"on {fake.date(end_datetime=_DATES_END)}",
         lambda: f"on {fake.date(pattern='%d/%m/%Y', end_datetime=_DATES_END)}",
@@ -165,11 +168,20 @@ def _distractor(fake: Faker, rnd: random.Random) -> str:
         lambda: f"invoice INV-{rnd.randint(2020, 2026)}-{rnd.randint(1, 9_999):04d}",
         lambda: f"in {rnd.randint(1990, 2030)}",
         lambda: f"ticket {rnd.randint(100, 99_999)}",
-        lambda: f"the customer {fake.name()}",  # names: not covered, never labelled
-        lambda: f"shipped to {fake.address()}".replace("\n", ", "),
+        lambda: ("the customer ", str(fake.name()), "person"),
+        lambda: ("shipped to ", str(fake.address()).replace("\n", ", "), "address"),
         lambda: f"build {rnd.randint(10_000_000, 99_999_999)}",
     ]
-    return rnd.choice(makers)()
+    made = rnd.choice(makers)()
+    return made if isinstance(made, tuple) else (made, "", None)
+
+
+def _add_distractor(doc: Document, fake: Faker, rnd: random.Random, end: str) -> None:
+    before, value, kind = _distractor(fake, rnd)
+    doc.add(before)
+    if value:
+        doc.add(value, kind)
+    doc.add(end)
 
 
 _KINDS = ("email", "phone", "card", "iban", "ip", "secret", "national")
@@ -210,10 +222,10 @@ def generate(documents: int = 600, seed: int = SEED) -> list[Document]:
                 doc.add(getattr(values, kind)(), kind)
             doc.add(rnd.choice([". ", ", ", "; ", ".\n"]))
             if rnd.random() < 0.7:
-                doc.add(_distractor(fake, rnd) + ". ")
+                _add_distractor(doc, fake, rnd, ". ")
             if rnd.random() < 0.5:
                 doc.add(str(fake.sentence(nb_words=8)) + " ")
-        doc.add(_distractor(fake, rnd) + ".\n")
+        _add_distractor(doc, fake, rnd, ".\n")
         out.append(doc)
     return out
 
@@ -255,7 +267,7 @@ def generate_gaps(
     documents: int = 300, seed: int = SEED, *, held_apart: bool = False
 ) -> list[Document]:
     """Gap tickets: labelled short phones, lower-case and oddly grouped IBANs,
-    American Express numbers; unlabelled bare 7-8 digit numbers and addresses."""
+    American Express numbers, postal addresses; unlabelled bare 7-8 digit numbers."""
     rnd = random.Random(seed)
     labels = HELD_APART_LABELS if held_apart else TUNING_LABELS
     fakes = {}
@@ -290,15 +302,15 @@ def generate_gaps(
             else:
                 street = str(fake.street_name())
                 postcode = str(fake.postcode())
-                doc.add(
-                    rnd.choice(
-                        [
-                            f"shipped to {fake.address()}".replace("\n", ", "),
-                            f"{street} {rnd.randint(1, 300)} {postcode} {fake.city()}",
-                            f"{rnd.randint(1, 300)} {street}, {postcode} {fake.city()}",
-                        ]
-                    )
+                before, address = rnd.choice(
+                    [
+                        ("shipped to ", str(fake.address()).replace("\n", ", ")),
+                        ("", f"{street} {rnd.randint(1, 300)} {postcode} {fake.city()}"),
+                        ("", f"{rnd.randint(1, 300)} {street}, {postcode} {fake.city()}"),
+                    ]
                 )
+                doc.add(before)
+                doc.add(address, "address")
             doc.add(rnd.choice([". ", ", ", "; ", ".\n"]))
         doc.add(str(fake.sentence(nb_words=6)) + "\n")
         out.append(doc)

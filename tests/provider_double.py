@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,6 +50,10 @@ class DoubleState:
     calls: int = 0
     last_body: dict[str, Any] | None = None
     last_traceparent: str | None = None
+    # The keys it accepts (None: API_KEY only), and the key each call came with,
+    # with its arrival (time.monotonic()): a key rotation's overlap, observed.
+    accepted_keys: set[str] | None = None
+    keys_seen: list[tuple[float, str]] = field(default_factory=list)
 
 
 def bad_request(body: dict[str, Any]) -> JSONResponse | None:
@@ -94,7 +99,9 @@ def provider_double(state: DoubleState) -> FastAPI:
         state.calls += 1
         state.last_body = await request.json()
         state.last_traceparent = request.headers.get("traceparent")
-        if request.headers.get("authorization") != f"Bearer {API_KEY}":
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        state.keys_seen.append((time.monotonic(), key))
+        if key not in (state.accepted_keys or {API_KEY}):
             return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
         body = state.last_body if isinstance(state.last_body, dict) else {}
         refused = bad_request(body)

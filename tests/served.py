@@ -52,13 +52,17 @@ def serving_process(
         "BASTION_GATEWAY_PORT": str(port),
         "BASTION_EMBEDDER": "hashing",
         "BASTION_LOG_LEVEL": "warning",
+        # Plain HTTP between processes (development on loopback): these tests
+        # run one process; the mTLS listener is tested in test_workload_identity.
+        "BASTION_INTERNAL_MTLS": "0",
+        "BASTION_DEV_MODE": "1",
         **(extra or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "bastion", "serve", process],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=None if os.environ.get("SERVED_DEBUG") else subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:

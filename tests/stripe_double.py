@@ -439,6 +439,8 @@ def webhook_api(
             embedder="hashing",
             stripe_webhook_secret_ref=stripe_ref,
             adyen_hmac_key_ref=adyen_ref,
+            internal_mtls=False,  # calls no gateway; plain is development on loopback
+            dev_mode=True,
         )
         overrides = Overrides(
             database=Database(database.app, database.context_key, max_size=pool_size),

@@ -81,7 +81,7 @@ def _touch(path: Path, text: str) -> None:
 
 def test_schema_declares_exactly_the_actions(authorizer: Authorizer) -> None:
     assert authorizer.actions == ACTIONS
-    assert len(set(ACTIONS)) == 30
+    assert len(set(ACTIONS)) == 32
     assert authorizer.resource_types("account:read") == ("Account",)
     assert authorizer.has_owner("Account")
     assert not authorizer.has_owner("Document")
@@ -136,6 +136,7 @@ def test_every_role_and_action_matches_the_matrix(authorizer: Authorizer) -> Non
         "billing:read",
         "sampling:read",
         "egress:read",
+        "safety:read",
         *ACCOUNT_ACTIONS,
     }
     assert not auditor & {"document:write", "document:delete", "billing:manage", "plan:change"}

@@ -111,6 +111,13 @@ def _api(home: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
 
 def test_serve_api_answers_and_logs_no_secrets(home: Path) -> None:
     assert _run(home, "db", "start").returncode == 0
+    # Internal calls go over mTLS by default: without the workload CA the api
+    # does not start, and says in one line what to run.
+    no_ca = _run(home, "serve", "api")
+    assert no_ca.returncode == 1 and "Traceback" not in no_ca.stderr
+    assert no_ca.stderr.splitlines()[-1] == "error: no workload CA: run `bastion ca init`"
+    initialised = _run(home, "ca", "init")
+    assert initialised.returncode == 0, initialised.stderr
     with _api(home) as (url, proc):
         missing = httpx.get(f"{url}/missing", timeout=2)
         assert missing.status_code == 404
@@ -171,7 +178,7 @@ def test_tenant_user_keys_and_login_commands(home: Path) -> None:
     )
     assert bad_role.returncode == 1 and "unknown role" in bad_role.stderr
     rotated = _run(home, "keys", "rotate", "jwt")
-    assert rotated.returncode == 0 and "new JWT signing key" in rotated.stdout
+    assert rotated.returncode == 0 and "jwt/signing: new version" in rotated.stdout
 
     with _api(home) as (url, proc):
         login = _run(

@@ -34,4 +34,10 @@ def test_demo_passes_and_stops_what_it_started() -> None:
             assert phrase in result.stdout
         assert EmbeddedPostgres(home / "postgres").status() is None
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        # The key ring, the master key and the audit checkpoints live beside the
+        # home, never in it (docs/operations.md): remove them too.
+        for path in (
+            home,
+            *(home.with_name(home.name + s) for s in ("-keys", "-master", "-audit")),
+        ):
+            shutil.rmtree(path, ignore_errors=True)

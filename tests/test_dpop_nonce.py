@@ -85,10 +85,13 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
             await PasswordService().set_password(tx, user, PASSWORD)
 
     def own(url: str) -> Settings:
-        return Settings(issuer=url, dpop_nonce_at_resources=True)
+        # Calls no gateway; plain between processes is development on loopback.
+        return Settings(
+            issuer=url, dpop_nonce_at_resources=True, internal_mtls=False, dev_mode=True
+        )
 
     def replica(_url: str) -> Settings:
-        return Settings(issuer=ISSUER, replay_store="postgres")
+        return Settings(issuer=ISSUER, replay_store="postgres", internal_mtls=False, dev_mode=True)
 
     with (
         serving(_process(database, keystore, own, seed)) as own_url,

@@ -13,6 +13,7 @@ builds.
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -217,6 +218,13 @@ EVASIONS: dict[str, Callable[[str], str]] = {
     "base64": lambda text: base64.b64encode(text.encode()).decode(),
     "base64url in the URL": lambda text: base64.urlsafe_b64encode(text.encode()).decode(),
     "hex": lambda text: text.encode().hex(),
+    # Cyrillic look-alikes of a, e, o, p, c, x, i (Unicode TS #39 confusables).
+    "homoglyphs": lambda text: text.translate(
+        str.maketrans("aeopcxi", "\u0430\u0435\u043e\u0440\u0441\u0445\u0456")
+    ),
+    "leetspeak": lambda text: text.translate(str.maketrans("aeilost", "43!1057")),
+    "rot13": lambda text: codecs.encode(text, "rot13"),
+    "base32": lambda text: base64.b32encode(text.encode()).decode(),
 }
 
 
@@ -413,3 +421,15 @@ async def test_an_owner_with_mfa_changes_the_allow_list_audited(
     assert again.status_code == 404
     assert _entries(database, tenant) == []
     assert [a for a, _d in _egress_audit(database, tenant)] == ["egress.allow", "egress.disallow"]
+
+
+def test_the_foldings_do_not_make_unrelated_text_tainted() -> None:
+    """The control of the evasions above: text that shares no run with the
+    document stays clean under every folding (look-alikes, steps, mirrors)."""
+    from bastion.safety.egress import Taint, carried
+
+    taint = Taint([DOCUMENT])
+    unrelated = "The quarterly planning meeting moves to Thursday afternoon, room four."
+    for evasion in EVASIONS.values():
+        assert carried([evasion(unrelated)], taint) == frozenset(), evasion
+    assert carried([EVASIONS["rot13"](SECRET_TEXT[7:60])], taint) == {"tainted"}

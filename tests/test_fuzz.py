@@ -89,9 +89,9 @@ def problem_details(
     if response.status_code < 400:
         return None
     documented = _documented_media_types(case, response.status_code)
-    if documented and PROBLEM_JSON not in documented:
-        return None  # content_type_conformance holds the answer to the document
     media_type = response.headers.get("content-type", [""])[0].split(";")[0].strip()
+    if documented and (PROBLEM_JSON not in documented or media_type in documented - {PROBLEM_JSON}):
+        return None  # content_type_conformance holds the answer to the document
     assert media_type == PROBLEM_JSON, f"{response.status_code} served as {media_type!r}"
     body = response.json()
     assert isinstance(body, dict), "a problem document is an object"

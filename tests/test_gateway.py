@@ -1090,6 +1090,43 @@ async def test_pii_is_redacted_before_the_prompt_leaves(
     assert not set(re.findall(r"⟦[A-Z]+_[0-9a-f]{16}⟧", theirs)) & set(tokens)
 
 
+async def test_a_name_in_a_prompt_or_an_ingested_ticket_never_reaches_the_model(
+    gateway: Gateway, budgets: BudgetService, keystore: LocalKeystore, database: DbHandles
+) -> None:
+    # Issue 16: a person's name, street address and date of birth reach neither
+    # the index nor the upstream model in clear, whether they come in the prompt
+    # or in a ticket the answer is grounded on; one name, one token, in both.
+    await _budget(budgets, gateway, calls=2)
+    name, street, born = "Ingrid Halvorsen", "Storgata 12", "12/03/1984"
+    prompt = f"My name is {name}, I live at {street}, 0155 Oslo, date of birth: {born}. {uuid4()}"
+    await _client(gateway).chat.completions.create(
+        model="upstream", messages=[{"role": "user", "content": prompt}]
+    )
+    sent = json.dumps(gateway.double.last_body, ensure_ascii=False)
+    assert not [value for value in ("Ingrid", "Halvorsen", "Storgata", born) if value in sent]
+    (person,) = set(re.findall(r"⟦PERSON_[0-9a-f]{16}⟧", sent))
+    assert re.findall(r"⟦ADDRESS_[0-9a-f]{16}⟧", sent) and re.findall(r"⟦DOB_[0-9a-f]{16}⟧", sent)
+    async with Database(database.app, database.context_key, max_size=4) as db:
+        kb = KnowledgeService(db, TenantKeys(LocalKMS(keystore)), default_embedder="hashing")
+        namespace = f"tickets-{uuid4().hex[:6]}"
+        await kb.ensure_namespace(Actor(gateway.tenant, None, "system"), namespace)
+        up = await kb.upload(
+            Actor(gateway.tenant, gateway.users["contributor"], "contributor"),
+            namespace,
+            title="ticket",
+            body=f"Ticket: {name} asked for a refund of the duplicate charge.".encode(),
+            content_type="text/plain",
+        )
+        assert (await kb.ingest(gateway.tenant, up.document.id)).status == "indexed"
+        viewer = Actor(gateway.tenant, gateway.users["viewer"], "viewer")
+        (hit,) = await kb.search(viewer, namespace, query="refund duplicate charge", k=1)
+        assert "Halvorsen" not in hit.text and person in hit.text
+        ask = AskService(kb, EnvelopeSigner(keystore), gateway.url)
+        await ask.ask(viewer, namespace, "Who asked for a refund?", model="upstream")
+    grounded = json.dumps(gateway.double.last_body, ensure_ascii=False)
+    assert "Halvorsen" not in grounded and person in grounded
+
+
 async def test_a_value_in_token_brackets_is_redacted_before_the_prompt_leaves(
     gateway: Gateway, budgets: BudgetService, database: DbHandles
 ) -> None:

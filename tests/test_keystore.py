@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from bastion.api.problems import as_problem
+from bastion.errors import BastionError
+from bastion.gateway.app import build_routers
 from bastion.secrets import (
     InsecurePermissions,
     InvalidSecretRef,
@@ -24,8 +27,9 @@ from bastion.secrets import (
     SecretRef,
     resolve_ref,
 )
+from bastion.secrets.backends import open_key_ring
 from bastion.secrets.store import MAGIC, _write_atomic
-from bastion.settings import Settings
+from bastion.settings import LiteralSecretInSettings, ModelRoute, Settings
 
 VALUE = b"s3cr3t-value-that-must-never-leak"
 
@@ -49,9 +53,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def ks(home: Path) -> LocalKeystore:
     store = _keystore()
     # Key material sits beside the home, never in it (a backup of one is not
-    # a backup of the other).
+    # a backup of the other); the master key in a directory of its own again.
     assert store.path == tmp_keys(home) / "keystore.bin"
-    assert store.master_key_file == tmp_keys(home) / "master.key"
+    assert store.master_key_file == home.with_name(home.name + "-master") / "master.key"
     return store
 
 
@@ -105,6 +109,29 @@ def test_existing_master_key_is_used_never_replaced(home: Path) -> None:
     store.set("api/key", VALUE)
     assert master.read_bytes() == chosen
     assert LocalKeystore(keys / "keystore.bin", master).get("api/key") == VALUE
+
+
+def test_backed_up_directories_hold_no_master_key_and_old_installs_move_it(
+    home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An install from before the move: the master key beside the keystore.
+    legacy = LocalKeystore(tmp_keys(home) / "keystore.bin", tmp_keys(home) / "master.key")
+    legacy.set("api/key", VALUE)
+    master = legacy.master_key_file.read_bytes()
+    with caplog.at_level("WARNING"):
+        ring = open_key_ring(Settings())
+    assert ring.keystore.get("api/key") == VALUE  # the same key, moved
+    moved = home.with_name(home.name + "-master") / "master.key"
+    assert moved.read_bytes() == master and _mode(moved) == 0o600
+    assert _mode(moved.parent) == 0o700
+    assert "master_key_moved" in caplog.text
+    # What a backup takes (the data: the home; the keystore directory) holds
+    # no master key, by name or by content.
+    ring.keystore.set("db/password", b"another")
+    for directory in (home, tmp_keys(home)):
+        for path in directory.rglob("*"):
+            assert path.name != "master.key"
+            assert not path.is_file() or master not in path.read_bytes()
 
 
 def test_master_key_creation_never_overwrites(tmp_path: Path) -> None:
@@ -424,3 +451,38 @@ def test_resolve_ref(ks: LocalKeystore) -> None:
     assert "vault" in str(info.value)
     with pytest.raises(SecretNotFound):
         resolve_ref(ks, "local://db/other")
+
+
+def test_a_marker_secret_in_the_local_keystore_never_reaches_output(
+    home: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level("DEBUG")
+    marker = "MARKER-" + secrets.token_hex(12)
+    store = open_key_ring(Settings()).keystore
+    store.set("providers/marker", marker.encode())
+    # Normal paths: the reference resolves, and a gateway provider is built on it.
+    ref = "local://providers/marker"
+    assert resolve_ref(store, ref) == marker.encode()
+    route = ModelRoute(name="m", provider="openai_compatible", base_url="http://x", api_key_ref=ref)
+    assert build_routers([route], store, embedder="hashing")["m"] is not None
+    # Failure paths: a missing name, an unconfigured scheme, the marker put
+    # where a reference belongs, and a keystore file altered on disk.
+    errors: list[BaseException] = []
+    for bad in ("local://providers/absent", "bao://kv/x#y", "local://providers/marker#9"):
+        with pytest.raises((SecretNotFound, InvalidSecretRef)) as caught:
+            resolve_ref(store, bad)
+        errors.append(caught.value)
+    with pytest.raises(LiteralSecretInSettings) as literal:
+        Settings(stripe_webhook_secret_ref=marker)
+    errors.append(literal.value)
+    assert isinstance(store, LocalKeystore)
+    blob = bytearray(store.path.read_bytes())
+    blob[-1] ^= 1
+    store.path.write_bytes(bytes(blob))
+    with pytest.raises(KeystoreLocked) as locked:
+        resolve_ref(store, ref)
+    errors.append(locked.value)
+    rendered = [str(e) + repr(e) + repr(e.__cause__) + repr(e.__context__) for e in errors]
+    problems = [repr(as_problem(e).__dict__) for e in errors if isinstance(e, BastionError)]
+    out, err = capfd.readouterr()
+    assert problems and marker not in "".join([*rendered, *problems, caplog.text, out, err])

@@ -10,6 +10,7 @@ are answered before any route reaches the database.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import uuid
@@ -28,6 +29,7 @@ from bastion.api.openapi import path_parameters, served_operations
 from bastion.cli import openapi_json
 from bastion.compose import Overrides, build_api, build_gateway, openapi_documents
 from bastion.db.pool import Database
+from bastion.identity.workload import WorkloadCA
 from bastion.secrets import LocalKeystore
 from bastion.settings import Settings
 
@@ -43,6 +45,11 @@ def _apps(routers: tuple[APIRouter, ...] = ()) -> Iterator[tuple[str, FastAPI]]:
             routers=routers,
         )
         settings = Settings(embedder="hashing")
+        # As served: over mTLS, with a workload CA in this throwaway key ring.
+        assert overrides.keystore is not None
+        ca = WorkloadCA(overrides.keystore, settings.workload_trust_domain)
+        ca.init()
+        overrides = dataclasses.replace(overrides, workload_ca=ca)
         yield "api", build_api(settings, overrides).app
         yield "gateway", build_gateway(settings, overrides).app
 

@@ -133,7 +133,8 @@ def test_kinds_can_be_narrowed() -> None:
     assert [e.kind for e in only.find("a@b.example 4242424242424242")] == ["email"]
     with pytest.raises(ValueError, match="unknown kinds"):
         PiiRecognizer(kinds=("email", "shoe_size"))
-    assert KINDS[0] == "secret" and KINDS[-1] == "phone"  # priority order
+    # Priority order: the tagger's kinds (issue 16) come after every pattern's.
+    assert KINDS[0] == "secret" and KINDS[-4:] == ("phone", "address", "person", "place")
 
 
 def test_normal_forms_share_a_value() -> None:

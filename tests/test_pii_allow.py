@@ -130,14 +130,17 @@ async def test_ingestion_indexes_allow_listed_values_in_clear(
     assert len(tokens_in(text)) == 2 and _vault_rows(database, a.id) == 2
 
 
-async def test_the_configured_lists_reach_the_ingestion_vault(
+async def test_the_tenants_table_reaches_the_ingestion_vault(
     db: Database, keystore: LocalKeystore, pair: tuple[Tenant, Tenant]
 ) -> None:
+    """The processes' vaults read the tenant's own table (migration 0028): an
+    owner's entry keeps the value in clear for that tenant only."""
     from bastion.knowledge.service import build_knowledge
+    from bastion.safety.tenant_policies import SafetyPolicies
     from bastion.settings import Settings
 
-    a, _ = pair
-    assert build_knowledge(Settings(), db, LocalKMS(keystore)).vault.allow_lists is None
-    settings = Settings(pii_allow_lists={a.id: [SUPPORT]})
-    kb = build_knowledge(settings, db, LocalKMS(keystore))
+    a, b = pair
+    await SafetyPolicies(db).allow_pii(a.id, a.owner, [("email", SUPPORT)])
+    kb = build_knowledge(Settings(), db, LocalKMS(keystore))
     assert "Support@ACME.example" in (await kb.vault.tokenize(db, a.id, PROMPT)).text
+    assert "acme.example" not in (await kb.vault.tokenize(db, b.id, PROMPT)).text.lower()

@@ -25,7 +25,14 @@ FLOORS: dict[str, tuple[float, float]] = {
     "nl_bsn": (0.97, 0.97),
     "ip_address": (0.99, 0.99),
     "secret": (0.99, 0.99),
+    # Names and addresses of the tickets' distractors (issue 16): the Japanese
+    # ones (one locale in nine) are not found, the tagger needs capitals; and
+    # Faker's German filler, strings of capitalised nouns, is taken for names.
+    "person": (0.80, 0.85),
+    "address": (0.95, 0.50),
 }
+# Measured on the names corpus instead (tests/test_pii_names.py): this one has none.
+ELSEWHERE = {"place", "dob"}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,7 @@ def scores() -> dict[str, Score]:
 
 
 def test_every_kind_has_a_floor() -> None:
-    assert set(FLOORS) == set(KINDS)
+    assert set(FLOORS) | ELSEWHERE == set(KINDS)
 
 
 @pytest.mark.parametrize("kind", sorted(FLOORS))

@@ -70,7 +70,8 @@ def test_a_labelled_ssn_stays_an_ssn() -> None:
     ],
 )
 def test_house_numbers_and_postcodes_are_not_phones(text: str) -> None:
-    assert _found(text) == []
+    # They are addresses now (issue 16, bastion.safety.pii_names): never phones.
+    assert [kind for kind, _ in _found(text) if kind not in ("address", "person", "place")] == []
 
 
 @pytest.mark.parametrize(

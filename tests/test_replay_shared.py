@@ -130,6 +130,8 @@ def stack(database: DbHandles, keystore: LocalKeystore) -> Iterator[Stack]:
                 # One call per lease: a reservation shows at once in the budget.
                 gateway_budget_lease_calls=1,
                 gateway_budget_lease_seconds=0.2,
+                internal_mtls=False,  # envelopes to the public app: development on loopback
+                dev_mode=True,
             )
             return serving(
                 lambda _url: _gateway(

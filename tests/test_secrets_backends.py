@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from bastion.compose import Overrides, build_api, build_gateway
 from bastion.db.pool import Database
+from bastion.identity.workload import WorkloadCA
 from bastion.safety.vault import PiiVault, VaultKeyUnavailable, tokens_in
 from bastion.secrets import (
     KMS,
@@ -153,10 +154,12 @@ def test_the_composition_root_wires_an_overridden_backend_everywhere(tmp_path: P
     """Api and gateway take both parts from the overrides; no local key file appears."""
     settings = Settings(home=tmp_path / "home")
     keystore, kms = MemoryKeystore(), MemoryKMS()
+    WorkloadCA(keystore, settings.workload_trust_domain).init()  # `bastion ca init`
     pool = Database("host=/nonexistent dbname=unused", b"k" * 32)  # never opened
     overrides = Overrides(database=pool, keystore=keystore, kms=kms)
     api, gateway = build_api(settings, overrides), build_gateway(settings, overrides)
     assert api.keystore is keystore and gateway.keystore is keystore
+    assert gateway.tls is not None and gateway.tls.ca.keystore is keystore  # the workload CA
     assert api.knowledge.keys.kms is kms and api.knowledge.vault.keys.kms is kms
     assert gateway.service.vault is not None and gateway.service.vault.keys.kms is kms
     assert "jwt/signing" in keystore.list()  # identity's keys came from it too

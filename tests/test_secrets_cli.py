@@ -37,11 +37,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_key_material_lives_outside_the_home(home: Path) -> None:
     """A backup of the home (the database, its files) carries no key: the
-    keystore and its master key sit in ``<home>-keys`` beside it."""
+    keystore sits in ``<home>-keys`` beside it, its master key in ``<home>-master``."""
     assert CliRunner().invoke(secrets_app, ["set", "api/key"], input=VALUE).exit_code == 0
     keys = keys_dir(home)
     assert keys == home.with_name("home-keys")
-    assert {p.name for p in keys.iterdir()} >= {"keystore.bin", "master.key"}
+    assert "keystore.bin" in {p.name for p in keys.iterdir()}
+    assert "master.key" not in {p.name for p in keys.iterdir()}
+    assert master_key_file(home) == home.with_name("home-master") / "master.key"
+    assert master_key_file(home).is_file()
     assert not [p for p in home.rglob("*") if p.is_file()], "nothing key-like in the home"
     # An install from before the move keeps finding its keys where they are.
     legacy = home / "keys"
@@ -60,8 +63,13 @@ def keys_dir(home: Path) -> Path:
     return Settings(home=home).resolved_keys_dir
 
 
+def master_key_file(home: Path) -> Path:
+    """Where the CLI keeps the master key for ``home``: apart from the keystore too."""
+    return Settings(home=home).resolved_master_key_file
+
+
 def _store(home: Path) -> LocalKeystore:
-    return LocalKeystore(keys_dir(home) / "keystore.bin", keys_dir(home) / "master.key")
+    return LocalKeystore(keys_dir(home) / "keystore.bin", master_key_file(home))
 
 
 def _output(result: object) -> str:
@@ -168,7 +176,7 @@ def test_errors_are_one_line(home: Path, args: list[str]) -> None:
 def test_locked_keystore_is_a_clean_error(home: Path) -> None:
     runner = CliRunner()
     runner.invoke(secrets_app, ["set", "api/key"], input=VALUE)
-    master = keys_dir(home) / "master.key"
+    master = master_key_file(home)
     master.write_bytes(b"\0" * 32)
     result = runner.invoke(secrets_app, ["get", "api/key", "--reveal"])
     assert result.exit_code == 1

@@ -27,9 +27,10 @@ import hvac.exceptions
 import pytest
 
 from bastion.api.problems import as_problem
+from bastion.billing.webhooks import ActiveSecrets
 from bastion.db.pool import Database
 from bastion.safety.vault import PiiVault, VaultKeyUnavailable, tokens_in
-from bastion.secrets import KeyContext, KMSError, SecretNotFound, open_key_ring
+from bastion.secrets import KeyContext, KMSError, SecretNotFound, open_key_ring, resolve_ref
 from bastion.secrets.errors import (
     InvalidSecretRef,
     SecretsBackendRefused,
@@ -37,7 +38,7 @@ from bastion.secrets.errors import (
 )
 from bastion.secrets.openbao import OpenBaoKeystore, OpenBaoKMS
 from bastion.secrets.tenant_keys import TenantKeys
-from bastion.settings import LiteralSecretInSettings, Settings
+from bastion.settings import LiteralSecretInSettings, ModelRoute, Settings
 from bastion.tenants.service import TenantService
 
 pytestmark = pytest.mark.anyio
@@ -52,6 +53,8 @@ path "transit/keys/*" { capabilities = ["create", "read", "update", "delete"] }
 path "transit/encrypt/*" { capabilities = ["update"] }
 path "transit/decrypt/*" { capabilities = ["update"] }
 path "transit/hmac/*" { capabilities = ["update"] }
+path "transit/rewrap/*" { capabilities = ["update"] }
+path "transit/keys" { capabilities = ["list"] }
 """
 
 
@@ -325,3 +328,52 @@ def test_the_token_is_renewed_before_it_expires(tmp_path: Path) -> None:
         assert ttl > 0 and store.get("renewal/check") == b"x"
     finally:
         own.stop()
+
+
+def test_bao_references_read_kv_fields_and_name_only_the_reference(
+    bao: Bao, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    path = f"bastion/stripe-{uuid4().hex[:8]}"
+    bao.root.secrets.kv.v2.create_or_update_secret(path, secret={"webhook_secret": MARKER})
+    ref = f"bao://kv/{path}#webhook_secret"
+    settings = bao.settings(tmp_path / "h", stripe_webhook_secret_ref=ref)  # accepted
+    store = open_key_ring(settings).keystore
+    assert resolve_ref(store, ref) == MARKER.encode()
+    assert ActiveSecrets(store, settings.stripe_webhook_secret_ref).values() == (MARKER.encode(),)
+    # Every secret setting takes one: a provider's API key, too.
+    route = ModelRoute(name="m", provider="openai_compatible", base_url="http://x", api_key_ref=ref)
+    assert resolve_ref(store, route.api_key_ref or "") == MARKER.encode()
+
+    errors: list[BaseException] = []
+    for bad, error in (
+        (f"bao://kv/{path}#nofield", SecretNotFound),
+        (f"bao://kv/{path}-absent#webhook_secret", SecretNotFound),
+        (f"bao://{path}#webhook_secret", InvalidSecretRef),  # not under kv/
+        (f"awskms://alias/x#{MARKER}", InvalidSecretRef),  # awskms is not configured
+    ):
+        with pytest.raises(error) as caught:
+            resolve_ref(store, bad)
+        errors.append(caught.value)
+    assert str(errors[0]).startswith(f"bao://kv/{path}#nofield:")
+    assert str(errors[1]).startswith(f"bao://kv/{path}-absent#webhook_secret:")
+    # The local backend does not read bao:// at all.
+    local = open_key_ring(Settings(home=tmp_path / "local")).keystore
+    with pytest.raises(InvalidSecretRef) as unconfigured:
+        resolve_ref(local, ref)
+    assert "bao:// is not configured" in str(unconfigured.value)
+    errors.append(unconfigured.value)
+    # A revoked token whose secret id is gone: refused, naming the reference.
+    assert isinstance(store, OpenBaoKeystore)
+    bao.root.auth.token.revoke(store.session.client.token)
+    bao.root.auth.approle.destroy_secret_id("bastion", bao.secret_id_file.read_text())
+    try:
+        with pytest.raises(SecretsBackendRefused) as revoked:
+            resolve_ref(store, ref)
+        errors.append(revoked.value)
+    finally:
+        fresh = bao.root.auth.approle.generate_secret_id("bastion")["data"]["secret_id"]
+        bao.secret_id_file.write_text(fresh)
+    assert str(revoked.value).startswith(ref)
+    rendered = [str(e) + repr(e) + repr(e.__cause__) + repr(e.__context__) for e in errors]
+    assert MARKER not in "".join([*rendered, caplog.text])

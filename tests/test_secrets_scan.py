@@ -78,6 +78,9 @@ def _rules(sarif: dict[str, object]) -> list[str]:
     return sorted(r["ruleId"] for r in run["results"])  # type: ignore[index]
 
 
+# OASIS SARIF 2.1.0's own schema (from Microsoft's sarif-sdk, MIT; see tests/data/README.md).
+SARIF_SCHEMA = json.loads((Path(__file__).parent / "data" / "sarif-2.1.0.json").read_text())
+
 # The parts of the SARIF 2.1.0 schema a consumer (GitHub code scanning) relies on.
 SARIF_SHAPE = {
     "type": "object",
@@ -167,6 +170,7 @@ def test_every_format_found_in_files_with_sarif(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     sarif = json.loads((tmp_path / "out" / "scan.sarif").read_text())
     jsonschema.validate(sarif, SARIF_SHAPE)
+    jsonschema.Draft202012Validator(SARIF_SCHEMA).validate(sarif)
     assert _rules(sarif) == sorted([*SAMPLES, "private-key"])
     driver_rules = {r["id"] for r in sarif["runs"][0]["tool"]["driver"]["rules"]}
     assert set(_rules(sarif)) <= driver_rules
@@ -206,6 +210,7 @@ def test_every_format_found_in_git_history(tmp_path: Path) -> None:
     assert result.returncode == 1
     sarif = json.loads((tmp_path / "h.sarif").read_text())
     jsonschema.validate(sarif, SARIF_SHAPE)
+    jsonschema.Draft202012Validator(SARIF_SCHEMA).validate(sarif)
     assert _rules(sarif) == sorted([*SAMPLES, "private-key"])
     commits = {r["properties"]["commit"] for r in sarif["runs"][0]["results"]}
     assert len(commits) == 1 and len(commits.pop()) == 40

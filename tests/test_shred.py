@@ -52,6 +52,8 @@ KEPT_AFTER_SHRED = frozenset(
         *("budgets", "budget_reservations", "meter_reports", "receipts", "subscriptions"),
         *("plan_changes", "plan_requests", "checkout_sessions", "adyen_payments"),
         *("webhook_events", "tool_call_runs"),
+        # the audit chain's signed heads: a seq and a hash, never text
+        "audit_tenant_checkpoints",
     }
 )
 DERIVED_FROM_TEXT = ("documents", "chunks", "embedding_cache", "namespaces", "pii_vault")

@@ -27,6 +27,7 @@ import pytest
 from bastion.db.launcher import pg_install_dir
 from bastion.db.pool import Database
 from bastion.knowledge.service import Actor, KnowledgeService
+from bastion.safety.pii import PiiRecognizer
 from bastion.secrets import LocalKeystore
 from bastion.secrets.kms import LocalKMS
 from bastion.secrets.tenant_keys import KeyUnavailable, TenantKeys
@@ -35,13 +36,15 @@ from tests.conftest import DbHandles
 
 pytestmark = pytest.mark.anyio
 
-# No personal data: the chunk is this text exactly, so the public embedder's
-# vector of it is the stored vector before the transform (cosine 1.0).
+# No personal data (no town either: a place is redacted before indexing), so the
+# chunk is this text exactly and the public embedder's vector of it is the stored
+# vector before the transform (cosine 1.0); test_the_fixture_texts_hold_no_personal_data
+# keeps that premise true as the recognizer changes.
 KNOWN = (
-    "Our warehouse in Rotterdam will close on the first of March. Orders placed after "
-    "the twentieth of February ship from the Hamburg site, with two extra days of delivery."
+    "Our northern warehouse will close on the first of March. Orders placed after "
+    "the twentieth of February ship from the southern site, with two extra days of delivery."
 )
-TITLE = "Quarterly churn review Vandelay Hydraulics"
+TITLE = "Quarterly churn review Vandelay Hydraulics"  # a company's name: kept as written
 TOPICS = (
     "The router drops the connection every evening; a firmware update fixed it.",
     "Invoices are sent on the first working day of the month by email.",
@@ -120,6 +123,12 @@ def _dumped_vectors(dump: str) -> np.ndarray[Any, np.dtype[np.float64]]:
         matrix, axis=1, keepdims=True
     )
     return unit
+
+
+def test_the_fixture_texts_hold_no_personal_data() -> None:
+    """Ingestion tokenizes what the recognizer finds; these texts must reach the
+    index unchanged for the similarity bounds below to mean what they say."""
+    assert [e for text in (KNOWN, TITLE, *TOPICS) for e in PiiRecognizer().find(text)] == []
 
 
 async def test_a_backup_taken_before_a_shred_reveals_no_title(

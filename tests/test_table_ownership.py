@@ -31,6 +31,7 @@ OWNERS: dict[str, str] = {
     "auth_codes": "bastion.identity",
     "refresh_families": "bastion.identity",
     "refresh_tokens": "bastion.identity",
+    "workload_refusals": "bastion.identity",
     # tenants: the tenants and who belongs to them in which role
     "tenants": "bastion.tenants",
     "memberships": "bastion.tenants",
@@ -44,6 +45,8 @@ OWNERS: dict[str, str] = {
     # audit: the append-only trail
     "audit_events": "bastion.audit",
     "audit_heads": "bastion.audit",
+    "audit_checkpoints": "bastion.audit",
+    "audit_tenant_checkpoints": "bastion.audit",
     # secrets: per-tenant data keys
     "data_keys": "bastion.secrets",
     # safety: the PII vault, tool runs and their egress allow-lists
@@ -53,6 +56,8 @@ OWNERS: dict[str, str] = {
     "tool_call_runs": "bastion.safety",
     "egress_policies": "bastion.safety",
     "egress_allow_entries": "bastion.safety",
+    "screen_policies": "bastion.safety",
+    "pii_allow_entries": "bastion.safety",
     # gateway: opt-in prompt sampling
     "prompt_sampling": "bastion.gateway",
     "prompt_sampling_consents": "bastion.gateway",
@@ -67,6 +72,7 @@ OWNERS: dict[str, str] = {
     "receipts": "bastion.billing",
     "meter_reports": "bastion.billing",
     "usage_periods_due()": "bastion.billing",
+    "audit_heads_all()": "bastion.audit",
     "stripe_charges": "bastion.billing",
     "adyen_payments": "bastion.billing",
     "webhook_events": "bastion.billing",

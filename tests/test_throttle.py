@@ -365,6 +365,8 @@ def _serve(
             issuer=url,
             login_max_delay_seconds=MAX_DELAY,
             trusted_proxies=[ipaddress.ip_network(network) for network in trusted],
+            internal_mtls=False,  # calls no gateway; plain is development on loopback
+            dev_mode=True,
         )
 
         async def on_start(db: Database) -> None:

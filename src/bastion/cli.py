@@ -15,11 +15,17 @@ from rich.console import Console
 
 from bastion.access.authorize import PolicyError
 from bastion.access.cli import policy_app
+from bastion.audit.cli import audit_app
 from bastion.billing.cli import billing_app, incident_app
 from bastion.billing.receipts_cli import receipts_app
+from bastion.check.cli import check_app
 from bastion.db.launcher import LauncherError
 from bastion.db.provision import APP_ROLE, DatabaseError
+from bastion.identity.cli import ca_app
+from bastion.identity.workload import WorkloadError
 from bastion.knowledge.cli import ingest_command, knowledge_app, search_command
+from bastion.release.cli import release_app
+from bastion.rotation.cli import keys_app
 from bastion.safety.sandbox.cli import sandbox_app
 from bastion.secrets.cli import secrets_app
 from bastion.secrets.errors import SecretsError
@@ -36,6 +42,9 @@ db_app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(check_app, name="check")
+app.add_typer(release_app, name="release")
+app.add_typer(ca_app, name="ca")
 app.add_typer(policy_app, name="policy")
 app.command("ingest")(ingest_command)
 app.command("search")(search_command)
@@ -230,13 +239,12 @@ def _errors() -> Iterator[None]:
     """Turn known failures into one line on stderr and exit status 1."""
     try:
         yield
-    except (DatabaseError, LauncherError, SecretsError, PolicyError) as exc:
+    except (DatabaseError, LauncherError, SecretsError, PolicyError, WorkloadError) as exc:
         _fail(str(exc))
 
 
 tenant_app = typer.Typer(help="Tenants.", no_args_is_help=True)
 user_app = typer.Typer(help="Users and their roles in tenants.", no_args_is_help=True)
-keys_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(user_app, name="user")
 app.add_typer(keys_app, name="keys")
@@ -244,6 +252,7 @@ app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(billing_app, name="billing")
 app.add_typer(incident_app, name="incident")
 app.add_typer(receipts_app, name="receipts")
+app.add_typer(audit_app, name="audit")
 
 
 @tenant_app.command("create")
@@ -338,23 +347,6 @@ def user_add(
         except (WeakPassword, PasswordReused) as exc:
             _fail(f"password refused: {exc}")
     out.print(f"{email} is {role} of {tenant} (user {user_id})", highlight=False)
-
-
-@keys_app.command("rotate")
-def keys_rotate(kind: Annotated[str, typer.Argument(help="jwt")]) -> None:
-    """Rotate a signing key: the new key is published before it is used."""
-    from bastion.identity.keys import SigningKeys
-    from bastion.secrets.backends import open_keystore
-
-    if kind != "jwt":
-        _fail(f"unknown key kind {kind!r}: choose jwt")
-    with _errors():
-        kid = SigningKeys(open_keystore(_settings())).rotate()
-    out.print(
-        f"new JWT signing key {kid}: published now, used for signing after the "
-        f"publication delay; old keys verify until their last token expires",
-        highlight=False,
-    )
 
 
 @app.command("login")

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, FastAPI
@@ -45,13 +45,35 @@ from bastion.identity.passwords import PasswordService
 from bastion.identity.replay import SharedReplayStore
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, IdentityService
 from bastion.identity.tokens import AccessTokenVerifier, TokenVerifier
+from bastion.identity.workload import (
+    PeerVerifier,
+    WorkloadCA,
+    WorkloadTls,
+    renewing,
+    spiffe_id,
+)
 from bastion.knowledge.service import KnowledgeService, build_knowledge
 from bastion.logs import get_logger
 from bastion.secrets.backends import open_key_ring
 from bastion.secrets.protocols import KMS, Keystore
 from bastion.settings import Settings
 
+if TYPE_CHECKING:
+    from bastion.api.mtls import WorkloadGate
+
 PROCESSES = ("api", "gateway", "worker")
+# Who may call each route of the gateway's internal (mTLS) listener, by
+# workload; a route not named here is refused there (deny by default). Only
+# the api posts envelopes; health is for the configured scrapers
+# (settings.workload_scrapers). The worker serves no internal route: it
+# claims its jobs (tool runs included) from the database queue.
+GATEWAY_INTERNAL_CALLERS: dict[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("api",),
+    "/v1/embeddings": ("api",),
+    "/v1/models": ("api",),
+    "/healthz": (),
+    "/readyz": (),
+}
 # The key ring's name of the DPoP nonce key (RFC 9449 section 8).
 DPOP_NONCE_KEY = "identity/dpop-nonce-key"
 
@@ -89,6 +111,10 @@ class Overrides:
     ``checkout``: builds the hosted Checkout on the app pool (default: Stripe's,
     when the settings give a Stripe key and both return URLs, else none; tests:
     the official client against a double of Stripe's API).
+    ``workload_ca``: the workload CA (default: the key ring's, when
+    ``settings.internal_mtls``; tests: one on a test clock). Given or
+    configured, the gateway gets its mTLS internal listener and the api calls
+    it with its SVID.
     """
 
     database: Database | None = None
@@ -102,6 +128,7 @@ class Overrides:
     without_plan_gate: bool = False
     receipt_keys: ReceiptKeys | None = None
     checkout: CheckoutFactory | None = None
+    workload_ca: WorkloadCA | None = None
 
 
 NO_OVERRIDES = Overrides()
@@ -129,6 +156,9 @@ class Gateway:
     keystore: Keystore
     service: GatewayService
     guard: Guard
+    # The mTLS internal listener's app and TLS (None: no internal listener).
+    internal: Any = None
+    tls: WorkloadTls | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +195,8 @@ def build_app(process: str, settings: Settings, overrides: Overrides = NO_OVERRI
 def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
     """The api: identity, tenants, knowledge, safety, billing and sampling routes."""
     from bastion.api.app import create_app
+    from bastion.audit import routes as audit_routes
+    from bastion.audit.checkpoints import AuditKeys
     from bastion.billing import account_routes
     from bastion.billing import routes as billing_routes
     from bastion.billing.wiring import build_billing
@@ -174,10 +206,16 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
     from bastion.knowledge.answers import AskService
     from bastion.safety import routes as safety_routes
     from bastion.safety.signing import EnvelopeSigner
+    from bastion.safety.tenant_policies import SafetyPolicies
 
     db, keystore, kms = _resources(settings, overrides)
-    knowledge = build_knowledge(settings, db, kms)
+    # One instance for the routes that change the tenants' safety configuration
+    # and the readers in this process, so a change here holds here at once.
+    safety = SafetyPolicies(db)
+    knowledge = build_knowledge(settings, db, kms, safety=safety)
     identity = build_identity(settings, db, keystore, passwords=overrides.passwords)
+    ca = _workload_ca(settings, keystore, overrides)
+    api_tls = WorkloadTls(ca, "api") if ca is not None else None
     billing = build_billing(settings, db, keystore)
     receipt_keys = _receipt_keys(keystore, overrides)
     receipts = ReceiptService(db, receipt_keys, issuer=settings.resolved_issuer)
@@ -190,7 +228,11 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        async with _pool_lifespan(db)(_app), _forgetting_shreds(db, knowledge):
+        async with (
+            _pool_lifespan(db)(_app),
+            _forgetting_shreds(db, knowledge),
+            renewing(api_tls),
+        ):
             await identity.start()
             if overrides.on_start is not None:
                 await overrides.on_start(db)
@@ -213,12 +255,19 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
                 AskService(
                     knowledge,
                     EnvelopeSigner(keystore),
-                    settings.gateway_url,
+                    settings.gateway_url if api_tls is None else settings.gateway_internal_url,
                     allowed_hosts=settings.answer_link_hosts,
+                    # With its SVID, to the gateway's SPIFFE ID only; one
+                    # client, so connections are reused.
+                    http=None if api_tls is None else _mtls_client(api_tls, "gateway"),
+                    gateway_id=None if api_tls is None else _peer_id(api_tls, "gateway"),
+                    safety=safety,
                 ),
             ),
-            safety_routes.build_router(knowledge.vault, db, identity.guard),
+            safety_routes.build_router(knowledge.vault, db, identity.guard, safety=safety),
             account_routes.build_keys_router(receipt_keys),
+            audit_routes.build_router(db, identity.guard),
+            audit_routes.build_keys_router(AuditKeys(keystore)),
             account_routes.build_router(
                 identity.guard, metering=metering, receipts=receipts, checkout=checkout
             ),
@@ -229,6 +278,19 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
         trusted_proxies=settings.trusted_proxies,
     )
     return Api(app, db, keystore, identity, knowledge, receipts, metering)
+
+
+def _peer_id(tls: WorkloadTls, workload: str) -> str:
+    return spiffe_id(tls.ca.trust_domain, workload)
+
+
+def _mtls_client(tls: WorkloadTls, peer: str) -> Any:
+    """An httpx client presenting ``tls``'s SVID that talks only to the
+    workload ``peer`` (any other Bastion workload fails the handshake)."""
+    import httpx
+
+    context = tls.client_context(expect=[_peer_id(tls, peer)])
+    return httpx.AsyncClient(verify=context, timeout=httpx.Timeout(60.0, connect=5.0))
 
 
 def _receipt_keys(keystore: Keystore, overrides: Overrides) -> ReceiptKeys:
@@ -267,10 +329,13 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
     from bastion.gateway.sampling import PromptSampling
     from bastion.gateway.shreds import ShredListener
     from bastion.safety.signing import EnvelopeSigner, ToolCallSigner
-    from bastion.safety.vault import PiiVault, configured_allow_lists
+    from bastion.safety.tenant_policies import SafetyPolicies
+    from bastion.safety.vault import PiiVault
     from bastion.secrets.tenant_keys import TenantKeys
 
     db, keystore, kms = _resources(settings, overrides)
+    ca = _workload_ca(settings, keystore, overrides)
+    tls = WorkloadTls(ca, "gateway") if ca is not None else None
     routers = (
         overrides.models
         if overrides.models is not None
@@ -299,7 +364,9 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
             shared_within_tenant=settings.gateway_cache_scope == "tenant",
         )
     )
-    vault = PiiVault(TenantKeys(kms), allow_lists=configured_allow_lists(settings.pii_allow_lists))
+    # Each tenant's screen policy and PII allow-list, from its tables (fail closed).
+    safety = SafetyPolicies(db)
+    vault = PiiVault(TenantKeys(kms), allow_lists=safety.pii_allow_lists)
     # A shredded tenant's answers and keys are dropped when the shred commits.
     shreds = ShredListener(db, answers, vault, vault.keys)
     service = GatewayService(
@@ -315,11 +382,12 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
         else PlanGate(build_billing(settings, db, keystore).service.entitlements),
         # Prompts logged only where the owner set a rate and the user consented.
         sampling=PromptSampling(db),
+        safety_policies=safety,
     )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        async with _pool_lifespan(db)(_app):
+        async with _pool_lifespan(db)(_app), renewing(tls):
             ledger.start()
             shreds.start()
             if live_roles is not None:
@@ -340,11 +408,68 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
         readiness=db.ping,
         lifespan=lifespan,
         routers=(
-            gateway_routes.build_router(service, guard, EnvelopeSigner(keystore)),
+            gateway_routes.build_router(
+                service,
+                guard,
+                EnvelopeSigner(keystore),
+                # Over mTLS, an envelope is taken only from the api's workload.
+                envelope_from=None if ca is None else spiffe_id(ca.trust_domain, "api"),
+            ),
             *overrides.routers,
         ),
     )
-    return Gateway(app, db, keystore, service, guard)
+    internal = None
+    if ca is not None:
+        internal = _internal_gate(app, "gateway", GATEWAY_INTERNAL_CALLERS, settings, ca, db)
+    return Gateway(app, db, keystore, service, guard, internal, tls)
+
+
+def _workload_ca(settings: Settings, keystore: Keystore, overrides: Overrides) -> WorkloadCA | None:
+    """The workload CA when internal calls go over mTLS (it must exist: `bastion ca init`)."""
+    if overrides.workload_ca is not None:
+        return overrides.workload_ca
+    if not settings.internal_mtls:
+        return None
+    return WorkloadCA(keystore, settings.workload_trust_domain)
+
+
+def _internal_gate(
+    app: FastAPI,
+    listener: str,
+    callers: dict[str, tuple[str, ...]],
+    settings: Settings,
+    ca: WorkloadCA,
+    db: Database,
+) -> WorkloadGate:
+    """``app`` behind the SPIFFE-ID gate of its internal listener."""
+    from bastion.api.mtls import Refusal, WorkloadGate
+    from bastion.identity import workload_refusals
+
+    scrapers = frozenset(settings.workload_scrapers)
+    declared = {
+        path: frozenset(spiffe_id(ca.trust_domain, w) for w in workloads)
+        | (scrapers if path in ("/healthz", "/readyz") else frozenset())
+        for path, workloads in callers.items()
+    }
+
+    async def record(refusal: Refusal) -> None:
+        await workload_refusals.record(
+            db,
+            listener=refusal.listener,
+            route=refusal.route,
+            reason=refusal.reason,
+            presented_id=refusal.presented_id,
+            peer=refusal.peer,
+        )
+
+    return WorkloadGate(
+        app,
+        listener=listener,
+        routes=app.routes,
+        callers=declared,
+        verifier=PeerVerifier(ca),
+        record=record,
+    )
 
 
 def build_worker(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Worker:
@@ -394,13 +519,13 @@ def _worker_lifespan(
     """The worker's pool, and the queue's worker running its jobs."""
     from bastion.billing import metering_tasks
     from bastion.billing import tasks as billing_tasks
-    from bastion.db.service import queue_conninfo
+    from bastion.db.service import queue_conninfo, queue_password
     from bastion.knowledge import tasks as knowledge_tasks
     from bastion.safety import tasks as safety_tasks
     from bastion.worker.jobs import JobRegistry
     from bastion.worker.queue import queue_app, running_worker
 
-    queue = queue_app(queue_conninfo(settings))
+    queue = queue_app(queue_conninfo(settings), password=queue_password(settings))
     authorizer = _authorizer(settings)
     knowledge_tasks.register(queue, JobRegistry(authorizer), db, knowledge)
     receipts = ReceiptService(
@@ -420,6 +545,7 @@ def _worker_lifespan(
     safety_tasks.register_from_settings(
         queue, JobRegistry(authorizer), settings, db, keystore, knowledge.keys
     )
+    _register_rotation(queue, settings, db, keystore, knowledge.keys.kms)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -432,12 +558,57 @@ def _worker_lifespan(
             _pool_lifespan(db)(_app),
             _forgetting_shreds(db, knowledge),
             running_worker(queue, concurrency=slots),
+            _checkpointing(settings, db, keystore),
         ):
             if overrides.on_start is not None:
                 await overrides.on_start(db)
             yield
 
     return lifespan
+
+
+@asynccontextmanager
+async def _checkpointing(
+    settings: Settings, db: Database, keystore: Keystore
+) -> AsyncIterator[None]:
+    """The audit chain's signed checkpoints, every N events or T seconds, in the worker.
+
+    A loop in the worker's lifespan rather than a periodic job: the queue's
+    periodic tasks fire at most once a minute, and ``audit_checkpoint_seconds``
+    may be shorter. A failed run is logged and retried at the next poll.
+    """
+    from bastion.audit.checkpoints import AuditKeys, Checkpointer
+
+    checkpointer = Checkpointer.from_settings(settings, db, AuditKeys(keystore))
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(checkpointer.run_forever)
+        if settings.audit_checkpoint_webhook_url is not None:
+            from bastion.audit.webhook import WebhookSink
+
+            webhook = WebhookSink(settings.audit_checkpoint_webhook_url, checkpointer.sink)
+            tasks.start_soon(webhook.run_forever)
+        try:
+            yield
+        finally:
+            tasks.cancel_scope.cancel()
+
+
+def _register_rotation(
+    queue: Any, settings: Settings, db: Database, keystore: Keystore, kms: KMS
+) -> None:
+    """The periodic rotation of every key (bastion.rotation), in the worker."""
+    from bastion.db.service import resolve_target
+    from bastion.rotation import RotationPlan
+    from bastion.rotation import tasks as rotation_tasks
+
+    plan = RotationPlan(
+        settings,
+        keystore,
+        kms,
+        db,
+        admin_conninfo=lambda: resolve_target(settings, start=False).admin_conninfo,
+    )
+    rotation_tasks.register(queue, plan, cron=settings.key_rotation_check_cron)
 
 
 # The identity side: the request guard (every process that serves routes) and,
@@ -600,7 +771,11 @@ def openapi_documents(settings: Settings | None = None) -> dict[str, dict[str, A
         keystore = LocalKeystore(Path(tmp) / "keystore.bin", Path(tmp) / "master.key")
         # Never opened: building an app does not connect.
         db = Database("postgresql:///bastion-openapi", b"\0" * 32)
-        overrides = Overrides(database=db, keystore=keystore, models={})
+        ca = None
+        if settings.internal_mtls:  # as served: a throwaway workload CA
+            ca = WorkloadCA(keystore, settings.workload_trust_domain)
+            ca.init()
+        overrides = Overrides(database=db, keystore=keystore, models={}, workload_ca=ca)
         return {
             "api": build_api(settings, overrides).app.openapi(),
             "gateway": build_gateway(settings, overrides).app.openapi(),

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -18,11 +19,19 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from bastion.compose import PROCESSES, build_app
+from bastion.api.mtls import handshake_observer
+from bastion.compose import PROCESSES, build_app, build_gateway
 from bastion.db.service import app_database, embedded_server
-from bastion.logs import configure_logging
-from bastion.serve import serve
+from bastion.identity.workload import WorkloadCA, WorkloadTls, spiffe_id
+from bastion.logs import configure_logging, get_logger
+from bastion.safety.injection import classifier
+from bastion.secrets.backends import open_keystore
+from bastion.serve import serve, serve_with_internal, tls_config
 from bastion.settings import Settings
+
+_log = get_logger("bastion.processes")
+# The workload name of ``bastion up`` itself when it checks readiness.
+SUPERVISOR = "scraper"
 
 
 def _port(settings: Settings, process: str) -> int:
@@ -53,7 +62,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "BASTION_REPLAY_STORE": settings.replay_store,
         "BASTION_TRUSTED_PROXIES": json.dumps([str(net) for net in settings.trusted_proxies]),
         "BASTION_LOGIN_MAX_DELAY_SECONDS": str(settings.login_max_delay_seconds),
+        # Workload identity (issue 18): one choice of transport for the stack.
+        "BASTION_INTERNAL_MTLS": "1" if settings.internal_mtls else "0",
+        "BASTION_GATEWAY_INTERNAL_PORT": str(settings.gateway_internal_port),
+        "BASTION_WORKLOAD_TRUST_DOMAIN": settings.workload_trust_domain,
+        "BASTION_WORKLOAD_SCRAPERS": json.dumps(settings.workload_scrapers),
     }
+    if settings.dev_mode:
+        env["BASTION_DEV_MODE"] = "1"
     for name, value in (
         ("BASTION_KEYS_DIR", settings.keys_dir),
         ("BASTION_MASTER_KEY_FILE", settings.master_key_file),
@@ -67,13 +83,74 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def run_process(process: str, settings: Settings, *, port: int | None = None) -> None:
-    """Serve ``process`` in the foreground until interrupted."""
+    """Serve ``process`` in the foreground until interrupted; the gateway also
+    serves its internal mTLS listener (``settings.gateway_internal_port``)."""
     configure_logging(settings.log_level, json=settings.log_json)
+    log_internal_transport(settings, process)
+    if process == "gateway" and settings.internal_mtls:
+        classifier.model()  # fail closed at start-up, as build_app does
+        gateway = build_gateway(settings)
+        assert gateway.internal is not None and gateway.tls is not None
+        observer = handshake_observer("gateway", gateway.internal.record)
+        internal = tls_config(
+            gateway.internal,
+            gateway.tls.server_context(observer),
+            host=settings.api_host,
+            port=settings.gateway_internal_port,
+            log_level=settings.log_level,
+            lifespan="off",  # the public listener runs the app's lifespan
+        )
+        serve_with_internal(
+            gateway.app,
+            settings.api_host,
+            port or settings.gateway_port,
+            internal,
+            settings.log_level,
+        )
+        return
     serve(
         build_app(process, settings),
         settings.api_host,
         port or _port(settings, process),
         settings.log_level,
+    )
+
+
+def log_internal_transport(settings: Settings, process: str) -> None:
+    """Say at start-up how this process talks to the others (issue 18): mTLS,
+    or — development on loopback only, which the settings enforce — plain HTTP."""
+    if settings.internal_mtls:
+        _log.info(
+            "internal_transport_mtls",
+            process=process,
+            trust_domain=settings.workload_trust_domain,
+            gateway_internal=settings.gateway_internal_url,
+        )
+    else:
+        _log.warning(
+            "internal_transport_plain_http",
+            process=process,
+            host=settings.api_host,
+            reason="internal_mtls off in development mode on loopback",
+        )
+
+
+def init_workload_ca(settings: Settings) -> bool:
+    """Create the workload CA in the key ring unless it exists (``bastion up``
+    and the demo do this before starting the processes, so that the three
+    never race to create it); True if it was created."""
+    ca = WorkloadCA(open_keystore(settings), settings.workload_trust_domain)
+    created = ca.init()
+    if created:
+        _log.info("workload_ca_initialised", trust_domain=settings.workload_trust_domain)
+    return created
+
+
+def supervisor_tls(settings: Settings) -> WorkloadTls:
+    """The SVID ``bastion up`` checks the internal listeners' readiness with
+    (a scraper's: the gate admits it to the health routes only)."""
+    return WorkloadTls(
+        WorkloadCA(open_keystore(settings), settings.workload_trust_domain), SUPERVISOR
     )
 
 
@@ -90,6 +167,14 @@ def stack(
     server = None if settings.database_url else embedded_server(settings)
     was_running = server is not None and server.status() is not None
     app_database(settings, migrate=True)  # starts the embedded server, migrates
+    tls = None
+    if settings.internal_mtls:
+        init_workload_ca(settings)
+        tls = supervisor_tls(settings)
+        supervisor = spiffe_id(settings.workload_trust_domain, SUPERVISOR)
+        if supervisor not in settings.workload_scrapers:
+            scrapers = [*settings.workload_scrapers, supervisor]
+            settings = settings.model_copy(update={"workload_scrapers": scrapers})
     children: dict[str, subprocess.Popen[bytes]] = {}
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -109,6 +194,17 @@ def stack(
                 log.close()  # the child holds its own descriptor
         urls = {p: f"http://{settings.api_host}:{_port(settings, p)}" for p in PROCESSES}
         _wait_ready(urls, children, wait)
+        if tls is not None:
+            urls["gateway_internal"] = settings.gateway_internal_url
+            _wait_ready(
+                {"gateway_internal": urls["gateway_internal"]},
+                {"gateway_internal": children["gateway"]},
+                wait,
+                # Pinned: readiness is the gateway's, not another workload's.
+                verify=tls.client_context(
+                    expect=[spiffe_id(settings.workload_trust_domain, "gateway")]
+                ),
+            )
         yield urls
     finally:
         for child in children.values():
@@ -123,11 +219,15 @@ def stack(
 
 
 def _wait_ready(
-    urls: dict[str, str], children: dict[str, subprocess.Popen[bytes]], wait: float
+    urls: dict[str, str],
+    children: dict[str, subprocess.Popen[bytes]],
+    wait: float,
+    *,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     deadline = time.monotonic() + wait
     pending = dict(urls)
-    with httpx.Client(timeout=1.0) as client:
+    with httpx.Client(timeout=1.0, verify=verify) as client:
         while pending:
             for process, url in list(pending.items()):
                 if children[process].poll() is not None:

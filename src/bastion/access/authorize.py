@@ -79,6 +79,8 @@ ACTIONS: tuple[str, ...] = (
     "sampling:configure",
     "egress:read",
     "egress:configure",
+    "safety:read",
+    "safety:configure",
 )
 
 # Admin-grade actions: admin.cedar forbids them without MFA.
@@ -100,6 +102,8 @@ ADMIN_ACTIONS: frozenset[str] = frozenset(
         "sampling:configure",
         # Decides where tool calls may send retrieved text and secrets (egress.cedar).
         "egress:configure",
+        # Loosens the injection screen or keeps personal data in clear (safety.cedar).
+        "safety:configure",
     }
 )
 

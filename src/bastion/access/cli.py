@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +20,7 @@ from bastion.access.matrix import (
     DEFAULT_TABLE_PATH,
     TableError,
     load_decision_table,
+    permission_changes,
     permission_matrix,
     run_decision_table,
 )
@@ -76,3 +79,68 @@ def matrix(
 ) -> None:
     """Print the permission matrix (Markdown), computed from the policies."""
     print(permission_matrix(_load(policy_dir, schema)), end="")
+
+
+def _policies_at(
+    repo: Path, revision: str, policy_dir: Path, schema: Path, into: Path
+) -> Authorizer:
+    """The Authorizer of the policies and schema as they were at ``revision``."""
+    (into / "policies").mkdir(parents=True)
+
+    def show(path: Path) -> bytes:
+        return subprocess.run(
+            ["git", "-C", str(repo), "show", f"{revision}:{path.as_posix()}"],
+            check=True,
+            capture_output=True,
+        ).stdout
+
+    try:
+        listing = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(repo),
+                "ls-tree",
+                "--name-only",
+                f"{revision}:{policy_dir.as_posix()}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        for name in (n for n in listing if n.endswith(".cedar")):
+            (into / "policies" / name).write_bytes(show(policy_dir / name))
+        (into / "schema.cedarschema").write_bytes(show(schema))
+    except subprocess.CalledProcessError as exc:
+        reason = exc.stderr if isinstance(exc.stderr, str) else exc.stderr.decode(errors="replace")
+        print(f"error: {revision}: {reason.strip()}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    return _load(into / "policies", into / "schema.cedarschema")
+
+
+@policy_app.command()
+def diff(
+    base: Annotated[str, typer.Argument(help="git revision before the change, e.g. origin/main")],
+    head: Annotated[str, typer.Argument(help="git revision after the change")] = "HEAD",
+    repo: Annotated[Path, typer.Option(help="the git repository")] = Path("."),
+    policy_dir: Annotated[
+        Path, typer.Option("--policy-dir", help="policy directory, relative to the repo")
+    ] = Path("src/bastion/access/policies"),
+    schema: Annotated[
+        Path, typer.Option("--schema", help="schema file, relative to the repo")
+    ] = Path("src/bastion/access/schema.cedarschema"),
+    fail_on_gain: Annotated[
+        bool, typer.Option(help="exit 1 when any role gains a permission (a review gate)")
+    ] = False,
+) -> None:
+    """Print who gains or loses which permission between two revisions, for a reviewer."""
+    with tempfile.TemporaryDirectory() as scratch:
+        before = _policies_at(repo, base, policy_dir, schema, Path(scratch) / "base")
+        after = _policies_at(repo, head, policy_dir, schema, Path(scratch) / "head")
+        changes = permission_changes(before, after)
+    for change in changes:
+        print(change.describe())
+    gained = sum(c.gained for c in changes)
+    print(f"{len(changes)} permission changes ({gained} gained) from {base} to {head}")
+    if fail_on_gain and gained:
+        raise typer.Exit(1)

@@ -170,3 +170,61 @@ def decide(authorizer: Authorizer, row: TableRow) -> bool:
 def run_decision_table(authorizer: Authorizer, rows: Iterable[TableRow]) -> list[TableRow]:
     """The rows whose decision differs from the expected one."""
     return [row for row in rows if decide(authorizer, row) != row.expect_allow]
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@dataclass(frozen=True)
+class PermissionChange:
+    """``role`` on ``action`` went from ``before`` to ``after`` (cells of the matrix).
+
+    ``other_tenant`` marks a decision on another tenant's resource, which must
+    always be denied: any change there is shown as a cross-tenant grant.
+    """
+
+    role: str
+    action: str
+    before: str
+    after: str
+    other_tenant: bool = False
+
+    @property
+    def gained(self) -> bool:
+        rank = {NO: 0, MFA: 1, YES: 2}
+        return rank[self.after] > rank[self.before]
+
+    def describe(self) -> str:
+        where = " ON ANOTHER TENANT'S RESOURCE" if self.other_tenant else ""
+        sign = "+" if self.gained else "-"
+        verb = "gains" if self.gained else "loses"
+        return f"{sign} {self.role} {verb} {self.action}{where}: {self.before} -> {self.after}"
+
+
+def _cross_tenant(authorizer: Authorizer, role: str, action: str) -> str:
+    resource = sample_resource(authorizer, action, same_tenant=False)
+    return YES if authorizer.authorize(sample_subject([role], mfa=True), action, resource) else NO
+
+
+def permission_changes(
+    base: Authorizer, head: Authorizer, roles: Sequence[str] = ROLES
+) -> list[PermissionChange]:
+    """Who gains or loses which permission from ``base`` to ``head``, for a reviewer.
+
+    Compares the matrices cell by cell (an action only one side declares counts
+    as denied on the other), and the cross-tenant decisions, which both sides
+    must deny.
+    """
+    before, after = matrix_cells(base, roles), matrix_cells(head, roles)
+    changes = []
+    for action in sorted(before.keys() | after.keys()):
+        for role in roles:
+            old = before.get(action, {}).get(role, NO)
+            new = after.get(action, {}).get(role, NO)
+            if old != new:
+                changes.append(PermissionChange(role, action, old, new))
+            old_x = _cross_tenant(base, role, action) if action in before else NO
+            new_x = _cross_tenant(head, role, action) if action in after else NO
+            if old_x != new_x:
+                changes.append(PermissionChange(role, action, old_x, new_x, other_tenant=True))
+    return changes

@@ -59,7 +59,7 @@ class LiveRoles:
         self._generation = 0
         self._listening = False
         self._listener = Listener(
-            db.conninfo,
+            db,  # signs in as the pool does now: a rotated password is followed
             CHANNEL,
             on_notify=self._drop,
             on_ready=self._ready,

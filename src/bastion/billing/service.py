@@ -57,6 +57,7 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg import sql
 
 from bastion import jsonsafe
 from bastion.audit.log import record
@@ -85,6 +86,7 @@ _log = get_logger("bastion.billing")
 # Called inside the transaction that applies a paid invoice (receipts plug in here).
 InvoicePaidHook = Callable[[Conn, UUID, dict[str, Any]], Awaitable[None]]
 
+_BINDING_COLUMNS = frozenset({"stripe_customer_id", "adyen_shopper_reference"})
 _SUB_COLUMNS = (
     "tenant_id, plan_code, status, provider, stripe_customer_id, stripe_subscription_id, "
     "stripe_price_id, adyen_shopper_reference, current_period_start, current_period_end, "
@@ -461,7 +463,10 @@ class BillingService:
         await self.route_unrouted()
 
     async def _bind(self, tenant_id: UUID, column: str, value: str, *, actor: str) -> None:
-        assert column in ("stripe_customer_id", "adyen_shopper_reference")
+        # A real check, not an assert (gone under python -O): the column name is
+        # composed into SQL, so only the two binding columns may ever reach it.
+        if column not in _BINDING_COLUMNS:
+            raise ValueError(f"not a customer-binding column: {column!r}")
         refusal: str | None = None
         async with self.db.tenant_tx(tenant_id, None, "system") as tx:
             sub = await self.read_subscription(tx, tenant_id, lock=True)
@@ -474,10 +479,12 @@ class BillingService:
                 try:
                     async with tx.transaction():  # a savepoint: the refusal is still audited
                         await tx.execute(
-                            f"INSERT INTO bastion.subscriptions (tenant_id, plan_code, {column}, "
-                            f"updated_by) VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id) DO "
-                            f"UPDATE SET {column} = EXCLUDED.{column}, updated_at = now(), "
-                            "updated_by = EXCLUDED.updated_by",
+                            sql.SQL(
+                                "INSERT INTO bastion.subscriptions (tenant_id, plan_code, {0}, "
+                                "updated_by) VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id) DO "
+                                "UPDATE SET {0} = EXCLUDED.{0}, updated_at = now(), "
+                                "updated_by = EXCLUDED.updated_by"
+                            ).format(sql.Identifier(column)),
                             (tenant_id, FREE_PLAN, value, actor),
                         )
                 except psycopg.errors.UniqueViolation:

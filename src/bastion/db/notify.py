@@ -7,17 +7,26 @@ owner: ``on_ready`` runs each time it (re)starts listening (drop what was cached
 before), ``on_lost`` whenever the connection ends (stop trusting the cache),
 and after ``ping_seconds`` of quiet it pings, so that a connection that died
 without a word is noticed too.
+
+Given the app's :class:`~bastion.db.pool.Database`, it signs in as its pool
+does at that moment: a database password rotated since start-up
+(``bastion keys rotate db-password``, which the pool follows) is the one a
+reconnect uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
 
+from bastion.db.pool import Database
 from bastion.logs import get_logger
+from bastion.secrets.errors import SecretsError
 
 _log = get_logger("bastion.db")
 
@@ -27,7 +36,7 @@ class Listener:
 
     def __init__(
         self,
-        conninfo: str,
+        conninfo: str | Database,
         channel: str,
         *,
         on_notify: Callable[[str], None],
@@ -38,7 +47,7 @@ class Listener:
     ) -> None:
         if not channel.isidentifier():  # spliced into LISTEN: an identifier only
             raise ValueError("a channel is a plain identifier")
-        self._conninfo = conninfo
+        self._source = conninfo
         self._channel = channel
         self._on_notify = on_notify
         self._on_ready = on_ready
@@ -60,12 +69,26 @@ class Listener:
                 await self._task
             self._task = None
 
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        if isinstance(self._source, str):
+            return await psycopg.AsyncConnection.connect(self._source, autocommit=True)
+        # The password the pool would sign in with now (a keyword password
+        # overrides the conninfo's); nothing else of its connection setup.
+        settings: Any = self._source.pool.kwargs
+        if callable(settings):
+            settings = settings()
+            if inspect.isawaitable(settings):
+                settings = await settings
+        password = (settings or {}).get("password")
+        extra = {"password": password} if password else {}
+        return await psycopg.AsyncConnection.connect(
+            self._source.conninfo, autocommit=True, **extra
+        )
+
     async def _run(self) -> None:
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True
-                ) as conn:
+                async with await self._connect() as conn:
                     await conn.execute(f"LISTEN {self._channel}")
                     self.backend_pid = conn.info.backend_pid
                     self._on_ready()  # announcements before LISTEN were never seen
@@ -74,7 +97,8 @@ class Listener:
                             self._on_notify(notify.payload)
                         # Quiet for a while: is the connection still there?
                         await asyncio.wait_for(conn.execute("SELECT 1"), self._ping)
-            except (psycopg.Error, OSError, TimeoutError) as error:
+            # SecretsError: the key ring's password could not be read; retry as well.
+            except (psycopg.Error, OSError, TimeoutError, SecretsError) as error:
                 _log.warning("listener_lost", channel=self._channel, error=type(error).__name__)
             finally:
                 self.backend_pid = None

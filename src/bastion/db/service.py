@@ -3,12 +3,24 @@ and the app's pool and the job queue's conninfo on it, from settings."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from bastion.db.launcher import EmbeddedPostgres
 from bastion.db.pool import Database
-from bastion.db.provision import DatabaseError, Target, app_credentials, provision
+from bastion.db.provision import (
+    APP_ROLE,
+    QUEUE_ROLE,
+    DatabaseError,
+    Target,
+    app_credentials,
+    provision,
+    role_password,
+)
 from bastion.secrets.backends import open_keystore
+from bastion.secrets.protocols import Keystore
 from bastion.secrets.store import resolve_ref
 from bastion.settings import Settings
 
@@ -79,10 +91,39 @@ def app_database(settings: Settings, *, migrate: bool = False, max_size: int = 1
     keystore = open_keystore(settings)
     target = resolve_target(settings, start=migrate)
     credentials = provision(target, keystore) if migrate else app_credentials(target, keystore)
-    return Database(credentials.conninfo, credentials.context_key, max_size=max_size)
+    db = Database(credentials.conninfo, credentials.context_key, max_size=max_size)
+    follow_role_password(db, keystore, APP_ROLE)
+    return db
+
+
+def follow_role_password(db: Database, keystore: Keystore, role: str) -> None:
+    """Make every new connection of ``db``'s pool read the role's password from
+    the key ring as it connects, so that ``bastion keys rotate db-password``
+    reaches a running process at its next connection, with no restart.
+
+    Connections already open stay (PostgreSQL checks a password only at
+    sign-in); a keyword password overrides the one in the conninfo. The read
+    is the key ring's (the local file: well under a millisecond), made only
+    when the pool opens a connection, never per query.
+    """
+    static = db.pool.kwargs
+    fixed: dict[str, Any] = dict(static) if isinstance(static, dict) else {}
+
+    def kwargs() -> dict[str, Any]:
+        return {**fixed, "password": role_password(keystore, role)}
+
+    db.pool.kwargs = kwargs
 
 
 def queue_conninfo(settings: Settings) -> str:
     """Return the job queue role's conninfo (the database must be provisioned)."""
     keystore = open_keystore(settings)
     return app_credentials(resolve_target(settings, start=False), keystore).queue_conninfo
+
+
+def queue_password(settings: Settings) -> Callable[[], str]:
+    """Return a reader of the job queue role's current password, from the key
+    ring (for :func:`bastion.worker.queue.queue_app`: a rotated password is the
+    one the queue's next connection signs in with)."""
+    keystore = open_keystore(settings)
+    return lambda: role_password(keystore, QUEUE_ROLE)

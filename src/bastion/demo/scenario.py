@@ -22,7 +22,7 @@ from rich.table import Table
 from bastion.billing.wiring import build_billing
 from bastion.db.provision import DatabaseError
 from bastion.db.service import app_database, embedded_server, resolve_target
-from bastion.demo.common import STANDIN_KEY, STANDIN_MODEL, Report
+from bastion.demo.common import STANDIN_KEY, STANDIN_MODEL, GatewayLink, Report
 from bastion.demo.scenes.answers import check_answers
 from bastion.demo.scenes.audit import check_audit
 from bastion.demo.scenes.billing import check_downgrade
@@ -34,13 +34,14 @@ from bastion.demo.scenes.outage import check_outage
 from bastion.demo.scenes.policies import check_policies
 from bastion.demo.scenes.tenants import seed
 from bastion.demo.scenes.tools import check_tools
+from bastion.demo.scenes.workload import check_workload
 from bastion.demo.upstream import StandInUpstream
 from bastion.gateway.providers import LocalProvider
-from bastion.knowledge.answers import AskService
+from bastion.identity.workload import WorkloadCA, WorkloadTls, spiffe_id
 from bastion.knowledge.service import build_knowledge
-from bastion.processes import settings_env, stack
-from bastion.safety.signing import EnvelopeSigner
+from bastion.processes import settings_env, stack, supervisor_tls
 from bastion.secrets.backends import open_key_ring, open_keystore
+from bastion.secrets.protocols import Keystore
 from bastion.secrets.store import SecretRef
 from bastion.settings import ModelRoute, Settings
 
@@ -69,6 +70,7 @@ async def run_demo(settings: Settings, console: Console) -> bool:
             "api_port": _free_port(),
             "gateway_port": _free_port(),
             "worker_port": _free_port(),
+            "gateway_internal_port": _free_port(),
             "gateway_models": [
                 ModelRoute(name="bastion-local", provider="local"),
                 ModelRoute(
@@ -103,7 +105,8 @@ async def run_demo(settings: Settings, console: Console) -> bool:
     _fresh_database(target.admin_conninfo, DEMO_DATABASE)
     try:
         with stack(settings, log_dir=settings.home / "log" / "demo") as urls:
-            _check_processes(report, urls)
+            _check_processes(report, settings, urls)
+            link = _gateway_link(settings, urls, keystore)
             db = app_database(settings, max_size=4)
             async with db:
                 tenants = await seed(db)
@@ -137,13 +140,17 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                 )
                 kb = build_knowledge(settings, db, open_key_ring(settings, keystore=keystore).kms)
                 await check_knowledge(report, kb, tenants, urls["api"], console)
-                await check_answers(report, kb, tenants, urls, keystore, console)
-                ask = AskService(kb, EnvelopeSigner(keystore), urls["gateway"])
+                await check_answers(report, kb, tenants, urls, keystore, console, link)
+                if settings.internal_mtls:
+                    await check_workload(
+                        report, db, tenants, urls, keystore, link, settings.workload_trust_domain
+                    )
+                ask = link.ask(kb, keystore)
                 await check_injection(report, kb, tenants, ask)
                 upstream.start()
                 try:
-                    await check_outage(report, kb, tenants, urls, keystore, upstream)
-                    await check_tools(report, settings, kb, tenants, keystore, urls["gateway"])
+                    await check_outage(report, kb, tenants, urls, keystore, upstream, link)
+                    await check_tools(report, settings, kb, tenants, keystore, link)
                 finally:
                     upstream.stop()
                 await check_downgrade(report, settings, kb, tenants, ask, keystore, urls["api"])
@@ -164,9 +171,32 @@ def _fresh_database(admin_conninfo: str, dbname: str) -> None:
         )
 
 
-def _check_processes(report: Report, urls: dict[str, str]) -> None:
+def _gateway_link(settings: Settings, urls: dict[str, str], keystore: Keystore) -> GatewayLink:
+    """The demo asks in the api's place: over mTLS with an api SVID when the
+    stack runs mTLS (the default), to the gateway's SPIFFE ID only."""
+    if "gateway_internal" not in urls:
+        return GatewayLink(urls["gateway"])
+    td = settings.workload_trust_domain
+    gateway_id = spiffe_id(td, "gateway")
+    tls = WorkloadTls(WorkloadCA(keystore, td), "api")
+    return GatewayLink(urls["gateway_internal"], tls.client_context([gateway_id]), gateway_id)
+
+
+def _check_processes(report: Report, settings: Settings, urls: dict[str, str]) -> None:
+    if "gateway_internal" in urls:
+        gateway_id = spiffe_id(settings.workload_trust_domain, "gateway")
+        scraper = supervisor_tls(settings).client_context([gateway_id])
+        with httpx.Client(verify=scraper, timeout=5) as client:
+            ready = client.get(f"{urls['gateway_internal']}/readyz")
+        report.check(
+            "processes",
+            "gateway's internal listener ready over mTLS (TLS 1.3, a scraper's SVID)",
+            ready.status_code == 200,
+            f"{urls['gateway_internal']} as {gateway_id}",
+        )
     with httpx.Client(timeout=5) as client:
-        for process, url in urls.items():
+        for process in ("api", "gateway", "worker"):
+            url = urls[process]
             ready = client.get(f"{url}/readyz")
             report.check("processes", f"{process} ready", ready.status_code == 200, url)
         missing = client.get(f"{urls['api']}/no/such/route")

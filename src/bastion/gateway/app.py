@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 from fastapi import APIRouter, FastAPI
 
 from bastion.api.app import Lifespan, Readiness, create_app
 from bastion.gateway.providers import LocalProvider, OpenAICompatible, Provider
 from bastion.gateway.routing import ModelRouter, Price, Target
+from bastion.logs import get_logger
+from bastion.secrets.errors import SecretsError
 from bastion.secrets.protocols import Keystore
 from bastion.secrets.store import resolve_ref
 from bastion.settings import ModelRoute
+
+_log = get_logger("bastion.gateway")
+
+# A rotated upstream key (``bastion keys rotate provider``) is used by new calls
+# within this long; the provider keeps the old one valid during the overlap.
+PROVIDER_KEY_REFRESH_SECONDS = 5.0
 
 
 def create_gateway_app(
@@ -31,7 +43,7 @@ def _provider(route: ModelRoute, keystore: Keystore, embedder: str) -> Provider:
         raise ValueError(f"model {route.name!r} needs base_url and api_key_ref")
     return OpenAICompatible(
         route.base_url,
-        resolve_ref(keystore, route.api_key_ref).decode(),
+        CurrentKey(keystore, route.api_key_ref),
         upstream_model=route.upstream_model,
         timeout=route.timeout_seconds,
     )
@@ -54,3 +66,45 @@ def build_routers(
             )
         )
     return {name: ModelRouter(group) for name, group in targets.items()}
+
+
+class CurrentKey:
+    """The upstream API key a reference names, re-read at most every ``refresh`` seconds.
+
+    Read at call time, not at build time, so a rotation reaches a running
+    gateway with no restart. A reference that cannot be read fails at build
+    time; if the secret store becomes unreadable later, the last key read is
+    kept (it was valid, and the provider's overlap keeps it valid for a while)
+    and reading is tried again after ``refresh``.
+    """
+
+    def __init__(
+        self,
+        keystore: Keystore,
+        ref: str,
+        *,
+        refresh: float = PROVIDER_KEY_REFRESH_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keystore = keystore
+        self._ref = ref
+        self._refresh = refresh
+        self._clock = clock
+        self._value = resolve_ref(keystore, ref).decode()
+        self._read_at = clock()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        if self._clock() - self._read_at < self._refresh:
+            return self._value
+        with self._lock:  # one reader at a time; the others keep the cached key
+            now = self._clock()
+            if now - self._read_at >= self._refresh:
+                try:
+                    self._value = resolve_ref(self._keystore, self._ref).decode()
+                except SecretsError as error:
+                    _log.warning(
+                        "provider_key_unreadable", ref=self._ref, error=type(error).__name__
+                    )
+                self._read_at = now
+            return self._value

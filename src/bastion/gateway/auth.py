@@ -31,9 +31,16 @@ class GatewayAuth:
     bastion_action = ACTION
     resource_type = "Model"
 
-    def __init__(self, guard: Guard, signer: EnvelopeSigner | None) -> None:
+    def __init__(
+        self, guard: Guard, signer: EnvelopeSigner | None, *, envelope_from: str | None = None
+    ) -> None:
         self.guard = guard
         self.signer = signer
+        # With mTLS between the processes, the envelope is the api's message
+        # signature on top of the api's certificate: accepted only on a
+        # connection whose peer the internal listener's gate admitted as
+        # ``envelope_from`` (issue 18), never from whoever holds a copy.
+        self.envelope_from = envelope_from
         self.token = guard(ACTION, "Model")
         # What the OpenAPI document says this dependency accepts (either one).
         self.openapi_security = DPOP_REQUIREMENT + ([{ENVELOPE: []}] if signer else [])
@@ -43,6 +50,13 @@ class GatewayAuth:
         if header is None or self.signer is None:
             principal = await self.token(request)
             return Caller(principal.tenant_id, principal.user_id, frozenset(principal.roles))
+        if (
+            self.envelope_from is not None
+            and request.scope.get("state", {}).get("workload_id") != self.envelope_from
+        ):
+            raise EnvelopeRefused(
+                "an envelope is accepted only over mTLS from the api", reason="not-from-api"
+            )
         try:
             envelope = self.signer.verify(header, await request.body())
         except EnvelopeInvalid as refused:
@@ -65,4 +79,5 @@ class GatewayAuth:
         resource = Resource(resource_type, "gateway", envelope.tenant_id)
         if not roles or not self.guard.authorizer.authorize(subject, envelope.action, resource):
             raise Forbidden(f"the user the envelope names may not do {envelope.action}")
-        return Caller(envelope.tenant_id, envelope.user_id, roles)
+        workload = request.scope.get("state", {}).get("workload_id")
+        return Caller(envelope.tenant_id, envelope.user_id, roles, workload)

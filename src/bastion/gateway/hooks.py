@@ -7,7 +7,13 @@ basic — the model-safety work deepens them:
 * :func:`screen_injection` screens every user turn with
   :func:`bastion.safety.injection.screen` (OWASP LLM01, direct form): a
   block is refused with 422 ``prompt-refused`` (its score and rule ids, never
-  the text), smuggled invisible characters are stripped. Retrieved context is
+  the text), smuggled invisible characters are stripped. Every tool result
+  (a ``tool`` turn: untrusted content, the indirect form) is screened as a
+  retrieved document is: sanitized, dropped (its content replaced, so the
+  turn still answers its call) or the prompt refused, as the tenant's policy
+  says. The thresholds and actions are the tenant's
+  (:class:`~bastion.safety.tenant_policies.TenantScreenPolicy`), given to
+  :func:`run_hooks`. Retrieved context is
   screened chunk by chunk by the api before it builds the prompt
   (:mod:`bastion.knowledge.answers`), which also fences it as data.
 
@@ -25,11 +31,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar, copy_context
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from bastion.errors import BastionError, Kind
 from bastion.gateway.providers import Message
-from bastion.safety.injection import PromptRefused, Verdict, screen
+from bastion.safety.injection import REMOVED, PromptRefused, Verdict, screen
+from bastion.safety.tenant_policies import DEFAULT_TENANT_POLICY, TenantScreenPolicy
 
 PromptHook = Callable[[Sequence[Message]], list[Message]]
 
@@ -48,6 +55,11 @@ screened: ContextVar[tuple[Verdict, ...]] = ContextVar("bastion_screened", defau
 """The user-turn verdicts of the hook run in progress (decision, score): how a hook
 reports them to :func:`run_hooks`, which runs the hooks in a context of their own
 and returns the verdicts. Never read from a request's context."""
+
+screen_policy: ContextVar[TenantScreenPolicy] = ContextVar(
+    "bastion_screen_policy", default=DEFAULT_TENANT_POLICY
+)
+"""The tenant's screen policy for the hook run in progress, set by :func:`run_hooks`."""
 
 
 class ScreeningBusy(BastionError):
@@ -69,24 +81,32 @@ class ScreeningUnavailable(BastionError):
 
 
 def screen_injection(messages: Sequence[Message]) -> list[Message]:
-    """Screen each user turn; raise :class:`PromptRefused` (422) on a block."""
+    """Screen each user turn and tool result under the tenant's policy; raise
+    :class:`PromptRefused` (422) on a block."""
+    policy = screen_policy.get()
     out: list[Message] = []
     verdicts: list[Verdict] = []
     for message in messages:
-        if message["role"] != "user":
+        role = message["role"]
+        if role not in ("user", "tool"):
             out.append(message)
             continue
-        verdict = screen(message["content"], "user")
+        source: Literal["user", "tool"] = "user" if role == "user" else "tool"
+        verdict = screen(message["content"], source, policy.for_source(source))
         verdicts.append(verdict)
         screened.set(tuple(verdicts))
-        if verdict.decision == "block":
+        if verdict.decision == "block" and verdict.action == "block":
             raise PromptRefused(
-                "the request tries to override the model's instructions",
+                "the request tries to override the model's instructions"
+                if source == "user"
+                else "a tool result carries instructions to the model",
                 reason="injection",
                 score=verdict.score,
                 rules=verdict.reasons,
             )
-        out.append({**message, "content": verdict.text})
+        # A dropped tool result: the turn stays (it answers a call), its text does not.
+        text = REMOVED if verdict.decision == "block" else verdict.text
+        out.append({**message, "content": text})
     return out
 
 
@@ -111,10 +131,14 @@ class HooksOutcome:
         return self.messages
 
 
-def run_hooks(hooks: Sequence[PromptHook], messages: Sequence[Message]) -> HooksOutcome:
+def run_hooks(
+    hooks: Sequence[PromptHook],
+    messages: Sequence[Message],
+    policy: TenantScreenPolicy = DEFAULT_TENANT_POLICY,
+) -> HooksOutcome:
     """Run ``hooks`` over ``messages`` in a context of their own (a copy of the
-    caller's, so logging context is kept, with no verdicts yet); return the
-    messages or the refusal, with the verdicts.
+    caller's, so logging context is kept, with no verdicts yet and the tenant's
+    screen ``policy``); return the messages or the refusal, with the verdicts.
 
     A refusal is returned, not raised, so that from another process
     (:mod:`bastion.offload`) it crosses back whole with the verdicts of the
@@ -123,6 +147,7 @@ def run_hooks(hooks: Sequence[PromptHook], messages: Sequence[Message]) -> Hooks
 
     def run() -> HooksOutcome:
         screened.set(())
+        screen_policy.set(policy)
         out = list(messages)
         try:
             for hook in hooks:

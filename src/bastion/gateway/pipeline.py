@@ -61,6 +61,10 @@ class Caller:
     tenant_id: UUID
     user_id: UUID
     roles: frozenset[str] = frozenset()
+    # The SPIFFE ID of the workload that relayed the call over mTLS (the api,
+    # for an envelope), recorded in the call's audit event; None for a user's
+    # own token.
+    workload: str | None = None
 
 
 @dataclass(eq=False, slots=True)

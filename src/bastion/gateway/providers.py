@@ -28,7 +28,7 @@ import json
 import re
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -185,7 +185,10 @@ class Completion:
     tool_calls: tuple[ToolCall, ...] = ()
 
 
-Message = dict[str, str]
+Message = dict[str, Any]
+"""A chat message: ``role`` and ``content`` (strings), and as OpenAI's chat
+completions have them, ``tool_call_id`` on a tool result and ``tool_calls``
+on an assistant turn that proposed calls."""
 # What a stream yields: text deltas, whole proposed tool calls, the usage last.
 StreamItem = str | ToolCall | Usage
 
@@ -262,14 +265,16 @@ class OpenAICompatible:
     def __init__(
         self,
         base_url: str,
-        api_key: str,
+        api_key: str | Callable[[], str],
         *,
         upstream_model: str | None = None,
         timeout: float = 60.0,
     ) -> None:
         self.upstream_model = upstream_model
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}"}
+        # A callable is asked on every call (it caches briefly itself): a rotated
+        # upstream key is used without a restart (``bastion keys rotate provider``).
+        self._api_key = api_key if callable(api_key) else (lambda: api_key)
         # ``timeout`` bounds each wait for the upstream (the first byte, then
         # every read of a stream), not a whole stream's length.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout)
@@ -286,7 +291,6 @@ class OpenAICompatible:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._session_loop is not loop:
             self._session = aiohttp.ClientSession(
-                headers=self._headers,
                 timeout=self._timeout,
                 read_bufsize=_MAX_LINE_BYTES,
                 max_line_size=_MAX_LINE_BYTES,
@@ -304,7 +308,11 @@ class OpenAICompatible:
             self.base_url + path,
             proxy=self._proxy,
             data=json.dumps(payload, separators=(",", ":")),
-            headers={"Content-Type": "application/json", **_trace_headers()},
+            headers={
+                "Authorization": f"Bearer {self._api_key()}",
+                "Content-Type": "application/json",
+                **_trace_headers(),
+            },
         )
 
     async def _post(self, path: str, payload: dict[str, Any]) -> Any:
@@ -336,7 +344,11 @@ class OpenAICompatible:
     ) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.upstream_model or model,
-            "messages": list(messages),
+            # An assistant turn that only proposed calls goes with null content, as OpenAI sends it.
+            "messages": [
+                {**m, "content": None} if m.get("tool_calls") and not m["content"] else m
+                for m in messages
+            ],
             "max_tokens": max_tokens,
             "temperature": temperature,
         }

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bastion.access.guard import Guard
 from bastion.gateway.auth import GatewayAuth
@@ -24,9 +24,30 @@ from bastion.gateway.service import Caller, GatewayService, RefusedToolCall, Sig
 from bastion.gateway.trace import TraceContext, continue_or_start, current_trace
 from bastion.safety.egress import Taint, TaintMark
 from bastion.safety.scanning import ScanBusy, ScanUnavailable
-from bastion.safety.signing import EnvelopeSigner
+from bastion.safety.signing import EnvelopeSigner, declared_tool
 
 DEFAULT_MAX_TOKENS = 512
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    arguments: str = Field(max_length=200_000)
+
+
+class EarlierToolCall(BaseModel):
+    """A call the model proposed in an earlier turn, as the client sends the
+    assistant message back (OpenAI chat completions: ``tool_calls[]``). What
+    the gateway added to it (``index``, ``bastion_signature``) is accepted and
+    not sent on."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1, max_length=200)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def upstream(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": self.function.model_dump()}
 
 
 class ChatMessage(BaseModel):
@@ -34,8 +55,32 @@ class ChatMessage(BaseModel):
     # A ``tool`` message (a tool's result) is tainted: what it says is data from
     # outside, and a tool call may carry it only to an allow-listed destination.
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = Field(max_length=200_000)
-    tool_call_id: str | None = Field(default=None, max_length=200)
+    # None only on an assistant turn that proposed tool calls (OpenAI sends null).
+    content: str | None = Field(default=None, max_length=200_000)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=200)
+    tool_calls: list[EarlierToolCall] | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessage:
+        # The shapes of OpenAI's chat completions: a tool result answers a call by
+        # its id; only an assistant turn proposes calls, and only it may then
+        # leave its content out.
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message, and only one, carries a tool_call_id")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("the message has no content")
+        return self
+
+    def upstream(self) -> dict[str, Any]:
+        """The message as the providers get it (content a string, for the screens)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [call.upstream() for call in self.tool_calls]
+        return message
 
 
 class TaintedSpan(BaseModel):
@@ -53,6 +98,33 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ChosenFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the one function the model must call."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class AllowedTools(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1, max_length=128)
+
+
+class AllowedToolsChoice(BaseModel):
+    """``tool_choice`` restricting the model to a subset of the declared tools."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class ChatRequest(BaseModel):
     # Unknown OpenAI parameters are not sent on, as OpenAI-compatible servers
     # ignore them, but kept: the answer cache's key covers every field (deny by
@@ -66,7 +138,36 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+    tool_choice: (
+        Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None
+    ) = None
     bastion_tainted: list[TaintedSpan] | None = Field(default=None, max_length=1_000)
+
+    @model_validator(mode="after")
+    def _choice_names_declared_tools(self) -> ChatRequest:
+        choice = self.tool_choice
+        if choice is None or isinstance(choice, str):
+            return self
+        named = [choice] if isinstance(choice, NamedToolChoice) else choice.allowed_tools.tools
+        if any(declared_tool(self.tools, n.function.name) is None for n in named):
+            raise ValueError("tool_choice names a tool the request does not declare")
+        return self
+
+    def enabled_tools(self) -> list[dict[str, Any]]:
+        """The declared tools this request lets the model call (``tool_choice``):
+        none for ``"none"``, the named ones for a named or ``allowed_tools``
+        choice, all of them otherwise. Only these are offered to the model, and
+        a proposed call of any other is refused (issue 15, item 4)."""
+        choice = self.tool_choice
+        if choice is None or isinstance(choice, str):
+            return [] if choice == "none" else list(self.tools or ())
+        named = [choice] if isinstance(choice, NamedToolChoice) else choice.allowed_tools.tools
+        names = {n.function.name for n in named}
+        return [
+            tool
+            for tool in self.tools or ()
+            if isinstance(tool.get("function"), dict) and tool["function"].get("name") in names
+        ]
 
 
 class EmbeddingRequest(BaseModel):
@@ -126,12 +227,17 @@ def _echo_trace() -> dict[str, str]:
 
 
 def build_router(
-    service: GatewayService, guard: Guard, signer: EnvelopeSigner | None = None
+    service: GatewayService,
+    guard: Guard,
+    signer: EnvelopeSigner | None = None,
+    *,
+    envelope_from: str | None = None,
 ) -> APIRouter:
     """The routes; with ``signer``, a request may carry the api's signed envelope
-    instead of the user's token and DPoP proof."""
+    instead of the user's token and DPoP proof (with ``envelope_from``, only
+    over mTLS from that SPIFFE ID)."""
     router = APIRouter(prefix="/v1", dependencies=[Depends(_trace)])
-    invoke = GatewayAuth(guard, signer)
+    invoke = GatewayAuth(guard, signer, envelope_from=envelope_from)
 
     @router.get("/models")
     async def models(_caller: Caller = Depends(invoke)) -> dict[str, Any]:
@@ -147,16 +253,13 @@ def build_router(
     async def chat(
         body: ChatRequest, caller: Caller = Depends(invoke)
     ) -> JSONResponse | StreamingResponse:
-        messages = [
-            {"role": m.role, "content": m.content}
-            | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})
-            for m in body.messages
-        ]
+        messages = [m.upstream() for m in body.messages]
         # Raises InvalidTaintMark (400) before any provider is called.
         taint = Taint.of_request(
             messages, [TaintMark(s.message, s.start, s.end) for s in body.bastion_tainted or ()]
         )
         max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+        enabled = body.enabled_tools()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
@@ -166,14 +269,18 @@ def build_router(
                 messages,
                 max_tokens=max_tokens,
                 temperature=body.temperature,
-                tools=body.tools,
+                tools=enabled or None,
                 request=body.model_dump(),
             )
             message: dict[str, Any] = {"role": "assistant", "content": completion.text}
             finish = completion.finish_reason
             if completion.tool_calls:
                 signed, refused = await service.sign_tool_calls(
-                    caller, completion.tool_calls, declared=body.tools, taint=taint
+                    caller,
+                    completion.tool_calls,
+                    declared=body.tools,
+                    enabled=enabled,
+                    taint=taint,
                 )
                 message["tool_calls"] = _tool_calls(signed)
                 if refused:
@@ -204,7 +311,7 @@ def build_router(
             messages,
             max_tokens=max_tokens,
             temperature=body.temperature,
-            tools=body.tools,
+            tools=enabled or None,
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -241,7 +348,7 @@ def build_router(
                     finish = "error"
                 if proposed and finish != "error":
                     signed, refused = await service.sign_tool_calls(
-                        caller, proposed, declared=body.tools, taint=taint
+                        caller, proposed, declared=body.tools, enabled=enabled, taint=taint
                     )
                     if refused:
                         yield _sse(chunk({"bastion_refused": _refused_calls(refused)}, None))

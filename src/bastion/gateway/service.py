@@ -79,6 +79,7 @@ from bastion.safety import egress, tool_schema
 from bastion.safety.egress_lists import EgressPolicies, EgressUnavailable
 from bastion.safety.scanning import ScanBusy, ScanUnavailable, scan_each
 from bastion.safety.signing import ToolCall, ToolCallSigner, declared_tool
+from bastion.safety.tenant_policies import SafetyPolicies
 from bastion.safety.vault import PiiVault
 
 _log = get_logger("bastion.gateway")
@@ -200,9 +201,17 @@ def sticky_key(caller: Caller, messages: Sequence[Message]) -> str:
     return f"{caller.tenant_id}|{caller.user_id}|{first}"
 
 
+def _calls(message: Message) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls (``tool_calls``), or none."""
+    calls = message.get("tool_calls")
+    return list(calls) if calls else []
+
+
 def estimate_prompt_tokens(messages: Sequence[Message]) -> int:
     """A generous prompt-size estimate for the reservation (a token per 3 characters)."""
-    return sum(len(m["content"]) // 3 + 4 for m in messages)
+    return sum(len(m["content"]) // 3 + 4 for m in messages) + sum(
+        len(c["function"]["arguments"]) // 3 + 4 for m in messages for c in _calls(m)
+    )
 
 
 class GatewayService:
@@ -220,6 +229,7 @@ class GatewayService:
         sampling: PromptSampling | None = None,
         egress_policies: EgressPolicies | None = None,
         secret_values: Sequence[str] = (),
+        safety_policies: SafetyPolicies | None = None,
     ) -> None:
         self.ledger = ledger
         self.models = models
@@ -236,6 +246,10 @@ class GatewayService:
         )
         # Values no tool call may carry out unless allow-listed (the gateway's own keys).
         self.secret_values = tuple(secret_values)
+        # Always on too: each tenant's screen policy (its defaults without a row).
+        self.safety_policies = (
+            safety_policies if safety_policies is not None else SafetyPolicies(ledger.db)
+        )
 
     # -- the stages (bastion.gateway.pipeline), in pipeline order -------------------------
 
@@ -283,14 +297,19 @@ class GatewayService:
         the tenant's share of them (screening a hostile megabyte takes seconds
         of pure-Python work, which a thread would still take from the loop).
         The verdicts go to the call, for its audit event; a refusal is settled
-        and audited here. Raises :class:`PromptRefused`, :class:`ScreeningBusy`
-        (429) or :class:`ScreeningUnavailable` (503: fail closed)."""
+        and audited here. The thresholds and actions are the tenant's
+        (:class:`~bastion.safety.tenant_policies.SafetyPolicies`). Raises
+        :class:`PromptRefused`, :class:`ScreeningBusy` (429),
+        :class:`ScreeningUnavailable` or
+        :class:`~bastion.safety.tenant_policies.SafetyPolicyUnavailable` (503:
+        fail closed)."""
+        policy = await self.safety_policies.screen_policy(call.caller.tenant_id)
         try:
             if sum(len(m["content"]) for m in call.messages) <= INLINE_PROMPT_CHARS:
-                outcome = run_hooks(self.hooks, call.messages)
+                outcome = run_hooks(self.hooks, call.messages, policy)
             else:
                 outcome = await self._in_screening(
-                    call.caller, run_hooks, self.hooks, call.messages
+                    call.caller, run_hooks, self.hooks, call.messages, policy
                 )
             call.verdicts = outcome.verdicts
             call.messages = outcome.result()
@@ -306,7 +325,9 @@ class GatewayService:
         found, the tokens the prompt carries and (if consented) the prompt sample
         go to the call."""
         caller = call.caller
-        texts = [m["content"] for m in call.messages]
+        # The arguments of earlier turns' tool calls go to the provider too.
+        arguments = [c["function"]["arguments"] for m in call.messages for c in _calls(m)]
+        texts = [m["content"] for m in call.messages] + arguments
         if self.vault is not None:
             redactions = await self.vault.tokenize_many(
                 self.ledger.db, caller.tenant_id, texts, user_id=caller.user_id
@@ -322,8 +343,20 @@ class GatewayService:
             safe = [s.text for s in scans]
             counts = Counter({k: n for s in scans for k, n in s.counts.items()})
         call.pii_in = dict(counts)
+        safe_arguments = iter(safe[len(call.messages) :])
         call.messages = [
-            {**m, "content": text} for m, text in zip(call.messages, safe, strict=True)
+            {**m, "content": text}
+            | (
+                {
+                    "tool_calls": [
+                        {**c, "function": {**c["function"], "arguments": next(safe_arguments)}}
+                        for c in _calls(m)
+                    ]
+                }
+                if _calls(m)
+                else {}
+            )
+            for m, text in zip(call.messages, safe, strict=False)
         ]
         if self.sampling is not None and await self.sampling.sampled(
             caller.tenant_id, caller.user_id
@@ -399,6 +432,7 @@ class GatewayService:
         calls: Sequence[ToolCall],
         *,
         declared: Sequence[Any] | None,
+        enabled: Sequence[Any] | None = None,
         taint: egress.Taint | None = None,
     ) -> tuple[list[SignedToolCall], list[RefusedToolCall]]:
         """Sign the proposed calls of tools the request declared (``declared``: its
@@ -407,6 +441,8 @@ class GatewayService:
         declaration; return the signed ones and the names of the refused ones,
         which are not passed on. Each refusal is audited (``tool.refused``):
         ``undeclared`` (a tool nobody offered the model, or one declared twice),
+        ``not-enabled`` (declared, but not among the tools the request's
+        ``tool_choice`` let the model call: ``enabled``, all declared when None),
         ``bad-declaration`` (not JSON, or not an accepted schema),
         ``not-authorized``, ``bad-arguments`` (not an I-JSON object, or not
         valid against the schema), ``arguments-unchecked`` (the check ran out
@@ -425,6 +461,8 @@ class GatewayService:
             resource = Resource("ToolRun", call.name, caller.tenant_id)
             if declaration is None:
                 reason = "undeclared"
+            elif enabled is not None and declared_tool(enabled, call.name) is None:
+                reason = "not-enabled"
             elif (
                 self.authorizer is None
                 or self.tool_signer is None
@@ -579,9 +617,10 @@ class GatewayService:
             "latency_ms": latency_ms,
             "trace_id": call.trace_id,
             "target": target.name if target else None,
-            "screen": [verdict.summary() for verdict in call.verdicts],
+            "screen": [{**v.summary(), "source": v.source} for v in call.verdicts],
             "pii_in": dict(call.pii_in),
             "pii_out": dict(call.pii_out),
+            **({"caller_peer": caller.workload} if caller.workload else {}),
         }
         event = AuditEntry(
             f"user:{caller.user_id}", "model.invoke", call.model, details, call.request_id

@@ -5,8 +5,10 @@ isolated search as the search route) and screens each of them
 (:mod:`bastion.safety.injection`): a chunk carrying an injection has the
 offending sentences removed, or is dropped when that is not enough — the
 question is still answered from the rest, and the answer says what was
-caught. It then builds the final prompt — instructions, a canary secret to
-this prompt,
+caught. The thresholds and what happens at them (a chunk dropped, the question
+refused, or only flagged) are the tenant's screen policy
+(:mod:`bastion.safety.tenant_policies`). It then builds the final prompt —
+instructions, a canary secret to this prompt,
 the chunks fenced as data and tagged ``[doc:<id>]``, the question — signs it
 in an envelope for that user and tenant (:mod:`bastion.safety.signing`) and
 sends it to the gateway, which checks the envelope, the user's right, the
@@ -45,6 +47,7 @@ from bastion.safety.injection import (
 )
 from bastion.safety.scanning import screen_each
 from bastion.safety.signing import HEADER, EnvelopeSigner
+from bastion.safety.tenant_policies import SafetyPolicies
 
 INSTRUCTIONS = (
     "Answer the question from the retrieved documents only; cite the [doc:…] of what you use. "
@@ -95,6 +98,8 @@ class ChunkScreen:
     decision: str  # allow | sanitize | block (dropped from the prompt)
     score: int
     reasons: list[str]
+    action: str = "none"  # what the tenant's policy did at its threshold
+    threshold: int = 50
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -103,6 +108,8 @@ class ChunkScreen:
             "decision": self.decision,
             "score": self.score,
             "reasons": self.reasons,
+            "action": self.action,
+            "threshold": self.threshold,
         }
 
 
@@ -119,8 +126,13 @@ class Screening:
         decisions = {self.question.decision, *(c.decision for c in self.chunks)}
         if self.output is not None:
             decisions.add(self.output.decision)
-        if self.question.decision == "block" or (
-            self.output is not None and self.output.decision == "block"
+        refused_for_a_chunk = any(
+            c.decision == "block" and c.action == "block" for c in self.chunks
+        )
+        if (
+            self.question.decision == "block"
+            or refused_for_a_chunk
+            or (self.output is not None and self.output.decision == "block")
         ):
             return "block"
         return "sanitize" if decisions - {"allow"} else "allow"
@@ -196,8 +208,15 @@ class AskService:
         *,
         http: httpx.AsyncClient | None = None,
         allowed_hosts: Collection[str] = (),
+        safety: SafetyPolicies | None = None,
+        gateway_id: str | None = None,
     ) -> None:
         self.kb = kb
+        # The gateway's SPIFFE ID when ``http`` is pinned to it over mTLS
+        # (issue 18): each question's audit event names the peer that answered.
+        self.gateway_id = gateway_id
+        # The tenants' screen policies (their defaults without a row; fail closed).
+        self.safety = safety if safety is not None else SafetyPolicies(kb.db)
         self.signer = signer
         self.gateway_url = gateway_url.rstrip("/")
         self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0))
@@ -222,7 +241,11 @@ class AskService:
                 actor=f"user:{actor.user_id}",
                 action="question.screened",
                 target=target,
-                details={**screening.summary(), "model": model},
+                details={
+                    **screening.summary(),
+                    "model": model,
+                    **({"gateway_peer": self.gateway_id} if self.gateway_id else {}),
+                },
             )
 
     async def ask(
@@ -236,7 +259,8 @@ class AskService:
         already fill its share of the screening processes."""
         if actor.user_id is None:
             raise ValueError("a question is asked by a user")
-        (asked,) = await screen_each(actor.tenant_id, [question], "user")
+        policy = await self.safety.screen_policy(actor.tenant_id)
+        (asked,) = await screen_each(actor.tenant_id, [question], "user", policy=policy.user)
         if asked.decision == "block":
             await self._record(actor, namespace, model, Screening(asked, ()))
             raise PromptRefused(
@@ -250,15 +274,33 @@ class AskService:
         chunks: list[ChunkScreen] = []
         # Up to k chunks of screening is tens of milliseconds of CPU, holding the
         # GIL: in the screening processes, within the tenant's share.
-        verdicts = await screen_each(actor.tenant_id, [hit.text for hit in hits], "retrieved")
+        verdicts = await screen_each(
+            actor.tenant_id, [hit.text for hit in hits], "retrieved", policy=policy.retrieved
+        )
         for hit, verdict in zip(hits, verdicts, strict=True):
             chunks.append(
                 ChunkScreen(
-                    hit.chunk_id, hit.document_id, verdict.decision, verdict.score, verdict.reasons
+                    hit.chunk_id,
+                    hit.document_id,
+                    verdict.decision,
+                    verdict.score,
+                    verdict.reasons,
+                    verdict.action,
+                    verdict.threshold,
                 )
             )
             if verdict.decision != "block":
                 kept.append((hit, verdict.text))
+        refused = [v for v in verdicts if v.decision == "block" and v.action == "block"]
+        if refused:
+            # The tenant's policy: a poisoned document refuses the whole question.
+            await self._record(actor, namespace, model, Screening(asked, tuple(chunks)))
+            raise PromptRefused(
+                "a retrieved document carries instructions to the model",
+                reason="injection",
+                score=max(v.score for v in refused),
+                rules=list(dict.fromkeys(r for v in refused for r in v.reasons)),
+            )
         material = [str(actor.tenant_id), asked.text]
         material += [f"{hit.document_id}:{text}" for hit, text in kept]
         canary = Canary.derive(self._prompt_key, *material)

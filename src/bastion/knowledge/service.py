@@ -77,10 +77,10 @@ from bastion.limited_process import ChildFailed, LimitExceeded, ProcessLimits, r
 from bastion.logs import get_logger
 from bastion.offload import FairProcessPool, JobFailed, JobTimedOut, PoolBusy, shared_pool
 from bastion.safety.pii import PiiInputNotText, PiiInputTooLarge
+from bastion.safety.tenant_policies import SafetyPolicies
 from bastion.safety.vault import (
     PiiAllowLists,
     PiiVault,
-    configured_allow_lists,
     require_reveal,
 )
 from bastion.secrets.protocols import KMS
@@ -1123,8 +1123,13 @@ class KnowledgeService:
         return deleted
 
 
-def build_knowledge(settings: Settings, db: Database, kms: KMS) -> KnowledgeService:
-    """Return the knowledge base on ``db``, the tenants' keys wrapped by ``kms``."""
+def build_knowledge(
+    settings: Settings, db: Database, kms: KMS, *, safety: SafetyPolicies | None = None
+) -> KnowledgeService:
+    """Return the knowledge base on ``db``, the tenants' keys wrapped by ``kms``;
+    ingestion keeps in clear the values on each tenant's PII allow-list (read
+    through ``safety``, default: one of its own on ``db``)."""
+    safety = safety if safety is not None else SafetyPolicies(db)
     return KnowledgeService(
         db,
         TenantKeys(kms),
@@ -1133,5 +1138,5 @@ def build_knowledge(settings: Settings, db: Database, kms: KMS) -> KnowledgeServ
         extract_limits=ProcessLimits(
             cpu_seconds=settings.extract_cpu_seconds, wall_seconds=settings.extract_wall_seconds
         ),
-        allow_lists=configured_allow_lists(settings.pii_allow_lists),
+        allow_lists=safety.pii_allow_lists,
     )

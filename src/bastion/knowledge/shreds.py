@@ -61,7 +61,7 @@ class ShredListener:
         self._forgetters = forgetters
         self.listening = asyncio.Event()
         self._listener = Listener(
-            db.conninfo,
+            db,  # signs in as the pool does now: a rotated password is followed
             CHANNEL,
             on_notify=self._forget_announced,
             on_ready=self._ready,

@@ -38,6 +38,7 @@ import binascii
 import contextlib
 import html
 import ipaddress
+import itertools
 import json
 import re
 import unicodedata
@@ -47,6 +48,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from bastion.errors import BastionError, Kind
+from bastion.safety.confusables import CONFUSABLES
 
 # A tainted run shorter than this (normalised: letters and digits) is not
 # counted: shorter runs are common phrases, not a document's text.
@@ -80,11 +82,38 @@ class InvalidTaintMark(BastionError):
 # -- normalisation ----------------------------------------------------------------------
 
 
-def normalise(text: str) -> str:
+# Look-alikes folded to one letter, on both sides of a comparison: homoglyphs
+# of other scripts (Unicode TS #39) to the Latin letter they imitate, and the
+# digits and signs of leetspeak to the letter they stand for (1, l, i, ! and |
+# all read "i"; 0 "o"; 3 "e"; 4 and @ "a"; 5 and $ "s"; 7 "t"; 8 "b"; 9 "g").
+_HOMOGLYPHS = {ch: latin.casefold() for ch, latin in CONFUSABLES.items()}
+_LOOKALIKES = str.maketrans(
+    {**_HOMOGLYPHS, **dict(zip("01!|l34@57$89", "oiiiieaastsbg", strict=True))}
+)
+_LATIN = str.maketrans(_HOMOGLYPHS)
+
+
+def normalise(text: str, *, leet: bool = True) -> str:
     """``text`` reduced to what survives a paraphrase of its spelling: NFKC,
-    case-folded, letters and digits only."""
+    case-folded, look-alikes folded (homoglyphs; with ``leet``, leetspeak too),
+    letters and digits only."""
     folded = unicodedata.normalize("NFKC", text).casefold()
+    folded = folded.translate(_LOOKALIKES if leet else _LATIN)
     return "".join(ch for ch in folded if ch.isalnum())
+
+
+def letter_steps(normalised: str) -> str:
+    """The steps between consecutive Latin letters of ``normalised`` text, each
+    as a letter (``a`` + step mod 26): the same for the text under any Caesar
+    shift (ROT13 among them), so a shifted copy of a tainted run is found by
+    comparing steps. Other characters are left out."""
+    codes = [ord(ch) - 97 for ch in normalised if "a" <= ch <= "z"]
+    return "".join(chr(97 + (b - a) % 26) for a, b in itertools.pairwise(codes))
+
+
+def _mirrored(steps: str) -> str:
+    # Atbash (a<->z) negates every step.
+    return "".join(chr(97 + (-(ord(ch) - 97)) % 26) for ch in steps)
 
 
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
@@ -96,6 +125,8 @@ _B64_RUNS = (
     re.compile(r"[A-Za-z0-9_-]{16,}={0,2}"),
 )
 _HEX_RUN = re.compile(r"(?:[0-9A-Fa-f]{2}){12,}")
+# Base32 (RFC 4648 §6) in either case; 16 characters carry 10 bytes.
+_B32_RUN = re.compile(r"(?:[A-Z2-7]{16,}|[a-z2-7]{16,})={0,6}")
 
 
 def _b64(run: str) -> str | None:
@@ -112,6 +143,17 @@ def _b64(run: str) -> str | None:
     return text if text and printable >= 0.9 * len(text) else None
 
 
+def _b32(run: str) -> str | None:
+    body = run.rstrip("=").upper()
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except (binascii.Error, ValueError):
+        return None
+    text = raw.decode("utf-8", errors="ignore")
+    printable = sum(ch.isprintable() or ch.isspace() for ch in text)
+    return text if text and printable >= 0.9 * len(text) else None
+
+
 def _hex(run: str) -> str | None:
     text = bytes.fromhex(run).decode("utf-8", errors="ignore")
     printable = sum(ch.isprintable() or ch.isspace() for ch in text)
@@ -120,8 +162,8 @@ def _hex(run: str) -> str | None:
 
 def readings(text: str) -> list[str]:
     """``text`` and what it says once encodings are undone: percent-encoding
-    (also ``+`` for space), HTML references, ``\\u`` escapes, base64/base64url
-    and hex runs (each decoded run on its own, and the whole string without
+    (also ``+`` for space), HTML references, ``\\u`` escapes, base64/base64url,
+    base32 and hex runs (each decoded run on its own, and the whole string without
     whitespace), a few layers deep. Bounded: at most a few dozen readings."""
     seen: dict[str, None] = {}
     layer = [text[:_MAX_STRING_CHARS]]
@@ -146,6 +188,9 @@ def readings(text: str) -> list[str]:
             for m in _HEX_RUN.finditer(compact):
                 if (decoded := _hex(m.group(0))) is not None:
                     nxt.append(decoded)
+            for m in _B32_RUN.finditer(compact):
+                if (decoded := _b32(m.group(0))) is not None:
+                    nxt.append(decoded)
         layer = [item for item in nxt if item not in seen][:32]
         if not layer:
             break
@@ -167,16 +212,65 @@ class TaintMark:
     end: int
 
 
-class Taint:
-    """The tainted text of one request, indexed for :meth:`found_in`."""
+class _Runs:
+    """Text indexed to answer: does a probe share a run of at least
+    :data:`TAINT_MIN_CHARS` characters with it? (``\\x00`` separates parts.)"""
 
-    def __init__(self, spans: Iterable[str] = ()) -> None:
-        parts = [normalise(span) for span in spans]
-        self._text = "\x00".join(p for p in parts if len(p) >= TAINT_MIN_CHARS)
+    def __init__(self, text: str) -> None:
+        self.text = text
         self._index: dict[str, list[int]] | None = None
 
+    def _windows(self) -> dict[str, list[int]]:
+        if self._index is None:
+            index: dict[str, list[int]] = {}
+            text = self.text
+            for q in range(0, max(len(text) - _WINDOW + 1, 0), _STRIDE):
+                window = text[q : q + _WINDOW]
+                if "\x00" in window:
+                    continue
+                found = index.setdefault(window, [])
+                if len(found) < 4:
+                    found.append(q)
+            self._index = index
+        return self._index
+
+    def shared_with(self, probe: str) -> bool:
+        if not self.text or len(probe) < TAINT_MIN_CHARS:
+            return False
+        index, tainted = self._windows(), self.text
+        for i in range(len(probe) - _WINDOW + 1):
+            for q in index.get(probe[i : i + _WINDOW], ()):
+                left = 0
+                while left < min(i, q) and probe[i - left - 1] == tainted[q - left - 1]:
+                    left += 1
+                right = _WINDOW
+                while (
+                    i + right < len(probe)
+                    and q + right < len(tainted)
+                    and probe[i + right] == tainted[q + right]
+                ):
+                    right += 1
+                if left + right >= TAINT_MIN_CHARS:
+                    return True
+        return False
+
+
+class Taint:
+    """The tainted text of one request, indexed for :meth:`found_in`: as
+    normalised, and as its letters' steps (:func:`letter_steps`), which a
+    Caesar shift does not change."""
+
+    def __init__(self, spans: Iterable[str] = ()) -> None:
+        kept = [(span, p) for span in spans if len(p := normalise(span)) >= TAINT_MIN_CHARS]
+        self._text = _Runs("\x00".join(p for _span, p in kept))
+        # Steps of the letters as written (leetspeak folds letters together, which
+        # a shift would not keep).
+        self._steps = _Runs(
+            "\x00".join(letter_steps(normalise(span, leet=False)) for span, _p in kept)
+        )
+
     def __bool__(self) -> bool:
-        return bool(self._text)
+        return bool(self._text.text)
 
     @classmethod
     def of_request(
@@ -196,44 +290,20 @@ class Taint:
             spans.append(content[mark.start : mark.end])
         return cls(spans)
 
-    def _windows(self) -> dict[str, list[int]]:
-        if self._index is None:
-            index: dict[str, list[int]] = {}
-            text = self._text
-            for q in range(0, max(len(text) - _WINDOW + 1, 0), _STRIDE):
-                window = text[q : q + _WINDOW]
-                if "\x00" in window:
-                    continue
-                found = index.setdefault(window, [])
-                if len(found) < 4:
-                    found.append(q)
-            self._index = index
-        return self._index
-
     def found_in(self, text: str) -> bool:
         """True when ``text`` shares a normalised run of at least
-        :data:`TAINT_MIN_CHARS` characters with a tainted span."""
-        if not self._text:
+        :data:`TAINT_MIN_CHARS` characters with a tainted span, as written or
+        under a letter substitution that keeps its steps (any Caesar shift,
+        ROT13 among them) or mirrors them (Atbash)."""
+        if not self:
             return False
         probe = normalise(text)
         if len(probe) < TAINT_MIN_CHARS:
             return False
-        index, tainted = self._windows(), self._text
-        for i in range(len(probe) - _WINDOW + 1):
-            for q in index.get(probe[i : i + _WINDOW], ()):
-                left = 0
-                while left < min(i, q) and probe[i - left - 1] == tainted[q - left - 1]:
-                    left += 1
-                right = _WINDOW
-                while (
-                    i + right < len(probe)
-                    and q + right < len(tainted)
-                    and probe[i + right] == tainted[q + right]
-                ):
-                    right += 1
-                if left + right >= TAINT_MIN_CHARS:
-                    return True
-        return False
+        if self._text.shared_with(probe):
+            return True
+        steps = letter_steps(normalise(text, leet=False))
+        return self._steps.shared_with(steps) or self._steps.shared_with(_mirrored(steps))
 
 
 # -- what an argument carries ---------------------------------------------------------------

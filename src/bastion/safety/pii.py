@@ -61,14 +61,20 @@ replaces the spans with reversible tokens. What is recognised, and how:
     other run of 24+ token characters mixing upper case, lower case and
     digits whose Shannon entropy is high (a random credential, not a word).
 
-Not covered: person names and postal addresses. Doing them honestly needs a
-named-entity model, and none ships offline with Bastion (Presidio's NER
-wants a spaCy model downloaded at run time); a regex over capitalised words
-would claim a coverage it does not have.
+``dob``
+    a date with a birth cue before it on its line ("DOB:", "born",
+    "Geburtsdatum", "né le"); other dates are left alone.
+``person``, ``address``, ``place``
+    person names, street addresses (with their postcode and town), towns
+    and countries, found by a small trained tagger that reads each
+    capitalised word or number with its neighbours, not by a list alone
+    (:mod:`bastion.safety.pii_names`: how, and what it does not cover).
 
 Overlaps are settled by priority (the order above is not it: secrets first,
-then e-mail, IBAN, national ids, cards, IP addresses, phones), so a card
-number is never half taken for a phone number. Vault tokens (``⟦EMAIL_...⟧``)
+then e-mail, IBAN, national ids, cards, IP addresses, dates of birth, phones,
+then the tagger's kinds), so a card number is never half taken for a phone
+number. A tagger span that overlaps a pattern's keeps its other parts: what
+the tagger found is never left in clear for being partly taken. Vault tokens (``⟦EMAIL_...⟧``)
 are left alone only when the caller vouches for them (``opaque``: the real
 tokens of the tenant's vault, which :class:`~bastion.safety.vault.PiiVault`
 looks up), so a token is never tokenized again; anything else shaped like a
@@ -92,7 +98,9 @@ from dataclasses import dataclass
 import phonenumbers
 
 from bastion.errors import BastionError, Kind
+from bastion.safety import pii_names
 from bastion.safety.pii_patterns import (
+    ADDRESS,
     BR_CPF,
     BSN_RE,
     CARD,
@@ -102,6 +110,7 @@ from bastion.safety.pii_patterns import (
     CPF_RE,
     DEFAULT_REGIONS,
     DNI_RE,
+    DOB,
     EMAIL,
     EMAIL_DOMAIN_RE,
     EMAIL_LOCAL,
@@ -118,14 +127,17 @@ from bastion.safety.pii_patterns import (
     IT_FISCAL_CODE,
     KINDS,
     LOCAL_NUMBER_RE,
+    MODEL_KINDS,
     NINO_RE,
     NIR_RE,
     NL_BSN,
+    PERSON,
     PHONE,
     PHONE_LABEL_BEFORE_RE,
     PHONE_LABEL_REACH,
     PHONE_REGION_RE,
     PHONE_RUN_RE,
+    PLACE,
     SECRET,
     SECRET_NOT_AFTER,
     SECRET_RE,
@@ -150,8 +162,10 @@ from bastion.safety.pii_patterns import (
 )
 
 __all__ = [
+    "ADDRESS",
     "BR_CPF",
     "CARD",
+    "DOB",
     "EMAIL",
     "ES_DNI",
     "FR_NIR",
@@ -161,7 +175,9 @@ __all__ = [
     "KINDS",
     "MAX_TEXT_CHARS",
     "NL_BSN",
+    "PERSON",
     "PHONE",
+    "PLACE",
     "SECRET",
     "TOKEN_PATTERN",
     "UK_NINO",
@@ -344,9 +360,13 @@ class PiiRecognizer:
             NL_BSN: self._bsns,
             CARD: self._cards,
             IP_ADDRESS: self._ips,
+            DOB: pii_names.dates_of_birth,
             PHONE: self._phones,
         }
-        self._finders = [(kind, finders[kind]) for kind in self.kinds]
+        self._finders = [(kind, finders.get(kind)) for kind in self.kinds]
+        # The tagger finds its kinds in one pass; its model is read on first use,
+        # once per process (not at import: most processes never scan).
+        self._tagged = bool(set(MODEL_KINDS) & set(self.kinds))
 
     def find(self, text: str | bytes, *, opaque: Collection[str] = ()) -> list[Entity]:
         """Return the entities in ``text``, in order, never overlapping.
@@ -365,7 +385,20 @@ class PiiRecognizer:
             if match.group() in opaque:
                 taken[match.start() : match.end()] = b"\x01" * (match.end() - match.start())
         found: list[Entity] = []
+        tagged: dict[str, list[tuple[int, int]]] = {kind: [] for kind in MODEL_KINDS}
+        if self._tagged:
+            for kind, start, end in pii_names.find(text, pii_names.load()):
+                tagged[kind].append((start, end))
         for kind, finder in self._finders:
+            if finder is None:  # the tagger's: what a pattern took is cut out
+                for start, end in tagged[kind]:
+                    for begin, stop in _untaken(text, taken, start, end):
+                        value = text[begin:stop]
+                        if kind == ADDRESS and not pii_names.address_shaped(value):
+                            continue  # what is left of it ("Card") is no address
+                        taken[begin:stop] = b"\x01" * (stop - begin)
+                        found.append(Entity(kind, begin, stop, value))
+                continue
             for start, end in finder(text):
                 if taken.find(1, start, end) == -1:
                     taken[start:end] = b"\x01" * (end - start)
@@ -550,6 +583,27 @@ class PiiRecognizer:
                 if extension is not None:
                     end = extension.end()
                 yield start, end
+
+
+def _untaken(text: str, taken: bytearray, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The parts of ``text[start:end]`` no span has taken, trimmed to letters and
+    digits at both ends (nothing of a found name is left in clear)."""
+    cursor = start
+    while cursor < end:
+        free = taken.find(0, cursor, end)
+        if free == -1:
+            return
+        stop = taken.find(1, free, end)
+        stop = end if stop == -1 else stop
+        piece = text[free:stop]
+        left = len(piece) - len(piece.lstrip(_TRIM))
+        right = len(piece.rstrip(_TRIM))
+        if left < right:
+            yield free + left, free + right
+        cursor = stop
+
+
+_TRIM = " \t\r\n,;:.()/-'\"|"
 
 
 def _postal(text: str, end: int, run: DigitRun) -> bool:

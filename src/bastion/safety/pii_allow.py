@@ -10,9 +10,11 @@ still tokenized. Matching is on the normalised value
 ``support@acme.example``, ``+33 1 23 45 67 89`` is ``01 23 45 67 89``), never a
 prefix or a pattern, so an entry keeps exactly one value.
 
-The lists come from an :class:`AllowListStore`. There is no table for them
-yet (that needs a migration, see :class:`StaticAllowLists`): today's store is
-the in-memory/configured one. :class:`PiiAllowLists` reads a tenant's list
+The lists come from an :class:`AllowListStore`: in Bastion's processes the
+tenant's table (``pii_allow_entries``, entries of one kind each, written by
+owners through the safety routes:
+:class:`bastion.safety.tenant_policies.SafetyPolicies`); in tests also
+:class:`StaticAllowLists`. :class:`PiiAllowLists` reads a tenant's list
 through the store, keeps it ``ttl_seconds`` per process, and fails closed: a
 read that fails raises :class:`PiiAllowListUnavailable` (503), it never falls
 back to an empty or a stale list silently mid-request.
@@ -41,25 +43,21 @@ class PiiAllowListUnavailable(BastionError):
     kind = Kind.UNAVAILABLE
 
 
+AllowItem = str | tuple[str, str]
+"""An allow-listed value: of any kind (a string), or of one kind (``(kind, value)``)."""
+
+
 class AllowListStore(Protocol):
     """Where tenants' allow-lists are kept."""
 
-    async def values(self, tenant_id: UUID) -> Sequence[str]:
+    async def values(self, tenant_id: UUID) -> Sequence[AllowItem]:
         """The tenant's allow-listed values (any error: the caller fails closed)."""
         ...
 
 
 class StaticAllowLists:
-    """Allow-lists given at start (configuration or tests), by tenant.
-
-    The store that needs no schema. A database store would need one table,
-    owned by the safety domain (migration: ``bastion.pii_allow_list (id uuid
-    primary key, tenant_id uuid not null references bastion.tenants on delete
-    cascade, value text not null check (length(value) <= 320), created_by
-    uuid, created_at timestamptz not null default now(), unique (tenant_id,
-    value))`` with row-level security on ``tenant_id`` like migration 0027's
-    egress lists: owners write, members read, every change audited).
-    """
+    """Allow-lists given in memory, by tenant (tests; the processes read the
+    tenant's table, :mod:`bastion.safety.tenant_policies`)."""
 
     def __init__(self, lists: Mapping[UUID, Iterable[str]] | None = None) -> None:
         self._lists = {tenant: tuple(values) for tenant, values in (lists or {}).items()}
@@ -78,19 +76,25 @@ class AllowList:
 
     values: tuple[str, ...] = ()
     regions: tuple[str, ...] = DEFAULT_REGIONS
+    entries: tuple[tuple[str, str], ...] = ()
+    """Values kept for one kind only: ``(kind, value)`` (the database's entries)."""
     _by_kind: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for kind in KINDS:
-            self._by_kind[kind] = frozenset(normalize(kind, v, self.regions) for v in self.values)
+        for kind in {*KINDS, *(k for k, _v in self.entries)}:
+            self._by_kind[kind] = self._wanted(kind)
+
+    def _wanted(self, kind: str) -> frozenset[str]:
+        kinded = (v for k, v in self.entries if k == kind)
+        return frozenset(normalize(kind, v, self.regions) for v in (*self.values, *kinded))
 
     def keeps(self, entity: Entity) -> bool:
         """Whether ``entity``'s value is on the list (compared normalised, as its kind is)."""
-        if not self.values:
+        if not self.values and not self.entries:
             return False
         wanted = self._by_kind.get(entity.kind)
         if wanted is None:  # a kind added later: normalised the generic way
-            wanted = frozenset(normalize(entity.kind, v, self.regions) for v in self.values)
+            wanted = self._wanted(entity.kind)
         return normalize(entity.kind, entity.value, self.regions) in wanted
 
     def filter(self, entities: Iterable[Entity]) -> list[Entity]:
@@ -99,6 +103,10 @@ class AllowList:
 
 
 EMPTY = AllowList()
+
+
+def _valid(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and len(value) <= MAX_ENTRY_CHARS
 
 
 class PiiAllowLists:
@@ -123,17 +131,21 @@ class PiiAllowLists:
         if cached is not None and cached[0] > now:
             return cached[1]
         try:
-            values = tuple(await self.store.values(tenant_id))
+            items = tuple(await self.store.values(tenant_id))
         except Exception as error:  # any failure: refuse, never an empty list
             raise PiiAllowListUnavailable(
                 "the tenant's PII allow-list could not be read", retry_after=5
             ) from error
+        values = tuple(v for v in items if isinstance(v, str))
+        entries = tuple(v for v in items if isinstance(v, tuple) and len(v) == 2)
         # Oversized entries or lists are a store's bug: refuse rather than guess.
-        if len(values) > MAX_ENTRIES or any(
-            not isinstance(v, str) or not v.strip() or len(v) > MAX_ENTRY_CHARS for v in values
+        if (
+            len(items) > MAX_ENTRIES
+            or len(values) + len(entries) != len(items)
+            or not all(_valid(v) for v in (*values, *(v for _k, v in entries)))
         ):
             raise PiiAllowListUnavailable("the tenant's PII allow-list is not valid", retry_after=5)
-        allow = AllowList(values, self.regions) if values else EMPTY
+        allow = AllowList(values, self.regions, entries) if items else EMPTY
         if len(self._cache) >= MAX_CACHED:
             self._cache.clear()
         self._cache[tenant_id] = (now + self.ttl_seconds, allow)

@@ -28,6 +28,12 @@ BR_CPF = "br_cpf"
 NL_BSN = "nl_bsn"
 IP_ADDRESS = "ip_address"
 SECRET = "secret"  # noqa: S105 - a kind name, not a password
+# Found by a model, not a pattern (bastion.safety.pii_names).
+DOB = "dob"
+PERSON = "person"
+ADDRESS = "address"
+PLACE = "place"
+MODEL_KINDS: tuple[str, ...] = (ADDRESS, PERSON, PLACE)
 
 KINDS: tuple[str, ...] = (
     SECRET,
@@ -42,7 +48,11 @@ KINDS: tuple[str, ...] = (
     NL_BSN,
     CARD,
     IP_ADDRESS,
+    DOB,
     PHONE,
+    ADDRESS,
+    PERSON,
+    PLACE,
 )
 """Every kind, in the priority order that settles overlaps."""
 

@@ -2,9 +2,11 @@
 event loop (issue 23, A3).
 
 A scan (:meth:`~bastion.safety.pii.PiiRecognizer.find`) is linear in its
-input but not cheap: measured on a 2-core box, 0.15-0.6 ms per KiB of
-ordinary text and up to 1.4 ms per KiB of text dense with e-mail addresses
-and phone-shaped digits (0.8 s per MiB). A prompt of 500 turns, a document's
+input but not cheap: with the name tagger (issue 16), measured on a loaded
+2-core box (median of 60 runs over a dozen windows of the demo tickets, and of
+text dense with e-mail addresses and phones), 0.8 / 1.3 / 2.0 ms for 256 /
+512 / 1024 characters of tickets and 1.0 / 1.5 / 3.0 ms of the dense text (a
+fixed ~0.5 ms of it is the tagger's per-call numpy work). A prompt of 500 turns, a document's
 text or a model's answer is that big at the sender's choice, and one event
 loop serves every tenant of the process.
 
@@ -16,7 +18,9 @@ costs 0.2 ms. Hence:
 
 - up to :data:`INLINE_SCAN_CHARS` in one call (all texts together: a
   thousand short turns are as heavy as one long one) are scanned inline,
-  under 1.5 ms at worst;
+  about 1.5 ms at worst (the dense text's median at 512 characters); an
+  injection screen, 0.25 / 0.42 ms at 512 / 1024 characters, inline up to
+  :data:`INLINE_SCREEN_CHARS`;
 - anything larger goes to this process's ``screens`` pool under the
   tenant's share (:func:`bastion.offload.shared_pool`): a flood of one
   tenant waits behind itself, and past its queue is refused at once with
@@ -33,11 +37,12 @@ from typing import Any, TypeVar
 
 from bastion.errors import BastionError, Kind
 from bastion.offload import FairProcessPool, JobFailed, JobTimedOut, PoolBusy, shared_pool
-from bastion.safety.injection import Source, Verdict, screen
+from bastion.safety.injection import DEFAULT_POLICY, ScreenPolicy, Source, Verdict, screen
 from bastion.safety.pii import Entity, OutputScan, PiiRecognizer, scan_output
 
 __all__ = [
     "INLINE_SCAN_CHARS",
+    "INLINE_SCREEN_CHARS",
     "ScanBusy",
     "ScanUnavailable",
     "find_each",
@@ -50,8 +55,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Characters per call scanned on the event loop (< 1.5 ms measured, see above).
-INLINE_SCAN_CHARS = 1024
+# Characters per call scanned on the event loop (<= ~1.5 ms measured, see above).
+INLINE_SCAN_CHARS = 512
+# Characters per call screened for injection on the event loop (~0.4 ms measured).
+INLINE_SCREEN_CHARS = 1024
 
 
 class ScanBusy(BastionError):
@@ -94,8 +101,10 @@ def _scan_each(texts: Sequence[str | bytes], opaque: frozenset[str]) -> list[Out
     return [scan_output(text, opaque=opaque) for text in texts]
 
 
-def _screen_each(texts: Sequence[str | bytes], source: Source) -> list[Verdict]:
-    return [screen(text, source) for text in texts]
+def _screen_each(
+    texts: Sequence[str | bytes], source: Source, policy: ScreenPolicy = DEFAULT_POLICY
+) -> list[Verdict]:
+    return [screen(text, source, policy) for text in texts]
 
 
 # -- on the event loop ---------------------------------------------------------------
@@ -164,11 +173,13 @@ async def screen_each(
     texts: Sequence[str | bytes],
     source: Source,
     *,
+    policy: ScreenPolicy = DEFAULT_POLICY,
     pool: FairProcessPool | None = None,
 ) -> list[Verdict]:
     """The injection :func:`~bastion.safety.injection.screen` of each of ``texts``
-    from ``source`` (about 1.5 ms per KiB), for ``tenant``; inline or in the pool
-    as :func:`find_each`, raising as it does (and as the screen does)."""
-    if _size(texts) <= INLINE_SCAN_CHARS:
-        return [screen(text, source) for text in texts]
-    return await in_scanning_pool(pool, tenant, _screen_each, list(texts), source)
+    from ``source`` under ``policy`` (about 0.4 ms per KiB), for ``tenant``; inline
+    up to :data:`INLINE_SCREEN_CHARS`, else in the pool as :func:`find_each`, raising
+    as it does (and as the screen does)."""
+    if _size(texts) <= INLINE_SCREEN_CHARS:
+        return [screen(text, source, policy) for text in texts]
+    return await in_scanning_pool(pool, tenant, _screen_each, list(texts), source, policy)

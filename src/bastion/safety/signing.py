@@ -8,7 +8,10 @@ gateway checks again. The gateway refuses
 an unsigned, altered (any byte of the body or the envelope), expired or
 replayed request. Keys live in the key ring and rotate with overlap: the
 envelope names the key version (``kid``) that signed it, and every version
-not retired still verifies.
+not retired still verifies. A new version signs only once it has been in the
+key ring for :data:`PUBLISH_AHEAD_SECONDS`, longer than any verifier caches
+the version list: a verifier in another process never meets a ``kid`` it
+has not loaded yet (an "unknown-key" refusal mid-rotation).
 
 Tool calls a model proposes come back from the gateway signed the same way
 (:class:`ToolCallSigner`), after a policy check; whatever executes them
@@ -37,6 +40,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -54,6 +58,12 @@ TOOL_CALL_MAX_AGE_SECONDS = 300
 CLOCK_SKEW_SECONDS = 5
 # A rotation or retirement reaches the verifier within this long.
 KEY_REFRESH_SECONDS = 5.0
+# A new key version signs only after this long in the key ring: every verifier
+# has re-read the version list by then (twice its refresh interval, plus the
+# keystore's one-second ``created_at`` precision).
+PUBLISH_AHEAD_SECONDS = 2 * KEY_REFRESH_SECONDS + 1
+# How long the signer keeps its choice of version before looking again.
+_SIGNER_REFRESH_SECONDS = 1.0
 MAC_BYTES = 32  # HMAC-SHA256
 
 
@@ -99,11 +109,12 @@ class SignedTokens:
         self._seen: dict[str, float] = {}
         self._keys: dict[int, bytes] = {}
         self._keys_read_at = float("-inf")
+        self._signing: tuple[int, bytes] | None = None
+        self._signing_read_at = float("-inf")
 
     def issue(self, claims: dict[str, Any]) -> str:
         """Sign ``claims`` (strings and integers) adding ``kid``, ``ts`` and ``nonce``."""
-        self.keystore.ensure(self.key_name, lambda: secrets.token_bytes(32))
-        kid, key = self.keystore.current(self.key_name)
+        kid, key = self._signing_key()
         payload = canonical(
             {**claims, "kid": kid, "ts": int(self.clock()), "nonce": secrets.token_urlsafe(16)}
         )
@@ -150,6 +161,24 @@ class SignedTokens:
             raise EnvelopeInvalid("replayed")
         self._seen[claims["nonce"]] = claims["ts"]
 
+    def _signing_key(self) -> tuple[int, bytes]:
+        """``(version, key)`` to sign with: the newest active version that has been
+        in the key ring for :data:`PUBLISH_AHEAD_SECONDS`; if none has (a new
+        ring), the oldest active one. The first key is created on first use."""
+        now = time.monotonic()
+        if self._signing is not None and now - self._signing_read_at < _SIGNER_REFRESH_SECONDS:
+            return self._signing
+        self.keystore.ensure(self.key_name, lambda: secrets.token_bytes(32))
+        active = [v for v in self.keystore.versions(self.key_name) if v.state == "active"]
+        if not active:  # pragma: no cover - ensure() just made one
+            raise SecretNotFound(f"{self.key_name} has no active version")
+        wall = self.clock()
+        ready = [v for v in active if _created_at(v.created_at) + PUBLISH_AHEAD_SECONDS <= wall]
+        chosen = max(ready, key=lambda v: v.version) if ready else active[0]
+        self._signing = (chosen.version, self.keystore.get(self.key_name, chosen.version))
+        self._signing_read_at = now
+        return self._signing
+
     def _verification_keys(self) -> dict[int, bytes]:
         """The active key versions, re-read from the key ring every few seconds."""
         now = time.monotonic()
@@ -171,6 +200,15 @@ class SignedTokens:
             return
         horizon = now - self.max_age - CLOCK_SKEW_SECONDS
         self._seen = {n: t for n, t in self._seen.items() if t >= horizon}
+
+
+def _created_at(stamp: str) -> float:
+    """Epoch seconds of a version's ``created_at`` (ISO 8601, rounded down to the
+    second, so one second is added); an unreadable one counts as brand new."""
+    try:
+        return datetime.fromisoformat(stamp).timestamp() + 1.0
+    except ValueError:
+        return float("inf")
 
 
 class EnvelopeSigner:

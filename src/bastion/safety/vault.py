@@ -33,7 +33,7 @@ import hashlib
 import hmac
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -60,7 +60,7 @@ from bastion.safety.scanning import (
     scanning_recognizer,
 )
 from bastion.secrets.errors import KMSError
-from bastion.secrets.protocols import KeyContext
+from bastion.secrets.protocols import KMS, KeyContext, RotatesKEKs
 from bastion.secrets.tenant_keys import (
     CACHE_SECONDS,
     DecryptionFailed,
@@ -85,7 +85,6 @@ __all__ = [
     "TokenNotFound",
     "TokenRef",
     "VaultKeyUnavailable",
-    "configured_allow_lists",
     "tokens_in",
 ]
 
@@ -167,12 +166,6 @@ def _token_shaped(text: str | bytes) -> list[str]:
         except UnicodeDecodeError:
             return []
     return tokens_in(text)
-
-
-def configured_allow_lists(lists: Mapping[UUID, Sequence[str]]) -> PiiAllowLists | None:
-    """The tenants' PII allow-lists given in the settings (``pii_allow_lists``),
-    for a :class:`PiiVault`; None when there are none."""
-    return PiiAllowLists(StaticAllowLists(lists)) if lists else None
 
 
 def _label(kind: str) -> str:
@@ -613,3 +606,30 @@ class PiiVault:
         )
         values = {r.token: r.value for r in revealed}
         return TOKEN_PATTERN.sub(lambda m: values[m.group()], text), revealed
+
+
+async def rewrap_token_key(tx: Conn, kms: KMS, tenant_id: UUID) -> int:
+    """Re-wrap the tenant's PII token key under its current KEK (after a KEK
+    rotation); return 1 if it has one, else 0. The key itself, and so every
+    token, stays the same. ``tx``: a transaction of the tenant. Raises
+    :class:`VaultKeyUnavailable`."""
+    context = PiiVault._context(tenant_id)
+    cur = await tx.execute(
+        "SELECT wrapped FROM bastion.pii_token_keys WHERE tenant_id = %s FOR UPDATE",
+        (tenant_id,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return 0
+    try:
+        if isinstance(kms, RotatesKEKs):  # the plaintext stays in the backend
+            rewrapped = kms.rewrap(row["wrapped"], context)
+        else:
+            rewrapped = kms.wrap(kms.unwrap(row["wrapped"], context), context)
+    except KMSError:
+        raise VaultKeyUnavailable("the tenant's token key does not unwrap") from None
+    await tx.execute(
+        "UPDATE bastion.pii_token_keys SET wrapped = %s WHERE tenant_id = %s",
+        (rewrapped, tenant_id),
+    )
+    return 1

@@ -3,17 +3,20 @@
 Everything else receives a :class:`~bastion.secrets.protocols.Keystore` and a
 :class:`~bastion.secrets.protocols.KMS` from here (through the composition
 code) and never names a backend: ``settings.secrets_backend`` picks the local
-keystore or OpenBao/Vault (:mod:`bastion.secrets.openbao`, which signs in
-here, so an unreachable store stops start-up with one line naming it).
+keystore, OpenBao/Vault (:mod:`bastion.secrets.openbao`) or AWS KMS
+(:mod:`bastion.secrets.awskms`); both sign in here, so an unreachable store
+stops start-up with one line naming it, and nothing falls back to a local key.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+from bastion.logs import get_logger
 from bastion.secrets.kms import LocalKMS
 from bastion.secrets.protocols import KMS, Keystore
-from bastion.secrets.store import LocalKeystore
+from bastion.secrets.store import LocalKeystore, _private_dir, _write_atomic
 from bastion.settings import Settings
 
 
@@ -37,10 +40,20 @@ def open_key_ring(
     :class:`~bastion.secrets.errors.SecretsBackendUnavailable` if it cannot.
     """
     if settings.secrets_backend == "local":
+        if keystore is None:
+            move_legacy_master_key(settings)
         store = keystore or LocalKeystore(
             settings.resolved_keystore_file, settings.resolved_master_key_file
         )
         return KeyRing(store, kms or LocalKMS(store))
+    if settings.secrets_backend == "awskms":
+        from bastion.secrets.awskms import open_awskms  # boto3 only when configured
+
+        if keystore is not None and kms is not None:
+            return KeyRing(keystore, kms)
+        move_legacy_master_key(settings)
+        kms_keystore, aws_kms = open_awskms(settings)
+        return KeyRing(keystore or kms_keystore, kms or aws_kms)
     if settings.secrets_backend == "openbao":
         from bastion.secrets.openbao import open_openbao  # hvac only when configured
 
@@ -49,6 +62,29 @@ def open_key_ring(
         bao_keystore, bao_kms = open_openbao(settings)
         return KeyRing(keystore or bao_keystore, kms or bao_kms)
     raise AssertionError(f"unknown secrets backend {settings.secrets_backend!r}")  # Literal
+
+
+def move_legacy_master_key(settings: Settings) -> None:
+    """Move an older install's master key out of the keystore directory.
+
+    It used to sit beside ``keystore.bin``; now it lives in a directory of its
+    own (:attr:`Settings.resolved_master_key_file`), so a backup of the
+    keystore directory holds no key. Moved once, by rename or by a private
+    copy then unlink when the two are on different file systems; never
+    overwrites a master key already at the new place.
+    """
+    new, old = settings.resolved_master_key_file, settings.legacy_master_key_file
+    if settings.master_key_file is not None or new == old or new.exists() or not old.exists():
+        return
+    _private_dir(new.parent)
+    try:
+        os.link(old, new)  # fails rather than replace; same file system only
+    except FileExistsError:
+        return  # another process moved it first
+    except OSError:
+        _write_atomic(new, old.read_bytes(), exclusive=True)
+    old.unlink()
+    get_logger("bastion.secrets").warning("master_key_moved", old=str(old), new=str(new))
 
 
 def open_keystore(settings: Settings) -> Keystore:

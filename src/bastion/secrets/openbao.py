@@ -14,7 +14,11 @@ transit for the tenants' key-encryption keys.
   version): a blob presented under another context does not decrypt. One key
   per tenant (not one key with a context per tenant) because a derived key
   cannot be deleted alone: deleting the tenant's transit key is what makes
-  ``bastion tenant shred`` hold in OpenBao.
+  ``bastion tenant shred`` hold in OpenBao. ``bastion keys rotate kek``
+  rotates it with transit ``rotate`` (every older version still decrypts:
+  a backup's blobs) and re-wraps the data keys with ``rewrap``, inside
+  OpenBao (the policy needs ``transit/rewrap/*`` and ``list`` on
+  ``transit/keys``).
 * :class:`OpenBaoSession`: signs in with AppRole or a Kubernetes
   service-account token, renews its token at two thirds of its TTL, signs in
   again when renewal is refused or the token was revoked, and turns transport
@@ -38,6 +42,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -59,6 +64,7 @@ from bastion.settings import Settings
 T = TypeVar("T")
 
 FINGERPRINT_KEY = "bastion-keystore-fingerprint"
+TENANT_KEY_PREFIX = "bastion-tenant-"
 _TRANSPORT_ERRORS = (
     requests.exceptions.ConnectionError,
     requests.exceptions.Timeout,
@@ -347,6 +353,34 @@ class OpenBaoKeystore:
             self._write(name, generate())
             return self.current(name)[1]
 
+    def read_reference(self, scheme: str, name: str, fragment: str | None) -> bytes:
+        """A field of a KV v2 secret written by an operator: ``bao://kv/<path>#<field>``
+        reads ``<field>`` of ``<kv mount>/<path>`` (its current version), as UTF-8."""
+        ref = f"{scheme}://{name}"
+        if scheme != "bao":
+            raise InvalidSecretRef(
+                f"secret backend {scheme}:// is not configured (BASTION_SECRETS_BACKEND=openbao)"
+            )
+        if not name.startswith("kv/") or not fragment:
+            raise InvalidSecretRef(f"{ref}: an OpenBao reference is bao://kv/<path>#<field>")
+        ref, path = f"{ref}#{fragment}", name.removeprefix("kv/")
+        try:
+            answer = self.session.call(
+                lambda c: c.secrets.kv.v2.read_secret_version(
+                    path, mount_point=self.mount, raise_on_deleted_version=True
+                )
+            )
+        except hvac.exceptions.InvalidPath:
+            raise SecretNotFound(f"{ref}: no such secret in {self.mount}/") from None
+        except SecretsBackendRefused as refused:
+            raise SecretsBackendRefused(f"{ref}: {refused}") from None
+        except SecretsBackendUnavailable as down:
+            raise SecretsBackendUnavailable(f"{ref}: {down}") from None
+        value = (answer.get("data") or {}).get("data", {}).get(fragment)
+        if not isinstance(value, str) or not value:
+            raise SecretNotFound(f"{ref}: the secret has no field {fragment!r}")
+        return value.encode()
+
     def delete(self, name: str) -> None:
         self._metadata(name)  # SecretNotFound if absent
         path = self._path(name)
@@ -370,7 +404,7 @@ class OpenBaoKMS:
     @staticmethod
     def key_name(tenant_id: UUID) -> str:
         """The transit key holding the tenant's KEK."""
-        return f"bastion-tenant-{tenant_id}"
+        return f"{TENANT_KEY_PREFIX}{tenant_id}"
 
     def _transit(self) -> Any:
         return self.session.client.secrets.transit
@@ -447,6 +481,66 @@ class OpenBaoKMS:
         data_key = os.urandom(32)
         return data_key, self.wrap(data_key, context)
 
+    # -- rotation (RotatesKEKs): transit's own key versions ------------------------
+
+    def tenant_keks(self) -> list[UUID]:
+        try:
+            answer = self.session.call(lambda c: self._transit().list_keys(mount_point=self.mount))
+        except hvac.exceptions.InvalidPath:
+            return []  # no transit key at all yet
+        found: list[UUID] = []
+        for name in answer["data"]["keys"]:
+            if str(name).startswith(TENANT_KEY_PREFIX):
+                with contextlib.suppress(ValueError):
+                    found.append(UUID(str(name)[len(TENANT_KEY_PREFIX) :]))
+        return found
+
+    def _read_key(self, name: str) -> dict[str, Any]:
+        answer = self.session.call(lambda c: self._transit().read_key(name, mount_point=self.mount))
+        data: dict[str, Any] = answer["data"]
+        return data
+
+    def kek_versions(self, tenant_id: UUID) -> list[SecretVersionInfo]:
+        name = self.key_name(tenant_id)
+        data = self._read_key(name)
+        oldest = int(data.get("min_decryption_version") or 1)
+        return [
+            SecretVersionInfo(
+                version=int(number),
+                created_at=_transit_time(created),
+                state="active" if int(number) >= oldest else "retired",
+                fingerprint="in-openbao",
+            )
+            for number, created in sorted(data["keys"].items(), key=lambda kv: int(kv[0]))
+        ]
+
+    def rotate_kek(self, tenant_id: UUID) -> int:
+        """transit ``rotate``: encryptions use the new version at once; every older
+        version still decrypts (``min_decryption_version`` is left alone)."""
+        name = self.key_name(tenant_id)
+        self.session.call(lambda c: self._transit().rotate_key(name, mount_point=self.mount))
+        data = self._read_key(name)
+        return int(data["latest_version"])
+
+    def rewrap(self, blob: bytes, context: KeyContext) -> bytes:
+        """transit ``rewrap``: the data key is re-encrypted inside OpenBao."""
+        name = self.key_name(context.tenant_id)
+        try:
+            ciphertext = blob.decode("ascii")
+            answer = self.session.call(
+                lambda c: self._transit().rewrap_data(
+                    name, ciphertext, context=_b64(context.encode()), mount_point=self.mount
+                )
+            )
+            rewrapped = str(answer["data"]["ciphertext"]).encode("ascii")
+        except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest):
+            raise KMSError(
+                "wrapped key does not verify (altered, another context, or shredded)"
+            ) from None
+        except (UnicodeDecodeError, KeyError, TypeError):
+            raise KMSError("wrapped key is malformed") from None
+        return rewrapped
+
     def destroy_tenant(self, tenant_id: UUID) -> None:
         with self._lock:
             for entry in [k for k, v in self._cache.items() if v[1] == tenant_id]:
@@ -463,6 +557,17 @@ class OpenBaoKMS:
             )
         )
         self.session.call(lambda c: self._transit().delete_key(name, mount_point=self.mount))
+
+
+def _transit_time(created: Any) -> str:
+    """A transit key version's creation time (a Unix time, or RFC 3339 for some
+    key types) as ISO 8601, like the keystore's ``created_at``."""
+    if isinstance(created, int | float):
+        return datetime.fromtimestamp(created, UTC).isoformat()
+    try:
+        return datetime.fromisoformat(str(created).replace("Z", "+00:00")).isoformat()
+    except ValueError:
+        return datetime.now(UTC).isoformat()
 
 
 def open_openbao(settings: Settings) -> tuple[OpenBaoKeystore, OpenBaoKMS]:

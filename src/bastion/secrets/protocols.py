@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from uuid import UUID
 
 
@@ -118,4 +118,54 @@ class KMS(Protocol):
 
     def destroy_tenant(self, tenant_id: UUID) -> None:
         """Destroy the tenant's KEK for good (crypto-shred); no-op if it has none."""
+        ...
+
+
+@runtime_checkable
+class RotatesKEKs(Protocol):
+    """A KMS whose tenant KEKs are rotated inside the backend (OpenBao transit,
+    AWS KMS): a new key version wraps from then on, older versions keep
+    unwrapping (a backup's blobs), and a data key is re-wrapped without its
+    plaintext leaving the backend."""
+
+    def tenant_keks(self) -> list[UUID]:
+        """The tenants that have a KEK in this backend."""
+        ...
+
+    def kek_versions(self, tenant_id: UUID) -> list[SecretVersionInfo]:
+        """The versions of the tenant's KEK, oldest first (no fingerprint: the
+        key material never leaves the backend)."""
+        ...
+
+    def rotate_kek(self, tenant_id: UUID) -> int:
+        """Add a new version of the tenant's KEK and return its number."""
+        ...
+
+    def rewrap(self, blob: bytes, context: KeyContext) -> bytes:
+        """``blob`` re-wrapped under the KEK's newest version, bound to the same
+        ``context``; raise :class:`~bastion.secrets.errors.KMSError` as unwrap does."""
+        ...
+
+
+@runtime_checkable
+class ReadsReferences(Protocol):
+    """A keystore that also reads its backend's own references
+    (``bao://kv/<path>#<field>``, ``awskms://alias/<name>#<ciphertext>``)."""
+
+    def read_reference(self, scheme: str, name: str, fragment: str | None) -> bytes:
+        """The value; raise :class:`~bastion.secrets.errors.InvalidSecretRef` or
+        :class:`~bastion.secrets.errors.SecretNotFound` naming the reference only."""
+        ...
+
+
+class MasterKeySealer(Protocol):
+    """Wraps the local keystore's master key under a key held by a KMS, so the
+    master key file holds only a ciphertext (``master_key_ref``)."""
+
+    def seal(self, master_key: bytes) -> bytes:
+        """The master key encrypted under the KMS key."""
+        ...
+
+    def unseal(self, sealed: bytes) -> bytes:
+        """The master key; raise :class:`~bastion.secrets.errors.KMSError` if it does not open."""
         ...

@@ -91,7 +91,7 @@ def _line_of(starts: list[int], offset: int) -> int:
     return low
 
 
-def _read_text(path: Path) -> str | None:
+def read_text_file(path: Path) -> str | None:
     """The file's text, or None for a binary, unreadable or oversized file."""
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
@@ -123,7 +123,7 @@ def _git(root: Path, *args: str) -> str:
     return done.stdout.decode("utf-8", errors="replace")
 
 
-def _files(root: Path) -> Iterator[tuple[Path, str]]:
+def project_files(root: Path) -> Iterator[tuple[Path, str]]:
     """Each file to scan under ``root``, with its path relative to ``root``.
 
     In a git work tree: the tracked files and the untracked ones not ignored
@@ -146,8 +146,8 @@ def _files(root: Path) -> Iterator[tuple[Path, str]]:
 
 
 def scan_files(root: Path) -> Iterator[Finding]:
-    for full, relative in _files(root):
-        text = _read_text(full)
+    for full, relative in project_files(root):
+        text = read_text_file(full)
         if text is not None:
             yield from scan_text(text, relative)
 

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bastion.encoding import b64_decode, b64_encode
+from bastion.logs import get_logger
 from bastion.secrets.errors import (
     InsecurePermissions,
     InvalidSecretRef,
@@ -48,13 +49,16 @@ from bastion.secrets.errors import (
     MasterKeyMissing,
     SecretNotFound,
 )
-from bastion.secrets.protocols import Keystore, SecretVersionInfo
+from bastion.secrets.protocols import Keystore, MasterKeySealer, ReadsReferences, SecretVersionInfo
 
 MAGIC = b"BKS1"
 _NONCE = 12
 # HKDF info of the fingerprint key: one key, one use (NIST SP 800-57 part 1, 5.2).
 _FINGERPRINT_INFO = b"bastion/keystore/fingerprint/v1"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}$")
+# The name part of a bao:// or awskms:// reference: a path or an alias.
+_EXTERNAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$")
+EXTERNAL_SCHEMES = ("bao", "awskms")
 
 Document = dict[str, list[dict[str, Any]]]
 
@@ -68,10 +72,16 @@ class LocalKeystore:
     fails closed and never falls back to an empty or new one.
     """
 
-    def __init__(self, keystore_file: Path, master_key_file: Path) -> None:
+    def __init__(
+        self, keystore_file: Path, master_key_file: Path, *, sealer: MasterKeySealer | None = None
+    ) -> None:
         self.path = keystore_file
         self.master_key_file = master_key_file
         self._lock_path = keystore_file.with_name(keystore_file.name + ".lock")
+        # With a sealer (master_key_ref) the file holds the key wrapped by a KMS;
+        # the unwrapped key is kept for as long as the file holds that blob.
+        self.sealer = sealer
+        self._unsealed: tuple[bytes, bytes] | None = None
 
     # -- reading ----------------------------------------------------------------
 
@@ -205,15 +215,39 @@ class LocalKeystore:
             if not create:
                 raise SecretNotFound("the keystore is empty")
             _private_dir(self.master_key_file.parent)
+            fresh = secrets.token_bytes(32)
+            stored = self.sealer.seal(fresh) if self.sealer is not None else fresh
             # Exclusive: an existing master key is never replaced, whatever races.
-            _write_atomic(self.master_key_file, secrets.token_bytes(32), exclusive=True)
+            _write_atomic(self.master_key_file, stored, exclusive=True)
         _require_private(self.master_key_file)
-        key = self.master_key_file.read_bytes()
+        key = self._unseal(self.master_key_file.read_bytes())
         if len(key) != 32:
             raise KeystoreLocked(
                 f"master key file {self.master_key_file} does not hold a 32-byte key; "
                 "failing closed"
             )
+        return key
+
+    def _unseal(self, stored: bytes) -> bytes:
+        """The master key from the file's bytes: as they are, or unwrapped by the sealer.
+
+        A plain 32-byte key found where a sealed one belongs (an install that
+        just configured ``master_key_ref``) is sealed in place, once.
+        """
+        if self.sealer is None:
+            return stored
+        if self._unsealed is not None and self._unsealed[0] == stored:
+            return self._unsealed[1]
+        if len(stored) == 32:
+            sealed = self.sealer.seal(stored)
+            _write_atomic(self.master_key_file, sealed)
+            get_logger("bastion.secrets").warning(
+                "master_key_sealed", file=str(self.master_key_file)
+            )
+            self._unsealed = (sealed, stored)
+            return stored
+        key = self.sealer.unseal(stored)
+        self._unsealed = (stored, key)
         return key
 
     def _load(self) -> Document:
@@ -263,34 +297,71 @@ class LocalKeystore:
 
 @dataclass(frozen=True)
 class SecretRef:
-    """A reference such as ``local://jwt/signing`` or ``local://db/key#3``."""
+    """A reference to a secret: ``local://jwt/signing``, ``local://db/key#3`` (a
+    version), ``bao://kv/bastion/stripe#webhook_secret`` (a field of an OpenBao
+    KV v2 secret) or ``awskms://alias/name#<ciphertext>`` (a value KMS decrypts).
+
+    ``fragment`` is what follows ``#`` for the other schemes; never show it
+    (an awskms one is a ciphertext): :meth:`display` names the reference.
+    """
 
     scheme: str
     name: str
     version: int | None = None
+    fragment: str | None = None
 
     @classmethod
     def parse(cls, ref: str) -> SecretRef:
-        """Parse ``scheme://name[#version]``; raise :class:`InvalidSecretRef`."""
-        match = re.fullmatch(r"([a-z][a-z0-9]*)://([^#]+)(?:#([0-9]+))?", ref)
+        """Parse ``scheme://name[#version or fragment]``; raise :class:`InvalidSecretRef`
+        (naming the scheme at most: the text given may be a misplaced secret)."""
+        match = re.fullmatch(r"([a-z][a-z0-9]*)://([^#\s]+)(?:#(\S+))?", ref)
         if match is None:
-            raise InvalidSecretRef("a secret reference looks like local://name[#version]")
-        scheme, name, version = match.groups()
-        _check_name(name)
-        return cls(scheme, name, int(version) if version else None)
+            raise InvalidSecretRef(
+                "a secret reference looks like local://name[#version], "
+                "bao://kv/path#field or awskms://alias/name"
+            )
+        scheme, name, fragment = match.groups()
+        if scheme == "local":
+            _check_name(name)
+            if fragment is not None and not fragment.isdigit():
+                raise InvalidSecretRef("a local:// reference's #version is a number")
+            return cls(scheme, name, int(fragment) if fragment else None)
+        if not _EXTERNAL_NAME.fullmatch(name) or ".." in name.split("/"):
+            raise InvalidSecretRef(f"malformed {scheme}:// reference")
+        return cls(scheme, name, None, fragment)
+
+    def display(self) -> str:
+        """The reference as it may be shown: an awskms ciphertext is elided."""
+        if self.version is not None:
+            return f"{self.scheme}://{self.name}#{self.version}"
+        if self.fragment is not None and self.scheme != "awskms":
+            return f"{self.scheme}://{self.name}#{self.fragment}"
+        return f"{self.scheme}://{self.name}" + ("#..." if self.fragment else "")
 
 
 def resolve_ref(keystore: Keystore, ref: str | SecretRef) -> bytes:
-    """Return the value a reference points to.
+    """Return the value a reference points to, through the configured backend.
 
-    Raises :class:`InvalidSecretRef` for a scheme whose backend is not configured.
+    ``local://`` reads ``keystore`` (whichever backend it is); ``bao://`` and
+    ``awskms://`` are read by a keystore that :class:`ReadsReferences` of its
+    backend (the OpenBao keystore, the awskms one). Raises
+    :class:`InvalidSecretRef` for a scheme whose backend is not configured,
+    :class:`SecretNotFound` for a missing path or field; errors name the
+    reference, never a value.
     """
     parsed = SecretRef.parse(ref) if isinstance(ref, str) else ref
-    if parsed.scheme != "local":
+    if parsed.scheme == "local":
+        return keystore.get(parsed.name, parsed.version)
+    if parsed.scheme not in EXTERNAL_SCHEMES:
         raise InvalidSecretRef(
-            f"secret backend {parsed.scheme}:// is not configured (only local:// is available)"
+            f"unknown secret backend {parsed.scheme}:// (local://, bao://, awskms://)"
         )
-    return keystore.get(parsed.name, parsed.version)
+    if not isinstance(keystore, ReadsReferences):
+        raise InvalidSecretRef(
+            f"secret backend {parsed.scheme}:// is not configured "
+            "(BASTION_SECRETS_BACKEND=local reads local:// only)"
+        )
+    return keystore.read_reference(parsed.scheme, parsed.name, parsed.fragment)
 
 
 def _check_name(name: str) -> None:

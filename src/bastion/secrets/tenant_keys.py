@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from psycopg import AsyncConnection
 
 from bastion.secrets.errors import KMSError
-from bastion.secrets.protocols import KMS, KeyContext
+from bastion.secrets.protocols import KMS, KeyContext, RotatesKEKs
 from bastion.secrets.vector_transform import VectorTransform
 
 # A transaction of the tenant: bastion.db.pool.Conn, spelled out here because
@@ -239,6 +239,38 @@ class TenantKeys:
             raise KeyUnavailable(f"data key {version} of tenant {tenant_id} is unusable") from None
         self._keep(tenant_id, version, key)
         return key
+
+    async def rewrap(self, tx: Conn, tenant_id: UUID) -> int:
+        """Re-wrap every data key of the tenant under its current KEK (after a KEK
+        rotation); return how many rows changed. The data keys themselves, and
+        so every ciphertext under them, stay as they are: nothing is re-encrypted.
+
+        Compare-and-set per row, in ``tx`` (a transaction of ``tenant_id``).
+        Raises :class:`KeyUnavailable` if a key does not unwrap.
+        """
+        cur = await tx.execute(
+            "SELECT version, wrapped FROM bastion.data_keys WHERE tenant_id = %s FOR UPDATE",
+            (tenant_id,),
+        )
+        changed = 0
+        for row in await cur.fetchall():
+            context = self._context(tenant_id, row["version"])
+            try:
+                if isinstance(self.kms, RotatesKEKs):  # the plaintext stays in the backend
+                    rewrapped = self.kms.rewrap(row["wrapped"], context)
+                else:
+                    rewrapped = self.kms.wrap(self.kms.unwrap(row["wrapped"], context), context)
+            except KMSError:
+                raise KeyUnavailable(
+                    f"data key {row['version']} of tenant {tenant_id} is unusable"
+                ) from None
+            await tx.execute(
+                "UPDATE bastion.data_keys SET wrapped = %s "
+                "WHERE tenant_id = %s AND version = %s AND wrapped = %s",
+                (rewrapped, tenant_id, row["version"], row["wrapped"]),
+            )
+            changed += 1
+        return changed
 
     async def shred(self, tx: Conn, tenant_id: UUID) -> None:
         """Destroy the tenant's KEK and wrapped data keys: its ciphertext is gone for good.

@@ -137,6 +137,12 @@ class TenantService:
         async with self.db.tenant_tx(tenant_id, user_id, db_role) as tx:
             return await audit.recent(tx)
 
+    async def exists(self, tenant_id: UUID) -> bool:
+        """Whether ``tenant_id`` is a tenant of this database (RLS shows only its row)."""
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            row = await (await tx.execute("SELECT 1 FROM bastion.tenants")).fetchone()
+        return row is not None
+
     async def tenant_id(self, slug: str) -> UUID | None:
         """Return the id of the tenant named ``slug``, or None."""
         async with self.db.pool.connection() as conn:

@@ -49,13 +49,22 @@ HEARTBEAT_SECONDS = 2.0
 STALLED_SECONDS = 10.0
 
 
-def queue_app(conninfo: str, *, max_size: int = 8) -> procrastinate.App:
-    """Return the procrastinate app on the ``bastion_queue`` role's connection."""
+def queue_app(
+    conninfo: str, *, password: Callable[[], str] | None = None, max_size: int = 8
+) -> procrastinate.App:
+    """Return the procrastinate app on the ``bastion_queue`` role's connection.
+
+    ``password`` is read at each new connection (the pool's and the LISTEN
+    connection procrastinate opens beside it), so that a rotated password
+    (``bastion keys rotate db-password``) reaches a running worker.
+    """
+    options = {"options": "-c search_path=procrastinate"}
+
+    def kwargs() -> dict[str, Any]:
+        return options if password is None else {**options, "password": password()}
+
     connector = procrastinate.PsycopgConnector(
-        conninfo=conninfo,
-        min_size=1,
-        max_size=max_size,
-        kwargs={"options": "-c search_path=procrastinate"},
+        conninfo=conninfo, min_size=1, max_size=max_size, kwargs=kwargs
     )
     return procrastinate.App(connector=connector)
 

@@ -26,7 +26,7 @@ from bastion.db.pool import Database
 from bastion.logs import get_logger
 from bastion.secrets.errors import SecretNotFound
 from bastion.secrets.protocols import Keystore
-from bastion.secrets.store import SecretRef
+from bastion.secrets.store import SecretRef, resolve_ref
 
 # Larger than any Stripe or Adyen event; anything bigger is refused unread (413).
 MAX_BODY_BYTES = 256 * 1024
@@ -67,7 +67,8 @@ class ActiveSecrets:
 
     def __init__(self, keystore: Keystore, ref: str) -> None:
         self.keystore = keystore
-        self.name = SecretRef.parse(ref).name
+        self.ref = SecretRef.parse(ref)
+        self.name = self.ref.name
         self._lock = threading.Lock()
         self._cached: tuple[float, tuple[bytes, ...]] | None = None
 
@@ -77,15 +78,20 @@ class ActiveSecrets:
         with self._lock:
             if self._cached is not None and now - self._cached[0] < SECRET_CACHE_SECONDS:
                 return self._cached[1]
-        try:
-            infos = self.keystore.versions(self.name)
-        except SecretNotFound:
-            infos = []
-        active = tuple(
-            self.keystore.get(self.name, info.version)
-            for info in sorted(infos, key=lambda i: -i.version)
-            if info.state == "active"
-        )
+        if self.ref.scheme != "local":
+            # bao:// or awskms://: the one value the reference names (rotate
+            # it in the store; the overlap of several is a local:// feature).
+            active: tuple[bytes, ...] = (resolve_ref(self.keystore, self.ref),)
+        else:
+            try:
+                infos = self.keystore.versions(self.name)
+            except SecretNotFound:
+                infos = []
+            active = tuple(
+                self.keystore.get(self.name, info.version)
+                for info in sorted(infos, key=lambda i: -i.version)
+                if info.state == "active"
+            )
         with self._lock:
             self._cached = (now, active)
         return active

@@ -9,13 +9,12 @@ import httpx
 from rich.console import Console
 
 from bastion.billing.budgets import BudgetService
-from bastion.demo.common import DemoTenant, Report
+from bastion.demo.common import DemoTenant, GatewayLink, Report
 from bastion.errors import Kind
 from bastion.identity.client import login
 from bastion.identity.passwords import PasswordService
-from bastion.knowledge.answers import AskService, GatewayRefused
+from bastion.knowledge.answers import GatewayRefused
 from bastion.knowledge.service import Actor, KnowledgeService
-from bastion.safety.signing import EnvelopeSigner
 from bastion.secrets.protocols import Keystore
 
 
@@ -26,6 +25,7 @@ async def check_answers(
     urls: dict[str, str],
     keystore: Keystore,
     console: Console,
+    link: GatewayLink,
 ) -> None:
     """Questions answered through the gateway from each tenant's own tickets; budgets."""
     acme, globex = tenants
@@ -60,7 +60,7 @@ async def check_answers(
     )
     if body:
         console.print(f"[bold]{acme.slug}[/] answer: {body['answer'][:300]}", highlight=False)
-    ask = AskService(kb, EnvelopeSigner(keystore), urls["gateway"])
+    ask = link.ask(kb, keystore)
     viewer = Actor(globex.id, globex.users["viewer"], "viewer")
     answer = await ask.ask(viewer, "support", question, model="bastion-local")
     theirs = {d.id for d in await kb.documents(Actor(globex.id, None, "system"), "support")}

@@ -6,12 +6,11 @@ import asyncio
 import time
 
 from bastion import audit
-from bastion.demo.common import STANDIN_MODEL, DemoTenant, Report
+from bastion.demo.common import STANDIN_MODEL, DemoTenant, GatewayLink, Report
 from bastion.demo.upstream import StandInUpstream
 from bastion.errors import Kind
-from bastion.knowledge.answers import AskService, GatewayRefused
+from bastion.knowledge.answers import GatewayRefused
 from bastion.knowledge.service import Actor, KnowledgeService
-from bastion.safety.signing import EnvelopeSigner
 from bastion.secrets.protocols import Keystore
 
 
@@ -22,10 +21,11 @@ async def check_outage(
     urls: dict[str, str],
     keystore: Keystore,
     upstream: StandInUpstream,
+    link: GatewayLink,
 ) -> None:
     """The hosted model goes down: cached answers marked, 503 otherwise, then recovery."""
     acme = tenants[0]
-    ask = AskService(kb, EnvelopeSigner(keystore), urls["gateway"])
+    ask = link.ask(kb, keystore)
     asker = Actor(acme.id, acme.users["contributor"], "contributor")
     question = "Why was the customer charged twice?"
     before = upstream.calls

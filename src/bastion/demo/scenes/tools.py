@@ -7,11 +7,9 @@ import json
 import time
 from typing import Any
 
-import httpx
-
 from bastion import audit
-from bastion.db.service import queue_conninfo
-from bastion.demo.common import STANDIN_MODEL, DemoTenant, Report
+from bastion.db.service import queue_conninfo, queue_password
+from bastion.demo.common import STANDIN_MODEL, DemoTenant, GatewayLink, Report
 from bastion.knowledge.service import KnowledgeService
 from bastion.safety import tasks as safety_tasks
 from bastion.safety.sandbox import Sandbox, SandboxConfig, SandboxUnavailable
@@ -59,7 +57,7 @@ async def check_tools(
     kb: KnowledgeService,
     tenants: list[DemoTenant],
     keystore: Keystore,
-    gateway: str,
+    link: GatewayLink,
 ) -> None:
     """Signed tool calls from the gateway, run by the worker in the sandbox."""
     acme = tenants[0]
@@ -69,8 +67,8 @@ async def check_tools(
         missing = None
     except SandboxUnavailable as why:
         missing = str(why)
-    queue = queue_app(queue_conninfo(settings))
-    async with queue.open_async(), httpx.AsyncClient(timeout=30) as http:
+    queue = queue_app(queue_conninfo(settings), password=queue_password(settings))
+    async with queue.open_async(), link.client(timeout=30) as http:
         for what, script, expected in TOOL_SCENES:
             body = json.dumps(
                 {
@@ -83,7 +81,7 @@ async def check_tools(
                 tenant_id=acme.id, user_id=user, body=body, action="question:ask"
             )
             answer = await http.post(
-                f"{gateway}/v1/chat/completions",
+                f"{link.url}/v1/chat/completions",
                 content=body,
                 headers={"Content-Type": "application/json", HEADER: envelope},
             )

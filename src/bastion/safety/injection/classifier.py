@@ -1,14 +1,22 @@
-"""The learned tier of the injection screen: hashed character n-grams and a linear model.
+"""The learned tier of the injection screen: hashed character and word n-grams
+and a linear model.
 
-Cheap by construction: a text is NFKC-folded and casefolded (UAX #15), its
-character 3-, 4- and 5-grams are hashed (vectorised in numpy) into
-:data:`DIMENSIONS` buckets, and a logistic-regression weight vector trained by
-``bench/train_injection.py`` (``make train-injection``) scores them. Character
-n-grams are multilingual without a tokenizer or a vocabulary.
+Cheap by construction: a text is NFKC-folded and casefolded (UAX #15); its
+character 3-, 4- and 5-grams and its word unigrams and bigrams (words are runs
+of word characters) are hashed, vectorised in numpy, into :data:`DIMENSIONS` buckets,
+and a logistic-regression weight vector trained by ``bench/train_injection.py``
+(``make train-injection``) scores them. Character n-grams carry spelling and
+other languages without a tokenizer; word n-grams carry phrasing.
 
-Long texts are scored on bounded windows (:data:`WINDOW` characters, half
-overlapping) and the highest window counts, computed from one cumulative sum
-over the text, so the cost is linear in its length.
+Long texts are scanned at three scales (:data:`SCALES`): 1024-character
+windows for long jailbreaks, 256- and 128-character windows so that one
+instruction in a long document is less diluted; the highest window counts. Every feature sits
+at a position, so each window's sum comes from one cumulative sum and the cost
+is linear in the text's length.
+
+The threshold is the one that keeps false positives at or under 1.5% on
+*unseen* sources: chosen on out-of-fold scores, each training source group
+scored by a model that never saw it (``bench/train_injection.py``).
 
 The weights ship inside the package (``model/injection-ngram.npz``). They are
 verified (format, shape, SHA-256) when loaded; a missing or corrupt file raises
@@ -34,14 +42,21 @@ import numpy.typing as npt
 
 from bastion.errors import BastionError, Kind
 
-FORMAT = "bastion-injection-ngram/1"
-DIMENSIONS = 1 << 18
+FORMAT = "bastion-injection-ngram/2"
+DIMENSIONS = 1 << 19
 NGRAMS = (3, 4, 5)
+WORD_NGRAMS = (1, 2)
 WINDOW = 1024
 STRIDE = 512
+SCALES = ((WINDOW, STRIDE), (256, 128), (128, 64))
+"""Window sizes and strides, in characters, of the scan: a long window for
+long jailbreaks, short ones so that an instruction hidden in a long benign
+document is less diluted by the document around it. (Adding the 128-character
+scale raised out-of-fold detection from 65.8% to 72.6% at 1.5% false positives.)"""
 MODEL_PATH = Path(__file__).parent / "model" / "injection-ngram.npz"
 
 _SPACES = re.compile(r"\s+")
+_NON_WORD = re.compile(r"\W")
 # One odd 64-bit multiplier per position in the n-gram, one seed per n.
 _MULTIPLIERS = np.array(
     [
@@ -54,7 +69,12 @@ _MULTIPLIERS = np.array(
     dtype=np.uint64,
 )
 _SEEDS = {n: np.uint64(0x27D4EB2F165667C5 * n & 0xFFFFFFFFFFFFFFFF) for n in NGRAMS}
+_WORD_SEEDS = {n: np.uint64(0x94D049BB133111EB * n & 0xFFFFFFFFFFFFFFFF) for n in WORD_NGRAMS}
 _MIX = np.uint64(0xC4CEB9FE1A85EC53)
+# Polynomial hash of a word from one prefix sum: H[e] - H[s] scaled by the
+# inverse of base**s (odd numbers are invertible modulo 2**64).
+_BASE = 0x100000001B3
+_BASE_INVERSE = pow(_BASE, -1, 1 << 64)
 
 
 class ClassifierUnavailable(BastionError):
@@ -72,36 +92,70 @@ def prepare(text: str) -> str:
     return " " + _SPACES.sub(" ", folded).strip() + " "
 
 
-def ngram_buckets(prepared: str) -> npt.NDArray[np.int64]:
-    """Bucket of every n-gram, as an (len(NGRAMS), len(prepared)) array.
+def _mix(h: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint64(31))
+        h = h * _MIX
+        h = h ^ (h >> np.uint64(29))
+    return (h & np.uint64(DIMENSIONS - 1)).astype(np.int64)  # DIMENSIONS is a power of 2
 
-    Row r, column i is the bucket of the n-gram of length ``NGRAMS[r]`` that
-    starts at i, or -1 past the end of the text (so columns line up with
-    positions, which lets windows be summed with one cumulative sum).
+
+def _powers(base: int, count: int) -> npt.NDArray[np.uint64]:
+    out = np.ones(count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        out[1:] = np.cumprod(np.full(count, base, dtype=np.uint64))
+    return out
+
+
+def hashed(prepared: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Every feature of ``prepared`` as (position, bucket) pairs.
+
+    Character 3-, 4- and 5-grams sit at the position they start at; word
+    unigrams and bigrams at the start of their first word. Positions let the
+    scan sum any window of the text from one cumulative sum.
     """
     points = np.frombuffer(prepared.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     size = points.size
-    out = np.full((len(NGRAMS), size), -1, dtype=np.int64)
-    for row, n in enumerate(NGRAMS):
-        count = size - n + 1
+    positions: list[npt.NDArray[np.int64]] = []
+    buckets: list[npt.NDArray[np.int64]] = []
+    # The n-gram sums share their prefix: the (n+1)-gram's is the n-gram's plus one term.
+    running = np.zeros(size, dtype=np.uint64)
+    for k in range(max(NGRAMS)):
+        count = size - k
         if count <= 0:
-            continue
+            break
         with np.errstate(over="ignore"):
-            h = np.full(count, _SEEDS[n], dtype=np.uint64)
-            for k in range(n):
-                h += points[k : k + count] * _MULTIPLIERS[k]
-            h ^= h >> np.uint64(31)
-            h *= _MIX
-            h ^= h >> np.uint64(29)
-        out[row, :count] = (h % np.uint64(DIMENSIONS)).astype(np.int64)
-    return out
+            running = running[:count] + points[k : k + count] * _MULTIPLIERS[k]
+            if k + 1 in _SEEDS:
+                positions.append(np.arange(count, dtype=np.int64))
+                buckets.append(_mix(running + _SEEDS[k + 1]))
+    # Words: runs of \w characters (the substitution keeps every offset).
+    word = np.frombuffer(_NON_WORD.sub(" ", prepared).encode("utf-32-le"), dtype=np.uint32) != 32
+    edges = np.diff(np.concatenate(([0], word.astype(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    if starts.size:
+        with np.errstate(over="ignore"):
+            prefix = np.zeros(size + 1, dtype=np.uint64)
+            prefix[1:] = np.cumsum(points * _powers(_BASE, size)[:size])
+            words = (prefix[ends] - prefix[starts]) * _powers(_BASE_INVERSE, size)[starts]
+            grams = {
+                1: words ^ _WORD_SEEDS[1],
+                2: words[:-1] * _MULTIPLIERS[0] + words[1:] * _MULTIPLIERS[1] + _WORD_SEEDS[2],
+            }
+        for n in WORD_NGRAMS:
+            positions.append(starts[: grams[n].size].astype(np.int64))
+            buckets.append(_mix(grams[n]))
+    if not positions:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    return np.concatenate(positions), np.concatenate(buckets)
 
 
 def features(text: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Sparse features of one window: (buckets, values), values normalised by
-    the square root of the n-gram count (what training and scoring share)."""
-    buckets = ngram_buckets(prepare(text)[: WINDOW + 2])
-    flat = buckets[buckets >= 0]
+    the square root of the feature count (what training and scoring share)."""
+    _positions, flat = hashed(prepare(text)[: WINDOW + 2])
     if flat.size == 0:
         return flat, np.zeros(0)
     return flat, np.full(flat.size, 1.0 / math.sqrt(flat.size))
@@ -118,25 +172,27 @@ class Model:
     meta: dict[str, Any]
 
     def logit(self, text: str) -> float:
-        """The highest window logit of ``text``."""
+        """The highest window logit of ``text``, over every window of every scale."""
         prepared = prepare(text)
-        buckets = ngram_buckets(prepared)
-        valid = buckets >= 0
-        contrib = np.where(valid, self.weights[np.where(valid, buckets, 0)], 0.0).sum(axis=0)
-        counts = valid.sum(axis=0)
         if prepared.strip() == "":
             return self.bias
-        n = contrib.size
-        if n <= WINDOW + 2:
-            total = int(counts.sum())
-            return self.bias + float(contrib.sum()) / math.sqrt(max(total, 1))
+        positions, buckets = hashed(prepared)
+        n = len(prepared)
+        contrib = np.bincount(positions, weights=self.weights[buckets], minlength=n)
+        counts = np.bincount(positions, minlength=n)
         c_sum = np.concatenate(([0.0], np.cumsum(contrib, dtype=np.float64)))
         c_cnt = np.concatenate(([0], np.cumsum(counts)))
-        starts = np.arange(0, n - STRIDE, STRIDE)
-        ends = np.minimum(starts + WINDOW, n)
-        sums = c_sum[ends] - c_sum[starts]
-        cnts = np.maximum(c_cnt[ends] - c_cnt[starts], 1)
-        return self.bias + float((sums / np.sqrt(cnts)).max())
+        best = -math.inf
+        for size, stride in SCALES:
+            if n <= size + 2:
+                starts, ends = np.array([0]), np.array([n])
+            else:
+                starts = np.arange(0, n - stride, stride)
+                ends = np.minimum(starts + size, n)
+            sums = c_sum[ends] - c_sum[starts]
+            cnts = np.maximum(c_cnt[ends] - c_cnt[starts], 1)
+            best = max(best, float((sums / np.sqrt(cnts)).max()))
+        return self.bias + best
 
     def probability(self, text: str) -> float:
         z = self.logit(text)
@@ -162,6 +218,7 @@ def save(
         "format": FORMAT,
         "dimensions": DIMENSIONS,
         "ngrams": list(NGRAMS),
+        "word_ngrams": list(WORD_NGRAMS),
         "bias": float(bias),
         "threshold": float(threshold),
         "weak_threshold": float(weak_threshold),
@@ -192,6 +249,7 @@ def load(path: Path) -> Model:
         header.get("format") != FORMAT
         or header.get("dimensions") != DIMENSIONS
         or header.get("ngrams") != list(NGRAMS)
+        or header.get("word_ngrams") != list(WORD_NGRAMS)
         or weights.shape != (DIMENSIONS,)
         or not np.isfinite(weights).all()
     ):

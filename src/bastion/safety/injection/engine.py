@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import html
+import itertools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -16,14 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote
 
+import ahocorasick
 import numpy as np
 
+from bastion.safety.confusables import CONFUSABLES
 from bastion.safety.injection import classifier
 from bastion.safety.injection.errors import PromptNotText, PromptTooLarge
 from bastion.safety.injection.rules import RULES, Rule
 
 Decision = Literal["allow", "sanitize", "block"]
-Source = Literal["user", "retrieved", "output"]
+Source = Literal["user", "retrieved", "tool", "output"]
+"""Where a text comes from: ``tool`` results are untrusted content, screened as
+retrieved documents are (under the tool surface's own policy)."""
 
 MAX_CHARS = 1_000_000
 BLOCK_AT = 50
@@ -32,9 +38,19 @@ that is still over it once sanitized)."""
 SANITIZE_AT = 25
 """A retrieved chunk scoring this much has its offending sentences removed."""
 _MAX_DEPTH = 3  # layers of encoding decoded inside each other
-_MAX_BLOBS = 32  # decoded runs per layer
-_MAX_TRIES = 64  # candidate runs of each encoding tried per layer
-_MAX_LAYERS = 96  # decoded layers screened per text, at all depths
+_WINDOW = 4096
+"""Decoding works window by window of this many characters, so its work grows
+linearly with the text and no run early in a text uses up what a later window
+may decode (decoys cannot hide a later encoded run): every candidate run is
+decoded (a pure-Python decoder, :data:`_SLOW_TRIES` per window), and what the
+runs of one window decode to is screened as one layer once they are more than
+:data:`_SEPARATE`; %-escapes and spaced-out letters of a long text are undone
+per window, with :data:`_CONTEXT` characters around it."""
+_SEPARATE = 4  # decoded runs of a window screened one by one, with their own spans
+_SLOW_TRIES = 32  # candidates per window of the encodings decoded in pure Python
+_SLOW_KINDS = frozenset({"base85", "morse"})
+_CONTEXT = 256
+_LAYER_BUDGET = 8  # characters screened in decoded layers, per character of the text
 _MAX_BLOB = 65_536
 REMOVED = "[removed by Bastion: suspected instruction]"
 
@@ -113,23 +129,8 @@ DEFAULT_POLICY = ScreenPolicy()
 
 # -- normalisation -------------------------------------------------------------------------
 
-# Confusables folded to Latin before matching Latin-script rules: the
-# "intentional" set of Unicode TS #39 plus the Cyrillic, Greek, Armenian and
-# Latin-extended letters used in published homoglyph attacks.
-_CONFUSABLES = dict(
-    zip(
-        (
-            "\u0410\u0412\u0421\u0415\u041d\u0406\u0408\u041a\u041c\u041e\u0420\u0405"
-            "\u0422\u0425\u04ae\u0430\u0435\u043e\u0440\u0441\u0443\u0445\u0455\u0456"
-            "\u0458\u04bb\u0501\u051b\u051d\u04cf\u0405\u0391\u0392\u0395\u0396\u0397"
-            "\u0399\u039a\u039c\u039d\u039f\u03a1\u03a4\u03a5\u03a7\u03b1\u03bf\u03b9"
-            "\u03c1\u03c5\u03bd\u03f3\u0251\u0261\u0269\u0131\u028f\u0585\u057d\u0570"
-            "\u01c3"
-        ),
-        "ABCEHIJKMOPSTXYaeopcyxsijhdqwlSABEZHIKMNOPTYXaoipuvjagiiyouh!",
-        strict=True,
-    )
-)
+# Confusables folded to Latin before matching Latin-script rules (Unicode TS #39).
+_CONFUSABLES = CONFUSABLES
 _CONF_CLASS = "".join(sorted({c.casefold() for c in _CONFUSABLES} & set(_CONFUSABLES)))
 _MIXED = re.compile(rf"[a-z]\w*?[{_CONF_CLASS}]|[{_CONF_CLASS}]\w*?[a-z]")
 _LEET = str.maketrans("013457@$", "oieastas")
@@ -137,6 +138,8 @@ _LEET_HINT = re.compile(r"[a-z][013457]|[013457][a-z]")
 _LEET_WORD = re.compile(r"\b(?=\w*[a-z])(?=\w*[013457])[a-z013457]{3,}\b")
 _ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff\u180e\u00ad")
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+_DROP_ZERO_WIDTH = str.maketrans(dict.fromkeys(_ZERO_WIDTH - {"\u200c", "\u200d"}))
+_DROP_BIDI = str.maketrans(dict.fromkeys(_BIDI))
 _TAGS = re.compile("[\U000e0000-\U000e007f]+")
 _FLAG_TAGS = re.compile("[\U000e0061-\U000e007a]{2,6}\U000e007f")
 _VS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]{4,}")
@@ -148,7 +151,8 @@ class Views:
     visible: str  # invisible characters removed
     plain: str  # NFKC + casefold, one character per visible character where possible
     folded: str  # plain with confusables and leetspeak folded to Latin
-    origin: list[int] | None  # plain index -> visible index; None when identical
+    # plain index -> visible index; None when identical
+    origin: np.ndarray[Any, np.dtype[np.intp]] | None
     hidden: list[str] = field(default_factory=list)  # texts decoded from tag/VS runs
     findings: list[Finding] = field(default_factory=list)
 
@@ -202,10 +206,10 @@ def text_views(text: str) -> Views:
             if inside >= 2:
                 findings.append(Finding("invisible.zero-width", "invisible", 25))
             work = re.sub(r"(?<=[a-zA-Z])[\u200c\u200d](?=[a-zA-Z])", "", work)
-            work = "".join(c for c in work if c not in _ZERO_WIDTH - {"\u200c", "\u200d"})
+            work = work.translate(_DROP_ZERO_WIDTH)
         if bidi:
             findings.append(Finding("invisible.bidi-control", "invisible", 25))
-            work = "".join(c for c in work if c not in _BIDI)
+            work = work.translate(_DROP_BIDI)
     visible = work
     if visible.isascii():
         plain = visible.lower()
@@ -224,17 +228,24 @@ def text_views(text: str) -> Views:
         plain_map[ord(ch)] = piece
         conf = _CONFUSABLES.get(piece) or _CONFUSABLES.get(ch)
         fold_map[ord(ch)] = conf.lower() if conf else piece
+    # Each translation of a long non-ASCII text costs; only the needed ones run.
     plain = visible.translate(plain_map)
-    folded = visible.translate(fold_map)
-    origin: list[int] | None = None
-    if len(plain) != len(visible) or len(folded) != len(visible):
-        origin = [i for i, ch in enumerate(visible) for _ in plain_map[ord(ch)]]
-        folded = "".join(
-            fold_map[ord(ch)]
-            if len(fold_map[ord(ch)]) == len(plain_map[ord(ch)])
-            else plain_map[ord(ch)]
-            for ch in visible
-        )
+    origin = None
+    if any(len(piece) != 1 for piece in plain_map.values()):
+        # In C, not per character: each character's expansion length, read as
+        # one code point per character, repeats its index that many times.
+        lengths = visible.translate({c: chr(len(piece)) for c, piece in plain_map.items()})
+        counts = np.frombuffer(lengths.encode("utf-32-le"), dtype=np.uint32)
+        origin = np.repeat(np.arange(len(visible), dtype=np.intp), counts)
+        fold_map = {
+            c: fold if len(fold) == len(plain_map[c]) else plain_map[c]
+            for c, fold in fold_map.items()
+        }
+    folded = (
+        plain
+        if all(fold == plain_map[c] for c, fold in fold_map.items())
+        else visible.translate(fold_map)
+    )
     mixed = 0
     if any(c in _CONFUSABLES for c in plain_map.values()) or any(
         c in _CONFUSABLES for c in set(visible)
@@ -252,6 +263,7 @@ def text_views(text: str) -> Views:
 
 
 _MAX_LEADS = 4000  # more occurrences than this: one regex pass over the text instead
+_MAX_USES = 32  # matches of one rule that are not quoted mentions: enough to sanitize
 
 
 def _matches(rule: Rule, haystack: str) -> Iterable[re.Match[str]]:
@@ -273,6 +285,68 @@ def _matches(rule: Rule, haystack: str) -> Iterable[re.Match[str]]:
             at = haystack.find(lead, at + 1)
     end = -1
     for at in sorted(starts):
+        if at < end:
+            continue  # inside the previous match
+        match = rule.pattern.match(haystack, at)
+        if match is not None and _at_line_start(rule, haystack, match):
+            end = match.end()
+            yield match
+
+
+# Every rule's leads in one Aho-Corasick automaton per text view (and one for
+# the plain and folded views together, when they are the same text): one pass
+# over the text finds where every lead of every rule starts, instead of a
+# ``str.find`` scan per lead.
+_LeadHits = dict[int, list[int]]  # rule index -> where its leads start
+
+
+def _lead_automaton(views: tuple[str, ...]) -> Any:
+    by_lead: dict[str, set[int]] = {}
+    for index, rule in enumerate(RULES):
+        if rule.view in views:
+            for lead in rule.leads:
+                by_lead.setdefault(lead, set()).add(index)
+    automaton = ahocorasick.Automaton()
+    for lead, rules in by_lead.items():
+        automaton.add_word(lead, (len(lead), tuple(sorted(rules))))
+    automaton.make_automaton()
+    return automaton
+
+
+_AUTOMATA: dict[tuple[str, ...], Any] = {
+    views: _lead_automaton(views)
+    for views in (("plain",), ("folded",), ("visible",), ("plain", "folded"))
+}
+
+
+def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
+    """Where each rule's leads start in ``haystack``; None when the leads are
+    so dense that one regex pass per rule costs less (:func:`_matches`)."""
+    hits: _LeadHits = {}
+    limit = max(_MAX_LEADS, len(haystack) // 8)
+    for n, (end, (length, rules)) in enumerate(_AUTOMATA[views].iter(haystack)):
+        if n > limit:
+            return None
+        for index in rules:
+            hits.setdefault(index, []).append(end - length + 1)
+    return hits
+
+
+def _rule_matches(
+    rule: Rule, haystack: str, hits: _LeadHits | None, index: int
+) -> Iterable[re.Match[str]]:
+    """The rule's matches, tried where its leads start (``hits``, found in one
+    pass for all rules); as :func:`_matches` when ``hits`` is None."""
+    if hits is None:
+        yield from _matches(rule, haystack)
+        return
+    starts = hits.get(index, ())
+    # Anchored tries cost more than one pass of the regex only when leads are dense.
+    if len(starts) > max(_MAX_LEADS, len(haystack) // 16):
+        yield from (m for m in rule.pattern.finditer(haystack) if _at_line_start(rule, haystack, m))
+        return
+    end = -1
+    for at in sorted(set(starts)):
         if at < end:
             continue  # inside the previous match
         match = rule.pattern.match(haystack, at)
@@ -319,12 +393,17 @@ _UNICODE_ESCAPE = re.compile(
 _SPACED = re.compile(r"(?<![^\W_])(?:[^\W\d_](?: {1,3}|[.\-_*|] ?)){3,}[^\W\d_](?![^\W_])")
 
 
+_NOT_LETTER = re.compile(r"[\W\d_]+")
+
+
 def _printable(text: str) -> bool:
     if len(text) < 8:
         return False
-    good = sum(1 for c in text if c.isprintable() or c in "\n\t")
-    letters = sum(1 for c in text if c.isalpha())
-    return good / len(text) > 0.95 and letters / len(text) > 0.5
+    # In C for readable text; character by character only for what is not.
+    body = text.replace("\n", "").replace("\t", "")
+    bad = 0 if body.isprintable() else sum(1 for c in body if not c.isprintable())
+    letters = len(_NOT_LETTER.sub("", text))
+    return (len(text) - bad) / len(text) > 0.95 and letters / len(text) > 0.5
 
 
 def _unicode_escape(match: re.Match[str]) -> str:
@@ -391,8 +470,9 @@ def _blob_bytes(kind: str, blob: str) -> bytes:
         digits = re.sub(r"[\s:,]", "", blob)
         return binascii.unhexlify(digits[: (len(digits) // 2) * 2])
     if kind == "binary":
-        return bytes(int(bits, 2) for bits in re.findall(r"[01]{8}", blob))
-    return bytes(int(h, 16) for h in re.findall(r"[0-9a-fA-F]{2}", blob))  # \x escapes
+        bits = "".join(re.findall(r"[01]{8}", blob))
+        return int(bits, 2).to_bytes(len(bits) // 8, "big")
+    return bytes.fromhex("".join(re.findall(r"[0-9a-fA-F]{2}", blob)))  # \x escapes
 
 
 _BLOB_PATTERNS = (
@@ -405,15 +485,115 @@ _BLOB_PATTERNS = (
 )
 
 
-def _decoded_blobs(visible: str) -> Iterable[tuple[str, str, int, int]]:
+# -- where encoded runs may be, found in C -------------------------------------------------
+#
+# Each encoding's regular expression tries every position of the text, which
+# in a long text costs more than anything else. A run of an encoding always
+# holds a literal signature once its characters are mapped to classes (16
+# base64 characters in a row, "<~", "\\x"...): ``bytes.translate`` maps the
+# text (one byte per character: other characters read as "?") and
+# ``bytes.find`` finds the signatures, both in C; the expression then runs only
+# on the windows that hold one. A character "?" may stand for any other one,
+# so it is mapped into every class it could belong to: nothing is missed.
+
+
+def _classes(members: str, also: str = "") -> bytes:
+    """A translate table: bytes of ``members`` to ``x``, of ``also`` to ``s``, others to a space."""
+    return bytes(
+        ord("x") if chr(b) in members else ord("s") if chr(b) in also else 32 for b in range(256)
+    )
+
+
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_HEX_DIGITS = "0123456789abcdefABCDEF"
+_PRINTABLE_ASCII = "".join(map(chr, range(0x21, 0x7F)))
+# What ``\s`` matches in ASCII; "?": any other character, a Unicode space among them.
+_WHITE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f?"
+_SIGNATURES: dict[str, tuple[tuple[bytes | None, bytes], ...]] = {
+    # kind: (class table or None for the text itself, signature), any of which
+    "base64": ((_classes(_ALNUM + "+/_-"), b"x" * 16),),
+    "base32": ((_classes("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"), b"x" * 16),),
+    "base85": ((_classes(_PRINTABLE_ASCII), b"x" * 20), (None, b"<~")),
+    "hex": (
+        (_classes(_HEX_DIGITS), b"x" * 24),
+        (_classes(_HEX_DIGITS, _WHITE + ":,"), b"xxs" * 11 + b"xx"),
+    ),
+    "escape": ((None, b"\\x"),),
+    "binary": ((_classes("01"), b"x" * 8),),
+}
+_MORSE_CLASSES = _classes(".-_", _WHITE + "/|")
+_MORSE_SIGNATURE = re.compile(rb"(?:x{1,7}s+){4,}x")
+_SPACED_CLASSES = _classes(_ALNUM + "?", " .-_*|")
+_SPACED_SIGNATURE = re.compile(rb"x(?:s{1,4})x(?:s{1,4})x(?:s{1,4})x")
+
+
+def _marked(text: bytes, table: bytes | None, signature: bytes, windows: set[int]) -> None:
+    classes = text if table is None else text.translate(table)
+    at = classes.find(signature)
+    while at >= 0:
+        # The run the signature starts may go on: every window it reaches counts.
+        end = at + len(signature)
+        if table is not None and signature.count(b"x") == len(signature):
+            stop = classes.find(b" ", end)
+            end = len(classes) if stop < 0 else stop
+        windows.update(range(at // _WINDOW, end // _WINDOW + 1))
+        at = classes.find(signature, max(end, (at // _WINDOW + 1) * _WINDOW))
+
+
+def _spans(windows: set[int], size: int) -> list[tuple[int, int]]:
+    """The windows, neighbours merged, with :data:`_CONTEXT` characters around."""
+    merged: list[list[int]] = []
+    for w in sorted(windows):
+        if merged and merged[-1][1] == w:
+            merged[-1][1] = w + 1
+        else:
+            merged.append([w, w + 1])
+    return [(max(0, a * _WINDOW - _CONTEXT), min(size, b * _WINDOW + _CONTEXT)) for a, b in merged]
+
+
+def _candidates(visible: str, kind: str) -> list[tuple[int, int]]:
+    """Where runs of the encoding ``kind`` may be: the windows holding its
+    signature (for a short text, all of it or nothing)."""
+    if kind == "morse" and ("\u2022" in visible or "\u2013" in visible):
+        return [(0, len(visible))]  # its other dots and dashes are not ASCII
+    text = visible.encode("ascii", "replace")
+    windows: set[int] = set()
+    if kind == "morse":
+        for m in _MORSE_SIGNATURE.finditer(text.translate(_MORSE_CLASSES)):
+            windows.update(range(m.start() // _WINDOW, m.end() // _WINDOW + 1))
+    else:
+        for table, signature in _SIGNATURES[kind]:
+            _marked(text, table, signature, windows)
+    return _spans(windows, len(visible))
+
+
+Layer = tuple[str, str, int, int]  # (kind, decoded text, start, end in the text)
+
+
+def _per_window(groups: dict[tuple[str, int], list[Layer]], size: int) -> Iterable[Layer]:
+    """The decoded runs of each (kind, window) of a text of ``size`` characters:
+    one by one when few in a short text, else joined."""
+    separate = _SEPARATE if size <= 2 * _WINDOW else 1
+    for (kind, _window), runs in groups.items():
+        if len(runs) <= separate:
+            yield from runs
+        else:
+            yield kind, "\n".join(run[1] for run in runs), runs[0][2], runs[-1][3]
+
+
+def _decoded_blobs(visible: str) -> Iterable[Layer]:
     """(kind, decoded text, start, end) for encoded runs that decode to readable text."""
-    seen = 0
+    groups: dict[tuple[str, int], list[Layer]] = {}
+    tries: dict[tuple[str, int], int] = {}
     for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
-        for tried, match in enumerate(pattern.finditer(visible)):
-            if seen >= _MAX_BLOBS:
-                return
-            if tried >= _MAX_TRIES:
-                break
+        spans = _candidates(visible, kind)
+        matches = (match for a, b in spans for match in pattern.finditer(visible, a, b))
+        for match in matches:
+            window = (kind, match.start() // _WINDOW)
+            if kind in _SLOW_KINDS:
+                tries[window] = tries.get(window, 0) + 1
+                if tries[window] > _SLOW_TRIES:
+                    continue
             blob = match.group(0)[:_MAX_BLOB]
             try:
                 decoded = (
@@ -422,8 +602,8 @@ def _decoded_blobs(visible: str) -> Iterable[tuple[str, str, int, int]]:
             except (ValueError, UnicodeDecodeError):
                 continue
             if _printable(decoded):
-                seen += 1
-                yield kind, decoded, match.start(), match.end()
+                groups.setdefault(window, []).append((kind, decoded, match.start(), match.end()))
+    return _per_window(groups, len(visible))
 
 
 # Letter frequencies (per mille) of English, German, French, Spanish and Italian
@@ -464,15 +644,47 @@ _CIPHER_WEIGHTS = np.array(
 )
 _CIPHER_SEGMENT = re.compile(r"[^.!?\n:;,()\[\]\"]{12,}")
 _MIN_GAIN = 0.6  # nats per letter the deciphered text must gain over the text as written
-_MAX_SEGMENTS = 64
 
 
-def _deciphered(visible: str) -> Iterable[tuple[str, str, int, int]]:
-    """(cipher, plain text, start, end) for segments that read far likelier deciphered."""
-    for i, match in enumerate(_CIPHER_SEGMENT.finditer(visible)):
-        if i >= _MAX_SEGMENTS:
-            return
-        segment = match.group(0)[:_MAX_BLOB]
+def _deciphered(visible: str) -> Iterable[Layer]:
+    """(cipher, plain text, start, end) for segments that read far likelier deciphered.
+
+    All segments are scored at once (numpy): each letter's segment by binary
+    search over the segments' starts, one count matrix, one product."""
+    spans = [
+        (m.start(), min(m.end(), m.start() + _MAX_BLOB)) for m in _CIPHER_SEGMENT.finditer(visible)
+    ]
+    if len(spans) <= 4:  # numpy's fixed cost outweighs a few segments
+        return _deciphered_few(visible, spans)
+    codes = np.frombuffer(visible.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    codes = np.where((codes >= 65) & (codes <= 90), codes + 32, codes) - 97
+    at = np.flatnonzero((codes >= 0) & (codes < 26))
+    starts = np.array([start for start, _end in spans])
+    ends = np.array([end for _start, end in spans])
+    segment = np.searchsorted(starts, at, side="right") - 1
+    inside = (segment >= 0) & (at < ends[np.maximum(segment, 0)])
+    counts = np.bincount(
+        segment[inside] * 26 + codes[at[inside]], minlength=len(spans) * 26
+    ).reshape(len(spans), 26)
+    letters = counts.sum(axis=1)
+    scores = counts @ _CIPHER_WEIGHTS.T
+    best = scores.argmax(axis=1)
+    gain = (scores[np.arange(len(spans)), best] - scores[:, 0]) / np.maximum(letters, 1)
+    chosen = np.flatnonzero((letters >= 12) & (best > 0) & (gain >= _MIN_GAIN))
+    groups: dict[tuple[str, int], list[Layer]] = {}
+    for i in chosen.tolist():
+        name, table = _CIPHERS[int(best[i]) - 1]
+        start, end = spans[i]
+        run = (name, visible[start:end].translate(table), start, end)
+        groups.setdefault((name, start // _WINDOW), []).append(run)
+    return _per_window(groups, len(visible))
+
+
+def _deciphered_few(visible: str, spans: list[tuple[int, int]]) -> list[Layer]:
+    """:func:`_deciphered` for a few segments, one by one."""
+    found = []
+    for start, end in spans:
+        segment = visible[start:end]
         raw = np.frombuffer(segment.lower().encode("ascii", "ignore"), dtype=np.uint8)
         counts = np.bincount(raw, minlength=128)[97:123]
         letters = int(counts.sum())
@@ -482,22 +694,54 @@ def _deciphered(visible: str) -> Iterable[tuple[str, str, int, int]]:
         best = int(scores.argmax())
         if best and (scores[best] - scores[0]) / letters >= _MIN_GAIN:
             name, table = _CIPHERS[best - 1]
-            yield name, segment.translate(table), match.start(), match.end()
+            found.append((name, segment.translate(table), start, end))
+    return found
 
 
-def _layers(views: Views) -> Iterable[tuple[str, str, int, int]]:
+def _regions(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
+    """Where ``pattern`` occurs: the whole of a short text, else the windows it
+    occurs in (neighbours merged, up to four), with :data:`_CONTEXT` around."""
+    if len(text) <= 2 * _WINDOW:
+        return [(0, len(text))] if pattern.search(text) else []
+    if pattern is _SPACED:
+        # Three one-letter gaps in a row, found in the classes (see _candidates).
+        classes = text.encode("ascii", "replace").translate(_SPACED_CLASSES)
+        found = {
+            w
+            for m in _SPACED_SIGNATURE.finditer(classes)
+            for w in range(m.start() // _WINDOW, m.end() // _WINDOW + 1)
+        }
+        windows = [w * _WINDOW for w in sorted(found)]
+    else:
+        windows = list(range(0, len(text), _WINDOW))
+    # Each window searched with the context after it: a run across its end is seen whole.
+    hit = [w for w in windows if pattern.search(text, w, w + _WINDOW + _CONTEXT)]
+    merged: list[list[int]] = []
+    for w in hit:
+        if merged and merged[-1][1] == w and w - merged[-1][0] < 4 * _WINDOW:
+            merged[-1][1] = w + _WINDOW
+        else:
+            merged.append([w, w + _WINDOW])
+    return [(max(0, a - _CONTEXT), min(len(text), b + _CONTEXT)) for a, b in merged]
+
+
+def _layers(views: Views) -> Iterable[Layer]:
     """Every decoded layer of the text: (kind, decoded text, start, end)."""
     visible = views.visible
-    unescaped = _unescaped(visible)
-    if unescaped is not None:
-        yield "escape", unescaped, 0, 0
+    whole = len(visible) <= 2 * _WINDOW
+    for start, end in _regions(visible, _ANY_ESCAPE):
+        unescaped = _unescaped(visible[start:end])
+        if unescaped is not None:
+            yield ("escape", unescaped, 0, 0) if whole else ("escape", unescaped, start, end)
     yield from _decoded_blobs(visible)
-    runs = [m for _i, m in zip(range(_MAX_BLOBS), _SPACED.finditer(visible), strict=False)]
-    if runs:
-        # Runs joined back into the text around them: "p l e a s e ignore…" reads whole.
-        end = runs[-1].end()
-        joined = _SPACED.sub(lambda m: _despaced(m.group(0)), visible[:end], count=len(runs))
-        yield "spaced", joined + visible[end:], runs[0].start(), end
+    for start, end in _regions(visible, _SPACED):
+        region = visible[start:end]
+        runs = list(_SPACED.finditer(region))
+        if runs:
+            # Runs joined back into the text around them: "p l e a s e ignore…" reads whole.
+            last = runs[-1].end()
+            joined = _SPACED.sub(lambda m: _despaced(m.group(0)), region[:last])
+            yield "spaced", joined + region[last:], start + runs[0].start(), start + last
     yield from _deciphered(visible)
 
 
@@ -545,10 +789,10 @@ def _mentioned(visible: str, start: int, end: int) -> bool:
 def _span(views: Views, start: int, end: int) -> tuple[int, int]:
     if views.origin is None:
         return start, end
-    if not views.origin:
+    if not len(views.origin):
         return 0, 0
     last = len(views.origin) - 1
-    return views.origin[min(start, last)], views.origin[min(max(end - 1, 0), last)] + 1
+    return int(views.origin[min(start, last)]), int(views.origin[min(max(end - 1, 0), last)]) + 1
 
 
 _INTENT = frozenset({"override", "extraction", "role-play", "exfiltration"})
@@ -579,12 +823,26 @@ def _classifier_vote(visible: str, found: list[Finding]) -> list[Finding]:
 def _findings(
     text: str, depth: int = 0, budget: list[int] | None = None
 ) -> tuple[Views, list[Finding]]:
-    budget = [_MAX_LAYERS] if budget is None else budget
+    # ``budget``: characters the decoded layers may still have screened, in all
+    # (a linear bound, whatever nests in what); spent, the text is judged too
+    # deeply encoded to screen, which blocks it (fail closed).
+    budget = [_LAYER_BUDGET * len(text) + _MAX_BLOB] if budget is None else budget
     views = text_views(text)
     found = list(views.findings)
-    for rule in RULES:
+    hits = {"visible": _lead_hits(("visible",), views.visible)}
+    if views.folded == views.plain:
+        hits["plain"] = hits["folded"] = _lead_hits(("plain", "folded"), views.plain)
+    else:
+        hits["plain"] = _lead_hits(("plain",), views.plain)
+        hits["folded"] = _lead_hits(("folded",), views.folded)
+    # Only the rules one of whose leads occurs (all of a view whose leads were too dense).
+    tried = {index for view_hits in hits.values() if view_hits is not None for index in view_hits}
+    tried |= {i for i, rule in enumerate(RULES) if hits[rule.view] is None}
+    for index in sorted(tried):
+        rule = RULES[index]
         haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)
-        for match in _matches(rule, haystack):
+        used = 0  # a rule counts once; its spans matter only for sanitizing
+        for match in _rule_matches(rule, haystack, hits[rule.view], index):
             start, end = (
                 (match.start(), match.end())
                 if rule.view == "visible"
@@ -595,30 +853,32 @@ def _findings(
                 found.append(Finding(f"{rule.rule}.quoted", rule.category, 5, start, end))
             else:
                 found.append(Finding(rule.rule, rule.category, rule.weight, start, end))
-            if len(found) > 200:
+                used += 1
+            if len(found) > 200 or used >= _MAX_USES:
                 break
+    if total_score(found) >= 100:
+        return views, found  # nothing found further could change the score
     found += _classifier_vote(views.visible, found)
     if depth >= _MAX_DEPTH:
         return views, found
-    for hidden in views.hidden:
-        if budget[0] <= 0:
-            break
-        budget[0] -= 1
-        _inner_views, inner = _findings(hidden, depth + 1, budget)
-        found += [Finding(f"invisible>{f.rule}", f.category, f.weight, 0, 0) for f in inner]
+    layers = [("invisible", hidden, 0, 0) for hidden in views.hidden]
     # Every decoded layer is screened like the text itself (and decoded further).
-    for kind, decoded, start, end in _layers(views):
-        if budget[0] <= 0:
+    for kind, decoded, start, end in itertools.chain(layers, _layers(views)):
+        if budget[0] < len(decoded):
+            found.append(Finding("encoding.too-deep", "encoding", BLOCK_AT))
             break
-        budget[0] -= 1
+        budget[0] -= len(decoded)
         _inner_views, inner = _findings(decoded, depth + 1, budget)
-        inner = [f for f in inner if not f.rule.endswith(".quoted")]
-        if inner:
+        if kind == "invisible":
+            found += [Finding(f"invisible>{f.rule}", f.category, f.weight, 0, 0) for f in inner]
+        elif inner := [f for f in inner if not f.rule.endswith(".quoted")]:
             found.append(Finding(f"encoding.{kind}", "encoding", 20, start, end))
             found += [
                 Finding(f"encoding.{kind}>{f.rule}", f.category, f.weight, start, end)
                 for f in inner
             ]
+        if total_score(found) >= 100:
+            break
     return views, found
 
 
@@ -633,14 +893,16 @@ def total_score(findings: Iterable[Finding]) -> int:
 def _neutralise(visible: str, findings: Iterable[Finding]) -> str:
     """Replace each sentence holding a finding by :data:`REMOVED`."""
     spans: list[tuple[int, int]] = []
+    stops: list[int] | None = None  # where sentences end, found once (not per finding)
     for f in findings:
         if f.end <= f.start:
             continue
-        start = f.start
-        while start > 0 and not _SENTENCE_END.match(visible[start - 1]):
-            start -= 1
-        end_match = _SENTENCE_END.search(visible, f.end)
-        end = end_match.end() if end_match else len(visible)
+        if stops is None:
+            stops = [m.start() for m in _SENTENCE_END.finditer(visible)]
+        before = bisect.bisect_left(stops, f.start)
+        after = bisect.bisect_left(stops, f.end)
+        start = stops[before - 1] + 1 if before else 0
+        end = stops[after] + 1 if after < len(stops) else len(visible)
         spans.append((start, end))
     if not spans:
         return visible
@@ -699,7 +961,7 @@ def screen(
     at = policy.block_at
     # Invisible characters are stripped whatever the policy: they are never content.
     passed: tuple[Decision, str] = ("sanitize", views.visible) if stripped else ("allow", text)
-    if source == "retrieved":
+    if source in ("retrieved", "tool"):
         if score < policy.sanitize_at:
             return Verdict(passed[0], score, hits, passed[1], source, threshold=at)
         if policy.retrieved_action == "flag":

@@ -1,0 +1,256 @@
+"""Benchmark: gateway throughput with the prompt-injection screen (rules, decoding
+and the learned classifier) on and off, side by side (issue 15 target: <= 10%
+throughput lost with the classifier on).
+
+One gateway, built in this process by the composition root exactly as
+``bastion serve gateway`` builds it, served by uvicorn on 127.0.0.1, behind it
+bench/mock_upstream.py. Every guardrail of the pipeline runs (token + DPoP,
+Cedar, budget in PostgreSQL, cache, audit, PII stage); between runs only the
+service's prompt hooks change: the default (the injection screen) or none.
+Runs alternate on/off/off/on... so that drift in the machine's load falls on
+both; ``wrk`` drives the load (fresh DPoP proofs per request, made before each
+run). Two prompts: a short question, and a 1 KB user turn (a pasted ticket).
+The screen never blocks either (both are benign): what is measured is its cost.
+
+Run: .venv/bin/python bench/gateway_screen.py [--clients 16] [--seconds 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _record import record, row
+from bastion.billing.budgets import BudgetService
+from bastion.billing.plans import PlanCatalogue
+from bastion.billing.wiring import build_billing
+from bastion.compose import build_gateway
+from bastion.db.launcher import EmbeddedPostgres
+from bastion.db.service import app_database
+from bastion.gateway.hooks import DEFAULT_HOOKS
+from bastion.identity.dpop import DpopKey
+from bastion.identity.keys import SigningKeys
+from bastion.identity.tokens import TokenIssuer
+from bastion.logs import configure_logging
+from bastion.secrets.backends import open_keystore
+from bastion.settings import Settings
+from bastion.tenants.service import TenantService
+from gateway import BENCH_PLAN, _wait_ready, _wrk
+from wrk_dpop import THREADS, free_port, prepare
+
+TICKET = (
+    "Hello, our March invoice INV-2291 shows the Pro plan twice and the card was charged "
+    "for both seats on the same day. We downgraded to Starter in February, so the second "
+    "charge should not be there at all. Could you check the billing history, refund the "
+    "double charge to the card on file and confirm when it will show on the statement? "
+    "Our finance team closes the month on Friday, so a date would help a lot. We also "
+    "noticed the VAT line uses the old address in Lyon; the new one is on the account "
+    "since January. Please update future invoices too. Thanks, and sorry for the long "
+    "message: this is the third time the renewal went wrong and the team is getting "
+    "nervous about the annual contract that is due in June. Could somebody from billing "
+    "call us back this week? Mornings work best for our side. Kind regards, the ops desk"
+)
+PROMPTS = {
+    "short question": "When was the refund issued?",
+    "1 KB ticket": TICKET,
+}
+
+
+def _body(prompt: str) -> str:
+    return json.dumps({"model": "bench", "messages": [{"role": "user", "content": prompt}]})
+
+
+async def _setup(settings: Settings) -> tuple[str, DpopKey]:
+    """A tenant on the bench plan with an ample budget; a token and its DPoP key."""
+    keystore = open_keystore(settings)
+    keystore.set("providers/mock", b"sk-mock")
+    async with app_database(settings, migrate=True, max_size=2) as db:
+        tenants = TenantService(db)
+        tenant = (await tenants.create_tenant("bench-screen", "Bench screen")).id
+        user = await tenants.add_member(tenant, "caller@bench.example", "contributor")
+        await PlanCatalogue(db).put(BENCH_PLAN, actor="bench")
+        approvals = build_billing(settings, db, keystore).approvals
+        request = await approvals.request_tenant_plan(
+            tenant, BENCH_PLAN.code, operator="operator:bench", reason="benchmark"
+        )
+        await approvals.approve(request.id, operator="operator:bench-approver")
+        start = datetime.now(UTC) - timedelta(minutes=1)
+        await BudgetService(db).set_budget(
+            tenant,
+            period_start=start,
+            period_end=start + timedelta(days=1),
+            call_limit=10**9,
+            token_limit=10**12,
+        )
+    issuer = settings.resolved_issuer
+    key = DpopKey.generate()
+    token, _ = TokenIssuer(
+        SigningKeys(keystore), issuer=issuer, audience=issuer, lifetime=timedelta(minutes=30)
+    ).issue_access(
+        user_id=user,
+        tenant_id=tenant,
+        roles=("contributor",),
+        amr=("pwd",),
+        jkt=key.thumbprint,
+        auth_time=int(time.time()),
+    )
+    return token, key
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="bastion-bench-", dir="/tmp"))
+    home.chmod(0o711)
+    upstream_port, gateway_port = free_port(), free_port()
+    upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+    os.environ.update(
+        {
+            "BASTION_HOME": str(home),
+            "BASTION_GATEWAY_PORT": str(gateway_port),
+            "BASTION_LOG_LEVEL": "warning",
+            "BASTION_GATEWAY_MODELS": json.dumps(
+                [
+                    {
+                        "name": "bench",
+                        "provider": "openai_compatible",
+                        "base_url": upstream_url,
+                        "api_key_ref": "local://providers/mock",
+                    }
+                ]
+            ),
+            "BASTION_INTERNAL_MTLS": "0",
+            "BASTION_DEV_MODE": "1",
+        }
+    )
+    os.environ.pop("DATABASE_URL", None)
+    settings = Settings()
+    configure_logging("warning")  # as `bastion serve` does with BASTION_LOG_LEVEL
+    upstream = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "mock_upstream.py"), str(upstream_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server: uvicorn.Server | None = None
+    try:
+        token, key = asyncio.run(_setup(settings))
+        gateway = build_gateway(settings)
+        server = uvicorn.Server(
+            uvicorn.Config(gateway.app, host="127.0.0.1", port=gateway_port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        asyncio.run(_wait_ready(f"http://127.0.0.1:{upstream_port}/"))
+        asyncio.run(_wait_ready(f"http://127.0.0.1:{gateway_port}/healthz"))
+        url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
+        rps: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}
+        for prompt_name, prompt in PROMPTS.items():
+            # A warm-up run, not counted: the first run after start-up pays for it.
+            prepare(
+                home,
+                method="POST",
+                body=_body(prompt),
+                key=key,
+                url=url,
+                token=token,
+                per_thread=int(3000 * 2 / THREADS) + args.clients,
+            )
+            _wrk(home, url, args.clients, 2, f"DPoP {token}", dpop=True, pid=os.getpid())
+            for round_ in range(args.rounds):
+                order = ("on", "off") if round_ % 2 == 0 else ("off", "on")
+                for mode in order:
+                    gateway.service.hooks = DEFAULT_HOOKS if mode == "on" else ()
+                    prepare(
+                        home,
+                        method="POST",
+                        body=_body(prompt),
+                        key=key,
+                        url=url,
+                        token=token,
+                        per_thread=int(3000 * args.seconds / THREADS) + args.clients,
+                    )
+                    cpu_before = time.process_time()  # this process only: not wrk
+                    result = _wrk(
+                        home,
+                        url,
+                        args.clients,
+                        args.seconds,
+                        f"DPoP {token}",
+                        dpop=True,
+                        pid=os.getpid(),
+                    )
+                    requests = max(result["rps"] * args.seconds, 1.0)
+                    result["cpu_ms"] = (time.process_time() - cpu_before) * 1000 / requests
+                    if result["errors"]:
+                        raise SystemExit(f"{result['errors']:.0f} requests failed ({mode})")
+                    rps.setdefault((prompt_name, mode), []).append(result["rps"])
+                    if os.environ.get("BENCH_VERBOSE_RUNS"):
+                        print(prompt_name, mode, result["rps"], round(result["cpu_ms"], 2))
+                    cpu.setdefault((prompt_name, mode), []).append(result["cpu_ms"])
+        print(
+            f"{args.clients} connections (wrk, {THREADS} threads), {args.seconds} s per run, "
+            f"{args.rounds} runs per cell, alternating; medians"
+        )
+        print(f"{'prompt':16} {'screen':7} {'req/s':>8} {'CPU ms/req':>11}")
+        rows = []
+        for prompt_name in PROMPTS:
+            on = statistics.median(rps[(prompt_name, "on")])
+            off = statistics.median(rps[(prompt_name, "off")])
+            cpu_on = statistics.median(cpu[(prompt_name, "on")])
+            cpu_off = statistics.median(cpu[(prompt_name, "off")])
+            print(f"{prompt_name:16} {'on':7} {on:8,.0f} {cpu_on:11.2f}")
+            print(f"{prompt_name:16} {'off':7} {off:8,.0f} {cpu_off:11.2f}")
+            print(
+                f"{'':16} on/off throughput {on / off:.3f} (loss {1 - on / off:.1%}); "
+                f"CPU per request +{cpu_on / cpu_off - 1:.1%}"
+            )
+            rows.append(
+                row(
+                    f"gateway req/s, {prompt_name}: screen on / off",
+                    f"{on:,.0f} / {off:,.0f} (loss {1 - on / off:.1%})",
+                    "loss <= 10%",
+                )
+            )
+            rows.append(
+                row(
+                    f"gateway CPU ms/request, {prompt_name}: screen on / off",
+                    f"{cpu_on:.2f} / {cpu_off:.2f} (+{cpu_on / cpu_off - 1:.1%})",
+                )
+            )
+        record(
+            "gateway_screen",
+            rows,
+            notes=f"{args.clients} connections, {args.seconds} s x {args.rounds} alternating "
+            "runs per cell; medians; one machine shared with other work",
+        )
+    finally:
+        if server is not None:
+            server.should_exit = True
+            time.sleep(1)
+        upstream.terminate()
+        upstream.wait(10)
+        EmbeddedPostgres(home / "postgres").stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""``bastion check``: security audits of a project's database (and, later, repo and manifests)."""

@@ -1,0 +1,641 @@
+"""Person names, street addresses, places and dates of birth in free text (issue 16).
+
+The pattern kinds (:mod:`bastion.safety.pii_patterns`) have a shape and a
+checksum; these have neither, so a model decides, from the token and its
+neighbours, not from a list alone:
+
+``person``, ``address``, ``place``
+    A multinomial logistic regression over hand-built features of each
+    *candidate* token (a capitalised word, a number, or a lower-case word
+    seen inside names and street addresses: "rue", "de", "van", "ul"): the
+    word itself, its prefix, suffix and shape, whether it is in the
+    gazetteers (first names, last names, towns, countries, street words),
+    and the same of the two tokens either side (``Dear``, ``Mr``, ``born``,
+    ``live at``, a line break, a capital after it). So "Will" starting a
+    question, "May" the month or "Apple" the company are not names for
+    being in a list, while an unknown "Kristjánsdóttir" after "Dear Ms" is.
+    Consecutive tokens of one kind on one line make one span.
+
+``dob``
+    A date (numeric, or with a month name in one of eight languages) with a
+    birth cue before it on the same line (``DOB``, ``born``,
+    ``Geburtsdatum``, ``né le``, ``fecha de nacimiento`` ...). Other dates are
+    left alone: an order date is not personal data.
+
+The weights, the vocabulary and the gazetteers are trained by
+``bench/train_pii.py`` (``make train-pii``) from synthetic text only (Faker,
+MIT licence, in the training locales; see ``model/PII_NAMES.md``) and ship as
+``model/pii-names.npz``: no download, no Faker, CPU and numpy only.
+
+Latin, Greek and Cyrillic scripts (which have capital letters) are covered;
+names written in scripts without case (Chinese, Japanese, Arabic, Hebrew)
+and names written all in lower case are not found. Work is linear in the text:
+one regex pass for tokens, a fixed number of features per candidate, one
+vectorised product.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+PERSON = "person"
+ADDRESS = "address"
+PLACE = "place"
+DOB = "dob"
+
+CLASSES: tuple[str, ...] = ("", PERSON, ADDRESS, PLACE)
+"""The tagger's classes; index 0 is "not personal data"."""
+
+MODEL_PATH = Path(__file__).with_name("model") / "pii-names.npz"
+
+# Gazetteer flags (one letter each) as they appear in feature names.
+GAZETTEERS: tuple[str, ...] = ("first", "last", "town", "country", "street")
+_FLAG = {"first": "F", "last": "L", "town": "T", "country": "C", "street": "S"}
+
+# Words (O'Brien, Jean-Luc; a possessive 's apart), numbers (12, 26-83, 7170BM,
+# 01310-100, 12/03/1985), single punctuation.
+TOKEN_RE = re.compile(
+    r"(?P<w>[^\W\d_]+(?:(?:-|['\u2019](?!s\b))[^\W\d_]+)*)"
+    r"|(?P<n>\d+(?:[./\-]\d+)*[^\W\d_]{0,2})"
+    r"|(?P<p>[^\w\s])"
+)
+
+# Characters that may stand between two chunks of one address.
+_JOIN = {ADDRESS: frozenset(" ,/-()")}
+
+# -- dates of birth -------------------------------------------------------------
+
+_MONTHS = (
+    "january|february|march|april|may|june|july|august|september|october|november|december"
+    "|jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec"
+    "|janvier|février|fevrier|mars|avril|mai|juin|juillet|août|aout|septembre|octobre"
+    "|novembre|décembre|decembre"
+    "|januar|februar|märz|maerz|juni|juli|oktober|dezember"
+    "|enero|febrero|marzo|abril|mayo|junio|julio|agosto|septiembre|setiembre|octubre"
+    "|noviembre|diciembre"
+    "|gennaio|febbraio|aprile|maggio|giugno|luglio|settembre|ottobre|dicembre"
+    "|janeiro|fevereiro|março|marco|maio|junho|julho|setembro|outubro|novembro|dezembro"
+    "|januari|februari|maart|mei|augustus"
+)
+DATE_RE = re.compile(
+    r"(?<![\w.:/-])(?:"
+    r"\d{1,2}[./-]\d{1,2}[./-](?:\d{4}|\d{2})"  # 12/03/1985, 03-12-85
+    r"|\d{4}[./-]\d{1,2}[./-]\d{1,2}"  # 1985-03-12
+    # 12 March 1985, 12 de marzo de 1985
+    rf"|\d{{1,2}}\.?\s(?:de\s)?(?:{_MONTHS})\.?,?\s(?:de\s)?\d{{4}}"
+    rf"|(?:{_MONTHS})\.?\s\d{{1,2}}(?:st|nd|rd|th)?,?\s\d{{4}}"  # March 12, 1985
+    r")(?![\w/-]|\.\d)",
+    re.IGNORECASE,
+)
+# A birth cue, up to _CUE_REACH characters before the date on its line.
+BIRTH_CUE_RE = re.compile(
+    r"birth|\bborn\b|\bd\.?o\.?b\b|\bné(?:e)?\b|naissance|geboren|geburt|\bgeb\."
+    r"|nacimiento|\bnacid[oa]\b|nascita|\bnat[oa]\b|geboorte|nascimento|\bnascid[oa]\b"
+    r"|urodzon|urodzeni|födelse|\bfödd?\b|fødsel|\bfødt\b|syntym|narozen",
+    re.IGNORECASE,
+)
+_CUE_REACH = 48
+# A month or weekday with no other capitalised word ("moved to May", "in
+# January") is a date, never a name or a place, whatever its neighbours suggest;
+# "May Lee" and "April Fernandes" are still judged by the model.
+CALENDAR_WORDS = frozenset(
+    (
+        *_MONTHS.split("|"),
+        *("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"),
+        *("lundi", "mardi", "mercredi", "jeudi", "vendredi", "samedi", "dimanche"),
+        *("montag", "dienstag", "mittwoch", "donnerstag", "freitag", "samstag", "sonntag"),
+        *("lunes", "martes", "miércoles", "jueves", "viernes", "sábado", "domingo"),
+    )
+)
+
+
+# Words that end the name of an organisation, a product or a job ("Vandelay
+# Hydraulics", "Becker Logistik GmbH", "Acme Cloud Console", "Finance
+# Manager"): the capitalised words up to and including the last of them in a
+# chunk are no person and no place (a company's name is not personal data);
+# the words after it ("Manager Jan Kowalski") are still judged. Address chunks
+# keep them: over-redacting an address is the safe side.
+ORGANISATION_WORDS = frozenset(
+    (
+        *("inc", "ltd", "llc", "llp", "plc", "corp", "corporation", "company", "gmbh", "ag"),
+        *("kg", "ug", "sarl", "sas", "srl", "spa", "bv", "nv", "oy", "ab", "asa", "pty"),
+        *("group", "holding", "holdings", "partners", "associates", "foundation", "bank"),
+        *("hydraulics", "logistics", "logistik", "services", "solutions", "systems"),
+        *("technologies", "technology", "industries", "consulting", "software", "labs"),
+        *("insights", "analytics", "networks", "media", "studio", "studios", "ventures"),
+        *("cloud", "console", "platform", "portal", "dashboard", "app", "api", "business"),
+        *("manager", "director", "officer", "team", "department", "desk", "support"),
+        *("ids", "id"),
+    )
+)
+# Greetings, thanks and function words that start a line or a sentence with a
+# capital ("Merci,", "Vielen Dank", "If the job fails"): a chunk of these alone
+# is nobody. "Hi Dana" keeps Dana (the chunk has another word).
+NOT_NAME_WORDS = frozenset(
+    (
+        *("hi", "hello", "hey", "dear", "thanks", "thank", "cheers", "regards"),
+        *("merci", "bonjour", "salut", "cordialement", "danke", "dank", "hallo", "grüße"),
+        *("gracias", "hola", "saludos", "grazie", "ciao", "saluti", "obrigado", "obrigada"),
+        *("if", "when", "then", "but", "and", "or", "so", "the", "this", "that", "it"),
+        *("we", "you", "they", "please", "also", "yes", "no", "ok"),
+    )
+)
+
+
+_DIGITS = re.compile(r"\d+")
+_WORD_BEFORE = re.compile(r"([^\W\d_]+)\.?\s$")
+
+
+def dates(text: str) -> list[tuple[int, int]]:
+    """Spans of :data:`DATE_RE` in ``text``, tried only where digits are (and at the
+    month name before them): a search from every letter would be slow."""
+    out: list[tuple[int, int]] = []
+    done = 0
+    for digits in _DIGITS.finditer(text):
+        start = digits.start()
+        if start < done:
+            continue
+        word = _WORD_BEFORE.search(text, max(0, start - 14), start)
+        for at in (word.start(1), start) if word is not None else (start,):
+            if at < done:
+                continue
+            found = DATE_RE.match(text, at)
+            if found is not None:
+                out.append(found.span())
+                done = found.end()
+                break
+    return out
+
+
+def dates_of_birth(text: str) -> Iterator[tuple[int, int]]:
+    """Spans of dates with a birth cue before them on the same line."""
+    for start, end in dates(text):
+        line = text.rfind("\n", max(0, start - _CUE_REACH), start) + 1
+        if BIRTH_CUE_RE.search(text, max(line, start - _CUE_REACH), start):
+            yield start, end
+
+
+# -- tokens and features --------------------------------------------------------
+
+
+class Token(NamedTuple):
+    start: int
+    end: int
+    text: str
+    kind: str  # "w" word, "n" number, "p" punctuation
+    newline_before: bool
+
+
+def tokens(text: str) -> list[Token]:
+    """The words, numbers and punctuation of ``text``, in order."""
+    out: list[Token] = []
+    last = 0
+    newline = text.find("\n")
+    for match in TOKEN_RE.finditer(text):
+        start, end = match.span()
+        out.append(
+            Token(start, end, match.group(), match.lastgroup or "p", last <= newline < start)
+        )
+        last = end
+        if newline < end and newline != -1:
+            newline = text.find("\n", end)
+    return out
+
+
+def shape(word: str) -> str:
+    """``Xx``, ``X``, ``d``, ``Xx-Xx``: the case and digit pattern, repeats collapsed, at most 6."""
+    if word.isalpha():  # the common cases, without a loop
+        if word.islower():
+            return "x"
+        if word[0].isupper() and (len(word) == 1 or word[1:].islower()):
+            return "Xx" if len(word) > 1 else "X"
+        if word.isupper():
+            return "X"
+    elif word.isdigit():
+        return "d"
+    out: list[str] = []
+    for char in word:
+        code = "X" if char.isupper() else "x" if char.islower() else "d" if char.isdigit() else char
+        if not out or out[-1] != code:
+            out.append(code)
+    return "".join(out[:6])
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Gazetteers (lower-cased words) and the lower-case words that may stand
+    inside a name or an address (``connectors``)."""
+
+    sets: dict[str, frozenset[str]]
+    connectors: frozenset[str]
+    _flags: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in GAZETTEERS:
+            for word in self.sets[name]:
+                self._flags[word] = self._flags.get(word, "") + _FLAG[name]
+
+    def flags(self, low: str) -> str:
+        """One letter per gazetteer ``low`` is in (``FL``: a first and a last name)."""
+        return self._flags.get(low, "")
+
+
+def is_candidate(token: Token, lexicon: Lexicon) -> bool:
+    """Whether the tagger looks at ``token``: all others are not personal data."""
+    if token.kind == "n":
+        return True
+    if token.kind != "w":
+        return False
+    first = token.text[0]
+    return first.isupper() or first.istitle() or token.text in lexicon.connectors
+
+
+def candidates(text: str, toks: Sequence[Token], lexicon: Lexicon) -> list[int]:
+    """Indexes of the tokens the tagger classifies: candidates not inside a date
+    (a date's year is no house number; :func:`dates_of_birth` judges dates)."""
+    spans = dates(text)
+    out = []
+    d = 0
+    for i, tok in enumerate(toks):
+        while d < len(spans) and spans[d][1] <= tok.start:
+            d += 1
+        if d < len(spans) and spans[d][0] <= tok.start:
+            continue
+        if is_candidate(tok, lexicon):
+            out.append(i)
+    return out
+
+
+def lexical_features(low: str, lexicon: Lexicon) -> list[str]:
+    """The features of a candidate's own (lower-cased) word."""
+    out = ["w=" + low, "p3=" + low[:3], "s3=" + low[-3:], "s4=" + low[-4:]]
+    # Only a hit is a feature: a word missing from the lists says little
+    # (most names of the world are), and the training drops hits at random.
+    out.extend("g=" + flag for flag in lexicon.flags(low))
+    return out
+
+
+def context_lexical(offset: int, low: str, lexicon: Lexicon) -> list[str]:
+    """The features a neighbour's (lower-cased) word ``offset`` tokens away gives."""
+    return [f"w{offset}={low}", *(f"g{offset}={flag}" for flag in lexicon.flags(low))]
+
+
+_OFFSETS = (-2, -1, 1, 2)
+
+
+def features(toks: Sequence[Token], i: int, lexicon: Lexicon) -> list[str]:
+    """The feature names of candidate ``toks[i]`` (shared by training and use)."""
+    tok = toks[i]
+    out = lexical_features(tok.text.lower(), lexicon)
+    for offset in _OFFSETS:
+        j = i + offset
+        if 0 <= j < len(toks):
+            out += context_lexical(offset, toks[j].text.lower(), lexicon)
+    out += _shapes(toks, i, [shape(t.text) for t in toks[max(0, i - 2) : i + 3]], max(0, i - 2))
+    return out
+
+
+def _shapes(toks: Sequence[Token], i: int, shapes: Sequence[str], base: int = 0) -> list[str]:
+    """The features of case, layout and the text's edges (``shapes[j - base]`` is
+    the shape of ``toks[j]``)."""
+    tok = toks[i]
+    own = shapes[i - base]
+    prev = toks[i - 1].text.lower() if i else "<edge>"
+    out = ["b", "sh=" + own, f"w-1|sh={prev}|{own}"]
+    for offset in _OFFSETS:
+        j = i + offset
+        if 0 <= j < len(toks):
+            out.append(f"sh{offset}={shapes[j - base]}")
+        else:
+            out.append(f"w{offset}=<edge>")
+    if tok.newline_before:
+        out.append("nl")
+    if i + 1 < len(toks) and toks[i + 1].newline_before:
+        out.append("nl+1")
+    return out
+
+
+# -- the model ------------------------------------------------------------------
+
+
+class NameModel:
+    """The trained tagger: a vocabulary of features, their weights, the lexicon."""
+
+    def __init__(
+        self, vocabulary: dict[str, int], weights: npt.NDArray[np.float32], lexicon: Lexicon
+    ) -> None:
+        self.vocabulary = vocabulary
+        self.weights = weights
+        self.lexicon = lexicon
+        # The summed weights of the word features of every word the model
+        # knows, computed once here. Never filled from the texts scanned: a memo
+        # of their words would keep a tenant's names in memory after its shred.
+        own: list[list[int]] = []
+        context: list[list[int]] = []
+        self._own: dict[str, int] = {}
+        self._context: dict[tuple[int, str], int] = {}
+        for name in vocabulary:
+            head, _, low = name.partition("=")
+            if head == "w":
+                self._own[low] = len(own)
+                own.append(self._ids(lexical_features(low, lexicon)))
+            elif head in ("w-2", "w-1", "w1", "w2") and low != "<edge>":
+                offset = int(head[1:])
+                self._context[(offset, low)] = len(context)
+                context.append(self._ids(context_lexical(offset, low, lexicon)))
+        self._own_sums = self._sums(own)
+        self._context_sums = self._sums(context)
+        self._nothing = np.zeros(len(CLASSES), dtype=np.float32)
+        # The weight of each word shape ("Xxxx", "dd"…), as the candidate and at
+        # each offset around it: the model's own features, read once here rather
+        # than looked up again for every call.
+        self._shape_own: dict[str, npt.NDArray[np.float32]] = {}
+        self._shape_around: dict[tuple[int, str], npt.NDArray[np.float32]] = {}
+        for name, index in vocabulary.items():
+            head, _, form = name.partition("=")
+            if head == "sh":
+                self._shape_own[form] = self.weights[index]
+            elif head in ("sh-2", "sh-1", "sh1", "sh2"):
+                self._shape_around[(int(head[2:]), form)] = self.weights[index]
+        self._bias = self._vector(["b"])
+        self._newline = self._vector(["nl"])
+        self._newline_next = self._vector(["nl+1"])
+        self._edge = {offset: self._vector([f"w{offset}=<edge>"]) for offset in _OFFSETS}
+
+    def _ids(self, names: list[str]) -> list[int]:
+        get = self.vocabulary.get
+        return [i for i in map(get, names) if i is not None]
+
+    def _sums(self, rows: list[list[int]]) -> npt.NDArray[np.float32]:
+        out = np.zeros((len(rows), len(CLASSES)), dtype=np.float32)
+        for row, ids in enumerate(rows):
+            if ids:
+                out[row] = self.weights[ids].sum(axis=0)
+        return out
+
+    def _vector(self, names: list[str]) -> npt.NDArray[np.float32]:
+        ids = self._ids(names)
+        if not ids:
+            return np.zeros(len(CLASSES), dtype=np.float32)
+        summed: npt.NDArray[np.float32] = self.weights[ids].sum(axis=0)
+        return summed
+
+    def scores(self, toks: Sequence[Token], indexes: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Log-probabilities of each class (columns: :data:`CLASSES`) for ``toks[indexes]``.
+
+        The sum over :func:`features`, computed per distinct word and shape of
+        the call (a support ticket repeats its words) and gathered with numpy.
+        """
+        classes = len(CLASSES)
+        if not indexes:
+            return np.zeros((0, classes), dtype=np.float32)
+        count = len(toks)
+        near = sorted({j for i in indexes for j in range(max(0, i - 2), min(count, i + 3))})
+        # Per call only: each distinct word and shape read, and its vectors.
+        words: dict[str, int] = {}
+        shapes: dict[str, int] = {}
+        word_of = np.zeros(count, dtype=np.int64)
+        shape_of = np.zeros(count, dtype=np.int64)
+        own_rows: list[npt.NDArray[np.float32]] = []
+        context_rows: dict[int, list[npt.NDArray[np.float32]]] = {o: [] for o in _OFFSETS}
+        shape_rows: list[npt.NDArray[np.float32]] = []
+        shape_context: dict[int, list[npt.NDArray[np.float32]]] = {o: [] for o in _OFFSETS}
+        shape_text: list[str] = [""] * count
+        for j in near:
+            text = toks[j].text
+            low = text.lower()
+            row = words.get(low)
+            if row is None:
+                row = words[low] = len(own_rows)
+                known = self._own.get(low)
+                own_rows.append(
+                    self._own_sums[known]
+                    if known is not None
+                    else self._vector(lexical_features(low, self.lexicon))
+                )
+                # A word unknown as context has features only through the lists.
+                flagged = bool(self.lexicon.flags(low))
+                for offset in _OFFSETS:
+                    seen = self._context.get((offset, low))
+                    context_rows[offset].append(
+                        self._context_sums[seen]
+                        if seen is not None
+                        else self._vector(context_lexical(offset, low, self.lexicon))
+                        if flagged
+                        else self._nothing
+                    )
+            word_of[j] = row
+            form = shape(text)
+            shape_text[j] = form
+            row = shapes.get(form)
+            if row is None:
+                row = shapes[form] = len(shape_rows)
+                shape_rows.append(self._shape_own.get(form, self._nothing))
+                for offset in _OFFSETS:
+                    shape_context[offset].append(
+                        self._shape_around.get((offset, form), self._nothing)
+                    )
+            shape_of[j] = row
+        at = np.asarray(indexes, dtype=np.int64)
+        raw = self._bias + np.stack(own_rows)[word_of[at]] + np.stack(shape_rows)[shape_of[at]]
+        for offset in _OFFSETS:
+            other = at + offset
+            inside = ((other >= 0) & (other < count))[:, None]
+            other = np.clip(other, 0, count - 1)
+            around = (
+                np.stack(context_rows[offset])[word_of[other]]
+                + np.stack(shape_context[offset])[shape_of[other]]
+            )
+            raw += np.where(inside, around, self._edge[offset])
+        # The pair of the word before and the candidate's shape, and line breaks.
+        get = self.vocabulary.get
+        pairs = [
+            get(f"w-1|sh={toks[i - 1].text.lower() if i else '<edge>'}|{shape_text[i]}", -1)
+            for i in indexes
+        ]
+        paired = np.asarray(pairs, dtype=np.int64)
+        raw += np.where((paired >= 0)[:, None], self.weights[np.maximum(paired, 0)], 0.0)
+        raw += np.outer([toks[i].newline_before for i in indexes], self._newline)
+        raw += np.outer(
+            [i + 1 < count and toks[i + 1].newline_before for i in indexes], self._newline_next
+        )
+        raw -= raw.max(axis=1, keepdims=True)
+        logp: npt.NDArray[np.float32] = raw - np.log(np.exp(raw).sum(axis=1, keepdims=True))
+        return logp.astype(np.float32)
+
+    def find(self, text: str) -> Iterator[tuple[str, int, int]]:
+        """``(kind, start, end)`` of the person names, addresses and places in ``text``.
+
+        Candidates standing next to each other on one line (only spaces, or a
+        period after an initial, between them) form a chunk, and a chunk takes
+        one kind: the best by the sum of its tokens' log-probabilities, so
+        "Miloslava Poláková" is one name even where one of its words alone
+        would look like a town. Address chunks then join across commas and
+        parentheses, and take the town that follows them ("Via Roma, 12,
+        00184, Roma (RM)").
+        """
+        toks = tokens(text)
+        indexes = candidates(text, toks, self.lexicon)
+        logp = self.scores(toks, indexes)
+        chunks: list[tuple[int, int, int, int]] = []  # (first row, last row, start, end)
+        for row, i in enumerate(indexes):
+            tok = toks[i]
+            if chunks and not tok.newline_before:
+                first, _last, start, end = chunks[-1]
+                gap = text[end : tok.start]
+                if (i == indexes[row - 1] + 1 and gap.strip(" ") == "") or (
+                    # an initial: "J. Smith" (not a list's number: "2. Tell")
+                    i == indexes[row - 1] + 2
+                    and gap.strip(" ") == "."
+                    and len(toks[indexes[row - 1]].text) == 1
+                    and toks[indexes[row - 1]].kind == "w"
+                ):
+                    chunks[-1] = (first, row, start, tok.end)
+                    continue
+            chunks.append((row, row, tok.start, tok.end))
+        if not chunks:
+            return
+        # One kind per chunk: the best sum of the log-probabilities of its
+        # tokens that are personal data on their own (so "Dear Mr" does not
+        # outvote "Kowalczyk"); words before a name that are not ("Customer",
+        # "Dear") are left out of it.
+        alone = logp.argmax(axis=1)
+        named = np.where(alone[:, None] > 0, logp, 0.0)
+        sums = np.add.reduceat(named, [chunk[0] for chunk in chunks], axis=0)
+        some = np.add.reduceat(alone > 0, [chunk[0] for chunk in chunks]).tolist()
+        best = (sums[:, 1:].argmax(axis=1) + 1).tolist()
+        alone_list = alone.tolist()
+        open_kind, open_start, open_end = "", 0, 0
+        for (first, last, _start, _end), label, any_named in zip(chunks, best, some, strict=True):
+            kind = CLASSES[label] if any_named else ""
+            if kind in (PERSON, PLACE):
+                kind, first = _after_organisation(toks, indexes, first, last, kind, named, alone)
+            while kind == PERSON and first < last and alone_list[first] == 0:
+                first += 1
+            start, end = toks[indexes[first]].start, toks[indexes[last]].end
+            if all(
+                toks[i].text.lower() in CALENDAR_WORDS
+                or toks[i].text.lower() in NOT_NAME_WORDS
+                or toks[i].text.islower()
+                for i in indexes[first : last + 1]
+            ):
+                kind = ""  # "May", "in January": a date, not a place; "Merci": nobody
+            # A chunk needs a word of two letters or more with a capital, or a
+            # number: "I do" (a pronoun and a connector) is nobody.
+            if kind and not any(
+                toks[i].kind == "n" or (len(toks[i].text) > 1 and not toks[i].text.islower())
+                for i in indexes[first : last + 1]
+            ):
+                kind = ""
+            if (
+                kind in (ADDRESS, PLACE)  # the town after a street is the address's
+                and open_kind == ADDRESS
+                and "\n" not in text[open_end:start]
+                and all(c in _JOIN[ADDRESS] for c in text[open_end:start])
+            ):
+                open_end = end
+                continue
+            if open_kind:
+                yield open_kind, open_start, open_end
+            open_kind, open_start, open_end = kind, start, end
+        if open_kind:
+            yield open_kind, open_start, open_end
+
+
+def _after_organisation(
+    toks: Sequence[Token],
+    indexes: Sequence[int],
+    first: int,
+    last: int,
+    kind: str,
+    named: npt.NDArray[np.float32],
+    alone: npt.NDArray[np.int64],
+) -> tuple[str, int]:
+    """The kind and first row of a person or place chunk once the organisation's
+    name in it (up to its last :data:`ORGANISATION_WORDS` word) is cut off: the
+    rest takes the best kind of its own tokens, or none."""
+    cut = -1
+    for row in range(first, last + 1):
+        if toks[indexes[row]].text.lower() in ORGANISATION_WORDS:
+            cut = row
+    if cut == -1:
+        return kind, first
+    first = cut + 1
+    if first > last or not (alone[first : last + 1] > 0).any():
+        return "", min(first, last)
+    return CLASSES[int(named[first : last + 1, 1:].sum(axis=0).argmax()) + 1], first
+
+
+def save(
+    path: Path, vocabulary: Sequence[str], weights: npt.NDArray[np.float32], lexicon: Lexicon
+) -> None:
+    """Write a model (by bench/train_pii.py): plain arrays, no pickle."""
+    arrays: dict[str, npt.NDArray[np.generic]] = {
+        "vocabulary": np.asarray(vocabulary, dtype=str),
+        "weights": weights.astype(np.float32),
+        "connectors": np.asarray(sorted(lexicon.connectors), dtype=str),
+    }
+    for name in GAZETTEERS:
+        arrays[f"gazetteer_{name}"] = np.asarray(sorted(lexicon.sets[name]), dtype=str)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+
+
+@functools.cache
+def load(path: Path = MODEL_PATH) -> NameModel:
+    """The shipped model (read once per process)."""
+    with np.load(path, allow_pickle=False) as data:
+        vocabulary = {str(name): i for i, name in enumerate(data["vocabulary"].tolist())}
+        weights = np.ascontiguousarray(data["weights"], dtype=np.float32)
+        sets = {name: frozenset(data[f"gazetteer_{name}"].tolist()) for name in GAZETTEERS}
+        connectors = frozenset(data["connectors"].tolist())
+    if weights.shape != (len(vocabulary), len(CLASSES)):
+        raise ValueError(f"{path}: weights of shape {weights.shape} for {len(vocabulary)} features")
+    return NameModel(vocabulary, weights, Lexicon(sets, connectors))
+
+
+BLOCK_CHARS = 64 * 1024  # text tagged per pass: bounds the tokens held in memory
+
+
+def blocks(text: str, size: int = BLOCK_CHARS) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` pieces of ``text`` of at most ``size`` characters, cut at a
+    line break (or else a space) in their last eighth where there is one."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            floor = end - size // 8
+            cut = text.rfind("\n", floor, end)
+            if cut == -1:
+                cut = text.rfind(" ", floor, end)
+            if cut > start:
+                end = cut + 1
+        yield start, end
+        start = end
+
+
+# A number standing as a word (12, 4B, 75002), not a digit inside one (IPv6).
+_HOUSE_NUMBER = re.compile(r"(?<![^\W\d_])\d")
+
+
+def address_shaped(value: str) -> bool:
+    """Whether ``value`` can be a street address: a number standing as a word and
+    a word with a lower-case letter ("1,299.00 EUR" is a price, "IPv6" no street)."""
+    return _HOUSE_NUMBER.search(value) is not None and any(c.islower() for c in value)
+
+
+def find(text: str, model: NameModel | None = None) -> Iterator[tuple[str, int, int]]:
+    """``(kind, start, end)`` of the names, addresses and places in ``text``, block by block."""
+    model = model or load()
+    for start, end in blocks(text):
+        piece = text[start:end]
+        for kind, s, e in model.find(piece):
+            if kind != ADDRESS or address_shaped(piece[s:e]):
+                yield kind, start + s, start + e
