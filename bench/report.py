@@ -30,11 +30,18 @@ CATALOGUE: list[tuple[str, str, str]] = [
     ("vector_search", "vector_search.py", "Vector search, one partition and HNSW index per tenant"),
     ("gateway", "gateway.py", "The model gateway against a mock upstream (and LiteLLM if present)"),
     ("webhooks", "webhooks.py", "Webhook intake: verify, seal, store, acknowledge"),
+    ("rotation", "rotation.py", "p99 of api, gateway and webhooks while every key rotates"),
     ("receipts", "receipts.py", "Receipts signed and verified per second (Ed25519 JWS)"),
+    ("secrets_backend", "secrets_backend.py", "Data-key unwrap: local, OpenBao, AWS KMS (moto)"),
+    ("gateway_openbao", "gateway_openbao.py", "Gateway added p50: OpenBao against local keys"),
     ("sandbox", "sandbox.py", "Sandbox start-up per backend and runs per second"),
     ("pii", "pii.py", "PII recognition: precision, recall, throughput (Presidio if present)"),
     ("injection", "injection.py", "Prompt-injection screen: tuning-suite rates and screening time"),
+    ("injection_megabyte", "injection_megabyte.py", "Screening one megabyte of each kind of input"),
+    ("gateway_screen", "gateway_screen.py", "Gateway throughput, injection screen on and off"),
     ("noisy_neighbour", "noisy_neighbour.py", "Tenant B's service while tenant A attacks"),
+    ("audit_chain", "audit_chain.py", "Audit hash chain: verify 1M events, added cost per event"),
+    ("mtls", "mtls.py", "mTLS on against off: throughput, added p50, handshake, renewal"),
 ]
 
 HEADER = """# Benchmarks

@@ -18,7 +18,7 @@ from bastion.compose import Gateway, Overrides, build_gateway
 from bastion.db.pool import Database
 from bastion.gateway.cache import AnswerCache
 from bastion.gateway.routing import ModelRouter
-from bastion.secrets import LocalKeystore
+from bastion.secrets import KMS, LocalKeystore
 from bastion.settings import Settings
 from tests.conftest import DbHandles
 from tests.http_server import serving
@@ -36,18 +36,21 @@ def gateway_server(
     pool_size: int = 8,
     answer_cache: AnswerCache | None = None,
     without_plan_gate: bool = False,
+    kms: KMS | None = None,
 ) -> Iterator[tuple[str, Gateway]]:
     """Yield (base URL, the composed gateway) of a running gateway on ``database``;
     ``settings(url)`` gives its settings once its URL is known, ``models``
     replaces the configured model routers, ``seed`` runs before the first request,
     ``sock`` is the bound socket to serve on (default: a free port);
-    ``answer_cache`` and ``without_plan_gate`` are :class:`Overrides`' fields."""
+    ``answer_cache``, ``without_plan_gate`` and ``kms`` (the tenants' KEKs; default:
+    the settings' backend) are :class:`Overrides`' fields."""
     built: list[Gateway] = []
 
     def build(url: str) -> FastAPI:
         overrides = Overrides(
             database=Database(database.app, database.context_key, max_size=pool_size),
             keystore=keystore,
+            kms=kms,
             models=models,
             on_start=seed,
             answer_cache=answer_cache,

@@ -62,7 +62,6 @@ from bastion.safety.scanning import (
 from bastion.secrets.errors import KMSError
 from bastion.secrets.protocols import KMS, KeyContext, RotatesKEKs
 from bastion.secrets.tenant_keys import (
-    CACHE_SECONDS,
     DecryptionFailed,
     KeyUnavailable,
     TenantKeys,
@@ -306,7 +305,7 @@ class PiiVault:
     async def _existing_token_key(self, tx: Conn, tenant_id: UUID) -> bytes | None:
         """The tenant's token key, or None if it has none yet (nothing is written)."""
         cached = self._token_keys.get(tenant_id)
-        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
+        if cached is not None and time.monotonic() - cached[0] < self.keys.cache_seconds:
             return cached[1]
         cur = await tx.execute(
             "SELECT wrapped FROM bastion.pii_token_keys WHERE tenant_id = %s", (tenant_id,)
@@ -318,7 +317,7 @@ class PiiVault:
             key = self.keys.kms.unwrap(row["wrapped"], self._context(tenant_id))
         except KMSError:
             raise VaultKeyUnavailable("the tenant's token key does not unwrap") from None
-        if self.keys.may_cache():
+        if self.keys.may_cache() and self.keys.cache_seconds > 0:
             self._token_keys[tenant_id] = (time.monotonic(), key)
         return key
 

@@ -132,9 +132,7 @@ class OpenBaoSession:
             else:
                 if not s.openbao_kubernetes_role:
                     raise InvalidSecretRef("BASTION_OPENBAO_KUBERNETES_ROLE is not set")
-                jwt = read_reference(
-                    f"file:{s.openbao_kubernetes_token_file}", "the service-account token"
-                )
+                jwt = self._service_account_token()
                 answer = self.client.auth.kubernetes.login(
                     s.openbao_kubernetes_role, jwt, mount_point=mount
                 )
@@ -146,6 +144,20 @@ class OpenBaoSession:
                 "(check the role and the credentials it references)"
             ) from None
         self._schedule(answer["auth"])
+
+    def _service_account_token(self) -> str:
+        """The pod's service-account JWT, read at every sign-in (the kubelet
+        rotates a projected token in place). Errors name the file, never its text."""
+        path = self.settings.openbao_kubernetes_token_file
+        where = f"secrets backend openbao at {self.addr}: the Kubernetes service-account token"
+        setting = "(BASTION_OPENBAO_KUBERNETES_TOKEN_FILE)"
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            raise InvalidSecretRef(f"{where} file {path} cannot be read {setting}") from None
+        if not token:
+            raise InvalidSecretRef(f"{where} file {path} is empty {setting}")
+        return token
 
     def _schedule(self, auth: dict[str, Any]) -> None:
         # Renew at two thirds of the TTL (a token that cannot be renewed is

@@ -117,6 +117,9 @@ class TenantKeys:
 
     def __init__(self, kms: KMS) -> None:
         self.kms = kms
+        # A remote KMS says how long an unwrapped key may outlive an outage
+        # (openbao_cache_seconds, awskms_cache_seconds): no cache here keeps it longer.
+        self.cache_seconds = min(CACHE_SECONDS, float(getattr(kms, "cache_seconds", CACHE_SECONDS)))
         self._cache: dict[tuple[UUID, int], tuple[float, bytes]] = {}
         # (tenant, dim) -> (fingerprint of the key it was derived from, transform)
         self._transforms: OrderedDict[tuple[UUID, int], tuple[bytes, VectorTransform]] = (
@@ -131,7 +134,7 @@ class TenantKeys:
         return self.caching_allowed is None or self.caching_allowed()
 
     def _keep(self, tenant_id: UUID, version: int, key: bytes) -> None:
-        if self.may_cache():
+        if self.may_cache() and self.cache_seconds > 0:
             self._cache[(tenant_id, version)] = (time.monotonic(), key)
 
     def forget_tenant(self, tenant_id: UUID) -> None:
@@ -228,7 +231,7 @@ class TenantKeys:
 
     def _cached(self, tenant_id: UUID, version: int) -> bytes | None:
         entry = self._cache.get((tenant_id, version))
-        if entry is None or time.monotonic() - entry[0] >= CACHE_SECONDS:
+        if entry is None or time.monotonic() - entry[0] >= self.cache_seconds:
             return None
         return entry[1]
 
