@@ -34,9 +34,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hashlib
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -52,6 +49,7 @@ from bastion.secrets.errors import (
     SecretsBackendRefused,
     SecretsBackendUnavailable,
 )
+from bastion.secrets.key_cache import DataKeyCache
 from bastion.secrets.protocols import KeyContext, SecretVersionInfo
 from bastion.secrets.store import LocalKeystore
 from bastion.settings import Settings
@@ -167,9 +165,7 @@ class AwsKmsKMS:
         self.cache_seconds = cache_seconds
         self.deletion_window_days = deletion_window_days
         self._keys_made: set[UUID] = set()
-        # (context, SHA-256 of the blob) -> (when, tenant, data key)
-        self._cache: dict[tuple[bytes, bytes], tuple[float, UUID, bytes]] = {}
-        self._lock = threading.Lock()
+        self._cache = DataKeyCache(cache_seconds)
 
     def alias(self, tenant_id: UUID) -> str:
         """The alias of the KMS key holding the tenant's KEK."""
@@ -223,22 +219,6 @@ class AwsKmsKMS:
             f"{alias} (check the key policy)"
         )
 
-    def _remember(self, context: KeyContext, blob: bytes, data_key: bytes) -> None:
-        if self.cache_seconds <= 0:
-            return
-        now = time.monotonic()
-        with self._lock:
-            for entry in [k for k, v in self._cache.items() if now - v[0] >= self.cache_seconds]:
-                del self._cache[entry]
-            key = (context.encode(), hashlib.sha256(blob).digest())
-            self._cache[key] = (now, context.tenant_id, data_key)
-
-    def _cached(self, context: KeyContext, blob: bytes) -> bytes | None:
-        entry = self._cache.get((context.encode(), hashlib.sha256(blob).digest()))
-        if entry is None or time.monotonic() - entry[0] >= self.cache_seconds:
-            return None
-        return entry[2]
-
     def generate_data_key(self, context: KeyContext) -> tuple[bytes, bytes]:
         self._ensure_key(context.tenant_id)
         alias = self.alias(context.tenant_id)
@@ -253,7 +233,7 @@ class AwsKmsKMS:
         except botocore.exceptions.ClientError:
             raise self._refused_key(alias) from None
         data_key, blob = bytes(answer["Plaintext"]), bytes(answer["CiphertextBlob"])
-        self._remember(context, blob, data_key)
+        self._cache.remember(context, blob, data_key)
         return data_key, blob
 
     def wrap(self, data_key: bytes, context: KeyContext) -> bytes:
@@ -270,11 +250,11 @@ class AwsKmsKMS:
         except botocore.exceptions.ClientError:
             raise self._refused_key(alias) from None
         blob = bytes(answer["CiphertextBlob"])
-        self._remember(context, blob, data_key)
+        self._cache.remember(context, blob, data_key)
         return blob
 
     def unwrap(self, blob: bytes, context: KeyContext) -> bytes:
-        cached = self._cached(context, blob)
+        cached = self._cache.get(context, blob)
         if cached is not None:
             return cached
         alias = self.alias(context.tenant_id)
@@ -293,7 +273,7 @@ class AwsKmsKMS:
                 ) from None
             raise self._refused_key(alias) from None
         data_key = bytes(answer["Plaintext"])
-        self._remember(context, data_key=data_key, blob=blob)
+        self._cache.remember(context, blob, data_key)
         return data_key
 
     # -- rotation (RotatesKEKs) -------------------------------------------------------
@@ -371,9 +351,7 @@ class AwsKmsKMS:
         return bytes(answer["CiphertextBlob"])
 
     def destroy_tenant(self, tenant_id: UUID) -> None:
-        with self._lock:
-            for entry in [k for k, v in self._cache.items() if v[1] == tenant_id]:
-                del self._cache[entry]
+        self._cache.forget_tenant(tenant_id)
         self._keys_made.discard(tenant_id)
         alias = self.alias(tenant_id)
         try:

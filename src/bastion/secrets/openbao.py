@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hashlib
 import os
 import threading
 import time
@@ -57,6 +56,7 @@ from bastion.secrets.errors import (
     SecretsBackendRefused,
     SecretsBackendUnavailable,
 )
+from bastion.secrets.key_cache import DataKeyCache
 from bastion.secrets.protocols import KeyContext, SecretVersionInfo
 from bastion.secrets.store import _check_name
 from bastion.settings import Settings
@@ -409,9 +409,7 @@ class OpenBaoKMS:
         self.mount = mount
         self.cache_seconds = cache_seconds
         self._keys_made: set[UUID] = set()
-        # (context, SHA-256 of the blob) -> (when, tenant, data key)
-        self._cache: dict[tuple[bytes, bytes], tuple[float, UUID, bytes]] = {}
-        self._lock = threading.Lock()
+        self._cache = DataKeyCache(cache_seconds)
 
     @staticmethod
     def key_name(tenant_id: UUID) -> str:
@@ -439,22 +437,6 @@ class OpenBaoKMS:
             ) from None
         self._keys_made.add(tenant_id)
 
-    def _remember(self, context: KeyContext, blob: bytes, data_key: bytes) -> None:
-        if self.cache_seconds <= 0:
-            return
-        now = time.monotonic()
-        with self._lock:
-            for entry in [k for k, v in self._cache.items() if now - v[0] >= self.cache_seconds]:
-                del self._cache[entry]
-            key = (context.encode(), hashlib.sha256(blob).digest())
-            self._cache[key] = (now, context.tenant_id, data_key)
-
-    def _cached(self, context: KeyContext, blob: bytes) -> bytes | None:
-        entry = self._cache.get((context.encode(), hashlib.sha256(blob).digest()))
-        if entry is None or time.monotonic() - entry[0] >= self.cache_seconds:
-            return None
-        return entry[2]
-
     def wrap(self, data_key: bytes, context: KeyContext) -> bytes:
         self._ensure_key(context.tenant_id)
         name = self.key_name(context.tenant_id)
@@ -464,11 +446,11 @@ class OpenBaoKMS:
             )
         )
         blob = str(answer["data"]["ciphertext"]).encode("ascii")
-        self._remember(context, blob, data_key)
+        self._cache.remember(context, blob, data_key)
         return blob
 
     def unwrap(self, blob: bytes, context: KeyContext) -> bytes:
-        cached = self._cached(context, blob)
+        cached = self._cache.get(context, blob)
         if cached is not None:
             return cached
         name = self.key_name(context.tenant_id)
@@ -486,7 +468,7 @@ class OpenBaoKMS:
             ) from None
         except (UnicodeDecodeError, KeyError, TypeError, ValueError, binascii.Error):
             raise KMSError("wrapped key is malformed") from None
-        self._remember(context, blob, data_key)
+        self._cache.remember(context, blob, data_key)
         return data_key
 
     def generate_data_key(self, context: KeyContext) -> tuple[bytes, bytes]:
@@ -554,9 +536,7 @@ class OpenBaoKMS:
         return rewrapped
 
     def destroy_tenant(self, tenant_id: UUID) -> None:
-        with self._lock:
-            for entry in [k for k, v in self._cache.items() if v[1] == tenant_id]:
-                del self._cache[entry]
+        self._cache.forget_tenant(tenant_id)
         self._keys_made.discard(tenant_id)
         name = self.key_name(tenant_id)
         try:
