@@ -11,7 +11,6 @@ time. A read that fails raises :class:`EgressUnavailable`: the caller refuses
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -29,8 +28,8 @@ from bastion.safety.egress import (
     EntryKind,
     normalise_entry,
 )
+from bastion.safety.tenant_cache import TenantCache
 
-MAX_CACHED = 10_000  # tenants whose rules are kept before the cache is emptied
 MAX_ENTRIES = 1_000  # per tenant
 
 
@@ -84,35 +83,38 @@ class EgressPolicy:
 class EgressPolicies:
     def __init__(self, db: Database, ttl_seconds: float = 5.0) -> None:
         self.db = db
-        self.ttl_seconds = ttl_seconds
-        self._cache: dict[UUID, tuple[float, EgressRules]] = {}
+        self._cache: TenantCache[EgressRules] = TenantCache(ttl_seconds)
 
     # -- the gateway's read --------------------------------------------------------------
 
+    @property
+    def ttl_seconds(self) -> float:
+        """How long a tenant's value is kept (0: read on every call)."""
+        return self._cache.ttl_seconds
+
+    @ttl_seconds.setter
+    def ttl_seconds(self, seconds: float) -> None:
+        self._cache.ttl_seconds = seconds
+
     async def rules(self, tenant_id: UUID) -> EgressRules:
         """The tenant's rules (cached ``ttl_seconds``); raise :class:`EgressUnavailable`."""
-        now = time.monotonic()
-        cached = self._cache.get(tenant_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
         try:
-            policy = await self._read(tenant_id, None, "system")
+            return await self._cache.get(tenant_id, lambda: self._rules(tenant_id))
         except Exception as error:  # any failure: refuse, never an empty policy
             raise EgressUnavailable(
                 "the tenant's egress allow-list could not be read", retry_after=5
             ) from error
-        rules = EgressRules(
+
+    async def _rules(self, tenant_id: UUID) -> EgressRules:
+        policy = await self._read(tenant_id, None, "system")
+        return EgressRules(
             policy.action,
             tuple(AllowEntry(e.kind, e.value, e.tool) for e in policy.entries),
         )
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
-        self._cache[tenant_id] = (now + self.ttl_seconds, rules)
-        return rules
 
     def forget(self, tenant_id: UUID) -> None:
         """Drop this process's cached rules of the tenant (others wait for the TTL)."""
-        self._cache.pop(tenant_id, None)
+        self._cache.forget(tenant_id)
 
     # -- owners and auditors -------------------------------------------------------------
 

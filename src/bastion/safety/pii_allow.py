@@ -22,7 +22,6 @@ back to an empty or a stale list silently mid-request.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,8 +30,8 @@ from uuid import UUID
 from bastion.errors import BastionError, Kind
 from bastion.safety.pii import KINDS, Entity, normalize
 from bastion.safety.pii_patterns import DEFAULT_REGIONS
+from bastion.safety.tenant_cache import TenantCache
 
-MAX_CACHED = 10_000  # tenants whose lists are kept before the cache is emptied
 MAX_ENTRIES = 1_000  # per tenant
 MAX_ENTRY_CHARS = 320  # an e-mail address at most (RFC 5321 4.5.3.1: 64 + 1 + 255)
 
@@ -120,22 +119,31 @@ class PiiAllowLists:
         regions: Sequence[str] = DEFAULT_REGIONS,
     ) -> None:
         self.store = store
-        self.ttl_seconds = ttl_seconds
         self.regions = tuple(regions)
-        self._cache: dict[UUID, tuple[float, AllowList]] = {}
+        self._cache: TenantCache[AllowList] = TenantCache(ttl_seconds)
+
+    @property
+    def ttl_seconds(self) -> float:
+        """How long a tenant's value is kept (0: read on every call)."""
+        return self._cache.ttl_seconds
+
+    @ttl_seconds.setter
+    def ttl_seconds(self, seconds: float) -> None:
+        self._cache.ttl_seconds = seconds
 
     async def for_tenant(self, tenant_id: UUID) -> AllowList:
         """The tenant's list (cached ``ttl_seconds``); raise :class:`PiiAllowListUnavailable`."""
-        now = time.monotonic()
-        cached = self._cache.get(tenant_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
         try:
-            items = tuple(await self.store.values(tenant_id))
+            return await self._cache.get(tenant_id, lambda: self._read(tenant_id))
+        except PiiAllowListUnavailable:
+            raise
         except Exception as error:  # any failure: refuse, never an empty list
             raise PiiAllowListUnavailable(
                 "the tenant's PII allow-list could not be read", retry_after=5
             ) from error
+
+    async def _read(self, tenant_id: UUID) -> AllowList:
+        items = tuple(await self.store.values(tenant_id))
         values = tuple(v for v in items if isinstance(v, str))
         entries = tuple(v for v in items if isinstance(v, tuple) and len(v) == 2)
         # Oversized entries or lists are a store's bug: refuse rather than guess.
@@ -145,12 +153,8 @@ class PiiAllowLists:
             or not all(_valid(v) for v in (*values, *(v for _k, v in entries)))
         ):
             raise PiiAllowListUnavailable("the tenant's PII allow-list is not valid", retry_after=5)
-        allow = AllowList(values, self.regions, entries) if items else EMPTY
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
-        self._cache[tenant_id] = (now + self.ttl_seconds, allow)
-        return allow
+        return AllowList(values, self.regions, entries) if items else EMPTY
 
     def forget(self, tenant_id: UUID) -> None:
         """Drop this process's cached list of the tenant (others wait for the TTL)."""
-        self._cache.pop(tenant_id, None)
+        self._cache.forget(tenant_id)

@@ -27,7 +27,6 @@ refuses, it never falls back to the defaults or an empty list.
 
 from __future__ import annotations
 
-import time
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from bastion.safety.pii_allow import (
     PiiAllowLists,
 )
 from bastion.safety.pii_patterns import DEFAULT_REGIONS
+from bastion.safety.tenant_cache import TenantCache
 
 __all__ = [
     "DEFAULT_TENANT_POLICY",
@@ -60,7 +60,6 @@ __all__ = [
     "TenantScreenPolicy",
 ]
 
-MAX_CACHED = 10_000  # tenants whose policies are kept before the cache is emptied
 MAX_BATCH = 100  # allow-list entries added in one change
 
 Surface = Literal["user", "retrieved", "tool"]
@@ -291,9 +290,8 @@ class SafetyPolicies:
         regions: Sequence[str] = DEFAULT_REGIONS,
     ) -> None:
         self.db = db
-        self.ttl_seconds = ttl_seconds
         self.regions = tuple(regions)
-        self._cache: dict[UUID, tuple[float, TenantScreenPolicy]] = {}
+        self._cache: TenantCache[TenantScreenPolicy] = TenantCache(ttl_seconds)
         self.pii_allow_lists = PiiAllowLists(
             _AllowListTable(db), ttl_seconds=ttl_seconds, regions=self.regions
         )
@@ -301,31 +299,35 @@ class SafetyPolicies:
 
     # -- the hot path --------------------------------------------------------------------
 
+    @property
+    def ttl_seconds(self) -> float:
+        """How long a tenant's value is kept (0: read on every call)."""
+        return self._cache.ttl_seconds
+
+    @ttl_seconds.setter
+    def ttl_seconds(self, seconds: float) -> None:
+        self._cache.ttl_seconds = seconds
+
     async def screen_policy(self, tenant_id: UUID) -> TenantScreenPolicy:
         """The tenant's screen policy (cached ``ttl_seconds``); raise
         :class:`SafetyPolicyUnavailable` when it cannot be read."""
-        now = time.monotonic()
-        cached = self._cache.get(tenant_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
         try:
-            async with self.db.tenant_tx(tenant_id, None, "system") as tx:
-                row = await (
-                    await tx.execute(f"SELECT {_POLICY_COLUMNS} FROM bastion.screen_policies")
-                ).fetchone()
-            policy = _policy_of(row)
+            return await self._cache.get(tenant_id, lambda: self._screen_policy(tenant_id))
         except Exception as error:  # any failure: refuse, never the defaults
             raise SafetyPolicyUnavailable(
                 "the tenant's screen policy could not be read", retry_after=5
             ) from error
-        if len(self._cache) >= MAX_CACHED:
-            self._cache.clear()
-        self._cache[tenant_id] = (now + self.ttl_seconds, policy)
-        return policy
+
+    async def _screen_policy(self, tenant_id: UUID) -> TenantScreenPolicy:
+        async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+            row = await (
+                await tx.execute(f"SELECT {_POLICY_COLUMNS} FROM bastion.screen_policies")
+            ).fetchone()
+        return _policy_of(row)
 
     def forget(self, tenant_id: UUID) -> None:
         """Drop this process's cached configuration of the tenant (others wait for the TTL)."""
-        self._cache.pop(tenant_id, None)
+        self._cache.forget(tenant_id)
         self.pii_allow_lists.forget(tenant_id)
 
     # -- owners and auditors -------------------------------------------------------------
