@@ -27,52 +27,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from uuid import UUID
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _gateway_bench import (  # noqa: E402
+    access_token,
+    bench_tenant,
+    gateway_env,
+    sequential_p50,
+    wait_ready,
+)
 from _record import record, row  # noqa: E402
-from bastion.billing.budgets import BudgetService  # noqa: E402
-from bastion.billing.plans import PlanCatalogue  # noqa: E402
-from bastion.billing.wiring import build_billing  # noqa: E402
 from bastion.db.launcher import EmbeddedPostgres  # noqa: E402
-from bastion.db.service import app_database  # noqa: E402
-from bastion.identity.dpop import DpopKey  # noqa: E402
-from bastion.identity.keys import SigningKeys  # noqa: E402
-from bastion.identity.tokens import TokenIssuer  # noqa: E402
 from bastion.secrets.backends import open_key_ring, open_keystore  # noqa: E402
 from bastion.settings import Settings  # noqa: E402
-from bastion.tenants.service import TenantService  # noqa: E402
-from gateway import BENCH_PLAN, _sequential_p50, _wait_ready  # noqa: E402
 from tests.test_secrets_openbao import _start_bao  # noqa: E402
 from wrk_dpop import free_port  # noqa: E402
-
-
-async def _tenant(settings: Settings, name: str) -> tuple[UUID, UUID]:
-    """A tenant on the bench plan with a large budget, and its contributor."""
-    keystore = open_keystore(settings)
-    async with app_database(settings, max_size=2) as db:
-        tenants = TenantService(db)
-        tenant = (await tenants.create_tenant(name, name)).id
-        user = await tenants.add_member(tenant, f"caller@{name}.example", "contributor")
-        approvals = build_billing(settings, db, keystore).approvals
-        request = await approvals.request_tenant_plan(
-            tenant, BENCH_PLAN.code, operator="operator:bench", reason="benchmark"
-        )
-        await approvals.approve(request.id, operator="operator:bench-approver")
-        start = datetime.now(UTC) - timedelta(minutes=1)
-        await BudgetService(db).set_budget(
-            tenant,
-            period_start=start,
-            period_end=start + timedelta(days=1),
-            call_limit=10**9,
-            token_limit=10**12,
-        )
-    return tenant, user
 
 
 async def run(requests: int, rounds: int) -> None:
@@ -80,19 +52,8 @@ async def run(requests: int, rounds: int) -> None:
     home.chmod(0o711)
     upstream_port, local_port, bao_port = free_port(), free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-    models = (
-        '[{"name": "bench", "provider": "openai_compatible", '
-        f'"base_url": "{upstream_url}", "api_key_ref": "local://providers/mock"}}]'
-    )
     bao = _start_bao(home)
-    base_env = {
-        **os.environ,
-        "BASTION_HOME": str(home),
-        "BASTION_LOG_LEVEL": "warning",
-        "BASTION_GATEWAY_MODELS": models,
-        "BASTION_INTERNAL_MTLS": "0",
-        "BASTION_DEV_MODE": "1",
-    }
+    base_env = {**os.environ, **gateway_env(home, upstream_url)}
     base_env.pop("DATABASE_URL", None)
     bao_env = {
         "BASTION_SECRETS_BACKEND": "openbao",
@@ -106,30 +67,15 @@ async def run(requests: int, rounds: int) -> None:
     logs = None if os.environ.get("BENCH_VERBOSE") else subprocess.DEVNULL
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        local = open_keystore(settings)
-        local.set("providers/mock", b"sk-mock")
-        async with app_database(settings, migrate=True, max_size=2) as db:
-            await PlanCatalogue(db).put(BENCH_PLAN, actor="bench")
         tenants = {
-            "local": await _tenant(settings, "bench-local"),
-            "openbao": await _tenant(settings, "bench-openbao"),
+            "local": await bench_tenant(settings, "bench-local"),
+            "openbao": await bench_tenant(settings, "bench-openbao"),
         }
         # Tokens first: the signing key they create is copied too.
-        issuer = settings.resolved_issuer
-        issuer_tokens = TokenIssuer(
-            SigningKeys(local), issuer=issuer, audience=issuer, lifetime=timedelta(minutes=15)
-        )
+        local = open_keystore(settings)
         clients = {}
         for backend, (tenant, user) in tenants.items():
-            key = DpopKey.generate()
-            token, _ = issuer_tokens.issue_access(
-                user_id=user,
-                tenant_id=tenant,
-                roles=("contributor",),
-                amr=("pwd",),
-                jkt=key.thumbprint,
-                auth_time=int(time.time()),
-            )
+            token, key = access_token(local, settings, tenant, user, minutes=15)
             clients[backend] = (key, token)
         # The OpenBao gateway reads the same named secrets from KV v2 (tenant
         # KEKs excepted: those are transit keys there).
@@ -156,23 +102,23 @@ async def run(requests: int, rounds: int) -> None:
                 )
             )
             urls[backend] = f"http://127.0.0.1:{port}/v1/chat/completions"
-            await _wait_ready(f"http://127.0.0.1:{port}/healthz")
-        await _wait_ready(f"http://127.0.0.1:{upstream_port}/")
+            await wait_ready(f"http://127.0.0.1:{port}/healthz")
+        await wait_ready(f"http://127.0.0.1:{upstream_port}/")
         # Warm-up: first unwraps, connections, the OpenBao token.
         for backend, (key, token) in clients.items():
             proofs = [key.proof("POST", urls[backend], access_token=token) for _ in range(30)]
-            await _sequential_p50(urls[backend], {"Authorization": f"DPoP {token}"}, 30, proofs)
+            await sequential_p50(urls[backend], {"Authorization": f"DPoP {token}"}, 30, proofs)
         p50s: dict[str, list[float]] = {"direct": [], "local": [], "openbao": []}
         for _ in range(rounds):
             p50s["direct"].append(
-                await _sequential_p50(f"{upstream_url}/chat/completions", None, requests)
+                await sequential_p50(f"{upstream_url}/chat/completions", None, requests)
             )
             for backend, (key, token) in clients.items():
                 proofs = [
                     key.proof("POST", urls[backend], access_token=token) for _ in range(requests)
                 ]
                 p50s[backend].append(
-                    await _sequential_p50(
+                    await sequential_p50(
                         urls[backend], {"Authorization": f"DPoP {token}"}, requests, proofs
                     )
                 )

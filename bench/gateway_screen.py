@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -28,29 +27,29 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _gateway_bench import (
+    QUESTION,
+    access_token,
+    bench_tenant,
+    chat_body,
+    gateway_env,
+    wait_ready,
+    wrk_run,
+)
 from _record import record, row
-from bastion.billing.budgets import BudgetService
-from bastion.billing.plans import PlanCatalogue
-from bastion.billing.wiring import build_billing
 from bastion.compose import build_gateway
 from bastion.db.launcher import EmbeddedPostgres
-from bastion.db.service import app_database
 from bastion.gateway.hooks import DEFAULT_HOOKS
 from bastion.identity.dpop import DpopKey
-from bastion.identity.keys import SigningKeys
-from bastion.identity.tokens import TokenIssuer
 from bastion.logs import configure_logging
 from bastion.secrets.backends import open_keystore
 from bastion.settings import Settings
-from bastion.tenants.service import TenantService
-from gateway import BENCH_PLAN, _wait_ready, _wrk
 from wrk_dpop import THREADS, free_port, prepare
 
 TICKET = (
@@ -66,50 +65,15 @@ TICKET = (
     "call us back this week? Mornings work best for our side. Kind regards, the ops desk"
 )
 PROMPTS = {
-    "short question": "When was the refund issued?",
+    "short question": QUESTION,
     "1 KB ticket": TICKET,
 }
 
 
-def _body(prompt: str) -> str:
-    return json.dumps({"model": "bench", "messages": [{"role": "user", "content": prompt}]})
-
-
 async def _setup(settings: Settings) -> tuple[str, DpopKey]:
     """A tenant on the bench plan with an ample budget; a token and its DPoP key."""
-    keystore = open_keystore(settings)
-    keystore.set("providers/mock", b"sk-mock")
-    async with app_database(settings, migrate=True, max_size=2) as db:
-        tenants = TenantService(db)
-        tenant = (await tenants.create_tenant("bench-screen", "Bench screen")).id
-        user = await tenants.add_member(tenant, "caller@bench.example", "contributor")
-        await PlanCatalogue(db).put(BENCH_PLAN, actor="bench")
-        approvals = build_billing(settings, db, keystore).approvals
-        request = await approvals.request_tenant_plan(
-            tenant, BENCH_PLAN.code, operator="operator:bench", reason="benchmark"
-        )
-        await approvals.approve(request.id, operator="operator:bench-approver")
-        start = datetime.now(UTC) - timedelta(minutes=1)
-        await BudgetService(db).set_budget(
-            tenant,
-            period_start=start,
-            period_end=start + timedelta(days=1),
-            call_limit=10**9,
-            token_limit=10**12,
-        )
-    issuer = settings.resolved_issuer
-    key = DpopKey.generate()
-    token, _ = TokenIssuer(
-        SigningKeys(keystore), issuer=issuer, audience=issuer, lifetime=timedelta(minutes=30)
-    ).issue_access(
-        user_id=user,
-        tenant_id=tenant,
-        roles=("contributor",),
-        amr=("pwd",),
-        jkt=key.thumbprint,
-        auth_time=int(time.time()),
-    )
-    return token, key
+    tenant, user = await bench_tenant(settings, "bench-screen")
+    return access_token(open_keystore(settings), settings, tenant, user)
 
 
 def main() -> None:
@@ -122,25 +86,8 @@ def main() -> None:
     home.chmod(0o711)
     upstream_port, gateway_port = free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-    os.environ.update(
-        {
-            "BASTION_HOME": str(home),
-            "BASTION_GATEWAY_PORT": str(gateway_port),
-            "BASTION_LOG_LEVEL": "warning",
-            "BASTION_GATEWAY_MODELS": json.dumps(
-                [
-                    {
-                        "name": "bench",
-                        "provider": "openai_compatible",
-                        "base_url": upstream_url,
-                        "api_key_ref": "local://providers/mock",
-                    }
-                ]
-            ),
-            "BASTION_INTERNAL_MTLS": "0",
-            "BASTION_DEV_MODE": "1",
-        }
-    )
+    os.environ.update(gateway_env(home, upstream_url))
+    os.environ["BASTION_GATEWAY_PORT"] = str(gateway_port)
     os.environ.pop("DATABASE_URL", None)
     settings = Settings()
     configure_logging("warning")  # as `bastion serve` does with BASTION_LOG_LEVEL
@@ -158,8 +105,8 @@ def main() -> None:
         )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        asyncio.run(_wait_ready(f"http://127.0.0.1:{upstream_port}/"))
-        asyncio.run(_wait_ready(f"http://127.0.0.1:{gateway_port}/healthz"))
+        asyncio.run(wait_ready(f"http://127.0.0.1:{upstream_port}/"))
+        asyncio.run(wait_ready(f"http://127.0.0.1:{gateway_port}/healthz"))
         url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
         rps: dict[tuple[str, str], list[float]] = {}
         cpu: dict[tuple[str, str], list[float]] = {}
@@ -168,13 +115,13 @@ def main() -> None:
             prepare(
                 home,
                 method="POST",
-                body=_body(prompt),
+                body=chat_body(prompt),
                 key=key,
                 url=url,
                 token=token,
                 per_thread=int(3000 * 2 / THREADS) + args.clients,
             )
-            _wrk(home, url, args.clients, 2, f"DPoP {token}", dpop=True, pid=os.getpid())
+            wrk_run(home, url, args.clients, 2, f"DPoP {token}", dpop=True, pid=os.getpid())
             for round_ in range(args.rounds):
                 order = ("on", "off") if round_ % 2 == 0 else ("off", "on")
                 for mode in order:
@@ -182,14 +129,14 @@ def main() -> None:
                     prepare(
                         home,
                         method="POST",
-                        body=_body(prompt),
+                        body=chat_body(prompt),
                         key=key,
                         url=url,
                         token=token,
                         per_thread=int(3000 * args.seconds / THREADS) + args.clients,
                     )
                     cpu_before = time.process_time()  # this process only: not wrk
-                    result = _wrk(
+                    result = wrk_run(
                         home,
                         url,
                         args.clients,

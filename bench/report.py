@@ -31,6 +31,13 @@ CATALOGUE: list[tuple[str, str, str]] = [
     ("gateway", "gateway.py", "The model gateway against a mock upstream (and LiteLLM if present)"),
     ("webhooks", "webhooks.py", "Webhook intake: verify, seal, store, acknowledge"),
     ("rotation", "rotation.py", "p99 of api, gateway and webhooks while every key rotates"),
+    (
+        "drills",
+        "drills.py",
+        "Drills: PITR RPO, database and worker kill -9, key revocation, provider outage, "
+        "webhook storm",
+    ),
+    ("revocation", "revocation.py", "Key revocation: seconds until every process refuses"),
     ("receipts", "receipts.py", "Receipts signed and verified per second (Ed25519 JWS)"),
     ("secrets_backend", "secrets_backend.py", "Data-key unwrap: local, OpenBao, AWS KMS (moto)"),
     ("gateway_openbao", "gateway_openbao.py", "Gateway added p50: OpenBao against local keys"),
@@ -39,9 +46,17 @@ CATALOGUE: list[tuple[str, str, str]] = [
     ("injection", "injection.py", "Prompt-injection screen: tuning-suite rates and screening time"),
     ("injection_megabyte", "injection_megabyte.py", "Screening one megabyte of each kind of input"),
     ("gateway_screen", "gateway_screen.py", "Gateway throughput, injection screen on and off"),
+    ("otel", "otel.py", "Gateway throughput, OpenTelemetry tracing on and off"),
     ("noisy_neighbour", "noisy_neighbour.py", "Tenant B's service while tenant A attacks"),
     ("audit_chain", "audit_chain.py", "Audit hash chain: verify 1M events, added cost per event"),
-    ("mtls", "mtls.py", "mTLS on against off: throughput, added p50, handshake, renewal"),
+    (
+        "mtls",
+        "mtls.py",
+        "mTLS on against off: throughput, added p50, handshake, renewal; the real api -> "
+        "gateway path (envelopes, two gateways, one run)",
+    ),
+    ("metrics", "metrics.py", "Gateway with Prometheus metrics on against off"),
+    ("detectors", "detectors.py", "Detectors: first event to revocation, a benign week's firings"),
 ]
 
 HEADER = """# Benchmarks

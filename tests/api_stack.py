@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from opentelemetry.sdk.trace import SpanProcessor
 
 from bastion.compose import Api, Identity, Overrides, build_api
 from bastion.db.pool import Database
@@ -45,10 +46,12 @@ def api_stack(
     routers: tuple[APIRouter, ...] = (),
     answer_link_hosts: tuple[str, ...] = (),
     more_settings: Mapping[str, Any] | None = None,
+    span_processor: SpanProcessor | None = None,
 ) -> Iterator[tuple[str, Api]]:
     """Yield (base URL, the composed api) of a running api on ``database``;
     ``answer_link_hosts``: the hosts an answer may link to (settings);
-    ``more_settings``: any other settings (e.g. billing's)."""
+    ``more_settings``: any other settings (e.g. billing's); ``span_processor``:
+    where its spans go (:class:`Overrides`)."""
     built: list[Api] = []
 
     async def on_start(db: Database) -> None:
@@ -60,6 +63,7 @@ def api_stack(
             keystore=keystore,
             on_start=on_start,
             routers=routers,
+            span_processor=span_processor,
         )
         settings = api_settings(url, gateway_url)
         if answer_link_hosts:

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator
 
 from fastapi import FastAPI
+from opentelemetry.sdk.trace import SpanProcessor
 
 from bastion.compose import Gateway, Overrides, build_gateway
 from bastion.db.pool import Database
@@ -37,13 +38,14 @@ def gateway_server(
     answer_cache: AnswerCache | None = None,
     without_plan_gate: bool = False,
     kms: KMS | None = None,
+    span_processor: SpanProcessor | None = None,
 ) -> Iterator[tuple[str, Gateway]]:
     """Yield (base URL, the composed gateway) of a running gateway on ``database``;
     ``settings(url)`` gives its settings once its URL is known, ``models``
     replaces the configured model routers, ``seed`` runs before the first request,
     ``sock`` is the bound socket to serve on (default: a free port);
-    ``answer_cache``, ``without_plan_gate`` and ``kms`` (the tenants' KEKs; default:
-    the settings' backend) are :class:`Overrides`' fields."""
+    ``answer_cache``, ``without_plan_gate``, ``kms`` (the tenants' KEKs; default:
+    the settings' backend) and ``span_processor`` are :class:`Overrides`' fields."""
     built: list[Gateway] = []
 
     def build(url: str) -> FastAPI:
@@ -55,6 +57,7 @@ def gateway_server(
             on_start=seed,
             answer_cache=answer_cache,
             without_plan_gate=without_plan_gate,
+            span_processor=span_processor,
         )
         # Plain HTTP between the processes (development on loopback): these
         # tests post envelopes to the public app; the mTLS listener has its own

@@ -12,12 +12,13 @@ import contextlib
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 from argon2 import PasswordHasher, Type
+from opentelemetry.sdk.trace import SpanProcessor
 
 from bastion.access.authorize import ROLES
 from bastion.billing.budgets import BudgetService
@@ -30,7 +31,7 @@ from bastion.knowledge.service import Actor, KnowledgeService
 from bastion.secrets import LocalKeystore
 from bastion.secrets.kms import LocalKMS
 from bastion.secrets.tenant_keys import TenantKeys
-from bastion.settings import Settings
+from bastion.settings import ModelRoute, Settings
 from bastion.tenants.service import TenantService
 from tests.api_stack import api_stack
 from tests.conftest import DbHandles, short_tempdir
@@ -94,9 +95,18 @@ class Linked(Seeded):
 
 
 @contextlib.contextmanager
-def linked_stack(database: DbHandles) -> Iterator[Linked]:
+def linked_stack(
+    database: DbHandles,
+    *,
+    gateway_models: list[ModelRoute] | None = None,
+    span_processor: SpanProcessor | None = None,
+    ring: Mapping[str, bytes] | None = None,
+) -> Iterator[Linked]:
     """Yield the seeded, linked api and gateway, on a key ring of their own
-    (the billing secrets below must not reach other modules' tests)."""
+    (the billing secrets below must not reach other modules' tests);
+    ``gateway_models``: the gateway's models (default: the settings'),
+    ``span_processor``: where both send their spans, ``ring``: more secrets on
+    their key ring (a provider's key)."""
     base = short_tempdir("bastion-linked-")
     keystore = LocalKeystore(base / "keystore.bin", base / "master.key")
     # Every route live, as a deployment that sells through Stripe and Adyen
@@ -104,6 +114,8 @@ def linked_stack(database: DbHandles) -> Iterator[Linked]:
     keystore.set("billing/stripe-webhook-secret", f"whsec_{secrets.token_hex(16)}".encode())
     keystore.set("billing/adyen-hmac-key", secrets.token_hex(32).encode())
     keystore.set("billing/stripe-api-key", STRIPE_API_KEY.encode())
+    for name, value in (ring or {}).items():
+        keystore.set(name, value)
     seeded = Seeded()
 
     async def seed(db: Database, _identity: Identity) -> None:
@@ -125,13 +137,23 @@ def linked_stack(database: DbHandles) -> Iterator[Linked]:
                     "billing_checkout_success_url": "https://app.example/paid",
                     "billing_checkout_cancel_url": "https://app.example/cancelled",
                 },
+                span_processor=span_processor,
             ) as (api_url, api),
         ):
 
             def gateway_settings(url: str) -> Settings:
-                return Settings(issuer=api_url, gateway_public_url=url, embedder="hashing")
+                settings = Settings(issuer=api_url, gateway_public_url=url, embedder="hashing")
+                if gateway_models is not None:
+                    settings = settings.model_copy(update={"gateway_models": gateway_models})
+                return settings
 
-            with gateway_server(database, keystore, gateway_settings, sock=gateway_socket) as (
+            with gateway_server(
+                database,
+                keystore,
+                gateway_settings,
+                sock=gateway_socket,
+                span_processor=span_processor,
+            ) as (
                 url,
                 gateway,
             ):

@@ -34,7 +34,7 @@ from tests.pii_corpus import Document
 # Every Faker locale with Latin, Greek or Cyrillic names and addresses, but the
 # dev and held-apart ones and their nearest neighbours (Slovak and Czech, the
 # South Slavic ones, Swiss German, the Indian subcontinent's English).
-TRAIN_LOCALES = (
+TRAIN_LOCALES: tuple[str, ...] = (
     "en_US",
     "en_GB",
     "fr_FR",
@@ -71,16 +71,39 @@ TRAIN_LOCALES = (
     "bg_BG",
     "ga_IE",
     "sq_AL",
+    # Round 7: names and places of more of the world (Africa, Asia, the
+    # Caucasus), so that the model learns what an unknown name looks like.
+    "az_AZ",
+    "vi_VN",
+    "zu_ZA",
+    "fr_DZ",
+    "en_KE",
+    "en_NG",
+    "yo_NG",
+    "ig_NG",
+    "ha_NG",
+    "sw",
+    "tw_GH",
+    "en_TH",
+    "uz_UZ",
+    "es_CA",
 )
 DEV_LOCALES = ("da_DK", "fi_FI", "cs_CZ", "es_MX", "en_NZ", "pt_PT")
 HELD_APART_LOCALES = ("ro_RO", "hr_HR", "en_IN", "sk_SK", "de_CH", "sl_SI")
+# The held-apart split in two (round 7, issue 16): its *dev* half (every other
+# template from the first, three of its locales) was read while improving the
+# model and is a tuning figure; its *test* half (the other templates and
+# locales) was never looked at but for its final totals. Chosen before either
+# half was scored.
+HELD_APART_DEV_LOCALES = ("ro_RO", "hr_HR", "en_IN")
+HELD_APART_TEST_LOCALES = ("sk_SK", "de_CH", "sl_SI")
 
 PERSON, ADDRESS, PLACE, DOB = "person", "address", "place", "dob"
 
 # Slots: {person} {first} {last} -> person; {address} {street} -> address;
 # {city} {country} -> place; {dob} -> dob. Unlabelled: {company} {product}
 # {date} {order} {weekday} {month}.
-TRAIN_TEMPLATES = (
+TRAIN_TEMPLATES: tuple[str, ...] = (
     "Hi, my name is {person} and I can't log in since {date}.",
     "Hello support, this is {person}. My order {order} never arrived at {address}.",
     "Dear {person},\nthank you for contacting {company}. Your ticket {order} is closed.",
@@ -149,6 +172,97 @@ TRAIN_TEMPLATES = (
     "User IDs, SSO and SAML settings moved to the Identity Center.",
     "Mme {last} habite {address} depuis {month}.",
 )
+
+# Round 7: more contexts of the same kinds, composed from parts (openers,
+# titles, verbs and prepositions before a name, chat and form layouts, postal
+# blocks), so that the model learns what a name looks like next to words it
+# has not seen rather than the few cues of the templates above.
+_GREETINGS = ("Hi", "Hello", "Hey", "Dear", "Good morning", "Morning", "Thanks", "Thank you")
+_TITLES = ("Mr", "Mrs", "Ms", "Miss", "Dr", "Prof.", "Mr.", "Mrs.", "Sir", "Madam", "Mx")
+_BEFORE_NAME = (
+    "Please send the invoice to",
+    "I spoke with",
+    "This was approved by",
+    "Can you remind",
+    "Ask",
+    "Assigned to",
+    "cc",
+    "On behalf of",
+    "Escalated by",
+    "The case owner is",
+    "We refunded",
+    "Note for",
+    "Message from",
+    "Call back",
+    "Waiting for",
+    "Passed to",
+    "the parcel is for",
+    "signed for by",
+    "Welcome aboard,",
+    "A quick question for",
+)
+_AFTER_NAME = (".", ", thanks.", " today.", " before {weekday}.", " about order {order}.", "?")
+_CHAT_ROLES = ("customer", "client", "visitor", "member", "guest", "caller")
+_NAME_SLOTS = ("{person}", "{first}", "{first} {last}", "{last}")
+
+
+def _composed() -> tuple[str, ...]:
+    out: list[str] = []
+    for i, before in enumerate(_BEFORE_NAME):
+        name = _NAME_SLOTS[i % len(_NAME_SLOTS)]
+        out.append(f"{before} {name}{_AFTER_NAME[i % len(_AFTER_NAME)]}")
+        out.append(f"{before} {_TITLES[i % len(_TITLES)]} {{last}}{_AFTER_NAME[(i + 1) % 6]}")
+    for i, greeting in enumerate(_GREETINGS):
+        out.append(f"{greeting} {_NAME_SLOTS[i % 3]},\n{{product}} is back up.")
+        out.append(f"{greeting} {_TITLES[i % len(_TITLES)]} {{last}}, your case {{order}} is open.")
+        out.append(f"{greeting} team, {{person}} here again about {{product}}.")
+    for role in _CHAT_ROLES:
+        out.append(f"{role} {{first}}: hi, my {{product}} stopped syncing\nagent: on it")
+        out.append(f"{role.title()}: {{person}}\nIssue: {{product}} login loop")
+    out += [
+        "To: {person}\n{address}\n{country}",
+        "Deliver to {person}\n{street}\n{city}\n{country}",
+        "{person}\n{address}\n{country}\nPhone on file.",
+        "Billing contact: {person}; billing address: {address}, {country}",
+        "Mail it to {person} at {address}, please.",
+        "Pick-up point: {street}, {city}. Recipient {first} {last}.",
+        "New address from {month}: {address}",
+        "Our driver {first} could not find {street} in {city}.",
+        "{first}, {first} and {person} were copied.",
+        "Participants: {person}; {person}; {person}",
+        "Owner {last}, {first} ({country}) asked to close the account.",
+        "Shipping label: {person}, {address}",
+        "{person} from {country} wrote at {weekday} noon.",
+        "Heading to {city} for the {product} launch with {first}.",
+        "Relocated: {city} -> {city}, {country}.",
+        "The warehouse in {city}, {country}, sent it back to {address}.",
+        "Ticket for {first} {last}: the {product} trial ends in {month}.",
+        "Hope you're well {first}, the export is ready.",
+        "Hello {first} {last}, we got your message from {date}.",
+        "Can {first} sign in? {first} uses the {product} daily.",
+        "Forwarding the note from {person} to {person}.",
+        "Hi {first} - any news on {order}? Thanks, {first}",
+        # Chat transcripts: a speaker's name before a colon is a name.
+        "{first}: my invoice is wrong\nAgent: which one?\n{first}: the one from {month}",
+        "[09:15] {first} {last}: hello?\n[09:16] Support: hi {first}, how can I help",
+        "<{first}> the {product} is down again\n<ops> looking",
+        "{person} wrote:\n> can you extend the trial?",
+        "{first} (guest): is anyone there?",
+        "{last}: ok thanks, bye",
+        "Agent: could you confirm your name?\nCustomer: {person}",
+        # A name after "for", "with", "to", "by".
+        "This one is for {first}, not for {first}.",
+        "Two seats for {person} and one for {first}.",
+        "Flowers for {first} {last}, delivered to {address}.",
+        "Invoices for {last} and {last} are attached.",
+        "Booked by {person} with {first} as backup.",
+        "Sent to {first} by {first} on {weekday}.",
+    ]
+    return tuple(out)
+
+
+TRAIN_TEMPLATES = TRAIN_TEMPLATES + _composed()
+
 # Tuning only (its errors were read while choosing features and decoding).
 DEV_TEMPLATES = (
     "Good morning, {person} here. The app crashed again on {date}.",
@@ -185,6 +299,9 @@ HELD_APART_TEMPLATES = (
     "Attendees: {person}, {person} and {person}.",
     "Ship to: {person}\n{address}\n{country}",
 )
+
+HELD_APART_DEV_TEMPLATES = HELD_APART_TEMPLATES[0::2]
+HELD_APART_TEST_TEMPLATES = HELD_APART_TEMPLATES[1::2]
 
 _DOB_FORMATS = ("%d/%m/%Y", "%Y-%m-%d", "%d.%m.%Y", "%B %d, %Y", "%d %B %Y", "%m/%d/%Y")
 _DATE_FORMATS = ("%d/%m/%Y", "%Y-%m-%d", "%B %d", "%d %B %Y")
@@ -237,13 +354,20 @@ def render(template: str, fake: Faker, rnd: random.Random, doc: Document) -> Non
 def generate(
     documents: int, seed: int, *, split: str = "train", per_document: tuple[int, int] = (2, 5)
 ) -> list[Document]:
-    """``documents`` labelled documents of ``split`` (``train``, ``dev`` or ``held_apart``)."""
+    """``documents`` labelled documents of ``split`` (``train``, ``dev``, ``held_apart``,
+    or its halves ``held_apart_dev`` and ``held_apart_test``)."""
+    templates: tuple[str, ...]
+    locales: tuple[str, ...]
     if split == "train":
         templates, locales = TRAIN_TEMPLATES, TRAIN_LOCALES
     elif split == "dev":
         templates, locales = DEV_TEMPLATES, DEV_LOCALES
     elif split == "held_apart":
         templates, locales = HELD_APART_TEMPLATES, HELD_APART_LOCALES
+    elif split == "held_apart_dev":
+        templates, locales = HELD_APART_DEV_TEMPLATES, HELD_APART_DEV_LOCALES
+    elif split == "held_apart_test":
+        templates, locales = HELD_APART_TEST_TEMPLATES, HELD_APART_TEST_LOCALES
     else:
         raise ValueError(split)
     rnd = random.Random(seed)

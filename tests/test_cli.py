@@ -87,7 +87,8 @@ def _api(home: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "bastion", "serve", "api"],
-        env=_env(home, BASTION_API_PORT=str(port)),
+        # Plain HTTP on loopback: development mode (bastion.serve.public_tls).
+        env=_env(home, BASTION_API_PORT=str(port), BASTION_DEV_MODE="1"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -113,7 +114,7 @@ def test_serve_api_answers_and_logs_no_secrets(home: Path) -> None:
     assert _run(home, "db", "start").returncode == 0
     # Internal calls go over mTLS by default: without the workload CA the api
     # does not start, and says in one line what to run.
-    no_ca = _run(home, "serve", "api")
+    no_ca = _run(home, "serve", "api", BASTION_DEV_MODE="1")
     assert no_ca.returncode == 1 and "Traceback" not in no_ca.stderr
     assert no_ca.stderr.splitlines()[-1] == "error: no workload CA: run `bastion ca init`"
     initialised = _run(home, "ca", "init")
@@ -228,14 +229,14 @@ def test_broken_policy_refuses_to_start_with_file_and_line(home: Path, tmp_path:
         (broken / "roles.cedar").read_text() + "\npermit (principal, action, resource\n"
     )
     assert _run(home, "db", "start").returncode == 0
-    result = _run(home, "serve", "api", BASTION_POLICY_DIR=str(broken))
+    result = _run(home, "serve", "api", BASTION_POLICY_DIR=str(broken), BASTION_DEV_MODE="1")
     assert result.returncode == 1
     assert "roles.cedar:" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_token_lifetime_over_an_hour_refuses_to_start(home: Path) -> None:
-    result = _run(home, "serve", "api", BASTION_ACCESS_TOKEN_MINUTES="61")
+    result = _run(home, "serve", "api", BASTION_ACCESS_TOKEN_MINUTES="61", BASTION_DEV_MODE="1")
     assert result.returncode == 1
     assert "access tokens may live at most 60 minutes" in result.stderr
     assert "Traceback" not in result.stderr

@@ -38,7 +38,7 @@ from tests.conftest import Captured, DbHandles, short_tempdir
 from tests.linked_stack import NAMESPACE, Linked, linked_stack
 from tests.stripe_double import event_object, to_json
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]  # timing bounds: see Makefile `test`
 
 ROTATED_IN_LOAD = ("jwt", "envelope", "tool", "webhook", "receipt", "kek", "db-password")
 

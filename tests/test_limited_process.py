@@ -14,7 +14,7 @@ from bastion.limited_process import LimitExceeded, ProcessLimits, run_limited
 from tests.pdf_bombs import operator_bomb
 from tests.process_tree import forked_by_forkserver
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]  # timing bounds: see Makefile `test`
 
 # 5 pages of 90,000 matrix operators: under the operator bounds, ~10 s of CPU.
 BOMB = operator_bomb(5, 90_000)

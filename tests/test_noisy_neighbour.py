@@ -65,6 +65,8 @@ from tests.noisy_neighbour import (
 )
 from tests.served import free_port, serving_process
 
+pytestmark = pytest.mark.serial  # timing bounds: see Makefile `test`
+
 ROOT = Path(__file__).resolve().parents[1]
 STEADY_SECONDS = 4.0
 ATTACK_SECONDS = 10.0

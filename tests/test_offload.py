@@ -22,7 +22,7 @@ from bastion.knowledge.extract import ExtractionError, extracted_length
 from bastion.offload import FairProcessPool, JobFailed, JobTimedOut, PoolBusy
 from tests.offload_jobs import allocate, die, pid, raise_unpicklable, wait_for_file
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]  # timing bounds: see Makefile `test`
 
 
 @pytest.fixture

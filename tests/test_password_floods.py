@@ -35,6 +35,8 @@ from bastion.tenants.service import TenantService
 from tests.api_stack import api_server
 from tests.conftest import DbHandles
 
+pytestmark = pytest.mark.serial  # timing bounds: see Makefile `test`
+
 ATTACKERS = 8
 PASSWORD = "correct horse battery staple 23"
 # Seeding only: the attackers' stored hashes are cheap to make; every hash the

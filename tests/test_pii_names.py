@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from uuid import UUID, uuid4
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -139,7 +140,9 @@ def _seconds(text: str) -> float:
 
 def test_bad_input_takes_bounded_time_and_never_crashes() -> None:
     size = 256 * 1024
-    prose = ("The export finished and the report was sent to the team today. " * 5000)[:size]
+    # Prose the model runs on (a capitalised word that is not a function word):
+    # a text of function words only never reaches the model at all.
+    prose = ("The export finished and the report was sent to Dana today. " * 5000)[:size]
     baseline = _seconds(prose)
     worst = {
         "one long line of names": ("Anna Maria Smith-Jones " * 20000)[:size],
@@ -229,3 +232,58 @@ async def test_a_staff_name_on_the_allow_list_stays_in_clear(
         tenant,
     )
     assert stored == 1  # only the customer's name was stored
+
+
+NEVER_NAMED = (
+    "The refund was issued.",
+    "When was the refund issued?",
+    "If it fails, please retry.",
+    "Thanks!",
+    "I do.",
+    "Merci, and see you in May.",
+    "no capital letter here at all",
+    "",
+)
+
+
+def test_the_model_is_skipped_only_where_it_could_not_change_what_is_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tagger skips its model on a text none of whose chunks can be personal
+    data (function words, greetings, months, lower case, a lone "I"): the
+    gateway's short prompts and answers. Proven three ways: on those texts the
+    model is not run; with any scores at all (random ones) they still yield
+    nothing; and on sentences of every kind, with and without findings, the
+    result is the one of running the model always."""
+    model = pii_names.load()
+    scored: list[str] = []
+    real_scores = pii_names.NameModel.scores
+
+    def spy(self: pii_names.NameModel, toks: list[pii_names.Token], indexes: list[int]) -> object:
+        scored.append(" ".join(toks[i].text for i in indexes))
+        return real_scores(self, toks, indexes)
+
+    monkeypatch.setattr(pii_names.NameModel, "scores", spy)
+    for text in NEVER_NAMED:
+        assert list(model.find(text)) == []
+    assert scored == []
+    assert list(model.find(FOUND[0][0])) != [] and scored  # the spy sees a real run
+
+    texts = [t for t, *_ in FOUND + LEFT_ALONE + NAMED_BESIDE_AN_ORGANISATION]
+    texts += [line for text in texts for line in text.splitlines()] + list(NEVER_NAMED)
+    shortcut = [list(model.find(text)) for text in texts]
+    monkeypatch.setattr(pii_names, "_any_may_be_named", lambda *_: True)
+    assert [list(model.find(text)) for text in texts] == shortcut
+
+    rng = np.random.default_rng(16)
+
+    def any_scores(
+        self: pii_names.NameModel, toks: list[pii_names.Token], indexes: list[int]
+    ) -> object:
+        raw = rng.normal(size=(len(indexes), len(pii_names.CLASSES))).astype(np.float32)
+        return raw - np.log(np.exp(raw).sum(axis=1, keepdims=True))
+
+    monkeypatch.setattr(pii_names.NameModel, "scores", any_scores)
+    for _ in range(20):
+        for text in NEVER_NAMED:
+            assert list(model.find(text)) == []

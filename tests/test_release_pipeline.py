@@ -58,7 +58,13 @@ def test_the_workflow_runs_every_step_the_issue_names() -> None:
         assert re.search(rf"^{target}:", makefile, re.M), target
     assert "sigstore sign" in text and "sigstore verify github" in text
     assert 'bastion policy diff "origin/$BASE_REF" HEAD' in text
-    assert re.search(r"^test: lint\n\t\$\(BIN\)/pytest -q$", makefile, re.M)  # unchanged
+    # `make test` runs every test: the parallel part and, alone, the serial one.
+    test_recipe = re.search(r"^test: lint\n((?:\t.*\n)+)", makefile, re.M)
+    assert test_recipe is not None
+    assert test_recipe.group(1).splitlines() == [
+        '\t$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not serial"',
+        "\t$(BIN)/pytest -q -m serial",
+    ]
     release = (ROOT / ".ci" / "release").read_text()
     for step in (
         'cyclonedx-py" environment',

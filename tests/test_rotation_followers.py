@@ -47,7 +47,7 @@ from tests.http_server import running_server
 from tests.provider_double import API_KEY, DoubleState, provider_double
 from tests.test_secrets_openbao import Bao, _start_bao
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]  # timing bounds: see Makefile `test`
 ISSUER = "https://api.bastion.test"
 
 

@@ -37,7 +37,7 @@ from tests.conftest import DbHandles
 from tests.gateway_stack import gateway_server
 from tests.http_server import running_server
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]  # timing bounds: see Makefile `test`
 
 API_KEY = "sk-scan-fairness-upstream"
 FLOOD = "FLOOD-MARKER"

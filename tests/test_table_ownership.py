@@ -35,8 +35,11 @@ OWNERS: dict[str, str] = {
     # tenants: the tenants and who belongs to them in which role
     "tenants": "bastion.tenants",
     "memberships": "bastion.tenants",
-    # access: two-person approval of admin-grade roles
+    # access: two-person approval of admin-grade roles; incident lockdowns and session cut-offs
     "role_requests": "bastion.access",
+    "tenant_lockdowns": "bastion.access",
+    "session_cutoffs": "bastion.access",
+    "access_restrictions()": "bastion.access",
     # knowledge: documents and what is derived from them
     "namespaces": "bastion.knowledge",
     "documents": "bastion.knowledge",
@@ -73,10 +76,20 @@ OWNERS: dict[str, str] = {
     "meter_reports": "bastion.billing",
     "usage_periods_due()": "bastion.billing",
     "audit_heads_all()": "bastion.audit",
+    # detectors: their read position in the trail and their firings
+    "detector_cursors": "bastion.detectors",
+    "detector_firings": "bastion.detectors",
+    "detector_batch()": "bastion.detectors",
+    "detector_history()": "bastion.detectors",
+    "detector_spend_hours()": "bastion.detectors",
     "stripe_charges": "bastion.billing",
     "adyen_payments": "bastion.billing",
     "webhook_events": "bastion.billing",
     "webhook_control": "bastion.billing",
+    # incident: the runbook's switches (read elsewhere only through migration
+    # 0034's functions: spend_frozen, tools_disabled, served_cached)
+    "incident_controls": "bastion.incident",
+    "incident_cached_routes": "bastion.incident",
 }
 
 # Modules allowed raw statements on tables they do not own, and why.

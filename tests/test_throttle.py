@@ -43,7 +43,7 @@ from bastion.tenants.service import TenantService
 from tests.conftest import DbHandles
 from tests.http_server import serving
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]  # timing bounds: see Makefile `test`
 
 PLATFORM = UUID(int=0)
 PASSWORD = "correct horse battery staple 42"

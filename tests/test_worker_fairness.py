@@ -44,7 +44,7 @@ from tests.stripe_double import (
     to_json,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.serial]  # timing bounds: see Makefile `test`
 
 ATTACKERS = ("a", "c")
 BOMBS = 2  # per attacker

@@ -474,7 +474,12 @@ def test_plain_http_between_processes_only_in_dev_mode_on_loopback() -> None:
 
 
 def test_bastion_serve_gateway_serves_its_internal_listener_over_mtls(
-    database: DbHandles, ring: LocalKeystore, ca: WorkloadCA, home: Path, keystore: LocalKeystore
+    database: DbHandles,
+    ring: LocalKeystore,
+    ca: WorkloadCA,
+    home: Path,
+    keystore: LocalKeystore,
+    tmp_path: Path,
 ) -> None:
     """``bastion serve gateway`` (the default settings: mTLS on) starts the
     internal listener next to the public one; a scraper's SVID reads its
@@ -488,16 +493,26 @@ def test_bastion_serve_gateway_serves_its_internal_listener_over_mtls(
     for name in keystore.list():
         if name.startswith("db/"):
             ring.set(name, keystore.current(name)[1])
-    port = free_port()
+    port, public_port = free_port(), free_port()
     internal = f"https://127.0.0.1:{port}"
+    # Outside development mode the public listener serves HTTPS too: a
+    # certificate from files (`bastion ca issue server`), outside the home.
+    https = tmp_path
+    server_cert = ca.issue_server(["localhost"], ["127.0.0.1"])
+    (https / "tls.crt").write_bytes(server_cert.chain_pem())
+    (https / "tls.key").write_bytes(server_cert.key_pem())
     extra = {
         "BASTION_INTERNAL_MTLS": "1",
         "BASTION_DEV_MODE": "0",
         "BASTION_GATEWAY_INTERNAL_PORT": str(port),
         "BASTION_WORKLOAD_SCRAPERS": f'["{SCRAPER}"]',
+        "BASTION_PUBLIC_TLS_CERT_FILE": str(https / "tls.crt"),
+        "BASTION_PUBLIC_TLS_KEY_FILE": str(https / "tls.key"),
     }
     since = _last_id(database)
-    with serving_process("gateway", database, ring, home, extra):
+    with serving_process(
+        "gateway", database, ring, home, extra, wait_ready=False, port=public_port
+    ):
         with _client(ca, ca.issue("scraper")) as client:
             deadline = time.monotonic() + 15
             while True:
@@ -508,6 +523,15 @@ def test_bastion_serve_gateway_serves_its_internal_listener_over_mtls(
                     assert time.monotonic() < deadline, "no internal listener"
                     time.sleep(0.1)
             assert ready.status_code == 200
+            # The public listener: HTTPS, its name checked against the certificate.
+            trust = ssl.create_default_context(cadata=ca.root_pem())
+            public = httpx.get(f"https://127.0.0.1:{public_port}/readyz", verify=trust, timeout=5)
+            assert public.status_code == 200
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{public_port}/readyz", timeout=5)
+            # ... and its metrics, served on this listener only (tests/test_metrics.py).
+            scraped = client.get(internal + "/metrics")
+            assert scraped.status_code == 200 and "bastion_http_requests_total" in scraped.text
         with _client(ca, ca.issue("worker")) as client:
             refused = client.post(internal + "/v1/chat/completions", json=_chat())
         _assert_gate_refused(refused, "spiffe-id-not-allowed")

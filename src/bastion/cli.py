@@ -16,20 +16,31 @@ from rich.console import Console
 from bastion.access.authorize import PolicyError
 from bastion.access.cli import policy_app
 from bastion.audit.cli import audit_app
-from bastion.billing.cli import billing_app, incident_app
+from bastion.backup.cli import (
+    backup_command,
+    backup_sync_command,
+    drill_app,
+    keys_backup_command,
+    restore_command,
+    verify_command,
+)
+from bastion.billing.cli import billing_app
 from bastion.billing.receipts_cli import receipts_app
 from bastion.check.cli import check_app
 from bastion.db.launcher import LauncherError
 from bastion.db.provision import APP_ROLE, DatabaseError
+from bastion.deploy.cli import deploy_app
+from bastion.detectors.cli import detectors_app
 from bastion.identity.cli import ca_app
 from bastion.identity.workload import WorkloadError
+from bastion.incident.cli import incident_app
 from bastion.knowledge.cli import ingest_command, knowledge_app, search_command
 from bastion.release.cli import release_app
 from bastion.rotation.cli import keys_app
 from bastion.safety.sandbox.cli import sandbox_app
 from bastion.secrets.cli import secrets_app
 from bastion.secrets.errors import SecretsError
-from bastion.settings import LiteralSecretInSettings, Settings
+from bastion.settings import LiteralSecretInSettings, PlainPublicHttpRefused, Settings
 
 app = typer.Typer(
     name="bastion",
@@ -41,8 +52,15 @@ db_app = typer.Typer(
     help="The database: embedded PostgreSQL or DATABASE_URL.", no_args_is_help=True
 )
 app.add_typer(db_app, name="db")
+db_app.command("backup")(backup_command)
+db_app.command("backup-sync")(backup_sync_command)
+db_app.command("restore")(restore_command)
+db_app.command("verify-backup")(verify_command)
+keys_app.command("backup")(keys_backup_command)
+app.add_typer(drill_app, name="drill")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(check_app, name="check")
+app.add_typer(deploy_app, name="deploy")
 app.add_typer(release_app, name="release")
 app.add_typer(ca_app, name="ca")
 app.add_typer(policy_app, name="policy")
@@ -239,7 +257,14 @@ def _errors() -> Iterator[None]:
     """Turn known failures into one line on stderr and exit status 1."""
     try:
         yield
-    except (DatabaseError, LauncherError, SecretsError, PolicyError, WorkloadError) as exc:
+    except (
+        DatabaseError,
+        LauncherError,
+        SecretsError,
+        PolicyError,
+        WorkloadError,
+        PlainPublicHttpRefused,
+    ) as exc:
         _fail(str(exc))
 
 
@@ -253,6 +278,7 @@ app.add_typer(billing_app, name="billing")
 app.add_typer(incident_app, name="incident")
 app.add_typer(receipts_app, name="receipts")
 app.add_typer(audit_app, name="audit")
+app.add_typer(detectors_app, name="detectors")
 
 
 @tenant_app.command("create")

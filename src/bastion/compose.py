@@ -42,11 +42,13 @@ from bastion.identity.dpop import DpopVerifier, MemoryReplayCache
 from bastion.identity.issuers import CombinedVerifier, ExternalIssuers, IssuerConfig
 from bastion.identity.keys import SigningKeys
 from bastion.identity.passwords import PasswordService
-from bastion.identity.replay import SharedReplayStore
+from bastion.identity.replay import ReplayAudit, SharedReplayStore
 from bastion.identity.service import CLI_CLIENT_ID, CLI_REDIRECT_URI, IdentityService
 from bastion.identity.tokens import AccessTokenVerifier, TokenVerifier
 from bastion.identity.workload import (
     PeerVerifier,
+    SvidFiles,
+    SvidSource,
     WorkloadCA,
     WorkloadTls,
     renewing,
@@ -57,22 +59,36 @@ from bastion.logs import get_logger
 from bastion.secrets.backends import open_key_ring
 from bastion.secrets.protocols import KMS, Keystore
 from bastion.settings import Settings
+from bastion.telemetry.metrics import Metrics
+from bastion.telemetry.tracing import Tracing, build_tracing
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor
+
     from bastion.api.mtls import WorkloadGate
+    from bastion.rotation import RotationPlan
 
 PROCESSES = ("api", "gateway", "worker")
-# Who may call each route of the gateway's internal (mTLS) listener, by
+# Who may call each route of the processes' internal (mTLS) listeners, by
 # workload; a route not named here is refused there (deny by default). Only
 # the api posts envelopes; health is for the configured scrapers
-# (settings.workload_scrapers). The worker serves no internal route: it
-# claims its jobs (tool runs included) from the database queue.
+# (settings.workload_scrapers) and the metrics scraper; /metrics for the
+# metrics scraper alone (settings.resolved_metrics_scraper_id). The worker
+# serves no other internal route: it claims its jobs (tool runs included)
+# from the database queue. The api serves none to the other processes.
+SCRAPED: dict[str, tuple[str, ...]] = {"/metrics": (), "/healthz": (), "/readyz": ()}
 GATEWAY_INTERNAL_CALLERS: dict[str, tuple[str, ...]] = {
     "/v1/chat/completions": ("api",),
     "/v1/embeddings": ("api",),
     "/v1/models": ("api",),
-    "/healthz": (),
-    "/readyz": (),
+    **SCRAPED,
+}
+API_INTERNAL_CALLERS: dict[str, tuple[str, ...]] = dict(SCRAPED)
+WORKER_INTERNAL_CALLERS: dict[str, tuple[str, ...]] = dict(SCRAPED)
+INTERNAL_CALLERS = {
+    "api": API_INTERNAL_CALLERS,
+    "gateway": GATEWAY_INTERNAL_CALLERS,
+    "worker": WORKER_INTERNAL_CALLERS,
 }
 # The key ring's name of the DPoP nonce key (RFC 9449 section 8).
 DPOP_NONCE_KEY = "identity/dpop-nonce-key"
@@ -111,10 +127,14 @@ class Overrides:
     ``checkout``: builds the hosted Checkout on the app pool (default: Stripe's,
     when the settings give a Stripe key and both return URLs, else none; tests:
     the official client against a double of Stripe's API).
-    ``workload_ca``: the workload CA (default: the key ring's, when
+    ``workload_ca``: the workload CA (default: the SVID files of
+    ``settings.workload_svid_dir`` when set, else the key ring's CA, when
     ``settings.internal_mtls``; tests: one on a test clock). Given or
     configured, the gateway gets its mTLS internal listener and the api calls
     it with its SVID.
+    ``span_processor``: where every process built with these overrides sends
+    its spans (default: OTLP when ``settings.otlp_traces_endpoint`` is set,
+    else nowhere; tests: an ``InMemorySpanExporter`` behind a simple processor).
     """
 
     database: Database | None = None
@@ -128,7 +148,8 @@ class Overrides:
     without_plan_gate: bool = False
     receipt_keys: ReceiptKeys | None = None
     checkout: CheckoutFactory | None = None
-    workload_ca: WorkloadCA | None = None
+    workload_ca: SvidSource | None = None
+    span_processor: SpanProcessor | None = None
 
 
 NO_OVERRIDES = Overrides()
@@ -145,6 +166,10 @@ class Api:
     knowledge: KnowledgeService
     receipts: ReceiptService
     metering: MeteringService
+    # The mTLS internal listener's app and TLS (None: no internal listener).
+    internal: Any = None
+    tls: WorkloadTls | None = None
+    metrics: Metrics | None = None  # None: settings.metrics_enabled off
 
 
 @dataclass(frozen=True)
@@ -159,6 +184,7 @@ class Gateway:
     # The mTLS internal listener's app and TLS (None: no internal listener).
     internal: Any = None
     tls: WorkloadTls | None = None
+    metrics: Metrics | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +193,9 @@ class Worker:
 
     app: FastAPI
     db: Database
+    internal: Any = None
+    tls: WorkloadTls | None = None
+    metrics: Metrics | None = None
 
 
 def _resources(settings: Settings, overrides: Overrides) -> tuple[Database, Keystore, KMS]:
@@ -183,12 +212,20 @@ def build_app(process: str, settings: Settings, overrides: Overrides = NO_OVERRI
 
     # Fail closed at start-up: screening without its weights would be a silent allow.
     classifier.model()
+    return build_process(process, settings, overrides).app
+
+
+def build_process(
+    process: str, settings: Settings, overrides: Overrides = NO_OVERRIDES
+) -> Api | Gateway | Worker:
+    """Return ``process`` ("api", "gateway" or "worker") as built, with its
+    internal listener (``.internal``, ``.tls``) when internal calls go over mTLS."""
     if process == "api":
-        return build_api(settings, overrides).app
+        return build_api(settings, overrides)
     if process == "gateway":
-        return build_gateway(settings, overrides).app
+        return build_gateway(settings, overrides)
     if process == "worker":
-        return build_worker(settings, overrides).app
+        return build_worker(settings, overrides)
     raise ValueError(f"no such process: {process!r}")
 
 
@@ -226,9 +263,12 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
         else _checkout(settings, db, keystore)
     )
 
+    tracing = _tracing(settings, "api", overrides)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         async with (
+            _exporting(tracing),
             _pool_lifespan(db)(_app),
             _forgetting_shreds(db, knowledge),
             renewing(api_tls),
@@ -272,12 +312,20 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
                 identity.guard, metering=metering, receipts=receipts, checkout=checkout
             ),
             sampling_routes.build_router(PromptSampling(db), identity.guard),
+            _detector_routes(db, identity.guard),
             *overrides.routers,
         ),
         max_body_bytes=settings.max_upload_bytes,
         trusted_proxies=settings.trusted_proxies,
+        tracing=tracing,
     )
-    return Api(app, db, keystore, identity, knowledge, receipts, metering)
+    metrics = _counting_requests(app, settings, "api")
+    internal = None
+    if ca is not None:
+        internal = _internal_gate(app, "api", settings, ca, db, metrics)
+    return Api(
+        app, db, keystore, identity, knowledge, receipts, metering, internal, api_tls, metrics
+    )
 
 
 def _peer_id(tls: WorkloadTls, workload: str) -> str:
@@ -325,6 +373,7 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
     from bastion.gateway import routes as gateway_routes
     from bastion.gateway.app import build_routers, create_gateway_app
     from bastion.gateway.entitlements import PlanGate
+    from bastion.gateway.incident import IncidentSwitches
     from bastion.gateway.ledger import CallLedger
     from bastion.gateway.sampling import PromptSampling
     from bastion.gateway.shreds import ShredListener
@@ -336,6 +385,7 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
     db, keystore, kms = _resources(settings, overrides)
     ca = _workload_ca(settings, keystore, overrides)
     tls = WorkloadTls(ca, "gateway") if ca is not None else None
+    metrics = Metrics("gateway") if settings.metrics_enabled else None
     routers = (
         overrides.models
         if overrides.models is not None
@@ -383,11 +433,16 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
         # Prompts logged only where the owner set a rate and the user consented.
         sampling=PromptSampling(db),
         safety_policies=safety,
+        # The runbook's switches (serve-cached, freeze-spend, disable-tools).
+        incident=IncidentSwitches(db, ttl_seconds=settings.gateway_incident_ttl_seconds),
+        spent=None if metrics is None else metrics.spent,
     )
+
+    tracing = _tracing(settings, "gateway", overrides)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        async with _pool_lifespan(db)(_app), renewing(tls):
+        async with _exporting(tracing), _pool_lifespan(db)(_app), renewing(tls):
             ledger.start()
             shreds.start()
             if live_roles is not None:
@@ -417,39 +472,72 @@ def build_gateway(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Ga
             ),
             *overrides.routers,
         ),
+        tracing=tracing,
     )
+    _counting_requests(app, settings, "gateway", metrics)
     internal = None
     if ca is not None:
-        internal = _internal_gate(app, "gateway", GATEWAY_INTERNAL_CALLERS, settings, ca, db)
-    return Gateway(app, db, keystore, service, guard, internal, tls)
+        internal = _internal_gate(app, "gateway", settings, ca, db, metrics)
+    return Gateway(app, db, keystore, service, guard, internal, tls, metrics)
 
 
-def _workload_ca(settings: Settings, keystore: Keystore, overrides: Overrides) -> WorkloadCA | None:
-    """The workload CA when internal calls go over mTLS (it must exist: `bastion ca init`)."""
+def _workload_ca(settings: Settings, keystore: Keystore, overrides: Overrides) -> SvidSource | None:
+    """Where the SVIDs come from when internal calls go over mTLS: files kept
+    current by cert-manager or SPIRE (``workload_svid_dir``; no CA key here),
+    else Bastion's CA in the key ring (it must exist: `bastion ca init`)."""
     if overrides.workload_ca is not None:
         return overrides.workload_ca
     if not settings.internal_mtls:
         return None
+    if settings.workload_svid_dir is not None:
+        return SvidFiles(
+            settings.workload_svid_dir,
+            settings.workload_trust_domain,
+            poll_seconds=settings.workload_svid_poll_seconds,
+        )
     return WorkloadCA(keystore, settings.workload_trust_domain)
+
+
+def _counting_requests(
+    app: FastAPI, settings: Settings, process: str, metrics: Metrics | None = None
+) -> Metrics | None:
+    """The process's metrics (``metrics``, or new ones), counting every request
+    of ``app``, outermost; None when ``settings.metrics_enabled`` is off."""
+    from bastion.api.metrics import RequestMetrics
+
+    if not settings.metrics_enabled:
+        return None
+    metrics = metrics if metrics is not None else Metrics(process)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return metrics
 
 
 def _internal_gate(
     app: FastAPI,
     listener: str,
-    callers: dict[str, tuple[str, ...]],
     settings: Settings,
-    ca: WorkloadCA,
+    ca: SvidSource,
     db: Database,
+    metrics: Metrics | None,
 ) -> WorkloadGate:
-    """``app`` behind the SPIFFE-ID gate of its internal listener."""
+    """``app`` — with ``/metrics`` in front when metrics are on — behind the
+    SPIFFE-ID gate of its internal listener (callers: :data:`INTERNAL_CALLERS`)."""
+    from bastion.api.metrics import METRICS_PATH, InternalListener
     from bastion.api.mtls import Refusal, WorkloadGate
     from bastion.identity import workload_refusals
 
-    scrapers = frozenset(settings.workload_scrapers)
+    served: Any = app
+    routes = list(app.routes)
+    if metrics is not None:
+        served = InternalListener(app, routes, metrics)
+        routes = served.routes
+    scraper = frozenset({settings.resolved_metrics_scraper_id})
+    health = frozenset(settings.workload_scrapers) | scraper
+    extra = {"/healthz": health, "/readyz": health, METRICS_PATH: scraper}
     declared = {
         path: frozenset(spiffe_id(ca.trust_domain, w) for w in workloads)
-        | (scrapers if path in ("/healthz", "/readyz") else frozenset())
-        for path, workloads in callers.items()
+        | extra.get(path, frozenset())
+        for path, workloads in INTERNAL_CALLERS[listener].items()
     }
 
     async def record(refusal: Refusal) -> None:
@@ -463,9 +551,9 @@ def _internal_gate(
         )
 
     return WorkloadGate(
-        app,
+        served,
         listener=listener,
-        routes=app.routes,
+        routes=routes,
         callers=declared,
         verifier=PeerVerifier(ca),
         record=record,
@@ -478,10 +566,37 @@ def build_worker(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Wor
 
     db, keystore, kms = _resources(settings, overrides)
     knowledge = build_knowledge(settings, db, kms)
+    ca = _workload_ca(settings, keystore, overrides)
+    tls = WorkloadTls(ca, "worker") if ca is not None else None
+    metrics = Metrics("worker") if settings.metrics_enabled else None
     app = create_worker_health_app(
-        db.ping, lifespan=_worker_lifespan(settings, db, keystore, knowledge, overrides)
+        db.ping,
+        lifespan=_worker_lifespan(settings, db, keystore, knowledge, overrides, tls, metrics),
     )
-    return Worker(app, db)
+    _counting_requests(app, settings, "worker", metrics)
+    internal = None
+    if ca is not None:
+        internal = _internal_gate(app, "worker", settings, ca, db, metrics)
+    return Worker(app, db, internal, tls, metrics)
+
+
+def _tracing(settings: Settings, process: str, overrides: Overrides) -> Tracing:
+    """The process's tracing: the overrides' span processor, else OTLP when configured."""
+    return build_tracing(
+        process,
+        otlp_endpoint=settings.otlp_traces_endpoint,
+        sample_ratio=settings.trace_sample_ratio,
+        processor=overrides.span_processor,
+    )
+
+
+@asynccontextmanager
+async def _exporting(tracing: Tracing) -> AsyncIterator[None]:
+    """Spans are flushed to the exporter when the process stops."""
+    try:
+        yield
+    finally:
+        await anyio.to_thread.run_sync(tracing.shutdown)
 
 
 def _pool_lifespan(db: Database) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -515,15 +630,18 @@ def _worker_lifespan(
     keystore: Keystore,
     knowledge: KnowledgeService,
     overrides: Overrides,
+    tls: WorkloadTls | None = None,
+    metrics: Metrics | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """The worker's pool, and the queue's worker running its jobs."""
+    """The worker's pool, the queue's worker running its jobs, its SVID renewed;
+    ``metrics`` read the queue's depth and the keys' ages on each scrape."""
     from bastion.billing import metering_tasks
     from bastion.billing import tasks as billing_tasks
     from bastion.db.service import queue_conninfo, queue_password
     from bastion.knowledge import tasks as knowledge_tasks
     from bastion.safety import tasks as safety_tasks
     from bastion.worker.jobs import JobRegistry
-    from bastion.worker.queue import queue_app, running_worker
+    from bastion.worker.queue import queue_app, queue_depth, running_worker
 
     queue = queue_app(queue_conninfo(settings), password=queue_password(settings))
     authorizer = _authorizer(settings)
@@ -545,7 +663,19 @@ def _worker_lifespan(
     safety_tasks.register_from_settings(
         queue, JobRegistry(authorizer), settings, db, keystore, knowledge.keys
     )
-    _register_rotation(queue, settings, db, keystore, knowledge.keys.kms)
+    plan = _register_rotation(queue, settings, db, keystore, knowledge.keys.kms)
+    if metrics is not None:
+
+        async def read_queue(m: Metrics) -> None:
+            m.set_queue_depth(await queue_depth(queue))
+
+        async def read_key_ages(m: Metrics) -> None:
+            m.set_rotation_ages(await anyio.to_thread.run_sync(plan.ages))
+
+        metrics.add_probe("queue", read_queue, feeds=metrics.queue_jobs)
+        metrics.add_probe("rotation", read_key_ages, feeds=metrics.rotation_age)
+
+    tracing = _tracing(settings, "worker", overrides)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -555,10 +685,13 @@ def _worker_lifespan(
             "tools": settings.worker_tools_concurrency,
         }
         async with (
+            _exporting(tracing),
             _pool_lifespan(db)(_app),
             _forgetting_shreds(db, knowledge),
-            running_worker(queue, concurrency=slots),
+            running_worker(queue, concurrency=slots, tracing=tracing),
             _checkpointing(settings, db, keystore),
+            _detecting(settings, db, keystore, knowledge.keys.kms, metrics),
+            renewing(tls),
         ):
             if overrides.on_start is not None:
                 await overrides.on_start(db)
@@ -593,9 +726,50 @@ async def _checkpointing(
             tasks.cancel_scope.cancel()
 
 
+def _detector_routes(db: Database, guard: Guard) -> APIRouter:
+    """An owner's undo of a detector's response (the runner itself is the worker's)."""
+    from bastion.detectors import routes as detector_routes
+    from bastion.detectors.response import Responder
+    from bastion.detectors.runner import DetectorService
+    from bastion.incident.controls import IncidentControls
+
+    service = DetectorService(db, Responder(IncidentControls(db), None))
+    return detector_routes.build_router(service, guard)
+
+
+@asynccontextmanager
+async def _detecting(
+    settings: Settings, db: Database, keystore: Keystore, kms: KMS, metrics: Metrics | None
+) -> AsyncIterator[None]:
+    """The live detectors (issue 19 items 4-5) in the worker, answering through the
+    incident controls; alerts to the log and, when configured, a webhook."""
+    if not settings.detectors_enabled:
+        yield
+        return
+    from bastion.detectors.wiring import build_runner
+    from bastion.incident.controls import IncidentControls
+    from bastion.incident.service import IncidentService
+
+    runner = build_runner(
+        settings,
+        db,
+        IncidentControls(db),
+        IncidentService(db, settings, keystore, kms),
+        on_fired=None if metrics is None else metrics.detector_fired,
+    )
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(runner.run_forever)
+        if runner.alerts is not None:
+            tasks.start_soon(runner.alerts.run_forever)
+        try:
+            yield
+        finally:
+            tasks.cancel_scope.cancel()
+
+
 def _register_rotation(
     queue: Any, settings: Settings, db: Database, keystore: Keystore, kms: KMS
-) -> None:
+) -> RotationPlan:
     """The periodic rotation of every key (bastion.rotation), in the worker."""
     from bastion.db.service import resolve_target
     from bastion.rotation import RotationPlan
@@ -609,6 +783,7 @@ def _register_rotation(
         admin_conninfo=lambda: resolve_target(settings, start=False).admin_conninfo,
     )
     rotation_tasks.register(queue, plan, cron=settings.key_rotation_check_cron)
+    return plan
 
 
 # The identity side: the request guard (every process that serves routes) and,
@@ -671,6 +846,7 @@ def _verifiers(
         public_url=public_url,
         replay_store=shared,
         nonce_required=settings.dpop_nonce_at_resources,
+        on_replay=ReplayAudit(db),
     )
     return keys, dpop, authenticator, external, shared
 

@@ -1,8 +1,9 @@
 """Structured logs: one JSON object per line on stderr, with secrets masked.
 
 Every line carries ``timestamp`` (ISO 8601, UTC), ``level``, ``event``,
-``logger`` and the context variables bound for the current request (such as
-``request_id``). Records from the standard library (uvicorn's among them) go
+``logger``, the context variables bound for the current request (such as
+``request_id``) and, inside a trace, its ``trace_id`` and ``span_id``
+(OpenTelemetry's current span). Records from the standard library (uvicorn's among them) go
 through the same formatter, so the process writes a single format.
 
 Redaction runs on every record, after exceptions are formatted and before
@@ -27,6 +28,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from opentelemetry import trace
 
 MASK = "***"
 
@@ -211,6 +213,18 @@ def redact(
     return event_dict
 
 
+def add_trace_ids(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: the current OpenTelemetry span's ``trace_id`` and
+    ``span_id`` (hex, as trace backends show them), when there is one."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict.setdefault("trace_id", f"{context.trace_id:032x}")
+        event_dict.setdefault("span_id", f"{context.span_id:016x}")
+    return event_dict
+
+
 class _StderrHandler(logging.StreamHandler[TextIO]):
     """Write to whatever ``sys.stderr`` is at emit time (test runners swap it)."""
 
@@ -242,6 +256,7 @@ def configure_logging(
     # after format_exc_info so tracebacks are scrubbed too.
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

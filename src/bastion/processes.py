@@ -5,6 +5,7 @@ whole stack on one machine (``bastion up``). What each process runs is built by
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -20,13 +21,14 @@ from rich.console import Console
 from rich.table import Table
 
 from bastion.api.mtls import handshake_observer
-from bastion.compose import PROCESSES, build_app, build_gateway
+from bastion.compose import PROCESSES, build_app, build_process
 from bastion.db.service import app_database, embedded_server
 from bastion.identity.workload import WorkloadCA, WorkloadTls, spiffe_id
 from bastion.logs import configure_logging, get_logger
+from bastion.safety import pii_names
 from bastion.safety.injection import classifier
 from bastion.secrets.backends import open_keystore
-from bastion.serve import serve, serve_with_internal, tls_config
+from bastion.serve import PublicTls, public_tls, serve, serve_with_internal, tls_config
 from bastion.settings import Settings
 
 _log = get_logger("bastion.processes")
@@ -39,6 +41,15 @@ def _port(settings: Settings, process: str) -> int:
         "api": settings.api_port,
         "gateway": settings.gateway_port,
         "worker": settings.worker_port,
+    }[process]
+
+
+def internal_port(settings: Settings, process: str) -> int:
+    """The port of ``process``'s internal (mTLS) listener."""
+    return {
+        "api": settings.api_internal_port,
+        "gateway": settings.gateway_internal_port,
+        "worker": settings.worker_internal_port,
     }[process]
 
 
@@ -65,6 +76,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         # Workload identity (issue 18): one choice of transport for the stack.
         "BASTION_INTERNAL_MTLS": "1" if settings.internal_mtls else "0",
         "BASTION_GATEWAY_INTERNAL_PORT": str(settings.gateway_internal_port),
+        "BASTION_API_INTERNAL_PORT": str(settings.api_internal_port),
+        "BASTION_WORKER_INTERNAL_PORT": str(settings.worker_internal_port),
+        "BASTION_METRICS_ENABLED": "1" if settings.metrics_enabled else "0",
+        "BASTION_METRICS_SCRAPER_ID": settings.resolved_metrics_scraper_id,
         "BASTION_WORKLOAD_TRUST_DOMAIN": settings.workload_trust_domain,
         "BASTION_WORKLOAD_SCRAPERS": json.dumps(settings.workload_scrapers),
     }
@@ -76,6 +91,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         ("BASTION_KEYSTORE_FILE", settings.keystore_file),
         ("BASTION_PG_PORT", settings.pg_port),
         ("BASTION_ISSUER", settings.issuer),
+        ("BASTION_PUBLIC_TLS_CERT_FILE", settings.public_tls_cert_file),
+        ("BASTION_PUBLIC_TLS_KEY_FILE", settings.public_tls_key_file),
+        ("BASTION_WORKLOAD_SVID_DIR", settings.workload_svid_dir),
     ):
         if value is not None:
             env[name] = str(value)
@@ -83,37 +101,60 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def run_process(process: str, settings: Settings, *, port: int | None = None) -> None:
-    """Serve ``process`` in the foreground until interrupted; the gateway also
-    serves its internal mTLS listener (``settings.gateway_internal_port``)."""
+    """Serve ``process`` in the foreground until interrupted; with mTLS on, each
+    process also serves its internal listener (:func:`internal_port`: the
+    gateway's envelope routes, and every process's ``/metrics`` and health)."""
     configure_logging(settings.log_level, json=settings.log_json)
+    # The public listener: HTTPS, or plain HTTP in development on loopback only
+    # (raises PlainPublicHttpRefused before anything is built or bound).
+    public = _public_tls(settings, process)
     log_internal_transport(settings, process)
-    if process == "gateway" and settings.internal_mtls:
+    if process in PROCESSES and settings.internal_mtls:
         classifier.model()  # fail closed at start-up, as build_app does
-        gateway = build_gateway(settings)
-        assert gateway.internal is not None and gateway.tls is not None
-        observer = handshake_observer("gateway", gateway.internal.record)
+        built = build_process(process, settings)
+        assert built.internal is not None and built.tls is not None
+        observer = handshake_observer(process, built.internal.record)
         internal = tls_config(
-            gateway.internal,
-            gateway.tls.server_context(observer),
+            built.internal,
+            built.tls.server_context(observer),
             host=settings.api_host,
-            port=settings.gateway_internal_port,
+            port=internal_port(settings, process),
             log_level=settings.log_level,
             lifespan="off",  # the public listener runs the app's lifespan
         )
+        _freeze_start_up_heap(process)
         serve_with_internal(
-            gateway.app,
+            built.app,
             settings.api_host,
-            port or settings.gateway_port,
+            port or _port(settings, process),
             internal,
             settings.log_level,
+            public,
         )
         return
-    serve(
-        build_app(process, settings),
-        settings.api_host,
-        port or _port(settings, process),
-        settings.log_level,
-    )
+    app = build_app(process, settings)
+    _freeze_start_up_heap(process)
+    serve(app, settings.api_host, port or _port(settings, process), settings.log_level, public)
+
+
+def _public_tls(settings: Settings, process: str) -> PublicTls | None:
+    """The api's and the gateway's public listener TLS (:func:`bastion.serve.public_tls`).
+    The worker's public port serves its health only (no credential crosses
+    it); it takes the same certificate when one is configured."""
+    if process == "worker" and settings.public_tls_cert_file is None:
+        return None
+    return public_tls(settings, process)
+
+
+def _freeze_start_up_heap(process: str) -> None:
+    """Load what every model call uses (the gateway's name tagger; the injection
+    classifier is loaded by the build), then leave all that start-up made to
+    reference counting alone (:func:`gc.freeze`): the models' hundreds of
+    thousands of objects live as long as the process, and each full collection
+    walked them again — about 0.1 ms per gateway request, amortised."""
+    if process == "gateway":
+        pii_names.load()
+    gc.freeze()
 
 
 def log_internal_transport(settings: Settings, process: str) -> None:
@@ -164,13 +205,20 @@ def stack(
     go to ``log_dir/<process>.log`` when given, else to this terminal. The
     embedded server is stopped at the end only if this call started it.
     """
+    public_tls(settings, "stack")  # refuse plain HTTP before starting anything
     server = None if settings.database_url else embedded_server(settings)
     was_running = server is not None and server.status() is not None
     app_database(settings, migrate=True)  # starts the embedded server, migrates
     tls = None
+    # The public listeners' certificate: the system's trust, and the workload
+    # root for a development certificate of `bastion ca issue --server`.
+    verify: ssl.SSLContext | bool = True
     if settings.internal_mtls:
         init_workload_ca(settings)
         tls = supervisor_tls(settings)
+        if settings.public_tls_cert_file is not None:
+            verify = ssl.create_default_context()
+            verify.load_verify_locations(cadata=tls.ca.root_pem())
         supervisor = spiffe_id(settings.workload_trust_domain, SUPERVISOR)
         if supervisor not in settings.workload_scrapers:
             scrapers = [*settings.workload_scrapers, supervisor]
@@ -193,18 +241,23 @@ def stack(
             if log is not None:
                 log.close()  # the child holds its own descriptor
         urls = {p: f"http://{settings.api_host}:{_port(settings, p)}" for p in PROCESSES}
-        _wait_ready(urls, children, wait)
+        for p in ("api", "gateway"):
+            urls[p] = f"{settings.public_scheme}://{settings.api_host}:{_port(settings, p)}"
+        _wait_ready({p: urls[p] for p in ("api", "gateway")}, children, wait, verify=verify)
+        _wait_ready({"worker": urls["worker"]}, children, wait)
         if tls is not None:
-            urls["gateway_internal"] = settings.gateway_internal_url
-            _wait_ready(
-                {"gateway_internal": urls["gateway_internal"]},
-                {"gateway_internal": children["gateway"]},
-                wait,
-                # Pinned: readiness is the gateway's, not another workload's.
-                verify=tls.client_context(
-                    expect=[spiffe_id(settings.workload_trust_domain, "gateway")]
-                ),
-            )
+            for process in PROCESSES:
+                name = f"{process}_internal"
+                urls[name] = f"https://{settings.api_host}:{internal_port(settings, process)}"
+                _wait_ready(
+                    {name: urls[name]},
+                    {name: children[process]},
+                    wait,
+                    # Pinned: readiness is this process's, not another workload's.
+                    verify=tls.client_context(
+                        expect=[spiffe_id(settings.workload_trust_domain, process)]
+                    ),
+                )
         yield urls
     finally:
         for child in children.values():

@@ -174,6 +174,18 @@ class Settings(BaseSettings):
     database_name: str = "bastion"
     # Embedded server: TCP on 127.0.0.1 only when a port is given; otherwise socket only.
     pg_port: int | None = None
+    # Backups (bastion.backup): base backups and the WAL archive of the
+    # embedded server go here; setting it turns continuous archiving on, and a
+    # new WAL segment is archived at least every ``backup_archive_timeout_seconds``
+    # of activity (the RPO if the server is lost; each switch costs a segment).
+    backup_dir: Path | None = None
+    backup_archive_timeout_seconds: int = Field(default=60, ge=1, le=3600)
+    # Backups to s3://bucket/prefix (bastion.backup.s3): credentials come only
+    # from boto3's standard chain (AWS_* environment, shared credentials file,
+    # AWS_PROFILE, instance or task role), never from a setting. The endpoint:
+    # an S3-compatible store (MinIO, Ceph, R2) or a VPC endpoint.
+    backup_s3_endpoint_url: str | None = None
+    backup_s3_region: str | None = None
 
     api_host: str = "127.0.0.1"
     api_port: int = 8700
@@ -188,9 +200,41 @@ class Settings(BaseSettings):
     workload_trust_domain: str = "bastion.internal"
     # SPIFFE IDs that may read the internal listeners' health (a metrics scraper).
     workload_scrapers: list[str] = []
+    # The api's and the worker's internal (mTLS) listeners: /metrics and health.
+    api_internal_port: int = 8704
+    worker_internal_port: int = 8705
+    # SVIDs from files another issuer renews in place (cert-manager's Secret
+    # volume, SPIRE's spiffe-helper): svid.pem, svid.key and bundle.pem in this
+    # directory, re-read when they change; no CA key in the process. Unset:
+    # each process issues its own from Bastion's CA (bastion.identity.workload).
+    workload_svid_dir: Path | None = None
+    workload_svid_poll_seconds: float = Field(default=5.0, gt=0, le=300)
+    # The public listeners (api, gateway) serve HTTPS with this certificate
+    # chain (leaf first) and key, PEM files re-read when they change
+    # (cert-manager's tls.crt/tls.key; `bastion ca issue --server` for
+    # development). Unset: plain HTTP, which `bastion serve` allows only in
+    # development mode on a loopback host (bastion.serve.public_tls).
+    public_tls_cert_file: Path | None = None
+    public_tls_key_file: Path | None = None
+    # Prometheus metrics (issue 19): counted in each process, served at /metrics
+    # on its internal listener only, to this one SPIFFE ID (default: the trust
+    # domain's .../bastion/scraper); see resolved_metrics_scraper_id.
+    metrics_enabled: bool = True
+    metrics_scraper_id: str | None = Field(default=None, pattern=r"^spiffe://[^/]+/\S+$")
 
     log_level: str = "info"
     log_json: bool = True
+
+    # OpenTelemetry traces (docs/telemetry.md). Exported over OTLP/HTTP to this
+    # collector URL (e.g. http://otel-collector:4318/v1/traces) when set, and
+    # recorded nowhere otherwise (trace ids still propagate). No credentials in
+    # the URL: a collector that wants them gets them from the network (mTLS).
+    otlp_traces_endpoint: str | None = Field(
+        default=None, max_length=2000, pattern=r"^https?://[^\s@?#]+$"
+    )
+    # The share of traces recorded, decided here from the trace id (never by
+    # an incoming traceparent's sampled flag).
+    trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
     # Identity. The issuer is the api's public base URL (tokens' iss, DPoP htu).
     issuer: str | None = None
@@ -232,6 +276,18 @@ class Settings(BaseSettings):
     audit_checkpoint_webhook_url: str | None = Field(
         default=None, max_length=2000, pattern=r"^https?://[^\s]+$"
     )
+    # Live detectors in the worker (bastion.detectors, docs/detectors.md): on by
+    # default. The rules' thresholds, per rule, as JSON in BASTION_DETECTOR_RULES,
+    # e.g. {"spend.anomaly": {"ratio": 20}, "payment.dispute": {"enabled": 0}};
+    # unknown rules or parameters stop the worker at start-up.
+    detectors_enabled: bool = True
+    detector_rules: dict[str, dict[str, int]] = Field(default_factory=dict)
+    detector_poll_seconds: float = Field(default=2.0, gt=0, le=300)
+    # Firings are POSTed here (retried with backoff; the response never waits
+    # on it) besides the log. None: the log only.
+    detector_alert_webhook_url: str | None = Field(
+        default=None, max_length=2000, pattern=r"^https?://[^\s]+$"
+    )
     dpop_nonce_at_resources: bool = False
 
     # Gateway: the models it serves. JSON list in BASTION_GATEWAY_MODELS, e.g.
@@ -264,6 +320,10 @@ class Settings(BaseSettings):
     # database announces a change (access/roles.py); this bounds an entry's
     # life should announcements stop. 0 reads the database on every request.
     gateway_roles_ttl_seconds: float = Field(default=5.0, ge=0, le=300)
+    # How long the gateway keeps the incident switches (serve-cached, frozen
+    # spend, disabled tools) before reading them again: a runbook command
+    # reaches every gateway within this (bastion/gateway/incident.py).
+    gateway_incident_ttl_seconds: float = Field(default=1.0, ge=0, le=10)
     # Hosts an answer from the knowledge base may link to or show images from
     # (subdomains included); other links are removed, exfiltrating ones block it.
     answer_link_hosts: list[str] = Field(default_factory=list)
@@ -412,9 +472,26 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _public_tls_pair(self) -> Settings:
+        if (self.public_tls_cert_file is None) != (self.public_tls_key_file is None):
+            raise ValueError("public_tls_cert_file and public_tls_key_file go together")
+        return self
+
+    @property
+    def public_scheme(self) -> str:
+        """``https`` when the public listeners serve TLS, else ``http``."""
+        return "https" if self.public_tls_cert_file is not None else "http"
+
     @property
     def resolved_issuer(self) -> str:
-        return (self.issuer or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+        default = f"{self.public_scheme}://{self.api_host}:{self.api_port}"
+        return (self.issuer or default).rstrip("/")
+
+    @property
+    def resolved_metrics_scraper_id(self) -> str:
+        """The one SPIFFE ID ``/metrics`` admits on every internal listener."""
+        return self.metrics_scraper_id or f"spiffe://{self.workload_trust_domain}/bastion/scraper"
 
     @property
     def gateway_internal_url(self) -> str:
@@ -424,9 +501,8 @@ class Settings(BaseSettings):
     @property
     def gateway_url(self) -> str:
         """The gateway's public base URL (what DPoP proofs sent to it name)."""
-        return (self.gateway_public_url or f"http://{self.api_host}:{self.gateway_port}").rstrip(
-            "/"
-        )
+        default = f"{self.public_scheme}://{self.api_host}:{self.gateway_port}"
+        return (self.gateway_public_url or default).rstrip("/")
 
     @property
     def postgres_dir(self) -> Path:
@@ -484,6 +560,14 @@ class PlainInternalHttpRefused(BastionError):
 
     slug = "plain-internal-http-refused"
     title = "Plain HTTP between processes refused"
+    kind = Kind.INVALID
+
+
+class PlainPublicHttpRefused(BastionError):
+    """A public listener without TLS asked for outside development on loopback."""
+
+    slug = "plain-public-http-refused"
+    title = "Plain HTTP on a public listener refused"
     kind = Kind.INVALID
 
 

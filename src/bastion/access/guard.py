@@ -16,9 +16,16 @@ from uuid import UUID
 from fastapi import Request
 
 from bastion.access.authorize import Authorizer, Resource, Subject
+from bastion.access.restrictions import READ_ACTIONS, LiveRestrictions
 from bastion.api.problems import Problem, problem_type
 from bastion.db.pool import Database
-from bastion.identity.auth import Authenticator, Principal, StepUpRequired, TenantMismatch
+from bastion.identity.auth import (
+    Authenticator,
+    Principal,
+    StepUpRequired,
+    TenantMismatch,
+    Unauthorized,
+)
 
 GuardDependency = Callable[[Request], Awaitable[Principal]]
 RolesReader = Callable[[UUID, UUID], Awaitable[frozenset[str]]]
@@ -39,6 +46,21 @@ class TenantIdRequired(Problem):
     type = problem_type("tenant-id-required")
     title = "A tenant id is required"
     status = 422
+
+
+class TenantLocked(Problem):
+    """The tenant is in lockdown (an incident): it is read-only until an operator lifts it."""
+
+    type = problem_type("tenant-locked")
+    title = "The tenant is locked down"
+    status = 423
+
+
+class SessionRevoked(Unauthorized):
+    """The access token was issued before an operator ended the sessions it belongs to."""
+
+    type = problem_type("session-revoked")
+    title = "The session was revoked"
 
 
 def _step_up() -> StepUpRequired:
@@ -63,11 +85,14 @@ class Guard:
         db: Database,
         *,
         roles: RolesReader | None = None,
+        restrictions: LiveRestrictions | None = None,
     ) -> None:
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.db = db
         self._roles = roles or db.member_roles
+        # Lockdowns and session cut-offs (incident runbook), kept live per process.
+        self.restrictions = restrictions or LiveRestrictions(db)
 
     async def member_roles(self, tenant_id: UUID, user_id: UUID) -> frozenset[str]:
         """The roles ``user_id`` holds in ``tenant_id`` now (read, or kept live: LiveRoles)."""
@@ -95,6 +120,14 @@ class _Guarded:
             raise TenantIdRequired("name the tenant by its id (a UUID); slugs are not accepted")
         if named is not None and str(named) != str(tenant_id):
             raise TenantMismatch()
+        restrictions = await guard.restrictions.snapshot()
+        cutoff = restrictions.cutoff_for(tenant_id, principal.user_id)
+        if cutoff is not None and principal.claims.iat < cutoff:
+            problem = SessionRevoked("the session this token belongs to was ended")
+            problem.headers = {"WWW-Authenticate": 'DPoP error="invalid_token"'}
+            raise problem
+        if tenant_id in restrictions.locked and action not in READ_ACTIONS:
+            raise TenantLocked("the tenant is read-only while it is locked down")
         roles = frozenset(principal.roles)
         if principal.claims.iss == guard.authenticator.issuer:
             # Our own tokens' roles are checked against the memberships as they

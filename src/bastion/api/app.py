@@ -20,7 +20,9 @@ from bastion.api.middleware import (
 )
 from bastion.api.openapi import install_openapi
 from bastion.api.problems import NotReady, install_problem_handlers
+from bastion.api.tracing import TracingMiddleware
 from bastion.logs import get_logger
+from bastion.telemetry.tracing import Tracing
 
 Readiness = Callable[[], Awaitable[None]]
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -59,6 +61,7 @@ def create_app(
     lifespan: Lifespan | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     trusted_proxies: Sequence[IPNetwork] = (),
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """Return an app with health/readiness, problem+json errors and request ids.
 
@@ -69,7 +72,8 @@ def create_app(
     as they are; ``lifespan`` is handed to FastAPI; request bodies over
     ``max_body_bytes`` are refused with 413. The client address is the
     socket peer, or behind one of ``trusted_proxies`` the address they
-    forwarded (:class:`ClientAddressMiddleware`). No docs UI is served;
+    forwarded (:class:`ClientAddressMiddleware`). With ``tracing``, each
+    request is a span (:class:`TracingMiddleware`). No docs UI is served;
     ``/openapi.json`` is.
     """
     app = FastAPI(
@@ -109,6 +113,9 @@ def create_app(
     app.add_middleware(InputRulesMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    if tracing is not None:
+        # Outside the request id's: its request line carries the trace id.
+        app.add_middleware(TracingMiddleware, tracing=tracing)
     # Outermost: everything inside sees the real client's address.
     app.add_middleware(ClientAddressMiddleware, trusted_proxies=trusted_proxies)
     return app

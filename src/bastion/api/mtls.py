@@ -69,11 +69,15 @@ def flat_routes(routes: Iterable[BaseRoute]) -> list[BaseRoute]:
 
 def peer_der(scope: Scope) -> bytes | None:
     """The leaf the TLS extension of ``scope`` carries, as DER, if any."""
+    chain = peer_chain(scope)
+    return chain[0] if chain else None
+
+
+def peer_chain(scope: Scope) -> list[bytes]:
+    """The peer's verified path the TLS extension of ``scope`` carries, leaf first, DER."""
     tls = scope.get("extensions", {}).get("tls")
     chain = tls.get("client_cert_chain") if isinstance(tls, Mapping) else None
-    if not chain:
-        return None
-    return ssl.PEM_cert_to_DER_cert(chain[0])
+    return [ssl.PEM_cert_to_DER_cert(pem) for pem in chain or []]
 
 
 class WorkloadGate:
@@ -116,7 +120,8 @@ class WorkloadGate:
             return
         route = self.route_of(scope)
         try:
-            presented = self.verifier.verify(peer_der(scope))
+            chain = peer_chain(scope)
+            presented = self.verifier.verify(chain[0] if chain else None, chain)
         except PeerRefused as refused:
             await self._refuse(scope, send, route, refused.reason, refused.presented_id)
             return

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -52,6 +52,15 @@ def _details(value: Any) -> str:
         return _json_details(value)
 
 
+def loads_details(text: str | bytes) -> Any:
+    """orjson's parser (several times faster than json's: most of reading a
+    million events), else json's for what orjson refuses (integers past 64 bits)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 class ChainRow(NamedTuple):
     """One stored event, as the verifier reads it (a tuple: built straight from
     a fetched row, a million times per verification)."""
@@ -65,6 +74,11 @@ class ChainRow(NamedTuple):
     request_id: str | None
     prev_hash: bytes
     hash: bytes
+
+
+# A row as fetched for :meth:`ChainVerifier.feed_page`: ChainRow's fields, in
+# its order, with ``details`` as the JSON text the database returns.
+StoredRow = tuple[int, int, str, str, str, str, str | None, bytes, bytes]
 
 
 @dataclass(frozen=True)
@@ -182,6 +196,69 @@ class ChainVerifier:
             self._add("rewritten", row.seq, f"not checkpoint {anchor.number}'s hash")
         self._advance(row)
 
+    def feed_page(self, rows: Iterable[StoredRow]) -> None:
+        """Feed stored rows as fetched (``details`` still JSON text), in ``seq`` order.
+
+        The same checks as :meth:`feed` with less Python per row (what a
+        million-event verification is made of): a row whose ``seq``, link and
+        hash all hold (the canonical object written by one orjson call, whose
+        string escaping is JCS's) only moves the chain on; any other row — one
+        that fails a check, sits on an anchor or the trusted start, or whose
+        details orjson cannot read — goes through :meth:`feed` (strict JCS
+        before calling it altered), so the shortcut decides nothing
+        :meth:`feed` would not.
+        """
+        tenant, sha256, dumps, loads = self.tenant_id, hashlib.sha256, orjson.dumps, orjson.loads
+        slow_seqs = set(self._by_seq)
+        if self.start is not None:
+            slow_seqs.add(self.start.seq)
+        expected, last_seq, last_prev, checked = (
+            self._expected_prev,
+            self._last_seq,
+            self._last_prev,
+            self.checked,
+        )
+        for stored in rows:
+            seq, at_us, actor, action, target, details, request_id, prev, digest = stored
+            if seq == last_seq + 1 and prev == expected and seq not in slow_seqs:
+                try:
+                    body = dumps(
+                        {
+                            "action": action,
+                            "actor": actor,
+                            "at": at_us,
+                            "details": loads(details),
+                            "request_id": request_id,
+                            "target": target,
+                            "tenant_id": tenant,
+                        },
+                        option=orjson.OPT_SORT_KEYS,
+                    )
+                except (orjson.JSONDecodeError, TypeError):
+                    body = b""
+                if sha256(prev + body).digest() == digest:
+                    expected, last_seq, last_prev, checked = digest, seq, prev, checked + 1
+                    continue
+            self._expected_prev, self._last_seq, self._last_prev, self.checked = (
+                expected,
+                last_seq,
+                last_prev,
+                checked,
+            )
+            self.feed(ChainRow(*stored[:5], loads_details(details), *stored[6:]))
+            expected, last_seq, last_prev, checked = (
+                self._expected_prev,
+                self._last_seq,
+                self._last_prev,
+                self.checked,
+            )
+        self._expected_prev, self._last_seq, self._last_prev, self.checked = (
+            expected,
+            last_seq,
+            last_prev,
+            checked,
+        )
+
     def finish(
         self, head_seq: int | None = None, index: Mapping[bytes, int] | None = None
     ) -> list[Finding]:
@@ -241,7 +318,9 @@ __all__ = [
     "ChainRow",
     "ChainVerifier",
     "Finding",
+    "StoredRow",
     "canonical",
     "event_hash",
     "link_holds",
+    "loads_details",
 ]

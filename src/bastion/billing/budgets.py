@@ -19,6 +19,11 @@ of what is left so the last calls of a period still go one by one) and
 settles the block's actual use when it closes
 (:mod:`bastion.gateway.ledger`).
 
+A tenant whose spending an operator froze (``bastion incident freeze-spend``,
+migration 0034), or everyone when frozen globally, reserves nothing: the same
+conditional UPDATE reads ``bastion.spend_frozen(tenant)`` — no extra round
+trip — and the refusal is :class:`SpendFrozen` (402 ``spend-frozen``).
+
 The database holds the invariant too (migration 0018): a reservation that
 would take ``used + reserved`` past a limit, a call counted as used that no
 reservation held, and a reservation closed twice are refused by triggers,
@@ -52,6 +57,15 @@ class OverBudget(BastionError):
 class NoBudget(BastionError):
     slug = "no-budget"
     title = "No budget for this period"
+    kind = Kind.PAYMENT_REQUIRED
+
+
+class SpendFrozen(BastionError):
+    """An operator froze the tenant's spending, or everyone's (``bastion incident
+    freeze-spend``): no paid call until it is unfrozen."""
+
+    slug = "spend-frozen"
+    title = "Spending is frozen"
     kind = Kind.PAYMENT_REQUIRED
 
 
@@ -120,7 +134,8 @@ class BudgetService:
         """Hold one call and ``tokens`` of the current period's budget.
 
         Raises :class:`OverBudget` (with ``Retry-After``) when either would go
-        over its limit, :class:`NoBudget` when the tenant has no budget for now.
+        over its limit, :class:`NoBudget` when the tenant has no budget for now,
+        :class:`SpendFrozen` when its spending is frozen.
         """
         if tokens < 0:
             raise ValueError("tokens must not be negative")
@@ -131,6 +146,7 @@ class BudgetService:
                 "WHERE tenant_id = %(tenant)s AND period_start <= now() AND now() < period_end "
                 "AND calls_used + calls_reserved + 1 <= call_limit "
                 "AND tokens_used + tokens_reserved + %(tokens)s <= token_limit "
+                "AND NOT bastion.spend_frozen(%(tenant)s) "
                 "RETURNING period_start) "
                 "INSERT INTO bastion.budget_reservations (tenant_id, period_start, tokens, "
                 "expires_at) SELECT %(tenant)s, period_start, %(tokens)s, "
@@ -167,7 +183,8 @@ class BudgetService:
                 "LEAST(%(calls)s::bigint, GREATEST(1, calls_left / 4)) AS calls, "
                 "LEAST(%(calls)s::bigint * %(per_call)s::bigint, "
                 "GREATEST(%(min_tokens)s::bigint, tokens_left / 4)) AS tokens FROM open "
-                "WHERE calls_left >= 1 AND tokens_left >= %(min_tokens)s::bigint), "
+                "WHERE calls_left >= 1 AND tokens_left >= %(min_tokens)s::bigint "
+                "AND NOT bastion.spend_frozen(%(tenant)s)), "
                 "held AS (UPDATE bastion.budgets b SET "
                 "calls_reserved = b.calls_reserved + block.calls, "
                 "tokens_reserved = b.tokens_reserved + block.tokens, updated_at = now() "
@@ -298,8 +315,12 @@ class BudgetService:
         return None if row is None else BudgetState(**row)
 
 
-async def _refusal(tx: Conn, tenant_id: UUID) -> NoBudget | OverBudget:
-    """Why nothing could be reserved: no budget now, or this one is spent."""
+async def _refusal(tx: Conn, tenant_id: UUID) -> NoBudget | OverBudget | SpendFrozen:
+    """Why nothing could be reserved: spending frozen, no budget now, or this one is spent."""
+    cur = await tx.execute("SELECT bastion.spend_frozen(%s) AS frozen", (tenant_id,))
+    frozen = await cur.fetchone()
+    if frozen is not None and frozen["frozen"]:
+        return SpendFrozen("spending is frozen for this tenant during an incident")
     cur = await tx.execute(
         "SELECT extract(epoch FROM period_end - now()) AS left FROM bastion.budgets "
         "WHERE tenant_id = %s AND period_start <= now() AND now() < period_end",
@@ -308,7 +329,7 @@ async def _refusal(tx: Conn, tenant_id: UUID) -> NoBudget | OverBudget:
     current = await cur.fetchone()
     if current is not None:
         retry_after = max(1, math.ceil(float(current["left"])))
-        problem: NoBudget | OverBudget = OverBudget(
+        problem: NoBudget | OverBudget | SpendFrozen = OverBudget(
             "the tenant's budget for this period is spent", retry_after=retry_after
         )
     else:

@@ -1,14 +1,6 @@
-"""``bastion billing …`` and ``bastion incident pause-webhooks / resume-webhooks``.
+"""``bastion billing …``: the plan catalogue, plan changes, approvals, reconciliation.
 
-Pausing is *store-and-ack*, not 503: while paused the endpoints still verify,
-store (encrypted) and acknowledge every event, and the worker does not apply
-them; resume queues every held event, in arrival order. Why not 503: the
-provider then owns the backlog — Stripe retries with exponential backoff for
-up to three days and Adyen on its own schedule, so after a resume the events
-trickle back over hours, in no useful order, and a long pause can get the
-endpoint disabled by the provider. Stored events are already in our hands:
-nothing depends on the provider's retry policy, and resume applies them all
-at once.
+(``bastion incident pause-webhooks / resume-webhooks`` live in bastion.incident.cli.)
 """
 
 from __future__ import annotations
@@ -29,7 +21,6 @@ if TYPE_CHECKING:
     from bastion.billing.wiring import Billing
 
 billing_app = typer.Typer(help="Plans, subscriptions and provider webhooks.", no_args_is_help=True)
-incident_app = typer.Typer(help="Incident runbook commands.", no_args_is_help=True)
 
 out = Console()
 T = TypeVar("T")
@@ -65,25 +56,6 @@ def _run(work: Callable[..., Awaitable[T]]) -> T:
     except BastionError as exc:
         reason = exc.extensions.get("reason")
         _fail(f"{exc.detail or exc.title}{f' ({reason})' if reason else ''}")
-
-
-@incident_app.command("pause-webhooks")
-def pause_webhooks(
-    reason: Annotated[str, typer.Option(help="why (recorded)")] = "incident",
-) -> None:
-    """Keep receiving (verify, store, acknowledge) webhooks, but apply none.
-
-    Returns once no event is being applied any more (an apply under way ends first)."""
-    _run(lambda billing, _db: billing.service.pause(actor=_operator(), reason=reason))
-    out.print("webhooks paused: events are stored and acknowledged, not applied")
-
-
-@incident_app.command("resume-webhooks")
-def resume_webhooks() -> None:
-    """Apply every held event, in arrival order, and new ones again (none is left
-    held: every writer reads the pause under the lock a resume waits for)."""
-    held = _run(lambda billing, _db: billing.service.resume(actor=_operator()))
-    out.print(f"webhooks resumed: {held} held events queued for the worker")
 
 
 @billing_app.command("plans")

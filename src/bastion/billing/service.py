@@ -80,6 +80,7 @@ from bastion.billing.webhooks import adyen as adyen_hooks
 from bastion.billing.webhooks import stripe as stripe_hooks
 from bastion.db.pool import Conn, Database
 from bastion.logs import get_logger
+from bastion.telemetry.tracing import current_traceparent
 
 _log = get_logger("bastion.billing")
 
@@ -1461,7 +1462,9 @@ class BillingService:
         )
         rows = await cur.fetchall()
         for tenant in sorted({row["tenant_id"] for row in rows}, key=str):
-            await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+            await tx.execute(
+                "SELECT bastion.enqueue_billing_drain(%s, %s)", (tenant, current_traceparent())
+            )
         return len(rows)
 
     async def route_unrouted(self) -> int:
@@ -1490,7 +1493,10 @@ class BillingService:
             rows += await cur.fetchall()
             if status == "queued":
                 for tenant in sorted({r["tenant_id"] for r in rows}, key=str):
-                    await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+                    await tx.execute(
+                        "SELECT bastion.enqueue_billing_drain(%s, %s)",
+                        (tenant, current_traceparent()),
+                    )
         return len(rows)
 
     async def requeue_pending(self, older_than_seconds: float = 30.0) -> int:
@@ -1504,7 +1510,9 @@ class BillingService:
             )
             tenants = [row["tenant_id"] for row in await cur.fetchall()]
             for tenant in tenants:
-                await tx.execute("SELECT bastion.enqueue_billing_drain(%s)", (tenant,))
+                await tx.execute(
+                    "SELECT bastion.enqueue_billing_drain(%s, %s)", (tenant, current_traceparent())
+                )
         return len(tenants)
 
     async def event_counts(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ import psycopg
 import typer
 from psycopg.conninfo import conninfo_to_dict
 
+from bastion.check import manifests as manifest_checks
 from bastion.check import repo as repo_checks
 from bastion.check.db import RULES, Scope, check_database
 from bastion.check.findings import (
@@ -33,7 +34,7 @@ from bastion.check.findings import (
 )
 
 check_app = typer.Typer(
-    help="Security checks of a database and a repository, as text, JSON or SARIF.",
+    help="Security checks of a database, a repository, Kubernetes manifests (text, JSON, SARIF).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -150,6 +151,37 @@ def check_repo(
         apply_accepted(findings, accepted),
         list(repo_checks.RULES.values()),
         tool="bastion check repo",
+        fmt=fmt,  # type: ignore[arg-type]
+        out=out,
+        fail_on=fail_on,  # type: ignore[arg-type]
+    )
+
+
+@check_app.command("manifests")
+def check_manifests(
+    path: Annotated[Path, typer.Argument(help="a directory of YAML manifests, or one file")],
+    accept: Annotated[
+        Path | None, typer.Option(help="accepted findings: 'RULE SUBJECT  # reason' per line")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text, json or sarif")] = "text",
+    out: Annotated[Path | None, typer.Option(help="write the report here")] = None,
+    fail_on: Annotated[str, typer.Option(help="error, warning or note")] = "warning",
+) -> None:
+    """Validate Kubernetes manifests offline against their schemas and lint pod
+    security, resources, probes, images, literal secrets and default-deny policies."""
+    if fmt not in ("text", "json", "sarif") or fail_on not in ("error", "warning", "note"):
+        raise _stop("--format is text, json or sarif; --fail-on is error, warning or note")
+    if not path.exists():
+        raise _stop(f"{path} does not exist")
+    try:
+        accepted = read_accepted(accept) if accept else {}
+        findings = manifest_checks.check_manifests(path)
+    except (AcceptedFileError, OSError, UnicodeDecodeError) as error:
+        raise _stop(str(error)) from None
+    _report(
+        apply_accepted(findings, accepted),
+        list(manifest_checks.RULES.values()),
+        tool="bastion check manifests",
         fmt=fmt,  # type: ignore[arg-type]
         out=out,
         fail_on=fail_on,  # type: ignore[arg-type]

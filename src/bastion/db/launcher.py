@@ -22,6 +22,11 @@ service user can reach its own subdirectories)::
     base/data/                 PGDATA, 0700, service user
     base/run/                  socket directory, 0700, service user
     base/log/postgres.log      server log, service user
+
+With ``archive_dir`` the server archives every completed WAL segment there
+(continuous archiving, PostgreSQL 18 docs §25.3) through the bundled
+``basic_archive`` module, which copies to a temporary name, fsyncs and renames,
+and refuses to overwrite an archived segment with different content.
 """
 
 from __future__ import annotations
@@ -100,7 +105,10 @@ class EmbeddedPostgres:
     ``port`` is the TCP port to listen on (127.0.0.1 only); ``None`` means
     socket only. ``install_dir`` overrides the PostgreSQL installation (tests use
     it to build a server without pgvector). ``settings`` are extra
-    ``postgresql.conf`` lines applied at every start.
+    ``postgresql.conf`` lines applied at every start. ``archive_dir`` turns
+    WAL archiving on into that directory (service user, 0700), switching to a
+    new segment at least every ``archive_timeout`` seconds of activity: the
+    most committed work a lost server can take with it.
     """
 
     def __init__(
@@ -110,11 +118,22 @@ class EmbeddedPostgres:
         port: int | None = None,
         install_dir: Path | None = None,
         settings: dict[str, str] | None = None,
+        archive_dir: Path | None = None,
+        archive_timeout: int = 60,
     ) -> None:
         self.base_dir = base_dir.absolute()
         self.port = port
         self.install_dir = install_dir or pg_install_dir()
         self.settings = settings or {}
+        self.archive_dir = archive_dir.absolute() if archive_dir is not None else None
+        if self.archive_dir is not None:
+            self.settings = {
+                "archive_mode": "on",
+                "archive_library": "basic_archive",
+                "basic_archive.archive_directory": str(self.archive_dir),
+                "archive_timeout": f"{max(1, archive_timeout)}s",
+                **self.settings,
+            }
         self.data_dir = self.base_dir / "data"
         self.socket_dir = self.base_dir / "run"
         self.log_file = self.base_dir / "log" / "postgres.log"
@@ -184,13 +203,27 @@ class EmbeddedPostgres:
             if template is None:
                 self._initdb()
                 return
-            uid, gid = self._service_ids()
-            shutil.copytree(template.data_dir, self.data_dir, dirs_exist_ok=True)
-            for directory, dirs, files in os.walk(self.data_dir):
-                for name in [*dirs, *files]:
-                    os.lchown(os.path.join(directory, name), uid, gid)
-            (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
-            _write_private(self.password_file, template.password_file.read_text())
+            self._adopt(template.data_dir, template.password_file.read_text())
+
+    def adopt_data_dir(self, source: Path, password: str) -> None:
+        """Copy ``source`` (a stopped server's or a base backup's data directory)
+        in as this server's data directory, owned by the service user, with
+        ``password`` as the superuser's. Refuses if one is already initialised."""
+        self._prepare_base_dir()
+        with self._locked():
+            if self.initialized():
+                raise LauncherError(f"{self.data_dir} already holds a database")
+            self._adopt(source, password)
+
+    def _adopt(self, source: Path, password: str) -> None:
+        uid, gid = self._service_ids()
+        shutil.copytree(source, self.data_dir, dirs_exist_ok=True)
+        for directory, dirs, files in os.walk(self.data_dir):
+            for name in [*dirs, *files]:
+                os.lchown(os.path.join(directory, name), uid, gid)
+        self.data_dir.chmod(0o700)
+        (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+        _write_private(self.password_file, password)
 
     def initialized(self) -> bool:
         """Return True once ``initdb`` has run in the data directory."""
@@ -239,6 +272,12 @@ class EmbeddedPostgres:
             directory.mkdir(exist_ok=True)
             os.chown(directory, uid, gid)
             directory.chmod(0o700)
+        if self.archive_dir is not None:
+            self.archive_dir.mkdir(parents=True, exist_ok=True)
+            os.chown(self.archive_dir, uid, gid)
+            self.archive_dir.chmod(0o700)
+            if self._as_root:
+                _require_traversable(self.archive_dir, uid, gid)
         self._lock_file.touch(mode=0o600, exist_ok=True)
 
     def _bin(self, name: str) -> str:
@@ -361,10 +400,15 @@ class EmbeddedPostgres:
                 if proc.poll() is None or time.monotonic() > deadline:
                     raise
                 # A server killed with -9 leaves backends that still hold its
-                # shared memory for a moment; they exit on their own.
-                if "pre-existing shared memory block" not in self._log_tail():
+                # shared memory for a moment, and is itself a dying process
+                # (or our zombie) whose pid PostgreSQL reads as a live server;
+                # both go away on their own (or once reaped).
+                tail = self._log_tail(2)
+                if "pre-existing shared memory block" not in tail and not (
+                    '"postmaster.pid" already exists' in tail and self._dying_previous()
+                ):
                     raise
-                time.sleep(0.2)
+                time.sleep(0.05)
 
     def _wait_ready(
         self, pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
@@ -415,10 +459,26 @@ class EmbeddedPostgres:
             return None
         if _pid_alive(pid) and _process_cwd(pid) == self.data_dir:
             return pid
+        # A postmaster we started and that was killed stays a zombie until
+        # reaped, and PostgreSQL reads a zombie's pid as a live server.
+        _reap(pid)
         # Stale: the postmaster died (kill -9) or its pid now belongs to another
         # process. PostgreSQL itself re-checks the lock file and its shared memory
         # on start, so the file is left for it to judge.
         return None
+
+    def _dying_previous(self) -> bool:
+        """Whether the pid file names a postmaster that is exiting or a zombie
+        (it has no working directory any more); reap it if it is our child."""
+        lines = _read_pid_file(self.data_dir)
+        try:
+            pid = int(lines[0]) if lines else 0
+        except ValueError:
+            return False
+        if pid <= 0:
+            return False
+        _reap(pid)
+        return _process_cwd(pid) is None
 
     def _as_service(self) -> tuple[int | None, int | None, list[int] | None]:
         """Return subprocess (user, group, extra_groups) to run as the service user."""

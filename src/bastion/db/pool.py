@@ -37,6 +37,8 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from bastion.telemetry.tracing import span
+
 ROLES = frozenset({"owner", "billing-admin", "auditor", "contributor", "viewer", "system"})
 
 Conn = AsyncConnection[dict[str, Any]]
@@ -199,18 +201,19 @@ class Database:
         signed context and selects under RLS, as :meth:`tenant_tx` would.
         """
         self._check(tenant_id, user_id, "viewer")
-        async with self.pool.connection() as conn:
-            assert isinstance(conn, TenantConnection)
-            conn.pending = (tenant_id, user_id, "viewer")
-            params = conn._enter_params()
-            assert params is not None
-            try:
-                cursor = await conn.execute(_MEMBER_ROLES, (tenant_id, user_id, params[3]))
-            except psycopg.Error as error:
-                if _context_refused(error):
-                    await conn.close()
-                raise
-            return frozenset(row["role"] for row in await cursor.fetchall())
+        with span("db.member_roles", {"bastion.tenant_id": tenant_id}):
+            async with self.pool.connection() as conn:
+                assert isinstance(conn, TenantConnection)
+                conn.pending = (tenant_id, user_id, "viewer")
+                params = conn._enter_params()
+                assert params is not None
+                try:
+                    cursor = await conn.execute(_MEMBER_ROLES, (tenant_id, user_id, params[3]))
+                except psycopg.Error as error:
+                    if _context_refused(error):
+                        await conn.close()
+                    raise
+                return frozenset(row["role"] for row in await cursor.fetchall())
 
     @asynccontextmanager
     async def tenant_tx(
@@ -223,24 +226,26 @@ class Database:
         ``InsufficientPrivilege`` when the database refuses the context.
         """
         self._check(tenant_id, user_id, role)
-        async with self.pool.connection() as conn:
-            assert isinstance(conn, TenantConnection)
-            conn.pending = (tenant_id, user_id, role)
-            try:
-                yield conn
-            except BaseException as error:
-                conn.pending = None
-                if _context_refused(error):
-                    # The counter may have moved without us (injected SQL can
-                    # call context_enter too): this connection never serves again.
-                    await conn.close()
-                elif conn.info.transaction_status in (
-                    TransactionStatus.INTRANS,
-                    TransactionStatus.INERROR,
-                ):
-                    await conn.execute("ROLLBACK")
-                raise
-            if conn.pending is not None:  # nothing ran: no transaction was begun
-                conn.pending = None
-            else:
-                await conn.execute("COMMIT")
+        # One span per transaction (not per statement): the tenant and the role only.
+        with span("db.tenant_tx", {"bastion.tenant_id": tenant_id, "bastion.role": role}):
+            async with self.pool.connection() as conn:
+                assert isinstance(conn, TenantConnection)
+                conn.pending = (tenant_id, user_id, role)
+                try:
+                    yield conn
+                except BaseException as error:
+                    conn.pending = None
+                    if _context_refused(error):
+                        # The counter may have moved without us (injected SQL can
+                        # call context_enter too): this connection never serves again.
+                        await conn.close()
+                    elif conn.info.transaction_status in (
+                        TransactionStatus.INTRANS,
+                        TransactionStatus.INERROR,
+                    ):
+                        await conn.execute("ROLLBACK")
+                    raise
+                if conn.pending is not None:  # nothing ran: no transaction was begun
+                    conn.pending = None
+                else:
+                    await conn.execute("COMMIT")

@@ -27,7 +27,13 @@ from bastion.settings import Settings
 
 def embedded_server(settings: Settings) -> EmbeddedPostgres:
     """Return the launcher of the embedded server under ``settings.home``."""
-    return EmbeddedPostgres(settings.postgres_dir, port=settings.pg_port)
+    archive = settings.backup_dir / "wal" if settings.backup_dir is not None else None
+    return EmbeddedPostgres(
+        settings.postgres_dir,
+        port=settings.pg_port,
+        archive_dir=archive,
+        archive_timeout=settings.backup_archive_timeout_seconds,
+    )
 
 
 def describe_url(url: str) -> str:

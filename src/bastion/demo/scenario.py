@@ -26,6 +26,7 @@ from bastion.demo.common import STANDIN_KEY, STANDIN_MODEL, GatewayLink, Report
 from bastion.demo.scenes.answers import check_answers
 from bastion.demo.scenes.audit import check_audit
 from bastion.demo.scenes.billing import check_downgrade
+from bastion.demo.scenes.closing import check_closing
 from bastion.demo.scenes.identity import check_identity
 from bastion.demo.scenes.injection import check_injection
 from bastion.demo.scenes.isolation import check_isolation
@@ -71,6 +72,8 @@ async def run_demo(settings: Settings, console: Console) -> bool:
             "gateway_port": _free_port(),
             "worker_port": _free_port(),
             "gateway_internal_port": _free_port(),
+            "api_internal_port": _free_port(),
+            "worker_internal_port": _free_port(),
             "gateway_models": [
                 ModelRoute(name="bastion-local", provider="local"),
                 ModelRoute(
@@ -86,6 +89,9 @@ async def run_demo(settings: Settings, console: Console) -> bool:
             # Every call goes to the provider, so that the outage scene shows
             # the stale fallback rather than a fresh cache hit.
             "gateway_cache_ttl_seconds": 0.0,
+            # The public listeners on loopback: plain HTTP is development
+            # (bastion.serve.public_tls), and each process logs it so.
+            "dev_mode": settings.dev_mode or settings.public_tls_cert_file is None,
         }
     )
     report = Report()
@@ -154,6 +160,7 @@ async def run_demo(settings: Settings, console: Console) -> bool:
                 finally:
                     upstream.stop()
                 await check_downgrade(report, settings, kb, tenants, ask, keystore, urls["api"])
+                await check_closing(report, settings, db, tenants, urls, keystore)
     finally:
         if not was_running:
             server.stop()

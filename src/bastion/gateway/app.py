@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI
 
@@ -16,6 +17,7 @@ from bastion.secrets.errors import SecretsError
 from bastion.secrets.protocols import Keystore
 from bastion.secrets.store import resolve_ref
 from bastion.settings import ModelRoute
+from bastion.telemetry.tracing import Tracing
 
 _log = get_logger("bastion.gateway")
 
@@ -29,10 +31,16 @@ def create_gateway_app(
     readiness: Readiness | None = None,
     lifespan: Lifespan | None = None,
     routers: tuple[APIRouter, ...] = (),
+    tracing: Tracing | None = None,
 ) -> FastAPI:
-    """Return the gateway app: ``/v1/*``, ``/healthz``, ``/readyz``, problem+json errors."""
+    """Return the gateway app: ``/v1/*``, ``/healthz``, ``/readyz``, problem+json
+    errors; with ``tracing``, a span per request."""
     return create_app(
-        title="Bastion gateway", readiness=readiness, lifespan=lifespan, extra_routers=routers
+        title="Bastion gateway",
+        readiness=readiness,
+        lifespan=lifespan,
+        extra_routers=routers,
+        tracing=tracing,
     )
 
 
@@ -63,6 +71,8 @@ def build_routers(
                 canary=route.canary,
                 fallback=route.fallback,
                 price=Price(route.micro_usd_per_mtok_prompt, route.micro_usd_per_mtok_completion),
+                provider_name=(urlsplit(route.base_url).hostname if route.base_url else None)
+                or route.provider,
             )
         )
     return {name: ModelRouter(group) for name, group in targets.items()}

@@ -109,11 +109,17 @@ class _Partition:
     size: int = 0
 
 
+# Values that hold nothing: passed over without the (slow) Mapping check.
+_LEAVES = frozenset((str, int, float, bool, type(None)))
+
+
 def _nested_at_most(value: Any, limit: int) -> bool:
     """Whether ``value`` nests mappings and lists at most ``limit`` deep (iteratively)."""
     pending = [(value, 0)]
     while pending:
         item, depth = pending.pop()
+        if type(item) in _LEAVES:
+            continue
         if isinstance(item, Mapping):
             children = list(item.values())
         elif isinstance(item, list | tuple):

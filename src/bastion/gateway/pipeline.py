@@ -33,9 +33,10 @@ and settle only.
 
 Per-call state lives in the :class:`CallContext` and nowhere else.
 ContextVars are left only for what logging and tracing read from the
-ambient context: structlog's ``request_id`` and the W3C trace
-(:data:`bastion.gateway.trace.current_trace`, which the provider client
-forwards as ``traceparent``); the context captures both once, when opened.
+ambient context: structlog's ``request_id`` and the OpenTelemetry span
+(:mod:`bastion.telemetry.tracing`; the provider client forwards it as
+``traceparent``); the context captures the trace id once, when opened. Each
+input stage is a span of its own, and so is each provider attempt.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from bastion.gateway.ledger import Slot
 from bastion.gateway.providers import Message
 from bastion.gateway.routing import ModelRouter
 from bastion.safety.injection import Verdict
+from bastion.telemetry.tracing import span
 
 __all__ = ["CallContext", "Caller", "InputStages", "prepare"]
 
@@ -129,7 +131,11 @@ class InputStages(Protocol):
 async def prepare(stages: InputStages, call: CallContext) -> None:
     """Steps 2 to 5, in order: what every chat call passes before it may use the
     cache, the budget or a provider. Each stage raises to stop the call."""
-    await stages.entitle(call)
-    await stages.check_call_tools(call)
-    await stages.screen_input(call)
-    await stages.tokenize_input(call)
+    with span("gateway.entitle"):
+        await stages.entitle(call)
+    with span("gateway.check_tools"):
+        await stages.check_call_tools(call)
+    with span("gateway.screen_input"):
+        await stages.screen_input(call)
+    with span("gateway.tokenize_input"):
+        await stages.tokenize_input(call)

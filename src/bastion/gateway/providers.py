@@ -36,9 +36,9 @@ import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bastion import jsonsafe
-from bastion.gateway.trace import current_trace
 from bastion.knowledge.embedders import get_embedder
 from bastion.safety.signing import ToolCall
+from bastion.telemetry.tracing import current_traceparent
 
 
 class ProviderError(Exception):
@@ -249,9 +249,9 @@ def _environment_proxy(url: str) -> str | None:
 
 
 def _trace_headers() -> dict[str, str]:
-    """The provider call's ``traceparent``: the request's trace, a span of its own."""
-    trace = current_trace.get()
-    return {"traceparent": trace.child().traceparent} if trace else {}
+    """The provider call's ``traceparent``: the current span (the provider attempt's)."""
+    traceparent = current_traceparent()
+    return {"traceparent": traceparent} if traceparent else {}
 
 
 class OpenAICompatible:

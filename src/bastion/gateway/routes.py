@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,7 +21,6 @@ from bastion.access.guard import Guard
 from bastion.gateway.auth import GatewayAuth
 from bastion.gateway.providers import ProviderError, StreamItem, Usage
 from bastion.gateway.service import Caller, GatewayService, RefusedToolCall, SignedToolCall
-from bastion.gateway.trace import TraceContext, continue_or_start, current_trace
 from bastion.safety.egress import Taint, TaintMark
 from bastion.safety.scanning import ScanBusy, ScanUnavailable
 from bastion.safety.signing import EnvelopeSigner, declared_tool
@@ -212,20 +211,6 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _trace(request: Request, response: Response) -> TraceContext:
-    """Continue the caller's W3C trace (or start one) for this request, and echo it."""
-    trace = continue_or_start(request.headers.get("traceparent"))
-    current_trace.set(trace)
-    response.headers["traceparent"] = trace.traceparent
-    return trace
-
-
-def _echo_trace() -> dict[str, str]:
-    # A Response returned directly does not get the dependency's headers.
-    trace = current_trace.get()
-    return {"traceparent": trace.traceparent} if trace else {}
-
-
 def build_router(
     service: GatewayService,
     guard: Guard,
@@ -236,7 +221,7 @@ def build_router(
     """The routes; with ``signer``, a request may carry the api's signed envelope
     instead of the user's token and DPoP proof (with ``envelope_from``, only
     over mTLS from that SPIFFE ID)."""
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_trace)])
+    router = APIRouter(prefix="/v1")
     invoke = GatewayAuth(guard, signer, envelope_from=envelope_from)
 
     @router.get("/models")
@@ -301,7 +286,7 @@ def build_router(
                 ],
                 "usage": _usage(completion.usage),
             }
-            headers = _echo_trace()
+            headers: dict[str, str] = {}
             if cached:
                 headers["Bastion-Cache"] = cached
             return JSONResponse(answer, headers=headers)
@@ -373,7 +358,7 @@ def build_router(
                 with anyio.CancelScope(shield=True):
                     await rest.aclose()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_echo_trace())
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @router.post("/embeddings")
     async def embeddings(

@@ -256,6 +256,9 @@ class Target:
     fallback: bool = False
     price: Price = Price()
     breaker: TargetBreaker = field(default_factory=TargetBreaker)
+    # Who serves it, as ``bastion incident serve-cached --provider`` names it:
+    # the upstream's host, or ``local``.
+    provider_name: str = ""
     # The last calls, for the canary comparison.
     window: deque[Sample] = field(default_factory=lambda: deque(maxlen=200))
 

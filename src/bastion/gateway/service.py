@@ -15,6 +15,8 @@ writes), so the request path itself writes nothing to the database.
 The route is the model's :class:`ModelRouter` (sticky canary, breakers,
 fallbacks); when every target fails, a cached answer of the same tenant (and
 user, by default) is served as ``stale-fallback`` (:mod:`bastion.gateway.cache`), else 503.
+The same holds at once, with no provider called, for a model or provider an
+operator set to ``serve-cached`` (:mod:`bastion.gateway.incident`).
 A request the upstream refuses as malformed (its 400, 413, 422) is answered 400
 ``upstream-rejected-request`` at once: it is tried on no other target, counts
 against none (:class:`~bastion.gateway.routing.Outcome`), and costs one call of
@@ -48,6 +50,7 @@ from typing import Any, TypeVar
 import structlog
 
 from bastion.access.authorize import Authorizer, Resource, Subject
+from bastion.billing.budgets import SpendFrozen
 from bastion.errors import BastionError, Kind
 from bastion.gateway.cache import AnswerCache
 from bastion.gateway.entitlements import PlanGate
@@ -59,6 +62,7 @@ from bastion.gateway.hooks import (
     ScreeningUnavailable,
     run_hooks,
 )
+from bastion.gateway.incident import IncidentSwitches, cached_only
 from bastion.gateway.ledger import AuditEntry, CallLedger
 from bastion.gateway.pipeline import CallContext, prepare
 from bastion.gateway.pipeline import Caller as Caller  # re-exported: routes, tests
@@ -72,7 +76,6 @@ from bastion.gateway.providers import (
 )
 from bastion.gateway.routing import ModelRouter, Outcome, Target
 from bastion.gateway.sampling import PromptSampling
-from bastion.gateway.trace import current_trace
 from bastion.logs import get_logger
 from bastion.offload import JobFailed, JobTimedOut, PoolBusy, shared_pool
 from bastion.safety import egress, tool_schema
@@ -81,6 +84,7 @@ from bastion.safety.scanning import ScanBusy, ScanUnavailable, scan_each
 from bastion.safety.signing import ToolCall, ToolCallSigner, declared_tool
 from bastion.safety.tenant_policies import SafetyPolicies
 from bastion.safety.vault import PiiVault
+from bastion.telemetry.tracing import current_trace_id, span
 
 _log = get_logger("bastion.gateway")
 
@@ -149,6 +153,15 @@ def _unavailable(error: ProviderError) -> ProviderUnavailable:
         retry_after=RETRY_AFTER_SECONDS,
         reason=error.kind,
     )
+
+
+class ToolsDisabled(BastionError):
+    """An operator disabled tools for the tenant, or everyone (``bastion incident
+    disable-tools``): a request that declares tools is refused."""
+
+    slug = "tools-disabled"
+    title = "Tools are disabled"
+    kind = Kind.FORBIDDEN
 
 
 class UpstreamRejectedRequest(BastionError):
@@ -230,8 +243,12 @@ class GatewayService:
         egress_policies: EgressPolicies | None = None,
         secret_values: Sequence[str] = (),
         safety_policies: SafetyPolicies | None = None,
+        incident: IncidentSwitches | None = None,
+        spent: Callable[[str, int], None] | None = None,
     ) -> None:
         self.ledger = ledger
+        # Told each call's cost (model, integer micro-USD): the spend metric.
+        self.spent = spent
         self.models = models
         self.cache = cache if cache is not None else AnswerCache()  # an empty one is falsy
         self.authorizer = authorizer
@@ -250,6 +267,8 @@ class GatewayService:
         self.safety_policies = (
             safety_policies if safety_policies is not None else SafetyPolicies(ledger.db)
         )
+        # Always on: the runbook's switches (serve-cached, freeze-spend, disable-tools).
+        self.incident = incident if incident is not None else IncidentSwitches(ledger.db)
 
     # -- the stages (bastion.gateway.pipeline), in pipeline order -------------------------
 
@@ -265,12 +284,11 @@ class GatewayService:
         request: Mapping[str, Any] | None = None,
     ) -> CallContext:
         """The call's context: the request, and the ambient request id and trace read once."""
-        trace = current_trace.get()
         return CallContext(
             caller,
             model,
             request_id=structlog.contextvars.get_contextvars().get("request_id"),
-            trace_id=trace.trace_id if trace else None,
+            trace_id=current_trace_id(),
             messages=list(messages),
             max_tokens=max_tokens,
             temperature=temperature,
@@ -288,7 +306,10 @@ class GatewayService:
         call.router = router
 
     async def check_call_tools(self, call: CallContext) -> None:
-        """:meth:`check_tools` on the call's declared tools."""
+        """:meth:`check_tools` on the call's declared tools; none may be declared
+        while tools are disabled for the tenant (403 ``tools-disabled``)."""
+        if call.tools and (await self.incident.of_tenant(call.caller.tenant_id)).tools_disabled:
+            raise ToolsDisabled("tools are disabled for this tenant during an incident")
         await self.check_tools(call.caller, call.tools)
 
     async def screen_input(self, call: CallContext) -> None:
@@ -366,8 +387,23 @@ class GatewayService:
             call.prompt_sample = text[:SAMPLE_CHARS]
 
     async def reserve(self, call: CallContext, tokens: int) -> None:
-        """Take the call's budget from the ledger's lease (402 over budget)."""
-        call.slot = await self.ledger.take(call.caller.tenant_id, tokens)
+        """Take the call's budget from the ledger's lease (402 over budget; 402
+        ``spend-frozen`` while the tenant's spending is frozen: a lease opened
+        before the freeze covers no more calls)."""
+        tenant = call.caller.tenant_id
+        if (await self.incident.of_tenant(tenant)).spend_frozen:
+            raise SpendFrozen("spending is frozen for this tenant during an incident")
+        call.slot = await self.ledger.take(tenant, tokens)
+
+    async def _cached_only(self, call: CallContext) -> bool:
+        """Whether every target of the call's model is to be served from the
+        cache only (``bastion incident serve-cached``): then no budget is taken
+        and no provider is called."""
+        routes = await self.incident.served_cached()
+        assert call.router is not None, "the entitle stage runs first"
+        return bool(routes) and all(
+            cached_only(routes, call.model, target) for target in call.router.targets
+        )
 
     async def screen_output(self, call: CallContext, completion: Completion) -> Completion:
         """The answer with personal data a model produced masked (``[KIND]``); a long
@@ -573,14 +609,21 @@ class GatewayService:
         assert router is not None, "the entitle stage runs first"
         tenant = str(call.caller.tenant_id)
         error = ProviderError("unavailable")  # every breaker open
+        routes = await self.incident.served_cached()
         for target in router.candidates(sticky, tenant):
+            if cached_only(routes, call.model, target):
+                continue  # bastion incident serve-cached: never called
             admission = router.admit(target, tenant)
             if admission is None:
                 continue  # half-open, and its probes are out
             outcome = Outcome.ABANDONED  # until known: cancelled, say
             started = time.perf_counter()
             try:
-                result = await attempt(target)
+                with span(
+                    "gateway.provider",
+                    {"gen_ai.request.model": call.model, "bastion.target": target.name},
+                ):
+                    result = await attempt(target)
                 outcome = Outcome.ANSWERED
             except ProviderError as failure:
                 outcome, error = Outcome.FAULT, failure
@@ -626,6 +669,8 @@ class GatewayService:
             f"user:{caller.user_id}", "model.invoke", call.model, details, call.request_id
         )
         self.ledger.record(caller.tenant_id, call.slot, usage, event)
+        if cost and self.spent is not None and target is not None:
+            self.spent(call.model, cost)
         # One line per call; never the answer, and the prompt only when sampled.
         sample = call.prompt_sample
         _log.info(
@@ -681,6 +726,12 @@ class GatewayService:
             if cached is not None:
                 self._settle(call, "cache-hit")
                 return cached, "hit"
+        if await self._cached_only(call):
+            stale = self.cache.stale_fallback(key)
+            self._settle(call, "stale-fallback" if stale else "failed:serve-cached")
+            if stale is None:
+                raise _unavailable(ProviderError("unavailable"))
+            return stale, "stale-fallback"
         await self.reserve(call, estimate_prompt_tokens(call.messages) + max_tokens)
         try:
             completion, target = await self._first_answer(
@@ -744,6 +795,9 @@ class GatewayService:
             caller, model, messages, max_tokens=max_tokens, temperature=temperature, tools=tools
         )
         await prepare(self, call)  # entitle → check tools → screen → tokenize
+        if await self._cached_only(call):  # a stream is never served from the cache
+            self._settle(call, "failed:serve-cached")
+            raise _unavailable(ProviderError("unavailable"))
         await self.reserve(call, estimate_prompt_tokens(call.messages) + max_tokens)
         call.started = time.perf_counter()
 
@@ -822,6 +876,9 @@ class GatewayService:
         stages: embeddings are not sent on as a prompt)."""
         call = self.open_call(caller, model)
         await self.entitle(call)
+        if await self._cached_only(call):  # embeddings are never cached
+            self._settle(call, "failed:serve-cached")
+            raise _unavailable(ProviderError("unavailable"))
         await self.reserve(call, sum(len(text) // 3 + 1 for text in inputs))
         call.started = time.perf_counter()
         try:

@@ -12,13 +12,14 @@ body.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from uuid import UUID
 
 from fastapi import Request
 
 from bastion.api.problems import Problem, problem_type
-from bastion.identity.dpop import AcceptedProof, DpopVerifier
+from bastion.identity.dpop import REPLAYED, AcceptedProof, DpopVerifier
 from bastion.identity.errors import InvalidDpopProof, InvalidToken
 from bastion.identity.replay import SharedReplayStore
 from bastion.identity.tokens import AccessClaims, AccessTokenVerifier
@@ -31,6 +32,10 @@ class Unauthorized(Problem):
     type = problem_type("unauthorized")
     title = "Authentication required"
     status = 401
+
+
+class ProofReplayed(Unauthorized):
+    """A DPoP proof used a second time (RFC 9449 section 11.1): the same 401."""
 
 
 class NoRole(Problem):
@@ -79,8 +84,10 @@ class Principal:
         return "viewer"
 
 
-def _unauthorized(detail: str, error: str = "invalid_token") -> Unauthorized:
-    problem = Unauthorized(detail)
+def _unauthorized(
+    detail: str, error: str = "invalid_token", kind: type[Unauthorized] | None = None
+) -> Unauthorized:
+    problem = (kind or Unauthorized)(detail)
     problem.headers = {"WWW-Authenticate": f'DPoP error="{error}", algs="{DPOP_ALGS}"'}
     return problem
 
@@ -97,6 +104,7 @@ class Authenticator:
         public_url: str | None = None,
         replay_store: SharedReplayStore | None = None,
         nonce_required: bool = False,
+        on_replay: Callable[[UUID, UUID], Awaitable[None]] | None = None,
     ) -> None:
         self.tokens = tokens
         self.dpop = dpop
@@ -110,6 +118,9 @@ class Authenticator:
         # RFC 9449 section 9: proofs must echo a server nonce (DPoP-Nonce);
         # a client learns it from the first 401 "use_dpop_nonce".
         self.nonce_required = nonce_required
+        # A replayed proof of a genuine token: recorded in the token's tenant's
+        # trail (the detectors read it), then refused as before.
+        self.on_replay = on_replay
 
     async def __call__(self, request: Request) -> Principal:
         authorization = request.headers.get("authorization", "")
@@ -130,9 +141,14 @@ class Authenticator:
             if claims.jkt or claims.iss == self.issuer:
                 raise _unauthorized("DPoP-bound tokens cannot be used as bearer tokens")
         else:
-            accepted = self._check_proof(request, token, claims)
-            if self.replay_store is not None:
-                await self._check_shared(self.replay_store, accepted)
+            try:
+                accepted = self._check_proof(request, token, claims)
+                if self.replay_store is not None:
+                    await self._check_shared(self.replay_store, accepted)
+            except ProofReplayed:
+                if self.on_replay is not None:
+                    await self.on_replay(claims.tenant_id, claims.sub)
+                raise
         if not claims.roles:
             raise NoRole("the token carries no role in this tenant")
         return Principal(claims.sub, claims.tenant_id, claims.roles, claims.amr, claims)
@@ -140,7 +156,9 @@ class Authenticator:
     async def _check_shared(self, store: SharedReplayStore, accepted: AcceptedProof) -> None:
         """Refuse a proof another process accepted already (RFC 9449 section 11.1)."""
         if not await store.first_use("dpop", accepted.replay_key, accepted.expires_at):
-            raise _unauthorized("invalid DPoP proof: proof replayed", "invalid_dpop_proof")
+            raise _unauthorized(
+                "invalid DPoP proof: proof replayed", "invalid_dpop_proof", ProofReplayed
+            )
 
     def _check_proof(self, request: Request, token: str, claims: AccessClaims) -> AcceptedProof:
         proofs = request.headers.getlist("dpop")
@@ -159,7 +177,8 @@ class Authenticator:
                 nonce_required=self.nonce_required,
             )
         except InvalidDpopProof as exc:
-            problem = _unauthorized(f"invalid DPoP proof: {exc.reason}", exc.error)
+            kind = ProofReplayed if exc.reason == REPLAYED else Unauthorized
+            problem = _unauthorized(f"invalid DPoP proof: {exc.reason}", exc.error, kind)
             if exc.nonce:
                 problem.headers["DPoP-Nonce"] = exc.nonce
             raise problem from None

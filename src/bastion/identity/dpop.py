@@ -39,6 +39,8 @@ from bastion.identity import compact_jws
 from bastion.identity.errors import InvalidDpopProof
 
 PROOF_TYPE = "dpop+jwt"
+# The reason a proof used twice is refused with (the request guard audits it).
+REPLAYED = "proof replayed"
 # Asymmetric algorithms only (RFC 9449 section 4.3, step 5). "Ed25519" is the
 # fully-specified name of EdDSA over Ed25519 (RFC 9864).
 ALGORITHMS = frozenset({"ES256", "EdDSA", "Ed25519"})
@@ -351,7 +353,7 @@ class DpopVerifier:
         # (r, s) has a second valid spelling (r, n - s).
         replay_key, expires_at = f"{jkt}:{claims['jti']}", iat + self._window
         if self._replay.seen(replay_key, expires_at):
-            raise InvalidDpopProof("proof replayed")
+            raise InvalidDpopProof(REPLAYED)
         return AcceptedProof(jkt, replay_key, expires_at)
 
     def _proof_key(self, jwk: object, alg: str) -> tuple[str, ECKey | OKPKey]:

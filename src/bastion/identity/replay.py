@@ -15,8 +15,13 @@ an envelope's nonce.
 from __future__ import annotations
 
 import hashlib
+from uuid import UUID
 
+from bastion.audit import log as audit
 from bastion.db.pool import Database
+from bastion.logs import get_logger
+
+_log = get_logger("bastion.identity")
 
 # Kept this long past the caller's expiry: the checks still accept a proof at
 # its last instant, and the database's clock may trail this process's.
@@ -46,3 +51,22 @@ class SharedReplayStore:
             )
             row = await cursor.fetchone()
         return row is not None and row["fresh"] is True
+
+
+class ReplayAudit:
+    """Records a refused DPoP proof replay in the token's tenant's trail
+    (``dpop.replay``, target the user), for the detectors."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def __call__(self, tenant_id: UUID, user_id: UUID) -> None:
+        # The request is refused either way: a failed write is logged, and
+        # never turns the 401 into another answer.
+        try:
+            async with self.db.tenant_tx(tenant_id, None, "system") as tx:
+                await audit.record(
+                    tx, actor="identity", action="dpop.replay", target=f"user:{user_id}"
+                )
+        except Exception as error:
+            _log.warning("dpop_replay_unrecorded", error=type(error).__name__)

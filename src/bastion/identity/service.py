@@ -555,17 +555,23 @@ class IdentityService:
         # the next statement (a fresh snapshot under READ COMMITTED) then sees
         # the token that rotation issued. A rotation that comes later waits
         # for this one and finds the family revoked.
-        await tx.execute(
-            "UPDATE bastion.refresh_families SET revoked_at = now(), revoked_reason = %s "
-            "WHERE id = %s AND revoked_at IS NULL",
-            (reason, family_id),
-        )
+        family = await (
+            await tx.execute(
+                "UPDATE bastion.refresh_families SET revoked_at = now(), revoked_reason = %s "
+                "WHERE id = %s AND revoked_at IS NULL RETURNING user_id",
+                (reason, family_id),
+            )
+        ).fetchone()
         await tx.execute(
             "UPDATE bastion.refresh_tokens SET revoked_at = now() "
             "WHERE family_id = %s AND revoked_at IS NULL",
             (family_id,),
         )
-        await audit.record(tx, actor="identity", action=reason, target=f"family:{family_id}")
+        # The user, for the detectors (a reuse revokes all of that user's sessions).
+        details = {"user": str(family["user_id"])} if family is not None else {}
+        await audit.record(
+            tx, actor="identity", action=reason, target=f"family:{family_id}", details=details
+        )
 
 
 def amr_for(login: LoginResult, *, totp_passed: bool) -> list[str]:

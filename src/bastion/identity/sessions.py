@@ -65,3 +65,23 @@ async def revoke_other_sessions(tx: Conn, user_id: UUID, *, keep: UUID | None, r
         )
     ).fetchone()
     return int(row["revoked"]) if row else 0
+
+
+async def revoke_sessions_scoped(
+    tx: Conn, *, tenant_id: UUID | None, user_id: UUID | None, reason: str
+) -> int:
+    """End every session of ``user_id`` (in every tenant), of ``tenant_id`` (every
+    user of it), of both together, or of everyone (neither); return how many
+    families were revoked. Unredeemed authorization codes in the scope are
+    spent first. ``tx`` must run as ``system`` (the incident runbook); the
+    database refuses anyone else. Raises ValueError for a reason longer than 64.
+    """
+    if not reason or len(reason) > _MAX_REASON:
+        raise ValueError("a reason of 1-64 characters is required")
+    row = await (
+        await tx.execute(
+            "SELECT bastion.revoke_sessions_scoped(%s, %s, %s) AS revoked",
+            (tenant_id, user_id, reason),
+        )
+    ).fetchone()
+    return int(row["revoked"]) if row else 0

@@ -20,6 +20,12 @@ so a refusal can name the ID that was presented).
 Each process renews its SVID at half-life (:meth:`WorkloadTls.renew_due`) and
 loads it into its live :class:`ssl.SSLContext` objects: new handshakes get the
 new certificate, open connections keep theirs.
+
+Or a process takes its SVID from files another issuer keeps current
+(:class:`SvidFiles`, ``settings.workload_svid_dir``): ``svid.pem`` (the leaf
+then its chain), ``svid.key`` and ``bundle.pem`` (the trust anchors), as
+cert-manager's Secret volume or SPIRE's spiffe-helper write them. It re-reads
+them when they change and needs no CA key at all.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ import json
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -56,6 +63,7 @@ DEFAULT_TRUST_DOMAIN = "bastion.internal"
 SVID_LIFETIME = timedelta(hours=1)  # CHECKLIST I8: short-lived, at most an hour
 ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=30)
+SERVER_CERT_LIFETIME = timedelta(days=30)  # development HTTPS certificates
 # Leaves start this long in the past: a peer whose clock is slightly behind
 # must not see a certificate from the future.
 BACKDATE = timedelta(seconds=30)
@@ -69,6 +77,9 @@ INTERMEDIATE_REFRESH_SECONDS = 5.0
 # ring at once; the same issuer missing again reads it again at most this often.
 MISS_REFRESH_SECONDS = 1.0
 RENEW_RETRY_SECONDS = 5.0
+# File mode: how often the SVID files are checked for a renewal.
+SVID_FILES_POLL_SECONDS = 5.0
+SVID_FILES = ("svid.pem", "svid.key", "bundle.pem")
 
 
 class WorkloadError(Exception):
@@ -135,7 +146,9 @@ class Svid:
     spiffe_id: str
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
-    intermediate: x509.Certificate
+    intermediate: x509.Certificate | None
+    # More of the chain, after the intermediate (an SVID from files may carry it).
+    more: tuple[x509.Certificate, ...] = ()
 
     @property
     def not_after(self) -> datetime:
@@ -147,9 +160,8 @@ class Svid:
 
     def chain_pem(self) -> bytes:
         """The leaf then the intermediate (RFC 8446 section 4.4.2: leaf first)."""
-        return b"".join(
-            c.public_bytes(serialization.Encoding.PEM) for c in (self.cert, self.intermediate)
-        )
+        chain = [self.cert, *([self.intermediate] if self.intermediate else []), *self.more]
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
 
     def key_pem(self) -> bytes:
         return self.key.private_bytes(
@@ -330,6 +342,54 @@ class WorkloadCA:
         )
         return Svid(identity, cert, key, authority.cert)
 
+    def issue_server(
+        self,
+        dns_names: Iterable[str],
+        ip_addresses: Iterable[str] = (),
+        lifetime: timedelta = SERVER_CERT_LIFETIME,
+    ) -> Svid:
+        """A development server certificate for the public listeners (HTTPS),
+        signed by the current intermediate: DNS and IP SANs (RFC 6125 section
+        6: clients match the name they dialled), server auth only, no SPIFFE
+        ID (it admits nobody to an internal listener). Production takes one
+        from a public or company CA (cert-manager)."""
+        import ipaddress
+
+        names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+        if not names:
+            raise WorkloadError("a server certificate names at least one host (--dns or --ip)")
+        if not timedelta(0) < lifetime <= SERVER_CERT_LIFETIME:
+            raise WorkloadError("a development server certificate lives at most 30 days")
+        try:
+            authority = _Authority.decode(self.keystore.current(INTERMEDIATE_SECRET)[1])
+        except SecretNotFound:
+            raise WorkloadError("no workload CA: run `bastion ca init`") from None
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = self.clock()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(str(names[0].value)))
+            .issuer_name(authority.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(min(now + lifetime, authority.cert.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
+                False,
+            )
+            .sign(authority.key, hashes.SHA256())
+        )
+        return Svid("", cert, key, authority.cert)
+
+    def renew_due(self, svid: Svid) -> datetime:
+        """When to renew ``svid``: half-way through its life."""
+        return svid.not_before + (svid.not_after - svid.not_before) / 2
+
     def status(self) -> dict[str, Any]:
         """What ``bastion ca status`` prints: certificates' metadata, never keys."""
         root = self.root().cert
@@ -355,6 +415,112 @@ class WorkloadCA:
         }
 
 
+class SvidSource(Protocol):
+    """Where a process's SVID and trust anchors come from: Bastion's own CA
+    (:class:`WorkloadCA`) or files kept current by another issuer (:class:`SvidFiles`)."""
+
+    trust_domain: str
+    clock: Callable[[], datetime]
+
+    def issue(self, workload: str) -> Svid: ...
+    def root_pem(self) -> str: ...
+    def active_intermediates(self) -> list[tuple[int, x509.Certificate]]: ...
+    def renew_due(self, svid: Svid) -> datetime: ...
+
+
+class SvidFiles:
+    """An SVID from files another issuer renews in place: ``svid.pem`` (the
+    leaf, then its chain), ``svid.key`` (PKCS#8 or SEC 1 PEM) and ``bundle.pem``
+    (the trust domain's CA certificates) in ``directory``.
+
+    cert-manager writes them as a Secret volume (``tls.crt``, ``tls.key``,
+    ``ca.crt`` mapped to these names; the kubelet swaps the whole directory at
+    once); SPIRE's spiffe-helper writes the same three from the Workload API.
+    No CA key is needed: :meth:`issue` returns what the files hold (checked:
+    this workload's SPIFFE ID, a key that matches the leaf, a leaf the bundle
+    vouches for), and the peers are verified against the bundle. A removed
+    CA stops vouching within :data:`INTERMEDIATE_REFRESH_SECONDS`
+    (:class:`PeerVerifier` reads :meth:`active_intermediates` again)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        *,
+        poll_seconds: float = SVID_FILES_POLL_SECONDS,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.directory = directory
+        self.trust_domain = trust_domain
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self._stamp: tuple[tuple[int, int, int], ...] | None = None
+        self._svid: Svid | None = None
+        self._bundle: list[x509.Certificate] = []
+
+    def _read(self) -> tuple[Svid, list[x509.Certificate]]:
+        """The files' SVID and bundle, read again only when a file changed."""
+        try:
+            stats = [os.stat(self.directory / name) for name in SVID_FILES]
+        except OSError as error:
+            raise WorkloadError(
+                f"SVID files missing in {self.directory}: {error.strerror}"
+            ) from None
+        stamp = tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
+        if stamp == self._stamp and self._svid is not None:
+            return self._svid, self._bundle
+        chain_pem, key_pem, bundle_pem = (
+            (self.directory / name).read_bytes() for name in SVID_FILES
+        )
+        try:
+            chain = x509.load_pem_x509_certificates(chain_pem)
+            bundle = x509.load_pem_x509_certificates(bundle_pem)
+            key = serialization.load_pem_private_key(key_pem, None)
+        except ValueError:
+            raise WorkloadError(f"SVID files in {self.directory} are not PEM") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise WorkloadError("the SVID key is not an EC key")
+        leaf, rest = chain[0], chain[1:]
+        # A writer that replaces the files one by one (spiffe-helper) can be
+        # caught half-way: a key of another leaf is refused, and read again.
+        if leaf.public_key() != key.public_key():
+            raise WorkloadError("the SVID key does not match its certificate (mid-update?)")
+        identity = presented_spiffe_id(leaf)
+        if identity is None:
+            raise WorkloadError("the SVID file's leaf carries no SPIFFE ID")
+        svid = Svid(identity, leaf, key, rest[0] if rest else None, tuple(rest[1:]))
+        self._stamp, self._svid, self._bundle = stamp, svid, bundle
+        return svid, bundle
+
+    def issue(self, workload: str) -> Svid:
+        """The files' SVID; it must be ``workload``'s (X.509-SVID section 2)."""
+        svid, _bundle = self._read()
+        expected = spiffe_id(self.trust_domain, workload)
+        if svid.spiffe_id != expected:
+            raise WorkloadError(f"the SVID files hold {svid.spiffe_id}, not {expected}")
+        return svid
+
+    def root_pem(self) -> str:
+        """The bundle: every CA this process trusts for its peers."""
+        _svid, bundle = self._read()
+        return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in bundle)
+
+    def active_intermediates(self) -> list[tuple[int, x509.Certificate]]:
+        """The certificates a peer's leaf may be signed by: the bundle's, and
+        the intermediates of this process's own chain that a bundle CA signed
+        (SPIRE with an upstream authority signs leaves by such an intermediate)."""
+        svid, bundle = self._read()
+        issuers = list(bundle)
+        for cert in (svid.intermediate, *svid.more):
+            if cert is not None and any(_signed_by(cert, ca) for ca in bundle):
+                issuers.append(cert)
+        return list(enumerate(issuers))
+
+    def renew_due(self, svid: Svid) -> datetime:
+        """The files are checked again after :attr:`poll_seconds`."""
+        return self.clock() + timedelta(seconds=self.poll_seconds)
+
+
 def _ca_usage() -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=False,
@@ -377,11 +543,19 @@ class PeerVerifier:
     the root): within its validity period, signed by an intermediate not
     retired, and carrying a SPIFFE ID of this trust domain."""
 
-    def __init__(self, ca: WorkloadCA, *, refresh_seconds: float = INTERMEDIATE_REFRESH_SECONDS):
+    def __init__(
+        self, ca: SvidSource, *, refresh_seconds: float = INTERMEDIATE_REFRESH_SECONDS
+    ) -> None:
         self.ca = ca
         self.refresh_seconds = refresh_seconds
         self._active: list[x509.Certificate] = []
         self._read_at = -float("inf")
+        # Leaf DER -> (SPIFFE ID, not before, not after) of leaves that passed
+        # since the intermediates were last read: a connection's later requests
+        # skip the parse and the signature check (the period is still checked);
+        # a re-read of the intermediates forgets them all, so a retirement
+        # reaches kept connections as soon as it reaches new ones.
+        self._passed: dict[bytes, tuple[str, datetime, datetime]] = {}
         # Issuer key identifier -> when a leaf of it last made us read (a miss).
         self._missed: dict[bytes | None, float] = {}
 
@@ -391,10 +565,11 @@ class PeerVerifier:
         ):
             self._active = [cert for _v, cert in self.ca.active_intermediates()]
             self._read_at = time.monotonic()
+            self._passed = {}
         return self._active
 
-    def _issued_by_active(self, cert: x509.Certificate) -> bool:
-        if any(_signed_by(cert, issuer) for issuer in self._intermediates()):
+    def _issued_by_active(self, cert: x509.Certificate, chain: Sequence[bytes] = ()) -> bool:
+        if self._vouched(cert, chain, self._intermediates()):
             return True
         # Not in the cached list: an intermediate rotated in since it was read
         # signs the peers' renewed leaves at once, so read again now. The
@@ -411,12 +586,29 @@ class PeerVerifier:
                 k: t for k, t in self._missed.items() if now - t <= MISS_REFRESH_SECONDS
             }
         self._missed[issuer_id] = now
-        return any(_signed_by(cert, issuer) for issuer in self._intermediates(max_age=0.0))
+        return self._vouched(cert, chain, self._intermediates(max_age=0.0))
 
-    def verify(self, der: bytes | None) -> str:
-        """Return the peer's SPIFFE ID; raise :class:`PeerRefused`."""
+    @staticmethod
+    def _vouched(
+        cert: x509.Certificate, chain: Sequence[bytes], active: list[x509.Certificate]
+    ) -> bool:
+        """An active issuer signed the leaf, or is on the path OpenSSL verified
+        for it (``chain``, leaf first: a leaf of another intermediate under a
+        bundle's root, as SPIRE's servers each sign with their own)."""
+        if any(_signed_by(cert, issuer) for issuer in active):
+            return True
+        anchors = {c.public_bytes(serialization.Encoding.DER) for c in active}
+        return any(der in anchors for der in chain[1:])
+
+    def verify(self, der: bytes | None, chain: Sequence[bytes] = ()) -> str:
+        """Return the peer's SPIFFE ID; raise :class:`PeerRefused`. ``chain``:
+        the path the handshake verified, leaf first (:func:`verified_chain`)."""
         if not der:
             raise PeerRefused("no-client-certificate")
+        self._intermediates()  # read again when stale (and forget what passed)
+        passed = self._passed.get(der)
+        if passed is not None and passed[1] <= self.ca.clock() < passed[2]:
+            return passed[0]
         try:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
@@ -425,11 +617,33 @@ class PeerVerifier:
         now = self.ca.clock()
         if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
             raise PeerRefused("certificate-expired", presented)
-        if not self._issued_by_active(cert):
+        if not self._issued_by_active(cert, chain):
             raise PeerRefused("issuer-not-trusted", presented)
         if presented is None or not presented.startswith(f"spiffe://{self.ca.trust_domain}/"):
             raise PeerRefused("no-spiffe-id", presented)
+        if len(self._passed) >= 1024:  # bounded: peers are few, leaves renew hourly
+            self._passed = {}
+        self._passed[der] = (presented, cert.not_valid_before_utc, cert.not_valid_after_utc)
         return presented
+
+
+def verified_chain(ssl_object: Any) -> list[bytes]:
+    """The peer's certificate path as OpenSSL verified it in the handshake,
+    leaf first, DER (empty when unknown). Public in Python 3.13
+    (``SSLObject.get_verified_chain``); the same method of the C object before."""
+    getter = getattr(ssl_object, "get_verified_chain", None) or getattr(
+        getattr(ssl_object, "_sslobj", None), "get_verified_chain", None
+    )
+    if getter is None:
+        return []
+    try:
+        chain = getter() or []
+    except (ValueError, ssl.SSLError):
+        return []
+    return [bytes(c.public_bytes(_ENCODING_DER)) for c in chain]
+
+
+_ENCODING_DER = 2  # _ssl.ENCODING_DER
 
 
 def _issuer_key_id(cert: x509.Certificate) -> bytes | None:
@@ -496,7 +710,7 @@ class _ObservedSSLObject(ssl.SSLObject):
 
 
 def _pinned_classes(
-    check: Callable[[bytes | None], None],
+    check: Callable[[bytes | None, list[bytes]], None],
 ) -> tuple[type[ssl.SSLObject], type[ssl.SSLSocket]]:
     """SSL object and socket classes that run ``check`` on the server's leaf as
     soon as the handshake completes, before a byte of the request is sent
@@ -505,12 +719,12 @@ def _pinned_classes(
     class PinnedSSLObject(ssl.SSLObject):
         def do_handshake(self) -> None:
             super().do_handshake()
-            check(self.getpeercert(binary_form=True))
+            check(self.getpeercert(binary_form=True), verified_chain(self))
 
     class PinnedSSLSocket(ssl.SSLSocket):
         def do_handshake(self, block: bool = False) -> None:
             super().do_handshake(block)
-            check(self.getpeercert(binary_form=True))
+            check(self.getpeercert(binary_form=True), verified_chain(self))
 
     return PinnedSSLObject, PinnedSSLSocket
 
@@ -528,12 +742,12 @@ class WorkloadTls:
     (X.509-SVID section 5: a peer is authorised by its ID, not a DNS name).
     :meth:`renew` swaps a new SVID into every live context."""
 
-    def __init__(self, ca: WorkloadCA, workload: str) -> None:
+    def __init__(self, ca: SvidSource, workload: str) -> None:
         self.ca = ca
         self.workload = workload
         self.spiffe_id = spiffe_id(ca.trust_domain, workload)
         self.svid = ca.issue(workload)
-        root = ca.root_pem()
+        root = self._trusted = ca.root_pem()
         self._server = _tls13(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), root)
         self._server.verify_flags |= _NO_CHECK_TIME  # PeerVerifier checks the period
         self._client = _tls13(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), root)
@@ -567,13 +781,13 @@ class WorkloadTls:
         allowed = frozenset(expect)
         context = self._pinned.get(allowed)
         if context is None:
-            context = _tls13(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), self.ca.root_pem())
+            context = _tls13(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), self._trusted)
             context.check_hostname = False
             verifier = self._verifier
 
-            def check(der: bytes | None) -> None:
+            def check(der: bytes | None, chain: list[bytes]) -> None:
                 try:
-                    presented = verifier.verify(der)
+                    presented = verifier.verify(der, chain)
                 except PeerRefused as refused:
                     raise WrongPeer(1, f"server refused: {refused.reason}") from None
                 if presented not in allowed:
@@ -586,15 +800,23 @@ class WorkloadTls:
         return context
 
     def renew_due(self) -> datetime:
-        """When to renew: half-way through the current SVID's life."""
-        return self.svid.not_before + (self.svid.not_after - self.svid.not_before) / 2
+        """When to renew: half-way through the current SVID's life (from
+        files: when they are next checked)."""
+        return self.ca.renew_due(self.svid)
 
     def renew(self) -> Svid:
-        """Issue a new SVID and load it into the live contexts: new handshakes
-        present it, connections already open keep theirs."""
+        """Issue a new SVID (from files: read them if they changed) and load it
+        into the live contexts: new handshakes present it, connections already
+        open keep theirs. CAs new to the bundle are trusted at once."""
         svid = self.ca.issue(self.workload)
-        self._load(svid)
-        self.svid = svid
+        trusted = self.ca.root_pem()
+        if trusted != self._trusted:
+            for context in (self._server, self._client, *self._pinned.values()):
+                context.load_verify_locations(cadata=trusted)
+            self._trusted = trusted
+        if svid.cert != self.svid.cert:
+            self._load(svid)
+            self.svid = svid
         return svid
 
 

@@ -48,6 +48,7 @@ from bastion.safety.injection import (
 from bastion.safety.scanning import screen_each
 from bastion.safety.signing import HEADER, EnvelopeSigner
 from bastion.safety.tenant_policies import SafetyPolicies
+from bastion.telemetry.tracing import current_traceparent, span
 
 INSTRUCTIONS = (
     "Answer the question from the retrieved documents only; cite the [doc:…] of what you use. "
@@ -320,11 +321,18 @@ class AskService:
         )
         screening = Screening(asked, tuple(chunks))
         try:
-            response = await self.http.post(
-                f"{self.gateway_url}/v1/chat/completions",
-                content=body,
-                headers={"Content-Type": "application/json", HEADER: envelope},
-            )
+            # The gateway's spans join this request's trace (W3C traceparent).
+            with span("api.gateway_call"):
+                traceparent = current_traceparent()
+                response = await self.http.post(
+                    f"{self.gateway_url}/v1/chat/completions",
+                    content=body,
+                    headers={
+                        "Content-Type": "application/json",
+                        HEADER: envelope,
+                        **({"traceparent": traceparent} if traceparent else {}),
+                    },
+                )
         except httpx.HTTPError:
             await self._record(actor, namespace, model, screening)
             raise GatewayRefused(

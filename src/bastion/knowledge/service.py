@@ -95,6 +95,7 @@ from bastion.secrets.tenant_keys import (
 from bastion.secrets.vector_transform import NAME as VECTOR_TRANSFORM
 from bastion.secrets.vector_transform import VectorTransform
 from bastion.settings import Settings
+from bastion.telemetry.tracing import current_traceparent
 
 _log = get_logger("bastion.knowledge")
 
@@ -477,7 +478,10 @@ class KnowledgeService:
                     )
                 return Upload(await self._info(tx, actor.tenant_id, earlier), created=False)
             if enqueue:
-                await tx.execute("SELECT bastion.enqueue_ingest(%s)", (document_id,))
+                # The job's span joins this request's trace (migration 0036).
+                await tx.execute(
+                    "SELECT bastion.enqueue_ingest(%s, %s)", (document_id, current_traceparent())
+                )
             await audit.record(
                 tx,
                 actor=actor.name,

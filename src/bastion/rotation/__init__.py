@@ -331,7 +331,28 @@ class RotationPlan:
 
     def status(self, now: float | None = None) -> list[KeyStatus]:
         """Every version of every key; an overdue key in use logs an alert."""
-        now = time.time() if now is None else now
+        rows = self._versions(time.time() if now is None else now)
+        for row in rows:
+            if row.overdue:
+                _log.warning(
+                    "key_rotation_overdue",
+                    kind=row.kind,
+                    key=row.name,
+                    version=row.version,
+                    age_days=round(row.age_days, 1),
+                )
+        return rows
+
+    def ages(self, now: float | None = None) -> dict[str, float]:
+        """Seconds since each kind's oldest key in use was created (the
+        rotation-age metric, read on every scrape: it logs nothing)."""
+        ages: dict[str, float] = {}
+        for row in self._versions(time.time() if now is None else now):
+            if row.state == "active":  # the version in use
+                ages[row.kind] = max(ages.get(row.kind, 0.0), row.age_days * DAY)
+        return ages
+
+    def _versions(self, now: float) -> list[KeyStatus]:
         rows: list[KeyStatus] = []
         for key in self.secret_keys():
             rows.extend(key.status(self.keystore, now))
@@ -344,15 +365,6 @@ class RotationPlan:
             for tenant_id in self.kms.tenant_keks():
                 key = SecretKey("kek", _backend_kek(tenant_id), period, retire_after=None)
                 rows.extend(key.status_of(self.kms.kek_versions(tenant_id), now))
-        for row in rows:
-            if row.overdue:
-                _log.warning(
-                    "key_rotation_overdue",
-                    kind=row.kind,
-                    key=row.name,
-                    version=row.version,
-                    age_days=round(row.age_days, 1),
-                )
         return rows
 
     # -- rotation ---------------------------------------------------------------------

@@ -68,8 +68,16 @@ TOKEN_RE = re.compile(
     r"|(?P<p>[^\w\s])"
 )
 
-# Characters that may stand between two chunks of one address.
-_JOIN = {ADDRESS: frozenset(" ,/-()")}
+# Characters that may stand between two chunks of one address ("Nr. 20").
+_JOIN = " ,./-()"
+# The kinds of chunk that continue an address (numbers always do).
+_JOINS_ADDRESS: frozenset[str] = frozenset((ADDRESS, PLACE))
+
+
+def _joins(text: str, end: int, start: int) -> bool:
+    """Whether ``text[end:start]``, between two chunks, keeps them in one address."""
+    return not text[end:start].strip(_JOIN)
+
 
 # -- dates of birth -------------------------------------------------------------
 
@@ -150,6 +158,13 @@ NOT_NAME_WORDS = frozenset(
 )
 
 
+def never_alone(word: str) -> bool:
+    """Whether a chunk of such words only is no personal data whatever the model
+    says: a month or weekday, a greeting or function word, a lower-case word."""
+    low = word.lower()
+    return low in CALENDAR_WORDS or low in NOT_NAME_WORDS or word.islower()
+
+
 _DIGITS = re.compile(r"\d+")
 _WORD_BEFORE = re.compile(r"([^\W\d_]+)\.?\s$")
 
@@ -160,11 +175,20 @@ def dates(text: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     done = 0
     for digits in _DIGITS.finditer(text):
-        start = digits.start()
+        start, end = digits.span()
         if start < done:
             continue
-        word = _WORD_BEFORE.search(text, max(0, start - 14), start)
-        for at in (word.start(1), start) if word is not None else (start,):
+        # What every form of DATE_RE needs around its digits, checked before a
+        # regex is tried: a month name and a space before a day ("March 12"), or
+        # one of "./- " after a day, month or year ("12/03", "1985-", "12 March").
+        after = text[end : end + 1]
+        month_first = end - start <= 2 and start > 0 and text[start - 1].isspace()
+        digits_first = end - start <= 4 and after != "" and (after in "./-" or after.isspace())
+        if not (month_first or digits_first):
+            continue
+        word = _WORD_BEFORE.search(text, max(0, start - 14), start) if month_first else None
+        tries = (word.start(1),) if word is not None else ()
+        for at in (*tries, start) if digits_first else tries:
             if at < done:
                 continue
             found = DATE_RE.match(text, at)
@@ -196,18 +220,39 @@ class Token(NamedTuple):
 
 def tokens(text: str) -> list[Token]:
     """The words, numbers and punctuation of ``text``, in order."""
-    out: list[Token] = []
+    return _scan(text, None)[0]
+
+
+def scan(text: str, lexicon: Lexicon) -> tuple[list[Token], list[int]]:
+    """``tokens(text)`` and ``candidates(text, those, lexicon)`` in one pass over
+    the text (the tagger's hot loop; tests/test_pii_names.py checks they agree)."""
+    toks, found = _scan(text, lexicon.connectors)
+    return toks, _outside_dates(text, toks, found)
+
+
+def _scan(text: str, connectors: frozenset[str] | None) -> tuple[list[Token], list[int]]:
+    """The tokens of ``text`` and, given the connectors, the indexes of those
+    :func:`is_candidate` would keep (dates not yet taken out)."""
+    toks: list[Token] = []
+    found: list[int] = []
+    append, keep, new = toks.append, found.append, tuple.__new__
     last = 0
     newline = text.find("\n")
     for match in TOKEN_RE.finditer(text):
         start, end = match.span()
-        out.append(
-            Token(start, end, match.group(), match.lastgroup or "p", last <= newline < start)
-        )
+        word = match.group()
+        kind = match.lastgroup or "p"
+        if connectors is not None and (
+            kind == "n"
+            or (kind == "w" and (word[0].isupper() or word[0].istitle() or word in connectors))
+        ):
+            keep(len(toks))
+        # tuple.__new__: a NamedTuple's own constructor is a Python call per token.
+        append(new(Token, (start, end, word, kind, last <= newline < start)))
         last = end
         if newline < end and newline != -1:
             newline = text.find("\n", end)
-    return out
+    return toks, found
 
 
 def shape(word: str) -> str:
@@ -261,16 +306,25 @@ def is_candidate(token: Token, lexicon: Lexicon) -> bool:
 def candidates(text: str, toks: Sequence[Token], lexicon: Lexicon) -> list[int]:
     """Indexes of the tokens the tagger classifies: candidates not inside a date
     (a date's year is no house number; :func:`dates_of_birth` judges dates)."""
+    return _outside_dates(
+        text, toks, [i for i, tok in enumerate(toks) if is_candidate(tok, lexicon)]
+    )
+
+
+def _outside_dates(text: str, toks: Sequence[Token], indexes: list[int]) -> list[int]:
+    """``indexes`` but those of tokens inside a date."""
     spans = dates(text)
+    if not spans:
+        return indexes
     out = []
     d = 0
-    for i, tok in enumerate(toks):
-        while d < len(spans) and spans[d][1] <= tok.start:
+    for i in indexes:
+        start = toks[i].start
+        while d < len(spans) and spans[d][1] <= start:
             d += 1
-        if d < len(spans) and spans[d][0] <= tok.start:
+        if d < len(spans) and spans[d][0] <= start:
             continue
-        if is_candidate(tok, lexicon):
-            out.append(i)
+        out.append(i)
     return out
 
 
@@ -281,6 +335,12 @@ def lexical_features(low: str, lexicon: Lexicon) -> list[str]:
     # (most names of the world are), and the training drops hits at random.
     out.extend("g=" + flag for flag in lexicon.flags(low))
     return out
+
+
+# The feature of a candidate whose word the model has never seen (a name of a
+# locale it was not trained on, mostly): bench/train_pii.py gives it to rare
+# words whose word and gazetteer features it drops, so that it means the same.
+UNKNOWN = "u"
 
 
 def context_lexical(offset: int, low: str, lexicon: Lexicon) -> list[str]:
@@ -388,85 +448,117 @@ class NameModel:
         summed: npt.NDArray[np.float32] = self.weights[ids].sum(axis=0)
         return summed
 
+    def _rows(
+        self,
+        text: str,
+        table: list[npt.NDArray[np.float32]],
+        words: dict[str, int],
+        shapes: dict[str, int],
+    ) -> tuple[int, int, str]:
+        """The rows of ``table`` of the word ``text`` and of its shape (appended to it
+        the first time the word, or the shape, is seen in a call), and the shape."""
+        low = text.lower()
+        word = words.get(low)
+        if word is None:
+            word = words[low] = len(table)
+            known = self._own.get(low)
+            table.append(
+                self._own_sums[known]
+                if known is not None
+                else self._vector([*lexical_features(low, self.lexicon), UNKNOWN])
+            )
+            # A word unknown as context has features only through the lists.
+            flagged = bool(self.lexicon.flags(low))
+            for offset in _OFFSETS:
+                seen = self._context.get((offset, low))
+                table.append(
+                    self._context_sums[seen]
+                    if seen is not None
+                    else self._vector(context_lexical(offset, low, self.lexicon))
+                    if flagged
+                    else self._nothing
+                )
+        form = shape(text)
+        row = shapes.get(form)
+        if row is None:
+            row = shapes[form] = len(table)
+            table.append(self._shape_own.get(form, self._nothing))
+            for offset in _OFFSETS:
+                table.append(self._shape_around.get((offset, form), self._nothing))
+        return word, row, form
+
     def scores(self, toks: Sequence[Token], indexes: Sequence[int]) -> npt.NDArray[np.float32]:
         """Log-probabilities of each class (columns: :data:`CLASSES`) for ``toks[indexes]``.
 
         The sum over :func:`features`, computed per distinct word and shape of
-        the call (a support ticket repeats its words) and gathered with numpy.
+        the call (a support ticket repeats its words): their weight vectors go
+        into one table, each candidate's terms are rows of it, and one gather
+        and a fixed number of additions (in the order of the features) sum
+        them — a short text pays for a few numpy calls, not for one per term.
         """
         classes = len(CLASSES)
         if not indexes:
             return np.zeros((0, classes), dtype=np.float32)
         count = len(toks)
-        near = sorted({j for i in indexes for j in range(max(0, i - 2), min(count, i + 3))})
-        # Per call only: each distinct word and shape read, and its vectors.
+        # The table's first rows: nothing, the line breaks, the text's edges.
+        table: list[npt.NDArray[np.float32]] = [self._nothing, self._newline, self._newline_next]
+        edge = {}
+        for offset in _OFFSETS:
+            edge[offset] = len(table)
+            table.append(self._edge[offset])
+        # Per distinct word and shape of the call, five rows: its own weights,
+        # then its weights as the neighbour at each offset of _OFFSETS. Looked up
+        # once per distinct spelling (the memo lives for this call only).
         words: dict[str, int] = {}
         shapes: dict[str, int] = {}
-        word_of = np.zeros(count, dtype=np.int64)
-        shape_of = np.zeros(count, dtype=np.int64)
-        own_rows: list[npt.NDArray[np.float32]] = []
-        context_rows: dict[int, list[npt.NDArray[np.float32]]] = {o: [] for o in _OFFSETS}
-        shape_rows: list[npt.NDArray[np.float32]] = []
-        shape_context: dict[int, list[npt.NDArray[np.float32]]] = {o: [] for o in _OFFSETS}
-        shape_text: list[str] = [""] * count
-        for j in near:
-            text = toks[j].text
-            low = text.lower()
-            row = words.get(low)
-            if row is None:
-                row = words[low] = len(own_rows)
-                known = self._own.get(low)
-                own_rows.append(
-                    self._own_sums[known]
-                    if known is not None
-                    else self._vector(lexical_features(low, self.lexicon))
-                )
-                # A word unknown as context has features only through the lists.
-                flagged = bool(self.lexicon.flags(low))
-                for offset in _OFFSETS:
-                    seen = self._context.get((offset, low))
-                    context_rows[offset].append(
-                        self._context_sums[seen]
-                        if seen is not None
-                        else self._vector(context_lexical(offset, low, self.lexicon))
-                        if flagged
-                        else self._nothing
-                    )
-            word_of[j] = row
-            form = shape(text)
-            shape_text[j] = form
-            row = shapes.get(form)
-            if row is None:
-                row = shapes[form] = len(shape_rows)
-                shape_rows.append(self._shape_own.get(form, self._nothing))
-                for offset in _OFFSETS:
-                    shape_context[offset].append(
-                        self._shape_around.get((offset, form), self._nothing)
-                    )
-            shape_of[j] = row
-        at = np.asarray(indexes, dtype=np.int64)
-        raw = self._bias + np.stack(own_rows)[word_of[at]] + np.stack(shape_rows)[shape_of[at]]
-        for offset in _OFFSETS:
-            other = at + offset
-            inside = ((other >= 0) & (other < count))[:, None]
-            other = np.clip(other, 0, count - 1)
-            around = (
-                np.stack(context_rows[offset])[word_of[other]]
-                + np.stack(shape_context[offset])[shape_of[other]]
-            )
-            raw += np.where(inside, around, self._edge[offset])
-        # The pair of the word before and the candidate's shape, and line breaks.
+        spelt: dict[str, tuple[int, int, str]] = {}
+        word_row = [0] * count
+        shape_row = [0] * count
+        shape_text = [""] * count
+        newline = [False] * count
+        for j in sorted({j for i in indexes for j in range(max(0, i - 2), min(count, i + 3))}):
+            tok = toks[j]
+            newline[j] = tok.newline_before
+            rows = spelt.get(tok.text)
+            if rows is None:
+                rows = spelt[tok.text] = self._rows(tok.text, table, words, shapes)
+            word_row[j], shape_row[j], shape_text[j] = rows
+        # The pair of the word before and the candidate's shape.
         get = self.vocabulary.get
-        pairs = [
-            get(f"w-1|sh={toks[i - 1].text.lower() if i else '<edge>'}|{shape_text[i]}", -1)
-            for i in indexes
-        ]
-        paired = np.asarray(pairs, dtype=np.int64)
-        raw += np.where((paired >= 0)[:, None], self.weights[np.maximum(paired, 0)], 0.0)
-        raw += np.outer([toks[i].newline_before for i in indexes], self._newline)
-        raw += np.outer(
-            [i + 1 < count and toks[i + 1].newline_before for i in indexes], self._newline_next
-        )
+        pairs = []
+        paired: dict[tuple[str, str], int] = {}
+        for i in indexes:
+            key = (toks[i - 1].text.lower() if i else "<edge>", shape_text[i])
+            pair_row = paired.get(key)
+            if pair_row is None:
+                pair = get(f"w-1|sh={key[0]}|{key[1]}")
+                pair_row = paired[key] = 0 if pair is None else len(table)
+                if pair is not None:
+                    table.append(self.weights[pair])
+            pairs.append(pair_row)
+        # Each candidate's terms, in the order they are summed; a neighbour past
+        # the text's edge is the edge's weights (plus nothing).
+        at = np.asarray(indexes, dtype=np.int64)
+        word_at = np.asarray(word_row, dtype=np.int64)
+        shape_at = np.asarray(shape_row, dtype=np.int64)
+        breaks = np.asarray(newline, dtype=bool)
+        terms = [word_at[at], shape_at[at]]
+        for k, offset in enumerate(_OFFSETS, start=1):
+            other = at + offset
+            inside = (other >= 0) & (other < count)
+            other = np.clip(other, 0, count - 1)
+            terms.append(np.where(inside, word_at[other] + k, edge[offset]))
+            terms.append(np.where(inside, shape_at[other] + k, 0))
+        terms.append(np.asarray(pairs, dtype=np.int64))
+        terms.append(np.where(breaks[at], 1, 0))
+        after = np.minimum(at + 1, count - 1)
+        terms.append(np.where((at + 1 < count) & breaks[after], 2, 0))
+        gathered = np.stack(table)[np.stack(terms)]
+        raw = self._bias + gathered[0] + gathered[1]
+        for k in range(len(_OFFSETS)):
+            raw += gathered[2 + 2 * k] + gathered[3 + 2 * k]
+        for extra in gathered[2 + 2 * len(_OFFSETS) :]:
+            raw += extra
         raw -= raw.max(axis=1, keepdims=True)
         logp: npt.NDArray[np.float32] = raw - np.log(np.exp(raw).sum(axis=1, keepdims=True))
         return logp.astype(np.float32)
@@ -482,9 +574,7 @@ class NameModel:
         parentheses, and take the town that follows them ("Via Roma, 12,
         00184, Roma (RM)").
         """
-        toks = tokens(text)
-        indexes = candidates(text, toks, self.lexicon)
-        logp = self.scores(toks, indexes)
+        toks, indexes = scan(text, self.lexicon)
         chunks: list[tuple[int, int, int, int]] = []  # (first row, last row, start, end)
         for row, i in enumerate(indexes):
             tok = toks[i]
@@ -501,8 +591,11 @@ class NameModel:
                     chunks[-1] = (first, row, start, tok.end)
                     continue
             chunks.append((row, row, tok.start, tok.end))
-        if not chunks:
+        if not _any_may_be_named(toks, indexes, chunks):
+            # Every chunk would be dropped below whatever the model says ("The
+            # refund was issued.", "When was it sent?"): it is not run.
             return
+        logp = self.scores(toks, indexes)
         # One kind per chunk: the best sum of the log-probabilities of its
         # tokens that are personal data on their own (so "Dear Mr" does not
         # outvote "Kowalczyk"); words before a name that are not ("Customer",
@@ -513,41 +606,75 @@ class NameModel:
         some = np.add.reduceat(alone > 0, [chunk[0] for chunk in chunks]).tolist()
         best = (sums[:, 1:].argmax(axis=1) + 1).tolist()
         alone_list = alone.tolist()
-        open_kind, open_start, open_end = "", 0, 0
+        decided: list[tuple[str, int, int, bool]] = []  # (kind, start, end, numbers only)
+        last_row = 0  # of the chunk before
         for (first, last, _start, _end), label, any_named in zip(chunks, best, some, strict=True):
             kind = CLASSES[label] if any_named else ""
             if kind in (PERSON, PLACE):
                 kind, first = _after_organisation(toks, indexes, first, last, kind, named, alone)
             while kind == PERSON and first < last and alone_list[first] == 0:
                 first += 1
-            start, end = toks[indexes[first]].start, toks[indexes[last]].end
-            if all(
-                toks[i].text.lower() in CALENDAR_WORDS
-                or toks[i].text.lower() in NOT_NAME_WORDS
-                or toks[i].text.islower()
-                for i in indexes[first : last + 1]
-            ):
-                kind = ""  # "May", "in January": a date, not a place; "Merci": nobody
-            # A chunk needs a word of two letters or more with a capital, or a
-            # number: "I do" (a pronoun and a connector) is nobody.
-            if kind and not any(
-                toks[i].kind == "n" or (len(toks[i].text) > 1 and not toks[i].text.islower())
-                for i in indexes[first : last + 1]
-            ):
+            chunk = indexes[first : last + 1]
+            if not _may_be_named(toks, chunk):
                 kind = ""
+            elif kind == PERSON and any(toks[i].kind == "n" for i in chunk):
+                kind = ADDRESS  # no one's name has a number in it ("Novi Goljak 5c")
+            numeric = all(toks[i].kind == "n" for i in chunk)
             if (
-                kind in (ADDRESS, PLACE)  # the town after a street is the address's
-                and open_kind == ADDRESS
-                and "\n" not in text[open_end:start]
-                and all(c in _JOIN[ADDRESS] for c in text[open_end:start])
+                toks[chunk[0]].kind == "n"
+                and decided
+                and decided[-1][0] in (PERSON, PLACE)
+                and text[decided[-1][2] : toks[chunk[0]].start].rstrip(" ") == "."
+                and len(toks[indexes[last_row]].text) <= 3
             ):
+                # A street's name, an abbreviation and its number ("Strada Mare
+                # Nr. 5"): the words before the number are the street's.
+                decided[-1] = (ADDRESS, *decided[-1][1:])
+            decided.append((kind, toks[chunk[0]].start, toks[chunk[-1]].end, numeric))
+            last_row = last
+        open_kind, open_start, open_end, open_numeric = "", 0, 0, False
+        for kind, start, end, numeric in decided:
+            joined = _joins(text, open_end, start)
+            if joined and open_kind == ADDRESS and (kind in _JOINS_ADDRESS or numeric):
+                # The parts of one address ("Nr. 20 Bl. 89, 943874", "5b/0"), and
+                # its town where the model says so.
                 open_end = end
+                continue
+            if joined and kind == ADDRESS and open_numeric and not open_kind:
+                # A house number before its street ("088, Ray Marg").
+                open_kind, open_end = ADDRESS, end
                 continue
             if open_kind:
                 yield open_kind, open_start, open_end
-            open_kind, open_start, open_end = kind, start, end
+            open_kind, open_start, open_end, open_numeric = kind, start, end, numeric
         if open_kind:
             yield open_kind, open_start, open_end
+
+
+def _may_be_named(toks: Sequence[Token], chunk: Sequence[int]) -> bool:
+    """Whether the tokens ``chunk`` of one chunk can be personal data at all (the
+    model then says which kind, if any). False of a chunk, it is false of every
+    part of it too: a text whose chunks are all no personal data needs no model."""
+    if len(chunk) == 1:  # most chunks: the same test, without the generators
+        tok = toks[chunk[0]]
+        return not never_alone(tok.text) and (
+            tok.kind == "n" or (len(tok.text) > 1 and not tok.text.islower())
+        )
+    # "May", "in January": a date, not a place; "Merci": nobody.
+    if all(never_alone(toks[i].text) for i in chunk):
+        return False
+    # A chunk needs a word of two letters or more with a capital, or a
+    # number: "I do" (a pronoun and a connector) is nobody.
+    return any(
+        toks[i].kind == "n" or (len(toks[i].text) > 1 and not toks[i].text.islower()) for i in chunk
+    )
+
+
+def _any_may_be_named(
+    toks: Sequence[Token], indexes: Sequence[int], chunks: Sequence[tuple[int, int, int, int]]
+) -> bool:
+    """Whether any chunk (rows ``first..last`` of ``indexes``) may be personal data."""
+    return any(_may_be_named(toks, indexes[first : last + 1]) for first, last, _s, _e in chunks)
 
 
 def _after_organisation(
@@ -601,7 +728,9 @@ def load(path: Path = MODEL_PATH) -> NameModel:
     return NameModel(vocabulary, weights, Lexicon(sets, connectors))
 
 
-BLOCK_CHARS = 64 * 1024  # text tagged per pass: bounds the tokens held in memory
+# Text tagged per pass: bounds the tokens held in memory (about 60,000, some
+# 8 MB), large enough that the per-call lookups of repeated words pay off.
+BLOCK_CHARS = 256 * 1024
 
 
 def blocks(text: str, size: int = BLOCK_CHARS) -> Iterator[tuple[int, int]]:

@@ -56,8 +56,11 @@ MAX_AGE_SECONDS = 60
 # A proposed tool call must be executed within this long after the answer.
 TOOL_CALL_MAX_AGE_SECONDS = 300
 CLOCK_SKEW_SECONDS = 5
-# A rotation or retirement reaches the verifier within this long.
-KEY_REFRESH_SECONDS = 5.0
+# A rotation or retirement reaches the verifier within this long. One second:
+# ``bastion incident revoke-keys`` retires keys with no grace, and every process
+# must refuse what they signed within 2 s (issue 20); a re-read is one keystore
+# read per second per process, never per request.
+KEY_REFRESH_SECONDS = 1.0
 # A new key version signs only after this long in the key ring: every verifier
 # has re-read the version list by then (twice its refresh interval, plus the
 # keystore's one-second ``created_at`` precision).

@@ -26,6 +26,7 @@ from bastion.safety.tools import SignedToolCall, ToolExecutor, ToolRefused, Tool
 from bastion.secrets.protocols import Keystore
 from bastion.secrets.tenant_keys import TenantKeys
 from bastion.settings import Settings
+from bastion.telemetry.tracing import job_trace_args
 from bastion.worker.jobs import JobRefused, JobRegistry
 
 _log = get_logger("bastion.safety")
@@ -154,5 +155,6 @@ async def defer(
         arguments=call.arguments,
         signature=signature,
         tool=dict(declaration),
+        **job_trace_args(),  # the job's span joins the enqueuing request's trace
     )
     return job_id

@@ -191,7 +191,8 @@ class ToolExecutor:
         call that is unsigned, altered, expired, replayed, for another tenant or
         user, not declared or declared otherwise than signed, of an unknown tool
         or with arguments not valid against its declared schema (or that the
-        check could not finish in time).
+        check could not finish in time), or while tools are disabled for its
+        tenant (``tools-disabled``: a queued run is not started).
         """
         call, tenant = signed.call, signed.tenant_id
         try:
@@ -226,7 +227,11 @@ class ToolExecutor:
         except ValueError:  # JSONDecodeError included
             await self._refused(tenant, signer_user, call, "bad-arguments")
             raise ToolRefused("bad-arguments") from None
-        if not await self._first_run(tenant, signer_user, call, verified.run_id):
+        first = await self._first_run(tenant, signer_user, call, verified.run_id)
+        if first is None:  # bastion incident disable-tools: the run id stays unused
+            await self._refused(tenant, signer_user, call, "tools-disabled", verified.run_id)
+            raise ToolRefused("tools-disabled")
+        if not first:
             await self._refused(tenant, signer_user, call, "replayed", verified.run_id)
             raise ToolRefused("replayed")
         try:
@@ -260,17 +265,26 @@ class ToolExecutor:
         first = key if version == 1 else await self.keys.get(tx, tenant_id, 1)
         return keyed_digest(first, AUDIT_DIGEST, data).hex()
 
-    async def _first_run(self, tenant: UUID, user: UUID, call: ToolCall, run_id: UUID) -> bool:
+    async def _first_run(
+        self, tenant: UUID, user: UUID, call: ToolCall, run_id: UUID
+    ) -> bool | None:
         """Record the run id as used, committed before anything runs; False if any
         worker process recorded it before, now or before a restart (the signer's
-        own replay check only sees this process's calls, and forgets on exit)."""
+        own replay check only sees this process's calls, and forgets on exit).
+        None, recording nothing, while tools are disabled for the tenant or
+        everyone (``bastion incident disable-tools``): read in the same statement."""
         async with self.db.tenant_tx(tenant, user, "system") as tx:
             cur = await tx.execute(
-                "INSERT INTO bastion.tool_call_runs (run_id, call_id) VALUES (%s, %s) "
-                "ON CONFLICT (run_id) DO NOTHING RETURNING 1",
-                (run_id, call.id[:200]),
+                "WITH allowed AS (SELECT NOT bastion.tools_disabled(%(tenant)s) AS ok), "
+                "ran AS (INSERT INTO bastion.tool_call_runs (run_id, call_id) "
+                "SELECT %(run)s, %(call)s FROM allowed WHERE ok "
+                "ON CONFLICT (run_id) DO NOTHING RETURNING 1) "
+                "SELECT (SELECT ok FROM allowed) AS ok, EXISTS (SELECT 1 FROM ran) AS first",
+                {"tenant": tenant, "run": run_id, "call": call.id[:200]},
             )
-            return await cur.fetchone() is not None
+            row = await cur.fetchone()
+            assert row is not None
+            return None if not row["ok"] else bool(row["first"])
 
     async def _ran(
         self, tenant: UUID, call: ToolCall, verified: VerifiedToolCall, result: Result

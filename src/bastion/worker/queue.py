@@ -32,6 +32,7 @@ import procrastinate
 from procrastinate.job_context import JobContext
 
 from bastion.logs import get_logger
+from bastion.telemetry.tracing import JOB_TRACEPARENT, Tracing
 
 _log = get_logger("bastion.worker")
 
@@ -69,6 +70,21 @@ def queue_app(
     return procrastinate.App(connector=connector)
 
 
+# The statuses a job waits or ends in (succeeded jobs are deleted: delete_jobs).
+JOB_STATUSES = ("todo", "doing", "failed", "cancelled", "aborted")
+
+
+async def queue_depth(app: procrastinate.App) -> dict[tuple[str, str], int]:
+    """The jobs of each of Bastion's queues by status (the queue-depth metric);
+    a queue with no jobs counts zeros, so its series do not vanish."""
+    depth = {(queue, status): 0 for queue in QUEUES for status in JOB_STATUSES}
+    for row in await app.job_manager.list_queues_async():
+        if row["name"] in QUEUES:  # another app's queue in the schema is not ours
+            for status in JOB_STATUSES:
+                depth[(row["name"], status)] = int(row[status])
+    return depth
+
+
 async def requeue_stalled(app: procrastinate.App, stalled_seconds: float = STALLED_SECONDS) -> int:
     """Put the jobs of workers that stopped heartbeating back in the queue."""
     jobs = list(await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stalled_seconds))
@@ -92,6 +108,32 @@ def time_limit(seconds: float) -> Callable[[CallNext, JobContext, Any], Awaitabl
     return limit
 
 
+def traced_job(
+    tracing: Tracing | None,
+) -> Callable[[CallNext, JobContext, Any], Awaitable[Any]]:
+    """A procrastinate worker middleware: each job is a span (named after its
+    task), child of the request that enqueued it when the job carries that
+    request's ``traceparent`` (:data:`~bastion.telemetry.tracing.JOB_TRACEPARENT`,
+    taken out of the arguments before the task sees them — also without
+    ``tracing``, so a task never gets an argument it does not declare)."""
+    from opentelemetry.trace import SpanKind
+
+    async def traced(call_next: CallNext, context: JobContext, worker: Any) -> Any:
+        job = context.job
+        carried = job.task_kwargs.pop(JOB_TRACEPARENT, None)
+        if tracing is None:
+            return await call_next()
+        with tracing.entry(
+            f"job {job.task_name}",
+            kind=SpanKind.CONSUMER,
+            traceparent=carried if isinstance(carried, str) else None,
+            attributes={"bastion.job": job.task_name},
+        ):
+            return await call_next()
+
+    return traced
+
+
 FETCH_POLL_SECONDS = 0.5
 
 
@@ -101,10 +143,12 @@ async def running_worker(
     *,
     concurrency: Mapping[str, int] | None = None,
     sweep_seconds: float = 5.0,
+    tracing: Tracing | None = None,
 ) -> AsyncIterator[None]:
     """Run one worker loop per queue (and the stalled-job sweeper) while the block runs.
 
-    ``concurrency`` gives a queue's slots (default :data:`CONCURRENCY`).
+    ``concurrency`` gives a queue's slots (default :data:`CONCURRENCY`); with
+    ``tracing``, every job is a span (:func:`traced_job`).
     """
     slots = {**CONCURRENCY, **(concurrency or {})}
     async with app.open_async():
@@ -118,7 +162,7 @@ async def running_worker(
                     update_heartbeat_interval=HEARTBEAT_SECONDS,
                     stalled_worker_timeout=STALLED_SECONDS,
                     delete_jobs="successful",
-                    worker_middleware=[time_limit(TIME_LIMITS[queue])],
+                    worker_middleware=[traced_job(tracing), time_limit(TIME_LIMITS[queue])],
                     # LISTEN wakes a loop for a new job, but a wake-up that
                     # lands during a fetch that finds nothing (or a job that
                     # waited on another's lock) is only picked up by polling:

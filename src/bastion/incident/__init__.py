@@ -1,0 +1,1 @@
+"""The incident runbook: controls an operator (or a detector) flips during an incident."""

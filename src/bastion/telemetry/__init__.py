@@ -1,0 +1,1 @@
+"""Telemetry, on the ground floor: OpenTelemetry traces and Prometheus metrics."""
