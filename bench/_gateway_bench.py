@@ -15,12 +15,14 @@ import json
 import os
 import re
 import statistics
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
 import httpx
+import uvicorn
 
 from bastion.billing.budgets import BudgetService
 from bastion.billing.plans import Plan, PlanCatalogue
@@ -204,3 +206,12 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def serve_in_thread(app: object, port: int) -> uvicorn.Server:
+    """``app`` on 127.0.0.1:``port`` in a daemon thread (set ``should_exit`` to stop)."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")  # type: ignore[arg-type]
+    )
+    threading.Thread(target=server.run, daemon=True).start()
+    return server

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -33,7 +32,15 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _gateway_bench import access_token, bench_tenant, chat_body, gateway_env, wait_ready, wrk_run
+from _gateway_bench import (
+    access_token,
+    bench_tenant,
+    chat_body,
+    gateway_env,
+    serve_in_thread,
+    wait_ready,
+    wrk_run,
+)
 from _record import record, row
 from bastion.compose import build_gateway
 from bastion.db.launcher import EmbeddedPostgres
@@ -51,14 +58,6 @@ def _observe_us(count: int = 200_000) -> float:
     for _ in range(count):
         metrics.observe_request("/v1/chat/completions", "POST", 200, 0.004)
     return (time.perf_counter() - started) / count * 1e6
-
-
-def _serve(app: object, port: int) -> uvicorn.Server:
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")  # type: ignore[arg-type]
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    return server
 
 
 def main() -> None:
@@ -94,7 +93,7 @@ def main() -> None:
                 )
             )
             assert (gateway.metrics is not None) is (mode == "on")
-            servers.append(_serve(gateway.app, port))
+            servers.append(serve_in_thread(gateway.app, port))
             asyncio.run(wait_ready(f"{public}/healthz"))
             urls[mode] = f"{public}/v1/chat/completions"
         asyncio.run(wait_ready(f"http://127.0.0.1:{upstream_port}/"))

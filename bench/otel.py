@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,15 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _gateway_bench import access_token, bench_tenant, chat_body, gateway_env, wait_ready, wrk_run
+from _gateway_bench import (
+    access_token,
+    bench_tenant,
+    chat_body,
+    gateway_env,
+    serve_in_thread,
+    wait_ready,
+    wrk_run,
+)
 from _record import record, row
 from bastion.compose import Overrides, build_gateway
 from bastion.db.launcher import EmbeddedPostgres
@@ -61,14 +68,6 @@ async def _setup(settings: Settings) -> tuple[str, DpopKey]:
     """A tenant on the bench plan with an ample budget; a token and its DPoP key."""
     tenant, user = await bench_tenant(settings, "bench-otel")
     return access_token(open_keystore(settings), settings, tenant, user)
-
-
-def _serve(app: object, port: int) -> uvicorn.Server:
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")  # type: ignore[arg-type]
-    )
-    threading.Thread(target=server.run, daemon=True).start()
-    return server
 
 
 def main() -> None:
@@ -102,7 +101,7 @@ def main() -> None:
         plain = build_gateway(
             settings.model_copy(update={"gateway_public_url": f"http://127.0.0.1:{off_port}"})
         )
-        servers = [_serve(traced.app, on_port), _serve(plain.app, off_port)]
+        servers = [serve_in_thread(traced.app, on_port), serve_in_thread(plain.app, off_port)]
         asyncio.run(wait_ready(f"http://127.0.0.1:{upstream_port}/"))
         urls = {}
         for mode, port in (("on", on_port), ("off", off_port)):
