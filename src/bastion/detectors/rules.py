@@ -121,7 +121,10 @@ class Rule:
         self.setup()
 
     def setup(self) -> None:
-        """Build the rule's windows from its parameters."""
+        """Build the rule's windows from its parameters (by default one sliding
+        window of ``window_seconds``, for the rules that count in one)."""
+        if "window_seconds" in self.defaults:
+            self.window: Window = Window(self.p("window_seconds"))
 
     @property
     def enabled(self) -> bool:
@@ -157,7 +160,7 @@ class SpendAnomaly(Rule):
     }
 
     def setup(self) -> None:
-        self.window = Window(self.p("window_seconds"))
+        super().setup()
         # (scope key) -> {hour number -> micro-USD}
         self.hours: dict[tuple[str, ...], dict[int, int]] = {}
 
@@ -275,9 +278,6 @@ class AdminBurst(Rule):
     watches: ClassVar[frozenset[str]] = GRANTS
     defaults: ClassVar[dict[str, int]] = {"window_seconds": 600, "threshold": 5}
 
-    def setup(self) -> None:
-        self.window = Window(self.p("window_seconds"))
-
     def observe(self, event: Event, *, live: bool) -> list[Finding]:
         if event.action not in GRANTS:
             return []
@@ -313,8 +313,8 @@ class PolicyThenReads(Rule):
     defaults: ClassVar[dict[str, int]] = {"window_seconds": 1800, "threshold": 20}
 
     def setup(self) -> None:
+        super().setup()
         self.changes: dict[tuple[UUID, str], Event] = {}
-        self.window = Window(self.p("window_seconds"))
 
     def observe(self, event: Event, *, live: bool) -> list[Finding]:
         key = (event.tenant_id, event.actor)
@@ -415,9 +415,6 @@ class CardTesting(Rule):
         "checkout_threshold": 10,
     }
 
-    def setup(self) -> None:
-        self.window = Window(self.p("window_seconds"))
-
     def observe(self, event: Event, *, live: bool) -> list[Finding]:
         if event.action == WEBHOOK and _failed_payment(_details(event)):
             kind, threshold = "failed payments", self.p("failed_threshold")
@@ -449,9 +446,6 @@ class TenantFarm(Rule):
     name: ClassVar[str] = "payment.tenant_farm"
     watches: ClassVar[frozenset[str]] = frozenset({"tenant.create"})
     defaults: ClassVar[dict[str, int]] = {"window_seconds": 3600, "threshold": 5}
-
-    def setup(self) -> None:
-        self.window = Window(self.p("window_seconds"))
 
     def observe(self, event: Event, *, live: bool) -> list[Finding]:
         if event.action != "tenant.create":
@@ -518,9 +512,6 @@ class CredentialSpray(Rule):
     watches: ClassVar[frozenset[str]] = LOCKOUTS
     defaults: ClassVar[dict[str, int]] = {"window_seconds": 900, "threshold": 5}
 
-    def setup(self) -> None:
-        self.window = Window(self.p("window_seconds"))
-
     def observe(self, event: Event, *, live: bool) -> list[Finding]:
         if event.action not in LOCKOUTS:
             return []
@@ -584,9 +575,6 @@ class DpopReplay(Rule):
     name: ClassVar[str] = "credential.dpop_replay"
     watches: ClassVar[frozenset[str]] = frozenset({"dpop.replay"})
     defaults: ClassVar[dict[str, int]] = {"window_seconds": 600, "threshold": 3}
-
-    def setup(self) -> None:
-        self.window = Window(self.p("window_seconds"))
 
     def observe(self, event: Event, *, live: bool) -> list[Finding]:
         if event.action != "dpop.replay":
