@@ -143,6 +143,7 @@ _DROP_BIDI = str.maketrans(dict.fromkeys(_BIDI))
 _TAGS = re.compile("[\U000e0000-\U000e007f]+")
 _FLAG_TAGS = re.compile("[\U000e0061-\U000e007a]{2,6}\U000e007f")
 _VS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]{4,}")
+_BMP_SELECTORS = tuple(map(chr, range(0xFE00, 0xFE10)))
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -157,10 +158,54 @@ class Views:
     findings: list[Finding] = field(default_factory=list)
 
 
+_LEET_CLASSES = bytes(
+    ord("a") if chr(b).isascii() and chr(b).islower() else ord("d") if chr(b) in "013457" else 32
+    for b in range(256)
+)
+
+
 def _leet(text: str) -> str:
-    if not _LEET_HINT.search(text):
+    # _LEET_HINT's "a letter beside a digit", looked for in C first: the
+    # expression tries every position of a long text.
+    classes = text.encode("ascii", "replace").translate(_LEET_CLASSES)
+    if (b"ad" not in classes and b"da" not in classes) or not _LEET_HINT.search(text):
         return text
-    return _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
+    if len(text) <= 2 * _WINDOW or not text.isascii():
+        return _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
+    return _leet_long(text)
+
+
+# Per character: 0 not a word character, 1 a lower-case letter, 2 a digit
+# leetspeak stands a letter for, 3 any other word character (ASCII ``\w``).
+_LEET_RUNS = bytes(
+    1 if 97 <= b <= 122 else 2 if chr(b) in "013457" else 3 if chr(b).isalnum() or b == 95 else 0
+    for b in range(128)
+) + bytes(128)
+_LEET_TABLE = np.frombuffer(
+    bytes(range(256)).translate(bytes.maketrans(b"013457", b"oieast")), np.uint8
+)
+
+
+def _leet_long(text: str) -> str:
+    r""":data:`_LEET_WORD`'s substitution on a long ASCII text, in numpy: a word
+    (a run of ``\w``) is folded when it is only letters and such digits, at
+    least three long, with one of each (the expression tries every position)."""
+    raw = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    kind = np.frombuffer(text.encode("ascii").translate(_LEET_RUNS), dtype=np.uint8)
+    edges = np.diff(np.concatenate(([0], (kind > 0).view(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    totals = [np.concatenate(([0], np.cumsum(kind == k))) for k in (1, 2, 3)]
+    letters, digits, others = (total[ends] - total[starts] for total in totals)
+    chosen = (ends - starts >= 3) & (letters > 0) & (digits > 0) & (others == 0)
+    if not chosen.any():
+        return text
+    marks = np.zeros(len(raw) + 1, dtype=np.int8)
+    marks[starts[chosen]] = 1
+    marks[ends[chosen]] = -1  # a run ends before the next starts: never the same place
+    inside = np.cumsum(marks[:-1]) > 0
+    out = raw.copy()
+    out[inside] = _LEET_TABLE[raw[inside]]
+    return out.tobytes().decode("ascii")
 
 
 def _decode_vs(run: str) -> str:
@@ -176,7 +221,11 @@ def text_views(text: str) -> Views:
     findings: list[Finding] = []
     hidden: list[str] = []
     work = text
-    if _TAGS.search(work):
+    # Tags and most selectors are outside the BMP: looked for only in a text
+    # that has such characters (its UTF-16 form is longer), not by a scan of
+    # every position; the BMP selectors are found by ``in``, in C.
+    astral = not work.isascii() and len(work.encode("utf-16-le", "surrogatepass")) > 2 * len(work)
+    if astral and _TAGS.search(work):
         kept: list[str] = []
         pos = 0
         for run in _TAGS.finditer(work):
@@ -191,7 +240,8 @@ def text_views(text: str) -> Views:
         if hidden:
             findings.append(Finding("invisible.unicode-tags", "invisible", 40))
             work = "".join(kept) + work[pos:]
-    if _VS.search(work):
+    selectors = not work.isascii() and (astral or any(vs in work for vs in _BMP_SELECTORS))
+    if selectors and _VS.search(work):
         for run in _VS.findall(work):
             hidden.append(_decode_vs(run))
         findings.append(Finding("invisible.variation-selectors", "invisible", 40))
@@ -217,19 +267,29 @@ def text_views(text: str) -> Views:
         return Views(visible, plain, folded, None, hidden, findings)
     # Per distinct character (a few hundred at most), not per character: the
     # translations then run in C. Only expansions (ligatures, ß) need offsets.
+    # A long text's characters are tallied in numpy (one pass in C, not a set
+    # built character by character); its translations are then gathers.
+    codes = None
+    if len(visible) > 2 * _WINDOW:
+        codes = np.frombuffer(visible.encode("utf-32-le"), dtype=np.uint32)
+        tally = np.bincount(codes)
+        distinct = [chr(c) for c in np.flatnonzero(tally).tolist()]
+    else:
+        distinct = list(set(visible))
     plain_map: dict[int, str] = {}
     fold_map: dict[int, str] = {}
     styled = 0
-    for ch in set(visible):
+    for ch in distinct:
         norm = unicodedata.normalize("NFKC", ch)
         if not ch.isascii() and norm != ch and norm.isascii() and norm.isalnum():
-            styled += visible.count(ch)  # fullwidth or mathematical letters spelling ASCII
+            # Fullwidth or mathematical letters spelling ASCII.
+            styled += visible.count(ch) if codes is None else int(tally[ord(ch)])
         piece = norm.casefold()
         plain_map[ord(ch)] = piece
         conf = _CONFUSABLES.get(piece) or _CONFUSABLES.get(ch)
         fold_map[ord(ch)] = conf.lower() if conf else piece
     # Each translation of a long non-ASCII text costs; only the needed ones run.
-    plain = visible.translate(plain_map)
+    plain = _translated(visible, codes, plain_map)
     origin = None
     if any(len(piece) != 1 for piece in plain_map.values()):
         # In C, not per character: each character's expansion length, read as
@@ -244,11 +304,11 @@ def text_views(text: str) -> Views:
     folded = (
         plain
         if all(fold == plain_map[c] for c, fold in fold_map.items())
-        else visible.translate(fold_map)
+        else _translated(visible, codes, fold_map)
     )
     mixed = 0
     if any(c in _CONFUSABLES for c in plain_map.values()) or any(
-        c in _CONFUSABLES for c in set(visible)
+        c in _CONFUSABLES for c in distinct
     ):
         for _word in _MIXED.finditer(plain):
             mixed += 1
@@ -260,6 +320,22 @@ def text_views(text: str) -> Views:
         findings.append(Finding("homoglyph.styled-letters", "homoglyph", 15))
     folded = _leet(folded)
     return Views(visible, plain, folded, origin, hidden, findings)
+
+
+def _translated(
+    text: str, codes: np.ndarray[Any, np.dtype[np.uint32]] | None, table: dict[int, str]
+) -> str:
+    """``text.translate(table)``; for a long text (``codes``: its code points)
+    whose table maps each character to one, by one gather in numpy (``str.translate``
+    looks each character of a non-ASCII text up in the table)."""
+    if codes is None or any(len(piece) != 1 for piece in table.values()):
+        return text.translate(table)
+    lookup = np.arange(int(codes.max()) + 1, dtype=np.uint32)
+    lookup[np.fromiter(table, dtype=np.uint32, count=len(table))] = [
+        ord(piece) for piece in table.values()
+    ]
+    translated: bytes = lookup[codes].tobytes()
+    return translated.decode("utf-32-le")
 
 
 _MAX_LEADS = 4000  # more occurrences than this: one regex pass over the text instead
@@ -296,25 +372,77 @@ def _matches(rule: Rule, haystack: str) -> Iterable[re.Match[str]]:
 # Every rule's leads in one Aho-Corasick automaton per text view (and one for
 # the plain and folded views together, when they are the same text): one pass
 # over the text finds where every lead of every rule starts, instead of a
-# ``str.find`` scan per lead.
+# ``str.find`` scan per lead. Most rules match only at the start of a word
+# (``\b``), and short leads ("hi", "cc", "act") occur inside many words
+# ("shipped", "account", "contract"): an ASCII text is also read with every
+# non-word character as a space, where those leads are looked for as " hi",
+# so that only their starts of words cost a try of the rule (in Python).
 _LeadHits = dict[int, list[int]]  # rule index -> where its leads start
+_WORD_CLASSES = bytes(
+    b if chr(b).isascii() and (chr(b).isalnum() or chr(b) == "_") else 32 for b in range(256)
+)
 
 
-def _lead_automaton(views: tuple[str, ...]) -> Any:
+def _starts_at_word(pattern: str) -> bool:
+    r"""True when every match of ``pattern`` starts at a word boundary: each of
+    its alternatives at the top level opens with ``\b``."""
+    branches, depth, i, in_class, start = [], 0, 0, False, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            # "]" first in a class ("[]…]", "[^]…]") is a literal.
+            i += 1 + (pattern[i + 1 : i + 2] == "^")
+            i += pattern[i : i + 1] == "]"
+            continue
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            branches.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    branches.append(pattern[start:])
+    return all(branch.startswith("\\b") for branch in branches)
+
+
+def _lead_automaton(views: tuple[str, ...], part: str) -> Any:
+    """``part``: ``all`` leads as they are; for an ASCII text, ``rest``: the
+    ASCII leads not looked for at word starts, ``words``: those that are, as
+    " lead" in the word-class text. (An automaton whose leads start with few
+    distinct characters runs several times faster.)"""
     by_lead: dict[str, set[int]] = {}
     for index, rule in enumerate(RULES):
-        if rule.view in views:
-            for lead in rule.leads:
+        if rule.view not in views:
+            continue
+        at_word = _starts_at_word(rule.pattern.pattern)
+        for lead in rule.leads:
+            word_lead = at_word and lead.isascii() and lead[:1].isalnum()
+            if part == "all" or (part == "rest" and not word_lead and lead.isascii()):
                 by_lead.setdefault(lead, set()).add(index)
+            elif part == "words" and word_lead:
+                key = " " + lead.encode("ascii").translate(_WORD_CLASSES).decode("ascii")
+                by_lead.setdefault(key, set()).add(index)
     automaton = ahocorasick.Automaton()
     for lead, rules in by_lead.items():
         automaton.add_word(lead, (len(lead), tuple(sorted(rules))))
-    automaton.make_automaton()
+    if by_lead:
+        automaton.make_automaton()
     return automaton
 
 
-_AUTOMATA: dict[tuple[str, ...], Any] = {
-    views: _lead_automaton(views)
+_AUTOMATA: dict[tuple[str, ...], tuple[Any, Any, Any]] = {
+    views: (
+        _lead_automaton(views, "all"),
+        _lead_automaton(views, "rest"),
+        _lead_automaton(views, "words"),
+    )
     for views in (("plain",), ("folded",), ("visible",), ("plain", "folded"))
 }
 
@@ -324,11 +452,24 @@ def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
     so dense that one regex pass per rule costs less (:func:`_matches`)."""
     hits: _LeadHits = {}
     limit = max(_MAX_LEADS, len(haystack) // 8)
-    for n, (end, (length, rules)) in enumerate(_AUTOMATA[views].iter(haystack)):
-        if n > limit:
-            return None
-        for index in rules:
-            hits.setdefault(index, []).append(end - length + 1)
+    every, rest, words = _AUTOMATA[views]
+    if len(haystack) > 2 * _WINDOW and haystack.isascii():  # short: one pass costs less
+        # " " first: a lead at the text's start has its space; " lead" ending at
+        # ``end`` there starts at ``end - length + 1`` in ``haystack``, as below.
+        classes = " " + haystack.encode("ascii").translate(_WORD_CLASSES).decode("ascii")
+        passes: tuple[tuple[Any, str], ...] = ((rest, haystack), (words, classes))
+    else:
+        passes = ((every, haystack),)
+    n = 0
+    for automaton, text in passes:
+        if automaton.kind == ahocorasick.EMPTY:
+            continue
+        for end, (length, rules) in automaton.iter(text):
+            n += 1
+            if n > limit:
+                return None
+            for index in rules:
+                hits.setdefault(index, []).append(end - length + 1)
     return hits
 
 
@@ -522,9 +663,15 @@ _SIGNATURES: dict[str, tuple[tuple[bytes | None, bytes], ...]] = {
     "binary": ((_classes("01"), b"x" * 8),),
 }
 _MORSE_CLASSES = _classes(".-_", _WHITE + "/|")
-_MORSE_SIGNATURE = re.compile(rb"(?:x{1,7}s+){4,}x")
+# Five groups of dots and dashes, as _MORSE: opening with a literal, the scan
+# skips to each "x" in C (its match may end up to six dots short of the run,
+# well inside the context every window gets).
+_MORSE_SIGNATURE = re.compile(rb"x(?:x{0,6}s+x){4,}")
 _SPACED_CLASSES = _classes(_ALNUM + "?", " .-_*|")
-_SPACED_SIGNATURE = re.compile(rb"x(?:s{1,4})x(?:s{1,4})x(?:s{1,4})x")
+# Three one-letter gaps in a row: _SPACED's second and third letters stand
+# alone, so every run holds "sxs" — a literal the scan skips to in C (a match
+# starts at most five characters after the run, inside the windows' context).
+_SPACED_SIGNATURE = re.compile(rb"sxs(?:s{0,3})x(?:s{1,4})x")
 
 
 def _marked(text: bytes, table: bytes | None, signature: bytes, windows: set[int]) -> None:
@@ -551,12 +698,13 @@ def _spans(windows: set[int], size: int) -> list[tuple[int, int]]:
     return [(max(0, a * _WINDOW - _CONTEXT), min(size, b * _WINDOW + _CONTEXT)) for a, b in merged]
 
 
-def _candidates(visible: str, kind: str) -> list[tuple[int, int]]:
+def _candidates(visible: str, kind: str, text: bytes | None = None) -> list[tuple[int, int]]:
     """Where runs of the encoding ``kind`` may be: the windows holding its
-    signature (for a short text, all of it or nothing)."""
+    signature (for a short text, all of it or nothing). ``text``: ``visible``
+    encoded to ASCII with "?" for other characters, when the caller has it."""
     if kind == "morse" and ("\u2022" in visible or "\u2013" in visible):
         return [(0, len(visible))]  # its other dots and dashes are not ASCII
-    text = visible.encode("ascii", "replace")
+    text = visible.encode("ascii", "replace") if text is None else text
     windows: set[int] = set()
     if kind == "morse":
         for m in _MORSE_SIGNATURE.finditer(text.translate(_MORSE_CLASSES)):
@@ -585,8 +733,9 @@ def _decoded_blobs(visible: str) -> Iterable[Layer]:
     """(kind, decoded text, start, end) for encoded runs that decode to readable text."""
     groups: dict[tuple[str, int], list[Layer]] = {}
     tries: dict[tuple[str, int], int] = {}
+    text = visible.encode("ascii", "replace")  # once, for every kind's signatures
     for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
-        spans = _candidates(visible, kind)
+        spans = _candidates(visible, kind, text)
         matches = (match for a, b in spans for match in pattern.finditer(visible, a, b))
         for match in matches:
             window = (kind, match.start() // _WINDOW)
@@ -643,31 +792,47 @@ _CIPHER_WEIGHTS = np.array(
     ]
 )
 _CIPHER_SEGMENT = re.compile(r"[^.!?\n:;,()\[\]\"]{12,}")
+_CIPHER_STOPS = bytes(1 if chr(b) in '.!?\n:;,()[]"' else 0 for b in range(256))
 _MIN_GAIN = 0.6  # nats per letter the deciphered text must gain over the text as written
 
 
 def _deciphered(visible: str) -> Iterable[Layer]:
     """(cipher, plain text, start, end) for segments that read far likelier deciphered.
 
-    All segments are scored at once (numpy): each letter's segment by binary
-    search over the segments' starts, one count matrix, one product."""
-    spans = [
-        (m.start(), min(m.end(), m.start() + _MAX_BLOB)) for m in _CIPHER_SEGMENT.finditer(visible)
-    ]
+    All segments are scored at once (numpy): one count matrix of letters per
+    segment, one product with every cipher's weights."""
+    raw = visible.encode("ascii", "replace")
+    if len(visible) > 2 * _WINDOW and visible.isascii():
+        # The segments as runs between stops, found in numpy (as _CIPHER_SEGMENT).
+        stops = np.frombuffer(b"\x01" + raw.translate(_CIPHER_STOPS) + b"\x01", dtype=np.int8)
+        edges = np.diff(stops)
+        starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
+        keep = ends - starts >= 12
+        starts, ends = starts[keep], np.minimum(ends[keep], starts[keep] + _MAX_BLOB)
+        spans = list(zip(starts.tolist(), ends.tolist(), strict=True))
+    else:
+        spans = [
+            (m.start(), min(m.end(), m.start() + _MAX_BLOB))
+            for m in _CIPHER_SEGMENT.finditer(visible)
+        ]
+        starts = np.array([start for start, _end in spans], dtype=np.intp)
+        ends = np.array([end for _start, end in spans], dtype=np.intp)
     if len(spans) <= 4:  # numpy's fixed cost outweighs a few segments
         return _deciphered_few(visible, spans)
-    codes = np.frombuffer(visible.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-    codes = np.where((codes >= 65) & (codes <= 90), codes + 32, codes) - 97
-    at = np.flatnonzero((codes >= 0) & (codes < 26))
-    starts = np.array([start for start, _end in spans])
-    ends = np.array([end for _start, end in spans])
-    segment = np.searchsorted(starts, at, side="right") - 1
-    inside = (segment >= 0) & (at < ends[np.maximum(segment, 0)])
-    counts = np.bincount(
-        segment[inside] * 26 + codes[at[inside]], minlength=len(spans) * 26
-    ).reshape(len(spans), 26)
+    # Each character's segment (-1 between segments) by one repeat; the text one
+    # byte per character ("?" for non-ASCII, which is no letter a cipher shifts).
+    count = len(spans)
+    bounds = np.empty(2 * count + 2, dtype=np.intp)
+    bounds[0], bounds[1:-1:2], bounds[2:-1:2], bounds[-1] = 0, starts, ends, len(raw)
+    ids = np.full(2 * count + 1, -1, dtype=np.intp)
+    ids[1::2] = np.arange(count)
+    segment = np.repeat(ids, np.diff(bounds))
+    inside = segment >= 0
+    lower = np.frombuffer(raw.lower(), dtype=np.uint8)
+    keys = segment[inside] * 128 + lower[inside]
+    counts = np.bincount(keys, minlength=count * 128).reshape(count, 128)[:, 97:123]
     letters = counts.sum(axis=1)
-    scores = counts @ _CIPHER_WEIGHTS.T
+    scores = counts.astype(np.float64) @ _CIPHER_WEIGHTS.T  # in BLAS (ints would not be)
     best = scores.argmax(axis=1)
     gain = (scores[np.arange(len(spans)), best] - scores[:, 0]) / np.maximum(letters, 1)
     chosen = np.flatnonzero((letters >= 12) & (best > 0) & (gain >= _MIN_GAIN))
@@ -700,9 +865,10 @@ def _deciphered_few(visible: str, spans: list[tuple[int, int]]) -> list[Layer]:
 
 def _regions(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
     """Where ``pattern`` occurs: the whole of a short text, else the windows it
-    occurs in (neighbours merged, up to four), with :data:`_CONTEXT` around."""
-    if len(text) <= 2 * _WINDOW:
-        return [(0, len(text))] if pattern.search(text) else []
+    occurs in (neighbours merged, up to four), with :data:`_CONTEXT` around.
+
+    The expression runs only on windows holding what each of its matches
+    holds, found in C first (a regex scan tries every position)."""
     if pattern is _SPACED:
         # Three one-letter gaps in a row, found in the classes (see _candidates).
         classes = text.encode("ascii", "replace").translate(_SPACED_CLASSES)
@@ -711,9 +877,19 @@ def _regions(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
             for m in _SPACED_SIGNATURE.finditer(classes)
             for w in range(m.start() // _WINDOW, m.end() // _WINDOW + 1)
         }
-        windows = [w * _WINDOW for w in sorted(found)]
+    elif pattern is _ANY_ESCAPE:
+        # Every escape starts with "%", "&" or a backslash: only windows holding one.
+        found = set()
+        for lead in "%&\\":
+            at = text.find(lead)
+            while at >= 0:
+                found.add(at // _WINDOW)
+                at = text.find(lead, (at // _WINDOW + 1) * _WINDOW)
     else:
-        windows = list(range(0, len(text), _WINDOW))
+        found = set(range(len(text) // _WINDOW + 1))
+    if len(text) <= 2 * _WINDOW:
+        return [(0, len(text))] if found and pattern.search(text) else []
+    windows = [w * _WINDOW for w in sorted(found)]
     # Each window searched with the context after it: a run across its end is seen whole.
     hit = [w for w in windows if pattern.search(text, w, w + _WINDOW + _CONTEXT)]
     merged: list[list[int]] = []
@@ -756,6 +932,7 @@ _QUOTES = {
     "`": "`",
     "\u300c": "\u300d",  # CJK corner brackets
 }
+_QUOTE_CHARS = re.compile("[" + "".join(map(re.escape, _QUOTES)) + "]")
 _META = re.compile(
     r"\b(?:prompt\s+injections?|injections?|attack\w*|jailbreak\w*|phrases?|examples?|e\.g\."
     r"|such\s+as|like|malicious|suspicious|phishing|spam|scam|detect\w*|prevent\w*|block\w*"
@@ -774,9 +951,12 @@ def _mentioned(visible: str, start: int, end: int) -> bool:
     line_start = max(visible.rfind("\n", 0, start) + 1, start - 300)
     line_end = visible.find("\n", end)
     line_end = min(len(visible) if line_end < 0 else line_end, end + 300)
-    for i in range(start - 1, line_start - 1, -1):
-        closing = _QUOTES.get(visible[i])
-        if closing is None or (i > 0 and visible[i - 1].isalnum()):
+    # The quote characters before the span, nearest first (found by a regex in C,
+    # not by looking at every character).
+    opening = [m.start() for m in _QUOTE_CHARS.finditer(visible, line_start, start)]
+    for i in reversed(opening):
+        closing = _QUOTES[visible[i]]
+        if i > 0 and visible[i - 1].isalnum():
             continue
         close_at = visible.find(closing, end, line_end)
         if close_at < 0:
@@ -815,9 +995,39 @@ def _classifier_vote(visible: str, found: list[Finding]) -> list[Finding]:
     if not any(f.category in _INTENT for f in found):
         return []
     model = classifier.model()
-    if model.probability(visible) < model.threshold:
+    if model.probability(_near_intent(visible, found)) < model.threshold:
         return []
     return [Finding("classifier.injection", "classifier", CLASSIFIER_WEIGHT)]
+
+
+_NEAR = 2 * classifier.WINDOW  # characters of context the vote reads around a finding
+_NEAR_SPANS = 16
+
+
+def _near_intent(visible: str, found: list[Finding]) -> str:
+    """What the vote reads: a short text whole; of a long one, the text around
+    the rules' findings of intent (at most :data:`_NEAR_SPANS` of them, spread
+    over the text, merged). The vote corroborates those findings, so it reads
+    where they are; a megabyte then costs what a few kilobytes do."""
+    if len(visible) <= 4 * _NEAR:
+        return visible
+    spans = sorted(
+        (max(0, f.start - _NEAR), min(len(visible), f.end + _NEAR))
+        for f in found
+        if f.category in _INTENT and f.end > f.start
+    )
+    if not spans:
+        return visible[: 4 * _NEAR]
+    if len(spans) > _NEAR_SPANS:
+        step = (len(spans) - 1) / (_NEAR_SPANS - 1)  # the first, the last and between
+        spans = [spans[round(i * step)] for i in range(_NEAR_SPANS)]
+    merged = [list(spans[0])]
+    for start, end in spans[1:]:
+        if start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return "\n".join(visible[start:end] for start, end in merged)
 
 
 def _findings(
@@ -922,6 +1132,61 @@ def _neutralise(visible: str, findings: Iterable[Finding]) -> str:
     return "".join(out).strip()
 
 
+# Binary junk (issue 15, "Bad input": scored, never a crash, in bounded time):
+# a text with this share of control characters and U+FFFD (what undecodable
+# bytes become) is screened on its runs of other characters, at least
+# :data:`_TEXT_RUN` long, one per line. Random bytes hold a few thousand such
+# runs per megabyte (about 37% of bytes are printable ASCII: a run of six,
+# 0.37**6, starts at one byte in 400); a sentence placed in the junk is a run
+# of its own and is read whole.
+_JUNK_SHARE = 0.1
+_TEXT_RUN = 6
+_JUNK_ASCII = bytes([*range(0, 9), 11, 12, *range(14, 32), 127])
+
+
+def _text_runs(text: str) -> str | None:
+    """The text runs of ``text`` when it is binary junk, else None."""
+    if len(text) <= 2 * _WINDOW:
+        return None
+    if text.isascii():
+        raw = text.encode("ascii")
+        if len(text) - len(raw.translate(None, _JUNK_ASCII)) < _JUNK_SHARE * len(text):
+            return None
+        codes = np.frombuffer(raw, dtype=np.uint8).astype(np.uint32)
+    else:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    junk = (
+        ((codes < 32) & (codes != 9) & (codes != 10) & (codes != 13))
+        | ((codes >= 127) & (codes < 160))  # DEL and the C1 controls
+        | (codes == 0xFFFD)
+    )
+    if junk.sum() < _JUNK_SHARE * len(text):
+        return None
+    edges = np.diff(np.concatenate(([1], junk.view(np.int8), [1])))
+    starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
+    keep = ends - starts >= _TEXT_RUN
+    return "\n".join(
+        text[start:end]
+        for start, end in zip(starts[keep].tolist(), ends[keep].tolist(), strict=True)
+    )
+
+
+_INVISIBLE = re.compile(
+    "["
+    + "".join(sorted(_ZERO_WIDTH | _BIDI))
+    + "\U000e0000-\U000e007f\ufe00-\ufe0f\U000e0100-\U000e01ef]"
+)
+
+
+def _without_invisible(text: str) -> str:
+    """``text`` without zero-width, bidi, tag and selector characters (those
+    :func:`text_views` removes), looked for in C before any regex runs."""
+    astral = not text.isascii() and len(text.encode("utf-16-le", "surrogatepass")) > 2 * len(text)
+    if astral or any(c in text for c in (*_ZERO_WIDTH, *_BIDI, *_BMP_SELECTORS)):
+        return _INVISIBLE.sub("", text)
+    return text
+
+
 def checked_text(text: str | bytes) -> str:
     if isinstance(text, bytes | bytearray | memoryview):
         if len(text) > MAX_CHARS * 4:
@@ -954,18 +1219,28 @@ def screen(
     for bytes that are not UTF-8 or text with unpaired surrogates.
     """
     text = checked_text(text)
-    views, found = _findings(text)
+    runs = _text_runs(text)
+    if runs is None:
+        views, found = _findings(text)
+        visible = views.visible
+    else:
+        # Binary junk: its text runs are screened; what passes is the junk
+        # with its invisible characters removed, as any text's are.
+        _run_views, found = _findings(runs)
+        visible = _without_invisible(text)
     score = total_score(found)
-    stripped = views.visible != text
+    stripped = visible != text
     hits = tuple(found)
     at = policy.block_at
     # Invisible characters are stripped whatever the policy: they are never content.
-    passed: tuple[Decision, str] = ("sanitize", views.visible) if stripped else ("allow", text)
+    passed: tuple[Decision, str] = ("sanitize", visible) if stripped else ("allow", text)
     if source in ("retrieved", "tool"):
         if score < policy.sanitize_at:
             return Verdict(passed[0], score, hits, passed[1], source, threshold=at)
         if policy.retrieved_action == "flag":
             return Verdict(passed[0], score, hits, passed[1], source, "flag", at)
+        if runs is not None:  # junk is not cut sentence by sentence: the chunk goes
+            return Verdict("block", score, hits, "", source, policy.retrieved_action, at)
         cleaned = _neutralise(views.visible, found)
         _rest_views, rest = _findings(cleaned)
         left = len(cleaned.replace(REMOVED, "").strip())
