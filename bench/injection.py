@@ -14,6 +14,7 @@ Run: .venv/bin/python bench/injection.py [--seconds 2]
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -51,7 +52,8 @@ def classifier_table() -> None:
     model = classifier.model()
     print(
         f"classifier alone, threshold {model.threshold:.3f} (chosen on the tune split and on "
-        "out-of-fold scores of the training sources; never on a test source)"
+        "out-of-fold scores of the training sources; never on a test source); "
+        f"semantic part: {'on' if model.semantic else 'off'}"
     )
     print(f"{'source':30} {'split':13} {'kind':7} {'n':>5} {'flagged':>8}")
     pooled: dict[tuple[str, int], list[int]] = {}
@@ -67,6 +69,21 @@ def classifier_table() -> None:
     for (split, label), (flagged, n) in sorted(pooled.items()):
         what = "detection" if label else "false positives"
         print(f"  {split} {what}: {flagged / n:.1%} of {n}")
+    # Per language, on the suite's hand-written cases (cross-source; few outside English).
+    handwritten = json.loads((injection_data.FIXTURES / "handwritten.json").read_text())
+    by_language: dict[tuple[str, str], list[int]] = {}
+    for case in handwritten["cases"]:
+        lang = case["lang"] if case["lang"] in ("en", "de", "es", "fr", "it") else "other"
+        tally = by_language.setdefault((lang, case["kind"]), [0, 0])
+        tally[0] += model.probability(case["text"]) >= model.threshold
+        tally[1] += 1
+    print(
+        "  cross-source by language (suite/handwritten): "
+        + "; ".join(
+            f"{lang} {kind} {flagged}/{n}"
+            for (lang, kind), (flagged, n) in sorted(by_language.items())
+        )
+    )
     kilobyte = (" ".join(s.text for s in tests) * 2)[:1024]
     times = []
     for _ in range(2000):

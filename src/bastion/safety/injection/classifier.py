@@ -14,6 +14,17 @@ instruction in a long document is less diluted; the highest window counts. Every
 at a position, so each window's sum comes from one cumulative sum and the cost
 is linear in the text's length.
 
+Beside the n-grams, a semantic part carries meaning across wordings: every
+whole-word entry of the vocabulary of all-MiniLM-L6-v2 (the knowledge
+embedder's model) was run through that model once, at training time, and its
+sentence vector reduced (PCA, weighted by rarity) — static word vectors, as
+model2vec distils them (Tulkens and van Dongen 2024). A small ReLU layer reads
+the mean word vector of each window; since its first layer is linear, each
+vocabulary word's vector is shipped already multiplied through it
+(:class:`Semantic`). Words are found by the same polynomial hash the word
+n-grams use, so scoring needs no tokenizer and stays linear in the text. The
+window's logit is the n-gram sum plus that layer's output, trained jointly.
+
 The threshold is the one that keeps false positives at or under 1.5% on
 *unseen* sources: chosen on out-of-fold scores, each training source group
 scored by a model that never saw it (``bench/train_injection.py``).
@@ -42,7 +53,7 @@ import numpy.typing as npt
 
 from bastion.errors import BastionError, Kind
 
-FORMAT = "bastion-injection-ngram/2"
+FORMAT = "bastion-injection-ngram/3"
 DIMENSIONS = 1 << 19
 NGRAMS = (3, 4, 5)
 WORD_NGRAMS = (1, 2)
@@ -53,6 +64,10 @@ SCALES = ((WINDOW, STRIDE), (256, 128), (128, 64))
 long jailbreaks, short ones so that an instruction hidden in a long benign
 document is less diluted by the document around it. (Adding the 128-character
 scale raised out-of-fold detection from 65.8% to 72.6% at 1.5% false positives.)"""
+BLOCK = 64
+"""Characters the semantic part sums words over before it sums windows: every
+window edge of :data:`SCALES` falls on a block boundary (or the text's end)."""
+assert all(size % BLOCK == 0 and stride % BLOCK == 0 for size, stride in SCALES)
 MODEL_PATH = Path(__file__).parent / "model" / "injection-ngram.npz"
 
 _SPACES = re.compile(r"\s+")
@@ -114,6 +129,25 @@ def hashed(prepared: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
     unigrams and bigrams at the start of their first word. Positions let the
     scan sum any window of the text from one cumulative sum.
     """
+    positions, buckets, _starts, _words = scan(prepared)
+    return positions, buckets
+
+
+def word_hash(word: str) -> int:
+    """The hash :func:`scan` gives ``word`` (one run of word characters, prepared)."""
+    _starts, words = scan(prepare(word))[2:]
+    if words.size != 1:
+        raise ValueError("not one word")
+    return int(words[0])
+
+
+def scan(
+    prepared: str,
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]
+]:
+    """:func:`hashed`'s (position, bucket) pairs, then every word's start and
+    its hash (the semantic part looks words up by it)."""
     points = np.frombuffer(prepared.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     size = points.size
     positions: list[npt.NDArray[np.int64]] = []
@@ -134,6 +168,7 @@ def hashed(prepared: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
     edges = np.diff(np.concatenate(([0], word.astype(np.int8), [0])))
     starts = np.flatnonzero(edges == 1)
     ends = np.flatnonzero(edges == -1)
+    words = np.zeros(0, dtype=np.uint64)
     if starts.size:
         with np.errstate(over="ignore"):
             prefix = np.zeros(size + 1, dtype=np.uint64)
@@ -148,8 +183,8 @@ def hashed(prepared: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
             buckets.append(_mix(grams[n]))
     if not positions:
         empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    return np.concatenate(positions), np.concatenate(buckets)
+        return empty, empty, starts, words
+    return np.concatenate(positions), np.concatenate(buckets), starts, words
 
 
 def features(text: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
@@ -162,6 +197,56 @@ def features(text: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]
 
 
 @dataclass(frozen=True)
+class Semantic:
+    """The semantic part: one row per vocabulary word, already through the
+    ReLU layer's linear first half, so a window costs a mean of rows."""
+
+    keys: npt.NDArray[np.uint64]
+    """Sorted :func:`word_hash` of every word that has a vector."""
+    table: npt.NDArray[np.float32]
+    """(words, hidden): each word's distilled vector times the first layer."""
+    hidden_bias: npt.NDArray[np.float32]
+    output: npt.NDArray[np.float32]
+
+    def found(
+        self, starts: npt.NDArray[np.int64], words: npt.NDArray[np.uint64], length: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Cumulative count and cumulative sum of the rows of the words that
+        have a vector, per :data:`BLOCK` characters of a prepared text of
+        ``length`` (summing per block first keeps a megabyte's work small)."""
+        blocks = -(-length // BLOCK)
+        counts = np.zeros(blocks + 1, dtype=np.int64)
+        sums = np.zeros((blocks + 1, self.output.size), dtype=np.float32)
+        if not words.size or not self.keys.size:
+            return counts, sums
+        index = np.minimum(np.searchsorted(self.keys, words), self.keys.size - 1)
+        hit = self.keys[index] == words
+        block = starts[hit] // BLOCK  # ascending, as word starts are
+        if not block.size:
+            return counts, sums
+        counts[1:] = np.cumsum(np.bincount(block, minlength=blocks))
+        first = np.flatnonzero(np.diff(block, prepend=-1))  # each used block's first word
+        sums[block[first] + 1] = np.add.reduceat(self.table[index[hit]], first, axis=0)
+        np.cumsum(sums, axis=0, out=sums)
+        return counts, sums
+
+    def window_logits(
+        self,
+        found: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]],
+        starts: npt.NDArray[np.int64],
+        ends: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.float64]:
+        """The layer's output for each window [start, end) of the prepared text
+        (edges on :data:`BLOCK` boundaries, or the text's end)."""
+        counts, sums = found
+        first, last = starts // BLOCK, -(-ends // BLOCK)
+        mean = (sums[last] - sums[first]) / np.maximum(counts[last] - counts[first], 1)[:, None]
+        hidden = np.maximum(mean + self.hidden_bias, 0.0)
+        logits: npt.NDArray[np.float64] = (hidden @ self.output).astype(np.float64)
+        return logits
+
+
+@dataclass(frozen=True)
 class Model:
     weights: npt.NDArray[np.float32]
     bias: float
@@ -170,14 +255,17 @@ class Model:
     weak_threshold: float
     """Probability at or over which the classifier adds weight to the rules."""
     meta: dict[str, Any]
+    semantic: Semantic | None = None
+    """The semantic part; absent, the model is n-grams alone."""
 
     def logit(self, text: str) -> float:
         """The highest window logit of ``text``, over every window of every scale."""
         prepared = prepare(text)
         if prepared.strip() == "":
             return self.bias
-        positions, buckets = hashed(prepared)
+        positions, buckets, word_starts, words = scan(prepared)
         n = len(prepared)
+        found = self.semantic.found(word_starts, words, n) if self.semantic else None
         contrib = np.bincount(positions, weights=self.weights[buckets], minlength=n)
         counts = np.bincount(positions, minlength=n)
         c_sum = np.concatenate(([0.0], np.cumsum(contrib, dtype=np.float64)))
@@ -191,7 +279,10 @@ class Model:
                 ends = np.minimum(starts + size, n)
             sums = c_sum[ends] - c_sum[starts]
             cnts = np.maximum(c_cnt[ends] - c_cnt[starts], 1)
-            best = max(best, float((sums / np.sqrt(cnts)).max()))
+            window = sums / np.sqrt(cnts)
+            if self.semantic is not None and found is not None:
+                window = window + self.semantic.window_logits(found, starts, ends)
+            best = max(best, float(window.max()))
         return self.bias + best
 
     def probability(self, text: str) -> float:
@@ -199,8 +290,34 @@ class Model:
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
 
-def weights_digest(weights: npt.NDArray[np.float32], bias: float) -> str:
-    return hashlib.sha256(weights.astype("<f4").tobytes() + repr(float(bias)).encode()).hexdigest()
+_SEMANTIC_ARRAYS = {
+    "semantic_keys": "<u8",
+    "semantic_table": "<f2",  # stored in half precision, used in single
+    "semantic_hidden_bias": "<f4",
+    "semantic_output": "<f4",
+}
+
+
+def _semantic_arrays(semantic: Semantic) -> dict[str, npt.NDArray[Any]]:
+    return {
+        "semantic_keys": semantic.keys,
+        "semantic_table": semantic.table,
+        "semantic_hidden_bias": semantic.hidden_bias,
+        "semantic_output": semantic.output,
+    }
+
+
+def weights_digest(
+    weights: npt.NDArray[np.float32],
+    bias: float,
+    semantic: dict[str, npt.NDArray[Any]] | None = None,
+) -> str:
+    """SHA-256 over every stored array (as stored) and the bias."""
+    digest = hashlib.sha256(weights.astype("<f4").tobytes() + repr(float(bias)).encode())
+    for name, dtype in _SEMANTIC_ARRAYS.items():
+        if semantic is not None:
+            digest.update(np.ascontiguousarray(semantic[name], dtype=dtype).tobytes())
+    return digest.hexdigest()
 
 
 def save(
@@ -210,10 +327,19 @@ def save(
     threshold: float,
     weak_threshold: float,
     meta: dict[str, Any],
+    semantic: Semantic | None = None,
 ) -> str:
     """Write a model file; returns the weights' digest (recorded inside it)."""
     weights = weights.astype("<f4")
-    digest = weights_digest(weights, bias)
+    stored = (
+        {
+            name: np.ascontiguousarray(array, dtype=_SEMANTIC_ARRAYS[name])
+            for name, array in _semantic_arrays(semantic).items()
+        }
+        if semantic is not None
+        else {}
+    )
+    digest = weights_digest(weights, bias, stored or None)
     header = {
         "format": FORMAT,
         "dimensions": DIMENSIONS,
@@ -223,13 +349,17 @@ def save(
         "threshold": float(threshold),
         "weak_threshold": float(weak_threshold),
         "sha256": digest,
+        "semantic": semantic is not None,
         **meta,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as out:
-        np.savez_compressed(
-            out, weights=weights, header=np.array(json.dumps(header, sort_keys=True))
-        )
+        arrays: dict[str, Any] = {
+            "weights": weights,
+            "header": np.array(json.dumps(header, sort_keys=True)),
+            **stored,
+        }
+        np.savez_compressed(out, **arrays)
     return digest
 
 
@@ -239,6 +369,11 @@ def load(path: Path) -> Model:
         with np.load(path, allow_pickle=False) as data:
             weights = np.asarray(data["weights"], dtype="<f4")
             header = json.loads(str(data["header"]))
+            stored = (
+                {name: np.asarray(data[name], dtype=t) for name, t in _SEMANTIC_ARRAYS.items()}
+                if header.get("semantic")
+                else None
+            )
     except FileNotFoundError:
         raise ClassifierUnavailable(f"no classifier weights at {path.name}") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
@@ -252,17 +387,41 @@ def load(path: Path) -> Model:
         or header.get("word_ngrams") != list(WORD_NGRAMS)
         or weights.shape != (DIMENSIONS,)
         or not np.isfinite(weights).all()
+        or (stored is not None and not _semantic_shapes_fit(stored))
     ):
         raise ClassifierUnavailable(f"the classifier weights in {path.name} have the wrong format")
     bias = float(header["bias"])
-    if weights_digest(weights, bias) != header.get("sha256"):
+    if weights_digest(weights, bias, stored) != header.get("sha256"):
         raise ClassifierUnavailable(f"the classifier weights in {path.name} fail their checksum")
+    semantic = (
+        Semantic(
+            keys=stored["semantic_keys"].astype(np.uint64),
+            table=stored["semantic_table"].astype(np.float32),
+            hidden_bias=stored["semantic_hidden_bias"].astype(np.float32),
+            output=stored["semantic_output"].astype(np.float32),
+        )
+        if stored is not None
+        else None
+    )
     return Model(
         weights,
         bias,
         float(header["threshold"]),
         float(header["weak_threshold"]),
         {k: v for k, v in header.items() if k not in ("bias",)},
+        semantic,
+    )
+
+
+def _semantic_shapes_fit(stored: dict[str, npt.NDArray[Any]]) -> bool:
+    keys, table = stored["semantic_keys"], stored["semantic_table"]
+    hidden = stored["semantic_output"].shape
+    return (
+        keys.ndim == 1
+        and table.shape == (keys.size, *hidden)
+        and stored["semantic_hidden_bias"].shape == hidden
+        and bool(np.all(keys[1:] > keys[:-1]))
+        and all(bool(np.isfinite(a).all()) for name, a in stored.items() if name != "semantic_keys")
     )
 
 
