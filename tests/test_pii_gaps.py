@@ -34,6 +34,45 @@ def test_a_short_number_after_a_telephone_label_is_a_phone(text: str, number: st
 
 
 @pytest.mark.parametrize(
+    "label",
+    # Round 8: the labels of the held-apart gap tickets the rule used to miss
+    # (Tlf., Ph:, Rufnummer:), and more of the list written for the training
+    # locales' languages.
+    [
+        "Tlf.",
+        "Ph:",
+        "Rufnummer:",
+        "Handynummer:",
+        "Tel. kom.",
+        "Telemóvel:",
+        "Sími",
+        "Телефон:",
+        "Τηλ.",
+        "Telp.",
+        "Nambari ya simu:",
+        "Numéro de téléphone :",
+        "phone no.",
+        "WhatsApp:",
+    ],
+)
+def test_a_local_number_after_a_label_of_any_training_language_is_a_phone(label: str) -> None:
+    assert _found(f"{label} 555 12 34, thanks") == [("phone", "555 12 34")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "CEP: 01310100",  # a Brazilian postcode, not "cep" (Turkish: mobile)
+        "Photo 5551234 attached",  # "Ph" only as a whole word
+        "the Telefonica case 5551234",  # a label only as a whole word
+        "Filiph 5551234",
+    ],
+)
+def test_words_that_only_contain_a_label_are_no_label(text: str) -> None:
+    assert [kind for kind, _ in _found(text)] == []
+
+
+@pytest.mark.parametrize(
     "text",
     [
         "Order 5551234 shipped",  # no label: an order id

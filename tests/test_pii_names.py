@@ -105,6 +105,22 @@ def test_a_person_beside_an_organisation_or_a_job_is_still_found(text: str, name
     assert _covered(text, "person", name), (text, RECOGNIZER.find(text))
 
 
+# Round 8: towns and countries the training never saw (Slovak, Slovenian and
+# Czech spellings), after the cues of forms and sentences: a place, not a person.
+PLACES_AFTER_A_CUE = [
+    ("Nationality: Kazachstán", "Kazachstán"),
+    ("Country of residence: Moldavsko", "Moldavsko"),
+    ("Place of birth: Banská Bystrica", "Banská Bystrica"),
+    ("We are based in Ljubljana since 2019.", "Ljubljana"),
+]
+
+
+@pytest.mark.parametrize(("text", "place"), PLACES_AFTER_A_CUE)
+def test_an_unknown_town_or_country_after_a_place_cue_is_a_place(text: str, place: str) -> None:
+    found = [(e.kind, e.value) for e in RECOGNIZER.find(text)]
+    assert found == [("place", place)], found
+
+
 def test_paris_hilton_is_not_a_place() -> None:
     text = "Paris Hilton was mentioned in the newsletter again."
     kinds = {e.kind for e in RECOGNIZER.find(text) if e.start == 0}
@@ -155,6 +171,7 @@ def test_bad_input_takes_bounded_time_and_never_crashes() -> None:
             "\u202eFrank Ocean\u202c \u05d3\u05d5\u05d3 \u200f\u0634\u0627\u0631\u0639 7 " * 9000
         )[:size],
         "dates everywhere": ("born 01/02/1990 " * 20000)[:size],
+        "phone labels": ("Tel. kom. 555 12 34, Rufnummer: 1234 5678; " * 7000)[:size],
     }
     seconds = {name: _seconds(text) for name, text in worst.items()}
     # Linear work: no input is more than a few times as slow as prose of its size

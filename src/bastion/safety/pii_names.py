@@ -72,6 +72,9 @@ TOKEN_RE = re.compile(
 _JOIN = " ,./-()"
 # The kinds of chunk that continue an address (numbers always do).
 _JOINS_ADDRESS: frozenset[str] = frozenset((ADDRESS, PLACE))
+# A chunk of no kind whose every token's log-probability of "not personal data"
+# exceeds that of "address" by less than this joins an address it touches.
+NEAR_ADDRESS = 2.0
 
 
 def _joins(text: str, end: int, start: int) -> bool:
@@ -377,7 +380,9 @@ def _shapes(toks: Sequence[Token], i: int, shapes: Sequence[str], base: int = 0)
         else:
             out.append(f"w{offset}=<edge>")
     if tok.newline_before:
-        out.append("nl")
+        # A line's first word, and what ended the line before: after a postcode
+        # or a town it is the next line of a postal block (a town, a country).
+        out += ["nl", "nl|sh-1=" + (shapes[i - 1 - base] if i else "<edge>")]
     if i + 1 < len(toks) and toks[i + 1].newline_before:
         out.append("nl+1")
     return out
@@ -527,6 +532,7 @@ class NameModel:
         get = self.vocabulary.get
         pairs = []
         paired: dict[tuple[str, str], int] = {}
+        lined: dict[str, int] = {}
         for i in indexes:
             key = (toks[i - 1].text.lower() if i else "<edge>", shape_text[i])
             pair_row = paired.get(key)
@@ -536,6 +542,19 @@ class NameModel:
                 if pair is not None:
                     table.append(self.weights[pair])
             pairs.append(pair_row)
+        # A line's first word and the shape of the token before it.
+        line_pairs = []
+        for i in indexes:
+            line_row = 0
+            if newline[i]:
+                form = shape_text[i - 1] if i else "<edge>"
+                line_row = lined.get(form, -1)
+                if line_row == -1:
+                    found = get("nl|sh-1=" + form)
+                    line_row = lined[form] = 0 if found is None else len(table)
+                    if found is not None:
+                        table.append(self.weights[found])
+            line_pairs.append(line_row)
         # Each candidate's terms, in the order they are summed; a neighbour past
         # the text's edge is the edge's weights (plus nothing).
         at = np.asarray(indexes, dtype=np.int64)
@@ -550,6 +569,7 @@ class NameModel:
             terms.append(np.where(inside, word_at[other] + k, edge[offset]))
             terms.append(np.where(inside, shape_at[other] + k, 0))
         terms.append(np.asarray(pairs, dtype=np.int64))
+        terms.append(np.asarray(line_pairs, dtype=np.int64))
         terms.append(np.where(breaks[at], 1, 0))
         after = np.minimum(at + 1, count - 1)
         terms.append(np.where((at + 1 < count) & breaks[after], 2, 0))
@@ -606,7 +626,8 @@ class NameModel:
         some = np.add.reduceat(alone > 0, [chunk[0] for chunk in chunks]).tolist()
         best = (sums[:, 1:].argmax(axis=1) + 1).tolist()
         alone_list = alone.tolist()
-        decided: list[tuple[str, int, int, bool]] = []  # (kind, start, end, numbers only)
+        doubt = logp[:, 0] - logp[:, CLASSES.index(ADDRESS)]
+        decided: list[tuple[str, int, int, bool]] = []  # (kind, start, end, joins an address)
         last_row = 0  # of the chunk before
         for (first, last, _start, _end), label, any_named in zip(chunks, best, some, strict=True):
             kind = CLASSES[label] if any_named else ""
@@ -617,9 +638,19 @@ class NameModel:
             chunk = indexes[first : last + 1]
             if not _may_be_named(toks, chunk):
                 kind = ""
-            elif kind == PERSON and any(toks[i].kind == "n" for i in chunk):
-                kind = ADDRESS  # no one's name has a number in it ("Novi Goljak 5c")
-            numeric = all(toks[i].kind == "n" for i in chunk)
+            elif kind in (PERSON, PLACE) and any(toks[i].kind == "n" for i in chunk):
+                # No one's name and no town's has a number in it: "Novi Goljak
+                # 5c", "Mihaljevac 9c" are streets.
+                kind = ADDRESS
+            # Numbers, and words the model is not sure are outside an address
+            # ("H.No.", a street's unknown name before its number), are taken
+            # into an address they touch: continuing an address needs less
+            # evidence than starting one.
+            numeric = all(toks[i].kind == "n" for i in chunk) or (
+                not kind
+                and _may_be_named(toks, chunk)
+                and bool((doubt[first : last + 1] < NEAR_ADDRESS).all())
+            )
             if (
                 toks[chunk[0]].kind == "n"
                 and decided

@@ -321,10 +321,58 @@ PHONE_REGION_RE = re.compile(r"[+(\d][\d+() ./-]*")
 # (a leading plain class), and only then is the label looked for, anchored at
 # the run's start (\Z at endpos); a leading \b would be tried everywhere.
 LOCAL_NUMBER_RE = re.compile(r"\d(?<![\w+#/.-]\d)(?:[ ./-]?\d){6,14}(?![\w@]|[.,/-]\d)")
+# The words people put before a telephone number, in the languages of the
+# locales the recognizers are trained and tested on (written from usage, round
+# 8 of issue 16; matched case-insensitively, whole words, an optional "." after
+# an abbreviation and an optional "number" word after the label).
+PHONE_LABELS: tuple[str, ...] = (
+    # English
+    *("phone", "telephone", "tel", "tele", "ph", "phn", "fone", "mobile", "mob", "cell"),
+    *("cellphone", "cell phone", "mobile phone", "landline", "fax", "contact number"),
+    *("whatsapp", "viber", "call me on", "call me at", "reach me on"),
+    # German
+    *("telefon", "telefonnummer", "fon", "handy", "handynummer", "mobil", "mobilnummer"),
+    *("mobiltelefon", "rufnummer", "festnetz", "telefax"),
+    # French
+    *("téléphone", "telephone", "tél", "portable", "numéro de téléphone", "gsm"),
+    # Spanish, Italian, Portuguese
+    *("teléfono", "telefono", "tfno", "tlf", "tlfn", "móvil", "movil", "celular", "cel"),
+    *("cellulare", "telefone", "telemóvel", "telemovel", "contacto"),
+    # Dutch; Scandinavian, Icelandic
+    *("telefoon", "telefoonnummer", "mobiel", "mobielnummer", "tlf", "mobiltelefon"),
+    *("telefonnummer", "sími", "simi", "farsími", "gsm"),
+    # Polish, Czech and Slovak, Baltic, Hungarian, Turkish, Albanian, Azerbaijani
+    *("telefonu", "tel kom", "kom", "komórka", "komorka", "telefonas", "mobilus"),
+    # (not "cep" alone: a Brazilian postcode is a CEP)
+    *("tālrunis", "tālr", "telefons", "mobiil", "telefonszám", "mobilszám"),
+    *("cep telefonu", "celular", "telefonit", "numri i telefonit", "telefon nömrəsi"),
+    # Indonesian, Vietnamese, Swahili, Zulu, Irish
+    *("telepon", "telp", "ponsel", "nomor telepon", "điện thoại", "đt", "sđt", "di động"),
+    *("simu", "nambari ya simu", "ucingo", "inombolo", "fón", "guthán", "fón póca"),
+    # Greek, Russian, Ukrainian, Bulgarian
+    *("τηλ", "τηλέφωνο", "κινητό", "тел", "телефон", "моб", "мобильный", "сотовый"),
+    *("мобільний", "мобилен", "номер телефона", "номер телефону"),
+)
+PHONE_NUMBER_WORDS: tuple[str, ...] = (
+    *("no", "nr", "n°", "nº", "num", "number", "numer", "número", "numero", "nummer"),
+    *("numéro", "nomor", "номер", "#"),
+)
+
+
+def _alternatives(words: tuple[str, ...]) -> str:
+    """``words`` as a regex alternation grouped by first letter (one branch tried
+    per position, not a hundred), longest first within a group (so "tel" does not
+    end "telefon" early); a space may have a "." before it ("Tel. kom.")."""
+    groups: dict[str, list[str]] = {}
+    for word in sorted({w.lower() for w in words}, key=lambda w: (-len(w), w)):
+        pattern = r"\.? ?".join(map(re.escape, word[1:].split(" ")))
+        groups.setdefault(word[0], []).append(pattern)
+    return "|".join(f"{re.escape(first)}(?:{'|'.join(rest)})" for first, rest in groups.items())
+
+
 PHONE_LABEL_BEFORE_RE = re.compile(
-    r"\b(?:phone|telephone|tel|mobile|mob|cell|fon|telefon|handy|mobil|t[ée]l[ée]phone"
-    r"|t[ée]l|portable|tel[ée]fono|m[óo]vil|celular|cellulare|telefoon|mobiel|telefone)"
-    r"\b\.?(?: ?(?:no|nr|n°|number|número|numero|nummer)\.?)? ?[:.]? ?\Z",
+    rf"(?<![^\W_])(?:{_alternatives(PHONE_LABELS)})(?![^\W_])\.?"
+    rf"(?: ?(?:{_alternatives(PHONE_NUMBER_WORDS)})\.?)? ?[:.]? ?\Z",
     re.IGNORECASE,
 )
 PHONE_LABEL_REACH = 40  # characters before a number searched for its label
