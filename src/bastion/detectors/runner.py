@@ -13,15 +13,16 @@ already processed (and the spend baseline from the trail's hourly sums), so a
 restarted runner fires on a burst that began before the crash, and the
 cooldowns from the firings table, so it does not fire twice on one.
 
-Wake-ups: ``NOTIFY bastion_audit`` (sent by a trigger on each commit that
-adds events) through :class:`bastion.db.notify.Listener`, and a poll every
-``poll_seconds`` in case an announcement was lost. A malformed event is
-counted (``detector_cursors.malformed``), logged and skipped.
+The runner polls every ``poll_seconds`` while nothing is waiting, and steps
+again at once while batches keep coming. It is not woken by NOTIFY: a notifying
+commit takes a database-wide lock through its WAL flush, so announcing audit
+events would serialise every tenant's audited writes (migration 0037). A
+malformed event is counted (``detector_cursors.malformed``), logged and
+skipped.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,6 @@ from uuid import UUID
 
 import anyio
 
-from bastion.db.notify import Listener
 from bastion.db.pool import Database
 from bastion.detectors.alerts import WebhookAlerts
 from bastion.detectors.errors import FiringNamesYou, FiringNotFound
@@ -39,7 +39,6 @@ from bastion.detectors.store import DetectorStore, StaleCursor
 from bastion.logs import get_logger
 
 _log = get_logger("bastion.detectors")
-CHANNEL = "bastion_audit"
 
 
 class DetectorRunner:
@@ -56,7 +55,7 @@ class DetectorRunner:
         per_tenant: int = 500,
         tenants: int = 100,
         cooldown_seconds: int = 3600,
-        poll_seconds: float = 2.0,
+        poll_seconds: float = 0.5,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.db = db
@@ -73,7 +72,6 @@ class DetectorRunner:
         self.malformed = 0  # events skipped since start (also counted per tenant in the table)
         self._last: dict[tuple[str, UUID, str], datetime] = {}  # cooldowns
         self._warm = False
-        self._wake = asyncio.Event()
 
     # -- state after a (re)start -------------------------------------------------------
 
@@ -211,34 +209,18 @@ class DetectorRunner:
 
     # -- the worker's loop ---------------------------------------------------------------
 
-    def wake(self) -> None:
-        self._wake.set()
-
     async def run_forever(self) -> None:
-        """Step on every wake-up (NOTIFY) or poll, forever; a failed step is retried."""
-        listener = Listener(
-            self.db,
-            CHANNEL,
-            on_notify=lambda _payload: self.wake(),
-            on_ready=self.wake,
-            on_lost=lambda: None,
-        )
-        listener.start()
-        try:
-            while True:
-                try:
-                    if await self.step():
-                        continue  # more may be waiting
-                except StaleCursor:
-                    _log.warning("detector_cursor_moved")  # another runner: rebuild and go on
-                    continue
-                except Exception as error:
-                    _log.error("detector_step_failed", error=type(error).__name__)
-                with anyio.move_on_after(self.poll_seconds):
-                    await self._wake.wait()
-                self._wake.clear()
-        finally:
-            await listener.aclose()
+        """Step while there is work, else wait ``poll_seconds``; a failed step is retried."""
+        while True:
+            try:
+                if await self.step():
+                    continue  # more may be waiting
+            except StaleCursor:
+                _log.warning("detector_cursor_moved")  # another runner: rebuild and go on
+                continue
+            except Exception as error:
+                _log.error("detector_step_failed", error=type(error).__name__)
+            await anyio.sleep(self.poll_seconds)
 
 
 class DetectorService:
