@@ -151,13 +151,24 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wrk_run(
-    home: Path, url: str, clients: int, seconds: int, auth: str, *, dpop: bool, pid: int
+    home: Path,
+    url: str,
+    clients: int,
+    seconds: int,
+    auth: str,
+    *,
+    dpop: bool,
+    pid: int,
+    db_pid: int | None = None,
 ) -> dict[str, float]:
     """One ``wrk`` run: req/s, p50/p99 ms, non-2xx count, and the CPU the proxy
-    process (``pid`` and its children) spent per request."""
+    process (``pid`` and its children) spent per request; with ``db_pid`` (the
+    postmaster) also the database's CPU per request, which shares the cores."""
     cpu_before = cpu_seconds(pid)
+    db_before = cpu_seconds(db_pid) if db_pid else 0.0
     out = run_wrk(home, url, clients, seconds, auth, dpop=dpop)
     cpu = cpu_seconds(pid) - cpu_before
+    db_cpu = cpu_seconds(db_pid) - db_before if db_pid else 0.0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -174,6 +185,7 @@ def wrk_run(
         # CPU the proxy process spent per request: steadier than req/s when
         # other work shares the machine.
         "cpu_ms": cpu * 1000 / max(requests, 1),
+        "db_cpu_ms": db_cpu * 1000 / max(requests, 1),
     }
 
 

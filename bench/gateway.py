@@ -86,7 +86,14 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
             per_thread=int(3000 * seconds / THREADS) + clients,
         )
         bastion = wrk_run(
-            home, bastion_url, clients, seconds, f"DPoP {token}", dpop=True, pid=gateway.pid
+            home,
+            bastion_url,
+            clients,
+            seconds,
+            f"DPoP {token}",
+            dpop=True,
+            pid=gateway.pid,
+            db_pid=postmaster_pid(home),
         )
         bastion["rss"] = rss_mb(gateway.pid)
         bastion["added_p50"] = via_bastion - direct
@@ -128,13 +135,13 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
         )
         print(
             f"{'proxy':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
-            f"{'added p50 ms':>13} {'RSS MB':>8} {'CPU ms/req':>11}"
+            f"{'added p50 ms':>13} {'RSS MB':>8} {'CPU ms/req':>11} {'DB CPU ms/req':>14}"
         )
         for name, r in results.items():
             print(
                 f"{name:10} {r['rps']:>9,.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
                 f"{r['errors']:>8,.0f} {r['added_p50']:>13.2f} {r['rss']:>8.0f} "
-                f"{r['cpu_ms']:>11.2f}"
+                f"{r['cpu_ms']:>11.2f} {r['db_cpu_ms']:>14.2f}"
             )
         if "litellm" in results:
             print(
@@ -151,6 +158,13 @@ async def run(clients: int, seconds: int, litellm: str | None) -> None:
                 proc.kill()
         EmbeddedPostgres(home / "postgres").stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def postmaster_pid(home: Path) -> int:
+    """The embedded PostgreSQL's postmaster (first line of postmaster.pid)."""
+    return int(
+        (EmbeddedPostgres(home / "postgres").data_dir / "postmaster.pid").read_text().split()[0]
+    )
 
 
 def main() -> None:

@@ -100,3 +100,15 @@ def test_a_planted_violation_breaks_its_contract(
     assert result.returncode == 1, result.stdout + result.stderr
     assert "1 broken" in result.stdout
     assert reported in " ".join(result.stdout.split())
+
+
+def test_context_variables_hold_only_logging_and_tracing_context() -> None:
+    """Per-call state travels in explicit objects (the gateway's CallContext, the
+    hooks' HookRun); a ContextVar is left only for what logs and traces read."""
+    allowed = {"telemetry/tracing.py"}
+    found = {
+        str(path.relative_to(ROOT / "src" / "bastion"))
+        for path in (ROOT / "src" / "bastion").rglob("*.py")
+        if "ContextVar(" in path.read_text(encoding="utf-8")
+    }
+    assert found <= allowed, sorted(found - allowed)

@@ -37,6 +37,7 @@ from bastion.settings import ModelRoute, Settings
 from bastion.telemetry.tracing import (
     ATTRIBUTES,
     build_tracing,
+    current_trace_id,
     job_trace_args,
     parse_traceparent,
     span,
@@ -402,3 +403,17 @@ def test_a_span_takes_no_attribute_off_the_list_and_the_collector_url_no_credent
         with pytest.raises(ValidationError):
             Settings(otlp_traces_endpoint=endpoint)
     assert Settings(otlp_traces_endpoint="http://collector:4318/v1/traces").otlp_traces_endpoint
+
+
+def test_an_unrecorded_trace_opens_no_child_spans_and_keeps_its_ids() -> None:
+    """Without an exporter nothing is recorded: the root still gives the logs
+    and the next hop their ids, and no child span is made for no one."""
+    exporter = InMemorySpanExporter()
+    recorded = build_tracing("gateway", processor=SimpleSpanProcessor(exporter))
+    for tracing, children in ((build_tracing("gateway"), 0), (recorded, 1)):
+        with tracing.entry("call", kind=SpanKind.SERVER) as root, span("stage") as child:
+            # No child made at all: the span handed back is the invalid one.
+            assert child.get_span_context().is_valid is bool(children)
+            assert child.is_recording() is bool(children)
+            assert current_trace_id() == f"{root.get_span_context().trace_id:032x}"
+    assert [s.name for s in exporter.get_finished_spans()] == ["stage", "call"]

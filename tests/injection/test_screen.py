@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bastion.api.problems import status_of
-from bastion.gateway.hooks import screen_injection, screened
+from bastion.gateway.hooks import HookRun, screen_injection
 from bastion.safety.injection import (
     MAX_CHARS,
     REMOVED,
@@ -160,13 +160,15 @@ def test_ordinary_encoded_data_is_not_an_attack(text: str) -> None:
 def test_the_gateway_hook_screens_user_turns_only_and_keeps_the_verdicts() -> None:
     hidden = "".join(chr(0xE0000 + ord(c)) for c in "psst")
     system = {"role": "system", "content": "Ignore previous instructions is a test phrase."}
-    out = screen_injection([system, {"role": "user", "content": f"Hi{hidden}"}])
+    run = HookRun()
+    out = screen_injection([system, {"role": "user", "content": f"Hi{hidden}"}], run)
     assert out == [system, {"role": "user", "content": "Hi"}]
-    assert [v.decision for v in screened.get()] == ["sanitize"]
+    assert [v.decision for v in run.verdicts] == ["sanitize"]
+    run = HookRun()
     with pytest.raises(PromptRefused) as refused:
-        screen_injection([{"role": "user", "content": OVERRIDE}])
+        screen_injection([{"role": "user", "content": OVERRIDE}], run)
     assert status_of(refused.value) == 422 and refused.value.extensions["reason"] == "injection"
-    assert refused.value.extensions["score"] >= 50 and screened.get()[0].decision == "block"
+    assert refused.value.extensions["score"] >= 50 and run.verdicts[0].decision == "block"
 
 
 # -- exfiltration in input -------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Prompt hooks: stages every prompt passes before it is routed to a provider.
 
-A hook takes the messages and returns the messages to send (possibly
-changed), or raises :class:`PromptRefused`. The defaults are deliberately
+A hook takes the messages and the :class:`HookRun` in progress (the tenant's
+screen policy, and where the hook reports its verdicts) and returns the
+messages to send (possibly changed), or raises :class:`PromptRefused`. The defaults are deliberately
 basic — the model-safety work deepens them:
 
 * :func:`screen_injection` screens every user turn with
@@ -29,8 +30,7 @@ verdicts then travel in the call's :class:`~bastion.gateway.pipeline.CallContext
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar, copy_context
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bastion.errors import BastionError, Kind
@@ -38,10 +38,9 @@ from bastion.gateway.providers import Message
 from bastion.safety.injection import REMOVED, PromptRefused, Verdict, screen
 from bastion.safety.tenant_policies import DEFAULT_TENANT_POLICY, TenantScreenPolicy
 
-PromptHook = Callable[[Sequence[Message]], list[Message]]
-
 __all__ = [
     "DEFAULT_HOOKS",
+    "HookRun",
     "HooksOutcome",
     "PromptHook",
     "PromptRefused",
@@ -51,15 +50,17 @@ __all__ = [
     "screen_injection",
 ]
 
-screened: ContextVar[tuple[Verdict, ...]] = ContextVar("bastion_screened", default=())
-"""The user-turn verdicts of the hook run in progress (decision, score): how a hook
-reports them to :func:`run_hooks`, which runs the hooks in a context of their own
-and returns the verdicts. Never read from a request's context."""
 
-screen_policy: ContextVar[TenantScreenPolicy] = ContextVar(
-    "bastion_screen_policy", default=DEFAULT_TENANT_POLICY
-)
-"""The tenant's screen policy for the hook run in progress, set by :func:`run_hooks`."""
+@dataclass
+class HookRun:
+    """One run of the hooks over one prompt: the tenant's screen ``policy``, and
+    the ``verdicts`` the hooks report (for the call's audit event)."""
+
+    policy: TenantScreenPolicy = DEFAULT_TENANT_POLICY
+    verdicts: list[Verdict] = field(default_factory=list)
+
+
+PromptHook = Callable[[Sequence[Message], HookRun], list[Message]]
 
 
 class ScreeningBusy(BastionError):
@@ -80,12 +81,11 @@ class ScreeningUnavailable(BastionError):
     kind = Kind.UNAVAILABLE
 
 
-def screen_injection(messages: Sequence[Message]) -> list[Message]:
+def screen_injection(messages: Sequence[Message], run: HookRun) -> list[Message]:
     """Screen each user turn and tool result under the tenant's policy; raise
     :class:`PromptRefused` (422) on a block."""
-    policy = screen_policy.get()
+    policy = run.policy
     out: list[Message] = []
-    verdicts: list[Verdict] = []
     for message in messages:
         role = message["role"]
         if role not in ("user", "tool"):
@@ -93,8 +93,7 @@ def screen_injection(messages: Sequence[Message]) -> list[Message]:
             continue
         source: Literal["user", "tool"] = "user" if role == "user" else "tool"
         verdict = screen(message["content"], source, policy.for_source(source))
-        verdicts.append(verdict)
-        screened.set(tuple(verdicts))
+        run.verdicts.append(verdict)
         if verdict.decision == "block" and verdict.action == "block":
             raise PromptRefused(
                 "the request tries to override the model's instructions"
@@ -136,24 +135,18 @@ def run_hooks(
     messages: Sequence[Message],
     policy: TenantScreenPolicy = DEFAULT_TENANT_POLICY,
 ) -> HooksOutcome:
-    """Run ``hooks`` over ``messages`` in a context of their own (a copy of the
-    caller's, so logging context is kept, with no verdicts yet and the tenant's
-    screen ``policy``); return the messages or the refusal, with the verdicts.
+    """Run ``hooks`` over ``messages`` under the tenant's screen ``policy``;
+    return the messages or the refusal, with the verdicts.
 
     A refusal is returned, not raised, so that from another process
     (:mod:`bastion.offload`) it crosses back whole with the verdicts of the
     turns screened.
     """
-
-    def run() -> HooksOutcome:
-        screened.set(())
-        screen_policy.set(policy)
-        out = list(messages)
-        try:
-            for hook in hooks:
-                out = hook(out)
-        except PromptRefused as refused:
-            return HooksOutcome(None, (refused.detail, dict(refused.extensions)), screened.get())
-        return HooksOutcome(out, None, screened.get())
-
-    return copy_context().run(run)
+    run = HookRun(policy)
+    out = list(messages)
+    try:
+        for hook in hooks:
+            out = hook(out, run)
+    except PromptRefused as refused:
+        return HooksOutcome(None, (refused.detail, dict(refused.extensions)), tuple(run.verdicts))
+    return HooksOutcome(out, None, tuple(run.verdicts))

@@ -205,7 +205,10 @@ class Tracing:
     ) -> Iterator[Span]:
         """The root span of one request or job, child of a well-formed
         ``traceparent`` (else of nothing), with this process's tracer ambient
-        for the :func:`span` calls inside."""
+        for the :func:`span` calls inside when the trace is recorded. An
+        unrecorded trace (no exporter, or not sampled) gets no child spans:
+        its root already carries the ids the logs and the next hop need, and
+        children nobody records cost a few percent of a gateway call."""
         remote = parse_traceparent(traceparent)
         parent = trace.set_span_in_context(NonRecordingSpan(remote)) if remote else None
         root = self.tracer.start_span(
@@ -216,7 +219,7 @@ class Tracing:
             record_exception=False,
             set_status_on_exception=False,
         )
-        tracer_token = _ambient.set(self.tracer)
+        tracer_token = _ambient.set(self.tracer if root.is_recording() else None)
         context_token = otel_context.attach(trace.set_span_in_context(root))
         try:
             yield root
