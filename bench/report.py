@@ -27,6 +27,11 @@ CATALOGUE: list[tuple[str, str, str]] = [
     ("auth_get", "auth_get.py", "Authenticated tenant-scoped GET over HTTP (wrk)"),
     ("embed", "embed.py", "Embedders alone: MiniLM on numpy and the hashing embedder"),
     ("ingest", "ingest.py", "Ingestion end to end and text search through the service"),
+    (
+        "ingest_pii",
+        "ingest.py",
+        "Ingestion with the name tagger against the pattern kinds only (--pii paired)",
+    ),
     ("vector_search", "vector_search.py", "Vector search, one partition and HNSW index per tenant"),
     ("gateway", "gateway.py", "The model gateway against a mock upstream (and LiteLLM if present)"),
     ("webhooks", "webhooks.py", "Webhook intake: verify, seal, store, acknowledge"),

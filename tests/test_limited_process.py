@@ -5,7 +5,10 @@ cancelled (issue 23, A2: extraction of uploads in a separate, killable process).
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
+from importlib.metadata import entry_points
 
 import pytest
 
@@ -64,3 +67,19 @@ async def test_a_cancelled_caller_leaves_no_child_behind() -> None:
     with pytest.raises(asyncio.CancelledError):
         await run
     assert forked_by_forkserver() == []
+
+
+def test_the_bastion_command_imports_no_more_than_its_entry_module() -> None:
+    """Every extraction child imports the program's main module again (Python
+    3.11's multiprocessing, for a program run by path), before its limits
+    apply. The ``bastion`` console script's entry module must therefore not
+    pull in the CLI: that was two seconds of CPU per uploaded document."""
+    (entry,) = entry_points(group="console_scripts", name="bastion")
+    module = entry.value.split(":")[0]
+    probe = (
+        f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('bastion')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "['bastion', 'bastion.__main__']", loaded

@@ -13,6 +13,11 @@ Children are forked by a ``forkserver`` (a single-threaded process started
 on first use), never from the calling process, which runs threads and an
 event loop; the function's module is preloaded there, so a child starts in
 milliseconds. The function and its arguments must pickle.
+
+Each child imports the program's main module again when the program was run
+by path (multiprocessing's preparation, Python 3.11), before any limit
+applies: the ``bastion`` console script therefore imports only the small
+``bastion.__main__``; the CLI behind it is imported when a command runs.
 """
 
 from __future__ import annotations
