@@ -53,6 +53,7 @@ from starlette.types import Receive, Scope, Send
 from _gateway_bench import bench_tenant, chat_body, cpu_seconds, gateway_env, wait_ready
 from _record import record, row
 from bastion.api.mtls import WorkloadGate
+from bastion.compose import _mtls_client
 from bastion.db.launcher import EmbeddedPostgres
 from bastion.identity.workload import PeerVerifier, WorkloadCA, WorkloadTls, spiffe_id
 from bastion.safety.signing import HEADER as ENVELOPE
@@ -211,9 +212,9 @@ async def _real_path(requests: int, clients: int) -> dict[str, float]:
                 break
             except OSError:
                 await asyncio.sleep(0.1)
-        # The api's client, as compose builds it (bastion.compose._mtls_client).
+        # The api's client, built by compose (its SVID, pinned to the gateway's
+        # ID, each request in one write: bastion.identity.workload_transport).
         api = WorkloadTls(ca, "api")
-        pinned = api.client_context(expect=[spiffe_id(TD, "gateway")])
         limits = httpx.Limits(max_connections=clients)
         timeout = httpx.Timeout(60.0, connect=5.0)
         mtls_url = f"https://127.0.0.1:{internal_port}/v1/chat/completions"
@@ -223,7 +224,7 @@ async def _real_path(requests: int, clients: int) -> dict[str, float]:
         rounds: dict[str, list[tuple[float, float]]] = {"plain": [], "mtls": []}
         seq: dict[str, list[float]] = {"plain": [], "mtls": []}
         async with (
-            httpx.AsyncClient(verify=pinned, limits=limits, timeout=timeout) as mtls,
+            _mtls_client(api, "gateway") as mtls,
             httpx.AsyncClient(limits=limits, timeout=timeout) as plain,
         ):
             sides = {"plain": (plain_url, plain), "mtls": (mtls_url, mtls)}

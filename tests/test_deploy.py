@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ BASE: dict[str, Any] = {
         "cidr": "10.20.0.0/24",
         "password_key": "bastion/prod/database-password",
     },
+    "public": {
+        "api_url": "https://api.bastion.example.com",
+        "gateway_url": "https://gateway.bastion.example.com",
+    },
     "providers": [{"name": "openai", "cidr": "162.159.140.0/24"}],
 }
 
@@ -56,7 +61,11 @@ def values_set(name: str) -> dict[str, Any]:
             "password_key": "bastion/staging/app-password",
             "api_server_cidr": "10.0.0.1/32",
         }
-        v["mtls"] = {"provider": "spire", "trust_domain": "example.org"}
+        v["mtls"] = {
+            "provider": "spire",
+            "trust_domain": "example.org",
+            "spiffe_helper": {"repository": "ghcr.io/spiffe/spiffe-helper", "digest": DIGEST},
+        }
         v["isolated_tenants"] = ["acme"]
     elif name == "csi":
         v["secrets"] = {"driver": "csi", "store": "vault"}
@@ -136,7 +145,7 @@ def test_rendered_objects_validate_and_pass_check_manifests(name: str, tmp_path:
             by_name = {e["name"]: e["value"] for e in env}
             public = process in ("api", "gateway")
             assert ("BASTION_PUBLIC_TLS_CERT_FILE" in by_name) == public
-            assert ("BASTION_WORKLOAD_SVID_DIR" in by_name) == (name != "cnpg-spire")
+            assert by_name["BASTION_WORKLOAD_SVID_DIR"] == "/run/svid"  # cert-manager or SPIRE
             svid = next(v for v in pod["volumes"] if v["name"] == "svid")
             if name != "cnpg-spire":
                 assert {i["path"] for i in svid["secret"]["items"]} == {
@@ -158,6 +167,127 @@ def test_rendered_objects_validate_and_pass_check_manifests(name: str, tmp_path:
     assert steps[-1]["analysis"]["templates"] == [{"templateName": "bastion-gateway-health"}]
     analysis = next(o for o in objects if o["kind"] == "AnalysisTemplate")
     assert {m["name"] for m in analysis["spec"]["metrics"]} == {"error-ratio", "p95-latency-ms"}
+
+
+def _pods(objects: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(namespace, workload, pod spec) of every Deployment and Rollout."""
+    return [
+        (
+            o["metadata"]["namespace"],
+            o["spec"]["template"]["metadata"]["labels"]["bastion.dev/workload"],
+            o["spec"]["template"]["spec"],
+        )
+        for o in objects
+        if o["kind"] in ("Deployment", "Rollout")
+    ]
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_api_calls_the_gateway_at_its_internal_service_name(name: str) -> None:
+    """api_host is the pod's bind address (0.0.0.0): the api is pointed at the
+    gateway's Service by name, on the port that Service gives its internal
+    listener, and the settings built from the pod's env call exactly that."""
+    objects = render_set(name)
+    env_ns = f"bastion-{values_set(name)['environment']}"
+    (api,) = [pod for ns, w, pod in _pods(objects) if w == "api"]
+    env = {e["name"]: e["value"] for e in api["containers"][0]["env"]}
+    assert env["BASTION_API_HOST"] == "0.0.0.0"  # noqa: S104 - the bind address
+    assert env["BASTION_GATEWAY_INTERNAL_HOST"] == f"bastion-gateway.{env_ns}.svc"
+    service = next(
+        o
+        for o in objects
+        if o["kind"] == "Service"
+        and o["metadata"] == o["metadata"] | {"name": "bastion-gateway", "namespace": env_ns}
+    )
+    internal = next(p for p in service["spec"]["ports"] if p["name"] == "internal")
+    assert str(internal["port"]) == env["BASTION_GATEWAY_INTERNAL_PORT"]
+    settings = Settings(
+        api_host=env["BASTION_API_HOST"],
+        issuer=env["BASTION_ISSUER"],
+        gateway_public_url=env["BASTION_GATEWAY_PUBLIC_URL"],
+        gateway_internal_host=env["BASTION_GATEWAY_INTERNAL_HOST"],
+        gateway_internal_port=int(env["BASTION_GATEWAY_INTERNAL_PORT"]),
+    )
+    assert settings.gateway_internal_url == f"https://bastion-gateway.{env_ns}.svc:8703"
+    # Only the api calls the gateway; no other pod is given the setting.
+    for _ns, workload, pod in _pods(objects):
+        names = {e["name"] for e in pod["containers"][0]["env"]}
+        assert ("BASTION_GATEWAY_INTERNAL_HOST" in names) == (workload == "api")
+
+
+def test_spire_pods_run_spiffe_helper_writing_the_files_bastion_reads() -> None:
+    """With SPIRE, each pod's spiffe-helper (a native sidecar, started and
+    ready before Bastion) writes svid.pem, svid.key and bundle.pem from the
+    agent's socket into a memory volume that Bastion reads, read-only, as
+    BASTION_WORKLOAD_SVID_DIR; its configuration names the same paths. The
+    whole set validates and passes the flow table in the parametrised tests."""
+    objects = render_set("cnpg-spire")
+    maps = {
+        o["metadata"]["namespace"]: o["data"]["helper.conf"]
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "bastion-spiffe-helper"
+    }
+    pods = _pods(objects)
+    assert {ns for ns, _w, _p in pods} == set(maps)  # one config per namespace with pods
+    for namespace, _workload, pod in pods:
+        conf = dict(
+            (k.strip(), v.strip().strip('"'))
+            for k, _sep, v in (line.partition("=") for line in maps[namespace].splitlines())
+            if _sep
+        )
+        (helper,) = pod["initContainers"]
+        bastion = pod["containers"][0]
+        env = {e["name"]: e["value"] for e in bastion["env"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        helper_mounts = {m["name"]: m for m in helper["volumeMounts"]}
+        bastion_mounts = {m["name"]: m for m in bastion["volumeMounts"]}
+
+        assert helper["restartPolicy"] == "Always"  # a sidecar: keeps renewing
+        assert helper["image"] == f"ghcr.io/spiffe/spiffe-helper@{DIGEST}"
+        assert helper["args"] == [
+            "-config",
+            f"{helper_mounts['spiffe-helper']['mountPath']}/helper.conf",
+        ]
+        # Bastion starts once the files are written: the startup probe is /ready.
+        assert helper["startupProbe"]["httpGet"] == {
+            "path": conf["readiness_path"],
+            "port": int(conf["bind_port"]),
+        }
+        assert conf["daemon_mode"] == "true" and conf["listener_enabled"] == "true"
+        assert (
+            conf["svid_file_name"],
+            conf["svid_key_file_name"],
+            conf["svid_bundle_file_name"],
+        ) == (
+            "svid.pem",
+            "svid.key",
+            "bundle.pem",
+        )
+        # One directory: written by the helper, read (only) by Bastion, in memory.
+        assert volumes["svid"] == {
+            "name": "svid",
+            "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"},
+        }
+        assert (
+            conf["cert_dir"]
+            == helper_mounts["svid"]["mountPath"]
+            == env["BASTION_WORKLOAD_SVID_DIR"]
+        )
+        assert not helper_mounts["svid"].get("readOnly")
+        assert bastion_mounts["svid"]["mountPath"] == env["BASTION_WORKLOAD_SVID_DIR"]
+        assert bastion_mounts["svid"]["readOnly"] is True
+        # The agent's socket, from the SPIFFE CSI driver, for the helper alone.
+        socket = volumes["spiffe-workload-api"]
+        assert socket["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
+        assert conf["agent_address"].startswith(
+            helper_mounts["spiffe-workload-api"]["mountPath"] + "/"
+        )
+        assert "spiffe-workload-api" not in bastion_mounts
+    # SPIRE without the helper's image is refused (nothing would write the files).
+    values = values_set("cnpg-spire")
+    del values["mtls"]["spiffe_helper"]
+    with pytest.raises(ValuesError, match="spiffe_helper"):
+        parse_values(values)
 
 
 # -- the flow table ---------------------------------------------------------------
@@ -445,6 +575,40 @@ def test_check_manifests_sarif_is_valid_and_fails_the_build(tmp_path: Path) -> N
     assert "hunter2" not in out.read_text() and "sk_live_" not in out.read_text()
 
 
+@pytest.mark.parametrize("name", SETS)
+def test_pods_carry_the_public_urls_and_their_settings_resolve_them(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pod binds 0.0.0.0, so none may derive its issuer or the gateway's
+    public URL from that: each one (tenants' too) is given the values' URLs,
+    and the settings built from exactly its environment resolve to them (and
+    start: bastion.settings refuses the wildcard without them). The public
+    listeners' certificates also name their URL's host."""
+    public = values_set(name)["public"]
+    objects = render_set(name)
+    pods = _pods(objects)
+    assert {w for _ns, w, _pod in pods} == {"api", "gateway", "worker"}
+    for _ns, _workload, pod in pods:
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        assert env["BASTION_ISSUER"] == public["api_url"]
+        assert env["BASTION_GATEWAY_PUBLIC_URL"] == public["gateway_url"]
+        with monkeypatch.context() as patched:
+            for variable in [v for v in os.environ if v.startswith("BASTION_")]:
+                patched.delenv(variable)
+            for variable, value in env.items():
+                patched.setenv(variable, value)
+            settings = Settings()
+        assert settings.api_host == "0.0.0.0"  # noqa: S104 - the bind address
+        assert settings.resolved_issuer == public["api_url"]
+        assert settings.gateway_url == public["gateway_url"]
+    certificates = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Certificate"}
+    for process, host in (
+        ("api", "api.bastion.example.com"),
+        ("gateway", "gateway.bastion.example.com"),
+    ):
+        assert host in certificates[f"bastion-{process}-https"]["spec"]["dnsNames"]
+
+
 # -- bad values are refused ----------------------------------------------------------
 
 
@@ -497,6 +661,25 @@ def test_literal_secret_in_values_is_refused(tmp_path: Path, where: str, plant: 
         (lambda v: v["providers"][0].update(cidr="0.0.0.0/0"), "may not be the whole internet"),
         (lambda v: v.update(quota={"cpu": "2"}), "quota.cpu: too small for bastion-prod"),
         (lambda v: v.update(databse={}), "databse: Extra inputs are not permitted"),
+        # The public URLs: required, https, a base URL only.
+        (lambda v: v.pop("public"), "public: Field required"),
+        (lambda v: v["public"].pop("gateway_url"), "public.gateway_url: Field required"),
+        (
+            lambda v: v["public"].update(api_url="http://api.bastion.example.com"),
+            "public.api_url: Value error, an https URL with a host",
+        ),
+        (
+            lambda v: v["public"].update(gateway_url="https://ops@gateway.example.com"),
+            "public.gateway_url: Value error, no userinfo, query or fragment",
+        ),
+        (
+            lambda v: v["public"].update(api_url="https://api.example.com/?next=x"),
+            "public.api_url: Value error, no userinfo, query or fragment",
+        ),
+        (
+            lambda v: v["public"].update(api_url="https://0.0.0.0:8700"),
+            "public.api_url: Value error, a host clients can reach",
+        ),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_error(
@@ -512,7 +695,7 @@ def test_bad_values_are_refused_with_a_clear_error(
 def test_parse_values_names_every_problem() -> None:
     with pytest.raises(ValuesError) as caught:
         parse_values({"environment": "x"})
-    assert {where for where, _ in caught.value.problems} == {"image", "database"}
+    assert {where for where, _ in caught.value.problems} == {"image", "database", "public"}
 
 
 def test_render_replaces_only_its_own_output(tmp_path: Path) -> None:

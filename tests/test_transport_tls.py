@@ -322,6 +322,93 @@ def _serve_refused(home: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_a_response_leaves_in_one_write_and_a_close_loses_nothing() -> None:
+    """The internal listener's transport (bastion.serve.CoalescingTransport):
+    uvicorn's two writes of a response (status line and headers, then body)
+    reach the socket as one write — one TLS record, one send(2) — at the end
+    of the loop's turn; a close in the same turn still sends what was written."""
+    import asyncio
+
+    from bastion.serve import CoalescingTransport
+
+    class Recording(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: Any) -> None:
+            self.writes.append(bytes(data))
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+    async def scenario() -> None:
+        inner = Recording()
+        transport = CoalescingTransport(inner, asyncio.get_running_loop())
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.write(b"{}")
+        assert inner.writes == []
+        assert transport.get_write_buffer_size() == 40
+        await asyncio.sleep(0)
+        assert inner.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+        transport.write(b"last")
+        transport.close()  # Connection: close, in the same turn
+        assert inner.writes[-1] == b"last" and inner.closed
+        await asyncio.sleep(0)
+        assert len(inner.writes) == 2  # nothing written twice
+
+    asyncio.run(scenario())
+
+
+def test_a_request_leaves_in_one_write_when_the_client_reads() -> None:
+    """The api's mTLS client (bastion.identity.workload_transport): httpcore's
+    writes of a request's head and body are held until it reads the response
+    and sent as one (one TLS record); a large body streams at the cap."""
+    import asyncio
+
+    import httpcore
+
+    from bastion.identity.workload_transport import MAX_HELD_BYTES, OneWriteStream
+
+    class Recording(httpcore.AsyncNetworkStream):
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            self.writes.append(buffer)
+
+        async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            return b"HTTP/1.1 200 OK\r\n"
+
+        async def aclose(self) -> None:
+            pass
+
+    async def scenario() -> None:
+        inner = Recording()
+        stream = OneWriteStream(inner)
+        await stream.write(b"POST /v1/chat/completions HTTP/1.1\r\n\r\n")
+        await stream.write(b"{}")
+        await stream.write(b"")  # h11's end of a sized body
+        assert inner.writes == []
+        assert await stream.read(65536) == b"HTTP/1.1 200 OK\r\n"
+        assert inner.writes == [b"POST /v1/chat/completions HTTP/1.1\r\n\r\n{}"]
+        big = b"x" * MAX_HELD_BYTES
+        await stream.write(b"head")
+        await stream.write(big)  # over the cap: sent without waiting for a read
+        assert inner.writes[-1] == b"head" + big
+        await stream.read(65536)
+        assert len(inner.writes) == 2  # nothing sent twice
+
+    asyncio.run(scenario())
+
+
 def test_public_listener_without_tls_refuses_to_start(home: Path) -> None:
     """No certificate configured and a bind other than loopback (development
     mode or not): ``bastion serve`` stops before it builds or binds anything,
@@ -363,6 +450,8 @@ def test_plain_http_in_dev_mode_on_loopback_is_logged_at_start_up(
     (tmp_path / "tls.key").write_bytes(cert.key_pem())
     settings = Settings(
         api_host="0.0.0.0",  # noqa: S104 - allowed: it serves TLS
+        issuer="https://api.example.com",  # a wildcard bind names its public URLs
+        gateway_public_url="https://gateway.example.com",
         public_tls_cert_file=tmp_path / "tls.crt",
         public_tls_key_file=tmp_path / "tls.key",
     )
@@ -370,5 +459,5 @@ def test_plain_http_in_dev_mode_on_loopback_is_logged_at_start_up(
     with caplog.at_level("INFO"):
         assert isinstance(public_tls(settings, "api"), PublicTls)
     assert "public_transport_tls" in caplog.text
-    assert settings.resolved_issuer.startswith("https://")
-    assert settings.gateway_url.startswith("https://")
+    assert settings.resolved_issuer == "https://api.example.com"
+    assert settings.gateway_url == "https://gateway.example.com"

@@ -419,11 +419,14 @@ def test_renewal_is_due_at_half_life(ca: WorkloadCA) -> None:
 # -- the api's client pins the gateway's ID (G2) ----------------------------------------
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_api_refuses_a_worker_certificate_posing_as_the_gateway(
-    ca: WorkloadCA, stack: tuple[Gateway, str, str]
+    ca: WorkloadCA, stack: tuple[Gateway, str, str], host: str
 ) -> None:
     """Any Bastion workload chains to the root: the api's client must also
-    check the server's SPIFFE ID, before a byte of the envelope leaves."""
+    check the server's SPIFFE ID, before a byte of the envelope leaves. It
+    checks that ID, not the host name: in a cluster the api dials the gateway's
+    Service name, which the SVID (no DNS name) does not carry."""
     from bastion.compose import _mtls_client
     from bastion.identity.workload import WorkloadTls
 
@@ -439,7 +442,6 @@ def test_api_refuses_a_worker_certificate_posing_as_the_gateway(
 
     posing = WorkloadTls(ca, "worker")  # a real SVID of this CA, the wrong ID
     sock = bound_socket()
-    url = f"https://127.0.0.1:{sock.getsockname()[1]}"
     api = WorkloadTls(ca, "api")
 
     async def call(base: str) -> int:
@@ -455,11 +457,31 @@ def test_api_refuses_a_worker_certificate_posing_as_the_gateway(
         with pytest.raises(
             httpx.ConnectError, match=r"not spiffe://bastion\.internal/bastion/gateway"
         ):
-            asyncio.run(call(url))
+            asyncio.run(call(f"https://{host}:{sock.getsockname()[1]}"))
         assert received == []  # refused in the handshake: no request was sent
-        # The same client reaches the real gateway (past the gate: the fake
-        # envelope is what it refuses, 401).
-        assert asyncio.run(call(internal)) == 401
+        # The same client reaches the real gateway by that name (past the
+        # gate: the fake envelope is what it refuses, 401).
+        assert asyncio.run(call(internal.replace("127.0.0.1", host))) == 401
+
+
+def test_gateway_internal_url_names_a_peer_not_a_bind_address() -> None:
+    """api_host is where the api binds; 0.0.0.0 or :: is no address to call.
+    In a cluster the deploy names the gateway's Service (gateway_internal_host)."""
+    any_v4, any_v6 = "0.0.0.0", "::"  # noqa: S104 - bind addresses under test
+    # A wildcard bind needs its public URLs (test_settings_public_urls.py).
+    public = {"issuer": "https://api.example.com", "gateway_public_url": "https://gw.example.com"}
+    assert Settings().gateway_internal_url == "https://127.0.0.1:8703"
+    assert Settings(api_host=any_v4, **public).gateway_internal_url == "https://127.0.0.1:8703"
+    assert Settings(api_host=any_v6, **public).gateway_internal_url == "https://[::1]:8703"
+    assert Settings(api_host="10.1.2.3").gateway_internal_url == "https://10.1.2.3:8703"
+    service = "bastion-gateway.bastion-prod.svc"
+    named = Settings(
+        api_host=any_v4, gateway_internal_host=service, gateway_internal_port=9703, **public
+    )
+    assert named.gateway_internal_url == f"https://{service}:9703"
+    for bad in ("evil.example/path", "host name", "user@host", "-lead", ""):
+        with pytest.raises(ValueError, match="gateway_internal_host"):
+            Settings(gateway_internal_host=bad)
 
 
 def test_plain_http_between_processes_only_in_dev_mode_on_loopback() -> None:

@@ -40,7 +40,13 @@ from bastion.rotation.cli import keys_app
 from bastion.safety.sandbox.cli import sandbox_app
 from bastion.secrets.cli import secrets_app
 from bastion.secrets.errors import SecretsError
-from bastion.settings import LiteralSecretInSettings, PlainPublicHttpRefused, Settings
+from bastion.settings import (
+    LiteralSecretInSettings,
+    PlainInternalHttpRefused,
+    PlainPublicHttpRefused,
+    PublicUrlUnset,
+    Settings,
+)
 
 app = typer.Typer(
     name="bastion",
@@ -81,7 +87,8 @@ def _fail(message: str) -> NoReturn:
 def _settings() -> Settings:
     try:
         return Settings()
-    except LiteralSecretInSettings as exc:  # names the setting, never its value
+    # The settings' own refusals name the setting to change, never a value.
+    except (LiteralSecretInSettings, PlainInternalHttpRefused, PublicUrlUnset) as exc:
         _fail(str(exc))
     except ValidationError as exc:
         # Field names and reasons only: pydantic's own text repeats the input,

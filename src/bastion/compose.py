@@ -334,11 +334,30 @@ def _peer_id(tls: WorkloadTls, workload: str) -> str:
 
 def _mtls_client(tls: WorkloadTls, peer: str) -> Any:
     """An httpx client presenting ``tls``'s SVID that talks only to the
-    workload ``peer`` (any other Bastion workload fails the handshake)."""
+    workload ``peer`` (any other Bastion workload fails the handshake).
+
+    Each request leaves in one write (httpcore writes the head and the body
+    apart: over TLS, two records for both sides to seal and open; see
+    :class:`bastion.identity.workload_transport.OneWriteBackend`)."""
+    import httpcore
     import httpx
 
+    from bastion.identity.workload_transport import OneWriteBackend
+
     context = tls.client_context(expect=[_peer_id(tls, peer)])
-    return httpx.AsyncClient(verify=context, timeout=httpx.Timeout(60.0, connect=5.0))
+    transport = httpx.AsyncHTTPTransport(verify=context)
+    # httpx takes no network backend: its pool is rebuilt as httpx builds it
+    # by default (100 connections, 20 kept alive for 5 s), with the backend.
+    if not isinstance(transport._pool, httpcore.AsyncConnectionPool):  # httpx is pinned
+        raise RuntimeError("httpx's transport no longer holds an httpcore pool")
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=context,
+        max_connections=100,
+        max_keepalive_connections=20,
+        keepalive_expiry=5.0,
+        network_backend=OneWriteBackend(),
+    )
+    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(60.0, connect=5.0))
 
 
 def _receipt_keys(keystore: Keystore, overrides: Overrides) -> ReceiptKeys:

@@ -29,7 +29,7 @@ from bastion.safety import pii_names
 from bastion.safety.injection import classifier
 from bastion.secrets.backends import open_keystore
 from bastion.serve import PublicTls, public_tls, serve, serve_with_internal, tls_config
-from bastion.settings import Settings
+from bastion.settings import Settings, peer_host, url_host
 
 _log = get_logger("bastion.processes")
 # The workload name of ``bastion up`` itself when it checks readiness.
@@ -91,9 +91,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         ("BASTION_KEYSTORE_FILE", settings.keystore_file),
         ("BASTION_PG_PORT", settings.pg_port),
         ("BASTION_ISSUER", settings.issuer),
+        ("BASTION_GATEWAY_PUBLIC_URL", settings.gateway_public_url),
         ("BASTION_PUBLIC_TLS_CERT_FILE", settings.public_tls_cert_file),
         ("BASTION_PUBLIC_TLS_KEY_FILE", settings.public_tls_key_file),
         ("BASTION_WORKLOAD_SVID_DIR", settings.workload_svid_dir),
+        ("BASTION_GATEWAY_INTERNAL_HOST", settings.gateway_internal_host),
     ):
         if value is not None:
             env[name] = str(value)
@@ -240,15 +242,18 @@ def stack(
             )
             if log is not None:
                 log.close()  # the child holds its own descriptor
-        urls = {p: f"http://{settings.api_host}:{_port(settings, p)}" for p in PROCESSES}
+        # The children on this machine, at their bind's address (loopback for a
+        # wildcard bind), not at the public URLs a proxy may front.
+        host = url_host(peer_host(settings.api_host))
+        urls = {p: f"http://{host}:{_port(settings, p)}" for p in PROCESSES}
         for p in ("api", "gateway"):
-            urls[p] = f"{settings.public_scheme}://{settings.api_host}:{_port(settings, p)}"
+            urls[p] = f"{settings.public_scheme}://{host}:{_port(settings, p)}"
         _wait_ready({p: urls[p] for p in ("api", "gateway")}, children, wait, verify=verify)
         _wait_ready({"worker": urls["worker"]}, children, wait)
         if tls is not None:
             for process in PROCESSES:
                 name = f"{process}_internal"
-                urls[name] = f"https://{settings.api_host}:{internal_port(settings, process)}"
+                urls[name] = f"https://{host}:{internal_port(settings, process)}"
                 _wait_ready(
                     {name: urls[name]},
                     {name: children[process]},

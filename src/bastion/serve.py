@@ -20,7 +20,7 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from bastion.identity.workload import verified_chain
+from bastion.identity.workload import TLS_CHAIN_DER, verified_chain
 from bastion.logs import get_logger
 from bastion.settings import PlainPublicHttpRefused, Settings, is_loopback_host
 
@@ -196,10 +196,93 @@ def serve_with_internal(
         runner.run(run())
 
 
-class TlsHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, plus the ASGI TLS extension: the peer's
-    certificate and the path the handshake verified for it
-    (``scope["extensions"]["tls"]["client_cert_chain"]``, PEM, leaf first),
+class CoalescingTransport(asyncio.Transport):
+    """A transport whose writes made in one turn of the event loop go out as
+    one write. uvicorn writes a response's status line and headers, then its
+    body, separately: over TLS that is two records (RFC 8446 section 5), two
+    send(2) calls, and for the peer two records to take apart. Held for at
+    most one turn (a response that streams still flows); flushed before a close."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        if not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+
+class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol writing each response in one piece
+    (:class:`CoalescingTransport`)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescingTransport(transport, self.loop))
+
+
+class TlsHttpToolsProtocol(CoalescingHttpToolsProtocol):
+    """uvicorn's httptools protocol (one write per response), plus the ASGI TLS
+    extension: the peer's certificate and the path the handshake verified for
+    it (``scope["extensions"]["tls"]["client_cert_chain"]``, PEM, leaf first),
     read once per connection after the handshake."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -209,13 +292,13 @@ class TlsHttpToolsProtocol(HttpToolsProtocol):
         # The path the handshake verified, leaf first (the gate checks that a
         # CA still trusted is on it); the leaf alone if it is not available.
         path = verified_chain(ssl_object) if der else []
-        chain = (
-            [ssl.DER_cert_to_PEM_cert(c) for c in (path if path[:1] == [der] else [der])]
-            if der
-            else []
-        )
+        chain_der = (path if path[:1] == [der] else [der]) if der else []
         version = ssl_object.version() if ssl_object is not None else None
-        self._tls = {"client_cert_chain": chain, "tls_version": version}
+        self._tls = {
+            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(c) for c in chain_der],
+            "tls_version": version,
+            TLS_CHAIN_DER: tuple(chain_der),
+        }
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

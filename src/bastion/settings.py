@@ -197,6 +197,14 @@ class Settings(BaseSettings):
     # loopback host; logged at start-up (_internal_transport below).
     internal_mtls: bool = True
     gateway_internal_port: int = 8703
+    # Where the api reaches the gateway's internal listener: a peer's address,
+    # not a bind address (in Kubernetes, the gateway Service's DNS name; the
+    # deploy renders it). Unset: api_host, or loopback when api_host binds
+    # every interface (0.0.0.0, ::). The api's client checks the gateway's
+    # SPIFFE ID (URI SAN), never this name (X.509-SVID section 5).
+    gateway_internal_host: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.:-]{0,252}[A-Za-z0-9])?$"
+    )
     workload_trust_domain: str = "bastion.internal"
     # SPIFFE IDs that may read the internal listeners' health (a metrics scraper).
     workload_scrapers: list[str] = []
@@ -237,6 +245,8 @@ class Settings(BaseSettings):
     trace_sample_ratio: float = Field(default=1.0, ge=0, le=1)
 
     # Identity. The issuer is the api's public base URL (tokens' iss, DPoP htu).
+    # Required with a wildcard api_host (0.0.0.0, ::) outside development mode,
+    # as is gateway_public_url (_public_urls below); the deploy renders both.
     issuer: str | None = None
     access_token_minutes: int = Field(default=15, ge=1)
     refresh_token_days: int = Field(default=30, ge=1, le=365)
@@ -282,7 +292,7 @@ class Settings(BaseSettings):
     # unknown rules or parameters stop the worker at start-up.
     detectors_enabled: bool = True
     detector_rules: dict[str, dict[str, int]] = Field(default_factory=dict)
-    detector_poll_seconds: float = Field(default=2.0, gt=0, le=300)
+    detector_poll_seconds: float = Field(default=0.5, gt=0, le=300)
     # Firings are POSTed here (retried with backoff; the response never waits
     # on it) besides the log. None: the log only.
     detector_alert_webhook_url: str | None = Field(
@@ -293,6 +303,8 @@ class Settings(BaseSettings):
     # Gateway: the models it serves. JSON list in BASTION_GATEWAY_MODELS, e.g.
     # [{"name": "gpt-4o-mini", "provider": "openai_compatible",
     #   "base_url": "https://api.openai.com/v1", "api_key_ref": "local://providers/openai"}]
+    # (gateway_public_url: the gateway's public base URL, what DPoP proofs sent
+    # to it name; see issuer above.)
     gateway_public_url: str | None = None
     gateway_models: list[ModelRoute] = Field(
         default_factory=lambda: [ModelRoute(name="bastion-local", provider="local")]
@@ -473,6 +485,30 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _public_urls(self) -> Settings:
+        # A wildcard bind (0.0.0.0, ::) is no address a client can name: the
+        # issuer (tokens' iss, DPoP htu at the api) and the gateway's public
+        # URL (DPoP htu there) are then the operator's to give; development
+        # mode derives them from loopback instead.
+        if self.dev_mode or not is_wildcard_host(self.api_host):
+            return self
+        unset = [
+            name
+            for name, value in (
+                ("BASTION_ISSUER", self.issuer),
+                ("BASTION_GATEWAY_PUBLIC_URL", self.gateway_public_url),
+            )
+            if not value
+        ]
+        if unset:
+            raise PublicUrlUnset(
+                f"api_host {self.api_host} is a bind address, not a public URL: set "
+                f"{' and '.join(unset)} to the URL{'s' if len(unset) > 1 else ''} clients "
+                "use (BASTION_DEV_MODE=1 derives them from loopback)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _public_tls_pair(self) -> Settings:
         if (self.public_tls_cert_file is None) != (self.public_tls_key_file is None):
             raise ValueError("public_tls_cert_file and public_tls_key_file go together")
@@ -485,7 +521,9 @@ class Settings(BaseSettings):
 
     @property
     def resolved_issuer(self) -> str:
-        default = f"{self.public_scheme}://{self.api_host}:{self.api_port}"
+        """The api's public base URL: ``issuer``, else derived from the bind
+        (loopback for a wildcard one, in development mode: see _public_urls)."""
+        default = f"{self.public_scheme}://{url_host(peer_host(self.api_host))}:{self.api_port}"
         return (self.issuer or default).rstrip("/")
 
     @property
@@ -496,12 +534,16 @@ class Settings(BaseSettings):
     @property
     def gateway_internal_url(self) -> str:
         """The gateway's internal (mTLS) listener, which the api calls."""
-        return f"https://{self.api_host}:{self.gateway_internal_port}"
+        host = self.gateway_internal_host or peer_host(self.api_host)
+        if ":" in host:  # an IPv6 literal (RFC 3986 section 3.2.2)
+            host = f"[{host}]"
+        return f"https://{host}:{self.gateway_internal_port}"
 
     @property
     def gateway_url(self) -> str:
         """The gateway's public base URL (what DPoP proofs sent to it name)."""
-        default = f"{self.public_scheme}://{self.api_host}:{self.gateway_port}"
+        host = url_host(peer_host(self.api_host))
+        default = f"{self.public_scheme}://{host}:{self.gateway_port}"
         return (self.gateway_public_url or default).rstrip("/")
 
     @property
@@ -569,6 +611,39 @@ class PlainPublicHttpRefused(BastionError):
     slug = "plain-public-http-refused"
     title = "Plain HTTP on a public listener refused"
     kind = Kind.INVALID
+
+
+class PublicUrlUnset(BastionError):
+    """A wildcard bind outside development mode with no public URL configured."""
+
+    slug = "public-url-unset"
+    title = "Public URL not configured"
+    kind = Kind.INVALID
+
+
+def peer_host(bind_host: str) -> str:
+    """An address a process on this machine can call ``bind_host`` at: the
+    loopback of the same family for a wildcard bind (0.0.0.0, ::), else itself."""
+    try:
+        address = ipaddress.ip_address(bind_host)
+    except ValueError:
+        return bind_host
+    if address.is_unspecified:
+        return "::1" if address.version == 6 else "127.0.0.1"
+    return bind_host
+
+
+def is_wildcard_host(host: str) -> bool:
+    """Whether ``host`` binds every interface (0.0.0.0, ::): no peer's address."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL's host: an IPv6 literal in brackets (RFC 3986 section 3.2.2)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def is_loopback_host(host: str) -> bool:

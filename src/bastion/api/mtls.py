@@ -27,7 +27,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.api.problems import Problem, problem_type, send_problem
-from bastion.identity.workload import PeerRefused, PeerVerifier
+from bastion.identity.workload import TLS_CHAIN_DER, PeerRefused, PeerVerifier
 from bastion.logs import get_logger
 
 _log = get_logger("bastion.workload")
@@ -76,8 +76,12 @@ def peer_der(scope: Scope) -> bytes | None:
 def peer_chain(scope: Scope) -> list[bytes]:
     """The peer's verified path the TLS extension of ``scope`` carries, leaf first, DER."""
     tls = scope.get("extensions", {}).get("tls")
-    chain = tls.get("client_cert_chain") if isinstance(tls, Mapping) else None
-    return [ssl.PEM_cert_to_DER_cert(pem) for pem in chain or []]
+    if not isinstance(tls, Mapping):
+        return []
+    der = tls.get(TLS_CHAIN_DER)  # Bastion's listener: decoded once per connection
+    if der is not None:
+        return list(der)
+    return [ssl.PEM_cert_to_DER_cert(pem) for pem in tls.get("client_cert_chain") or []]
 
 
 class WorkloadGate:

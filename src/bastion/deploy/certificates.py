@@ -3,8 +3,15 @@ SPIFFE IDs :mod:`bastion.identity.workload` checks, and the public HTTPS certifi
 
 from __future__ import annotations
 
+import ipaddress
+from urllib.parse import urlsplit
+
 from bastion.deploy.objects import (
     CA_KEYS,
+    SPIFFE_HELPER,
+    SPIFFE_HELPER_HEALTH_PORT,
+    SVID_DIR,
+    WORKLOAD_API_SOCKET,
     WORKLOAD_LABEL,
     Obj,
     environment_namespace,
@@ -12,7 +19,7 @@ from bastion.deploy.objects import (
     object_meta,
 )
 from bastion.deploy.values import Values
-from bastion.identity.workload import SVID_LIFETIME, spiffe_id
+from bastion.identity.workload import SVID_FILES, SVID_LIFETIME, spiffe_id
 
 
 def svid_objects(name: str, namespace: str, values: Values, labels: dict[str, str]) -> list[Obj]:
@@ -70,6 +77,7 @@ def https_certificate(name: str, namespace: str, values: Values, labels: dict[st
                 service,
                 f"{service}.{namespace}.svc",
                 f"{service}.{namespace}.svc.cluster.local",
+                *_public_host(name, values),
                 *values.https.dns_names,
             ],
             "duration": f"{lifetime}h",
@@ -83,6 +91,21 @@ def https_certificate(name: str, namespace: str, values: Values, labels: dict[st
             },
         },
     }
+
+
+def _public_host(name: str, values: Values) -> list[str]:
+    """The host of the process's public URL (an ingress passing TLS through
+    reaches the pod under that name); none for the worker, for an IP address
+    (not a DNS name), or for one already listed."""
+    url = {"api": values.public.api_url, "gateway": values.public.gateway_url}.get(name)
+    host = urlsplit(url).hostname if url else None
+    if not host or host in values.https.dns_names:
+        return []
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return [host]
+    return []
 
 
 def scraper_svid(values: Values) -> Obj:
@@ -119,4 +142,35 @@ def scraper_svid(values: Values) -> Obj:
             "usages": ["digital signature", "client auth"],
             "issuerRef": {"name": CA_KEYS, "kind": "Issuer", "group": "cert-manager.io"},
         },
+    }
+
+
+def spiffe_helper_config(namespace: str, values: Values) -> Obj:
+    """spiffe-helper's configuration (HCL) for the pods of ``namespace`` (SPIRE):
+    in daemon mode it keeps the three files bastion.identity.workload.SvidFiles
+    reads current from the agent's Workload API, and answers /ready once they
+    are written (the pod's other containers start after that)."""
+    svid, key, bundle = SVID_FILES
+    helper_conf = "\n".join(
+        [
+            f'agent_address = "{WORKLOAD_API_SOCKET}"',
+            f'cert_dir = "{SVID_DIR}"',
+            f'svid_file_name = "{svid}"',
+            f'svid_key_file_name = "{key}"',
+            f'svid_bundle_file_name = "{bundle}"',
+            "daemon_mode = true",
+            "health_checks {",
+            "  listener_enabled = true",
+            f"  bind_port = {SPIFFE_HELPER_HEALTH_PORT}",
+            '  liveness_path = "/live"',
+            '  readiness_path = "/ready"',
+            "}",
+            "",
+        ]
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(SPIFFE_HELPER, namespace, values),
+        "data": {"helper.conf": helper_conf},
     }

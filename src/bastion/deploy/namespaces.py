@@ -10,6 +10,7 @@ from typing import Any
 
 from bastion.deploy.objects import (
     DB_CLUSTER,
+    SPIFFE_HELPER_LIMITS,
     WORKLOAD_LABEL,
     Obj,
     environment_namespace,
@@ -40,9 +41,20 @@ def namespace_object(name: str, values: Values, **labels: str) -> Obj:
 
 def guard_rails(namespace: str, values: Values, workloads: dict[str, Workload]) -> list[Obj]:
     """The ResourceQuota and the LimitRange; refuse values where the HPAs cannot fit."""
-    cpu = sum((quantity(w.cpu_limit) * (w.max_replicas + 1) for w in workloads.values()), Decimal())
+    # Each pod's limits: Bastion's container, and with SPIRE the spiffe-helper sidecar's.
+    spire = values.mtls.provider == "spire"
+    helper_cpu = quantity(SPIFFE_HELPER_LIMITS["cpu"]) if spire else Decimal()
+    helper_memory = quantity(SPIFFE_HELPER_LIMITS["memory"]) if spire else Decimal()
+    cpu = sum(
+        ((quantity(w.cpu_limit) + helper_cpu) * (w.max_replicas + 1) for w in workloads.values()),
+        Decimal(),
+    )
     memory = sum(
-        (quantity(w.memory_limit) * (w.max_replicas + 1) for w in workloads.values()), Decimal()
+        (
+            (quantity(w.memory_limit) + helper_memory) * (w.max_replicas + 1)
+            for w in workloads.values()
+        ),
+        Decimal(),
     )
     pods = sum(w.max_replicas + 1 for w in workloads.values())
     if namespace == environment_namespace(values) and values.database.mode == "cloudnativepg":

@@ -13,6 +13,14 @@ UID = 10001  # the image's user (Dockerfile)
 SECRETS_DIR = "/run/secrets/bastion"
 SVID_DIR = "/run/svid"
 HTTPS_DIR = "/run/https"  # the public listeners' certificate (api, gateway)
+# SPIRE: the SPIFFE CSI driver's directory with the agent's Workload API socket
+# (the SPIRE chart's convention), and spiffe-helper's configuration and limits.
+WORKLOAD_API_DIR = "/spiffe-workload-api"
+WORKLOAD_API_SOCKET = f"{WORKLOAD_API_DIR}/spire-agent.sock"
+SPIFFE_HELPER = "bastion-spiffe-helper"
+SPIFFE_HELPER_DIR = "/run/spiffe-helper"
+SPIFFE_HELPER_HEALTH_PORT = 8081
+SPIFFE_HELPER_LIMITS = {"cpu": "100m", "memory": "64Mi"}
 PUBLIC = ("api", "gateway")
 DB_CLUSTER = "bastion-db"
 # The Secrets that ExternalSecrets (or the CSI driver) fill from the store.

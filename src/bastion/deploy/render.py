@@ -33,7 +33,7 @@ from collections.abc import Iterator
 
 import yaml
 
-from bastion.deploy.certificates import scraper_svid
+from bastion.deploy.certificates import scraper_svid, spiffe_helper_config
 from bastion.deploy.namespaces import guard_rails, namespace_object, network_policies
 from bastion.deploy.objects import TENANT_LABEL, Obj, environment_namespace, tenant_namespace
 from bastion.deploy.secrets import database_cluster, secret_references
@@ -53,6 +53,8 @@ def _namespace_objects(namespace: str, values: Values, tenant: str | None) -> It
     yield from guard_rails(namespace, values, workloads)
     yield from network_policies(namespace, values, tuple(workloads))
     yield from secret_references(namespace, values)
+    if values.mtls.provider == "spire":
+        yield spiffe_helper_config(namespace, values)
     if not tenant:
         yield from database_cluster(values)
         yield scraper_svid(values)

@@ -16,9 +16,17 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from bastion.identity.workload import DEFAULT_TRUST_DOMAIN
 from bastion.secret_formats import find_secrets
@@ -166,10 +174,24 @@ class SecretStore(_Model):
 
 
 class Mtls(_Model):
-    """Workload certificates (X.509-SVIDs) from cert-manager's CA issuer, or SPIRE."""
+    """Workload certificates (X.509-SVIDs) from cert-manager's CA issuer, or SPIRE.
+
+    With SPIRE, each pod runs spiffe-helper beside Bastion: it takes the SVID
+    from the agent's Workload API (the SPIFFE CSI driver's socket) and writes
+    the files Bastion reads; its image is required then, pinned like Bastion's."""
 
     provider: Literal["cert-manager", "spire"] = "cert-manager"
     trust_domain: str = Field(default=DEFAULT_TRUST_DOMAIN, pattern=r"^[a-z0-9.-]{1,255}$")
+    spiffe_helper: Image | None = None
+
+    @model_validator(mode="after")
+    def _helper(self) -> Self:
+        if self.provider == "spire" and self.spiffe_helper is None:
+            raise ValueError(
+                "SPIRE needs spiffe_helper: the spiffe-helper image "
+                "(ghcr.io/spiffe/spiffe-helper), pinned by digest"
+            )
+        return self
 
 
 class Https(_Model):
@@ -181,6 +203,41 @@ class Https(_Model):
     issuer: Label = "bastion-workload-ca"
     issuer_kind: Literal["Issuer", "ClusterIssuer"] = "Issuer"
     dns_names: list[str] = Field(default_factory=list)
+
+
+def _public_url(url: str) -> str:
+    """An absolute https URL with a host and nothing a base URL may not carry:
+    no userinfo (RFC 3986 section 3.2.1), query or fragment; no trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError("an https URL with a host (https://api.example.com)")
+    if "@" in parts.netloc or parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError("no userinfo, query or fragment in a public URL")
+    parts.port  # noqa: B018 - raises ValueError on a port out of range
+    if _is_wildcard(parts.hostname):
+        raise ValueError("a host clients can reach, not a bind address (0.0.0.0, ::)")
+    return url.rstrip("/")
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+PublicUrl = Annotated[str, Field(max_length=2000, pattern=r"^\S+$"), AfterValidator(_public_url)]
+
+
+class Public(_Model):
+    """The URLs clients use (the ingress's), which no pod can derive from its
+    bind address: the api's is the token issuer (``iss``, DPoP ``htu``), the
+    gateway's what DPoP proofs sent to it name (BASTION_ISSUER and
+    BASTION_GATEWAY_PUBLIC_URL in every pod; bastion.settings refuses a
+    wildcard bind without them). Their hosts join the listeners' certificates."""
+
+    api_url: PublicUrl
+    gateway_url: PublicUrl
 
 
 class Canary(_Model):
@@ -224,6 +281,7 @@ class Values(_Model):
     environment: Label
     image: Image
     database: Database
+    public: Public
     providers: list[ProviderEgress] = Field(default_factory=list)
     ingress: Peer = Peer(
         namespace_labels={"kubernetes.io/metadata.name": "ingress-nginx"},

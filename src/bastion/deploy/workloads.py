@@ -12,9 +12,14 @@ from bastion.deploy.objects import (
     MASTER_KEYS,
     PUBLIC,
     SECRETS_DIR,
+    SPIFFE_HELPER,
+    SPIFFE_HELPER_DIR,
+    SPIFFE_HELPER_HEALTH_PORT,
+    SPIFFE_HELPER_LIMITS,
     SVID_DIR,
     TENANT_LABEL,
     UID,
+    WORKLOAD_API_DIR,
     WORKLOAD_LABEL,
     Obj,
     environment_namespace,
@@ -56,6 +61,11 @@ def _env(values: Values) -> list[Obj]:
         "BASTION_WORKER_INTERNAL_PORT": str(values.ports.worker_internal),
         "BASTION_WORKER_PORT": str(values.ports.worker),
         "BASTION_WORKLOAD_TRUST_DOMAIN": values.mtls.trust_domain,
+        # The public URLs, never derived from the bind above: the api issues
+        # tokens and the worker receipts under the issuer, the gateway checks
+        # both (iss, DPoP htu); bastion.settings refuses the wildcard without them.
+        "BASTION_ISSUER": values.public.api_url,
+        "BASTION_GATEWAY_PUBLIC_URL": values.public.gateway_url,
         # Replicas share one replay store, so a DPoP proof or a refresh token
         # is single use across the whole deployment, not per pod.
         "BASTION_REPLAY_STORE": "postgres",
@@ -103,8 +113,17 @@ def _secret_volumes(name: str, values: Values) -> tuple[list[Obj], list[Obj]]:
                 {"name": volume, "mountPath": f"{SECRETS_DIR}/{volume}", "readOnly": True}
             )
     if values.mtls.provider == "spire":
-        # The SPIFFE CSI driver mounts the SPIRE agent's Workload API socket.
-        volumes.append({"name": "svid", "csi": {"driver": "csi.spiffe.io", "readOnly": True}})
+        # spiffe-helper (a sidecar, :func:`_spiffe_helper`) writes the files
+        # into memory (tmpfs: the key never reaches the node's disk); the
+        # SPIFFE CSI driver mounts the agent's Workload API socket for it alone.
+        volumes += [
+            {"name": "svid", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+            {
+                "name": "spiffe-workload-api",
+                "csi": {"driver": "csi.spiffe.io", "readOnly": True},
+            },
+            {"name": "spiffe-helper", "configMap": {"name": SPIFFE_HELPER}},
+        ]
     else:
         # The files bastion.identity.workload.SvidFiles reads (settings.workload_svid_dir);
         # the kubelet swaps them in place when cert-manager renews the Secret.
@@ -138,14 +157,56 @@ def _secret_volumes(name: str, values: Values) -> tuple[list[Obj], list[Obj]]:
 def _process_env(name: str, values: Values) -> list[Obj]:
     """What differs between the processes: the public listener's certificate
     (api, gateway: HTTPS, bastion.serve.public_tls) and, with cert-manager,
-    the SVID files (settings.workload_svid_dir)."""
-    env: dict[str, str] = {}
-    if values.mtls.provider == "cert-manager":
-        env["BASTION_WORKLOAD_SVID_DIR"] = SVID_DIR
+    the SVID files (settings.workload_svid_dir: cert-manager's Secret, or what
+    spiffe-helper writes from SPIRE), and for the api the gateway's internal
+    Service: a peer's name, where api_host is only the pod's bind address."""
+    env: dict[str, str] = {"BASTION_WORKLOAD_SVID_DIR": SVID_DIR}
+    if name == "api":
+        # The environment's gateway: the api runs in that namespace only.
+        env["BASTION_GATEWAY_INTERNAL_HOST"] = (
+            f"bastion-gateway.{environment_namespace(values)}.svc"
+        )
     if name in PUBLIC:
         env["BASTION_PUBLIC_TLS_CERT_FILE"] = f"{HTTPS_DIR}/tls.crt"
         env["BASTION_PUBLIC_TLS_KEY_FILE"] = f"{HTTPS_DIR}/tls.key"
     return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _spiffe_helper(values: Values) -> Obj:
+    """The SPIRE sidecar: spiffe-helper in daemon mode (config: the namespace's
+    ConfigMap, :func:`bastion.deploy.certificates.spiffe_helper_config`). A native
+    sidecar (an init container that keeps running): the pod's Bastion container
+    starts only once its startup probe sees the SVID files written."""
+    assert values.mtls.spiffe_helper is not None  # the values refuse SPIRE without it
+
+    def probe(path: str, period: int, failures: int) -> Obj:
+        return {
+            "httpGet": {"path": path, "port": SPIFFE_HELPER_HEALTH_PORT},
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": failures,
+        }
+
+    return {
+        "name": "spiffe-helper",
+        "image": values.mtls.spiffe_helper.reference,
+        "imagePullPolicy": "IfNotPresent",
+        "restartPolicy": "Always",
+        "args": ["-config", f"{SPIFFE_HELPER_DIR}/helper.conf"],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": dict(SPIFFE_HELPER_LIMITS),
+        },
+        "startupProbe": probe("/ready", 1, 60),
+        "livenessProbe": probe("/live", 10, 3),
+        "readinessProbe": probe("/ready", 5, 2),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "svid", "mountPath": SVID_DIR},
+            {"name": "spiffe-workload-api", "mountPath": WORKLOAD_API_DIR, "readOnly": True},
+            {"name": "spiffe-helper", "mountPath": SPIFFE_HELPER_DIR, "readOnly": True},
+        ],
+    }
 
 
 def _pod_template(
@@ -175,6 +236,7 @@ def _pod_template(
         }
 
     labels = {WORKLOAD_LABEL: name, "app.kubernetes.io/component": name, **extra}
+    sidecars = [_spiffe_helper(values)] if values.mtls.provider == "spire" else []
     return {
         "metadata": {"labels": {"app.kubernetes.io/name": "bastion", **labels}},
         "spec": {
@@ -196,6 +258,7 @@ def _pod_template(
                     "labelSelector": label_selector({WORKLOAD_LABEL: name}),
                 }
             ],
+            **({"initContainers": sidecars} if sidecars else {}),
             "containers": [
                 {
                     "name": name,

@@ -80,6 +80,10 @@ RENEW_RETRY_SECONDS = 5.0
 # File mode: how often the SVID files are checked for a renewal.
 SVID_FILES_POLL_SECONDS = 5.0
 SVID_FILES = ("svid.pem", "svid.key", "bundle.pem")
+# Beside the ASGI TLS extension's ``client_cert_chain`` (PEM, as the spec has
+# it), Bastion's mTLS listener puts the same chain as DER under this key, made
+# once per connection: the gate reads it on every request without decoding.
+TLS_CHAIN_DER = "bastion_client_cert_chain_der"
 
 
 class WorkloadError(Exception):
