@@ -150,6 +150,52 @@ async def test_the_app_role_cannot_choose_the_link(
     assert (await _verify(db, keystore, sink, tenant)).intact
 
 
+async def test_the_app_role_cannot_have_other_details_hashed(
+    db: Database,
+    keystore: LocalKeystore,
+    sink: DirectorySink,
+    tenant: UUID,
+    superuser: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    """The writer's serialisation is used only when it is the value stored;
+    another value's, or text that is not JSON, is ignored, and never stored."""
+    async with db.tenant_tx(tenant, None, "system") as tx:
+        for offered in ('{"plan":"free"}', "not json", '{"plan":"team","x":1}'):
+            await tx.execute(
+                "INSERT INTO bastion.audit_events (actor, action, details, details_jcs) "
+                "VALUES ('x', 'offered', '{\"plan\": \"team\"}', %s)",
+                (offered,),
+            )
+    assert (await _verify(db, keystore, sink, tenant)).intact
+    stored = superuser.execute(
+        "SELECT count(*) FROM bastion.audit_events WHERE details_jcs IS NOT NULL"
+    ).fetchone()
+    assert stored == (0,)
+
+
+async def test_another_spelling_of_the_details_fails_verification(
+    db: Database,
+    keystore: LocalKeystore,
+    sink: DirectorySink,
+    tenant: UUID,
+    superuser: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    """The database checks the writer's text by value, not by spelling: an
+    app-role writer could have its own event hashed over another spelling of
+    it. Verification recomputes JCS, so that event is found."""
+    async with db.tenant_tx(tenant, None, "system") as tx:
+        await tx.execute(
+            "INSERT INTO bastion.audit_events (actor, action, details, details_jcs) "
+            "VALUES ('x', 'respelled', '{\"b\": 1, \"a\": 2}', '{\"b\":1,\"a\":2}')"
+        )
+    row = superuser.execute(
+        "SELECT seq FROM bastion.audit_events WHERE tenant_id = %s AND action = 'respelled'",
+        (tenant,),
+    ).fetchone()
+    assert row is not None
+    assert _kinds((await _verify(db, keystore, sink, tenant)).findings) == [("altered", row[0])]
+
+
 async def test_an_altered_event_is_found(
     db: Database,
     keystore: LocalKeystore,

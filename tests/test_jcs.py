@@ -8,8 +8,10 @@ import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bastion.jcs import canonicalize
+from bastion.jcs import _plain, _write, canonicalize
 
 # RFC 8785 appendix B: IEEE 754 doubles (hex) and their canonical text.
 NUMBERS = {
@@ -79,3 +81,52 @@ def test_one_value_one_spelling() -> None:
 def test_what_json_cannot_hold_is_refused(value: Any) -> None:
     with pytest.raises(ValueError):
         canonicalize(value)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON)
+def test_the_fast_path_writes_what_the_reference_writes(value: Any) -> None:
+    """The standard library's output is taken only where it is JCS's spelling:
+    for any JSON value, the same bytes as the writer that follows the RFC."""
+    out: list[str] = []
+    _write(value, out)
+    try:
+        reference = "".join(out).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: refused either way
+        with pytest.raises(ValueError):
+            canonicalize(value)
+        return
+    assert canonicalize(value) == reference
+
+
+def test_the_fast_path_is_taken_for_an_ordinary_event() -> None:
+    event = {"tokens": 17, "latency_ms": 31.5, "pii_in": {}, "screen": [{"reasons": []}]}
+    assert _plain(event) == '{"latency_ms":31.5,"pii_in":{},"screen":[{"reasons":[]}],"tokens":17}'
+    for other in ({"n": 1.0}, {"n": 1e-5}, {"n": 2**53 + 1}, {"\U0001f600": 1}, (1, 2), {1: 2}):
+        assert _plain(other) is None  # left to the reference writer
+
+
+@pytest.mark.parametrize(
+    "number",
+    [1e-7, 1.5e-6, 1e-5, 9.99e-5, 1e-4, 0.000123, 0.5, 123456789.125, 9.5e15, 1.2e16, 3e20],
+)
+def test_numbers_near_where_the_notations_change_are_written_as_the_reference(
+    number: float,
+) -> None:
+    for value in (number, -number, [number], {"n": number}):
+        out: list[str] = []
+        _write(value, out)
+        assert canonicalize(value) == "".join(out).encode()

@@ -1,37 +1,43 @@
 """Writing audit events in the same transaction as the change they record.
 
 The table is append-only: a trigger refuses UPDATE, DELETE and TRUNCATE for
-every role, and another assigns a gapless per-tenant ``seq`` under a row lock,
-ready for the hash chain that links entries.
+every role, and another assigns a gapless per-tenant ``seq`` under a row lock
+and links the event into the tenant's hash chain, which hashes ``details`` as
+RFC 8785 (JCS). The writer sends that text too (``details_jcs``); the database
+uses it only when it parses to the value stored (migration 0038).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
-from psycopg.types.json import Jsonb
 
 from bastion.db.pool import Conn
+from bastion.jcs import canonicalize
 
 _MAX_FIELD = 500
 _INSERT = (
-    "INSERT INTO bastion.audit_events (actor, action, target, details, request_id) "
-    "VALUES (%s, %s, %s, %s, %s)"
+    "INSERT INTO bastion.audit_events (actor, action, target, details, request_id, details_jcs) "
+    "VALUES (%s, %s, %s, %s::jsonb, %s, %s)"
 )
 # actor, action, target, details, request id
 Event = tuple[str, str, str, Mapping[str, Any], str | None]
 
 
-def _row(event: Event) -> tuple[str, str, str, Jsonb, str | None]:
+def _row(event: Event) -> tuple[str, str, str, str, str | None, str]:
     actor, action, target, details, request_id = event
+    sent = json.dumps(dict(details), allow_nan=False)
     return (
         actor[:_MAX_FIELD],
         action[:_MAX_FIELD],
         target[:_MAX_FIELD],
-        Jsonb(dict(details)),
+        sent,
         request_id,
+        # From the JSON sent, read back: what the database stores and verify reads.
+        canonicalize(json.loads(sent)).decode(),
     )
 
 
