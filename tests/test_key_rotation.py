@@ -357,37 +357,40 @@ async def run_rotation_load(
             while not stop.is_set():
                 await timed("webhook", deliver)
 
-    plan = RotationPlan(
-        Settings(issuer=linked.api_url, embedder="hashing"),
-        keystore,
-        LocalKMS(keystore),
-        linked.api.db,
-        admin_conninfo=lambda: database.superuser,
-    )
-    loops = [
-        asyncio.create_task(loop())
-        for loop in (api_loop, gateway_loop, webhook_loop)
-        for _ in range(concurrency)
-    ]
-    # Warm-up (first unwraps, connections, the model's first call) is not steady state.
-    await asyncio.sleep(warmup_seconds)
-    steady_start = time.monotonic()
-    await asyncio.sleep(steady_seconds)
-    rotation_start = time.monotonic()
-    done: list[str] = []
-    for kind in ROTATED_IN_LOAD:
-        if kind == "webhook":
-            new = f"whsec_{secrets.token_hex(16)}".encode()
-            webhook_secrets.append(new)  # the provider signs with both while it rolls
-            results = await plan.rotate(kind, name="billing/stripe-webhook-secret", value=new)
-        else:
-            results = await plan.rotate(kind)
-        assert any(r.rotated is not None for r in results), kind
-        done.append(kind)
-        await asyncio.sleep(gap_seconds)
-    # Past the HMAC keys' publication delay: the api's envelopes are now signed
-    # with the new key, which the gateway must know.
-    await asyncio.sleep(tail_seconds)
+    # The plan's own pool, on this event loop: the api's pool belongs to the
+    # loop of the thread that serves it.
+    async with Database(database.app, database.context_key, max_size=2) as plan_db:
+        plan = RotationPlan(
+            Settings(issuer=linked.api_url, embedder="hashing"),
+            keystore,
+            LocalKMS(keystore),
+            plan_db,
+            admin_conninfo=lambda: database.superuser,
+        )
+        loops = [
+            asyncio.create_task(loop())
+            for loop in (api_loop, gateway_loop, webhook_loop)
+            for _ in range(concurrency)
+        ]
+        # Warm-up (first unwraps, connections, the model's first call) is not steady state.
+        await asyncio.sleep(warmup_seconds)
+        steady_start = time.monotonic()
+        await asyncio.sleep(steady_seconds)
+        rotation_start = time.monotonic()
+        done: list[str] = []
+        for kind in ROTATED_IN_LOAD:
+            if kind == "webhook":
+                new = f"whsec_{secrets.token_hex(16)}".encode()
+                webhook_secrets.append(new)  # the provider signs with both while it rolls
+                results = await plan.rotate(kind, name="billing/stripe-webhook-secret", value=new)
+            else:
+                results = await plan.rotate(kind)
+            assert any(r.rotated is not None for r in results), kind
+            done.append(kind)
+            await asyncio.sleep(gap_seconds)
+        # Past the HMAC keys' publication delay: the api's envelopes are now signed
+        # with the new key, which the gateway must know.
+        await asyncio.sleep(tail_seconds)
     stop.set()
     await asyncio.gather(*loops)
     steady = [s for s in samples if steady_start <= s[1] < rotation_start]
