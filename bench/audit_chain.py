@@ -15,10 +15,9 @@ On a throwaway embedded PostgreSQL, provisioned as in production:
            them), with the insert trigger hashing (as migrated) and with a copy
            of it that only assigns ``seq`` (the trigger before migration 0031),
            swapped in by ``CREATE OR REPLACE`` round by round so machine noise
-           hits both alike. Medians; target: on - off ≤ 0.2 ms. Likewise the
-           detectors' wake-up (the statement-level NOTIFY of migration 0033)
-           on and off, with a listener as the worker has. Also the trigger's
-           server-side cost per row in a set-based insert, on and off.
+           hits both alike. Medians; target: on - off ≤ 0.2 ms. Also the
+           trigger's server-side cost per row in a set-based insert (which
+           sends no JCS text: the database serialises ``details`` itself).
 Measured on a shared, loaded 2-core machine: figures are upper bounds.
 """
 
@@ -63,6 +62,7 @@ BEGIN
     INSERT INTO bastion.audit_heads AS h (tenant_id, seq) VALUES (NEW.tenant_id, 1)
     ON CONFLICT (tenant_id) DO UPDATE SET seq = h.seq + 1
     RETURNING h.seq INTO NEW.seq;
+    NEW.details_jcs := NULL;  -- the writer's JCS text (0038), unused without a chain
     RETURN NEW;
 END $$
 """
@@ -130,18 +130,6 @@ async def _verify(
     return timings
 
 
-WAKEUP = "ALTER TABLE bastion.audit_events {} TRIGGER audit_events_wakeup"
-
-
-async def _listening(conninfo: str, ready: asyncio.Event) -> None:
-    """What the worker's detectors do: LISTEN bastion_audit and take every announcement."""
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        await conn.execute("LISTEN bastion_audit")
-        ready.set()
-        async for _note in conn.notifies():
-            pass
-
-
 async def _commits(
     db: Database,
     admin: psycopg.Connection[tuple[object, ...]],
@@ -150,25 +138,14 @@ async def _commits(
     commits: int,
     rounds: int,
 ) -> dict[str, list[float]]:
-    """One event per transaction, interleaved round by round: ``on`` (as
-    migrated: the chain and the detectors' wake-up), ``off`` (no chain, the
-    wake-up kept: their difference is the chain's cost) and ``quiet`` (the
-    chain, no wake-up: ``on - quiet`` is the NOTIFY's cost), with a listener
-    taking the announcements as the worker's detectors do."""
-    variants = {
-        "on": (with_chain, "ENABLE"),
-        "off": (WITHOUT_CHAIN, "ENABLE"),
-        "quiet": (with_chain, "DISABLE"),
-    }
+    """One event per transaction, interleaved round by round: ``on`` (the
+    chain, as migrated) and ``off`` (no chain): their difference is its cost."""
+    variants = {"on": with_chain, "off": WITHOUT_CHAIN}
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    ready = asyncio.Event()
-    listener = asyncio.create_task(_listening(db.conninfo, ready))
-    await asyncio.wait_for(ready.wait(), 10)
     try:
         for _ in range(rounds):
-            for variant, (definition, wakeup) in variants.items():
+            for variant, definition in variants.items():
                 admin.execute(definition)
-                admin.execute(WAKEUP.format(wakeup))
                 for i in range(commits):
                     started = time.perf_counter()
                     async with db.tenant_tx(tenant, None, "system") as tx:
@@ -182,9 +159,7 @@ async def _commits(
                         )
                     samples[variant].append(time.perf_counter() - started)
     finally:
-        listener.cancel()
         admin.execute(with_chain)
-        admin.execute(WAKEUP.format("ENABLE"))
     return samples
 
 
@@ -235,14 +210,13 @@ async def run(events: int, tenants: int, commits: int, rounds: int) -> None:
         server.stop()
         shutil.rmtree(parent, ignore_errors=True)
 
-    on, off, quiet = (statistics.median(commit[v]) * 1e3 for v in ("on", "off", "quiet"))
+    on, off = (statistics.median(commit[v]) * 1e3 for v in ("on", "off"))
     row_on, row_off = (statistics.median(per_row[v]) * 1e3 for v in ("on", "off"))
     verify_median = statistics.median(verify_s)
     print(f"commit, one event per transaction ({commits} x {rounds} rounds each, interleaved):")
     print(f"  chain on   median {on:.3f} ms")
     print(f"  chain off  median {off:.3f} ms")
     print(f"  added      {on - off:+.3f} ms per event  (ratio {on / off:.2f})")
-    print(f"  no wake-up median {quiet:.3f} ms: the NOTIFY adds {on - quiet:+.3f} ms per commit")
     print("trigger, server side per row in a set-based insert:")
     print(f"  chain on {row_on:.4f} ms  off {row_off:.4f} ms  added {row_on - row_off:+.4f} ms")
     scale = f"{events:,} events"
@@ -257,10 +231,6 @@ async def run(events: int, tenants: int, commits: int, rounds: int) -> None:
                 "chain's added cost per event at commit (median, on - off)",
                 f"{on - off:+.3f} ms ({on:.3f} vs {off:.3f} ms)",
                 "≤ 0.2 ms",
-            ),
-            row(
-                "detectors' wake-up (NOTIFY) per one-event commit (median, on - without it)",
-                f"{on - quiet:+.3f} ms ({on:.3f} vs {quiet:.3f} ms)",
             ),
             row(
                 "trigger cost per row, set-based insert (on - off)",
