@@ -9,7 +9,6 @@ uses it only when it parses to the value stored (migration 0038).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,15 +28,15 @@ Event = tuple[str, str, str, Mapping[str, Any], str | None]
 
 def _row(event: Event) -> tuple[str, str, str, str, str | None, str]:
     actor, action, target, details, request_id = event
-    sent = json.dumps(dict(details), allow_nan=False)
+    # JCS text is JSON: the value sent is the one spelling the chain hashes.
+    text = canonicalize(dict(details)).decode()
     return (
         actor[:_MAX_FIELD],
         action[:_MAX_FIELD],
         target[:_MAX_FIELD],
-        sent,
+        text,
         request_id,
-        # From the JSON sent, read back: what the database stores and verify reads.
-        canonicalize(json.loads(sent)).decode(),
+        text,
     )
 
 
