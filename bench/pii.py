@@ -16,6 +16,9 @@ Measures, on this machine:
               (tests/pii_names_corpus.py): in distribution, on the dev split
               (tuning) and on the held-apart templates and locales, whose dev
               half was read while tuning (round 7) and whose test half never.
+              Then the held-apart hard negatives (headings and sentences that
+              open on a capitalised ordinary word; no personal data): spans
+              per 1,000 words, each one a false positive.
   throughput  MB/s (UTF-8 bytes) of PiiRecognizer.find, document by document and
               on the whole corpus as one text, and on the demo support tickets
               (realistic density: a few values per page); median of --runs (no
@@ -42,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -201,6 +205,22 @@ def _in_clear(docs: list[Document], find: Callable[[str], list[tuple[str, int, i
     )
 
 
+def _false_spans(docs: list[Document], find: Callable[[str], list[tuple[str, int, int]]]) -> None:
+    """Spans found in text with no personal data at all (every one is a false positive)."""
+    found: Counter[str] = Counter()
+    words = 0
+    for doc in docs:
+        words += len(doc.text.split())
+        found.update(kind for kind, _, _ in find(doc.text))
+    print(
+        "\nhard negatives, held-apart (headings and sentences opening on a capitalised "
+        "ordinary word; no personal data: every span is a false positive)"
+    )
+    per = ", ".join(f"{kind} {n}" for kind, n in sorted(found.items())) or "none"
+    print(f"  {len(docs)} documents, {words} words: {sum(found.values())} spans ({per}),")
+    print(f"  {1000 * sum(found.values()) / max(1, words):.2f} per 1,000 words")
+
+
 def _presidio(python: str, docs: list[Document], runs: int) -> dict[str, object] | None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump([d.text for d in docs], handle)
@@ -304,6 +324,7 @@ def main() -> None:
         names_docs[split] = pii_names_corpus.generate(args.docs, NAMES_SEED, split=split)
         _table(f"names, {title}", score(names_docs[split], ours))
         _in_clear(names_docs[split], ours)
+    _false_spans(pii_names_corpus.generate(args.docs, NAMES_SEED, split="hard_negatives"), ours)
 
     whole = "\n".join(d.text for d in docs)
     per_doc = _timed(args.runs, lambda: [recognizer.find(d.text) for d in docs])

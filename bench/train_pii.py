@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from bastion.safety import pii_names  # noqa: E402
 from tests import pii_corpus  # noqa: E402
 from tests.pii_corpus import Document  # noqa: E402
-from tests.pii_names_corpus import TRAIN_LOCALES, generate  # noqa: E402
+from tests.pii_names_corpus import TRAIN_LOCALES, generate, training_words  # noqa: E402
 
 LEXICAL = ("w=", "g=", "p3=", "s3=", "s4=", "w-1|sh=", "g-1=", "g1=")
 # What a word of a locale the model never saw looks like: its spelling (prefix
@@ -51,7 +51,7 @@ RARE = 30  # occurrences in the training data below which a word may be made uns
 
 def gazetteers(seed: int, draws: int) -> dict[str, frozenset[str]]:
     """Lower-cased words of Faker's first names, last names, towns, countries
-    and street names in the training locales."""
+    and street names in the training locales, and its lorem lists' ordinary words."""
     sets: dict[str, set[str]] = {name: set() for name in pii_names.GAZETTEERS}
     makers = {
         "first": "first_name",
@@ -60,6 +60,7 @@ def gazetteers(seed: int, draws: int) -> dict[str, frozenset[str]]:
         "country": "country",
         "street": "street_name",
     }
+    # "common" is not drawn: it is the lorem lists, whole.
     for i, locale in enumerate(TRAIN_LOCALES):
         fake = Faker(locale)
         fake.seed_instance(seed + i)
@@ -68,6 +69,7 @@ def gazetteers(seed: int, draws: int) -> dict[str, frozenset[str]]:
                 for tok in pii_names.tokens(str(getattr(fake, method)())):
                     if tok.kind == "w" and len(tok.text) > 1:
                         sets[name].add(tok.text.lower())
+    sets["common"].update(training_words())
     return {name: frozenset(words) for name, words in sets.items()}
 
 

@@ -18,11 +18,22 @@ Three template sets and three locale sets that never meet:
 
 Dates that are not dates of birth, organisations, product names and ordinary
 words that are also names ("Will", "May", "Mark") stand unlabelled among them.
+
+Hard negatives (session 9): subject lines, ticket headings and sentences that
+open on a capitalised ordinary word ("Subject: Report is empty", "Ticket 12:
+Export fails"), which a tagger that learnt "Label: Word" from "City: Lyon"
+takes for places. ``train`` writes words of Faker's lorem lists (real words
+of seven training languages: :func:`training_words`) into its own headings;
+``hard_negatives`` writes a support vocabulary written for it
+(:data:`HELD_APART_WORDS`) into other headings: nothing in it is personal data,
+so every span found there is a false positive.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib
 import random
 import re
 from collections.abc import Callable
@@ -357,11 +368,73 @@ def _places() -> tuple[str, ...]:
         "Do you deliver to {city}? Asking for {first}.",
         "{country} customers: the {product} outage is over.",
         "{first} ({city}): my refund is late",
+        # Session 9: postal blocks under a sign-off, a street line then a town
+        # line (the headings above made a capitalised line-start word weaker).
+        "Kind regards,\n{first} {last}\n{street}\n{city}",
+        "Best,\n{person}\n{street}\n{city}\n{country}",
+        "Yours,\n{first}\n{street}\n{city}",
+        "{person}\n{street}\n{city}",
+        "Mit freundlichen Grüßen\n{person}\n{street}\n{city}",
+        "Cordialement,\n{person}\n{street}\n{city}",
+        "Saludos,\n{person}\n{street}\n{city}",
+        "Cordiali saluti,\n{first} {last}\n{street}\n{city}",
     ]
     return tuple(out)
 
 
-TRAIN_TEMPLATES = TRAIN_TEMPLATES + _composed() + _places()
+# Session 9: headings and sentences that open on a capitalised ordinary word
+# ({Word}: a lorem word in training), after labels that announce no place.
+_HEADING_LABELS = (
+    "Subject:",
+    "Re:",
+    "Fwd:",
+    "Title:",
+    "Summary:",
+    "Issue:",
+    "Problem:",
+    "Note:",
+    "Update:",
+    "Status:",
+    "Priority:",
+    "Category:",
+    "Ticket {order}:",
+    "Bug {order}:",
+    "Case {order} -",
+    "Betreff:",
+    "Objet :",
+    "Asunto:",
+    "Oggetto:",
+    "Onderwerp:",
+    "Temat:",
+)
+_HEADING_TAILS = (
+    "",
+    " {word}",
+    " {word} {word}",
+    " {word} {word} {word}.",
+    " is {word} since {date}",
+    " after the {product} update",
+    " ({order})",
+)
+
+
+def _headings() -> tuple[str, ...]:
+    out: list[str] = []
+    for i, label in enumerate(_HEADING_LABELS):
+        out.append(f"{label} {{Word}}{_HEADING_TAILS[i % len(_HEADING_TAILS)]}\n")
+        out.append(f"{label} {{Word}} {{Word}}{_HEADING_TAILS[(i + 3) % len(_HEADING_TAILS)]}\n")
+    out += [
+        "{Word} {word} {word} {word}. {Word} {word} {word}.",
+        "{Word} {word}? {Word} {word} {word} {word}!",
+        "Hi, {Word} {word} {word} when I open the {product}.",
+        "{Word}: {word} {word}. {Word}: {word}.",
+        "{Word} {Word} {word} {word} {word}",
+        "Thanks {first}. {Word} {word} {word} {word} on {weekday}.",
+    ]
+    return tuple(out)
+
+
+TRAIN_TEMPLATES = TRAIN_TEMPLATES + _composed() + _places() + _headings()
 
 # Tuning only (its errors were read while choosing features and decoding).
 DEV_TEMPLATES = (
@@ -400,6 +473,83 @@ HELD_APART_TEMPLATES = (
     "Ship to: {person}\n{address}\n{country}",
 )
 
+# Session 9, for tuning the headings (a dev split): other labels, other words.
+HARD_NEGATIVE_DEV_WORDS: tuple[str, ...] = (
+    "router",
+    "modem",
+    "firewall",
+    "proxy",
+    "endpoint",
+    "webhook",
+    "timeout",
+    "export",
+    "import",
+    "login",
+    "logout",
+    "signup",
+    "billing",
+    "payroll",
+    "report",
+    "request",
+    "retry",
+    "error",
+    "warning",
+    "update",
+    "upgrade",
+    "downgrade",
+    "payment",
+    "charge",
+    "refund",
+    "account",
+    "plan",
+    "feature",
+    "release",
+    "version",
+    "install",
+    "setup",
+    "config",
+    "schedule",
+    "queue",
+    "search",
+    "filter",
+    "sorting",
+    "pagination",
+    "dropdown",
+    "checkbox",
+    "toggle",
+    "banner",
+    "popup",
+    "tooltip",
+    "sidebar",
+    "footer",
+    "header",
+)
+HARD_NEGATIVE_DEV_TEMPLATES = (
+    "Component: {Word} {word}\nKind: {Word}",
+    "Area: {Word}. Feedback: {Word} {word} {word}.",
+    "Task {order} - {Word} {word} {word}",
+    "Request: {Word} {word} for {product}",
+    "Goal: {Word} {word}\nAssunto: {Word} {word}",
+    "{Word} {word} on {weekday}. {Word} {word} {word} {word}.",
+    "Ticket {order}: {Word} {word} {word}.",
+    "Emne: {Word} {word}\nTask: {Word}",
+)
+
+# Session 9, written for the test only: other headings, no personal data at all
+# ({Word}: a word of HELD_APART_WORDS). Only their totals are printed.
+HARD_NEGATIVE_TEMPLATES = (
+    "Topic: {Word} {word} {word}\nSeverity: {Word}",
+    "Incident {order}: {Word} {word} after {date}",
+    "Headline: {Word} {Word} for {product} users",
+    "Reason: {Word}\nAction: {Word} {word}",
+    "Question: {Word} {word} {word}?",
+    "Comment: {Word} {word} {word}, {word} {word}.",
+    "Thema: {Word} {word}\nSujet : {Word} {word}",
+    "{Word} {word} {word} again. {Word} {word} {word} since {weekday}.",
+    "Result: {Word}. Next step: {Word} {word}.",
+    "[{order}] {Word} {word} {word}",
+)
+
 HELD_APART_DEV_TEMPLATES = HELD_APART_TEMPLATES[0::2]
 HELD_APART_TEST_TEMPLATES = HELD_APART_TEMPLATES[1::2]
 
@@ -409,6 +559,128 @@ _PRODUCTS = ("Pro plan", "Sync app", "Dashboard", "Widget X", "the API", "Nimbus
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = ("January", "March", "April", "May", "June", "July", "August", "October")
 _END = datetime.date(2026, 1, 1)
+
+# Faker's lorem lists that are real words (MIT), one per training language.
+_LOREM_LOCALES = ("en_US", "de_DE", "fr_FR", "it_IT", "es_ES", "nl_NL", "pl_PL")
+
+
+@functools.cache
+def training_words() -> tuple[str, ...]:
+    """Lower-cased ordinary words (3+ letters) of :data:`_LOREM_LOCALES`' lorem lists.
+
+    Some lists are corpus frequency lists with proper nouns in them (es_ES has
+    "josé" and "pedro", pl_PL "Polska"): a word that is a first name in the
+    list's own locale, or capitalised where the language does not capitalise
+    nouns (all but German), is left out, so that no name is taught as a word.
+    """
+    words: set[str] = set()
+    for locale in _LOREM_LOCALES:
+        lorem = importlib.import_module(f"faker.providers.lorem.{locale}").Provider
+        person = importlib.import_module(f"faker.providers.person.{locale}").Provider
+        firsts = {
+            name.lower()
+            for attr in ("first_names", "first_names_male", "first_names_female")
+            for name in getattr(person, attr, ())
+        }
+        words.update(
+            w.lower()
+            for w in lorem.word_list
+            if w.isalpha()
+            and len(w) > 2
+            and w.lower() not in firsts
+            and (locale == "de_DE" or not w[0].isupper())
+        )
+    return tuple(sorted(words))
+
+
+# Written for the hard-negative test only (never in training or the gazetteers):
+# what support tickets are about.
+HELD_APART_WORDS: tuple[str, ...] = (
+    "dashboard",
+    "sync",
+    "backup",
+    "upload",
+    "download",
+    "checkout",
+    "cart",
+    "subscription",
+    "renewal",
+    "coupon",
+    "discount",
+    "shipment",
+    "tracking",
+    "notification",
+    "reminder",
+    "calendar",
+    "widget",
+    "plugin",
+    "integration",
+    "migration",
+    "deployment",
+    "rollback",
+    "outage",
+    "latency",
+    "crash",
+    "freeze",
+    "glitch",
+    "duplicate",
+    "missing",
+    "broken",
+    "blank",
+    "slow",
+    "garbled",
+    "expired",
+    "locked",
+    "pending",
+    "failed",
+    "stuck",
+    "delayed",
+    "cancelled",
+    "refunded",
+    "overcharged",
+    "unpaid",
+    "token",
+    "session",
+    "cookie",
+    "cache",
+    "browser",
+    "firmware",
+    "printer",
+    "scanner",
+    "keyboard",
+    "battery",
+    "adapter",
+    "screen",
+    "webcam",
+    "password",
+    "username",
+    "avatar",
+    "profile",
+    "settings",
+    "permissions",
+    "workspace",
+    "folder",
+    "attachment",
+    "spreadsheet",
+    "template",
+    "invoice",
+    "receipt",
+    "quote",
+    "estimate",
+    "payout",
+    "balance",
+    "transfer",
+    "deposit",
+    "withdrawal",
+    "ledger",
+    "onboarding",
+    "sandbox",
+    "licence",
+    "mailbox",
+    "quota",
+    "storage",
+    "bandwidth",
+)
 _SLOT = re.compile(r"\{(\w+)\}")
 
 
@@ -416,7 +688,9 @@ def _one_line(value: str) -> str:
     return re.sub(r"\s*\n\s*", ", ", value.strip())
 
 
-def _slots(fake: Faker, rnd: random.Random) -> dict[str, tuple[Callable[[], str], str | None]]:
+def _slots(
+    fake: Faker, rnd: random.Random, words: tuple[str, ...]
+) -> dict[str, tuple[Callable[[], str], str | None]]:
     def date(formats: tuple[str, ...], low: int, high: int) -> str:
         day = _END - datetime.timedelta(days=rnd.randint(low, high))
         return day.strftime(rnd.choice(formats))
@@ -436,12 +710,22 @@ def _slots(fake: Faker, rnd: random.Random) -> dict[str, tuple[Callable[[], str]
         "order": (lambda: f"#{rnd.randint(10_000, 9_999_999)}", None),
         "weekday": (lambda: rnd.choice(_WEEKDAYS), None),
         "month": (lambda: rnd.choice(_MONTHS), None),
+        "word": (lambda: rnd.choice(words), None),
+        "Word": (lambda: rnd.choice(words).capitalize(), None),
+        "Name": (lambda: str(fake.first_name()), None),
     }
 
 
-def render(template: str, fake: Faker, rnd: random.Random, doc: Document) -> None:
-    """Append ``template`` with its slots filled (labelled where they are PII) to ``doc``."""
-    slots = _slots(fake, rnd)
+def render(
+    template: str,
+    fake: Faker,
+    rnd: random.Random,
+    doc: Document,
+    words: tuple[str, ...] = HELD_APART_WORDS,
+) -> None:
+    """Append ``template`` with its slots filled (labelled where they are PII) to
+    ``doc``; ``{word}`` and ``{Word}`` are ordinary words of ``words``."""
+    slots = _slots(fake, rnd, words)
     cursor = 0
     for match in _SLOT.finditer(template):
         doc.add(template[cursor : match.start()])
@@ -455,7 +739,8 @@ def generate(
     documents: int, seed: int, *, split: str = "train", per_document: tuple[int, int] = (2, 5)
 ) -> list[Document]:
     """``documents`` labelled documents of ``split`` (``train``, ``dev``, ``held_apart``,
-    or its halves ``held_apart_dev`` and ``held_apart_test``)."""
+    its halves ``held_apart_dev`` and ``held_apart_test``, ``hard_negatives_dev``
+    or ``hard_negatives``)."""
     templates: tuple[str, ...]
     locales: tuple[str, ...]
     if split == "train":
@@ -468,8 +753,19 @@ def generate(
         templates, locales = HELD_APART_DEV_TEMPLATES, HELD_APART_DEV_LOCALES
     elif split == "held_apart_test":
         templates, locales = HELD_APART_TEST_TEMPLATES, HELD_APART_TEST_LOCALES
+    elif split == "hard_negatives":
+        templates, locales = HARD_NEGATIVE_TEMPLATES, HELD_APART_TEST_LOCALES
+    elif split == "hard_negatives_dev":
+        templates, locales = HARD_NEGATIVE_DEV_TEMPLATES, DEV_LOCALES
     else:
         raise ValueError(split)
+    words = (
+        training_words()
+        if split == "train"
+        else HARD_NEGATIVE_DEV_WORDS
+        if split == "hard_negatives_dev"
+        else HELD_APART_WORDS
+    )
     rnd = random.Random(seed)
     fakes = {}
     for i, locale in enumerate(locales):
@@ -481,7 +777,7 @@ def generate(
         locale = locales[n % len(locales)]
         doc = Document(locale)
         for _ in range(rnd.randint(*per_document)):
-            render(rnd.choice(templates), fakes[locale], rnd, doc)
+            render(rnd.choice(templates), fakes[locale], rnd, doc, words)
             doc.add(rnd.choice(("\n", " ", "\n\n")))
         out.append(doc)
     return out

@@ -9,7 +9,8 @@ neighbours, not from a list alone:
     *candidate* token (a capitalised word, a number, or a lower-case word
     seen inside names and street addresses: "rue", "de", "van", "ul"): the
     word itself, its prefix, suffix and shape, whether it is in the
-    gazetteers (first names, last names, towns, countries, street words),
+    gazetteers (first names, last names, towns, countries, street words,
+    ordinary words),
     and the same of the two tokens either side (``Dear``, ``Mr``, ``born``,
     ``live at``, a line break, a capital after it). So "Will" starting a
     question, "May" the month or "Apple" the company are not names for
@@ -57,8 +58,10 @@ CLASSES: tuple[str, ...] = ("", PERSON, ADDRESS, PLACE)
 MODEL_PATH = Path(__file__).with_name("model") / "pii-names.npz"
 
 # Gazetteer flags (one letter each) as they appear in feature names.
-GAZETTEERS: tuple[str, ...] = ("first", "last", "town", "country", "street")
-_FLAG = {"first": "F", "last": "L", "town": "T", "country": "C", "street": "S"}
+# ``common``: ordinary words of the training languages ("report", "export"), so
+# that a capitalised one after "Subject:" is read as a word, not as a town.
+GAZETTEERS: tuple[str, ...] = ("first", "last", "town", "country", "street", "common")
+_FLAG = {"first": "F", "last": "L", "town": "T", "country": "C", "street": "S", "common": "W"}
 
 # Words (O'Brien, Jean-Luc; a possessive 's apart), numbers (12, 26-83, 7170BM,
 # 01310-100, 12/03/1985), single punctuation.
