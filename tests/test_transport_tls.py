@@ -367,6 +367,30 @@ def test_a_response_leaves_in_one_write_and_a_close_loses_nothing() -> None:
     asyncio.run(scenario())
 
 
+def test_the_internal_listener_issues_no_session_tickets(ca: WorkloadCA) -> None:
+    """No TLS 1.3 session tickets on the mTLS listener (RFC 8446 section 4.6.1):
+    no client resumes, so each handshake's two ticket seals and sends were
+    wasted work; the call is still admitted by the peer's certificate."""
+    gateway, api = WorkloadTls(ca, "gateway"), WorkloadTls(ca, "api")
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    config = tls_config(
+        _gated_app(gateway, PeerVerifier(ca)), gateway.server_context(), log_level="warning"
+    )
+    with serve(config, sock):
+        context = _client_context(ca.root_pem(), api.svid)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        try:
+            status, body, _headers = _get(conn, "/who")
+            assert (status, body) == (200, API.encode())
+            assert conn.sock is not None
+            session = conn.sock.session  # type: ignore[attr-defined]
+            assert session is not None and not session.has_ticket
+            assert not conn.sock.session_reused  # type: ignore[attr-defined]
+        finally:
+            conn.close()
+
+
 def test_a_request_leaves_in_one_write_when_the_client_reads() -> None:
     """The api's mTLS client (bastion.identity.workload_transport): httpcore's
     writes of a request's head and body are held until it reads the response

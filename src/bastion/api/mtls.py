@@ -23,7 +23,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.routing import BaseRoute, Match
+from fastapi.routing import APIRoute, APIWebSocketRoute
+from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.api.problems import Problem, problem_type, send_problem
@@ -33,6 +34,12 @@ from bastion.logs import get_logger
 _log = get_logger("bastion.workload")
 
 WORKLOAD_ID = "workload_id"
+_MEMO_SIZE = 1024
+# Route classes whose match reads only the scope's type, root path, path and
+# method (FastAPI's read a context only its own router sets, after the gate).
+_PATH_ONLY_MATCHES = frozenset(
+    {Route.matches, WebSocketRoute.matches, APIRoute.matches, APIWebSocketRoute.matches}
+)
 
 
 class WorkloadRefused(Problem):
@@ -108,9 +115,31 @@ class WorkloadGate:
         self.callers = dict(callers)
         self.verifier = verifier
         self.record = record
+        # Which route a path matches, kept: the app's router matches it again,
+        # and a keep-alive caller sends the same few paths. Only plain routes,
+        # whose match depends on the scope's type and path alone (a Host or a
+        # Mount's children could depend on more); bounded, as paths are the
+        # caller's choice.
+        self._memo: dict[tuple[str, str, str], str | None] | None = (
+            {} if all(type(r).matches in _PATH_ONLY_MATCHES for r in self.routes) else None
+        )
 
     def route_of(self, scope: Scope) -> str | None:
         """The path template of the route ``scope`` matches, or None."""
+        if self._memo is None:
+            return self._match(scope)
+        key = (scope["type"], scope.get("root_path", ""), scope["path"])
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        route = self._match(scope)
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = route
+        return route
+
+    def _match(self, scope: Scope) -> str | None:
         for route in self.routes:
             match, _child = route.matches(scope)
             if match is not Match.NONE:
