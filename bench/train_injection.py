@@ -199,11 +199,9 @@ def with_benign_windows(
 ) -> tuple[list[str], npt.NDArray[np.float64]]:
     """Add the short scan windows of long benign texts as benign samples: the
     scan keeps a text's highest window, so each window of a benign document
-    must score low on its own, not only the document as a whole. And short
-    benign texts tiled to a whole window (every other one also said four
-    times): logs and tables repeat
-    lines, and the n-gram sum grows with the square root of the repetitions,
-    so a benign line said twenty times must stay benign too."""
+    must score low on its own, not only the document as a whole. (Repeated
+    lines need no samples of their own: a window counts each distinct n-gram
+    once, so a line said twenty times scores as it does once.)"""
     extra = [
         text[start : start + size]
         for size, stride in classifier.SCALES[1:]
@@ -211,9 +209,6 @@ def with_benign_windows(
         if label == 0 and len(text) > size + stride
         for start in range(0, min(len(text), classifier.WINDOW) - size, stride)
     ]
-    short = [t for t, label in zip(texts, labels, strict=True) if label == 0 and len(t) < 256]
-    extra += [(text + " ") * (classifier.WINDOW // (len(text) + 1) + 1) for text in short]
-    extra += [(text + " ") * 4 for text in short[1::2]]
     return texts + extra, np.concatenate([labels, np.zeros(len(extra))])
 
 

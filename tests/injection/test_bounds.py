@@ -87,7 +87,8 @@ def _reference(clock: Callable[[], float] = time.perf_counter) -> float:
 
 
 @pytest.mark.parametrize(
-    "kind", ["hostile line", "random bytes", "base64 blobs", "prose", "one huge line"]
+    "kind",
+    ["hostile line", "random bytes", "base64 blobs", "prose", "one huge line", "mixed scripts"],
 )
 def test_a_megabyte_is_screened_in_time_linear_in_its_size(kind: str) -> None:
     assert kind in KINDS
@@ -250,3 +251,33 @@ def test_leads_looked_for_at_word_starts_find_every_match_of_a_full_scan() -> No
             if rule.view in at_words:
                 found = [m.span() for m in engine._rule_matches(rule, haystack, hits, index)]
                 assert found == [m.span() for m in engine._matches(rule, haystack)], rule.rule
+
+
+def test_mixed_script_words_found_in_runs_are_every_match_of_a_full_scan() -> None:
+    # A long non-ASCII text's words mixing Latin letters and look-alikes
+    # ("paypal" with a Cyrillic a) are looked for only in the runs of word
+    # characters that hold both, found in numpy: the count is the full scan's.
+    import random
+
+    from bastion.safety.injection import engine
+
+    rng = random.Random(15)
+    pieces = ["hello world", "\u3053\u3093\u306b\u3061\u306f", "\u00fcn\u00efc\u00f6d\u00e9", "."]
+    pieces += ["\u041f\u0440\u0438\u0432\u0435\u0442", "\u03b3\u03b5\u03b9\u03ac"]
+    pieces += ["\uff46\uff55\uff4c"]  # fullwidth
+    # Cyrillic a, e, o, be and Greek sigma beside Latin letters, digits and "_".
+    mixed = ["p\u0430yp\u0430l", "\u0430ccount", "s\u0435curity", "\u043ek", "x\u03c3y"]
+    mixed += ["_\u0430_b", "a1\u0431"]
+    for planted in range(6):
+        words = [rng.choice(pieces) for _ in range(3_000)]
+        for _ in range(planted):
+            words.insert(rng.randrange(len(words)), rng.choice(mixed))
+        views = engine.text_views(" ".join(words))
+        assert len(views.plain) > 2 * engine._WINDOW and not views.plain.isascii()
+        everywhere = sum(1 for _ in engine._MIXED.finditer(views.plain))
+        for most in (1, 3, 100):
+            found = engine._mixed_words(views.plain, set(views.plain), most)
+            assert found == min(everywhere, most), (planted, most)
+        rule = [f for f in views.findings if f.rule == "homoglyph.mixed-script"]
+        expected = [] if not everywhere else [45 if everywhere > 2 else 35]
+        assert [f.weight for f in rule] == expected

@@ -175,10 +175,11 @@ def _leet(text: str) -> str:
     return _leet_long(text)
 
 
-# Per character: 0 not a word character, 1 a lower-case letter, 2 a digit
-# leetspeak stands a letter for, 3 any other word character (ASCII ``\w``).
+# Per character, one bit of its kind: 1 a lower-case letter, 2 a digit
+# leetspeak stands a letter for, 4 any other word character (ASCII ``\w``); 0
+# not a word character. A run's kinds are then the bitwise or of its characters'.
 _LEET_RUNS = bytes(
-    1 if 97 <= b <= 122 else 2 if chr(b) in "013457" else 3 if chr(b).isalnum() or b == 95 else 0
+    1 if 97 <= b <= 122 else 2 if chr(b) in "013457" else 4 if chr(b).isalnum() or b == 95 else 0
     for b in range(128)
 ) + bytes(128)
 _LEET_TABLE = np.frombuffer(
@@ -194,15 +195,17 @@ def _leet_long(text: str) -> str:
     kind = np.frombuffer(text.encode("ascii").translate(_LEET_RUNS), dtype=np.uint8)
     edges = np.diff(np.concatenate(([0], (kind > 0).view(np.int8), [0])))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    totals = [np.concatenate(([0], np.cumsum(kind == k))) for k in (1, 2, 3)]
-    letters, digits, others = (total[ends] - total[starts] for total in totals)
-    chosen = (ends - starts >= 3) & (letters > 0) & (digits > 0) & (others == 0)
+    if not starts.size:
+        return text
+    # Between runs every kind is 0: or-ing from one run's start to the next's is the run's.
+    kinds = np.bitwise_or.reduceat(kind, starts)
+    chosen = (ends - starts >= 3) & (kinds == 3)  # letters and such digits, nothing else
     if not chosen.any():
         return text
     marks = np.zeros(len(raw) + 1, dtype=np.int8)
     marks[starts[chosen]] = 1
     marks[ends[chosen]] = -1  # a run ends before the next starts: never the same place
-    inside = np.cumsum(marks[:-1]) > 0
+    inside = np.cumsum(marks[:-1], dtype=np.int8) > 0
     out = raw.copy()
     out[inside] = _LEET_TABLE[raw[inside]]
     return out.tobytes().decode("ascii")
@@ -217,14 +220,42 @@ def _decode_vs(run: str) -> str:
     return out.decode("utf-8", "replace")
 
 
+_Codes = np.ndarray[Any, np.dtype[np.uint32]]
+_Tally = np.ndarray[Any, np.dtype[np.intp]]
+
+
+def _tallied(text: str) -> tuple[_Codes, _Tally] | None:
+    """A long non-ASCII text's code points and how often each occurs (one pass
+    in numpy), else None: its character counts are then read from the tally,
+    not by a scan of the text per character looked for."""
+    if text.isascii() or len(text) <= 2 * _WINDOW:
+        return None
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return codes, np.bincount(codes)
+
+
+def _occurrences(text: str, tally: _Tally | None, chars: Iterable[str]) -> int:
+    """How many times the characters ``chars`` occur in ``text`` (``tally``: its
+    :func:`_tallied` counts, when it has them)."""
+    if tally is None:
+        return sum(text.count(c) for c in chars)
+    return int(sum(int(tally[ord(c)]) for c in chars if ord(c) < tally.size))
+
+
 def text_views(text: str) -> Views:
     findings: list[Finding] = []
     hidden: list[str] = []
     work = text
+    tallied = _tallied(work)
+    tally = None if tallied is None else tallied[1]
     # Tags and most selectors are outside the BMP: looked for only in a text
     # that has such characters (its UTF-16 form is longer), not by a scan of
     # every position; the BMP selectors are found by ``in``, in C.
-    astral = not work.isascii() and len(work.encode("utf-16-le", "surrogatepass")) > 2 * len(work)
+    astral = not work.isascii() and (
+        tally.size > 0x10000
+        if tally is not None
+        else len(work.encode("utf-16-le", "surrogatepass")) > 2 * len(work)
+    )
     if astral and _TAGS.search(work):
         kept: list[str] = []
         pos = 0
@@ -240,15 +271,18 @@ def text_views(text: str) -> Views:
         if hidden:
             findings.append(Finding("invisible.unicode-tags", "invisible", 40))
             work = "".join(kept) + work[pos:]
-    selectors = not work.isascii() and (astral or any(vs in work for vs in _BMP_SELECTORS))
+    if work is not text:
+        tallied, tally = None, None  # the tags are gone: counted again if need be
+    selectors = not work.isascii() and (astral or _occurrences(work, tally, _BMP_SELECTORS) > 0)
     if selectors and _VS.search(work):
         for run in _VS.findall(work):
             hidden.append(_decode_vs(run))
         findings.append(Finding("invisible.variation-selectors", "invisible", 40))
         work = _VS.sub("", work)
+        tallied, tally = None, None
     if not work.isascii():
-        zero = sum(work.count(c) for c in _ZERO_WIDTH)
-        bidi = sum(work.count(c) for c in _BIDI)
+        zero = _occurrences(work, tally, _ZERO_WIDTH)
+        bidi = _occurrences(work, tally, _BIDI)
         if zero:
             # A joiner between emoji, or ZWNJ in Persian, is normal; inside Latin
             # words it hides text.
@@ -271,8 +305,10 @@ def text_views(text: str) -> Views:
     # built character by character); its translations are then gathers.
     codes = None
     if len(visible) > 2 * _WINDOW:
-        codes = np.frombuffer(visible.encode("utf-32-le"), dtype=np.uint32)
-        tally = np.bincount(codes)
+        if visible is not text or tallied is None:  # invisible characters removed
+            tallied = _tallied(visible)
+        assert tallied is not None  # a long non-ASCII text
+        codes, tally = tallied
         distinct = [chr(c) for c in np.flatnonzero(tally).tolist()]
     else:
         distinct = list(set(visible))
@@ -283,7 +319,7 @@ def text_views(text: str) -> Views:
         norm = unicodedata.normalize("NFKC", ch)
         if not ch.isascii() and norm != ch and norm.isascii() and norm.isalnum():
             # Fullwidth or mathematical letters spelling ASCII.
-            styled += visible.count(ch) if codes is None else int(tally[ord(ch)])
+            styled += visible.count(ch) if tally is None else int(tally[ord(ch)])
         piece = norm.casefold()
         plain_map[ord(ch)] = piece
         conf = _CONFUSABLES.get(piece) or _CONFUSABLES.get(ch)
@@ -310,16 +346,53 @@ def text_views(text: str) -> Views:
     if any(c in _CONFUSABLES for c in plain_map.values()) or any(
         c in _CONFUSABLES for c in distinct
     ):
-        for _word in _MIXED.finditer(plain):
-            mixed += 1
-            if mixed > 2:
-                break
+        mixed = _mixed_words(plain, "".join(plain_map.values()), 3)
     if mixed:
         findings.append(Finding("homoglyph.mixed-script", "homoglyph", 45 if mixed > 2 else 35))
     if styled >= 5:
         findings.append(Finding("homoglyph.styled-letters", "homoglyph", 15))
     folded = _leet(folded)
     return Views(visible, plain, folded, origin, hidden, findings)
+
+
+_MIXED_WORD, _MIXED_LATIN, _MIXED_CONFUSABLE = 1, 2, 4
+
+
+def _mixed_words(plain: str, alphabet: Iterable[str], most: int) -> int:
+    """How many matches of :data:`_MIXED` ``plain`` (whose characters are
+    ``alphabet``) holds, counted up to ``most``.
+
+    A match is a Latin letter and a confusable in one run of word characters
+    (or confusables): in a long text the expression runs only on the runs
+    that hold both, found in numpy, not at every position of the text."""
+    if plain.isascii() or len(plain) <= 2 * _WINDOW:
+        regions = [(0, len(plain))]
+    else:
+        chars = sorted(set(alphabet), key=ord)
+        kinds = np.zeros(ord(chars[-1]) + 1, dtype=np.uint8)
+        for ch in chars:
+            kinds[ord(ch)] = (
+                (_MIXED_WORD if ch.isalnum() or ch == "_" or ch in _CONF_CLASS else 0)
+                | (_MIXED_LATIN if "a" <= ch <= "z" else 0)
+                | (_MIXED_CONFUSABLE if ch in _CONF_CLASS else 0)
+            )
+        codes = np.frombuffer(plain.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        kind = kinds[codes]
+        edges = np.diff((kind & _MIXED_WORD).view(np.int8), prepend=0, append=0)
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if not starts.size:
+            return 0
+        # Between runs every kind is 0: or-ing from one run's start to the next's is the run's.
+        both = _MIXED_LATIN | _MIXED_CONFUSABLE
+        chosen = (np.bitwise_or.reduceat(kind, starts) & both) == both
+        regions = list(zip(starts[chosen].tolist(), ends[chosen].tolist(), strict=True))
+    count = 0
+    for start, end in regions:
+        for _match in _MIXED.finditer(plain, start, end):
+            count += 1
+            if count >= most:
+                return count
+    return count
 
 
 def _translated(
@@ -793,6 +866,7 @@ _CIPHER_WEIGHTS = np.array(
 )
 _CIPHER_SEGMENT = re.compile(r"[^.!?\n:;,()\[\]\"]{12,}")
 _CIPHER_STOPS = bytes(1 if chr(b) in '.!?\n:;,()[]"' else 0 for b in range(256))
+_CIPHER_STOP_MARKS = np.frombuffer(_CIPHER_STOPS[:128] + b"\x00", dtype=np.uint8)  # 128: any other
 _MIN_GAIN = 0.6  # nats per letter the deciphered text must gain over the text as written
 
 
@@ -802,9 +876,14 @@ def _deciphered(visible: str) -> Iterable[Layer]:
     All segments are scored at once (numpy): one count matrix of letters per
     segment, one product with every cipher's weights."""
     raw = visible.encode("ascii", "replace")
-    if len(visible) > 2 * _WINDOW and visible.isascii():
+    if len(visible) > 2 * _WINDOW:
         # The segments as runs between stops, found in numpy (as _CIPHER_SEGMENT).
-        stops = np.frombuffer(b"\x01" + raw.translate(_CIPHER_STOPS) + b"\x01", dtype=np.int8)
+        if visible.isascii():
+            marks = raw.translate(_CIPHER_STOPS)
+        else:  # "?" in ``raw`` stands for any other character too: read the code points
+            codes = np.frombuffer(visible.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            marks = _CIPHER_STOP_MARKS[np.minimum(codes, 128)].tobytes()
+        stops = np.frombuffer(b"\x01" + marks + b"\x01", dtype=np.int8)
         edges = np.diff(stops)
         starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
         keep = ends - starts >= 12
@@ -1197,9 +1276,19 @@ def checked_text(text: str | bytes) -> str:
             raise PromptNotText("the text is not valid UTF-8") from None
     if len(text) > MAX_CHARS:
         raise PromptTooLarge(f"texts are screened up to {MAX_CHARS} characters")
-    if not text.isascii() and _SURROGATE.search(text):
+    if not text.isascii() and _has_surrogates(text):
         raise PromptNotText("the text holds unpaired surrogates (not well-formed Unicode)")
     return text
+
+
+def _has_surrogates(text: str) -> bool:
+    # UTF-32 encodes every code point but a surrogate: one pass in C, where a
+    # regex would try every position.
+    try:
+        text.encode("utf-32-le")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def screen(
