@@ -208,10 +208,14 @@ def _resources(settings: Settings, overrides: Overrides) -> tuple[Database, Keys
 
 def build_app(process: str, settings: Settings, overrides: Overrides = NO_OVERRIDES) -> FastAPI:
     """Return the ASGI app of ``process`` ("api", "gateway" or "worker")."""
+    from bastion.safety import pii_names
     from bastion.safety.injection import classifier
 
-    # Fail closed at start-up: screening without its weights would be a silent allow.
+    # Fail closed at start-up: screening without its weights would be a silent
+    # allow, redaction without the tagger's would pass names in clear. Read here,
+    # not by the first request (about a second of CPU each).
     classifier.model()
+    pii_names.load()
     return build_process(process, settings, overrides).app
 
 
