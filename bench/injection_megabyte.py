@@ -3,9 +3,9 @@ text (issue 15: "1 MB finishes in <= 100 ms", no quadratic blow-up).
 
 For each kind in ``tests/injection/megabytes.py`` (prose, base64 blobs, many
 short lines, one huge line, random bytes decoded with replacement, one
-character repeated, mixed scripts, a hostile line), the time to screen the
-megabyte as a user turn and as a retrieved document: p50 and max of a few
-runs on one core. Beside them, a reference measured in the same run (one
+character repeated, mixed scripts, a hostile line, a text dense with attacks),
+the time to screen the megabyte as a user turn and as a retrieved document:
+p50 and max of a few runs on one core. Beside them, a reference measured in the same run (one
 word-tokenizer pass over a megabyte of prose), so that figures taken on a
 loaded machine can be read as multiples of it.
 

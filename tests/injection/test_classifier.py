@@ -294,6 +294,18 @@ def test_each_window_counts_a_distinct_ngram_once_as_training_does() -> None:
     assert model.logit(short) == pytest.approx(0.25 + float(weights[buckets] @ values))
 
 
+def test_a_text_of_one_window_scores_as_the_windowed_path_does() -> None:
+    # A text every scale reads as one window skips the previous-occurrence sort:
+    # the shipped model (n-grams and word vectors) gives it the same logit, on
+    # the suite's texts cut around that length and on the empty text.
+    model = classifier.model()
+    texts = [case.text for case in corpus.load()[::20]]
+    short = [t[:size] for t in texts for size in (0, 1, 60, 126, 127, 128, 400)]
+    assert sum(len(classifier.prepare(t)) <= classifier._ONE_WINDOW for t in short) > 300
+    for text in short:
+        assert abs(model.logit(text) - model.logit(text, windowed=True)) <= 1e-12, text
+
+
 def test_long_text_is_scored_on_windows() -> None:
     prose = "The refund for the March invoice was issued on time. " * 20_000
     attack = " ".join(text for _lang, text in PARAPHRASES) * 2

@@ -76,6 +76,7 @@ assert all(size % BLOCK == 0 and stride % BLOCK == 0 for size, stride in SCALES)
 MODEL_PATH = Path(__file__).parent / "model" / "injection-ngram.npz"
 assert all(stride & (stride - 1) == 0 and size == 2 * stride for size, stride in SCALES)
 _NONE_BEFORE = -4 * WINDOW  # a previous occurrence at least two chunks before any chunk
+_ONE_WINDOW = min(size for size, _stride in SCALES) + 2  # read whole at every scale
 
 _SPACES = re.compile(r"\s+")
 _NON_WORD = re.compile(r"\W")
@@ -268,14 +269,20 @@ class Model:
     semantic: Semantic | None = None
     """The semantic part; absent, the model is n-grams alone."""
 
-    def logit(self, text: str) -> float:
-        """The highest window logit of ``text``, over every window of every scale."""
+    def logit(self, text: str, *, windowed: bool = False) -> float:
+        """The highest window logit of ``text``, over every window of every scale.
+
+        A text short enough to be one window at every scale takes a shorter
+        path, to the same score (``windowed``: the general path whatever the
+        length, which the tests compare it with)."""
         prepared = prepare(text)
         if prepared.strip() == "":
             return self.bias
         positions, buckets, word_starts, words = scan(prepared)
         n = len(prepared)
         found = self.semantic.found(word_starts, words, n) if self.semantic else None
+        if n <= _ONE_WINDOW and not windowed:
+            return self._one_window_logit(buckets, found, n)
         # Each feature with the position of the bucket's previous occurrence
         # (far before the text: none): in a window it counts when that one is
         # before the window. One sort of (bucket, position) finds them all.
@@ -317,6 +324,22 @@ class Model:
                 window = window + self.semantic.window_logits(found, starts, ends)
             best = max(best, float(window.max()))
         return self.bias + best
+
+    def _one_window_logit(
+        self,
+        buckets: npt.NDArray[np.int64],
+        found: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None,
+        n: int,
+    ) -> float:
+        """:meth:`logit` of a prepared text of ``n`` characters that every
+        scale reads as one window: its distinct buckets (in bucket order, as the
+        general path sums them), no previous occurrences to find."""
+        distinct = np.unique(buckets)
+        total = self.weights[distinct].astype(np.float64).sum()
+        window = np.array([total]) / np.sqrt(max(distinct.size, 1))
+        if self.semantic is not None and found is not None:
+            window = window + self.semantic.window_logits(found, np.array([0]), np.array([n]))
+        return self.bias + float(window.max())
 
     def probability(self, text: str) -> float:
         z = self.logit(text)

@@ -520,6 +520,10 @@ _AUTOMATA: dict[tuple[str, ...], tuple[Any, Any, Any]] = {
 }
 
 
+_LEAD_SEGMENT = 65_536
+_LONGEST_LEAD = 1 + max(len(lead) for rule in RULES for lead in rule.leads)  # with its space
+
+
 def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
     """Where each rule's leads start in ``haystack``; None when the leads are
     so dense that one regex pass per rule costs less (:func:`_matches`)."""
@@ -534,15 +538,28 @@ def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
     else:
         passes = ((every, haystack),)
     n = 0
-    for automaton, text in passes:
-        if automaton.kind == ahocorasick.EMPTY:
-            continue
-        for end, (length, rules) in automaton.iter(text):
-            n += 1
-            if n > limit:
-                return None
-            for index in rules:
-                hits.setdefault(index, []).append(end - length + 1)
+    # Segment by segment, every pass over each: leads denser than the limit's
+    # share in the text read so far give up there, not after a limit's worth of
+    # hits read one by one in Python (a megabyte dense with attacks).
+    for segment in range(0, len(haystack), _LEAD_SEGMENT):
+        stop = segment + _LEAD_SEGMENT
+        for automaton, text in passes:
+            if automaton.kind == ahocorasick.EMPTY:
+                continue
+            # A lead starting in the segment ends before ``stop + _LONGEST_LEAD``.
+            # A slice, not iter's bounds: it reads the whole string on each call.
+            piece = text[segment : stop + _LONGEST_LEAD]
+            for end, (length, rules) in automaton.iter(piece):
+                start = segment + end - length + 1
+                if start >= stop:
+                    continue  # the next segment's
+                n += 1
+                if n > limit:
+                    return None
+                for index in rules:
+                    hits.setdefault(index, []).append(start)
+        if n > max(_MAX_LEADS, stop // 8):
+            return None
     return hits
 
 
@@ -1109,8 +1126,29 @@ def _near_intent(visible: str, found: list[Finding]) -> str:
     return "\n".join(visible[start:end] for start, end in merged)
 
 
+@dataclass(frozen=True)
+class _Enough:
+    """When collecting findings may stop, the decision being fixed (a text
+    dense with attacks otherwise costs per finding). ``score``: once the
+    findings total this much (a total only grows). ``left_over``: once the
+    rules that match more often than sanitizing removes (:data:`_MAX_USES`)
+    weigh this much in all: what sanitizing leaves still holds them, so a
+    retrieved text is dropped. Either only past ``findings`` findings: a text
+    with few keeps its every reason. A verdict cut short says so
+    (:data:`DECIDED`): its score and reasons are then "at least"."""
+
+    score: int = 101
+    left_over: int = 101
+    findings: int = 0
+
+
+DECIDED = "screen.decided-early"
+"""The reason a verdict carries when the screen stopped once its decision could
+not change: its score is a lower bound and its reasons the first found."""
+
+
 def _findings(
-    text: str, depth: int = 0, budget: list[int] | None = None
+    text: str, depth: int = 0, budget: list[int] | None = None, enough: _Enough | None = None
 ) -> tuple[Views, list[Finding]]:
     # ``budget``: characters the decoded layers may still have screened, in all
     # (a linear bound, whatever nests in what); spent, the text is judged too
@@ -1127,24 +1165,29 @@ def _findings(
     # Only the rules one of whose leads occurs (all of a view whose leads were too dense).
     tried = {index for view_hits in hits.values() if view_hits is not None for index in view_hits}
     tried |= {i for i, rule in enumerate(RULES) if hits[rule.view] is None}
+    left_over = 0  # weight of the rules matching more often than sanitizing removes
     for index in sorted(tried):
         rule = RULES[index]
         haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)
         used = 0  # a rule counts once; its spans matter only for sanitizing
-        for match in _rule_matches(rule, haystack, hits[rule.view], index):
-            start, end = (
-                (match.start(), match.end())
-                if rule.view == "visible"
-                else _span(views, match.start(), match.end())
-            )
-            if rule.category in _MENTIONED and _mentioned(views.visible, start, end):
-                # Quoted and talked about: a mention, weighed low (and still reported).
-                found.append(Finding(f"{rule.rule}.quoted", rule.category, 5, start, end))
-            else:
-                found.append(Finding(rule.rule, rule.category, rule.weight, start, end))
-                used += 1
+        matches = iter(_rule_matches(rule, haystack, hits[rule.view], index))
+        for match in matches:
+            finding = _rule_finding(views, rule, match)
+            found.append(finding)
+            used += not finding.rule.endswith(".quoted")
             if len(found) > 200 or used >= _MAX_USES:
                 break
+        if enough is None:
+            continue
+        if used >= _MAX_USES and enough.left_over <= 100:
+            # One match more than sanitizing removes (a quoted one is not counted).
+            extra = next(matches, None)
+            if extra is not None and not _rule_finding(views, rule, extra).rule.endswith(".quoted"):
+                left_over += rule.weight
+        if len(found) >= enough.findings and (
+            left_over >= enough.left_over or total_score(found) >= enough.score
+        ):
+            return views, [*found, Finding(DECIDED, "bound", 0)]
     if total_score(found) >= 100:
         return views, found  # nothing found further could change the score
     found += _classifier_vote(views.visible, found)
@@ -1168,7 +1211,26 @@ def _findings(
             ]
         if total_score(found) >= 100:
             break
+        if (
+            enough is not None
+            and len(found) >= enough.findings
+            and total_score(found) >= enough.score
+        ):
+            return views, [*found, Finding(DECIDED, "bound", 0)]
     return views, found
+
+
+def _rule_finding(views: Views, rule: Rule, match: re.Match[str]) -> Finding:
+    """The finding a rule's match makes: in the visible text's offsets, and
+    weighed low when quoted and talked about (a mention, still reported)."""
+    start, end = (
+        (match.start(), match.end())
+        if rule.view == "visible"
+        else _span(views, match.start(), match.end())
+    )
+    if rule.category in _MENTIONED and _mentioned(views.visible, start, end):
+        return Finding(f"{rule.rule}.quoted", rule.category, 5, start, end)
+    return Finding(rule.rule, rule.category, rule.weight, start, end)
 
 
 def total_score(findings: Iterable[Finding]) -> int:
@@ -1309,13 +1371,24 @@ def screen(
     """
     text = checked_text(text)
     runs = _text_runs(text)
+    # Where collecting findings may stop (a total only grows): a user turn is
+    # decided at the block threshold, a flagged or junk chunk at the sanitize
+    # one, any other chunk once what sanitizing would leave is still hostile.
+    # Only past :data:`_MAX_USES` findings: a text with fewer keeps every reason.
+    retrieved = source in ("retrieved", "tool")
+    if not retrieved:
+        enough = _Enough(score=policy.block_at, findings=_MAX_USES)
+    elif policy.retrieved_action == "flag" or runs is not None:
+        enough = _Enough(score=policy.sanitize_at, findings=_MAX_USES)
+    else:
+        enough = _Enough(left_over=policy.block_at, findings=_MAX_USES)
     if runs is None:
-        views, found = _findings(text)
+        views, found = _findings(text, enough=enough)
         visible = views.visible
     else:
         # Binary junk: its text runs are screened; what passes is the junk
         # with its invisible characters removed, as any text's are.
-        _run_views, found = _findings(runs)
+        _run_views, found = _findings(runs, enough=enough)
         visible = _without_invisible(text)
     score = total_score(found)
     stripped = visible != text
@@ -1328,10 +1401,12 @@ def screen(
             return Verdict(passed[0], score, hits, passed[1], source, threshold=at)
         if policy.retrieved_action == "flag":
             return Verdict(passed[0], score, hits, passed[1], source, "flag", at)
-        if runs is not None:  # junk is not cut sentence by sentence: the chunk goes
+        if runs is not None or found[-1].rule == DECIDED:
+            # Junk is not cut sentence by sentence; a chunk decided early would
+            # still be hostile once sanitized: the chunk goes.
             return Verdict("block", score, hits, "", source, policy.retrieved_action, at)
         cleaned = _neutralise(views.visible, found)
-        _rest_views, rest = _findings(cleaned)
+        _rest_views, rest = _findings(cleaned, enough=_Enough(score=at))
         left = len(cleaned.replace(REMOVED, "").strip())
         # Dropped when still hostile, or when little but the attack was there.
         if total_score(rest) >= at or left < 0.4 * len(views.visible.strip()):
