@@ -131,6 +131,30 @@ def test_the_hot_loop_finds_what_the_plain_definitions_find() -> None:
         assert pii_names.dates(text) == [m.span() for m in pii_names.DATE_RE.finditer(text)]
 
 
+def test_the_scores_are_the_model_applied_to_the_plain_features() -> None:
+    """NameModel.scores (one table of precomputed and per-call rows, one gather)
+    is the log-softmax of the summed weights of features() of each candidate,
+    plus the unknown-word feature where the model lacks its word: on the
+    tagger's own path (find's token lists) and on a list of Tokens alike."""
+    model = pii_names.load()
+    vocabulary, weights = model.vocabulary, model.weights
+    for text in _texts():
+        toks, indexes = pii_names.scan(text, model.lexicon)
+        if not indexes:
+            continue
+        expected = []
+        for i in indexes:
+            names = pii_names.features(toks, i, model.lexicon)
+            if "w=" + toks[i].text.lower() not in vocabulary:
+                names.append(pii_names.UNKNOWN)
+            raw = sum((weights[vocabulary[n]] for n in names if n in vocabulary), np.zeros(4))
+            expected.append(raw - raw.max() - np.log(np.exp(raw - raw.max()).sum()))
+        scanned, found = pii_names._scan(text, model.lexicon.connectors)
+        assert set(indexes) <= set(found)
+        for got in (model.scores(toks, indexes), model.scores(scanned, indexes)):
+            np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4)
+
+
 def test_held_apart_dev_half_stays_above_its_floor() -> None:
     """A tuning figure (bench/pii.py prints the final one on the test half): names,
     addresses and places of templates and locales the training never saw."""

@@ -37,12 +37,15 @@ vectorised product.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import operator
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -226,38 +229,96 @@ class Token(NamedTuple):
 
 def tokens(text: str) -> list[Token]:
     """The words, numbers and punctuation of ``text``, in order."""
-    return _scan(text, None)[0]
+    return _scan(text, None)[0].as_list()
 
 
 def scan(text: str, lexicon: Lexicon) -> tuple[list[Token], list[int]]:
     """``tokens(text)`` and ``candidates(text, those, lexicon)`` in one pass over
-    the text (the tagger's hot loop; tests/test_pii_names.py checks they agree)."""
+    the text (tests/test_pii_names_parts.py checks they agree)."""
     toks, found = _scan(text, lexicon.connectors)
-    return toks, _outside_dates(text, toks, found)
+    return toks.as_list(), _outside_dates(text, toks.starts, found)
 
 
-def _scan(text: str, connectors: frozenset[str] | None) -> tuple[list[Token], list[int]]:
+class Scanned(Sequence[Token]):
+    """The tokens of a text as parallel lists, the tagger's hot path: a ticket
+    has thousands of tokens and the tagger reads a few fields of the candidates
+    and their neighbours only, so a :class:`Token` is made only when one is
+    asked for (``scanned[i]``)."""
+
+    __slots__ = ("breaks", "ends", "kinds", "line_starts", "starts", "words")
+
+    def __init__(self, text: str) -> None:
+        matches = list(TOKEN_RE.finditer(text))
+        # C-level loops (map) over the matches: a Python loop per token was a
+        # third of the tagger's time on a support ticket.
+        self.starts: list[int] = list(map(_START, matches))
+        self.ends: list[int] = list(map(_END, matches))
+        self.words: list[str] = list(map(_GROUP, matches))
+        self.kinds: list[str] = list(map(_LASTGROUP, matches))
+        # A line break stands between two tokens (no token holds one): the token
+        # after it is the first of its line.
+        self.line_starts: list[int] = []
+        self.breaks: list[bool] = [False] * len(matches)
+        newline = text.find("\n")
+        after = 0
+        while newline != -1:
+            after = bisect.bisect_right(self.starts, newline, after)
+            if after == len(matches):
+                break
+            if not self.breaks[after]:
+                self.breaks[after] = True
+                self.line_starts.append(after)
+            newline = text.find("\n", self.starts[after])
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @overload
+    def __getitem__(self, index: int) -> Token: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Token]: ...
+
+    def __getitem__(self, index: int | slice) -> Token | list[Token]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return Token(
+            self.starts[index],
+            self.ends[index],
+            self.words[index],
+            self.kinds[index],
+            self.breaks[index],
+        )
+
+    def as_list(self) -> list[Token]:
+        # tuple.__new__: a NamedTuple's own constructor is a Python call per token.
+        return list(
+            map(
+                tuple.__new__,
+                repeat(Token),
+                zip(self.starts, self.ends, self.words, self.kinds, self.breaks, strict=True),
+            )
+        )
+
+
+_START = re.Match.start
+_END = re.Match.end
+_GROUP = re.Match.group
+_LASTGROUP = operator.attrgetter("lastgroup")
+
+
+def _scan(text: str, connectors: frozenset[str] | None) -> tuple[Scanned, list[int]]:
     """The tokens of ``text`` and, given the connectors, the indexes of those
     :func:`is_candidate` would keep (dates not yet taken out)."""
-    toks: list[Token] = []
-    found: list[int] = []
-    append, keep, new = toks.append, found.append, tuple.__new__
-    last = 0
-    newline = text.find("\n")
-    for match in TOKEN_RE.finditer(text):
-        start, end = match.span()
-        word = match.group()
-        kind = match.lastgroup or "p"
-        if connectors is not None and (
-            kind == "n"
-            or (kind == "w" and (word[0].isupper() or word[0].istitle() or word in connectors))
-        ):
-            keep(len(toks))
-        # tuple.__new__: a NamedTuple's own constructor is a Python call per token.
-        append(new(Token, (start, end, word, kind, last <= newline < start)))
-        last = end
-        if newline < end and newline != -1:
-            newline = text.find("\n", end)
+    toks = Scanned(text)
+    if connectors is None:
+        return toks, []
+    found = [
+        i
+        for i, (kind, word) in enumerate(zip(toks.kinds, toks.words, strict=True))
+        if kind == "n"
+        or (kind == "w" and (word[0].isupper() or word[0].istitle() or word in connectors))
+    ]
     return toks, found
 
 
@@ -298,6 +359,10 @@ class Lexicon:
         """One letter per gazetteer ``low`` is in (``FL``: a first and a last name)."""
         return self._flags.get(low, "")
 
+    def combinations(self) -> set[str]:
+        """Every value :meth:`flags` can take (``""`` included)."""
+        return {"", *self._flags.values()}
+
 
 def is_candidate(token: Token, lexicon: Lexicon) -> bool:
     """Whether the tagger looks at ``token``: all others are not personal data."""
@@ -313,19 +378,21 @@ def candidates(text: str, toks: Sequence[Token], lexicon: Lexicon) -> list[int]:
     """Indexes of the tokens the tagger classifies: candidates not inside a date
     (a date's year is no house number; :func:`dates_of_birth` judges dates)."""
     return _outside_dates(
-        text, toks, [i for i, tok in enumerate(toks) if is_candidate(tok, lexicon)]
+        text,
+        [tok.start for tok in toks],
+        [i for i, tok in enumerate(toks) if is_candidate(tok, lexicon)],
     )
 
 
-def _outside_dates(text: str, toks: Sequence[Token], indexes: list[int]) -> list[int]:
-    """``indexes`` but those of tokens inside a date."""
+def _outside_dates(text: str, starts: Sequence[int], indexes: list[int]) -> list[int]:
+    """``indexes`` but those of tokens (starting at ``starts``) inside a date."""
     spans = dates(text)
     if not spans:
         return indexes
     out = []
     d = 0
     for i in indexes:
-        start = toks[i].start
+        start = starts[i]
         while d < len(spans) and spans[d][1] <= start:
             d += 1
         if d < len(spans) and spans[d][0] <= start:
@@ -355,6 +422,9 @@ def context_lexical(offset: int, low: str, lexicon: Lexicon) -> list[str]:
 
 
 _OFFSETS = (-2, -1, 1, 2)
+# Rows of NameModel._table (after row 0, the zero row).
+_NEWLINE_ROW, _NEWLINE_NEXT_ROW = 1, 2
+_EDGE_ROW = {offset: 3 + k for k, offset in enumerate(_OFFSETS)}
 
 
 def features(toks: Sequence[Token], i: int, lexicon: Lexicon) -> list[str]:
@@ -422,21 +492,71 @@ class NameModel:
         self._own_sums = self._sums(own)
         self._context_sums = self._sums(context)
         self._nothing = np.zeros(len(CLASSES), dtype=np.float32)
-        # The weight of each word shape ("Xxxx", "dd"…), as the candidate and at
-        # each offset around it: the model's own features, read once here rather
-        # than looked up again for every call.
-        self._shape_own: dict[str, npt.NDArray[np.float32]] = {}
-        self._shape_around: dict[tuple[int, str], npt.NDArray[np.float32]] = {}
-        for name, index in vocabulary.items():
-            head, _, form = name.partition("=")
-            if head == "sh":
-                self._shape_own[form] = self.weights[index]
-            elif head in ("sh-2", "sh-1", "sh1", "sh2"):
-                self._shape_around[(int(head[2:]), form)] = self.weights[index]
         self._bias = self._vector(["b"])
-        self._newline = self._vector(["nl"])
-        self._newline_next = self._vector(["nl+1"])
-        self._edge = {offset: self._vector([f"w{offset}=<edge>"]) for offset in _OFFSETS}
+        # One table of every weight vector a call may need (the "static" rows;
+        # rows a call computes for its unknown words follow them): nothing, the
+        # line breaks, the text's edges, each feature's weights, the summed own
+        # and context word features of the words the model knows.
+        fixed = [
+            self._nothing,
+            self._vector(["nl"]),
+            self._vector(["nl+1"]),
+            *(self._vector([f"w{offset}=<edge>"]) for offset in _OFFSETS),
+        ]
+        self._weights_at = len(fixed)
+        self._own_at = self._weights_at + len(weights)
+        self._context_at = self._own_at + len(own)
+        # A word the model has not seen as context has features only through
+        # the lists, so its rows there are those of its gazetteer hits (``FL``),
+        # as is the part of its own row that is not its spelling's.
+        combinations = sorted(lexicon.combinations())
+        by_hits = [
+            self._vector([f"g{offset}={flag}" for flag in flags])
+            for flags in combinations
+            for offset in _OFFSETS
+        ]
+        hits_at = self._context_at + len(context)
+        self._context_of_hits = {
+            flags: tuple(
+                hits_at + len(_OFFSETS) * n + k if flags else 0 for k in range(len(_OFFSETS))
+            )
+            for n, flags in enumerate(combinations)
+        }
+        self._own_of_hits = {
+            flags: self._ids([*("g=" + flag for flag in flags), UNKNOWN]) for flags in combinations
+        }
+        self._table = np.concatenate(
+            (np.stack(fixed), weights, self._own_sums, self._context_sums, np.stack(by_hits))
+        ).astype(np.float32)
+        # The rows of each word the model knows (own, then as the neighbour at
+        # each offset; -1: its own row is made per call).
+        self._word_table: dict[str, tuple[int, ...]] = {}
+        for low in (*self._own, *(low for _offset, low in self._context)):
+            if low in self._word_table:
+                continue
+            known = self._own.get(low)
+            hits = self._context_of_hits[lexicon.flags(low)]
+            self._word_table[low] = (
+                -1 if known is None else self._own_at + known,
+                *(
+                    hits[k] if seen is None else self._context_at + seen
+                    for k, seen in enumerate(self._context.get((o, low)) for o in _OFFSETS)
+                ),
+            )
+        # The rows of each word shape the model knows ("Xxxx", "dd"…), as the
+        # candidate and at each offset around it (0: no weight).
+        self._shape_rows: dict[str, tuple[int, ...]] = {}
+        for name in vocabulary:
+            head, _, form = name.partition("=")
+            if head in ("sh", "sh-2", "sh-1", "sh1", "sh2") and form not in self._shape_rows:
+                self._shape_rows[form] = tuple(
+                    self._row(f"sh{offset}={form}") for offset in ("", *_OFFSETS)
+                )
+
+    def _row(self, name: str) -> int:
+        """The row of :attr:`_table` of one feature's weights (0: not a feature)."""
+        index = self.vocabulary.get(name)
+        return 0 if index is None else self._weights_at + index
 
     def _ids(self, names: list[str]) -> list[int]:
         get = self.vocabulary.get
@@ -456,127 +576,131 @@ class NameModel:
         summed: npt.NDArray[np.float32] = self.weights[ids].sum(axis=0)
         return summed
 
-    def _rows(
-        self,
-        text: str,
-        table: list[npt.NDArray[np.float32]],
-        words: dict[str, int],
-        shapes: dict[str, int],
-    ) -> tuple[int, int, str]:
-        """The rows of ``table`` of the word ``text`` and of its shape (appended to it
-        the first time the word, or the shape, is seen in a call), and the shape."""
-        low = text.lower()
-        word = words.get(low)
-        if word is None:
-            word = words[low] = len(table)
-            known = self._own.get(low)
-            table.append(
-                self._own_sums[known]
-                if known is not None
-                else self._vector([*lexical_features(low, self.lexicon), UNKNOWN])
-            )
-            # A word unknown as context has features only through the lists.
-            flagged = bool(self.lexicon.flags(low))
-            for offset in _OFFSETS:
-                seen = self._context.get((offset, low))
-                table.append(
-                    self._context_sums[seen]
-                    if seen is not None
-                    else self._vector(context_lexical(offset, low, self.lexicon))
-                    if flagged
-                    else self._nothing
-                )
-        form = shape(text)
-        row = shapes.get(form)
-        if row is None:
-            row = shapes[form] = len(table)
-            table.append(self._shape_own.get(form, self._nothing))
-            for offset in _OFFSETS:
-                table.append(self._shape_around.get((offset, form), self._nothing))
-        return word, row, form
+    def _word_rows(self, low: str, pending: list[list[int]]) -> tuple[int, ...]:
+        """The rows of the word ``low``: its own, then as the neighbour at each
+        offset of :data:`_OFFSETS`. The own row of a word the model does not
+        know is numbered after :attr:`_table`: the sum of the feature ids it
+        appends to ``pending`` (summed for the whole call at once)."""
+        rows = self._word_table.get(low)
+        if rows is not None and rows[0] != -1:
+            return rows
+        flags = self.lexicon.flags(low)
+        # lexical_features(low) + UNKNOWN but its word, which the model lacks.
+        get = self.vocabulary.get
+        affixes = (get("p3=" + low[:3]), get("s3=" + low[-3:]), get("s4=" + low[-4:]))
+        ids = [i for i in affixes if i is not None] + self._own_of_hits[flags]
+        own = self._pending(ids, pending)
+        return (own, *(self._context_of_hits[flags] if rows is None else rows[1:]))
+
+    def _pending(self, ids: list[int], pending: list[list[int]]) -> int:
+        if not ids:
+            return 0
+        pending.append(ids)
+        return len(self._table) + len(pending) - 1
+
+    def _summed(self, pending: list[list[int]]) -> npt.NDArray[np.float32]:
+        """The sum of the weights of each list of feature ids in ``pending``, each
+        added in its order as ``weights[ids].sum(axis=0)`` does (the same bits):
+        one gather into a grid padded with the zero row, one addition per column."""
+        lengths = np.fromiter(map(len, pending), dtype=np.int64, count=len(pending))
+        flat = np.fromiter(chain.from_iterable(pending), dtype=np.int64, count=int(lengths.sum()))
+        grid = np.zeros((len(pending), int(lengths.max())), dtype=np.int64)
+        firsts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        grid[np.repeat(np.arange(len(pending)), lengths), np.arange(len(flat)) - firsts] = (
+            flat + self._weights_at
+        )
+        parts = self._table[grid]
+        out: npt.NDArray[np.float32] = parts[:, 0].copy()
+        for column in range(1, grid.shape[1]):
+            out += parts[:, column]
+        return out
 
     def scores(self, toks: Sequence[Token], indexes: Sequence[int]) -> npt.NDArray[np.float32]:
         """Log-probabilities of each class (columns: :data:`CLASSES`) for ``toks[indexes]``.
 
         The sum over :func:`features`, computed per distinct word and shape of
-        the call (a support ticket repeats its words): their weight vectors go
-        into one table, each candidate's terms are rows of it, and one gather
-        and a fixed number of additions (in the order of the features) sum
-        them — a short text pays for a few numpy calls, not for one per term.
+        the call (a support ticket repeats its words): each candidate's terms
+        are rows of one table (the model's, and the call's unknown words'), and
+        one gather and a fixed number of additions (in the order of the
+        features) sum them — a call pays for a few numpy calls and a dictionary
+        look-up per distinct word, not for one numpy call per term.
         """
         classes = len(CLASSES)
         if not indexes:
             return np.zeros((0, classes), dtype=np.float32)
-        count = len(toks)
-        # The table's first rows: nothing, the line breaks, the text's edges.
-        table: list[npt.NDArray[np.float32]] = [self._nothing, self._newline, self._newline_next]
-        edge = {}
-        for offset in _OFFSETS:
-            edge[offset] = len(table)
-            table.append(self._edge[offset])
-        # Per distinct word and shape of the call, five rows: its own weights,
-        # then its weights as the neighbour at each offset of _OFFSETS. Looked up
-        # once per distinct spelling (the memo lives for this call only).
-        words: dict[str, int] = {}
-        shapes: dict[str, int] = {}
-        spelt: dict[str, tuple[int, int, str]] = {}
-        word_row = [0] * count
-        shape_row = [0] * count
-        shape_text = [""] * count
-        newline = [False] * count
-        for j in sorted({j for i in indexes for j in range(max(0, i - 2), min(count, i + 3))}):
-            tok = toks[j]
-            newline[j] = tok.newline_before
-            rows = spelt.get(tok.text)
-            if rows is None:
-                rows = spelt[tok.text] = self._rows(tok.text, table, words, shapes)
-            word_row[j], shape_row[j], shape_text[j] = rows
-        # The pair of the word before and the candidate's shape.
-        get = self.vocabulary.get
-        pairs = []
-        paired: dict[tuple[str, str], int] = {}
-        lined: dict[str, int] = {}
-        for i in indexes:
-            key = (toks[i - 1].text.lower() if i else "<edge>", shape_text[i])
-            pair_row = paired.get(key)
-            if pair_row is None:
-                pair = get(f"w-1|sh={key[0]}|{key[1]}")
-                pair_row = paired[key] = 0 if pair is None else len(table)
-                if pair is not None:
-                    table.append(self.weights[pair])
-            pairs.append(pair_row)
-        # A line's first word and the shape of the token before it.
-        line_pairs = []
-        for i in indexes:
-            line_row = 0
-            if newline[i]:
-                form = shape_text[i - 1] if i else "<edge>"
-                line_row = lined.get(form, -1)
-                if line_row == -1:
-                    found = get("nl|sh-1=" + form)
-                    line_row = lined[form] = 0 if found is None else len(table)
-                    if found is not None:
-                        table.append(self.weights[found])
-            line_pairs.append(line_row)
-        # Each candidate's terms, in the order they are summed; a neighbour past
-        # the text's edge is the edge's weights (plus nothing).
+        if isinstance(toks, Scanned):
+            words, line_starts = toks.words, toks.line_starts
+        else:
+            words = [tok.text for tok in toks]
+            line_starts = [j for j, tok in enumerate(toks) if tok.newline_before]
+        count = len(words)
         at = np.asarray(indexes, dtype=np.int64)
-        word_at = np.asarray(word_row, dtype=np.int64)
-        shape_at = np.asarray(shape_row, dtype=np.int64)
-        breaks = np.asarray(newline, dtype=bool)
-        terms = [word_at[at], shape_at[at]]
+        near = np.unique((at[:, None] + np.arange(-2, 3)).ravel())
+        near = near[(near >= 0) & (near < count)]
+        # Each distinct spelling of the candidates and their neighbours, looked
+        # up once (the memo lives for this call only): its word's rows, its
+        # shape's, and the ids of its lower-cased word and of its shape.
+        spellings: dict[str, int] = {}
+        slot = np.zeros(count, dtype=np.int64)
+        slot[near] = [spellings.setdefault(words[j], len(spellings)) for j in near.tolist()]
+        lows: dict[str, tuple[int, tuple[int, ...]]] = {}
+        forms: dict[str, tuple[int, tuple[int, ...]]] = {}
+        pending: list[list[int]] = []
+        per_spelling: list[list[int]] = []
+        for text in spellings:
+            low = text.lower()
+            word = lows.get(low)
+            if word is None:
+                word = lows[low] = (len(lows), self._word_rows(low, pending))
+            form = shape(text)
+            known = forms.get(form)
+            if known is None:
+                known = forms[form] = (len(forms), self._shape_rows.get(form, (0, 0, 0, 0, 0)))
+            per_spelling.append([*word[1], *known[1], word[0], known[0]])
+        table = np.asarray(per_spelling, dtype=np.int64)
+        # Columns of ``table``: the word's own row and as neighbour at each
+        # offset (0-4), the same of its shape (5-9), its word's id, its shape's.
+        mine = table[slot[at]]
+        terms = [mine[:, 0], mine[:, 5]]
         for k, offset in enumerate(_OFFSETS, start=1):
             other = at + offset
             inside = (other >= 0) & (other < count)
-            other = np.clip(other, 0, count - 1)
-            terms.append(np.where(inside, word_at[other] + k, edge[offset]))
-            terms.append(np.where(inside, shape_at[other] + k, 0))
-        terms.append(np.asarray(pairs, dtype=np.int64))
-        terms.append(np.asarray(line_pairs, dtype=np.int64))
-        terms.append(np.where(breaks[at], 1, 0))
+            theirs = table[slot[np.clip(other, 0, count - 1)]]
+            terms.append(np.where(inside, theirs[:, k], _EDGE_ROW[offset]))
+            terms.append(np.where(inside, theirs[:, 5 + k], 0))
+        # The pair of the word before and the candidate's shape; a line's first
+        # word and the shape of the token before it: looked up per distinct pair.
+        low_names = [*lows, "<edge>"]
+        form_names = [*forms, "<edge>"]
+        before = table[slot[np.maximum(at - 1, 0)]]
+        first = at == 0
+        pair = np.where(first, len(lows), before[:, 10]) * len(form_names) + mine[:, 11]
+        kinds, which = np.unique(pair, return_inverse=True)
+        pair_rows = [
+            self._row(
+                f"w-1|sh={low_names[code // len(form_names)]}|{form_names[code % len(form_names)]}"
+            )
+            for code in kinds.tolist()
+        ]
+        terms.append(np.asarray(pair_rows, dtype=np.int64)[which])
+        breaks = np.zeros(count, dtype=bool)
+        breaks[line_starts] = True
+        line = breaks[at]
+        line_pairs = np.zeros(len(at), dtype=np.int64)
+        if line.any():
+            form_before = np.where(first, len(forms), before[:, 11])[line]
+            kinds, which = np.unique(form_before, return_inverse=True)
+            line_rows = [self._row("nl|sh-1=" + form_names[code]) for code in kinds.tolist()]
+            line_pairs[line] = np.asarray(line_rows, dtype=np.int64)[which]
+        terms.append(line_pairs)
+        terms.append(np.where(line, _NEWLINE_ROW, 0))
         after = np.minimum(at + 1, count - 1)
-        terms.append(np.where((at + 1 < count) & breaks[after], 2, 0))
-        gathered = np.stack(table)[np.stack(terms)]
+        terms.append(np.where((at + 1 < count) & breaks[after], _NEWLINE_NEXT_ROW, 0))
+        grid = np.stack(terms)
+        gathered = self._table.take(grid, axis=0, mode="clip")
+        if pending:
+            computed = grid >= len(self._table)
+            gathered[computed] = self._summed(pending)[grid[computed] - len(self._table)]
         raw = self._bias + gathered[0] + gathered[1]
         for k in range(len(_OFFSETS)):
             raw += gathered[2 + 2 * k] + gathered[3 + 2 * k]
@@ -597,24 +721,33 @@ class NameModel:
         parentheses, and take the town that follows them ("Via Roma, 12,
         00184, Roma (RM)").
         """
-        toks, indexes = scan(text, self.lexicon)
-        chunks: list[tuple[int, int, int, int]] = []  # (first row, last row, start, end)
+        toks, found = _scan(text, self.lexicon.connectors)
+        indexes = _outside_dates(text, toks.starts, found)
+        starts, ends, words, kinds, breaks = (
+            toks.starts,
+            toks.ends,
+            toks.words,
+            toks.kinds,
+            toks.breaks,
+        )
+        chunks: list[list[int]] = []  # [first row, last row] of indexes
+        before = -1  # the candidate of the row before
         for row, i in enumerate(indexes):
-            tok = toks[i]
-            if chunks and not tok.newline_before:
-                first, _last, start, end = chunks[-1]
-                gap = text[end : tok.start]
-                if (i == indexes[row - 1] + 1 and gap.strip(" ") == "") or (
+            if chunks and not breaks[i]:
+                gap = text[ends[before] : starts[i]]
+                if (i == before + 1 and (gap == " " or gap.strip(" ") == "")) or (
                     # an initial: "J. Smith" (not a list's number: "2. Tell")
-                    i == indexes[row - 1] + 2
+                    i == before + 2
                     and gap.strip(" ") == "."
-                    and len(toks[indexes[row - 1]].text) == 1
-                    and toks[indexes[row - 1]].kind == "w"
+                    and len(words[before]) == 1
+                    and kinds[before] == "w"
                 ):
-                    chunks[-1] = (first, row, start, tok.end)
+                    chunks[-1][1] = row
+                    before = i
                     continue
-            chunks.append((row, row, tok.start, tok.end))
-        if not _any_may_be_named(toks, indexes, chunks):
+            chunks.append([row, row])
+            before = i
+        if not _any_may_be_named(words, kinds, indexes, chunks):
             # Every chunk would be dropped below whatever the model says ("The
             # refund was issued.", "When was it sent?"): it is not run.
             return
@@ -625,23 +758,26 @@ class NameModel:
         # "Dear") are left out of it.
         alone = logp.argmax(axis=1)
         named = np.where(alone[:, None] > 0, logp, 0.0)
-        sums = np.add.reduceat(named, [chunk[0] for chunk in chunks], axis=0)
-        some = np.add.reduceat(alone > 0, [chunk[0] for chunk in chunks]).tolist()
+        firsts = [chunk[0] for chunk in chunks]
+        sums = np.add.reduceat(named, firsts, axis=0)
+        some = np.add.reduceat(alone > 0, firsts).tolist()
         best = (sums[:, 1:].argmax(axis=1) + 1).tolist()
         alone_list = alone.tolist()
-        doubt = logp[:, 0] - logp[:, CLASSES.index(ADDRESS)]
+        near_address = (logp[:, 0] - logp[:, CLASSES.index(ADDRESS)] < NEAR_ADDRESS).tolist()
+        numbers = [kinds[i] == "n" for i in indexes]
         decided: list[tuple[str, int, int, bool]] = []  # (kind, start, end, joins an address)
         last_row = 0  # of the chunk before
-        for (first, last, _start, _end), label, any_named in zip(chunks, best, some, strict=True):
+        for (first, last), label, any_named in zip(chunks, best, some, strict=True):
             kind = CLASSES[label] if any_named else ""
             if kind in (PERSON, PLACE):
-                kind, first = _after_organisation(toks, indexes, first, last, kind, named, alone)
+                kind, first = _after_organisation(words, indexes, first, last, kind, named, alone)
             while kind == PERSON and first < last and alone_list[first] == 0:
                 first += 1
             chunk = indexes[first : last + 1]
-            if not _may_be_named(toks, chunk):
+            may_be_named = _may_be_named(words, kinds, chunk)
+            if not may_be_named:
                 kind = ""
-            elif kind in (PERSON, PLACE) and any(toks[i].kind == "n" for i in chunk):
+            elif kind in (PERSON, PLACE) and any(numbers[first : last + 1]):
                 # No one's name and no town's has a number in it: "Novi Goljak
                 # 5c", "Mihaljevac 9c" are streets.
                 kind = ADDRESS
@@ -649,32 +785,33 @@ class NameModel:
             # ("H.No.", a street's unknown name before its number), are taken
             # into an address they touch: continuing an address needs less
             # evidence than starting one.
-            numeric = all(toks[i].kind == "n" for i in chunk) or (
-                not kind
-                and _may_be_named(toks, chunk)
-                and bool((doubt[first : last + 1] < NEAR_ADDRESS).all())
+            numeric = all(numbers[first : last + 1]) or (
+                not kind and may_be_named and all(near_address[first : last + 1])
             )
             if (
-                toks[chunk[0]].kind == "n"
+                numbers[first]
                 and decided
                 and decided[-1][0] in (PERSON, PLACE)
-                and text[decided[-1][2] : toks[chunk[0]].start].rstrip(" ") == "."
-                and len(toks[indexes[last_row]].text) <= 3
+                and text[decided[-1][2] : starts[chunk[0]]].rstrip(" ") == "."
+                and len(words[indexes[last_row]]) <= 3
             ):
                 # A street's name, an abbreviation and its number ("Strada Mare
                 # Nr. 5"): the words before the number are the street's.
                 decided[-1] = (ADDRESS, *decided[-1][1:])
-            decided.append((kind, toks[chunk[0]].start, toks[chunk[-1]].end, numeric))
+            decided.append((kind, starts[chunk[0]], ends[chunk[-1]], numeric))
             last_row = last
         open_kind, open_start, open_end, open_numeric = "", 0, 0, False
         for kind, start, end, numeric in decided:
-            joined = _joins(text, open_end, start)
-            if joined and open_kind == ADDRESS and (kind in _JOINS_ADDRESS or numeric):
+            if (
+                open_kind == ADDRESS
+                and (kind in _JOINS_ADDRESS or numeric)
+                and _joins(text, open_end, start)
+            ):
                 # The parts of one address ("Nr. 20 Bl. 89, 943874", "5b/0"), and
                 # its town where the model says so.
                 open_end = end
                 continue
-            if joined and kind == ADDRESS and open_numeric and not open_kind:
+            if kind == ADDRESS and open_numeric and not open_kind and _joins(text, open_end, start):
                 # A house number before its street ("088, Ray Marg").
                 open_kind, open_end = ADDRESS, end
                 continue
@@ -685,34 +822,36 @@ class NameModel:
             yield open_kind, open_start, open_end
 
 
-def _may_be_named(toks: Sequence[Token], chunk: Sequence[int]) -> bool:
-    """Whether the tokens ``chunk`` of one chunk can be personal data at all (the
-    model then says which kind, if any). False of a chunk, it is false of every
-    part of it too: a text whose chunks are all no personal data needs no model."""
+def _may_be_named(words: Sequence[str], kinds: Sequence[str], chunk: Sequence[int]) -> bool:
+    """Whether the tokens ``chunk`` of one chunk (``words[i]``, ``kinds[i]``) can be
+    personal data at all (the model then says which kind, if any). False of a
+    chunk, it is false of every part of it too: a text whose chunks are all no
+    personal data needs no model."""
     if len(chunk) == 1:  # most chunks: the same test, without the generators
-        tok = toks[chunk[0]]
-        return not never_alone(tok.text) and (
-            tok.kind == "n" or (len(tok.text) > 1 and not tok.text.islower())
+        word = words[chunk[0]]
+        return not never_alone(word) and (
+            kinds[chunk[0]] == "n" or (len(word) > 1 and not word.islower())
         )
     # "May", "in January": a date, not a place; "Merci": nobody.
-    if all(never_alone(toks[i].text) for i in chunk):
+    if all(never_alone(words[i]) for i in chunk):
         return False
     # A chunk needs a word of two letters or more with a capital, or a
     # number: "I do" (a pronoun and a connector) is nobody.
-    return any(
-        toks[i].kind == "n" or (len(toks[i].text) > 1 and not toks[i].text.islower()) for i in chunk
-    )
+    return any(kinds[i] == "n" or (len(words[i]) > 1 and not words[i].islower()) for i in chunk)
 
 
 def _any_may_be_named(
-    toks: Sequence[Token], indexes: Sequence[int], chunks: Sequence[tuple[int, int, int, int]]
+    words: Sequence[str],
+    kinds: Sequence[str],
+    indexes: Sequence[int],
+    chunks: Sequence[Sequence[int]],
 ) -> bool:
     """Whether any chunk (rows ``first..last`` of ``indexes``) may be personal data."""
-    return any(_may_be_named(toks, indexes[first : last + 1]) for first, last, _s, _e in chunks)
+    return any(_may_be_named(words, kinds, indexes[first : last + 1]) for first, last in chunks)
 
 
 def _after_organisation(
-    toks: Sequence[Token],
+    words: Sequence[str],
     indexes: Sequence[int],
     first: int,
     last: int,
@@ -725,7 +864,7 @@ def _after_organisation(
     rest takes the best kind of its own tokens, or none."""
     cut = -1
     for row in range(first, last + 1):
-        if toks[indexes[row]].text.lower() in ORGANISATION_WORDS:
+        if words[indexes[row]].lower() in ORGANISATION_WORDS:
             cut = row
     if cut == -1:
         return kind, first
