@@ -367,6 +367,7 @@ class PiiRecognizer:
         # The tagger finds its kinds in one pass; its model is read on first use,
         # once per process (not at import: most processes never scan).
         self._tagged = bool(set(MODEL_KINDS) & set(self.kinds))
+        self._dated = self._tagged or DOB in self.kinds
 
     def find(self, text: str | bytes, *, opaque: Collection[str] = ()) -> list[Entity]:
         """Return the entities in ``text``, in order, never overlapping.
@@ -386,8 +387,11 @@ class PiiRecognizer:
                 taken[match.start() : match.end()] = b"\x01" * (match.end() - match.start())
         found: list[Entity] = []
         tagged: dict[str, list[tuple[int, int]]] = {kind: [] for kind in MODEL_KINDS}
+        # Dates once, for the tagger (a date's numbers are no address) and the
+        # dates of birth: the same scan would otherwise run twice.
+        date_spans = pii_names.dates(text) if self._dated else None
         if self._tagged:
-            for kind, start, end in pii_names.find(text, pii_names.load()):
+            for kind, start, end in pii_names.find(text, pii_names.load(), date_spans):
                 tagged[kind].append((start, end))
         for kind, finder in self._finders:
             if finder is None:  # the tagger's: what a pattern took is cut out
@@ -399,7 +403,8 @@ class PiiRecognizer:
                         taken[begin:stop] = b"\x01" * (stop - begin)
                         found.append(Entity(kind, begin, stop, value))
                 continue
-            for start, end in finder(text):
+            spans = pii_names.dates_of_birth(text, date_spans) if kind == DOB else finder(text)
+            for start, end in spans:
                 if taken.find(1, start, end) == -1:
                     taken[start:end] = b"\x01" * (end - start)
                     found.append(Entity(kind, start, end, text[start:end]))

@@ -208,9 +208,12 @@ def dates(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def dates_of_birth(text: str) -> Iterator[tuple[int, int]]:
-    """Spans of dates with a birth cue before them on the same line."""
-    for start, end in dates(text):
+def dates_of_birth(
+    text: str, found: Sequence[tuple[int, int]] | None = None
+) -> Iterator[tuple[int, int]]:
+    """Spans of dates with a birth cue before them on the same line (``found``:
+    ``dates(text)``, when the caller has it already)."""
+    for start, end in dates(text) if found is None else found:
         line = text.rfind("\n", max(0, start - _CUE_REACH), start) + 1
         if BIRTH_CUE_RE.search(text, max(line, start - _CUE_REACH), start):
             yield start, end
@@ -384,9 +387,15 @@ def candidates(text: str, toks: Sequence[Token], lexicon: Lexicon) -> list[int]:
     )
 
 
-def _outside_dates(text: str, starts: Sequence[int], indexes: list[int]) -> list[int]:
-    """``indexes`` but those of tokens (starting at ``starts``) inside a date."""
-    spans = dates(text)
+def _outside_dates(
+    text: str,
+    starts: Sequence[int],
+    indexes: list[int],
+    found: Sequence[tuple[int, int]] | None = None,
+) -> list[int]:
+    """``indexes`` but those of tokens (starting at ``starts``) inside a date
+    (``found``: ``dates(text)``, when the caller has it already)."""
+    spans = dates(text) if found is None else found
     if not spans:
         return indexes
     out = []
@@ -710,8 +719,11 @@ class NameModel:
         logp: npt.NDArray[np.float32] = raw - np.log(np.exp(raw).sum(axis=1, keepdims=True))
         return logp.astype(np.float32)
 
-    def find(self, text: str) -> Iterator[tuple[str, int, int]]:
-        """``(kind, start, end)`` of the person names, addresses and places in ``text``.
+    def find(
+        self, text: str, date_spans: Sequence[tuple[int, int]] | None = None
+    ) -> Iterator[tuple[str, int, int]]:
+        """``(kind, start, end)`` of the person names, addresses and places in ``text``
+        (``date_spans``: ``dates(text)``, when the caller has it already).
 
         Candidates standing next to each other on one line (only spaces, or a
         period after an initial, between them) form a chunk, and a chunk takes
@@ -722,7 +734,7 @@ class NameModel:
         00184, Roma (RM)").
         """
         toks, found = _scan(text, self.lexicon.connectors)
-        indexes = _outside_dates(text, toks.starts, found)
+        indexes = _outside_dates(text, toks.starts, found, date_spans)
         starts, ends, words, kinds, breaks = (
             toks.starts,
             toks.ends,
@@ -933,11 +945,18 @@ def address_shaped(value: str) -> bool:
     return _HOUSE_NUMBER.search(value) is not None and any(c.islower() for c in value)
 
 
-def find(text: str, model: NameModel | None = None) -> Iterator[tuple[str, int, int]]:
-    """``(kind, start, end)`` of the names, addresses and places in ``text``, block by block."""
+def find(
+    text: str,
+    model: NameModel | None = None,
+    date_spans: Sequence[tuple[int, int]] | None = None,
+) -> Iterator[tuple[str, int, int]]:
+    """``(kind, start, end)`` of the names, addresses and places in ``text``, block
+    by block (``date_spans``: ``dates(text)``, when the caller has it already; it
+    stands for a block's only where the text is one block)."""
     model = model or load()
     for start, end in blocks(text):
         piece = text[start:end]
-        for kind, s, e in model.find(piece):
+        whole = start == 0 and end == len(text)
+        for kind, s, e in model.find(piece, date_spans if whole else None):
             if kind != ADDRESS or address_shaped(piece[s:e]):
                 yield kind, start + s, start + e
