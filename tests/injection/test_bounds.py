@@ -96,6 +96,9 @@ def _reference(clock: Callable[[], float] = time.perf_counter) -> float:
         "prose",
         "one huge line",
         "mixed scripts",
+        "keyword prose",
+        "keyword line",
+        "empty images",
     ],
 )
 def test_a_megabyte_is_screened_in_time_linear_in_its_size(kind: str) -> None:
@@ -280,6 +283,46 @@ def test_leads_looked_for_at_word_starts_find_every_match_of_a_full_scan() -> No
             if rule.view in at_words:
                 found = [m.span() for m in engine._rule_matches(rule, haystack, hits, index)]
                 assert found == [m.span() for m in engine._matches(rule, haystack)], rule.rule
+
+
+def test_a_rule_passed_over_for_a_missing_word_has_no_match_in_the_text() -> None:
+    # A rule whose leads are dense is tried only when the text holds one of
+    # each of its required word groups (read from its expression): on texts
+    # of attacks with words cut out, keyword-dense benign text and filler,
+    # every rule passed over finds nothing in a full scan, and the groups are
+    # found on every attack the rule matches.
+    import random
+
+    from bastion.safety.injection import engine
+    from bastion.safety.injection.rules import RULES
+    from tests.injection import corpus
+    from tests.injection.megabytes import megabyte
+
+    rng = random.Random(15)
+    attacks = [c.text for c in corpus.load() if c.kind == "attack"]
+    keywords = megabyte("keyword prose")[:20_000]
+    words = sorted({word for groups in engine._NEEDS for group in groups for word in group})
+    passed_over = 0
+    for _ in range(60):
+        parts = [rng.choice(attacks) for _ in range(rng.randrange(1, 12))]
+        # Some required words cut out, so that rules are passed over.
+        text = " ".join(parts)
+        for word in rng.sample(words, k=len(words) // 2):
+            text = text.replace(word, "")
+        text = f"{keywords[: rng.randrange(0, 20_000)]} {text}"
+        views = engine.text_views(text)
+        for index, rule in enumerate(RULES):
+            haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)
+            if not engine._Present(haystack, gather=rng.random() < 0.5).may_match(index):
+                passed_over += 1
+                assert next(rule.pattern.finditer(haystack), None) is None, rule.rule
+    assert passed_over > 1_000  # the check was exercised, not vacuous
+    for text in attacks:
+        views = engine.text_views(text)
+        for index, rule in enumerate(RULES):
+            haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)
+            if rule.pattern.search(haystack):
+                assert engine._Present(haystack, gather=True).may_match(index), rule.rule
 
 
 def test_mixed_script_words_found_in_runs_are_every_match_of_a_full_scan() -> None:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import bisect
 import html
+import importlib
 import itertools
 import re
 import unicodedata
@@ -156,6 +157,10 @@ class Views:
     origin: np.ndarray[Any, np.dtype[np.intp]] | None
     hidden: list[str] = field(default_factory=list)  # texts decoded from tag/VS runs
     findings: list[Finding] = field(default_factory=list)
+
+    def named(self) -> tuple[tuple[str, str], ...]:
+        """Each view by its name (a rule's ``view``)."""
+        return (("visible", self.visible), ("plain", self.plain), ("folded", self.folded))
 
 
 _LEET_CLASSES = bytes(
@@ -485,7 +490,18 @@ def _starts_at_word(pattern: str) -> bool:
     return all(branch.startswith("\\b") for branch in branches)
 
 
-def _lead_automaton(views: tuple[str, ...], part: str) -> Any:
+@dataclass(frozen=True)
+class _Leads:
+    """An automaton of leads, each stored as its number: ``lengths[n]`` its
+    length, ``rules[firsts[n]:firsts[n + 1]]`` the rules it leads."""
+
+    automaton: Any
+    lengths: np.ndarray[Any, np.dtype[np.int64]]
+    firsts: np.ndarray[Any, np.dtype[np.int64]]
+    rules: np.ndarray[Any, np.dtype[np.int64]]
+
+
+def _lead_automaton(views: tuple[str, ...], part: str) -> _Leads:
     """``part``: ``all`` leads as they are; for an ASCII text, ``rest``: the
     ASCII leads not looked for at word starts, ``words``: those that are, as
     " lead" in the word-class text. (An automaton whose leads start with few
@@ -502,15 +518,21 @@ def _lead_automaton(views: tuple[str, ...], part: str) -> Any:
             elif part == "words" and word_lead:
                 key = " " + lead.encode("ascii").translate(_WORD_CLASSES).decode("ascii")
                 by_lead.setdefault(key, set()).add(index)
-    automaton = ahocorasick.Automaton()
-    for lead, rules in by_lead.items():
-        automaton.add_word(lead, (len(lead), tuple(sorted(rules))))
+    automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+    for number, lead in enumerate(by_lead):
+        automaton.add_word(lead, number)
     if by_lead:
         automaton.make_automaton()
-    return automaton
+    led = [sorted(rules) for rules in by_lead.values()]
+    return _Leads(
+        automaton,
+        np.array([len(lead) for lead in by_lead], dtype=np.int64),
+        np.cumsum([0, *map(len, led)], dtype=np.int64),
+        np.array([index for rules in led for index in rules], dtype=np.int64),
+    )
 
 
-_AUTOMATA: dict[tuple[str, ...], tuple[Any, Any, Any]] = {
+_AUTOMATA: dict[tuple[str, ...], tuple[_Leads, _Leads, _Leads]] = {
     views: (
         _lead_automaton(views, "all"),
         _lead_automaton(views, "rest"),
@@ -526,40 +548,61 @@ _LONGEST_LEAD = 1 + max(len(lead) for rule in RULES for lead in rule.leads)  # w
 
 def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
     """Where each rule's leads start in ``haystack``; None when the leads are
-    so dense that one regex pass per rule costs less (:func:`_matches`)."""
-    hits: _LeadHits = {}
+    so dense that one regex pass per rule costs less (:func:`_matches`).
+
+    The automaton's hits are read into numpy in C (no Python per hit: a text
+    dense in the rules' words has a lead every few characters), then sorted
+    by rule; a rule's starts are in the order the passes found them."""
     limit = max(_MAX_LEADS, len(haystack) // 8)
     every, rest, words = _AUTOMATA[views]
     if len(haystack) > 2 * _WINDOW and haystack.isascii():  # short: one pass costs less
         # " " first: a lead at the text's start has its space; " lead" ending at
         # ``end`` there starts at ``end - length + 1`` in ``haystack``, as below.
         classes = " " + haystack.encode("ascii").translate(_WORD_CLASSES).decode("ascii")
-        passes: tuple[tuple[Any, str], ...] = ((rest, haystack), (words, classes))
+        passes: tuple[tuple[_Leads, str], ...] = ((rest, haystack), (words, classes))
     else:
         passes = ((every, haystack),)
     n = 0
+    found: list[tuple[_Leads, np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, Any]]] = []
     # Segment by segment, every pass over each: leads denser than the limit's
     # share in the text read so far give up there, not after a limit's worth of
-    # hits read one by one in Python (a megabyte dense with attacks).
+    # hits (a megabyte dense with attacks).
     for segment in range(0, len(haystack), _LEAD_SEGMENT):
         stop = segment + _LEAD_SEGMENT
-        for automaton, text in passes:
-            if automaton.kind == ahocorasick.EMPTY:
+        for leads, text in passes:
+            if leads.automaton.kind == ahocorasick.EMPTY:
                 continue
             # A lead starting in the segment ends before ``stop + _LONGEST_LEAD``.
             # A slice, not iter's bounds: it reads the whole string on each call.
             piece = text[segment : stop + _LONGEST_LEAD]
-            for end, (length, rules) in automaton.iter(piece):
-                start = segment + end - length + 1
-                if start >= stop:
-                    continue  # the next segment's
-                n += 1
-                if n > limit:
-                    return None
-                for index in rules:
-                    hits.setdefault(index, []).append(start)
+            pairs = np.fromiter(
+                itertools.chain.from_iterable(leads.automaton.iter(piece)), dtype=np.int64
+            )
+            numbers = pairs[1::2]
+            starts = segment + pairs[0::2] - leads.lengths[numbers] + 1
+            kept = starts < stop  # past it: the next segment's
+            n += int(np.count_nonzero(kept))
+            if n > limit:
+                return None
+            found.append((leads, starts[kept], numbers[kept]))
         if n > max(_MAX_LEADS, stop // 8):
             return None
+    hits: _LeadHits = {}
+    for leads, starts, numbers in found:
+        if not starts.size:
+            continue
+        # Each hit once per rule its lead leads, then grouped by rule (stable).
+        per = leads.firsts[numbers + 1] - leads.firsts[numbers]
+        offsets = np.repeat(leads.firsts[numbers] - np.cumsum(per) + per, per)
+        rules = leads.rules[np.arange(int(per.sum())) + offsets]
+        at = np.repeat(starts, per)
+        order = np.argsort(rules, kind="stable")
+        rules, at = rules[order], at[order]
+        bounds = np.flatnonzero(np.diff(rules)) + 1
+        for index, group in zip(
+            rules[np.concatenate(([0], bounds))].tolist(), np.split(at, bounds), strict=True
+        ):
+            hits.setdefault(index, []).extend(group.tolist())
     return hits
 
 
@@ -584,6 +627,107 @@ def _rule_matches(
         if match is not None and _at_line_start(rule, haystack, match):
             end = match.end()
             yield match
+
+
+# What every match of a rule holds, read from its parsed expression: groups of
+# literals, each group's one member at least in any match ("override.en" holds
+# one of its instruction nouns). A text without one of a rule's groups cannot
+# match it: a megabyte dense in a rule's leads ("ignore the noise in [x] data")
+# but without its other words then costs no pass of the rule (the leads too
+# dense to try one by one, that pass is over the whole text). Only literals
+# that must occur are kept: optional parts, classes and lookarounds say nothing.
+_sre_parser: Any = importlib.import_module("re._parser")
+_sre: Any = importlib.import_module("re._constants")
+_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT)
+
+
+def _required(items: Any, leads: tuple[str, ...]) -> list[frozenset[str]]:
+    """Groups of literals, one of each in every match of the parsed ``items``
+    (of a rule with ``leads``)."""
+    groups: list[frozenset[str]] = []
+    run = ""  # consecutive literal characters: one string every match holds
+    for op, av in items:
+        if op is _sre.LITERAL:
+            run += chr(av)
+            continue
+        if run:
+            groups.append(frozenset({run}))
+            run = ""
+        if op is _sre.SUBPATTERN and not av[1] & re.IGNORECASE:
+            groups += _required(av[3], leads)
+        elif op is _sre.ATOMIC_GROUP:
+            groups += _required(av, leads)
+        elif op in _REPEATS and av[0] >= 1:
+            groups += _required(av[2], leads)
+        elif op is _sre.BRANCH:
+            chosen = [_required(alternative, leads) for alternative in av[1]]
+            if all(chosen):
+                rank = _selective(leads)
+                groups.append(frozenset().union(*(max(g, key=rank) for g in chosen)))
+    if run:
+        groups.append(frozenset({run}))
+    return groups
+
+
+def _selective(leads: tuple[str, ...]) -> Any:
+    """How likely a group is to rule a rule out, as a sort key: groups of its
+    own leads last (a text that costs has them, densely), then by the length
+    of the shortest member (a long word is rarer, and ruled out faster)."""
+
+    def rank(group: frozenset[str]) -> tuple[bool, int]:
+        lead_like = any(member.startswith(leads) for member in group)
+        return (not lead_like, min(map(len, group)))
+
+    return rank
+
+
+def _needs(rule: Rule) -> tuple[frozenset[str], ...]:
+    if rule.pattern.flags & re.IGNORECASE:
+        return ()
+    groups = _required(_sre_parser.parse(rule.pattern.pattern, rule.pattern.flags), rule.leads)
+    return tuple(sorted(set(groups), key=_selective(rule.leads), reverse=True)[:_NEEDS_GROUPS])
+
+
+_NEEDS_GROUPS = 2  # groups looked for per rule: the two most selective
+_NEEDS = tuple(_needs(rule) for rule in RULES)
+_NEEDS_FROM = 2048  # leads of a rule from which its groups are looked for first
+_NEEDS_SCANS = 8  # literals looked for in the whole text before its tokens are gathered
+
+
+class _Present:
+    """Which literals occur in a text, each looked for once, by a scan of the
+    text in C. With ``gather`` (its rules' leads too dense to try: each rule
+    ruled out saves a pass of its expression over the whole text), past
+    :data:`_NEEDS_SCANS` literals they are looked for in its distinct
+    whitespace-free tokens instead, gathered once (a literal without
+    whitespace occurs in the text only inside one of them): a text dense in
+    a few words has few. Without ``gather``, tokens are gathered only past
+    twice as many scans."""
+
+    def __init__(self, text: str, gather: bool) -> None:
+        self.text = text
+        self.seen: dict[str, bool] = {}
+        # Without ``gather``, twice the scans first: what they save is less.
+        self.scans = 0 if gather else -_NEEDS_SCANS
+        self.tokens: str | None = None
+
+    def __contains__(self, literal: str) -> bool:
+        known = self.seen.get(literal)
+        if known is not None:
+            return known
+        if self.tokens is None and self.scans >= _NEEDS_SCANS:
+            self.tokens = "\n".join(set(self.text.split()))
+        if self.tokens is None or any(c.isspace() for c in literal):
+            self.scans += 1
+            found = literal in self.text
+        else:
+            found = literal in self.tokens
+        self.seen[literal] = found
+        return found
+
+    def may_match(self, index: int) -> bool:
+        """False when the text lacks every member of one of the rule's groups."""
+        return all(any(literal in self for literal in group) for group in _NEEDS[index])
 
 
 def _at_line_start(rule: Rule, haystack: str, match: re.Match[str]) -> bool:
@@ -923,10 +1067,11 @@ def _deciphered(visible: str) -> Iterable[Layer]:
     ids = np.full(2 * count + 1, -1, dtype=np.intp)
     ids[1::2] = np.arange(count)
     segment = np.repeat(ids, np.diff(bounds))
-    inside = segment >= 0
-    lower = np.frombuffer(raw.lower(), dtype=np.uint8)
-    keys = segment[inside] * 128 + lower[inside]
-    counts = np.bincount(keys, minlength=count * 128).reshape(count, 128)[:, 97:123]
+    # Only letters are counted: the others are left out before the tally.
+    letter = np.frombuffer(raw.lower(), dtype=np.uint8) - 97  # a-z to 0-25, others wrap
+    inside = (segment >= 0) & (letter < 26)
+    keys = segment[inside] * 26 + letter[inside]
+    counts = np.bincount(keys, minlength=count * 26).reshape(count, 26)
     letters = counts.sum(axis=1)
     scores = counts.astype(np.float64) @ _CIPHER_WEIGHTS.T  # in BLAS (ints would not be)
     best = scores.argmax(axis=1)
@@ -1166,9 +1311,15 @@ def _findings(
     tried = {index for view_hits in hits.values() if view_hits is not None for index in view_hits}
     tried |= {i for i, rule in enumerate(RULES) if hits[rule.view] is None}
     left_over = 0  # weight of the rules matching more often than sanitizing removes
+    present = {view: _Present(haystack, hits[view] is None) for view, haystack in views.named()}
     for index in sorted(tried):
         rule = RULES[index]
         haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)
+        view_hits = hits[rule.view]
+        costly = view_hits is None or len(view_hits.get(index, ())) >= _NEEDS_FROM
+        # A rule tried over the whole text, or at many leads, goes only where it may match.
+        if costly and not present[rule.view].may_match(index):
+            continue
         used = 0  # a rule counts once; its spans matter only for sanitizing
         matches = iter(_rule_matches(rule, haystack, hits[rule.view], index))
         for match in matches:
