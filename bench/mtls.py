@@ -20,8 +20,9 @@ serve gateway`` processes on one database, in front of the mock upstream
 internal mTLS off (plain HTTP, development on loopback) — and the api's own
 gateway client: signed envelopes (:class:`bastion.safety.signing.EnvelopeSigner`)
 posted by the httpx client compose builds for the api (its SVID, pinned to the
-gateway's SPIFFE ID, one client reusing connections) against a plain httpx
-client. Same load, interleaved, in one run: throughput, p50, added p50.
+gateway's SPIFFE ID, one client reusing connections) against the client
+compose builds for plain HTTP (the same transport, without TLS). Same load,
+interleaved, in one run: throughput, p50, added p50.
 
 The "new connection" figures use one client with keep-alive off on both
 sides (an earlier version built a whole httpx client per request, which for
@@ -53,7 +54,7 @@ from starlette.types import Receive, Scope, Send
 from _gateway_bench import bench_tenant, chat_body, cpu_seconds, gateway_env, wait_ready
 from _record import record, row
 from bastion.api.mtls import WorkloadGate
-from bastion.compose import _mtls_client
+from bastion.compose import _gateway_client
 from bastion.db.launcher import EmbeddedPostgres
 from bastion.identity.workload import PeerVerifier, WorkloadCA, WorkloadTls, spiffe_id
 from bastion.safety.signing import HEADER as ENVELOPE
@@ -215,8 +216,6 @@ async def _real_path(requests: int, clients: int) -> dict[str, float]:
         # The api's client, built by compose (its SVID, pinned to the gateway's
         # ID, each request in one write: bastion.identity.workload_transport).
         api = WorkloadTls(ca, "api")
-        limits = httpx.Limits(max_connections=clients)
-        timeout = httpx.Timeout(60.0, connect=5.0)
         mtls_url = f"https://127.0.0.1:{internal_port}/v1/chat/completions"
         plain_url = f"http://127.0.0.1:{plain_port}/v1/chat/completions"
         # Under load: short rounds, alternating, so the shared box's drift hits
@@ -224,8 +223,8 @@ async def _real_path(requests: int, clients: int) -> dict[str, float]:
         rounds: dict[str, list[tuple[float, float]]] = {"plain": [], "mtls": []}
         seq: dict[str, list[float]] = {"plain": [], "mtls": []}
         async with (
-            _mtls_client(api, "gateway") as mtls,
-            httpx.AsyncClient(limits=limits, timeout=timeout) as plain,
+            _gateway_client(api, "gateway") as mtls,
+            _gateway_client(None, "gateway") as plain,
         ):
             sides = {"plain": (plain_url, plain), "mtls": (mtls_url, mtls)}
             pids = {"plain": procs[2].pid, "mtls": procs[1].pid}

@@ -427,7 +427,7 @@ def test_api_refuses_a_worker_certificate_posing_as_the_gateway(
     check the server's SPIFFE ID, before a byte of the envelope leaves. It
     checks that ID, not the host name: in a cluster the api dials the gateway's
     Service name, which the SVID (no DNS name) does not carry."""
-    from bastion.compose import _mtls_client
+    from bastion.compose import _gateway_client
     from bastion.identity.workload import WorkloadTls
 
     _gateway, internal, _public = stack
@@ -445,7 +445,7 @@ def test_api_refuses_a_worker_certificate_posing_as_the_gateway(
     api = WorkloadTls(ca, "api")
 
     async def call(base: str) -> int:
-        async with _mtls_client(api, "gateway") as client:
+        async with _gateway_client(api, "gateway") as client:
             response = await client.post(
                 base + "/v1/chat/completions",
                 json=_chat(),

@@ -303,7 +303,7 @@ def build_api(settings: Settings, overrides: Overrides = NO_OVERRIDES) -> Api:
                     allowed_hosts=settings.answer_link_hosts,
                     # With its SVID, to the gateway's SPIFFE ID only; one
                     # client, so connections are reused.
-                    http=None if api_tls is None else _mtls_client(api_tls, "gateway"),
+                    http=_gateway_client(api_tls, "gateway"),
                     gateway_id=None if api_tls is None else _peer_id(api_tls, "gateway"),
                     safety=safety,
                 ),
@@ -336,20 +336,26 @@ def _peer_id(tls: WorkloadTls, workload: str) -> str:
     return spiffe_id(tls.ca.trust_domain, workload)
 
 
-def _mtls_client(tls: WorkloadTls, peer: str) -> Any:
-    """An httpx client presenting ``tls``'s SVID that talks only to the
-    workload ``peer`` (any other Bastion workload fails the handshake).
+def _gateway_client(tls: WorkloadTls | None, peer: str) -> Any:
+    """The api's httpx client to the workload ``peer``: with ``tls``, presenting
+    its SVID and talking only to ``peer`` (any other Bastion workload fails the
+    handshake); without (development on loopback), plain HTTP.
 
     Each request leaves in one write (httpcore writes the head and the body
     apart: over TLS, two records for both sides to seal and open; see
-    :class:`bastion.identity.workload_transport.OneWriteBackend`)."""
+    :class:`bastion.identity.workload_transport.OneWriteBackend`), on the
+    loop's own transport and its TLS
+    (:class:`~bastion.identity.workload_transport.LoopBackend`); the same with
+    TLS on or off, so that the two differ by TLS alone."""
     import httpcore
     import httpx
 
-    from bastion.identity.workload_transport import OneWriteBackend
+    from bastion.identity.workload_transport import LoopBackend, OneWriteBackend
 
-    context = tls.client_context(expect=[_peer_id(tls, peer)])
-    transport = httpx.AsyncHTTPTransport(verify=context)
+    context = None if tls is None else tls.client_context(expect=[_peer_id(tls, peer)])
+    transport = (
+        httpx.AsyncHTTPTransport() if context is None else httpx.AsyncHTTPTransport(verify=context)
+    )
     # httpx takes no network backend: its pool is rebuilt as httpx builds it
     # by default (100 connections, 20 kept alive for 5 s), with the backend.
     if not isinstance(transport._pool, httpcore.AsyncConnectionPool):  # httpx is pinned
@@ -359,7 +365,7 @@ def _mtls_client(tls: WorkloadTls, peer: str) -> Any:
         max_connections=100,
         max_keepalive_connections=20,
         keepalive_expiry=5.0,
-        network_backend=OneWriteBackend(),
+        network_backend=OneWriteBackend(LoopBackend()),
     )
     return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(60.0, connect=5.0))
 
