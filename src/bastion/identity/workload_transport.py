@@ -132,6 +132,21 @@ class LoopStream(httpcore.AsyncNetworkStream):
         return None
 
 
+async def _connected(
+    opening: typing.Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+    timeout: float | None,
+) -> LoopStream:
+    """The stream ``opening`` connects, within ``timeout``, errors as httpcore's."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await opening
+    except TimeoutError:
+        raise httpcore.ConnectTimeout("connect timed out") from None
+    except OSError as exc:
+        raise httpcore.ConnectError(str(exc)) from exc
+    return LoopStream(reader, writer)
+
+
 class LoopBackend(httpcore.AsyncNetworkBackend):
     """TCP connections on the running loop (its TLS, for ``start_tls``)."""
 
@@ -143,19 +158,12 @@ class LoopBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, local_addr=(local_address, 0) if local_address else None
-                )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout("connect timed out") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        sock = writer.get_extra_info("socket")
+        local = (local_address, 0) if local_address else None
+        stream = await _connected(asyncio.open_connection(host, port, local_addr=local), timeout)
+        sock = stream.get_extra_info("socket")
         for option in socket_options or ():
             sock.setsockopt(*option)  # the loop sets TCP_NODELAY itself
-        return LoopStream(reader, writer)
+        return stream
 
     async def connect_unix_socket(
         self,
@@ -163,14 +171,7 @@ class LoopBackend(httpcore.AsyncNetworkBackend):
         timeout: float | None = None,
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout("connect timed out") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        return LoopStream(reader, writer)
+        return await _connected(asyncio.open_unix_connection(path), timeout)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -685,7 +685,10 @@ def _needs(rule: Rule) -> tuple[frozenset[str], ...]:
     if rule.pattern.flags & re.IGNORECASE:
         return ()
     groups = _required(_sre_parser.parse(rule.pattern.pattern, rule.pattern.flags), rule.leads)
-    return tuple(sorted(set(groups), key=_selective(rule.leads), reverse=True)[:_NEEDS_GROUPS])
+    # Distinct groups in the pattern's order, then a stable sort: the same two
+    # groups in every process (a set's order follows the string hash's seed).
+    distinct = list(dict.fromkeys(groups))
+    return tuple(sorted(distinct, key=_selective(rule.leads), reverse=True)[:_NEEDS_GROUPS])
 
 
 _NEEDS_GROUPS = 2  # groups looked for per rule: the two most selective
