@@ -325,8 +325,9 @@ def _serve_refused(home: Path, **env: str) -> subprocess.CompletedProcess[str]:
 def test_a_response_leaves_in_one_write_and_a_close_loses_nothing() -> None:
     """The internal listener's transport (bastion.serve.CoalescingTransport):
     uvicorn's two writes of a response (status line and headers, then body)
-    reach the socket as one write — one TLS record, one send(2) — at the end
-    of the loop's turn; a close in the same turn still sends what was written."""
+    reach the socket as one write — one TLS record, one send(2) — as soon as the
+    body is written (no wait for the loop's turn to end); a head alone goes out
+    at the turn's end; a close in the same turn still sends what was written."""
     import asyncio
 
     from bastion.serve import CoalescingTransport
@@ -353,16 +354,22 @@ def test_a_response_leaves_in_one_write_and_a_close_loses_nothing() -> None:
         inner = Recording()
         transport = CoalescingTransport(inner, asyncio.get_running_loop())
         transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        assert inner.writes == []  # the head waits for what follows it
+        assert transport.get_write_buffer_size() == 38
         transport.write(b"{}")
-        assert inner.writes == []
-        assert transport.get_write_buffer_size() == 40
-        await asyncio.sleep(0)
         assert inner.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
-        transport.write(b"last")
-        transport.close()  # Connection: close, in the same turn
-        assert inner.writes[-1] == b"last" and inner.closed
         await asyncio.sleep(0)
-        assert len(inner.writes) == 2  # nothing written twice
+        assert len(inner.writes) == 1  # nothing written twice
+        # A head with no body (204) goes out at the end of the turn.
+        transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert len(inner.writes) == 1
+        await asyncio.sleep(0)
+        assert inner.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n")
+        transport.close()  # Connection: close, in the same turn
+        assert inner.writes[-1].endswith(b"content-length: 4\r\n\r\n") and inner.closed
+        await asyncio.sleep(0)
+        assert len(inner.writes) == 3  # nothing written twice
 
     asyncio.run(scenario())
 

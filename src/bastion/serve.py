@@ -197,11 +197,16 @@ def serve_with_internal(
 
 
 class CoalescingTransport(asyncio.Transport):
-    """A transport whose writes made in one turn of the event loop go out as
-    one write. uvicorn writes a response's status line and headers, then its
-    body, separately: over TLS that is two records (RFC 8446 section 5), two
-    send(2) calls, and for the peer two records to take apart. Held for at
-    most one turn (a response that streams still flows); flushed before a close."""
+    """A transport that sends a response's head with the write after it.
+    uvicorn writes a response's status line and headers, then its body,
+    separately: over TLS that is two records (RFC 8446 section 5), two send(2)
+    calls, and for the peer two records to take apart. A head (a write ending
+    in the blank line that ends an HTTP head, RFC 9112 section 2.1) is held and
+    goes out with the next write at once; a head with nothing after it in the
+    same turn of the event loop (a response without a body, a stream's first
+    chunk not ready) goes out at the turn's end, and before a close. Other
+    writes go out as they come: waiting for the next turn cost each response
+    a turn of a busy loop."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -210,9 +215,14 @@ class CoalescingTransport(asyncio.Transport):
         self._pending: list[bytes] = []
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pending:
+        if self._pending:
+            self._pending.append(bytes(data))
+            self._flush()
+        elif bytes(data[-4:]) == b"\r\n\r\n":
             self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
+            self._pending.append(bytes(data))
+        elif not self._transport.is_closing():
+            self._transport.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
