@@ -353,3 +353,94 @@ def test_mixed_script_words_found_in_runs_are_every_match_of_a_full_scan() -> No
         rule = [f for f in views.findings if f.rule == "homoglyph.mixed-script"]
         expected = [] if not everywhere else [45 if everywhere > 2 else 35]
         assert [f.weight for f in rule] == expected
+
+
+def test_possessive_filler_words_match_what_the_rules_as_written_match() -> None:
+    # The rules' filler groups ("(?:\W+\w+){0,3}?") run with possessive word
+    # runs: a failed try no longer gives each run back a character at a time.
+    # On the suite's texts, keyword-dense megabytes and filler, every rule finds
+    # the same spans, in a scan and tried at each lead, as written and as run.
+    import random
+
+    from bastion.safety.injection import engine
+    from bastion.safety.injection.rules import RULES, _possessive
+    from tests.injection import corpus
+
+    rewritten = [rule for rule in RULES if "++" in rule.pattern.pattern]
+    assert len(rewritten) >= 20  # the filler groups of most rules
+    rng = random.Random(15)
+    texts = [c.text for c in corpus.load()]
+    blocks = [" ".join(rng.sample(texts, 40)) for _ in range(10)]
+    for kind in ("keyword prose", "keyword line", "prose"):
+        blocks.append(megabyte(kind)[:12_000])
+    # Runs given back would matter only with long runs: words and gaps of many characters.
+    blocks.append("ignore   " + "x" * 3_000 + " ... previous ,,, " + "y" * 500 + " instructions")
+    all_views = [engine.text_views(block) for block in blocks]
+    for rule in rewritten:
+        as_written = rule.pattern.pattern.replace("++", "+")
+        written = re.compile(as_written, rule.pattern.flags)
+        assert "++" not in written.pattern and _possessive(written.pattern) == rule.pattern.pattern
+        for views in all_views:
+            haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)
+            expected = [m.span() for m in written.finditer(haystack)]
+            assert [m.span() for m in rule.pattern.finditer(haystack)] == expected, rule.rule
+            for lead in rule.leads[:6]:
+                at = haystack.find(lead)
+                while at >= 0:
+                    a, b = written.match(haystack, at), rule.pattern.match(haystack, at)
+                    assert (a and a.span()) == (b and b.span()), rule.rule
+                    at = haystack.find(lead, at + 1)
+
+
+def test_matrix_products_run_on_one_blas_thread_for_the_same_verdict(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The cipher scoring and the learned tier's products run with BLAS held to
+    # one thread (a server screens many texts at once; BLAS helpers per product
+    # doubled the CPU of some megabytes), restored after; the verdict is the
+    # one BLAS gives with its helper threads.
+    import codecs
+    from contextlib import nullcontext
+
+    from threadpoolctl import threadpool_info
+
+    from bastion.safety.injection import classifier
+
+    def blas_threads() -> list[int]:
+        return [int(lib["num_threads"]) for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before
+    with classifier.one_blas_thread(10_000):
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
+    # Many cipher segments (prose sentences) and a ciphered attack among them.
+    text = _placed(megabyte("prose"), codecs.encode(ATTACK, "rot13"), "end")
+    rows_seen: list[int] = []
+    one_thread = classifier.one_blas_thread
+
+    def spied(rows: int) -> object:
+        rows_seen.append(rows)
+        return one_thread(rows)
+
+    monkeypatch.setattr(classifier, "one_blas_thread", spied)
+    pinned = screen(text, "retrieved")
+    assert max(rows_seen) >= 1_000  # the large product went through the limit
+    monkeypatch.setattr(classifier, "one_blas_thread", lambda rows: nullcontext())
+    free = screen(text, "retrieved")
+    assert pinned == free
+    assert any(r.startswith("encoding.rot13>override") for r in pinned.reasons)
+
+
+def test_sentence_ends_found_in_numpy_are_the_expressions_matches() -> None:
+    # Sanitizing a long text finds its sentence ends in C and numpy, not by a
+    # regex stopping at each: the same positions, ASCII or not.
+    from bastion.safety.injection import engine
+
+    for kind in ("empty images", "short lines", "keyword prose", "mixed scripts", "random bytes"):
+        text = engine.text_views(megabyte(kind)[:200_000]).visible + "\u00e9. fin!\n"
+        expected = [m.start() for m in engine._SENTENCE_END.finditer(text)]
+        assert engine._sentence_ends(text) == expected, kind
+        ascii_text = text.encode("ascii", "replace").decode("ascii")
+        expected = [m.start() for m in engine._SENTENCE_END.finditer(ascii_text)]
+        assert engine._sentence_ends(ascii_text) == expected, kind

@@ -34,6 +34,11 @@ The threshold is the one that keeps false positives at or under 1.5% on
 *unseen* sources: chosen on out-of-fold scores, each training source group
 scored by a model that never saw it (``bench/train_injection.py``).
 
+Matrix products (here and in the engine's cipher scoring) run on the calling
+thread only (:func:`one_blas_thread`): a server screens many texts at once,
+and BLAS helper threads per product only add contention — on a busy machine
+they doubled the CPU time of screening some megabytes, for the same result.
+
 The weights ship inside the package (``model/injection-ngram.npz``). They are
 verified (format, shape, SHA-256) when loaded; a missing or corrupt file raises
 :class:`ClassifierUnavailable` — at start-up, since :mod:`bastion.compose`
@@ -48,6 +53,7 @@ import math
 import re
 import unicodedata
 import zipfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -55,6 +61,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from threadpoolctl import ThreadpoolController
 
 from bastion.errors import BastionError, Kind
 
@@ -253,7 +260,8 @@ class Semantic:
         first, last = starts // BLOCK, -(-ends // BLOCK)
         mean = (sums[last] - sums[first]) / np.maximum(counts[last] - counts[first], 1)[:, None]
         hidden = np.maximum(mean + self.hidden_bias, 0.0)
-        logits: npt.NDArray[np.float64] = (hidden @ self.output).astype(np.float64)
+        with one_blas_thread(len(hidden)):
+            logits: npt.NDArray[np.float64] = (hidden @ self.output).astype(np.float64)
         return logits
 
 
@@ -479,6 +487,27 @@ def _semantic_shapes_fit(stored: dict[str, npt.NDArray[Any]]) -> bool:
         and bool(np.all(keys[1:] > keys[:-1]))
         and all(bool(np.isfinite(a).all()) for name, a in stored.items() if name != "semantic_keys")
     )
+
+
+_THREADED_ROWS = 256
+"""OpenBLAS threads a product of a few dozen columns from about 300 rows
+(its threshold on rows times columns, times the inner size for a matrix
+product); fewer rows run on the calling thread anyway, without a limit set."""
+
+
+@cache
+def _blas() -> Any:
+    return ThreadpoolController()  # finds the loaded BLAS once (about a millisecond)
+
+
+def one_blas_thread(rows: int) -> AbstractContextManager[Any]:
+    """BLAS limited to one thread for a block's matrix products of ``rows``
+    rows, then restored (the limit is the process's: screens running at once
+    on several threads may leave it at one, which is what each of them wants)."""
+    if rows < _THREADED_ROWS:
+        return nullcontext()
+    limiter: AbstractContextManager[Any] = _blas().limit(limits=1, user_api="blas")
+    return limiter
 
 
 @cache

@@ -705,13 +705,17 @@ class _Present:
     whitespace-free tokens instead, gathered once (a literal without
     whitespace occurs in the text only inside one of them): a text dense in
     a few words has few. Without ``gather``, tokens are gathered only past
-    twice as many scans."""
+    twice as many scans. ``views``: how many views the text is (the plain
+    and folded views are often one text, its literals then looked for once):
+    as many times the scans before gathering (a text of many distinct words
+    costs more to gather than it saves)."""
 
-    def __init__(self, text: str, gather: bool) -> None:
+    def __init__(self, text: str, gather: bool, views: int = 1) -> None:
         self.text = text
         self.seen: dict[str, bool] = {}
         # Without ``gather``, twice the scans first: what they save is less.
-        self.scans = 0 if gather else -_NEEDS_SCANS
+        first = views * _NEEDS_SCANS * (1 if gather else 2)
+        self.scans = _NEEDS_SCANS - first  # tokens gathered once ``first`` scans are done
         self.tokens: str | None = None
 
     def __contains__(self, literal: str) -> bool:
@@ -1062,21 +1066,25 @@ def _deciphered(visible: str) -> Iterable[Layer]:
         ends = np.array([end for _start, end in spans], dtype=np.intp)
     if len(spans) <= 4:  # numpy's fixed cost outweighs a few segments
         return _deciphered_few(visible, spans)
-    # Each character's segment (-1 between segments) by one repeat; the text one
-    # byte per character ("?" for non-ASCII, which is no letter a cipher shifts).
+    # Each character's row (its segment's number + 1; 0 between segments) by
+    # one repeat, and its column (its letter 0-25; 26 any other character: the
+    # text one byte per character, "?" for non-ASCII, no letter a cipher
+    # shifts): one tally of every character, no selection before it; the row
+    # and column of what is not counted are then cut off.
     count = len(spans)
     bounds = np.empty(2 * count + 2, dtype=np.intp)
     bounds[0], bounds[1:-1:2], bounds[2:-1:2], bounds[-1] = 0, starts, ends, len(raw)
-    ids = np.full(2 * count + 1, -1, dtype=np.intp)
-    ids[1::2] = np.arange(count)
-    segment = np.repeat(ids, np.diff(bounds))
-    # Only letters are counted: the others are left out before the tally.
-    letter = np.frombuffer(raw.lower(), dtype=np.uint8) - 97  # a-z to 0-25, others wrap
-    inside = (segment >= 0) & (letter < 26)
-    keys = segment[inside] * 26 + letter[inside]
-    counts = np.bincount(keys, minlength=count * 26).reshape(count, 26)
+    ids = np.zeros(2 * count + 1, dtype=np.int32)
+    ids[1::2] = np.arange(1, count + 1, dtype=np.int32)
+    row = np.repeat(ids, np.diff(bounds))
+    letter = np.frombuffer(raw.lower(), dtype=np.uint8) - np.uint8(97)  # a-z to 0-25, others wrap
+    np.minimum(letter, np.uint8(26), out=letter)
+    row *= 27
+    row += letter
+    counts = np.bincount(row, minlength=(count + 1) * 27).reshape(count + 1, 27)[1:, :26]
     letters = counts.sum(axis=1)
-    scores = counts.astype(np.float64) @ _CIPHER_WEIGHTS.T  # in BLAS (ints would not be)
+    with classifier.one_blas_thread(count):
+        scores = counts.astype(np.float64) @ _CIPHER_WEIGHTS.T  # in BLAS (ints would not be)
     best = scores.argmax(axis=1)
     gain = (scores[np.arange(len(spans)), best] - scores[:, 0]) / np.maximum(letters, 1)
     chosen = np.flatnonzero((letters >= 12) & (best > 0) & (gain >= _MIN_GAIN))
@@ -1305,7 +1313,8 @@ def _findings(
     views = text_views(text)
     found = list(views.findings)
     hits = {"visible": _lead_hits(("visible",), views.visible)}
-    if views.folded == views.plain:
+    one_text = views.folded == views.plain  # no confusable or leetspeak folded
+    if one_text:
         hits["plain"] = hits["folded"] = _lead_hits(("plain", "folded"), views.plain)
     else:
         hits["plain"] = _lead_hits(("plain",), views.plain)
@@ -1315,6 +1324,8 @@ def _findings(
     tried |= {i for i, rule in enumerate(RULES) if hits[rule.view] is None}
     left_over = 0  # weight of the rules matching more often than sanitizing removes
     present = {view: _Present(haystack, hits[view] is None) for view, haystack in views.named()}
+    if one_text:  # one text: its literals looked for once
+        present["plain"] = present["folded"] = _Present(views.plain, hits["plain"] is None, 2)
     for index in sorted(tried):
         rule = RULES[index]
         haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)
@@ -1395,6 +1406,23 @@ def total_score(findings: Iterable[Finding]) -> int:
     return min(100, sum(best.values()))
 
 
+_SENTENCE_ENDS = bytes(1 if chr(b) in ".!?\n" else 0 for b in range(256))
+
+
+def _sentence_ends(visible: str) -> list[int]:
+    """Where :data:`_SENTENCE_END` matches in ``visible``: in a long text, its
+    characters marked in C and found in numpy (the regex stops at each)."""
+    if len(visible) <= 2 * _WINDOW:
+        return [m.start() for m in _SENTENCE_END.finditer(visible)]
+    if visible.isascii():
+        marks = np.frombuffer(visible.encode("ascii").translate(_SENTENCE_ENDS), dtype=np.uint8)
+    else:
+        codes = np.frombuffer(visible.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        marks = (codes == 46) | (codes == 33) | (codes == 63) | (codes == 10)  # . ! ? newline
+    ends: list[int] = np.flatnonzero(marks).tolist()
+    return ends
+
+
 def _neutralise(visible: str, findings: Iterable[Finding]) -> str:
     """Replace each sentence holding a finding by :data:`REMOVED`."""
     spans: list[tuple[int, int]] = []
@@ -1403,7 +1431,7 @@ def _neutralise(visible: str, findings: Iterable[Finding]) -> str:
         if f.end <= f.start:
             continue
         if stops is None:
-            stops = [m.start() for m in _SENTENCE_END.finditer(visible)]
+            stops = _sentence_ends(visible)
         before = bisect.bisect_left(stops, f.start)
         after = bisect.bisect_left(stops, f.end)
         start = stops[before - 1] + 1 if before else 0

@@ -16,6 +16,32 @@ _GAP = r"(?:\W+\w+){0,3}?\W+"  # up to three filler words ("ignore all of the pr
 _CJK_GAP = r".{0,6}?"
 
 
+# Filler words between a rule's words, as written: a lazy count of word runs.
+# Each run is made possessive (Python 3.11 ``re``), which changes no match, only
+# the cost of a failed try (the regex no longer gives a run back one character
+# at a time): in "(?:\W+\w+){0,n}?" the \W+ is followed by \w, which it
+# cannot match, so any match takes the whole non-word run; the \w+ is followed
+# by \W+ (the next filler word, or the \W+ after the group, kept as written),
+# so any match takes the whole word. A match is then found by the same path,
+# the greedy one, whether the run may be given back or not. Likewise
+# "(?:\w+\W+){0,n}?" (its \w+ followed by \W) and "(?:\w+\s+){0,n}?" (its
+# \w+ followed by \s). Only a group followed by what its last run cannot
+# match is rewritten (tests/injection/test_bounds.py compares every rule's
+# matches as written and as rewritten).
+_FILLERS = (
+    (re.compile(r"\(\?:\\W\+\\w\+\)(\{0,\d+\}\?)(?=\\W\+)"), r"(?:\\W++\\w++)\1"),
+    (re.compile(r"\(\?:\\w\+\\W\+\)(\{0,\d+\}\?)"), r"(?:\\w++\\W+)\1"),
+    (re.compile(r"\(\?:\\w\+\\s\+\)(\{0,\d+\}\?)"), r"(?:\\w++\\s+)\1"),
+)
+
+
+def _possessive(pattern: str) -> str:
+    """``pattern`` with the word runs of its filler groups possessive (same matches)."""
+    for filler, possessive in _FILLERS:
+        pattern = filler.sub(possessive, pattern)
+    return pattern
+
+
 @dataclass(frozen=True)
 class Rule:
     rule: str
@@ -36,7 +62,7 @@ def _r(
     *,
     leads: str,
 ) -> Rule:
-    compiled = re.compile(pattern, re.S)
+    compiled = re.compile(_possessive(pattern), re.S)
     return Rule(
         rule, category, weight, compiled, view, tuple(leads.split("|")), "(?#line)" in pattern
     )
