@@ -41,9 +41,9 @@ import bisect
 import functools
 import operator
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, repeat
+from itertools import chain, compress, islice, repeat
 from pathlib import Path
 from typing import NamedTuple, overload
 
@@ -174,8 +174,27 @@ def never_alone(word: str) -> bool:
     return low in CALENDAR_WORDS or low in NOT_NAME_WORDS or word.islower()
 
 
-_DIGITS = re.compile(r"\d+")
+# The runs of digits some form of DATE_RE can use, by what each form needs
+# there: a separator and a digit after a day, month or year of at most four
+# digits (12/03, 1985-03), a space after a day of at most two (12 March), or
+# a word and a space before such a day and a year after it (March 12, 1985).
+# Every other run is skipped without a Python step (a text of numbers, "12,
+# 3456 Main, ...", has one every few characters). A run is matched from its
+# first digit only ((?<!\d\d) after it: linear in a long run), and each
+# condition is read at its end, where a look-behind sees the whole run.
+_LETTER = r"[^\W\d_]"
+_DATE_DIGITS = re.compile(
+    r"\d(?<!\d\d)\d*+(?:"
+    r"(?<!\d{5})(?=[./-]\d)"
+    r"|(?<!\d{3})(?=\.?\s)"
+    rf"|(?:(?<={_LETTER}\s\d)|(?<={_LETTER}\.\s\d)|(?<={_LETTER}\s\d\d)|(?<={_LETTER}\.\s\d\d))"
+    r"(?=(?i:st|nd|rd|th)?,?\s\d)"
+    r")"
+)
 _WORD_BEFORE = re.compile(r"([^\W\d_]+)\.?\s$")
+# What follows the day of "March 12, 1985" (looked at before the month is
+# searched for: "born 01/02/1990" has a word before its day, no year after it).
+_YEAR_AFTER_DAY = re.compile(r"(?i:st|nd|rd|th)?,?\s\d")
 
 
 def dates(text: str) -> list[tuple[int, int]]:
@@ -183,7 +202,7 @@ def dates(text: str) -> list[tuple[int, int]]:
     month name before them): a search from every letter would be slow."""
     out: list[tuple[int, int]] = []
     done = 0
-    for digits in _DIGITS.finditer(text):
+    for digits in _DATE_DIGITS.finditer(text):
         start, end = digits.span()
         if start < done:
             continue
@@ -191,7 +210,12 @@ def dates(text: str) -> list[tuple[int, int]]:
         # regex is tried: a month name and a space before a day ("March 12"), or
         # one of "./- " after a day, month or year ("12/03", "1985-", "12 March").
         after = text[end : end + 1]
-        month_first = end - start <= 2 and start > 0 and text[start - 1].isspace()
+        month_first = (
+            end - start <= 2
+            and start > 0
+            and text[start - 1].isspace()
+            and _YEAR_AFTER_DAY.match(text, end) is not None
+        )
         digits_first = end - start <= 4 and after != "" and (after in "./-" or after.isspace())
         if not (month_first or digits_first):
             continue
@@ -251,27 +275,33 @@ class Scanned(Sequence[Token]):
     __slots__ = ("breaks", "ends", "kinds", "line_starts", "starts", "words")
 
     def __init__(self, text: str) -> None:
-        matches = list(TOKEN_RE.finditer(text))
         # C-level loops (map) over the matches: a Python loop per token was a
-        # third of the tagger's time on a support ticket.
-        self.starts: list[int] = list(map(_START, matches))
-        self.ends: list[int] = list(map(_END, matches))
-        self.words: list[str] = list(map(_GROUP, matches))
-        self.kinds: list[str] = list(map(_LASTGROUP, matches))
+        # third of the tagger's time on a support ticket. A few hundred at a
+        # time, never all: a match is an object the garbage collector tracks,
+        # and a block's 60,000 held at once outlived collections of the young
+        # generation and set off full ones, whose cost grows with everything
+        # else the process holds (in a process holding bench/pii.py's corpora,
+        # a third of the whole recognizer's time on the demo tickets). A batch
+        # under the collector's threshold (700 allocations) dies before it
+        # triggers one.
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.words: list[str] = []
+        self.kinds: list[str] = []
+        found = TOKEN_RE.finditer(text)
+        while batch := list(islice(found, _MATCH_BATCH)):
+            self.starts += map(_START, batch)
+            self.ends += map(_END, batch)
+            self.words += map(_GROUP, batch)
+            self.kinds += map(_LASTGROUP, batch)
+        count = len(self.starts)
         # A line break stands between two tokens (no token holds one): the token
-        # after it is the first of its line.
-        self.line_starts: list[int] = []
-        self.breaks: list[bool] = [False] * len(matches)
-        newline = text.find("\n")
-        after = 0
-        while newline != -1:
-            after = bisect.bisect_right(self.starts, newline, after)
-            if after == len(matches):
-                break
-            if not self.breaks[after]:
-                self.breaks[after] = True
-                self.line_starts.append(after)
-            newline = text.find("\n", self.starts[after])
+        # after it is the first of its line (found by C-level passes too).
+        after = map(bisect.bisect_right, repeat(self.starts), map(_START, _NEWLINE.finditer(text)))
+        self.line_starts: list[int] = sorted(set(after) - {count})
+        self.breaks: list[bool] = [False] * count
+        for first in self.line_starts:
+            self.breaks[first] = True
 
     def __len__(self) -> int:
         return len(self.words)
@@ -304,10 +334,14 @@ class Scanned(Sequence[Token]):
         )
 
 
+# Matches held at once while tokenising (see Scanned).
+_MATCH_BATCH = 256
+_NEWLINE = re.compile("\n")
 _START = re.Match.start
 _END = re.Match.end
 _GROUP = re.Match.group
 _LASTGROUP = operator.attrgetter("lastgroup")
+_FIRST = operator.itemgetter(0)
 
 
 def _scan(text: str, connectors: frozenset[str] | None) -> tuple[Scanned, list[int]]:
@@ -316,13 +350,18 @@ def _scan(text: str, connectors: frozenset[str] | None) -> tuple[Scanned, list[i
     toks = Scanned(text)
     if connectors is None:
         return toks, []
-    found = [
-        i
-        for i, (kind, word) in enumerate(zip(toks.kinds, toks.words, strict=True))
-        if kind == "n"
-        or (kind == "w" and (word[0].isupper() or word[0].istitle() or word in connectors))
-    ]
-    return toks, found
+    # is_candidate over every token as C-level passes (map), not a Python
+    # test per token: a number, or a word whose first letter is a capital (one
+    # character's istitle() is isupper() or istitle()) or that is a connector.
+    words, kinds = toks.words, toks.kinds
+    capital = map(str.istitle, map(_FIRST, words))
+    connector = map(connectors.__contains__, words)
+    word = map(operator.eq, kinds, repeat("w"))
+    number = map(operator.eq, kinds, repeat("n"))
+    keep = map(
+        operator.or_, number, map(operator.and_, word, map(operator.or_, capital, connector))
+    )
+    return toks, list(compress(range(len(words)), keep))
 
 
 def shape(word: str) -> str:
@@ -742,10 +781,13 @@ class NameModel:
             toks.kinds,
             toks.breaks,
         )
-        chunks: list[list[int]] = []  # [first row, last row] of indexes
+        # The chunks: their first and last rows of ``indexes`` (two lists of
+        # integers, not a list per chunk: see Scanned on tracked objects).
+        firsts: list[int] = []
+        lasts: list[int] = []
         before = -1  # the candidate of the row before
         for row, i in enumerate(indexes):
-            if chunks and not breaks[i]:
+            if firsts and not breaks[i]:
                 gap = text[ends[before] : starts[i]]
                 if (i == before + 1 and (gap == " " or gap.strip(" ") == "")) or (
                     # an initial: "J. Smith" (not a list's number: "2. Tell")
@@ -754,12 +796,13 @@ class NameModel:
                     and len(words[before]) == 1
                     and kinds[before] == "w"
                 ):
-                    chunks[-1][1] = row
+                    lasts[-1] = row
                     before = i
                     continue
-            chunks.append([row, row])
+            firsts.append(row)
+            lasts.append(row)
             before = i
-        if not _any_may_be_named(words, kinds, indexes, chunks):
+        if not _any_may_be_named(words, kinds, indexes, zip(firsts, lasts, strict=True)):
             # Every chunk would be dropped below whatever the model says ("The
             # refund was issued.", "When was it sent?"): it is not run.
             return
@@ -770,7 +813,6 @@ class NameModel:
         # "Dear") are left out of it.
         alone = logp.argmax(axis=1)
         named = np.where(alone[:, None] > 0, logp, 0.0)
-        firsts = [chunk[0] for chunk in chunks]
         sums = np.add.reduceat(named, firsts, axis=0)
         some = np.add.reduceat(alone > 0, firsts).tolist()
         best = (sums[:, 1:].argmax(axis=1) + 1).tolist()
@@ -779,7 +821,7 @@ class NameModel:
         numbers = [kinds[i] == "n" for i in indexes]
         decided: list[tuple[str, int, int, bool]] = []  # (kind, start, end, joins an address)
         last_row = 0  # of the chunk before
-        for (first, last), label, any_named in zip(chunks, best, some, strict=True):
+        for first, last, label, any_named in zip(firsts, lasts, best, some, strict=True):
             kind = CLASSES[label] if any_named else ""
             if kind in (PERSON, PLACE):
                 kind, first = _after_organisation(words, indexes, first, last, kind, named, alone)
@@ -856,7 +898,7 @@ def _any_may_be_named(
     words: Sequence[str],
     kinds: Sequence[str],
     indexes: Sequence[int],
-    chunks: Sequence[Sequence[int]],
+    chunks: Iterable[tuple[int, int]],
 ) -> bool:
     """Whether any chunk (rows ``first..last`` of ``indexes``) may be personal data."""
     return any(_may_be_named(words, kinds, indexes[first : last + 1]) for first, last in chunks)
