@@ -987,6 +987,11 @@ def address_shaped(value: str) -> bool:
     return _HOUSE_NUMBER.search(value) is not None and any(c.islower() for c in value)
 
 
+def _place_shaped(value: str) -> bool:
+    """Whether ``value`` can be a place: no digit, and it opens on a capital."""
+    return value[:1].isupper() and not any(c.isdigit() for c in value)
+
+
 def find(
     text: str,
     model: NameModel | None = None,
@@ -1002,3 +1007,7 @@ def find(
         for kind, s, e in model.find(piece, date_spans if whole else None):
             if kind != ADDRESS or address_shaped(piece[s:e]):
                 yield kind, start + s, start + e
+            elif _place_shaped(piece[s:e]):
+                # An address without a house number is a town or a street
+                # named alone: personal data all the same, kept as a place.
+                yield PLACE, start + s, start + e
