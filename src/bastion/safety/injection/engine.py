@@ -14,7 +14,7 @@ import importlib
 import itertools
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -163,6 +163,14 @@ class Views:
         return (("visible", self.visible), ("plain", self.plain), ("folded", self.folded))
 
 
+def _latin1(text: str) -> bytes | None:
+    """``text`` as Latin-1 bytes (one per character), or None when it has others."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
 _LEET_CLASSES = bytes(
     ord("a") if chr(b).isascii() and chr(b).islower() else ord("d") if chr(b) in "013457" else 32
     for b in range(256)
@@ -172,7 +180,10 @@ _LEET_CLASSES = bytes(
 def _leet(text: str) -> str:
     # _LEET_HINT's "a letter beside a digit", looked for in C first: the
     # expression tries every position of a long text.
-    classes = text.encode("ascii", "replace").translate(_LEET_CLASSES)
+    # One byte per character (Latin-1's past ASCII are spaces here, as "?" is).
+    one_byte = _latin1(text)
+    raw = text.encode("ascii", "replace") if one_byte is None else one_byte
+    classes = raw.translate(_LEET_CLASSES)
     if (b"ad" not in classes and b"da" not in classes) or not _LEET_HINT.search(text):
         return text
     if len(text) <= 2 * _WINDOW or not text.isascii():
@@ -235,6 +246,10 @@ def _tallied(text: str) -> tuple[_Codes, _Tally] | None:
     not by a scan of the text per character looked for."""
     if text.isascii() or len(text) <= 2 * _WINDOW:
         return None
+    one_byte = _latin1(text)
+    if one_byte is not None:  # a byte per character: tallied as bytes, a quarter of the work
+        small = np.frombuffer(one_byte, dtype=np.uint8)
+        return small.astype(np.uint32), np.bincount(small)
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     return codes, np.bincount(codes)
 
@@ -420,14 +435,18 @@ _MAX_LEADS = 4000  # more occurrences than this: one regex pass over the text in
 _MAX_USES = 32  # matches of one rule that are not quoted mentions: enough to sanitize
 
 
-def _matches(rule: Rule, haystack: str) -> Iterable[re.Match[str]]:
+def _matches(
+    rule: Rule, haystack: str, found: Container[str] | None = None
+) -> Iterable[re.Match[str]]:
     """The rule's matches, tried only where one of its leads occurs.
 
     ``str.find`` skips through text in C; the regex then runs once per
     occurrence, anchored there, instead of at every position of the text.
+    ``found``: the literals known to occur in ``haystack`` (:class:`_Present`),
+    when known: a lead not among them is not looked for (it has no occurrence).
     """
     starts: set[int] = set()
-    for lead in rule.leads:
+    for lead in rule.leads if found is None else [lead for lead in rule.leads if lead in found]:
         at = haystack.find(lead)
         while at >= 0:
             starts.add(at)
@@ -437,12 +456,20 @@ def _matches(rule: Rule, haystack: str) -> Iterable[re.Match[str]]:
                 )
                 return
             at = haystack.find(lead, at + 1)
+    yield from _tried_at(rule, haystack, sorted(starts))
+
+
+def _tried_at(rule: Rule, haystack: str, starts: Iterable[int]) -> Iterable[re.Match[str]]:
+    """The rule's matches anchored at ``starts`` (ascending), none inside the
+    one before. The tries run in C (``map``, ``filter``): a text dense in a
+    rule's leads costs a Python step per match, not per try. A start inside
+    the previous match is tried too (a loop skipped it), and its match is
+    then passed over: the same matches, yielded as they are needed."""
     end = -1
-    for at in sorted(starts):
-        if at < end:
+    for match in filter(None, map(rule.pattern.match, itertools.repeat(haystack), starts)):
+        if match.start() < end:
             continue  # inside the previous match
-        match = rule.pattern.match(haystack, at)
-        if match is not None and _at_line_start(rule, haystack, match):
+        if _at_line_start(rule, haystack, match):
             end = match.end()
             yield match
 
@@ -452,13 +479,12 @@ def _matches(rule: Rule, haystack: str) -> Iterable[re.Match[str]]:
 # over the text finds where every lead of every rule starts, instead of a
 # ``str.find`` scan per lead. Most rules match only at the start of a word
 # (``\b``), and short leads ("hi", "cc", "act") occur inside many words
-# ("shipped", "account", "contract"): an ASCII text is also read with every
-# non-word character as a space, where those leads are looked for as " hi",
-# so that only their starts of words cost a try of the rule (in Python).
+# ("shipped", "account", "contract"): a text of one byte per character (ASCII
+# or Latin-1: English and the Western European languages) is read with most
+# non-word characters as a space (:data:`_LEAD_CLASSES`), where those leads
+# are looked for as " hi", so that only their starts of words cost a try of
+# the rule (in Python); one pass finds them and every other lead.
 _LeadHits = dict[int, list[int]]  # rule index -> where its leads start
-_WORD_CLASSES = bytes(
-    b if chr(b).isascii() and (chr(b).isalnum() or chr(b) == "_") else 32 for b in range(256)
-)
 
 
 def _starts_at_word(pattern: str) -> bool:
@@ -493,30 +519,74 @@ def _starts_at_word(pattern: str) -> bool:
 @dataclass(frozen=True)
 class _Leads:
     """An automaton of leads, each stored as its number: ``lengths[n]`` its
-    length, ``rules[firsts[n]:firsts[n + 1]]`` the rules it leads."""
+    length, ``rules[firsts[n]:firsts[n + 1]]`` the rules it leads, ``shifts[n]``
+    where a lead found ending at ``end`` starts: ``end - lengths[n] + 1 +
+    shifts[n]`` (a word-start lead is stored with the character before it)."""
 
     automaton: Any
     lengths: np.ndarray[Any, np.dtype[np.int64]]
     firsts: np.ndarray[Any, np.dtype[np.int64]]
     rules: np.ndarray[Any, np.dtype[np.int64]]
+    shifts: np.ndarray[Any, np.dtype[np.int64]]
+
+
+def _is_word_lead(rule: Rule, lead: str) -> bool:
+    r"""True when ``lead`` (of ``rule``) is looked for at word starts only:
+    every match of the rule starts at ``\b`` and the lead with a word character."""
+    return _starts_at_word(rule.pattern.pattern) and lead[:1].isalnum()
+
+
+# The text a one-byte text's leads are looked for in: its word characters and
+# the other characters of leads not looked for at word starts ("![", "<", "--")
+# as they are, any other character a space. A lead looked for anywhere then
+# occurs in it where it occurs in the text; a word-start lead is looked for as
+# itself after a space or one of those characters ("[admin", " admin"): where
+# it starts a word in the text.
+_LEAD_MARKS = "".join(
+    sorted(
+        {
+            c
+            for rule in RULES
+            for lead in rule.leads
+            if _latin1(lead) is not None and not _is_word_lead(rule, lead)
+            for c in lead
+            if not (c.isalnum() or c == "_")
+        }
+    )
+)
+# Word characters as ``re``'s \w sees them (str.isalnum() or "_").
+_LEAD_CLASSES = bytes(
+    b if chr(b).isalnum() or chr(b) == "_" or chr(b) in _LEAD_MARKS else 32 for b in range(256)
+)
 
 
 def _lead_automaton(views: tuple[str, ...], part: str) -> _Leads:
-    """``part``: ``all`` leads as they are; for an ASCII text, ``rest``: the
-    ASCII leads not looked for at word starts, ``words``: those that are, as
-    " lead" in the word-class text. (An automaton whose leads start with few
-    distinct characters runs several times faster.)"""
+    """``part``: ``all`` leads as they are; ``one byte``, for a Latin-1 text
+    read as :data:`_LEAD_CLASSES` with a space before it: the Latin-1 leads,
+    those at word starts after each character that may come before one (a lead
+    of other characters cannot occur). (An automaton whose leads start with few
+    distinct characters runs several times faster: most of these start with a
+    space.)"""
     by_lead: dict[str, set[int]] = {}
+    shift: dict[str, int] = {}
     for index, rule in enumerate(RULES):
         if rule.view not in views:
             continue
-        at_word = _starts_at_word(rule.pattern.pattern)
         for lead in rule.leads:
-            word_lead = at_word and lead.isascii() and lead[:1].isalnum()
-            if part == "all" or (part == "rest" and not word_lead and lead.isascii()):
-                by_lead.setdefault(lead, set()).add(index)
-            elif part == "words" and word_lead:
-                key = " " + lead.encode("ascii").translate(_WORD_CLASSES).decode("ascii")
+            latin1 = _latin1(lead)
+            if part == "all":
+                keys, at = [lead], 0
+            elif latin1 is None:
+                continue
+            elif _is_word_lead(rule, lead):
+                word = latin1.translate(_LEAD_CLASSES).decode("latin-1")
+                keys, at = [before + word for before in " " + _LEAD_MARKS], 0
+            else:
+                keys, at = [lead], -1  # the space before the text
+            for key in keys:
+                if shift.setdefault(key, at) != at:
+                    # Never so today: a key means one place of the lead in it.
+                    raise ValueError(f"lead {key!r} is both a word start and not")
                 by_lead.setdefault(key, set()).add(index)
     automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
     for number, lead in enumerate(by_lead):
@@ -529,15 +599,12 @@ def _lead_automaton(views: tuple[str, ...], part: str) -> _Leads:
         np.array([len(lead) for lead in by_lead], dtype=np.int64),
         np.cumsum([0, *map(len, led)], dtype=np.int64),
         np.array([index for rules in led for index in rules], dtype=np.int64),
+        np.array([shift[lead] for lead in by_lead], dtype=np.int64),
     )
 
 
-_AUTOMATA: dict[tuple[str, ...], tuple[_Leads, _Leads, _Leads]] = {
-    views: (
-        _lead_automaton(views, "all"),
-        _lead_automaton(views, "rest"),
-        _lead_automaton(views, "words"),
-    )
+_AUTOMATA: dict[tuple[str, ...], tuple[_Leads, _Leads]] = {
+    views: (_lead_automaton(views, "all"), _lead_automaton(views, "one byte"))
     for views in (("plain",), ("folded",), ("visible",), ("plain", "folded"))
 }
 
@@ -552,81 +619,83 @@ def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
 
     The automaton's hits are read into numpy in C (no Python per hit: a text
     dense in the rules' words has a lead every few characters), then sorted
-    by rule; a rule's starts are in the order the passes found them."""
+    by rule and place in one sort; a rule's starts are ascending and distinct."""
     limit = max(_MAX_LEADS, len(haystack) // 8)
-    every, rest, words = _AUTOMATA[views]
-    if len(haystack) > 2 * _WINDOW and haystack.isascii():  # short: one pass costs less
+    every, one_byte = _AUTOMATA[views]
+    raw = _latin1(haystack) if len(haystack) > 2 * _WINDOW else None  # short: as it is
+    leads, text = every, haystack
+    if raw is not None:
         # " " first: a lead at the text's start has its space; " lead" ending at
         # ``end`` there starts at ``end - length + 1`` in ``haystack``, as below.
-        classes = " " + haystack.encode("ascii").translate(_WORD_CLASSES).decode("ascii")
-        passes: tuple[tuple[_Leads, str], ...] = ((rest, haystack), (words, classes))
-    else:
-        passes = ((every, haystack),)
+        leads, text = one_byte, " " + raw.translate(_LEAD_CLASSES).decode("latin-1")
+    if leads.automaton.kind == ahocorasick.EMPTY:
+        return {}
     n = 0
-    found: list[tuple[_Leads, np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, Any]]] = []
-    # Segment by segment, every pass over each: leads denser than the limit's
-    # share in the text read so far give up there, not after a limit's worth of
-    # hits (a megabyte dense with attacks).
+    found: list[tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, Any]]] = []
+    # Segment by segment: leads denser than the limit's share in the text read
+    # so far give up there, not after a limit's worth of hits (a megabyte
+    # dense with attacks).
     for segment in range(0, len(haystack), _LEAD_SEGMENT):
         stop = segment + _LEAD_SEGMENT
-        for leads, text in passes:
-            if leads.automaton.kind == ahocorasick.EMPTY:
-                continue
-            # A lead starting in the segment ends before ``stop + _LONGEST_LEAD``.
-            # A slice, not iter's bounds: it reads the whole string on each call.
-            piece = text[segment : stop + _LONGEST_LEAD]
-            pairs = np.fromiter(
-                itertools.chain.from_iterable(leads.automaton.iter(piece)), dtype=np.int64
-            )
-            numbers = pairs[1::2]
-            starts = segment + pairs[0::2] - leads.lengths[numbers] + 1
-            kept = starts < stop  # past it: the next segment's
-            n += int(np.count_nonzero(kept))
-            if n > limit:
-                return None
-            found.append((leads, starts[kept], numbers[kept]))
-        if n > max(_MAX_LEADS, stop // 8):
+        # A lead starting in the segment ends before ``stop + _LONGEST_LEAD``.
+        # A slice, not iter's bounds: it reads the whole string on each call.
+        piece = text[segment : stop + _LONGEST_LEAD]
+        pairs = np.fromiter(
+            itertools.chain.from_iterable(leads.automaton.iter(piece)), dtype=np.int64
+        )
+        numbers = pairs[1::2]
+        starts = segment + pairs[0::2] - leads.lengths[numbers] + 1 + leads.shifts[numbers]
+        # Past ``stop``: the next segment's; before ``segment`` (a lead stored
+        # without the space before it, found from the piece's first character): the last one's.
+        kept = (starts >= segment) & (starts < stop)
+        n += int(np.count_nonzero(kept))
+        if n > max(_MAX_LEADS, stop // 8) or n > limit:
             return None
-    hits: _LeadHits = {}
-    for leads, starts, numbers in found:
-        if not starts.size:
-            continue
-        # Each hit once per rule its lead leads, then grouped by rule (stable).
-        per = leads.firsts[numbers + 1] - leads.firsts[numbers]
-        offsets = np.repeat(leads.firsts[numbers] - np.cumsum(per) + per, per)
-        rules = leads.rules[np.arange(int(per.sum())) + offsets]
-        at = np.repeat(starts, per)
-        order = np.argsort(rules, kind="stable")
-        rules, at = rules[order], at[order]
-        bounds = np.flatnonzero(np.diff(rules)) + 1
+        found.append((starts[kept], numbers[kept]))
+    starts = np.concatenate([np.empty(0, np.int64), *(starts for starts, _numbers in found)])
+    if not starts.size:
+        return {}
+    numbers = np.concatenate([numbers for _starts, numbers in found])
+    # Each hit once per rule its lead leads, as one key (rule, place): grouped
+    # by rule (a radix sort of small integers), where places come nearly in
+    # order (as the automaton ends leads), then sorted (runs already in order
+    # cost little) and made distinct; then cut by rule.
+    per = leads.firsts[numbers + 1] - leads.firsts[numbers]
+    offsets = np.repeat(leads.firsts[numbers] - np.cumsum(per) + per, per)
+    rules = leads.rules[np.arange(int(per.sum())) + offsets]
+    span = len(haystack) + 1
+    by_rule = np.argsort(rules.astype(np.int16), kind="stable")
+    keys = (rules * span + np.repeat(starts, per))[by_rule]
+    keys.sort(kind="stable")
+    keys = keys[np.concatenate(([True], np.diff(keys) != 0))]
+    rules, at = np.divmod(keys, span)
+    bounds = np.flatnonzero(np.diff(rules)) + 1
+    return {
+        index: group.tolist()
         for index, group in zip(
             rules[np.concatenate(([0], bounds))].tolist(), np.split(at, bounds), strict=True
-        ):
-            hits.setdefault(index, []).extend(group.tolist())
-    return hits
+        )
+    }
 
 
 def _rule_matches(
-    rule: Rule, haystack: str, hits: _LeadHits | None, index: int
+    rule: Rule,
+    haystack: str,
+    hits: _LeadHits | None,
+    index: int,
+    found: Container[str] | None = None,
 ) -> Iterable[re.Match[str]]:
     """The rule's matches, tried where its leads start (``hits``, found in one
     pass for all rules); as :func:`_matches` when ``hits`` is None."""
     if hits is None:
-        yield from _matches(rule, haystack)
+        yield from _matches(rule, haystack, found)
         return
     starts = hits.get(index, ())
     # Anchored tries cost more than one pass of the regex only when leads are dense.
     if len(starts) > max(_MAX_LEADS, len(haystack) // 16):
         yield from (m for m in rule.pattern.finditer(haystack) if _at_line_start(rule, haystack, m))
         return
-    end = -1
-    for at in sorted(set(starts)):
-        if at < end:
-            continue  # inside the previous match
-        match = rule.pattern.match(haystack, at)
-        if match is not None and _at_line_start(rule, haystack, match):
-            end = match.end()
-            yield match
+    yield from _tried_at(rule, haystack, starts)  # ascending and distinct
 
 
 # What every match of a rule holds, read from its parsed expression: groups of
@@ -694,46 +763,128 @@ def _needs(rule: Rule) -> tuple[frozenset[str], ...]:
 _NEEDS_GROUPS = 2  # groups looked for per rule: the two most selective
 _NEEDS = tuple(_needs(rule) for rule in RULES)
 _NEEDS_FROM = 2048  # leads of a rule from which its groups are looked for first
-_NEEDS_SCANS = 8  # literals looked for in the whole text before its tokens are gathered
+_SCANS = 4  # literals not found one by one before all are looked for at once
+_FIRST_PIECE = 4096  # characters read for the rules' literals before the first is struck off
+
+
+@dataclass(frozen=True)
+class _Literals:
+    """Literals looked for in a text at once (:class:`_Present`): in order
+    (``names``), and those of one byte per character — a single character, or
+    two or more by their pairs of characters (``a << 8 | b``, ``firsts``: where
+    each one's start in ``codes``)."""
+
+    names: list[str]
+    members: frozenset[str]
+    longest: int
+    singles: list[str]
+    paired: list[str]
+    codes: np.ndarray[Any, np.dtype[np.intp]]
+    firsts: np.ndarray[Any, np.dtype[np.intp]]
+
+    @classmethod
+    def of(cls, literals: set[str]) -> _Literals:
+        paired = sorted(word for word in literals if len(word) > 1 and _latin1(word))
+        pairs = [[a << 8 | b for a, b in itertools.pairwise(_latin1(w) or b"")] for w in paired]
+        return cls(
+            sorted(literals),
+            frozenset(literals),
+            max(map(len, literals)),
+            sorted(word for word in literals if len(word) == 1 and _latin1(word)),
+            paired,
+            np.array([code for codes in pairs for code in codes], dtype=np.intp),
+            np.cumsum([0] + [len(codes) for codes in pairs[:-1]], dtype=np.intp),
+        )
+
+    def possible(self, raw: bytes) -> list[str]:
+        """Those that may occur in a Latin-1 text (``raw``, its bytes): every
+        pair of whose characters it holds (read in numpy: a text of a few words
+        repeated holds a few hundred pairs of 65,536)."""
+        seen = np.zeros(1 << 16, dtype=np.intp)
+        for offset in (0, 1)[: len(raw)]:  # the pairs at even and odd offsets, two bytes each
+            pairs = np.frombuffer(raw, dtype=">u2", count=(len(raw) - offset) // 2, offset=offset)
+            seen += np.bincount(pairs, minlength=1 << 16)
+        whole = np.logical_and.reduceat(seen[self.codes] > 0, self.firsts).tolist()
+        return sorted(self.singles + [w for w, ok in zip(self.paired, whole, strict=True) if ok])
+
+
+# Every literal a rule's match needs: one of each of its groups (and one of its
+# leads: looked for too where the leads' places are not known).
+_GROUP_LITERALS = _Literals.of({word for groups in _NEEDS for group in groups for word in group})
+_ALL_LITERALS = _Literals.of(
+    set(_GROUP_LITERALS.names) | {lead for rule in RULES for lead in rule.leads}
+)
+
+
+def _literal_automaton(literals: list[str]) -> Any:
+    automaton = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+    for number, literal in enumerate(literals):
+        automaton.add_word(literal, number)
+    if literals:  # none: never read (the search stops)
+        automaton.make_automaton()
+    return automaton
 
 
 class _Present:
-    """Which literals occur in a text, each looked for once, by a scan of the
-    text in C. With ``gather`` (its rules' leads too dense to try: each rule
-    ruled out saves a pass of its expression over the whole text), past
-    :data:`_NEEDS_SCANS` literals they are looked for in its distinct
-    whitespace-free tokens instead, gathered once (a literal without
-    whitespace occurs in the text only inside one of them): a text dense in
-    a few words has few. Without ``gather``, tokens are gathered only past
-    twice as many scans. ``views``: how many views the text is (the plain
-    and folded views are often one text, its literals then looked for once):
-    as many times the scans before gathering (a text of many distinct words
-    costs more to gather than it saves)."""
+    """Which of the rules' required literals (:data:`_NEEDS`) occur in a text.
+    Literals asked about are looked for one by one (a scan of the text in C,
+    which stops at an occurrence: cheap when few rules ask) until
+    :data:`_SCANS` of them were not found (each a whole scan); then all are
+    looked for at once, by an automaton of them read over
+    the text piece by piece (pieces growing from :data:`_FIRST_PIECE`
+    characters). A literal found is struck off: the automaton of those left is
+    made again (a fraction of a millisecond) for the next piece, so that a
+    common word costs hits only in the piece it is first found in, and a
+    literal the text lacks costs nothing but the pass (a scan per absent
+    literal costs half a millisecond a megabyte, and a text dense in the
+    rules' words lacks dozens). In a Latin-1 text, only the literals all of
+    whose pairs of characters occur are looked for
+    (:meth:`_Literals.possible`). ``leads``: the rules' leads looked for too
+    (their places were not gathered: too dense)."""
 
-    def __init__(self, text: str, gather: bool, views: int = 1) -> None:
+    def __init__(self, text: str, leads: bool) -> None:
         self.text = text
+        self.literals = _ALL_LITERALS if leads else _GROUP_LITERALS
+        self.leads = leads
         self.seen: dict[str, bool] = {}
-        # Without ``gather``, twice the scans first: what they save is less.
-        first = views * _NEEDS_SCANS * (1 if gather else 2)
-        self.scans = _NEEDS_SCANS - first  # tokens gathered once ``first`` scans are done
-        self.tokens: str | None = None
+        self.absent = 0  # literals looked for one by one and not found
+        self.found: set[str] | None = None  # every literal's, once read at once
 
-    def __contains__(self, literal: str) -> bool:
+    def __contains__(self, literal: object) -> bool:
+        if not isinstance(literal, str):
+            return False
+        if self.found is not None and literal in self.literals.members:
+            return literal in self.found
         known = self.seen.get(literal)
-        if known is not None:
-            return known
-        if self.tokens is None and self.scans >= _NEEDS_SCANS:
-            self.tokens = "\n".join(set(self.text.split()))
-        if self.tokens is None or any(c.isspace() for c in literal):
-            self.scans += 1
-            found = literal in self.text
-        else:
-            found = literal in self.tokens
-        self.seen[literal] = found
+        if known is None:
+            if self.absent >= _SCANS and self.found is None:
+                self.found = self._read()
+                return literal in self
+            known = self.seen[literal] = literal in self.text
+            self.absent += not known  # a whole scan (one that finds stops there)
+        return known
+
+    def _read(self) -> set[str]:
+        text, found = self.text, set[str]()
+        raw = _latin1(text)
+        left = self.literals.names if raw is None else self.literals.possible(raw)
+        automaton, at, size = _literal_automaton(left), 0, _FIRST_PIECE
+        while left and at < len(text):
+            # Each literal starting in the piece ends in it (plus a literal's length).
+            piece = text[at : at + size + self.literals.longest - 1]
+            numbers = {number for _end, number in automaton.iter(piece)}
+            at, size = at + size, min(2 * size, _LEAD_SEGMENT)
+            if numbers:
+                found.update(left[number] for number in numbers)
+                left = [literal for literal in left if literal not in found]
+                automaton = _literal_automaton(left)
         return found
 
     def may_match(self, index: int) -> bool:
-        """False when the text lacks every member of one of the rule's groups."""
+        """False when the text lacks every member of one of the rule's groups
+        (or, with ``leads``, every one of its leads)."""
+        if self.leads and not any(lead in self for lead in RULES[index].leads):
+            return False
         return all(any(literal in self for literal in group) for group in _NEEDS[index])
 
 
@@ -939,10 +1090,19 @@ def _spans(windows: set[int], size: int) -> list[tuple[int, int]]:
     return [(max(0, a * _WINDOW - _CONTEXT), min(size, b * _WINDOW + _CONTEXT)) for a, b in merged]
 
 
-def _candidates(visible: str, kind: str, text: bytes | None = None) -> list[tuple[int, int]]:
+# Signatures (kind, number) that are runs of base64 characters, 16 or more: their
+# classes are in base64's. A text without base64's signature holds none of them.
+_IN_BASE64 = frozenset({("base32", 0), ("hex", 0)})
+
+
+def _candidates(
+    visible: str, kind: str, text: bytes | None = None, base64: bool = True
+) -> list[tuple[int, int]]:
     """Where runs of the encoding ``kind`` may be: the windows holding its
     signature (for a short text, all of it or nothing). ``text``: ``visible``
-    encoded to ASCII with "?" for other characters, when the caller has it."""
+    encoded to ASCII with "?" for other characters, when the caller has it.
+    ``base64``: False when the text has no base64 signature (then none of
+    :data:`_IN_BASE64` either: not looked for)."""
     if kind == "morse" and ("\u2022" in visible or "\u2013" in visible):
         return [(0, len(visible))]  # its other dots and dashes are not ASCII
     text = visible.encode("ascii", "replace") if text is None else text
@@ -951,8 +1111,9 @@ def _candidates(visible: str, kind: str, text: bytes | None = None) -> list[tupl
         for m in _MORSE_SIGNATURE.finditer(text.translate(_MORSE_CLASSES)):
             windows.update(range(m.start() // _WINDOW, m.end() // _WINDOW + 1))
     else:
-        for table, signature in _SIGNATURES[kind]:
-            _marked(text, table, signature, windows)
+        for number, (table, signature) in enumerate(_SIGNATURES[kind]):
+            if base64 or (kind, number) not in _IN_BASE64:
+                _marked(text, table, signature, windows)
     return _spans(windows, len(visible))
 
 
@@ -975,8 +1136,10 @@ def _decoded_blobs(visible: str) -> Iterable[Layer]:
     groups: dict[tuple[str, int], list[Layer]] = {}
     tries: dict[tuple[str, int], int] = {}
     text = visible.encode("ascii", "replace")  # once, for every kind's signatures
+    base64 = True  # base64's signature somewhere (the first kind)
     for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
-        spans = _candidates(visible, kind, text)
+        spans = _candidates(visible, kind, text, base64)
+        base64 = base64 and (kind != "base64" or bool(spans))
         matches = (match for a, b in spans for match in pattern.finditer(visible, a, b))
         for match in matches:
             window = (kind, match.start() // _WINDOW)
@@ -1046,8 +1209,9 @@ def _deciphered(visible: str) -> Iterable[Layer]:
     raw = visible.encode("ascii", "replace")
     if len(visible) > 2 * _WINDOW:
         # The segments as runs between stops, found in numpy (as _CIPHER_SEGMENT).
-        if visible.isascii():
-            marks = raw.translate(_CIPHER_STOPS)
+        one_byte = raw if visible.isascii() else _latin1(visible)
+        if one_byte is not None:  # a byte per character (no stop past ASCII)
+            marks = one_byte.translate(_CIPHER_STOPS)
         else:  # "?" in ``raw`` stands for any other character too: read the code points
             codes = np.frombuffer(visible.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
             marks = _CIPHER_STOP_MARKS[np.minimum(codes, 128)].tobytes()
@@ -1056,7 +1220,8 @@ def _deciphered(visible: str) -> Iterable[Layer]:
         starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
         keep = ends - starts >= 12
         starts, ends = starts[keep], np.minimum(ends[keep], starts[keep] + _MAX_BLOB)
-        spans = list(zip(starts.tolist(), ends.tolist(), strict=True))
+        count = len(starts)  # the spans as two arrays: a list of pairs only when few
+        spans = list(zip(starts.tolist(), ends.tolist(), strict=True)) if count <= 4 else []
     else:
         spans = [
             (m.start(), min(m.end(), m.start() + _MAX_BLOB))
@@ -1064,14 +1229,14 @@ def _deciphered(visible: str) -> Iterable[Layer]:
         ]
         starts = np.array([start for start, _end in spans], dtype=np.intp)
         ends = np.array([end for _start, end in spans], dtype=np.intp)
-    if len(spans) <= 4:  # numpy's fixed cost outweighs a few segments
+        count = len(spans)
+    if count <= 4:  # numpy's fixed cost outweighs a few segments
         return _deciphered_few(visible, spans)
     # Each character's row (its segment's number + 1; 0 between segments) by
     # one repeat, and its column (its letter 0-25; 26 any other character: the
     # text one byte per character, "?" for non-ASCII, no letter a cipher
     # shifts): one tally of every character, no selection before it; the row
     # and column of what is not counted are then cut off.
-    count = len(spans)
     bounds = np.empty(2 * count + 2, dtype=np.intp)
     bounds[0], bounds[1:-1:2], bounds[2:-1:2], bounds[-1] = 0, starts, ends, len(raw)
     ids = np.zeros(2 * count + 1, dtype=np.int32)
@@ -1086,12 +1251,12 @@ def _deciphered(visible: str) -> Iterable[Layer]:
     with classifier.one_blas_thread(count):
         scores = counts.astype(np.float64) @ _CIPHER_WEIGHTS.T  # in BLAS (ints would not be)
     best = scores.argmax(axis=1)
-    gain = (scores[np.arange(len(spans)), best] - scores[:, 0]) / np.maximum(letters, 1)
+    gain = (scores[np.arange(count), best] - scores[:, 0]) / np.maximum(letters, 1)
     chosen = np.flatnonzero((letters >= 12) & (best > 0) & (gain >= _MIN_GAIN))
     groups: dict[tuple[str, int], list[Layer]] = {}
     for i in chosen.tolist():
         name, table = _CIPHERS[int(best[i]) - 1]
-        start, end = spans[i]
+        start, end = int(starts[i]), int(ends[i])
         run = (name, visible[start:end].translate(table), start, end)
         groups.setdefault((name, start // _WINDOW), []).append(run)
     return _per_window(groups, len(visible))
@@ -1325,7 +1490,7 @@ def _findings(
     left_over = 0  # weight of the rules matching more often than sanitizing removes
     present = {view: _Present(haystack, hits[view] is None) for view, haystack in views.named()}
     if one_text:  # one text: its literals looked for once
-        present["plain"] = present["folded"] = _Present(views.plain, hits["plain"] is None, 2)
+        present["plain"] = present["folded"] = _Present(views.plain, hits["plain"] is None)
     for index in sorted(tried):
         rule = RULES[index]
         haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)
@@ -1335,7 +1500,9 @@ def _findings(
         if costly and not present[rule.view].may_match(index):
             continue
         used = 0  # a rule counts once; its spans matter only for sanitizing
-        matches = iter(_rule_matches(rule, haystack, hits[rule.view], index))
+        # Which leads occur, when their places are not known (no need to look for the others).
+        occur = present[rule.view] if view_hits is None else None
+        matches = iter(_rule_matches(rule, haystack, view_hits, index, occur))
         for match in matches:
             finding = _rule_finding(views, rule, match)
             found.append(finding)
