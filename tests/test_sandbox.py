@@ -33,7 +33,7 @@ from bastion.safety.sandbox.backends.landlock import LandlockBackend
 from bastion.safety.sandbox.cgroups import CgroupLease, RunCgroup, _V1Group, _V2Group
 from bastion.safety.sandbox.creds import ThreadCredentials
 from bastion.safety.sandbox.host import Feature, HostProbe
-from bastion.safety.sandbox.runner import rlimits
+from bastion.safety.sandbox.runner import cpu_kill_outcome, rlimits
 from bastion.safety.sandbox.service import BACKENDS, PYTHON, build_backend
 from bastion.settings import Settings
 
@@ -468,6 +468,30 @@ def test_cgroup_v2_counters_are_read_from_v2_names(tmp_path: Path) -> None:
     counters = group.counters()
     assert (counters.oom_kills, counters.memory_failcnt, counters.pids_max_hits) == (1, 3, 2)
     assert counters.cpu_seconds == 1.5 and counters.memory_peak_bytes == 256 << 20
+
+
+@pytest.mark.parametrize("layout", [_V1Group, _V2Group])
+def test_a_run_killed_for_cpu_while_at_its_memory_cap_stopped_at_the_cap(
+    layout: type[RunCgroup], tmp_path: Path
+) -> None:
+    # Seen under load (gVisor): a memory bomb held at its cap spun there for
+    # seconds, not OOM-killed, and reached the CPU limit first; it reported
+    # cpu_limit. Its charge, read when the CPU runs out, says which cap held.
+    group = _fake_group(layout, tmp_path)
+    limits = Limits(memory_bytes=64 << 20)
+    current = (
+        tmp_path / "memory" / "memory.usage_in_bytes"
+        if layout is _V1Group
+        else tmp_path / "memory.current"
+    )
+    assert cpu_kill_outcome(group.memory_bytes(), limits) is Outcome.CPU_LIMIT  # unreadable
+    current.write_text(f"{64 << 20}\n")
+    assert group.memory_bytes() == 64 << 20
+    assert cpu_kill_outcome(group.memory_bytes(), limits) is Outcome.MEMORY_LIMIT
+    current.write_text(f"{(64 << 20) - (512 << 10)}\n")
+    assert cpu_kill_outcome(group.memory_bytes(), limits) is Outcome.MEMORY_LIMIT
+    current.write_text(f"{12 << 20}\n")  # a CPU loop well under its cap
+    assert cpu_kill_outcome(group.memory_bytes(), limits) is Outcome.CPU_LIMIT
 
 
 def test_cli_probe_prints_the_chosen_backend() -> None:

@@ -80,6 +80,7 @@ class Accounting:
     memory_failcnt: Counter
     pids_max_hits: Counter
     memory_peak: Counter
+    memory_current: Counter
 
 
 V1_ACCOUNTING = Accounting(
@@ -89,6 +90,7 @@ V1_ACCOUNTING = Accounting(
     memory_failcnt=Counter("memory", "memory.failcnt"),
     pids_max_hits=Counter("pids", "pids.events", "max"),
     memory_peak=Counter("memory", "memory.max_usage_in_bytes"),
+    memory_current=Counter("memory", "memory.usage_in_bytes"),
 )
 V2_ACCOUNTING = Accounting(
     # cpu.stat exists whether or not the cpu controller is enabled (cgroup-v2.rst).
@@ -98,6 +100,7 @@ V2_ACCOUNTING = Accounting(
     memory_failcnt=Counter("", "memory.events", "max"),
     pids_max_hits=Counter("", "pids.events", "max"),
     memory_peak=Counter("", "memory.peak"),
+    memory_current=Counter("", "memory.current"),
 )
 
 
@@ -265,6 +268,10 @@ class RunCgroup:
             cpu_seconds=None if cpu is None else cpu * a.cpu_unit,
             memory_peak_bytes=self._counter(a.memory_peak),
         )
+
+    def memory_bytes(self) -> int | None:
+        """The memory charged to the group now (None if it cannot be read)."""
+        return self._counter(self.accounting.memory_current)
 
     def cpu_seconds(self) -> float:
         """CPU time of every task the run has had so far, the exited and the

@@ -40,6 +40,9 @@ _CPU_POLL_SECONDS = 0.1
 # killed past its CPU limit plus this: room for a runtime's own start-up (gVisor's
 # Sentry), while a single process meets its RLIMIT_CPU first.
 _CPU_GRACE_SECONDS = 0.5
+# A run whose charged memory is this close to its cap when its CPU runs out
+# stands at the cap (see cpu_kill_outcome).
+_AT_CAP_SLACK_BYTES = 1 << 20
 
 
 def become_subreaper() -> None:
@@ -377,7 +380,7 @@ class Supervisor:
                     # and reaped children included (cpuacct.usage / cpu.stat).
                     self._cpu_seen = self.cgroup.cpu_seconds()
                     if self._cpu_seen > self.limits.cpu_seconds + _CPU_GRACE_SECONDS:
-                        return Outcome.CPU_LIMIT
+                        return cpu_kill_outcome(self.cgroup.memory_bytes(), self.limits)
                 timeout = min(deadline, next_cpu_check) - now
                 if exited_at is not None:
                     timeout = min(timeout, _DRAIN_SECONDS)
@@ -532,6 +535,16 @@ class Supervisor:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+
+def cpu_kill_outcome(charged_bytes: int | None, limits: Limits) -> Outcome:
+    """Why a run killed at its CPU limit stopped: a run standing at its memory
+    cap spends its CPU on that cap (the kernel reclaiming, or a runtime's own
+    allocator retrying: gVisor's Sentry was seen spinning there for seconds
+    under load instead of being OOM-killed), so the cap is its limit."""
+    if charged_bytes is not None and charged_bytes >= limits.memory_bytes - _AT_CAP_SLACK_BYTES:
+        return Outcome.MEMORY_LIMIT
+    return Outcome.CPU_LIMIT
 
 
 def classify(watched: Watched, limits: Limits, *, backend: str, wrapped: bool) -> Result:
