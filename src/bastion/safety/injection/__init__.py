@@ -40,7 +40,6 @@ from bastion.safety.injection.engine import (
     SANITIZE_AT,
     Action,
     Decision,
-    Finding,
     ScreenPolicy,
     Source,
     Verdict,
@@ -52,6 +51,7 @@ from bastion.safety.injection.errors import (
     PromptRefused,
     PromptTooLarge,
 )
+from bastion.safety.injection.normalise import Finding
 from bastion.safety.injection.output import Canary, check_output, derived_syllables, fence
 from bastion.safety.injection.rules import RULES, Rule
 

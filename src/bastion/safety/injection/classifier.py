@@ -34,7 +34,7 @@ The threshold is the one that keeps false positives at or under 1.5% on
 *unseen* sources: chosen on out-of-fold scores, each training source group
 scored by a model that never saw it (``bench/train_injection.py``).
 
-Matrix products (here and in the engine's cipher scoring) run on the calling
+Matrix products (here and in the cipher scoring of decoding.py) run on the calling
 thread only (:func:`one_blas_thread`): a server screens many texts at once,
 and BLAS helper threads per product only add contention — on a busy machine
 they doubled the CPU time of screening some megabytes, for the same result.

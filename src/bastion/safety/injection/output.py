@@ -12,14 +12,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from bastion.safety.injection.engine import (
-    BLOCK_AT,
-    Finding,
-    Verdict,
-    checked_text,
-    text_views,
-    total_score,
-)
+from bastion.safety.injection.engine import BLOCK_AT, Verdict, checked_text, total_score
+from bastion.safety.injection.normalise import Finding, text_views
 
 
 @dataclass(frozen=True)

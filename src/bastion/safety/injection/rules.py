@@ -2,7 +2,7 @@
 
 Each :class:`Rule` is a regular expression with its category and weight, the
 text view it runs on (``plain``, ``folded`` or ``visible``; see
-:func:`bastion.safety.injection.engine.text_views`) and the literal leads every
+:func:`bastion.safety.injection.normalise.text_views`) and the literal leads every
 match starts with, so the engine tries the regex only where a lead occurs.
 """
 

@@ -1,0 +1,480 @@
+"""The decoded layers of a text: escapes, encoded runs, spaced-out letters, ciphers.
+
+:func:`_layers` yields each layer (:data:`Layer`) the engine screens as it
+does the text itself (nested up to a bounded depth): %-escapes (RFC 3986
+§2.1), HTML character references (HTML Living Standard §13.1.4) and
+``\\uXXXX`` (RFC 8259 §7) undone; base64 and base32 (RFC 4648), ascii85 and
+base85 (RFC 1924), hex, binary, ``\\x`` escapes and Morse decoded where they
+decode to readable text; letters spaced out joined; Caesar, ROT13 and Atbash
+undone where the result reads far likelier as language. Each encoding's
+regex runs only on the windows holding its signature, found in C.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import html
+import re
+from collections.abc import Iterable
+from urllib.parse import unquote
+
+import numpy as np
+
+from bastion.safety.injection import classifier
+from bastion.safety.injection.normalise import _WINDOW, Views, _latin1
+
+# Decoding works window by window (:data:`_WINDOW`), so its work grows
+# linearly with the text and no run early in a text uses up what a later window
+# may decode (decoys cannot hide a later encoded run): every candidate run is
+# decoded (a pure-Python decoder, :data:`_SLOW_TRIES` per window), and what the
+# runs of one window decode to is screened as one layer once they are more than
+# :data:`_SEPARATE`; %-escapes and spaced-out letters of a long text are undone
+# per window, with :data:`_CONTEXT` characters around it.
+_SEPARATE = 4  # decoded runs of a window screened one by one, with their own spans
+_SLOW_TRIES = 32  # candidates per window of the encodings decoded in pure Python
+_SLOW_KINDS = frozenset({"base85", "morse"})
+_CONTEXT = 256
+_MAX_BLOB = 65_536
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_BASE32 = re.compile(r"(?<![A-Za-z0-9])[A-Z2-7]{16,}={0,6}")
+_BASE85 = re.compile(r"<~[!-u\s]{10,}~>|(?<!\S)[!-~]{20,}(?!\S)")  # ascii85 or RFC 1924
+_HEX = re.compile(r"[0-9a-fA-F]{24,}|(?:[0-9a-fA-F]{2}[\s:,]){11,}[0-9a-fA-F]{2}")
+_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2}){6,}")
+_BINARY = re.compile(r"(?<![01])(?:[01]{8}[\s,]?){4,}")
+_MORSE = re.compile(
+    r"(?<![.\-\w])(?:[.\-\u2022\u2013_]{1,7}(?:\s*/\s*|\s+|\|)){4,}[.\-\u2022\u2013_]{1,7}"
+)
+
+_MORSE_SIGNS = (
+    ".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .--. --.- .-. ... - "
+    "..- ...- .-- -..- -.-- --.. ----- .---- ..--- ...-- ....- ..... -.... --... ---.. "
+    "----. .-.-.- --..-- ..--.. -.-.-- ---... .----. -..-."
+)
+_MORSE_CODE = dict(
+    zip(_MORSE_SIGNS.split(" "), "abcdefghijklmnopqrstuvwxyz0123456789.,?!:'/", strict=True)
+)
+
+# Escapes that any text may carry, decoded wherever they occur, runs of any
+# length: percent-encoding (RFC 3986 §2.1), HTML character references (HTML
+# Living Standard §13.1.4) and JSON/Python ``\uXXXX`` (RFC 8259 §7).
+_ANY_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}|&#?\w{1,32};|\\[uU][0-9a-fA-F]{4}|\\x[0-9a-fA-F]{2}")
+_UNICODE_ESCAPE = re.compile(
+    r"\\u(?:d[89ab][0-9a-f]{2}\\u d[c-f][0-9a-f]{2}|[0-9a-f]{4})".replace(" ", ""),
+    re.I,
+)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SPACED = re.compile(r"(?<![^\W_])(?:[^\W\d_](?: {1,3}|[.\-_*|] ?)){3,}[^\W\d_](?![^\W_])")
+
+
+_NOT_LETTER = re.compile(r"[\W\d_]+")
+
+
+def _printable(text: str) -> bool:
+    if len(text) < 8:
+        return False
+    # In C for readable text; character by character only for what is not.
+    body = text.replace("\n", "").replace("\t", "")
+    bad = 0 if body.isprintable() else sum(1 for c in body if not c.isprintable())
+    letters = len(_NOT_LETTER.sub("", text))
+    return (len(text) - bad) / len(text) > 0.95 and letters / len(text) > 0.5
+
+
+def _unicode_escape(match: re.Match[str]) -> str:
+    units = [int(h, 16) for h in re.findall(r"[0-9a-fA-F]{4}", match.group(0))]
+    if len(units) == 2:
+        return chr(0x10000 + ((units[0] - 0xD800) << 10) + (units[1] - 0xDC00))
+    return "" if 0xD800 <= units[0] <= 0xDFFF else chr(units[0])
+
+
+def _unescaped(text: str) -> str | None:
+    """``text`` with every %-, HTML and backslash escape decoded, or None if it has none."""
+    if not _ANY_ESCAPE.search(text):
+        return None
+    out = text
+    if "%" in out:
+        out = unquote(out, errors="replace")
+    if "&" in out:
+        out = html.unescape(out)
+    if "\\" in out:
+        out = _UNICODE_ESCAPE.sub(_unicode_escape, out)
+        out = re.sub(
+            r"\\U000([0-9a-fA-F]{5})", lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)), out
+        )
+        out = re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), out)
+    out = _SURROGATE.sub("", out)
+    return out if out != text else None
+
+
+def _morse(blob: str) -> str:
+    words = re.split(
+        r"\s*/\s*|\s{3,}|\|", blob.replace("\u2022", ".").replace("\u2013", "-").replace("_", "-")
+    )
+    return " ".join("".join(_MORSE_CODE.get(sym, "?") for sym in word.split()) for word in words)
+
+
+def _despaced(run: str) -> str:
+    # "i g n o r e  a l l": one space joins letters, a wider gap ends a word;
+    # "i.g.n.o.r.e a.l.l": a dot (dash, star…) joins letters, a space ends a word.
+    gap = r"\s+" if re.search(r"[^\W\d_][.\-_*|][^\W\d_]", run) else r" {2,}| / "
+    return " ".join(re.sub(r"[\s.\-_*|]", "", word) for word in re.split(gap, run))
+
+
+def _blob_bytes(kind: str, blob: str) -> bytes:
+    if kind == "base64":
+        if blob.isalpha() or blob.isdigit():
+            raise ValueError("a long word or number, not an encoding")
+        padded = blob.rstrip("=").replace("-", "+").replace("_", "/")
+        return base64.b64decode(padded + "=" * (-len(padded) % 4), validate=True)
+    if kind == "base32":
+        if blob.isalpha():
+            raise ValueError("an upper-case word, not an encoding")
+        stripped = blob.rstrip("=")
+        return base64.b32decode(stripped + "=" * (-len(stripped) % 8))
+    if kind == "base85":
+        if blob.startswith("<~"):
+            return base64.a85decode(blob, adobe=True)
+        if "/" in blob and "://" in blob:
+            raise ValueError("a URL, not an encoding")
+        try:
+            return base64.b85decode(blob)
+        except ValueError:
+            return base64.a85decode(blob)
+    if kind == "hex":
+        digits = re.sub(r"[\s:,]", "", blob)
+        return binascii.unhexlify(digits[: (len(digits) // 2) * 2])
+    if kind == "binary":
+        bits = "".join(re.findall(r"[01]{8}", blob))
+        return int(bits, 2).to_bytes(len(bits) // 8, "big")
+    return bytes.fromhex("".join(re.findall(r"[0-9a-fA-F]{2}", blob)))  # \x escapes
+
+
+_BLOB_PATTERNS = (
+    ("base64", _BASE64),
+    ("base32", _BASE32),
+    ("base85", _BASE85),
+    ("hex", _HEX),
+    ("escape", _ESCAPES),
+    ("binary", _BINARY),
+)
+
+
+# -- where encoded runs may be, found in C -------------------------------------------------
+#
+# Each encoding's regular expression tries every position of the text, which
+# in a long text costs more than anything else. A run of an encoding always
+# holds a literal signature once its characters are mapped to classes (16
+# base64 characters in a row, "<~", "\\x"...): ``bytes.translate`` maps the
+# text (one byte per character: other characters read as "?") and
+# ``bytes.find`` finds the signatures, both in C; the expression then runs only
+# on the windows that hold one. A character "?" may stand for any other one,
+# so it is mapped into every class it could belong to: nothing is missed.
+
+
+def _classes(members: str, also: str = "") -> bytes:
+    """A translate table: bytes of ``members`` to ``x``, of ``also`` to ``s``, others to a space."""
+    return bytes(
+        ord("x") if chr(b) in members else ord("s") if chr(b) in also else 32 for b in range(256)
+    )
+
+
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_HEX_DIGITS = "0123456789abcdefABCDEF"
+_PRINTABLE_ASCII = "".join(map(chr, range(0x21, 0x7F)))
+# What ``\s`` matches in ASCII; "?": any other character, a Unicode space among them.
+_WHITE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f?"
+_SIGNATURES: dict[str, tuple[tuple[bytes | None, bytes], ...]] = {
+    # kind: (class table or None for the text itself, signature), any of which
+    "base64": ((_classes(_ALNUM + "+/_-"), b"x" * 16),),
+    "base32": ((_classes("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"), b"x" * 16),),
+    "base85": ((_classes(_PRINTABLE_ASCII), b"x" * 20), (None, b"<~")),
+    "hex": (
+        (_classes(_HEX_DIGITS), b"x" * 24),
+        (_classes(_HEX_DIGITS, _WHITE + ":,"), b"xxs" * 11 + b"xx"),
+    ),
+    "escape": ((None, b"\\x"),),
+    "binary": ((_classes("01"), b"x" * 8),),
+}
+_MORSE_CLASSES = _classes(".-_", _WHITE + "/|")
+# Five groups of dots and dashes, as _MORSE: opening with a literal, the scan
+# skips to each "x" in C (its match may end up to six dots short of the run,
+# well inside the context every window gets).
+_MORSE_SIGNATURE = re.compile(rb"x(?:x{0,6}s+x){4,}")
+_SPACED_CLASSES = _classes(_ALNUM + "?", " .-_*|")
+# Three one-letter gaps in a row: _SPACED's second and third letters stand
+# alone, so every run holds "sxs" — a literal the scan skips to in C (a match
+# starts at most five characters after the run, inside the windows' context).
+_SPACED_SIGNATURE = re.compile(rb"sxs(?:s{0,3})x(?:s{1,4})x")
+
+
+def _marked(text: bytes, table: bytes | None, signature: bytes, windows: set[int]) -> None:
+    classes = text if table is None else text.translate(table)
+    at = classes.find(signature)
+    while at >= 0:
+        # The run the signature starts may go on: every window it reaches counts.
+        end = at + len(signature)
+        if table is not None and signature.count(b"x") == len(signature):
+            stop = classes.find(b" ", end)
+            end = len(classes) if stop < 0 else stop
+        windows.update(range(at // _WINDOW, end // _WINDOW + 1))
+        at = classes.find(signature, max(end, (at // _WINDOW + 1) * _WINDOW))
+
+
+def _spans(windows: set[int], size: int) -> list[tuple[int, int]]:
+    """The windows, neighbours merged, with :data:`_CONTEXT` characters around."""
+    merged: list[list[int]] = []
+    for w in sorted(windows):
+        if merged and merged[-1][1] == w:
+            merged[-1][1] = w + 1
+        else:
+            merged.append([w, w + 1])
+    return [(max(0, a * _WINDOW - _CONTEXT), min(size, b * _WINDOW + _CONTEXT)) for a, b in merged]
+
+
+# Signatures (kind, number) that are runs of base64 characters, 16 or more: their
+# classes are in base64's. A text without base64's signature holds none of them.
+_IN_BASE64 = frozenset({("base32", 0), ("hex", 0)})
+
+
+def _candidates(
+    visible: str, kind: str, text: bytes | None = None, base64: bool = True
+) -> list[tuple[int, int]]:
+    """Where runs of the encoding ``kind`` may be: the windows holding its
+    signature (for a short text, all of it or nothing). ``text``: ``visible``
+    encoded to ASCII with "?" for other characters, when the caller has it.
+    ``base64``: False when the text has no base64 signature (then none of
+    :data:`_IN_BASE64` either: not looked for)."""
+    if kind == "morse" and ("\u2022" in visible or "\u2013" in visible):
+        return [(0, len(visible))]  # its other dots and dashes are not ASCII
+    text = visible.encode("ascii", "replace") if text is None else text
+    windows: set[int] = set()
+    if kind == "morse":
+        for m in _MORSE_SIGNATURE.finditer(text.translate(_MORSE_CLASSES)):
+            windows.update(range(m.start() // _WINDOW, m.end() // _WINDOW + 1))
+    else:
+        for number, (table, signature) in enumerate(_SIGNATURES[kind]):
+            if base64 or (kind, number) not in _IN_BASE64:
+                _marked(text, table, signature, windows)
+    return _spans(windows, len(visible))
+
+
+Layer = tuple[str, str, int, int]  # (kind, decoded text, start, end in the text)
+
+
+def _per_window(groups: dict[tuple[str, int], list[Layer]], size: int) -> Iterable[Layer]:
+    """The decoded runs of each (kind, window) of a text of ``size`` characters:
+    one by one when few in a short text, else joined."""
+    separate = _SEPARATE if size <= 2 * _WINDOW else 1
+    for (kind, _window), runs in groups.items():
+        if len(runs) <= separate:
+            yield from runs
+        else:
+            yield kind, "\n".join(run[1] for run in runs), runs[0][2], runs[-1][3]
+
+
+def _decoded_blobs(visible: str) -> Iterable[Layer]:
+    """(kind, decoded text, start, end) for encoded runs that decode to readable text."""
+    groups: dict[tuple[str, int], list[Layer]] = {}
+    tries: dict[tuple[str, int], int] = {}
+    text = visible.encode("ascii", "replace")  # once, for every kind's signatures
+    base64 = True  # base64's signature somewhere (the first kind)
+    for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
+        spans = _candidates(visible, kind, text, base64)
+        base64 = base64 and (kind != "base64" or bool(spans))
+        matches = (match for a, b in spans for match in pattern.finditer(visible, a, b))
+        for match in matches:
+            window = (kind, match.start() // _WINDOW)
+            if kind in _SLOW_KINDS:
+                tries[window] = tries.get(window, 0) + 1
+                if tries[window] > _SLOW_TRIES:
+                    continue
+            blob = match.group(0)[:_MAX_BLOB]
+            try:
+                decoded = (
+                    _morse(blob) if kind == "morse" else _blob_bytes(kind, blob).decode("utf-8")
+                )
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if _printable(decoded):
+                groups.setdefault(window, []).append((kind, decoded, match.start(), match.end()))
+    return _per_window(groups, len(visible))
+
+
+# Letter frequencies (per mille) of English, German, French, Spanish and Italian
+# text, averaged: a substitution cipher is undone where the shifted letters are
+# far likelier language than the letters as written (never because of a keyword).
+_FREQ = (
+    84, 15, 32, 42, 134, 11, 21, 32, 70, 4, 6, 47, 26, 69, 70, 22, 4, 63, 63, 64, 38, 11, 10,
+    2, 5, 5,
+)  # fmt: skip
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+_CIPHERS: tuple[tuple[str, dict[int, int]], ...] = (
+    *(
+        (
+            "rot13" if shift == 13 else f"caesar{shift}",
+            str.maketrans(
+                _ALPHABET + _ALPHABET.upper(),
+                _ALPHABET[shift:]
+                + _ALPHABET[:shift]
+                + (_ALPHABET[shift:] + _ALPHABET[:shift]).upper(),
+            ),
+        )
+        for shift in range(1, 26)
+    ),
+    (
+        "atbash",
+        str.maketrans(_ALPHABET + _ALPHABET.upper(), _ALPHABET[::-1] + _ALPHABET[::-1].upper()),
+    ),
+)
+# Row k: the log-likelihood weight of each written letter once cipher k is undone
+# (row 0: as written). One product scores all ciphers of a segment at once.
+_LOG_FREQ = np.log(np.array(_FREQ, dtype=np.float64) / 1000)
+_CIPHER_WEIGHTS = np.array(
+    [_LOG_FREQ]
+    + [
+        [_LOG_FREQ[ord(chr(97 + i).translate(table)) - 97] for i in range(26)]
+        for _name, table in _CIPHERS
+    ]
+)
+_CIPHER_SEGMENT = re.compile(r"[^.!?\n:;,()\[\]\"]{12,}")
+_CIPHER_STOPS = bytes(1 if chr(b) in '.!?\n:;,()[]"' else 0 for b in range(256))
+_CIPHER_STOP_MARKS = np.frombuffer(_CIPHER_STOPS[:128] + b"\x00", dtype=np.uint8)  # 128: any other
+_MIN_GAIN = 0.6  # nats per letter the deciphered text must gain over the text as written
+
+
+def _deciphered(visible: str) -> Iterable[Layer]:
+    """(cipher, plain text, start, end) for segments that read far likelier deciphered.
+
+    All segments are scored at once (numpy): one count matrix of letters per
+    segment, one product with every cipher's weights."""
+    raw = visible.encode("ascii", "replace")
+    if len(visible) > 2 * _WINDOW:
+        # The segments as runs between stops, found in numpy (as _CIPHER_SEGMENT).
+        one_byte = raw if visible.isascii() else _latin1(visible)
+        if one_byte is not None:  # a byte per character (no stop past ASCII)
+            marks = one_byte.translate(_CIPHER_STOPS)
+        else:  # "?" in ``raw`` stands for any other character too: read the code points
+            codes = np.frombuffer(visible.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            marks = _CIPHER_STOP_MARKS[np.minimum(codes, 128)].tobytes()
+        stops = np.frombuffer(b"\x01" + marks + b"\x01", dtype=np.int8)
+        edges = np.diff(stops)
+        starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
+        keep = ends - starts >= 12
+        starts, ends = starts[keep], np.minimum(ends[keep], starts[keep] + _MAX_BLOB)
+        count = len(starts)  # the spans as two arrays: a list of pairs only when few
+        spans = list(zip(starts.tolist(), ends.tolist(), strict=True)) if count <= 4 else []
+    else:
+        spans = [
+            (m.start(), min(m.end(), m.start() + _MAX_BLOB))
+            for m in _CIPHER_SEGMENT.finditer(visible)
+        ]
+        starts = np.array([start for start, _end in spans], dtype=np.intp)
+        ends = np.array([end for _start, end in spans], dtype=np.intp)
+        count = len(spans)
+    if count <= 4:  # numpy's fixed cost outweighs a few segments
+        return _deciphered_few(visible, spans)
+    # Each character's row (its segment's number + 1; 0 between segments) by
+    # one repeat, and its column (its letter 0-25; 26 any other character: the
+    # text one byte per character, "?" for non-ASCII, no letter a cipher
+    # shifts): one tally of every character, no selection before it; the row
+    # and column of what is not counted are then cut off.
+    bounds = np.empty(2 * count + 2, dtype=np.intp)
+    bounds[0], bounds[1:-1:2], bounds[2:-1:2], bounds[-1] = 0, starts, ends, len(raw)
+    ids = np.zeros(2 * count + 1, dtype=np.int32)
+    ids[1::2] = np.arange(1, count + 1, dtype=np.int32)
+    row = np.repeat(ids, np.diff(bounds))
+    letter = np.frombuffer(raw.lower(), dtype=np.uint8) - np.uint8(97)  # a-z to 0-25, others wrap
+    np.minimum(letter, np.uint8(26), out=letter)
+    row *= 27
+    row += letter
+    counts = np.bincount(row, minlength=(count + 1) * 27).reshape(count + 1, 27)[1:, :26]
+    letters = counts.sum(axis=1)
+    with classifier.one_blas_thread(count):
+        scores = counts.astype(np.float64) @ _CIPHER_WEIGHTS.T  # in BLAS (ints would not be)
+    best = scores.argmax(axis=1)
+    gain = (scores[np.arange(count), best] - scores[:, 0]) / np.maximum(letters, 1)
+    chosen = np.flatnonzero((letters >= 12) & (best > 0) & (gain >= _MIN_GAIN))
+    groups: dict[tuple[str, int], list[Layer]] = {}
+    for i in chosen.tolist():
+        name, table = _CIPHERS[int(best[i]) - 1]
+        start, end = int(starts[i]), int(ends[i])
+        run = (name, visible[start:end].translate(table), start, end)
+        groups.setdefault((name, start // _WINDOW), []).append(run)
+    return _per_window(groups, len(visible))
+
+
+def _deciphered_few(visible: str, spans: list[tuple[int, int]]) -> list[Layer]:
+    """:func:`_deciphered` for a few segments, one by one."""
+    found = []
+    for start, end in spans:
+        segment = visible[start:end]
+        raw = np.frombuffer(segment.lower().encode("ascii", "ignore"), dtype=np.uint8)
+        counts = np.bincount(raw, minlength=128)[97:123]
+        letters = int(counts.sum())
+        if letters < 12:
+            continue
+        scores = _CIPHER_WEIGHTS @ counts
+        best = int(scores.argmax())
+        if best and (scores[best] - scores[0]) / letters >= _MIN_GAIN:
+            name, table = _CIPHERS[best - 1]
+            found.append((name, segment.translate(table), start, end))
+    return found
+
+
+def _regions(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
+    """Where ``pattern`` occurs: the whole of a short text, else the windows it
+    occurs in (neighbours merged, up to four), with :data:`_CONTEXT` around.
+
+    The expression runs only on windows holding what each of its matches
+    holds, found in C first (a regex scan tries every position)."""
+    if pattern is _SPACED:
+        # Three one-letter gaps in a row, found in the classes (see _candidates).
+        classes = text.encode("ascii", "replace").translate(_SPACED_CLASSES)
+        found = {
+            w
+            for m in _SPACED_SIGNATURE.finditer(classes)
+            for w in range(m.start() // _WINDOW, m.end() // _WINDOW + 1)
+        }
+    elif pattern is _ANY_ESCAPE:
+        # Every escape starts with "%", "&" or a backslash: only windows holding one.
+        found = set()
+        for lead in "%&\\":
+            at = text.find(lead)
+            while at >= 0:
+                found.add(at // _WINDOW)
+                at = text.find(lead, (at // _WINDOW + 1) * _WINDOW)
+    else:
+        found = set(range(len(text) // _WINDOW + 1))
+    if len(text) <= 2 * _WINDOW:
+        return [(0, len(text))] if found and pattern.search(text) else []
+    windows = [w * _WINDOW for w in sorted(found)]
+    # Each window searched with the context after it: a run across its end is seen whole.
+    hit = [w for w in windows if pattern.search(text, w, w + _WINDOW + _CONTEXT)]
+    merged: list[list[int]] = []
+    for w in hit:
+        if merged and merged[-1][1] == w and w - merged[-1][0] < 4 * _WINDOW:
+            merged[-1][1] = w + _WINDOW
+        else:
+            merged.append([w, w + _WINDOW])
+    return [(max(0, a - _CONTEXT), min(len(text), b + _CONTEXT)) for a, b in merged]
+
+
+def _layers(views: Views) -> Iterable[Layer]:
+    """Every decoded layer of the text: (kind, decoded text, start, end)."""
+    visible = views.visible
+    whole = len(visible) <= 2 * _WINDOW
+    for start, end in _regions(visible, _ANY_ESCAPE):
+        unescaped = _unescaped(visible[start:end])
+        if unescaped is not None:
+            yield ("escape", unescaped, 0, 0) if whole else ("escape", unescaped, start, end)
+    yield from _decoded_blobs(visible)
+    for start, end in _regions(visible, _SPACED):
+        region = visible[start:end]
+        runs = list(_SPACED.finditer(region))
+        if runs:
+            # Runs joined back into the text around them: "p l e a s e ignore…" reads whole.
+            last = runs[-1].end()
+            joined = _SPACED.sub(lambda m: _despaced(m.group(0)), region[:last])
+            yield "spaced", joined + region[last:], start + runs[0].start(), start + last
+    yield from _deciphered(visible)

@@ -1,0 +1,341 @@
+"""The text views the rules match: a text normalised three ways before screening.
+
+:func:`text_views` reads a text as ``visible`` (zero-width and bidi controls,
+Unicode tags and variation selectors removed; what tag and selector runs
+smuggle kept aside as ``hidden``), ``plain`` (NFKC, casefolded) and ``folded``
+(confusables folded to Latin, Unicode TS #39, and leetspeak undone). What the
+normalisation finds on its way (invisible characters, mixed scripts, styled
+letters) are the text's first findings (:class:`Finding`). A long text takes paths in
+numpy and C (tallies, gathers), so the work stays linear and cheap per
+character; :func:`_latin1` and :data:`_WINDOW` are shared with the rule search
+(:mod:`bastion.safety.injection.matching`) and the decoding
+(:mod:`bastion.safety.injection.decoding`).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bastion.safety.confusables import CONFUSABLES
+
+_WINDOW = 4096
+"""A long text is one of more than two windows of this many characters: it
+takes the paths in numpy and C, here, in the rule search and in the decoding
+(which works window by window: :mod:`bastion.safety.injection.decoding`)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One piece of evidence: a rule (or a normalisation step) that fired, its weight."""
+
+    rule: str
+    category: str
+    weight: int
+    start: int = 0  # span in the verdict's visible text (invisible characters removed)
+    end: int = 0
+
+
+# Confusables folded to Latin before matching Latin-script rules (Unicode TS #39).
+_CONFUSABLES = CONFUSABLES
+_CONF_CLASS = "".join(sorted({c.casefold() for c in _CONFUSABLES} & set(_CONFUSABLES)))
+_MIXED = re.compile(rf"[a-z]\w*?[{_CONF_CLASS}]|[{_CONF_CLASS}]\w*?[a-z]")
+_LEET = str.maketrans("013457@$", "oieastas")
+_LEET_HINT = re.compile(r"[a-z][013457]|[013457][a-z]")
+_LEET_WORD = re.compile(r"\b(?=\w*[a-z])(?=\w*[013457])[a-z013457]{3,}\b")
+_ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff\u180e\u00ad")
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+_DROP_ZERO_WIDTH = str.maketrans(dict.fromkeys(_ZERO_WIDTH - {"\u200c", "\u200d"}))
+_DROP_BIDI = str.maketrans(dict.fromkeys(_BIDI))
+_TAGS = re.compile("[\U000e0000-\U000e007f]+")
+_FLAG_TAGS = re.compile("[\U000e0061-\U000e007a]{2,6}\U000e007f")
+_VS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]{4,}")
+_BMP_SELECTORS = tuple(map(chr, range(0xFE00, 0xFE10)))
+
+
+@dataclass
+class Views:
+    visible: str  # invisible characters removed
+    plain: str  # NFKC + casefold, one character per visible character where possible
+    folded: str  # plain with confusables and leetspeak folded to Latin
+    # plain index -> visible index; None when identical
+    origin: np.ndarray[Any, np.dtype[np.intp]] | None
+    hidden: list[str] = field(default_factory=list)  # texts decoded from tag/VS runs
+    findings: list[Finding] = field(default_factory=list)
+
+    def named(self) -> tuple[tuple[str, str], ...]:
+        """Each view by its name (a rule's ``view``)."""
+        return (("visible", self.visible), ("plain", self.plain), ("folded", self.folded))
+
+
+def _latin1(text: str) -> bytes | None:
+    """``text`` as Latin-1 bytes (one per character), or None when it has others."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+
+
+_LEET_CLASSES = bytes(
+    ord("a") if chr(b).isascii() and chr(b).islower() else ord("d") if chr(b) in "013457" else 32
+    for b in range(256)
+)
+
+
+def _leet(text: str) -> str:
+    # _LEET_HINT's "a letter beside a digit", looked for in C first: the
+    # expression tries every position of a long text.
+    # One byte per character (Latin-1's past ASCII are spaces here, as "?" is).
+    one_byte = _latin1(text)
+    raw = text.encode("ascii", "replace") if one_byte is None else one_byte
+    classes = raw.translate(_LEET_CLASSES)
+    if (b"ad" not in classes and b"da" not in classes) or not _LEET_HINT.search(text):
+        return text
+    if len(text) <= 2 * _WINDOW or not text.isascii():
+        return _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
+    return _leet_long(text)
+
+
+# Per character, one bit of its kind: 1 a lower-case letter, 2 a digit
+# leetspeak stands a letter for, 4 any other word character (ASCII ``\w``); 0
+# not a word character. A run's kinds are then the bitwise or of its characters'.
+_LEET_RUNS = bytes(
+    1 if 97 <= b <= 122 else 2 if chr(b) in "013457" else 4 if chr(b).isalnum() or b == 95 else 0
+    for b in range(128)
+) + bytes(128)
+_LEET_TABLE = np.frombuffer(
+    bytes(range(256)).translate(bytes.maketrans(b"013457", b"oieast")), np.uint8
+)
+
+
+def _leet_long(text: str) -> str:
+    r""":data:`_LEET_WORD`'s substitution on a long ASCII text, in numpy: a word
+    (a run of ``\w``) is folded when it is only letters and such digits, at
+    least three long, with one of each (the expression tries every position)."""
+    raw = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    kind = np.frombuffer(text.encode("ascii").translate(_LEET_RUNS), dtype=np.uint8)
+    edges = np.diff(np.concatenate(([0], (kind > 0).view(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    if not starts.size:
+        return text
+    # Between runs every kind is 0: or-ing from one run's start to the next's is the run's.
+    kinds = np.bitwise_or.reduceat(kind, starts)
+    chosen = (ends - starts >= 3) & (kinds == 3)  # letters and such digits, nothing else
+    if not chosen.any():
+        return text
+    marks = np.zeros(len(raw) + 1, dtype=np.int8)
+    marks[starts[chosen]] = 1
+    marks[ends[chosen]] = -1  # a run ends before the next starts: never the same place
+    inside = np.cumsum(marks[:-1], dtype=np.int8) > 0
+    out = raw.copy()
+    out[inside] = _LEET_TABLE[raw[inside]]
+    return out.tobytes().decode("ascii")
+
+
+def _decode_vs(run: str) -> str:
+    # "Emoji smuggling": VS1-16 carry bytes 0-15, VS17-256 bytes 16-255.
+    out = bytearray()
+    for ch in run:
+        code = ord(ch)
+        out.append(code - 0xFE00 if code <= 0xFE0F else code - 0xE0100 + 16)
+    return out.decode("utf-8", "replace")
+
+
+_Codes = np.ndarray[Any, np.dtype[np.uint32]]
+_Tally = np.ndarray[Any, np.dtype[np.intp]]
+
+
+def _tallied(text: str) -> tuple[_Codes, _Tally] | None:
+    """A long non-ASCII text's code points and how often each occurs (one pass
+    in numpy), else None: its character counts are then read from the tally,
+    not by a scan of the text per character looked for."""
+    if text.isascii() or len(text) <= 2 * _WINDOW:
+        return None
+    one_byte = _latin1(text)
+    if one_byte is not None:  # a byte per character: tallied as bytes, a quarter of the work
+        small = np.frombuffer(one_byte, dtype=np.uint8)
+        return small.astype(np.uint32), np.bincount(small)
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return codes, np.bincount(codes)
+
+
+def _occurrences(text: str, tally: _Tally | None, chars: Iterable[str]) -> int:
+    """How many times the characters ``chars`` occur in ``text`` (``tally``: its
+    :func:`_tallied` counts, when it has them)."""
+    if tally is None:
+        return sum(text.count(c) for c in chars)
+    return int(sum(int(tally[ord(c)]) for c in chars if ord(c) < tally.size))
+
+
+def text_views(text: str) -> Views:
+    findings: list[Finding] = []
+    hidden: list[str] = []
+    work = text
+    tallied = _tallied(work)
+    tally = None if tallied is None else tallied[1]
+    # Tags and most selectors are outside the BMP: looked for only in a text
+    # that has such characters (its UTF-16 form is longer), not by a scan of
+    # every position; the BMP selectors are found by ``in``, in C.
+    astral = not work.isascii() and (
+        tally.size > 0x10000
+        if tally is not None
+        else len(work.encode("utf-16-le", "surrogatepass")) > 2 * len(work)
+    )
+    if astral and _TAGS.search(work):
+        kept: list[str] = []
+        pos = 0
+        for run in _TAGS.finditer(work):
+            # Emoji subdivision flags (England, Scotland, Wales) are legitimate tag sequences.
+            if work[run.start() - 1 : run.start()] == "\U0001f3f4" and _FLAG_TAGS.fullmatch(
+                run.group(0)
+            ):
+                continue
+            hidden.append("".join(chr(ord(c) - 0xE0000) for c in run.group(0) if ord(c) < 0xE007F))
+            kept.append(work[pos : run.start()])
+            pos = run.end()
+        if hidden:
+            findings.append(Finding("invisible.unicode-tags", "invisible", 40))
+            work = "".join(kept) + work[pos:]
+    if work is not text:
+        tallied, tally = None, None  # the tags are gone: counted again if need be
+    selectors = not work.isascii() and (astral or _occurrences(work, tally, _BMP_SELECTORS) > 0)
+    if selectors and _VS.search(work):
+        for run in _VS.findall(work):
+            hidden.append(_decode_vs(run))
+        findings.append(Finding("invisible.variation-selectors", "invisible", 40))
+        work = _VS.sub("", work)
+        tallied, tally = None, None
+    if not work.isascii():
+        zero = _occurrences(work, tally, _ZERO_WIDTH)
+        bidi = _occurrences(work, tally, _BIDI)
+        if zero:
+            # A joiner between emoji, or ZWNJ in Persian, is normal; inside Latin
+            # words it hides text.
+            inside = len(re.findall(r"[a-zA-Z][\u200b-\u200d\u2060\ufeff\u00ad]+[a-zA-Z]", work))
+            if inside >= 2:
+                findings.append(Finding("invisible.zero-width", "invisible", 25))
+            work = re.sub(r"(?<=[a-zA-Z])[\u200c\u200d](?=[a-zA-Z])", "", work)
+            work = work.translate(_DROP_ZERO_WIDTH)
+        if bidi:
+            findings.append(Finding("invisible.bidi-control", "invisible", 25))
+            work = work.translate(_DROP_BIDI)
+    visible = work
+    if visible.isascii():
+        plain = visible.lower()
+        folded = _leet(plain)
+        return Views(visible, plain, folded, None, hidden, findings)
+    # Per distinct character (a few hundred at most), not per character: the
+    # translations then run in C. Only expansions (ligatures, ß) need offsets.
+    # A long text's characters are tallied in numpy (one pass in C, not a set
+    # built character by character); its translations are then gathers.
+    codes = None
+    if len(visible) > 2 * _WINDOW:
+        if visible is not text or tallied is None:  # invisible characters removed
+            tallied = _tallied(visible)
+        assert tallied is not None  # a long non-ASCII text
+        codes, tally = tallied
+        distinct = [chr(c) for c in np.flatnonzero(tally).tolist()]
+    else:
+        distinct = list(set(visible))
+    plain_map: dict[int, str] = {}
+    fold_map: dict[int, str] = {}
+    styled = 0
+    for ch in distinct:
+        norm = unicodedata.normalize("NFKC", ch)
+        if not ch.isascii() and norm != ch and norm.isascii() and norm.isalnum():
+            # Fullwidth or mathematical letters spelling ASCII.
+            styled += visible.count(ch) if tally is None else int(tally[ord(ch)])
+        piece = norm.casefold()
+        plain_map[ord(ch)] = piece
+        conf = _CONFUSABLES.get(piece) or _CONFUSABLES.get(ch)
+        fold_map[ord(ch)] = conf.lower() if conf else piece
+    # Each translation of a long non-ASCII text costs; only the needed ones run.
+    plain = _translated(visible, codes, plain_map)
+    origin = None
+    if any(len(piece) != 1 for piece in plain_map.values()):
+        # In C, not per character: each character's expansion length, read as
+        # one code point per character, repeats its index that many times.
+        lengths = visible.translate({c: chr(len(piece)) for c, piece in plain_map.items()})
+        counts = np.frombuffer(lengths.encode("utf-32-le"), dtype=np.uint32)
+        origin = np.repeat(np.arange(len(visible), dtype=np.intp), counts)
+        fold_map = {
+            c: fold if len(fold) == len(plain_map[c]) else plain_map[c]
+            for c, fold in fold_map.items()
+        }
+    folded = (
+        plain
+        if all(fold == plain_map[c] for c, fold in fold_map.items())
+        else _translated(visible, codes, fold_map)
+    )
+    mixed = 0
+    if any(c in _CONFUSABLES for c in plain_map.values()) or any(
+        c in _CONFUSABLES for c in distinct
+    ):
+        mixed = _mixed_words(plain, "".join(plain_map.values()), 3)
+    if mixed:
+        findings.append(Finding("homoglyph.mixed-script", "homoglyph", 45 if mixed > 2 else 35))
+    if styled >= 5:
+        findings.append(Finding("homoglyph.styled-letters", "homoglyph", 15))
+    folded = _leet(folded)
+    return Views(visible, plain, folded, origin, hidden, findings)
+
+
+_MIXED_WORD, _MIXED_LATIN, _MIXED_CONFUSABLE = 1, 2, 4
+
+
+def _mixed_words(plain: str, alphabet: Iterable[str], most: int) -> int:
+    """How many matches of :data:`_MIXED` ``plain`` (whose characters are
+    ``alphabet``) holds, counted up to ``most``.
+
+    A match is a Latin letter and a confusable in one run of word characters
+    (or confusables): in a long text the expression runs only on the runs
+    that hold both, found in numpy, not at every position of the text."""
+    if plain.isascii() or len(plain) <= 2 * _WINDOW:
+        regions = [(0, len(plain))]
+    else:
+        chars = sorted(set(alphabet), key=ord)
+        kinds = np.zeros(ord(chars[-1]) + 1, dtype=np.uint8)
+        for ch in chars:
+            kinds[ord(ch)] = (
+                (_MIXED_WORD if ch.isalnum() or ch == "_" or ch in _CONF_CLASS else 0)
+                | (_MIXED_LATIN if "a" <= ch <= "z" else 0)
+                | (_MIXED_CONFUSABLE if ch in _CONF_CLASS else 0)
+            )
+        codes = np.frombuffer(plain.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        kind = kinds[codes]
+        edges = np.diff((kind & _MIXED_WORD).view(np.int8), prepend=0, append=0)
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        if not starts.size:
+            return 0
+        # Between runs every kind is 0: or-ing from one run's start to the next's is the run's.
+        both = _MIXED_LATIN | _MIXED_CONFUSABLE
+        chosen = (np.bitwise_or.reduceat(kind, starts) & both) == both
+        regions = list(zip(starts[chosen].tolist(), ends[chosen].tolist(), strict=True))
+    count = 0
+    for start, end in regions:
+        for _match in _MIXED.finditer(plain, start, end):
+            count += 1
+            if count >= most:
+                return count
+    return count
+
+
+def _translated(
+    text: str, codes: np.ndarray[Any, np.dtype[np.uint32]] | None, table: dict[int, str]
+) -> str:
+    """``text.translate(table)``; for a long text (``codes``: its code points)
+    whose table maps each character to one, by one gather in numpy (``str.translate``
+    looks each character of a non-ASCII text up in the table)."""
+    if codes is None or any(len(piece) != 1 for piece in table.values()):
+        return text.translate(table)
+    lookup = np.arange(int(codes.max()) + 1, dtype=np.uint32)
+    lookup[np.fromiter(table, dtype=np.uint32, count=len(table))] = [
+        ord(piece) for piece in table.values()
+    ]
+    translated: bytes = lookup[codes].tobytes()
+    return translated.decode("utf-32-le")
