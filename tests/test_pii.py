@@ -20,6 +20,7 @@ from bastion.safety.pii import (
     normalize,
     scan_output,
 )
+from bastion.safety.pii_patterns import SECRET_RE, may_hold_secret
 
 recognizer = PiiRecognizer()
 
@@ -82,6 +83,40 @@ def test_pem_private_key_block() -> None:
         "-----END RSA PRIVATE KEY-----"
     )
     assert kinds_in(f"key:\n{block}\n") == [("secret", block)]
+
+
+# One value of each branch of SECRET_RE; the regex runs only on texts holding
+# one of its leads (may_hold_secret), so a lead missing there loses a branch.
+_ALNUM = "aB3dE5fG7hJ9kL2mN4pQ6rS8tV1wX0yZ"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "sk-" + _ALNUM,
+        "sk-svcacct-" + _ALNUM,
+        "sk-admin-" + _ALNUM,
+        *(f"{head}_live_" + _ALNUM[:20] for head in ("sk", "rk", "pk")),
+        *(f"{head}_test_" + _ALNUM[:20] for head in ("sk", "rk", "pk")),
+        *(f"gh{letter}_" + _ALNUM + "abcd" for letter in "pousr"),
+        "github_pat_" + _ALNUM[:22],
+        "AKIA" + "ABCDEFGH12345678",
+        "ASIA" + "ABCDEFGH12345678",
+        *(f"xox{letter}-" + _ALNUM[:12] for letter in "abposr"),
+        "AIza" + _ALNUM + "x-_",
+        "glpat-" + _ALNUM[:20],
+        "hf_" + _ALNUM[:30],
+        "eyJ" + _ALNUM[:8] + ".eyJ" + _ALNUM[:8] + "." + _ALNUM[:8],
+        "-----BEGIN " + "PRIVATE KEY-----\nMIIEow\n-----END PRIVATE KEY-----",
+    ],
+)
+def test_every_secret_form_has_a_lead(value: str) -> None:
+    # A branch added to SECRET_RE needs its lead in may_hold_secret and a case
+    # above: this count is the tripwire.
+    assert SECRET_RE.pattern.count("|") == 16
+    assert SECRET_RE.fullmatch(value) is not None
+    assert may_hold_secret(f"the key: {value} (rotated)")
+    assert kinds_in(f"the key: {value} (rotated)") == [("secret", value)]
 
 
 @pytest.mark.parametrize(

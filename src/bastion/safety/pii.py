@@ -157,6 +157,7 @@ from bastion.safety.pii_patterns import (
     iban_valid,
     loose_iban_end,
     luhn_valid,
+    may_hold_secret,
     nir_valid,
     phone_windows,
 )
@@ -458,7 +459,7 @@ class PiiRecognizer:
     def _secrets(text: str) -> Iterator[tuple[int, int]]:
         # Known prefixes first; a generic candidate overlapping one is dropped
         # by find()'s overlap check.
-        for match in SECRET_RE.finditer(text):
+        for match in SECRET_RE.finditer(text) if may_hold_secret(text) else ():
             start = match.start()
             if start and text[start - 1] in SECRET_NOT_AFTER and text[start] != "-":
                 continue  # inside a word: "task-..." is no OpenAI key

@@ -175,9 +175,10 @@ def never_alone(word: str) -> bool:
 
 
 # The runs of digits some form of DATE_RE can use, by what each form needs
-# there: a separator and a digit after a day, month or year of at most four
-# digits (12/03, 1985-03), a space after a day of at most two (12 March), or
-# a word and a space before such a day and a year after it (March 12, 1985).
+# there: after a day, month or year of at most four digits, a separator, one
+# or two digits, a separator and a digit (12/03/85, 1985-03-12: "0.5", "v2.1"
+# and "4-6" are never tried), a space after a day of at most two (12 March),
+# or a word and a space before such a day and a year after it (March 12, 1985).
 # Every other run is skipped without a Python step (a text of numbers, "12,
 # 3456 Main, ...", has one every few characters). A run is matched from its
 # first digit only ((?<!\d\d) after it: linear in a long run), and each
@@ -185,7 +186,7 @@ def never_alone(word: str) -> bool:
 _LETTER = r"[^\W\d_]"
 _DATE_DIGITS = re.compile(
     r"\d(?<!\d\d)\d*+(?:"
-    r"(?<!\d{5})(?=[./-]\d)"
+    r"(?<!\d{5})(?=[./-]\d{1,2}[./-]\d)"
     r"|(?<!\d{3})(?=\.?\s)"
     rf"|(?:(?<={_LETTER}\s\d)|(?<={_LETTER}\.\s\d)|(?<={_LETTER}\s\d\d)|(?<={_LETTER}\.\s\d\d))"
     r"(?=(?i:st|nd|rd|th)?,?\s\d)"
@@ -341,7 +342,6 @@ _START = re.Match.start
 _END = re.Match.end
 _GROUP = re.Match.group
 _LASTGROUP = operator.attrgetter("lastgroup")
-_FIRST = operator.itemgetter(0)
 
 
 def _scan(text: str, connectors: frozenset[str] | None) -> tuple[Scanned, list[int]]:
@@ -350,18 +350,17 @@ def _scan(text: str, connectors: frozenset[str] | None) -> tuple[Scanned, list[i
     toks = Scanned(text)
     if connectors is None:
         return toks, []
-    # is_candidate over every token as C-level passes (map), not a Python
-    # test per token: a number, or a word whose first letter is a capital (one
+    # is_candidate once per distinct spelling of the call (a text repeats its
+    # words; the table dies with the call), then one C-level pass over the
+    # tokens: a number, or a word whose first letter is a capital (one
     # character's istitle() is isupper() or istitle()) or that is a connector.
-    words, kinds = toks.words, toks.kinds
-    capital = map(str.istitle, map(_FIRST, words))
-    connector = map(connectors.__contains__, words)
-    word = map(operator.eq, kinds, repeat("w"))
-    number = map(operator.eq, kinds, repeat("n"))
-    keep = map(
-        operator.or_, number, map(operator.and_, word, map(operator.or_, capital, connector))
-    )
-    return toks, list(compress(range(len(words)), keep))
+    # A spelling has one kind: TOKEN_RE's branch is set by its first character.
+    words = toks.words
+    keep = {
+        word: kind == "n" or (kind == "w" and (word[0].istitle() or word in connectors))
+        for word, kind in dict(zip(words, toks.kinds, strict=True)).items()
+    }
+    return toks, list(compress(range(len(words)), map(keep.__getitem__, words)))
 
 
 def shape(word: str) -> str:
@@ -591,6 +590,18 @@ class NameModel:
                     for k, seen in enumerate(self._context.get((o, low)) for o in _OFFSETS)
                 ),
             )
+        # The ids of the affix features by affix ("p3=" + low[:3]…), and the
+        # gazetteer flags by word: an unknown word's look-ups, without a string
+        # built per look-up.
+        affix_ids: dict[str, dict[str, int]] = {"p3": {}, "s3": {}, "s4": {}}
+        for name, index in vocabulary.items():
+            head, _, affix = name.partition("=")
+            if head in affix_ids:
+                affix_ids[head][affix] = index
+        self._p3 = affix_ids["p3"].get
+        self._s3 = affix_ids["s3"].get
+        self._s4 = affix_ids["s4"].get
+        self._flags_of = lexicon._flags.get
         # The rows of each word shape the model knows ("Xxxx", "dd"…), as the
         # candidate and at each offset around it (0: no weight).
         self._shape_rows: dict[str, tuple[int, ...]] = {}
@@ -632,10 +643,9 @@ class NameModel:
         rows = self._word_table.get(low)
         if rows is not None and rows[0] != -1:
             return rows
-        flags = self.lexicon.flags(low)
+        flags = self._flags_of(low, "")
         # lexical_features(low) + UNKNOWN but its word, which the model lacks.
-        get = self.vocabulary.get
-        affixes = (get("p3=" + low[:3]), get("s3=" + low[-3:]), get("s4=" + low[-4:]))
+        affixes = (self._p3(low[:3]), self._s3(low[-3:]), self._s4(low[-4:]))
         ids = [i for i in affixes if i is not None] + self._own_of_hits[flags]
         own = self._pending(ids, pending)
         return (own, *(self._context_of_hits[flags] if rows is None else rows[1:]))
@@ -683,8 +693,12 @@ class NameModel:
             line_starts = [j for j, tok in enumerate(toks) if tok.newline_before]
         count = len(words)
         at = np.asarray(indexes, dtype=np.int64)
-        near = np.unique((at[:, None] + np.arange(-2, 3)).ravel())
-        near = near[(near >= 0) & (near < count)]
+        # The candidates and their neighbours, in order (marks shifted by two:
+        # no bounds check, no sort).
+        marked = np.zeros(count + 4, dtype=bool)
+        for shift in range(5):
+            marked[at + shift] = True
+        near = np.flatnonzero(marked[2 : count + 2])
         # Each distinct spelling of the candidates and their neighbours, looked
         # up once (the memo lives for this call only): its word's rows, its
         # shape's, and the ids of its lower-cased word and of its shape.

@@ -284,6 +284,24 @@ SECRET_RE = re.compile(
     r"|-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[A-Za-z0-9+/=\s]{0,8192}?"
     r"-----END (?:[A-Z]+ )?PRIVATE KEY-----"
 )
+# What every match of SECRET_RE starts with, looked for with str's own search
+# first: a text holding none (most) skips the regex, which tries each of its
+# branches at every position. Those with "_" only where the text has one.
+SECRET_LEADS = ("sk-", "AKIA", "ASIA", "xox", "AIza", "glpat-", "eyJ", "-----BEGIN ")
+SECRET_LEADS_UNDERSCORED = (
+    *("k_live_", "k_test_"),  # Stripe
+    *("hp_", "ho_", "hu_", "hs_", "hr_", "github_pat_"),  # GitHub (ghp_...)
+    "hf_",
+)
+
+
+def may_hold_secret(text: str) -> bool:
+    """Whether ``text`` has a lead of :data:`SECRET_RE` (False: it has no match)."""
+    return any(map(text.__contains__, SECRET_LEADS)) or (
+        "_" in text and any(map(text.__contains__, SECRET_LEADS_UNDERSCORED))
+    )
+
+
 UPPER_OR_UNDERSCORE = frozenset(string.ascii_uppercase + "_")
 SECRET_NOT_AFTER = frozenset(string.ascii_letters + string.digits + "_-")
 ENTROPY_CANDIDATE_RE = re.compile(
@@ -313,8 +331,10 @@ PHONE_RUN_RE = re.compile(
     rf"(?:(?:\+ ?)?{_PHONE_ELEMENT}(?:{_PHONE_SEP}{_PHONE_ELEMENT})+|\+?\d{{8,}})"
 )
 # Where a phone run can be: PHONE_RUN_RE (whose first item is not a plain
-# class) only runs inside these.
-PHONE_REGION_RE = re.compile(r"[+(\d][\d+() ./-]*")
+# class) only runs inside these. Eight characters at least: a run shorter than
+# that has fewer than _MIN_PHONE_DIGITS digits, and no window or whole-run
+# check of _phones takes one ("Ticket 4.12", "3.5 GB": most numbers of prose).
+PHONE_REGION_RE = re.compile(r"[+(\d][\d+() ./-]{7,}")
 # A telephone label and the 7-15 digit number right after it: a local number
 # without its area code (555 12 34, 45 67 89 12) is only told from an order
 # number or an amount by the word before it. Speed: digit runs are found first
