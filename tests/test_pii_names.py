@@ -148,7 +148,14 @@ STREETS_IN_A_SENTENCE_MISSED = [
     [
         *STREETS_IN_A_SENTENCE,
         *(
-            pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason="measured miss"))
+            pytest.param(
+                *case,
+                marks=pytest.mark.xfail(
+                    strict=True,
+                    reason="measured miss of the shipped tagger (issue 16): the street's "
+                    "name reads as a surname or a word and nothing after it is an address's",
+                ),
+            )
             for case in STREETS_IN_A_SENTENCE_MISSED
         ),
     ],
