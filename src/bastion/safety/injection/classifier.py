@@ -65,7 +65,7 @@ from threadpoolctl import ThreadpoolController
 
 from bastion.errors import BastionError, Kind
 
-FORMAT = "bastion-injection-ngram/4"
+FORMAT = "bastion-injection-ngram/5"
 DIMENSIONS = 1 << 19
 NGRAMS = (3, 4, 5)
 WORD_NGRAMS = (1, 2)
@@ -85,8 +85,8 @@ assert all(stride & (stride - 1) == 0 and size == 2 * stride for size, stride in
 _NONE_BEFORE = -4 * WINDOW  # a previous occurrence at least two chunks before any chunk
 _ONE_WINDOW = min(size for size, _stride in SCALES) + 2  # read whole at every scale
 
-_SPACES = re.compile(r"\s+")
 _NON_WORD = re.compile(r"\W")
+_ASCII_WORD = bytes(int(re.match(r"\w", chr(b)) is not None) for b in range(256))
 # One odd 64-bit multiplier per position in the n-gram, one seed per n.
 _MULTIPLIERS = np.array(
     [
@@ -119,22 +119,32 @@ def prepare(text: str) -> str:
     """The form that is hashed: NFKC, casefolded, whitespace runs as one space."""
     ascii_only = text.isascii()
     folded = text.lower() if ascii_only else unicodedata.normalize("NFKC", text).casefold()
-    return " " + _SPACES.sub(" ", folded).strip() + " "
+    return " " + " ".join(folded.split()) + " "  # split(): the characters \s matches
 
 
 def _mix(h: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    with np.errstate(over="ignore"):
-        h = h ^ (h >> np.uint64(31))
-        h = h * _MIX
-        h = h ^ (h >> np.uint64(29))
+    # Array arithmetic on uint64 wraps silently (modulo 2**64, as meant).
+    h = h ^ (h >> np.uint64(31))
+    h = h * _MIX
+    h = h ^ (h >> np.uint64(29))
     return (h & np.uint64(DIMENSIONS - 1)).astype(np.int64)  # DIMENSIONS is a power of 2
 
 
+_POWERS: dict[int, npt.NDArray[np.uint64]] = {}
+_POWERS_KEPT = 1 << 16  # powers kept between calls: a short text computes none
+
+
 def _powers(base: int, count: int) -> npt.NDArray[np.uint64]:
-    out = np.ones(count + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        out[1:] = np.cumprod(np.full(count, base, dtype=np.uint64))
-    return out
+    """``base**0 .. base**count`` modulo 2**64."""
+    kept = _POWERS.get(base)
+    if kept is not None and kept.size > count:
+        return kept[: count + 1]
+    out = np.ones(max(count, _POWERS_KEPT) + 1, dtype=np.uint64)
+    out[1:] = np.cumprod(np.full(out.size - 1, base, dtype=np.uint64))
+    if out.size == _POWERS_KEPT + 1:
+        out.flags.writeable = False
+        _POWERS[base] = out
+    return out[: count + 1]
 
 
 def hashed(prepared: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -166,40 +176,42 @@ def scan(
     points = np.frombuffer(prepared.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     size = points.size
     positions: list[npt.NDArray[np.int64]] = []
-    buckets: list[npt.NDArray[np.int64]] = []
+    raw: list[npt.NDArray[np.uint64]] = []  # mixed into buckets at once
     # The n-gram sums share their prefix: the (n+1)-gram's is the n-gram's plus one term.
     running = np.zeros(size, dtype=np.uint64)
     for k in range(max(NGRAMS)):
         count = size - k
         if count <= 0:
             break
-        with np.errstate(over="ignore"):
-            running = running[:count] + points[k : k + count] * _MULTIPLIERS[k]
-            if k + 1 in _SEEDS:
-                positions.append(np.arange(count, dtype=np.int64))
-                buckets.append(_mix(running + _SEEDS[k + 1]))
+        running = running[:count] + points[k : k + count] * _MULTIPLIERS[k]
+        if k + 1 in _SEEDS:
+            positions.append(np.arange(count, dtype=np.int64))
+            raw.append(running + _SEEDS[k + 1])
     # Words: runs of \w characters (the substitution keeps every offset).
-    word = np.frombuffer(_NON_WORD.sub(" ", prepared).encode("utf-32-le"), dtype=np.uint32) != 32
+    if prepared.isascii():  # \w's ASCII characters, marked in C
+        word = np.frombuffer(prepared.encode("ascii").translate(_ASCII_WORD), dtype=np.uint8) != 0
+    else:
+        spaced = _NON_WORD.sub(" ", prepared).encode("utf-32-le")
+        word = np.frombuffer(spaced, dtype=np.uint32) != 32
     edges = np.diff(np.concatenate(([0], word.astype(np.int8), [0])))
     starts = np.flatnonzero(edges == 1)
     ends = np.flatnonzero(edges == -1)
     words = np.zeros(0, dtype=np.uint64)
     if starts.size:
-        with np.errstate(over="ignore"):
-            prefix = np.zeros(size + 1, dtype=np.uint64)
-            prefix[1:] = np.cumsum(points * _powers(_BASE, size)[:size])
-            words = (prefix[ends] - prefix[starts]) * _powers(_BASE_INVERSE, size)[starts]
-            grams = {
-                1: words ^ _WORD_SEEDS[1],
-                2: words[:-1] * _MULTIPLIERS[0] + words[1:] * _MULTIPLIERS[1] + _WORD_SEEDS[2],
-            }
+        prefix = np.zeros(size + 1, dtype=np.uint64)
+        prefix[1:] = np.cumsum(points * _powers(_BASE, size)[:size])
+        words = (prefix[ends] - prefix[starts]) * _powers(_BASE_INVERSE, size)[starts]
+        grams = {
+            1: words ^ _WORD_SEEDS[1],
+            2: words[:-1] * _MULTIPLIERS[0] + words[1:] * _MULTIPLIERS[1] + _WORD_SEEDS[2],
+        }
         for n in WORD_NGRAMS:
             positions.append(starts[: grams[n].size].astype(np.int64))
-            buckets.append(_mix(grams[n]))
+            raw.append(grams[n])
     if not positions:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, starts, words
-    return np.concatenate(positions), np.concatenate(buckets), starts, words
+    return np.concatenate(positions), _mix(np.concatenate(raw)), starts, words
 
 
 def features(text: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
@@ -270,9 +282,11 @@ class Model:
     weights: npt.NDArray[np.float32]
     bias: float
     threshold: float
-    """Probability at or over which a text is judged an injection on its own."""
-    weak_threshold: float
-    """Probability at or over which the classifier adds weight to the rules."""
+    """Probability at or over which the classifier corroborates the rules'
+    evidence of intent."""
+    alone_threshold: float
+    """Probability at or over which a text is judged an injection on the
+    classifier's word alone (no rule found intent)."""
     meta: dict[str, Any]
     semantic: Semantic | None = None
     """The semantic part; absent, the model is n-grams alone."""
@@ -389,7 +403,7 @@ def save(
     weights: npt.NDArray[np.float32],
     bias: float,
     threshold: float,
-    weak_threshold: float,
+    alone_threshold: float,
     meta: dict[str, Any],
     semantic: Semantic | None = None,
 ) -> str:
@@ -411,7 +425,7 @@ def save(
         "word_ngrams": list(WORD_NGRAMS),
         "bias": float(bias),
         "threshold": float(threshold),
-        "weak_threshold": float(weak_threshold),
+        "alone_threshold": float(alone_threshold),
         "sha256": digest,
         "semantic": semantic is not None,
         **meta,
@@ -471,7 +485,7 @@ def load(path: Path) -> Model:
         weights,
         bias,
         float(header["threshold"]),
-        float(header["weak_threshold"]),
+        float(header["alone_threshold"]),
         {k: v for k, v in header.items() if k not in ("bias",)},
         semantic,
     )

@@ -171,50 +171,77 @@ def _span(views: Views, start: int, end: int) -> tuple[int, int]:
 
 _INTENT = frozenset({"override", "extraction", "role-play", "exfiltration"})
 CLASSIFIER_WEIGHT = 24
-"""What the learned tier adds when it judges a layer an injection: under
-:data:`SANITIZE_AT`, so it never acts alone — it tips the rules' own evidence
-(a role-play at 40 becomes a block) — until its cross-source false-positive
-rate on hard negatives meets the target (``bench/injection.py``)."""
+"""What the learned tier adds to the rules' own evidence of intent when it
+judges the text an injection: under :data:`SANITIZE_AT`, so a rule's near miss
+is tipped (a role-play at 40 becomes a block) but nothing is on this alone."""
+CONFIDENT_WEIGHT = BLOCK_AT
+"""What the learned tier weighs when it is sure (``Model.alone_threshold``,
+chosen at training for a tighter false-positive budget on sources it never
+saw): a block on its word alone, for the paraphrases and languages no rule
+spells (issue 15)."""
 
 
-def _classifier_vote(visible: str, found: list[Finding]) -> list[Finding]:
-    # A layer the rules judged a quoted mention ("what does 'ignore previous
-    # instructions' mean?") keeps the rules' verdict: n-grams cannot tell a
-    # mention from a use, so the rules' precision on hard negatives is kept.
-    # It only corroborates the rules' own evidence of intent (not a lone
-    # "addressed to the AI" or invisible-character hit), so a rule's near miss
-    # on a benign question is not tipped into a block.
-    if any(f.rule.endswith(".quoted") for f in found):
-        return []
-    if not any(f.category in _INTENT for f in found):
-        return []
+def _classifier_vote(visible: str, found: list[Finding], reads: list[int]) -> list[Finding]:
+    if reads[0] < classifier.WINDOW // 8:
+        return []  # the screen's allowance spent (a text's many decoded layers)
+    intent = any(f.category in _INTENT and not f.rule.endswith(".quoted") for f in found)
+    reading = _read(_unquoted(visible, found), found, intent)[: reads[0]]
+    reads[0] -= len(reading)
     model = classifier.model()
-    if model.probability(_near_intent(visible, found)) < model.threshold:
-        return []
-    return [Finding("classifier.injection", "classifier", CLASSIFIER_WEIGHT)]
+    probability = model.probability(reading)
+    if probability >= model.alone_threshold:
+        return [Finding("classifier.confident", "classifier", CONFIDENT_WEIGHT)]
+    # Below that, it only corroborates the rules' own evidence of intent (not
+    # a lone "addressed to the AI" or invisible-character hit), so a rule's
+    # near miss on a benign question is not tipped into a block.
+    if intent and probability >= model.threshold:
+        return [Finding("classifier.injection", "classifier", CLASSIFIER_WEIGHT)]
+    return []
 
 
-_NEAR = 2 * classifier.WINDOW  # characters of context the vote reads around a finding
-_NEAR_SPANS = 16
+def _unquoted(visible: str, found: list[Finding]) -> str:
+    """``visible`` without the phrases the rules judged quoted mentions ("what
+    does 'ignore previous instructions' mean?"): n-grams cannot tell a mention
+    from a use, so the classifier reads the rest. A quoted decoy then hides
+    nothing else the text says. Blanked, not cut: the findings' places hold."""
+    spans = sorted((f.start, f.end) for f in found if f.rule.endswith(".quoted"))
+    pieces, at = [], 0
+    for start, end in spans:
+        start = max(start, at)
+        if end > start:
+            pieces += [visible[at:start], " " * (end - start)]
+            at = end
+    return "".join([*pieces, visible[at:]])
 
 
-def _near_intent(visible: str, found: list[Finding]) -> str:
-    """What the vote reads: a short text whole; of a long one, the text around
-    the rules' findings of intent (at most :data:`_NEAR_SPANS` of them, spread
-    over the text, merged). The vote corroborates those findings, so it reads
-    where they are; a megabyte then costs what a few kilobytes do."""
-    if len(visible) <= 4 * _NEAR:
+CLASSIFIER_READS = 16 * classifier.WINDOW
+"""Characters the classifier reads per screen, decoded layers included: all of
+a text up to this; of a longer one, what :func:`_read` picks. A megabyte then
+costs what 16 KB does (about 10 ms)."""
+_NEAR = classifier.WINDOW  # characters of context read on each side of a finding
+
+
+def _read(visible: str, found: list[Finding], intent: bool) -> str:
+    """What the vote reads: a text up to :data:`CLASSIFIER_READS` whole. Of a
+    longer one, the text around the rules' findings of intent, which the vote
+    corroborates (at most as many as fit, spread over the text: the first, the
+    last and between); without any, its start and end and the text around any
+    finding (a weak one, such as words addressed to the AI), to the same total."""
+    if len(visible) <= CLASSIFIER_READS:
         return visible
-    spans = sorted(
+    near = sorted(
         (max(0, f.start - _NEAR), min(len(visible), f.end + _NEAR))
         for f in found
-        if f.category in _INTENT and f.end > f.start
+        if (f.category in _INTENT or not intent) and f.end > f.start
     )
-    if not spans:
-        return visible[: 4 * _NEAR]
-    if len(spans) > _NEAR_SPANS:
-        step = (len(spans) - 1) / (_NEAR_SPANS - 1)  # the first, the last and between
-        spans = [spans[round(i * step)] for i in range(_NEAR_SPANS)]
+    ends = [] if intent else [(0, 6 * _NEAR), (len(visible) - 2 * _NEAR, len(visible))]
+    fits = (CLASSIFIER_READS - sum(end - start for start, end in ends)) // (3 * _NEAR)
+    if len(near) > fits:
+        step = (len(near) - 1) / max(fits - 1, 1)
+        near = [near[round(i * step)] for i in range(fits)]
+    spans = sorted(near + ends)
+    if not spans:  # intent found only where it has no place (an invisible layer's)
+        return visible[:CLASSIFIER_READS]
     merged = [list(spans[0])]
     for start, end in spans[1:]:
         if start <= merged[-1][1]:
@@ -246,12 +273,18 @@ not change: its score is a lower bound and its reasons the first found."""
 
 
 def _findings(
-    text: str, depth: int = 0, budget: list[int] | None = None, enough: _Enough | None = None
+    text: str,
+    depth: int = 0,
+    budget: list[int] | None = None,
+    enough: _Enough | None = None,
+    reads: list[int] | None = None,
 ) -> tuple[Views, list[Finding]]:
     # ``budget``: characters the decoded layers may still have screened, in all
     # (a linear bound, whatever nests in what); spent, the text is judged too
-    # deeply encoded to screen, which blocks it (fail closed).
+    # deeply encoded to screen, which blocks it (fail closed). ``reads``: what
+    # the classifier may still read, text and layers together.
     budget = [_LAYER_BUDGET * len(text) + _MAX_BLOB] if budget is None else budget
+    reads = [CLASSIFIER_READS] if reads is None else reads
     views = text_views(text)
     found = list(views.findings)
     hits = {"visible": _lead_hits(("visible",), views.visible)}
@@ -299,7 +332,7 @@ def _findings(
             return views, [*found, Finding(DECIDED, "bound", 0)]
     if total_score(found) >= 100:
         return views, found  # nothing found further could change the score
-    found += _classifier_vote(views.visible, found)
+    found += _classifier_vote(views.visible, found, reads)
     if depth >= _MAX_DEPTH:
         return views, found
     layers = [("invisible", hidden, 0, 0) for hidden in views.hidden]
@@ -309,7 +342,7 @@ def _findings(
             found.append(Finding("encoding.too-deep", "encoding", BLOCK_AT))
             break
         budget[0] -= len(decoded)
-        _inner_views, inner = _findings(decoded, depth + 1, budget)
+        _inner_views, inner = _findings(decoded, depth + 1, budget, reads=reads)
         if kind == "invisible":
             found += [Finding(f"invisible>{f.rule}", f.category, f.weight, 0, 0) for f in inner]
         elif inner := [f for f in inner if not f.rule.endswith(".quoted")]:
@@ -533,6 +566,10 @@ def screen(
             # still be hostile once sanitized: the chunk goes.
             return Verdict("block", score, hits, "", source, policy.retrieved_action, at)
         cleaned = _neutralise(views.visible, found)
+        if cleaned == views.visible:  # nothing had a place to cut (a classifier's verdict)
+            if score >= at:
+                return Verdict("block", score, hits, "", source, policy.retrieved_action, at)
+            return Verdict("sanitize", score, hits, cleaned, source, threshold=at)
         _rest_views, rest = _findings(cleaned, enough=_Enough(score=at))
         left = len(cleaned.replace(REMOVED, "").strip())
         # Dropped when still hostile, or when little but the attack was there.
