@@ -125,6 +125,33 @@ def test_tampered_word_vectors_fail_closed(tmp_path: Path) -> None:
         classifier.load(tampered)
 
 
+def test_a_raised_threshold_fails_closed(tmp_path: Path) -> None:
+    # The thresholds are covered by the checksum: raising the one at which the
+    # classifier blocks alone (switching it off) makes the model refuse to load;
+    # a missing or disordered one is refused before any checksum.
+    import json
+
+    with np.load(classifier.MODEL_PATH) as data:
+        arrays = {name: data[name].copy() for name in data.files}
+    header = json.loads(str(arrays["header"]))
+    tampered = tmp_path / "tampered.npz"
+    for change, message in (
+        ({"alone_threshold": 0.999999}, "checksum"),
+        ({"threshold": 0.7}, "checksum"),
+        ({"alone_threshold": header["threshold"] / 2}, "wrong format"),
+        ({"alone_threshold": None}, "wrong format"),
+    ):
+        arrays["header"] = np.array(json.dumps({**header, **change}))
+        np.savez_compressed(tampered, **arrays)
+        with pytest.raises(classifier.ClassifierUnavailable, match=message):
+            classifier.load(tampered)
+    del header["alone_threshold"]
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez_compressed(tampered, **arrays)
+    with pytest.raises(classifier.ClassifierUnavailable, match="wrong format"):
+        classifier.load(tampered)
+
+
 def test_training_is_deterministic() -> None:
     texts = [p for _lang, p in PARAPHRASES] + [c.text for c in corpus.load()[:40]]
     labels = np.array([1.0] * len(PARAPHRASES) + [0.0] * 40)

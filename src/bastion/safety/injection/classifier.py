@@ -388,10 +388,13 @@ def _semantic_arrays(semantic: Semantic) -> dict[str, npt.NDArray[Any]]:
 def weights_digest(
     weights: npt.NDArray[np.float32],
     bias: float,
+    thresholds: tuple[float, float],
     semantic: dict[str, npt.NDArray[Any]] | None = None,
 ) -> str:
-    """SHA-256 over every stored array (as stored) and the bias."""
-    digest = hashlib.sha256(weights.astype("<f4").tobytes() + repr(float(bias)).encode())
+    """SHA-256 over every stored array (as stored), the bias and both
+    thresholds: a threshold raised in the file would switch the classifier off."""
+    scalars = (float(bias), *map(float, thresholds))
+    digest = hashlib.sha256(weights.astype("<f4").tobytes() + repr(scalars).encode())
     for name, dtype in _SEMANTIC_ARRAYS.items():
         if semantic is not None:
             digest.update(np.ascontiguousarray(semantic[name], dtype=dtype).tobytes())
@@ -417,7 +420,7 @@ def save(
         if semantic is not None
         else {}
     )
-    digest = weights_digest(weights, bias, stored or None)
+    digest = weights_digest(weights, bias, (threshold, alone_threshold), stored or None)
     header = {
         "format": FORMAT,
         "dimensions": DIMENSIONS,
@@ -468,8 +471,16 @@ def load(path: Path) -> Model:
         or (stored is not None and not _semantic_shapes_fit(stored))
     ):
         raise ClassifierUnavailable(f"the classifier weights in {path.name} have the wrong format")
-    bias = float(header["bias"])
-    if weights_digest(weights, bias, stored) != header.get("sha256"):
+    try:
+        bias = float(header["bias"])
+        thresholds = (float(header["threshold"]), float(header["alone_threshold"]))
+    except (KeyError, TypeError, ValueError):
+        raise ClassifierUnavailable(
+            f"the classifier weights in {path.name} have the wrong format"
+        ) from None
+    if not 0.0 < thresholds[0] <= thresholds[1] < 1.0:
+        raise ClassifierUnavailable(f"the classifier weights in {path.name} have the wrong format")
+    if weights_digest(weights, bias, thresholds, stored) != header.get("sha256"):
         raise ClassifierUnavailable(f"the classifier weights in {path.name} fail their checksum")
     semantic = (
         Semantic(
@@ -484,8 +495,7 @@ def load(path: Path) -> Model:
     return Model(
         weights,
         bias,
-        float(header["threshold"]),
-        float(header["alone_threshold"]),
+        *thresholds,
         {k: v for k, v in header.items() if k not in ("bias",)},
         semantic,
     )
