@@ -267,17 +267,17 @@ def procedures() -> Iterator[str]:
             yield f"{step}{after}" if i % 2 else f"1. {step}{after}\n2. {following}."
 
 
-def privacy_requests() -> Iterator[str]:
+def _singles_and_pairs(table: dict[str, list[str]], separator: str, step: int) -> Iterator[str]:
     for lang in LANGS:
-        requests = _PRIVACY[lang]
-        for i, request in enumerate(requests):
-            yield request
-            yield f"{request} {requests[(i + 1) % len(requests)]}"
+        items = table[lang]
+        for i, item in enumerate(items):
+            yield item
+            yield f"{item}{separator}{items[(i + step) % len(items)]}"
+
+
+def privacy_requests() -> Iterator[str]:
+    return _singles_and_pairs(_PRIVACY, " ", 1)
 
 
 def workplace_rules() -> Iterator[str]:
-    for lang in LANGS:
-        rules = _RULE[lang]
-        for i, rule in enumerate(rules):
-            yield rule
-            yield f"{rule}\n{rules[(i + 2) % len(rules)]}"
+    return _singles_and_pairs(_RULE, "\n", 2)
