@@ -260,6 +260,18 @@ class Semantic:
         np.cumsum(sums, axis=0, out=sums)
         return counts, sums
 
+    def whole_logit(self, words: npt.NDArray[np.uint64]) -> float:
+        """The layer's output for one window holding ``words`` (every word of a
+        short text): the mean of their rows, without per-block sums."""
+        mean = np.zeros(self.output.size, dtype=np.float32)
+        if words.size and self.keys.size:
+            index = np.minimum(np.searchsorted(self.keys, words), self.keys.size - 1)
+            rows = self.table[index[self.keys[index] == words]]
+            if rows.shape[0]:
+                mean = rows.sum(axis=0) / np.float32(rows.shape[0])
+        hidden = np.maximum(mean + self.hidden_bias, 0.0)
+        return float(np.dot(hidden, self.output))
+
     def window_logits(
         self,
         found: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]],
@@ -302,9 +314,9 @@ class Model:
             return self.bias
         positions, buckets, word_starts, words = scan(prepared)
         n = len(prepared)
-        found = self.semantic.found(word_starts, words, n) if self.semantic else None
         if n <= _ONE_WINDOW and not windowed:
-            return self._one_window_logit(buckets, found, n)
+            return self._one_window_logit(buckets, words)
+        found = self.semantic.found(word_starts, words, n) if self.semantic else None
         # Each feature with the position of the bucket's previous occurrence
         # (far before the text: none): in a window it counts when that one is
         # before the window. One sort of (bucket, position) finds them all.
@@ -316,7 +328,9 @@ class Model:
         again = np.flatnonzero((order[1:] >> bits) == (order[:-1] >> bits)) + 1
         previous[again] = positions[again - 1]
         weights = self.weights[order >> bits].astype(np.float64)
-        best = -math.inf
+        # Every scale's windows, then the semantic part of all of them in one go.
+        scored: list[npt.NDArray[np.float64]] = []
+        edges: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
         for size, stride in SCALES:
             if n <= size + 2:
                 starts, ends = np.array([0]), np.array([n])
@@ -341,27 +355,29 @@ class Model:
                 k = 3 * (starts >> shift)
                 sums = by_back[k + 1] + by_back[k + 2] + by_back[k + 5]
                 cnts = np.maximum(counted[k + 1] + counted[k + 2] + counted[k + 5], 1)
-            window = sums / np.sqrt(cnts)
-            if self.semantic is not None and found is not None:
-                window = window + self.semantic.window_logits(found, starts, ends)
-            best = max(best, float(window.max()))
-        return self.bias + best
+            scored.append(sums / np.sqrt(cnts))
+            edges.append((starts, ends))
+        window = np.concatenate(scored)
+        if self.semantic is not None and found is not None:
+            starts = np.concatenate([starts for starts, _ends in edges])
+            ends = np.concatenate([ends for _starts, ends in edges])
+            window = window + self.semantic.window_logits(found, starts, ends)
+        return self.bias + float(window.max())
 
     def _one_window_logit(
-        self,
-        buckets: npt.NDArray[np.int64],
-        found: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]] | None,
-        n: int,
+        self, buckets: npt.NDArray[np.int64], words: npt.NDArray[np.uint64]
     ) -> float:
-        """:meth:`logit` of a prepared text of ``n`` characters that every
-        scale reads as one window: its distinct buckets (in bucket order, as the
-        general path sums them), no previous occurrences to find."""
+        """:meth:`logit` of a prepared text that every scale reads as one
+        window: its distinct buckets (in bucket order, as the general path sums
+        them), no previous occurrences to find, and the mean of its words' rows
+        taken directly (the general path's per-block sums give it to float32
+        rounding)."""
         distinct = np.unique(buckets)
-        total = self.weights[distinct].astype(np.float64).sum()
-        window = np.array([total]) / np.sqrt(max(distinct.size, 1))
-        if self.semantic is not None and found is not None:
-            window = window + self.semantic.window_logits(found, np.array([0]), np.array([n]))
-        return self.bias + float(window.max())
+        total = float(self.weights[distinct].astype(np.float64).sum())
+        logit = total / math.sqrt(max(distinct.size, 1))
+        if self.semantic is not None:
+            logit += self.semantic.whole_logit(words)
+        return self.bias + logit
 
     def probability(self, text: str) -> float:
         z = self.logit(text)
