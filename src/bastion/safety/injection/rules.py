@@ -86,6 +86,21 @@ _DATA = (
     r"contacts|accounts|invoices|everything)"
 )
 
+# Machine readers by name, per language (what the "addressed" rules look for).
+_AI_DE = r"(?:ki|llm|sprachmodell\w*|chatbot\w*|ki-\w+)"
+_AI_ES = (
+    r"(?:ia|llm|modelos?\s+de\s+lenguaje|chatbots?|asistentes?\s+(?:de\s+|con\s+)?ia"
+    r"|agentes?\s+(?:de\s+)?ia)"
+)
+_AI_FR = (
+    r"(?:ia|llm|mod[èe]les?\s+de\s+langage|chatbots?|assistants?\s+(?:d['\u2019]\s*)?ia"
+    r"|agents?\s+(?:d['\u2019]\s*)?ia)"
+)
+_AI_IT = (
+    r"(?:ia|ai|llm|modell[oi]\s+linguistic[oi]|chatbot|assistent[ei]\s+(?:ia|ai|virtual[ei])"
+    r"|agent[ei]\s+(?:ia|ai))"
+)
+
 RULES: tuple[Rule, ...] = (
     # instruction override
     _r(
@@ -467,6 +482,52 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?:dear|hey|hi)\s+(?:ai|llm|chatgpt|gpt|assistant|chatbot|claude|gemini|copilot)\b[,:!]"
         r"|\b(?:ai|assistant|chatbot|model|llm)\s*[,:]\s*(?:you\s+must|please|ignore|forget|do\s+not)\b",
         leads="note|message|instruction|attention|notice|if|dear|hey|hi|ai|assistant|chatbot|model|llm",
+    ),
+    # The same four shapes in German, Spanish, French and Italian, naming only
+    # machine readers: "Assistent", "asistente", "assistant" and "agent" alone
+    # are people in these languages' office documents.
+    _r(
+        "addressed.to-the-ai-de",
+        "addressed",
+        35,
+        rf"\b(?:hinweis|nachricht|anweisung(?:en)?|achtung|notiz|mitteilung|information)\s+"
+        rf"(?:an|für)\s+(?:(?:die|den|das|alle|jede[nsm]?)\s+)?{_AI_DE}\b"
+        rf"|\b(?:wenn|falls|sofern)\s+du\s+(?:eine?\s+)?{_AI_DE}\s+bist\b"
+        rf"|\bsolltest\s+du\s+(?:eine?\s+)?{_AI_DE}\s+sein\b"
+        rf"|\b(?:liebe[rs]?|hallo|hey|hi)\s+(?:chatgpt|{_AI_DE})\s*[,:!]"
+        rf"|\b{_AI_DE}\s*[,:]\s*(?:du\s+musst|bitte|ignoriere|vergiss|tu\s+nicht)\b",
+        "plain",
+        leads="hinweis|nachricht|anweisung|achtung|notiz|mitteilung|information|wenn|falls|"
+        "sofern|solltest|liebe|hallo|hey|hi|ki|llm|sprachmodell|chatbot",
+    ),
+    _r(
+        "addressed.to-the-ai-es-fr-it",
+        "addressed",
+        35,
+        # Spanish
+        rf"\b(?:nota|mensaje|instrucci[oó]n(?:es)?|atenci[oó]n|aviso)\s+(?:para|a|al)\s+"
+        rf"(?:(?:la|el|los|las|cualquier|tod[oa]s\s+l[oa]s)\s+)?{_AI_ES}\b"
+        rf"|\bsi\s+(?:eres|usted\s+es)\s+(?:una?\s+)?{_AI_ES}\b"
+        rf"|\b(?:querid[oa]|hola|oye|estimad[oa])\s+(?:chatgpt|{_AI_ES})\s*[,:!]"
+        rf"|\b{_AI_ES}\s*[,:]\s*(?:debes|tienes\s+que|por\s+favor|ignora|olvida)\b"
+        # French
+        rf"|\b(?:note|message|instructions?|attention|avis|consignes?)\s+(?:à|a|pour|aux)\s+"
+        rf"(?:(?:l['\u2019]|la\s+|le\s+|les\s+|toute?s?\s+(?:les\s+)?)\s*)?{_AI_FR}\b"
+        rf"|\bsi\s+(?:tu\s+es|vous\s+[êe]tes)\s+(?:une?\s+)?{_AI_FR}\b"
+        rf"|\b(?:ch[èe]re?|salut|bonjour|coucou)\s+(?:chatgpt|{_AI_FR})\s*[,:!]"
+        rf"|\b{_AI_FR}\s*[,:]\s*(?:tu\s+dois|vous\s+devez|s['\u2019]il\s+(?:te|vous)\s+pla[iî]t"
+        rf"|ignore[sz]?|oublie[sz]?)\b"
+        # Italian
+        rf"|\b(?:nota|messaggio|istruzion[ei]|attenzione|avviso)\s+(?:per|a|all['\u2019]|alla|al|agli)"
+        rf"\s*(?:(?:la|il|lo|l['\u2019]|gli|le|ogni|qualsiasi|qualunque)\s*)?{_AI_IT}\b"
+        rf"|\bse\s+(?:tu\s+)?sei\s+(?:un['\u2019]\s*|una?\s+)?{_AI_IT}\b"
+        rf"|\b(?:car[oa]|ciao|ehi|gentile)\s+(?:chatgpt|{_AI_IT})\s*[,:!]"
+        rf"|\b{_AI_IT}\s*[,:]\s*(?:devi|per\s+favore|ignora|dimentica)\b",
+        "plain",
+        leads="nota|mensaje|instrucci|atenci|aviso|si|querid|hola|oye|estimad|note|message|"
+        "instruction|attention|avis|consigne|cher|chèr|salut|bonjour|coucou|messaggio|istruzion|"
+        "attenzione|avviso|se|caro|cara|ciao|ehi|gentile|ia|ai|llm|chatbot|modelo|modèle|modell|"
+        "asistente|assistant|assistente|agente|agent",
     ),
     _r(
         "addressed.when-asked",
