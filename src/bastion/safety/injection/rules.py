@@ -86,6 +86,27 @@ _DATA = (
     r"contacts|accounts|invoices|everything)"
 )
 
+# Sending a bulk of data, per language (``exfil.send-data-multilingual``).
+_SEND_DE = r"send|schick|leit|übermittel|übertrag|lad|kopier|exportier|teil|mail|weiterleit"
+_SEND_ES = r"env[ií]|reenv[ií]|mand|sub|transfier|copi|export|compart|sincroniz"
+_SEND_FR = r"envo|transf[èée]r|transmet|téléverse|partag|synchronis|fai(?:s|tes)\s+suivre"
+_SEND_IT = r"invi|inoltr|mand|caric|trasferisc|copi|esport|condivid|sincronizz"
+_BULK = (
+    r"alle|sämtlich|jede|(?:die|den|das)\s+(?:gesamt|komplett|vollständig)"
+    r"|tod[oa]s?|cada|tous|toutes|tout|chaque|l['\u2019](?:intégralité|ensemble)|la\s+totalité"
+    r"|tutt[ioae]|ogni|l['\u2019]inter[oa]"
+)
+_DATA_ML = (
+    r"tickets?|dokument|daten|gespräch|unterhaltung|e-?mails?|nachricht|kunden|nutzer|benutzer"
+    r"|dateien|verlauf|chatverlauf|passw|geheimnis|schlüssel|zugangsdaten|konten|rechnung|kontakt"
+    r"|documento|datos|base\s+de\s+datos|conversacion|correo|mensaje|cliente|usuario|archivo"
+    r"|historial|contraseña|secreto|clave|credencial|contacto|cuenta|factura|registro"
+    r"|document|données|base\s+de\s+données|conversation|courriel|message|client|utilisateur"
+    r"|fichier|historique|mots\s+de\s+passe|clés|identifiant|compte|facture|dossier"
+    r"|dati|conversazion|messaggi|clienti|utenti|file|cronologia|storico|password|segreti|chiavi"
+    r"|credenziali|chat|contatti|account|fatture|registri"
+)
+
 # Machine readers by name, per language (what the "addressed" rules look for).
 _AI_DE = r"(?:ki|llm|sprachmodell\w*|chatbot\w*|ki-\w+)"
 _AI_ES = (
@@ -596,6 +617,22 @@ RULES: tuple[Rule, ...] = (
         r"outside|personal|third)|this\s+(?:address|url|email))",
         "plain",
         leads="mail|e-mail|email|send|forward|post|upload|transmit|exfiltrat|leak|copy|export|dump|share|sync|cc|bcc",
+    ),
+    # The same shape in German, Spanish, French and Italian: a bulk of data
+    # ("alle", "todos", "tous", "tutti" ...) sent to an address.
+    _r(
+        "exfil.send-data-multilingual",
+        "exfiltration",
+        50,
+        rf"\b(?:{_SEND_DE}|{_SEND_ES}|{_SEND_FR}|{_SEND_IT})\w*\b(?:\W+\w+){{0,3}}?\W+"
+        rf"(?:{_BULK})\w*\b(?:\W+\w+){{0,3}}?\W+(?:{_DATA_ML})\w*\b(?:\W+\w+){{0,6}}?\W+"
+        r"(?:an|nach|auf|a|al|hacia|en|à|vers|sur|verso|su|all['\u2019]\w*)\b"
+        r"(?:\W+\w+){0,2}?\W*(?:[\w.+-]+@[\w-]+(?:\.[\w-]+)+|\[email\]|\u27e6email_\w+\u27e7|https?://"
+        r"|www\.|\w+\.\w{2,}\b)",
+        "plain",
+        leads="send|schick|leit|übermittel|übertrag|lad|kopier|exportier|teil|mail|weiterleit|"
+        "env|reenv|mand|sub|transfier|copi|export|compart|sincroniz|transf|transmet|téléverse|"
+        "partag|synchronis|fais|faites|invi|inoltr|caric|trasferisc|condivid",
     ),
     _r(
         "exfil.append-to-url",
