@@ -87,12 +87,16 @@ _DATA = (
 )
 
 # Sending a bulk of data, per language (``exfil.send-data-multilingual``).
-_SEND_DE = r"send|schick|leit|übermittel|übertrag|lad|kopier|exportier|teil|mail|weiterleit"
-_SEND_ES = r"env[ií]|reenv[ií]|mand|sub|transfier|copi|export|compart|sincroniz"
-_SEND_FR = r"envo|transf[èée]r|transmet|téléverse|partag|synchronis|fai(?:s|tes)\s+suivre"
-_SEND_IT = r"invi|inoltr|mand|caric|trasferisc|copi|esport|condivid|sincronizz"
+_SEND_ML = (
+    # "send", "mail" and "export" are the English rule's leads too (one hit, two rules).
+    "send|mail|export|schick|leite|übermittel|übertrag|lade|kopier|teile|weiterleit"
+    "|envía|envia|reenvía|reenvia|manda|sube|transfiere|copia|comparte|sincroniza"
+    "|envoi|envoy|transfère|transfere|transmet|téléverse|partage|synchronise|fais|faites"
+    "|invia|inoltra|carica|trasferisc|condivid|sincronizz|esporta"
+)
+_SENDING = _SEND_ML.replace("fais|faites", r"fai(?:s|tes)\s+suivre")
 _BULK = (
-    r"alle|sämtlich|jede|(?:die|den|das)\s+(?:gesamt|komplett|vollständig)"
+    r"alle[nrs]?|sämtliche[nrs]?|jede[nrsm]?|(?:die|den|das)\s+(?:gesamte|komplette|vollständige)n?"
     r"|tod[oa]s?|cada|tous|toutes|tout|chaque|l['\u2019](?:intégralité|ensemble)|la\s+totalité"
     r"|tutt[ioae]|ogni|l['\u2019]inter[oa]"
 )
@@ -511,15 +515,17 @@ RULES: tuple[Rule, ...] = (
         "addressed.to-the-ai-de",
         "addressed",
         35,
-        rf"\b(?:hinweis|nachricht|anweisung(?:en)?|achtung|notiz|mitteilung|information)\s+"
+        rf"\b(?:hinweis|nachricht|anweisung(?:en)?|achtung|notiz|mitteilung)\s+"
         rf"(?:an|für)\s+(?:(?:die|den|das|alle|jede[nsm]?)\s+)?{_AI_DE}\b"
         rf"|\b(?:wenn|falls|sofern)\s+du\s+(?:eine?\s+)?{_AI_DE}\s+bist\b"
         rf"|\bsolltest\s+du\s+(?:eine?\s+)?{_AI_DE}\s+sein\b"
         rf"|\b(?:liebe[rs]?|hallo|hey|hi)\s+(?:chatgpt|{_AI_DE})\s*[,:!]"
-        rf"|\b{_AI_DE}\s*[,:]\s*(?:du\s+musst|bitte|ignoriere|vergiss|tu\s+nicht)\b",
+        rf"|\b(?:llm|sprachmodell|chatbot)\w*\s*[,:]\s*(?:du\s+musst|bitte|ignoriere|vergiss)\b",
         "plain",
-        leads="hinweis|nachricht|anweisung|achtung|notiz|mitteilung|information|wenn|falls|"
-        "sofern|solltest|liebe|hallo|hey|hi|ki|llm|sprachmodell|chatbot",
+        # Leads are rare as substrings too (a text dense in leads is searched
+        # for each one's every occurrence): no "ki", "ia" or "tu" on their own.
+        leads="hinweis|nachricht|anweisung|achtung|notiz|mitteilung|wenn|falls|sofern|solltest|"
+        "liebe|hallo|hey|hi|llm|sprachmodell|chatbot",
     ),
     _r(
         "addressed.to-the-ai-es-fr-it",
@@ -528,26 +534,31 @@ RULES: tuple[Rule, ...] = (
         # Spanish
         rf"\b(?:nota|mensaje|instrucci[oó]n(?:es)?|atenci[oó]n|aviso)\s+(?:para|a|al)\s+"
         rf"(?:(?:la|el|los|las|cualquier|tod[oa]s\s+l[oa]s)\s+)?{_AI_ES}\b"
-        rf"|\bsi\s+(?:eres|usted\s+es)\s+(?:una?\s+)?{_AI_ES}\b"
-        rf"|\b(?:querid[oa]|hola|oye|estimad[oa])\s+(?:chatgpt|{_AI_ES})\s*[,:!]"
-        rf"|\b{_AI_ES}\s*[,:]\s*(?:debes|tienes\s+que|por\s+favor|ignora|olvida)\b"
+        rf"|\beres\s+(?:una?\s+)?{_AI_ES}\b"
+        rf"|\b(?:querid[oa]|hola|estimad[oa])\s+(?:chatgpt|{_AI_ES})\s*[,:!]"
+        rf"|\b(?:llm|chatbot|asistente\s+(?:de\s+)?ia|agente\s+(?:de\s+)?ia)\s*[,:]\s*"
+        rf"(?:debes|tienes\s+que|por\s+favor|ignora|olvida)\b"
         # French
         rf"|\b(?:note|message|instructions?|attention|avis|consignes?)\s+(?:à|a|pour|aux)\s+"
         rf"(?:(?:l['\u2019]|la\s+|le\s+|les\s+|toute?s?\s+(?:les\s+)?)\s*)?{_AI_FR}\b"
-        rf"|\bsi\s+(?:tu\s+es|vous\s+[êe]tes)\s+(?:une?\s+)?{_AI_FR}\b"
+        rf"|\b(?:tu es|vous\s+[êe]tes)\s+(?:une?\s+)?{_AI_FR}\b"
         rf"|\b(?:ch[èe]re?|salut|bonjour|coucou)\s+(?:chatgpt|{_AI_FR})\s*[,:!]"
-        rf"|\b{_AI_FR}\s*[,:]\s*(?:tu\s+dois|vous\s+devez|s['\u2019]il\s+(?:te|vous)\s+pla[iî]t"
+        rf"|\b(?:llm|chatbot|assistant\s+(?:d['\u2019]\s*)?ia|agent\s+(?:d['\u2019]\s*)?ia)\s*[,:]\s*"
+        rf"(?:tu\s+dois|vous\s+devez|s['\u2019]il\s+(?:te|vous)\s+pla[iî]t"
         rf"|ignore[sz]?|oublie[sz]?)\b"
         # Italian
         rf"|\b(?:nota|messaggio|istruzion[ei]|attenzione|avviso)\s+(?:per|a|all['\u2019]|alla|al|agli)"
         rf"\s*(?:(?:la|il|lo|l['\u2019]|gli|le|ogni|qualsiasi|qualunque)\s*)?{_AI_IT}\b"
-        rf"|\bse\s+(?:tu\s+)?sei\s+(?:un['\u2019]\s*|una?\s+)?{_AI_IT}\b"
-        rf"|\b(?:car[oa]|ciao|ehi|gentile)\s+(?:chatgpt|{_AI_IT})\s*[,:!]"
-        rf"|\b{_AI_IT}\s*[,:]\s*(?:devi|per\s+favore|ignora|dimentica)\b",
+        rf"|\bsei\s+(?:un['\u2019]\s*|una?\s+)?{_AI_IT}\b"
+        rf"|\b(?:car[oa]|ciao|gentile)\s+(?:chatgpt|{_AI_IT})\s*[,:!]"
+        rf"|\b(?:llm|chatbot|assistente\s+(?:ia|ai|virtuale)|agente\s+(?:ia|ai))\s*[,:]\s*"
+        rf"(?:devi|per\s+favore|ignora|dimentica)\b",
         "plain",
-        leads="nota|mensaje|instrucci|atenci|aviso|si|querid|hola|oye|estimad|note|message|"
-        "instruction|attention|avis|consigne|cher|chèr|salut|bonjour|coucou|messaggio|istruzion|"
-        "attenzione|avviso|se|caro|cara|ciao|ehi|gentile|ia|ai|llm|chatbot|modelo|modèle|modell|"
+        # Matches start at these words ("eres", not "si eres"): a lead as common
+        # as "si", "se", "ia" or "tu" would crowd the leads of every English text.
+        leads="nota|mensaje|instrucci|atenci|aviso|eres|querid|hola|estimad|note|message|"
+        "instruction|attention|avis|consigne|tu es|vous|cher|chèr|salut|bonjour|coucou|"
+        "messaggio|istruzion|attenzione|avviso|sei|caro|cara|ciao|gentile|llm|chatbot|"
         "asistente|assistant|assistente|agente|agent",
     ),
     _r(
@@ -624,15 +635,13 @@ RULES: tuple[Rule, ...] = (
         "exfil.send-data-multilingual",
         "exfiltration",
         50,
-        rf"\b(?:{_SEND_DE}|{_SEND_ES}|{_SEND_FR}|{_SEND_IT})\w*\b(?:\W+\w+){{0,3}}?\W+"
-        rf"(?:{_BULK})\w*\b(?:\W+\w+){{0,3}}?\W+(?:{_DATA_ML})\w*\b(?:\W+\w+){{0,6}}?\W+"
+        rf"\b(?:{_SENDING})\w*\b(?:\W+\w+){{0,3}}?\W+"
+        rf"(?:{_BULK})\b(?:\W+\w+){{0,3}}?\W+(?:{_DATA_ML})\w*\b(?:\W+\w+){{0,6}}?\W+"
         r"(?:an|nach|auf|a|al|hacia|en|à|vers|sur|verso|su|all['\u2019]\w*)\b"
         r"(?:\W+\w+){0,2}?\W*(?:[\w.+-]+@[\w-]+(?:\.[\w-]+)+|\[email\]|\u27e6email_\w+\u27e7|https?://"
         r"|www\.|\w+\.\w{2,}\b)",
         "plain",
-        leads="send|schick|leit|übermittel|übertrag|lad|kopier|exportier|teil|mail|weiterleit|"
-        "env|reenv|mand|sub|transfier|copi|export|compart|sincroniz|transf|transmet|téléverse|"
-        "partag|synchronis|fais|faites|invi|inoltr|caric|trasferisc|condivid",
+        leads=_SEND_ML,
     ),
     _r(
         "exfil.append-to-url",
