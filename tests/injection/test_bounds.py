@@ -598,3 +598,36 @@ def test_one_byte_texts_are_screened_as_any_text_is(monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(module, "_latin1", lambda text: None)
     assert fast == [(screen(t, "user"), screen(t, "retrieved")) for t in texts]
     assert any(v.score for pair in fast for v in pair)
+
+
+def test_a_short_texts_leads_read_in_python_are_those_numpy_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Up to _FEW_LEADS_TEXT characters a text's leads are read in a Python loop
+    # (numpy's cost per call is more than the loop): the same places for every
+    # rule, on the suite's texts, pieces of them run together and a text dense
+    # in the rules' words, in each view's automaton.
+    import random
+
+    from bastion.safety.injection import matching, normalise
+    from tests.injection import corpus
+    from tests.injection.megabytes import megabyte
+
+    texts = [case.text for case in corpus.load()]
+    rng = random.Random(12)
+    texts += [" ".join(rng.sample(texts, 4))[: rng.randint(0, 2048)] for _ in range(300)]
+    texts += [megabyte("keyword prose")[:2048], megabyte("empty images")[:2048], ""]
+    compared = 0
+    for text in texts:
+        views = normalise.text_views(text[: matching._FEW_LEADS_TEXT])
+        for at, haystack in (
+            (("visible",), views.visible),
+            (("plain", "folded"), views.plain),
+            (("folded",), views.folded),
+        ):
+            few = matching._lead_hits(at, haystack)
+            with monkeypatch.context() as patched:
+                patched.setattr(matching, "_FEW_LEADS_TEXT", -1)
+                assert matching._lead_hits(at, haystack) == few
+            compared += bool(few)
+    assert compared > 1000

@@ -17,6 +17,7 @@ import itertools
 import re
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import ahocorasick
@@ -122,6 +123,16 @@ class _Leads:
     rules: np.ndarray[Any, np.dtype[np.int64]]
     shifts: np.ndarray[Any, np.dtype[np.int64]]
 
+    @cached_property
+    def lists(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """The arrays as lists, for :func:`_few_lead_hits`."""
+        return (
+            self.lengths.tolist(),
+            self.firsts.tolist(),
+            self.rules.tolist(),
+            self.shifts.tolist(),
+        )
+
 
 def _is_word_lead(rule: Rule, lead: str) -> bool:
     r"""True when ``lead`` (of ``rule``) is looked for at word starts only:
@@ -206,6 +217,26 @@ _LEAD_SEGMENT = 65_536
 _LONGEST_LEAD = 1 + max(len(lead) for rule in RULES for lead in rule.leads)  # with its space
 
 
+_FEW_LEADS_TEXT = 2048
+"""Characters up to which a text's leads are read in Python: numpy's cost per
+call (tens of microseconds) is more than a loop over a short text's hits."""
+
+
+def _few_lead_hits(leads: _Leads, haystack: str) -> _LeadHits | None:
+    """:func:`_lead_hits` of a short text (the ``all`` automaton, read as it is)."""
+    lengths, firsts, rules, shifts = leads.lists
+    starts_of: dict[int, set[int]] = {}
+    hits = 0
+    for end, number in leads.automaton.iter(haystack):
+        hits += 1
+        start = end - lengths[number] + 1 + shifts[number]
+        for rule in rules[firsts[number] : firsts[number + 1]]:
+            starts_of.setdefault(rule, set()).add(start)
+    if hits > _MAX_LEADS:
+        return None
+    return {rule: sorted(starts) for rule, starts in starts_of.items()}
+
+
 def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
     """Where each rule's leads start in ``haystack``; None when the leads are
     so dense that one regex pass per rule costs less (:func:`_matches`).
@@ -223,6 +254,8 @@ def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
         leads, text = one_byte, " " + raw.translate(_LEAD_CLASSES).decode("latin-1")
     if leads.automaton.kind == ahocorasick.EMPTY:
         return {}
+    if raw is None and len(haystack) <= _FEW_LEADS_TEXT:
+        return _few_lead_hits(leads, haystack)
     n = 0
     found: list[tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, Any]]] = []
     # Segment by segment: leads denser than the limit's share in the text read
