@@ -402,6 +402,39 @@ RULES: tuple[Rule, ...] = (
         r"|\bno\s+matter\s+how\s+(?:immoral|unethical|illegal|dangerous|offensive|harmful)\b",
         leads="administrator|admin|developer|maintenance|debug|god|sudo|root|unrestricted|you|no",
     ),
+    # The speaker claims to be the model's maker or operator ("I am your
+    # developer"): weak alone (users name their own roles), intent for the
+    # classifier's vote to corroborate. Matches start at the role, so that the
+    # leads are the roles, not "i", "we" or "tu".
+    _r(
+        "roleplay.authority-claim",
+        "role-play",
+        30,
+        r"\b(?:"
+        + "|".join(
+            f"(?<={claim} )"
+            for claim in (
+                *(f"{who} your" for who in ("i am", "i'm", "this is", "we are", "we're", "as")),
+                "from your",
+                *(f"ich bin {d}" for d in ("dein", "deine")),
+                *(f"als {d}" for d in ("dein", "deine")),
+                *(f"{w} tu" for w in ("soy", "como")),
+                *(f"{w} {p}" for w in ("je suis", "en tant que") for p in ("ton", "votre")),
+                *(f"{w} tuo" for w in ("sono il", "come", "in qualità di")),
+            )
+        )
+        # Roles people hold for people too ("your engineer for Tuesday's
+        # installation", "your operator") are left out.
+        + r")(?:developers?|creators?|makers?|admins?|administrators?|programmers?"
+        r"|entwickler(?:in)?|schöpfer(?:in)?|programmierer(?:in)?|desarrollador(?:es|a)?"
+        r"|creador(?:a)?|administrador(?:a)?|programador(?:a)?|développeur(?:se)?|créat(?:eur|rice)"
+        r"|administrat(?:eur|rice)|concepteur|programmeur(?:se)?|sviluppatore|creatore"
+        r"|amministratore|programmatore)\b",
+        "plain",
+        leads="developer|creator|maker|admin|programmer|entwickler|schöpfer|programmierer|"
+        "desarrollador|creador|administrador|programador|développeur|créat|administrat|concepteur|"
+        "programmeur|sviluppatore|creatore|amministratore|programmatore",
+    ),
     _r(
         "roleplay.amoral-compliance",
         "role-play",
