@@ -86,6 +86,17 @@ _DATA = (
     r"contacts|accounts|invoices|everything)"
 )
 
+
+def _behind(*words: str) -> str:
+    """A group that matches where one of ``words`` and a space (an apostrophe:
+    none) come just before: look-behinds, each of fixed width."""
+    return (
+        "(?:"
+        + "|".join(f"(?<={w})" if w.endswith(("'", "\u2019")) else f"(?<={w} )" for w in words)
+        + ")"
+    )
+
+
 # Sending a bulk of data, per language (``exfil.send-data-multilingual``).
 _SEND_ML = (
     # "send", "mail" and "export" are the English rule's leads too (one hit, two rules).
@@ -601,6 +612,46 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:if|when)\s+(?:the\s+)?(?:user|anyone|someone|you\s+are)\s+(?:asks?|asked|summari[sz]\w*)"
         r"\b[^.]{0,80}\b(?:reply|respond|say|answer|output|print|tell)\b",
         leads="if|when",
+    ),
+    # The same conditional order in German, Spanish, French and Italian ("if
+    # the user asks ..., answer ..."; "when you summarise this, say ..."), the
+    # order in the familiar imperative: a runbook for staff says "antworten
+    # Sie", "responda", "répondez", "risponda", and about customers.
+    # Spanish, French and Italian matches start at the person or the verb, the
+    # "si"/"se" before them looked behind for: those leads would be everywhere.
+    _r(
+        "addressed.when-asked-multilingual",
+        "addressed",
+        35,
+        r"\b(?:wenn|falls|sobald)\s+(?:der\s+|die\s+|ein\s+|eine\s+)?(?:nutzer|benutzer|anwender"
+        r"|jemand)\w*\b[^.]{0,60}?\b(?:fragt|bittet|wissen\s+will)\b[^.]{0,80}?"
+        r"\b(?:antworte|sag|sage|schreib|schreibe|gib|erzähl|erzähle|behaupte)\b"
+        r"|\b(?:wenn|sobald)\s+du\s+(?:diese[nsm]?\s+)?\w+\s+zusammenfasst\b[^.]{0,80}?"
+        r"\b(?:antworte|sag|sage|schreib|schreibe|gib|erzähl|erzähle|behaupte)\b"
+        r"|\b"
+        + _behind("si el", "si la", "si un", "si una", "si algún", "si", "cuando el", "cuando la")
+        + r"(?:usuari[oa]|alguien)\b[^.]{0,60}?\b(?:pregunta|pide|solicita)\b"
+        r"[^.]{0,80}?\b(?:responde|contesta|dile|di|escribe|indica|afirma)\b"
+        r"|\b"
+        + _behind("cuando", "al")
+        + r"resum(?:as|ir)\b[^.]{0,80}?\b(?:responde|contesta|dile|di|escribe|indica|afirma)\b"
+        r"|\b"
+        + _behind("si l'", "si l\u2019", "si le", "si un", "si une", "si", "quand l'", "quand le")
+        + r"(?:utilisat(?:eur|rice)|quelqu['\u2019]un)\b[^.]{0,60}?"
+        r"\b(?:demande|interroge)\b[^.]{0,80}?\b(?:réponds|dis|écris|indique|affirme)\b"
+        r"|\b"
+        + _behind("quand tu", "lorsque tu")
+        + r"résumes\b[^.]{0,80}?\b(?:réponds|dis|écris|indique|affirme)\b"
+        r"|\b"
+        + _behind("se l'", "se l\u2019", "se il", "se un", "se una", "se", "quando l'", "quando il")
+        + r"(?:utente|qualcuno)\b[^.]{0,60}?\b(?:chiede|domanda)\b[^.]{0,80}?"
+        r"\b(?:rispondi|di|dì|scrivi|indica|afferma)\b"
+        r"|\b"
+        + _behind("quando", "se")
+        + r"riassumi\b[^.]{0,80}?\b(?:rispondi|di|dì|scrivi|indica|afferma)\b",
+        "plain",
+        leads="wenn|falls|sobald|usuari|alguien|resum|utilisat|quelqu|résum|utente|qualcuno|"
+        "riassumi",
     ),
     # obfuscation asked for explicitly
     _r(
