@@ -66,7 +66,7 @@ def screen_table() -> None:
         what = "detection" if label else "false positives"
         print(f"  whole screen, {split} {what}: {flagged / n:.1%} of {n}")
     # The other authors' sets, as written (user turns and retrieved documents).
-    for name in ("s11", "s12"):
+    for name in ("s11", "s12", "s13"):
         fresh = json.loads((injection_data.HELDOUT / f"fresh_{name}.json").read_text("utf-8"))
         tally: dict[str, list[int]] = {}
         for case in fresh["cases"]:

@@ -466,6 +466,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("fresh/s11-benign", 0, _fresh("s11", "benign")),
         ("fresh/s12-attacks", 1, _fresh("s12", "attack")),
         ("fresh/s12-benign", 0, _fresh("s12", "benign")),
+        ("fresh/s13-attacks", 1, _fresh("s13", "attack")),
+        ("fresh/s13-benign", 0, _fresh("s13", "benign")),
     ]
 
 
