@@ -131,7 +131,14 @@ _META = re.compile(
     r"\b(?:prompt\s+injections?|injections?|attack\w*|jailbreak\w*|phrases?|examples?|e\.g\."
     r"|such\s+as|like|malicious|suspicious|phishing|spam|scam|detect\w*|prevent\w*|block\w*"
     r"|filter\w*|flag\w*|test\w*|means?|meaning|red[\s-]team\w*|security|payloads?|strings?"
-    r"|patterns?|warn\w*|report\w*|classif\w*|defen[cs]e\w*|protect\w*)\b",
+    r"|patterns?|warn\w*|report\w*|classif\w*|defen[cs]e\w*|protect\w*"
+    # The same talk in German, Spanish, French and Italian ("if someone types
+    # «forget your rules» ...", "z. B.", "por ejemplo"): one quoting style each
+    # language's security notes and code reviews use.
+    r"|beispiel\w*|z\.\s*b|angr(?:iff|eif)\w*|injektion\w*|schreibt|eingibt|sicherheit\w*|erkenn\w*"
+    r"|ejemplo\w*|p\.\s*ej|ataque\w*|inyecci[oó]n\w*|escribe|seguridad|detect\w*|bloque\w*"
+    r"|exemple\w*|p\.\s*ex|attaque\w*|écrit|sécurité|détect\w*|bloqu\w*|malveillant\w*"
+    r"|esempi\w*|ad\s+es|attacc\w*|iniezion\w*|scrive|sicurezza|rilev\w*|blocc\w*|malevol\w*)\b",
     re.I,
 )
 _MENTIONED = frozenset(
@@ -377,10 +384,21 @@ def _rule_finding(views: Views, rule: Rule, match: re.Match[str]) -> Finding:
 
 def total_score(findings: Iterable[Finding]) -> int:
     # Each rule counts once (its heaviest hit); a repeated phrase is not more evidence.
-    best: dict[str, int] = {}
+    best: dict[str, Finding] = {}
     for f in findings:
-        best[f.rule] = max(best.get(f.rule, 0), f.weight)
-    return min(100, sum(best.values()))
+        if f.rule not in best or f.weight > best[f.rule].weight:
+            best[f.rule] = f
+    # Nor is one phrase that two rules addressing the AI read ("Note to the AI
+    # assistant" is text addressed to the AI, and to an automated reader): a
+    # weak signal each, meant not to block a user's turn alone.
+    counted: list[Finding] = []
+    for f in sorted(best.values(), key=lambda f: -f.weight):
+        if not any(
+            f.category == g.category == "addressed" and f.start < g.end and g.start < f.end
+            for g in counted
+        ):
+            counted.append(f)
+    return min(100, sum(f.weight for f in counted))
 
 
 _SENTENCE_END = re.compile(r"[.!?\n]")

@@ -137,13 +137,72 @@ _AI_IT = (
     r"|agent[ei]\s+(?:ia|ai))"
 )
 
+# Automated readers named by what they do ("the mailbox assistant", "AI agent",
+# "bot revisor"), per language, and the orders given to them: what the
+# ``addressed.machine-agent`` rule looks for. Bare "assistant", "agent" and
+# "reviewer" are people in office documents and support scripts; here each
+# comes with a word that makes it a machine.
+_MACHINE_EN = (
+    r"(?:(?:ai|llm|gpt|automated|automatic|autonomous)[\s-]+(?:[\w-]+\s+)?"
+    r"(?:assistants?|agents?|bots?|reviewers?|copilots?|pipelines?|workers?|models?)"
+    r"|(?:coding|code|mail|mailbox|e-?mail|inbox|browsing|browser|shopping|procurement|purchasing"
+    r"|scheduling|calendar)[\s-]+(?:assistants?|agents?|bots?|copilots?))"
+)
+_ACTION_EN = (
+    r"(?:forward|send|share|grant|give|approve|merge|pay|transfer|delete|remove|call|execute|run"
+    r"|invoke|accept|add|mark|upload|e-?mail|post|copy|commit|push|disable|fill|submit|schedule"
+    r"|book|purchase|buy|order|change|update|reset|export|fetch|visit|cancel|refund|create|invite"
+    r"|archive|move|set|use|reply|respond|tell|say|recommend|include|attach)"
+)
+_MACHINE_DE = (
+    r"(?:(?:ki|llm|e-?mail|mail|postfach|code|coding|programmier|einkaufs|kalender|browser)"
+    r"[\s-]?(?:assistent|agent|bot)\w*|automatische\w*\s+(?:\w+)?prüfung|automatisierte\w*\s+\w+)"
+)
+_ACTION_DE = (
+    r"(?:leite|schick|schicke|sende|teile|gib|gewähre|genehmige|überweise|zahle|lösche|rufe?"
+    r"|führe|starte|akzeptiere|füge|markiere|lade|kopiere|ändere|setze|storniere|erstatte|öffne"
+    r"|bestelle|kaufe|buche|antworte|sag|sage|trage|nimm|erteile)"
+)
+_MACHINE_ES = (
+    r"(?:(?:agentes?|asistentes?|bots?)\s+(?:(?:de|del|con)\s+)?(?:ia|correo|código|codigo|compras"
+    r"|pagos|facturación|calendario|navegador|revisi[oó]n|automátic[oa]|automatizad[oa])"
+    r"|bots?\s+revisor(?:es)?)"
+)
+_ACTION_ES = (
+    r"(?:reenvía|reenvia|envía|envia|manda|comparte|concede|da|otorga|aprueba|fusiona|paga"
+    r"|transfiere|borra|elimina|llama|ejecuta|invoca|acepta|añade|marca|sube|copia|desactiva"
+    r"|rellena|compra|cancela|reembolsa|crea|cambia|usa|abre|visita|responde|dile|di)"
+)
+_MACHINE_FR = (
+    r"(?:(?:agents?|assistants?|bots?)\s+(?:(?:d['\u2019]\s*|de\s+|du\s+)?(?:ia|achats?|messagerie"
+    r"|courriel|code|paiement|facturation|agenda|navigateur|revue))(?:\s+automatisée?s?)?"
+    r"|(?:agents?|assistants?|bots?)\s+automatisée?s?)"
+)
+_ACTION_FR = (
+    r"(?:transfère|transfere|transmets|envoie|partage|accorde|donne|approuve|fusionne|paie|paye"
+    r"|vire|supprime|efface|appelle|exécute|execute|lance|accepte|ajoute|marque|téléverse|copie"
+    r"|désactive|remplis|achète|passe|annule|rembourse|crée|modifie|utilise|ouvre|visite|règle"
+    r"|réponds|dis)"
+)
+_MACHINE_IT = (
+    r"(?:(?:agent[ei]|assistent[ei]|bot)\s+(?:(?:di|della|del|dell['\u2019]|con)\s*)?(?:ia|ai|posta"
+    r"|codice|acquisti|pagamenti|fatturazione|calendario|browser|revisione|accesso\s+al\s+browser))"
+)
+_ACTION_IT = (
+    r"(?:inoltra|invia|manda|condividi|concedi|dai|approva|unisci|paga|trasferisci|cancella"
+    r"|elimina|chiama|esegui|avvia|accetta|aggiungi|segna|carica|copia|disattiva|compila|compra"
+    r"|acquista|annulla|rimborsa|crea|modifica|usa|apri|visita|rispondi|di|dì)"
+)
+
 RULES: tuple[Rule, ...] = (
     # instruction override
     _r(
         "override.en",
         "override",
         55,
-        rf"\b{_IGNORE}\b{_GAP}{_PRIOR}\b(?:{_GAP})??{_INSTR}\b",
+        # Not reported speech ("my manager told me to ignore the old lead's
+        # instructions"): "me to" before the verb makes the speaker the one who ignores.
+        rf"(?<!\bme to )\b{_IGNORE}\b{_GAP}{_PRIOR}\b(?:{_GAP})??{_INSTR}\b",
         leads="ignor|disregard|forget|skip|overrid|bypass|neglect|overlook|drop|abandon|discard|nevermind",
     ),
     _r(
@@ -163,6 +222,8 @@ RULES: tuple[Rule, ...] = (
         "override.en-do-not-follow",
         "override",
         50,
+        # Not a relative clause ("claims that don't follow these rules").
+        rf"(?<!\bthat )(?<!\bwhich )(?<!\bwho )"
         rf"\b(?:do\s+not|don'?t|never|stop)\s+(?:follow|obey|listen|apply)(?:ing)?\b(?:\s+to)?{_GAP}"
         rf"(?:previous|prior|above|original|system|your|those|these)\b(?:{_GAP})??{_INSTR}\b",
         leads="do|don|never|stop",
@@ -213,8 +274,10 @@ RULES: tuple[Rule, ...] = (
         "override.fr",
         "override",
         55,
+        # Not reported speech ("elle m'a dit d'ignorer les consignes de l'ancien chef").
+        r"(?<!dit d['\u2019])(?<!dit de )(?<!demandé d['\u2019])(?<!demandé de )"
         r"\b(?:ignore[zr]?|oublie[zr]?|néglige[zr]?|ne\s+tiens\s+pas\s+compte\s+de?)\s+"
-        r"(?:toutes\s+|tous\s+)?(?:les|tes|vos|ces|des)\s+(?:\w+\s+){0,2}?"
+        r"(?:\w+ment\s+)?(?:toutes\s+|tous\s+)?(?:les|tes|vos|ces|des)\s+(?:\w+\s+){0,2}?"
         r"(?:instructions?|consignes?|règles|regles|directives?|ordres|indications)\b",
         "plain",
         leads="ignore|oublie|néglige|ne",
@@ -223,6 +286,7 @@ RULES: tuple[Rule, ...] = (
         "override.es-pt-it",
         "override",
         55,
+        r"(?<!detto di )(?<!chiesto di )"  # Italian reported speech ("mi ha detto di ignorare")
         r"\b(?:ignor|olvid|esqueç|esquec|dimentic|descart|omit|desconsider)\w*\b(?:\W+\w+){0,4}?\W+"
         r"(?:instrucciones|instruções|instrucoes|istruzioni|reglas|regras|regole|órdenes|indicaciones|"
         r"indicazioni|directrices|diretrizes)\b",
@@ -652,6 +716,41 @@ RULES: tuple[Rule, ...] = (
         "plain",
         leads="wenn|falls|sobald|usuari|alguien|resum|utilisat|quelqu|résum|utente|qualcuno|"
         "riassumi",
+    ),
+    # An order to an automated reader named by its job, inside data: "AI
+    # agent: call refund_order ...", "Note for coding assistants working in
+    # this repo", "Vermerk für die automatische Rechnungsprüfung", "Para el bot
+    # revisor: aprueba ...". Matches start at the reader or at the note's word
+    # ("instructions for the AI" is addressed.to-the-ai's: not a lead twice).
+    _r(
+        "addressed.machine-agent",
+        "addressed",
+        35,
+        rf"\b(?:note|notice|remark|reminder|memo|directive|message|attention)\s+"
+        rf"(?:to|for)\s+(?:the\s+|any\s+|all\s+|our\s+|your\s+|an?\s+)?{_MACHINE_EN}\b"
+        rf"|\b{_MACHINE_EN}\b[^\n:.!?]{{0,60}}?:\s*(?:please\s+)?{_ACTION_EN}\b"
+        r"|\b(?:assistant|ai|bot|llm|model)\s+(?:instructions?|directives?|tasks?|actions?|orders?)\s*:"
+        rf"|\b(?:hinweis|nachricht|vermerk|notiz|mitteilung|auftrag)\s+(?:an|für)\s+"
+        rf"(?:(?:den|die|das|alle|jede[nsm]?|unseren?)\s+)?{_MACHINE_DE}"
+        rf"|\b{_MACHINE_DE}\b[^\n:.!?]{{0,60}}?:\s*(?:bitte\s+)?{_ACTION_DE}\b"
+        rf"|\b(?:nota|mensaje|aviso|indicaci[oó]n|recordatorio)\s+"
+        rf"(?:para|a|al)\s+(?:(?:el|la|los|las|cualquier)\s+)?{_MACHINE_ES}\b"
+        rf"|\b{_MACHINE_ES}\b[^\n:.!?]{{0,60}}?:\s*(?:por\s+favor,?\s+)?{_ACTION_ES}\b"
+        rf"|\b(?:note|message|consignes?|avis|remarque|rappel|attention)\s+"
+        rf"(?:à|a|pour|aux|de)\s+(?:l['\u2019]\s*|la\s+|le\s+|les\s+|tous\s+les\s+)?{_MACHINE_FR}"
+        rf"|\b{_MACHINE_FR}\b[^\n:.!?]{{0,60}}?\s?:\s*(?:merci\s+de\s+)?{_ACTION_FR}\b"
+        rf"|\b(?:nota|messaggio|avviso|promemoria)\s+(?:per|a|all['\u2019]|alla|al|agli)"
+        rf"\s*(?:(?:la|il|lo|l['\u2019]|gli|le|ogni)\s*)?{_MACHINE_IT}\b"
+        rf"|\b{_MACHINE_IT}\b[^\n:.!?]{{0,60}}?:\s*(?:per\s+favore,?\s+)?{_ACTION_IT}\b",
+        "plain",
+        leads="note|notice|remark|reminder|memo|directive|message|attention|ai|llm|gpt|"
+        "automated|automatic|autonomous|coding|code|mail|mailbox|email|e-mail|inbox|browsing|browser|"
+        "shopping|procurement|purchasing|scheduling|calendar|assistant|model|"
+        "hinweis|nachricht|vermerk|notiz|mitteilung|auftrag|ki|postfach|programmier|"
+        "einkaufs|kalender|automatisch|automatisiert|"
+        "nota|mensaje|aviso|indicaci|recordatorio|agente|asistente|bot revisor|bots revisor|"
+        "consigne|avis|remarque|rappel|agent|bot|messaggio|promemoria|assistente|"
+        "assistenti|agenti",
     ),
     # obfuscation asked for explicitly
     _r(
