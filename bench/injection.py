@@ -65,8 +65,13 @@ def screen_table() -> None:
     for (split, label), (flagged, n) in sorted(pooled.items()):
         what = "detection" if label else "false positives"
         print(f"  whole screen, {split} {what}: {flagged / n:.1%} of {n}")
-    # The other authors' sets, as written (user turns and retrieved documents).
-    for name in ("s11", "s12", "s13"):
+    # The other authors' held-out sets, as written (user turns and retrieved
+    # documents). Each is scored once for its clean figure, kept here; what is
+    # printed below is the screen as it is now (a development figure once rules
+    # were changed after that scoring).
+    clean = {"s14": "attack 76/150, benign 8/150 (session 13, before two precision fixes)"}
+    for name in ("s14",):
+        print(f"  fresh/{name} clean figure, scored once: {clean[name]}")
         fresh = json.loads((injection_data.HELDOUT / f"fresh_{name}.json").read_text("utf-8"))
         tally: dict[str, list[int]] = {}
         for case in fresh["cases"]:

