@@ -483,6 +483,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("demo/tickets", 0, _tickets()),
         ("fresh/s14-attacks", 1, _fresh("s14", "attack")),
         ("fresh/s14-benign", 0, _fresh("s14", "benign")),
+        ("fresh/s15-attacks", 1, _fresh("s15", "attack")),
+        ("fresh/s15-benign", 0, _fresh("s15", "benign")),
     ]
 
 
