@@ -141,6 +141,17 @@ _META = re.compile(
     r"|esempi\w*|ad\s+es|attacc\w*|iniezion\w*|scrive|sicurezza|rilev\w*|blocc\w*|malevol\w*)\b",
     re.I,
 )
+# An order to act on what is quoted ("for example: '...'. Do it now."): a
+# quote so framed is said, not talked about. Read across lines, near the quote.
+_ACT_ON_IT = re.compile(
+    r"\b(?:do\s+(?:it|that|this|so|as\s+it\s+says)|follow\s+(?:it|that|this|them)|obey"
+    r"|execute\s+(?:it|that|this)|comply|act\s+on\s+(?:it|that|this)|go\s+ahead"
+    r"|mach(?:e)?\s+(?:es|das)|tu\s+(?:es|das)|befolge|gehorche|führe\s+(?:es|das)\s+aus"
+    r"|hazlo|haz\s+eso|síguel[oa]|sigue\s+(?:esto|eso)|obedece|ejecútal[oa]|cúmplel[oa]"
+    r"|fais[-\s]le|fais\s+(?:ça|cela)|suis[-\s]l[ae]|obéis|exécute[-\s]l[ae]|applique[-\s]l[ae]"
+    r"|fallo|fai\s+(?:così|questo)|seguil[oa]|obbedisci|eseguil[oa])\b",
+    re.I,
+)
 _MENTIONED = frozenset(
     {"override", "extraction", "role-play", "delimiter", "addressed", "exfiltration"}
 )
@@ -163,7 +174,8 @@ def _mentioned(visible: str, start: int, end: int) -> bool:
         if close_at < 0:
             continue
         outside = visible[line_start:i] + " " + visible[close_at + 1 : line_end]
-        return _META.search(outside) is not None
+        around = visible[max(0, i - 300) : i] + " " + visible[close_at + 1 : close_at + 301]
+        return _META.search(outside) is not None and _ACT_ON_IT.search(around) is None
     return False
 
 
