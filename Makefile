@@ -80,6 +80,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pii.py
 	$(BIN)/python bench/injection.py
 	$(BIN)/python bench/injection_megabyte.py
+	$(BIN)/python bench/injection_authors.py
 	$(BIN)/python bench/gateway_screen.py
 	$(BIN)/python bench/otel.py
 	$(BIN)/python bench/noisy_neighbour.py

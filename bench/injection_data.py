@@ -413,8 +413,9 @@ def _grammar_benign() -> list[str]:
     return [s for sentences in _BENIGN.values() for s in sentences]
 
 
-def samples() -> list[Sample]:
-    """Every sample of every source, with its role."""
+def samples(authors: tuple[str, ...] = AUTHOR_SETS) -> list[Sample]:
+    """Every sample of every source, with its role; of the other authors' sets,
+    ``authors`` (``bench/injection_authors.py`` leaves each out in turn)."""
     train: list[tuple[str, int, list[str]]] = [
         ("garak/promptinject", 1, _fixture("garak/promptinject.json")),
         ("garak/sysprompt_extraction", 1, _fixture("garak/sysprompt_extraction.json")),
@@ -457,7 +458,7 @@ def samples() -> list[Sample]:
         ("grammar3/workplace-rules", 0, list(injection_hard_negatives.workplace_rules())),
         *(
             (f"authors/{name}-{kind}s", label, _author(name, kind))
-            for name in AUTHOR_SETS
+            for name in authors
             for kind, label in (("attack", 1), ("benign", 0))
         ),
     ]

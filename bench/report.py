@@ -50,6 +50,11 @@ CATALOGUE: list[tuple[str, str, str]] = [
     ("pii", "pii.py", "PII recognition: precision, recall, throughput (Presidio if present)"),
     ("injection", "injection.py", "Prompt-injection screen: tuning-suite rates and screening time"),
     ("injection_megabyte", "injection_megabyte.py", "Screening one megabyte of each kind of input"),
+    (
+        "injection_authors",
+        "injection_authors.py",
+        "Injection screen on other authors' sets, each left out of training in turn",
+    ),
     ("gateway_screen", "gateway_screen.py", "Gateway throughput, injection screen on and off"),
     ("otel", "otel.py", "Gateway throughput, OpenTelemetry tracing on and off"),
     ("noisy_neighbour", "noisy_neighbour.py", "Tenant B's service while tenant A attacks"),
