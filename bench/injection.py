@@ -73,9 +73,8 @@ def screen_table() -> None:
         "s14": "attack 76/150, benign 8/150 (session 13, before two precision fixes)",
         "s15": "attack 81/150, benign 4/150 (session 13, the screen as shipped)",
     }
-    for name in ("s14", "s15"):
-        if name in clean:
-            print(f"  fresh/{name} clean figure, scored once: {clean[name]}")
+    for name in clean:
+        print(f"  fresh/{name} clean figure, scored once: {clean[name]}")
         fresh = json.loads((injection_data.HELDOUT / f"fresh_{name}.json").read_text("utf-8"))
         tally: dict[str, list[int]] = {}
         for case in fresh["cases"]:

@@ -108,18 +108,22 @@ def _handwritten(kind: str) -> list[str]:
     return [c["text"] for c in data["cases"] if c["kind"] == kind]
 
 
+def _authored(path: Path, kind: str) -> list[str]:
+    """The texts of ``kind`` (attack, benign) in a set another author wrote."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return [c["text"] for c in data["cases"] if c["kind"] == kind]
+
+
 def _fresh(name: str, kind: str) -> list[str]:
     """A set written by another author who never saw the training data, frozen
     unscored (``tests/injection/heldout/``): never trained or tuned on."""
-    data = json.loads((HELDOUT / f"fresh_{name}.json").read_text(encoding="utf-8"))
-    return [c["text"] for c in data["cases"] if c["kind"] == kind]
+    return _authored(HELDOUT / f"fresh_{name}.json", kind)
 
 
 def _author(name: str, kind: str) -> list[str]:
     """A set written by another author who never read this repository
     (``bench/injection_authors/``): attacks and mirrored hard negatives."""
-    data = json.loads((AUTHORS / f"{name}.json").read_text(encoding="utf-8"))
-    return [c["text"] for c in data["cases"] if c["kind"] == kind]
+    return _authored(AUTHORS / f"{name}.json", kind)
 
 
 AUTHOR_SETS = ("s11", "s12", "s13", "t1", "t2", "t3")
