@@ -50,6 +50,10 @@ _MAX_DEPTH = 3  # layers of encoding decoded inside each other
 _LAYER_BUDGET = 8  # characters screened in decoded layers, per character of the text
 REMOVED = "[removed by Bastion: suspected instruction]"
 _MAX_USES = 32  # matches of one rule that are not quoted mentions: enough to sanitize
+_RULES_OF_VIEW = {
+    view: frozenset(i for i, rule in enumerate(RULES) if rule.view == view)
+    for view in ("visible", "plain", "folded")
+}
 
 
 @dataclass(frozen=True)
@@ -315,7 +319,9 @@ def _findings(
         hits["folded"] = _lead_hits(("folded",), views.folded)
     # Only the rules one of whose leads occurs (all of a view whose leads were too dense).
     tried = {index for view_hits in hits.values() if view_hits is not None for index in view_hits}
-    tried |= {i for i, rule in enumerate(RULES) if hits[rule.view] is None}
+    for view, view_hits in hits.items():
+        if view_hits is None:
+            tried |= _RULES_OF_VIEW[view]
     left_over = 0  # weight of the rules matching more often than sanitizing removes
     present = {view: _Present(haystack, hits[view] is None) for view, haystack in views.named()}
     if one_text:  # one text: its literals looked for once
