@@ -43,6 +43,27 @@ def _rate(label: str, work: Callable[[], int], seconds: float) -> None:
     )
 
 
+def _as_written(label: str, path: Path) -> None:
+    """One author's set screened as written (user turns and retrieved
+    documents): flagged of n, by kind, kind and language, kind and class."""
+    cases = json.loads(path.read_text("utf-8"))["cases"]
+    tally: dict[str, list[int]] = {}
+    for case in cases:
+        flagged = screen(case["text"], case["source"]).decision != "allow"
+        for key in (
+            case["kind"],
+            f"{case['kind']} {case['lang']}",
+            f"{case['kind']} {case['class']}",
+        ):
+            tally.setdefault(key, [0, 0])
+            tally[key][0] += flagged
+            tally[key][1] += 1
+    print(
+        f"  {label} as written (flagged of n): "
+        + "; ".join(f"{key} {f}/{n}" for key, (f, n) in sorted(tally.items()))
+    )
+
+
 def screen_table() -> None:
     """The whole screen (rules, decoding and the classifier, as deployed), per
     source of the classifier's data: in-source (the held-out 15% of a
@@ -75,22 +96,10 @@ def screen_table() -> None:
     }
     for name in clean:
         print(f"  fresh/{name} clean figure, scored once: {clean[name]}")
-        fresh = json.loads((injection_data.HELDOUT / f"fresh_{name}.json").read_text("utf-8"))
-        tally: dict[str, list[int]] = {}
-        for case in fresh["cases"]:
-            flagged = screen(case["text"], case["source"]).decision != "allow"
-            for key in (
-                case["kind"],
-                f"{case['kind']} {case['lang']}",
-                f"{case['kind']} {case['class']}",
-            ):
-                tally.setdefault(key, [0, 0])
-                tally[key][0] += flagged
-                tally[key][1] += 1
-        print(
-            f"  fresh/{name} as written (flagged of n): "
-            + "; ".join(f"{key} {f}/{n}" for key, (f, n) in sorted(tally.items()))
-        )
+        _as_written(f"fresh/{name}", injection_data.HELDOUT / f"fresh_{name}.json")
+    # Sets written as training data that the shipped model was not trained on.
+    for name in injection_data.UNTRAINED_SETS:
+        _as_written(f"authors/{name} (not trained on)", injection_data.AUTHORS / f"{name}.json")
     print()
 
 

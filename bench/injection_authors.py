@@ -8,7 +8,9 @@ deterministic, about two minutes each), and the whole screen, with that model,
 judges the left-out set as written (user turns and retrieved documents). The
 model trained on none of them judges every set the same way. Session 13 chose
 to train on all six sets by this comparison (a variant's false positives must
-not exceed the model's without them).
+not exceed the model's without them). Session 14 ran it over ten sets (four
+more, ``injection_data.UNTRAINED_SETS``) and kept the six: trained on ten, the
+screen caught fewer attacks on the sets left out (908 of 1,800 against 970).
 
 Run: .venv/bin/python bench/injection_authors.py   (about fifteen minutes)
 """
@@ -89,7 +91,12 @@ def main() -> None:
         line = f"{t[0]}/{t[1]} attacks ({t[0] / t[1]:.1%}) at {t[2]}/{t[3]} hard negatives"
         print(f"  all sets, {label}: {line}")
         rows.append(row(f"other authors' sets, {label}", line))
-    record("injection_authors", rows, notes="whole screen as written; six sets, 2,000 texts")
+    texts = sum(totals["none"][1::2])
+    record(
+        "injection_authors",
+        rows,
+        notes=f"whole screen as written; {len(names)} sets, {texts:,} texts",
+    )
 
 
 if __name__ == "__main__":
