@@ -7,14 +7,18 @@ One gateway, built in this process by the composition root exactly as
 bench/mock_upstream.py. Every guardrail of the pipeline runs (token + DPoP,
 Cedar, budget in PostgreSQL, cache, audit, PII stage); between runs only the
 service's prompt hooks change: the default (the injection screen) or none.
-Runs alternate on/off/off/on... so that drift in the machine's load falls on
-both; ``wrk`` drives the load (fresh DPoP proofs per request, made before each
-run). Two prompts: a short question, and a 1 KB user turn (a pasted ticket).
-The screen never blocks either (both are benign): what is measured is its cost.
-Each round's on/off pair is one paired loss; their median and spread are
-printed. Beside them, the screen's own CPU per prompt, timed in this process,
-over the gateway's CPU per request with the screen off: the loss a CPU-bound
-gateway must show, which load on a shared machine blurs less than req/s.
+A third arm runs the rules and decoding with the learned tier's vote
+switched off (``rules``): the target's own words are "throughput loses <= 10%
+with the classifier on", so the classifier's share (on against rules) is
+printed beside the whole screen's (on against off). The arms rotate from
+round to round so that drift in the machine's load falls on each; ``wrk``
+drives the load (fresh DPoP proofs per request, made before each run). Two
+prompts: a short question, and a 1 KB user turn (a pasted ticket). The screen
+never blocks either (both are benign): what is measured is its cost. Each
+round's arms are paired losses; their median and spread are printed. Beside
+them, the screen's own CPU per prompt, timed in this process, over the
+gateway's CPU per request with the screen off: the loss a CPU-bound gateway
+must show, which load on a shared machine blurs less than req/s.
 
 Run: .venv/bin/python bench/gateway_screen.py [--clients 16] [--seconds 5] [--rounds 3]
 """
@@ -54,7 +58,7 @@ from bastion.gateway.hooks import DEFAULT_HOOKS, HookRun, PromptHook
 from bastion.gateway.providers import Message
 from bastion.identity.dpop import DpopKey
 from bastion.logs import configure_logging
-from bastion.safety.injection import screen
+from bastion.safety.injection import Finding, engine, screen
 from bastion.secrets.backends import open_keystore
 from bastion.settings import Settings
 from wrk_dpop import THREADS, free_port, prepare
@@ -75,6 +79,14 @@ PROMPTS = {
     "short question": QUESTION,
     "1 KB ticket": TICKET,
 }
+
+
+MODES = ("on", "rules", "off")  # the whole screen; without the classifier's vote; none
+_VOTE = engine._classifier_vote
+
+
+def _NO_VOTE(_visible: str, _found: list[Finding], _reads: list[int]) -> list[Finding]:
+    return []
 
 
 def _screen_cpu_ms(prompt: str, calls: int = 2000) -> float:
@@ -157,11 +169,13 @@ def main() -> None:
             )
             wrk_run(home, url, args.clients, 2, f"DPoP {token}", dpop=True, pid=os.getpid())
             for round_ in range(args.rounds):
-                order = ("on", "off") if round_ % 2 == 0 else ("off", "on")
-                for mode in order:
-                    spent = inside.setdefault(prompt_name, [])
+                for mode in MODES[round_ % 3 :] + MODES[: round_ % 3]:
+                    spent = inside.setdefault(f"{prompt_name} {mode}", [])
                     hooks = tuple(_timed(hook, spent) for hook in DEFAULT_HOOKS)
-                    gateway.service.hooks = hooks if mode == "on" else ()
+                    gateway.service.hooks = hooks if mode != "off" else ()
+                    # setattr: a module's function, swapped for the bench (mypy refuses "=").
+                    vote = _NO_VOTE if mode == "rules" else _VOTE
+                    setattr(engine, "_classifier_vote", vote)  # noqa: B010
                     prepare(
                         home,
                         method="POST",
@@ -189,73 +203,81 @@ def main() -> None:
                     if os.environ.get("BENCH_VERBOSE_RUNS"):
                         print(prompt_name, mode, result["rps"], round(result["cpu_ms"], 2))
                     cpu.setdefault((prompt_name, mode), []).append(result["cpu_ms"])
+            setattr(engine, "_classifier_vote", _VOTE)  # noqa: B010 (the screen timed below)
         print(
             f"{args.clients} connections (wrk, {THREADS} threads), {args.seconds} s per run, "
-            f"{args.rounds} runs per cell, alternating; medians"
+            f"{args.rounds} runs per cell, rotating; medians"
         )
-        print(f"{'prompt':16} {'screen':7} {'req/s':>8} {'CPU ms/req':>11}")
+        print(f"{'prompt':16} {'arm':7} {'req/s':>8} {'CPU ms/req':>11}")
         rows = []
         for prompt_name in PROMPTS:
-            on = statistics.median(rps[(prompt_name, "on")])
-            off = statistics.median(rps[(prompt_name, "off")])
-            cpu_on = statistics.median(cpu[(prompt_name, "on")])
-            cpu_off = statistics.median(cpu[(prompt_name, "off")])
-            print(f"{prompt_name:16} {'on':7} {on:8,.0f} {cpu_on:11.2f}")
-            print(f"{prompt_name:16} {'off':7} {off:8,.0f} {cpu_off:11.2f}")
-            # Each round's on and off ran back to back: their ratio is one paired
-            # measurement of the loss, and the spread of those is the noise.
-            losses = sorted(
-                1 - a / b
-                for a, b in zip(rps[(prompt_name, "on")], rps[(prompt_name, "off")], strict=True)
-            )
-            spread = f"{losses[0]:+.1%} .. {losses[-1]:+.1%}"
-            print(
-                f"{'':16} on/off throughput {on / off:.3f} (loss {1 - on / off:.1%}; "
-                f"paired per round: median {statistics.median(losses):.1%}, {spread}); "
-                f"CPU per request +{cpu_on / cpu_off - 1:.1%}"
-            )
-            rows.append(
-                row(
-                    f"gateway req/s, {prompt_name}: screen on / off",
-                    f"{on:,.0f} / {off:,.0f} (loss {1 - on / off:.1%}; paired rounds: "
-                    f"median {statistics.median(losses):.1%}, {spread})",
-                    "loss <= 10%",
+            median = {mode: statistics.median(rps[(prompt_name, mode)]) for mode in MODES}
+            cpu_ms = {mode: statistics.median(cpu[(prompt_name, mode)]) for mode in MODES}
+            for mode in MODES:
+                print(f"{prompt_name:16} {mode:7} {median[mode]:8,.0f} {cpu_ms[mode]:11.2f}")
+            for arm, base, label in (
+                ("on", "off", "screen on / off"),
+                ("on", "rules", "classifier on / off (rules on)"),
+            ):
+                # Each round's arms ran back to back: their ratio is one paired
+                # measurement of the loss, and the spread of those is the noise.
+                losses = sorted(
+                    1 - a / b
+                    for a, b in zip(rps[(prompt_name, arm)], rps[(prompt_name, base)], strict=True)
                 )
-            )
+                spread = f"{losses[0]:+.1%} .. {losses[-1]:+.1%}"
+                ratio = median[arm] / median[base]
+                print(
+                    f"{'':16} {label}: throughput {ratio:.3f} (loss {1 - ratio:.1%}; "
+                    f"paired per round: median {statistics.median(losses):.1%}, {spread}); "
+                    f"CPU per request +{cpu_ms[arm] / cpu_ms[base] - 1:.1%}"
+                )
+                rows.append(
+                    row(
+                        f"gateway req/s, {prompt_name}: {label}",
+                        f"{median[arm]:,.0f} / {median[base]:,.0f} (loss {1 - ratio:.1%}; "
+                        f"paired rounds: median {statistics.median(losses):.1%}, {spread})",
+                        "loss <= 10%",
+                    )
+                )
             rows.append(
                 row(
-                    f"gateway CPU ms/request, {prompt_name}: screen on / off",
-                    f"{cpu_on:.2f} / {cpu_off:.2f} (+{cpu_on / cpu_off - 1:.1%})",
+                    f"gateway CPU ms/request, {prompt_name}: screen on / rules only / off",
+                    " / ".join(f"{cpu_ms[mode]:.2f}" for mode in MODES),
                 )
             )
             # The screen's own CPU per prompt, timed here between the runs: with
             # the gateway's CPU per request (off), the loss a CPU-bound gateway
             # must show — an estimate that load on a shared machine blurs less.
             screen_ms = _screen_cpu_ms(PROMPTS[prompt_name])
+            cpu_off = cpu_ms["off"]
             expected = screen_ms / (cpu_off + screen_ms)
             print(
                 f"{'':16} screen alone {screen_ms:.3f} ms CPU per prompt: expected loss "
                 f"{expected:.1%} at {cpu_off:.2f} ms CPU per request"
             )
-            in_gateway = statistics.median(inside[prompt_name])
+            in_gateway = statistics.median(inside[f"{prompt_name} on"])
+            rules_in_gateway = statistics.median(inside[f"{prompt_name} rules"])
             expected_inside = in_gateway / (cpu_off + in_gateway)
             print(
-                f"{'':16} screen in the gateway {in_gateway:.3f} ms CPU per prompt (median of "
-                f"{len(inside[prompt_name])} calls): expected loss {expected_inside:.1%}"
+                f"{'':16} screen in the gateway {in_gateway:.3f} ms CPU per prompt, "
+                f"{rules_in_gateway:.3f} without the classifier (medians of "
+                f"{len(inside[f'{prompt_name} on'])} calls): expected loss {expected_inside:.1%}"
             )
             rows.append(
                 row(
                     f"screen CPU per prompt, {prompt_name}: alone / in the gateway (expected loss)",
                     f"{screen_ms:.3f} / {in_gateway:.3f} ms ({expected:.1%} / "
-                    f"{expected_inside:.1%} of {cpu_off:.2f} ms per request)",
+                    f"{expected_inside:.1%} of {cpu_off:.2f} ms per request); "
+                    f"in the gateway without the classifier {rules_in_gateway:.3f} ms",
                     "loss <= 10%",
                 )
             )
         record(
             "gateway_screen",
             rows,
-            notes=f"{args.clients} connections, {args.seconds} s x {args.rounds} alternating "
-            "runs per cell; medians; one machine shared with other work",
+            notes=f"{args.clients} connections, {args.seconds} s x {args.rounds} rotating "
+            "runs per cell (on, rules only, off); medians; one machine shared with other work",
         )
     finally:
         if server is not None:
