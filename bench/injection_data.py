@@ -498,6 +498,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("fresh/s14-benign", 0, _fresh("s14", "benign")),
         ("fresh/s15-attacks", 1, _fresh("s15", "attack")),
         ("fresh/s15-benign", 0, _fresh("s15", "benign")),
+        ("fresh/s16-attacks", 1, _fresh("s16", "attack")),
+        ("fresh/s16-benign", 0, _fresh("s16", "benign")),
     ]
 
 
