@@ -85,7 +85,7 @@ MODES = ("on", "rules", "off")  # the whole screen; without the classifier's vot
 _VOTE = engine._classifier_vote
 
 
-def _NO_VOTE(_visible: str, _found: list[Finding], _reads: list[int]) -> list[Finding]:
+def _no_vote(_visible: str, _found: list[Finding], _reads: list[int]) -> list[Finding]:
     return []
 
 
@@ -174,7 +174,7 @@ def main() -> None:
                     hooks = tuple(_timed(hook, spent) for hook in DEFAULT_HOOKS)
                     gateway.service.hooks = hooks if mode != "off" else ()
                     # setattr: a module's function, swapped for the bench (mypy refuses "=").
-                    vote = _NO_VOTE if mode == "rules" else _VOTE
+                    vote = _no_vote if mode == "rules" else _VOTE
                     setattr(engine, "_classifier_vote", vote)  # noqa: B010
                     prepare(
                         home,
