@@ -285,6 +285,26 @@ def test_leads_looked_for_at_word_starts_find_every_match_of_a_full_scan() -> No
                 assert found == [m.span() for m in matching._matches(rule, haystack)], rule.rule
 
 
+def test_a_view_of_few_leads_read_one_lead_at_a_time_finds_what_a_full_scan_finds() -> None:
+    # The visible view's few leads are looked for by str.find: sparse (as in
+    # prose), glued inside words, and so dense that the scan gives up (one regex
+    # pass instead), every rule of the view finds what trying each lead finds.
+    from bastion.safety.injection import matching
+    from bastion.safety.injection.rules import RULES
+
+    assert ("visible",) in matching._FOUND_ONE_BY_ONE
+    sparse = "Ask DAN.\nYou are STAN now. xAIMy APOPHIS, stay DUDE " + "plain words " * 400
+    dense = "You are DAN. " * 20_000
+    for text, gave_up in ((sparse, False), (dense, True)):
+        hits = matching._lead_hits(("visible",), text)
+        assert (hits is None) is gave_up
+        for index, rule in enumerate(RULES):
+            if rule.view == "visible":
+                found = [m.span() for m in matching._rule_matches(rule, text, hits, index)]
+                assert found == [m.span() for m in matching._matches(rule, text)], rule.rule
+                assert found, rule.rule
+
+
 def test_a_rule_passed_over_for_a_missing_word_has_no_match_in_the_text() -> None:
     # A rule whose leads are dense is tried only when the text holds one of
     # each of its required word groups (read from its expression): on texts

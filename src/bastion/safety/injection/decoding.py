@@ -378,20 +378,21 @@ def _deciphered(visible: str) -> Iterable[Layer]:
     # one repeat, and its column (its letter 0-25; 26 any other character: the
     # text one byte per character, "?" for non-ASCII, no letter a cipher
     # shifts): one tally of every character, no selection before it; the row
-    # and column of what is not counted are then cut off.
+    # between segments is then cut off, and the column of other characters
+    # gives each segment's count of letters (its length less them).
     bounds = np.empty(2 * count + 2, dtype=np.intp)
     bounds[0], bounds[1:-1:2], bounds[2:-1:2], bounds[-1] = 0, starts, ends, len(raw)
-    ids = np.zeros(2 * count + 1, dtype=np.int32)
-    ids[1::2] = np.arange(1, count + 1, dtype=np.int32)
+    ids = np.zeros(2 * count + 1, dtype=np.intp)  # bincount's own type: no copy to it
+    ids[1::2] = np.arange(27, 27 * count + 1, 27, dtype=np.intp)
     row = np.repeat(ids, np.diff(bounds))
     letter = np.frombuffer(raw.lower(), dtype=np.uint8) - np.uint8(97)  # a-z to 0-25, others wrap
     np.minimum(letter, np.uint8(26), out=letter)
-    row *= 27
     row += letter
-    counts = np.bincount(row, minlength=(count + 1) * 27).reshape(count + 1, 27)[1:, :26]
-    letters = counts.sum(axis=1)
+    counts = np.bincount(row, minlength=(count + 1) * 27).reshape(count + 1, 27)[1:]
+    letters = (ends - starts) - counts[:, 26]
     with classifier.one_blas_thread(count):
-        scores = counts.astype(np.float64) @ _CIPHER_WEIGHTS.T  # in BLAS (ints would not be)
+        # in BLAS (ints would not be)
+        scores = counts[:, :26].astype(np.float64) @ _CIPHER_WEIGHTS.T
     best = scores.argmax(axis=1)
     gain = (scores[np.arange(count), best] - scores[:, 0]) / np.maximum(letters, 1)
     chosen = np.flatnonzero((letters >= 12) & (best > 0) & (gain >= _MIN_GAIN))
