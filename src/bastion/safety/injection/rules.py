@@ -414,6 +414,226 @@ RULES: tuple[Rule, ...] = (
         "plain",
         leads="zeig|gib|nenn|wiederhol|montre|affiche|révèle|revele|répète|repete|donne|muestra|revela|repite|dime|mostra|rivela|ripeti|покажи|выведи|повтори|раскрой|输出|显示|告诉我|重复|打印|透露|システムプロンプト|初期指示",
     ),
+    # Rules for extraction paraphrases and conversation hijacks. Their matches
+    # start at uncommon words (a possessive or article before one is read by a
+    # lookbehind): a lead as common as "the", "tu", "la" or "di" would crowd
+    # every text's leads (tests/injection/test_bounds.py times a megabyte dense
+    # in the rules' words).
+    #
+    # The hidden context asked for by where it sits: "everything before my first
+    # message", in the five languages (no benign reading asks for that text).
+    _r(
+        "extraction.before-first-message",
+        "extraction",
+        50,
+        r"\b(?:(?<=\bbefore\smy\s)|(?<=\bbefore\sour\s)|(?<=\bprior\sto\smy\s)|(?<=\bpreceding\smy\s)"
+        r"|(?<=\babove\smy\s)|(?<=\bbefore\smy\svery\s)|(?<=\bvor\smeiner\s)|(?<=\bantes\sde\smi\s)"
+        r"|(?<=\bavant\smon\s)|(?<=\bavant\snotre\s)|(?<=\bavant\smon\stout\s)|(?<=\bprécède\smon\s)"
+        r"|(?<=\bprima\sdel\smio\s)|(?<=\bprima\sdel\snostro\s))"
+        r"(?:first|allerersten|ersten|primer|premier|primo)\s+(?:message|prompt|question|turn|input|nachricht"
+        r"|frage|eingabe|mensaje|pregunta|échange|echange|messaggio)\b"
+        r"|\b(?<=\bbefore\si\s)(?:started|began)\s+(?:talking|writing|chatting)\s+(?:to|with)\s+you\b"
+        r"|\b(?<=\bprima\sche\s)(?:iniziassi|cominciassi)\s+a\s+(?:parlarti|scriverti)\b",
+        "plain",
+        leads="first|allerersten|ersten|primer|premier|primo|started|began|iniziassi|cominciassi",
+    ),
+    # The system prompt as the assistant's own, in German, Spanish, French and
+    # Italian (English: extraction.what-were-you-told).
+    _r(
+        "extraction.your-system-prompt",
+        "extraction",
+        50,
+        r"\bdein(?:e[mnrs]?)?\s+(?:\w+\s+)?(?:system-?prompt\w*|systemanweisung\w*|systemnachricht\w*"
+        r"|startanweisung\w*|anfangsanweisung\w*|betreiber-?anweisung\w*|geheimen?\s+anweisung\w*"
+        r"|internen?\s+anweisung\w*|versteckten?\s+anweisung\w*)"
+        # Spanish, French, Italian: from the word that makes the noun the system's.
+        r"|\b(?:(?<=\btu\sprompt\sde\s)|(?<=\btu\sprompt\sdel\s)|(?<=\btu\smensaje\sde\s)"
+        r"|(?<=\btu\smensaje\sdel\s)|(?<=\btus\sinstrucciones\sde\s)|(?<=\btus\sinstrucciones\sdel\s)"
+        r"|(?<=\btuo\sprompt\sdi\s)|(?<=\btuo\smessaggio\sdi\s)|(?<=\btue\sistruzioni\sdi\s))sistema\b"
+        r"|\b(?<=\btus\sinstrucciones\s)(?:iniciales|internas|ocultas|secretas|originales)\b"
+        r"|\b(?:(?<=\bton\sprompt\s)|(?<=\bton\smessage\s))(?:système|systeme|initial)\b"
+        r"|\b(?:(?<=\btes\sinstructions\s)|(?<=\btes\sconsignes\s))"
+        r"(?:initiales|internes|cachées|cachees|secrètes|secretes|système|systeme)\b"
+        r"|\b(?<=\btue\sistruzioni\s)(?:iniziali|interne|segrete|nascoste|originali)\b",
+        "plain",
+        leads="dein|sistema|iniciales|internas|ocultas|secretas|originales|système|systeme|initial|"
+        "cachées|cachees|secrètes|secretes|iniziali|interne|segrete|nascoste|originali",
+    ),
+    # The instructions the assistant was given, as such ("the instructions you
+    # received from your operator"): weak alone (a colleague's "the rules you
+    # were given in training"); with the classifier's agreement, a block.
+    _r(
+        "extraction.instructions-received",
+        "extraction",
+        30,
+        r"\b(?:(?<=\binstructions\syou\s)|(?<=\brules\syou\s)|(?<=\bguidelines\syou\s)"
+        r"|(?<=\bdirectives\syou\s)|(?<=\bprompt\syou\s))"
+        r"(?:received|got|were\s+(?:configured|set\s+up|initiali[sz]ed|programmed)\s+with)\b"
+        r"|\bwhat\s+(?:exactly\s+|precisely\s+)?(?:were|was)\s+you\s+(?:told|instructed|given)\b"
+        r"|\b(?:(?<=\bdie\sdu\s)|(?<=\bdenen\sdu\s))(?:bekommen|erhalten)\b"
+        r"|\b(?:bist|wurdest)\s+du\s+(?:\w+\s+)?(?:konfiguriert|eingerichtet)\b"
+        r"|\b(?:(?<=\binstrucciones\sque\ste\s)|(?<=\breglas\sque\ste\s)|(?<=\bindicaciones\sque\ste\s))"
+        r"(?:dieron|han\s+dado|pasaron|dio|configuraron)\b"
+        r"|\b(?:(?<=\binstructions\sque\stu\sas\s)|(?<=\bconsignes\sque\stu\sas\s)"
+        r"|(?<=\brègles\sque\stu\sas\s))re[çc]ues?\b"
+        r"|(?<=\bqu['\u2019]on\s)t['\u2019]a\s+(?:dit|donn[ée]e?s?|fourni\w*)\s+(?:exactement\s+|au\s+d[ée]but\s+|avant\b)"
+        r"|\b(?:(?<=\bistruzioni\sche\sti\shanno\s)|(?<=\bregole\sche\sti\shanno\s))(?:dato|fornito|scritto)\b"
+        r"|\b(?:(?<=\bsei\sstato\s)|(?<=\bsei\sstata\s))(?:configurat|impostat|programmat)\w*"
+        r"|\b(?<=\bche\scosa\sti\s)hanno\s+(?:scritto|detto)\s+prima\b",
+        "plain",
+        leads="received|got|were|what|bekommen|erhalten|bist|wurdest|dieron|han|pasaron|dio|"
+        "configuraron|reçu|recu|t'a|t\u2019a|dato|fornito|scritto|configurat|impostat|programmat|hanno",
+    ),
+    # The assistant's own credentials asked for.
+    _r(
+        "extraction.credentials",
+        "extraction",
+        30,
+        r"\b(?:api[\s-]?keys?|api-schlüssel\w*|clave\s+de\s+api|clés?\s+d['\u2019]api|chiave\s+api|tokens?"
+        r"|zugangsdaten|credenciales|identifiants|credenziali|secrets?|passwords?)\b(?:\W+\w+){0,6}?\W+"
+        r"(?:do\s+you\s+use|you\s+(?:use|were\s+(?:given|initiali[sz]ed|configured))"
+        r"|in\s+your\s+(?:config\w*|settings|context)|bist\s+du\s+konfiguriert|in\s+deiner\s+konfiguration"
+        r"|usas|en\s+tu\s+configuraci[óo]n|utilises[-\s]tu|dans\s+ta\s+config\w*|usi\b|nella\s+tua\s+configurazione)",
+        "plain",
+        leads="api|clave|clé|chiave|token|zugangsdaten|credenciales|identifiants|credenziali|secret|"
+        "password",
+    ),
+    # The definitions of the assistant's tools asked for, schemas and all.
+    _r(
+        "extraction.tool-definitions",
+        "extraction",
+        30,
+        r"\b(?:tools?|functions?|funktionen|herramientas|funciones|outils|fonctions|strumenti|funzioni)\b"
+        r"(?:\W+\w+){0,4}?\W+(?:you\s+(?:can\s+)?(?:call|use|access|have)|can\s+you\s+(?:call|use)"
+        r"|stehen\s+dir|kannst\s+du|tienes|puedes\s+(?:usar|llamar)|tu\s+as|auxquels\s+tu|peux-tu"
+        r"|puoi\s+(?:chiamare|usare)|hai\s+a\s+disposizione)\b"
+        r"(?:\W+\w+){0,25}?\W+(?:json|schemas?|schemi|esquemas?|sch[ée]mas?)\b",
+        "plain",
+        leads="tool|function|funktionen|herramientas|funciones|outils|fonctions|strumenti|funzioni",
+    ),
+    # Conversation hijack: the task the user asked for replaced or dropped, the
+    # user's question set aside, the user told something, the order hidden,
+    # consent claimed. Weak alone (a user changes their mind; a runbook says
+    # what to tell a customer): a block with another finding or the
+    # classifier's agreement.
+    _r(
+        "override.task-replaced",
+        "override",
+        30,
+        # Not "new": a colleague's "your new task in Jira".
+        r"\b(?:(?<=\byour\s)|(?<=\bthe\s))(?:real|actual|true|only)\s+(?:task|job|mission|goal|assignment)\b"
+        r"|\b(?:(?<=\bdeine\s)|(?<=\bdein\s))(?:eigentliche|einzige|wahre)\s+(?:aufgabe|mission)\b"
+        r"|\b(?<=\btu\s)(?:verdadera|única|unica|auténtica|autentica)\s+(?:tarea|misión|mision|trabajo)\b"
+        r"|\b(?:(?<=\bta\s)|(?<=\bton\s))(?:vraie|seule|véritable|veritable|unique)\s+(?:mission|tâche|tache|travail)\b"
+        r"|\b(?<=\btuo\s)(?:vero|unico)\s+(?:compito|lavoro|obiettivo)\b"
+        r"|\b(?<=\btua\s)(?:vera|unica)\s+(?:missione|attività)\b",
+        "plain",
+        leads="real|actual|true|only|eigentliche|einzige|wahre|verdadera|única|unica|auténtica|"
+        "autentica|vraie|seule|véritable|veritable|unique|vero|unico|vera",
+    ),
+    _r(
+        "override.task-dropped",
+        "override",
+        30,
+        # The task stopped where it stands ("stop the translation.", "... here"),
+        # not a job named by it ("stop the translation job in the queue").
+        r"(?:\b(?:stop|quit|cease|abandon|interrupt)\s+(?:the|your)\s+(?:current\s+|original\s+)?"
+        r"(?:task|summary|translation|comparison|analysis|review|proofreading)"
+        r"|\bstop\s+(?:translating|summari[sz]ing|analy[sz]ing|comparing)"
+        r"|\b(?:unterbrich|vergiss)\s+(?:die|deine|den)\s+(?:aktuelle\s+)?(?:aufgabe|zusammenfassung|übersetzung|analyse|artikel)"
+        r"|\bhör\s+auf\s+zu\s+(?:übersetzen|analysieren|zusammenzufassen)"
+        r"|\b(?:abandona|interrumpe|olvida)\s+(?:la|tu)\s+(?:tarea|traducción|traduccion|resumen|análisis)"
+        r"|\b(?<=\bdeja\sde\s)(?:traducir|resumir|analizar)"
+        r"|\b(?:interromps|abandonne|oublie)\s+(?:ta|la)\s+(?:tâche|tache|traduction|synthèse|analyse)"
+        r"|\barrête\s+(?:de\s+(?:traduire|résumer|resumer|analyser)|ta\s+tâche)"
+        r"|\b(?:interrompi|abbandona|dimentica)\s+(?:il|la|tuo|tua)\s+(?:compito|traduzione|riassunto|analisi)"
+        r"|\bsmetti\s+di\s+(?:tradurre|riassumere|analizzare))"
+        r"(?=\s*(?:[.,;:!)\]»”\"]|$|here\b|now\b|at\s+this\s+point\b|hier\b|jetzt\b|sofort\b|aqu[íi]\b"
+        r"|ya\b|ici\b|maintenant\b|qui\b|adesso\b|ora\b|subito\b))"
+        r"|\b(?:summary|zusammenfassung|résumé|resumen|riassunto)\b"
+        r"(?:\W+\w+){0,2}?\W+(?:is\s+(?:unimportant|irrelevant|not\s+needed)|doesn['\u2019]t\s+matter|ist\s+unwichtig"
+        r"|n['\u2019]a\s+aucune\s+importance|non\s+serve|no\s+importa)\b",
+        "plain",
+        leads="stop|quit|cease|abandon|interrupt|unterbrich|vergiss|hör|abandona|interrumpe|olvida|"
+        "traducir|resumir|analizar|interromps|abandonne|oublie|arrête|interrompi|abbandona|dimentica|smetti|summary|"
+        "zusammenfassung|résumé|resumen|riassunto",
+    ),
+    _r(
+        "override.question-set-aside",
+        "override",
+        30,
+        r"\b(?:(?<=\bignore\sthe\s)|(?<=\bdisregard\sthe\s)|(?<=\bnot\sanswer\sthe\s)|(?<=n't\sanswer\sthe\s)"
+        r"|(?<=n\u2019t\sanswer\sthe\s))user['\u2019]s\s+(?:actual\s+|original\s+)?(?:question|request)\b"
+        r"|\b(?<=\bthe\s)user['\u2019]s\s+question\s+is\s+irrelevant\b"
+        r"|\bbeantworte\s+(?:die\s+)?(?:ursprüngliche\s+)?frage\s+des\s+(?:nutzers|benutzers)\s+nicht\b"
+        r"|\b(?<=\bno\s)respondas\s+(?:a\s+)?la\s+pregunta\s+del\s+usuario\b"
+        r"|\b(?<=\bne\s)r[ée]ponds\s+pas\s+à\s+la\s+question\s+de\s+l['\u2019]utilisateur\b"
+        r"|\b(?:(?<=\bignora\s)|(?<=\bignora\sla\s)|(?<=\brispondere\salla\s))domanda\s+(?:dell['\u2019]utente|originale)\b"
+        r"|\b(?<=\bla\s)domanda\s+dell['\u2019]utente\s+è\s+irrilevante\b",
+        "plain",
+        leads="user's|user\u2019s|beantworte|respondas|réponds|reponds|domanda",
+    ),
+    _r(
+        "override.tell-the-user",
+        "override",
+        26,
+        r"\b(?:tell|warn)\s+(?:the\s+)?(?:user|reader)s?\s+(?:that|to)\b"
+        r"|\b(?:sag|sage|teile|erkläre|erklare)\s+dem\s+(?:nutzer|benutzer|leser)\b"
+        r"|\b(?:dile|dígale|digale)\s+al\s+(?:usuario|lector)\b"
+        r"|(?:(?<=\bdis\sà\s)|(?<=\bdis-lui\sà\s)|(?<=\bdites\sà\s)|(?<=\bréponds\sà\s)|(?<=\bplutôt\sà\s))"
+        r"l['\u2019]utilisateur\b"
+        r"|\b(?:(?<=\bdis\sau\s)|(?<=\bplutôt\sau\s)|(?<=\bdites\sau\s))lecteur\b"
+        r"|\b(?:(?<=\bdì\sall['\u2019])|(?<=\bcomunica\sall['\u2019])|(?<=\brispondi\sall['\u2019])|(?<=\binvece\sall['\u2019]))"
+        r"utente\b"
+        r"|\b(?:(?<=\bdì\sal\s)|(?<=\bcomunica\sal\s)|(?<=\binvece\sal\s))lettore\b",
+        "plain",
+        leads="tell|warn|sag|teile|erkläre|erklare|dile|dígale|digale|l'utilisateur|l\u2019utilisateur|"
+        "lecteur|utente|lettore",
+    ),
+    _r(
+        "override.conceal-the-order",
+        "override",
+        30,
+        r"\b(?:(?<=\bnot\s)|(?<=n't\s)|(?<=n\u2019t\s)|(?<=\bnever\s))(?:mention|reveal|disclose|cite)\s+"
+        r"(?:this|these|that\s+this)\s+"
+        r"(?:instructions?|note|notice|remark|message|hint|comment|review\s+told\s+you)\b"
+        r"|\b(?:erwähne|erwahne|nenne)\s+(?:diesen|diese|dieses)\s+(?:hinweis|anweisung|notiz|nachricht|vermerk)\w*\s+nicht\b"
+        r"|\b(?<=\bno\s)(?:menciones|cites|reveles)\s+(?:esta|este|estas)\s+(?:nota|instrucci[oó]n|instrucciones|aviso|mensaje)\b"
+        r"|\b(?<=\bne\s)(?:citez|cite|mentionnez|mentionne|évoquez|évoque|evoque|révèle|revele)\s+(?:pas|jamais)\s+"
+        r"(?:de\s+)?(?:cette|ce|ces)\s+(?:remarque|consigne|note|instruction|message|mention)s?\b"
+        r"|\b(?<=\bnon\s)(?:menzionare|citare|rivelare)\s+(?:questa|questo|queste)\s+(?:nota|istruzion[ei]|avviso|messaggio)\b",
+        "plain",
+        leads="mention|reveal|disclose|cite|erwähne|erwahne|nenne|menciones|cites|reveles|citez|"
+        "mentionnez|évoquez|évoque|evoque|révèle|revele|menzionare|citare|rivelare",
+    ),
+    _r(
+        "override.consent-bypassed",
+        "override",
+        30,
+        # Not "no approval is needed": a policy's threshold says so too.
+        r"\b(?<=\bno\s)(?:confirmation|approval)\s+from\s+the\s+(?:user|requester|customer)\s+"
+        r"(?:is\s+)?(?:needed|required|necessary)\b"
+        r"|\b(?<=\bwithout\s)(?:asking|telling|notifying)\s+the\s+user\b"
+        r"|\b(?:(?<=\buser\s)|(?<=\buser\shas\s))already\s+(?:agreed|consented|approved|accepted)\b"
+        r"|\b(?<=\bden\s)(?:nutzer|benutzer|bewohner|kunden)\s+nicht\s+(?:fragen|informieren|benachrichtigen)\b"
+        r"|\b(?<=\bnicht\san\sden\s)(?:nutzer|benutzer|bewohner)\s+melden\b"
+        r"|\brückfrage\s+(?:nötig|notwendig|erforderlich)\b"
+        r"|\bkommentiere\s+nichts\s+davon\b"
+        r"|\b(?<=\bsin\s)(?:pedir\s+confirmaci[oó]n|preguntar)\s+al\s+usuario\b"
+        r"|\b(?<=\bno\shace\s)falta\s+(?:avisar|preguntar|consultar)\s+a\s+nadie\b"
+        r"|\b(?<=\bel\s)usuario\s+ya\s+(?:lo\s+)?ha\s+(?:aceptado|aprobado|autorizado|dado\s+su\s+consentimiento)\b"
+        r"|\b(?<=\bsans\s)(?:demander|approbation|validation)\s+(?:à|a|de|du)\s+l['\u2019]?(?:utilisateur|responsable)\b"
+        r"|\b(?<=\bpas\s)besoin\s+de\s+(?:revue|validation)\b"
+        r"|\b(?<=\bne\sle\s)signale\s+pas\b"
+        r"|\b(?:(?<=\bl')|(?<=\bl\u2019))utilisateur\s+a\s+d[ée]j[àa]\s+(?:accept[ée]|donn[ée]\s+son\s+accord|consenti)\b"
+        r"|\bsenza\s+(?:chiedere|passare\s+dall['\u2019]approvazione)\b"
+        r"|\b(?<=\bnon\s)chiedere\s+conferma\b"
+        r"|\b(?:(?<=\bl')|(?<=\bl\u2019))utente\s+ha\s+gi[àa]\s+dato\s+il\s+(?:suo\s+)?consenso\b",
+        "plain",
+        leads="confirmation|approval|asking|telling|notifying|already|nutzer|benutzer|bewohner|kunden|"
+        "rückfrage|kommentiere|pedir|preguntar|falta|usuario|demander|approbation|validation|besoin|"
+        "signale|utilisateur|senza|chiedere|utente",
+    ),
     # role-play and jailbreak personas
     _r(
         "roleplay.dan",
