@@ -94,6 +94,7 @@ def screen_table() -> None:
         "s14": "attack 76/150, benign 8/150 (session 13, before two precision fixes)",
         "s15": "attack 81/150, benign 4/150 (session 13, the screen as shipped)",
         "s16": "attack 93/150, benign 2/150 (session 14, the screen as shipped)",
+        "s17": "attack 93/150, benign 5/150 (session 15, the screen as shipped)",
     }
     for name in clean:
         print(f"  fresh/{name} clean figure, scored once: {clean[name]}")

@@ -500,6 +500,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("fresh/s15-benign", 0, _fresh("s15", "benign")),
         ("fresh/s16-attacks", 1, _fresh("s16", "attack")),
         ("fresh/s16-benign", 0, _fresh("s16", "benign")),
+        ("fresh/s17-attacks", 1, _fresh("s17", "attack")),
+        ("fresh/s17-benign", 0, _fresh("s17", "benign")),
     ]
 
 
