@@ -218,14 +218,22 @@ _AUTOMATA: dict[tuple[str, ...], tuple[_Leads, _Leads]] = {
 # faster than the automaton walks each character (2.5 against 9 ms for the
 # five leads of the visible view in a megabyte, most of it in no lead).
 _FIND_AT_MOST = 8
-_FOUND_ONE_BY_ONE: dict[tuple[str, ...], dict[str, list[int]]] = {}
-for _views in _AUTOMATA:
-    _rules_of_lead: dict[str, list[int]] = {}
-    for _index, _rule in enumerate(RULES):
-        for _lead in _rule.leads if _rule.view in _views else ():
-            _rules_of_lead.setdefault(_lead, []).append(_index)
-    if len(_rules_of_lead) <= _FIND_AT_MOST:
-        _FOUND_ONE_BY_ONE[_views] = _rules_of_lead
+
+
+def _rules_of_leads(views: tuple[str, ...]) -> dict[str, list[int]]:
+    """Each lead of the rules on ``views``, with the rules it leads."""
+    rules_of_lead: dict[str, list[int]] = {}
+    for index, rule in enumerate(RULES):
+        for lead in rule.leads if rule.view in views else ():
+            rules_of_lead.setdefault(lead, []).append(index)
+    return rules_of_lead
+
+
+_FOUND_ONE_BY_ONE = {
+    views: rules_of_lead
+    for views in _AUTOMATA
+    if len(rules_of_lead := _rules_of_leads(views)) <= _FIND_AT_MOST
+}
 
 
 def _found_lead_hits(rules_of_lead: dict[str, list[int]], haystack: str) -> _LeadHits | None:
