@@ -446,18 +446,20 @@ RULES: tuple[Rule, ...] = (
         r"\bdein(?:e[mnrs]?)?\s+(?:\w+\s+)?(?:system-?prompt\w*|systemanweisung\w*|systemnachricht\w*"
         r"|startanweisung\w*|anfangsanweisung\w*|betreiber-?anweisung\w*|geheimen?\s+anweisung\w*"
         r"|internen?\s+anweisung\w*|versteckten?\s+anweisung\w*)"
-        # Spanish, French, Italian: from the word that makes the noun the system's.
-        r"|\b(?:(?<=\btu\sprompt\sde\s)|(?<=\btu\sprompt\sdel\s)|(?<=\btu\smensaje\sde\s)"
-        r"|(?<=\btu\smensaje\sdel\s)|(?<=\btus\sinstrucciones\sde\s)|(?<=\btus\sinstrucciones\sdel\s)"
-        r"|(?<=\btuo\sprompt\sdi\s)|(?<=\btuo\smessaggio\sdi\s)|(?<=\btue\sistruzioni\sdi\s))sistema\b"
-        r"|\b(?<=\btus\sinstrucciones\s)(?:iniciales|internas|ocultas|secretas|originales)\b"
-        r"|\b(?:(?<=\bton\sprompt\s)|(?<=\bton\smessage\s))(?:système|systeme|initial)\b"
-        r"|\b(?:(?<=\btes\sinstructions\s)|(?<=\btes\sconsignes\s))"
-        r"(?:initiales|internes|cachées|cachees|secrètes|secretes|système|systeme)\b"
-        r"|\b(?<=\btue\sistruzioni\s)(?:iniziali|interne|segrete|nascoste|originali)\b",
+        # Spanish, French, Italian: led by the possessive and its noun, one
+        # space between them as in the leads (a possessive alone, "tu", "ta",
+        # "tue", would lead a try at every word it starts).
+        r"|\btu (?:prompt|mensaje)\s+(?:de|del)\s+sistema\b"
+        r"|\btus instrucciones\s+(?:iniciales|internas|ocultas|secretas|originales|de\s+sistema"
+        r"|del\s+sistema)\b"
+        r"|\bton (?:prompt\s+(?:système|systeme|initial)|message\s+(?:système|systeme))\b"
+        r"|\btes (?:instructions|consignes)\s+(?:initiales|internes|cachées|cachees"
+        r"|secrètes|secretes|système|systeme)\b"
+        r"|\btuo (?:prompt|messaggio)\s+di\s+sistema\b"
+        r"|\btue istruzioni\s+(?:iniziali|interne|segrete|nascoste|originali|di\s+sistema)\b",
         "plain",
-        leads="dein|sistema|iniciales|internas|ocultas|secretas|originales|système|systeme|initial|"
-        "cachées|cachees|secrètes|secretes|iniziali|interne|segrete|nascoste|originali",
+        leads="dein|tu prompt|tu mensaje|tus instrucciones|ton prompt|ton message|tes instructions|"
+        "tes consignes|tuo prompt|tuo messaggio|tue istruzioni",
     ),
     # The instructions the assistant was given, as such ("the instructions you
     # received from your operator"): weak alone (a colleague's "the rules you
@@ -473,16 +475,17 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?:(?<=\bdie\sdu\s)|(?<=\bdenen\sdu\s))(?:bekommen|erhalten)\b"
         r"|\b(?:bist|wurdest)\s+du\s+(?:\w+\s+)?(?:konfiguriert|eingerichtet)\b"
         r"|\b(?:(?<=\binstrucciones\sque\ste\s)|(?<=\breglas\sque\ste\s)|(?<=\bindicaciones\sque\ste\s))"
-        r"(?:dieron|han\s+dado|pasaron|dio|configuraron)\b"
+        r"(?:dieron|pasaron|dio|configuraron)\b"
+        r"|\b(?:(?<=\binstrucciones\sque\ste\shan\s)|(?<=\breglas\sque\ste\shan\s))dado\b"
         r"|\b(?:(?<=\binstructions\sque\stu\sas\s)|(?<=\bconsignes\sque\stu\sas\s)"
         r"|(?<=\brègles\sque\stu\sas\s))re[çc]ues?\b"
         r"|(?<=\bqu['\u2019]on\s)t['\u2019]a\s+(?:dit|donn[ée]e?s?|fourni\w*)\s+(?:exactement\s+|au\s+d[ée]but\s+|avant\b)"
-        r"|\b(?:(?<=\bistruzioni\sche\sti\shanno\s)|(?<=\bregole\sche\sti\shanno\s))(?:dato|fornito|scritto)\b"
+        r"|\b(?:(?<=\bistruzioni\sche\sti\s)|(?<=\bregole\sche\sti\s))hanno\s+(?:dato|fornito|scritto)\b"
         r"|\b(?:(?<=\bsei\sstato\s)|(?<=\bsei\sstata\s))(?:configurat|impostat|programmat)\w*"
         r"|\b(?<=\bche\scosa\sti\s)hanno\s+(?:scritto|detto)\s+prima\b",
         "plain",
-        leads="received|got|were|what|bekommen|erhalten|bist|wurdest|dieron|han|pasaron|dio|"
-        "configuraron|reçu|recu|t'a|t\u2019a|dato|fornito|scritto|configurat|impostat|programmat|hanno",
+        leads="received|got|were|what|bekommen|erhalten|bist|wurdest|dieron|pasaron|dio|"
+        "configuraron|dado|reçu|recu|t'a|t\u2019a|configurat|impostat|programmat|hanno",
     ),
     # The assistant's own credentials asked for.
     _r(
