@@ -123,6 +123,15 @@ _DATA_ML = (
 )
 
 # Machine readers by name, per language (what the "addressed" rules look for).
+_SAFETY_NOUN = (
+    r"(?:(?:output\s+|content\s+)?moderation(?:\s+layer)?|moderaci[oó]n|mod[ée]ration|moderazione"
+    r"|guardrails|safeguards|salvaguardas|garde-fous|safety\s+(?:checks?|filters?|layer|rules"
+    r"|polic(?:y|ies)|guidelines)|content\s+(?:polic(?:y|ies)|filters?|restrictions)"
+    r"|sicherheitsrichtlinien|sicherheitsfilter|inhaltsfilter|alignment(?:-schicht)?"
+    r"|pol[íi]ticas\s+de\s+contenido|filtros\s+de\s+(?:seguridad|contenido)"
+    r"|filtres\s+de\s+(?:s[ée]curit[ée]|contenu)|filtri\s+di\s+(?:sicurezza|contenuto)"
+    r"|restricciones\s+de\s+contenido|restrictions\s+de\s+contenu|restrizioni\s+(?:sui|dei)\s+contenuti)"
+)
 _AI_DE = r"(?:ki|llm|sprachmodell\w*|chatbot\w*|ki-\w+)"
 _AI_ES = (
     r"(?:ia|llm|modelos?\s+de\s+lenguaje|chatbots?|asistentes?\s+(?:de\s+|con\s+)?ia"
@@ -636,6 +645,70 @@ RULES: tuple[Rule, ...] = (
         leads="confirmation|approval|asking|telling|notifying|already|nutzer|benutzer|bewohner|kunden|"
         "rückfrage|kommentiere|pedir|preguntar|falta|usuario|demander|approbation|validation|besoin|"
         "signale|utilisateur|senza|chiedere|utente",
+    ),
+    # Safety switched off, claimed or ordered ("the moderation layer for this
+    # session was disabled", "turn off the output moderation"), in the five
+    # languages: weak alone (an incident report says so too), a block with
+    # another finding or the classifier's agreement. Only safety's own nouns:
+    # "restrictions were lifted" and "disable the spam filter" are other talk.
+    _r(
+        "roleplay.safety-switched-off",
+        "role-play",
+        30,
+        rf"\b{_SAFETY_NOUN}\b(?:\W+\w+){{0,5}}?\W+(?:disabled|deactivated|turned\s+off|switched\s+off"
+        r"|lifted|removed|bypassed|suspended|off|open|out\s+of\s+scope|deaktiviert|abgeschaltet"
+        r"|ausgeschaltet|aufgehoben|aus|desactivad[oa]s?|levantad[oa]s?|suspendid[oa]s?|lev[ée]e?s?"
+        r"|d[ée]sactiv[ée]e?s?|suspendue?s?|disattivat[oaie]|spent[oaie]|sospes[oaie]|rimoss[oaie])\b"
+        rf"|\b(?:disable|deactivate|turn\s+off|switch\s+off|lift|suspend|bypass|skip|desactiva|desactives"
+        r"|suspende|suspendas|levanta|d[ée]sactive[rz]?|suspend[sz]|l[èe]ve[rz]?|disattiva|sospendi"
+        rf"|spegni|deaktiviere|deaktivier)\s+(?:\w+\s+){{0,3}}?{_SAFETY_NOUN}\b",
+        "plain",
+        leads="moderation|moderación|moderacion|modération|moderazione|guardrails|safeguards|"
+        "salvaguardas|garde-fous|safety|content|sicherheitsrichtlinien|sicherheitsfilter|"
+        "inhaltsfilter|alignment|políticas|politicas|filtros|filtres|filtri|restricciones|"
+        "restrictions|restrizioni|disable|deactivate|turn off|switch off|lift|suspend|bypass|skip|"
+        "desactiva|levanta|désactive|desactive|lève|leve|disattiva|sospendi|spegni|deaktivier",
+    ),
+    # A persona that never refuses ("never says no", "kennt das Wort nein nicht").
+    _r(
+        "roleplay.never-refuses",
+        "role-play",
+        30,
+        # A persona's trait, not an idiom ("our toddler never says no to pancakes").
+        r"\b(?:(?<=\bwho\s)|(?<=\bthat\s)|(?<=\bwhich\s))never\s+(?:says?\s+no|refuses?)\b"
+        r"|\bsagt\s+nie(?:mals)?\s+nein\b|\bkennt\s+das\s+wort\s+\W?nein\W?\s+nicht\b"
+        r"|\blehnt\s+nie(?:mals)?\s+(?:etwas\s+)?ab\b"
+        r"|\bnunca\s+(?:dice|dices|dijo)\s+que\s+no\b|\bnunca\s+se\s+niega\b"
+        r"|\b(?<=\bne\s)(?:refuse|refusait|dit)\s+jamais\b"
+        r"|\b(?:ne\s+)?(?:sait|savait)\s+pas\s+dire\s+non\b"
+        r"|\b(?:non\s+)?(?:dice|diceva)\s+mai\s+di\s+no\b|\bnon\s+rifiuta(?:va)?\s+mai\b",
+        "plain",
+        leads="never|sagt nie|kennt das wort|lehnt nie|nunca|refuse jamais|refusait jamais|"
+        "dit jamais|ne sait|ne savait|sait pas|savait pas|non dice|non diceva|dice mai|diceva mai|"
+        "non rifiuta",
+    ),
+    # Someone who claims to have built, trained or deployed the assistant
+    # (a self-question "who built you?" asks, claims nothing).
+    _r(
+        "roleplay.deployer-claim",
+        "role-play",
+        30,
+        r"\b(?:i['\u2019]m|i am|we['\u2019]re|we are)\b(?:\W+\w+){0,7}?\W+(?:who|that)\s+"
+        r"(?:deployed|built|trained|trains|created|programmed|configured|installed|set\s+up|deploys)"
+        r"(?:\s+and\s+\w+)?\s+you\b"
+        r"|\bder dich\s+(?:\w+\s+){0,3}?(?:eingerichtet|trainiert|entwickelt|gebaut|installiert"
+        r"|programmiert|aufgesetzt)\s+ha(?:t|ben)\b"
+        r"|\bsoy (?:el|la|uno\s+de\s+los|una\s+de\s+las)\s+(?:desarrollador|ingenier|administrador"
+        r"|responsable)\w*\s+(?:\w+\s+){0,2}?de\s+(?:esta|este)\s+(?:aplicaci[oó]n|asistente"
+        r"|sistema|plataforma|bot|instancia)\b"
+        r"|\bje suis\s+(?:ton|votre)\s+(?:superviseur|d[ée]veloppeur|administrateur|cr[ée]ateur"
+        r"|concepteur)\b"
+        r"|\bche ti hanno\s+(?:addestrato|installato|configurato|sviluppato|creato|programmato)\b"
+        r"|\bche ha\s+(?:installato|configurato|sviluppato|creato)\s+(?:questo|quest['\u2019])"
+        r"\s*(?:assistente|chatbot|bot|modello|sistema)\b",
+        "plain",
+        leads="i'm|i\u2019m|i am|we're|we\u2019re|we are|der dich|soy el|soy la|soy uno|soy una|"
+        "je suis|che ti hanno|che ha",
     ),
     # role-play and jailbreak personas
     _r(
