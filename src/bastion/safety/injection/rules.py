@@ -276,7 +276,7 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:ignorier|vergiss|vergessen|missacht|überspring|uberspring)\w*\b(?:\W+\w+){0,4}?\W+"
         r"(?:vorherig|bisherig|obig|vorig|früher|alle|deine|ihre|sämtlich)\w*"
         r"(?:\W+\w+){0,2}?\W+(?:anweisung|instruktion|regel|befehl|vorgabe|prompt)\w*",
-        "plain",
+        "folded",
         leads="ignorier|vergiss|vergessen|missacht|überspring|uberspring",
     ),
     _r(
@@ -288,7 +288,7 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:ignore[zr]?|oublie[zr]?|néglige[zr]?|ne\s+tiens\s+pas\s+compte\s+de?)\s+"
         r"(?:\w+ment\s+)?(?:toutes\s+|tous\s+)?(?:les|tes|vos|ces|des)\s+(?:\w+\s+){0,2}?"
         r"(?:instructions?|consignes?|règles|regles|directives?|ordres|indications)\b",
-        "plain",
+        "folded",
         leads="ignore|oublie|néglige|ne",
     ),
     _r(
@@ -299,7 +299,7 @@ RULES: tuple[Rule, ...] = (
         r"\b(?:ignor|olvid|esqueç|esquec|dimentic|descart|omit|desconsider)\w*\b(?:\W+\w+){0,4}?\W+"
         r"(?:instrucciones|instruções|instrucoes|istruzioni|reglas|regras|regole|órdenes|indicaciones|"
         r"indicazioni|directrices|diretrizes)\b",
-        "plain",
+        "folded",
         leads="ignor|olvid|esqueç|esquec|dimentic|descart|omit|desconsider",
     ),
     _r(
@@ -310,7 +310,7 @@ RULES: tuple[Rule, ...] = (
         r"(?:instructies|aanwijzingen|regels|instrukcje|instrukcji|polecenia|zasady)\b"
         r"|\b(?:önceki|onceki|yukar\u0131daki|tüm)\s+(?:talimatlar\u0131|talimatlari|komutlar\u0131|kurallar\u0131)\b"
         r"(?:\W+\w+){0,2}?\W+(?:yok\s+say|görmezden|gormezden|unut)",
-        "plain",
+        "folded",
         leads="negeer|vergeet|zignoruj|ignoruj|zapomnij|önceki|onceki|yukar|tüm",
     ),
     _r(
@@ -443,7 +443,7 @@ RULES: tuple[Rule, ...] = (
         r"|frage|eingabe|mensaje|pregunta|échange|echange|messaggio)\b"
         r"|\b(?<=\bbefore\si\s)(?:started|began)\s+(?:talking|writing|chatting)\s+(?:to|with)\s+you\b"
         r"|\b(?<=\bprima\sche\s)(?:iniziassi|cominciassi)\s+a\s+(?:parlarti|scriverti)\b",
-        "plain",
+        "folded",
         leads="first|allerersten|ersten|primer|premier|primo|started|began|iniziassi|cominciassi",
     ),
     # The system prompt as the assistant's own, in German, Spanish, French and
@@ -466,7 +466,7 @@ RULES: tuple[Rule, ...] = (
         r"|secrètes|secretes|système|systeme)\b"
         r"|\btuo (?:prompt|messaggio)\s+di\s+sistema\b"
         r"|\btue istruzioni\s+(?:iniziali|interne|segrete|nascoste|originali|di\s+sistema)\b",
-        "plain",
+        "folded",
         leads="dein|tu prompt|tu mensaje|tus instrucciones|ton prompt|ton message|tes instructions|"
         "tes consignes|tuo prompt|tuo messaggio|tue istruzioni",
     ),
@@ -492,7 +492,7 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?:(?<=\bistruzioni\sche\sti\s)|(?<=\bregole\sche\sti\s))hanno\s+(?:dato|fornito|scritto)\b"
         r"|\b(?:(?<=\bsei\sstato\s)|(?<=\bsei\sstata\s))(?:configurat|impostat|programmat)\w*"
         r"|\b(?<=\bche\scosa\sti\s)hanno\s+(?:scritto|detto)\s+prima\b",
-        "plain",
+        "folded",
         leads="received|got|were|what|bekommen|erhalten|bist|wurdest|dieron|pasaron|dio|"
         "configuraron|dado|reçu|recu|t'a|t\u2019a|configurat|impostat|programmat|hanno",
     ),
@@ -506,7 +506,7 @@ RULES: tuple[Rule, ...] = (
         r"(?:do\s+you\s+use|you\s+(?:use|were\s+(?:given|initiali[sz]ed|configured))"
         r"|in\s+your\s+(?:config\w*|settings|context)|bist\s+du\s+konfiguriert|in\s+deiner\s+konfiguration"
         r"|usas|en\s+tu\s+configuraci[óo]n|utilises[-\s]tu|dans\s+ta\s+config\w*|usi\b|nella\s+tua\s+configurazione)",
-        "plain",
+        "folded",
         leads="api|clave|clé|chiave|token|zugangsdaten|credenciales|identifiants|credenziali|secret|"
         "password",
     ),
@@ -520,7 +520,7 @@ RULES: tuple[Rule, ...] = (
         r"|stehen\s+dir|kannst\s+du|tienes|puedes\s+(?:usar|llamar)|tu\s+as|auxquels\s+tu|peux-tu"
         r"|puoi\s+(?:chiamare|usare)|hai\s+a\s+disposizione)\b"
         r"(?:\W+\w+){0,25}?\W+(?:json|schemas?|schemi|esquemas?|sch[ée]mas?)\b",
-        "plain",
+        "folded",
         leads="tool|function|funktionen|herramientas|funciones|outils|fonctions|strumenti|funzioni",
     ),
     # Conversation hijack: the task the user asked for replaced or dropped, the
@@ -539,7 +539,7 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?:(?<=\bta\s)|(?<=\bton\s))(?:vraie|seule|véritable|veritable|unique)\s+(?:mission|tâche|tache|travail)\b"
         r"|\b(?<=\btuo\s)(?:vero|unico)\s+(?:compito|lavoro|obiettivo)\b"
         r"|\b(?<=\btua\s)(?:vera|unica)\s+(?:missione|attività)\b",
-        "plain",
+        "folded",
         leads="real|actual|true|only|eigentliche|einzige|wahre|verdadera|única|unica|auténtica|"
         "autentica|vraie|seule|véritable|veritable|unique|vero|unico|vera",
     ),
@@ -565,7 +565,7 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?:summary|zusammenfassung|résumé|resumen|riassunto)\b"
         r"(?:\W+\w+){0,2}?\W+(?:is\s+(?:unimportant|irrelevant|not\s+needed)|doesn['\u2019]t\s+matter|ist\s+unwichtig"
         r"|n['\u2019]a\s+aucune\s+importance|non\s+serve|no\s+importa)\b",
-        "plain",
+        "folded",
         leads="stop|quit|cease|abandon|interrupt|unterbrich|vergiss|hör|abandona|interrumpe|olvida|"
         "traducir|resumir|analizar|interromps|abandonne|oublie|arrête|interrompi|abbandona|dimentica|smetti|summary|"
         "zusammenfassung|résumé|resumen|riassunto",
@@ -582,7 +582,7 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?<=\bne\s)r[ée]ponds\s+pas\s+à\s+la\s+question\s+de\s+l['\u2019]utilisateur\b"
         r"|\b(?:(?<=\bignora\s)|(?<=\bignora\sla\s)|(?<=\brispondere\salla\s))domanda\s+(?:dell['\u2019]utente|originale)\b"
         r"|\b(?<=\bla\s)domanda\s+dell['\u2019]utente\s+è\s+irrilevante\b",
-        "plain",
+        "folded",
         leads="user's|user\u2019s|beantworte|respondas|réponds|reponds|domanda",
     ),
     _r(
@@ -598,7 +598,7 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?:(?<=\bdì\sall['\u2019])|(?<=\bcomunica\sall['\u2019])|(?<=\brispondi\sall['\u2019])|(?<=\binvece\sall['\u2019]))"
         r"utente\b"
         r"|\b(?:(?<=\bdì\sal\s)|(?<=\bcomunica\sal\s)|(?<=\binvece\sal\s))lettore\b",
-        "plain",
+        "folded",
         leads="tell|warn|sag|teile|erkläre|erklare|dile|dígale|digale|l'utilisateur|l\u2019utilisateur|"
         "lecteur|utente|lettore",
     ),
@@ -614,7 +614,7 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?<=\bne\s)(?:citez|cite|mentionnez|mentionne|évoquez|évoque|evoque|révèle|revele)\s+(?:pas|jamais)\s+"
         r"(?:de\s+)?(?:cette|ce|ces)\s+(?:remarque|consigne|note|instruction|message|mention)s?\b"
         r"|\b(?<=\bnon\s)(?:menzionare|citare|rivelare)\s+(?:questa|questo|queste)\s+(?:nota|istruzion[ei]|avviso|messaggio)\b",
-        "plain",
+        "folded",
         leads="mention|reveal|disclose|cite|erwähne|erwahne|nenne|menciones|cites|reveles|citez|"
         "mentionnez|évoquez|évoque|evoque|révèle|revele|menzionare|citare|rivelare",
     ),
@@ -641,7 +641,7 @@ RULES: tuple[Rule, ...] = (
         r"|\bsenza\s+(?:chiedere|passare\s+dall['\u2019]approvazione)\b"
         r"|\b(?<=\bnon\s)chiedere\s+conferma\b"
         r"|\b(?:(?<=\bl')|(?<=\bl\u2019))utente\s+ha\s+gi[àa]\s+dato\s+il\s+(?:suo\s+)?consenso\b",
-        "plain",
+        "folded",
         leads="confirmation|approval|asking|telling|notifying|already|nutzer|benutzer|bewohner|kunden|"
         "rückfrage|kommentiere|pedir|preguntar|falta|usuario|demander|approbation|validation|besoin|"
         "signale|utilisateur|senza|chiedere|utente",
@@ -662,7 +662,7 @@ RULES: tuple[Rule, ...] = (
         rf"|\b(?:disable|deactivate|turn\s+off|switch\s+off|lift|suspend|bypass|skip|desactiva|desactives"
         r"|suspende|suspendas|levanta|d[ée]sactive[rz]?|suspend[sz]|l[èe]ve[rz]?|disattiva|sospendi"
         rf"|spegni|deaktiviere|deaktivier)\s+(?:\w+\s+){{0,3}}?{_SAFETY_NOUN}\b",
-        "plain",
+        "folded",
         leads="moderation|moderación|moderacion|modération|moderazione|guardrails|safeguards|"
         "salvaguardas|garde-fous|safety|content|sicherheitsrichtlinien|sicherheitsfilter|"
         "inhaltsfilter|alignment|políticas|politicas|filtros|filtres|filtri|restricciones|"
@@ -682,7 +682,7 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?<=\bne\s)(?:refuse|refusait|dit)\s+jamais\b"
         r"|\b(?:ne\s+)?(?:sait|savait)\s+pas\s+dire\s+non\b"
         r"|\b(?:non\s+)?(?:dice|diceva)\s+mai\s+di\s+no\b|\bnon\s+rifiuta(?:va)?\s+mai\b",
-        "plain",
+        "folded",
         leads="never|sagt nie|kennt das wort|lehnt nie|nunca|refuse jamais|refusait jamais|"
         "dit jamais|ne sait|ne savait|sait pas|savait pas|non dice|non diceva|dice mai|diceva mai|"
         "non rifiuta",
@@ -706,7 +706,7 @@ RULES: tuple[Rule, ...] = (
         r"|\bche ti hanno\s+(?:addestrato|installato|configurato|sviluppato|creato|programmato)\b"
         r"|\bche ha\s+(?:installato|configurato|sviluppato|creato)\s+(?:questo|quest['\u2019])"
         r"\s*(?:assistente|chatbot|bot|modello|sistema)\b",
-        "plain",
+        "folded",
         leads="i'm|i\u2019m|i am|we're|we\u2019re|we are|der dich|soy el|soy la|soy uno|soy una|"
         "je suis|che ti hanno|che ha",
     ),
@@ -801,7 +801,7 @@ RULES: tuple[Rule, ...] = (
         r"|creador(?:a)?|administrador(?:a)?|programador(?:a)?|développeur(?:se)?|créat(?:eur|rice)"
         r"|administrat(?:eur|rice)|concepteur|programmeur(?:se)?|sviluppatore|creatore"
         r"|amministratore|programmatore)\b",
-        "plain",
+        "folded",
         leads="developer|creator|maker|admin|programmer|entwickler|schöpfer|programmierer|"
         "desarrollador|creador|administrador|programador|développeur|créat|administrat|concepteur|"
         "programmeur|sviluppatore|creatore|amministratore|programmatore",
