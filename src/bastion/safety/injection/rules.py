@@ -640,11 +640,17 @@ RULES: tuple[Rule, ...] = (
         r"|\b(?:(?<=\bl')|(?<=\bl\u2019))utilisateur\s+a\s+d[ée]j[àa]\s+(?:accept[ée]|donn[ée]\s+son\s+accord|consenti)\b"
         r"|\bsenza\s+(?:chiedere|passare\s+dall['\u2019]approvazione)\b"
         r"|\b(?<=\bnon\s)chiedere\s+conferma\b"
-        r"|\b(?:(?<=\bl')|(?<=\bl\u2019))utente\s+ha\s+gi[àa]\s+dato\s+il\s+(?:suo\s+)?consenso\b",
+        r"|\b(?:(?<=\bl')|(?<=\bl\u2019))utente\s+ha\s+gi[àa]\s+dato\s+il\s+(?:suo\s+)?consenso\b"
+        # Confirmation waived, in the words of an order's last line.
+        r"|\b(?<=\bno\s)need\s+to\s+(?:check|confirm)\s+with\b"
+        r"|\b(?<=\bne\s)demandez\s+pas\s+de\s+confirmation\b"
+        r"|\binutile\s+de\s+(?:v[ée]rifier|demander|confirmer)\b"
+        r"|\b(?<=\bno\shace\s)falta\s+que\s+(?:confirmes|preguntes|avises)\b"
+        r"|\b(?<=\bnon\s)serve\s+(?:chiedere|avvisare|confermare)\b",
         "folded",
         leads="confirmation|approval|asking|telling|notifying|already|nutzer|benutzer|bewohner|kunden|"
         "rückfrage|kommentiere|pedir|preguntar|falta|usuario|demander|approbation|validation|besoin|"
-        "signale|utilisateur|senza|chiedere|utente",
+        "signale|utilisateur|senza|chiedere|utente|need|demandez|inutile|serve",
     ),
     # Safety switched off, claimed or ordered ("the moderation layer for this
     # session was disabled", "turn off the output moderation"), in the five
@@ -709,6 +715,33 @@ RULES: tuple[Rule, ...] = (
         "folded",
         leads="i'm|i\u2019m|i am|we're|we\u2019re|we are|der dich|soy el|soy la|soy uno|soy una|"
         "je suis|che ti hanno|che ha",
+    ),
+    # Access granted by an order in a document: shared with anyone, made
+    # public, someone added as an administrator (weak alone: a runbook adds a
+    # new hire as a collaborator; with another finding or the classifier, a block).
+    _r(
+        "exfil.access-grant",
+        "exfiltration",
+        30,
+        # Not "share ... with anyone": a policy says never to.
+        r"\b(?:anyone|everyone)\s+with\s+the\s+link\b"
+        r"|\b(?:visibility|permissions?)\s+(?:\w+\s+){0,4}?to\s+(?:public|anyone)\b"
+        r"|\badd\s+(?:\w+\s+|[\"'«][^\"'»]{1,40}[\"'»]\s+){0,4}?as\s+(?:an?\s+)?(?:admin|administrator"
+        r"|owner|maintainer|collaborator)\b"
+        r"|\b(?:jeder|jede|alle)\s+mit\s+dem\s+link\b"
+        r"|\bals\s+(?:admin|administrator(?:in)?|maintainer|owner|eigentümer)\s+hinzu\w*"
+        r"|\bañade\s+(?:\w+\s+|[\"'«][^\"'»]{1,40}[\"'»]\s+){0,4}?como\s+(?:administrador|mantenedor"
+        r"|propietario|colaborador)\w*"
+        r"|\bcualquiera\s+con\s+el\s+enlace\b|\bvisibilidad\s+(?:\w+\s+){0,4}?a\s+p[úu]blic[oa]\b"
+        r"|\bajoute\s+(?:\w+\s+|[\"'«][^\"'»]{1,40}[\"'»]\s+){0,4}?comme\s+(?:administrat\w+|mainteneur"
+        r"|propriétaire|collaborat\w+)"
+        r"|\b(?:tout\s+le\s+monde|quiconque)\s+(?:\w+\s+){0,2}?(?:avec|disposant\s+du)\s+(?:le\s+)?lien\b"
+        r"|\baggiungi\s+(?:\w+\s+|[\"'«][^\"'»]{1,40}[\"'»]\s+){0,4}?come\s+(?:collaborat\w+|amministrat\w+"
+        r"|maintainer|proprietari\w+)"
+        r"|\bchiunque\s+(?:abbia|con)\s+(?:il\s+)?link\b",
+        "folded",
+        leads="anyone|everyone|visibility|permission|add|jeder|jede|alle|als|añade|cualquiera|visibilidad|ajoute|"
+        "tout le monde|quiconque|aggiungi|chiunque",
     ),
     # role-play and jailbreak personas
     _r(
