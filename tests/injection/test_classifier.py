@@ -181,7 +181,7 @@ def test_the_shipped_model_never_saw_a_set_its_figures_call_unseen() -> None:
         f"authors/{name}-{kind}" for name in injection_data.UNTRAINED_SETS
         for kind in ("attacks", "benigns")
     }  # fmt: skip
-    assert "authors/t4-attacks" in unseen
+    assert {"fresh/s18-attacks", "authors/t4-attacks"} <= unseen
     assert not trained_on & unseen
     assert not set(injection_data.UNTRAINED_SETS) & set(injection_data.AUTHOR_SETS)
 
@@ -202,7 +202,7 @@ def test_the_alone_threshold_holds_on_benign_sources_never_trained_on() -> None:
         for text in texts
         if text.strip()
     }
-    assert len(benign) >= 500
+    assert len(benign) >= 600
     alone = sum(model.probability(text) >= model.alone_threshold for text in benign)
     assert alone / len(benign) <= 0.02, f"{alone} of {len(benign)}"
     blocked = sum(screen(text, "user").decision != "allow" for text in benign)
