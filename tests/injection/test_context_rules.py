@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.safety.injection import screen
+from bastion.safety.injection import Source, screen
 
 # A block on the rule's word alone: no benign reading asks for these.
 STRONG = [
@@ -84,8 +84,6 @@ NEAR_MISSES = [
     "Ignore case when sorting the user list; the API is case-insensitive.",
 ]
 
-NEW_RULES = {rule for rule, _text in STRONG + WEAK}
-
 
 @pytest.mark.parametrize(
     ("rule", "text"), STRONG, ids=[f"{r}-{i}" for i, (r, _t) in enumerate(STRONG)]
@@ -96,14 +94,6 @@ def test_a_request_for_the_hidden_context_is_blocked_on_the_rule_alone(
     verdict = screen(text, "user")
     assert verdict.decision == "block" and rule in verdict.reasons
     assert verdict.text == ""  # nothing of it goes on
-
-
-@pytest.mark.parametrize(("rule", "text"), WEAK, ids=[r for r, _t in WEAK])
-def test_a_weak_sign_of_extraction_or_hijack_is_found_and_weighed(rule: str, text: str) -> None:
-    verdict = screen(text, "retrieved")
-    weight = next(f.weight for f in verdict.findings if f.rule == rule)
-    assert weight == (26 if rule == "override.tell-the-user" else 30)
-    assert verdict.decision in ("sanitize", "block")  # over the sanitize threshold (25)
 
 
 HIJACKED_PAGE = (
@@ -123,13 +113,6 @@ def test_two_weak_signs_of_a_hijack_in_a_document_are_cut_out_of_it() -> None:
 def test_two_weak_signs_of_a_hijack_in_a_user_turn_block_it() -> None:
     verdict = screen(HIJACKED_PAGE, "user")
     assert verdict.decision == "block" and verdict.text == ""
-
-
-@pytest.mark.parametrize("text", NEAR_MISSES)
-def test_a_near_miss_of_the_new_rules_is_left_alone(text: str) -> None:
-    verdict = screen(text, "user")
-    assert not NEW_RULES & set(verdict.reasons), verdict.reasons
-    assert verdict.decision == "allow"
 
 
 def test_a_quoted_mention_of_the_new_phrases_is_not_an_attack() -> None:
@@ -169,22 +152,6 @@ ROLE_PLAY_NEAR_MISSES = [
     "Soy el vecino del tercero, el que te dejó el paquete ayer.",
     "The moderation queue was quiet today; two posts removed for spam.",
 ]
-
-
-@pytest.mark.parametrize(
-    ("rule", "text"), ROLE_PLAY, ids=[f"{r}-{i}" for i, (r, _t) in enumerate(ROLE_PLAY)]
-)
-def test_a_role_play_sign_is_found_and_weighed(rule: str, text: str) -> None:
-    verdict = screen(text, "retrieved")
-    assert next(f.weight for f in verdict.findings if f.rule == rule) == 30
-    assert verdict.decision in ("sanitize", "block")
-
-
-@pytest.mark.parametrize("text", ROLE_PLAY_NEAR_MISSES)
-def test_a_near_miss_of_the_role_play_rules_is_left_alone(text: str) -> None:
-    verdict = screen(text, "user")
-    fired = {rule for rule, _text in ROLE_PLAY} & set(verdict.reasons)
-    assert not fired and verdict.decision == "allow", verdict.reasons
 
 
 def test_a_persona_that_never_refuses_with_safety_off_is_blocked() -> None:
@@ -243,22 +210,6 @@ ACCESS_NEAR_MISSES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("rule", "text"), ACCESS, ids=[f"{r}-{i}" for i, (r, _t) in enumerate(ACCESS)]
-)
-def test_an_order_granting_access_or_waiving_confirmation_is_found(rule: str, text: str) -> None:
-    verdict = screen(text, "retrieved")
-    assert next(f.weight for f in verdict.findings if f.rule == rule) == 30
-    assert verdict.decision in ("sanitize", "block")
-
-
-@pytest.mark.parametrize("text", ACCESS_NEAR_MISSES)
-def test_a_near_miss_of_the_access_rules_is_left_alone(text: str) -> None:
-    verdict = screen(text, "retrieved")
-    fired = {rule for rule, _text in ACCESS} & set(verdict.reasons)
-    assert not fired and verdict.decision == "allow", verdict.reasons
-
-
 def test_an_access_grant_without_confirmation_drops_the_document() -> None:
     page = (
         "Sprint notes: login bug fixed, release on Friday.\n"
@@ -268,3 +219,27 @@ def test_an_access_grant_without_confirmation_drops_the_document() -> None:
     assert {"exfil.access-grant", "override.consent-bypassed"} <= set(verdict.reasons)
     # An order that exfiltrates is not sanitized away: the chunk is left out.
     assert verdict.score >= 50 and verdict.action == "drop" and verdict.text == ""
+
+
+# Every weak sign and every near miss of the four rounds, in one place.
+WEAK_SIGNS = WEAK + ROLE_PLAY + ACCESS
+ALL_NEAR_MISSES = NEAR_MISSES + ROLE_PLAY_NEAR_MISSES + ACCESS_NEAR_MISSES
+NEW_RULES = {rule for rule, _text in STRONG + WEAK_SIGNS}
+
+
+@pytest.mark.parametrize(
+    ("rule", "text"), WEAK_SIGNS, ids=[f"{r}-{i}" for i, (r, _t) in enumerate(WEAK_SIGNS)]
+)
+def test_a_weak_sign_is_found_and_weighed(rule: str, text: str) -> None:
+    verdict = screen(text, "retrieved")
+    weight = next(f.weight for f in verdict.findings if f.rule == rule)
+    assert weight == (26 if rule == "override.tell-the-user" else 30)
+    assert verdict.decision in ("sanitize", "block")  # over the sanitize threshold (25)
+
+
+@pytest.mark.parametrize("source", ["user", "retrieved"])
+@pytest.mark.parametrize("text", ALL_NEAR_MISSES)
+def test_a_near_miss_of_the_new_rules_is_left_alone(text: str, source: Source) -> None:
+    verdict = screen(text, source)
+    assert not NEW_RULES & set(verdict.reasons), verdict.reasons
+    assert verdict.decision == "allow"
