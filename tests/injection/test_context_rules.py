@@ -243,3 +243,28 @@ def test_a_near_miss_of_the_new_rules_is_left_alone(text: str, source: Source) -
     verdict = screen(text, source)
     assert not NEW_RULES & set(verdict.reasons), verdict.reasons
     assert verdict.decision == "allow"
+
+
+SPACINGS = {
+    "two spaces": "  ",
+    "a tab and a space": "\t ",
+    "a line break and an indent": "\n    ",
+    "no-break and em spaces": "\u00a0\u2003",
+}
+
+
+@pytest.mark.parametrize("spacing", SPACINGS.values(), ids=list(SPACINGS))
+@pytest.mark.parametrize(
+    ("rule", "text"),
+    STRONG + WEAK,
+    ids=[f"{r}-{i}" for i, (r, _t) in enumerate(STRONG + WEAK)],
+)
+def test_more_whitespace_between_the_words_is_no_second_spelling(
+    rule: str, text: str, spacing: str
+) -> None:
+    # The rules read one space between words (several read the words before
+    # their lead with a fixed-width lookbehind): a run of whitespace is read as one.
+    spaced = spacing.join(text.split(" "))
+    verdict = screen(spaced, "user")
+    assert rule in verdict.reasons
+    assert verdict.score >= screen(text, "user").score

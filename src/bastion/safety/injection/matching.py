@@ -164,6 +164,15 @@ _LEAD_CLASSES = bytes(
 )
 
 
+def _spellings(lead: str) -> list[str]:
+    """``lead`` with each of its spaces a space or a line break."""
+    words = lead.split(" ")
+    return [
+        "".join(word + gap for word, gap in zip(words, (*gaps, ""), strict=True))
+        for gaps in itertools.product(" \n", repeat=len(words) - 1)
+    ]
+
+
 def _lead_automaton(views: tuple[str, ...], part: str) -> _Leads:
     """``part``: ``all`` leads as they are; ``one byte``, for a Latin-1 text
     read as :data:`_LEAD_CLASSES` with a space before it: the Latin-1 leads,
@@ -179,7 +188,8 @@ def _lead_automaton(views: tuple[str, ...], part: str) -> _Leads:
         for lead in rule.leads:
             latin1 = _latin1(lead)
             if part == "all":
-                keys, at = [lead], 0
+                # The views' one space or line break between words, each either.
+                keys, at = _spellings(lead) if rule.view != "visible" else [lead], 0
             elif latin1 is None:
                 continue
             elif _is_word_lead(rule, lead):

@@ -63,7 +63,8 @@ class Views:
     visible: str  # invisible characters removed
     plain: str  # NFKC + casefold, one character per visible character where possible
     folded: str  # plain with confusables and leetspeak folded to Latin
-    # plain index -> visible index; None when identical
+    # plain index -> visible index; None when identical (plain and folded read a
+    # run of whitespace as one character: see _single_spaced)
     origin: np.ndarray[Any, np.dtype[np.intp]] | None
     hidden: list[str] = field(default_factory=list)  # texts decoded from tag/VS runs
     findings: list[Finding] = field(default_factory=list)
@@ -228,7 +229,7 @@ def text_views(text: str) -> Views:
     if visible.isascii():
         plain = visible.lower()
         folded = _leet(plain)
-        return Views(visible, plain, folded, None, hidden, findings)
+        return Views(visible, *_single_spaced(plain, folded, None), hidden, findings)
     # Per distinct character (a few hundred at most), not per character: the
     # translations then run in C. Only expansions (ligatures, ß) need offsets.
     # A long text's characters are tallied in numpy (one pass in C, not a set
@@ -282,7 +283,66 @@ def text_views(text: str) -> Views:
     if styled >= 5:
         findings.append(Finding("homoglyph.styled-letters", "homoglyph", 15))
     folded = _leet(folded)
-    return Views(visible, plain, folded, origin, hidden, findings)
+    return Views(visible, *_single_spaced(plain, folded, origin, codes, tally), hidden, findings)
+
+
+_SPACE_RUN = re.compile(r"\s{2,}")
+# What \s matches besides the space and the line break ("\x1c".."\x1f" too).
+_OTHER_SPACES = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c not in " \n")
+_ASCII_OTHER_SPACES = tuple(c.encode() for c in _OTHER_SPACES if c.isascii())
+_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3002)])  # 0x3001: any after
+
+
+def _has_space_runs(plain: str, codes: _Codes | None, tally: _Tally | None) -> bool:
+    """Whether ``plain`` holds two whitespace characters in a row. A long text
+    is read in C or numpy (``codes`` and ``tally``: a long non-ASCII visible
+    text's code points and their counts, whose whitespace is plain's), not by
+    a regex scan (several milliseconds a megabyte)."""
+    if len(plain) <= 2 * _WINDOW:
+        return _SPACE_RUN.search(plain) is not None
+    if codes is None or tally is None:  # ASCII: searched as bytes
+        raw = plain.encode("ascii", "replace")
+        if any(pair in raw for pair in (b"  ", b"\n\n", b" \n", b"\n ")):
+            return True
+        return any(c in raw for c in _ASCII_OTHER_SPACES) and bool(_SPACE_RUN.search(plain))
+    if any(ord(c) < tally.size and tally[ord(c)] for c in _OTHER_SPACES):
+        spaces = _IS_SPACE[np.minimum(codes, _IS_SPACE.size - 1)]
+    else:  # the space and the line break only: two comparisons
+        spaces = (codes == 32) | (codes == 10)
+    return bool(np.any(spaces[1:] & spaces[:-1]))
+
+
+def _single_spaced(
+    plain: str,
+    folded: str,
+    origin: np.ndarray[Any, np.dtype[np.intp]] | None,
+    codes: _Codes | None = None,
+    tally: _Tally | None = None,
+) -> tuple[str, str, np.ndarray[Any, np.dtype[np.intp]] | None]:
+    """``plain`` and ``folded`` with each run of whitespace read as one character
+    (a line break if the run holds one, else a space), and ``origin`` mapping
+    them back: "before  my" and "before\tmy" are the rules' "before my", which
+    a fixed-width lookbehind or a literal space would otherwise not read.
+    (``codes``, ``tally``: as :func:`_has_space_runs` reads them.)"""
+    if not _has_space_runs(plain, codes, tally):
+        return plain, folded, origin
+    runs = [(m.start(), m.end()) for m in _SPACE_RUN.finditer(plain)]
+    kept = np.ones(len(plain), dtype=bool)
+    pieces: dict[str, list[str]] = {"plain": [], "folded": []}
+    at = 0
+    for start, end in runs:
+        kept[start + 1 : end] = False
+        one = "\n" if "\n" in plain[start:end] else " "
+        pieces["plain"] += (plain[at:start], one)
+        pieces["folded"] += (folded[at:start], one)
+        at = end
+    index = np.flatnonzero(kept)
+    squeezed = "".join(pieces["plain"]) + plain[at:]
+    return (
+        squeezed,
+        squeezed if folded is plain else "".join(pieces["folded"]) + folded[at:],
+        index if origin is None else origin[index],
+    )
 
 
 _MIXED_WORD, _MIXED_LATIN, _MIXED_CONFUSABLE = 1, 2, 4

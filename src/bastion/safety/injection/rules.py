@@ -62,6 +62,10 @@ def _r(
     *,
     leads: str,
 ) -> Rule:
+    if view != "visible":
+        # The views read a run of whitespace as one space or line break: a
+        # space in a pattern is either (no pattern has one in a class).
+        pattern = pattern.replace(" ", r"\s")
     compiled = re.compile(_possessive(pattern), re.S)
     return Rule(
         rule, category, weight, compiled, view, tuple(leads.split("|")), "(?#line)" in pattern
@@ -88,11 +92,12 @@ _DATA = (
 
 
 def _behind(*words: str) -> str:
-    """A group that matches where one of ``words`` and a space (an apostrophe:
-    none) come just before: look-behinds, each of fixed width."""
+    """A group that matches where one of ``words`` and a space or line break
+    (an apostrophe: none) come just before: look-behinds, each of fixed width
+    (the views read a run of whitespace as one character)."""
     return (
         "(?:"
-        + "|".join(f"(?<={w})" if w.endswith(("'", "\u2019")) else f"(?<={w} )" for w in words)
+        + "|".join(f"(?<={w})" if w.endswith(("'", "\u2019")) else f"(?<={w}\\s)" for w in words)
         + ")"
     )
 
