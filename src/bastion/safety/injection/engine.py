@@ -186,10 +186,7 @@ def _mentioned(visible: str, start: int, end: int) -> bool:
 def _span(views: Views, start: int, end: int) -> tuple[int, int]:
     if views.origin is None:
         return start, end
-    if not len(views.origin):
-        return 0, 0
-    last = len(views.origin) - 1
-    return int(views.origin[min(start, last)]), int(views.origin[min(max(end - 1, 0), last)]) + 1
+    return views.origin.at(start), views.origin.at(max(end - 1, 0)) + 1
 
 
 _INTENT = frozenset({"override", "extraction", "role-play", "exfiltration"})

@@ -58,14 +58,42 @@ _VS = re.compile("[\ufe00-\ufe0f\U000e0100-\U000e01ef]{4,}")
 _BMP_SELECTORS = tuple(map(chr, range(0xFE00, 0xFE10)))
 
 
+_Offsets = np.ndarray[Any, np.dtype[np.intp]]
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a character of plain (and folded) comes from in visible.
+    ``expanded``: plain as NFKC expanded it (ligatures, ß), offset by offset;
+    ``stretches`` and ``dropped``: plain read a run of whitespace as one
+    character (:func:`_single_spaced`), where each stretch kept starts and
+    how many characters the runs before it dropped (a few numbers per run,
+    not one per character)."""
+
+    expanded: _Offsets | None = None
+    stretches: _Offsets | None = None
+    dropped: _Offsets | None = None
+
+    def at(self, offset: int) -> int:
+        """The visible offset of plain's ``offset``."""
+        if self.stretches is not None and self.dropped is not None:
+            stretch = int(np.searchsorted(self.stretches, offset, "right")) - 1
+            offset += int(self.dropped[stretch])
+        if self.expanded is not None:
+            if not self.expanded.size:
+                return 0
+            offset = int(self.expanded[min(offset, self.expanded.size - 1)])
+        return offset
+
+
 @dataclass
 class Views:
     visible: str  # invisible characters removed
     plain: str  # NFKC + casefold, one character per visible character where possible
     folded: str  # plain with confusables and leetspeak folded to Latin
-    # plain index -> visible index; None when identical (plain and folded read a
-    # run of whitespace as one character: see _single_spaced)
-    origin: np.ndarray[Any, np.dtype[np.intp]] | None
+    # None when plain's offsets are visible's (plain and folded read a run of
+    # whitespace as one character: see _single_spaced)
+    origin: Origin | None
     hidden: list[str] = field(default_factory=list)  # texts decoded from tag/VS runs
     findings: list[Finding] = field(default_factory=list)
 
@@ -291,58 +319,102 @@ _SPACE_RUN = re.compile(r"\s{2,}")
 _OTHER_SPACES = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c not in " \n")
 _ASCII_OTHER_SPACES = tuple(c.encode() for c in _OTHER_SPACES if c.isascii())
 _IS_SPACE = np.array([chr(c).isspace() for c in range(0x3002)])  # 0x3001: any after
+_FEW_RUNS = 2048  # runs of whitespace put together in Python; more, in numpy
+_Spans = tuple[np.ndarray[Any, np.dtype[np.intp]], np.ndarray[Any, np.dtype[np.intp]]]
 
 
-def _has_space_runs(plain: str, codes: _Codes | None, tally: _Tally | None) -> bool:
-    """Whether ``plain`` holds two whitespace characters in a row. A long text
-    is read in C or numpy (``codes`` and ``tally``: a long non-ASCII visible
-    text's code points and their counts, whose whitespace is plain's), not by
-    a regex scan (several milliseconds a megabyte)."""
+def _points(text: str) -> np.ndarray[Any, Any]:
+    """``text``'s code points, one array element per character."""
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _space_runs(plain: str, codes: _Codes | None, tally: _Tally | None) -> _Spans:
+    """Where ``plain``'s runs of two or more whitespace characters start and
+    end. A long text is read in numpy, not by a regex scan (several
+    milliseconds a megabyte): ``codes`` and ``tally`` are a long non-ASCII
+    visible text's code points and counts (one character of plain per
+    visible one when as many: its whitespace where plain's is)."""
     if len(plain) <= 2 * _WINDOW:
-        return _SPACE_RUN.search(plain) is not None
-    if codes is None or tally is None:  # ASCII: searched as bytes
-        raw = plain.encode("ascii", "replace")
-        if any(pair in raw for pair in (b"  ", b"\n\n", b" \n", b"\n ")):
-            return True
-        return any(c in raw for c in _ASCII_OTHER_SPACES) and bool(_SPACE_RUN.search(plain))
-    if any(ord(c) < tally.size and tally[ord(c)] for c in _OTHER_SPACES):
-        spaces = _IS_SPACE[np.minimum(codes, _IS_SPACE.size - 1)]
+        spans = [m.span() for m in _SPACE_RUN.finditer(plain)]
+        return (
+            np.array([start for start, _end in spans], dtype=np.intp),
+            np.array([end for _start, end in spans], dtype=np.intp),
+        )
+    if plain.isascii():
+        points = _points(plain)
+        raw = points.tobytes()
+        others = any(c in raw for c in _ASCII_OTHER_SPACES)
+    else:
+        same = codes is not None and codes.size == len(plain)
+        points = codes if same and codes is not None else _points(plain)
+        others = (
+            not same
+            or tally is None
+            or any(ord(c) < tally.size and tally[ord(c)] for c in _OTHER_SPACES)
+        )
+    if others:  # a byte indexes the table as it is
+        spaces = _IS_SPACE[points if points.dtype == np.uint8 else np.minimum(points, 0x3001)]
     else:  # the space and the line break only: two comparisons
-        spaces = (codes == 32) | (codes == 10)
-    return bool(np.any(spaces[1:] & spaces[:-1]))
+        spaces = (points == 32) | (points == 10)
+    pairs = np.flatnonzero(spaces[1:] & spaces[:-1])
+    # A run of k characters is k - 1 pairs in a row.
+    breaks = np.flatnonzero(np.diff(pairs) != 1)
+    starts = pairs[np.concatenate(([0], breaks + 1))] if pairs.size else pairs
+    ends = pairs[np.concatenate((breaks, [pairs.size - 1]))] + 2 if pairs.size else pairs
+    return starts.astype(np.intp), ends.astype(np.intp)
 
 
 def _single_spaced(
     plain: str,
     folded: str,
-    origin: np.ndarray[Any, np.dtype[np.intp]] | None,
+    expanded: _Offsets | None,
     codes: _Codes | None = None,
     tally: _Tally | None = None,
-) -> tuple[str, str, np.ndarray[Any, np.dtype[np.intp]] | None]:
+) -> tuple[str, str, Origin | None]:
     """``plain`` and ``folded`` with each run of whitespace read as one character
-    (a line break if the run holds one, else a space), and ``origin`` mapping
-    them back: "before  my" and "before\tmy" are the rules' "before my", which
-    a fixed-width lookbehind or a literal space would otherwise not read.
-    (``codes``, ``tally``: as :func:`_has_space_runs` reads them.)"""
-    if not _has_space_runs(plain, codes, tally):
-        return plain, folded, origin
-    runs = [(m.start(), m.end()) for m in _SPACE_RUN.finditer(plain)]
-    kept = np.ones(len(plain), dtype=bool)
-    pieces: dict[str, list[str]] = {"plain": [], "folded": []}
-    at = 0
-    for start, end in runs:
-        kept[start + 1 : end] = False
-        one = "\n" if "\n" in plain[start:end] else " "
-        pieces["plain"] += (plain[at:start], one)
-        pieces["folded"] += (folded[at:start], one)
-        at = end
-    index = np.flatnonzero(kept)
-    squeezed = "".join(pieces["plain"]) + plain[at:]
-    return (
-        squeezed,
-        squeezed if folded is plain else "".join(pieces["folded"]) + folded[at:],
-        index if origin is None else origin[index],
-    )
+    (a line break if the run holds one, else a space), and where each of their
+    characters comes from (``expanded``: plain's own offsets, when NFKC
+    expanded some): "before  my" and "before\tmy" are the rules' "before my",
+    which a fixed-width lookbehind or a literal space would otherwise not read.
+    (``codes``, ``tally``: as :func:`_space_runs` reads them.)"""
+    starts, ends = _space_runs(plain, codes, tally)
+    if not starts.size:
+        return plain, folded, None if expanded is None else Origin(expanded)
+    # Each run's first character stays, the others go: a stretch kept (from a
+    # run's end up to the next run's first character) sits as many characters
+    # further on in plain as the runs before it dropped.
+    dropped = np.concatenate(([0], np.cumsum(ends - starts - 1))).astype(np.intp)
+    stretches = np.concatenate(([0], ends)).astype(np.intp) - dropped
+    texts = [plain] if folded is plain or folded == plain else [plain, folded]
+    if starts.size <= _FEW_RUNS:
+        spans = list(zip(starts.tolist(), ends.tolist(), strict=True))
+        ones = ["\n" if "\n" in plain[start:end] else " " for start, end in spans]
+
+        def squeeze(text: str) -> str:
+            pieces: list[str] = []
+            at = 0
+            for (start, end), one in zip(spans, ones, strict=True):
+                pieces += (text[at:start], one)
+                at = end
+            return "".join(pieces) + text[at:]
+
+    else:  # a text of many runs ("a  b  c  …"): put together in numpy
+        lengths = np.concatenate((starts + 1, [len(plain)])) - np.concatenate(([0], ends))
+        index = np.arange(len(plain) - int(dropped[-1])) + np.repeat(dropped, lengths)
+        breaks = np.cumsum(_points(plain) == 10)
+        before = np.where(starts > 0, breaks[np.maximum(starts - 1, 0)], 0)
+        firsts = np.where(breaks[ends - 1] > before, 10, 32)
+
+        def squeeze(text: str) -> str:
+            out = _points(text).copy()  # folded is as long as plain
+            out[starts] = firsts
+            kept = out[index]
+            return str(kept.tobytes().decode("ascii" if kept.dtype == np.uint8 else "utf-32-le"))
+
+    squeezed = [squeeze(text) for text in texts]
+    return squeezed[0], squeezed[-1], Origin(expanded, stretches, dropped)
 
 
 _MIXED_WORD, _MIXED_LATIN, _MIXED_CONFUSABLE = 1, 2, 4
