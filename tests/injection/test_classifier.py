@@ -181,7 +181,7 @@ def test_the_shipped_model_never_saw_a_set_its_figures_call_unseen() -> None:
         f"authors/{name}-{kind}" for name in injection_data.UNTRAINED_SETS
         for kind in ("attacks", "benigns")
     }  # fmt: skip
-    assert {"authors/u3-attacks", "authors/t4-attacks"} <= unseen
+    assert {"fresh/s19-attacks", "authors/u3-attacks", "authors/t4-attacks"} <= unseen
     assert not trained_on & unseen
     assert not set(injection_data.UNTRAINED_SETS) & set(injection_data.AUTHOR_SETS)
 
@@ -190,8 +190,8 @@ def test_the_alone_threshold_holds_on_benign_sources_never_trained_on() -> None:
     # The threshold at which the classifier blocks on its own word is chosen on
     # out-of-fold scores (every training source group scored by a model that
     # never saw it), so the false-positive budget holds on sources it never
-    # saw: the suite's hard negatives, the demo's tickets and held-out benign
-    # sets (with the newest held-out author's once scored). The classifier alone, then the
+    # saw: the suite's hard negatives, the demo's tickets, held-out benign sets
+    # and a tenth author's hard negatives. The classifier alone, then the
     # whole screen. (At the lower threshold it only corroborates a rule's
     # finding of intent: bench/injection.py prints that rate.)
     model = classifier.model()
@@ -202,7 +202,7 @@ def test_the_alone_threshold_holds_on_benign_sources_never_trained_on() -> None:
         for text in texts
         if text.strip()
     }
-    assert len(benign) >= 500
+    assert len(benign) >= 600
     alone = sum(model.probability(text) >= model.alone_threshold for text in benign)
     assert alone / len(benign) <= 0.02, f"{alone} of {len(benign)}"
     blocked = sum(screen(text, "user").decision != "allow" for text in benign)
