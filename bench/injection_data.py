@@ -141,14 +141,15 @@ attacks caught less three times the hard negatives flagged rose from 176 to
 180 (u3-u4) and from 441 to 455 (t4-t7), with fewer of both caught
 (``src/bastion/safety/injection/DATA.md``)."""
 
-UNTRAINED_SETS = ("t4", "t5", "t6", "t7", "u3", "u4")
+UNTRAINED_SETS = ("t4", "t5", "t6", "t7", "u3", "u4", "u5", "u6", "u7", "u8")
 """Written as training data, each to its own brief, and not trained on: t4-t7
-in session 14, u3-u4 in session 16 (the sets session 16's retrain was judged
-on). Session 14's comparison, each set screened with a model that never saw
-it: trained on all ten sets, 908 of the 1,800 attacks at 40 of the 1,800 hard
-negatives; trained on the six, 970 at 58. Its rule, written before, asked for
-more attacks caught. The model shipped never saw them: ``bench/injection.py``
-screens them as written, a cross-author figure."""
+in session 14, u3-u8 in session 16 (u3-u4: the sets session 16's retrain was
+judged on; u5-u8, written at its end, for the next decision). Session 14's
+comparison, each set screened with a model that never saw it: trained on all
+ten sets, 908 of the 1,800 attacks at 40 of the 1,800 hard negatives; trained
+on the six, 970 at 58. Its rule, written before, asked for more attacks
+caught. The model shipped never saw them: ``bench/injection.py`` screens them
+as written, a cross-author figure."""
 
 
 def _tickets() -> list[str]:

@@ -78,6 +78,23 @@ def _mixed_scripts(rng: random.Random) -> str:
     return "".join(rng.choice(pieces) for _ in range(120_000))
 
 
+def _mixed_scripts_latin_words(rng: random.Random) -> str:
+    # The same scripts, the accented word written in ASCII ("Unicode"): in a
+    # text not one byte per character, the rules' leads are looked for inside
+    # words too, and "code" (a lead) sits in every "Unicode" (a measured miss
+    # of the 1 MB bound, session 16).
+    pieces = [
+        "\u041f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440 ",
+        "hello world ",
+        "\u3053\u3093\u306b\u3061\u306f ",
+        "\u0645\u0631\u062d\u0628\u0627 ",
+        "Unicode ",
+        "\u0393\u03b5\u03b9\u03ac \u03c3\u03bf\u03c5 ",
+        "\uff46\uff55\uff4c\uff4c ",
+    ]
+    return "".join(rng.choice(pieces) for _ in range(120_000))
+
+
 def _hostile_line(rng: random.Random) -> str:
     # One line, no sentence end, an override every few hundred characters: every
     # finding's sentence is the whole line (what sanitizing a retrieved text walks).
@@ -144,6 +161,7 @@ KINDS: dict[str, Callable[[random.Random], str]] = {
     "random bytes": _random_bytes,
     "one character": _one_char,
     "mixed scripts": _mixed_scripts,
+    "mixed scripts, Latin words": _mixed_scripts_latin_words,
     "hostile line": _hostile_line,
     "dense attacks": _dense_attacks,
     "keyword prose": _keyword_prose,

@@ -96,6 +96,7 @@ def _reference(clock: Callable[[], float] = time.perf_counter) -> float:
         "prose",
         "one huge line",
         "mixed scripts",
+        "mixed scripts, Latin words",
         "keyword prose",
         "keyword line",
         "empty images",
