@@ -320,7 +320,7 @@ _OTHER_SPACES = tuple(c for c in map(chr, range(0x3001)) if c.isspace() and c no
 _ASCII_OTHER_SPACES = tuple(c.encode() for c in _OTHER_SPACES if c.isascii())
 _IS_SPACE = np.array([chr(c).isspace() for c in range(0x3002)])  # 0x3001: any after
 _FEW_RUNS = 2048  # runs of whitespace put together in Python; more, in numpy
-_Spans = tuple[np.ndarray[Any, np.dtype[np.intp]], np.ndarray[Any, np.dtype[np.intp]]]
+_Spans = tuple[_Offsets, _Offsets]
 
 
 def _points(text: str) -> np.ndarray[Any, Any]:
