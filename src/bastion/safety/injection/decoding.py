@@ -16,6 +16,7 @@ import base64
 import binascii
 import html
 import re
+import string
 from collections.abc import Iterable
 from urllib.parse import unquote
 
@@ -182,21 +183,29 @@ def _classes(members: str, also: str = "") -> bytes:
 _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _HEX_DIGITS = "0123456789abcdefABCDEF"
 _PRINTABLE_ASCII = "".join(map(chr, range(0x21, 0x7F)))
-# What ``\s`` matches in ASCII; "?": any other character, a Unicode space among them.
-_WHITE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f?"
-_SIGNATURES: dict[str, tuple[tuple[bytes | None, bytes], ...]] = {
-    # kind: (class table or None for the text itself, signature), any of which
-    "base64": ((_classes(_ALNUM + "+/_-"), b"x" * 16),),
-    "base32": ((_classes("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"), b"x" * 16),),
-    "base85": ((_classes(_PRINTABLE_ASCII), b"x" * 20), (None, b"<~")),
-    "hex": (
-        (_classes(_HEX_DIGITS), b"x" * 24),
-        (_classes(_HEX_DIGITS, _WHITE + ":,"), b"xxs" * 11 + b"xx"),
-    ),
-    "escape": ((None, b"\\x"),),
-    "binary": ((_classes("01"), b"x" * 8),),
-}
-_MORSE_CLASSES = _classes(".-_", _WHITE + "/|")
+# What ``\s`` matches in ASCII; with "?" (any other character) in a text
+# that holds whitespace past ASCII (``Views.wide_spaces``: U+00A0, U+3000…):
+# else a text of other characters, all "?", would read as all whitespace.
+_WHITE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+
+
+def _signatures(white: str) -> dict[str, tuple[tuple[bytes | None, bytes], ...]]:
+    """kind: (class table or None for the text itself, signature), any of which."""
+    return {
+        "base64": ((_classes(_ALNUM + "+/_-"), b"x" * 16),),
+        "base32": ((_classes("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"), b"x" * 16),),
+        "base85": ((_classes(_PRINTABLE_ASCII), b"x" * 20), (None, b"<~")),
+        "hex": (
+            (_classes(_HEX_DIGITS), b"x" * 24),
+            (_classes(_HEX_DIGITS, white + ":,"), b"xxs" * 11 + b"xx"),
+        ),
+        "escape": ((None, b"\\x"),),
+        "binary": ((_classes("01"), b"x" * 8),),
+    }
+
+
+_SIGNATURES = {wide: _signatures(_WHITE + "?" * wide) for wide in (False, True)}
+_MORSE_CLASSES = {wide: _classes(".-_", _WHITE + "?" * wide + "/|") for wide in (False, True)}
 # Five groups of dots and dashes, as _MORSE: opening with a literal, the scan
 # skips to each "x" in C (its match may end up to six dots short of the run,
 # well inside the context every window gets).
@@ -238,22 +247,21 @@ _IN_BASE64 = frozenset({("base32", 0), ("hex", 0)})
 
 
 def _candidates(
-    visible: str, kind: str, text: bytes | None = None, base64: bool = True
+    visible: str, kind: str, text: bytes, wide: bool, base64: bool = True
 ) -> list[tuple[int, int]]:
     """Where runs of the encoding ``kind`` may be: the windows holding its
     signature (for a short text, all of it or nothing). ``text``: ``visible``
-    encoded to ASCII with "?" for other characters, when the caller has it.
-    ``base64``: False when the text has no base64 signature (then none of
-    :data:`_IN_BASE64` either: not looked for)."""
+    encoded to ASCII with "?" for other characters; ``wide``: whether it holds
+    whitespace past ASCII. ``base64``: False when the text has no base64
+    signature (then none of :data:`_IN_BASE64` either: not looked for)."""
     if kind == "morse" and ("\u2022" in visible or "\u2013" in visible):
         return [(0, len(visible))]  # its other dots and dashes are not ASCII
-    text = visible.encode("ascii", "replace") if text is None else text
     windows: set[int] = set()
     if kind == "morse":
-        for m in _MORSE_SIGNATURE.finditer(text.translate(_MORSE_CLASSES)):
+        for m in _MORSE_SIGNATURE.finditer(text.translate(_MORSE_CLASSES[wide])):
             windows.update(range(m.start() // _WINDOW, m.end() // _WINDOW + 1))
     else:
-        for number, (table, signature) in enumerate(_SIGNATURES[kind]):
+        for number, (table, signature) in enumerate(_SIGNATURES[wide][kind]):
             if base64 or (kind, number) not in _IN_BASE64:
                 _marked(text, table, signature, windows)
     return _spans(windows, len(visible))
@@ -273,14 +281,14 @@ def _per_window(groups: dict[tuple[str, int], list[Layer]], size: int) -> Iterab
             yield kind, "\n".join(run[1] for run in runs), runs[0][2], runs[-1][3]
 
 
-def _decoded_blobs(visible: str) -> Iterable[Layer]:
-    """(kind, decoded text, start, end) for encoded runs that decode to readable text."""
+def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
+    """(kind, decoded text, start, end) for encoded runs that decode to readable text.
+    ``text``, ``wide``: as :func:`_candidates`'."""
     groups: dict[tuple[str, int], list[Layer]] = {}
     tries: dict[tuple[str, int], int] = {}
-    text = visible.encode("ascii", "replace")  # once, for every kind's signatures
     base64 = True  # base64's signature somewhere (the first kind)
     for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
-        spans = _candidates(visible, kind, text, base64)
+        spans = _candidates(visible, kind, text, wide, base64)
         base64 = base64 and (kind != "base64" or bool(spans))
         matches = (match for a, b in spans for match in pattern.finditer(visible, a, b))
         for match in matches:
@@ -341,14 +349,17 @@ _CIPHER_SEGMENT = re.compile(r"[^.!?\n:;,()\[\]\"]{12,}")
 _CIPHER_STOPS = bytes(1 if chr(b) in '.!?\n:;,()[]"' else 0 for b in range(256))
 _CIPHER_STOP_MARKS = np.frombuffer(_CIPHER_STOPS[:128] + b"\x00", dtype=np.uint8)  # 128: any other
 _MIN_GAIN = 0.6  # nats per letter the deciphered text must gain over the text as written
+_ASCII_LETTERS = string.ascii_letters.encode()
 
 
-def _deciphered(visible: str) -> Iterable[Layer]:
+def _deciphered(visible: str, raw: bytes) -> Iterable[Layer]:
     """(cipher, plain text, start, end) for segments that read far likelier deciphered.
 
     All segments are scored at once (numpy): one count matrix of letters per
-    segment, one product with every cipher's weights."""
-    raw = visible.encode("ascii", "replace")
+    segment, one product with every cipher's weights. ``raw``: ``visible`` as
+    ASCII, "?" for each other character."""
+    if len(raw) - len(raw.translate(None, _ASCII_LETTERS)) < 12:
+        return []  # no segment holds the letters a cipher is read from (a text in another script)
     if len(visible) > 2 * _WINDOW:
         # The segments as runs between stops, found in numpy (as _CIPHER_SEGMENT).
         one_byte = raw if visible.isascii() else _latin1(visible)
@@ -423,7 +434,7 @@ def _deciphered_few(visible: str, spans: list[tuple[int, int]]) -> list[Layer]:
     return found
 
 
-def _regions(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
+def _regions(text: str, pattern: re.Pattern[str], raw: bytes) -> list[tuple[int, int]]:
     """Where ``pattern`` occurs: the whole of a short text, else the windows it
     occurs in (neighbours merged, up to four), with :data:`_CONTEXT` around.
 
@@ -431,7 +442,7 @@ def _regions(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
     holds, found in C first (a regex scan tries every position)."""
     if pattern is _SPACED:
         # Three one-letter gaps in a row, found in the classes (see _candidates).
-        classes = text.encode("ascii", "replace").translate(_SPACED_CLASSES)
+        classes = raw.translate(_SPACED_CLASSES)
         found = {
             w
             for m in _SPACED_SIGNATURE.finditer(classes)
@@ -464,13 +475,14 @@ def _regions(text: str, pattern: re.Pattern[str]) -> list[tuple[int, int]]:
 def _layers(views: Views) -> Iterable[Layer]:
     """Every decoded layer of the text: (kind, decoded text, start, end)."""
     visible = views.visible
+    raw = visible.encode("ascii", "replace")  # once, for every kind's signatures
     whole = len(visible) <= 2 * _WINDOW
-    for start, end in _regions(visible, _ANY_ESCAPE):
+    for start, end in _regions(visible, _ANY_ESCAPE, raw):
         unescaped = _unescaped(visible[start:end])
         if unescaped is not None:
             yield ("escape", unescaped, 0, 0) if whole else ("escape", unescaped, start, end)
-    yield from _decoded_blobs(visible)
-    for start, end in _regions(visible, _SPACED):
+    yield from _decoded_blobs(visible, raw, views.wide_spaces)
+    for start, end in _regions(visible, _SPACED, raw):
         region = visible[start:end]
         runs = list(_SPACED.finditer(region))
         if runs:
@@ -478,4 +490,4 @@ def _layers(views: Views) -> Iterable[Layer]:
             last = runs[-1].end()
             joined = _SPACED.sub(lambda m: _despaced(m.group(0)), region[:last])
             yield "spaced", joined + region[last:], start + runs[0].start(), start + last
-    yield from _deciphered(visible)
+    yield from _deciphered(visible, raw)

@@ -23,7 +23,13 @@ import numpy as np
 from bastion.safety.injection import classifier
 from bastion.safety.injection.decoding import _MAX_BLOB, _layers
 from bastion.safety.injection.errors import PromptNotText, PromptTooLarge
-from bastion.safety.injection.matching import _NEEDS_FROM, _lead_hits, _Present, _rule_matches
+from bastion.safety.injection.matching import (
+    _NEEDS_FROM,
+    _Coded,
+    _lead_hits,
+    _Present,
+    _rule_matches,
+)
 from bastion.safety.injection.normalise import (
     _BIDI,
     _BMP_SELECTORS,
@@ -307,22 +313,27 @@ def _findings(
     reads = [CLASSIFIER_READS] if reads is None else reads
     views = text_views(text)
     found = list(views.findings)
+    coded = {view: _Coded(haystack) for view, haystack in views.named()}  # read once
     hits = {"visible": _lead_hits(("visible",), views.visible)}
     one_text = views.folded == views.plain  # no confusable or leetspeak folded
     if one_text:
-        hits["plain"] = hits["folded"] = _lead_hits(("plain", "folded"), views.plain)
+        both = _lead_hits(("plain", "folded"), views.plain, coded["plain"])
+        hits["plain"] = hits["folded"] = both
     else:
-        hits["plain"] = _lead_hits(("plain",), views.plain)
-        hits["folded"] = _lead_hits(("folded",), views.folded)
+        hits["plain"] = _lead_hits(("plain",), views.plain, coded["plain"])
+        hits["folded"] = _lead_hits(("folded",), views.folded, coded["folded"])
     # Only the rules one of whose leads occurs (all of a view whose leads were too dense).
     tried = {index for view_hits in hits.values() if view_hits is not None for index in view_hits}
     for view, view_hits in hits.items():
         if view_hits is None:
             tried |= _RULES_OF_VIEW[view]
     left_over = 0  # weight of the rules matching more often than sanitizing removes
-    present = {view: _Present(haystack, hits[view] is None) for view, haystack in views.named()}
+    present = {
+        view: _Present(haystack, hits[view] is None, coded[view])
+        for view, haystack in views.named()
+    }
     if one_text:  # one text: its literals looked for once
-        present["plain"] = present["folded"] = _Present(views.plain, hits["plain"] is None)
+        present["plain"] = present["folded"] = present["plain"]
     for index in sorted(tried):
         rule = RULES[index]
         haystack = {"folded": views.folded, "plain": views.plain}.get(rule.view, views.visible)

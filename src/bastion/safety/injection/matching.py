@@ -2,7 +2,7 @@
 
 A rule (:mod:`bastion.safety.injection.rules`) is tried only where one of its
 literal leads starts, found for every rule in one Aho-Corasick pass per view
-(:func:`_lead_hits`; a Latin-1 text read with its non-word characters as
+(:func:`_lead_hits`; a long text read with its non-word characters as
 spaces, so that a word-start lead costs a try only at starts of words). A rule
 whose leads are too dense is matched in one regex pass instead, and only when
 the text holds the literals every match of the rule needs (:class:`_Present`,
@@ -27,6 +27,33 @@ from bastion.safety.injection.normalise import _WINDOW, _latin1
 from bastion.safety.injection.rules import RULES, Rule
 
 _MAX_LEADS = 4000  # more occurrences than this: one regex pass over the text instead
+
+
+def _utf16_units(text: str) -> np.ndarray[Any, np.dtype[np.uint16]]:
+    return np.frombuffer(text.encode("utf-16-le", "surrogatepass"), dtype="<u2")
+
+
+class _Coded:
+    """A view's text with what the searches for the rules' leads and literals
+    read of it, made once for both (a megabyte's encoding costs a millisecond
+    or two): its bytes, one per character, each past Latin-1 as "?" (in no
+    lead or literal); and which UTF-16 code units it holds (a word of other
+    characters may occur in it only if it holds every one of the word's)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    @cached_property
+    def latin1(self) -> bytes | None:
+        return _latin1(self.text)
+
+    @cached_property
+    def one_byte(self) -> bytes:
+        return self.text.encode("latin-1", "replace") if self.latin1 is None else self.latin1
+
+    @cached_property
+    def held(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        return np.bincount(_utf16_units(self.text), minlength=1 << 16) > 0
 
 
 def _matches(
@@ -263,6 +290,22 @@ def _found_lead_hits(rules_of_lead: dict[str, list[int]], haystack: str) -> _Lea
     return {rule: sorted(starts) for rule, starts in starts_of.items()}
 
 
+# The leads beyond Latin-1 of each automaton's views (every spelling, with the
+# rules each leads, and its UTF-16 code units): a long text of other
+# characters too is read for the Latin-1 leads as a one-byte text, each other
+# character a space (:func:`_lead_hits`), and for these, only those whose
+# every unit it holds (a text in one script holds none of most).
+_OTHER_LEADS = {
+    views: [
+        (spelling, rules, _utf16_units(spelling).astype(np.intp))
+        for lead, rules in _rules_of_leads(views).items()
+        if _latin1(lead) is None
+        for spelling in _spellings(lead)
+    ]
+    for views in _AUTOMATA
+}
+
+
 _LEAD_SEGMENT = 65_536
 _LONGEST_LEAD = 1 + max(len(lead) for rule in RULES for lead in rule.leads)  # with its space
 
@@ -287,9 +330,12 @@ def _few_lead_hits(leads: _Leads, haystack: str) -> _LeadHits | None:
     return {rule: sorted(starts) for rule, starts in starts_of.items()}
 
 
-def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
-    """Where each rule's leads start in ``haystack``; None when the leads are
-    so dense that one regex pass per rule costs less (:func:`_matches`).
+def _lead_hits(
+    views: tuple[str, ...], haystack: str, coded: _Coded | None = None
+) -> _LeadHits | None:
+    """Where each rule's leads start in ``haystack`` (``coded``: it read, when
+    made already); None when the leads are so dense that one regex pass per
+    rule costs less (:func:`_matches`).
 
     The automaton's hits are read into numpy in C (no Python per hit: a text
     dense in the rules' words has a lead every few characters), then sorted
@@ -298,15 +344,59 @@ def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
         return _found_lead_hits(_FOUND_ONE_BY_ONE[views], haystack)
     limit = max(_MAX_LEADS, len(haystack) // 8)
     every, one_byte = _AUTOMATA[views]
-    raw = _latin1(haystack) if len(haystack) > 2 * _WINDOW else None  # short: as it is
-    leads, text = every, haystack
-    if raw is not None:
+    leads, text, others = every, haystack, {}
+    if len(haystack) > 2 * _WINDOW:  # short: as it is
+        coded = _Coded(haystack) if coded is None else coded
+        if coded.latin1 is None:
+            # Each other character as "?" (a space below): the Latin-1 leads'
+            # places are the same, and the others are looked for apart.
+            if (found_others := _other_lead_hits(views, coded, limit)) is None:
+                return None
+            others = found_others
         # " " first: a lead at the text's start has its space; " lead" ending at
         # ``end`` there starts at ``end - length + 1`` in ``haystack``, as below.
-        leads, text = one_byte, " " + raw.translate(_LEAD_CLASSES).decode("latin-1")
+        leads, text = one_byte, " " + coded.one_byte.translate(_LEAD_CLASSES).decode("latin-1")
+    hits = _automaton_hits(leads, text, haystack, limit)
+    if hits is None or not others:
+        return hits
+    for rule, starts in others.items():
+        hits[rule] = sorted({*hits[rule], *starts}) if rule in hits else starts
+    return hits
+
+
+def _other_lead_hits(views: tuple[str, ...], coded: _Coded, limit: int) -> _LeadHits | None:
+    """Where the leads of other characters than Latin-1 start in ``haystack``
+    (:data:`_OTHER_LEADS`), found in numpy over its code points: the places of
+    a lead's first character, kept where each next one follows (a lead in
+    every few words, as "не" in Russian prose, costs no Python per place)."""
+    held = coded.held
+    wanted = [(lead, rules) for lead, rules, units in _OTHER_LEADS[views] if held[units].all()]
+    if not wanted:
+        return {}
+    codes = np.frombuffer(coded.text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    starts_of: dict[int, list[np.ndarray[Any, np.dtype[np.intp]]]] = {}
+    total = 0
+    for lead, rules in wanted:
+        at = np.flatnonzero(codes[: len(codes) - len(lead) + 1] == ord(lead[0]))
+        for offset, char in enumerate(lead[1:], 1):
+            at = at[codes[at + offset] == ord(char)]
+        total += at.size
+        if total > limit:
+            return None
+        for rule in rules if at.size else ():
+            starts_of.setdefault(rule, []).append(at)
+    return {
+        rule: (parts[0] if len(parts) == 1 else np.unique(np.concatenate(parts))).tolist()
+        for rule, parts in starts_of.items()
+    }
+
+
+def _automaton_hits(leads: _Leads, text: str, haystack: str, limit: int) -> _LeadHits | None:
+    """:func:`_lead_hits` from the automaton ``leads`` read over ``text`` (the
+    view ``haystack`` itself, or read as one byte per character)."""
     if leads.automaton.kind == ahocorasick.EMPTY:
         return {}
-    if raw is None and len(haystack) <= _FEW_LEADS_TEXT:
+    if text is haystack and len(haystack) <= _FEW_LEADS_TEXT:
         return _few_lead_hits(leads, haystack)
     n = 0
     found: list[tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, Any]]] = []
@@ -318,6 +408,8 @@ def _lead_hits(views: tuple[str, ...], haystack: str) -> _LeadHits | None:
         # A lead starting in the segment ends before ``stop + _LONGEST_LEAD``.
         # A slice, not iter's bounds: it reads the whole string on each call.
         piece = text[segment : stop + _LONGEST_LEAD]
+        if piece.isspace():
+            continue  # no lead: a text of other characters, read as one byte
         pairs = np.fromiter(
             itertools.chain.from_iterable(leads.automaton.iter(piece)), dtype=np.int64
         )
@@ -448,9 +540,10 @@ _FIRST_PIECE = 4096  # characters read for the rules' literals before the first 
 @dataclass(frozen=True)
 class _Literals:
     """Literals looked for in a text at once (:class:`_Present`): in order
-    (``names``), and those of one byte per character — a single character, or
+    (``names``); those of one byte per character — a single character, or
     two or more by their pairs of characters (``a << 8 | b``, ``firsts``: where
-    each one's start in ``codes``)."""
+    each one's start in ``codes``); and the others (``others``), by their
+    UTF-16 code units (``units``)."""
 
     names: list[str]
     members: frozenset[str]
@@ -459,11 +552,14 @@ class _Literals:
     paired: list[str]
     codes: np.ndarray[Any, np.dtype[np.intp]]
     firsts: np.ndarray[Any, np.dtype[np.intp]]
+    others: list[str]
+    units: list[np.ndarray[Any, np.dtype[np.intp]]]
 
     @classmethod
     def of(cls, literals: set[str]) -> _Literals:
         paired = sorted(word for word in literals if len(word) > 1 and _latin1(word))
         pairs = [[a << 8 | b for a, b in itertools.pairwise(_latin1(w) or b"")] for w in paired]
+        others = sorted(word for word in literals if _latin1(word) is None)
         return cls(
             sorted(literals),
             frozenset(literals),
@@ -472,18 +568,28 @@ class _Literals:
             paired,
             np.array([code for codes in pairs for code in codes], dtype=np.intp),
             np.cumsum([0] + [len(codes) for codes in pairs[:-1]], dtype=np.intp),
+            others,
+            [_utf16_units(word).astype(np.intp) for word in others],
         )
 
-    def possible(self, raw: bytes) -> list[str]:
-        """Those that may occur in a Latin-1 text (``raw``, its bytes): every
-        pair of whose characters it holds (read in numpy: a text of a few words
-        repeated holds a few hundred pairs of 65,536)."""
+    def possible(self, coded: _Coded) -> list[str]:
+        """Those that may occur in ``text``: every pair of whose characters it
+        holds, for a literal of one byte per character (read in numpy: a text
+        of a few words repeated holds a few hundred pairs of 65,536); every
+        UTF-16 unit, for another. A text of other characters too is read
+        for the pairs with each of those as "?", in no literal."""
+        raw = coded.one_byte
         seen = np.zeros(1 << 16, dtype=np.intp)
         for offset in (0, 1)[: len(raw)]:  # the pairs at even and odd offsets, two bytes each
             pairs = np.frombuffer(raw, dtype=">u2", count=(len(raw) - offset) // 2, offset=offset)
             seen += np.bincount(pairs, minlength=1 << 16)
         whole = np.logical_and.reduceat(seen[self.codes] > 0, self.firsts).tolist()
-        return sorted(self.singles + [w for w, ok in zip(self.paired, whole, strict=True) if ok])
+        possible = self.singles + [w for w, ok in zip(self.paired, whole, strict=True) if ok]
+        if coded.latin1 is None and self.others:
+            held = coded.held
+            others = zip(self.others, self.units, strict=True)
+            possible += [word for word, units in others if held[units].all()]
+        return sorted(possible)
 
 
 # Every literal a rule's match needs: one of each of its groups (and one of its
@@ -515,13 +621,14 @@ class _Present:
     common word costs hits only in the piece it is first found in, and a
     literal the text lacks costs nothing but the pass (a scan per absent
     literal costs half a millisecond a megabyte, and a text dense in the
-    rules' words lacks dozens). In a Latin-1 text, only the literals all of
-    whose pairs of characters occur are looked for
-    (:meth:`_Literals.possible`). ``leads``: the rules' leads looked for too
-    (their places were not gathered: too dense)."""
+    rules' words lacks dozens). Only the literals that may occur are looked
+    for (:meth:`_Literals.possible`). ``leads``: the rules' leads looked for too
+    (their places were not gathered: too dense). ``coded``: the text read,
+    when made already (:class:`_Coded`)."""
 
-    def __init__(self, text: str, leads: bool) -> None:
+    def __init__(self, text: str, leads: bool, coded: _Coded | None = None) -> None:
         self.text = text
+        self.coded = _Coded(text) if coded is None else coded
         self.literals = _ALL_LITERALS if leads else _GROUP_LITERALS
         self.leads = leads
         self.seen: dict[str, bool] = {}
@@ -544,8 +651,7 @@ class _Present:
 
     def _read(self) -> set[str]:
         text, found = self.text, set[str]()
-        raw = _latin1(text)
-        left = self.literals.names if raw is None else self.literals.possible(raw)
+        left = self.literals.possible(self.coded)
         automaton, at, size = _literal_automaton(left), 0, _FIRST_PIECE
         while left and at < len(text):
             # Each literal starting in the piece ends in it (plus a literal's length).

@@ -96,6 +96,7 @@ class Views:
     origin: Origin | None
     hidden: list[str] = field(default_factory=list)  # texts decoded from tag/VS runs
     findings: list[Finding] = field(default_factory=list)
+    wide_spaces: bool = False  # visible holds whitespace past ASCII (U+00A0, U+3000…)
 
     def named(self) -> tuple[tuple[str, str], ...]:
         """Each view by its name (a rule's ``view``)."""
@@ -311,7 +312,9 @@ def text_views(text: str) -> Views:
     if styled >= 5:
         findings.append(Finding("homoglyph.styled-letters", "homoglyph", 15))
     folded = _leet(folded)
-    return Views(visible, *_single_spaced(plain, folded, origin, codes, tally), hidden, findings)
+    wide = any(ch.isspace() and not ch.isascii() for ch in distinct)
+    spaced = _single_spaced(plain, folded, origin, codes, tally)
+    return Views(visible, *spaced, hidden, findings, wide)
 
 
 _SPACE_RUN = re.compile(r"\s{2,}")
@@ -440,7 +443,9 @@ def _mixed_words(plain: str, alphabet: Iterable[str], most: int) -> int:
             )
         codes = np.frombuffer(plain.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         kind = kinds[codes]
-        edges = np.diff((kind & _MIXED_WORD).view(np.int8), prepend=0, append=0)
+        # int8 ends: a Python 0 would make the whole difference int64 (8 bytes a character).
+        zero = np.int8(0)
+        edges = np.diff((kind & _MIXED_WORD).view(np.int8), prepend=zero, append=zero)
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         if not starts.size:
             return 0
