@@ -103,6 +103,28 @@ class Views:
         return (("visible", self.visible), ("plain", self.plain), ("folded", self.folded))
 
 
+def unmarked(text: str) -> str:
+    """``text`` with the marks over its Latin letters taken off, and combining
+    marks left alone dropped: "ïgnörë" reads "ignore", as does "i\u0308gnore"
+    (canonical decomposition, UAX #15; a letter of another script keeps its
+    marks: "й" is not "и"). The rules' views read letters so, and the rules
+    are written so (:func:`bastion.safety.injection.rules._r`): "règles" and
+    "regles" are one spelling."""
+    if text.isascii():
+        return text
+    return "".join(map(_unmarked_char, text))  # short: a character's piece, a pattern
+
+
+def _unmarked_char(c: str) -> str:
+    if "\u0300" <= c <= "\u036f":
+        return ""
+    parts = unicodedata.normalize("NFD", c)
+    base, marks = parts[0], parts[1:]
+    if base.isascii() and base.isalpha() and marks and all(map(unicodedata.combining, marks)):
+        return base
+    return c
+
+
 def _latin1(text: str) -> bytes | None:
     """``text`` as Latin-1 bytes (one per character), or None when it has others."""
     try:
@@ -280,7 +302,7 @@ def text_views(text: str) -> Views:
         if not ch.isascii() and norm != ch and norm.isascii() and norm.isalnum():
             # Fullwidth or mathematical letters spelling ASCII.
             styled += visible.count(ch) if tally is None else int(tally[ord(ch)])
-        piece = norm.casefold()
+        piece = unmarked(norm.casefold())
         plain_map[ord(ch)] = piece
         conf = _CONFUSABLES.get(piece) or _CONFUSABLES.get(ch)
         fold_map[ord(ch)] = conf.lower() if conf else piece

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from bastion.safety.injection.normalise import unmarked
+
 _GAP = r"(?:\W+\w+){0,3}?\W+"  # up to three filler words ("ignore all of the previous…")
 _CJK_GAP = r".{0,6}?"
 
@@ -62,14 +64,15 @@ def _r(
     *,
     leads: str,
 ) -> Rule:
+    words = leads.split("|")
     if view != "visible":
         # The views read a run of whitespace as one space or line break: a
-        # space in a pattern is either (no pattern has one in a class).
-        pattern = pattern.replace(" ", r"\s")
+        # space in a pattern is either (no pattern has one in a class). They
+        # read Latin letters without their marks: so are the rules written.
+        pattern = unmarked(pattern).replace(" ", r"\s")
+        words = list(dict.fromkeys(map(unmarked, words)))
     compiled = re.compile(_possessive(pattern), re.S)
-    return Rule(
-        rule, category, weight, compiled, view, tuple(leads.split("|")), "(?#line)" in pattern
-    )
+    return Rule(rule, category, weight, compiled, view, tuple(words), "(?#line)" in pattern)
 
 
 _IGNORE = (
@@ -360,7 +363,7 @@ RULES: tuple[Rule, ...] = (
         r"|(?:निर्देशों|निर्देश)\w*(?:\W+\w+){0,2}?\W+(?:अनदेखा|नज़रअंदाज़|भूल)"
         r"|\bbỏ\s+qua\b(?:\W+\w+){0,3}?\W+(?:hướng\s+dẫn|chỉ\s+dẫn|lệnh)",
         "plain",
-        leads="تجاهل|انس|निर्देश|bỏ",
+        leads="تجاهل|انس|निर्देश|bỏ qua",
     ),
     # system prompt extraction
     _r(
