@@ -9,8 +9,9 @@ judges the left-out set as written (user turns and retrieved documents). The
 model trained on none of them judges every set the same way. Session 13 chose
 to train on all six sets by this comparison (a variant's false positives must
 not exceed the model's without them). Session 14 ran it over ten sets (four
-more, ``injection_data.UNTRAINED_SETS``) and kept the six: trained on ten, the
-screen caught fewer attacks on the sets left out (908 of 1,800 against 970).
+more, t4-t7) and kept the six: trained on ten, the screen caught fewer attacks
+on the sets left out (908 of 1,800 against 970). Since session 17 the sets are
+added by a rule judged on sets no variant saw (``injection_data.AUTHOR_SETS``).
 
 Run: .venv/bin/python bench/injection_authors.py   (about fifteen minutes)
 """

@@ -128,28 +128,28 @@ def _author(name: str, kind: str) -> list[str]:
 
 AUTHOR_SETS = (
     "s11", "s12", "s13", "t1", "t2", "t3", "s14", "s15", "s16", "s17", "s18", "u1", "u2",
+    "t4", "t5", "t6", "t7", "u3", "u4", "u5", "u6", "u7", "u8",
 )  # fmt: skip
 """The other authors' sets trained on: s11-s13 were held out in sessions 11 and
 12, s14-s18 in sessions 13 to 15 (each scored once as the clean figure, then a
-development set); t1-t3 were written as training data in session 13, u1-u2 in
-session 16, each to its own brief. s14-s17 are trained on since session 15:
-under a rule written before, the model with them caught 549 of t4-t7's 800
-attacks (which neither model saw) at 36 of their 800 hard negatives, against
-490 at 34 without them. s18, u1 and u2 since session 16, under a rule revised
-after a first variant and checked on two sets no model saw (u3-u4, t4-t7):
-attacks caught less three times the hard negatives flagged rose from 176 to
-180 (u3-u4) and from 441 to 455 (t4-t7), with fewer of both caught
-(``src/bastion/safety/injection/DATA.md``)."""
+development set); t1-t7 were written as training data in sessions 13 and 14,
+u1-u8 in session 16, each to its own brief. Each was added under a rule
+written before its model was trained and judged on sets it never saw
+(``src/bastion/safety/injection/DATA.md``): s14-s17 in session 15 (t4-t7:
+549 of 800 attacks at 36 of 800 hard negatives, against 490 at 34); s18, u1
+and u2 in session 16 (attacks caught less three times the hard negatives
+flagged, on u3-u4: 176 to 180; on t4-t7: 441 to 455); t4-t7 and u3-u8 in
+session 17 (v1-v2, two new authors: 184 to 200, 245 of 400 attacks at 15 of
+400 hard negatives against 247 at 21; with t4-t7, u3 and u4 only: 173)."""
 
-UNTRAINED_SETS = ("t4", "t5", "t6", "t7", "u3", "u4", "u5", "u6", "u7", "u8")
-"""Written as training data, each to its own brief, and not trained on: t4-t7
-in session 14, u3-u8 in session 16 (u3-u4: the sets session 16's retrain was
-judged on; u5-u8, written at its end, for the next decision). Session 14's
-comparison, each set screened with a model that never saw it: trained on all
-ten sets, 908 of the 1,800 attacks at 40 of the 1,800 hard negatives; trained
-on the six, 970 at 58. Its rule, written before, asked for more attacks
-caught. The model shipped never saw them: ``bench/injection.py`` screens them
-as written, a cross-author figure."""
+UNTRAINED_SETS = ("v1", "v2")
+"""Written by two more authors in session 17, each to its own brief, and not
+trained on: the sets session 17's retrain was judged on (v1: orders to agents
+in documents and paraphrased extraction, against questions about the
+assistant and talk that quotes injection text; v2: attacks a phrase list
+would miss, against imperative documents for humans). ``bench/injection.py``
+screens them with the shipped model, which never saw them: a decision
+figure, not a clean one."""
 
 
 def _tickets() -> list[str]:

@@ -283,7 +283,7 @@ def _per_window(groups: dict[tuple[str, int], list[Layer]], size: int) -> Iterab
 
 def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
     """(kind, decoded text, start, end) for encoded runs that decode to readable text.
-    ``text``, ``wide``: as :func:`_candidates`'."""
+    ``text``, ``wide``: as in :func:`_candidates`."""
     groups: dict[tuple[str, int], list[Layer]] = {}
     tries: dict[tuple[str, int], int] = {}
     base64 = True  # base64's signature somewhere (the first kind)
