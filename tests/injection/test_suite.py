@@ -74,7 +74,28 @@ def test_false_positive_rate_per_category(measured: dict[tuple[str, str], corpus
     assert corpus.totals(measured, "benign").rate <= 0.01
 
 
-@pytest.mark.parametrize("case", HANDWRITTEN, ids=[c.id for c in HANDWRITTEN])
+# Hand-written hard negatives the screen flags by design since a change that
+# closed an attack: each with the trade it stands for.
+KNOWN_TRADES = {
+    "benign-tickets-en-118": "a known trade (issue 15, session 17): a whole attack in quotes "
+    "in a document counts in full whatever words frame it (else 'Example: \"<attack>\"' "
+    "passed), so a retrieved report quoting one is dropped",
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            case,
+            id=case.id,
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_TRADES[case.id])]
+            if case.id in KNOWN_TRADES
+            else [],
+        )
+        for case in HANDWRITTEN
+    ],
+)
 def test_handwritten_case(case: corpus.Case) -> None:
     verdict = screen(case.text, case.source)
     if case.kind == "attack":
