@@ -508,6 +508,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("demo/tickets", 0, _tickets()),
         ("fresh/s19-attacks", 1, _fresh("s19", "attack")),
         ("fresh/s19-benign", 0, _fresh("s19", "benign")),
+        ("fresh/s20-attacks", 1, _fresh("s20", "attack")),
+        ("fresh/s20-benign", 0, _fresh("s20", "benign")),
     ]
 
 
