@@ -105,6 +105,29 @@ def _behind(*words: str) -> str:
     )
 
 
+def _not_behind(*words: str) -> str:
+    """Look-behinds that fail where one of ``words`` (a whole word) and a space
+    or line break come just before: one per length of word (a look-behind is
+    of one width), so that a try costs a few of them."""
+    by_length: dict[int, list[str]] = {}
+    for word in words:
+        by_length.setdefault(len(word), []).append(word)
+    return "".join(
+        f"(?<!\\b(?:{'|'.join(group)})\\s)" for _length, group in sorted(by_length.items())
+    )
+
+
+# French auxiliaries (avoir) and adverbs that come before a past participle:
+# "j'ai oublié", "il a ignoré", "tu as déjà oublié", "on n'a pas ignoré" (the
+# views read words without their marks: "deja").
+_FR_AUXILIARIES = (
+    "ai", "a", "as", "avons", "avez", "ont", "avais", "avait", "avions", "aviez", "avaient",
+    "aurai", "aura", "auras", "aurons", "aurez", "auront", "aurais", "aurait", "aurions",
+    "auriez", "auraient", "pas", "jamais", "deja", "bien", "tout", "completement", "presque",
+    "vite",
+)  # fmt: skip
+
+
 # Sending a bulk of data, per language (``exfil.send-data-multilingual``).
 _SEND_ML = (
     # "send", "mail" and "export" are the English rule's leads too (one hit, two rules).
@@ -291,9 +314,15 @@ RULES: tuple[Rule, ...] = (
         "override.fr",
         "override",
         55,
-        # Not reported speech ("elle m'a dit d'ignorer les consignes de l'ancien chef").
+        # Not reported speech ("elle m'a dit d'ignorer les consignes de l'ancien chef"),
+        # nor a past participle after its auxiliary ("j'ai oublié les consignes": the
+        # views read "oublie", marks taken off; "à ignorer" is an infinitive).
         r"(?<!dit d['\u2019])(?<!dit de )(?<!demandé d['\u2019])(?<!demandé de )"
-        r"\b(?:ignore[zr]?|oublie[zr]?|néglige[zr]?|ne\s+tiens\s+pas\s+compte\s+de?)\s+"
+        r"\b(?:ignore[zr]|oublie[zr]|néglige[zr]|ne\s+tiens\s+pas\s+compte\s+de?"
+        # The bare form, once its article follows (most tries fail there first).
+        r"|(?=\w+\s+(?:\w+ment\s+)?(?:toutes\s+|tous\s+)?(?:les|tes|vos|ces|des)\s)"
+        + _not_behind(*_FR_AUXILIARIES)
+        + r"(?:ignore|oublie|néglige))\s+"
         r"(?:\w+ment\s+)?(?:toutes\s+|tous\s+)?(?:les|tes|vos|ces|des)\s+(?:\w+\s+){0,2}?"
         r"(?:instructions?|consignes?|règles|regles|directives?|ordres|indications)\b",
         "folded",
