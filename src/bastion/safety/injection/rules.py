@@ -333,7 +333,11 @@ RULES: tuple[Rule, ...] = (
         "override",
         55,
         r"(?<!detto di )(?<!chiesto di )"  # Italian reported speech ("mi ha detto di ignorare")
-        r"\b(?:ignor|olvid|esqueç|esquec|dimentic|descart|omit|desconsider)\w*\b(?:\W+\w+){0,4}?\W+"
+        r"\b(?:ignor|olvid|esqueç|esquec|dimentic|descart|omit|desconsider)"
+        # Not a participle, a past or a first person: told, not said ("ho dimenticato
+        # le istruzioni", "él ignoró las reglas", "ignoro las instrucciones").
+        r"(?!(?:ado|ada|ados|adas|ido|ida|idos|idas|ato|ata|ati|aste|amos|aron|ai|o)\b)"
+        r"\w*\b(?:\W+\w+){0,4}?\W+"
         r"(?:instrucciones|instruções|instrucoes|istruzioni|reglas|regras|regole|órdenes|indicaciones|"
         r"indicazioni|directrices|diretrizes)\b",
         "folded",
