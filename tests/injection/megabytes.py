@@ -166,6 +166,21 @@ def _keyword_line(rng: random.Random) -> str:
     return "ignore the noise in [x] data, " * 34_000
 
 
+def _code(rng: random.Random) -> str:
+    # Source code: identifiers of one to four words joined by "_" or in
+    # camelCase (the views read three or more as words: a layer per window).
+    words = [*_WORDS[:20], "system", "admin", "mode", "user", "config"]
+    lines = []
+    for _ in range(14_000):
+        snake = "_".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
+        camel = "".join(rng.choice(words).title() for _ in range(rng.randint(2, 4)))
+        lines.append(
+            f"    {snake} = {camel}(self.{rng.choice(words)}_{rng.choice(words)}, "
+            f"limit={rng.randint(1, 99)})  # the {rng.choice(words)} of the {rng.choice(words)}\n"
+        )
+    return "".join(lines)
+
+
 def _empty_images(rng: random.Random) -> str:
     # Markdown images without an address: a low-weight finding in every sentence.
     return "see ![chart]() and ![diagram][] below. " * 26_000
@@ -186,6 +201,7 @@ KINDS: dict[str, Callable[[random.Random], str]] = {
     "keyword prose": _keyword_prose,
     "keyword line": _keyword_line,
     "empty images": _empty_images,
+    "code": _code,
 }
 
 

@@ -2,7 +2,8 @@
 
 :func:`text_views` reads a text as ``visible`` (zero-width and bidi controls,
 Unicode tags and variation selectors removed; what tag and selector runs
-smuggle kept aside as ``hidden``), ``plain`` (NFKC, casefolded) and ``folded``
+smuggle kept aside as ``hidden``), ``plain`` (NFKC, casefolded, an underscore
+read as a space: "ignore_all_previous" is words, as in prose) and ``folded``
 (confusables folded to Latin, Unicode TS #39, and leetspeak undone). What the
 normalisation finds on its way (invisible characters, mixed scripts, styled
 letters) are the text's first findings (:class:`Finding`). A long text takes paths in
@@ -198,6 +199,68 @@ def _decode_vs(run: str) -> str:
     return out.decode("utf-8", "replace")
 
 
+# Words joined by underscores ("ignore_all_previous_instructions") are read as
+# words where they make three or more, with the words single spaces join to
+# them: a sentence written with underscores, or an identifier in a sentence.
+# Two joined alone are an identifier ("ADMIN_OVERRIDE=false", "system_prompt:"),
+# as config and code write them, and are left as they are.
+_JOINED = re.compile(r"[^\W_]+(?:[ _][^\W_]+){2,}")
+# Per code point: 1 a word character (every one past Latin-1 counts so), 2 "_", 3 " ".
+_JOIN_CLASSES = np.array(
+    [2 if b == 95 else 3 if b == 32 else int(chr(b).isalnum()) for b in range(256)] + [1],
+    dtype=np.uint8,
+)
+
+
+def _words_joined(text: str, like: str | None = None) -> str:
+    """``text`` with the underscores of words joined (:data:`_JOINED`) read as
+    spaces; ``like``: where those are, when already read (a view as long as it)."""
+    if "_" not in text:
+        return text
+    if like is not None:
+        return (
+            "".join(" " if c == "_" and d == " " else c for c, d in zip(text, like, strict=True))
+            if len(text) <= 2 * _WINDOW
+            else _set_spaces(text, _points(like) == 32)
+        )
+    if len(text) <= 2 * _WINDOW:
+        pieces: list[str] = []
+        at = 0
+        for run in _JOINED.finditer(text):
+            if "_" in run.group(0):
+                pieces += (text[at : run.start()], run.group(0).replace("_", " "))
+                at = run.end()
+        return "".join(pieces) + text[at:] if pieces else text
+    # A long text in numpy: a joint is a space or "_" between two word characters;
+    # a run ends at anything else, and counts the joints in it.
+    points = _points(text)
+    classes = _JOIN_CLASSES[points if points.dtype == np.uint8 else np.minimum(points, 256)]
+    word = classes == 1
+    joint = np.zeros(len(points), dtype=bool)
+    joint[1:-1] = (classes[1:-1] >= 2) & word[:-2] & word[2:]
+    under = np.flatnonzero(joint & (classes == 2))
+    if not under.size:
+        return text
+    # Each underscore's run: between the breaks around it (the text's ends count).
+    breaks = np.concatenate(([-1], np.flatnonzero(~(word | joint)), [len(points)]))
+    joints = np.concatenate(([0], np.cumsum(joint)))
+    after = np.searchsorted(breaks, under)
+    under = under[joints[breaks[after]] - joints[breaks[after - 1] + 1] >= 2]
+    if not under.size:
+        return text
+    spaces = np.zeros(len(points), dtype=bool)
+    spaces[under] = True
+    return _set_spaces(text, spaces)
+
+
+def _set_spaces(text: str, where: np.ndarray[Any, Any]) -> str:
+    out = _points(text).copy()
+    out[where & (out == 95)] = 32
+    if out.dtype == np.uint8:
+        return out.tobytes().decode("ascii")
+    return out.tobytes().decode("utf-32-le", "surrogatepass")
+
+
 _Codes = np.ndarray[Any, np.dtype[np.uint32]]
 _Tally = np.ndarray[Any, np.dtype[np.intp]]
 
@@ -278,7 +341,7 @@ def text_views(text: str) -> Views:
             work = work.translate(_DROP_BIDI)
     visible = work
     if visible.isascii():
-        plain = visible.lower()
+        plain = _words_joined(visible.lower())
         folded = _leet(plain)
         return Views(visible, *_single_spaced(plain, folded, None), hidden, findings)
     # Per distinct character (a few hundred at most), not per character: the
@@ -333,6 +396,11 @@ def text_views(text: str) -> Views:
         findings.append(Finding("homoglyph.mixed-script", "homoglyph", 45 if mixed > 2 else 35))
     if styled >= 5:
         findings.append(Finding("homoglyph.styled-letters", "homoglyph", 15))
+    if "_" in plain:
+        split = _words_joined(plain)
+        if split is not plain:  # the same places in folded (as long as plain)
+            folded = split if folded is plain else _words_joined(folded, split)
+            plain, codes = split, None  # ``codes`` no longer tell plain's whitespace
     folded = _leet(folded)
     wide = any(ch.isspace() and not ch.isascii() for ch in distinct)
     spaced = _single_spaced(plain, folded, origin, codes, tally)

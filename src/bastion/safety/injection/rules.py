@@ -67,7 +67,7 @@ def _r(
     words = leads.split("|")
     if view != "visible":
         # The views read a run of whitespace as one space or line break: a
-        # space in a pattern is either (no pattern has one in a class). They
+        # space in a pattern is either (in a class too). They
         # read Latin letters without their marks: so are the rules written.
         pattern = unmarked(pattern).replace(" ", r"\s")
         words = list(dict.fromkeys(map(unmarked, words)))
@@ -931,9 +931,11 @@ RULES: tuple[Rule, ...] = (
         "delimiter.chat-template",
         "delimiter",
         45,
-        r"<\|(?:im_start|im_end|endoftext|system|user|assistant|begin_of_text|eot_id|start_header_id)\|>"
-        r"|\[/?inst\]|<<\s*/?sys\s*>>|<start_of_turn>|<\|?end_of_turn\|?>",
-        leads="<|[inst|[/inst|<<|<start_of_turn>|<end_of_turn",
+        # "[_ ]": the views read three words joined by "_" as words (normalise._JOINED).
+        r"<\|(?:im_start|im_end|endoftext|system|user|assistant|begin[_ ]of[_ ]text|eot_id"
+        r"|start[_ ]header[_ ]id)\|>"
+        r"|\[/?inst\]|<<\s*/?sys\s*>>|<start[_ ]of[_ ]turn>|<\|?end[_ ]of[_ ]turn\|?>",
+        leads="<|[inst|[/inst|<<|<start_of_turn>|<start of turn>|<end_of_turn|<end of turn",
     ),
     _r(
         "delimiter.fake-system",
@@ -1164,7 +1166,9 @@ RULES: tuple[Rule, ...] = (
         "exfil.link-with-placeholder",
         "exfiltration",
         30,
-        r"\]\(\s*<?(?:https?:)?//[^()\s\]]{0,300}(?:\[[a-z_]{1,20}\]|\{[a-z_]{1,20}\}|\$\{?[a-z_]{1,20})"
+        # "[a-z_ ]": the views read three words joined by "_" as words (normalise._JOINED).
+        r"\]\(\s*<?(?:https?:)?//[^()\s\]]{0,300}"
+        r"(?:\[[a-z_ ]{1,20}\]|\{[a-z_ ]{1,20}\}|\$\{?[a-z_]{1,20})"
         r"|\breplac\w*\s+\[[a-z_]{1,20}\]\s+with\b",
         "plain",
         leads="](|replac",
