@@ -510,6 +510,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("fresh/s19-benign", 0, _fresh("s19", "benign")),
         ("fresh/s20-attacks", 1, _fresh("s20", "attack")),
         ("fresh/s20-benign", 0, _fresh("s20", "benign")),
+        ("fresh/s21-attacks", 1, _fresh("s21", "attack")),
+        ("fresh/s21-benign", 0, _fresh("s21", "benign")),
     ]
 
 

@@ -205,7 +205,7 @@ def test_the_alone_threshold_holds_on_benign_sources_never_trained_on() -> None:
     # out-of-fold scores (every training source group scored by a model that
     # never saw it), so the false-positive budget holds on sources it never
     # saw: the suite's hard negatives, the demo's tickets, held-out benign sets
-    # and a tenth author's hard negatives. The classifier alone, then the
+    # and the tenth to twelfth authors' hard negatives. The classifier alone, then the
     # whole screen. (At the lower threshold it only corroborates a rule's
     # finding of intent: bench/injection.py prints that rate.)
     model = classifier.model()
