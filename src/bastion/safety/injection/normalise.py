@@ -2,8 +2,8 @@
 
 :func:`text_views` reads a text as ``visible`` (zero-width and bidi controls,
 Unicode tags and variation selectors removed; what tag and selector runs
-smuggle kept aside as ``hidden``), ``plain`` (NFKC, casefolded, an underscore
-read as a space: "ignore_all_previous" is words, as in prose) and ``folded``
+smuggle kept aside as ``hidden``), ``plain`` (NFKC, casefolded, three or more
+words joined by underscores read as words: :func:`_words_joined`) and ``folded``
 (confusables folded to Latin, Unicode TS #39, and leetspeak undone). What the
 normalisation finds on its way (invisible characters, mixed scripts, styled
 letters) are the text's first findings (:class:`Finding`). A long text takes paths in
