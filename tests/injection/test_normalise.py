@@ -245,9 +245,23 @@ def test_words_joined_by_underscores_are_read_alike_in_a_long_text() -> None:
         "se\u00f1or_ignora_las_reglas",
         "sort(keys, ignore_case=True)",
         "fin_\u0434\u0430_\u043d\u0435\u0442",
+        "x_y\u2003z",  # a wide space past Latin-1 joins too
+        "a _b c_d",
+        "ignore_previous  instructions",
+        "en production\nADMIN_OVERRIDE",
+        "x\u2028y_z w",
     ]
-    text = "\n".join(lines[i % len(lines)] for i in range(4 * _WINDOW // 10))
+    # ";" ends a run: the long text reads as its pieces read one by one. Whitespace
+    # in a line joins words (a tab, two spaces), as in "ignore_previous  rules"; a
+    # line break does not (a config file's keys, one a line).
+    pieces = [lines[i % len(lines)] + "\t ab  cd\n" * (i % 2) for i in range(4 * _WINDOW // 10)]
+    text = ";".join(pieces)
     assert len(text) > 2 * _WINDOW
-    assert _words_joined(text) == "\n".join(_words_joined(line) for line in text.split("\n"))
+    assert _words_joined(text) == ";".join(_words_joined(piece) for piece in pieces)
+    ascii_pieces = [piece for piece in pieces if piece.isascii()]  # the one-byte path too
+    ascii_text = ";".join(ascii_pieces)
+    assert len(ascii_text) > 2 * _WINDOW
+    assert _words_joined(ascii_text) == ";".join(map(_words_joined, ascii_pieces))
     assert "ignore all previous instructions" in _words_joined(text)
     assert "admin_override" in _words_joined(text)
+    assert "production\nADMIN_OVERRIDE" in _words_joined(text)  # one a line: left as it is

@@ -200,16 +200,22 @@ def _decode_vs(run: str) -> str:
 
 
 # Words joined by underscores ("ignore_all_previous_instructions") are read as
-# words where they make three or more, with the words single spaces join to
-# them: a sentence written with underscores, or an identifier in a sentence.
-# Two joined alone are an identifier ("ADMIN_OVERRIDE=false", "system_prompt:"),
-# as config and code write them, and are left as they are.
-_JOINED = re.compile(r"[^\W_]+(?:[ _][^\W_]+){2,}")
-# Per code point: 1 a word character (every one past Latin-1 counts so), 2 "_", 3 " ".
-_JOIN_CLASSES = np.array(
-    [2 if b == 95 else 3 if b == 32 else int(chr(b).isalnum()) for b in range(256)] + [1],
-    dtype=np.uint8,
-)
+# words where they make three or more, with the words whitespace in a line
+# joins to them: a sentence written with underscores, or an identifier in a
+# sentence. Two joined alone are an identifier ("ADMIN_OVERRIDE=false",
+# "system_prompt:"), as config and code write them, one a line, and are left as they are.
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # str.splitlines's
+_JOINED = re.compile(rf"[^\W_]+(?:(?:[^\S{_LINE_BREAKS}]+|_)[^\W_]+){{2,}}")
+
+
+def _join_class(c: str) -> int:
+    """1 a word character (as the regex's ``[^\\W_]``), 2 "_", 3 whitespace in a
+    line, 0 any other."""
+    return 2 if c == "_" else 3 if c.isspace() and c not in _LINE_BREAKS else int(c.isalnum())
+
+
+_JOIN_TABLE = bytes(_join_class(chr(b)) for b in range(256))
+_JOIN_CLASSES = np.frombuffer(_JOIN_TABLE, dtype=np.uint8)
 
 
 def _words_joined(text: str, like: str | None = None) -> str:
@@ -231,26 +237,52 @@ def _words_joined(text: str, like: str | None = None) -> str:
                 pieces += (text[at : run.start()], run.group(0).replace("_", " "))
                 at = run.end()
         return "".join(pieces) + text[at:] if pieces else text
-    # A long text in numpy: a joint is a space or "_" between two word characters;
-    # a run ends at anything else, and counts the joints in it.
-    points = _points(text)
-    classes = _JOIN_CLASSES[points if points.dtype == np.uint8 else np.minimum(points, 256)]
-    word = classes == 1
-    joint = np.zeros(len(points), dtype=bool)
-    joint[1:-1] = (classes[1:-1] >= 2) & word[:-2] & word[2:]
-    under = np.flatnonzero(joint & (classes == 2))
-    if not under.size:
+    # A long text in numpy, as the regex reads it: a joint is a stretch between
+    # two words that is whitespace or one "_"; a run of three words or more is
+    # one whose "_" has a joint next to it (the stretch before the word on its
+    # left or after the word on its right).
+    classes = _classes_of(_points(text))
+    nonword = classes != 1
+    change = np.flatnonzero(nonword[1:] != nonword[:-1]) + 1
+    starts = change[nonword[change]]  # where each stretch between two words starts
+    ends = change[~nonword[change]]  # and ends
+    if nonword[0]:
+        ends = ends[1:]  # the stretch before the first word joins nothing
+    if nonword[-1]:
+        starts = starts[:-1]  # nor the one after the last
+    one = ends - starts == 1  # most stretches: read by their one character
+    spaced = one & (classes[starts] == 3)
+    if not one.all():  # wider ones: whitespace when no other character lies in them
+        other = np.flatnonzero((classes == 0) | (classes == 2))
+        wide = np.flatnonzero(~one)
+        first = np.searchsorted(other, starts[wide])
+        spaced[wide] = (first == len(other)) | (
+            other[np.minimum(first, len(other) - 1)] >= ends[wide]
+        )
+    under = one & (classes[starts] == 2)
+    joint = spaced | under
+    beside = np.zeros(len(joint), dtype=bool)
+    beside[1:] |= joint[:-1]
+    beside[:-1] |= joint[1:]
+    chosen = starts[under & beside]
+    if not chosen.size:
         return text
-    # Each underscore's run: between the breaks around it (the text's ends count).
-    breaks = np.concatenate(([-1], np.flatnonzero(~(word | joint)), [len(points)]))
-    joints = np.concatenate(([0], np.cumsum(joint)))
-    after = np.searchsorted(breaks, under)
-    under = under[joints[breaks[after]] - joints[breaks[after - 1] + 1] >= 2]
-    if not under.size:
-        return text
-    spaces = np.zeros(len(points), dtype=bool)
-    spaces[under] = True
-    return _set_spaces(text, spaces)
+    where = np.zeros(len(classes), dtype=bool)
+    where[chosen] = True
+    return _set_spaces(text, where)
+
+
+def _classes_of(points: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Each code point's :func:`_join_class` (those past Latin-1: per distinct one)."""
+    if points.dtype == np.uint8:  # a byte per character: read in C
+        return np.frombuffer(points.tobytes().translate(_JOIN_TABLE), dtype=np.uint8)
+    classes: np.ndarray[Any, Any] = _JOIN_CLASSES[np.minimum(points, 255)]
+    high = points > 255
+    if high.any():
+        distinct = np.unique(points[high])
+        kinds = np.array([_join_class(chr(c)) for c in distinct.tolist()], dtype=np.uint8)
+        classes[high] = kinds[np.searchsorted(distinct, points[high])]
+    return classes
 
 
 def _set_spaces(text: str, where: np.ndarray[Any, Any]) -> str:
