@@ -18,6 +18,7 @@ import html
 import re
 import string
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import unquote
 
 import numpy as np
@@ -38,7 +39,9 @@ _SLOW_KINDS = frozenset({"base85", "morse"})
 _CONTEXT = 256
 _MAX_BLOB = 65_536
 
-_BASE64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+# Tried only where a run starts (the same matches: a run too short from its start
+# is too short from any place in it), not again at each of its characters.
+_BASE64 = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{16,}={0,2}")
 _BASE32 = re.compile(r"(?<![A-Za-z0-9])[A-Z2-7]{16,}={0,6}")
 _BASE85 = re.compile(r"<~[!-u\s]{10,}~>|(?<!\S)[!-~]{20,}(?!\S)")  # ascii85 or RFC 1924
 _HEX = re.compile(r"[0-9a-fA-F]{24,}|(?:[0-9a-fA-F]{2}[\s:,]){11,}[0-9a-fA-F]{2}")
@@ -66,6 +69,13 @@ _UNICODE_ESCAPE = re.compile(
     re.I,
 )
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# Each alphabet's characters deleted: a blob of one alphabet leaves nothing
+# (RFC 1924's; Ascii85's "!" to "u" and "z", whitespace ignored by its decoder).
+_RFC1924 = (
+    string.digits + string.ascii_uppercase + string.ascii_lowercase + "!#$%&()*+-;<=>?@^_`{|}~"
+)
+_B85_ALPHABET = str.maketrans(dict.fromkeys(_RFC1924))
+_A85_ALPHABET = str.maketrans(dict.fromkeys([*map(chr, range(33, 118)), "z", *" \t\n\r\v"]))
 _SPACED = re.compile(r"(?<![^\W_])(?:[^\W\d_](?: {1,3}|[.\-_*|] ?)){3,}[^\W\d_](?![^\W_])")
 
 
@@ -138,10 +148,16 @@ def _blob_bytes(kind: str, blob: str) -> bytes:
             return base64.a85decode(blob, adobe=True)
         if "/" in blob and "://" in blob:
             raise ValueError("a URL, not an encoding")
-        try:
-            return base64.b85decode(blob)
-        except ValueError:
-            return base64.a85decode(blob)
+        # A character outside a decoder's alphabet fails it: not run (in Python,
+        # they cost most of a megabyte of source code, whose every token is a candidate).
+        if not blob.translate(_B85_ALPHABET):
+            try:
+                return base64.b85decode(blob)
+            except ValueError:
+                pass
+        if blob.translate(_A85_ALPHABET):
+            raise ValueError("outside both alphabets")
+        return base64.a85decode(blob)
     if kind == "hex":
         digits = re.sub(r"[\s:,]", "", blob)
         return binascii.unhexlify(digits[: (len(digits) // 2) * 2])
@@ -281,6 +297,70 @@ def _per_window(groups: dict[tuple[str, int], list[Layer]], size: int) -> Iterab
             yield kind, "\n".join(run[1] for run in runs), runs[0][2], runs[-1][3]
 
 
+def _tried(tries: dict[tuple[str, int], int], window: tuple[str, int]) -> bool:
+    """True for the first :data:`_SLOW_TRIES` candidates of a window (counted in ``tries``)."""
+    tries[window] = tries.get(window, 0) + 1
+    return tries[window] <= _SLOW_TRIES
+
+
+# Base85 and Ascii85 are decoded in Python (base64's modules): in a megabyte of
+# source code every token of 20 characters is a candidate, and most decode to
+# bytes no text has. Many candidates are first read at once in numpy, each by
+# the decoder that would read it (RFC 1924's, or Ascii85's where that one
+# fails): those whose result overflows a group, or holds more control
+# characters than _printable allows, or is too short, are not decoded again. A
+# necessary condition only: what passes is decoded as before, so the layers
+# found are the same.
+_SIFT_FROM = 16
+_POWERS_85 = 85 ** np.arange(4, -1, -1, dtype=np.int64)
+_B85_DIGITS = np.full(256, 255, dtype=np.uint8)
+_B85_DIGITS[np.frombuffer(_RFC1924.encode(), dtype=np.uint8)] = np.arange(85, dtype=np.uint8)
+_A85_DIGITS = np.full(256, 255, dtype=np.uint8)
+_A85_DIGITS[33:118] = np.arange(85, dtype=np.uint8)
+
+
+def _sifted(matches: list[re.Match[str]]) -> list[re.Match[str]]:
+    """The base85 candidates that may decode to readable text (see above)."""
+    blobs = [m.group(0)[:_MAX_BLOB] for m in matches]
+    adobe = np.array([b.startswith("<~") for b in blobs])  # left to the decoder
+    zeros = np.array(["z" in b for b in blobs])  # Ascii85's "z": left to the decoder
+    lengths = np.array([len(b) for b in blobs], dtype=np.int64)
+    pads = -lengths % 5
+    sized = lengths + pads
+    codes = np.frombuffer(
+        "".join(b + "~" * (-len(b) % 5) for b in blobs).encode("ascii", "replace"), dtype=np.uint8
+    )
+    firsts = np.concatenate(([0], np.cumsum(sized)[:-1]))
+    padding = (np.arange(len(codes)) - np.repeat(firsts, sized)) >= np.repeat(lengths, sized)
+    groups = sized // 5
+    group_firsts = firsts // 5
+    kept_bytes = 4 * groups - pads
+    byte_firsts = 4 * group_firsts
+    offsets = np.arange(4 * len(codes) // 5) - np.repeat(byte_firsts, 4 * groups)
+    kept = offsets < np.repeat(kept_bytes, 4 * groups)
+
+    def read(table: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        digits = table[codes]
+        digits[padding] = 84  # each decoder pads with its last digit
+        values = digits.reshape(-1, 5).astype(np.int64) @ _POWERS_85
+        broken = (
+            np.add.reduceat(
+                (digits == 255).reshape(-1, 5).any(axis=1) | (values > 0xFFFFFFFF), group_firsts
+            )
+            > 0
+        )
+        out = (values[:, None] >> np.array([24, 16, 8, 0])) & 0xFF
+        out = out.reshape(-1)
+        control = kept & (((out < 32) & (out != 9) & (out != 10)) | (out == 127))
+        bad = np.add.reduceat(control, byte_firsts)
+        return ~broken, (kept_bytes >= 8) & (20 * bad < kept_bytes)
+
+    b85_reads, b85_text = read(_B85_DIGITS)
+    a85_reads, a85_text = read(_A85_DIGITS)
+    may = adobe | np.where(b85_reads, b85_text, zeros | (a85_reads & a85_text))
+    return [m for m, keep in zip(matches, may.tolist(), strict=True) if keep]
+
+
 def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
     """(kind, decoded text, start, end) for encoded runs that decode to readable text.
     ``text``, ``wide``: as in :func:`_candidates`."""
@@ -290,13 +370,13 @@ def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
     for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
         spans = _candidates(visible, kind, text, wide, base64)
         base64 = base64 and (kind != "base64" or bool(spans))
-        matches = (match for a, b in spans for match in pattern.finditer(visible, a, b))
+        matches = [match for a, b in spans for match in pattern.finditer(visible, a, b)]
+        if kind in _SLOW_KINDS:
+            matches = [m for m in matches if _tried(tries, (kind, m.start() // _WINDOW))]
+        if kind == "base85" and len(matches) > _SIFT_FROM:
+            matches = _sifted(matches)
         for match in matches:
             window = (kind, match.start() // _WINDOW)
-            if kind in _SLOW_KINDS:
-                tries[window] = tries.get(window, 0) + 1
-                if tries[window] > _SLOW_TRIES:
-                    continue
             blob = match.group(0)[:_MAX_BLOB]
             try:
                 decoded = (
