@@ -302,3 +302,17 @@ def test_base85_candidates_sifted_out_are_ones_no_decoder_reads_as_text() -> Non
     assert sum(readable) > 1000  # the encodings of text are read
     assert all(id(m) in kept for m, ok in zip(matches, readable, strict=True) if ok)
     assert len(kept) < len(blobs) - 500  # and most junk is dropped
+
+
+@pytest.mark.parametrize(
+    "other", ["", "\u00e9t\u00e9 \u03c3\u03b5 \u4e16\u754c \U0001f44b \u2014 "]
+)
+def test_leetspeak_of_a_long_text_is_undone_as_the_expression_does(other: str) -> None:
+    # A long text is folded in numpy (ASCII or not), a short one by the expression.
+    from bastion.safety.injection.normalise import _LEET, _LEET_WORD, _WINDOW, _leet_long
+
+    pieces = ["1gn0r3 all", "int32 x1 n0_w", "h3ll\u00f6 w0rld", "ab1", "a1", "pr3v10us", "3l1te"]
+    text = " ".join(other + pieces[i % len(pieces)] for i in range(3 * _WINDOW // 8))
+    assert len(text) > 2 * _WINDOW
+    expected = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
+    assert _leet_long(text) == expected and "ignore" in expected

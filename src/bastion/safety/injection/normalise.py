@@ -149,7 +149,7 @@ def _leet(text: str) -> str:
     classes = raw.translate(_LEET_CLASSES)
     if (b"ad" not in classes and b"da" not in classes) or not _LEET_HINT.search(text):
         return text
-    if len(text) <= 2 * _WINDOW or not text.isascii():
+    if len(text) <= 2 * _WINDOW:
         return _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
     return _leet_long(text)
 
@@ -167,11 +167,20 @@ _LEET_TABLE = np.frombuffer(
 
 
 def _leet_long(text: str) -> str:
-    r""":data:`_LEET_WORD`'s substitution on a long ASCII text, in numpy: a word
-    (a run of ``\w``) is folded when it is only letters and such digits, at
-    least three long, with one of each (the expression tries every position)."""
-    raw = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
-    kind = np.frombuffer(text.encode("ascii").translate(_LEET_RUNS), dtype=np.uint8)
+    r""":data:`_LEET_WORD`'s substitution on a long text, in numpy: a word (a
+    run of ``\w``) is folded when it is only letters and such digits, at least
+    three long, with one of each (the expression tries every position)."""
+    raw: np.ndarray[Any, Any]
+    if text.isascii():
+        raw = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+        kind = np.frombuffer(text.encode("ascii").translate(_LEET_RUNS), dtype=np.uint8)
+    else:  # past ASCII: a word character (4) or not (0), per distinct one
+        raw = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        kind = np.frombuffer(_LEET_RUNS, dtype=np.uint8)[np.minimum(raw, 255)]
+        high = raw > 127
+        distinct = np.unique(raw[high])
+        kinds = np.array([4 * chr(c).isalnum() for c in distinct.tolist()], dtype=np.uint8)
+        kind[high] = kinds[np.searchsorted(distinct, raw[high])]
     edges = np.diff(np.concatenate(([0], (kind > 0).view(np.int8), [0])))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     if not starts.size:
@@ -186,8 +195,10 @@ def _leet_long(text: str) -> str:
     marks[ends[chosen]] = -1  # a run ends before the next starts: never the same place
     inside = np.cumsum(marks[:-1], dtype=np.int8) > 0
     out = raw.copy()
-    out[inside] = _LEET_TABLE[raw[inside]]
-    return out.tobytes().decode("ascii")
+    out[inside] = _LEET_TABLE[raw[inside]]  # ASCII letters and digits only
+    if out.dtype == np.uint8:
+        return out.tobytes().decode("ascii")
+    return out.tobytes().decode("utf-32-le", "surrogatepass")
 
 
 def _decode_vs(run: str) -> str:
@@ -333,7 +344,10 @@ def text_views(text: str) -> Views:
         if tally is not None
         else len(work.encode("utf-16-le", "surrogatepass")) > 2 * len(work)
     )
-    if astral and _TAGS.search(work):
+    # Both lie past U+E0000: a long text's tally tells whether it holds any
+    # (a scan of a megabyte for them costs about 14 ms).
+    far = astral and (tally is None or tally.size > 0xE0000)
+    if far and _TAGS.search(work):
         kept: list[str] = []
         pos = 0
         for run in _TAGS.finditer(work):
@@ -350,7 +364,7 @@ def text_views(text: str) -> Views:
             work = "".join(kept) + work[pos:]
     if work is not text:
         tallied, tally = None, None  # the tags are gone: counted again if need be
-    selectors = not work.isascii() and (astral or _occurrences(work, tally, _BMP_SELECTORS) > 0)
+    selectors = not work.isascii() and (far or _occurrences(work, tally, _BMP_SELECTORS) > 0)
     if selectors and _VS.search(work):
         for run in _VS.findall(work):
             hidden.append(_decode_vs(run))
