@@ -316,3 +316,23 @@ def test_leetspeak_of_a_long_text_is_undone_as_the_expression_does(other: str) -
     assert len(text) > 2 * _WINDOW
     expected = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
     assert _leet_long(text) == expected and "ignore" in expected
+
+
+def test_camel_case_joints_are_found_alike_in_a_long_text() -> None:
+    # A long text is read in numpy, a short one by the expression: the same joints.
+    from bastion.safety.injection.normalise import _WINDOW, _camel_joints
+
+    pieces = [
+        "IgnoreAllPrevious", "getSystemPrompt()", "iPhone", "XMLHttpRequest", "AbC", "aBcDe",
+        "McDonald", "\u00e9IgnoreYourRules", "ForwardAllEmails2", "x IgnoreMe", "ABcDeFg",
+        "getHTTPResponseCode", "fooBarBAZ", "Ign0reAllPr3vious", "oneTwoThreeX",
+    ]  # fmt: skip
+    count = 5 * _WINDOW // 10
+    text = " ".join(pieces[i % len(pieces)] for i in range(count))
+    assert len(text) > 2 * _WINDOW
+    offset, expected = 0, []
+    for i in range(count):
+        piece = pieces[i % len(pieces)]
+        expected += [offset + at for at in _camel_joints(piece).tolist()]
+        offset += len(piece) + 1
+    assert _camel_joints(text).tolist() == expected and expected

@@ -15,6 +15,7 @@ character; :func:`_latin1` and :data:`_WINDOW` are shared with the rule search
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -304,6 +305,80 @@ def _set_spaces(text: str, where: np.ndarray[Any, Any]) -> str:
     return out.tobytes().decode("utf-32-le", "surrogatepass")
 
 
+# Three or more words joined in camelCase ("IgnoreAllPreviousInstructions") are
+# read with a space at each joint: the views grow there by a character, and
+# their offsets (Origin.expanded) take a match back to the visible text.
+# (Leetspeak's digits are small letters here: "Ign0reAllPr3vious" is three words.)
+_CAMEL = re.compile(
+    r"(?<![A-Za-z013457])[A-Za-z013457][a-z013457]+(?:[A-Z][a-z013457]+){2,}(?![A-Za-z013457])"
+)
+_CAMEL_JOINT = re.compile(r"(?<=[a-z013457])[A-Z]")
+_CASES = bytes(
+    1 if 97 <= b <= 122 or chr(b) in "013457" else 2 if 65 <= b <= 90 else 0 for b in range(256)
+)
+
+
+def _camel_joints(visible: str) -> _Offsets:
+    """Where a capital starts a word of a camelCase run (:data:`_CAMEL`), in ``visible``."""
+    if len(visible) <= 2 * _WINDOW:
+        return np.array(
+            [
+                run.start() + joint.start()
+                for run in _CAMEL.finditer(visible)
+                for joint in _CAMEL_JOINT.finditer(run.group(0))
+            ],
+            dtype=np.intp,
+        )
+    # A long text in numpy, as the expression reads it: a run of ASCII letters
+    # (and those digits) whose second is small, and whose every capital but its
+    # first letter sits between small ones, two of them at least.
+    case = np.frombuffer(visible.encode("ascii", "replace").translate(_CASES), dtype=np.uint8)
+    small, capital = case == 1, case == 2
+    joints = np.flatnonzero(small[:-1] & capital[1:]) + 1  # a capital after a small one
+    if not joints.size:
+        return joints.astype(np.intp)
+    letter = case > 0
+    starts = np.flatnonzero(letter[1:] & ~letter[:-1]) + 1
+    if letter[0]:
+        starts = np.concatenate(([0], starts))
+    # Capitals elsewhere than between two small ones (a run's first letter aside) spoil their run.
+    between = np.zeros(len(case), dtype=bool)
+    between[1:-1] = small[:-2] & small[2:]
+    misplaced = capital & ~between
+    misplaced[starts] = False
+    run = np.searchsorted(starts, joints, "right") - 1  # each joint's run
+    spoiled = np.zeros(len(starts), dtype=bool)
+    spoiled[np.searchsorted(starts, np.flatnonzero(misplaced), "right") - 1] = True
+    counts = np.bincount(run, minlength=len(starts))
+    camel = ~spoiled & (counts >= 2) & small[np.minimum(starts + 1, len(case) - 1)]
+    found: _Offsets = joints[camel[run]].astype(np.intp)
+    return found
+
+
+def _camel_split(
+    plain: str, folded: str, joints: _Offsets, origin: _Offsets | None
+) -> tuple[str, str, _Offsets]:
+    """``plain`` and ``folded`` (as long) with a space before each joint (visible
+    offsets), and where each of their characters comes from in visible."""
+    offsets = np.arange(len(plain), dtype=np.intp) if origin is None else origin
+    at = joints if origin is None else np.searchsorted(origin, joints).astype(np.intp)
+    texts = [plain] if folded is plain else [plain, folded]
+    if len(plain) <= 2 * _WINDOW:
+        cuts = [0, *at.tolist(), len(plain)]
+        spaced = [" ".join(text[a:b] for a, b in itertools.pairwise(cuts)) for text in texts]
+    else:
+        spaced = []
+        for text in texts:
+            out = np.insert(_points(text), at, 32)
+            raw = out.tobytes()
+            spaced.append(
+                raw.decode("ascii")
+                if out.dtype == np.uint8
+                else raw.decode("utf-32-le", "surrogatepass")
+            )
+    return spaced[0], spaced[-1], np.insert(offsets, at, offsets[np.minimum(at, len(offsets) - 1)])
+
+
 _Codes = np.ndarray[Any, np.dtype[np.uint32]]
 _Tally = np.ndarray[Any, np.dtype[np.intp]]
 
@@ -387,9 +462,12 @@ def text_views(text: str) -> Views:
             work = work.translate(_DROP_BIDI)
     visible = work
     if visible.isascii():
-        plain = _words_joined(visible.lower())
+        plain, expanded = visible.lower(), None
+        if (joints := _camel_joints(visible)).size:
+            plain, _same, expanded = _camel_split(plain, plain, joints, None)
+        plain = _words_joined(plain)
         folded = _leet(plain)
-        return Views(visible, *_single_spaced(plain, folded, None), hidden, findings)
+        return Views(visible, *_single_spaced(plain, folded, expanded), hidden, findings)
     # Per distinct character (a few hundred at most), not per character: the
     # translations then run in C. Only expansions (ligatures, ß) need offsets.
     # A long text's characters are tallied in numpy (one pass in C, not a set
@@ -442,6 +520,9 @@ def text_views(text: str) -> Views:
         findings.append(Finding("homoglyph.mixed-script", "homoglyph", 45 if mixed > 2 else 35))
     if styled >= 5:
         findings.append(Finding("homoglyph.styled-letters", "homoglyph", 15))
+    if (joints := _camel_joints(visible)).size:
+        plain, folded, origin = _camel_split(plain, folded, joints, origin)
+        codes = None  # ``codes`` no longer tell plain's whitespace
     if "_" in plain:
         split = _words_joined(plain)
         if split is not plain:  # the same places in folded (as long as plain)
