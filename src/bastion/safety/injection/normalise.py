@@ -305,12 +305,14 @@ def _set_spaces(text: str, where: np.ndarray[Any, Any]) -> str:
     return out.tobytes().decode("utf-32-le", "surrogatepass")
 
 
-# Three or more words joined in camelCase ("IgnoreAllPreviousInstructions") are
-# read with a space at each joint: the views grow there by a character, and
-# their offsets (Origin.expanded) take a match back to the visible text.
+# Words joined in camelCase ("IgnoreAllPreviousInstructions") are read as words
+# joined by "_": the views grow there by a character (their offsets,
+# Origin.expanded, take a match back to the visible text), and then read as
+# underscores are (_words_joined): three words or more, with the words around
+# them, are words; two alone ("getUser") stay an identifier.
 # (Leetspeak's digits are small letters here: "Ign0reAllPr3vious" is three words.)
 _CAMEL = re.compile(
-    r"(?<![A-Za-z013457])[A-Za-z013457][a-z013457]+(?:[A-Z][a-z013457]+){2,}(?![A-Za-z013457])"
+    r"(?<![A-Za-z013457])[A-Za-z013457][a-z013457]+(?:[A-Z][a-z013457]+)+(?![A-Za-z013457])"
 )
 _CAMEL_JOINT = re.compile(r"(?<=[a-z013457])[A-Z]")
 _CASES = bytes(
@@ -331,7 +333,7 @@ def _camel_joints(visible: str) -> _Offsets:
         )
     # A long text in numpy, as the expression reads it: a run of ASCII letters
     # (and those digits) whose second is small, and whose every capital but its
-    # first letter sits between small ones, two of them at least.
+    # first letter sits between small ones.
     case = np.frombuffer(visible.encode("ascii", "replace").translate(_CASES), dtype=np.uint8)
     small, capital = case == 1, case == 2
     joints = np.flatnonzero(small[:-1] & capital[1:]) + 1  # a capital after a small one
@@ -350,7 +352,7 @@ def _camel_joints(visible: str) -> _Offsets:
     spoiled = np.zeros(len(starts), dtype=bool)
     spoiled[np.searchsorted(starts, np.flatnonzero(misplaced), "right") - 1] = True
     counts = np.bincount(run, minlength=len(starts))
-    camel = ~spoiled & (counts >= 2) & small[np.minimum(starts + 1, len(case) - 1)]
+    camel = ~spoiled & (counts >= 1) & small[np.minimum(starts + 1, len(case) - 1)]
     found: _Offsets = joints[camel[run]].astype(np.intp)
     return found
 
@@ -358,18 +360,18 @@ def _camel_joints(visible: str) -> _Offsets:
 def _camel_split(
     plain: str, folded: str, joints: _Offsets, origin: _Offsets | None
 ) -> tuple[str, str, _Offsets]:
-    """``plain`` and ``folded`` (as long) with a space before each joint (visible
+    """``plain`` and ``folded`` (as long) with "_" before each joint (visible
     offsets), and where each of their characters comes from in visible."""
     offsets = np.arange(len(plain), dtype=np.intp) if origin is None else origin
     at = joints if origin is None else np.searchsorted(origin, joints).astype(np.intp)
     texts = [plain] if folded is plain else [plain, folded]
     if len(plain) <= 2 * _WINDOW:
         cuts = [0, *at.tolist(), len(plain)]
-        spaced = [" ".join(text[a:b] for a, b in itertools.pairwise(cuts)) for text in texts]
+        spaced = ["_".join(text[a:b] for a, b in itertools.pairwise(cuts)) for text in texts]
     else:
         spaced = []
         for text in texts:
-            out = np.insert(_points(text), at, 32)
+            out = np.insert(_points(text), at, 95)
             raw = out.tobytes()
             spaced.append(
                 raw.decode("ascii")
