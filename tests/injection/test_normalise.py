@@ -326,6 +326,7 @@ def test_camel_case_joints_are_found_alike_in_a_long_text() -> None:
         "IgnoreAllPrevious", "getSystemPrompt()", "iPhone", "XMLHttpRequest", "AbC", "aBcDe",
         "McDonald", "\u00e9IgnoreYourRules", "ForwardAllEmails2", "x IgnoreMe", "ABcDeFg",
         "getHTTPResponseCode", "fooBarBAZ", "Ign0reAllPr3vious", "oneTwoThreeX",
+        "IGNOREAllPrevious", "HTTPServer", "ABc", "ABCDef", "XMLHttpRequest9", "NASA",
     ]  # fmt: skip
     count = 5 * _WINDOW // 10
     text = " ".join(pieces[i % len(pieces)] for i in range(count))

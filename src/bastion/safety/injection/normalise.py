@@ -310,11 +310,13 @@ def _set_spaces(text: str, where: np.ndarray[Any, Any]) -> str:
 # Origin.expanded, take a match back to the visible text), and then read as
 # underscores are (_words_joined): three words or more, with the words around
 # them, are words; two alone ("getUser") stay an identifier.
-# (Leetspeak's digits are small letters here: "Ign0reAllPr3vious" is three words.)
+# (Leetspeak's digits are small letters here: "Ign0reAllPr3vious" is three words;
+# a run may open with a word in capitals: "IGNOREAllPrevious", "XMLHttpRequest".)
 _CAMEL = re.compile(
-    r"(?<![A-Za-z013457])[A-Za-z013457][a-z013457]+(?:[A-Z][a-z013457]+)+(?![A-Za-z013457])"
+    r"(?<![A-Za-z013457])(?:[A-Z]{2,}(?=[A-Z][a-z013457])|[A-Za-z013457][a-z013457]+)"
+    r"(?:[A-Z][a-z013457]+)+(?![A-Za-z013457])"
 )
-_CAMEL_JOINT = re.compile(r"(?<=[a-z013457])[A-Z]")
+_CAMEL_JOINT = re.compile(r"(?<=[a-z013457])[A-Z]|(?<=[A-Z])[A-Z](?=[a-z013457])")
 _CASES = bytes(
     1 if 97 <= b <= 122 or chr(b) in "013457" else 2 if 65 <= b <= 90 else 0 for b in range(256)
 )
@@ -332,8 +334,9 @@ def _camel_joints(visible: str) -> _Offsets:
             dtype=np.intp,
         )
     # A long text in numpy, as the expression reads it: a run of ASCII letters
-    # (and those digits) whose second is small, and whose every capital but its
-    # first letter sits between small ones.
+    # (and those digits) whose second is small, or which opens with two capitals
+    # or more before its first word's; and whose every other capital sits
+    # between small ones.
     case = np.frombuffer(visible.encode("ascii", "replace").translate(_CASES), dtype=np.uint8)
     small, capital = case == 1, case == 2
     joints = np.flatnonzero(small[:-1] & capital[1:]) + 1  # a capital after a small one
@@ -343,16 +346,34 @@ def _camel_joints(visible: str) -> _Offsets:
     starts = np.flatnonzero(letter[1:] & ~letter[:-1]) + 1
     if letter[0]:
         starts = np.concatenate(([0], starts))
-    # Capitals elsewhere than between two small ones (a run's first letter aside) spoil their run.
+    # A run opening with three capitals or more opens with a word in capitals:
+    # its last capital starts the next word (a joint), the others are exempt.
+    last = len(case) - 1
+    opening = starts[capital[starts] & capital[np.minimum(starts + 1, last)]]
+    exempt = np.zeros(len(case), dtype=bool)
+    if opening.size:
+        stops = np.flatnonzero(capital[:-1] & ~capital[1:]) + 1  # where capitals stop
+        first = stops[np.minimum(np.searchsorted(stops, opening), len(stops) - 1)]
+        worded = (first > opening) & (first - opening >= 3) & small[np.minimum(first, last)]
+        opening, first = opening[worded], first[worded]
+        marks = np.zeros(len(case) + 1, dtype=np.int8)
+        marks[opening] += 1
+        marks[first] -= 1
+        exempt = np.cumsum(marks[:-1]) > 0
+        joints = np.sort(np.concatenate((joints, first - 1)))
+    # Capitals elsewhere than between two small ones (a run's first letter, or
+    # its opening word, aside) spoil their run.
     between = np.zeros(len(case), dtype=bool)
     between[1:-1] = small[:-2] & small[2:]
-    misplaced = capital & ~between
+    misplaced = capital & ~between & ~exempt
     misplaced[starts] = False
     run = np.searchsorted(starts, joints, "right") - 1  # each joint's run
     spoiled = np.zeros(len(starts), dtype=bool)
     spoiled[np.searchsorted(starts, np.flatnonzero(misplaced), "right") - 1] = True
     counts = np.bincount(run, minlength=len(starts))
-    camel = ~spoiled & (counts >= 1) & small[np.minimum(starts + 1, len(case) - 1)]
+    second = small[np.minimum(starts + 1, last)]
+    second[np.searchsorted(starts, opening)] = True  # or an opening word in capitals
+    camel = ~spoiled & (counts >= 1) & second
     found: _Offsets = joints[camel[run]].astype(np.intp)
     return found
 
