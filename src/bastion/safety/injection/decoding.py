@@ -319,9 +319,8 @@ _A85_DIGITS = np.full(256, 255, dtype=np.uint8)
 _A85_DIGITS[33:118] = np.arange(85, dtype=np.uint8)
 
 
-def _sifted(matches: list[re.Match[str]]) -> list[re.Match[str]]:
-    """The base85 candidates that may decode to readable text (see above)."""
-    blobs = [m.group(0)[:_MAX_BLOB] for m in matches]
+def _sifted(blobs: list[str]) -> list[bool]:
+    """For each base85 candidate, whether it may decode to readable text (see above)."""
     adobe = np.array([b.startswith("<~") for b in blobs])  # left to the decoder
     zeros = np.array(["z" in b for b in blobs])  # Ascii85's "z": left to the decoder
     lengths = np.array([len(b) for b in blobs], dtype=np.int64)
@@ -358,7 +357,67 @@ def _sifted(matches: list[re.Match[str]]) -> list[re.Match[str]]:
     b85_reads, b85_text = read(_B85_DIGITS)
     a85_reads, a85_text = read(_A85_DIGITS)
     may = adobe | np.where(b85_reads, b85_text, zeros | (a85_reads & a85_text))
-    return [m for m, keep in zip(matches, may.tolist(), strict=True) if keep]
+    return list(may.tolist())
+
+
+_IN_BASE64_RUN = bytes(
+    1 if chr(b) in string.ascii_letters + string.digits + "+/_-" else 0 for b in range(256)
+)
+_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3002)])  # 0x3001: any after
+
+
+def _runs(
+    visible: str, text: bytes, kind: str, spans: list[tuple[int, int]]
+) -> list[tuple[int, int]] | None:
+    """The spans :data:`_BASE64` or :data:`_BASE85` match in ``spans`` of a long
+    text, found in numpy as the expression finds them (it tried every place of
+    a megabyte of source code: ~15 ms each); None for the other kinds, a short
+    text, or an Ascii85 run in its delimiters (the expression then)."""
+    if len(visible) <= 2 * _WINDOW or not spans or kind not in ("base64", "base85"):
+        return None
+    if kind == "base64":
+        # A run of the alphabet, 16 or more, from its start (the look-behind),
+        # cut at the window's end; then up to two "=".
+        member = np.frombuffer(text.translate(_IN_BASE64_RUN), dtype=np.bool_)
+        spaced = None
+        least = 16
+    else:
+        if "<~" in visible:
+            return None
+        # A run of printable ASCII, 20 or more, with whitespace (or an end) on each side.
+        if visible.isascii():
+            codes = np.frombuffer(text, dtype=np.uint8)
+            spaced = _IS_SPACE[codes]
+        else:
+            codes = np.frombuffer(visible.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            spaced = _IS_SPACE[np.minimum(codes, 0x3001)]
+        member = (codes >= 33) & (codes <= 126)
+        least = 20
+    edges = np.diff(np.concatenate(([0], member.view(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    found: list[tuple[int, int]] = []
+    for a, b in spans:
+        first, last = np.searchsorted(starts, [a, b])
+        run_starts, run_ends = starts[first:last], ends[first:last]
+        cut = np.minimum(run_ends, b)
+        keep = cut - run_starts >= least
+        if spaced is None:  # base64's padding, inside the window
+            tail = np.zeros(len(cut), dtype=np.intp)
+            for offset in (0, 1):
+                at = np.minimum(run_ends + offset, len(text) - 1)
+                more = (
+                    (run_ends + offset < b)
+                    & (tail == offset)
+                    & (np.frombuffer(text, np.uint8)[at] == 61)
+                )
+                tail += more
+            cut = cut + tail
+        else:  # whitespace (or the text's start) before; after: whitespace, or the window's end
+            before = (run_starts == 0) | spaced[np.maximum(run_starts - 1, 0)]
+            after = (run_ends >= b) | spaced[np.minimum(run_ends, len(spaced) - 1)]
+            keep &= before & after
+        found += zip(run_starts[keep].tolist(), cut[keep].tolist(), strict=True)
+    return found
 
 
 def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
@@ -370,14 +429,17 @@ def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
     for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
         spans = _candidates(visible, kind, text, wide, base64)
         base64 = base64 and (kind != "base64" or bool(spans))
-        matches = [match for a, b in spans for match in pattern.finditer(visible, a, b)]
+        found = _runs(visible, text, kind, spans)
+        if found is None:  # the expression, window by window
+            found = [m.span() for a, b in spans for m in pattern.finditer(visible, a, b)]
         if kind in _SLOW_KINDS:
-            matches = [m for m in matches if _tried(tries, (kind, m.start() // _WINDOW))]
-        if kind == "base85" and len(matches) > _SIFT_FROM:
-            matches = _sifted(matches)
-        for match in matches:
-            window = (kind, match.start() // _WINDOW)
-            blob = match.group(0)[:_MAX_BLOB]
+            found = [(a, b) for a, b in found if _tried(tries, (kind, a // _WINDOW))]
+        blobs = [visible[a:b][:_MAX_BLOB] for a, b in found]
+        if kind == "base85" and len(blobs) > _SIFT_FROM:
+            kept = _sifted(blobs)
+            found = [span for span, keep in zip(found, kept, strict=True) if keep]
+            blobs = [blob for blob, keep in zip(blobs, kept, strict=True) if keep]
+        for (start, end), blob in zip(found, blobs, strict=True):
             try:
                 decoded = (
                     _morse(blob) if kind == "morse" else _blob_bytes(kind, blob).decode("utf-8")
@@ -385,7 +447,8 @@ def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
             except (ValueError, UnicodeDecodeError):
                 continue
             if _printable(decoded):
-                groups.setdefault(window, []).append((kind, decoded, match.start(), match.end()))
+                window = (kind, start // _WINDOW)
+                groups.setdefault(window, []).append((kind, decoded, start, end))
     return _per_window(groups, len(visible))
 
 
