@@ -322,9 +322,17 @@ _CASES = bytes(
 )
 
 
+def _may_join(cases: bytes) -> bool:
+    return b"\x01\x02" in cases or b"\x02\x02\x01" in cases
+
+
 def _camel_joints(visible: str) -> _Offsets:
     """Where a capital starts a word of a camelCase run (:data:`_CAMEL`), in ``visible``."""
     if len(visible) <= 2 * _WINDOW:
+        # A small letter then a capital, or two capitals then a small one: looked
+        # for in C first (most texts have neither).
+        if not _may_join(visible.encode("ascii", "replace").translate(_CASES)):
+            return np.empty(0, dtype=np.intp)
         return np.array(
             [
                 run.start() + joint.start()
@@ -337,11 +345,12 @@ def _camel_joints(visible: str) -> _Offsets:
     # (and those digits) whose second is small, or which opens with two capitals
     # or more before its first word's; and whose every other capital sits
     # between small ones.
-    case = np.frombuffer(visible.encode("ascii", "replace").translate(_CASES), dtype=np.uint8)
+    cases = visible.encode("ascii", "replace").translate(_CASES)
+    if not _may_join(cases):
+        return np.empty(0, dtype=np.intp)
+    case = np.frombuffer(cases, dtype=np.uint8)
     small, capital = case == 1, case == 2
     joints = np.flatnonzero(small[:-1] & capital[1:]) + 1  # a capital after a small one
-    if not joints.size:
-        return joints.astype(np.intp)
     letter = case > 0
     starts = np.flatnonzero(letter[1:] & ~letter[:-1]) + 1
     if letter[0]:
