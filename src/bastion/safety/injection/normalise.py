@@ -345,12 +345,11 @@ def _camel_joints(visible: str) -> _Offsets:
     # (and those digits) whose second is small, or which opens with two capitals
     # or more before its first word's; and whose every other capital sits
     # between small ones.
-    cases = visible.encode("ascii", "replace").translate(_CASES)
-    if not _may_join(cases):
-        return np.empty(0, dtype=np.intp)
-    case = np.frombuffer(cases, dtype=np.uint8)
+    case = np.frombuffer(visible.encode("ascii", "replace").translate(_CASES), dtype=np.uint8)
     small, capital = case == 1, case == 2
     joints = np.flatnonzero(small[:-1] & capital[1:]) + 1  # a capital after a small one
+    if not joints.size and not (capital[:-2] & capital[1:-1] & small[2:]).any():
+        return joints.astype(np.intp)  # (bytes.find skips little here: in numpy)
     letter = case > 0
     starts = np.flatnonzero(letter[1:] & ~letter[:-1]) + 1
     if letter[0]:
