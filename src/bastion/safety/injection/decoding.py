@@ -24,7 +24,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from bastion.safety.injection import classifier
-from bastion.safety.injection.normalise import _WINDOW, Views, _latin1
+from bastion.safety.injection.normalise import _IS_SPACE, _WINDOW, Views, _latin1
 
 # Decoding works window by window (:data:`_WINDOW`), so its work grows
 # linearly with the text and no run early in a text uses up what a later window
@@ -363,7 +363,6 @@ def _sifted(blobs: list[str]) -> list[bool]:
 _IN_BASE64_RUN = bytes(
     1 if chr(b) in string.ascii_letters + string.digits + "+/_-" else 0 for b in range(256)
 )
-_IS_SPACE = np.array([chr(c).isspace() for c in range(0x3002)])  # 0x3001: any after
 
 
 def _runs(
