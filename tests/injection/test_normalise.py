@@ -248,6 +248,10 @@ def test_words_joined_by_underscores_are_read_alike_in_a_long_text() -> None:
         "fin_\u0434\u0430_\u043d\u0435\u0442",
         "x_y\u2003z",  # a wide space past Latin-1 joins too
         "a _b c_d",
+        "ignore__all__previous",
+        "x_ y _z  w",
+        "__init__ and _private",
+        "a__b",
         "ignore_previous  instructions",
         "en production\nADMIN_OVERRIDE",
         "x\u2028y_z w",

@@ -217,7 +217,7 @@ def _decode_vs(run: str) -> str:
 # sentence. Two joined alone are an identifier ("ADMIN_OVERRIDE=false",
 # "system_prompt:"), as config and code write them, one a line, and are left as they are.
 _LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # str.splitlines's
-_JOINED = re.compile(rf"[^\W_]+(?:(?:[^\S{_LINE_BREAKS}]+|_)[^\W_]+){{2,}}")
+_JOINED = re.compile(rf"[^\W_]+(?:(?:[^\S{_LINE_BREAKS}]|_)+[^\W_]+){{2,}}")
 
 
 def _join_class(c: str) -> int:
@@ -250,9 +250,9 @@ def _words_joined(text: str, like: str | None = None) -> str:
                 at = run.end()
         return "".join(pieces) + text[at:] if pieces else text
     # A long text in numpy, as the regex reads it: a joint is a stretch between
-    # two words that is whitespace or one "_"; a run of three words or more is
-    # one whose "_" has a joint next to it (the stretch before the word on its
-    # left or after the word on its right).
+    # two words of underscores and whitespace in a line only; a run of three
+    # words or more is one whose joint has a joint next to it (the stretch
+    # before the word on its left or after the word on its right).
     classes = _classes_of(_points(text))
     nonword = classes != 1
     change = np.flatnonzero(nonword[1:] != nonword[:-1]) + 1
@@ -263,25 +263,24 @@ def _words_joined(text: str, like: str | None = None) -> str:
     if nonword[-1]:
         starts = starts[:-1]  # nor the one after the last
     one = ends - starts == 1  # most stretches: read by their one character
-    spaced = one & (classes[starts] == 3)
-    if not one.all():  # wider ones: whitespace when no other character lies in them
-        other = np.flatnonzero((classes == 0) | (classes == 2))
+    joint = one & (classes[starts] >= 2)
+    if not one.all():  # wider ones: when no other character lies in them
+        other = np.flatnonzero(classes == 0)
         wide = np.flatnonzero(~one)
         first = np.searchsorted(other, starts[wide])
-        spaced[wide] = (first == len(other)) | (
+        joint[wide] = (first == len(other)) | (
             other[np.minimum(first, len(other) - 1)] >= ends[wide]
         )
-    under = one & (classes[starts] == 2)
-    joint = spaced | under
     beside = np.zeros(len(joint), dtype=bool)
     beside[1:] |= joint[:-1]
     beside[:-1] |= joint[1:]
-    chosen = starts[under & beside]
-    if not chosen.size:
+    chosen = joint & beside  # the stretches whose underscores are read as spaces
+    if not chosen.any():
         return text
-    where = np.zeros(len(classes), dtype=bool)
-    where[chosen] = True
-    return _set_spaces(text, where)
+    marks = np.zeros(len(classes) + 1, dtype=np.int8)
+    marks[starts[chosen]] += 1
+    marks[ends[chosen]] -= 1
+    return _set_spaces(text, np.cumsum(marks[:-1]) > 0)
 
 
 def _classes_of(points: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
