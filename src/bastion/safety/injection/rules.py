@@ -942,7 +942,11 @@ RULES: tuple[Rule, ...] = (
         "delimiter",
         35,
         r"(?:system|system\s+message|system\s+prompt|admin|developer|"
-        r"important\s+system\s+notice)\s*:(?#line)",
+        r"important\s+system\s+notice)\s*:(?#line)"
+        # Not a parameter with a literal default, the whole line ("system: bool =
+        # False," in a signature): code read as a document was cut there.
+        r"(?!\s*[a-z_][\w.]*(?:\[[^\]\n]*\])?\s*=\s*"
+        r"(?:none|true|false|-?[\d.]+|\"[^\"\n]*\"|'[^'\n]*'|\w+\(\))\s*[,)]?\s*(?:\n|\Z))",
         leads="system|admin|developer|important",
     ),
     _r(
