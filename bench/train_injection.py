@@ -263,7 +263,7 @@ def main() -> None:
     parser.add_argument(
         "--alone-fp",
         type=float,
-        default=0.002,
+        default=0.0072,
         help="false-positive budget of the classifier acting without the rules",
     )
     parser.add_argument("--out", type=Path, default=classifier.MODEL_PATH)
