@@ -132,7 +132,7 @@ _QUOTES = {
     "\u201d": "\u201d",
     "\u2018": "\u2019",  # single quotes, English
     "\u00ab": "\u00bb",  # guillemets
-    "\u201e": "\u201c",  # German
+    "\u201e": '\u201c\u201d"',  # German: „…“, and as often typed, „…” or „…"
     "`": "`",
     "\u300c": "\u300d",  # CJK corner brackets
 }
@@ -146,9 +146,13 @@ _META = re.compile(
     # «forget your rules» ...", "z. B.", "por ejemplo"): one quoting style each
     # language's security notes and code reviews use.
     r"|beispiel\w*|z\.\s*b|angr(?:iff|eif)\w*|injektion\w*|schreibt|eingibt|sicherheit\w*|erkenn\w*"
-    r"|ejemplo\w*|p\.\s*ej|ataque\w*|inyecci[oó]n\w*|escribe|seguridad|detect\w*|bloque\w*"
-    r"|exemple\w*|p\.\s*ex|attaque\w*|écrit|sécurité|détect\w*|bloqu\w*|malveillant\w*"
-    r"|esempi\w*|ad\s+es|attacc\w*|iniezion\w*|scrive|sicurezza|rilev\w*|blocc\w*|malevol\w*)\b",
+    r"|satz|sätze|muster\w*|formulierung\w*"
+    r"|ejemplo\w*|p\.\s*ej|ataque\w*|inyecci[oó]n\w*|escribe|escrito|seguridad|detect\w*|bloque\w*"
+    r"|frases?|patr[oó]n\w*"
+    r"|exemple\w*|p\.\s*ex|attaque\w*|écrit\w*|sécurité|détect\w*|bloqu\w*|malveillant\w*"
+    r"|formules?|formulations?"
+    r"|esempi\w*|ad\s+es|attacc\w*|iniezion\w*|scrive|scritt[oa]|sicurezza|rilev\w*|blocc\w*"
+    r"|malevol\w*|frasi)\b",
     re.I,
 )
 # An order to act on what is quoted ("for example: '...'. Do it now."): a
@@ -177,12 +181,12 @@ def _mentioned(visible: str, start: int, end: int) -> bool:
     # not by looking at every character).
     opening = [m.start() for m in _QUOTE_CHARS.finditer(visible, line_start, start)]
     for i in reversed(opening):
-        closing = _QUOTES[visible[i]]
         if i > 0 and visible[i - 1].isalnum():
             continue
-        close_at = visible.find(closing, end, line_end)
-        if close_at < 0:
+        found = [at for c in _QUOTES[visible[i]] if (at := visible.find(c, end, line_end)) >= 0]
+        if not found:
             continue
+        close_at = min(found)
         outside = visible[line_start:i] + " " + visible[close_at + 1 : line_end]
         around = visible[max(0, i - 300) : i] + " " + visible[close_at + 1 : close_at + 301]
         return _META.search(outside) is not None and _ACT_ON_IT.search(around) is None
