@@ -79,7 +79,8 @@ def test_false_positive_rate_per_category(measured: dict[tuple[str, str], corpus
 KNOWN_TRADES = {
     "benign-tickets-en-118": "a known trade (issue 15, session 17): a whole attack in quotes "
     "in a document counts in full whatever words frame it (else 'Example: \"<attack>\"' "
-    "passed), so a retrieved report quoting one is dropped",
+    "passed), so a retrieved report quoting one is dropped; since session 19 a user turn "
+    "too, unless a question follows the quote",
 }
 
 
