@@ -306,6 +306,61 @@ def test_base85_candidates_sifted_out_are_ones_no_decoder_reads_as_text() -> Non
     assert sum(kept) < len(blobs) - 500  # and most junk is dropped
 
 
+def test_base64_candidates_sifted_out_are_ones_the_decoder_does_not_read_as_text() -> None:
+    # As base85's: identifiers in source code are base64 candidates, read at
+    # once in numpy; a candidate the decoder reads as text is never dropped.
+    import random
+
+    from bastion.safety.injection.decoding import (
+        _B64_DIGITS,
+        _blob_bytes,
+        _printable,
+        _sifted_base64,
+    )
+
+    standard = string.ascii_uppercase + string.ascii_lowercase + string.digits
+    for alphabet64 in (standard + "+/", standard + "-_"):  # RFC 4648, sections 4 and 5
+        assert [int(_B64_DIGITS[ord(c)]) for c in alphabet64] == list(range(64))
+
+    def read_as_text(blob: str) -> bool:
+        try:
+            return _printable(_blob_bytes("base64", blob).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return False
+
+    rng = random.Random(19)
+    words = ["ignore", "why?", "o~k", "\u00fcber", "\u00e7a", "\u4e16", "\U0001f600", "\t", "\r"]
+    alphabet = string.ascii_letters + string.digits + "+/_-"
+    blobs = []
+    for i in range(5600):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12))).encode()
+        encoded = base64.b64encode(text).decode()
+        blobs.append(
+            [
+                "".join(rng.choice(alphabet) for _ in range(rng.randint(16, 60))),
+                encoded,
+                base64.urlsafe_b64encode(text).decode().rstrip("="),
+                encoded[: rng.randint(min(16, len(encoded)), len(encoded))],  # cut anywhere
+                "_".join(rng.choice(["self", "lazy", "x", "Mapped", "user_id"]) for _ in range(6)),
+                "".join(rng.choice(alphabet) for _ in range(12)) + "=?" + "AAAA",  # foreign
+                "".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(16, 30)))
+                + "=" * rng.randint(0, 2),  # letters, and "=" that makes them no word
+            ][i % 7]
+        )
+    text, spans = "", []
+    for blob in blobs:  # the candidates as spans of one text, as the screen finds them
+        spans.append((len(text), len(text) + len(blob)))
+        text += blob + " "
+    kept = _sifted_base64(text.encode("ascii", "replace"), spans)
+    readable = [read_as_text(blob) for blob in blobs]
+    assert sum(readable) > 1000  # the encodings of text are read
+    assert all(keep for keep, ok in zip(kept, readable, strict=True) if ok)
+    assert sum(kept) < len(blobs) - 1000  # and most junk is dropped
+    # One character over a group, before its "=": the decoder refuses it, so does the sift.
+    over = "QUFB" * 4 + "Q=="
+    assert not read_as_text(over) and _sifted_base64(over.encode(), [(0, len(over))]) == [False]
+
+
 @pytest.mark.parametrize(
     "other", ["", "\u00e9t\u00e9 \u03c3\u03b5 \u4e16\u754c \U0001f44b \u2014 "]
 )

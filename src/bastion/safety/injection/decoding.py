@@ -360,6 +360,56 @@ def _sifted(blobs: list[str]) -> list[bool]:
     return list(may.tolist())
 
 
+# The same for base64 (or its URL-safe alphabet), whose candidates in source
+# code are identifiers of 16 characters or more: the first 16 characters of
+# every candidate are read at once in numpy, and those whose first 12 bytes
+# cannot open valid UTF-8 (a byte no UTF-8 has; a continuation byte first or
+# after an ASCII one; a lead byte without its continuation bytes), or that are
+# one character over a group (the decoder refuses them), are not decoded. A
+# necessary condition only: the rest is decoded as before, the same layers.
+_B64_DIGITS = np.full(256, 255, dtype=np.uint8)
+_B64_DIGITS[np.frombuffer(string.ascii_uppercase.encode(), dtype=np.uint8)] = np.arange(26)
+_B64_DIGITS[np.frombuffer(string.ascii_lowercase.encode(), dtype=np.uint8)] = np.arange(26, 52)
+_B64_DIGITS[np.frombuffer(string.digits.encode(), dtype=np.uint8)] = np.arange(52, 62)
+_B64_DIGITS[[ord("+"), ord("-")]] = 62
+_B64_DIGITS[[ord("/"), ord("_")]] = 63
+# Per byte: how many continuation bytes it leads (-1: it is one; 9: no UTF-8 has it).
+_UTF8_LEADS = np.zeros(256, dtype=np.int8)
+_UTF8_LEADS[0x80:0xC0] = -1
+_UTF8_LEADS[0xC0:0xE0] = 1
+_UTF8_LEADS[0xE0:0xF0] = 2
+_UTF8_LEADS[0xF0:0xF5] = 3
+_UTF8_LEADS[[0xC0, 0xC1, *range(0xF5, 0x100)]] = 9
+_B64_PREFIX = 16  # every candidate has as many (a run of base64 is 16 or more)
+
+
+def _sifted_base64(text: bytes, spans: list[tuple[int, int]]) -> list[bool]:
+    """For each base64 candidate ``text[a:b]`` (16 characters or more), whether
+    it may decode to readable text (see above)."""
+    starts = np.array([a for a, _b in spans], dtype=np.int64)
+    ends = np.array([b for _a, b in spans], dtype=np.int64)
+    codes = np.frombuffer(text, dtype=np.uint8)
+    at = np.minimum(starts[:, None] + np.arange(_B64_PREFIX), len(codes) - 1)
+    digits = _B64_DIGITS[codes[at]]
+    # "=", a character past ASCII, or a shorter run: left to the decoder.
+    foreign = (digits == 255).any(axis=1) | (ends - starts < _B64_PREFIX)
+    six = (digits & 63).reshape(len(spans), -1, 4).astype(np.uint32)
+    values = (six[:, :, 0] << 18) | (six[:, :, 1] << 12) | (six[:, :, 2] << 6) | six[:, :, 3]
+    out = np.stack([values >> 16, (values >> 8) & 0xFF, values & 0xFF], axis=2)
+    leads = _UTF8_LEADS[out.reshape(len(spans), -1)]
+    continuation = leads == -1
+    broken = (leads == 9).any(axis=1) | continuation[:, 0]
+    broken |= ((leads[:, :-1] == 0) & continuation[:, 1:]).any(axis=1)  # after ASCII
+    for k in (1, 2, 3):  # a lead of k continuations, each of them
+        broken |= ((leads[:, :-k] >= k) & (leads[:, :-k] != 9) & ~continuation[:, k:]).any(axis=1)
+    trailing = (codes[ends - 1] == ord("=")).astype(np.int64)
+    trailing += (codes[ends - 2] == ord("=")) & (trailing == 1)
+    lengths = np.minimum(ends - starts, _MAX_BLOB)
+    whole = ends - starts <= _MAX_BLOB
+    refused = whole & ((lengths - trailing) % 4 == 1)  # the decoder's error
+    return list((foreign | ~(broken | refused)).tolist())
+
+
 _IN_BASE64_RUN = bytes(
     1 if chr(b) in string.ascii_letters + string.digits + "+/_-" else 0 for b in range(256)
 )
@@ -433,6 +483,9 @@ def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
             found = [m.span() for a, b in spans for m in pattern.finditer(visible, a, b)]
         if kind in _SLOW_KINDS:
             found = [(a, b) for a, b in found if _tried(tries, (kind, a // _WINDOW))]
+        if kind == "base64" and len(found) > _SIFT_FROM:
+            kept = _sifted_base64(text, found)
+            found = [span for span, keep in zip(found, kept, strict=True) if keep]
         blobs = [visible[a:b][:_MAX_BLOB] for a, b in found]
         if kind == "base85" and len(blobs) > _SIFT_FROM:
             kept = _sifted(blobs)
