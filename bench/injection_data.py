@@ -128,7 +128,7 @@ def _author(name: str, kind: str) -> list[str]:
 
 AUTHOR_SETS = (
     "s11", "s12", "s13", "t1", "t2", "t3", "s14", "s15", "s16", "s17", "s18", "u1", "u2",
-    "t4", "t5", "t6", "t7", "u3", "u4", "u5", "u6", "u7", "u8",
+    "t4", "t5", "t6", "t7", "u3", "u4", "u5", "u6", "u7", "u8", "v1", "v2", "w3", "w4",
 )  # fmt: skip
 """The other authors' sets trained on: s11-s13 were held out in sessions 11 and
 12, s14-s18 in sessions 13 to 15 (each scored once as the clean figure, then a
@@ -140,16 +140,17 @@ written before its model was trained and judged on sets it never saw
 and u2 in session 16 (attacks caught less three times the hard negatives
 flagged, on u3-u4: 176 to 180; on t4-t7: 441 to 455); t4-t7 and u3-u8 in
 session 17 (v1-v2, two new authors: 184 to 200, 245 of 400 attacks at 15 of
-400 hard negatives against 247 at 21; with t4-t7, u3 and u4 only: 173)."""
+400 hard negatives against 247 at 21; with t4-t7, u3 and u4 only: 173); v1,
+v2, w3 and w4 in session 19 (w3, w4 written that session as training data;
+on x1-x2, two new authors: 286 against 278, 334 of 400 attacks at 16 of 400
+hard negatives against 326 at 16)."""
 
-UNTRAINED_SETS = ("v1", "v2")
-"""Written by two more authors in session 17, each to its own brief, and not
-trained on: the sets session 17's retrain was judged on (v1: orders to agents
-in documents and paraphrased extraction, against questions about the
-assistant and talk that quotes injection text; v2: attacks a phrase list
-would miss, against imperative documents for humans). ``bench/injection.py``
-screens them with the shipped model, which never saw them: a decision
-figure, not a clean one."""
+UNTRAINED_SETS = ("x1", "x2")
+"""Written by two more authors in session 19 (general sets; x2 with many hard
+negatives that quote or discuss attack phrases), and not trained on: the sets
+session 19's retrain was judged on. ``bench/injection.py`` screens them with
+the shipped model, which never saw them: a decision figure, not a clean one.
+(v1 and v2, session 17's, are trained on since session 19.)"""
 
 
 def _tickets() -> list[str]:

@@ -195,7 +195,7 @@ def test_the_shipped_model_never_saw_a_set_its_figures_call_unseen() -> None:
         f"authors/{name}-{kind}" for name in injection_data.UNTRAINED_SETS
         for kind in ("attacks", "benigns")
     }  # fmt: skip
-    assert {"fresh/s19-attacks", "authors/v1-attacks", "authors/v2-benigns"} <= unseen
+    assert {"fresh/s19-attacks", "authors/x1-attacks", "authors/x2-benigns"} <= unseen
     assert not trained_on & unseen
     assert not set(injection_data.UNTRAINED_SETS) & set(injection_data.AUTHOR_SETS)
 
