@@ -278,7 +278,12 @@ def test_base85_candidates_sifted_out_are_ones_no_decoder_reads_as_text() -> Non
     # candidate either decoder reads as text is never dropped.
     import random
 
-    from bastion.safety.injection.decoding import _blob_bytes, _printable, _sifted
+    from bastion.safety.injection.decoding import (
+        _blob_bytes,
+        _opening_may_read,
+        _printable,
+        _sifted,
+    )
 
     def read_as_text(blob: str) -> bool:
         try:
@@ -299,11 +304,16 @@ def test_base85_candidates_sifted_out_are_ones_no_decoder_reads_as_text() -> Non
                 "_".join(rng.choice(["self", "lazy", "x", "Mapped", "y("]) for _ in range(6)),
             ][i % 4]
         )
-    kept = _sifted(blobs)
     readable = [read_as_text(blob) for blob in blobs]
     assert sum(readable) > 1000  # the encodings of text are read
-    assert all(keep for keep, ok in zip(kept, readable, strict=True) if ok)
-    assert sum(kept) < len(blobs) - 500  # and most junk is dropped
+    text, spans = "", []
+    for blob in blobs:  # the candidates as spans of one text, as the screen finds them
+        spans.append((len(text), len(text) + len(blob)))
+        text += blob + " "
+    # Their first four groups first, then the whole of what is left.
+    for kept in (_sifted(blobs), _opening_may_read(text.encode("ascii", "replace"), spans)):
+        assert all(keep for keep, ok in zip(kept, readable, strict=True) if ok)
+        assert sum(kept) < len(blobs) - 500  # and most junk is dropped
 
 
 def test_base64_candidates_sifted_out_are_ones_the_decoder_does_not_read_as_text() -> None:

@@ -319,10 +319,59 @@ _A85_DIGITS = np.full(256, 255, dtype=np.uint8)
 _A85_DIGITS[33:118] = np.arange(85, dtype=np.uint8)
 
 
+# Per byte: how many continuation bytes it leads (-1: it is one; 9: no UTF-8 has it).
+_UTF8_LEADS = np.zeros(256, dtype=np.int8)
+_UTF8_LEADS[0x80:0xC0] = -1
+_UTF8_LEADS[0xC0:0xE0] = 1
+_UTF8_LEADS[0xE0:0xF0] = 2
+_UTF8_LEADS[0xF0:0xF5] = 3
+_UTF8_LEADS[[0xC0, 0xC1, *range(0xF5, 0x100)]] = 9
+_B85_PREFIX = 20  # a base85 candidate's run has as many (four groups)
+
+
+def _opens_utf8(out: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Per row of bytes, whether they may open valid UTF-8: no byte UTF-8 lacks,
+    no continuation byte first or after an ASCII one, and each lead byte
+    followed by its continuation bytes (those within the row)."""
+    leads = _UTF8_LEADS[out.astype(np.uint8)]
+    continuation = leads == -1
+    bad: np.ndarray[Any, Any] = leads == 9
+    bad[:, 0] |= continuation[:, 0]
+    bad[:, 1:] |= (leads[:, :-1] == 0) & continuation[:, 1:]  # after ASCII
+    for k in (1, 2, 3):  # a lead of k continuations, each of them
+        bad[:, k:] |= (leads[:, :-k] >= k) & (leads[:, :-k] != 9) & ~continuation[:, k:]
+    return np.logical_not(bad.any(axis=1))
+
+
+def _opening_may_read(text: bytes, spans: list[tuple[int, int]]) -> list[bool]:
+    """For each base85 candidate ``text[a:b]``, whether its first four groups,
+    read by either decoder, fit and may open valid UTF-8 (cheap: most junk
+    ends there; an Adobe frame, an Ascii85 "z" there, or a shorter candidate:
+    left to :func:`_sifted`)."""
+    starts = np.array([a for a, _b in spans], dtype=np.int64)
+    ends = np.array([b for _a, b in spans], dtype=np.int64)
+    codes = np.frombuffer(text, dtype=np.uint8)
+    opening = codes[np.minimum(starts[:, None] + np.arange(_B85_PREFIX), len(codes) - 1)]
+    zeros = opening == ord("z")  # Ascii85's "z" shifts the groups, where Ascii85 may read it
+    foreign = (_A85_DIGITS[opening] == 255) & ~zeros
+    may = (ends - starts < _B85_PREFIX) | (zeros.any(axis=1) & ~foreign.any(axis=1))
+    may |= (opening[:, 0] == ord("<")) & (opening[:, 1] == ord("~"))
+    for table in (_B85_DIGITS, _A85_DIGITS):
+        digits = table[opening]
+        five = digits.reshape(len(spans), -1, 5).astype(np.int64)
+        values = (((five[..., 0] * 85 + five[..., 1]) * 85 + five[..., 2]) * 85 + five[..., 3]) * 85
+        values += five[..., 4]
+        fits = ~(digits == 255).any(axis=1) & ~(values > 0xFFFFFFFF).any(axis=1)
+        out = ((values[:, :, None] >> np.array([24, 16, 8, 0])) & 0xFF).reshape(len(spans), -1)
+        may |= fits & _opens_utf8(out)
+    return list(may.tolist())
+
+
 def _sifted(blobs: list[str]) -> list[bool]:
     """For each base85 candidate, whether it may decode to readable text (see above)."""
     adobe = np.array([b.startswith("<~") for b in blobs])  # left to the decoder
-    zeros = np.array(["z" in b for b in blobs])  # Ascii85's "z": left to the decoder
+    # Ascii85's "z" shifts the groups: left to the decoder, if Ascii85 may read the rest.
+    zeros = np.array(["z" in b and not b.translate(_A85_ALPHABET) for b in blobs])
     lengths = np.array([len(b) for b in blobs], dtype=np.int64)
     pads = -lengths % 5
     sized = lengths + pads
@@ -373,13 +422,6 @@ _B64_DIGITS[np.frombuffer(string.ascii_lowercase.encode(), dtype=np.uint8)] = np
 _B64_DIGITS[np.frombuffer(string.digits.encode(), dtype=np.uint8)] = np.arange(52, 62)
 _B64_DIGITS[[ord("+"), ord("-")]] = 62
 _B64_DIGITS[[ord("/"), ord("_")]] = 63
-# Per byte: how many continuation bytes it leads (-1: it is one; 9: no UTF-8 has it).
-_UTF8_LEADS = np.zeros(256, dtype=np.int8)
-_UTF8_LEADS[0x80:0xC0] = -1
-_UTF8_LEADS[0xC0:0xE0] = 1
-_UTF8_LEADS[0xE0:0xF0] = 2
-_UTF8_LEADS[0xF0:0xF5] = 3
-_UTF8_LEADS[[0xC0, 0xC1, *range(0xF5, 0x100)]] = 9
 _B64_PREFIX = 16  # every candidate has as many (a run of base64 is 16 or more)
 
 
@@ -396,12 +438,7 @@ def _sifted_base64(text: bytes, spans: list[tuple[int, int]]) -> list[bool]:
     six = (digits & 63).reshape(len(spans), -1, 4).astype(np.uint32)
     values = (six[:, :, 0] << 18) | (six[:, :, 1] << 12) | (six[:, :, 2] << 6) | six[:, :, 3]
     out = np.stack([values >> 16, (values >> 8) & 0xFF, values & 0xFF], axis=2)
-    leads = _UTF8_LEADS[out.reshape(len(spans), -1)]
-    continuation = leads == -1
-    broken = (leads == 9).any(axis=1) | continuation[:, 0]
-    broken |= ((leads[:, :-1] == 0) & continuation[:, 1:]).any(axis=1)  # after ASCII
-    for k in (1, 2, 3):  # a lead of k continuations, each of them
-        broken |= ((leads[:, :-k] >= k) & (leads[:, :-k] != 9) & ~continuation[:, k:]).any(axis=1)
+    broken = ~_opens_utf8(out.reshape(len(spans), -1))
     trailing = (codes[ends - 1] == ord("=")).astype(np.int64)
     trailing += (codes[ends - 2] == ord("=")) & (trailing == 1)
     lengths = np.minimum(ends - starts, _MAX_BLOB)
@@ -483,8 +520,8 @@ def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
             found = [m.span() for a, b in spans for m in pattern.finditer(visible, a, b)]
         if kind in _SLOW_KINDS:
             found = [(a, b) for a, b in found if _tried(tries, (kind, a // _WINDOW))]
-        if kind == "base64" and len(found) > _SIFT_FROM:
-            kept = _sifted_base64(text, found)
+        if kind in ("base64", "base85") and len(found) > _SIFT_FROM:
+            kept = (_sifted_base64 if kind == "base64" else _opening_may_read)(text, found)
             found = [span for span, keep in zip(found, kept, strict=True) if keep]
         blobs = [visible[a:b][:_MAX_BLOB] for a, b in found]
         if kind == "base85" and len(blobs) > _SIFT_FROM:
