@@ -272,24 +272,32 @@ def test_words_joined_by_underscores_are_read_alike_in_a_long_text() -> None:
     assert "production\nADMIN_OVERRIDE" in _words_joined(text)  # one a line: left as it is
 
 
+def _read_as_text(kind: str, blob: str) -> bool:
+    """Whether the screen's decoder of ``kind`` reads ``blob`` as text (a layer)."""
+    from bastion.safety.injection.decoding import _blob_bytes, _printable
+
+    try:
+        return _printable(_blob_bytes(kind, blob).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _as_spans(blobs: list[str]) -> tuple[bytes, list[tuple[int, int]]]:
+    """The candidates as spans of one text, as the screen finds them."""
+    text, spans = "", []
+    for blob in blobs:
+        spans.append((len(text), len(text) + len(blob)))
+        text += blob + " "
+    return text.encode("ascii", "replace"), spans
+
+
 def test_base85_candidates_sifted_out_are_ones_no_decoder_reads_as_text() -> None:
     # The sift reads many base85 candidates at once in numpy and drops those that
     # cannot decode to text the screen reads: a necessary condition only, so a
     # candidate either decoder reads as text is never dropped.
     import random
 
-    from bastion.safety.injection.decoding import (
-        _blob_bytes,
-        _opening_may_read,
-        _printable,
-        _sifted,
-    )
-
-    def read_as_text(blob: str) -> bool:
-        try:
-            return _printable(_blob_bytes("base85", blob).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return False
+    from bastion.safety.injection.decoding import _opening_may_read, _sifted
 
     rng = random.Random(18)
     words = ["ignore", "all", "previous", "rules", "\u00fcber", "\u00e7a", "\t", "\n", "\x07"]
@@ -304,14 +312,10 @@ def test_base85_candidates_sifted_out_are_ones_no_decoder_reads_as_text() -> Non
                 "_".join(rng.choice(["self", "lazy", "x", "Mapped", "y("]) for _ in range(6)),
             ][i % 4]
         )
-    readable = [read_as_text(blob) for blob in blobs]
+    readable = [_read_as_text("base85", blob) for blob in blobs]
     assert sum(readable) > 1000  # the encodings of text are read
-    text, spans = "", []
-    for blob in blobs:  # the candidates as spans of one text, as the screen finds them
-        spans.append((len(text), len(text) + len(blob)))
-        text += blob + " "
     # Their first four groups first, then the whole of what is left.
-    for kept in (_sifted(blobs), _opening_may_read(text.encode("ascii", "replace"), spans)):
+    for kept in (_sifted(blobs), _opening_may_read(*_as_spans(blobs))):
         assert all(keep for keep, ok in zip(kept, readable, strict=True) if ok)
         assert sum(kept) < len(blobs) - 500  # and most junk is dropped
 
@@ -321,22 +325,11 @@ def test_base64_candidates_sifted_out_are_ones_the_decoder_does_not_read_as_text
     # once in numpy; a candidate the decoder reads as text is never dropped.
     import random
 
-    from bastion.safety.injection.decoding import (
-        _B64_DIGITS,
-        _blob_bytes,
-        _printable,
-        _sifted_base64,
-    )
+    from bastion.safety.injection.decoding import _B64_DIGITS, _sifted_base64
 
     standard = string.ascii_uppercase + string.ascii_lowercase + string.digits
     for alphabet64 in (standard + "+/", standard + "-_"):  # RFC 4648, sections 4 and 5
         assert [int(_B64_DIGITS[ord(c)]) for c in alphabet64] == list(range(64))
-
-    def read_as_text(blob: str) -> bool:
-        try:
-            return _printable(_blob_bytes("base64", blob).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return False
 
     rng = random.Random(19)
     words = ["ignore", "why?", "o~k", "\u00fcber", "\u00e7a", "\u4e16", "\U0001f600", "\t", "\r"]
@@ -357,18 +350,16 @@ def test_base64_candidates_sifted_out_are_ones_the_decoder_does_not_read_as_text
                 + "=" * rng.randint(0, 2),  # letters, and "=" that makes them no word
             ][i % 7]
         )
-    text, spans = "", []
-    for blob in blobs:  # the candidates as spans of one text, as the screen finds them
-        spans.append((len(text), len(text) + len(blob)))
-        text += blob + " "
-    kept = _sifted_base64(text.encode("ascii", "replace"), spans)
-    readable = [read_as_text(blob) for blob in blobs]
+    kept = _sifted_base64(*_as_spans(blobs))
+    readable = [_read_as_text("base64", blob) for blob in blobs]
     assert sum(readable) > 1000  # the encodings of text are read
     assert all(keep for keep, ok in zip(kept, readable, strict=True) if ok)
     assert sum(kept) < len(blobs) - 1000  # and most junk is dropped
     # One character over a group, before its "=": the decoder refuses it, so does the sift.
     over = "QUFB" * 4 + "Q=="
-    assert not read_as_text(over) and _sifted_base64(over.encode(), [(0, len(over))]) == [False]
+    assert not _read_as_text("base64", over) and _sifted_base64(
+        over.encode(), [(0, len(over))]
+    ) == [False]
 
 
 @pytest.mark.parametrize(
