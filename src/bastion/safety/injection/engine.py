@@ -194,8 +194,11 @@ def _mentioned(visible: str, start: int, end: int) -> bool:
 
 
 _WEIGHT_OF_RULE = {rule.rule: rule.weight for rule in RULES}
-# A question of two words or more ("Why does that work?"): a bare "?" is no question about it.
-_QUESTION = re.compile("\\w+[^\\w?\uff1f]+\\w+[^?\uff1f]*[?\uff1f]")
+# A question of two words or more ("Why does that work?"), in the sentence after
+# the quote: a bare "?" is no question about it.
+_QUESTION_MARK = re.compile("[?\uff1f]")
+_TWO_WORDS = re.compile(r"\w+\W+\w")
+_QUESTION_REACH = 300  # characters after the quote, as _mentioned reads around it
 
 
 def _whole_attacks_quoted(found: list[Finding], visible: str, retrieved: bool) -> list[Finding]:
@@ -210,8 +213,7 @@ def _whole_attacks_quoted(found: list[Finding], visible: str, retrieved: bool) -
     quoted = [f for f in found if f.rule.endswith(".quoted") and f.category in _INTENT]
     if len({f.category for f in quoted}) < 2:
         return found
-    closing = _QUOTE_CHARS.search(visible, max(f.end for f in quoted))
-    if not retrieved and closing and _QUESTION.search(visible, closing.end()):
+    if not retrieved and _asked_about(visible, max(f.end for f in quoted)):
         return found
     return [
         Finding(rule, f.category, _WEIGHT_OF_RULE[rule], f.start, f.end)
@@ -219,6 +221,17 @@ def _whole_attacks_quoted(found: list[Finding], visible: str, retrieved: bool) -
         else f
         for f in found
     ]
+
+
+def _asked_about(visible: str, end: int) -> bool:
+    """Whether a question of two words or more follows the quote that closes
+    after ``end`` (read in one bounded stretch: a long text costs no more)."""
+    closing = _QUOTE_CHARS.search(visible, end, end + _QUESTION_REACH)
+    if closing is None:
+        return False
+    after = visible[closing.end() : closing.end() + _QUESTION_REACH]
+    mark = _QUESTION_MARK.search(after)
+    return mark is not None and _TWO_WORDS.search(after, 0, mark.start()) is not None
 
 
 def _span(views: Views, start: int, end: int) -> tuple[int, int]:
