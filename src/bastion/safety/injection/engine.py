@@ -163,7 +163,23 @@ _ACT_ON_IT = re.compile(
     r"|mach(?:e)?\s+(?:es|das)|tu\s+(?:es|das)|befolge|gehorche|führe\s+(?:es|das)\s+aus"
     r"|hazlo|haz\s+eso|síguel[oa]|sigue\s+(?:esto|eso)|obedece|ejecútal[oa]|cúmplel[oa]"
     r"|fais[-\s]le|fais\s+(?:ça|cela)|suis[-\s]l[ae]|obéis|exécute[-\s]l[ae]|applique[-\s]l[ae]"
-    r"|fallo|fai\s+(?:così|questo)|seguil[oa]|obbedisci|eseguil[oa])\b",
+    r"|fallo|fai\s+(?:così|questo)|seguil[oa]|obbedisci|eseguil[oa]"
+    # A verb of carrying out, then what it carries out ("cumple esta frase",
+    # "esegui questa frase", "applique cette formule", "führe dieses Muster aus"):
+    # the other languages' words for a quoted phrase must not make an order a mention.
+    r"|(?:apply|run|carry\s+out|perform|execute|follow|obey)\s+(?:this|these|the\s+following)"
+    r"|act\s+accordingly"
+    r"|(?:befolge|befolgt|folge|folgt|führe|führt|wende|wendet|setze|setzt)\s+"
+    r"(?:diese[nsmr]?|das\s+folgende|folgende[nsmr]?)"
+    r"|(?:cumple|cumplid|sigue|seguid|ejecuta|ejecutad|aplica|aplicad|obedece|obedeced)\s+"
+    r"(?:esta|este|estas|estos|esto|eso|esa|lo\s+siguiente|la\s+siguiente)"
+    r"|act[uú]a\s+en\s+consecuencia|haz\s+lo\s+que\s+(?:dice|pide)"
+    r"|(?:applique[sz]?|exécute[sz]?|execute[sz]?|suis|suivez|respecte[sz]?|obéis|obéissez)\s+"
+    r"(?:cette|cet|ce|ces|ceci|cela|la\s+suite)"
+    r"|agis\s+en\s+cons[ée]quence|fais\s+ce\s+qu"
+    r"|(?:esegui|eseguite|segui|seguite|applica|applicate|rispetta|rispettate|obbedisci)\s+"
+    r"(?:questa|questo|queste|questi|quanto\s+segue)"
+    r"|agisci\s+di\s+conseguenza|fai\s+quello\s+che\s+(?:dice|chiede))\b",
     re.I,
 )
 _MENTIONED = frozenset(
