@@ -164,22 +164,30 @@ _ACT_ON_IT = re.compile(
     r"|hazlo|haz\s+eso|síguel[oa]|sigue\s+(?:esto|eso)|obedece|ejecútal[oa]|cúmplel[oa]"
     r"|fais[-\s]le|fais\s+(?:ça|cela)|suis[-\s]l[ae]|obéis|exécute[-\s]l[ae]|applique[-\s]l[ae]"
     r"|fallo|fai\s+(?:così|questo)|seguil[oa]|obbedisci|eseguil[oa]"
-    # A verb of carrying out, then what it carries out ("cumple esta frase",
-    # "esegui questa frase", "applique cette formule", "führe dieses Muster aus"):
-    # the other languages' words for a quoted phrase must not make an order a mention.
-    r"|(?:apply|run|carry\s+out|perform|execute|follow|obey)\s+(?:this|these|the\s+following)"
-    r"|act\s+accordingly"
-    r"|(?:befolge|befolgt|folge|folgt|führe|führt|wende|wendet|setze|setzt)\s+"
-    r"(?:diese[nsmr]?|das\s+folgende|folgende[nsmr]?)"
-    r"|(?:cumple|cumplid|sigue|seguid|ejecuta|ejecutad|aplica|aplicad|obedece|obedeced)\s+"
-    r"(?:esta|este|estas|estos|esto|eso|esa|lo\s+siguiente|la\s+siguiente)"
-    r"|act[uú]a\s+en\s+consecuencia|haz\s+lo\s+que\s+(?:dice|pide)"
-    r"|(?:applique[sz]?|exécute[sz]?|execute[sz]?|suis|suivez|respecte[sz]?|obéis|obéissez)\s+"
-    r"(?:cette|cet|ce|ces|ceci|cela|la\s+suite)"
+    # Acting on it, in the other languages' words ("actúa en consecuencia").
+    r"|act\s+accordingly|act[uú]a\s+en\s+consecuencia|haz\s+lo\s+que\s+(?:dice|pide)"
     r"|agis\s+en\s+cons[ée]quence|fais\s+ce\s+qu"
-    r"|(?:esegui|eseguite|segui|seguite|applica|applicate|rispetta|rispettate|obbedisci)\s+"
-    r"(?:questa|questo|queste|questi|quanto\s+segue)"
     r"|agisci\s+di\s+conseguenza|fai\s+quello\s+che\s+(?:dice|chiede))\b",
+    re.I,
+)
+# A verb of carrying out and what it carries out, right before the quote opens
+# ("Cumple esta frase: «…»", "Esegui questa frase:", "Applique cette formule :",
+# "Führe dieses Muster aus:", "Apply this phrase:"): the words for a phrase
+# that make a quote talked about must not make such an order one. Only right
+# before it: "Sigue estos pasos para detectar frases como «…»" is talk.
+_CARRIES_OUT = re.compile(
+    r"\b(?:apply|run|carry\s+out|perform|execute|follow|obey"
+    r"|befolge|befolgt|folge|folgt|führe|führt|wende|wendet|setze|setzt"
+    r"|cumple|cumplid|sigue|seguid|ejecuta|ejecutad|aplica|aplicad|obedece|obedeced"
+    r"|applique[sz]?|exécute[sz]?|execute[sz]?|suis|suivez|respecte[sz]?|obéis|obéissez"
+    r"|esegui|eseguite|segui|seguite|applica|applicate|rispetta|rispettate|obbedisci)\s+"
+    r"(?:this|these|the\s+following|diese[nsmr]?|das\s+folgende|folgende[nsmr]?"
+    r"|esta|este|estas|estos|esto|eso|esa|lo\s+siguiente|la\s+siguiente"
+    r"|cette|cet|ce|ces|ceci|cela|questa|questo|queste|questi|quanto\s+segue)"
+    r"(?:\s+(?:phrase|sentence|line|text|instruction|command|order|string|satz|muster|text"
+    r"|befehl|anweisung|zeile|formulierung|frase|instrucci[oó]n|orden|texto|l[ií]nea|comando"
+    r"|f[oó]rmula|formule|consigne|ordre|texte|ligne|commande|istruzione|ordine|testo|riga"
+    r"|formula))?(?:\s+aus)?\s*:?\s*\Z",
     re.I,
 )
 _MENTIONED = frozenset(
@@ -205,7 +213,11 @@ def _mentioned(visible: str, start: int, end: int) -> bool:
         close_at = min(found)
         outside = visible[line_start:i] + " " + visible[close_at + 1 : line_end]
         around = visible[max(0, i - 300) : i] + " " + visible[close_at + 1 : close_at + 301]
-        return _META.search(outside) is not None and _ACT_ON_IT.search(around) is None
+        return (
+            _META.search(outside) is not None
+            and _ACT_ON_IT.search(around) is None
+            and _CARRIES_OUT.search(visible, max(0, i - 300), i) is None
+        )
     return False
 
 
