@@ -343,15 +343,31 @@ def _opens_utf8(out: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return np.logical_not(bad.any(axis=1))
 
 
+_Array = np.ndarray[Any, Any]
+
+
+def _openings(
+    text: bytes, spans: list[tuple[int, int]], width: int
+) -> tuple[_Array, _Array, _Array, _Array]:
+    """``text`` as bytes, the spans' starts and ends, and each span's first
+    ``width`` bytes, one row per span (past the text's end: its last byte)."""
+    starts = np.array([a for a, _b in spans], dtype=np.int64)
+    ends = np.array([b for _a, b in spans], dtype=np.int64)
+    codes = np.frombuffer(text, dtype=np.uint8)
+    return (
+        codes,
+        starts,
+        ends,
+        codes[np.minimum(starts[:, None] + np.arange(width), len(codes) - 1)],
+    )
+
+
 def _opening_may_read(text: bytes, spans: list[tuple[int, int]]) -> list[bool]:
     """For each base85 candidate ``text[a:b]``, whether its first four groups,
     read by either decoder, fit and may open valid UTF-8 (cheap: most junk
     ends there; an Adobe frame, an Ascii85 "z" there, or a shorter candidate:
     left to :func:`_sifted`)."""
-    starts = np.array([a for a, _b in spans], dtype=np.int64)
-    ends = np.array([b for _a, b in spans], dtype=np.int64)
-    codes = np.frombuffer(text, dtype=np.uint8)
-    opening = codes[np.minimum(starts[:, None] + np.arange(_B85_PREFIX), len(codes) - 1)]
+    _codes, starts, ends, opening = _openings(text, spans, _B85_PREFIX)
     zeros = opening == ord("z")  # Ascii85's "z" shifts the groups, where Ascii85 may read it
     foreign = (_A85_DIGITS[opening] == 255) & ~zeros
     may = (ends - starts < _B85_PREFIX) | (zeros.any(axis=1) & ~foreign.any(axis=1))
@@ -428,11 +444,8 @@ _B64_PREFIX = 16  # every candidate has as many (a run of base64 is 16 or more)
 def _sifted_base64(text: bytes, spans: list[tuple[int, int]]) -> list[bool]:
     """For each base64 candidate ``text[a:b]`` (16 characters or more), whether
     it may decode to readable text (see above)."""
-    starts = np.array([a for a, _b in spans], dtype=np.int64)
-    ends = np.array([b for _a, b in spans], dtype=np.int64)
-    codes = np.frombuffer(text, dtype=np.uint8)
-    at = np.minimum(starts[:, None] + np.arange(_B64_PREFIX), len(codes) - 1)
-    digits = _B64_DIGITS[codes[at]]
+    codes, starts, ends, opening = _openings(text, spans, _B64_PREFIX)
+    digits = _B64_DIGITS[opening]
     # "=", a character past ASCII, or a shorter run: left to the decoder.
     foreign = (digits == 255).any(axis=1) | (ends - starts < _B64_PREFIX)
     six = (digits & 63).reshape(len(spans), -1, 4).astype(np.uint32)
