@@ -463,6 +463,16 @@ def _sifted_base64(text: bytes, spans: list[tuple[int, int]]) -> list[bool]:
 _IN_BASE64_RUN = bytes(
     1 if chr(b) in string.ascii_letters + string.digits + "+/_-" else 0 for b in range(256)
 )
+_IN_BASE85_RUN = bytes(1 if 33 <= b <= 126 else 0 for b in range(256))
+_SPACE_BYTE = bytes(_IS_SPACE[:256].tolist())
+
+
+def _run_edges(member: np.ndarray[Any, np.dtype[np.bool_]]) -> tuple[Any, Any]:
+    """Where each run of True in ``member`` starts and ends (one past it): with
+    a False on each side, the places where it changes alternate, from a start."""
+    padded = np.concatenate(([False], member, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return edges[0::2], edges[1::2]
 
 
 def _runs(
@@ -484,22 +494,22 @@ def _runs(
         if "<~" in visible:
             return None
         # A run of printable ASCII, 20 or more, with whitespace (or an end) on each side.
-        if visible.isascii():
-            codes = np.frombuffer(text, dtype=np.uint8)
-            spaced = _IS_SPACE[codes]
+        if visible.isascii():  # read through byte tables, in C
+            spaced = np.frombuffer(text.translate(_SPACE_BYTE), dtype=np.bool_)
+            member = np.frombuffer(text.translate(_IN_BASE85_RUN), dtype=np.bool_)
         else:
             codes = np.frombuffer(visible.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
             spaced = _IS_SPACE[np.minimum(codes, 0x3001)]
-        member = (codes >= 33) & (codes <= 126)
+            member = (codes >= 33) & (codes <= 126)
         least = 20
-    edges = np.diff(np.concatenate(([0], member.view(np.int8), [0])))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    starts, ends = _run_edges(member)
     found: list[tuple[int, int]] = []
     for a, b in spans:
         first, last = np.searchsorted(starts, [a, b])
         run_starts, run_ends = starts[first:last], ends[first:last]
         cut = np.minimum(run_ends, b)
-        keep = cut - run_starts >= least
+        long_enough = cut - run_starts >= least  # the only runs read further
+        run_starts, run_ends, cut = run_starts[long_enough], run_ends[long_enough], cut[long_enough]
         if spaced is None:  # base64's padding, inside the window
             tail = np.zeros(len(cut), dtype=np.intp)
             for offset in (0, 1):
@@ -514,8 +524,8 @@ def _runs(
         else:  # whitespace (or the text's start) before; after: whitespace, or the window's end
             before = (run_starts == 0) | spaced[np.maximum(run_starts - 1, 0)]
             after = (run_ends >= b) | spaced[np.minimum(run_ends, len(spaced) - 1)]
-            keep &= before & after
-        found += zip(run_starts[keep].tolist(), cut[keep].tolist(), strict=True)
+            run_starts, cut = run_starts[before & after], cut[before & after]
+        found += zip(run_starts.tolist(), cut.tolist(), strict=True)
     return found
 
 
