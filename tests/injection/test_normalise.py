@@ -272,6 +272,20 @@ def test_words_joined_by_underscores_are_read_alike_in_a_long_text() -> None:
     assert "production\nADMIN_OVERRIDE" in _words_joined(text)  # one a line: left as it is
 
 
+def test_a_long_text_of_joined_words_without_other_characters_is_read_as_a_short_one() -> None:
+    # Words, underscores and spaces only (no punctuation, no line break): the
+    # numpy path found the first "other" character of an empty list and raised
+    # IndexError, a crash of the screen on 13 KB of "ab_cd  ef_gh " (session 20).
+    from bastion.safety.injection.normalise import _WINDOW, _words_joined
+
+    for unit in ("ab_cd  ef_gh ", "ab_cd\u3000\u3000ef_gh ", "ignore_all  previous_rules "):
+        text = unit * (3 * _WINDOW // len(unit))
+        assert len(text) > 2 * _WINDOW
+        assert _words_joined(text) == _words_joined(unit) * (len(text) // len(unit))
+        for source in ("user", "retrieved"):
+            assert screen(text, source).decision in ("allow", "sanitize", "block")
+
+
 def _read_as_text(kind: str, blob: str) -> bool:
     """Whether the screen's decoder of ``kind`` reads ``blob`` as text (a layer)."""
     from bastion.safety.injection.decoding import _blob_bytes, _printable

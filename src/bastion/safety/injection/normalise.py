@@ -265,12 +265,10 @@ def _words_joined(text: str, like: str | None = None) -> str:
     one = ends - starts == 1  # most stretches: read by their one character
     joint = one & (classes[starts] >= 2)
     if not one.all():  # wider ones: when no other character lies in them
-        other = np.flatnonzero(classes == 0)
+        # (the text's end stands for one past the last: a text may hold none)
+        other = np.append(np.flatnonzero(classes == 0), len(classes))
         wide = np.flatnonzero(~one)
-        first = np.searchsorted(other, starts[wide])
-        joint[wide] = (first == len(other)) | (
-            other[np.minimum(first, len(other) - 1)] >= ends[wide]
-        )
+        joint[wide] = other[np.searchsorted(other, starts[wide])] >= ends[wide]
     beside = np.zeros(len(joint), dtype=bool)
     beside[1:] |= joint[:-1]
     beside[:-1] |= joint[1:]
