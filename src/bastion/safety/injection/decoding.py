@@ -24,7 +24,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from bastion.safety.injection import classifier
-from bastion.safety.injection.normalise import _IS_SPACE, _WINDOW, Views, _latin1
+from bastion.safety.injection.normalise import _IS_SPACE, _WINDOW, Views, _latin1, _run_edges
 
 # Decoding works window by window (:data:`_WINDOW`), so its work grows
 # linearly with the text and no run early in a text uses up what a later window
@@ -467,14 +467,6 @@ _IN_BASE85_RUN = bytes(1 if 33 <= b <= 126 else 0 for b in range(256))
 _SPACE_BYTE = bytes(_IS_SPACE[:256].tolist())
 
 
-def _run_edges(member: np.ndarray[Any, np.dtype[np.bool_]]) -> tuple[Any, Any]:
-    """Where each run of True in ``member`` starts and ends (one past it): with
-    a False on each side, the places where it changes alternate, from a start."""
-    padded = np.concatenate(([False], member, [False]))
-    edges = np.flatnonzero(padded[1:] != padded[:-1])
-    return edges[0::2], edges[1::2]
-
-
 def _runs(
     visible: str, text: bytes, kind: str, spans: list[tuple[int, int]]
 ) -> list[tuple[int, int]] | None:
@@ -602,6 +594,7 @@ _CIPHER_WEIGHTS = np.array(
 )
 _CIPHER_SEGMENT = re.compile(r"[^.!?\n:;,()\[\]\"]{12,}")
 _CIPHER_STOPS = bytes(1 if chr(b) in '.!?\n:;,()[]"' else 0 for b in range(256))
+_CIPHER_INSIDE = bytes(1 - stop for stop in _CIPHER_STOPS)
 _CIPHER_STOP_MARKS = np.frombuffer(_CIPHER_STOPS[:128] + b"\x00", dtype=np.uint8)  # 128: any other
 _MIN_GAIN = 0.6  # nats per letter the deciphered text must gain over the text as written
 _ASCII_LETTERS = string.ascii_letters.encode()
@@ -619,13 +612,11 @@ def _deciphered(visible: str, raw: bytes) -> Iterable[Layer]:
         # The segments as runs between stops, found in numpy (as _CIPHER_SEGMENT).
         one_byte = raw if visible.isascii() else _latin1(visible)
         if one_byte is not None:  # a byte per character (no stop past ASCII)
-            marks = one_byte.translate(_CIPHER_STOPS)
+            inside = np.frombuffer(one_byte.translate(_CIPHER_INSIDE), dtype=np.bool_)
         else:  # "?" in ``raw`` stands for any other character too: read the code points
             codes = np.frombuffer(visible.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-            marks = _CIPHER_STOP_MARKS[np.minimum(codes, 128)].tobytes()
-        stops = np.frombuffer(b"\x01" + marks + b"\x01", dtype=np.int8)
-        edges = np.diff(stops)
-        starts, ends = np.flatnonzero(edges == -1), np.flatnonzero(edges == 1)
+            inside = _CIPHER_STOP_MARKS[np.minimum(codes, 128)] == 0
+        starts, ends = _run_edges(inside)
         keep = ends - starts >= 12
         starts, ends = starts[keep], np.minimum(ends[keep], starts[keep] + _MAX_BLOB)
         count = len(starts)  # the spans as two arrays: a list of pairs only when few

@@ -239,7 +239,7 @@ def _words_joined(text: str, like: str | None = None) -> str:
         return (
             "".join(" " if c == "_" and d == " " else c for c, d in zip(text, like, strict=True))
             if len(text) <= 2 * _WINDOW
-            else _set_spaces(text, _points(like) == 32)
+            else _set_spaces(text, np.flatnonzero((_points(like) == 32) & (_points(text) == 95)))
         )
     if len(text) <= 2 * _WINDOW:
         pieces: list[str] = []
@@ -253,15 +253,14 @@ def _words_joined(text: str, like: str | None = None) -> str:
     # two words of underscores and whitespace in a line only; a run of three
     # words or more is one whose joint has a joint next to it (the stretch
     # before the word on its left or after the word on its right).
-    classes = _classes_of(_points(text))
+    points = _points(text)
+    classes = _classes_of(points)
     nonword = classes != 1
-    change = np.flatnonzero(nonword[1:] != nonword[:-1]) + 1
-    starts = change[nonword[change]]  # where each stretch between two words starts
-    ends = change[~nonword[change]]  # and ends
+    starts, ends = _run_edges(nonword)  # the stretches between words
     if nonword[0]:
-        ends = ends[1:]  # the stretch before the first word joins nothing
+        starts, ends = starts[1:], ends[1:]  # the stretch before the first word joins nothing
     if nonword[-1]:
-        starts = starts[:-1]  # nor the one after the last
+        starts, ends = starts[:-1], ends[:-1]  # nor the one after the last
     one = ends - starts == 1  # most stretches: read by their one character
     joint = one & (classes[starts] >= 2)
     if not one.all():  # wider ones: when no other character lies in them
@@ -275,10 +274,10 @@ def _words_joined(text: str, like: str | None = None) -> str:
     chosen = joint & beside  # the stretches whose underscores are read as spaces
     if not chosen.any():
         return text
-    marks = np.zeros(len(classes) + 1, dtype=np.int8)
-    marks[starts[chosen]] += 1
-    marks[ends[chosen]] -= 1
-    return _set_spaces(text, np.cumsum(marks[:-1]) > 0)
+    underscores = np.flatnonzero(points == 95)
+    stretch = np.searchsorted(starts[chosen], underscores, side="right") - 1
+    inside = (stretch >= 0) & (underscores < ends[chosen][np.maximum(stretch, 0)])
+    return _set_spaces(text, underscores[inside])
 
 
 def _classes_of(points: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -294,12 +293,21 @@ def _classes_of(points: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return classes
 
 
-def _set_spaces(text: str, where: np.ndarray[Any, Any]) -> str:
+def _set_spaces(text: str, underscores: np.ndarray[Any, Any]) -> str:
+    """``text`` with the underscores at these places read as spaces."""
     out = _points(text).copy()
-    out[where & (out == 95)] = 32
+    out[underscores] = 32
     if out.dtype == np.uint8:
         return out.tobytes().decode("ascii")
     return out.tobytes().decode("utf-32-le", "surrogatepass")
+
+
+def _run_edges(member: np.ndarray[Any, np.dtype[np.bool_]]) -> tuple[Any, Any]:
+    """Where each run of True in ``member`` starts and ends (one past it): with
+    a False on each side, the places where it changes alternate, from a start."""
+    padded = np.concatenate(([False], member, [False]))
+    edges = np.flatnonzero(padded[1:] != padded[:-1])
+    return edges[0::2], edges[1::2]
 
 
 # Words joined in camelCase ("IgnoreAllPreviousInstructions") are read as words
@@ -649,16 +657,19 @@ def _single_spaced(
             return "".join(pieces) + text[at:]
 
     else:  # a text of many runs ("a  b  c  …"): put together in numpy
-        lengths = np.concatenate((starts + 1, [len(plain)])) - np.concatenate(([0], ends))
-        index = np.arange(len(plain) - int(dropped[-1])) + np.repeat(dropped, lengths)
-        breaks = np.cumsum(_points(plain) == 10)
-        before = np.where(starts > 0, breaks[np.maximum(starts - 1, 0)], 0)
-        firsts = np.where(breaks[ends - 1] > before, 10, 32)
+        # The characters that go (each run's after its first), as a mask.
+        gone = ends - starts - 1
+        places = np.arange(int(dropped[-1])) + np.repeat(starts + 1 - dropped[:-1], gone)
+        keep = np.ones(len(plain), dtype=np.bool_)
+        keep[places] = False
+        line_breaks = np.flatnonzero(_points(plain) == 10)
+        held = np.searchsorted(line_breaks, ends) > np.searchsorted(line_breaks, starts)
+        firsts = np.where(held, 10, 32)
 
         def squeeze(text: str) -> str:
             out = _points(text).copy()  # folded is as long as plain
             out[starts] = firsts
-            kept = out[index]
+            kept = out[keep]
             return str(kept.tobytes().decode("ascii" if kept.dtype == np.uint8 else "utf-32-le"))
 
     squeezed = [squeeze(text) for text in texts]
