@@ -441,3 +441,29 @@ def test_encoded_runs_of_a_long_text_are_found_as_the_expression_finds_them(kind
     expected = [m.span() for m in pattern.finditer(ascii_text, 0, len(ascii_text))]
     found = _runs(ascii_text, ascii_text.encode(), kind, [(0, len(ascii_text))])
     assert found == expected
+
+
+def test_run_edges_are_where_each_run_of_true_starts_and_ends() -> None:
+    # The one helper the long-text paths find runs with (joined words, cipher
+    # segments, encoded runs): checked against a plain walk, ends included.
+    import random
+
+    import numpy as np
+
+    from bastion.safety.injection.normalise import _run_edges
+
+    rng = random.Random(20)
+    for size in (0, 1, 2, 3, 7, 64):
+        for _ in range(50):
+            member = [rng.random() < 0.5 for _ in range(size)]
+            runs, at = [], 0
+            while at < size:
+                if member[at]:
+                    end = at
+                    while end < size and member[end]:
+                        end += 1
+                    runs.append((at, end))
+                    at = end
+                at += 1
+            starts, ends = _run_edges(np.array(member, dtype=np.bool_))
+            assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == runs
