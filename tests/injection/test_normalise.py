@@ -14,7 +14,9 @@ import base64
 import codecs
 import string
 import time
+from typing import Any
 
+import numpy as np
 import pytest
 
 from bastion.safety.injection import REMOVED, ScreenPolicy, screen
@@ -296,13 +298,14 @@ def _read_as_text(kind: str, blob: str) -> bool:
         return False
 
 
-def _as_spans(blobs: list[str]) -> tuple[bytes, list[tuple[int, int]]]:
-    """The candidates as spans of one text, as the screen finds them."""
-    text, spans = "", []
+def _as_spans(blobs: list[str]) -> tuple[bytes, np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The candidates as runs of one text (starts, ends), as the screen finds them."""
+    text, starts, ends = "", [], []
     for blob in blobs:
-        spans.append((len(text), len(text) + len(blob)))
+        starts.append(len(text))
+        ends.append(len(text) + len(blob))
         text += blob + " "
-    return text.encode("ascii", "replace"), spans
+    return text.encode("ascii", "replace"), np.array(starts), np.array(ends)
 
 
 def test_base85_candidates_sifted_out_are_ones_no_decoder_reads_as_text() -> None:
@@ -371,9 +374,8 @@ def test_base64_candidates_sifted_out_are_ones_the_decoder_does_not_read_as_text
     assert sum(kept) < len(blobs) - 1000  # and most junk is dropped
     # One character over a group, before its "=": the decoder refuses it, so does the sift.
     over = "QUFB" * 4 + "Q=="
-    assert not _read_as_text("base64", over) and _sifted_base64(
-        over.encode(), [(0, len(over))]
-    ) == [False]
+    assert not _read_as_text("base64", over)
+    assert _sifted_base64(over.encode(), np.array([0]), np.array([len(over)])).tolist() == [False]
 
 
 @pytest.mark.parametrize(
@@ -436,19 +438,22 @@ def test_encoded_runs_of_a_long_text_are_found_as_the_expression_finds_them(kind
         [(1000, 9000), (12_345, 30_001), (40_000, 41_000)],
     ):
         expected = [m.span() for a, b in spans for m in pattern.finditer(text, a, b)]
-        assert _runs(text, raw, kind, spans) == expected and expected
+        assert _as_pairs(_runs(text, raw, kind, spans)) == expected and expected
     ascii_text = text.encode("ascii", "ignore").decode()
     expected = [m.span() for m in pattern.finditer(ascii_text, 0, len(ascii_text))]
     found = _runs(ascii_text, ascii_text.encode(), kind, [(0, len(ascii_text))])
-    assert found == expected
+    assert _as_pairs(found) == expected
+
+
+def _as_pairs(runs: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None) -> list[Any]:
+    assert runs is not None
+    return list(zip(runs[0].tolist(), runs[1].tolist(), strict=True))
 
 
 def test_run_edges_are_where_each_run_of_true_starts_and_ends() -> None:
     # The one helper the long-text paths find runs with (joined words, cipher
     # segments, encoded runs): checked against a plain walk, ends included.
     import random
-
-    import numpy as np
 
     from bastion.safety.injection.normalise import _run_edges
 

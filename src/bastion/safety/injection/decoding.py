@@ -297,10 +297,22 @@ def _per_window(groups: dict[tuple[str, int], list[Layer]], size: int) -> Iterab
             yield kind, "\n".join(run[1] for run in runs), runs[0][2], runs[-1][3]
 
 
-def _tried(tries: dict[tuple[str, int], int], window: tuple[str, int]) -> bool:
-    """True for the first :data:`_SLOW_TRIES` candidates of a window (counted in ``tries``)."""
-    tries[window] = tries.get(window, 0) + 1
-    return tries[window] <= _SLOW_TRIES
+def _runs_kept(kind: str, text: bytes, starts: _Array, ends: _Array) -> list[tuple[int, int]]:
+    """The runs (in order) left to decode: of a kind decoded in pure Python, the
+    first :data:`_SLOW_TRIES` of each window; of base64 and base85, when many,
+    those their sift keeps."""
+    if kind in _SLOW_KINDS and len(starts) > _SLOW_TRIES:
+        # Each run's rank among its window's, in order (a stable sort: runs
+        # found in windows that overlap may come out of order).
+        order = np.argsort(starts // _WINDOW, kind="stable")
+        windows = (starts // _WINDOW)[order]
+        rank = np.empty(len(order), dtype=np.intp)
+        rank[order] = np.arange(len(order)) - np.searchsorted(windows, windows)
+        starts, ends = starts[rank < _SLOW_TRIES], ends[rank < _SLOW_TRIES]
+    if kind in ("base64", "base85") and len(starts) > _SIFT_FROM:
+        keep = (_sifted_base64 if kind == "base64" else _opening_may_read)(text, starts, ends)
+        starts, ends = starts[keep], ends[keep]
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 # Base85 and Ascii85 are decoded in Python (base64's modules): in a megabyte of
@@ -346,41 +358,33 @@ def _opens_utf8(out: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 _Array = np.ndarray[Any, Any]
 
 
-def _openings(
-    text: bytes, spans: list[tuple[int, int]], width: int
-) -> tuple[_Array, _Array, _Array, _Array]:
-    """``text`` as bytes, the spans' starts and ends, and each span's first
-    ``width`` bytes, one row per span (past the text's end: its last byte)."""
-    starts = np.array([a for a, _b in spans], dtype=np.int64)
-    ends = np.array([b for _a, b in spans], dtype=np.int64)
+def _openings(text: bytes, starts: _Array, width: int) -> tuple[_Array, _Array]:
+    """``text`` as bytes, and the first ``width`` bytes from each of ``starts``,
+    one row per start (past the text's end: its last byte)."""
     codes = np.frombuffer(text, dtype=np.uint8)
-    return (
-        codes,
-        starts,
-        ends,
-        codes[np.minimum(starts[:, None] + np.arange(width), len(codes) - 1)],
-    )
+    return codes, codes[np.minimum(starts[:, None] + np.arange(width), len(codes) - 1)]
 
 
-def _opening_may_read(text: bytes, spans: list[tuple[int, int]]) -> list[bool]:
+def _opening_may_read(text: bytes, starts: _Array, ends: _Array) -> _Array:
     """For each base85 candidate ``text[a:b]``, whether its first four groups,
     read by either decoder, fit and may open valid UTF-8 (cheap: most junk
     ends there; an Adobe frame, an Ascii85 "z" there, or a shorter candidate:
     left to :func:`_sifted`)."""
-    _codes, starts, ends, opening = _openings(text, spans, _B85_PREFIX)
+    _codes, opening = _openings(text, starts, _B85_PREFIX)
     zeros = opening == ord("z")  # Ascii85's "z" shifts the groups, where Ascii85 may read it
     foreign = (_A85_DIGITS[opening] == 255) & ~zeros
     may = (ends - starts < _B85_PREFIX) | (zeros.any(axis=1) & ~foreign.any(axis=1))
     may |= (opening[:, 0] == ord("<")) & (opening[:, 1] == ord("~"))
     for table in (_B85_DIGITS, _A85_DIGITS):
         digits = table[opening]
-        five = digits.reshape(len(spans), -1, 5).astype(np.int64)
+        five = digits.reshape(len(starts), -1, 5).astype(np.int64)
         values = (((five[..., 0] * 85 + five[..., 1]) * 85 + five[..., 2]) * 85 + five[..., 3]) * 85
         values += five[..., 4]
         fits = ~(digits == 255).any(axis=1) & ~(values > 0xFFFFFFFF).any(axis=1)
-        out = ((values[:, :, None] >> np.array([24, 16, 8, 0])) & 0xFF).reshape(len(spans), -1)
+        out = ((values[:, :, None] >> np.array([24, 16, 8, 0])) & 0xFF).reshape(len(starts), -1)
         may |= fits & _opens_utf8(out)
-    return list(may.tolist())
+    kept: _Array = may
+    return kept
 
 
 def _sifted(blobs: list[str]) -> list[bool]:
@@ -441,23 +445,24 @@ _B64_DIGITS[[ord("/"), ord("_")]] = 63
 _B64_PREFIX = 16  # every candidate has as many (a run of base64 is 16 or more)
 
 
-def _sifted_base64(text: bytes, spans: list[tuple[int, int]]) -> list[bool]:
+def _sifted_base64(text: bytes, starts: _Array, ends: _Array) -> _Array:
     """For each base64 candidate ``text[a:b]`` (16 characters or more), whether
     it may decode to readable text (see above)."""
-    codes, starts, ends, opening = _openings(text, spans, _B64_PREFIX)
+    codes, opening = _openings(text, starts, _B64_PREFIX)
     digits = _B64_DIGITS[opening]
     # "=", a character past ASCII, or a shorter run: left to the decoder.
     foreign = (digits == 255).any(axis=1) | (ends - starts < _B64_PREFIX)
-    six = (digits & 63).reshape(len(spans), -1, 4).astype(np.uint32)
+    six = (digits & 63).reshape(len(starts), -1, 4).astype(np.uint32)
     values = (six[:, :, 0] << 18) | (six[:, :, 1] << 12) | (six[:, :, 2] << 6) | six[:, :, 3]
     out = np.stack([values >> 16, (values >> 8) & 0xFF, values & 0xFF], axis=2)
-    broken = ~_opens_utf8(out.reshape(len(spans), -1))
+    broken = ~_opens_utf8(out.reshape(len(starts), -1))
     trailing = (codes[ends - 1] == ord("=")).astype(np.int64)
     trailing += (codes[ends - 2] == ord("=")) & (trailing == 1)
     lengths = np.minimum(ends - starts, _MAX_BLOB)
     whole = ends - starts <= _MAX_BLOB
     refused = whole & ((lengths - trailing) % 4 == 1)  # the decoder's error
-    return list((foreign | ~(broken | refused)).tolist())
+    kept: _Array = foreign | ~(broken | refused)
+    return kept
 
 
 _IN_BASE64_RUN = bytes(
@@ -469,11 +474,12 @@ _SPACE_BYTE = bytes(_IS_SPACE[:256].tolist())
 
 def _runs(
     visible: str, text: bytes, kind: str, spans: list[tuple[int, int]]
-) -> list[tuple[int, int]] | None:
-    """The spans :data:`_BASE64` or :data:`_BASE85` match in ``spans`` of a long
-    text, found in numpy as the expression finds them (it tried every place of
-    a megabyte of source code: ~15 ms each); None for the other kinds, a short
-    text, or an Ascii85 run in its delimiters (the expression then)."""
+) -> tuple[_Array, _Array] | None:
+    """Where the runs :data:`_BASE64` or :data:`_BASE85` match in ``spans`` of
+    a long text start and end, found in numpy as the expression finds them (it
+    tried every place of a megabyte of source code: ~15 ms each); None for the
+    other kinds, a short text, or an Ascii85 run in its delimiters (the
+    expression then)."""
     if len(visible) <= 2 * _WINDOW or not spans or kind not in ("base64", "base85"):
         return None
     if kind == "base64":
@@ -495,7 +501,7 @@ def _runs(
             member = (codes >= 33) & (codes <= 126)
         least = 20
     starts, ends = _run_edges(member)
-    found: list[tuple[int, int]] = []
+    found_starts, found_ends = [], []
     for a, b in spans:
         first, last = np.searchsorted(starts, [a, b])
         run_starts, run_ends = starts[first:last], ends[first:last]
@@ -517,27 +523,26 @@ def _runs(
             before = (run_starts == 0) | spaced[np.maximum(run_starts - 1, 0)]
             after = (run_ends >= b) | spaced[np.minimum(run_ends, len(spaced) - 1)]
             run_starts, cut = run_starts[before & after], cut[before & after]
-        found += zip(run_starts.tolist(), cut.tolist(), strict=True)
-    return found
+        found_starts.append(run_starts)
+        found_ends.append(cut)
+    return np.concatenate(found_starts), np.concatenate(found_ends)
 
 
 def _decoded_blobs(visible: str, text: bytes, wide: bool) -> Iterable[Layer]:
     """(kind, decoded text, start, end) for encoded runs that decode to readable text.
     ``text``, ``wide``: as in :func:`_candidates`."""
     groups: dict[tuple[str, int], list[Layer]] = {}
-    tries: dict[tuple[str, int], int] = {}
     base64 = True  # base64's signature somewhere (the first kind)
     for kind, pattern in (*_BLOB_PATTERNS, ("morse", _MORSE)):
         spans = _candidates(visible, kind, text, wide, base64)
         base64 = base64 and (kind != "base64" or bool(spans))
-        found = _runs(visible, text, kind, spans)
-        if found is None:  # the expression, window by window
+        runs = _runs(visible, text, kind, spans)
+        if runs is None:  # the expression, window by window
             found = [m.span() for a, b in spans for m in pattern.finditer(visible, a, b)]
-        if kind in _SLOW_KINDS:
-            found = [(a, b) for a, b in found if _tried(tries, (kind, a // _WINDOW))]
-        if kind in ("base64", "base85") and len(found) > _SIFT_FROM:
-            kept = (_sifted_base64 if kind == "base64" else _opening_may_read)(text, found)
-            found = [span for span, keep in zip(found, kept, strict=True) if keep]
+            if len(found) > _SIFT_FROM:
+                runs = np.array([a for a, _b in found]), np.array([b for _a, b in found])
+        if runs is not None:
+            found = _runs_kept(kind, text, *runs)
         blobs = [visible[a:b][:_MAX_BLOB] for a, b in found]
         if kind == "base85" and len(blobs) > _SIFT_FROM:
             kept = _sifted(blobs)
