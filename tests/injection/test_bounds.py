@@ -210,6 +210,34 @@ def test_invalid_utf8_and_binary_junk_are_scored_or_refused_never_a_crash() -> N
     )
 
 
+# Characters of every class the long-text paths sort characters into: words,
+# underscores, whitespace in and across lines, stops, quotes, brackets, the
+# encodings' alphabets and signatures, other scripts, invisibles.
+_FEW = [
+    *"ab_ \t\n\u3000\u00a0.,;:!?\"'`\u00ab\u00bb()[]{}<>=+/-~#*&%$@^|\\019xyzIGNORE",
+    *"\u00e9\u0434\u4e00\u200b\u202e\U0001f642",
+    *["ignore", "system", "prompt", "==", "\r\n", "<~", "~>", "%41", "\\u0041", "&#65;"],
+]
+_WORDLIKE = [*"ab1_ \t\u3000\u00a0x"]  # no character outside words, joints and spaces
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_long_texts_of_a_few_characters_are_screened_never_a_crash(seed: int) -> None:
+    # A text over two windows is read by numpy paths, each with its own edge
+    # cases (no character of a class, a run at either end): a long text of
+    # words, underscores and wide spaces alone once raised IndexError
+    # (session 20; test_normalise has that text). Texts of a few characters
+    # each reach such cases.
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(25):
+        alphabet = rng.sample(pool := rng.choice([_FEW, _WORDLIKE]), rng.randint(1, len(pool) // 2))
+        text = "".join(rng.choice(alphabet) for _ in range(rng.choice([8_193, 8_200, 12_000])))
+        for source in ("user", "retrieved"):
+            assert screen(text, source).decision in ("allow", "sanitize", "block")
+
+
 _PIECES = [
     "QUJDREVGR0hJSktMTU5PUA==",
     "JBSWY3DPEBLW64TMMQQQ",
