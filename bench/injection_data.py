@@ -129,6 +129,7 @@ def _author(name: str, kind: str) -> list[str]:
 AUTHOR_SETS = (
     "s11", "s12", "s13", "t1", "t2", "t3", "s14", "s15", "s16", "s17", "s18", "u1", "u2",
     "t4", "t5", "t6", "t7", "u3", "u4", "u5", "u6", "u7", "u8", "v1", "v2", "w3", "w4",
+    "x1", "x2", "z3", "z4",
 )  # fmt: skip
 """The other authors' sets trained on: s11-s13 were held out in sessions 11 and
 12, s14-s18 in sessions 13 to 15 (each scored once as the clean figure, then a
@@ -143,14 +144,18 @@ session 17 (v1-v2, two new authors: 184 to 200, 245 of 400 attacks at 15 of
 400 hard negatives against 247 at 21; with t4-t7, u3 and u4 only: 173); v1,
 v2, w3 and w4 in session 19 (w3, w4 written that session as training data;
 on x1-x2, two new authors: 286 against 278, 334 of 400 attacks at 16 of 400
-hard negatives against 326 at 16)."""
+hard negatives against 326 at 16); x1, x2, z3 and z4 in session 20 (x1, x2
+the sets session 19 judged on; z3, z4 written that session as training data;
+on z1-z2, two new authors: 259 against 239, 286 of 400 attacks at 9 of 400
+hard negatives against 266 at 9; on y1-y2: 266 against 252)."""
 
-UNTRAINED_SETS = ("x1", "x2")
-"""Written by two more authors in session 19 (general sets; x2 with many hard
-negatives that quote or discuss attack phrases), and not trained on: the sets
-session 19's retrain was judged on. ``bench/injection.py`` screens them with
-the shipped model, which never saw them: a decision figure, not a clean one.
-(v1 and v2, session 17's, are trained on since session 19.)"""
+UNTRAINED_SETS = ("y1", "y2", "z1", "z2")
+"""Written by four more authors in session 20, each to a general brief (y2 and
+z2 with many hard negatives that quote or discuss attack phrases; z1-z4 each
+set mostly in its own trades), and not trained on: the sets session 20's
+rule rounds and retrain were judged on. ``bench/injection.py`` screens them
+with the shipped model, which never saw them: a decision figure, not a clean
+one. (x1 and x2, session 19's, are trained on since session 20.)"""
 
 
 def _tickets() -> list[str]:

@@ -155,11 +155,10 @@ def test_training_is_deterministic() -> None:
     )
 
 
-# Under the vote's threshold since session 17's retrain (0.807, from 0.739):
-# two German paraphrases, measured.
+# Under the vote's threshold since session 17's retrain: a German paraphrase,
+# measured (the other, index 5, is caught again since session 20's retrain).
 _UNDER_THE_VOTE = {
-    1: "0.765 against the vote threshold of 0.807 since session 17's retrain",
-    5: "0.754 against the vote threshold of 0.807 since session 17's retrain",
+    1: "0.649 against the vote threshold of 0.791 (session 20's retrain)",
 }
 
 
@@ -195,7 +194,7 @@ def test_the_shipped_model_never_saw_a_set_its_figures_call_unseen() -> None:
         f"authors/{name}-{kind}" for name in injection_data.UNTRAINED_SETS
         for kind in ("attacks", "benigns")
     }  # fmt: skip
-    assert {"fresh/s19-attacks", "authors/x1-attacks", "authors/x2-benigns"} <= unseen
+    assert {"fresh/s19-attacks", "authors/y1-attacks", "authors/z2-benigns"} <= unseen
     assert not trained_on & unseen
     assert not set(injection_data.UNTRAINED_SETS) & set(injection_data.AUTHOR_SETS)
 
