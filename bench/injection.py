@@ -99,6 +99,7 @@ def screen_table() -> None:
         "s19": "attack 98/150, benign 4/150 (session 16, the screen as shipped at its end)",
         "s20": "attack 118/150, benign 3/150 (session 17, the screen as shipped at its end)",
         "s21": "attack 98/150, benign 4/150 (session 18, the screen as shipped at its end)",
+        "s22": "attack 135/150, benign 1/150 (session 20, the screen as shipped at its end)",
         "s23": "attack 133/150, benign 3/150 (session 19, the screen as shipped at its end)",
     }
     for name in clean:

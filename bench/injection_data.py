@@ -519,6 +519,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("fresh/s20-benign", 0, _fresh("s20", "benign")),
         ("fresh/s21-attacks", 1, _fresh("s21", "attack")),
         ("fresh/s21-benign", 0, _fresh("s21", "benign")),
+        ("fresh/s22-attacks", 1, _fresh("s22", "attack")),
+        ("fresh/s22-benign", 0, _fresh("s22", "benign")),
         ("fresh/s23-attacks", 1, _fresh("s23", "attack")),
         ("fresh/s23-benign", 0, _fresh("s23", "benign")),
     ]
