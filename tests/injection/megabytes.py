@@ -186,6 +186,20 @@ def _empty_images(rng: random.Random) -> str:
     return "see ![chart]() and ![diagram][] below. " * 26_000
 
 
+def _assistant_prose(rng: random.Random) -> str:
+    # Benign sentences about an assistant, dense in the leads of the rules for
+    # text addressed to an AI ("assistant", "now") and holding the words they
+    # need ("ignores" holds "ignore"): past 4,000 leads a rule is matched by
+    # one regex pass over the text, about 200 ms for three of them (session 20:
+    # found, not yet mended).
+    sentences = [
+        "the assistant now ignores all the noise today",
+        "our assistant now answers in the language of the ticket",
+        "the assistant keeps the order number in its reply",
+    ]
+    return ". ".join(rng.choice(sentences) for _ in range(21_000))
+
+
 KINDS: dict[str, Callable[[random.Random], str]] = {
     "prose": _prose,
     "base64 blobs": _base64_blobs,
@@ -202,6 +216,7 @@ KINDS: dict[str, Callable[[random.Random], str]] = {
     "keyword line": _keyword_line,
     "empty images": _empty_images,
     "code": _code,
+    "assistant prose": _assistant_prose,
 }
 
 
