@@ -94,6 +94,11 @@ _DATA = (
 )
 
 
+_AI_READERS = ("assistant", "ai", "model", "bot", "chatbot", "agent", "llm")
+_FROM_NOW_ON = ("now", "henceforth", "from now on")
+_DESCRIBED = r"(?:ignores|disregards|forgets|overrides|bypasses|discards)\b"
+
+
 def _behind(*words: str) -> str:
     """A group that matches where one of ``words`` and a space or line break
     (an apostrophe: none) come just before: look-behinds, each of fixed width
@@ -244,6 +249,36 @@ RULES: tuple[Rule, ...] = (
         # instructions"): "me to" before the verb makes the speaker the one who ignores.
         rf"(?<!\bme to )\b{_IGNORE}\b{_GAP}{_PRIOR}\b(?:{_GAP})??{_INSTR}\b",
         leads="ignor|disregard|forget|skip|overrid|bypass|neglect|overlook|drop|abandon|discard|nevermind",
+    ),
+    # The same order told as what the assistant now does ("The assistant now
+    # ignores all previous instructions ...", "From now on the AI ignores its
+    # previous instructions"): English spells the third person apart
+    # ("ignores"), so override.en reads only the imperative; German, French,
+    # Italian and Spanish spell both alike and their rules read both. Told
+    # from now on, or of all of them: a bug report ("the model ignores
+    # previous instructions when the context fills up") is neither.
+    _r(
+        "override.en-described",
+        "override",
+        55,
+        "(?:"
+        + _behind(
+            *(rf"\b{reader} {when}" for reader in _AI_READERS for when in _FROM_NOW_ON),
+            *(
+                rf"\b{when}{article} {reader}"
+                for reader in _AI_READERS
+                for when in (*_FROM_NOW_ON, "from now on,")
+                for article in ("", " the", " this", " your")
+            ),
+        )
+        + _DESCRIBED
+        + "|"
+        + _behind(*(rf"\b{reader}" for reader in _AI_READERS))
+        + _DESCRIBED
+        + r"(?=\s+all\b))"
+        rf"{_GAP}(?:previous|prior|earlier|above|preceding|original|initial|former)\b"
+        rf"(?:{_GAP})??{_INSTR}\b",
+        leads="ignores|disregards|forgets|overrides|bypasses|discards",
     ),
     _r(
         "override.en-everything",
