@@ -149,12 +149,12 @@ the sets session 19 judged on; z3, z4 written that session as training data;
 on z1-z2, two new authors: 259 against 239, 286 of 400 attacks at 9 of 400
 hard negatives against 266 at 9; on y1-y2: 266 against 252)."""
 
-UNTRAINED_SETS = ("y1", "y2", "z1", "z2", "q1", "q2", "r1", "r2")
-"""Written by eight more authors in session 20, each to a general brief (y2,
-z2, q1, q2 and r2 with many hard negatives that quote or discuss attack
-phrases; z1, q1, q2, r1 and r2 each set mostly in its own trades), and not
-trained on: the sets session 20's rule rounds (y1-y2, q1-q2) and retrains
-(z1-z2, r1-r2) were judged on, totals only. ``bench/injection.py`` screens
+UNTRAINED_SETS = ("y1", "y2", "z1", "z2", "q1", "q2", "r1", "r2", "o1", "o2")
+"""Written by ten more authors in session 20, each to a general brief (y2,
+z2, q1, q2, r2 and o2 with many hard negatives that quote or discuss attack
+phrases; z1, q1, q2, r1, r2, o1 and o2 each set mostly in its own trades),
+and not trained on: the sets session 20's rule rounds (y1-y2, q1-q2, o1-o2)
+and retrains (z1-z2, r1-r2) were judged on, totals only. ``bench/injection.py`` screens
 them with the shipped model, which never saw them: decision figures, not
 clean ones. (x1 and x2, session 19's, are trained on since session 20.)"""
 
