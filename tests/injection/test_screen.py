@@ -22,6 +22,7 @@ from bastion.safety.injection import (
     PromptRefused,
     PromptTooLarge,
     Source,
+    Verdict,
     check_output,
     fence,
     screen,
@@ -290,11 +291,15 @@ EXAMPLE_THEN_ORDER = [
 ]
 
 
-@pytest.mark.parametrize("text", EXAMPLE_THEN_ORDER)
-def test_a_quoted_example_followed_by_an_order_to_act_on_it_is_no_mention(text: str) -> None:
-    verdict = screen(text, "user")
+def _blocked_as_said(verdict: Verdict) -> None:
+    """Blocked, and no finding of it read as a quoted mention."""
     assert verdict.decision == "block", verdict.reasons
     assert not [reason for reason in verdict.reasons if reason.endswith(".quoted")]
+
+
+@pytest.mark.parametrize("text", EXAMPLE_THEN_ORDER)
+def test_a_quoted_example_followed_by_an_order_to_act_on_it_is_no_mention(text: str) -> None:
+    _blocked_as_said(screen(text, "user"))
 
 
 # Written for this test (session 17): a whole attack (two kinds of intent) in
@@ -318,8 +323,8 @@ WHOLE_ATTACKS_QUOTED = [
 @pytest.mark.parametrize("source", ["retrieved", "tool"])
 def test_a_whole_attack_in_quotes_in_a_document_is_no_mention(text: str, source: Source) -> None:
     verdict = screen(text, source)
-    assert verdict.decision == "block" and verdict.text == "", verdict.reasons
-    assert not [reason for reason in verdict.reasons if reason.endswith(".quoted")]
+    _blocked_as_said(verdict)
+    assert verdict.text == ""
     # One kind of intent quoted in a document stays a mention: security notes quote a phrase.
     phrase = screen('Phrases such as "ignore all previous instructions" are flagged.', source)
     assert phrase.decision == "allow" and phrase.reasons == ["override.en.quoted"]
@@ -344,8 +349,8 @@ WHOLE_ATTACKS_QUOTED_BY_A_USER = [
 @pytest.mark.parametrize("text", WHOLE_ATTACKS_QUOTED_BY_A_USER)
 def test_a_whole_attack_quoted_by_a_user_with_no_question_about_it_is_said(text: str) -> None:
     verdict = screen(text, "user")
-    assert verdict.decision == "block" and verdict.text == "", verdict.reasons
-    assert not [reason for reason in verdict.reasons if reason.endswith(".quoted")]
+    _blocked_as_said(verdict)
+    assert verdict.text == ""
 
 
 def test_a_users_question_about_a_whole_attack_in_quotes_is_a_mention() -> None:
