@@ -4,7 +4,8 @@ text (issue 15: "1 MB finishes in <= 100 ms", no quadratic blow-up).
 For each kind in ``tests/injection/megabytes.py`` (prose, base64 blobs, many
 short lines, one huge line, random bytes decoded with replacement, one
 character repeated, mixed scripts, a hostile line, a text dense with attacks),
-and a megabyte of an installed package's Python source (SQLAlchemy's ORM),
+a megabyte of an installed package's Python source (SQLAlchemy's ORM) and
+a megabyte of each costliest rule's own leads (``rule_leads``),
 the time to screen the megabyte as a user turn and as a retrieved document:
 p50 and max of a few runs on one core. Beside them, a reference measured in the same run (one
 word-tokenizer pass over a megabyte of prose), so that figures taken on a
@@ -27,11 +28,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _record import record, row
 from bastion.safety.injection import classifier, screen
-from tests.injection.megabytes import KINDS, megabyte
+from tests.injection.megabytes import KINDS, megabyte, rule_leads
 
 SOURCE_CODE = {"sqlalchemy source": "sqlalchemy/orm"}
 """Packages whose Python files, read in name order up to a megabyte, are a
 shape of real code (the versions installed in this environment)."""
+
+
+COSTLIEST_LEADS = (
+    "extraction.what-were-you-told",
+    "override.tell-the-user",
+    "extraction.instructions-received",
+    "override.en-described",
+)
+"""Rules whose megabyte of their own leads (``rule_leads``) cost most to screen
+among all rules, one run each at session 21 (506, 341 and 336 ms; the
+median rule 132 ms); and the rule whose took 2.4 s before that session."""
 
 
 def _source_code(package: str) -> str | None:
@@ -69,6 +81,8 @@ def main() -> None:
     ref = statistics.median(reference)
     print(f"reference: one \\w+ pass over 1 MB of prose, p50 {ref:.1f} ms\n")
     texts = {kind: megabyte(kind) for kind in KINDS}
+    for rule in COSTLIEST_LEADS:
+        texts[f"leads of {rule}"] = rule_leads(rule)
     for name, package in SOURCE_CODE.items():  # real source code, as installed here
         if (code := _source_code(package)) is not None:
             texts[name] = code

@@ -117,6 +117,33 @@ def test_a_megabyte_is_screened_in_time_linear_in_its_size(kind: str) -> None:
     assert min(costs) <= _CPU_READS * reference, (kind, min(costs), reference)
 
 
+# A text of nothing but one rule's leads costs a try of the rule at every
+# word (about a microsecond each): up to about 22 reads a megabyte for the
+# costliest rules (bench/injection_megabyte.py), the median rule 6. One rule's
+# look-behinds tried at every place of the text, before its verb, took about
+# 100 (session 21).
+_LEAD_READS = 30
+
+
+def test_a_text_of_one_rules_leads_is_screened_in_time_linear_in_its_size() -> None:
+    from bastion.safety.injection.rules import RULES
+    from tests.injection.megabytes import rule_leads
+
+    size = 250_000  # a quarter of a megabyte per rule: every rule in seconds
+    reference = _reference(time.process_time) * size / 1_000_000
+    slow = {}
+    for rule in RULES:
+        text = rule_leads(rule.rule)[:size]
+        costs: list[float] = []
+        while len(costs) < 2 and (not costs or costs[0] > _LEAD_READS * reference):
+            started = time.process_time()
+            screen(text, "retrieved")
+            costs.append(time.process_time() - started)
+        if min(costs) > _LEAD_READS * reference:
+            slow[rule.rule] = round(min(costs) / reference)
+    assert not slow, slow
+
+
 def test_a_whole_attack_quoted_by_a_user_then_a_long_text_is_screened_in_linear_time() -> None:
     # Whether a question follows the quote is read in a bounded stretch after it:
     # a first version searched the rest of the text from every word (10 KB took

@@ -67,11 +67,12 @@ def _matches(
     when known: a lead not among them is not looked for (it has no occurrence).
     """
     starts: set[int] = set()
+    limit = max(_MAX_LEADS, len(haystack) // 16)  # as :func:`_rule_matches`
     for lead in rule.leads if found is None else [lead for lead in rule.leads if lead in found]:
         at = haystack.find(lead)
         while at >= 0:
             starts.add(at)
-            if len(starts) > _MAX_LEADS:
+            if len(starts) > limit:
                 yield from (
                     m for m in rule.pattern.finditer(haystack) if _at_line_start(rule, haystack, m)
                 )
