@@ -129,7 +129,8 @@ def _author(name: str, kind: str) -> list[str]:
 AUTHOR_SETS = (
     "s11", "s12", "s13", "t1", "t2", "t3", "s14", "s15", "s16", "s17", "s18", "u1", "u2",
     "t4", "t5", "t6", "t7", "u3", "u4", "u5", "u6", "u7", "u8", "v1", "v2", "w3", "w4",
-    "x1", "x2", "z3", "z4",
+    "x1", "x2", "z3", "z4", "y1", "y2", "z1", "z2", "q1", "q2", "r1", "r2", "o1", "o2",
+    "d1", "d2", "g1", "g2",
 )  # fmt: skip
 """The other authors' sets trained on: s11-s13 were held out in sessions 11 and
 12, s14-s18 in sessions 13 to 15 (each scored once as the clean figure, then a
@@ -147,16 +148,29 @@ on x1-x2, two new authors: 286 against 278, 334 of 400 attacks at 16 of 400
 hard negatives against 326 at 16); x1, x2, z3 and z4 in session 20 (x1, x2
 the sets session 19 judged on; z3, z4 written that session as training data;
 on z1-z2, two new authors: 259 against 239, 286 of 400 attacks at 9 of 400
-hard negatives against 266 at 9; on y1-y2: 266 against 252)."""
+hard negatives against 266 at 9; on y1-y2: 266 against 252); y1-o2 (session
+20's decision sets), d1, d2 (benign documentation of AI products and
+policies, two authors) and g1, g2 (the hardest classes: agent orders,
+authority claims, hijacks) in session 21, chosen on p1-p2 and judged on
+p3-p4 and d4, never seen (``src/bastion/safety/injection/DATA.md``)."""
 
-UNTRAINED_SETS = ("y1", "y2", "z1", "z2", "q1", "q2", "r1", "r2", "o1", "o2")
-"""Written by ten more authors in session 20, each to a general brief (y2,
-z2, q1, q2, r2 and o2 with many hard negatives that quote or discuss attack
-phrases; z1, q1, q2, r1, r2, o1 and o2 each set mostly in its own trades),
-and not trained on: the sets session 20's rule rounds (y1-y2, q1-q2, o1-o2)
-and retrains (z1-z2, r1-r2) were judged on, totals only. ``bench/injection.py`` screens
-them with the shipped model, which never saw them: decision figures, not
-clean ones. (x1 and x2, session 19's, are trained on since session 20.)"""
+DOCUMENTATION_SETS = ("d1", "d2")
+"""Sets of benign documentation only, trained on as hard negatives but kept out
+of the false-positive budget the thresholds are chosen on: the budget is a
+share of hard negatives like those in the target, and a few hundred long
+documents, hard out of fold, raised both thresholds (0.846 / 0.925 against
+0.774 / 0.879 with the same weights) and cost a tenth of p1-p2's attacks
+caught for two of its hard negatives (session 21)."""
+
+UNTRAINED_SETS = ("p1", "p2", "p3", "p4", "d3", "d4")
+"""Written in session 21 and not trained on: p1-p4 by four more authors, each
+to a general brief (p2 and p4 with many hard negatives that quote or discuss
+attack phrases, each set mostly in its own trades), d3 and d4 by two more
+authors of benign documentation of AI products and policies. The session's
+retrain was chosen on p1-p2 and d3 and judged on p3-p4 and d4, totals only.
+``bench/injection.py`` screens them with the shipped model, which never saw
+them: decision figures, not clean ones. (Session 20's ten, y1 to o2, are
+trained on since session 21.)"""
 
 
 def _tickets() -> list[str]:

@@ -300,7 +300,11 @@ def main() -> None:
     )
     model = fitted.model()
     tuned = np.sort([model.probability(s.text) for s in tune if s.label == 0])
-    unseen = np.sort(oof[oof_labels == 0])
+    # Documentation sets are trained on but kept out of the budget
+    # (``injection_data.DOCUMENTATION_SETS``).
+    outside = {f"authors/{name}-benigns" for name in injection_data.DOCUMENTATION_SETS}
+    budgeted = np.array([s.source not in outside for s in train])
+    unseen = np.sort(oof[(oof_labels == 0) & budgeted])
     threshold = max(0.5, _quantile_over(tuned, args.fp), _quantile_over(unseen, args.fp))
     # Alone (no rule found intent), the classifier must be surer: the same
     # two splits at a tighter budget.
