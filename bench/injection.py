@@ -101,6 +101,7 @@ def screen_table() -> None:
         "s21": "attack 98/150, benign 4/150 (session 18, the screen as shipped at its end)",
         "s22": "attack 135/150, benign 1/150 (session 20, the screen as shipped at its end)",
         "s23": "attack 133/150, benign 3/150 (session 19, the screen as shipped at its end)",
+        "s24": "attack 135/150, benign 5/150 (session 21, the screen as shipped at its end)",
     }
     for name in clean:
         print(f"  fresh/{name} clean figure, scored once: {clean[name]}")

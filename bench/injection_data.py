@@ -537,6 +537,8 @@ def cross_sources() -> list[tuple[str, int, list[str]]]:
         ("fresh/s22-benign", 0, _fresh("s22", "benign")),
         ("fresh/s23-attacks", 1, _fresh("s23", "attack")),
         ("fresh/s23-benign", 0, _fresh("s23", "benign")),
+        ("fresh/s24-attacks", 1, _fresh("s24", "attack")),
+        ("fresh/s24-benign", 0, _fresh("s24", "benign")),
     ]
 
 
