@@ -43,7 +43,7 @@ COSTLIEST_LEADS = (
 )
 """Rules whose megabyte of their own leads (``rule_leads``) cost most to screen
 among all rules, one run each at session 21 (506, 341 and 336 ms; the
-median rule 132 ms); and the rule whose took 2.4 s before that session."""
+median rule 132 ms); and the rule whose megabyte took 2.4 s before that session."""
 
 
 def _source_code(package: str) -> str | None:

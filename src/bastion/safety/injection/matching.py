@@ -87,7 +87,7 @@ def _dense(rule: Rule, haystack: str) -> int:
     characters. A rule whose every lead opens with a non-word character ("<",
     "![", "[") is found by the pass as fast as by ``str.find`` (the engine scans
     for its first character in C): past :data:`_MAX_LEADS` the pass
-    (an empty-images megabyte: 37 ms against 94 tried)."""
+    (an empty-images megabyte as a document: 69 ms against 94 tried)."""
     if not any(lead[:1].isalnum() for lead in rule.leads):
         return _MAX_LEADS
     return max(_MAX_LEADS, len(haystack) // 16)
