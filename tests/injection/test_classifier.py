@@ -157,6 +157,14 @@ def test_training_is_deterministic() -> None:
 
 # Under the vote's threshold since session 17's retrain: a German paraphrase,
 # measured (the other, index 5, is caught again since session 20's retrain).
+def _measured_miss(why: str | None) -> list[pytest.MarkDecorator]:
+    """A strict expected failure for a case the shipped model measurably misses
+    (``why``: the measured score against the threshold), else no mark."""
+    if why is None:
+        return []
+    return [pytest.mark.xfail(strict=True, reason=f"measured miss (issue 15): {why}")]
+
+
 _UNDER_THE_VOTE = {
     1: "0.635 against the vote threshold of 0.774 (session 21's retrain)",
 }
@@ -169,9 +177,7 @@ _UNDER_THE_VOTE = {
             lang,
             text,
             id=f"{lang}-{i}",
-            marks=[pytest.mark.xfail(strict=True, reason=f"measured miss (issue 15): {why}")]
-            if (why := _UNDER_THE_VOTE.get(i))
-            else [],
+            marks=_measured_miss(_UNDER_THE_VOTE.get(i)),
         )
         for i, (lang, text) in enumerate(PARAPHRASES + FRESH_PROBES)
     ],
@@ -296,9 +302,7 @@ _DILUTED = {5: "0.762 against the vote threshold of 0.774", 100: "0.762 against 
     [
         pytest.param(
             times,
-            marks=[pytest.mark.xfail(strict=True, reason=f"measured miss (issue 15): {why}")]
-            if (why := _DILUTED.get(times))
-            else [],
+            marks=_measured_miss(_DILUTED.get(times)),
         )
         for times in (1, 5, 20, 100)
     ],
